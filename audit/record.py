@@ -1,0 +1,122 @@
+"""Audit records: the event a caller passes, normalised to plain JSON, plus the fields the log adds.
+
+A record is stored as its canonical JSON encoding (keys sorted, no whitespace, UTF-8, strict JSON numbers), one
+record per line. The stored bytes are what is hashed, so a record never needs re-encoding to be verified.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from audit.errors import AuditRecordError
+
+SCHEMA_VERSION = 1
+GENESIS = "0" * 64
+RESERVED = frozenset({"schema_version", "seq", "time", "prev_hash"})
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+def utc_now() -> str:
+    """The current UTC time in the fixed-width form records use (sorts lexicographically)."""
+    return dt.datetime.now(dt.UTC).strftime(TIME_FORMAT)
+
+
+def format_time(value: dt.datetime | str) -> str:
+    """A datetime (naive means UTC) or ISO 8601 string in the records' fixed-width UTC form."""
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    return value.astimezone(dt.UTC).strftime(TIME_FORMAT)
+
+
+def parse_time(value: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def canonical(record: Mapping[str, Any]) -> bytes:
+    """Canonical bytes of an already normalised record (see `normalize`)."""
+    return json.dumps(
+        record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def normalize(value: Any, *, fix_text: bool = False) -> Any:
+    """Turn a value into plain JSON types so that `json.loads(canonical(x)) == x`.
+
+    Tuples and sets become lists (sets sorted), non-finite floats the strings "NaN", "Infinity" and "-Infinity",
+    numbers that are not int or float their int, float or exact decimal string, dates ISO 8601 strings, bytes hex,
+    enums their value, and anything else `str(value)`. With `fix_text`, lone surrogates (which UTF-8 cannot encode)
+    are escaped as backslash sequences.
+    """
+    if isinstance(value, str):
+        if fix_text:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return float(value)
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, Mapping):
+        return {_key(k, fix_text): normalize(v, fix_text=fix_text) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [normalize(v, fix_text=fix_text) for v in value]
+    if isinstance(value, set | frozenset):
+        items = [normalize(v, fix_text=fix_text) for v in value]
+        return sorted(items, key=lambda v: json.dumps(v, sort_keys=True, ensure_ascii=False))
+    if isinstance(value, enum.Enum):
+        return normalize(value.value, fix_text=fix_text)
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).hex()
+    if hasattr(value, "__index__"):
+        return int(value.__index__())
+    if type(value).__name__ == "Decimal":
+        return normalize(str(value), fix_text=fix_text)
+    if hasattr(value, "__float__"):
+        return normalize(float(value), fix_text=fix_text)
+    return normalize(str(value), fix_text=fix_text)
+
+
+def _key(key: Any, fix_text: bool) -> str:
+    text = key if isinstance(key, str) else str(normalize(key))
+    return normalize(text, fix_text=fix_text)
+
+
+def prepare(event: Any) -> dict[str, Any]:
+    """Validate and normalise a caller's event; raise AuditRecordError if it cannot become a record."""
+    if not isinstance(event, Mapping):
+        raise AuditRecordError(f"an audit event must be a dict, not {type(event).__name__}")
+    clash = RESERVED.intersection(k for k in event if isinstance(k, str))
+    if clash:
+        raise AuditRecordError(f"event uses fields the log sets itself: {sorted(clash)}")
+    kind = event.get("event")
+    if not isinstance(kind, str) or not kind:
+        raise AuditRecordError("an audit event needs a non-empty string field 'event' (its type)")
+    try:
+        return normalize(event)
+    except RecursionError as exc:
+        raise AuditRecordError("audit event is nested too deeply or contains a cycle") from exc
+
+
+def seal(event: dict[str, Any], seq: int, time: str, prev_hash: str) -> tuple[dict[str, Any], bytes]:
+    """The stored record for a prepared event and its canonical bytes (without the newline)."""
+    record = {**event, "schema_version": SCHEMA_VERSION, "seq": seq, "time": time, "prev_hash": prev_hash}
+    try:
+        return record, canonical(record)
+    except UnicodeEncodeError:
+        record = {**normalize(event, fix_text=True), "schema_version": SCHEMA_VERSION, "seq": seq,
+                  "time": time, "prev_hash": prev_hash}
+        return record, canonical(record)
+    except (TypeError, ValueError) as exc:
+        raise AuditRecordError(f"audit event is not serialisable: {exc}") from exc

@@ -1,0 +1,151 @@
+"""HTTP layer (FastAPI). Thin: each route parses the request, calls one Bastion method, renders the result."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.service import Bastion, Context
+from gateway.settings import Settings
+from policies.errors import GatewayError, Unauthorized
+
+log = logging.getLogger("bastion")
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="stable machine-readable code, e.g. query_rejected, budget_exhausted")
+    message: str
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "invalid request or rejected SQL (with line, column, highlight)"},
+    401: {"model": ErrorResponse, "description": "missing or invalid bearer token"},
+    403: {"model": ErrorResponse, "description": "role or column not granted"},
+    404: {"model": ErrorResponse, "description": "unknown dataset"},
+    429: {"model": ErrorResponse, "description": "budget_exhausted: the privacy budget would be exceeded"},
+    503: {"model": ErrorResponse, "description": "the ledger or the audit log cannot be written; nothing released"},
+}
+
+
+class QueryRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sql: str = Field(description="one aggregate SELECT over one dataset")
+    epsilon: float | None = Field(default=None, gt=0, description="privacy loss to spend (give this or accuracy)")
+    accuracy: float | dict[str, float] | None = Field(
+        default=None,
+        description="target half-width of the confidence interval of the first COUNT/SUM output column, or "
+        "{column: half-width}; Bastion derives epsilon",
+    )
+    alpha: float | None = Field(default=None, gt=0, lt=1, description="1 - confidence level (default 0.05)")
+    delta: float | None = Field(default=None, gt=0, lt=1, description="δ for private key selection")
+    dry_run: bool = Field(default=False, description="report cost and accuracy without spending")
+
+
+class Budget(BaseModel):
+    dataset: str
+    spent: dict[str, float]
+    limit: dict[str, float]
+    remaining: dict[str, float]
+
+
+class QueryResponse(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    query_id: str
+    dataset: str
+    columns: list[str]
+    rows: list[list[Any]] | None = None
+    intervals: list[list[list[float] | None]] | None = Field(
+        default=None, description="per cell [low, high] at confidence 1-alpha, null for exact or keys"
+    )
+    alpha: float
+    epsilon: float = Field(description="cost of this query")
+    delta: float
+    epsilon_spent: float = Field(description="what this request actually spent (0 when cached or dry run)")
+    delta_spent: float
+    cached: bool
+    dry_run: bool
+    budget: Budget
+    accuracy: dict[str, float | None] | None = None
+    measurements: list[dict[str, Any]] = []
+    notes: list[str] = []
+
+
+def get_bastion(request: Request) -> Bastion:
+    return request.app.state.bastion
+
+
+def get_context(request: Request, bastion: Annotated[Bastion, Depends(get_bastion)]) -> Context:
+    header = request.headers.get("authorization", "")
+    token = header[7:].strip() if header.lower().startswith("bearer ") else None
+    source = request.client.host if request.client else "unknown"
+    rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+    try:
+        principal = bastion.authenticate(token)
+    except Unauthorized:
+        bastion.audit(None, "authentication", request={"path": request.url.path}, decision="denied",
+                      reason="unauthorized", source=source, request_id=rid)
+        raise
+    return Context(principal, source=source, request_id=rid)
+
+
+Ctx = Annotated[Context, Depends(get_context)]
+Core = Annotated[Bastion, Depends(get_bastion)]
+
+router = APIRouter(prefix="/v1", responses=ERRORS)
+
+
+@router.get("/datasets", summary="Datasets you may use, with their public schema (never a count)")
+def list_datasets(ctx: Ctx, bastion: Core) -> list[dict[str, Any]]:
+    return bastion.datasets(ctx)
+
+
+@router.post("/query", response_model=QueryResponse, summary="Differentially private answer to one SQL query")
+def run_query(body: QueryRequest, ctx: Ctx, bastion: Core) -> dict[str, Any]:
+    return bastion.query(ctx, body.sql, epsilon=body.epsilon, accuracy=body.accuracy, alpha=body.alpha,
+                         delta=body.delta, dry_run=body.dry_run)
+
+
+@router.get("/budget", response_model=list[Budget], summary="Your spend and remaining budget per dataset")
+def budget(ctx: Ctx, bastion: Core) -> list[dict[str, Any]]:
+    return bastion.budgets(ctx)
+
+
+def create_app(settings: Settings, bastion: Bastion | None = None) -> FastAPI:
+    """App factory: one Settings object in, one app out; no module-level state."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        app.state.bastion.close()
+
+    app = FastAPI(
+        title="Bastion",
+        version="0.1.0",
+        description="Privacy-preserving data exploration gateway: differentially private SQL aggregates, "
+        "synthetic proxies and labeling-function statistics; every access audited.",
+        lifespan=lifespan,
+    )
+    app.state.bastion = bastion or Bastion(settings)
+
+    @app.exception_handler(GatewayError)
+    async def gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
+        return JSONResponse(status_code=exc.status, content=exc.to_dict())
+
+    @app.get("/healthz", include_in_schema=False)
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    app.include_router(router)
+    return app

@@ -1,0 +1,43 @@
+"""Released answers per principal: an identical repeat gets the same answer at no cost."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+
+def cache_key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class ReleaseCache:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        with closing(self._connect()) as con:
+            con.execute(
+                "CREATE TABLE IF NOT EXISTS releases (key TEXT PRIMARY KEY, principal TEXT NOT NULL, "
+                "created REAL NOT NULL, response TEXT NOT NULL)"
+            )
+
+    def _connect(self) -> sqlite3.Connection:
+        con = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        con.execute("PRAGMA journal_mode=WAL")
+        return con
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        with closing(self._connect()) as con:
+            row = con.execute("SELECT response FROM releases WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def put(self, key: str, principal: str, response: dict[str, Any]) -> None:
+        # The first stored answer wins, so concurrent identical requests converge on one released answer.
+        with closing(self._connect()) as con:
+            con.execute(
+                "INSERT OR IGNORE INTO releases (key, principal, created, response) VALUES (?, ?, ?, ?)",
+                (key, principal, time.time(), json.dumps(response)),
+            )

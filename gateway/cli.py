@@ -1,0 +1,301 @@
+"""The `bastion` command line. Admin actions (register, token, demo, serve) act on the workspace of the current
+directory (./bastion-workspace, or --workspace / BASTION_WORKSPACE); client commands talk to a gateway over HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gateway.settings import DEFAULT_WORKSPACE, Settings
+from policies.errors import GatewayError
+from policies.schema import PolicyError
+
+app = typer.Typer(help="Bastion: privacy-preserving data exploration gateway.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+token_app = typer.Typer(help="Bearer tokens (admin, on the gateway host).", no_args_is_help=True)
+audit_app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+app.add_typer(audit_app, name="audit")
+
+console = Console()
+err = Console(stderr=True)
+
+Workspace = Annotated[
+    Path | None,
+    typer.Option("--workspace", "-w", help=f"workspace directory [default: ./{DEFAULT_WORKSPACE}]",
+                 envvar="BASTION_WORKSPACE"),
+]
+Url = Annotated[str, typer.Option("--url", envvar="BASTION_URL", help="gateway URL")]
+Token = Annotated[str | None, typer.Option("--token", envvar="BASTION_TOKEN", help="bearer token")]
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _admin(workspace: Path | None, **overrides: Any) -> Any:
+    from gateway.service import Bastion
+
+    settings = Settings.load(workspace, **overrides)
+    return Bastion(settings, read_only=False)
+
+
+# --- admin commands ---------------------------------------------------------------------------------------
+
+
+@app.command()
+def register(
+    policy: Annotated[Path, typer.Argument(help="policy YAML file")],
+    source: Annotated[Path | None, typer.Option(help="Parquet or CSV file [default: the policy's source]")] = None,
+    workspace: Workspace = None,
+) -> None:
+    """Register a dataset: load its source into the private database and build the pre-bounded table."""
+    from policies.schema import load_policy
+
+    try:
+        pol = load_policy(policy)
+        src = source or (Path(pol.source) if pol.source else None)
+        if src is None:
+            _fail("the policy has no 'source'; pass --source")
+        if not src.is_absolute() and pol.source and source is None:
+            src = policy.parent / src
+        bastion = _admin(workspace)
+        try:
+            version = bastion.catalog.register(pol, src)
+            bastion.settings.policies_dir.mkdir(parents=True, exist_ok=True)
+            (bastion.settings.policies_dir / f"{pol.dataset}.yaml").write_text(policy.read_text())
+            bastion.audit(None, "dataset_registered", dataset=pol.dataset, decision="allowed", reason="ok",
+                          request={"source": str(src), "version": version, "policy": pol.fingerprint()})
+        finally:
+            bastion.close()
+    except (PolicyError, GatewayError) as exc:
+        _fail(str(exc))
+    console.print(f"registered [bold]{pol.dataset}[/] version {version}")
+
+
+@token_app.command("create")
+def token_create(
+    role: Annotated[str, typer.Option(help="analyst, lf_author, auditor or admin")],
+    name: Annotated[str, typer.Option(help="principal name, e.g. alice")],
+    workspace: Workspace = None,
+) -> None:
+    """Create a bearer token. It is printed once; only its hash is stored."""
+    bastion = _admin(workspace)
+    try:
+        token, principal = bastion.tokens.create(name, role)
+        bastion.audit(None, "token_created", decision="allowed", reason="ok",
+                      request={"name": name, "role": role, "token_id": principal.token_id})
+    except GatewayError as exc:
+        _fail(str(exc))
+    finally:
+        bastion.close()
+    typer.echo(token)
+
+
+@token_app.command("list")
+def token_list(workspace: Workspace = None) -> None:
+    """List tokens (ids, names, roles; never secrets)."""
+    from gateway.auth import TokenStore
+
+    settings = Settings.load(workspace)
+    table = Table("token id", "name", "role", "created")
+    for t in TokenStore(settings.tokens).list():
+        table.add_row(t["token_id"], t["name"], t["role"], t["created"])
+    console.print(table)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="interface to listen on [default: 127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option(help="port [default: 8000]")] = None,
+    workspace: Workspace = None,
+) -> None:
+    """Run the gateway on the workspace."""
+    import uvicorn
+
+    from gateway.app import create_app
+
+    settings = Settings.load(workspace, host=host, port=port)
+    if not settings.database.exists():
+        _fail(f"no private database in {settings.workspace}: run 'bastion demo' or 'bastion register' first")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+@app.command()
+def demo(
+    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8000,
+    rows: Annotated[int, typer.Option(help="rows of the generated visits table")] = 500_000,
+    serve_: Annotated[bool, typer.Option("--serve/--no-serve", help="start the gateway")] = True,
+    workspace: Workspace = None,
+) -> None:
+    """Create (or reuse) the demo workspace here: generated hospital visits, its policy, tokens; then serve."""
+    from gateway.demo import write_demo
+    from policies.schema import load_policy
+
+    settings = Settings.load(workspace, host=host, port=port)
+    tokens_file = settings.workspace / "demo-tokens.json"
+    if not settings.database.exists() or not tokens_file.exists():
+        console.print(f"creating the demo workspace in {settings.workspace} ({rows:,} visits)...")
+        settings.save()
+        data, policy_path = write_demo(settings.private_dir / "source", n_rows=rows)
+        os.chmod(settings.private_dir, 0o700)
+        bastion = _admin(settings.workspace)
+        try:
+            version = bastion.catalog.register(load_policy(policy_path), data)
+            settings.policies_dir.mkdir(parents=True, exist_ok=True)
+            (settings.policies_dir / "visits.yaml").write_text(policy_path.read_text())
+            bastion.audit(None, "dataset_registered", dataset="visits", decision="allowed", reason="ok",
+                          request={"source": str(data), "version": version})
+            made = {}
+            for role, name in (("analyst", "alice"), ("lf_author", "lena"), ("auditor", "otto")):
+                token, _ = bastion.tokens.create(name, role)
+                made[role] = {"name": name, "token": token}
+        finally:
+            bastion.close()
+        fd = os.open(tokens_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(made, f, indent=2)
+    else:
+        settings = Settings.load(settings.workspace, host=host, port=port)
+        settings.save()
+        console.print(f"reusing the demo workspace in {settings.workspace}")
+    made = json.loads(tokens_file.read_text())
+    url = f"http://{settings.host}:{settings.port}"
+    console.print("\n[bold]Tokens[/] (also in " + str(tokens_file) + ", readable only by you):")
+    for role, t in made.items():
+        typer.echo(f"  {role:<10} {t['name']:<6} {t['token']}")
+    analyst = made["analyst"]["token"]
+    sql = "SELECT region, COUNT(*) AS visits, AVG(income) AS mean_income FROM visits WHERE age >= 65 GROUP BY region"
+    console.print("\n[bold]Try it[/] (as the analyst):", highlight=False)
+    typer.echo(f"  export BASTION_URL={url} BASTION_TOKEN={analyst}")
+    typer.echo(f'  bastion query "{sql}" --epsilon 1')
+    typer.echo(f'  bastion query "{sql}" --accuracy 50 --dry-run')
+    typer.echo(f"  curl -s -H 'Authorization: Bearer {analyst}' -H 'Content-Type: application/json' "
+               f"-d '{{\"sql\": \"{sql}\", \"epsilon\": 1}}' {url}/v1/query")
+    typer.echo(f"  python -c \"from gateway.client import Client; print(Client('{url}', '{analyst}').query("
+               f"'SELECT sex, COUNT(*) AS n FROM visits GROUP BY sex', epsilon=0.5))\"")
+    typer.echo(f"  API docs: {url}/docs")
+    if serve_:
+        import uvicorn
+
+        from gateway.app import create_app
+
+        console.print(f"\nserving on {url} (Ctrl-C to stop)")
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+
+
+# --- client commands --------------------------------------------------------------------------------------
+
+
+def _client(url: str, token: str | None) -> Any:
+    from gateway.client import Client
+
+    return Client(url, token)
+
+
+def _print_frame(frame: Any) -> None:
+    table = Table(*[str(c) for c in frame.columns])
+    for row in frame.itertuples(index=False):
+        table.add_row(*[f"{v:,.4g}" if isinstance(v, float) else str(v) for v in row])
+    console.print(table)
+
+
+@app.command()
+def query(
+    sql: Annotated[str, typer.Argument(help="one aggregate SELECT")],
+    epsilon: Annotated[float | None, typer.Option(help="privacy loss to spend")] = None,
+    accuracy: Annotated[float | None, typer.Option(help="target 95% half-width of the first COUNT/SUM column")] = None,
+    alpha: Annotated[float | None, typer.Option(help="1 - confidence level [default: 0.05]")] = None,
+    delta: Annotated[float | None, typer.Option(help="δ for private key selection")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="show cost and accuracy without spending")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the raw JSON answer")] = False,
+    url: Url = "http://127.0.0.1:8000",
+    token: Token = None,
+) -> None:
+    """Run a differentially private query and print the table with its confidence intervals."""
+    from gateway.client import BastionError, result_frame
+
+    if epsilon is None and accuracy is None:
+        epsilon = 1.0
+    try:
+        with _client(url, token) as c:
+            raw = c.query_raw(sql, epsilon=epsilon, accuracy=accuracy, alpha=alpha, delta=delta,
+                              dry_run=dry_run).raw
+    except BastionError as exc:
+        _fail(f"{exc.code}: {exc.message}")
+    except Exception as exc:  # connection errors
+        _fail(f"cannot reach the gateway at {url}: {exc}")
+    if as_json:
+        typer.echo(json.dumps(raw, indent=2))
+        return
+    if raw.get("dry_run"):
+        console.print(f"dry run: would cost ε={raw['epsilon']:.4g}, δ={raw['delta']:.3g}")
+        for col, acc in (raw.get("accuracy") or {}).items():
+            console.print(f"  {col}: ±{acc:.4g} at {1 - raw['alpha']:.0%}" if acc is not None else
+                          f"  {col}: accuracy depends on the data (see measurements)")
+    else:
+        _print_frame(result_frame(raw))
+        for note in raw.get("notes", []):
+            console.print(f"[dim]note: {note}[/]")
+    b = raw["budget"]
+    console.print(
+        f"spent ε={raw['epsilon_spent']:.4g}{' (cached)' if raw['cached'] else ''}; "
+        f"remaining on {b['dataset']}: ε={b['remaining']['epsilon']:.4g}, δ={b['remaining']['delta']:.3g}"
+    )
+
+
+@app.command()
+def budget(url: Url = "http://127.0.0.1:8000", token: Token = None) -> None:
+    """Show your privacy spend and remaining budget per dataset."""
+    from gateway.client import BastionError
+
+    try:
+        with _client(url, token) as c:
+            _print_frame(c.budget())
+    except BastionError as exc:
+        _fail(f"{exc.code}: {exc.message}")
+
+
+@app.command()
+def datasets(url: Url = "http://127.0.0.1:8000", token: Token = None) -> None:
+    """List the datasets you may use, with their public schema."""
+    from gateway.client import BastionError
+
+    try:
+        with _client(url, token) as c:
+            typer.echo(json.dumps(c.datasets(), indent=2))
+    except BastionError as exc:
+        _fail(f"{exc.code}: {exc.message}")
+
+
+@audit_app.command("verify")
+def audit_verify(workspace: Workspace = None) -> None:
+    """Verify the audit log of the workspace; exit 1 naming the first bad record."""
+    from audit.log import AuditLog
+
+    settings = Settings.load(workspace)
+    ok, message = AuditLog(settings.audit_dir).verify()
+    if not ok:
+        _fail(message)
+    console.print(f"audit log OK: {message}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""The demo "production" dataset: hospital visits, generated with a fixed seed.
+
+Patients have several visits each; age, sex, region and income belong to the patient, the rest to the visit.
+Planted structure (so that DP answers and synthetic proxies have something to find): income rises with age
+(Pearson ρ ≈ 0.8), length of stay rises with age, and urgent triage labels go with certain diagnoses and with
+words in the triage note.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REGIONS = ["north", "south", "east", "west", "central"]
+SEXES = ["F", "M", "X"]
+URGENT_DX = ["I21", "I63", "J96", "R07", "S72", "A41", "K35", "N17"]
+ROUTINE_DX = [
+    "Z00", "Z01", "Z09", "J06", "M54", "E11", "I10", "K21", "L20", "H10", "R51", "J45", "F41", "N39", "M25",
+    "B34", "R10", "E78", "K59", "T14",
+]
+URGENT_NOTES = [
+    "chest pain radiating to left arm",
+    "shortness of breath at rest",
+    "suspected stroke, facial droop",
+    "high fever and confusion",
+    "severe abdominal pain",
+    "fall with suspected hip fracture",
+    "bleeding that will not stop",
+    "unresponsive on arrival",
+]
+ROUTINE_NOTES = [
+    "routine check-up",
+    "follow-up after treatment",
+    "prescription refill",
+    "mild cough for a week",
+    "back pain after gardening",
+    "rash on forearm",
+    "vaccination visit",
+    "blood pressure review",
+    "sore throat",
+    "annual physical",
+]
+START = dt.date(2015, 1, 1)
+END = dt.date(2026, 12, 31)
+
+POLICY_YAML = """\
+dataset: visits
+privacy_unit: patient_id
+max_rows_per_unit: 10
+budget:
+  per_principal: {epsilon: 10.0, delta: 1.0e-6}
+  total: {epsilon: 100.0, delta: 1.0e-5}
+columns:
+  patient_id:     {type: int, usage: hidden}
+  age:            {type: int, bounds: [0, 110]}
+  sex:            {type: category, domain: [F, M, X]}
+  region:         {type: category, domain: [north, south, east, west, central]}
+  diagnosis:      {type: category}            # no public domain: DP key selection
+  income:         {type: decimal, bounds: [0, 500000], precision: 0.01}
+  length_of_stay: {type: int, bounds: [0, 60]}
+  visit_day:      {type: date, bounds: [2015-01-01, 2026-12-31]}
+  triage_note:    {type: text, usage: labeling}
+  triage_label:   {type: category, domain: [urgent, routine], usage: labeling}
+  ssn:            {type: text, usage: hidden}
+roles:
+  analyst: [query, synth]
+  lf_author: [labeling]
+synthesis: {mode: dp}
+labels: {gold_column: triage_label, classes: [urgent, routine]}
+"""
+
+
+def generate_visits(n_rows: int = 500_000, seed: int = 7) -> pa.Table:
+    """At least `n_rows` visits (exactly n_rows), several per patient, deterministic for a seed."""
+    rng = np.random.default_rng(seed)
+    visits_per_patient = 1 + rng.poisson(4.0, size=n_rows // 3 + 10)
+    owner = np.repeat(np.arange(len(visits_per_patient)), visits_per_patient)[:n_rows]
+    n_patients = int(owner.max()) + 1
+
+    age_p = np.clip(rng.gamma(4.0, 11.0, n_patients), 0, 105).astype(np.int64)
+    sex_p = rng.choice(len(SEXES), n_patients, p=[0.51, 0.47, 0.02])
+    region_p = rng.choice(len(REGIONS), n_patients, p=[0.22, 0.25, 0.18, 0.15, 0.20])
+    income_p = np.clip(8_000 + 1_100 * age_p + rng.normal(0, 12_000, n_patients), 0, 480_000).round(2)
+
+    age = age_p[owner]
+    urgent = rng.random(n_rows) < np.clip(0.08 + age / 300.0, 0, 0.6)
+    dx = np.where(
+        urgent,
+        np.asarray(URGENT_DX, dtype=object)[rng.integers(0, len(URGENT_DX), n_rows)],
+        np.asarray(ROUTINE_DX, dtype=object)[rng.integers(0, len(ROUTINE_DX), n_rows)],
+    )
+    # Labels disagree with the diagnosis family now and then, so labeling functions have something to miss.
+    flip = rng.random(n_rows) < 0.05
+    label_urgent = np.where(flip, ~urgent, urgent)
+    note_urgent = np.where(rng.random(n_rows) < 0.85, label_urgent, ~label_urgent)
+    notes = np.where(
+        note_urgent,
+        np.asarray(URGENT_NOTES, dtype=object)[rng.integers(0, len(URGENT_NOTES), n_rows)],
+        np.asarray(ROUTINE_NOTES, dtype=object)[rng.integers(0, len(ROUTINE_NOTES), n_rows)],
+    )
+    los = np.clip(rng.poisson(0.5 + age / 25.0 + urgent * 4.0), 0, 60).astype(np.int64)
+    days = rng.integers(0, (END - START).days + 1, n_rows)
+    visit_day = np.datetime64(START.isoformat()) + days.astype("timedelta64[D]")
+    ssn = np.char.add("9", rng.integers(10**7, 10**8, n_patients).astype(str))[owner]
+
+    return pa.table(
+        {
+            "patient_id": pa.array(owner + 100_000, pa.int64()),
+            "age": pa.array(age, pa.int64()),
+            "sex": pa.array(np.asarray(SEXES, dtype=object)[sex_p[owner]], pa.string()),
+            "region": pa.array(np.asarray(REGIONS, dtype=object)[region_p[owner]], pa.string()),
+            "diagnosis": pa.array(dx, pa.string()),
+            "income": pa.array(income_p[owner], pa.float64()),
+            "length_of_stay": pa.array(los, pa.int64()),
+            "visit_day": pa.array(visit_day, pa.date32()),
+            "triage_note": pa.array(notes, pa.string()),
+            "triage_label": pa.array(np.where(label_urgent, "urgent", "routine"), pa.string()),
+            "ssn": pa.array(ssn, pa.string()),
+        }
+    )
+
+
+def write_demo(directory: Path, n_rows: int = 500_000, seed: int = 7) -> tuple[Path, Path]:
+    """Write the demo Parquet file and its policy; return (data path, policy path)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    data = directory / "visits.parquet"
+    pq.write_table(generate_visits(n_rows, seed), data)
+    policy = directory / "visits.yaml"
+    policy.write_text(POLICY_YAML)
+    return data, policy

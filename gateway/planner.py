@@ -1,0 +1,552 @@
+"""SQL planner: parse one analyst query with sqlglot, validate it against the dataset's policy and turn it into a
+Plan of primitive DP measurements, the SQL Bastion generates to compute them, and the post-processing over the
+noisy results (output expressions, HAVING, ORDER BY, LIMIT).
+
+The analyst's SQL text is never executed; every executed statement is generated from the validated tree.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+import sqlglot
+from sqlglot import exp
+from sqlglot.errors import ParseError, TokenError
+
+from policies.errors import QueryRejected, SqlSyntaxError
+from policies.expressions import check_column, check_no_volatile, func_name, reject, validate_row_expression
+from policies.schema import NUMERIC_TYPES, ColumnType, Policy
+
+# Largest number of groups Bastion enumerates from public domains; larger key spaces go through key selection.
+MAX_DECLARED_GROUPS = 100_000
+
+_SYSTEM_SCHEMAS = {"information_schema", "pg_catalog", "main", "temp", "system", "sqlite_master"}
+_SYSTEM_PREFIXES = ("duckdb_", "pg_", "sqlite_", "pragma_")
+
+_STATEMENT_REASONS: list[tuple[tuple[str, ...], str, str]] = [
+    (("Union", "Intersect", "Except"), "set_operation", "set operations (UNION, INTERSECT, EXCEPT) are not allowed"),
+    (("Insert", "Update", "Delete", "Merge"), "dml", "data modification is not allowed"),
+    (("Create", "Drop", "Alter", "TruncateTable", "Comment"), "ddl", "DDL statements are not allowed"),
+    (("Pragma",), "pragma", "PRAGMA is not allowed"),
+    (("Attach", "Detach"), "attach", "ATTACH/DETACH is not allowed"),
+    (("Copy", "Export"), "copy", "COPY/EXPORT is not allowed"),
+    (("Install",), "install_load", "INSTALL/LOAD is not allowed"),
+    (("Set", "Use"), "set", "SET/USE is not allowed"),
+    (("Show", "Describe", "Summarize"), "system_catalog", "catalog statements are not allowed"),
+]
+
+_QUANTILE_FUNCS = ("Quantile", "PercentileCont", "PercentileDisc", "ApproxQuantile")
+_VARIANCE_FUNCS = {"Variance": "var", "VarianceSamp": "var", "VariancePop": "var_pop",
+                   "Stddev": "std", "StddevSamp": "std", "StddevPop": "std_pop"}
+
+
+@dataclass(frozen=True, order=True)
+class Measurement:
+    """One primitive noisy measurement per group: a count, a fixed-point sum, or a quantile selection."""
+
+    kind: str  # count_star | count | count_distinct_unit | sum | sumsq | quantile
+    column: str = ""
+    q: float = 0.0
+
+    @property
+    def label(self) -> str:
+        if self.kind == "quantile":
+            return f"quantile({self.column}, {self.q:g})"
+        return f"{self.kind}({self.column})" if self.column else self.kind
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """A user-facing aggregate (COUNT, SUM, AVG, VARIANCE, STDDEV, quantile) computed from measurements."""
+
+    alias: str  # a0, a1, ... in the released table
+    kind: str  # count_star | count | count_distinct_unit | sum | avg | var | var_pop | std | std_pop | quantile
+    column: str = ""
+    q: float = 0.0
+
+    @property
+    def measurements(self) -> tuple[Measurement, ...]:
+        c = self.column
+        match self.kind:
+            case "count_star" | "count_distinct_unit":
+                return (Measurement(self.kind),)
+            case "count":
+                return (Measurement("count", c),)
+            case "sum":
+                return (Measurement("sum", c),)
+            case "avg":
+                return (Measurement("sum", c), Measurement("count", c))
+            case "var" | "var_pop" | "std" | "std_pop":
+                return (Measurement("sumsq", c), Measurement("sum", c), Measurement("count", c))
+            case "quantile":
+                return (Measurement("quantile", c, self.q),)
+        raise AssertionError(self.kind)
+
+
+@dataclass(frozen=True)
+class GroupKey:
+    alias: str  # k0, k1, ...
+    sql: str  # expression over the bounded table
+    domain: list[Any] | None  # public key values, or None when keys must be selected privately
+
+
+@dataclass
+class Plan:
+    dataset: str
+    policy: Policy
+    normalized_sql: str
+    where_sql: str | None
+    keys: list[GroupKey]
+    aggregates: list[Aggregate]
+    output_names: list[str]
+    output_exprs: list[exp.Expression]  # over k*/a* columns, for interval arithmetic
+    post_sql: str  # runs over the released table "released"
+    measurements: list[Measurement] = field(default_factory=list)
+
+    @property
+    def needs_key_selection(self) -> bool:
+        return any(k.domain is None for k in self.keys)
+
+    def declared_groups(self) -> list[tuple[Any, ...]] | None:
+        if self.needs_key_selection:
+            return None
+        return list(itertools.product(*[k.domain for k in self.keys]))  # type: ignore[misc]
+
+
+def _statement_reason(stmt: exp.Expression) -> tuple[str, str] | None:
+    name = type(stmt).__name__
+    for names, reason, message in _STATEMENT_REASONS:
+        if name in names:
+            return reason, message
+    if isinstance(stmt, exp.Command):
+        word = str(stmt.this).upper()
+        if word in {"LOAD", "INSTALL"}:
+            return "install_load", "INSTALL/LOAD is not allowed"
+        if word in {"CALL", "CHECKPOINT", "VACUUM", "EXPORT", "IMPORT", "DETACH", "RESET"}:
+            return "ddl", f"{word} is not allowed"
+        return "unsupported_statement", f"{word} statements are not allowed"
+    return None
+
+
+def parse_select(sql: str) -> exp.Select:
+    """Parse exactly one SELECT statement, or raise with the position of the problem."""
+    if not sql or not sql.strip():
+        raise QueryRejected("the query is empty", reason="empty_query")
+    try:
+        statements = [s for s in sqlglot.parse(sql, read="duckdb") if s is not None]
+    except ParseError as exc:
+        err = exc.errors[0] if exc.errors else {}
+        start = None
+        if "line" in err and "col" in err:
+            lines = sql.split("\n")
+            start = sum(len(x) + 1 for x in lines[: err["line"] - 1]) + max(err["col"] - 1, 0)
+            start = max(0, start - len(err.get("highlight") or "") + 1)
+        raise SqlSyntaxError(
+            f"SQL syntax error: {str(err.get('description', exc)).split(' <Token')[0]}",
+            reason="syntax",
+            sql=sql,
+            start=start,
+            end=None if start is None else start + len(err.get("highlight") or ""),
+        ) from None
+    except TokenError as exc:
+        raise SqlSyntaxError(f"SQL syntax error: {exc}", reason="syntax") from None
+    if len(statements) != 1:
+        second = statements[1] if len(statements) > 1 else None
+        raise reject(
+            "exactly one statement is allowed", "multiple_statements", second, sql, hint="send one SELECT per request"
+        )
+    stmt = statements[0]
+    found = _statement_reason(stmt)
+    if found:
+        reason, message = found
+        raise reject(message, reason, stmt, sql, hint="Bastion answers one aggregate SELECT over one dataset")
+    if not isinstance(stmt, exp.Select):
+        raise reject(f"{type(stmt).__name__} statements are not allowed", "unsupported_statement", stmt, sql)
+    return stmt
+
+
+def dataset_name(select: exp.Select, sql: str) -> str:
+    """The one table the SELECT reads, after rejecting joins, subqueries, table functions and catalogs."""
+    if select.args.get("with_") or select.args.get("with"):
+        raise reject("CTEs (WITH) are not allowed", "cte", select.args.get("with_") or select.args.get("with"), sql,
+                     hint="write one SELECT over one dataset")
+    if select.args.get("joins") or select.args.get("laterals"):
+        node = (select.args.get("joins") or select.args.get("laterals"))[0]
+        raise reject("joins are not allowed", "join", node, sql, hint="query one dataset at a time")
+    from_ = select.args.get("from_") or select.args.get("from")
+    if from_ is None:
+        raise reject("the query must read FROM a dataset", "no_dataset", select, sql)
+    source = from_.this
+    if isinstance(source, exp.Subquery | exp.Select):
+        raise reject("subqueries are not allowed", "subquery", source, sql, hint="write one SELECT over one dataset")
+    if not isinstance(source, exp.Table) or not isinstance(source.this, exp.Identifier):
+        raise reject("table functions are not allowed", "table_function", source, sql,
+                     hint="query a registered dataset by name (GET /v1/datasets lists them)")
+    if source.args.get("sample"):
+        raise reject("TABLESAMPLE is not allowed", "sampling", source, sql)
+    name = source.name.lower()
+    db = (source.db or "").lower()
+    if db in _SYSTEM_SCHEMAS or db or source.catalog or name.startswith(_SYSTEM_PREFIXES) or name in _SYSTEM_SCHEMAS:
+        raise reject("system catalogs are not allowed", "system_catalog", source, sql,
+                     hint="GET /v1/datasets shows the public schema")
+    return name
+
+
+class _Planner:
+    def __init__(self, select: exp.Select, sql: str, policy: Policy) -> None:
+        self.select = select
+        self.sql = sql
+        self.policy = policy
+        self.aggregates: dict[tuple[str, str, float], Aggregate] = {}
+        self.keys: list[tuple[exp.Expression, GroupKey]] = []
+
+    # --- aggregates ---------------------------------------------------------------------------------------
+
+    def _numeric_column(self, node: exp.Expression, agg: exp.Expression, what: str) -> str:
+        if not isinstance(node, exp.Column):
+            raise reject(
+                f"the argument of {what} must be a column",
+                "aggregate_argument",
+                agg,
+                self.sql,
+                hint="filter rows with WHERE, and apply arithmetic to the aggregate's result instead",
+            )
+        name = check_column(node, self.policy, self.sql, labeling=False)
+        spec = self.policy.columns[name]
+        if spec.type not in NUMERIC_TYPES:
+            raise reject(f"{what} needs a numeric column; {name!r} is {spec.type.value}", "aggregate_argument",
+                         agg, self.sql)
+        if spec.bounds is None:
+            raise reject(f"{what} needs bounds for {name!r}, and the policy declares none", "unbounded_column",
+                         agg, self.sql, hint="ask the dataset's admin to declare bounds: [low, high]")
+        return name
+
+    def _quantile_q(self, node: exp.Expression | None, agg: exp.Expression) -> float:
+        if not isinstance(node, exp.Literal) or node.is_string:
+            raise reject("the quantile must be a number literal between 0 and 1", "aggregate_argument", agg, self.sql)
+        q = float(node.this)
+        if not 0.0 < q < 1.0:
+            raise reject("the quantile must be strictly between 0 and 1", "aggregate_argument", agg, self.sql,
+                         hint="use e.g. QUANTILE_CONT(col, 0.99) instead of MAX")
+        return round(q, 3)
+
+    def aggregate(self, node: exp.AggFunc) -> Aggregate:
+        name = type(node).__name__
+        if any(isinstance(n, exp.AggFunc) for n in node.walk() if n is not node):
+            raise reject("nested aggregates are not allowed", "nested_aggregate", node, self.sql)
+        if name in {"Min", "Max", "ArgMin", "ArgMax"}:
+            raise reject(
+                f"{name.upper()}() would reveal an individual value",
+                "min_max",
+                node,
+                self.sql,
+                hint="use a quantile instead, e.g. QUANTILE_CONT(col, 0.01) or QUANTILE_CONT(col, 0.99)",
+            )
+        arg = node.this
+        if name == "Count":
+            if isinstance(arg, exp.Star):
+                kind, col = "count_star", ""
+            elif isinstance(arg, exp.Distinct):
+                cols = arg.expressions
+                unit = self.policy.unit_column
+                if len(cols) == 1 and isinstance(cols[0], exp.Column) and unit and cols[0].name.lower() == unit:
+                    kind, col = "count_distinct_unit", ""
+                else:
+                    raise reject("COUNT(DISTINCT ...) is allowed on the privacy-unit column only", "count_distinct",
+                                 node, self.sql, hint=f"use COUNT(DISTINCT {unit})" if unit else None)
+            elif isinstance(arg, exp.Column):
+                kind, col = "count", check_column(arg, self.policy, self.sql, labeling=False)
+            else:
+                raise reject("COUNT takes *, a column or DISTINCT of the privacy unit", "aggregate_argument", node,
+                             self.sql, hint="filter rows with WHERE instead")
+            return self._register(kind, col)
+        if name in {"Sum", "Avg"}:
+            if isinstance(arg, exp.Distinct):
+                raise reject(f"{name.upper()}(DISTINCT ...) is not allowed", "aggregate_argument", node, self.sql)
+            return self._register(name.lower(), self._numeric_column(arg, node, name.upper()))
+        if name in _VARIANCE_FUNCS:
+            return self._register(_VARIANCE_FUNCS[name], self._numeric_column(arg, node, name.upper()))
+        if name == "Median":
+            return self._register("quantile", self._numeric_column(arg, node, "MEDIAN"), 0.5)
+        if name in _QUANTILE_FUNCS:
+            q_node = node.args.get("quantile") or node.args.get("expression")
+            return self._register("quantile", self._numeric_column(arg, node, "a quantile"),
+                                  self._quantile_q(q_node, node))
+        raise reject(
+            f"aggregate {func_name(node).upper()}() is not supported",
+            "unsupported_aggregate",
+            node,
+            self.sql,
+            hint="supported: COUNT, SUM, AVG, VARIANCE, STDDEV, MEDIAN, QUANTILE_CONT",
+        )
+
+    def _within_group(self, node: exp.WithinGroup) -> Aggregate:
+        inner = node.this
+        order = node.expression
+        if type(inner).__name__ not in {"PercentileCont", "PercentileDisc"} or not isinstance(order, exp.Order):
+            raise reject("unsupported WITHIN GROUP aggregate", "unsupported_aggregate", node, self.sql)
+        col = self._numeric_column(order.expressions[0].this, node, "PERCENTILE_CONT")
+        return self._register("quantile", col, self._quantile_q(inner.this, node))
+
+    def _register(self, kind: str, column: str, q: float = 0.0) -> Aggregate:
+        key = (kind, column, q)
+        if key not in self.aggregates:
+            self.aggregates[key] = Aggregate(f"a{len(self.aggregates)}", kind, column, q)
+        return self.aggregates[key]
+
+    # --- group keys ---------------------------------------------------------------------------------------
+
+    def group_keys(self) -> None:
+        group = self.select.args.get("group")
+        if not group:
+            return
+        if group.args.get("rollup") or group.args.get("cube") or group.args.get("grouping_sets"):
+            raise reject("ROLLUP, CUBE and GROUPING SETS are not supported", "unsupported_grouping", group, self.sql,
+                         hint="run one GROUP BY per grouping")
+        items = {}
+        for i, item in enumerate(self.select.expressions):
+            if isinstance(item, exp.Alias):
+                items[item.alias.lower()] = item.this
+            items[str(i + 1)] = item.this if isinstance(item, exp.Alias) else item
+        for node in group.expressions:
+            if isinstance(node, exp.Rollup | exp.Cube | exp.GroupingSets):
+                raise reject("ROLLUP, CUBE and GROUPING SETS are not supported", "unsupported_grouping", node,
+                             self.sql)
+            target = node
+            if isinstance(node, exp.Literal) and not node.is_string and str(node.this) in items:
+                target = items[str(node.this)]
+            elif (isinstance(node, exp.Column) and not node.table and node.name.lower() in items
+                  and node.name.lower() not in self.policy.columns):
+                target = items[node.name.lower()]
+            if any(isinstance(n, exp.AggFunc) for n in target.walk()):
+                raise reject("GROUP BY cannot use an aggregate", "aggregate_in_group_by", node, self.sql)
+            columns = validate_row_expression(target, self.policy, self.sql)
+            if not columns:
+                raise reject("GROUP BY needs an expression of a column", "constant_group_key", node, self.sql)
+            alias = f"k{len(self.keys)}"
+            self.keys.append((target, GroupKey(alias, bounded_sql(target), None)))
+
+    def key_domains(self) -> None:
+        """Fill in the public domain of each key that has one (evaluated on public values only)."""
+        domains: list[list[Any] | None] = []
+        for expr, _ in self.keys:
+            domains.append(public_key_domain(expr, self.policy))
+        total = 1
+        for d in domains:
+            total *= len(d) if d is not None else MAX_DECLARED_GROUPS + 1
+        declared = total <= MAX_DECLARED_GROUPS
+        self.keys = [
+            (expr, GroupKey(key.alias, key.sql, d if declared else None))
+            for (expr, key), d in zip(self.keys, domains, strict=True)
+        ]
+
+    def match_key(self, node: exp.Expression) -> GroupKey | None:
+        for expr, key in self.keys:
+            if node == expr:
+                return key
+        return None
+
+    # --- outputs ------------------------------------------------------------------------------------------
+
+    def rewrite(self, node: exp.Expression, aliases: dict[str, exp.Expression] | None = None) -> exp.Expression:
+        """Replace aggregates by a* columns and group-key expressions by k* columns; reject stray columns.
+
+        In HAVING and ORDER BY, `aliases` maps output names to their rewritten expressions.
+        """
+        aliases = aliases or {}
+
+        def transform(n: exp.Expression) -> exp.Expression:
+            if (isinstance(n, exp.Column) and not n.table and n.name.lower() in aliases
+                    and self.match_key(n) is None and n.name.lower() not in self.policy.columns):
+                return aliases[n.name.lower()].copy()
+            key = self.match_key(n) if not isinstance(n, exp.AggFunc) else None
+            if key is not None:
+                return exp.column(key.alias, quoted=True)
+            if isinstance(n, exp.WithinGroup):
+                return exp.column(self._within_group(n).alias, quoted=True)
+            if isinstance(n, exp.AggFunc):
+                return exp.column(self.aggregate(n).alias, quoted=True)
+            if isinstance(n, exp.Filter):
+                raise reject("aggregate FILTER clauses are not allowed", "aggregate_filter", n, self.sql,
+                             hint="use WHERE")
+            if isinstance(n, exp.Window):
+                raise reject("window functions are not allowed", "window_function", n, self.sql)
+            if isinstance(n, exp.Subquery | exp.Select | exp.Exists):
+                raise reject("subqueries are not allowed", "subquery", n, self.sql)
+            if isinstance(n, exp.Column):
+                name = n.name.lower()
+                check_column(n, self.policy, self.sql, labeling=False)
+                raise reject(
+                    f"column {name!r} must be aggregated or be a GROUP BY key",
+                    "non_aggregated_column",
+                    n,
+                    self.sql,
+                    hint=f"add GROUP BY {name}, or aggregate it (COUNT, SUM, AVG, ...)",
+                )
+            return n
+
+        check_no_volatile(node, self.sql)
+        for n in node.walk():
+            if isinstance(n, exp.Star) and not isinstance(n.parent, exp.Count):
+                raise reject("SELECT * would return raw rows", "raw_rows", n, self.sql,
+                             hint="select aggregates such as COUNT(*) or AVG(col), grouped by public keys")
+        return _transform_top_down(node.copy(), transform)
+
+    def plan(self) -> Plan:
+        select = self.select
+        if select.args.get("distinct"):
+            raise reject("SELECT DISTINCT would return raw values", "distinct_select", select.args["distinct"],
+                         self.sql, hint="use GROUP BY with an aggregate such as COUNT(*)")
+        if select.args.get("qualify") or select.args.get("windows"):
+            raise reject("window functions are not allowed", "window_function",
+                         select.args.get("qualify") or select.args.get("windows")[0], self.sql)
+        for forbidden in ("into", "locks", "connect", "prewhere", "match", "pivots"):
+            if select.args.get(forbidden):
+                raise reject(f"{forbidden.upper()} is not allowed", "unsupported_clause", select, self.sql)
+        where = select.args.get("where")
+        where_sql = None
+        if where is not None:
+            validate_row_expression(where.this, self.policy, self.sql)
+            where_sql = bounded_sql(where.this)
+        self.group_keys()
+        names: list[str] = []
+        outputs: list[exp.Expression] = []
+        for item in select.expressions:
+            inner = item.this if isinstance(item, exp.Alias) else item
+            names.append(item.alias if isinstance(item, exp.Alias) else _default_name(inner))
+            outputs.append(self.rewrite(inner))
+        if not self.aggregates:
+            raise reject("the query has no aggregate", "raw_rows", select.expressions[0], self.sql,
+                         hint="select aggregates such as COUNT(*) or AVG(col)")
+        having = select.args.get("having")
+        aliases = {n.lower(): o for n, o in zip(names, outputs, strict=True)}
+        having_expr = self.rewrite(having.this, aliases) if having is not None else None
+        order = select.args.get("order")
+        order_exprs: list[exp.Ordered] = []
+        if order is not None:
+            by_alias = {n.lower(): i for i, n in enumerate(names)}
+            for o in order.expressions:
+                target = o.this
+                if isinstance(target, exp.Column) and not target.table and target.name.lower() in by_alias \
+                        and self.match_key(target) is None:
+                    new = exp.column(f"o{by_alias[target.name.lower()]}", quoted=True)
+                elif isinstance(target, exp.Literal) and not target.is_string:
+                    new = exp.column(f"o{int(target.this) - 1}", quoted=True)
+                else:
+                    new = self.rewrite(target, aliases)
+                order_exprs.append(exp.Ordered(this=new, desc=o.args.get("desc"), nulls_first=o.args.get("nulls_first")))
+        limit_sql = ""
+        for clause in ("limit", "offset"):
+            node = select.args.get(clause)
+            if node is not None:
+                value = node.expression if isinstance(node, exp.Limit | exp.Offset) else node
+                if not (isinstance(value, exp.Literal) and not value.is_string and str(value.this).isdigit()):
+                    raise reject(f"{clause.upper()} must be a non-negative integer literal", "bad_limit", node,
+                                 self.sql)
+                limit_sql += f" {clause.upper()} {int(value.this)}"
+        self.key_domains()
+        post = "SELECT " + ", ".join(
+            [f'{o.sql(dialect="duckdb")} AS "o{i}"' for i, o in enumerate(outputs)] + ['"__row"']
+        ) + " FROM released"
+        if having_expr is not None:
+            post += f" WHERE {having_expr.sql(dialect='duckdb')}"
+        if order_exprs:
+            post += " ORDER BY " + ", ".join(o.sql(dialect="duckdb") for o in order_exprs)
+        post += limit_sql
+        aggregates = list(self.aggregates.values())
+        measurements = sorted({m for a in aggregates for m in a.measurements})
+        return Plan(
+            dataset=self.policy.dataset,
+            policy=self.policy,
+            normalized_sql=select.sql(dialect="duckdb", normalize=True),
+            where_sql=where_sql,
+            keys=[k for _, k in self.keys],
+            aggregates=aggregates,
+            output_names=names,
+            output_exprs=outputs,
+            post_sql=post,
+            measurements=measurements,
+        )
+
+
+def _transform_top_down(node: exp.Expression, fn: Callable[[exp.Expression], exp.Expression]) -> exp.Expression:
+    new = fn(node)
+    if new is not node:
+        return new
+    for key, value in list(node.args.items()):
+        if isinstance(value, exp.Expression):
+            node.set(key, _transform_top_down(value, fn))
+        elif isinstance(value, list):
+            node.set(key, [_transform_top_down(v, fn) if isinstance(v, exp.Expression) else v for v in value])
+    return node
+
+
+def _default_name(node: exp.Expression) -> str:
+    if isinstance(node, exp.Column):
+        return node.name
+    return node.sql(dialect="duckdb")
+
+
+def bounded_sql(node: exp.Expression) -> str:
+    """Generate SQL for a validated row-level expression over the pre-bounded table (columns quoted)."""
+
+    def requote(n: exp.Expression) -> exp.Expression:
+        if isinstance(n, exp.Column):
+            return exp.column(n.name.lower(), quoted=True)
+        return n
+
+    return node.copy().transform(requote).sql(dialect="duckdb")
+
+
+_DUCK_TYPES = {
+    ColumnType.INT: "BIGINT", ColumnType.FLOAT: "DOUBLE", ColumnType.DECIMAL: "DOUBLE",
+    ColumnType.CATEGORY: "VARCHAR", ColumnType.DATE: "DATE", ColumnType.BOOL: "BOOLEAN", ColumnType.TEXT: "VARCHAR",
+}
+
+
+def duck_type(t: ColumnType) -> str:
+    return _DUCK_TYPES[t]
+
+
+def public_key_domain(expr: exp.Expression, policy: Policy) -> list[Any] | None:
+    """Values a key expression can take, computed from the policy's public domains only (no private data)."""
+    columns = sorted({c.name.lower() for c in expr.find_all(exp.Column)})
+    domains = [policy.columns[c].key_domain() for c in columns]
+    if any(d is None for d in domains):
+        return None
+    size = 1
+    for d in domains:
+        size *= len(d)  # type: ignore[arg-type]
+    if size > MAX_DECLARED_GROUPS:
+        return None
+    if isinstance(expr, exp.Column):
+        return list(domains[0])  # type: ignore[arg-type]
+    con = duckdb.connect()
+    try:
+        selects = []
+        for c, d in zip(columns, domains, strict=True):
+            t = duck_type(policy.columns[c].type)
+            values = ", ".join(f"(CAST(? AS {t}))" for _ in d)  # type: ignore[union-attr]
+            selects.append((f'(SELECT * FROM (VALUES {values}) AS v("{c}"))', d))
+        from_sql = " CROSS JOIN ".join(s for s, _ in selects)
+        params = [v if not isinstance(v, bool) else v for _, d in selects for v in d]
+        rows = con.execute(
+            f"SELECT DISTINCT {bounded_sql(expr)} AS k FROM {from_sql} ORDER BY k NULLS LAST", params
+        ).fetchall()
+    except duckdb.Error as exc:
+        raise QueryRejected(f"cannot evaluate the GROUP BY expression: {exc}", reason="bad_group_key") from None
+    finally:
+        con.close()
+    return [r[0] for r in rows if r[0] is not None]
+
+
+def plan_query(sql: str, resolve: Callable[[str], Policy]) -> Plan:
+    """Parse, validate and plan one analyst query. `resolve` maps a dataset name to its policy (or raises)."""
+    select = parse_select(sql)
+    name = dataset_name(select, sql)
+    policy = resolve(name)
+    return _Planner(select, sql, policy).plan()

@@ -1,0 +1,188 @@
+"""Noise mechanisms, all from OpenDP, and their accuracy.
+
+Bastion enables OpenDP's "contrib" feature: the mechanisms used here (discrete Laplace on integer vectors,
+Laplace thresholding for key selection, report-noisy-max for quantiles) are in contrib in OpenDP 0.16.
+
+Every release here is calibrated for a neighbouring relation where one privacy unit changes the input by
+`d_in` (an L1 / L∞ distance already multiplied by the rows-per-unit bound); the privacy maps of these
+mechanisms are linear in d_in, which is what makes user-level accounting over grouped releases correct.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import opendp.prelude as dp
+
+dp.enable_features("contrib")
+
+DEFAULT_ALPHA = 0.05
+# Tolerance for comparing an OpenDP privacy map with the ε we meant to spend (float round-off only).
+_MAP_SLACK = 1e-9
+
+
+class MechanismError(ValueError):
+    pass
+
+
+@lru_cache(maxsize=256)
+def _int_vector_laplace(scale: float) -> dp.Measurement:
+    return dp.m.make_laplace(dp.vector_domain(dp.atom_domain(T="i64")), dp.l1_distance(T="i64"), scale=scale)
+
+
+@dataclass(frozen=True)
+class IntegerRelease:
+    values: list[int]
+    scale: float
+    epsilon: float
+
+    def accuracy(self, alpha: float) -> float:
+        """Half-width of the (1 - alpha) interval of each released integer."""
+        return integer_accuracy(self.scale, alpha)
+
+
+def laplace_scale_for(d_in: int, epsilon: float) -> float:
+    if epsilon <= 0:
+        raise MechanismError("epsilon must be positive")
+    return d_in / epsilon
+
+
+def release_integers(values: list[int], d_in: int, epsilon: float) -> IntegerRelease:
+    """Discrete Laplace noise on a vector of integers whose L1 sensitivity is `d_in`, costing `epsilon`."""
+    scale = laplace_scale_for(d_in, epsilon)
+    meas = _int_vector_laplace(scale)
+    spent = meas.map(d_in)
+    if spent > epsilon * (1 + _MAP_SLACK):
+        raise MechanismError(f"calibration error: map gives ε={spent} > {epsilon}")
+    noisy = meas([int(v) for v in values]) if values else []
+    return IntegerRelease(values=list(noisy), scale=scale, epsilon=epsilon)
+
+
+def integer_accuracy(scale: float, alpha: float) -> float:
+    return float(dp.discrete_laplacian_scale_to_accuracy(scale, alpha))
+
+
+def epsilon_for_accuracy(d_in: int, accuracy: float, alpha: float) -> float:
+    """The ε at which a discrete-Laplace release of sensitivity d_in has the requested half-width at alpha."""
+    if accuracy <= 0:
+        raise MechanismError("accuracy must be positive")
+    scale = float(dp.accuracy_to_discrete_laplacian_scale(accuracy, alpha))
+    return d_in / scale
+
+
+# --- key selection --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeySelection:
+    kept: dict[str, int]
+    threshold: int
+    scale: float
+    epsilon: float
+    delta: float
+
+
+def _threshold_measurement(scale: float, threshold: int) -> dp.Measurement:
+    dom = dp.map_domain(dp.atom_domain(T=str), dp.atom_domain(T="i64"))
+    met = dp.l01inf_distance(dp.absolute_distance(T="i64"))
+    return dp.m.make_laplace_threshold(dom, met, scale=scale, threshold=threshold)
+
+
+@lru_cache(maxsize=256)
+def threshold_for(k: int, epsilon: float, delta: float) -> tuple[float, int]:
+    """Scale and smallest threshold so that releasing keys whose noisy count passes costs (ε, δ).
+
+    One unit touches at most k keys, each by at most k rows, and k rows in all: d_in = (l0, l1, l∞) = (k, k, k).
+    """
+    if delta <= 0:
+        raise MechanismError("key selection needs δ > 0")
+    scale = k / epsilon
+    d_in = (k, k, k)
+
+    def delta_at(t: int) -> float:
+        return _threshold_measurement(scale, t).map(d_in)[1]
+
+    lo, hi = k + 1, k + 2
+    while delta_at(hi) > delta:
+        hi *= 2
+        if hi > 2**40:
+            raise MechanismError("no threshold reaches the requested δ")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if delta_at(mid) <= delta:
+            hi = mid
+        else:
+            lo = mid + 1
+    eps_spent, _ = _threshold_measurement(scale, lo).map(d_in)
+    if eps_spent > epsilon * (1 + _MAP_SLACK):
+        raise MechanismError(f"calibration error: threshold map gives ε={eps_spent} > {epsilon}")
+    return scale, lo
+
+
+def select_keys(counts: dict[str, int], k: int, epsilon: float, delta: float) -> KeySelection:
+    """Release the keys (with noisy counts) of a histogram whose key set is not public."""
+    scale, threshold = threshold_for(k, epsilon, delta)
+    meas = _threshold_measurement(scale, threshold)
+    kept = meas({key: int(v) for key, v in counts.items()}) if counts else {}
+    return KeySelection(kept=dict(kept), threshold=threshold, scale=scale, epsilon=epsilon, delta=delta)
+
+
+# --- quantiles ------------------------------------------------------------------------------------------
+
+
+def quantile_candidates(lo: float, hi: float, integer: bool, max_candidates: int = 1024) -> list[float]:
+    """A public grid of candidate answers from the policy's bounds."""
+    if integer and hi - lo + 1 <= max_candidates:
+        return [float(v) for v in range(int(lo), int(hi) + 1)]
+    n = max_candidates
+    step = (hi - lo) / (n - 1)
+    return [lo + i * step for i in range(n)]
+
+
+QUANTILE_DENOMINATOR = 1000
+
+
+@lru_cache(maxsize=256)
+def _noisy_min(scale: float) -> dp.Measurement:
+    space = dp.vector_domain(dp.atom_domain(T="i64")), dp.linf_distance(T="i64", monotonic=False)
+    return dp.m.make_noisy_max(*space, dp.max_divergence(), scale=scale, negate=True)
+
+
+def quantile_scores(below: list[int], above: list[int], q: float) -> tuple[list[int], int]:
+    """Integer scores |(1-q)·#below(c) - q·#above(c)| per candidate (lower is better), with sensitivity per row.
+
+    Adding or removing one row changes #below or #above of each candidate by at most one, so each score moves by
+    at most max(q, 1-q)·D with q = num/D.
+    """
+    num = round(q * QUANTILE_DENOMINATOR)
+    den = QUANTILE_DENOMINATOR
+    scores = [abs((den - num) * b - num * a) for b, a in zip(below, above, strict=True)]
+    return scores, max(num, den - num)
+
+
+def release_quantile_index(scores: list[int], d_in: int, epsilon: float) -> tuple[int, float]:
+    """Index of the candidate with (noisily) the lowest score, and the noise scale used.
+
+    d_in is the L∞ sensitivity of the score vector; report-noisy-max (Gumbel) on non-monotonic scores costs
+    2·d_in / scale.
+    """
+    scale = 2 * d_in / epsilon
+    meas = _noisy_min(scale)
+    spent = meas.map(d_in)
+    if spent > epsilon * (1 + _MAP_SLACK):
+        raise MechanismError(f"calibration error: noisy max map gives ε={spent} > {epsilon}")
+    return int(meas(scores)), scale
+
+
+def quantile_rank_error(scale: float, n_candidates: int, q: float, alpha: float) -> float:
+    """With probability ≥ 1-alpha the released candidate's rank is within this many rows of the target rank.
+
+    A candidate whose score is worse than the best by g wins only if its Gumbel noise beats the best one's by g,
+    which happens with probability at most 1/(1+e^(g/scale)); a union bound over candidates gives
+    g ≤ scale·ln(|C|/alpha). Moving a candidate past one row changes its score by at least min(q, 1-q)·D.
+    """
+    num = round(q * QUANTILE_DENOMINATOR)
+    step = min(num, QUANTILE_DENOMINATOR - num)
+    return scale * math.log(n_candidates / alpha) / step

@@ -1,0 +1,297 @@
+"""Dataset policy: the public facts Bastion may rely on, loaded from YAML and validated.
+
+Everything a mechanism needs to know about a dataset without looking at it comes from here: the privacy unit,
+how many rows one unit may contribute, numeric bounds, categorical domains, which columns may be used where,
+the budgets and which roles may do what.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# The largest number of distinct values a bounded int/date column may have for Bastion to treat its
+# range as a public domain of group keys.
+MAX_ENUMERABLE_DOMAIN = 10_000
+
+
+class PolicyError(ValueError):
+    """A policy file is missing, malformed or unsafe."""
+
+
+class ColumnType(StrEnum):
+    INT = "int"
+    FLOAT = "float"
+    DECIMAL = "decimal"
+    CATEGORY = "category"
+    DATE = "date"
+    BOOL = "bool"
+    TEXT = "text"
+
+
+class Usage(StrEnum):
+    QUERY = "query"  # usable everywhere (queries, synthesis, labeling functions)
+    LABELING = "labeling"  # usable inside labeling-function conditions only
+    HIDDEN = "hidden"  # never usable
+
+
+class Grant(StrEnum):
+    QUERY = "query"
+    SYNTH = "synth"
+    LABELING = "labeling"
+
+
+NUMERIC_TYPES = {ColumnType.INT, ColumnType.FLOAT, ColumnType.DECIMAL}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Column(_Strict):
+    type: ColumnType
+    bounds: tuple[Any, Any] | None = None
+    domain: list[str | int | bool] | None = None
+    precision: float | None = None
+    usage: Usage = Usage.QUERY
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse_dates(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("type") == "date" and isinstance(data.get("bounds"), list | tuple):
+            try:
+                data = {**data, "bounds": [dt.date.fromisoformat(b) if isinstance(b, str) else b
+                                           for b in data["bounds"]]}
+            except ValueError as exc:
+                raise ValueError(f"date bounds must be YYYY-MM-DD: {exc}") from None
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> Column:
+        if (self.type in NUMERIC_TYPES and self.usage is not Usage.HIDDEN and self.bounds is None
+                and self.domain is None):
+            raise ValueError(
+                f"a {self.type.value} column needs bounds: [low, high] (sums, means and quantiles are "
+                "clamped to them); mark it usage: hidden if it must not be used"
+            )
+        if self.bounds is not None:
+            lo, hi = self.bounds
+            if self.type in NUMERIC_TYPES:
+                if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (lo, hi)):
+                    raise ValueError("numeric bounds must be numbers")
+                if not (math.isfinite(lo) and math.isfinite(hi)):
+                    raise ValueError("bounds must be finite")
+                if self.type is ColumnType.INT and not (float(lo).is_integer() and float(hi).is_integer()):
+                    raise ValueError("bounds of an int column must be integers")
+            elif self.type is ColumnType.DATE:
+                if not all(isinstance(v, dt.date) for v in (lo, hi)):
+                    raise ValueError("date bounds must be dates (YYYY-MM-DD)")
+            else:
+                raise ValueError(f"a {self.type.value} column cannot have bounds")
+            if lo >= hi:
+                raise ValueError(f"bounds must satisfy low < high, got [{lo}, {hi}]")
+        if self.domain is not None:
+            if self.type not in {ColumnType.CATEGORY, ColumnType.INT, ColumnType.BOOL}:
+                raise ValueError(f"a {self.type.value} column cannot declare a domain")
+            if len(set(map(str, self.domain))) != len(self.domain):
+                raise ValueError("domain values must be distinct")
+            if not self.domain:
+                raise ValueError("a declared domain must not be empty")
+        if self.precision is not None:
+            if self.type not in {ColumnType.DECIMAL, ColumnType.FLOAT}:
+                raise ValueError("precision applies to decimal and float columns only")
+            if not (self.precision > 0 and math.isfinite(self.precision)):
+                raise ValueError("precision must be a positive number")
+        if self.type is ColumnType.TEXT and self.usage is Usage.QUERY:
+            raise ValueError("free-text columns must be usage: labeling or usage: hidden")
+        return self
+
+    @property
+    def scale(self) -> float:
+        """Size of one fixed-point unit used for exact sums (1 for ints)."""
+        if self.type is ColumnType.INT:
+            return 1.0
+        if self.precision is not None:
+            return self.precision
+        return 0.01 if self.type is ColumnType.DECIMAL else 1e-4
+
+    @property
+    def max_abs(self) -> float:
+        assert self.bounds is not None
+        return float(max(abs(self.bounds[0]), abs(self.bounds[1])))
+
+    @property
+    def fx_unit(self) -> float:
+        """Fixed-point unit of sums: the column's precision, coarsened so one row fits in 31 bits."""
+        return max(self.scale, self.max_abs / 2**31)
+
+    @property
+    def fx2_unit(self) -> float:
+        """Fixed-point unit of sums of squares, chosen the same way."""
+        return max(self.scale**2, self.max_abs**2 / 2**31)
+
+    def key_domain(self) -> list[Any] | None:
+        """The public set of values of this column as a group key, or None if there is none."""
+        if self.domain is not None:
+            return list(self.domain)
+        if self.type is ColumnType.BOOL:
+            return [False, True]
+        if self.bounds is not None and self.type is ColumnType.INT:
+            lo, hi = int(self.bounds[0]), int(self.bounds[1])
+            if hi - lo + 1 <= MAX_ENUMERABLE_DOMAIN:
+                return list(range(lo, hi + 1))
+        if self.bounds is not None and self.type is ColumnType.DATE:
+            lo, hi = self.bounds
+            days = (hi - lo).days + 1
+            if days <= MAX_ENUMERABLE_DOMAIN:
+                return [lo + dt.timedelta(days=i) for i in range(days)]
+        return None
+
+
+class Budget(_Strict):
+    epsilon: float = Field(gt=0)
+    delta: float = Field(default=0.0, ge=0, lt=1)
+
+    @field_validator("epsilon")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("epsilon must be finite: an infinite budget means no privacy")
+        return v
+
+
+class Budgets(_Strict):
+    per_principal: Budget
+    total: Budget
+
+    @model_validator(mode="after")
+    def _check(self) -> Budgets:
+        if self.per_principal.epsilon > self.total.epsilon or self.per_principal.delta > self.total.delta:
+            raise ValueError("per_principal budget cannot exceed the total budget")
+        return self
+
+
+class Synthesis(_Strict):
+    mode: Literal["dp", "non_dp_allowed"] = "dp"
+
+
+class Labels(_Strict):
+    gold_column: str | None = None
+    classes: list[str]
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, v: list[str]) -> list[str]:
+        if len(v) < 2 or len(set(v)) != len(v):
+            raise ValueError("labels.classes needs at least two distinct classes")
+        return v
+
+
+class Policy(_Strict):
+    dataset: str = Field(pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    source: str | None = None
+    privacy_unit: str
+    max_rows_per_unit: int = Field(ge=1, le=10_000)
+    budget: Budgets
+    columns: dict[str, Column]
+    roles: dict[Literal["analyst", "lf_author", "auditor", "admin"], list[Grant]] = Field(default_factory=dict)
+    synthesis: Synthesis = Synthesis()
+    labels: Labels | None = None
+    key_selection_threshold: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> Policy:
+        for name in self.columns:
+            if not name.isidentifier() or name.lower() != name or name.startswith("__"):
+                raise ValueError(f"column name {name!r} must be a lower-case identifier not starting with __")
+        if self.privacy_unit != "row":
+            if self.privacy_unit not in self.columns:
+                raise ValueError(
+                    f"privacy_unit {self.privacy_unit!r} is not a column of the policy; "
+                    "name one of its columns, or use 'row'"
+                )
+        elif self.max_rows_per_unit != 1:
+            raise ValueError("privacy_unit: row implies max_rows_per_unit: 1")
+        if self.labels is not None and self.labels.gold_column is not None:
+            gold = self.columns.get(self.labels.gold_column)
+            if gold is None:
+                raise ValueError(f"labels.gold_column {self.labels.gold_column!r} is not a column")
+            if gold.usage is Usage.QUERY:
+                raise ValueError("the gold-label column must be usage: labeling or hidden")
+        return self
+
+    # --- helpers used by planners ---------------------------------------------------------------------
+
+    @property
+    def unit_column(self) -> str | None:
+        return None if self.privacy_unit == "row" else self.privacy_unit
+
+    def grants(self, role: str) -> set[Grant]:
+        return set(self.roles.get(role, []))  # type: ignore[call-overload]
+
+    def usable_columns(self, *, labeling: bool = False) -> dict[str, Column]:
+        """Columns an expression may reference: query columns, plus labeling-only ones inside LFs."""
+        allowed = {Usage.QUERY, Usage.LABELING} if labeling else {Usage.QUERY}
+        return {
+            name: col
+            for name, col in self.columns.items()
+            if col.usage in allowed and name != self.privacy_unit
+        }
+
+    def fingerprint(self) -> str:
+        """Stable hash of the policy's content; part of every cache key and proxy version."""
+        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def public_schema(self) -> dict[str, Any]:
+        """What any granted principal may see about the dataset: no counts, no data."""
+        return {
+            "dataset": self.dataset,
+            "privacy_unit": self.privacy_unit,
+            "max_rows_per_unit": self.max_rows_per_unit,
+            "columns": {
+                name: {
+                    k: v
+                    for k, v in col.model_dump(mode="json").items()
+                    if v is not None
+                }
+                for name, col in self.columns.items()
+                if col.usage is not Usage.HIDDEN
+            },
+            "budget": self.budget.model_dump(mode="json"),
+            "labels": self.labels.model_dump(mode="json") if self.labels else None,
+            "synthesis": self.synthesis.model_dump(mode="json"),
+        }
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and validate a policy YAML file; raise PolicyError with every problem found."""
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except FileNotFoundError as exc:
+        raise PolicyError(f"policy file not found: {p}") from exc
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{p}: not valid YAML: {exc}") from exc
+    return parse_policy(raw, origin=str(p))
+
+
+def parse_policy(raw: Any, origin: str = "policy") -> Policy:
+    if not isinstance(raw, dict):
+        raise PolicyError(f"{origin}: a policy must be a mapping")
+    try:
+        return Policy.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in err['loc']) or '(top)'}: {err['msg'].removeprefix('Value error, ')}"
+            for err in exc.errors()
+        )
+        raise PolicyError(f"{origin}: unsafe or invalid policy: {problems}") from exc

@@ -1,0 +1,68 @@
+"""Shared fixtures: real workspaces (DuckDB file, SQLite ledger, audit log) built by Bastion's own code."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from gateway.app import create_app
+from gateway.demo import write_demo
+from gateway.service import Bastion
+from gateway.settings import Settings
+from policies.schema import load_policy
+
+DATA = Path(__file__).parent / "data"
+DEMO_ROWS = 60_000
+
+
+@dataclass
+class Workspace:
+    settings: Settings
+    tokens: dict[str, str]  # role -> token
+
+    def app(self) -> TestClient:
+        return TestClient(create_app(self.settings))
+
+    def headers(self, role: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.tokens[role]}"}
+
+
+def build_workspace(root: Path, register: list[tuple[Path, Path]], roles: dict[str, str]) -> Workspace:
+    settings = Settings(workspace=root / "ws")
+    settings.save()
+    bastion = Bastion(settings, read_only=False)
+    try:
+        for policy_path, source in register:
+            bastion.catalog.register(load_policy(policy_path), source)
+        tokens = {role: bastion.tokens.create(name, role)[0] for role, name in roles.items()}
+    finally:
+        bastion.close()
+    return Workspace(settings, tokens)
+
+
+ROLES = {"analyst": "alice", "lf_author": "lena", "auditor": "otto", "admin": "root"}
+
+
+@pytest.fixture(scope="session")
+def demo_source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return write_demo(tmp_path_factory.mktemp("demo"), n_rows=DEMO_ROWS, seed=11)
+
+
+@pytest.fixture(scope="session")
+def pums_source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("pums")
+    for name in ("pums.yaml", "PUMS_pid.csv", "PUMS_null.csv"):
+        shutil.copy(DATA / name, d / name)
+    return d / "PUMS_pid.csv", d / "pums.yaml"
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, demo_source: tuple[Path, Path], pums_source: tuple[Path, Path]) -> Workspace:
+    """A fresh workspace with the demo visits and PUMS registered, and one token per role."""
+    data, policy = demo_source
+    pdata, ppolicy = pums_source
+    return build_workspace(tmp_path, [(policy, data), (ppolicy, pdata)], ROLES)

@@ -1,0 +1,96 @@
+"""The DP SQL path end to end through the real app: answers, cache, dry run, accuracy targets, errors."""
+
+from __future__ import annotations
+
+import math
+
+from tests.conftest import Workspace
+
+SQL = "SELECT region, COUNT(*) AS visits, AVG(income) AS mean_income FROM visits WHERE age >= 65 GROUP BY region"
+
+
+def test_grouped_query_returns_every_declared_key_with_intervals(workspace: Workspace) -> None:
+    with workspace.app() as c:
+        r = c.post("/v1/query", json={"sql": SQL, "epsilon": 1.0}, headers=workspace.headers("analyst"))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["columns"] == ["region", "visits", "mean_income"]
+    assert sorted(row[0] for row in body["rows"]) == sorted(["north", "south", "east", "west", "central"])
+    for row, cells in zip(body["rows"], body["intervals"], strict=True):
+        assert cells[0] is None  # keys are public
+        lo, hi = cells[1]
+        assert lo <= row[1] <= hi
+        lo, hi = cells[2]
+        assert 0 <= lo <= row[2] <= hi <= 500_000
+    assert body["epsilon_spent"] == 1.0 and not body["cached"]
+    assert math.isclose(body["budget"]["remaining"]["epsilon"], 9.0)
+
+
+def test_repeat_is_cached_identical_and_free(workspace: Workspace) -> None:
+    with workspace.app() as c:
+        h = workspace.headers("analyst")
+        first = c.post("/v1/query", json={"sql": SQL, "epsilon": 0.5}, headers=h).json()
+        again = c.post("/v1/query", json={"sql": SQL.lower().replace("select", "SELECT"), "epsilon": 0.5},
+                       headers=h).json()
+        budget = c.get("/v1/budget", headers=h).json()
+    assert again["cached"] and again["epsilon_spent"] == 0.0
+    assert again["rows"] == first["rows"] and again["intervals"] == first["intervals"]
+    visits = next(b for b in budget if b["dataset"] == "visits")
+    assert math.isclose(visits["spent"]["epsilon"], 0.5)
+
+
+def test_dry_run_reports_cost_and_accuracy_without_spending(workspace: Workspace) -> None:
+    with workspace.app() as c:
+        h = workspace.headers("analyst")
+        dry = c.post("/v1/query", json={"sql": SQL, "accuracy": 50, "dry_run": True}, headers=h).json()
+        budget = c.get("/v1/budget", headers=h).json()
+    assert dry["dry_run"] and dry["rows"] is None and dry["epsilon_spent"] == 0.0
+    assert math.isclose(dry["accuracy"]["visits"], 50.0, rel_tol=1e-6)
+    assert dry["epsilon"] > 0
+    assert all(b["spent"]["epsilon"] == 0.0 for b in budget)
+
+
+def test_accuracy_target_derives_epsilon_and_meets_it(workspace: Workspace) -> None:
+    sql = "SELECT sex, COUNT(*) AS n FROM visits GROUP BY sex"
+    with workspace.app() as c:
+        body = c.post("/v1/query", json={"sql": sql, "accuracy": 50}, headers=workspace.headers("analyst")).json()
+    for cells in body["intervals"]:
+        lo, hi = cells[1]
+        assert math.isclose((hi - lo) / 2, 50.0, rel_tol=1e-6) or lo == 0.0
+    assert body["epsilon_spent"] == body["epsilon"] > 0
+
+
+def test_rejected_sql_points_at_the_span(workspace: Workspace) -> None:
+    with workspace.app() as c:
+        r = c.post("/v1/query", json={"sql": "SELECT region,\n  MAX(income) FROM visits GROUP BY region",
+                                      "epsilon": 1}, headers=workspace.headers("analyst"))
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["code"] == "query_rejected" and err["reason"] == "min_max"
+    assert (err["line"], err["column"]) == (2, 3)
+    assert err["highlight"].lower() == "max(income)"
+    assert "quantile" in err["message"].lower()
+
+
+def test_auth_and_roles(workspace: Workspace) -> None:
+    with workspace.app() as c:
+        assert c.post("/v1/query", json={"sql": SQL, "epsilon": 1}).status_code == 401
+        bad = {"Authorization": "Bearer bst_00000000_nope"}
+        assert c.post("/v1/query", json={"sql": SQL, "epsilon": 1}, headers=bad).status_code == 401
+        r = c.post("/v1/query", json={"sql": SQL, "epsilon": 1}, headers=workspace.headers("lf_author"))
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+        ds = c.get("/v1/datasets", headers=workspace.headers("analyst")).json()
+    visits = next(d for d in ds if d["dataset"] == "visits")
+    assert "ssn" not in visits["columns"] and "count" not in str(visits).lower().replace("count(", "")
+    assert visits["privacy_unit"] == "patient_id" and visits["max_rows_per_unit"] == 10
+
+
+def test_budget_exhausted_is_refused_before_running(workspace: Workspace) -> None:
+    with workspace.app() as c:
+        h = workspace.headers("analyst")
+        ok = c.post("/v1/query", json={"sql": "SELECT COUNT(*) FROM visits", "epsilon": 9.5}, headers=h)
+        assert ok.status_code == 200
+        r = c.post("/v1/query", json={"sql": "SELECT COUNT(*) FROM visits WHERE age > 3", "epsilon": 1},
+                   headers=h)
+    assert r.status_code == 429
+    assert r.json()["error"]["code"] == "budget_exhausted"
