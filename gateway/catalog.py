@@ -53,21 +53,24 @@ def _projection(name: str, policy: Policy) -> list[str]:
     if numeric and col.bounds is None:  # the privacy unit or the gold column: kept as is, never summed
         return [f"TRY_CAST({src} AS {'BIGINT' if t is ColumnType.INT else 'DOUBLE'}) AS {_q(name)}"]
     if t is ColumnType.INT:
-        lo, hi = col.bounds  # type: ignore[misc]
-        value = f"LEAST(GREATEST(TRY_CAST(ROUND(TRY_CAST({src} AS DOUBLE)) AS BIGINT), {int(lo)}), {int(hi)})"
+        cast = f"TRY_CAST(ROUND(TRY_CAST({src} AS DOUBLE)) AS BIGINT)"
     elif t in (ColumnType.FLOAT, ColumnType.DECIMAL):
-        lo, hi = col.bounds  # type: ignore[misc]
-        value = f"LEAST(GREATEST(TRY_CAST({src} AS DOUBLE), {float(lo)!r}), {float(hi)!r})"
+        cast = f"TRY_CAST({src} AS DOUBLE)"
     elif t is ColumnType.DATE:
-        if col.bounds:
-            lo, hi = col.bounds
-            value = f"LEAST(GREATEST(TRY_CAST({src} AS DATE), {_lit(lo)}), {_lit(hi)})"
-        else:
-            value = f"TRY_CAST({src} AS DATE)"
+        cast = f"TRY_CAST({src} AS DATE)"
     elif t is ColumnType.BOOL:
-        value = f"TRY_CAST({src} AS BOOLEAN)"
+        cast = f"TRY_CAST({src} AS BOOLEAN)"
     else:
-        value = f"CAST({src} AS VARCHAR)"
+        cast = f"CAST({src} AS VARCHAR)"
+    value = cast
+    if col.bounds is not None:
+        lo, hi = col.bounds
+        if t is ColumnType.INT:
+            lo, hi = int(lo), int(hi)
+        elif t is not ColumnType.DATE:
+            lo, hi = float(lo), float(hi)
+        # DuckDB's GREATEST/LEAST skip NULLs: keep a missing value missing instead of clamping it to a bound.
+        value = f"CASE WHEN {cast} IS NULL THEN NULL ELSE LEAST(GREATEST({cast}, {_lit(lo)}), {_lit(hi)}) END"
     out = [f"{value} AS {_q(name)}"]
     if numeric:
         out.append(f"CAST(ROUND({value} / {col.fx_unit!r}) AS BIGINT) AS {_q('__fx_' + name)}")

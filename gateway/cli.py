@@ -25,8 +25,9 @@ audit_app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=Tr
 app.add_typer(token_app, name="token")
 app.add_typer(audit_app, name="audit")
 
-console = Console()
-err = Console(stderr=True)
+# Wide when piped, so tables are not truncated in logs and scripts.
+console = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 Workspace = Annotated[
     Path | None,
@@ -203,10 +204,29 @@ def _client(url: str, token: str | None) -> Any:
     return Client(url, token)
 
 
-def _print_frame(frame: Any) -> None:
-    table = Table(*[str(c) for c in frame.columns])
-    for row in frame.itertuples(index=False):
-        table.add_row(*[f"{v:,.4g}" if isinstance(v, float) else str(v) for v in row])
+def _fmt(v: Any) -> str:
+    return f"{v:,.6g}" if isinstance(v, float) else str(v)
+
+
+def _print_frame(frame: Any, alpha: float | None = None) -> None:
+    """Print a result frame, folding `c_low`/`c_high` into one interval column per noisy column."""
+    names = [str(c) for c in frame.columns]
+    shown = [c for c in names if not (c.endswith(("_low", "_high")) and c.rsplit("_", 1)[0] in names)]
+    level = f"{1 - alpha:.0%} CI" if alpha else "interval"
+    headers = []
+    for c in shown:
+        headers.append(c)
+        if f"{c}_low" in names:
+            headers.append(f"{c} {level}")
+    table = Table(*headers)
+    for _, row in frame.iterrows():
+        cells = []
+        for c in shown:
+            cells.append(_fmt(row[c]))
+            if f"{c}_low" in names:
+                lo, hi = row[f"{c}_low"], row[f"{c}_high"]
+                cells.append("" if lo is None or lo != lo else f"{_fmt(lo)} … {_fmt(hi)}")
+        table.add_row(*cells)
     console.print(table)
 
 
@@ -244,7 +264,7 @@ def query(
             console.print(f"  {col}: ±{acc:.4g} at {1 - raw['alpha']:.0%}" if acc is not None else
                           f"  {col}: accuracy depends on the data (see measurements)")
     else:
-        _print_frame(result_frame(raw))
+        _print_frame(result_frame(raw), raw.get("alpha"))
         for note in raw.get("notes", []):
             console.print(f"[dim]note: {note}[/]")
     b = raw["budget"]

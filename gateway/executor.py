@@ -243,7 +243,8 @@ def execute(plan: Plan, pricing: Pricing, con: duckdb.DuckDBPyConnection) -> Rel
         groups = sorted((by_json[j] for j in selection.kept), key=lambda g: [str(v) for v in g])
         notes.append(
             f"group keys without a public domain were selected with OpenDP's Laplace threshold "
-            f"(threshold {selection.threshold} rows; ε={pricing.selection_epsilon:.4g}, δ={pricing.selection_delta:.3g})"
+            f"(threshold {selection.threshold} rows; ε={pricing.selection_epsilon:.4g}, "
+            f"δ={pricing.selection_delta:.3g})"
         )
     zero = tuple(0 for _ in range(len(plain) + 1))
 

@@ -312,7 +312,14 @@ class _Planner:
             if isinstance(item, exp.Alias):
                 items[item.alias.lower()] = item.this
             items[str(i + 1)] = item.this if isinstance(item, exp.Alias) else item
-        for node in group.expressions:
+        nodes = list(group.expressions)
+        if group.args.get("all"):
+            nodes = [
+                item.this if isinstance(item, exp.Alias) else item
+                for item in self.select.expressions
+                if not any(isinstance(n, exp.AggFunc) for n in item.walk())
+            ]
+        for node in nodes:
             if isinstance(node, exp.Rollup | exp.Cube | exp.GroupingSets):
                 raise reject("ROLLUP, CUBE and GROUPING SETS are not supported", "unsupported_grouping", node,
                              self.sql)
@@ -438,7 +445,9 @@ class _Planner:
                     new = exp.column(f"o{int(target.this) - 1}", quoted=True)
                 else:
                     new = self.rewrite(target, aliases)
-                order_exprs.append(exp.Ordered(this=new, desc=o.args.get("desc"), nulls_first=o.args.get("nulls_first")))
+                order_exprs.append(
+                    exp.Ordered(this=new, desc=o.args.get("desc"), nulls_first=o.args.get("nulls_first"))
+                )
         limit_sql = ""
         for clause in ("limit", "offset"):
             node = select.args.get(clause)

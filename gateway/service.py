@@ -109,7 +109,7 @@ class Bastion:
 
     def datasets(self, ctx: Context) -> list[dict[str, Any]]:
         out = []
-        for name, (policy, version) in self.catalog.datasets().items():
+        for policy, version in self.catalog.datasets().values():
             grants = policy.grants(ctx.principal.role)
             if grants:
                 out.append({**policy.public_schema(), "version": version,

@@ -50,6 +50,12 @@ def span(node: exp.Expression, sql: str) -> tuple[int | None, int | None]:
     """Start and end offsets of a node in the original text, from sqlglot's token positions."""
     positions = [n.meta for n in node.walk() if n.meta and "start" in n.meta]
     if not positions:
+        # No token position recorded (keywords such as DISTINCT, CURRENT_DATE, SHOW): find the text itself.
+        low = sql.lower()
+        for needle in (node.sql(dialect="duckdb"), func_name(node).replace("_", " "), func_name(node)):
+            at = low.find(needle.lower()) if needle else -1
+            if at != -1:
+                return at, at + len(needle)
         return None, None
     start = min(m["start"] for m in positions)
     end = max(m["end"] for m in positions) + 1

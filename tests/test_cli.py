@@ -1,0 +1,94 @@
+"""The `bastion` command as a user runs it: real subprocesses, a real gateway on a loopback port."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.client import BastionError, Client
+
+BIN = Path(sys.executable).parent / "bastion"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN), *args], cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> tuple[Path, str]:
+    """`bastion demo` in a fresh directory (small data), then `bastion serve` on a free port."""
+    made = _run("demo", "--no-serve", "--rows", "20000", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    assert "analyst" in made.stdout and "bst_" in made.stdout
+    port = _free_port()
+    proc = subprocess.Popen([str(BIN), "serve", "--port", str(port)], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(150):
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("the gateway did not start")
+        yield tmp_path, url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _token(tmp_path: Path, role: str, name: str) -> str:
+    made = _run("token", "create", "--role", role, "--name", name, cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    return made.stdout.strip()
+
+
+def test_demo_query_budget_and_client(served: tuple[Path, str]) -> None:
+    cwd, url = served
+    token = _token(cwd, "analyst", "bob")
+    env = {"BASTION_URL": url, "BASTION_TOKEN": token}
+    sql = "SELECT region, COUNT(*) AS visits, AVG(income) AS mean_income FROM visits WHERE age >= 65 GROUP BY region"
+    out = _run("query", sql, "--epsilon", "1", cwd=cwd, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "north" in out.stdout and "visits 95% CI" in out.stdout and "remaining on visits" in out.stdout
+    dry = _run("query", sql, "--accuracy", "50", "--dry-run", cwd=cwd, env=env)
+    assert dry.returncode == 0 and "dry run" in dry.stdout and "±50" in dry.stdout
+    bad = _run("query", "SELECT * FROM visits", cwd=cwd, env=env)
+    assert bad.returncode == 1 and "query_rejected" in bad.stderr
+
+    with Client(url, token) as client:
+        frame = client.query(sql, epsilon=1)
+        again = client.query(sql, epsilon=1)
+        assert list(frame.columns[:3]) == ["region", "visits", "visits_low"]
+        assert again.attrs["cached"] and frame.equals(again)
+        budget = client.budget()
+        # The CLI already released this answer to bob: the client gets it from the cache at no cost.
+        assert frame.attrs["cached"] and budget.loc[0, "epsilon_spent"] == pytest.approx(1.0)
+        with pytest.raises(BastionError) as info:
+            client.query("SELECT COUNT(*) FROM visits", epsilon=100)
+        assert info.value.code == "budget_exhausted"
+
+    verify = _run("audit", "verify", cwd=cwd)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_register_refuses_an_unsafe_policy(tmp_path: Path) -> None:
+    bad = Path(__file__).parent / "fixtures" / "policies" / "sum_without_bounds.yaml"
+    out = _run("register", str(bad), "--source", str(bad), cwd=tmp_path)
+    assert out.returncode == 1 and "needs bounds" in out.stderr

@@ -1,0 +1,48 @@
+"""The fixture corpus: every query with its verdict (accepted, or the stable reason of the rejection)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gateway.demo import POLICY_YAML
+from gateway.planner import plan_query
+from policies.errors import DatasetNotFound, QueryRejected
+from policies.schema import parse_policy
+
+CORPUS = yaml.safe_load((Path(__file__).parent / "fixtures" / "queries.yaml").read_text())
+POLICY = parse_policy(yaml.safe_load(POLICY_YAML))
+
+
+def resolve(name: str):
+    if name != "visits":
+        raise DatasetNotFound(f"no dataset named {name!r}")
+    return POLICY
+
+
+def test_corpus_covers_every_rejection_class() -> None:
+    reasons = {q["verdict"] for q in CORPUS}
+    required = {
+        "accepted", "raw_rows", "non_aggregated_column", "privacy_unit_column", "hidden_column",
+        "labeling_only_column", "min_max", "join", "subquery", "cte", "set_operation", "window_function",
+        "table_function", "volatile_function", "multiple_statements", "ddl", "dml", "pragma", "attach", "copy",
+        "install_load", "set", "system_catalog",
+    }
+    assert required <= reasons
+    assert len(CORPUS) >= 60
+
+
+@pytest.mark.parametrize("case", CORPUS, ids=[q["sql"][:60] or "<empty>" for q in CORPUS])
+def test_verdict(case: dict[str, str]) -> None:
+    if case["verdict"] == "accepted":
+        plan = plan_query(case["sql"], resolve)
+        assert plan.aggregates and plan.measurements
+        return
+    with pytest.raises(QueryRejected) as info:
+        plan_query(case["sql"], resolve)
+    assert info.value.reason == case["verdict"], info.value.message
+    if case["verdict"] not in {"empty_query", "no_dataset"}:
+        # Rejections point at the query text where sqlglot knows the position.
+        assert info.value.details.get("line") is not None or case["verdict"] in {"syntax"}, info.value.message
