@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from tests.conftest import Workspace
 
 SQL = "SELECT region, COUNT(*) AS visits, AVG(income) AS mean_income FROM visits WHERE age >= 65 GROUP BY region"
@@ -94,3 +96,18 @@ def test_budget_exhausted_is_refused_before_running(workspace: Workspace) -> Non
                    headers=h)
     assert r.status_code == 429
     assert r.json()["error"]["code"] == "budget_exhausted"
+
+
+def test_pums_is_a_second_dataset_with_pid_as_unit(workspace: Workspace) -> None:
+    with workspace.app() as c:
+        h = workspace.headers("analyst")
+        names = {d["dataset"] for d in c.get("/v1/datasets", headers=h).json()}
+        body = c.post("/v1/query", json={"sql": "SELECT sex, COUNT(*) AS n, AVG(age) AS age FROM pums GROUP BY sex",
+                                         "epsilon": 1.0}, headers=h).json()
+        unit = c.post("/v1/query", json={"sql": "SELECT pid FROM pums GROUP BY pid", "epsilon": 1.0}, headers=h)
+        budget = {b["dataset"]: b for b in c.get("/v1/budget", headers=h).json()}
+    assert names == {"visits", "pums"}
+    assert [row[0] for row in body["rows"]] == [0, 1]
+    assert sum(row[1] for row in body["rows"]) == pytest.approx(1000, abs=60)
+    assert unit.status_code == 400 and unit.json()["error"]["reason"] == "privacy_unit_column"
+    assert budget["pums"]["spent"]["epsilon"] == 1.0 and budget["visits"]["spent"]["epsilon"] == 0.0
