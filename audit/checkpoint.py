@@ -4,8 +4,8 @@ The signed message is the UTF-8 text
 
     bastion-audit-checkpoint/v1\\n<tree_size>\\n<root_hash hex>\\n<time>\\n<key_id>\\n
 
-signed with Ed25519. Checkpoints are stored one per line (canonical JSON) in ``checkpoints.jsonl`` next to the log;
-a copy kept elsewhere (`AuditLog.export_checkpoint`) is the anchor an auditor verifies the log against.
+signed with Ed25519. Checkpoints are stored one per line (canonical JSON) in ``checkpoints.jsonl`` next to the
+log; a copy kept elsewhere (`AuditLog.export_checkpoint`) is the anchor an auditor verifies the log against.
 """
 
 from __future__ import annotations
@@ -76,8 +76,7 @@ class Checkpoint:
             raise ValueError("a checkpoint must be a JSON object")
         if data.get("schema_version") != SCHEMA_VERSION:
             raise ValueError(f"unsupported checkpoint schema_version {data.get('schema_version')!r}")
-        size, root, time, key_id, sig = (data.get(k) for k in ("tree_size", "root_hash", "time", "key_id",
-                                                                 "signature"))
+        size, root, time, key_id, sig = (data.get(k) for k in ("tree_size", "root_hash", "time", "key_id", "signature"))
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise ValueError("tree_size must be a non-negative integer")
         if not isinstance(root, str) or len(root) != 64 or root.strip("0123456789abcdef"):
@@ -89,8 +88,8 @@ class Checkpoint:
 
 
 def read_lines(path: Path, limit: int | None = None) -> tuple[list[tuple[int, Checkpoint | str]], int | None]:
-    """The checkpoints file as [(line number, checkpoint or why the line is malformed)], and the number of a torn
-    final line (no newline: a crash while writing it), if any. Reads at most `limit` bytes."""
+    """The checkpoints file as [(line number, checkpoint or why the line is malformed)], and the number of a
+    torn final line (no newline: a crash while writing it), if any. Reads at most `limit` bytes."""
     try:
         with open(path, "rb") as f:
             data = f.read() if limit is None else f.read(limit)
@@ -150,9 +149,10 @@ def load(source: str | Path | Checkpoint | dict[str, Any]) -> list[Checkpoint]:
 
 
 def export(checkpoint: Checkpoint, dest: str | Path) -> Path:
-    """Write `checkpoint` durably to `dest` (a file, or a directory to put ``checkpoint-<size>.json`` in)."""
+    """Write `checkpoint` durably to `dest`: a file, or a directory (an existing one, or a new path without a
+    suffix) to put ``checkpoint-<size>.json`` in. Returns the file written."""
     dest = Path(dest)
-    if dest.is_dir():
+    if dest.is_dir() or (not dest.exists() and not dest.suffix):
         dest = dest / f"checkpoint-{checkpoint.tree_size}.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(dest, (json.dumps(checkpoint.to_dict(), indent=2, sort_keys=True) + "\n").encode())

@@ -12,7 +12,7 @@ class AuditWriteError(AuditError):
 
 
 class AuditRecordError(AuditWriteError, ValueError):
-    """The event cannot become a record (not a dict, reserved field, not serialisable); nothing was written."""
+    """The event cannot become a record (not a dict, reserved field, no type); nothing was written."""
 
 
 class AuditKeyError(AuditError):

@@ -7,9 +7,9 @@ A key directory (kept outside the log directory, mode 0700) holds:
 - ``keyring.json``: every public key ever used, by key id, with its creation and retirement time, so that
   checkpoints signed before a rotation keep verifying.
 
-A key id is the first 16 hex digits of SHA-256 of the raw 32-byte public key. Rotating replaces ``signing.key``
-(the old private key is destroyed) and marks the old key retired in the keyring. Use `AuditLog.rotate_key` to
-rotate a live log: it records the rotation in the log and seals it with both keys.
+A key id is the first 16 hex digits of SHA-256 of the raw 32-byte public key. Rotating replaces
+``signing.key`` (the old private key is destroyed) and marks the old key retired in the keyring. Use
+`AuditLog.rotate_key` to rotate a live log: it records the rotation in the log and seals it with both keys.
 """
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ class Keyring:
         return True
 
     def to_json(self) -> str:
-        return json.dumps({"keys": [k.to_dict() for k in self.keys.values()]}, indent=2, sort_keys=True) + "\n"
+        entries = [k.to_dict() for k in self.keys.values()]
+        return json.dumps({"keys": entries}, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_public_keys(cls, keys: Iterable[Ed25519PublicKey | bytes | str]) -> Keyring:
@@ -117,9 +118,12 @@ class Keyring:
 
     @classmethod
     def load(cls, path: str | Path) -> Keyring:
-        """From a keyring.json file, a key directory holding one, or a PEM public key file."""
+        """From a keyring.json file, a key directory holding one, or a PEM public key file.
+
+        A key directory that does not exist yet (no checkpoint was ever signed) gives an empty keyring.
+        """
         path = Path(path)
-        if path.is_dir():
+        if path.is_dir() or (not path.exists() and not path.suffix):
             path = path / KEYRING
             if not path.exists():
                 return cls()
@@ -202,9 +206,7 @@ def generate() -> Ed25519PrivateKey:
     return Ed25519PrivateKey.generate()
 
 
-def install(
-    key_dir: str | Path, private_key: Ed25519PrivateKey, *, replace: bool = True
-) -> tuple[str | None, str]:
+def install(key_dir: str | Path, private_key: Ed25519PrivateKey, *, replace: bool = True) -> tuple[str | None, str]:
     """Make `private_key` the signing key of `key_dir`; retire (and destroy) the previous one.
 
     Returns (old key id or None, new key id). The keyring is updated before the private key is replaced, so a

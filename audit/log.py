@@ -1,19 +1,20 @@
 """The append-only, tamper-evident audit log: the entry point of the package.
 
-Records are canonical JSON lines in ``audit.jsonl``. Each record carries ``prev_hash``, the RFC 6962 leaf hash of
-the record before it, and the log as a whole is a Merkle tree whose root is signed into ``checkpoints.jsonl``
-every `checkpoint_every` records or `checkpoint_interval` seconds (checked on append), and on `checkpoint()` and
-`close()`. See SCHEMA.md for the formats and `audit.verify` for checking a log.
+Records are canonical JSON lines in ``audit.jsonl``. Each record carries ``prev_hash``, the RFC 6962 leaf hash
+of the record before it, and the log as a whole is a Merkle tree whose root is signed into
+``checkpoints.jsonl`` every `checkpoint_every` records or `checkpoint_interval` seconds (checked on append),
+and on `checkpoint()` and `close()`. See SCHEMA.md for the formats and `audit.verify` for checking a log.
 
-Durability: `append` returns only after its record is written and fsync'd; any failure raises `AuditWriteError`
-and leaves no partial record behind (a failed write is truncated away). Concurrency: writers from any number of
-processes serialise on an exclusive ``flock``; within a process, concurrent appends are committed in groups that
-share one write and one fsync. Appends are O(1): each writer caches the end of the log (byte offset, Merkle
-frontier, last leaf hash) and only re-reads what other processes appended since, detected by the file size.
+Durability: `append` returns only after its record is written and fsync'd; any failure raises
+`AuditWriteError` and leaves no partial record behind (a failed write is truncated away). Concurrency: writers
+from any number of processes serialise on an exclusive ``flock``; within a process, concurrent appends are
+committed in groups that share one write and one fsync. Appends are O(1): each writer caches the end of the
+log (byte offset, Merkle frontier, last leaf hash) and only re-reads what other processes appended since,
+detected by the file size.
 
-A torn final record (a crash in the middle of an append, which therefore never returned) is repaired by the next
-writer under the lock: the torn bytes are saved to ``audit.torn``, cut off the log, and a ``log_repaired`` record
-saying so is appended before anything else.
+A torn final record (a crash in the middle of an append, which therefore never returned) is repaired by the
+next writer under the lock: the torn bytes are saved to ``audit.torn``, cut off the log, and a
+``log_repaired`` record saying so is appended before anything else.
 """
 
 from __future__ import annotations
@@ -144,8 +145,8 @@ class AuditLog:
         return latest(self.checkpoints_path)
 
     def export_checkpoint(self, dest: str | Path) -> Path:
-        """Copy the latest checkpoint (signing a new one first if records are not yet covered) to `dest`, a file
-        or a directory kept apart from the log; return the written path."""
+        """Copy the latest checkpoint (signing a new one first if records are not yet covered) to `dest`, a
+        file or a directory kept apart from the log; return the written path."""
 
         def covering(tail: _Tail) -> Checkpoint:
             if self._ckpt is not None and self._ckpt.tree_size == tail.frontier.size:
@@ -160,24 +161,31 @@ class AuditLog:
     def rotate_key(self, actor: dict[str, Any] | None = None) -> tuple[str, str]:
         """Replace the signing key and record it; return (old key id, new key id).
 
-        Under the log lock: append a ``key_rotated`` record naming both keys, sign a checkpoint covering it with
-        the old key (the old key vouches for the new one), install the new key (the old public key stays in the
-        keyring, the old private key is destroyed), then sign a checkpoint with the new key.
+        Under the log lock: append a ``key_rotated`` record naming both keys, sign a checkpoint covering it
+        with the old key (the old key vouches for the new one), install the new key (the old public key stays
+        in the keyring, the old private key is destroyed), then sign a checkpoint with the new key.
         """
 
         def rotate(tail: _Tail) -> tuple[str, str]:
             old = self._current_signer()
             new_key = keys.generate()
             new_id = keys.key_id_of(new_key.public_key())
-            self._write_records(tail, [prepare({
-                "event": "key_rotated",
-                "actor": actor or SYSTEM_ACTOR,
-                "decision": "allowed",
-                "reason": "ok",
-                "old_key_id": old.key_id,
-                "new_key_id": new_id,
-                "new_public_key": base64.b64encode(keys.raw_public(new_key.public_key())).decode(),
-            })])
+            self._write_records(
+                tail,
+                [
+                    prepare(
+                        {
+                            "event": "key_rotated",
+                            "actor": actor or SYSTEM_ACTOR,
+                            "decision": "allowed",
+                            "reason": "ok",
+                            "old_key_id": old.key_id,
+                            "new_key_id": new_id,
+                            "new_public_key": base64.b64encode(keys.raw_public(new_key.public_key())).decode(),
+                        }
+                    )
+                ],
+            )
             self._write_checkpoint(tail, old)
             keys.install(self.key_dir, new_key)
             self._signer = None
@@ -187,7 +195,7 @@ class AuditLog:
         return self._exclusive(rotate)
 
     def close(self) -> None:
-        """Checkpoint records not yet covered by one, then release the files. The log can be appended to again."""
+        """Checkpoint records not yet covered by one and release the files (appending later reopens them)."""
         if self._pid != os.getpid():
             self._reset()
         with self._io:
@@ -244,14 +252,16 @@ class AuditLog:
                     self._maybe_checkpoint(tail)
                 except (OSError, AuditError) as exc:
                     raise AuditWriteError(
-                        f"records {records[0]['seq']}..{records[-1]['seq']} were written but the log could not "
-                        f"be checkpointed: {exc}"
+                        f"records {records[0]['seq']}..{records[-1]['seq']} were written but the log could "
+                        f"not be checkpointed: {exc}"
                     ) from exc
 
             self._exclusive(write)
         except BaseException as exc:  # noqa: BLE001 - every waiting caller must get an answer
-            error = exc if isinstance(exc, AuditWriteError) else AuditWriteError(f"audit log write failed: {exc}")
-            if error is not exc:
+            if isinstance(exc, AuditWriteError):
+                error = exc
+            else:
+                error = AuditWriteError(f"audit log write failed: {exc}")
                 error.__cause__ = exc
             for item in batch:
                 item.error = error
@@ -262,7 +272,7 @@ class AuditLog:
                 item.done = True
 
     def _exclusive(self, fn: Callable[[_Tail], _T]) -> _T:
-        """Run `fn(tail)` holding the in-process I/O lock and the exclusive file lock, with the tail in sync."""
+        """Run `fn(tail)` holding the in-process I/O lock and the exclusive file lock, the tail in sync."""
         if self._pid != os.getpid():
             self._reset()
         with self._io:
@@ -406,10 +416,19 @@ class AuditLog:
         offset, data = tail.torn
         digest = hashlib.sha256(data).hexdigest()
         line = tail.frontier.size + 1
-        saved = canonical({
-            "time": utc_now(), "line": line, "offset": offset, "bytes": len(data), "sha256": digest,
-            "data": base64.b64encode(data).decode(),
-        }) + b"\n"
+        saved = (
+            canonical(
+                {
+                    "time": utc_now(),
+                    "line": line,
+                    "offset": offset,
+                    "bytes": len(data),
+                    "sha256": digest,
+                    "data": base64.b64encode(data).decode(),
+                }
+            )
+            + b"\n"
+        )
         fd = os.open(self.directory / storage.TORN, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             storage.write_all(fd, saved)
@@ -419,17 +438,24 @@ class AuditLog:
         os.ftruncate(self._log_fd, offset)
         os.fsync(self._log_fd)
         tail.torn = None
-        self._write_records(tail, [prepare({
-            "event": "log_repaired",
-            "actor": SYSTEM_ACTOR,
-            "decision": "allowed",
-            "reason": "torn_final_record",
-            "torn_line": line,
-            "torn_offset": offset,
-            "torn_bytes": len(data),
-            "torn_sha256": digest,
-            "saved_to": storage.TORN,
-        })])
+        self._write_records(
+            tail,
+            [
+                prepare(
+                    {
+                        "event": "log_repaired",
+                        "actor": SYSTEM_ACTOR,
+                        "decision": "allowed",
+                        "reason": "torn_final_record",
+                        "torn_line": line,
+                        "torn_offset": offset,
+                        "torn_bytes": len(data),
+                        "torn_sha256": digest,
+                        "saved_to": storage.TORN,
+                    }
+                )
+            ],
+        )
 
     def _write_records(self, tail: _Tail, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Seal, write and fsync `events` at the end of the log; on failure cut the file back and raise."""
@@ -464,8 +490,9 @@ class AuditLog:
         try:
             st = os.stat(self.checkpoints_path)
         except FileNotFoundError:
-            if self._ckpt is not None:
-                self._ckpt, self._ckpt_key = None, None
+            if self._ckpt_key != (0, 0):  # no checkpoint yet: the interval runs from the first record
+                self._ckpt, self._ckpt_key = None, (0, 0)
+                self._ckpt_epoch = self._first_record_epoch()
             return
         if (st.st_ino, st.st_size) == self._ckpt_key:
             return
@@ -480,11 +507,18 @@ class AuditLog:
                 f.truncate(start + cut + 1)
                 os.fsync(f.fileno())
                 data = data[: cut + 1]
-            latest = last_valid(data)
+            found = last_valid(data)
             size = os.fstat(f.fileno()).st_size
-        self._ckpt, self._ckpt_key = latest, (st.st_ino, size)
-        if latest is not None:
-            self._ckpt_epoch = parse_time(latest.time).timestamp()
+        self._ckpt, self._ckpt_key = found, (st.st_ino, size)
+        if found is not None:
+            self._ckpt_epoch = parse_time(found.time).timestamp()
+
+    def _first_record_epoch(self) -> float:
+        try:
+            first = os.pread(self._log_fd, 65536, 0).split(b"\n", 1)[0]
+            return parse_time(json.loads(first)["time"]).timestamp()
+        except (OSError, ValueError, KeyError, TypeError):
+            return time.time()
 
     def _current_signer(self) -> keys.Signer:
         if self._signer is None or not keys.signer_is_current(self.key_dir, self._signer):
@@ -519,8 +553,12 @@ class AuditLog:
     def _save_state(self, tail: _Tail) -> None:
         """Persist the frontier so that opening a large log does not re-hash it (best effort: a cache)."""
         state = {
-            "schema_version": 1, "inode": tail.inode, "offset": tail.offset, "tree_size": tail.frontier.size,
-            "frontier": [h.hex() for h in tail.frontier.hashes], "last_leaf": tail.last_leaf,
+            "schema_version": 1,
+            "inode": tail.inode,
+            "offset": tail.offset,
+            "tree_size": tail.frontier.size,
+            "frontier": [h.hex() for h in tail.frontier.hashes],
+            "last_leaf": tail.last_leaf,
         }
         with contextlib.suppress(OSError):
             storage.atomic_write(self.directory / storage.STATE, canonical(state) + b"\n", 0o600)

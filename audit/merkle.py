@@ -70,33 +70,20 @@ def root(leaves: Sequence[bytes]) -> bytes:
 
 
 class MerkleTree:
-    """A tree over a list of leaf hashes with every complete level kept, for proofs over large trees.
+    """A fixed list of leaf hashes, for Merkle roots and proofs over any prefix of it.
 
-    In RFC 6962's recursion every left subtree is perfect and aligned, so its hash is one lookup in `levels`; only
-    the O(log n) subtrees along the right edge are hashed on demand.
+    Proof generation hashes each sibling subtree once, O(n) in all, and keeps nothing but the leaves.
     """
 
     def __init__(self, leaves: Sequence[bytes]) -> None:
-        self.levels: list[list[bytes]] = [list(leaves)]
-        level = self.levels[0]
-        while len(level) > 1:
-            sha = hashlib.sha256
-            level = [sha(b"\x01" + level[i] + level[i + 1]).digest() for i in range(0, len(level) - 1, 2)]
-            self.levels.append(level)
+        self.leaves = list(leaves)
 
     @property
     def size(self) -> int:
-        return len(self.levels[0])
+        return len(self.leaves)
 
     def _mth(self, lo: int, hi: int) -> bytes:
-        n = hi - lo
-        if n == 0:
-            return EMPTY_ROOT
-        height = n.bit_length() - 1
-        if n == 1 << height and lo % n == 0:
-            return self.levels[height][lo >> height]
-        k = _split(n)
-        return node_hash(self._mth(lo, lo + k), self._mth(lo + k, hi))
+        return root(self.leaves[lo:hi])
 
     def root(self, size: int | None = None) -> bytes:
         size = self.size if size is None else size
@@ -145,7 +132,7 @@ class MerkleTree:
 
 
 def verify_inclusion(leaf: bytes, index: int, size: int, proof: Sequence[bytes], root_hash: bytes) -> bool:
-    """RFC 9162 2.1.3.2: does `proof` show that `leaf` is leaf `index` of the tree of `size` with `root_hash`?"""
+    """RFC 9162 2.1.3.2: does `proof` show that `leaf` is leaf `index` of the tree (size, root_hash)?"""
     if not 0 <= index < size:
         return False
     fn, sn, r = index, size - 1, leaf
@@ -165,10 +152,8 @@ def verify_inclusion(leaf: bytes, index: int, size: int, proof: Sequence[bytes],
     return sn == 0 and r == root_hash
 
 
-def verify_consistency(
-    first: int, second: int, first_root: bytes, second_root: bytes, proof: Sequence[bytes]
-) -> bool:
-    """RFC 9162 2.1.4.2: does `proof` show that the tree (first, first_root) is a prefix of (second, second_root)?"""
+def verify_consistency(first: int, second: int, first_root: bytes, second_root: bytes, proof: Sequence[bytes]) -> bool:
+    """RFC 9162 2.1.4.2: does `proof` show tree (first, first_root) is a prefix of (second, second_root)?"""
     if not 0 <= first <= second:
         return False
     if first == second:

@@ -1,7 +1,7 @@
 """Audit records: the event a caller passes, normalised to plain JSON, plus the fields the log adds.
 
-A record is stored as its canonical JSON encoding (keys sorted, no whitespace, UTF-8, strict JSON numbers), one
-record per line. The stored bytes are what is hashed, so a record never needs re-encoding to be verified.
+A record is stored as its canonical JSON encoding (keys sorted, no whitespace, UTF-8, strict JSON numbers),
+one record per line. The stored bytes are what is hashed, so a record never needs re-encoding to be verified.
 """
 
 from __future__ import annotations
@@ -41,18 +41,18 @@ def parse_time(value: str) -> dt.datetime:
 
 def canonical(record: Mapping[str, Any]) -> bytes:
     """Canonical bytes of an already normalised record (see `normalize`)."""
-    return json.dumps(
-        record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
+        "utf-8"
+    )
 
 
 def normalize(value: Any, *, fix_text: bool = False) -> Any:
     """Turn a value into plain JSON types so that `json.loads(canonical(x)) == x`.
 
-    Tuples and sets become lists (sets sorted), non-finite floats the strings "NaN", "Infinity" and "-Infinity",
-    numbers that are not int or float their int, float or exact decimal string, dates ISO 8601 strings, bytes hex,
-    enums their value, and anything else `str(value)`. With `fix_text`, lone surrogates (which UTF-8 cannot encode)
-    are escaped as backslash sequences.
+    Tuples and sets become lists (sets sorted), non-finite floats the strings "NaN", "Infinity" and
+    "-Infinity", other numbers their int, float or exact decimal string, dates ISO 8601 strings, bytes hex,
+    enums their value, and anything else `str(value)`. With `fix_text`, lone surrogates (which UTF-8 cannot
+    encode) are escaped as backslash sequences.
     """
     if isinstance(value, str):
         if fix_text:
@@ -104,6 +104,11 @@ def prepare(event: Any) -> dict[str, Any]:
     if not isinstance(kind, str) or not kind:
         raise AuditRecordError("an audit event needs a non-empty string field 'event' (its type)")
     try:
+        # Fast path: events are usually plain JSON already; a JSON round trip yields exactly what is stored.
+        return json.loads(json.dumps(event, sort_keys=True, ensure_ascii=False, allow_nan=False))
+    except (TypeError, ValueError):
+        pass
+    try:
         return normalize(event)
     except RecursionError as exc:
         raise AuditRecordError("audit event is nested too deeply or contains a cycle") from exc
@@ -115,8 +120,13 @@ def seal(event: dict[str, Any], seq: int, time: str, prev_hash: str) -> tuple[di
     try:
         return record, canonical(record)
     except UnicodeEncodeError:
-        record = {**normalize(event, fix_text=True), "schema_version": SCHEMA_VERSION, "seq": seq,
-                  "time": time, "prev_hash": prev_hash}
+        record = {
+            **normalize(event, fix_text=True),
+            "schema_version": SCHEMA_VERSION,
+            "seq": seq,
+            "time": time,
+            "prev_hash": prev_hash,
+        }
         return record, canonical(record)
     except (TypeError, ValueError) as exc:
         raise AuditRecordError(f"audit event is not serialisable: {exc}") from exc

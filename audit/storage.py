@@ -34,7 +34,7 @@ def fsync_dir(directory: Path) -> None:
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace `path` with `data` durably: write a temporary file, fsync it, rename it, fsync the directory."""
+    """Replace `path` durably: write a temporary file, fsync it, rename it, fsync the directory."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
