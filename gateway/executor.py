@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from sqlglot import exp
 
-from gateway.catalog import bounded_table
+from gateway.catalog import bounded_table, scratch
 from gateway.planner import Aggregate, Measurement, Plan
 from policies import mechanisms as mech
 from policies import sensitivity as sens
@@ -308,7 +308,8 @@ def _aggregate(plan: Plan, pricing: Pricing, a: Aggregate, noisy: dict[Measureme
     c_lo, c_hi = _interval(plan, pricing, Measurement("count", a.column), c, alpha_each)
     c_pos = np.maximum(c, 1.0)
     c_lo1, c_hi1 = np.maximum(c_lo, 1.0), np.maximum(c_hi, 1.0)
-    mean = np.clip(s / c_pos, blo, bhi)
+    # With (noisily) no rows the mean is undefined: report none rather than an arbitrary bound.
+    mean = np.where(c >= 1.0, np.clip(s / c_pos, blo, bhi), np.nan)
     corners = np.stack([s_lo / c_lo1, s_lo / c_hi1, s_hi / c_lo1, s_hi / c_hi1])
     m_lo = np.clip(corners.min(axis=0), blo, bhi)
     m_hi = np.clip(corners.max(axis=0), blo, bhi)
@@ -317,7 +318,7 @@ def _aggregate(plan: Plan, pricing: Pricing, a: Aggregate, noisy: dict[Measureme
     ss = noisy[Measurement("sumsq", a.column)]
     ss_lo, ss_hi = _interval(plan, pricing, Measurement("sumsq", a.column), ss, alpha_each)
     var_max = (bhi - blo) ** 2 / 4
-    var_pop = np.clip(ss / c_pos - mean**2, 0.0, var_max)
+    var_pop = np.where(c >= 1.0, np.clip(ss / c_pos - mean**2, 0.0, var_max), np.nan)
     sq_lo = np.where((m_lo <= 0) & (m_hi >= 0), 0.0, np.minimum(m_lo**2, m_hi**2))
     sq_hi = np.maximum(m_lo**2, m_hi**2)
     v_lo = np.clip(ss_lo / c_hi1 - sq_hi, 0.0, var_max)
@@ -385,7 +386,7 @@ def _post_process(plan: Plan, pricing: Pricing, groups: list[tuple[Any, ...]], n
         frame[a.alias] = v
     frame["__row"] = np.arange(len(groups))
     released = pd.DataFrame(frame)
-    local = duckdb.connect()
+    local = scratch()
     try:
         local.register("released", released)
         out = local.execute(plan.post_sql).fetchall()
@@ -409,19 +410,17 @@ def _post_process(plan: Plan, pricing: Pricing, groups: list[tuple[Any, ...]], n
             env[a.alias] = (lo, hi)  # type: ignore[assignment]
         col_intervals.append(_interval_eval(e, env))
 
+    # Per output column, the bounds of every group as Python floats (one conversion per column, not per cell).
+    col_bounds = [
+        None if ci is None else tuple(np.broadcast_to(x, (len(groups),)).astype(np.float64).tolist() for x in ci)
+        for ci in col_intervals
+    ]
     rows, intervals = [], []
     n_out = len(plan.output_names)
     for r in out:
         idx = int(r[n_out])
         rows.append([_py(v) for v in r[:n_out]])
-        cells: list[list[float] | None] = []
-        for ci in col_intervals:
-            if ci is None:
-                cells.append(None)
-            else:
-                lo, hi = (np.broadcast_to(x, (len(groups),))[idx] for x in ci)
-                cells.append([float(lo), float(hi)])
-        intervals.append(cells)
+        intervals.append([None if b is None else [b[0][idx], b[1][idx]] for b in col_bounds])
 
     measurements = []
     for m in plan.measurements:

@@ -17,6 +17,7 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.errors import ParseError, TokenError
 
+from gateway.catalog import scratch
 from policies.errors import QueryRejected, SqlSyntaxError
 from policies.expressions import check_column, check_no_volatile, func_name, reject, validate_row_expression
 from policies.schema import NUMERIC_TYPES, ColumnType, Policy
@@ -426,9 +427,6 @@ class _Planner:
             inner = item.this if isinstance(item, exp.Alias) else item
             names.append(item.alias if isinstance(item, exp.Alias) else _default_name(inner))
             outputs.append(self.rewrite(inner))
-        if not self.aggregates:
-            raise reject("the query has no aggregate", "raw_rows", select.expressions[0], self.sql,
-                         hint="select aggregates such as COUNT(*) or AVG(col)")
         having = select.args.get("having")
         aliases = {n.lower(): o for n, o in zip(names, outputs, strict=True)}
         having_expr = self.rewrite(having.this, aliases) if having is not None else None
@@ -448,6 +446,9 @@ class _Planner:
                 order_exprs.append(
                     exp.Ordered(this=new, desc=o.args.get("desc"), nulls_first=o.args.get("nulls_first"))
                 )
+        if not self.aggregates:
+            raise reject("the query has no aggregate", "raw_rows", select.expressions[0], self.sql,
+                         hint="select aggregates such as COUNT(*) or AVG(col)")
         limit_sql = ""
         for clause in ("limit", "offset"):
             node = select.args.get(clause)
@@ -534,7 +535,7 @@ def public_key_domain(expr: exp.Expression, policy: Policy) -> list[Any] | None:
         return None
     if isinstance(expr, exp.Column):
         return list(domains[0])  # type: ignore[arg-type]
-    con = duckdb.connect()
+    con = scratch()
     try:
         selects = []
         for c, d in zip(columns, domains, strict=True):

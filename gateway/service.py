@@ -18,7 +18,7 @@ from gateway.auth import Principal, TokenStore
 from gateway.cache import ReleaseCache, cache_key
 from gateway.catalog import Catalog
 from gateway.executor import dry_run_accuracy, execute, price
-from gateway.planner import plan_query
+from gateway.planner import Plan, plan_query
 from gateway.settings import Settings
 from policies.accountant import PrivacyLoss
 from policies.errors import (
@@ -59,7 +59,8 @@ class Bastion:
         self.ledger = Ledger(settings.ledger)
         self.cache = ReleaseCache(settings.cache)
         self.tokens = TokenStore(settings.tokens)
-        self.audit_log = AuditLog(settings.audit_dir)
+        self.audit_log = AuditLog(settings.audit_dir, key_dir=settings.keys_dir)
+        self._plans: dict[str, tuple[Policy, Plan]] = {}  # SQL text → (the policy it was planned under, plan)
 
     def close(self) -> None:
         self.catalog.close()
@@ -224,7 +225,7 @@ class Bastion:
             return resolved[name][0]
 
         try:
-            plan = plan_query(sql, resolve)
+            plan = self._plan(sql, resolve)
             pricing = price(plan, epsilon=epsilon, accuracy=accuracy, alpha=alpha, delta=delta)
         except GatewayError as exc:
             if not resolved and exc.code in {"forbidden", "dataset_not_found"}:
@@ -256,6 +257,18 @@ class Bastion:
 
         return self.run_private(ctx, policy=policy, event="query", request=request, cost=pricing.cost, key=key,
                                 compute=compute, dry_run=dry)
+
+    def _plan(self, sql: str, resolve: Callable[[str], Policy]) -> Plan:
+        """`plan_query`, reusing the plan of an identical SQL text under the same policy object (planning is
+        deterministic in both and costs about a millisecond). The dataset is authorised again every time."""
+        hit = self._plans.get(sql)
+        if hit is not None and resolve(hit[1].dataset) is hit[0]:
+            return hit[1]
+        plan = plan_query(sql, resolve)
+        if len(self._plans) >= 1024:
+            self._plans.clear()
+        self._plans[sql] = (plan.policy, plan)
+        return plan
 
     def require_role(self, ctx: Context, *roles: str, event: str = "access") -> None:
         if ctx.principal.role not in roles:
