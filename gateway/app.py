@@ -148,4 +148,13 @@ def create_app(settings: Settings, bastion: Bastion | None = None) -> FastAPI:
         return {"status": "ok"}
 
     app.include_router(router)
+    from gateway.synth_routes import router as synth_router  # imports this module: only once it is loaded
+
+    app.include_router(synth_router)
+    from gateway.lf_routes import router as lf_router  # imports this module: only once it is loaded
+
+    app.include_router(lf_router)
+    from gateway.audit_routes import router as audit_router  # imports this module: only once it is loaded
+
+    app.include_router(audit_router)
     return app

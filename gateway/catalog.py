@@ -35,6 +35,21 @@ def bounded_table(dataset: str) -> str:
     return f"bounded_{dataset}"
 
 
+_scratch_lock = threading.Lock()
+_scratch_dbs: dict[int, duckdb.DuckDBPyConnection] = {}
+
+
+def scratch() -> duckdb.DuckDBPyConnection:
+    """A cursor on an empty in-memory DuckDB, never the private database, for computing over public or released
+    values. Opening a database costs ~20 ms, so each process keeps one and hands out cursors: a cursor is its own
+    connection, so the views that concurrent requests register there do not meet. Close the cursor after use."""
+    with _scratch_lock:
+        db = _scratch_dbs.get(os.getpid())  # per process: a forked child must not share its parent's database
+        if db is None:
+            db = _scratch_dbs[os.getpid()] = duckdb.connect(":memory:")
+        return db.cursor()
+
+
 def _q(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 

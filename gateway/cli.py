@@ -14,16 +14,20 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from gateway.audit_commands import audit_app
+from gateway.lf_commands import lf_app
 from gateway.settings import DEFAULT_WORKSPACE, Settings
+from gateway.synth_commands import synth_app
 from policies.errors import GatewayError
 from policies.schema import PolicyError
 
 app = typer.Typer(help="Bastion: privacy-preserving data exploration gateway.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 token_app = typer.Typer(help="Bearer tokens (admin, on the gateway host).", no_args_is_help=True)
-audit_app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 app.add_typer(audit_app, name="audit")
+app.add_typer(synth_app, name="synth")
+app.add_typer(lf_app, name="lf")
 
 # Wide when piped, so tables are not truncated in logs and scripts.
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -296,18 +300,6 @@ def datasets(url: Url = "http://127.0.0.1:8000", token: Token = None) -> None:
             typer.echo(json.dumps(c.datasets(), indent=2))
     except BastionError as exc:
         _fail(f"{exc.code}: {exc.message}")
-
-
-@audit_app.command("verify")
-def audit_verify(workspace: Workspace = None) -> None:
-    """Verify the audit log of the workspace; exit 1 naming the first bad record."""
-    from audit.log import AuditLog
-
-    settings = Settings.load(workspace)
-    ok, message = AuditLog(settings.audit_dir).verify()
-    if not ok:
-        _fail(message)
-    console.print(f"audit log OK: {message}")
 
 
 def main() -> None:

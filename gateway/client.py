@@ -132,3 +132,100 @@ class Client:
         frame = result.frame
         frame.attrs.update({k: v for k, v in result.raw.items() if k not in {"rows", "intervals"}})
         return frame
+
+    # --- synthetic proxies --------------------------------------------------------------------------------
+
+    def synth_submit(self, dataset: str, *, epsilon: float | None = None, rows: int = 10_000,
+                     seed: int | None = None, method: str | None = None,
+                     delta: float | None = None) -> dict[str, Any]:
+        """Start a proxy job (the ε is charged now; an identical earlier request is returned at no cost)."""
+        body = {"dataset": dataset, "epsilon": epsilon, "rows": rows, "seed": seed, "method": method,
+                "delta": delta}
+        return self._json("POST", "/v1/synth", json={k: v for k, v in body.items() if v is not None})
+
+    def synth_status(self, job_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/v1/synth/{job_id}")
+
+    def synth_download(self, job_id: str, format: str = "parquet") -> bytes:
+        return self.request("GET", f"/v1/synth/{job_id}/download", params={"format": format}).content
+
+    def synth_report(self, job_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/v1/synth/{job_id}/report")
+
+    def synth(self, dataset: str, *, epsilon: float | None = None, rows: int = 10_000, seed: int | None = None,
+              method: str | None = None, delta: float | None = None, poll: float = 0.5,
+              timeout: float = 3600.0) -> pd.DataFrame:
+        """A synthetic proxy of `dataset` as a DataFrame (waits for the job); job metadata in `.attrs`."""
+        import io
+        import time
+
+        job = self.synth_submit(dataset, epsilon=epsilon, rows=rows, seed=seed, method=method, delta=delta)
+        deadline = time.monotonic() + timeout
+        while job["status"] not in ("done", "failed", "withheld"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"synthesis job {job['job_id']} is still {job['status']}")
+            time.sleep(poll)
+            job = self.synth_status(job["job_id"])
+        if job["status"] != "done":
+            raise BastionError(409, f"synth_job_{job['status']}", job.get("error") or job["status"], job)
+        frame = pd.read_parquet(io.BytesIO(self.synth_download(job["job_id"])))
+        frame.attrs.update(job)
+        return frame
+
+    def lf_registry(self) -> list[dict[str, Any]]:
+        """Registered (reviewed) Python labeling functions you may name in `python_lfs`."""
+        return self._json("GET", "/v1/lf/registry")
+
+    def lf_stats_raw(self, dataset: str, lfs: list[dict[str, Any]] | None = None, *,
+                     python_lfs: list[str] | None = None, epsilon: float = 1.0, alpha: float | None = None,
+                     label_model: bool = False, dry_run: bool = False) -> dict[str, Any]:
+        """The JSON answer of POST /v1/lf/stats."""
+        body = {"dataset": dataset, "lfs": lfs or [], "python_lfs": python_lfs or [], "epsilon": epsilon,
+                "alpha": alpha, "label_model": label_model, "dry_run": dry_run}
+        return self._json("POST", "/v1/lf/stats", json={k: v for k, v in body.items() if v is not None})
+
+    def lf_stats(self, dataset: str, lfs: list[dict[str, Any]] | None = None, **kwargs: Any) -> pd.DataFrame:
+        """DP LF statistics shaped like Snorkel's lf_summary() (Polarity, Coverage, Overlaps, Conflicts, Correct,
+        Incorrect, Emp. Acc.) with `<column>_low` / `<column>_high` intervals; the full answer in `.attrs`."""
+        from labeling_functions.report import summary_frame
+
+        return summary_frame(self.lf_stats_raw(dataset, lfs, **kwargs))
+
+    # --- audit log (auditor role) ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _filters(filters: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in filters.items() if v is not None}
+
+    def audit_events(self, *, limit: int = 100, offset: int = 0, **filters: Any) -> list[dict[str, Any]]:
+        """Audit records in log order; filters: since, until (ISO 8601), actor, dataset, event, decision."""
+        params = {**self._filters(filters), "limit": limit, "offset": offset}
+        return self._json("GET", "/v1/audit/events", params=params)["events"]
+
+    def audit_event(self, seq: int) -> dict[str, Any]:
+        """Record `seq` with its inclusion proof against the latest checkpoint."""
+        return self._json("GET", f"/v1/audit/events/{seq}")
+
+    def audit_export(self, format: str = "jsonl", **filters: Any) -> str:
+        """Matching records as canonical JSON Lines or CSV text."""
+        return self.request("GET", "/v1/audit/export", params={**self._filters(filters), "format": format}).text
+
+    def audit_spend(self, **filters: Any) -> dict[str, Any]:
+        """Privacy spend per principal and dataset over time, totals against the caps (filters: since, until,
+        actor, dataset)."""
+        return self._json("GET", "/v1/audit/spend", params=self._filters(filters))
+
+    def audit_verify(self) -> dict[str, Any]:
+        """The gateway's verification of its log: ok, status, verdict, first bad record, last checkpoint."""
+        return self._json("GET", "/v1/audit/verify")
+
+    def audit_latest_checkpoint(self) -> dict[str, Any]:
+        return self._json("GET", "/v1/audit/checkpoints/latest")
+
+    def audit_checkpoint(self) -> dict[str, Any]:
+        """Have the gateway sign a checkpoint of its log now; keep the answer as an anchor."""
+        return self._json("POST", "/v1/audit/checkpoints")
+
+    def audit_consistency(self, old: int, new: int | None = None) -> dict[str, Any]:
+        """Consistency proof from the checkpoint of tree size `old` to `new` (default: the latest)."""
+        return self._json("GET", "/v1/audit/checkpoints/consistency", params=self._filters({"old": old, "new": new}))

@@ -9,7 +9,6 @@ one equal share for private key selection when some GROUP BY key has no public d
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -179,10 +178,6 @@ def _measure_sql(plan: Plan, m: Measurement) -> str:
     raise AssertionError(m.kind)
 
 
-def _json_key(values: tuple[Any, ...]) -> str:
-    return json.dumps([v.isoformat() if hasattr(v, "isoformat") else v for v in values], default=str)
-
-
 def _group_sql(plan: Plan, select: list[str], extra_where: str | None = None) -> str:
     keys = [f'{k.sql} AS "{k.alias}"' for k in plan.keys]
     where = [w for w in (plan.where_sql and f"({plan.where_sql})", extra_where) if w]
@@ -233,14 +228,15 @@ def execute(plan: Plan, pricing: Pricing, con: duckdb.DuckDBPyConnection) -> Rel
 
     groups = plan.declared_groups()
     if groups is None:
-        by_json = {_json_key(g): g for g in exact}
+        # Opaque labels for OpenDP (never released): the group's position, cheaper than serialising its values.
+        by_label = {str(i): g for i, g in enumerate(exact)}
         selection = mech.select_keys(
-            {j: exact[g][0] for j, g in by_json.items()},
+            {j: exact[g][0] for j, g in by_label.items()},
             plan.policy.max_rows_per_unit,
             pricing.selection_epsilon,
             pricing.selection_delta,
         )
-        groups = sorted((by_json[j] for j in selection.kept), key=lambda g: [str(v) for v in g])
+        groups = sorted((by_label[j] for j in selection.kept), key=lambda g: [str(v) for v in g])
         notes.append(
             f"group keys without a public domain were selected with OpenDP's Laplace threshold "
             f"(threshold {selection.threshold} rows; ε={pricing.selection_epsilon:.4g}, "

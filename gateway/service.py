@@ -279,3 +279,21 @@ class Bastion:
     def check(condition: bool, message: str) -> None:
         if not condition:
             raise InvalidRequest(message)
+
+    # --- auditor access -----------------------------------------------------------------------------------
+
+    def audit_access(self, ctx: Context, action: str, **request: Any) -> None:
+        """Admit an auditor's read of the audit log, recording it first; any other role is refused (and the
+        refusal recorded). If the record cannot be written the read is refused too (AuditUnavailable)."""
+        fields = {"request": {"action": action, **{k: v for k, v in request.items() if v is not None}}}
+        if ctx.principal.role != "auditor":
+            self.audit(ctx, "audit_read", decision="denied", reason="forbidden", **fields)
+            raise Forbidden(f"reading the audit log needs role auditor; you are {ctx.principal.role!r}")
+        self.audit(ctx, "audit_read", decision="allowed", reason="ok", **fields)
+
+    def budget_caps(self) -> dict[str, dict[str, Any]]:
+        """Each dataset's total budget with its per-principal cap, as `audit.report.privacy_spend` takes them."""
+        return {
+            name: {**policy.budget.total.model_dump(), "per_principal": policy.budget.per_principal.model_dump()}
+            for name, (policy, _) in self.catalog.datasets().items()
+        }

@@ -1,0 +1,300 @@
+"""`bastion audit ...`: verify, keys, checkpoints, events and privacy spend of the workspace's audit log.
+
+Admin commands (keygen, rotate-key, checkpoint, export-checkpoint) act on the host workspace directly and are
+recorded in the log. Reading commands (verify, events, spend) only read: they work on a copy of a workspace
+and on a log that cannot be written, and recompute everything from the files and the public keys.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gateway.settings import DEFAULT_WORKSPACE, Settings
+
+if TYPE_CHECKING:
+    from audit.verify import VerifyReport
+
+audit_app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
+
+console = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+ADMIN = {"principal": "admin", "role": "admin", "token_id": None}
+
+Workspace = Annotated[
+    Path | None,
+    typer.Option("--workspace", "-w", help=f"workspace directory [default: ./{DEFAULT_WORKSPACE}]",
+                 envvar="BASTION_WORKSPACE"),
+]
+Since = Annotated[str | None, typer.Option(help="from this time on (ISO 8601, UTC if no zone)")]
+Until = Annotated[str | None, typer.Option(help="before this time (ISO 8601)")]
+Actor = Annotated[str | None, typer.Option(help="principal")]
+Dataset = Annotated[str | None, typer.Option(help="dataset")]
+
+
+def verdict(report: VerifyReport) -> str:
+    """One line for a `VerifyReport`: "OK", or "BROKEN: ..." naming the first bad record (or checkpoint)."""
+    if report.ok:
+        return "OK"
+    if report.status == "torn_tail":
+        return f"INCOMPLETE: torn final record at line {report.first_bad_line} (an interrupted write, not tampering)"
+    if report.first_bad_line is not None:
+        return f"BROKEN: first bad record at line {report.first_bad_line}"
+    if report.bad_checkpoint is not None:
+        return f"BROKEN: bad checkpoint at line {report.bad_checkpoint} of checkpoints.jsonl"
+    return "BROKEN"
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _settings(workspace: Path | None) -> Settings:
+    settings = Settings.load(workspace)
+    if not settings.workspace.is_dir():
+        _fail(f"no workspace at {settings.workspace} (use --workspace or BASTION_WORKSPACE)")
+    return settings
+
+
+def _log(settings: Settings) -> Any:
+    from audit.log import AuditLog
+
+    return AuditLog(settings.audit_dir, key_dir=settings.keys_dir)
+
+
+def _record(log: Any, event: str, **fields: Any) -> None:
+    import uuid
+
+    from audit.errors import AuditWriteError
+
+    try:
+        log.append({"event": event, "actor": ADMIN, "source": "cli", "request_id": uuid.uuid4().hex,
+                    "decision": "allowed", "reason": "ok", **fields})
+    except AuditWriteError as exc:
+        _fail(f"the audit log cannot be written: {exc}")
+
+
+@audit_app.command("verify")
+def verify(
+    workspace: Workspace = None,
+    keyring: Annotated[Path | None, typer.Option(
+        help="your own copy of the public keys (keyring.json, key directory or PEM) [default: the workspace's]")
+    ] = None,
+    trusted_checkpoint: Annotated[Path | None, typer.Option(
+        "--trusted-checkpoint", help="a checkpoint kept outside the workspace (export-checkpoint): the log must "
+        "extend it")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="also parse every record and check it is canonical")
+                      ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the full report as JSON")] = False,
+) -> None:
+    """Recompute hashes, chain, Merkle roots and signatures; exit 1 naming the first bad record or line."""
+    from audit.errors import AuditKeyError
+    from audit.verify import verify_log
+
+    settings = _settings(workspace)
+    try:
+        report = verify_log(settings.audit_dir, keyring or settings.keys_dir, trusted_checkpoint, strict=strict)
+    except (AuditKeyError, OSError, ValueError) as exc:
+        _fail(f"cannot verify: {exc}", 2)
+    if as_json:
+        typer.echo(json.dumps({**report.to_dict(), "verdict": verdict(report)}, indent=2))
+    if report.ok:
+        if not as_json:
+            console.print(f"audit log OK: {report.message}", highlight=False)
+        return
+    if report.first_bad is not None:
+        err.print(f"[bold red]audit log {verdict(report)}[/] (position {report.first_bad}): {report.message}",
+                  highlight=False)
+    else:
+        err.print(f"[bold red]audit log BROKEN[/]: {report.message}", highlight=False)
+    for problem in [p for p in report.problems if p != report.message][:9]:
+        err.print(f"  also: {problem}", highlight=False)
+    raise typer.Exit(1)
+
+
+@audit_app.command("keygen")
+def keygen(workspace: Workspace = None) -> None:
+    """Create the checkpoint-signing key of the workspace (refuses to replace one: use rotate-key)."""
+    from audit import keys
+
+    settings = _settings(workspace)
+    try:
+        key_id = keys.keygen(settings.keys_dir)
+    except FileExistsError:
+        _fail(f"{settings.keys_dir} already has a signing key; use 'bastion audit rotate-key' to replace it")
+    _record(_log(settings), "key_generated", key_id=key_id)
+    console.print(f"signing key {key_id} created in {settings.keys_dir}", highlight=False)
+
+
+@audit_app.command("rotate-key")
+def rotate_key(workspace: Workspace = None) -> None:
+    """Replace the signing key: recorded in the log, sealed by the old key and then by the new one."""
+    from audit.errors import AuditError
+
+    settings = _settings(workspace)
+    log = _log(settings)
+    try:
+        old, new = log.rotate_key(actor=ADMIN)
+    except AuditError as exc:
+        _fail(f"cannot rotate the key: {exc}")
+    finally:
+        log.close()
+    console.print(f"signing key rotated: {old} -> {new} (old public key kept in the keyring)", highlight=False)
+
+
+@audit_app.command("checkpoint")
+def checkpoint(workspace: Workspace = None) -> None:
+    """Sign a checkpoint of the log now."""
+    from audit.errors import AuditError
+
+    settings = _settings(workspace)
+    log = _log(settings)
+    _record(log, "checkpoint_requested")
+    try:
+        cp = log.checkpoint()
+    except AuditError as exc:
+        _fail(f"cannot checkpoint: {exc}")
+    finally:
+        log.close()
+    console.print(f"checkpoint: {cp.tree_size} records, root {cp.root_hash}, key {cp.key_id}, {cp.time}",
+                  highlight=False)
+
+
+@audit_app.command("export-checkpoint")
+def export_checkpoint(
+    dest: Annotated[Path, typer.Argument(help="file or directory outside the workspace (another volume or host)")],
+    workspace: Workspace = None,
+) -> None:
+    """Write the latest checkpoint (signing one that covers every record) outside the workspace: the anchor
+    for 'verify --trusted-checkpoint'."""
+    from audit.errors import AuditError
+
+    settings = _settings(workspace)
+    ws = settings.workspace.resolve()
+    target = dest.resolve()
+    if target == ws or ws in target.parents:
+        _fail(f"{dest} is inside the workspace {settings.workspace}; keep the anchor elsewhere")
+    log = _log(settings)
+    _record(log, "checkpoint_exported", request={"dest": str(target)})
+    try:
+        written = log.export_checkpoint(target)
+    except AuditError as exc:
+        _fail(str(exc))
+    finally:
+        log.close()
+    cp = json.loads(written.read_text())
+    console.print(f"checkpoint of {cp['tree_size']} records written to {written}", highlight=False)
+
+
+@audit_app.command("events")
+def events(
+    workspace: Workspace = None,
+    since: Since = None,
+    until: Until = None,
+    actor: Actor = None,
+    dataset: Dataset = None,
+    event: Annotated[str | None, typer.Option(help="event type, e.g. query")] = None,
+    decision: Annotated[str | None, typer.Option(help="allowed, denied or error")] = None,
+    limit: Annotated[int | None, typer.Option(min=1)] = None,
+    offset: Annotated[int, typer.Option(min=0)] = 0,
+    format: Annotated[str, typer.Option("--format", help="table, jsonl or csv")] = "table",
+) -> None:
+    """List audit records matching the filters, in log order."""
+    from audit import report
+
+    if format not in ("table", "jsonl", "csv"):
+        _fail("--format is table, jsonl or csv", 2)
+    settings = _settings(workspace)
+    try:
+        found = report.query_events(settings.audit_dir, since=since, until=until, actor=actor, dataset=dataset,
+                                    event=event, decision=decision, limit=limit, offset=offset)
+    except ValueError as exc:
+        _fail(f"{exc}")
+    if format == "jsonl":
+        sys.stdout.write(report.to_jsonl(found))
+        return
+    if format == "csv":
+        sys.stdout.write(report.to_csv(found))
+        return
+    table = Table("seq", "time", "event", "principal", "role", "dataset", "decision", "reason", "phase", "ε")
+    for r in found:
+        actor_ = r.get("actor") if isinstance(r.get("actor"), dict) else {}
+        cost = r.get("cost") if isinstance(r.get("cost"), dict) else {}
+        table.add_row(*(str(v) if v is not None else "" for v in (
+            r.get("seq"), r.get("time"), r.get("event"), actor_.get("principal"), actor_.get("role"),
+            r.get("dataset"), r.get("decision"), r.get("reason"), r.get("phase"), cost.get("epsilon"))))
+    console.print(table)
+    console.print(f"{len(found)} records", highlight=False)
+
+
+def _caps(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Budget caps of the registered datasets: their policies in the catalog (opened read-only, like a running
+    gateway does), else the policy files of the workspace."""
+    from policies.schema import PolicyError, load_policy
+
+    policies = []
+    try:
+        from gateway.catalog import Catalog
+
+        catalog = Catalog(settings.database, settings.bounding_key, read_only=True)
+        try:
+            policies = [policy for policy, _ in catalog.datasets().values()]
+        finally:
+            catalog.close()
+    except Exception:  # noqa: BLE001 - no database, or it is locked by a writer: fall back to the files
+        for path in sorted(settings.policies_dir.glob("*.yaml")):
+            try:
+                policies.append(load_policy(path))
+            except PolicyError:
+                continue
+    return {p.dataset: {**p.budget.total.model_dump(), "per_principal": p.budget.per_principal.model_dump()}
+            for p in policies}
+
+
+@audit_app.command("spend")
+def spend(
+    workspace: Workspace = None,
+    since: Since = None,
+    until: Until = None,
+    dataset: Dataset = None,
+    format: Annotated[str, typer.Option("--format", help="table or json")] = "table",
+) -> None:
+    """Privacy spend (ε, δ) per principal and dataset, and per dataset against its caps, from the log."""
+    from audit import report
+
+    if format not in ("table", "json"):
+        _fail("--format is table or json", 2)
+    settings = _settings(workspace)
+    caps = _caps(settings)
+    if dataset is not None:
+        caps = {k: v for k, v in caps.items() if k == dataset}
+    try:
+        records = report.query_events(settings.audit_dir, dataset=dataset, decision="allowed")
+        result = report.privacy_spend(records, caps, since=since, until=until)
+    except ValueError as exc:
+        _fail(str(exc))
+    if format == "json":
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    totals = Table("dataset", "ε spent", "ε cap", "δ spent", "δ cap", "over cap", "principals over their cap")
+    for name, d in sorted(result.datasets.items()):
+        totals.add_row(name, f"{d.epsilon:.6g}", _g(d.cap_epsilon), f"{d.delta:.3g}", _g(d.cap_delta),
+                       "YES" if d.over_cap else "no", ", ".join(d.principals_over_cap))
+    console.print(totals)
+    per = Table("principal", "dataset", "charges", "ε", "δ", "first", "last")
+    for (principal, name), points in sorted(result.series.items()):
+        per.add_row(principal, name, str(len(points)), f"{points[-1].cumulative_epsilon:.6g}",
+                    f"{points[-1].cumulative_delta:.3g}", points[0].time, points[-1].time)
+    console.print(per)
+
+
+def _g(value: float | None) -> str:
+    return "" if value is None else f"{value:.6g}"

@@ -1,0 +1,139 @@
+"""`bastion lf ...`: DP statistics of labeling functions and the registry of Python LFs (client commands)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+lf_app = typer.Typer(help="Labeling functions: DP coverage, overlap, conflict and accuracy.", no_args_is_help=True)
+
+console = Console()
+err = Console(stderr=True)
+
+Url = Annotated[str, typer.Option("--url", envvar="BASTION_URL", help="gateway URL")]
+Token = Annotated[str | None, typer.Option("--token", envvar="BASTION_TOKEN", help="bearer token")]
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _client(url: str, token: str | None) -> Any:
+    from gateway.client import Client
+
+    return Client(url, token)
+
+
+def read_lf_file(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """An LF file (YAML or JSON): a list of LFs, or {lfs: [...], python_lfs: [names]}."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+    if isinstance(raw, list):
+        return raw, []
+    if isinstance(raw, dict) and set(raw) <= {"lfs", "python_lfs"}:
+        return list(raw.get("lfs") or []), list(raw.get("python_lfs") or [])
+    raise ValueError(f"{path}: expected a list of labeling functions or a mapping with lfs and python_lfs")
+
+
+def _cell(value: Any, interval: list[float] | None, *, count: bool = False) -> str:
+    if value is None:
+        return "–"
+    text = f"{int(value):,}" if count else f"{value:.3f}"
+    if interval is None:
+        return text
+    lo, hi = interval
+    return f"{text} [{lo:,.0f}, {hi:,.0f}]" if count else f"{text} [{lo:.3f}, {hi:.3f}]"
+
+
+def print_summary(raw: dict[str, Any]) -> None:
+    has_gold = any("correct" in lf for lf in raw["lfs"])
+    headers = ["LF", "Polarity", "Coverage", "Overlaps", "Conflicts"]
+    if has_gold:
+        headers += ["Correct", "Incorrect", "Emp. Acc."]
+    table = Table(*headers, title=f"{raw['dataset']}: {1 - raw['alpha']:.0%} intervals")
+    for lf in raw["lfs"]:
+        row = [lf["name"], ", ".join(lf["polarity"])]
+        row += [_cell(lf[k]["value"], lf[k]["interval"]) for k in ("coverage", "overlaps", "conflicts")]
+        if has_gold:
+            row += [_cell(lf[k]["value"], lf[k]["interval"], count=True) for k in ("correct", "incorrect")]
+            row.append(_cell(lf["emp_acc"]["value"], lf["emp_acc"]["interval"]))
+        table.add_row(*row)
+    console.print(table)
+    ls = raw["label_set"]["coverage"]
+    console.print(f"label-set coverage: {_cell(ls['value'], ls['interval'])}")
+    lm = raw.get("label_model")
+    if lm:
+        balance = ", ".join(f"{c} {_cell(v['value'], v['interval'])}" for c, v in lm["class_balance"].items())
+        console.print(f"label model: class balance {balance}")
+        agreement = lm.get("gold_agreement")
+        if agreement:
+            console.print(f"label model: agreement with gold {_cell(agreement['value'], agreement['interval'])}")
+        console.print(f"label model: probabilistic labels written privately to {lm['output']}")
+
+
+@lf_app.command("stats")
+def stats(
+    lf_file: Annotated[Path, typer.Argument(help="YAML/JSON file: a list of LFs or {lfs: [...], python_lfs: [...]}")],
+    dataset: Annotated[str, typer.Option(help="dataset name")],
+    epsilon: Annotated[float, typer.Option(help="privacy loss to spend")] = 1.0,
+    alpha: Annotated[float | None, typer.Option(help="1 - confidence level [default: 0.05]")] = None,
+    python: Annotated[list[str] | None, typer.Option("--python", help="registered Python LF (repeatable)")] = None,
+    label_model: Annotated[bool, typer.Option("--label-model", help="fit Snorkel's LabelModel privately")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="show cost and half-widths without spending")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the raw JSON answer")] = False,
+    url: Url = "http://127.0.0.1:8000",
+    token: Token = None,
+) -> None:
+    """DP coverage, overlap, conflict and (with a gold column) accuracy of the labeling functions in a file."""
+    from gateway.client import BastionError
+
+    try:
+        lfs, python_lfs = read_lf_file(lf_file)
+    except ValueError as exc:
+        _fail(str(exc))
+    try:
+        with _client(url, token) as c:
+            raw = c.lf_stats_raw(dataset, lfs, python_lfs=python_lfs + list(python or []), epsilon=epsilon,
+                                 alpha=alpha, label_model=label_model, dry_run=dry_run)
+    except BastionError as exc:
+        _fail(f"{exc.code}: {exc.message}")
+    except Exception as exc:  # connection errors
+        _fail(f"cannot reach the gateway at {url}: {exc}")
+    if as_json:
+        typer.echo(json.dumps(raw, indent=2))
+        return
+    if raw.get("dry_run"):
+        console.print(f"dry run: would cost ε={raw['epsilon']:.4g}")
+        for m in raw["measurements"]:
+            console.print(f"  {m['measurement']}: ε={m['epsilon']:.4g}, sensitivity {m['sensitivity']}, "
+                          f"±{m['half_width']:,.0f} rows per count at {1 - raw['alpha']:.0%}")
+    else:
+        print_summary(raw)
+    b = raw["budget"]
+    console.print(f"spent ε={raw['epsilon_spent']:.4g}{' (cached)' if raw['cached'] else ''}; remaining on "
+                  f"{b['dataset']}: ε={b['remaining']['epsilon']:.4g}")
+
+
+@lf_app.command("registry")
+def registry(url: Url = "http://127.0.0.1:8000", token: Token = None) -> None:
+    """List the registered (reviewed) Python labeling functions."""
+    from gateway.client import BastionError
+
+    try:
+        with _client(url, token) as c:
+            entries = c.lf_registry()
+    except BastionError as exc:
+        _fail(f"{exc.code}: {exc.message}")
+    table = Table("name", "dataset", "labels", "description")
+    for e in entries:
+        table.add_row(e["name"], e["dataset"], ", ".join(e["labels"]), e["description"])
+    console.print(table)

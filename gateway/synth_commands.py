@@ -1,0 +1,190 @@
+"""`bastion synth ...`: request a proxy and follow it with a progress bar (client), approve non-DP jobs (host)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+synth_app = typer.Typer(help="Synthetic proxy tables (DP by default).", no_args_is_help=True)
+
+console = Console()
+err = Console(stderr=True)
+
+Url = Annotated[str, typer.Option("--url", envvar="BASTION_URL", help="gateway URL")]
+Token = Annotated[str | None, typer.Option("--token", envvar="BASTION_TOKEN", help="bearer token")]
+Workspace = Annotated[
+    Path | None,
+    typer.Option("--workspace", "-w", help="workspace directory [default: ./bastion-workspace]",
+                 envvar="BASTION_WORKSPACE"),
+]
+FINAL = ("done", "failed", "withheld")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _client(url: str, token: str | None) -> Any:
+    from gateway.client import Client
+
+    return Client(url, token)
+
+
+def _follow(c: Any, job: dict[str, Any], poll: float) -> dict[str, Any]:
+    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=False) as bar:
+        task = bar.add_task(job["stage"] or job["status"], total=1.0, completed=job["progress"])
+        while job["status"] not in FINAL:
+            if job["status"] == "awaiting_approval":
+                bar.update(task, description="awaiting admin approval (bastion synth approve on the host)")
+            time.sleep(poll)
+            job = c.synth_status(job["job_id"])
+            bar.update(task, completed=job["progress"], description=job["stage"] or job["status"])
+    return job
+
+
+@synth_app.command("run")
+def run(
+    dataset: Annotated[str, typer.Argument(help="dataset name")],
+    epsilon: Annotated[float | None, typer.Option(help="privacy loss to spend (DP methods)")] = None,
+    rows: Annotated[int, typer.Option(help="rows of the proxy")] = 10_000,
+    seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
+    method: Annotated[str | None, typer.Option(help="dpcopula (default), dpcopula_direct, sdv_gaussian_copula "
+                                                    "(not DP: policy opt-in and admin approval)")] = None,
+    delta: Annotated[float | None, typer.Option(help="δ for key selection of columns without a domain")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="write the proxy here (.parquet or .csv)")] = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="follow the job until it ends")] = True,
+    poll: Annotated[float, typer.Option(help="seconds between status polls")] = 0.5,
+    url: Url = "http://127.0.0.1:8000",
+    token: Token = None,
+) -> None:
+    """Request a synthetic proxy of DATASET, follow its progress and download it."""
+    from gateway.client import BastionError
+
+    if epsilon is None and method != "sdv_gaussian_copula":
+        epsilon = 1.0
+    try:
+        with _client(url, token) as c:
+            job = c.synth_submit(dataset, epsilon=epsilon, rows=rows, seed=seed, method=method, delta=delta)
+            spent = "cached, nothing spent" if job["cached"] else f"spent ε={job['epsilon_spent']:.4g}"
+            console.print(f"job [bold]{job['job_id']}[/] ({job['method']}, {spent})")
+            if not wait:
+                return
+            job = _follow(c, job, poll)
+            if job["status"] != "done":
+                _fail(f"job {job['status']}: {job.get('error') or ''}")
+            target = out or Path(f"{dataset}-proxy-{job['job_id'][:8]}.parquet")
+            fmt = "csv" if target.suffix.lower() == ".csv" else "parquet"
+            target.write_bytes(c.synth_download(job["job_id"], format=fmt))
+            report = c.synth_report(job["job_id"])
+    except BastionError as exc:
+        _fail(f"{exc.code}: {exc.message}")
+    scores = ", ".join(f"{k} {v:.3f}" for k, v in report.get("scores", {}).items())
+    console.print(f"wrote {job['rows']:,} rows to {target}; fidelity: {scores}")
+    for note in job.get("notes") or []:
+        console.print(f"[dim]note: {note}[/]")
+
+
+@synth_app.command("status")
+def status(job_id: str, url: Url = "http://127.0.0.1:8000", token: Token = None) -> None:
+    """Show a job's status."""
+    from gateway.client import BastionError
+
+    try:
+        with _client(url, token) as c:
+            typer.echo(json.dumps(c.synth_status(job_id), indent=2))
+    except BastionError as exc:
+        _fail(f"{exc.code}: {exc.message}")
+
+
+@synth_app.command("download")
+def download(
+    job_id: str,
+    out: Annotated[Path, typer.Option("--out", "-o", help="file to write (.parquet or .csv)")],
+    url: Url = "http://127.0.0.1:8000",
+    token: Token = None,
+) -> None:
+    """Download a finished proxy."""
+    from gateway.client import BastionError
+
+    try:
+        with _client(url, token) as c:
+            out.write_bytes(c.synth_download(job_id, format="csv" if out.suffix.lower() == ".csv" else "parquet"))
+    except BastionError as exc:
+        _fail(f"{exc.code}: {exc.message}")
+    console.print(f"wrote {out}")
+
+
+@synth_app.command("report")
+def report(job_id: str, url: Url = "http://127.0.0.1:8000", token: Token = None) -> None:
+    """Print a proxy's fidelity report (scores per column and per column pair)."""
+    from gateway.client import BastionError
+
+    try:
+        with _client(url, token) as c:
+            r = c.synth_report(job_id)
+    except BastionError as exc:
+        _fail(f"{exc.code}: {exc.message}")
+    console.print(f"reference: {r['reference']}")
+    table = Table("column", "TVComplement", "bins inside the noise interval")
+    for name, col in r["columns"].items():
+        inside = col.get("proxy_within_interval")
+        table.add_row(name, f"{col['tv_complement']:.3f}", "" if inside is None else f"{inside:.0%}")
+    console.print(table)
+    if r.get("pairs"):
+        pairs = Table("pair", "DP ρ", "proxy ρ", "similarity")
+        for p in r["pairs"]:
+            pairs.add_row(" × ".join(p["columns"]), f"{p['dp_rho']:.3f}", f"{p['proxy_rho']:.3f}",
+                          f"{p['correlation_similarity']:.3f}")
+        console.print(pairs)
+
+
+# --- admin, on the gateway host ---------------------------------------------------------------------------
+
+
+def _jobs(workspace: Path | None) -> Any:
+    from gateway.service import Bastion
+    from gateway.settings import Settings
+    from gateway.synth_jobs import SynthJobs
+
+    bastion = Bastion(Settings.load(workspace))
+    return bastion, SynthJobs(bastion)
+
+
+@synth_app.command("pending")
+def pending(workspace: Workspace = None) -> None:
+    """List non-DP jobs awaiting approval (admin, on the host)."""
+    bastion, jobs = _jobs(workspace)
+    try:
+        table = Table("job", "dataset", "method", "requested by", "rows", "created")
+        for j in jobs.all_jobs():
+            if j["status"] == "awaiting_approval":
+                table.add_row(j["job_id"], j["dataset"], j["method"], j["principal"]["principal"], str(j["rows"]),
+                              j["created"])
+        console.print(table)
+    finally:
+        bastion.close()
+
+
+@synth_app.command("approve")
+def approve(job_id: str, workspace: Workspace = None) -> None:
+    """Approve a non-DP proxy job (admin, on the host). The approval is audited as non-DP."""
+    from policies.errors import GatewayError
+
+    bastion, jobs = _jobs(workspace)
+    try:
+        job = jobs.approve(job_id)
+    except GatewayError as exc:
+        _fail(f"{exc.code}: {exc.message}")
+    finally:
+        bastion.close()
+    console.print(f"approved job {job['job_id']} ({job['method']}, NOT differentially private) on "
+                  f"{job['dataset']}; the gateway runs it when the requester next checks its status")

@@ -1,0 +1,433 @@
+"""Synthetic-proxy jobs: submission through the privileged sequence, background runs, durable job records.
+
+A request is admitted through `Bastion.run_private`: authorise (grant `synth`) → cache lookup (an identical
+request returns the stored proxy's job at no cost) → ledger charge of the whole ε (and δ) → audit "admitted" →
+the job record is written → audit "released" (of the job id). Only then does a background thread measure the
+DP model and build the proxy; a request over budget is refused before anything runs. Completion, a withheld
+non-DP proxy, each download, each report read and each approval are audited too.
+
+Job records live in `<workspace>/synth/jobs/<id>/` (job.json, the DP model, the proxy, its report), written
+atomically. After a crash, unfinished jobs resume under their original charge: the DP model, once measured, is
+stored and reused, so resuming never measures twice what was released; measurements lost in a crash were never
+released. A job is run by whichever process holds the lock file of its directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gateway.auth import Principal
+from gateway.cache import cache_key
+from gateway.catalog import bounded_table
+from gateway.service import Bastion, Context
+from policies.accountant import PrivacyLoss
+from policies.errors import Conflict, Forbidden, GatewayError, InvalidRequest, NotFound
+from policies.schema import Grant
+
+log = logging.getLogger("bastion.synth")
+
+MAX_ROWS = 5_000_000
+FORMATS = ("parquet", "csv")
+# Statuses: queued → running → done | failed; non-DP: awaiting_approval → approved → running → done | withheld.
+ACTIVE = ("queued", "approved", "running")
+
+
+class NonDpNotAllowed(Forbidden):
+    code = "non_dp_not_allowed"
+
+
+class JobNotFound(NotFound):
+    code = "synth_job_not_found"
+
+
+class JobNotReady(Conflict):
+    code = "synth_job_not_ready"
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat()
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    tmp = path.with_name(path.name + f".{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+PUBLIC_FIELDS = (
+    "job_id", "dataset", "method", "non_dp", "status", "progress", "stage", "epsilon", "delta", "rows", "seed",
+    "dataset_version", "policy_fingerprint", "created", "updated", "error", "columns", "proxy_digest",
+    "approved_at", "allocation", "notes",
+)
+
+
+class SynthJobs:
+    """Synthetic-proxy jobs of one gateway (one per app, created on first use)."""
+
+    def __init__(self, bastion: Bastion) -> None:
+        self.bastion = bastion
+        self.root = bastion.settings.workspace / "synth" / "jobs"
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._threads: dict[str, threading.Thread] = {}
+        self._lock = threading.Lock()
+
+    # --- records ------------------------------------------------------------------------------------------
+
+    def _dir(self, job_id: str) -> Path:
+        if not job_id or not all(ch in "0123456789abcdef" for ch in job_id):
+            raise JobNotFound(f"no synthesis job {job_id!r}")
+        return self.root / job_id
+
+    def read(self, job_id: str) -> dict[str, Any]:
+        path = self._dir(job_id) / "job.json"
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise JobNotFound(f"no synthesis job {job_id!r}") from None
+
+    def _save(self, job: dict[str, Any]) -> None:
+        job["updated"] = _now()
+        _write_json(self._dir(job["job_id"]) / "job.json", job)
+
+    def _owned(self, ctx: Context, job_id: str) -> dict[str, Any]:
+        job = self.read(job_id)
+        if job["principal"]["principal"] != ctx.principal.name:
+            self.bastion.audit(ctx, "synth_access", dataset=job["dataset"], request={"job_id": job_id},
+                               decision="denied", reason="not_owner")
+            raise JobNotFound(f"no synthesis job {job_id!r}")  # other principals' jobs do not exist for you
+        return job
+
+    @staticmethod
+    def public(job: dict[str, Any]) -> dict[str, Any]:
+        return {k: job.get(k) for k in PUBLIC_FIELDS}
+
+    def all_jobs(self) -> list[dict[str, Any]]:
+        jobs = []
+        for d in sorted(self.root.iterdir()) if self.root.exists() else []:
+            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError, GatewayError):
+                jobs.append(self.read(d.name))
+        return sorted(jobs, key=lambda j: j["created"])
+
+    # --- submission ---------------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        ctx: Context,
+        dataset: str,
+        *,
+        epsilon: float | None,
+        rows: int,
+        seed: int | None = None,
+        method: str | None = None,
+        delta: float | None = None,
+    ) -> dict[str, Any]:
+        from synth import DEFAULT_METHOD, METHODS, NON_DP_METHODS, allocate
+
+        method = method or DEFAULT_METHOD
+        request = {"dataset": dataset, "epsilon": epsilon, "rows": rows, "seed": seed, "method": method,
+                   "delta": delta, "non_dp": method in NON_DP_METHODS}
+        policy, version = self.bastion.authorize(ctx, dataset, Grant.SYNTH, request)
+        non_dp = method in NON_DP_METHODS
+        try:
+            if method not in METHODS:
+                raise InvalidRequest(f"unknown method {method!r}; methods are {', '.join(METHODS)}")
+            if not 1 <= rows <= MAX_ROWS:
+                raise InvalidRequest(f"rows must be between 1 and {MAX_ROWS:,}")
+            if seed is not None and not 0 <= seed < 2**31:
+                raise InvalidRequest("seed must be in [0, 2^31)")
+            if non_dp:
+                if policy.synthesis.mode != "non_dp_allowed":
+                    raise NonDpNotAllowed(
+                        f"the policy of {dataset!r} allows only differentially private proxies; use method "
+                        f"{DEFAULT_METHOD!r}", dataset=dataset)
+                cost = PrivacyLoss(0.0)
+                allocation = None
+            else:
+                if epsilon is None:
+                    raise InvalidRequest("a DP proxy needs epsilon")
+                if delta is None:
+                    delta = policy.budget.per_principal.delta / 10
+                alloc = allocate(policy, epsilon, delta)
+                allocation = alloc.to_json()
+                cost = PrivacyLoss(epsilon, alloc.delta_spent)
+        except GatewayError as exc:
+            self.bastion.audit(ctx, "synth", dataset=dataset, request=request, decision="denied", reason=exc.code)
+            raise
+        key = cache_key("synth", ctx.principal.name, dataset, version, policy.fingerprint(), method, epsilon,
+                        delta, rows, seed)
+
+        def compute() -> dict[str, Any]:
+            job_id = uuid.uuid4().hex
+            job = {
+                "job_id": job_id, "dataset": dataset, "method": method, "non_dp": non_dp,
+                "status": "awaiting_approval" if non_dp else "queued", "progress": 0.0, "stage": "",
+                "epsilon": cost.epsilon, "delta": cost.delta, "rows": rows,
+                "seed": seed if seed is not None else secrets.randbelow(2**31),
+                "dataset_version": version, "policy_fingerprint": policy.fingerprint(),
+                "created": _now(), "updated": _now(), "error": None, "columns": None, "proxy_digest": None,
+                "approved_at": None, "allocation": allocation, "notes": [], "delta_requested": delta,
+                "principal": ctx.principal.as_actor(), "source": ctx.source, "request_id": ctx.request_id,
+            }
+            self._dir(job_id).mkdir(parents=True, mode=0o700)
+            self._save(job)
+            return {"job_id": job_id, "dataset": dataset, "method": method, "non_dp": non_dp,
+                    "dataset_version": version, "policy_fingerprint": policy.fingerprint()}
+
+        answer = self.bastion.run_private(ctx, policy=policy, event="synth", request=request, cost=cost, key=key,
+                                          compute=compute, kind="synth")
+        job = self.read(answer["job_id"])
+        if answer["cached"] and job["status"] == "failed":
+            # The failed run released nothing; run it again under the original charge.
+            job.update(status="approved" if non_dp else "queued", error=None, progress=0.0, stage="")
+            self._save(job)
+        self._maybe_start(job)
+        return {**self.public(self.read(job["job_id"])), "cached": answer["cached"],
+                "epsilon_spent": answer["epsilon_spent"], "delta_spent": answer["delta_spent"],
+                "budget": answer["budget"]}
+
+    # --- running ------------------------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Start every unfinished job no other process is running (after a restart or an approval)."""
+        for job in self.all_jobs():
+            self._maybe_start(job)
+
+    def _maybe_start(self, job: dict[str, Any]) -> None:
+        if job["status"] not in ACTIVE:
+            return
+        with self._lock:
+            t = self._threads.get(job["job_id"])
+            if t is not None and t.is_alive():
+                return
+            t = threading.Thread(target=self._run_locked, args=(job["job_id"],), daemon=True,
+                                 name=f"synth-{job['job_id'][:8]}")
+            self._threads[job["job_id"]] = t
+            t.start()
+
+    def _run_locked(self, job_id: str) -> None:
+        lock_path = self._dir(job_id) / "lock"
+        with open(lock_path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return  # another process runs it
+            job = self.read(job_id)
+            if job["status"] not in ACTIVE:
+                return
+            try:
+                self._run(job)
+            except Exception as exc:
+                log.exception("synthesis job %s failed", job_id)
+                message = exc.message if isinstance(exc, GatewayError) else f"internal error ({type(exc).__name__})"
+                job = self.read(job_id)
+                job.update(status="failed", error=message + "; the charge stands")
+                self._save(job)
+                with contextlib.suppress(GatewayError):
+                    self.bastion.audit(self._context(job), "synth", dataset=job["dataset"],
+                                       request={"job_id": job_id}, decision="error", reason="synthesis_failed",
+                                       phase="failed", non_dp=job["non_dp"])
+
+    @staticmethod
+    def _context(job: dict[str, Any]) -> Context:
+        p = job["principal"]
+        return Context(Principal(p["principal"], p["role"], p["token_id"]), source=job["source"],
+                       request_id=job["request_id"])
+
+    def _run(self, job: dict[str, Any]) -> None:
+        from synth import (
+            DPCopulaModel,
+            allocate,
+            check_release,
+            dp_fidelity,
+            dp_proxy,
+            measure,
+            non_dp_fidelity,
+            non_dp_proxy,
+            proxy_schema,
+            render_pages,
+            sdv_metadata,
+        )
+
+        job_dir = self._dir(job["job_id"])
+        last = [0.0]
+
+        def progress(fraction: float, stage: str, *, lo: float = 0.0, hi: float = 1.0) -> None:
+            now = time.monotonic()
+            job.update(progress=round(lo + (hi - lo) * min(max(fraction, 0.0), 1.0), 4), stage=stage)
+            if now - last[0] > 0.3:
+                last[0] = now
+                self._save(job)
+
+        job.update(status="running", error=None)
+        self._save(job)
+        policy, version = self.bastion.catalog.policy(job["dataset"])
+        if version != job["dataset_version"] or policy.fingerprint() != job["policy_fingerprint"]:
+            raise Conflict("the dataset or its policy changed since the request was admitted")
+        table = bounded_table(job["dataset"])
+        ctx = self._context(job)
+        if not job["non_dp"]:
+            model_path = job_dir / "model.json"
+            if model_path.exists():
+                model = DPCopulaModel.from_json(json.loads(model_path.read_text()))
+            else:
+                allocation = allocate(policy, job["epsilon"], job["delta_requested"])
+                model = measure(self.bastion.catalog.connect(), table, policy, allocation,
+                                lambda f, s: progress(f, s, hi=0.3))
+                _write_json(model_path, model.to_json())
+            proxy = dp_proxy(model, job["rows"], job["seed"], job["method"],
+                             lambda f, s: progress(f, s, lo=0.3, hi=0.9))
+            progress(0.0, "fidelity report", lo=0.9)
+            report = dp_fidelity(model, proxy)
+            report["dropped"] = model.dropped
+            job["notes"] = model.notes
+        else:
+            schema = proxy_schema(policy)
+            con = self.bastion.catalog.connect()
+            proxy, private = non_dp_proxy(con, table, policy, schema, job["rows"], job["seed"],
+                                          lambda f, s: progress(f, s, hi=0.8))
+            progress(0.0, "disclosure check", lo=0.8)
+            md = sdv_metadata(schema.columns).to_dict()["tables"]["proxy"]
+            check = check_release(con, table, private, proxy, schema.columns, md, job["seed"])
+            report = {**non_dp_fidelity(schema.columns, private, proxy), "privacy_check": check,
+                      "dropped": schema.dropped}
+            if not check["passed"]:
+                _write_json(job_dir / "report.json", {"privacy_check": check})
+                job.update(status="withheld", progress=1.0, stage="withheld by the disclosure check",
+                           error="the proxy failed the disclosure check; nothing was released")
+                self._save(job)
+                self.bastion.audit(ctx, "synth", dataset=job["dataset"], request={"job_id": job["job_id"]},
+                                   decision="denied", reason="disclosure_check_failed", phase="withheld",
+                                   non_dp=True, privacy_check=check)
+                return
+        progress(0.5, "writing the proxy", lo=0.9)
+        self._write_proxy(job, proxy, job_dir)
+        report["proxy"] = {k: job[k] for k in ("dataset", "method", "non_dp", "epsilon", "delta", "rows", "seed",
+                                               "dataset_version", "policy_fingerprint")}
+        report["pages"] = render_pages(report, job_dir / "pages", f"Proxy {job['job_id'][:8]} of {job['dataset']}")
+        _write_json(job_dir / "report.json", report)
+        # The proxy is ready: record it (with its digest) before anyone can download it.
+        self.bastion.audit(ctx, "synth", dataset=job["dataset"], request={"job_id": job["job_id"]},
+                           decision="allowed", reason="ok", phase="completed", non_dp=job["non_dp"],
+                           cost={"epsilon": job["epsilon"], "delta": job["delta"]},
+                           release_digest=job["proxy_digest"])
+        job.update(status="done", progress=1.0, stage="done")
+        self._save(job)
+
+    def _write_proxy(self, job: dict[str, Any], proxy: Any, job_dir: Path) -> None:
+        frame = proxy.copy()
+        for name in frame.columns:
+            if str(frame[name].dtype).startswith("datetime64"):
+                frame[name] = frame[name].dt.date
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        meta = {k: job[k] for k in ("job_id", "dataset", "method", "non_dp", "epsilon", "delta", "rows", "seed",
+                                    "dataset_version", "policy_fingerprint")}
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                               b"bastion.proxy": json.dumps(meta).encode()})
+        tmp = job_dir / "proxy.parquet.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, job_dir / "proxy.parquet")
+        job["proxy_digest"] = _file_digest(job_dir / "proxy.parquet")
+        job["columns"] = {f.name: str(f.type) for f in table.schema}
+
+    # --- reading results ----------------------------------------------------------------------------------
+
+    def status(self, ctx: Context, job_id: str) -> dict[str, Any]:
+        job = self._owned(ctx, job_id)
+        self._maybe_start(job)  # picks up an approval made on the host, or a job interrupted by a restart
+        return self.public(job)
+
+    def owned_by(self, ctx: Context) -> list[dict[str, Any]]:
+        return [self.public(j) for j in self.all_jobs() if j["principal"]["principal"] == ctx.principal.name]
+
+    def _done(self, ctx: Context, job_id: str, what: str) -> dict[str, Any]:
+        job = self._owned(ctx, job_id)
+        self.bastion.authorize(ctx, job["dataset"], Grant.SYNTH, {"job_id": job_id, what: True})
+        if job["status"] != "done":
+            raise JobNotReady(f"job {job_id} is {job['status']}, not done", status=job["status"])
+        return job
+
+    def download(self, ctx: Context, job_id: str, fmt: str = "parquet") -> tuple[Path, str]:
+        """Path of the proxy file in `fmt`, after auditing its release; and its media type."""
+        if fmt not in FORMATS:
+            raise InvalidRequest(f"format must be one of {', '.join(FORMATS)}")
+        job = self._done(ctx, job_id, "download")
+        job_dir = self._dir(job_id)
+        path = job_dir / "proxy.parquet"
+        if fmt == "csv":
+            path = job_dir / "proxy.csv"
+            if not path.exists():
+                tmp = job_dir / "proxy.csv.tmp"
+                pq.read_table(job_dir / "proxy.parquet").to_pandas().to_csv(tmp, index=False)
+                os.replace(tmp, path)
+        self.bastion.audit(ctx, "synth_download", dataset=job["dataset"],
+                           request={"job_id": job_id, "format": fmt}, decision="allowed", reason="ok",
+                           phase="released", non_dp=job["non_dp"], release_digest=job["proxy_digest"],
+                           cost=PrivacyLoss(0.0).as_dict())
+        return path, ("application/vnd.apache.parquet" if fmt == "parquet" else "text/csv")
+
+    def _audit_read(self, ctx: Context, job: dict[str, Any], what: str, content: str) -> None:
+        self.bastion.audit(ctx, "synth_report", dataset=job["dataset"], request={"job_id": job["job_id"],
+                           "page": what}, decision="allowed", reason="ok", phase="released", non_dp=job["non_dp"],
+                           release_digest=hashlib.sha256(content.encode()).hexdigest(),
+                           cost=PrivacyLoss(0.0).as_dict())
+
+    def report(self, ctx: Context, job_id: str) -> dict[str, Any]:
+        """The fidelity report (or, for a withheld non-DP proxy, the failed check), audited before it leaves."""
+        job = self._owned(ctx, job_id)
+        path = self._dir(job_id) / "report.json"
+        if not (job["status"] == "withheld" and path.exists()):
+            job = self._done(ctx, job_id, "report")
+        text = path.read_text()
+        self._audit_read(ctx, job, "report.json", text)
+        return {"job": self.public(job), **json.loads(text)}
+
+    def page(self, ctx: Context, job_id: str, name: str) -> str:
+        job = self._done(ctx, job_id, "report")
+        pages = self._dir(job_id) / "pages"
+        path = pages / name
+        if path.parent != pages or not path.name.endswith(".html") or not path.exists():
+            raise NotFound(f"no report page {name!r}")
+        text = path.read_text()
+        self._audit_read(ctx, job, name, text)
+        return text
+
+    # --- admin (on the host) ------------------------------------------------------------------------------
+
+    def approve(self, job_id: str) -> dict[str, Any]:
+        """Approve a non-DP job (CLI on the gateway host); the gateway runs it when it next looks."""
+        job = self.read(job_id)
+        if job["status"] != "awaiting_approval":
+            raise Conflict(f"job {job_id} is {job['status']}; only jobs awaiting approval can be approved")
+        self.bastion.audit(None, "synth_approved", dataset=job["dataset"], decision="allowed", reason="ok",
+                           non_dp=True, request={"job_id": job_id, "method": job["method"],
+                                                 "requested_by": job["principal"]["principal"]})
+        job.update(status="approved", approved_at=_now())
+        self._save(job)
+        return self.public(job)
+

@@ -1,0 +1,98 @@
+"""HTTP routes of synthetic proxies (thin: parse, call `SynthJobs`, render)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import FileResponse, HTMLResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.app import ERRORS, Core, Ctx
+from gateway.synth_jobs import MAX_ROWS, SynthJobs
+
+_create_lock = threading.Lock()
+
+
+def get_jobs(request: Request, bastion: Core) -> SynthJobs:
+    """The app's job manager, created on first use (unfinished jobs of the workspace resume then)."""
+    state = request.app.state
+    with _create_lock:
+        jobs = getattr(state, "synth_jobs", None)
+        if jobs is None or jobs.bastion is not bastion:
+            jobs = SynthJobs(bastion)
+            state.synth_jobs = jobs
+            jobs.resume()
+    return jobs
+
+
+Jobs = Annotated[SynthJobs, Depends(get_jobs)]
+
+
+class SynthRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dataset: str
+    epsilon: float | None = Field(default=None, gt=0, description="privacy loss of a DP proxy (required for DP)")
+    rows: int = Field(default=10_000, ge=1, le=MAX_ROWS, description="rows of the proxy")
+    seed: int | None = Field(default=None, ge=0, lt=2**31, description="sampling seed (post-processing)")
+    method: str | None = Field(
+        default=None,
+        description="dpcopula (default: DP copula, then SDV), dpcopula_direct (DP copula only), or "
+        "sdv_gaussian_copula (NOT DP: needs the policy's opt-in and an admin approval)",
+    )
+    delta: float | None = Field(default=None, ge=0, lt=1, description="δ for key selection of columns without a "
+                                "public domain [default: a tenth of your per-principal δ]")
+
+
+class SynthJob(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    job_id: str
+    dataset: str
+    method: str
+    non_dp: bool
+    status: str = Field(description="queued, awaiting_approval, approved, running, done, failed or withheld")
+    progress: float = Field(description="fraction done, 0..1")
+    stage: str
+    epsilon: float
+    delta: float
+    rows: int
+    seed: int
+    dataset_version: str
+    policy_fingerprint: str
+
+
+router = APIRouter(prefix="/v1/synth", tags=["synthetic proxies"], responses=ERRORS)
+
+
+@router.post("", response_model=SynthJob, summary="Start a synthetic proxy job (the ε is charged now)")
+def submit(body: SynthRequest, ctx: Ctx, jobs: Jobs) -> dict[str, Any]:
+    return jobs.submit(ctx, body.dataset, epsilon=body.epsilon, rows=body.rows, seed=body.seed,
+                       method=body.method, delta=body.delta)
+
+
+@router.get("", response_model=list[SynthJob], summary="Your synthetic proxy jobs")
+def list_jobs(ctx: Ctx, jobs: Jobs) -> list[dict[str, Any]]:
+    return jobs.owned_by(ctx)
+
+
+@router.get("/{job_id}", response_model=SynthJob, summary="Status and progress of a job")
+def status(job_id: str, ctx: Ctx, jobs: Jobs) -> dict[str, Any]:
+    return jobs.status(ctx, job_id)
+
+
+@router.get("/{job_id}/download", summary="The proxy table (Parquet or CSV)", response_class=FileResponse)
+def download(job_id: str, ctx: Ctx, jobs: Jobs, format: Literal["parquet", "csv"] = "parquet") -> FileResponse:
+    path, media = jobs.download(ctx, job_id, format)
+    return FileResponse(path, media_type=media, filename=f"proxy-{job_id[:8]}.{format}")
+
+
+@router.get("/{job_id}/report", summary="Fidelity report (from the DP measurements and the proxy only)")
+def report(job_id: str, ctx: Ctx, jobs: Jobs) -> dict[str, Any]:
+    return jobs.report(ctx, job_id)
+
+
+@router.get("/{job_id}/report/{page}", response_class=HTMLResponse, summary="One HTML page of the report")
+def report_page(job_id: str, page: str, ctx: Ctx, jobs: Jobs) -> HTMLResponse:
+    return HTMLResponse(jobs.page(ctx, job_id, page))
+

@@ -1,0 +1,233 @@
+"""Declarative labeling functions: `{"name", "label", "when" | "keywords" | "regex"}`, validated against a policy
+and compiled to one SQL expression each.
+
+`when` is a condition in the SQL expression language WHERE accepts (sqlglot, dialect duckdb), checked by the same
+validator with labeling-only columns allowed. `keywords` and `regex` are shortcuts compiled to such a condition
+and validated the same way. Votes follow Snorkel's encoding: abstain = -1, classes indexed by their order in the
+policy's `labels.classes`.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import duckdb
+import sqlglot
+from sqlglot import exp
+from sqlglot.errors import ParseError, TokenError
+
+from policies.errors import InvalidRequest, QueryRejected, SqlSyntaxError
+from policies.expressions import func_name, reject, validate_row_expression
+from policies.schema import Policy
+
+ABSTAIN = -1
+MAX_LFS = 50
+MAX_CONDITION_CHARS = 20_000
+MAX_KEYWORDS = 1_000
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,79}$")
+
+# Table functions read files, catalogs or generate rows; none of them is a row-level expression.
+_TABLE_FUNCTIONS = tuple(
+    getattr(exp, n) for n in ("ReadCSV", "ReadParquet", "GenerateSeries", "ExplodingGenerateSeries", "Unnest",
+                              "GenerateDateArray", "GenerateTimestampArray")
+    if hasattr(exp, n)
+)
+_TABLE_FUNCTION_NAMES = {
+    "read_csv", "read_csv_auto", "read_parquet", "parquet_scan", "read_json", "read_json_auto", "read_ndjson",
+    "read_text", "read_blob", "glob", "range", "generate_series", "unnest", "query", "query_table", "sniff_csv",
+    "parquet_metadata", "parquet_schema", "iceberg_scan", "delta_scan", "sqlite_scan", "postgres_scan",
+    "duckdb_tables", "duckdb_columns", "duckdb_settings", "duckdb_functions", "pragma_table_info", "getenv",
+}
+
+
+@dataclass(frozen=True)
+class CompiledLF:
+    """A validated declarative LF: its vote expression over the pre-bounded table."""
+
+    name: str
+    label: str
+    label_index: int
+    condition: str  # the validated condition, as the author wrote it or as a shortcut compiled it
+    sql: str  # generated SQL over the pre-bounded table (columns quoted, casts made non-failing)
+    columns: tuple[str, ...]
+
+    @property
+    def vote_sql(self) -> str:
+        return f"CASE WHEN ({self.sql}) THEN {self.label_index} ELSE {ABSTAIN} END"
+
+    def public(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": "sql", "label": self.label, "condition": self.condition}
+
+
+def classes_of(policy: Policy) -> list[str]:
+    if policy.labels is None:
+        raise InvalidRequest(
+            f"dataset {policy.dataset!r} declares no label classes (policy 'labels'); labeling functions need them"
+        )
+    return list(policy.labels.classes)
+
+
+def check_name(name: Any, seen: set[str]) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise InvalidRequest(f"labeling function name {name!r} must be 1-80 letters, digits, '_', '.', '-'")
+    if name in seen:
+        raise InvalidRequest(f"labeling function name {name!r} is used twice")
+    seen.add(name)
+    return name
+
+
+def parse_condition(text: str) -> exp.Expression:
+    """Parse one SQL condition, or raise SqlSyntaxError pointing at the problem."""
+    if not text.strip():
+        raise QueryRejected("the condition is empty", reason="empty_condition")
+    if len(text) > MAX_CONDITION_CHARS:
+        raise QueryRejected(f"the condition is longer than {MAX_CONDITION_CHARS} characters", reason="too_long")
+    try:
+        statements = [s for s in sqlglot.parse(text, read="duckdb") if s is not None]
+    except ParseError as exc:
+        err = exc.errors[0] if exc.errors else {}
+        start = None
+        if "line" in err and "col" in err:
+            lines = text.split("\n")
+            start = sum(len(x) + 1 for x in lines[: err["line"] - 1]) + max(err["col"] - 1, 0)
+            start = max(0, start - len(err.get("highlight") or "") + 1)
+        raise SqlSyntaxError(
+            f"SQL syntax error: {str(err.get('description', exc)).split(' <Token')[0]}",
+            reason="syntax",
+            sql=text,
+            start=start,
+            end=None if start is None else start + len(err.get("highlight") or ""),
+        ) from None
+    except TokenError as exc:
+        raise SqlSyntaxError(f"SQL syntax error: {exc}", reason="syntax") from None
+    if len(statements) != 1:
+        raise reject("a condition is one expression", "multiple_statements",
+                     statements[1] if len(statements) > 1 else None, text,
+                     hint="write a boolean expression such as age >= 70 AND diagnosis = 'I21'")
+    return statements[0]
+
+
+def _check_table_functions(node: exp.Expression, text: str) -> None:
+    for n in node.walk():
+        if isinstance(n, _TABLE_FUNCTIONS) or (isinstance(n, exp.Anonymous) and func_name(n) in _TABLE_FUNCTION_NAMES):
+            raise reject(f"table function {func_name(n).upper()}() is not allowed", "table_function", n, text,
+                         hint="a labeling function is a condition on one row of the dataset")
+
+
+def _bounded_sql(node: exp.Expression) -> str:
+    """SQL over the pre-bounded table: quoted lower-case columns; CAST becomes TRY_CAST so that no value of a
+    row can make the query fail (an error that depends on the rows would leak them)."""
+
+    def rewrite(n: exp.Expression) -> exp.Expression:
+        if isinstance(n, exp.Column):
+            return exp.column(n.name.lower(), quoted=True)
+        if type(n) is exp.Cast:
+            return exp.TryCast(this=n.this, to=n.args.get("to"))
+        return n
+
+    return node.copy().transform(rewrite).sql(dialect="duckdb")
+
+
+def _literal(value: str) -> str:
+    return exp.Literal.string(value).sql(dialect="duckdb")
+
+
+def _column_ref(spec: dict[str, Any], what: str) -> str:
+    column = spec.get("column")
+    if not isinstance(column, str) or not column.isidentifier():
+        raise InvalidRequest(f"{what}.column must be a column name")
+    return column
+
+
+def _keywords_condition(spec: Any) -> str:
+    if not isinstance(spec, dict) or set(spec) - {"column", "any", "case_sensitive"}:
+        raise InvalidRequest("keywords must be {column, any: [words], case_sensitive?}")
+    column = _column_ref(spec, "keywords")
+    words = spec.get("any")
+    if (not isinstance(words, list) or not words or len(words) > MAX_KEYWORDS
+            or not all(isinstance(w, str) and w for w in words)):
+        raise InvalidRequest(f"keywords.any must be a list of 1-{MAX_KEYWORDS} non-empty strings")
+    if spec.get("case_sensitive", False):
+        return " OR ".join(f"contains({column}, {_literal(w)})" for w in words)
+    return " OR ".join(f"contains(lower({column}), {_literal(w.lower())})" for w in words)
+
+
+_RE2_LOCK = threading.Lock()
+
+
+@lru_cache(maxsize=1)
+def _re2_checker() -> duckdb.DuckDBPyConnection:
+    return duckdb.connect()  # an empty in-memory database: patterns are checked here, never on the rows
+
+
+@lru_cache(maxsize=1024)
+def _re2_problem(pattern: str) -> str | None:
+    """Why DuckDB's RE2 rejects `pattern`, or None."""
+    with _RE2_LOCK:
+        try:
+            _re2_checker().execute("SELECT regexp_matches('', ?)", [pattern]).fetchall()
+        except duckdb.Error as exc:
+            return str(exc).splitlines()[0]
+    return None
+
+
+def _regex_condition(spec: Any) -> str:
+    if not isinstance(spec, dict) or set(spec) - {"column", "pattern", "ignore_case"}:
+        raise InvalidRequest("regex must be {column, pattern, ignore_case?}")
+    column = _column_ref(spec, "regex")
+    pattern = spec.get("pattern")
+    if not isinstance(pattern, str) or not pattern:
+        raise InvalidRequest("regex.pattern must be a non-empty string")
+    problem = _re2_problem(pattern)
+    if problem is not None:
+        raise QueryRejected(f"invalid regular expression {pattern!r}: {problem}", reason="invalid_regex",
+                            hint="use RE2 syntax (no look-around, no back-references)")
+    flags = ", 'i'" if spec.get("ignore_case", False) else ""
+    return f"regexp_matches({column}, {_literal(pattern)}{flags})"
+
+
+def compile_lf(raw: Any, policy: Policy, seen: set[str]) -> CompiledLF:
+    """Validate one declarative LF against the policy and compile it."""
+    if not isinstance(raw, dict):
+        raise InvalidRequest("each labeling function is an object {name, label, when | keywords | regex}")
+    extra = set(raw) - {"name", "label", "when", "keywords", "regex", "description"}
+    if extra:
+        raise InvalidRequest(f"unknown labeling-function field(s) {sorted(extra)}")
+    name = check_name(raw.get("name"), seen)
+    classes = classes_of(policy)
+    label = raw.get("label")
+    if label not in classes:
+        raise InvalidRequest(f"labeling function {name!r}: label {label!r} is not one of the classes {classes}")
+    given = [k for k in ("when", "keywords", "regex") if raw.get(k) is not None]
+    if len(given) != 1:
+        raise InvalidRequest(f"labeling function {name!r} needs exactly one of when, keywords, regex")
+    kind = given[0]
+    try:
+        if kind == "when":
+            if not isinstance(raw["when"], str):
+                raise InvalidRequest(f"labeling function {name!r}: when must be a SQL condition (a string)")
+            condition = raw["when"]
+        elif kind == "keywords":
+            condition = _keywords_condition(raw["keywords"])
+        else:
+            condition = _regex_condition(raw["regex"])
+        node = parse_condition(condition)
+        _check_table_functions(node, condition)
+        columns = validate_row_expression(node, policy, condition, labeling=True)
+    except (QueryRejected, InvalidRequest) as exc:
+        exc.details["lf"] = name
+        raise
+    return CompiledLF(name=name, label=label, label_index=classes.index(label), condition=condition,
+                      sql=_bounded_sql(node), columns=tuple(sorted(columns)))
+
+
+def compile_lfs(raws: list[Any], policy: Policy, seen: set[str] | None = None) -> list[CompiledLF]:
+    """Validate and compile a set of declarative LFs; names must be unique (also against `seen`)."""
+    if not isinstance(raws, list):
+        raise InvalidRequest("lfs must be a list of labeling functions")
+    seen = set() if seen is None else seen
+    return [compile_lf(raw, policy, seen) for raw in raws]

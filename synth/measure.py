@@ -1,0 +1,188 @@
+"""The DP measurements behind a proxy, and how a request's ε (and δ) is split across them.
+
+Input is a DuckDB cursor on the private database and the policy; `measure` reads only the pre-bounded table
+through aggregate queries (histograms and two-way tables), and every number it keeps has passed through an
+OpenDP mechanism from `policies.mechanisms`. It never opens a database and never pulls rows.
+
+Sensitivity: neighbouring datasets differ by all rows of one privacy unit, at most k = `max_rows_per_unit` rows
+of the pre-bounded table. Every row falls in exactly one bin of a histogram and in at most one cell of a
+two-way table, so each released vector has L1 sensitivity k.
+
+The ε split (basic sequential composition; the parts add up to the request's ε):
+
+- with d proxy columns and P = d(d-1)/2 column pairs: half of ε for the marginals, ε/(2d) each, and half for
+  the correlations, ε/(2P) each; with a single column (P = 0) all of ε goes to its marginal;
+- a marginal is a discrete-Laplace histogram over the column's public bins (scale k / ε_column);
+- a column without a public domain (category without `domain`) gets its keys by DP key selection (OpenDP's
+  Laplace threshold), spending its ε_column and an equal share of the request's δ; with δ = 0 such columns are
+  left out of the proxy;
+- a correlation is a discrete-Laplace two-way table of the two columns' coarse groups (at most 5 × 5 cells, cut
+  at quantiles of the already-released marginals) with scale k / ε_pair, turned into a latent-normal ρ by
+  maximum likelihood, shrunk by its evidence against independence and repaired to a positive definite matrix (all
+  post-processing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Any
+
+import duckdb
+import numpy as np
+
+from policies.errors import InvalidRequest
+from policies.mechanisms import release_integers, select_keys
+from policies.schema import Policy
+from policies.sensitivity import count_sensitivity
+from synth.columns import ColumnBins, ProxySchema, proxy_schema, quote
+from synth.copula import coarse_groups, group_thresholds, nearest_correlation, polychoric_fit, shrink
+from synth.model import DPCopulaModel, Marginal, PairTable
+
+Progress = Callable[[float, str], None]
+
+
+def _no_progress(fraction: float, stage: str) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """The public plan of a DP proxy: its columns and the ε / δ of each measurement."""
+
+    schema: ProxySchema
+    epsilon: float
+    delta: float
+    epsilon_marginal: float
+    epsilon_pair: float
+    delta_key_selection: float
+
+    @property
+    def pairs(self) -> list[tuple[int, int]]:
+        return list(combinations(range(len(self.schema.columns)), 2))
+
+    @property
+    def delta_spent(self) -> float:
+        keyed = sum(1 for c in self.schema.columns if c.kind == "keys")
+        return self.delta_key_selection * keyed
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "columns": [c.name for c in self.schema.columns],
+            "unit_column": self.schema.unit_column,
+            "dropped": self.schema.dropped,
+            "epsilon": self.epsilon,
+            "delta": self.delta_spent,
+            "epsilon_per_marginal": self.epsilon_marginal,
+            "epsilon_per_pair": self.epsilon_pair,
+            "pairs": len(self.pairs),
+            "delta_per_key_selection": self.delta_key_selection,
+            "rule": "half of ε to the marginals (equal shares), half to the column pairs (equal shares); "
+                    "all of ε to the marginal if there is one column; δ only for key selection, equal shares",
+        }
+
+
+def allocate(policy: Policy, epsilon: float, delta: float = 0.0) -> Allocation:
+    """Split (ε, δ) over the measurements of a proxy of `policy`, from public facts only."""
+    if not epsilon > 0:
+        raise InvalidRequest("a DP proxy needs epsilon > 0")
+    schema = proxy_schema(policy)
+    columns = list(schema.columns)
+    dropped = dict(schema.dropped)
+    if delta <= 0:
+        for c in [c for c in columns if c.kind == "keys"]:
+            columns.remove(c)
+            dropped[c.name] = "no public domain: DP key selection needs delta > 0"
+    schema = ProxySchema(columns=columns, unit_column=schema.unit_column, dropped=dropped)
+    d = len(columns)
+    if d == 0:
+        raise InvalidRequest(f"dataset {policy.dataset!r} has no column a proxy can have", dropped=dropped)
+    n_pairs = d * (d - 1) // 2
+    eps_marg = (epsilon / 2 if n_pairs else epsilon) / d
+    eps_pair = epsilon / 2 / n_pairs if n_pairs else 0.0
+    keyed = sum(1 for c in columns if c.kind == "keys")
+    return Allocation(schema, epsilon, delta, eps_marg, eps_pair, delta / keyed if keyed else 0.0)
+
+
+def _marginal(con: duckdb.DuckDBPyConnection, table: str, col: ColumnBins, k: int, a: Allocation) -> Marginal:
+    if col.kind == "keys":
+        c = quote(col.name)
+        rows = con.execute(
+            f"SELECT CAST({c} AS VARCHAR) AS key, COUNT(*) FROM {quote(table)} WHERE {c} IS NOT NULL GROUP BY key"
+        ).fetchall()
+        sel = select_keys({str(key): int(n) for key, n in rows}, k, a.epsilon_marginal, a.delta_key_selection)
+        keys = sorted(sel.kept)
+        return Marginal(col.with_keys(keys), [int(sel.kept[key]) for key in keys], sel.scale, sel.epsilon,
+                        sel.delta, sel.threshold)
+    counts = [0] * col.size
+    for b, n in con.execute(f"SELECT {col.bin_sql()} AS b, COUNT(*) FROM {quote(table)} GROUP BY b").fetchall():
+        counts[int(b)] = int(n)
+    rel = release_integers(counts, count_sensitivity(k), a.epsilon_marginal)
+    return Marginal(col, rel.values, rel.scale, rel.epsilon)
+
+
+def _group_sql(m: Marginal, groups: np.ndarray) -> str:
+    lookup = ", ".join(str(int(g)) for g in groups) + ", NULL"  # the NULL bin maps to NULL
+    return f"([{lookup}][{m.column.bin_sql()} + 1])"
+
+
+def _pair(con: duckdb.DuckDBPyConnection, table: str, ma: Marginal, mb: Marginal, k: int, eps: float) -> PairTable:
+    ga, gb = coarse_groups(ma.value_mass), coarse_groups(mb.value_mass)
+    na, nb = int(ga.max()) + 1, int(gb.max()) + 1
+    sql = (f"SELECT ga, gb, COUNT(*) FROM (SELECT {_group_sql(ma, ga)} AS ga, {_group_sql(mb, gb)} AS gb "
+           f"FROM {quote(table)}) WHERE ga IS NOT NULL AND gb IS NOT NULL GROUP BY ga, gb")
+    flat = [0] * (na * nb)
+    for i, j, n in con.execute(sql).fetchall():
+        flat[int(i) * nb + int(j)] = int(n)
+    rel = release_integers(flat, count_sensitivity(k), eps)
+    noisy = np.asarray(rel.values, dtype=np.int64).reshape(na, nb)
+    rho, lr = polychoric_fit(noisy, group_thresholds(ma.value_mass, ga), group_thresholds(mb.value_mass, gb),
+                             rel.scale)
+    return PairTable(ma.column.name, mb.column.name, ga.tolist(), gb.tolist(), noisy.tolist(), rel.scale,
+                     rel.epsilon, rho, lr, shrink(rho, lr))
+
+
+def measure(
+    con: duckdb.DuckDBPyConnection,
+    table: str,
+    policy: Policy,
+    allocation: Allocation,
+    progress: Progress = _no_progress,
+) -> DPCopulaModel:
+    """Run every DP measurement of `allocation` on the pre-bounded `table` and return the DP model."""
+    k = policy.max_rows_per_unit
+    columns = allocation.schema.columns
+    measured: list[Marginal | None] = []
+    steps = len(columns) + len(allocation.pairs)
+    notes: list[str] = []
+    dropped = dict(allocation.schema.dropped)
+    for i, col in enumerate(columns):
+        progress(i / steps, f"marginal of {col.name}")
+        m = _marginal(con, table, col, k, allocation)
+        if m.column.n_bins == 0:
+            dropped[col.name] = "no key passed the DP key-selection threshold"
+            measured.append(None)
+            continue
+        if m.cleaned[: m.column.n_bins].sum() <= 0:
+            notes.append(f"the DP histogram of {col.name} came out empty at this ε; its proxy values are uniform")
+        measured.append(m)
+    kept = [i for i, m in enumerate(measured) if m is not None]
+    marginals = [m for m in measured if m is not None]
+    corr = np.eye(len(marginals))
+    pairs: list[PairTable] = []
+    for n, (i, j) in enumerate(allocation.pairs):
+        ma, mb = measured[i], measured[j]
+        if ma is None or mb is None:
+            continue  # its share of ε stays spent (the plan was fixed before measuring)
+        progress((len(columns) + n) / steps, f"correlation of {ma.column.name} and {mb.column.name}")
+        p = _pair(con, table, ma, mb, k, allocation.epsilon_pair)
+        corr[kept.index(i), kept.index(j)] = corr[kept.index(j), kept.index(i)] = p.rho_used
+        pairs.append(p)
+    progress(1.0, "measured")
+    return DPCopulaModel(
+        dataset=policy.dataset, rows_per_unit=k, epsilon=allocation.epsilon, delta=allocation.delta_spent,
+        allocation=allocation.to_json(), marginals=marginals, pairs=pairs,
+        correlation=nearest_correlation(corr).tolist(), unit_column=allocation.schema.unit_column,
+        dropped=dropped, notes=notes,
+    )

@@ -1,0 +1,42 @@
+"""Test-only Python LFs that misbehave: the sandbox must contain each of them. Registered by the tests only, for
+the duration of a test, through `labeling_functions.registry.REGISTRY.registered`."""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+from snorkel.labeling import labeling_function
+
+ABSTAIN = -1
+SECRET_MARKER = "row contents:"
+
+
+@labeling_function()
+def test_only_sleeps_forever(x: Any) -> int:
+    while True:
+        time.sleep(3600)
+
+
+@labeling_function()
+def test_only_allocates_without_bound(x: Any) -> int:
+    hoard = []
+    while True:
+        hoard.append(bytearray(64 * 2**20))
+
+
+@labeling_function()
+def test_only_raises_with_row_contents(x: Any) -> int:
+    raise ValueError(f"{SECRET_MARKER} {x.triage_note} / {x.diagnosis}")
+
+
+@labeling_function()
+def test_only_opens_a_socket(x: Any) -> int:
+    with socket.create_connection(("127.0.0.1", 9), timeout=1):
+        return ABSTAIN
+
+
+@labeling_function()
+def test_only_returns_undeclared_label(x: Any) -> int:
+    return 1  # declared labels: urgent (0) only, so every vote is counted as an abstention

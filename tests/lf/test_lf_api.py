@@ -1,0 +1,205 @@
+"""POST /v1/lf/stats and GET /v1/lf/registry through the real app: answers, accounting, cache, audit, label model,
+client DataFrame, CLI, and LF conditions rejected exactly like bad SQL."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from audit.log import AuditLog
+from gateway.client import Client
+from tests.conftest import Workspace
+
+LFS: list[dict[str, Any]] = [
+    {"name": "red_flags", "label": "urgent",
+     "keywords": {"column": "triage_note", "any": ["chest pain", "shortness of breath", "unresponsive"]}},
+    {"name": "urgent_dx", "label": "urgent", "when": "diagnosis IN ('I21', 'I63', 'J96', 'R07')"},
+    {"name": "planned", "label": "routine", "regex": {"column": "triage_note", "pattern": "routine|follow-up|refill"}},
+]
+
+
+def _stats(c: Any, ws: Workspace, role: str = "lf_author", **body: Any) -> Any:
+    payload = {"dataset": "visits", "lfs": LFS, "epsilon": 1.0, **body}
+    return c.post("/v1/lf/stats", json=payload, headers=ws.headers(role))
+
+
+def test_stats_are_released_with_intervals_charged_once_and_cached(workspace: Workspace) -> None:
+    with workspace.app() as c:
+        r = _stats(c, workspace)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        again = _stats(c, workspace).json()
+        budget = c.get("/v1/budget", headers=workspace.headers("lf_author")).json()
+    assert body["classes"] == ["urgent", "routine"] and body["gold_column"] == "triage_label"
+    assert [lf["name"] for lf in body["lfs"]] == ["red_flags", "urgent_dx", "planned"]
+    assert [lf["polarity"] for lf in body["lfs"]] == [["urgent"], ["urgent"], ["routine"]]
+    for lf in body["lfs"]:
+        for key in ("coverage", "overlaps", "conflicts", "emp_acc"):
+            lo, hi = lf[key]["interval"]
+            assert 0.0 <= lo <= hi <= 1.0, (lf["name"], key)
+        for key in ("correct", "incorrect", "votes"):
+            lo, hi = lf[key]["interval"]
+            assert 0 <= lo <= hi and isinstance(lf[key]["value"], int)
+        assert set(lf["per_class"]) == set(lf["polarity"])
+    # The demo's planted structure shows through the noise: urgent diagnoses are mostly urgent.
+    assert body["lfs"][1]["emp_acc"]["value"] > 0.6
+    assert len(body["pairwise"]["overlaps"]) == 3 and body["pairwise"]["conflicts"][0][0] == 0.0
+    assert 0 < body["label_set"]["coverage"]["value"] <= 1
+    assert math.isclose(sum(m["epsilon"] for m in body["measurements"]), 1.0)
+    assert {m["measurement"] for m in body["measurements"]} == {"rows", "lf", "pairwise", "gold"}
+    assert body["epsilon_spent"] == 1.0 and not body["cached"]
+    assert again["cached"] and again["epsilon_spent"] == 0.0 and again["lfs"] == body["lfs"]
+    visits = next(b for b in budget if b["dataset"] == "visits")
+    assert math.isclose(visits["spent"]["epsilon"], 1.0)
+
+    records = [r for r in AuditLog(workspace.settings.audit_dir).records() if r.get("event") == "lf_stats"]
+    phases = [(r.get("phase"), r.get("reason")) for r in records]
+    assert phases == [("admitted", "ok"), ("released", "ok"), ("released", "cached")]
+
+
+def test_dry_run_costs_nothing_and_roles_need_the_labeling_grant(workspace: Workspace) -> None:
+    with workspace.app() as c:
+        dry = _stats(c, workspace, dry_run=True).json()
+        denied = _stats(c, workspace, role="analyst")
+        budget = c.get("/v1/budget", headers=workspace.headers("lf_author")).json()
+        ds = c.get("/v1/datasets", headers=workspace.headers("lf_author")).json()
+    assert dry["dry_run"] and dry["epsilon_spent"] == 0.0 and "lfs" not in dry
+    assert all(m["half_width"] > 0 for m in dry["measurements"])
+    assert all(b["spent"]["epsilon"] == 0.0 for b in budget)
+    assert denied.status_code == 403 and denied.json()["error"]["code"] == "forbidden"
+    visits = next(d for d in ds if d["dataset"] == "visits")
+    assert visits["labels"]["classes"] == ["urgent", "routine"]
+
+
+BAD_CONDITIONS: list[tuple[dict[str, Any], str, str | None]] = [
+    ({"when": "ssn LIKE '9%'"}, "hidden_column", "ssn"),
+    ({"when": "patient_id > 100"}, "privacy_unit_column", "patient_id"),
+    ({"keywords": {"column": "ssn", "any": ["123"]}}, "hidden_column", "ssn"),
+    ({"regex": {"column": "ssn", "pattern": "^9"}}, "hidden_column", "ssn"),
+    ({"when": "random() < 0.5"}, "volatile_function", "random"),
+    ({"when": "age > 3 AND now() > DATE '2020-01-01'"}, "volatile_function", "now"),
+    ({"when": "read_parquet('/etc/passwd') IS NOT NULL"}, "table_function", "read_parquet('/etc/passwd'"),
+    ({"when": "glob('/tmp/*') IS NOT NULL"}, "table_function", "glob('/tmp/*'"),
+    ({"when": "age IN (SELECT age FROM visits)"}, "subquery", None),
+    ({"when": "age > 3; DROP TABLE bounded_visits"}, "multiple_statements", None),
+    ({"when": "COUNT(*) > 3"}, "aggregate_in_row_expression", "COUNT(*"),
+    ({"when": "shoe_size > 3"}, "unknown_column", "shoe_size"),
+    ({"regex": {"column": "triage_note", "pattern": "(?<=x)y"}}, "invalid_regex", None),
+]
+
+
+def test_bad_conditions_are_rejected_like_bad_sql_before_any_charge(workspace: Workspace) -> None:
+    with workspace.app() as c:
+        h = workspace.headers("lf_author")
+        for lf, reason, highlight in BAD_CONDITIONS:
+            bad = {"name": "bad", "label": "urgent", **lf}
+            r = c.post("/v1/lf/stats", json={"dataset": "visits", "lfs": [LFS[0], bad], "epsilon": 1.0}, headers=h)
+            assert r.status_code == 400, r.text
+            err = r.json()["error"]
+            assert err["code"] == "query_rejected" and err["reason"] == reason, err
+            assert err["lf"] == "bad", err
+            if highlight is not None:
+                # The span is the shared validator's (as for WHERE); it may stop before a closing parenthesis.
+                assert err["highlight"].lower().startswith(highlight.lower()), err
+                assert err["line"] == 1 and err["column"] >= 1
+        budget = c.get("/v1/budget", headers=h).json()
+    assert all(b["spent"]["epsilon"] == 0.0 for b in budget)  # nothing was charged
+    denials = [r for r in AuditLog(workspace.settings.audit_dir).records()
+               if r.get("event") == "lf_stats" and r.get("decision") == "denied"]
+    assert len(denials) == len(BAD_CONDITIONS)
+
+
+def test_syntax_errors_and_invalid_requests(workspace: Workspace) -> None:
+    with workspace.app() as c:
+        h = workspace.headers("lf_author")
+        syntax = c.post("/v1/lf/stats", json={"dataset": "visits", "epsilon": 1,
+                                              "lfs": [{"name": "x", "label": "urgent", "when": "age >"}]}, headers=h)
+        label = c.post("/v1/lf/stats", json={"dataset": "visits", "epsilon": 1,
+                                             "lfs": [{"name": "x", "label": "stable", "when": "age > 3"}]}, headers=h)
+        dup = c.post("/v1/lf/stats", json={"dataset": "visits", "epsilon": 1, "lfs": [LFS[0], LFS[0]]}, headers=h)
+        unknown = c.post("/v1/lf/stats", json={"dataset": "visits", "epsilon": 1, "python_lfs": ["nope"]},
+                         headers=h)
+        types = c.post("/v1/lf/stats", json={"dataset": "visits", "epsilon": 1,
+                                             "lfs": [{"name": "x", "label": "urgent", "when": "age > DATE '2020-01-01'"}
+                                                     ]}, headers=h)
+    assert syntax.status_code == 400 and syntax.json()["error"]["code"] == "sql_syntax_error"
+    assert label.status_code == 400 and "classes" in label.json()["error"]["message"]
+    assert dup.status_code == 400 and "twice" in dup.json()["error"]["message"]
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "lf_not_found"
+    assert types.status_code == 400 and types.json()["error"]["reason"] == "invalid_condition"
+
+
+def test_a_condition_failing_on_some_rows_says_nothing_about_them(workspace: Workspace) -> None:
+    # DuckDB's integer division fails on the rows with length_of_stay = 0 (if there are any).
+    lf = {"name": "x", "label": "urgent", "when": "100 // length_of_stay > 1"}
+    with workspace.app() as c:
+        h = workspace.headers("lf_author")
+        r = c.post("/v1/lf/stats", json={"dataset": "visits", "epsilon": 0.5, "lfs": [lf]}, headers=h)
+        budget = c.get("/v1/budget", headers=h).json()
+    assert r.status_code == 422 and r.json()["error"]["code"] == "lf_execution_failed"
+    assert "zero" not in r.text.lower() and "length_of_stay" not in r.text
+    visits = next(b for b in budget if b["dataset"] == "visits")
+    assert visits["spent"]["epsilon"] == 0.5  # charged before running; never refunded
+
+
+def test_registry_python_lfs_label_model_and_client_frame(workspace: Workspace) -> None:
+    with workspace.app() as c:
+        client = Client(str(c.base_url), workspace.tokens["lf_author"], transport=c._transport)
+        registry = client.lf_registry()
+        names = {e["name"] for e in registry}
+        assert {"urgent_diagnosis", "red_flag_words", "routine_words", "stay_and_age"} <= names
+        assert all(e["dataset"] == "visits" and e["code_sha256"] for e in registry)
+        frame = client.lf_stats("visits", LFS, python_lfs=["urgent_diagnosis", "stay_and_age"], epsilon=2.0,
+                                label_model=True)
+    assert isinstance(frame, pd.DataFrame)
+    assert list(frame.index) == ["red_flags", "urgent_dx", "planned", "urgent_diagnosis", "stay_and_age"]
+    for col in ("Polarity", "Coverage", "Overlaps", "Conflicts", "Correct", "Incorrect", "Emp. Acc.",
+                "Coverage_low", "Coverage_high", "Emp. Acc._low", "Emp. Acc._high"):
+        assert col in frame.columns
+    assert frame.loc["stay_and_age", "Polarity"] == ["urgent", "routine"]
+    assert (frame["Coverage_low"] <= frame["Coverage"]).all() and (frame["Coverage"] <= frame["Coverage_high"]).all()
+
+    lm = frame.attrs["label_model"]
+    assert set(lm["class_balance"]) == {"urgent", "routine", "abstain"}
+    assert 0.5 < lm["gold_agreement"]["value"] <= 1.0
+    output = workspace.settings.outputs_dir / lm["output"]
+    assert output.exists() and (output.stat().st_mode & 0o077) == 0
+    labels = pd.read_parquet(output)
+    assert list(labels.columns) == ["row", "label", "prob_urgent", "prob_routine"]
+    assert "prob_urgent" not in json.dumps(frame.attrs)  # probabilities never reach the caller
+
+
+def test_cli_prints_the_summary(workspace: Workspace, tmp_path: Path) -> None:
+    import threading
+
+    import uvicorn
+
+    from gateway.app import create_app
+
+    lf_file = tmp_path / "lfs.yaml"
+    lf_file.write_text(json.dumps({"lfs": LFS}))
+    server = uvicorn.Server(uvicorn.Config(create_app(workspace.settings), host="127.0.0.1", port=0,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            thread.join(0.05)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "lf", "stats", str(lf_file), "--dataset", "visits", "--epsilon",
+             "1", "--url", f"http://127.0.0.1:{port}", "--token", workspace.tokens["lf_author"]],
+            capture_output=True, text=True, timeout=120, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+        )
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert out.returncode == 0, out.stderr
+    for word in ("red_flags", "urgent_dx", "planned", "Coverage", "Emp. Acc.", "label-set coverage", "spent ε=1"):
+        assert word in out.stdout, (word, out.stdout)

@@ -1,0 +1,156 @@
+"""The compiled SQL label matrix is exactly Snorkel's PandasLFApplier output for equivalent Python LFs, and the
+statistics computed from DuckDB's vote patterns are exactly Snorkel's LFAnalysis on that matrix."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from snorkel.labeling import LFAnalysis, PandasLFApplier, labeling_function
+
+from gateway.service import Bastion
+from labeling_functions.analysis import plan_lf_stats, run_lfs
+from labeling_functions.matrix import VoteQuery, label_matrix, lf_input_frame, vote_patterns
+from labeling_functions.registry import REGISTRY
+from labeling_functions.sandbox import LFRef, SandboxLimits, apply_python_lfs
+from labeling_functions.specs import compile_lfs
+from labeling_functions.statistics import ExactStatistics
+from policies.schema import Policy
+from tests.conftest import Workspace
+
+URGENT, ROUTINE, ABSTAIN = 0, 1, -1
+
+SQL_LFS: list[dict[str, Any]] = [
+    {"name": "red_flags", "label": "urgent",
+     "keywords": {"column": "triage_note", "any": ["Chest Pain", "shortness of breath", "stroke"]}},
+    {"name": "planned", "label": "routine",
+     "regex": {"column": "triage_note", "pattern": r"^(routine|follow-up|prescription)"}},
+    {"name": "urgent_dx", "label": "urgent", "when": "diagnosis IN ('I21', 'I63', 'J96', 'R07', 'S72')"},
+    {"name": "old_long_stay", "label": "urgent", "when": "age >= 70 AND length_of_stay >= 6"},
+    {"name": "young_same_day", "label": "routine", "when": "age < 40 AND length_of_stay = 0 AND sex <> 'X'"},
+    {"name": "winter_fever", "label": "urgent",
+     "when": "month(visit_day) IN (12, 1, 2) AND contains(triage_note, 'fever')"},
+    {"name": "capital_sore", "label": "routine",
+     "keywords": {"column": "triage_note", "any": ["Sore"], "case_sensitive": True}},
+    {"name": "rich_not_cardiac", "label": "routine", "when": "income > 90000 AND NOT (diagnosis LIKE 'I%')"},
+]
+
+
+@labeling_function()
+def red_flags(x: Any) -> int:
+    note = x.triage_note.lower()
+    return URGENT if any(w in note for w in ("chest pain", "shortness of breath", "stroke")) else ABSTAIN
+
+
+@labeling_function()
+def planned(x: Any) -> int:
+    return ROUTINE if re.search(r"^(routine|follow-up|prescription)", x.triage_note) else ABSTAIN
+
+
+@labeling_function()
+def urgent_dx(x: Any) -> int:
+    return URGENT if x.diagnosis in {"I21", "I63", "J96", "R07", "S72"} else ABSTAIN
+
+
+@labeling_function()
+def old_long_stay(x: Any) -> int:
+    return URGENT if x.age >= 70 and x.length_of_stay >= 6 else ABSTAIN
+
+
+@labeling_function()
+def young_same_day(x: Any) -> int:
+    return ROUTINE if x.age < 40 and x.length_of_stay == 0 and x.sex != "X" else ABSTAIN
+
+
+@labeling_function()
+def winter_fever(x: Any) -> int:
+    return URGENT if x.visit_day.month in (12, 1, 2) and "fever" in x.triage_note else ABSTAIN
+
+
+@labeling_function()
+def capital_sore(x: Any) -> int:
+    return ROUTINE if "Sore" in x.triage_note else ABSTAIN
+
+
+@labeling_function()
+def rich_not_cardiac(x: Any) -> int:
+    return ROUTINE if x.income > 90000 and not x.diagnosis.startswith("I") else ABSTAIN
+
+
+PY_EQUIVALENTS = [red_flags, planned, urgent_dx, old_long_stay, young_same_day, winter_fever, capital_sore,
+                  rich_not_cardiac]
+
+
+@pytest.fixture
+def private(workspace: Workspace) -> Iterator[tuple[Bastion, Policy]]:
+    bastion = Bastion(workspace.settings)
+    try:
+        yield bastion, bastion.catalog.policy("visits")[0]
+    finally:
+        bastion.close()
+
+
+def _snorkel_summary(L: np.ndarray, gold: np.ndarray) -> dict[str, np.ndarray]:
+    s = LFAnalysis(L).lf_summary(Y=gold)
+    n = len(L)
+    return {"coverage": np.rint(s["Coverage"].to_numpy() * n), "overlaps": np.rint(s["Overlaps"].to_numpy() * n),
+            "conflicts": np.rint(s["Conflicts"].to_numpy() * n), "correct": s["Correct"].to_numpy(),
+            "incorrect": s["Incorrect"].to_numpy()}
+
+
+def _assert_exact_matches_snorkel(exact: ExactStatistics, L: np.ndarray, gold: np.ndarray) -> None:
+    ref = _snorkel_summary(L, gold)
+    assert exact.rows == len(L)
+    assert exact.covered == int((L != ABSTAIN).any(axis=1).sum())
+    assert np.array_equal(exact.coverage, ref["coverage"])
+    assert np.array_equal(exact.overlaps, ref["overlaps"])
+    assert np.array_equal(exact.conflicts, ref["conflicts"])
+    assert exact.correct is not None and exact.incorrect is not None
+    assert np.array_equal(exact.correct.sum(axis=1), ref["correct"])
+    assert np.array_equal(exact.incorrect.sum(axis=1), ref["incorrect"])
+    fired = (L != ABSTAIN).astype(np.int64)
+    assert np.array_equal(exact.pair_overlaps, fired.T @ fired)
+
+
+def test_sql_label_matrix_equals_pandas_lf_applier(private: tuple[Bastion, Policy]) -> None:
+    bastion, policy = private
+    cur = bastion.catalog.connect()
+    compiled = compile_lfs(SQL_LFS, policy)
+    query = VoteQuery(policy, tuple(compiled))
+    rows, matrix, gold = label_matrix(cur, query)
+
+    frame_rows, frame = lf_input_frame(cur, policy)
+    expected = PandasLFApplier(PY_EQUIVALENTS).apply(frame, progress_bar=False)
+
+    assert np.array_equal(rows, frame_rows)
+    assert matrix.shape == expected.shape == (len(frame), len(SQL_LFS))
+    assert np.array_equal(matrix, expected)
+    assert (matrix != ABSTAIN).any(axis=0)[:6].all()  # the LFs do fire (the case-sensitive one need not)
+    assert set(np.unique(gold)) == {URGENT, ROUTINE}
+
+    # Statistics from DuckDB's GROUP BY over vote patterns equal Snorkel's LFAnalysis on the full matrix.
+    votes, pattern_gold, counts = vote_patterns(cur, query)
+    assert len(counts) < 2_000 and counts.sum() == len(frame)
+    _assert_exact_matches_snorkel(ExactStatistics.from_patterns(votes, counts, pattern_gold, 2), expected, gold)
+
+
+def test_python_lfs_in_the_sandbox_join_the_sql_votes_row_by_row(private: tuple[Bastion, Policy]) -> None:
+    bastion, policy = private
+    cur = bastion.catalog.connect()
+    names = ["urgent_diagnosis", "red_flag_words", "routine_words", "stay_and_age"]
+    _, frame = lf_input_frame(cur, policy)
+    lfs = [REGISTRY.get(n) for n in names]
+    in_process = PandasLFApplier([getattr(__import__(e.module, fromlist=[e.attribute]), e.attribute)
+                                  for e in lfs]).apply(frame, progress_bar=False)
+    head = frame.iloc[:5_000]
+    sandboxed = apply_python_lfs([LFRef(e.name, e.module, e.attribute) for e in lfs], head,
+                                 SandboxLimits(seconds=120))
+    assert np.array_equal(sandboxed, in_process[:5_000])
+
+    plan = plan_lf_stats(policy, lfs=SQL_LFS[:3], python_lfs=names, epsilon=1.0, alpha=0.05)
+    run = run_lfs(plan, cur, limits=SandboxLimits(seconds=120))
+    _, sql_matrix, gold = label_matrix(cur, VoteQuery(policy, plan.declarative))
+    _assert_exact_matches_snorkel(run.exact, np.hstack([sql_matrix, in_process]), gold)
