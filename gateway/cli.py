@@ -144,7 +144,7 @@ def demo(
     workspace: Workspace = None,
 ) -> None:
     """Create (or reuse) the demo workspace here: generated hospital visits, its policy, tokens; then serve."""
-    from gateway.demo import write_demo
+    from gateway.demo import write_demo, write_examples
     from policies.schema import load_policy
 
     settings = Settings.load(workspace, host=host, port=port)
@@ -190,6 +190,12 @@ def demo(
     typer.echo(f"  python -c \"from gateway.client import Client; print(Client('{url}', '{analyst}').query("
                f"'SELECT sex, COUNT(*) AS n FROM visits GROUP BY sex', epsilon=0.5))\"")
     typer.echo(f"  API docs: {url}/docs")
+    lfs = write_examples(settings.workspace / "examples")
+    console.print("\n[bold]As the labeling-function author[/]:", highlight=False)
+    typer.echo(f"  BASTION_URL={url} BASTION_TOKEN={made['lf_author']['token']} "
+               f"bastion lf stats {lfs} --dataset visits --epsilon 1")
+    console.print("\n[bold]As the auditor[/]:", highlight=False)
+    typer.echo(f"  open {url}/audit and paste the auditor token; on this host: bastion audit verify")
     if serve_:
         import uvicorn
 

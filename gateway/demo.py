@@ -74,6 +74,25 @@ labels: {gold_column: triage_label, classes: [urgent, routine]}
 """
 
 
+EXAMPLE_LFS_YAML = """\
+# Labeling functions for the demo visits table: `bastion lf stats lfs.yaml --dataset visits --epsilon 1`
+lfs:
+  - name: urgent_words
+    label: urgent
+    keywords: {column: triage_note, any: [chest pain, shortness of breath, stroke, unresponsive, bleeding]}
+  - name: routine_words
+    label: routine
+    keywords: {column: triage_note, any: [routine, follow-up, refill, vaccination, annual]}
+  - name: cardiac_dx
+    label: urgent
+    when: "diagnosis IN ('I21', 'I63')"
+  - name: long_stay
+    label: urgent
+    when: "length_of_stay >= 8"
+python_lfs: [urgent_diagnosis]
+"""
+
+
 def generate_visits(n_rows: int = 500_000, seed: int = 7) -> pa.Table:
     """At least `n_rows` visits (exactly n_rows), several per patient, deterministic for a seed."""
     rng = np.random.default_rng(seed)
@@ -132,3 +151,11 @@ def write_demo(directory: Path, n_rows: int = 500_000, seed: int = 7) -> tuple[P
     policy = directory / "visits.yaml"
     policy.write_text(POLICY_YAML)
     return data, policy
+
+
+def write_examples(directory: Path) -> Path:
+    """Public example files for the demo's users (no private data); returns the LF file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    lfs = directory / "lfs.yaml"
+    lfs.write_text(EXAMPLE_LFS_YAML)
+    return lfs

@@ -59,17 +59,37 @@ def span(node: exp.Expression, sql: str) -> tuple[int | None, int | None]:
         return None, None
     start = min(m["start"] for m in positions)
     end = max(m["end"] for m in positions) + 1
-    if isinstance(node, exp.Func) and not node.meta:
-        # Widen to the function name and its closing parenthesis.
-        name = node.sql_name() if not isinstance(node, exp.Anonymous) else str(node.this)
-        low = sql.lower()
-        at = low.rfind(name.lower(), 0, start)
-        if at != -1:
-            start = at
-        close = sql.find(")", end)
-        if close != -1:
-            end = close + 1
+    if isinstance(node, exp.Func):
+        if not node.meta:  # the name token has no position: find the name before the first argument
+            name = node.sql_name() if not isinstance(node, exp.Anonymous) else str(node.this)
+            at = sql.lower().rfind(name.lower(), 0, start)
+            if at != -1:
+                start = at
+        end = _closing_paren(sql, start, end)
     return start, end
+
+
+def _closing_paren(sql: str, start: int, end: int) -> int:
+    """End offset just past the parenthesis that closes the call starting at `start` (or `end` if none)."""
+    open_at = sql.find("(", start)
+    if open_at == -1:
+        return end
+    depth = 0
+    quote = None
+    for i in range(open_at, len(sql)):
+        ch = sql[i]
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth == 0:
+                return max(end, i + 1)
+    return end
 
 
 def reject(message: str, reason: str, node: exp.Expression | None, sql: str, hint: str | None = None) -> QueryRejected:
