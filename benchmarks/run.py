@@ -63,6 +63,7 @@ class Options:
     warmup: int = 2
     fresh: str = "sql"
     clients: int = 8
+    server_workers: int = 1
     throughput_seconds: float = 5.0
     throughput_max_requests: int = 20_000
     http: bool = True
@@ -168,13 +169,14 @@ def bastion_command() -> list[str]:
 
 
 @contextlib.contextmanager
-def server(workspace: Path, log_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """`bastion serve` on 127.0.0.1 and a free port, until the block ends."""
+def server(workspace: Path, log_path: Path, workers: int = 1) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`bastion serve` on 127.0.0.1 and a free port (no access log), until the block ends."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [*bastion_command(), "serve", "--workspace", str(workspace), "--host", "127.0.0.1", "--port", str(port)],
+            [*bastion_command(), "serve", "--workspace", str(workspace), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", str(workers), "--no-access-log"],
             stdout=log, stderr=subprocess.STDOUT, cwd=str(workspace.parent),
         )
         try:
@@ -422,7 +424,8 @@ def run(opts: Options) -> dict[str, Any]:
         with contextlib.ExitStack() as stack:
             url, proc = None, None
             if opts.http:
-                url, proc = stack.enter_context(server(settings.workspace, opts.work / f"server_{n}.log"))
+                url, proc = stack.enter_context(server(settings.workspace, opts.work / f"server_{n}.log",
+                                                                   opts.server_workers))
                 run_entry["gateway_rss_after_start_mib"] = peak_rss_mib(proc.pid)
             timed = time_engines(opts, settings, token, principal, url, fresh)
             if proc is not None:
@@ -474,6 +477,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--fresh", choices=["sql", "epsilon"], default="sql",
                    help="make every timed query new by a distinct SQL text (default) or by a new ε")
     p.add_argument("--clients", type=int, default=8, help="concurrent HTTP clients for throughput")
+    p.add_argument("--server-workers", type=int, default=1,
+                   help="gateway worker processes (peak memory is then the supervisor's, not the workers')")
     p.add_argument("--throughput-seconds", type=float, default=5.0)
     p.add_argument("--no-http", action="store_true", help="skip the HTTP server (and throughput, memory)")
     p.add_argument("--no-smartnoise", action="store_true", help="skip SmartNoise SQL")
@@ -486,6 +491,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--no-copy", action="store_true", help="do not write benchmarks/RESULTS.md")
     a = p.parse_args(argv)
     return Options(rows=a.rows, reps=a.reps, warmup=a.warmup, fresh=a.fresh, clients=a.clients,
+                   server_workers=a.server_workers,
                    throughput_seconds=a.throughput_seconds, http=not a.no_http, smartnoise=not a.no_smartnoise,
                    smartnoise_reps=a.smartnoise_reps, smartnoise_max_rows=a.smartnoise_max_rows,
                    smartnoise_time_budget_s=a.smartnoise_time_budget, smartnoise_venv=a.smartnoise_venv,

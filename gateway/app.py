@@ -2,41 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.service import Bastion, Context
+from gateway.audit_routes import router as audit_router
+from gateway.dependencies import ERRORS, Core, Ctx
+from gateway.lf_routes import router as lf_router
+from gateway.service import Bastion
 from gateway.settings import Settings
-from policies.errors import GatewayError, Unauthorized
+from gateway.synth_routes import router as synth_router
+from policies.errors import GatewayError
 
 log = logging.getLogger("bastion")
-
-
-class ErrorBody(BaseModel):
-    code: str = Field(description="stable machine-readable code, e.g. query_rejected, budget_exhausted")
-    message: str
-    model_config = ConfigDict(extra="allow")
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
-
-
-ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "invalid request or rejected SQL (with line, column, highlight)"},
-    401: {"model": ErrorResponse, "description": "missing or invalid bearer token"},
-    403: {"model": ErrorResponse, "description": "role or column not granted"},
-    404: {"model": ErrorResponse, "description": "unknown dataset"},
-    429: {"model": ErrorResponse, "description": "budget_exhausted: the privacy budget would be exceeded"},
-    503: {"model": ErrorResponse, "description": "the ledger or the audit log cannot be written; nothing released"},
-}
 
 
 class QueryRequest(BaseModel):
@@ -82,27 +66,6 @@ class QueryResponse(BaseModel):
     notes: list[str] = []
 
 
-def get_bastion(request: Request) -> Bastion:
-    return request.app.state.bastion
-
-
-def get_context(request: Request, bastion: Annotated[Bastion, Depends(get_bastion)]) -> Context:
-    header = request.headers.get("authorization", "")
-    token = header[7:].strip() if header.lower().startswith("bearer ") else None
-    source = request.client.host if request.client else "unknown"
-    rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-    try:
-        principal = bastion.authenticate(token)
-    except Unauthorized:
-        bastion.audit(None, "authentication", request={"path": request.url.path}, decision="denied",
-                      reason="unauthorized", source=source, request_id=rid)
-        raise
-    return Context(principal, source=source, request_id=rid)
-
-
-Ctx = Annotated[Context, Depends(get_context)]
-Core = Annotated[Bastion, Depends(get_bastion)]
-
 router = APIRouter(prefix="/v1", responses=ERRORS)
 
 
@@ -112,9 +75,11 @@ def list_datasets(ctx: Ctx, bastion: Core) -> list[dict[str, Any]]:
 
 
 @router.post("/query", response_model=QueryResponse, summary="Differentially private answer to one SQL query")
-def run_query(body: QueryRequest, ctx: Ctx, bastion: Core) -> dict[str, Any]:
-    return bastion.query(ctx, body.sql, epsilon=body.epsilon, accuracy=body.accuracy, alpha=body.alpha,
-                         delta=body.delta, dry_run=body.dry_run)
+def run_query(body: QueryRequest, ctx: Ctx, bastion: Core) -> Response:
+    answer = bastion.query(ctx, body.sql, epsilon=body.epsilon, accuracy=body.accuracy, alpha=body.alpha,
+                           delta=body.delta, dry_run=body.dry_run)
+    # The answer is built by Bastion in the documented shape; encode it directly instead of re-validating it.
+    return Response(json.dumps(answer, separators=(",", ":"), allow_nan=False), media_type="application/json")
 
 
 @router.get("/budget", response_model=list[Budget], summary="Your spend and remaining budget per dataset")
@@ -147,14 +112,12 @@ def create_app(settings: Settings, bastion: Bastion | None = None) -> FastAPI:
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    app.include_router(router)
-    from gateway.synth_routes import router as synth_router  # imports this module: only once it is loaded
-
-    app.include_router(synth_router)
-    from gateway.lf_routes import router as lf_router  # imports this module: only once it is loaded
-
-    app.include_router(lf_router)
-    from gateway.audit_routes import router as audit_router  # imports this module: only once it is loaded
-
-    app.include_router(audit_router)
+    for r in (router, synth_router, lf_router, audit_router):
+        app.include_router(r)
     return app
+
+
+def app_from_environment() -> FastAPI:
+    """App factory for multi-worker servers: the workspace comes from BASTION_WORKSPACE (set by `bastion serve`)."""
+    return create_app(Settings.load())
+

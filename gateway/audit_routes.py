@@ -31,8 +31,8 @@ from audit.errors import AuditError
 from audit.keys import Keyring
 from audit.record import format_time
 from audit.verify import VerifyReport, verify_log
-from gateway.app import ERRORS, Core, Ctx, get_bastion
 from gateway.audit_commands import verdict
+from gateway.dependencies import ERRORS, Core, Ctx, context_for, get_bastion
 from gateway.service import Bastion, Context
 from policies.errors import GatewayError, InvalidRequest, NotFound, Unauthorized
 
@@ -286,15 +286,7 @@ def _credential(request: Request) -> str | None:
 
 def _web_context(request: Request, bastion: Bastion, token: str | None) -> Context:
     """Who is asking: the bearer header, or the HttpOnly cookie set at login (accepted on these pages only)."""
-    source = request.client.host if request.client else "unknown"
-    rid = request.headers.get("x-request-id") or secrets.token_hex(16)
-    try:
-        principal = bastion.authenticate(token)
-    except Unauthorized:
-        bastion.audit(None, "authentication", request={"path": request.url.path}, decision="denied",
-                      reason="unauthorized", source=source, request_id=rid)
-        raise
-    return Context(principal, source=source, request_id=rid)
+    return context_for(request, bastion, token)
 
 
 def _error_page(request: Request, exc: GatewayError) -> HTMLResponse:

@@ -35,11 +35,18 @@ def _hash(secret: str) -> str:
 class TokenStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._cached: tuple[tuple[int, int, int], dict[str, dict[str, str]]] | None = None
 
     def _read(self) -> dict[str, dict[str, str]]:
-        if not self.path.exists():
+        """The token file, re-read only when it changed (tokens are created by another process)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
             return {}
-        return json.loads(self.path.read_text() or "{}")
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if self._cached is None or self._cached[0] != stamp:
+            self._cached = (stamp, json.loads(self.path.read_text() or "{}"))
+        return self._cached[1]
 
     def create(self, name: str, role: str) -> tuple[str, Principal]:
         """Create a token; the secret is returned once and never stored."""
@@ -52,7 +59,7 @@ class TokenStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_suffix(".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            tokens = self._read()
+            tokens = dict(self._read())
             tokens[token_id] = {
                 "name": name,
                 "role": role,

@@ -122,17 +122,25 @@ def token_list(workspace: Workspace = None) -> None:
 def serve(
     host: Annotated[str | None, typer.Option(help="interface to listen on [default: 127.0.0.1]")] = None,
     port: Annotated[int | None, typer.Option(help="port [default: 8000]")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="worker processes (they share the ledger, cache and audit log)")]
+    = 1,
+    access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="log every HTTP request")] = True,
     workspace: Workspace = None,
 ) -> None:
     """Run the gateway on the workspace."""
     import uvicorn
 
-    from gateway.app import create_app
-
     settings = Settings.load(workspace, host=host, port=port)
     if not settings.database.exists():
         _fail(f"no private database in {settings.workspace}: run 'bastion demo' or 'bastion register' first")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    if workers > 1:
+        os.environ["BASTION_WORKSPACE"] = str(settings.workspace.resolve())
+        uvicorn.run("gateway.app:app_from_environment", factory=True, workers=workers, host=settings.host,
+                    port=settings.port, log_level="info", access_log=access_log)
+        return
+    from gateway.app import create_app
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info", access_log=access_log)
 
 
 @app.command()

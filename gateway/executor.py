@@ -416,7 +416,11 @@ def _post_process(plan: Plan, pricing: Pricing, groups: list[tuple[Any, ...]], n
     for r in out:
         idx = int(r[n_out])
         rows.append([_py(v) for v in r[:n_out]])
-        intervals.append([None if b is None else [b[0][idx], b[1][idx]] for b in col_bounds])
+        intervals.append([
+            [b[0][idx], b[1][idx]] if b is not None and math.isfinite(b[0][idx]) and math.isfinite(b[1][idx])
+            else None
+            for b in col_bounds
+        ])
 
     measurements = []
     for m in plan.measurements:

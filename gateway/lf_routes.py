@@ -13,8 +13,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.app import ERRORS, Core, Ctx
 from gateway.cache import cache_key
+from gateway.dependencies import ERRORS, Core, Ctx
 from gateway.service import Bastion, Context
 from labeling_functions.analysis import compute_lf_stats, plan_lf_stats, precheck
 from labeling_functions.registry import REGISTRY, Registry

@@ -13,13 +13,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import duckdb
-import sqlglot
 from sqlglot import exp
-from sqlglot.errors import ParseError, TokenError
 
 from gateway.catalog import scratch
-from policies.errors import QueryRejected, SqlSyntaxError
-from policies.expressions import check_column, check_no_volatile, func_name, reject, validate_row_expression
+from policies.errors import QueryRejected
+from policies.expressions import (
+    check_column,
+    check_no_volatile,
+    func_name,
+    parse_statements,
+    reject,
+    validate_row_expression,
+)
 from policies.schema import NUMERIC_TYPES, ColumnType, Policy
 
 # Largest number of groups Bastion enumerates from public domains; larger key spaces go through key selection.
@@ -137,24 +142,7 @@ def parse_select(sql: str) -> exp.Select:
     """Parse exactly one SELECT statement, or raise with the position of the problem."""
     if not sql or not sql.strip():
         raise QueryRejected("the query is empty", reason="empty_query")
-    try:
-        statements = [s for s in sqlglot.parse(sql, read="duckdb") if s is not None]
-    except ParseError as exc:
-        err = exc.errors[0] if exc.errors else {}
-        start = None
-        if "line" in err and "col" in err:
-            lines = sql.split("\n")
-            start = sum(len(x) + 1 for x in lines[: err["line"] - 1]) + max(err["col"] - 1, 0)
-            start = max(0, start - len(err.get("highlight") or "") + 1)
-        raise SqlSyntaxError(
-            f"SQL syntax error: {str(err.get('description', exc)).split(' <Token')[0]}",
-            reason="syntax",
-            sql=sql,
-            start=start,
-            end=None if start is None else start + len(err.get("highlight") or ""),
-        ) from None
-    except TokenError as exc:
-        raise SqlSyntaxError(f"SQL syntax error: {exc}", reason="syntax") from None
+    statements = parse_statements(sql)
     if len(statements) != 1:
         second = statements[1] if len(statements) > 1 else None
         raise reject(

@@ -245,7 +245,8 @@ class Bastion:
         }
         dry = None
         if dry_run:
-            dry = {**summary, "columns": plan.output_names, "accuracy": dry_run_accuracy(plan, pricing),
+            dry = {**summary, "columns": plan.output_names, "rows": None, "intervals": None, "notes": [],
+                   "accuracy": dry_run_accuracy(plan, pricing),
                    "measurements": [{"measurement": m.label, "epsilon": pricing.epsilon_per_measurement,
                                      "sensitivity": pricing.d_in[m]} for m in plan.measurements],
                    "key_selection": plan.needs_key_selection}

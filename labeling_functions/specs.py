@@ -16,12 +16,10 @@ from functools import lru_cache
 from typing import Any
 
 import duckdb
-import sqlglot
 from sqlglot import exp
-from sqlglot.errors import ParseError, TokenError
 
-from policies.errors import InvalidRequest, QueryRejected, SqlSyntaxError
-from policies.expressions import func_name, reject, validate_row_expression
+from policies.errors import InvalidRequest, QueryRejected
+from policies.expressions import func_name, parse_statements, reject, validate_row_expression
 from policies.schema import Policy
 
 ABSTAIN = -1
@@ -86,24 +84,7 @@ def parse_condition(text: str) -> exp.Expression:
         raise QueryRejected("the condition is empty", reason="empty_condition")
     if len(text) > MAX_CONDITION_CHARS:
         raise QueryRejected(f"the condition is longer than {MAX_CONDITION_CHARS} characters", reason="too_long")
-    try:
-        statements = [s for s in sqlglot.parse(text, read="duckdb") if s is not None]
-    except ParseError as exc:
-        err = exc.errors[0] if exc.errors else {}
-        start = None
-        if "line" in err and "col" in err:
-            lines = text.split("\n")
-            start = sum(len(x) + 1 for x in lines[: err["line"] - 1]) + max(err["col"] - 1, 0)
-            start = max(0, start - len(err.get("highlight") or "") + 1)
-        raise SqlSyntaxError(
-            f"SQL syntax error: {str(err.get('description', exc)).split(' <Token')[0]}",
-            reason="syntax",
-            sql=text,
-            start=start,
-            end=None if start is None else start + len(err.get("highlight") or ""),
-        ) from None
-    except TokenError as exc:
-        raise SqlSyntaxError(f"SQL syntax error: {exc}", reason="syntax") from None
+    statements = parse_statements(text)
     if len(statements) != 1:
         raise reject("a condition is one expression", "multiple_statements",
                      statements[1] if len(statements) > 1 else None, text,

@@ -7,9 +7,11 @@ Anything else raises QueryRejected pointing at the offending span.
 
 from __future__ import annotations
 
+import sqlglot
 from sqlglot import exp
+from sqlglot.errors import ParseError, TokenError
 
-from policies.errors import QueryRejected
+from policies.errors import QueryRejected, SqlSyntaxError
 from policies.schema import Policy, Usage
 
 _ROW_NODE_NAMES = """
@@ -44,6 +46,28 @@ _VOLATILE_NAMES = {
     "today", "get_current_time", "get_current_timestamp", "nextval", "currval", "transaction_timestamp",
     "current_time", "localtime", "localtimestamp", "random_uuid", "uuidv4", "uuidv7",
 }
+
+
+def parse_statements(text: str) -> list[exp.Expression]:
+    """Parse SQL text (DuckDB dialect) into statements, or raise SqlSyntaxError pointing at the problem."""
+    try:
+        return [s for s in sqlglot.parse(text, read="duckdb") if s is not None]
+    except ParseError as exc:
+        err = exc.errors[0] if exc.errors else {}
+        start = None
+        if "line" in err and "col" in err:
+            lines = text.split("\n")
+            start = sum(len(x) + 1 for x in lines[: err["line"] - 1]) + max(err["col"] - 1, 0)
+            start = max(0, start - len(err.get("highlight") or "") + 1)
+        raise SqlSyntaxError(
+            f"SQL syntax error: {str(err.get('description', exc)).split(' <Token')[0]}",
+            reason="syntax",
+            sql=text,
+            start=start,
+            end=None if start is None else start + len(err.get("highlight") or ""),
+        ) from None
+    except TokenError as exc:
+        raise SqlSyntaxError(f"SQL syntax error: {exc}", reason="syntax") from None
 
 
 def span(node: exp.Expression, sql: str) -> tuple[int | None, int | None]:

@@ -6,17 +6,14 @@ so two processes can never both pass when only one fits. Charges are never refun
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sqlite3
-import threading
 import time
-from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
 from policies.accountant import PrivacyLoss
+from policies.connections import ThreadConnections
 from policies.errors import BudgetExhausted, LedgerUnavailable
 from policies.schema import Budget
 
@@ -49,7 +46,7 @@ class Charge:
 class Ledger:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._local = threading.local()
+        self._connections = ThreadConnections(self._connect)
         try:
             with closing(self._connect()) as con:
                 con.executescript(_SCHEMA)
@@ -61,23 +58,6 @@ class Ledger:
         con.execute("PRAGMA journal_mode=WAL")
         con.execute("PRAGMA synchronous=FULL")
         return con
-
-    @contextlib.contextmanager
-    def _connection(self) -> Iterator[sqlite3.Connection]:
-        """This thread's connection, kept open between charges (opening one, and closing the last one, which
-        checkpoints the WAL, cost about a millisecond each). A connection that raised is dropped, so the next call
-        opens the file again."""
-        local = self._local
-        if getattr(local, "pid", None) != os.getpid():  # never use a connection across fork
-            local.con, local.pid = self._connect(), os.getpid()
-        con = local.con
-        try:
-            yield con
-        except sqlite3.Error:
-            local.pid = None
-            with contextlib.suppress(sqlite3.Error):
-                con.close()
-            raise
 
     @staticmethod
     def _sum(con: sqlite3.Connection, where: str, args: tuple[str, ...]) -> tuple[int, int]:
@@ -102,7 +82,7 @@ class Ledger:
         pe_cap, pd_cap = PrivacyLoss(per_principal.epsilon, per_principal.delta).units(round_up=False)
         te_cap, td_cap = PrivacyLoss(total.epsilon, total.delta).units(round_up=False)
         try:
-            with self._connection() as con:
+            with self._connections.get() as con:
                 con.execute("BEGIN IMMEDIATE")
                 try:
                     pe, pd = self._sum(con, "principal = ? AND dataset = ?", (principal, dataset))
@@ -147,7 +127,7 @@ class Ledger:
 
     def _read(self, where: str, args: tuple[str, ...]) -> PrivacyLoss:
         try:
-            with self._connection() as con:
+            with self._connections.get() as con:
                 return PrivacyLoss.from_units(*self._sum(con, where, args))
         except sqlite3.Error as exc:
             raise LedgerUnavailable(f"the budget ledger cannot be read: {exc}") from exc

@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from gateway.app import QueryResponse
 from tests.conftest import Workspace
 
 SQL = "SELECT region, COUNT(*) AS visits, AVG(income) AS mean_income FROM visits WHERE age >= 65 GROUP BY region"
@@ -39,6 +40,18 @@ def test_repeat_is_cached_identical_and_free(workspace: Workspace) -> None:
     assert again["rows"] == first["rows"] and again["intervals"] == first["intervals"]
     visits = next(b for b in budget if b["dataset"] == "visits")
     assert math.isclose(visits["spent"]["epsilon"], 0.5)
+
+
+def test_answers_match_the_documented_schema(workspace: Workspace) -> None:
+    with workspace.app() as c:
+        h = workspace.headers("analyst")
+        bodies = [c.post("/v1/query", json={"sql": SQL, "epsilon": 0.5}, headers=h).json(),
+                  c.post("/v1/query", json={"sql": SQL, "epsilon": 0.5}, headers=h).json(),
+                  c.post("/v1/query", json={"sql": SQL, "epsilon": 0.5, "dry_run": True}, headers=h).json()]
+        schema = c.get("/openapi.json").json()
+    for body in bodies:
+        QueryResponse.model_validate(body)
+    assert "QueryResponse" in str(schema["paths"]["/v1/query"]["post"]["responses"]["200"])
 
 
 def test_dry_run_reports_cost_and_accuracy_without_spending(workspace: Workspace) -> None:
