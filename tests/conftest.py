@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -16,6 +23,7 @@ from gateway.settings import Settings
 from policies.schema import load_policy
 
 DATA = Path(__file__).parent / "data"
+BIN = Path(sys.executable).parent / "bastion"
 DEMO_ROWS = 60_000
 
 
@@ -66,3 +74,36 @@ def workspace(tmp_path: Path, demo_source: tuple[Path, Path], pums_source: tuple
     data, policy = demo_source
     pdata, ppolicy = pums_source
     return build_workspace(tmp_path, [(policy, data), (ppolicy, pdata)], ROLES)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gateways(n: int, *args: str, cwd: Path | None = None) -> Iterator[list[str]]:
+    """`n` real `bastion serve` processes (with `args`) on free loopback ports, until the block ends."""
+    procs, urls = [], []
+    try:
+        for _ in range(n):
+            port = free_port()
+            procs.append(subprocess.Popen([str(BIN), "serve", "--port", str(port), *args], cwd=cwd,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            urls.append(f"http://127.0.0.1:{port}")
+        for url in urls:
+            for _ in range(300):
+                try:
+                    if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.1)
+            else:
+                raise RuntimeError("a gateway did not start")
+        yield urls
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(30)

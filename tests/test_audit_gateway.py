@@ -6,11 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import threading
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -25,9 +22,8 @@ from audit.log import AuditLog
 from audit.merkle import leaf_hash
 from audit.record import canonical
 from gateway.audit_routes import api, web
-from tests.conftest import Workspace
+from tests.conftest import BIN, Workspace, gateways
 
-BIN = Path(sys.executable).parent / "bastion"
 SQL = "SELECT sex, COUNT(*) AS n FROM visits GROUP BY sex"
 
 
@@ -247,41 +243,10 @@ def test_fail_closed_when_the_log_cannot_be_written(workspace: Workspace) -> Non
 # --- two gateway processes, one log ------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve(workspace: Workspace, n: int) -> Iterator[list[str]]:
-    procs, urls = [], []
-    try:
-        for _ in range(n):
-            port = _free_port()
-            procs.append(subprocess.Popen([str(BIN), "serve", "--port", str(port), "--workspace",
-                                           str(workspace.settings.workspace)],
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            urls.append(f"http://127.0.0.1:{port}")
-        for url in urls:
-            for _ in range(300):
-                try:
-                    if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.1)
-            else:
-                pytest.fail("a gateway did not start")
-        yield urls
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(30)
-
-
 @pytest.fixture
 def two_gateways(workspace: Workspace) -> Iterator[list[str]]:
-    yield from _serve(workspace, 2)
+    with gateways(2, "--workspace", str(workspace.settings.workspace)) as urls:
+        yield urls
 
 
 @pytest.mark.slow

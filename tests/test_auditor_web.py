@@ -6,10 +6,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,11 +13,10 @@ import httpx
 import pytest
 
 from audit.log import AuditLog
-from tests.conftest import Workspace
+from tests.conftest import Workspace, gateways
 
 SQL = "SELECT sex, COUNT(*) AS n FROM visits GROUP BY sex"
 CHROMIUM = Path("/usr/bin/chromium")
-BIN = Path(sys.executable).parent / "bastion"
 
 
 def _cells(html: str, cls: str) -> list[str]:
@@ -134,31 +129,10 @@ def test_a_tampered_log_is_reported_broken(workspace: Workspace) -> None:
 # --- the real thing: `bastion serve` and headless Chromium ------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server(workspace: Workspace) -> Iterator[str]:
-    port = _free_port()
-    proc = subprocess.Popen([str(BIN), "serve", "--port", str(port), "--workspace", str(workspace.settings.workspace)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        else:
-            pytest.fail("the gateway did not start")
+    with gateways(1, "--workspace", str(workspace.settings.workspace)) as (url,):
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(20)
 
 
 def _chromium_or_skip() -> None:

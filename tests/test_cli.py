@@ -3,24 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from gateway.client import BastionError, Client
-
-BIN = Path(sys.executable).parent / "bastion"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import BIN, gateways
 
 
 def _run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -34,23 +23,8 @@ def served(tmp_path: Path) -> tuple[Path, str]:
     made = _run("demo", "--no-serve", "--rows", "20000", cwd=tmp_path)
     assert made.returncode == 0, made.stderr
     assert "analyst" in made.stdout and "bst_" in made.stdout
-    port = _free_port()
-    proc = subprocess.Popen([str(BIN), "serve", "--port", str(port)], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(150):
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        else:
-            pytest.fail("the gateway did not start")
+    with gateways(1, cwd=tmp_path) as (url,):
         yield tmp_path, url
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def _token(tmp_path: Path, role: str, name: str) -> str:
