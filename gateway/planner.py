@@ -18,6 +18,7 @@ from sqlglot import exp
 from gateway.catalog import scratch
 from policies.errors import QueryRejected
 from policies.expressions import (
+    bounded_sql,
     check_column,
     check_no_volatile,
     func_name,
@@ -487,17 +488,6 @@ def _default_name(node: exp.Expression) -> str:
     if isinstance(node, exp.Column):
         return node.name
     return node.sql(dialect="duckdb")
-
-
-def bounded_sql(node: exp.Expression) -> str:
-    """Generate SQL for a validated row-level expression over the pre-bounded table (columns quoted)."""
-
-    def requote(n: exp.Expression) -> exp.Expression:
-        if isinstance(n, exp.Column):
-            return exp.column(n.name.lower(), quoted=True)
-        return n
-
-    return node.copy().transform(requote).sql(dialect="duckdb")
 
 
 _DUCK_TYPES = {

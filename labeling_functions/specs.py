@@ -19,7 +19,7 @@ import duckdb
 from sqlglot import exp
 
 from policies.errors import InvalidRequest, QueryRejected
-from policies.expressions import func_name, parse_statements, reject, validate_row_expression
+from policies.expressions import bounded_sql, func_name, parse_statements, reject, validate_row_expression
 from policies.schema import Policy
 
 ABSTAIN = -1
@@ -97,20 +97,6 @@ def _check_table_functions(node: exp.Expression, text: str) -> None:
         if isinstance(n, _TABLE_FUNCTIONS) or (isinstance(n, exp.Anonymous) and func_name(n) in _TABLE_FUNCTION_NAMES):
             raise reject(f"table function {func_name(n).upper()}() is not allowed", "table_function", n, text,
                          hint="a labeling function is a condition on one row of the dataset")
-
-
-def _bounded_sql(node: exp.Expression) -> str:
-    """SQL over the pre-bounded table: quoted lower-case columns; CAST becomes TRY_CAST so that no value of a
-    row can make the query fail (an error that depends on the rows would leak them)."""
-
-    def rewrite(n: exp.Expression) -> exp.Expression:
-        if isinstance(n, exp.Column):
-            return exp.column(n.name.lower(), quoted=True)
-        if type(n) is exp.Cast:
-            return exp.TryCast(this=n.this, to=n.args.get("to"))
-        return n
-
-    return node.copy().transform(rewrite).sql(dialect="duckdb")
 
 
 def _literal(value: str) -> str:
@@ -203,7 +189,7 @@ def compile_lf(raw: Any, policy: Policy, seen: set[str]) -> CompiledLF:
         exc.details["lf"] = name
         raise
     return CompiledLF(name=name, label=label, label_index=classes.index(label), condition=condition,
-                      sql=_bounded_sql(node), columns=tuple(sorted(columns)))
+                      sql=bounded_sql(node), columns=tuple(sorted(columns)))
 
 
 def compile_lfs(raws: list[Any], policy: Policy, seen: set[str] | None = None) -> list[CompiledLF]:

@@ -207,3 +207,19 @@ def validate_row_expression(node: exp.Expression, policy: Policy, sql: str, *, l
                 sql,
             )
     return columns
+
+
+def bounded_sql(node: exp.Expression) -> str:
+    """SQL for a validated row-level expression over the pre-bounded table: quoted lower-case columns, and CAST
+    turned into TRY_CAST so that no value of a row can make the query fail (an error that depends on the rows
+    would leak them)."""
+
+    def rewrite(n: exp.Expression) -> exp.Expression:
+        if isinstance(n, exp.Column):
+            return exp.column(n.name.lower(), quoted=True)
+        if type(n) is exp.Cast:
+            return exp.TryCast(this=n.this, to=n.args.get("to"))
+        return n
+
+    return node.copy().transform(rewrite).sql(dialect="duckdb")
+

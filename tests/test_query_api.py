@@ -124,3 +124,13 @@ def test_pums_is_a_second_dataset_with_pid_as_unit(workspace: Workspace) -> None
     assert sum(row[1] for row in body["rows"]) == pytest.approx(1000, abs=60)
     assert unit.status_code == 400 and unit.json()["error"]["reason"] == "privacy_unit_column"
     assert budget["pums"]["spent"]["epsilon"] == 1.0 and budget["visits"]["spent"]["epsilon"] == 0.0
+
+
+def test_a_value_that_cannot_be_cast_does_not_make_the_query_fail(workspace: Workspace) -> None:
+    # A failing CAST on some row would be an error that depends on the rows (and DuckDB would quote the value).
+    sql = "SELECT COUNT(*) AS n FROM visits WHERE CAST(diagnosis AS INTEGER) > 3"
+    with workspace.app() as c:
+        r = c.post("/v1/query", json={"sql": sql, "epsilon": 1.0}, headers=workspace.headers("analyst"))
+    assert r.status_code == 200, r.text
+    # No diagnosis code converts to an integer: the true count is 0, the noise scale k/ε = 10.
+    assert r.json()["rows"][0][0] < 500
