@@ -25,7 +25,6 @@ from policies.errors import (
     AuditUnavailable,
     Forbidden,
     GatewayError,
-    InvalidRequest,
 )
 from policies.ledger import Ledger
 from policies.schema import Grant, Policy
@@ -270,16 +269,6 @@ class Bastion:
             self._plans.clear()
         self._plans[sql] = (plan.policy, plan)
         return plan
-
-    def require_role(self, ctx: Context, *roles: str, event: str = "access") -> None:
-        if ctx.principal.role not in roles:
-            self.audit(ctx, event, decision="denied", reason="forbidden", request={})
-            raise Forbidden(f"this needs role {' or '.join(roles)}; you are {ctx.principal.role!r}")
-
-    @staticmethod
-    def check(condition: bool, message: str) -> None:
-        if not condition:
-            raise InvalidRequest(message)
 
     # --- auditor access -----------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Privacy loss as an explicit object, and how one request's loss is split across its measurements."""
+"""Privacy loss as an explicit object, composed by addition and kept in exact integer units by the ledger."""
 
 from __future__ import annotations
 
@@ -26,10 +26,6 @@ class PrivacyLoss:
         # Basic sequential composition of (ε, δ)-DP measurements.
         return PrivacyLoss(self.epsilon + other.epsilon, self.delta + other.delta)
 
-    @property
-    def is_zero(self) -> bool:
-        return self.epsilon == 0 and self.delta == 0
-
     def units(self, *, round_up: bool) -> tuple[int, int]:
         rnd = math.ceil if round_up else math.floor
         return rnd(self.epsilon * EPS_UNIT), rnd(self.delta * DELTA_UNIT)
@@ -40,14 +36,3 @@ class PrivacyLoss:
 
     def as_dict(self) -> dict[str, float]:
         return {"epsilon": self.epsilon, "delta": self.delta}
-
-
-ZERO = PrivacyLoss(0.0, 0.0)
-
-
-def split_epsilon(epsilon: float, weights: list[float]) -> list[float]:
-    """Split ε across measurements in proportion to weights (the parts add up to at most ε)."""
-    total = sum(weights)
-    if total <= 0:
-        raise ValueError("weights must be positive")
-    return [epsilon * w / total for w in weights]

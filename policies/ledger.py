@@ -88,12 +88,12 @@ class Ledger:
                     pe, pd = self._sum(con, "principal = ? AND dataset = ?", (principal, dataset))
                     te, td = self._sum(con, "dataset = ?", (dataset,))
                     if pe + ce > pe_cap or pd + cd > pd_cap:
+                        left = PrivacyLoss.from_units(max(pe_cap - pe, 0), max(pd_cap - pd, 0))
                         raise BudgetExhausted(
                             f"this request costs ε={cost.epsilon:.6g}, δ={cost.delta:.3g} but your budget on "
-                            f"{dataset!r} has ε={max(pe_cap - pe, 0) / 1e12:.6g}, "
-                            f"δ={max(pd_cap - pd, 0) / 1e18:.3g} left",
+                            f"{dataset!r} has ε={left.epsilon:.6g}, δ={left.delta:.3g} left",
                             scope="principal",
-                            remaining=PrivacyLoss.from_units(max(pe_cap - pe, 0), max(pd_cap - pd, 0)).as_dict(),
+                            remaining=left.as_dict(),
                         )
                     if te + ce > te_cap or td + cd > td_cap:
                         raise BudgetExhausted(
@@ -149,8 +149,7 @@ class Ledger:
                 "ts": r[0],
                 "principal": r[1],
                 "dataset": r[2],
-                "epsilon": r[3] / 1e12,
-                "delta": r[4] / 1e18,
+                **PrivacyLoss.from_units(r[3], r[4]).as_dict(),
                 "request_id": r[5],
                 "kind": r[6],
             }
