@@ -13,26 +13,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from gateway.settings import DEFAULT_WORKSPACE, Settings
+from gateway.settings import Settings
+from gateway.terminal import Workspace, console, err, fail
 
 if TYPE_CHECKING:
     from audit.verify import VerifyReport
 
 audit_app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
 
-console = Console(width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
-
 ADMIN = {"principal": "admin", "role": "admin", "token_id": None}
 
-Workspace = Annotated[
-    Path | None,
-    typer.Option("--workspace", "-w", help=f"workspace directory [default: ./{DEFAULT_WORKSPACE}]",
-                 envvar="BASTION_WORKSPACE"),
-]
 Since = Annotated[str | None, typer.Option(help="from this time on (ISO 8601, UTC if no zone)")]
 Until = Annotated[str | None, typer.Option(help="before this time (ISO 8601)")]
 Actor = Annotated[str | None, typer.Option(help="principal")]
@@ -52,15 +44,10 @@ def verdict(report: VerifyReport) -> str:
     return "BROKEN"
 
 
-def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code)
-
-
 def _settings(workspace: Path | None) -> Settings:
     settings = Settings.load(workspace)
     if not settings.workspace.is_dir():
-        _fail(f"no workspace at {settings.workspace} (use --workspace or BASTION_WORKSPACE)")
+        fail(f"no workspace at {settings.workspace} (use --workspace or BASTION_WORKSPACE)")
     return settings
 
 
@@ -79,7 +66,7 @@ def _record(log: Any, event: str, **fields: Any) -> None:
         log.append({"event": event, "actor": ADMIN, "source": "cli", "request_id": uuid.uuid4().hex,
                     "decision": "allowed", "reason": "ok", **fields})
     except AuditWriteError as exc:
-        _fail(f"the audit log cannot be written: {exc}")
+        fail(f"the audit log cannot be written: {exc}")
 
 
 @audit_app.command("verify")
@@ -103,7 +90,7 @@ def verify(
     try:
         report = verify_log(settings.audit_dir, keyring or settings.keys_dir, trusted_checkpoint, strict=strict)
     except (AuditKeyError, OSError, ValueError) as exc:
-        _fail(f"cannot verify: {exc}", 2)
+        fail(f"cannot verify: {exc}", 2)
     if as_json:
         typer.echo(json.dumps({**report.to_dict(), "verdict": verdict(report)}, indent=2))
     if report.ok:
@@ -129,7 +116,7 @@ def keygen(workspace: Workspace = None) -> None:
     try:
         key_id = keys.keygen(settings.keys_dir)
     except FileExistsError:
-        _fail(f"{settings.keys_dir} already has a signing key; use 'bastion audit rotate-key' to replace it")
+        fail(f"{settings.keys_dir} already has a signing key; use 'bastion audit rotate-key' to replace it")
     _record(_log(settings), "key_generated", key_id=key_id)
     console.print(f"signing key {key_id} created in {settings.keys_dir}", highlight=False)
 
@@ -144,7 +131,7 @@ def rotate_key(workspace: Workspace = None) -> None:
     try:
         old, new = log.rotate_key(actor=ADMIN)
     except AuditError as exc:
-        _fail(f"cannot rotate the key: {exc}")
+        fail(f"cannot rotate the key: {exc}")
     finally:
         log.close()
     console.print(f"signing key rotated: {old} -> {new} (old public key kept in the keyring)", highlight=False)
@@ -161,7 +148,7 @@ def checkpoint(workspace: Workspace = None) -> None:
     try:
         cp = log.checkpoint()
     except AuditError as exc:
-        _fail(f"cannot checkpoint: {exc}")
+        fail(f"cannot checkpoint: {exc}")
     finally:
         log.close()
     console.print(f"checkpoint: {cp.tree_size} records, root {cp.root_hash}, key {cp.key_id}, {cp.time}",
@@ -181,13 +168,13 @@ def export_checkpoint(
     ws = settings.workspace.resolve()
     target = dest.resolve()
     if target == ws or ws in target.parents:
-        _fail(f"{dest} is inside the workspace {settings.workspace}; keep the anchor elsewhere")
+        fail(f"{dest} is inside the workspace {settings.workspace}; keep the anchor elsewhere")
     log = _log(settings)
     _record(log, "checkpoint_exported", request={"dest": str(target)})
     try:
         written = log.export_checkpoint(target)
     except AuditError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     finally:
         log.close()
     cp = json.loads(written.read_text())
@@ -211,13 +198,13 @@ def events(
     from audit import report
 
     if format not in ("table", "jsonl", "csv"):
-        _fail("--format is table, jsonl or csv", 2)
+        fail("--format is table, jsonl or csv", 2)
     settings = _settings(workspace)
     try:
         found = report.query_events(settings.audit_dir, since=since, until=until, actor=actor, dataset=dataset,
                                     event=event, decision=decision, limit=limit, offset=offset)
     except ValueError as exc:
-        _fail(f"{exc}")
+        fail(f"{exc}")
     if format == "jsonl":
         sys.stdout.write(report.to_jsonl(found))
         return
@@ -271,7 +258,7 @@ def spend(
     from audit import report
 
     if format not in ("table", "json"):
-        _fail("--format is table or json", 2)
+        fail("--format is table or json", 2)
     settings = _settings(workspace)
     caps = _caps(settings)
     if dataset is not None:
@@ -280,7 +267,7 @@ def spend(
         records = report.query_events(settings.audit_dir, dataset=dataset, decision="allowed")
         result = report.privacy_spend(records, caps, since=since, until=until)
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if format == "json":
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return

@@ -21,7 +21,7 @@ from typing import Any
 import duckdb
 
 from policies.errors import DatasetNotFound, GatewayError
-from policies.schema import ColumnType, Policy, Usage, parse_policy
+from policies.schema import ColumnType, Policy, Usage, bounded_table, parse_policy
 
 _META = "__bastion_datasets"
 
@@ -29,10 +29,6 @@ _META = "__bastion_datasets"
 class CatalogError(GatewayError):
     status = 400
     code = "catalog_error"
-
-
-def bounded_table(dataset: str) -> str:
-    return f"bounded_{dataset}"
 
 
 _scratch_lock = threading.Lock()

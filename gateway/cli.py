@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from gateway.audit_commands import audit_app
 from gateway.lf_commands import lf_app
-from gateway.settings import DEFAULT_WORKSPACE, Settings
+from gateway.settings import Settings
 from gateway.synth_commands import synth_app
+from gateway.terminal import Token, Url, Workspace, console, fail, gateway_client
 from policies.errors import GatewayError
 from policies.schema import PolicyError
 
@@ -28,23 +28,6 @@ app.add_typer(token_app, name="token")
 app.add_typer(audit_app, name="audit")
 app.add_typer(synth_app, name="synth")
 app.add_typer(lf_app, name="lf")
-
-# Wide when piped, so tables are not truncated in logs and scripts.
-console = Console(width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
-
-Workspace = Annotated[
-    Path | None,
-    typer.Option("--workspace", "-w", help=f"workspace directory [default: ./{DEFAULT_WORKSPACE}]",
-                 envvar="BASTION_WORKSPACE"),
-]
-Url = Annotated[str, typer.Option("--url", envvar="BASTION_URL", help="gateway URL")]
-Token = Annotated[str | None, typer.Option("--token", envvar="BASTION_TOKEN", help="bearer token")]
-
-
-def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
 
 
 def _admin(workspace: Path | None, **overrides: Any) -> Any:
@@ -70,7 +53,7 @@ def register(
         pol = load_policy(policy)
         src = source or (Path(pol.source) if pol.source else None)
         if src is None:
-            _fail("the policy has no 'source'; pass --source")
+            fail("the policy has no 'source'; pass --source")
         if not src.is_absolute() and pol.source and source is None:
             src = policy.parent / src
         bastion = _admin(workspace)
@@ -83,7 +66,7 @@ def register(
         finally:
             bastion.close()
     except (PolicyError, GatewayError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     console.print(f"registered [bold]{pol.dataset}[/] version {version}")
 
 
@@ -100,7 +83,7 @@ def token_create(
         bastion.audit(None, "token_created", decision="allowed", reason="ok",
                       request={"name": name, "role": role, "token_id": principal.token_id})
     except GatewayError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     finally:
         bastion.close()
     typer.echo(token)
@@ -132,7 +115,7 @@ def serve(
 
     settings = Settings.load(workspace, host=host, port=port)
     if not settings.database.exists():
-        _fail(f"no private database in {settings.workspace}: run 'bastion demo' or 'bastion register' first")
+        fail(f"no private database in {settings.workspace}: run 'bastion demo' or 'bastion register' first")
     if workers > 1:
         os.environ["BASTION_WORKSPACE"] = str(settings.workspace.resolve())
         uvicorn.run("gateway.app:app_from_environment", factory=True, workers=workers, host=settings.host,
@@ -216,12 +199,6 @@ def demo(
 # --- client commands --------------------------------------------------------------------------------------
 
 
-def _client(url: str, token: str | None) -> Any:
-    from gateway.client import Client
-
-    return Client(url, token)
-
-
 def _fmt(v: Any) -> str:
     return f"{v:,.6g}" if isinstance(v, float) else str(v)
 
@@ -261,18 +238,13 @@ def query(
     token: Token = None,
 ) -> None:
     """Run a differentially private query and print the table with its confidence intervals."""
-    from gateway.client import BastionError, result_frame
+    from gateway.client import result_frame
 
     if epsilon is None and accuracy is None:
         epsilon = 1.0
-    try:
-        with _client(url, token) as c:
-            raw = c.query_raw(sql, epsilon=epsilon, accuracy=accuracy, alpha=alpha, delta=delta,
-                              dry_run=dry_run).raw
-    except BastionError as exc:
-        _fail(f"{exc.code}: {exc.message}")
-    except Exception as exc:  # connection errors
-        _fail(f"cannot reach the gateway at {url}: {exc}")
+    with gateway_client(url, token) as c:
+        raw = c.query_raw(sql, epsilon=epsilon, accuracy=accuracy, alpha=alpha, delta=delta,
+                          dry_run=dry_run).raw
     if as_json:
         typer.echo(json.dumps(raw, indent=2))
         return
@@ -295,25 +267,15 @@ def query(
 @app.command()
 def budget(url: Url = "http://127.0.0.1:8000", token: Token = None) -> None:
     """Show your privacy spend and remaining budget per dataset."""
-    from gateway.client import BastionError
-
-    try:
-        with _client(url, token) as c:
-            _print_frame(c.budget())
-    except BastionError as exc:
-        _fail(f"{exc.code}: {exc.message}")
+    with gateway_client(url, token) as c:
+        _print_frame(c.budget())
 
 
 @app.command()
 def datasets(url: Url = "http://127.0.0.1:8000", token: Token = None) -> None:
     """List the datasets you may use, with their public schema."""
-    from gateway.client import BastionError
-
-    try:
-        with _client(url, token) as c:
-            typer.echo(json.dumps(c.datasets(), indent=2))
-    except BastionError as exc:
-        _fail(f"{exc.code}: {exc.message}")
+    with gateway_client(url, token) as c:
+        typer.echo(json.dumps(c.datasets(), indent=2))
 
 
 def main() -> None:

@@ -8,27 +8,11 @@ from typing import Annotated, Any
 
 import typer
 import yaml
-from rich.console import Console
 from rich.table import Table
 
+from gateway.terminal import Token, Url, console, fail, gateway_client
+
 lf_app = typer.Typer(help="Labeling functions: DP coverage, overlap, conflict and accuracy.", no_args_is_help=True)
-
-console = Console()
-err = Console(stderr=True)
-
-Url = Annotated[str, typer.Option("--url", envvar="BASTION_URL", help="gateway URL")]
-Token = Annotated[str | None, typer.Option("--token", envvar="BASTION_TOKEN", help="bearer token")]
-
-
-def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
-
-
-def _client(url: str, token: str | None) -> Any:
-    from gateway.client import Client
-
-    return Client(url, token)
 
 
 def read_lf_file(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
@@ -94,20 +78,13 @@ def stats(
     token: Token = None,
 ) -> None:
     """DP coverage, overlap, conflict and (with a gold column) accuracy of the labeling functions in a file."""
-    from gateway.client import BastionError
-
     try:
         lfs, python_lfs = read_lf_file(lf_file)
     except ValueError as exc:
-        _fail(str(exc))
-    try:
-        with _client(url, token) as c:
-            raw = c.lf_stats_raw(dataset, lfs, python_lfs=python_lfs + list(python or []), epsilon=epsilon,
-                                 alpha=alpha, label_model=label_model, dry_run=dry_run)
-    except BastionError as exc:
-        _fail(f"{exc.code}: {exc.message}")
-    except Exception as exc:  # connection errors
-        _fail(f"cannot reach the gateway at {url}: {exc}")
+        fail(str(exc))
+    with gateway_client(url, token) as c:
+        raw = c.lf_stats_raw(dataset, lfs, python_lfs=python_lfs + list(python or []), epsilon=epsilon,
+                             alpha=alpha, label_model=label_model, dry_run=dry_run)
     if as_json:
         typer.echo(json.dumps(raw, indent=2))
         return
@@ -126,13 +103,8 @@ def stats(
 @lf_app.command("registry")
 def registry(url: Url = "http://127.0.0.1:8000", token: Token = None) -> None:
     """List the registered (reviewed) Python labeling functions."""
-    from gateway.client import BastionError
-
-    try:
-        with _client(url, token) as c:
-            entries = c.lf_registry()
-    except BastionError as exc:
-        _fail(f"{exc.code}: {exc.message}")
+    with gateway_client(url, token) as c:
+        entries = c.lf_registry()
     table = Table("name", "dataset", "labels", "description")
     for e in entries:
         table.add_row(e["name"], e["dataset"], ", ".join(e["labels"]), e["description"])

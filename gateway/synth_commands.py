@@ -8,34 +8,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from gateway.terminal import Token, Url, Workspace, console, err, fail, gateway_client
+
 synth_app = typer.Typer(help="Synthetic proxy tables (DP by default).", no_args_is_help=True)
 
-console = Console()
-err = Console(stderr=True)
-
-Url = Annotated[str, typer.Option("--url", envvar="BASTION_URL", help="gateway URL")]
-Token = Annotated[str | None, typer.Option("--token", envvar="BASTION_TOKEN", help="bearer token")]
-Workspace = Annotated[
-    Path | None,
-    typer.Option("--workspace", "-w", help="workspace directory [default: ./bastion-workspace]",
-                 envvar="BASTION_WORKSPACE"),
-]
 FINAL = ("done", "failed", "withheld")
-
-
-def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
-
-
-def _client(url: str, token: str | None) -> Any:
-    from gateway.client import Client
-
-    return Client(url, token)
 
 
 def _follow(c: Any, job: dict[str, Any], poll: float) -> dict[str, Any]:
@@ -67,26 +47,21 @@ def run(
     token: Token = None,
 ) -> None:
     """Request a synthetic proxy of DATASET, follow its progress and download it."""
-    from gateway.client import BastionError
-
     if epsilon is None and method != "sdv_gaussian_copula":
         epsilon = 1.0
-    try:
-        with _client(url, token) as c:
-            job = c.synth_submit(dataset, epsilon=epsilon, rows=rows, seed=seed, method=method, delta=delta)
-            spent = "cached, nothing spent" if job["cached"] else f"spent ε={job['epsilon_spent']:.4g}"
-            console.print(f"job [bold]{job['job_id']}[/] ({job['method']}, {spent})")
-            if not wait:
-                return
-            job = _follow(c, job, poll)
-            if job["status"] != "done":
-                _fail(f"job {job['status']}: {job.get('error') or ''}")
-            target = out or Path(f"{dataset}-proxy-{job['job_id'][:8]}.parquet")
-            fmt = "csv" if target.suffix.lower() == ".csv" else "parquet"
-            target.write_bytes(c.synth_download(job["job_id"], format=fmt))
-            report = c.synth_report(job["job_id"])
-    except BastionError as exc:
-        _fail(f"{exc.code}: {exc.message}")
+    with gateway_client(url, token) as c:
+        job = c.synth_submit(dataset, epsilon=epsilon, rows=rows, seed=seed, method=method, delta=delta)
+        spent = "cached, nothing spent" if job["cached"] else f"spent ε={job['epsilon_spent']:.4g}"
+        console.print(f"job [bold]{job['job_id']}[/] ({job['method']}, {spent})")
+        if not wait:
+            return
+        job = _follow(c, job, poll)
+        if job["status"] != "done":
+            fail(f"job {job['status']}: {job.get('error') or ''}")
+        target = out or Path(f"{dataset}-proxy-{job['job_id'][:8]}.parquet")
+        fmt = "csv" if target.suffix.lower() == ".csv" else "parquet"
+        target.write_bytes(c.synth_download(job["job_id"], format=fmt))
+        report = c.synth_report(job["job_id"])
     scores = ", ".join(f"{k} {v:.3f}" for k, v in report.get("scores", {}).items())
     console.print(f"wrote {job['rows']:,} rows to {target}; fidelity: {scores}")
     for note in job.get("notes") or []:
@@ -96,13 +71,8 @@ def run(
 @synth_app.command("status")
 def status(job_id: str, url: Url = "http://127.0.0.1:8000", token: Token = None) -> None:
     """Show a job's status."""
-    from gateway.client import BastionError
-
-    try:
-        with _client(url, token) as c:
-            typer.echo(json.dumps(c.synth_status(job_id), indent=2))
-    except BastionError as exc:
-        _fail(f"{exc.code}: {exc.message}")
+    with gateway_client(url, token) as c:
+        typer.echo(json.dumps(c.synth_status(job_id), indent=2))
 
 
 @synth_app.command("download")
@@ -113,26 +83,16 @@ def download(
     token: Token = None,
 ) -> None:
     """Download a finished proxy."""
-    from gateway.client import BastionError
-
-    try:
-        with _client(url, token) as c:
-            out.write_bytes(c.synth_download(job_id, format="csv" if out.suffix.lower() == ".csv" else "parquet"))
-    except BastionError as exc:
-        _fail(f"{exc.code}: {exc.message}")
+    with gateway_client(url, token) as c:
+        out.write_bytes(c.synth_download(job_id, format="csv" if out.suffix.lower() == ".csv" else "parquet"))
     console.print(f"wrote {out}")
 
 
 @synth_app.command("report")
 def report(job_id: str, url: Url = "http://127.0.0.1:8000", token: Token = None) -> None:
     """Print a proxy's fidelity report (scores per column and per column pair)."""
-    from gateway.client import BastionError
-
-    try:
-        with _client(url, token) as c:
-            r = c.synth_report(job_id)
-    except BastionError as exc:
-        _fail(f"{exc.code}: {exc.message}")
+    with gateway_client(url, token) as c:
+        r = c.synth_report(job_id)
     console.print(f"reference: {r['reference']}")
     table = Table("column", "TVComplement", "bins inside the noise interval")
     for name, col in r["columns"].items():
@@ -183,7 +143,7 @@ def approve(job_id: str, workspace: Workspace = None) -> None:
     try:
         job = jobs.approve(job_id)
     except GatewayError as exc:
-        _fail(f"{exc.code}: {exc.message}")
+        fail(f"{exc.code}: {exc.message}")
     finally:
         bastion.close()
     console.print(f"approved job {job['job_id']} ({job['method']}, NOT differentially private) on "

@@ -28,10 +28,6 @@ class LFExecutionError(GatewayError):
     code = "lf_execution_failed"
 
 
-def bounded_table(policy: Policy) -> str:
-    return f'"bounded_{policy.dataset}"'
-
-
 def _q(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -66,7 +62,7 @@ class VoteQuery:
         cols.append(f"{gold} AS g" if gold else f"{ABSTAIN} AS g")
         if with_row_id:
             cols.insert(0, f"b.rowid AS {ROW_ID}")
-        source = f"{bounded_table(self.policy)} AS b"
+        source = f"{_q(self.policy.bounded_table)} AS b"
         if self.python_columns:
             source += f" JOIN {self.python_relation} AS p ON b.rowid = p.{ROW_ID}"
         return f"SELECT {', '.join(cols)} FROM {source}"
@@ -83,7 +79,7 @@ class VoteQuery:
 def check_binds(cur: duckdb.DuckDBPyConnection, policy: Policy, lfs: list[CompiledLF]) -> None:
     """Bind every LF's SQL against the table's schema without reading a row (LIMIT 0), so type errors are
     reported, with the LF's name, before anything is charged. Binder errors depend on the schema only."""
-    table = bounded_table(policy)
+    table = _q(policy.bounded_table)
     for lf in lfs:
         try:
             cur.execute(f"SELECT {lf.vote_sql} FROM {table} LIMIT 0").fetchall()
@@ -136,7 +132,7 @@ def label_matrix(cur: duckdb.DuckDBPyConnection, query: VoteQuery) -> tuple[np.n
 def lf_input_frame(cur: duckdb.DuckDBPyConnection, policy: Policy) -> tuple[np.ndarray, pd.DataFrame]:
     """Row ids and the rows Python LFs see: the columns usable in labeling functions, ordered by row id."""
     columns = sorted(policy.usable_columns(labeling=True))
-    sql = (f"SELECT rowid AS {ROW_ID}, {', '.join(_q(c) for c in columns)} FROM {bounded_table(policy)} "
+    sql = (f"SELECT rowid AS {ROW_ID}, {', '.join(_q(c) for c in columns)} FROM {_q(policy.bounded_table)} "
            f"ORDER BY rowid")
     frame = _run(cur, sql).df()
     rows = frame.pop(ROW_ID).to_numpy(dtype=np.int64)

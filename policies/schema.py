@@ -23,6 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 MAX_ENUMERABLE_DOMAIN = 10_000
 
 
+def bounded_table(dataset: str) -> str:
+    """Name of a dataset's pre-bounded table in the private database."""
+    return f"bounded_{dataset}"
+
+
 class PolicyError(ValueError):
     """A policy file is missing, malformed or unsafe."""
 
@@ -229,6 +234,11 @@ class Policy(_Strict):
         return self
 
     # --- helpers used by planners ---------------------------------------------------------------------
+
+    @property
+    def bounded_table(self) -> str:
+        """Name of the pre-bounded table every query, synthesis and labeling-function run reads."""
+        return bounded_table(self.dataset)
 
     @property
     def unit_column(self) -> str | None:

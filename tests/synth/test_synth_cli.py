@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 from typer.testing import CliRunner
 
-import gateway.synth_commands as commands
+import gateway.terminal as terminal
 from gateway.cli import app
 from gateway.client import Client
 from tests.conftest import Workspace
@@ -17,8 +17,8 @@ from tests.conftest import Workspace
 def test_synth_run_follows_progress_and_writes_the_proxy(workspace: Workspace, tmp_path: Path, monkeypatch) -> None:
     token = workspace.tokens["analyst"]
     with workspace.app() as c:
-        monkeypatch.setattr(commands, "_client", lambda url, tok: Client("http://testserver", tok,
-                                                                          transport=c._transport))
+        monkeypatch.setattr(terminal, "make_client", lambda url, tok: Client("http://testserver", tok,
+                                                                            transport=c._transport))
         runner = CliRunner()
         out = tmp_path / "proxy.csv"
         run = runner.invoke(app, ["synth", "run", "visits", "--epsilon", "0.4", "--rows", "1500", "--seed", "9",
