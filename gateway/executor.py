@@ -22,7 +22,14 @@ from gateway.catalog import bounded_table, scratch
 from gateway.planner import Aggregate, Measurement, Plan
 from policies import mechanisms as mech
 from policies import sensitivity as sens
-from policies.accountant import PrivacyLoss
+from policies.accountant import (
+    MAX_EPSILON,
+    MIN_EPSILON,
+    PrivacyLoss,
+    check_alpha,
+    check_delta,
+    check_epsilon,
+)
 from policies.errors import InvalidRequest
 from policies.schema import ColumnType
 
@@ -85,14 +92,13 @@ def price(
     delta: float | None,
 ) -> Pricing:
     """Decide the ε of each measurement, from a total ε or from a target accuracy of one output column."""
-    if not 0 < alpha < 1:
-        raise InvalidRequest("alpha must be between 0 and 1")
+    alpha = check_alpha(alpha)
     d_in = {m: _d_in(plan, m) for m in plan.measurements}
     shares = len(plan.measurements) + (1 if plan.needs_key_selection else 0)
     sel_delta = 0.0
     if plan.needs_key_selection:
         budget_delta = plan.policy.budget.per_principal.delta
-        sel_delta = delta if delta is not None else budget_delta / 10
+        sel_delta = check_delta(delta) if delta is not None else budget_delta / 10
         if sel_delta <= 0:
             raise InvalidRequest(
                 "a GROUP BY key has no public domain in the policy, so its keys must be selected privately, "
@@ -101,8 +107,7 @@ def price(
     if (epsilon is None) == (accuracy is None):
         raise InvalidRequest("give exactly one of epsilon or accuracy")
     if epsilon is not None:
-        if not (math.isfinite(epsilon) and epsilon > 0):
-            raise InvalidRequest("epsilon must be a positive finite number")
+        epsilon = check_epsilon(epsilon)
         per = epsilon / shares
     else:
         name, target = _accuracy_target(plan, accuracy)  # type: ignore[arg-type]
@@ -113,8 +118,15 @@ def price(
                 "Give epsilon instead, or use a dry run to see the accuracy an epsilon buys"
             )
         (m,) = agg.measurements
-        per = mech.epsilon_for_accuracy(d_in[m], target / measurement_unit(plan, m), alpha)
+        try:
+            per = mech.epsilon_for_accuracy(d_in[m], target / measurement_unit(plan, m), alpha)
+        except Exception:  # noqa: BLE001 - OpenDP refuses targets it cannot reach; the target is public
+            per = math.inf
         epsilon = per * shares
+        if not (math.isfinite(epsilon) and MIN_EPSILON <= epsilon <= MAX_EPSILON):
+            raise InvalidRequest(
+                f"an accuracy of ±{target:g} for {name!r} would need ε = {epsilon:.3g}, outside the allowed "
+                f"[{MIN_EPSILON:g}, {MAX_EPSILON:g}]; ask for a looser or tighter target")
     return Pricing(
         cost=PrivacyLoss(epsilon, sel_delta),
         epsilon_per_measurement=per,
@@ -178,19 +190,24 @@ def _measure_sql(plan: Plan, m: Measurement) -> str:
     raise AssertionError(m.kind)
 
 
-def _group_sql(plan: Plan, select: list[str], extra_where: str | None = None) -> str:
+def _group_sql(plan: Plan, select: list[str], extra_where: str | None = None, *, extra_group: str | None = None,
+               empty: bool = False) -> str:
+    """The grouped measurement query. `empty` reads no row at all: the default input of the fallback release."""
     keys = [f'{k.sql} AS "{k.alias}"' for k in plan.keys]
     where = [w for w in (plan.where_sql and f"({plan.where_sql})", extra_where) if w]
+    if empty:
+        where = ["FALSE"]
     sql = f"SELECT {', '.join(keys + select)} FROM \"{bounded_table(plan.dataset)}\""
     if where:
         sql += " WHERE " + " AND ".join(where)
-    if plan.keys:
-        sql += " GROUP BY " + ", ".join(str(i + 1) for i in range(len(plan.keys)))
+    group = [str(i + 1) for i in range(len(plan.keys))] + ([extra_group] if extra_group else [])
+    if group:
+        sql += " GROUP BY " + ", ".join(group)
     return sql
 
 
-def _quantile_codes(plan: Plan, m: Measurement, con: duckdb.DuckDBPyConnection, groups: list[tuple[Any, ...]]
-                    ) -> tuple[list[float], dict[tuple[Any, ...], np.ndarray]]:
+def _quantile_codes(plan: Plan, m: Measurement, con: duckdb.DuckDBPyConnection, groups: list[tuple[Any, ...]],
+                    empty: bool = False) -> tuple[list[float], dict[tuple[Any, ...], np.ndarray]]:
     """Per group, row counts at each of the 2·|C|+1 positions relative to the candidate grid."""
     col = plan.policy.columns[m.column]
     lo, hi = (float(b) for b in col.bounds)  # type: ignore[union-attr]
@@ -199,11 +216,8 @@ def _quantile_codes(plan: Plan, m: Measurement, con: duckdb.DuckDBPyConnection, 
     t = f'(("{m.column}" - {lo!r}) / {step!r})'
     # code 2j+1: exactly on candidate j; code 2j+2: strictly between candidates j and j+1.
     code = f"CAST(2 * FLOOR({t}) + CASE WHEN {t} = FLOOR({t}) THEN 1 ELSE 2 END AS BIGINT)"
-    sql = _group_sql(plan, [f"{code} AS __code", "COUNT(*) AS __n"], f'"{m.column}" IS NOT NULL')
-    if plan.keys:
-        sql = sql.replace(" GROUP BY ", " GROUP BY __code, ", 1)
-    else:
-        sql += " GROUP BY __code"
+    sql = _group_sql(plan, [f"{code} AS __code", "COUNT(*) AS __n"], f'"{m.column}" IS NOT NULL',
+                     extra_group="__code", empty=empty)
     n_codes = 2 * len(candidates) + 1
     hist = {g: np.zeros(n_codes, dtype=np.int64) for g in groups}
     nk = len(plan.keys)
@@ -215,13 +229,16 @@ def _quantile_codes(plan: Plan, m: Measurement, con: duckdb.DuckDBPyConnection, 
     return candidates, hist
 
 
-def execute(plan: Plan, pricing: Pricing, con: duckdb.DuckDBPyConnection) -> Release:
+def execute(plan: Plan, pricing: Pricing, con: duckdb.DuckDBPyConnection, *, default_input: bool = False) -> Release:
+    """Measure the plan on the pre-bounded table and release it. With `default_input`, the same mechanisms run
+    on an empty input instead (no row is read): the fallback that keeps an answer's status and shape independent
+    of the data when the real run fails after the charge."""
     notes: list[str] = []
     plain = [m for m in plan.measurements if m.kind != "quantile"]
     select = ["COUNT(*) AS __n"] + [f'{_measure_sql(plan, m)} AS "m{i}"' for i, m in enumerate(plain)]
     nk = len(plan.keys)
     exact: dict[tuple[Any, ...], tuple[int, ...]] = {}
-    for row in con.execute(_group_sql(plan, select)).fetchall():
+    for row in con.execute(_group_sql(plan, select, empty=default_input)).fetchall():
         exact[tuple(row[:nk])] = tuple(int(v) for v in row[nk:])
     if not plan.keys and () not in exact:
         exact[()] = tuple(0 for _ in range(len(plain) + 1))
@@ -254,7 +271,7 @@ def execute(plan: Plan, pricing: Pricing, con: duckdb.DuckDBPyConnection) -> Rel
     for m in plan.measurements:
         if m.kind != "quantile":
             continue
-        candidates, hist = _quantile_codes(plan, m, con, groups)
+        candidates, hist = _quantile_codes(plan, m, con, groups, empty=default_input)
         picks = []
         scale = pricing.scale(m)
         for g in groups:

@@ -18,15 +18,16 @@ from sqlglot import exp
 from gateway.catalog import scratch
 from policies.errors import QueryRejected
 from policies.expressions import (
-    bounded_sql,
     check_column,
     check_no_volatile,
+    check_row_expression,
     func_name,
     parse_statements,
     reject,
-    validate_row_expression,
 )
 from policies.schema import NUMERIC_TYPES, ColumnType, Policy
+from policies.sqltypes import FLOAT, SqlType, Typed
+from policies.typecheck import Checked, Checker
 
 # Largest number of groups Bastion enumerates from public domains; larger key spaces go through key selection.
 MAX_DECLARED_GROUPS = 100_000
@@ -97,8 +98,22 @@ class Aggregate:
 @dataclass(frozen=True)
 class GroupKey:
     alias: str  # k0, k1, ...
-    sql: str  # expression over the bounded table
+    sql: str  # total expression over the bounded table
     domain: list[Any] | None  # public key values, or None when keys must be selected privately
+    typed: Typed = FLOAT  # the key's type and public range
+
+
+# What output expressions (the SELECT list, HAVING, ORDER BY over released cells) may contain: arithmetic,
+# rounding, comparison and CASE on released cells and keys. They run after the release, over DP outputs only.
+_OUTPUT_NODES = (
+    exp.Column, exp.Identifier, exp.Literal, exp.Boolean, exp.Null, exp.Paren, exp.Neg, exp.Add, exp.Sub, exp.Mul,
+    exp.Div, exp.IntDiv, exp.Mod, exp.Pow, exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE, exp.NullSafeEQ,
+    exp.NullSafeNEQ, exp.And, exp.Or, exp.Not, exp.Is, exp.In, exp.Between, exp.Case, exp.If, exp.Coalesce,
+    exp.Nullif, exp.Greatest, exp.Least, exp.Abs, exp.Sign, exp.Floor, exp.Ceil, exp.Round, exp.Trunc, exp.Sqrt,
+    exp.Ln, exp.Log, exp.Exp, exp.Cast, exp.TryCast, exp.DataType, exp.DataTypeParam, exp.Ordered,
+)
+OUTPUT_FUNCTIONS = "abs, sign, floor, ceil, round, trunc, sqrt, ln, log, exp, power, greatest, least, CASE, IF, " \
+    "COALESCE, NULLIF, CAST, arithmetic and comparisons"
 
 
 @dataclass
@@ -219,8 +234,8 @@ class _Planner:
         if not isinstance(node, exp.Literal) or node.is_string:
             raise reject("the quantile must be a number literal between 0 and 1", "aggregate_argument", agg, self.sql)
         q = float(node.this)
-        if not 0.0 < q < 1.0:
-            raise reject("the quantile must be strictly between 0 and 1", "aggregate_argument", agg, self.sql,
+        if not 0.001 <= q <= 0.999:
+            raise reject("the quantile must be between 0.001 and 0.999", "aggregate_argument", agg, self.sql,
                          hint="use e.g. QUANTILE_CONT(col, 0.99) instead of MAX")
         return round(q, 3)
 
@@ -321,23 +336,25 @@ class _Planner:
                 target = items[node.name.lower()]
             if any(isinstance(n, exp.AggFunc) for n in target.walk()):
                 raise reject("GROUP BY cannot use an aggregate", "aggregate_in_group_by", node, self.sql)
-            columns = validate_row_expression(target, self.policy, self.sql)
-            if not columns:
+            checked = check_row_expression(target, self.policy, self.sql)
+            if not checked.columns:
+                raise reject("GROUP BY needs an expression of a column", "constant_group_key", node, self.sql)
+            if checked.typed.type is SqlType.NULL:
                 raise reject("GROUP BY needs an expression of a column", "constant_group_key", node, self.sql)
             alias = f"k{len(self.keys)}"
-            self.keys.append((target, GroupKey(alias, bounded_sql(target), None)))
+            self.keys.append((target, GroupKey(alias, checked.sql, None, checked.typed)))
 
     def key_domains(self) -> None:
         """Fill in the public domain of each key that has one (evaluated on public values only)."""
         domains: list[list[Any] | None] = []
-        for expr, _ in self.keys:
-            domains.append(public_key_domain(expr, self.policy))
+        for expr, key in self.keys:
+            domains.append(public_key_domain(expr, self.policy, key.sql))
         total = 1
         for d in domains:
             total *= len(d) if d is not None else MAX_DECLARED_GROUPS + 1
         declared = total <= MAX_DECLARED_GROUPS
         self.keys = [
-            (expr, GroupKey(key.alias, key.sql, d if declared else None))
+            (expr, GroupKey(key.alias, key.sql, d if declared else None, key.typed))
             for (expr, key), d in zip(self.keys, domains, strict=True)
         ]
 
@@ -393,6 +410,27 @@ class _Planner:
                              hint="select aggregates such as COUNT(*) or AVG(col), grouped by public keys")
         return _transform_top_down(node.copy(), transform)
 
+    def output(self, node: exp.Expression, *, condition: bool = False, extra: dict[str, Typed] | None = None
+               ) -> Checked:
+        """Type-check an output expression over released cells (k*, a*, o*) and compile its total form."""
+        for n in node.walk():
+            if not isinstance(n, _OUTPUT_NODES):
+                raise reject(f"{func_name(n).upper()} is not allowed in an output expression", "unsupported_function",
+                             n, self.sql, hint=f"on released cells Bastion computes {OUTPUT_FUNCTIONS}")
+        keys = {k.alias: k.typed for _, k in self.keys}
+        known = {**keys, **(extra or {})}
+
+        def resolve(col: exp.Column) -> tuple[Typed, exp.Expression]:
+            name = col.name
+            if name in known:
+                return known[name], exp.column(name, quoted=True)
+            if name.startswith("a") and name[1:].isdigit():
+                return FLOAT, exp.column(name, quoted=True)
+            raise reject(f"unknown column {name!r}", "unknown_column", col, self.sql)
+
+        checker = Checker(self.sql, resolve, functions=OUTPUT_FUNCTIONS)
+        return checker.condition(node, "HAVING") if condition else checker.check(node)
+
     def plan(self) -> Plan:
         select = self.select
         if select.args.get("distinct"):
@@ -407,8 +445,7 @@ class _Planner:
         where = select.args.get("where")
         where_sql = None
         if where is not None:
-            validate_row_expression(where.this, self.policy, self.sql)
-            where_sql = bounded_sql(where.this)
+            where_sql = check_row_expression(where.this, self.policy, self.sql, condition="WHERE").sql
         self.group_keys()
         names: list[str] = []
         outputs: list[exp.Expression] = []
@@ -448,13 +485,18 @@ class _Planner:
                                  self.sql)
                 limit_sql += f" {clause.upper()} {int(value.this)}"
         self.key_domains()
+        compiled = [self.output(o) for o in outputs]
         post = "SELECT " + ", ".join(
-            [f'{o.sql(dialect="duckdb")} AS "o{i}"' for i, o in enumerate(outputs)] + ['"__row"']
+            [f'{c.tree.sql(dialect="duckdb")} AS "o{i}"' for i, c in enumerate(compiled)] + ['"__row"']
         ) + " FROM released"
         if having_expr is not None:
-            post += f" WHERE {having_expr.sql(dialect='duckdb')}"
+            post += f" WHERE {self.output(having_expr, condition=True).tree.sql(dialect='duckdb')}"
         if order_exprs:
-            post += " ORDER BY " + ", ".join(o.sql(dialect="duckdb") for o in order_exprs)
+            typed = {f"o{i}": c.typed for i, c in enumerate(compiled)}
+            post += " ORDER BY " + ", ".join(
+                exp.Ordered(this=self.output(o.this, extra=typed).tree, desc=o.args.get("desc"),
+                            nulls_first=o.args.get("nulls_first")).sql(dialect="duckdb")
+                for o in order_exprs)
         post += limit_sql
         aggregates = list(self.aggregates.values())
         measurements = sorted({m for a in aggregates for m in a.measurements})
@@ -500,7 +542,7 @@ def duck_type(t: ColumnType) -> str:
     return _DUCK_TYPES[t]
 
 
-def public_key_domain(expr: exp.Expression, policy: Policy) -> list[Any] | None:
+def public_key_domain(expr: exp.Expression, policy: Policy, key_sql: str) -> list[Any] | None:
     """Values a key expression can take, computed from the policy's public domains only (no private data)."""
     columns = sorted({c.name.lower() for c in expr.find_all(exp.Column)})
     domains = [policy.columns[c].key_domain() for c in columns]
@@ -523,7 +565,7 @@ def public_key_domain(expr: exp.Expression, policy: Policy) -> list[Any] | None:
         from_sql = " CROSS JOIN ".join(s for s, _ in selects)
         params = [v if not isinstance(v, bool) else v for _, d in selects for v in d]
         rows = con.execute(
-            f"SELECT DISTINCT {bounded_sql(expr)} AS k FROM {from_sql} ORDER BY k NULLS LAST", params
+            f"SELECT DISTINCT {key_sql} AS k FROM {from_sql} ORDER BY k NULLS LAST", params
         ).fetchall()
     except duckdb.Error as exc:
         raise QueryRejected(f"cannot evaluate the GROUP BY expression: {exc}", reason="bad_group_key") from None

@@ -19,7 +19,7 @@ import duckdb
 from sqlglot import exp
 
 from policies.errors import InvalidRequest, QueryRejected
-from policies.expressions import bounded_sql, func_name, parse_statements, reject, validate_row_expression
+from policies.expressions import check_row_expression, func_name, parse_statements, reject
 from policies.schema import Policy
 
 ABSTAIN = -1
@@ -184,12 +184,12 @@ def compile_lf(raw: Any, policy: Policy, seen: set[str]) -> CompiledLF:
             condition = _regex_condition(raw["regex"])
         node = parse_condition(condition)
         _check_table_functions(node, condition)
-        columns = validate_row_expression(node, policy, condition, labeling=True)
+        checked = check_row_expression(node, policy, condition, labeling=True, condition="a labeling function's condition")
     except (QueryRejected, InvalidRequest) as exc:
         exc.details["lf"] = name
         raise
     return CompiledLF(name=name, label=label, label_index=classes.index(label), condition=condition,
-                      sql=bounded_sql(node), columns=tuple(sorted(columns)))
+                      sql=checked.sql, columns=tuple(sorted(checked.columns)))
 
 
 def compile_lfs(raws: list[Any], policy: Policy, seen: set[str] | None = None) -> list[CompiledLF]:

@@ -36,3 +36,47 @@ class PrivacyLoss:
 
     def as_dict(self) -> dict[str, float]:
         return {"epsilon": self.epsilon, "delta": self.delta}
+
+
+# Public parameters a request may give, checked before anything is charged: outside these ranges the noise scales
+# and thresholds stop being meaningful numbers (an ε of 5e-324 makes every scale infinite).
+MIN_EPSILON = 1e-6
+MAX_EPSILON = 1_000.0
+MIN_DELTA = 1e-30
+MAX_DELTA = 0.1
+MIN_ALPHA = 1e-9
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    v = float(value)
+    return v if math.isfinite(v) else None
+
+
+def check_epsilon(value: object, what: str = "epsilon") -> float:
+    """A request's ε, or InvalidRequest (400) naming the allowed range."""
+    from policies.errors import InvalidRequest
+
+    v = _number(value)
+    if v is None or not MIN_EPSILON <= v <= MAX_EPSILON:
+        raise InvalidRequest(f"{what} must be a number between {MIN_EPSILON:g} and {MAX_EPSILON:g}, got {value!r}")
+    return v
+
+
+def check_delta(value: object) -> float:
+    from policies.errors import InvalidRequest
+
+    v = _number(value)
+    if v is None or not MIN_DELTA <= v <= MAX_DELTA:
+        raise InvalidRequest(f"delta must be a number between {MIN_DELTA:g} and {MAX_DELTA:g}, got {value!r}")
+    return v
+
+
+def check_alpha(value: object) -> float:
+    from policies.errors import InvalidRequest
+
+    v = _number(value)
+    if v is None or not MIN_ALPHA <= v < 1:
+        raise InvalidRequest(f"alpha (1 - confidence) must be a number in [{MIN_ALPHA:g}, 1), got {value!r}")
+    return v

@@ -1,11 +1,17 @@
-"""Validation of row-level SQL expressions against a policy.
+"""Parsing and validation of row-level SQL expressions against a policy.
 
 The same validator serves WHERE clauses, GROUP BY keys and labeling-function conditions: an expression may
-reference usable columns (labeling-only columns inside labeling functions) and deterministic functions only.
-Anything else raises QueryRejected pointing at the offending span.
+reference usable columns (labeling-only columns inside labeling functions) and the functions of the typed
+allowlist in `policies.typecheck`, which also compiles it to a total form that no row value can make fail.
+Anything else raises QueryRejected pointing at the offending span, before anything is charged.
 """
 
 from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
 
 import sqlglot
 from sqlglot import exp
@@ -13,30 +19,7 @@ from sqlglot.errors import ParseError, TokenError
 
 from policies.errors import QueryRejected, SqlSyntaxError
 from policies.schema import Policy, Usage
-
-_ROW_NODE_NAMES = """
-Column Identifier Literal Null Boolean Paren Tuple Add Sub Mul Div IntDiv Mod Neg
-EQ NEQ GT GTE LT LTE NullSafeEQ NullSafeNEQ And Or Not In Between Is Like ILike
-Case If Coalesce Nullif Cast TryCast DataType DataTypeParam
-Abs Floor Ceil Round Ln Log Exp Sqrt Pow Sign
-Lower Upper Length Substring Trim Concat DPipe Left Right StrPosition Replace Contains EndsWith StartsWith
-TimestampTrunc DateTrunc Extract Year Month Day DayOfWeek DayOfYear Quarter Week Var Interval DateAdd DateSub
-DateDiff RegexpLike RegexpExtract Greatest Least Bracket Array BitwiseAnd BitwiseOr
-""".split()
-# Deterministic, row-level expression nodes that may appear in WHERE, GROUP BY and LF conditions.
-_ROW_NODES: tuple[type[exp.Expression], ...] = tuple(
-    getattr(exp, name) for name in _ROW_NODE_NAMES if hasattr(exp, name)
-)
-
-# Function names accepted when sqlglot parses them as anonymous calls.
-_ANONYMOUS_OK = {
-    "date_part", "datepart", "ends_with", "suffix", "prefix", "contains", "strlen", "lcase", "ucase",
-    "regexp_full_match", "ilike_escape", "like_escape", "isnan", "isinf", "isfinite", "trunc", "even",
-    "width_bucket", "bin", "date_diff", "datediff", "last_day", "dayname", "monthname", "epoch",
-    "len", "list_contains", "array_contains", "string_split", "split_part", "levenshtein", "jaccard",
-    "jaro_winkler_similarity", "hamming", "lpad", "rpad", "repeat", "reverse", "ltrim", "rtrim",
-    "strip_accents", "to_days", "to_months", "to_years", "make_date", "greatest", "least",
-}
+from policies.sqltypes import SqlType, Typed, column_type
 
 _VOLATILE = tuple(
     getattr(exp, n) for n in ("Rand", "CurrentDate", "CurrentTimestamp", "CurrentTime", "Uuid") if hasattr(exp, n)
@@ -169,10 +152,45 @@ def check_no_volatile(node: exp.Expression, sql: str) -> None:
             )
 
 
-def validate_row_expression(node: exp.Expression, policy: Policy, sql: str, *, labeling: bool = False) -> set[str]:
-    """Check a row-level expression; return the columns it references."""
+
+
+# --- typed, total row expressions -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RowExpression:
+    """A validated row-level expression: its type with public range, the columns it reads, and its total form
+    over the pre-bounded table (quoted columns; no operation can fail on any row value)."""
+
+    typed: Typed
+    tree: exp.Expression
+    columns: frozenset[str]
+
+    @property
+    def sql(self) -> str:
+        return self.tree.sql(dialect="duckdb")
+
+
+_RE2_LOCK = threading.Lock()
+
+
+@lru_cache(maxsize=4096)
+def re2_problem(pattern: str) -> str | None:
+    """Why the engine's RE2 rejects `pattern`, or None. Checked on an empty in-memory database (public input
+    only) so that an invalid pattern is a 400 before any charge, never an error over the rows."""
+    import duckdb  # the pattern dialect is the engine's; nothing private is opened here
+
+    with _RE2_LOCK:
+        try:
+            duckdb.connect().execute("SELECT regexp_matches('', ?)", [pattern]).fetchall()
+        except duckdb.Error as exc:
+            return str(exc).splitlines()[0].split(": ", 1)[-1]
+    return None
+
+
+def _structure(node: exp.Expression, sql: str) -> None:
+    """Refusals with their own reasons, before type checking: subqueries, windows, aggregates, *, volatility."""
     check_no_volatile(node, sql)
-    columns: set[str] = set()
     for n in node.walk():
         if isinstance(n, exp.Subquery | exp.Select | exp.Exists):
             raise reject("subqueries are not allowed", "subquery", n, sql, hint="write one SELECT over one dataset")
@@ -188,38 +206,46 @@ def validate_row_expression(node: exp.Expression, policy: Policy, sql: str, *, l
             )
         if isinstance(n, exp.Star):
             raise reject("* is not allowed here", "raw_rows", n, sql)
-        if isinstance(n, exp.Column):
-            columns.add(check_column(n, policy, sql, labeling=labeling))
-        elif isinstance(n, exp.Anonymous):
-            if func_name(n) not in _ANONYMOUS_OK:
-                raise reject(
-                    f"function {func_name(n).upper()}() is not allowed",
-                    "unsupported_function",
-                    n,
-                    sql,
-                    hint="use deterministic scalar functions (arithmetic, CASE, date_trunc, string functions)",
-                )
-        elif not isinstance(n, _ROW_NODES):
-            raise reject(
-                f"{func_name(n).upper()} is not allowed in a row-level expression",
-                "unsupported_expression",
-                n,
-                sql,
-            )
-    return columns
 
 
-def bounded_sql(node: exp.Expression) -> str:
-    """SQL for a validated row-level expression over the pre-bounded table: quoted lower-case columns, and CAST
-    turned into TRY_CAST so that no value of a row can make the query fail (an error that depends on the rows
-    would leak them)."""
+def check_row_expression(
+    node: exp.Expression,
+    policy: Policy,
+    sql: str,
+    *,
+    labeling: bool = False,
+    condition: str | None = None,
+    check_pattern: Callable[[str], str | None] = re2_problem,
+) -> RowExpression:
+    """Type-check a row-level expression against the policy's column types and compile its total form.
 
-    def rewrite(n: exp.Expression) -> exp.Expression:
-        if isinstance(n, exp.Column):
-            return exp.column(n.name.lower(), quoted=True)
-        if type(n) is exp.Cast:
-            return exp.TryCast(this=n.this, to=n.args.get("to"))
-        return n
+    `condition` names the clause when the expression must be a condition (e.g. "WHERE"). Raises QueryRejected
+    with the span for anything not allowed; nothing here reads a row.
+    """
+    from policies.typecheck import Checker
 
-    return node.copy().transform(rewrite).sql(dialect="duckdb")
+    _structure(node, sql)
+    columns: set[str] = set()
 
+    def resolve(col: exp.Column) -> tuple[Typed, exp.Expression]:
+        name = check_column(col, policy, sql, labeling=labeling)
+        columns.add(name)
+        return column_type(policy.columns[name]), exp.column(name, quoted=True)
+
+    checker = Checker(sql, resolve, check_pattern=check_pattern)
+    got = checker.condition(node, condition) if condition else checker.check(node)
+    if got.typed.type is SqlType.INTERVAL:
+        raise reject("an interval is not a value of a row", "type_error", node, sql,
+                     hint="add it to a date: visit_day + INTERVAL 7 DAY")
+    return RowExpression(got.typed, got.tree, frozenset(columns))
+
+
+def validate_row_expression(node: exp.Expression, policy: Policy, sql: str, *, labeling: bool = False) -> set[str]:
+    """Check a row-level expression; return the columns it references."""
+    return set(check_row_expression(node, policy, sql, labeling=labeling).columns)
+
+
+def bounded_sql(node: exp.Expression, policy: Policy, *, labeling: bool = False, sql: str | None = None) -> str:
+    """SQL of a row-level expression over the pre-bounded table, in its total form (see policies.typecheck)."""
+    text = sql if sql is not None else node.sql(dialect="duckdb")
+    return check_row_expression(node, policy, text, labeling=labeling).sql

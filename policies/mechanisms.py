@@ -121,12 +121,33 @@ def threshold_for(k: int, epsilon: float, delta: float) -> tuple[float, int]:
     return scale, lo
 
 
-def select_keys(counts: dict[str, int], k: int, epsilon: float, delta: float) -> KeySelection:
-    """Release the keys (with noisy counts) of a histogram whose key set is not public."""
+# Key selection always runs OpenDP over at least this many candidate keys (the real ones padded with empty
+# ones), so that its running time does not tell how many distinct private keys there are below the cap.
+KEY_CANDIDATES = 1_000
+_PAD = "\x00pad:"
+
+
+def select_keys(counts: dict[str, int], k: int, epsilon: float, delta: float,
+                candidates: int = KEY_CANDIDATES) -> KeySelection:
+    """Release the keys (with noisy counts) of a histogram whose key set is not public.
+
+    The map given to OpenDP is padded with keys of count zero up to `candidates` entries. Padding adds the same
+    keys to neighbouring datasets, so the neighbouring relation (and the privacy map) is unchanged; padded keys
+    that pass the threshold are dropped, which is post-processing. Above `candidates` distinct keys the time
+    grows with their number (the README says so).
+    """
     scale, threshold = threshold_for(k, epsilon, delta)
     meas = _threshold_measurement(scale, threshold)
-    kept = meas({key: int(v) for key, v in counts.items()}) if counts else {}
-    return KeySelection(kept=dict(kept), threshold=threshold, scale=scale, epsilon=epsilon, delta=delta)
+    padded = {key: int(v) for key, v in counts.items()}
+    i = 0
+    while len(padded) < candidates:
+        label = f"{_PAD}{i}"
+        i += 1
+        if label not in padded:
+            padded[label] = 0
+    kept = meas(padded)
+    real = {key: v for key, v in dict(kept).items() if key in counts}
+    return KeySelection(kept=real, threshold=threshold, scale=scale, epsilon=epsilon, delta=delta)
 
 
 # --- quantiles ------------------------------------------------------------------------------------------
