@@ -16,11 +16,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 # The largest number of distinct values a bounded int/date column may have for Bastion to treat its
 # range as a public domain of group keys.
 MAX_ENUMERABLE_DOMAIN = 10_000
+
+# Largest bound of an int column: integers up to 2**53 are exact as doubles, and registration clamps through them.
+MAX_INT_BOUND = 2**53
+# Largest bound of a float or decimal column, and the range of precisions: squares of values stay finite doubles.
+MAX_FLOAT_BOUND = 1e150
+PRECISION_RANGE = (1e-150, 1e150)
+
+# Public cap on the characters kept per value (a labeling function's cost per row grows with the length).
+DEFAULT_MAX_LENGTH = {"text": 2_000, "category": 200}
+MAX_LENGTH_LIMIT = 1_000_000
 
 
 def bounded_table(dataset: str) -> str:
@@ -62,27 +72,57 @@ class _Strict(BaseModel):
 
 
 class Column(_Strict):
+    """One column of a dataset and the public facts about it.
+
+    - `type`: int, float, decimal, category, date, bool or text.
+    - `bounds`: `[low, high]` of a numeric or date column; values are clamped to them when the pre-bounded table is
+      built, and every sensitivity follows from them. Required for numeric columns that are not hidden (unless a
+      `domain` is declared); |bounds| at most 2**53 for int and 1e150 for float and decimal columns.
+    - `domain`: the public set of values of a category, int or bool column; all of them are released as group keys.
+    - `precision`: the fixed-point step of sums of a float or decimal column (default 0.01 for decimal, 1e-4 for
+      float), between 1e-150 and 1e150.
+    - `usage`: query (everywhere), labeling (inside labeling functions only) or hidden (never).
+    - `max_length`: text and category columns only: the number of characters kept per value (longer values are
+      truncated when the pre-bounded table is built), so the per-row cost of scanning a value is bounded by a
+      public number. Default 2,000 for text and 200 for category columns; 1 to 1,000,000.
+    """
+
     type: ColumnType
     bounds: tuple[Any, Any] | None = None
     domain: list[str | int | bool] | None = None
     precision: float | None = None
     usage: Usage = Usage.QUERY
+    max_length: StrictInt | None = Field(default=None, ge=1, le=MAX_LENGTH_LIMIT)
 
     @model_validator(mode="before")
     @classmethod
     def _parse_dates(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("type") == "date" and isinstance(data.get("bounds"), list | tuple):
             try:
-                data = {**data, "bounds": [dt.date.fromisoformat(b) if isinstance(b, str) else b
-                                           for b in data["bounds"]]}
+                data = {
+                    **data,
+                    "bounds": [dt.date.fromisoformat(b) if isinstance(b, str) else b for b in data["bounds"]],
+                }
             except ValueError as exc:
                 raise ValueError(f"date bounds must be YYYY-MM-DD: {exc}") from None
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_max_length(cls, data: Any) -> Any:
+        kind = data.get("type") if isinstance(data, dict) else None
+        if isinstance(kind, str) and kind in DEFAULT_MAX_LENGTH and data.get("max_length") is None:
+            data = {**data, "max_length": DEFAULT_MAX_LENGTH[kind]}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> Column:
-        if (self.type in NUMERIC_TYPES and self.usage is not Usage.HIDDEN and self.bounds is None
-                and self.domain is None):
+        if (
+            self.type in NUMERIC_TYPES
+            and self.usage is not Usage.HIDDEN
+            and self.bounds is None
+            and self.domain is None
+        ):
             raise ValueError(
                 f"a {self.type.value} column needs bounds: [low, high] (sums, means and quantiles are "
                 "clamped to them); mark it usage: hidden if it must not be used"
@@ -96,6 +136,10 @@ class Column(_Strict):
                     raise ValueError("bounds must be finite")
                 if self.type is ColumnType.INT and not (float(lo).is_integer() and float(hi).is_integer()):
                     raise ValueError("bounds of an int column must be integers")
+                if self.type is ColumnType.INT and max(abs(lo), abs(hi)) > MAX_INT_BOUND:
+                    raise ValueError("bounds of an int column must lie within ±2**53 (9007199254740992)")
+                if max(abs(lo), abs(hi)) > MAX_FLOAT_BOUND:
+                    raise ValueError(f"bounds of a {self.type.value} column must lie within ±1e150")
             elif self.type is ColumnType.DATE:
                 if not all(isinstance(v, dt.date) for v in (lo, hi)):
                     raise ValueError("date bounds must be dates (YYYY-MM-DD)")
@@ -115,6 +159,13 @@ class Column(_Strict):
                 raise ValueError("precision applies to decimal and float columns only")
             if not (self.precision > 0 and math.isfinite(self.precision)):
                 raise ValueError("precision must be a positive number")
+            if not PRECISION_RANGE[0] <= self.precision <= PRECISION_RANGE[1]:
+                raise ValueError(f"precision must lie between {PRECISION_RANGE[0]:g} and {PRECISION_RANGE[1]:g}")
+        if self.max_length is not None:
+            if self.type not in {ColumnType.TEXT, ColumnType.CATEGORY}:
+                raise ValueError("max_length applies to text and category columns only")
+            if any(len(str(v)) > self.max_length for v in self.domain or []):
+                raise ValueError(f"domain values must not be longer than max_length ({self.max_length})")
         if self.type is ColumnType.TEXT and self.usage is Usage.QUERY:
             raise ValueError("free-text columns must be usage: labeling or usage: hidden")
         return self
@@ -211,6 +262,9 @@ class Policy(_Strict):
     synthesis: Synthesis = Synthesis()
     labels: Labels | None = None
     key_selection_threshold: float | None = Field(default=None, gt=0)
+    # Key selection processes at least this many candidate keys (padded), so its time does not depend on how many
+    # distinct private keys there are up to this many (see policies.mechanisms.select_keys).
+    key_candidates: int = Field(default=1_000, ge=1, le=100_000)
 
     @model_validator(mode="after")
     def _check(self) -> Policy:
@@ -250,11 +304,7 @@ class Policy(_Strict):
     def usable_columns(self, *, labeling: bool = False) -> dict[str, Column]:
         """Columns an expression may reference: query columns, plus labeling-only ones inside LFs."""
         allowed = {Usage.QUERY, Usage.LABELING} if labeling else {Usage.QUERY}
-        return {
-            name: col
-            for name, col in self.columns.items()
-            if col.usage in allowed and name != self.privacy_unit
-        }
+        return {name: col for name, col in self.columns.items() if col.usage in allowed and name != self.privacy_unit}
 
     def fingerprint(self) -> str:
         """Stable hash of the policy's content; part of every cache key and proxy version."""
@@ -268,11 +318,7 @@ class Policy(_Strict):
             "privacy_unit": self.privacy_unit,
             "max_rows_per_unit": self.max_rows_per_unit,
             "columns": {
-                name: {
-                    k: v
-                    for k, v in col.model_dump(mode="json").items()
-                    if v is not None
-                }
+                name: {k: v for k, v in col.model_dump(mode="json").items() if v is not None}
                 for name, col in self.columns.items()
                 if col.usage is not Usage.HIDDEN
             },

@@ -30,3 +30,17 @@ def test_unsafe_policy_is_refused_with_reason(path: Path) -> None:
         load_policy(path)
     assert expected in str(info.value)
     assert path.name in str(info.value)
+
+
+def test_text_and_category_columns_carry_a_public_max_length() -> None:
+    visits = parse_policy(yaml.safe_load(POLICY_YAML))
+    assert visits.columns["triage_note"].max_length == 2_000 and visits.columns["diagnosis"].max_length == 200
+    assert visits.columns["age"].max_length is None
+    schema = visits.public_schema()["columns"]
+    assert schema["triage_note"]["max_length"] == 2_000 and schema["sex"]["max_length"] == 200
+    assert "max_length" not in schema["age"] and "ssn" not in schema
+    raw = yaml.safe_load(POLICY_YAML)
+    raw["columns"]["triage_note"]["max_length"] = 500
+    capped = parse_policy(raw)
+    assert capped.columns["triage_note"].max_length == 500 and capped.fingerprint() != visits.fingerprint()
+    assert parse_policy(capped.model_dump(mode="json")) == capped  # stored policies read back the same
