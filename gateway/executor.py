@@ -16,6 +16,7 @@ from typing import Any
 import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from sqlglot import exp
 
 from gateway.catalog import bounded_table, scratch
@@ -30,8 +31,9 @@ from policies.accountant import (
     check_delta,
     check_epsilon,
 )
-from policies.errors import InvalidRequest
+from policies.errors import InvalidRequest, QueryRejected
 from policies.schema import ColumnType
+from policies.sqltypes import SqlType
 
 _COUNT_KINDS = {"count_star", "count", "count_distinct_unit"}
 
@@ -229,6 +231,40 @@ def _quantile_codes(plan: Plan, m: Measurement, con: duckdb.DuckDBPyConnection, 
     return candidates, hist
 
 
+_ARROW_TYPES = {SqlType.INT: pa.int64(), SqlType.FLOAT: pa.float64(), SqlType.TEXT: pa.string(),
+                SqlType.DATE: pa.date32(), SqlType.BOOL: pa.bool_(), SqlType.NULL: pa.float64()}
+
+
+def bind_check(plan: Plan, con: duckdb.DuckDBPyConnection) -> None:
+    """Bind every statement the plan will run without reading a row (an always-false filter, an empty released
+    table), so that an error the engine's binder finds — which depends on the schema and the query only — is a
+    400 before the charge instead of a failure after it."""
+    statements = [_group_sql(plan, ["COUNT(*) AS __n"] + [f'{_measure_sql(plan, m)} AS "m{i}"' for i, m in
+                                                           enumerate(x for x in plan.measurements
+                                                                     if x.kind != "quantile")], empty=True)]
+    try:
+        for sql in statements:
+            con.execute(sql).fetchall()
+        for m in plan.measurements:
+            if m.kind == "quantile":
+                _quantile_codes(plan, m, con, [], empty=True)
+    except duckdb.Error as exc:
+        raise QueryRejected(f"the engine cannot compile this query: {str(exc).splitlines()[0]}",
+                            reason="engine_rejected", hint="simplify the expression or cast its arguments") from None
+    empty = pa.table({**{k.alias: pa.array([], _ARROW_TYPES.get(k.typed.type, pa.float64())) for k in plan.keys},
+                      **{a.alias: pa.array([], pa.float64()) for a in plan.aggregates},
+                      "__row": pa.array([], pa.int64())})
+    local = scratch()
+    try:
+        local.register("released", empty)
+        local.execute(plan.post_sql).fetchall()
+    except duckdb.Error as exc:
+        raise QueryRejected(f"the output expressions cannot be computed: {str(exc).splitlines()[0]}",
+                            reason="engine_rejected", hint="simplify the output expressions") from None
+    finally:
+        local.close()
+
+
 def execute(plan: Plan, pricing: Pricing, con: duckdb.DuckDBPyConnection, *, default_input: bool = False) -> Release:
     """Measure the plan on the pre-bounded table and release it. With `default_input`, the same mechanisms run
     on an empty input instead (no row is read): the fallback that keeps an answer's status and shape independent
@@ -238,8 +274,21 @@ def execute(plan: Plan, pricing: Pricing, con: duckdb.DuckDBPyConnection, *, def
     select = ["COUNT(*) AS __n"] + [f'{_measure_sql(plan, m)} AS "m{i}"' for i, m in enumerate(plain)]
     nk = len(plan.keys)
     exact: dict[tuple[Any, ...], tuple[int, ...]] = {}
-    for row in con.execute(_group_sql(plan, select, empty=default_input)).fetchall():
-        exact[tuple(row[:nk])] = tuple(int(v) for v in row[nk:])
+    sql = _group_sql(plan, select, empty=default_input)
+    selecting = plan.declared_groups() is None
+    width = nk + len(select)
+    if selecting:
+        # Pad the groups to the public candidate count inside the engine, so that fetching and preparing them
+        # takes the same time whatever the number of distinct private keys (up to that count).
+        pad_values = ", ".join(["NULL"] * nk + ["0"] * len(select))
+        sql = (f"WITH g AS ({sql}) SELECT *, FALSE AS __pad FROM g UNION ALL SELECT {pad_values}, TRUE FROM "
+               f"range(GREATEST(0, {int(plan.policy.key_candidates)} - (SELECT COUNT(*) FROM g)))")
+    padding: list[tuple[Any, ...]] = []
+    for row in con.execute(sql).fetchall():
+        if selecting and row[width]:
+            padding.append(tuple(int(v) for v in row[nk:width]))
+            continue
+        exact[tuple(row[:nk])] = tuple(int(v) for v in row[nk:width])
     if not plan.keys and () not in exact:
         exact[()] = tuple(0 for _ in range(len(plain) + 1))
 
@@ -247,13 +296,16 @@ def execute(plan: Plan, pricing: Pricing, con: duckdb.DuckDBPyConnection, *, def
     if groups is None:
         # Opaque labels for OpenDP (never released): the group's position, cheaper than serialising its values.
         by_label = {str(i): g for i, g in enumerate(exact)}
+        counts = {j: exact[g][0] for j, g in by_label.items()}
+        counts.update({f"pad{i}": p[0] for i, p in enumerate(padding)})  # zero counts, never released as keys
         selection = mech.select_keys(
-            {j: exact[g][0] for j, g in by_label.items()},
+            counts,
             plan.policy.max_rows_per_unit,
             pricing.selection_epsilon,
             pricing.selection_delta,
+            candidates=plan.policy.key_candidates,
         )
-        groups = sorted((by_label[j] for j in selection.kept), key=lambda g: [str(v) for v in g])
+        groups = sorted((by_label[j] for j in selection.kept if j in by_label), key=lambda g: [str(v) for v in g])
         notes.append(
             f"group keys without a public domain were selected with OpenDP's Laplace threshold "
             f"(threshold {selection.threshold} rows; ε={pricing.selection_epsilon:.4g}, "

@@ -43,6 +43,11 @@ from policies.sqltypes import (
 MAX_NODES = 2_000  # syntax nodes in one expression
 MAX_PATTERN = 1_000  # characters of a LIKE pattern or regular expression
 MAX_IN_LIST = 10_000
+# Work per row (characters read or written by text functions, with regular expressions and LIKE patterns counted
+# several times): with a public bound on it, one unit's rows can change a query's running time by at most
+# max_rows_per_unit times this much, whichever branches of the expression its values take.
+MAX_ROW_WORK = 100_000
+_REGEX_WORK = 20
 # Substring offsets and lengths the engines accept without an out-of-range error.
 MAX_OFFSET = 2**31 - 1
 
@@ -167,6 +172,7 @@ class Checker:
         self.resolve = resolve
         self.check_pattern = check_pattern
         self.functions = functions
+        self.work = 0
 
     # --- entry points -------------------------------------------------------------------------------------
 
@@ -175,7 +181,16 @@ class Checker:
         if size > MAX_NODES:
             raise reject(f"the expression has {size} syntax nodes; at most {MAX_NODES} are allowed", "too_complex",
                          node, self.sql, hint="split the question into simpler queries")
-        return self._check(node)
+        self.work = 0
+        got = self._check(node)
+        if self.work > MAX_ROW_WORK:
+            raise reject(f"this expression may process {self.work:,} characters per row; at most {MAX_ROW_WORK:,} "
+                         "are allowed", "too_expensive", node, self.sql,
+                         hint="use fewer or simpler text functions, or shorter patterns")
+        return got
+
+    def _cost(self, chars: float, factor: float = 1.0) -> None:
+        self.work += int(chars * factor)
 
     def condition(self, node: exp.Expression, what: str) -> Checked:
         """A boolean condition (WHERE, an LF's `when`)."""
@@ -419,6 +434,8 @@ class Checker:
             b = self._as_date_literal(right, b)
         elif b.typed.type is SqlType.DATE and a.typed.type is SqlType.TEXT:
             a = self._as_date_literal(left, a)
+        if a.typed.type is SqlType.TEXT:
+            self._cost(min(a.typed.length, b.typed.length or a.typed.length))
         if unify(a.typed, b.typed) is None or SqlType.INTERVAL in (a.typed.type, b.typed.type):
             raise self._type_error(
                 f"cannot compare {_type_name(a.typed)} with {_type_name(b.typed)}", n,
@@ -446,6 +463,7 @@ class Checker:
         word = "ILIKE" if isinstance(n, exp.ILike) else "LIKE"
         subject = self._need(n.this, SqlType.TEXT, what=f"the left side of {word}")
         pattern = self._literal_text(n.expression, "the LIKE pattern")
+        self._cost(subject.typed.length, 1 + pattern.count("%") + pattern.count("_") / 4 + len(pattern) / 16)
         return Checked(BOOL, n.__class__(this=subject.tree, expression=exp.Literal.string(pattern)))
 
     def _case(self, n: exp.Case) -> Checked:
@@ -545,10 +563,12 @@ class Checker:
         if isinstance(n, _SAME_TEXT):
             inner = self._need(n.this, SqlType.TEXT)
             # Upper/lower case can change a character into up to three (e.g. 'ß').
+            self._cost(inner.typed.length)
             return Checked(text(self._text_length(inner.typed.length * 3, n)), n.__class__(this=inner.tree))
         if isinstance(n, exp.Trim):
             inner = self._need(n.this, SqlType.TEXT)
             chars = n.args.get("expression")
+            self._cost(inner.typed.length)
             tree = n.copy()
             tree.set("this", inner.tree)
             if chars is not None:
@@ -556,16 +576,19 @@ class Checker:
             return Checked(inner.typed, tree)
         if isinstance(n, exp.Length):
             inner = self._need(n.this, SqlType.TEXT)
+            self._cost(inner.typed.length)
             return Checked(int_range(0, inner.typed.length), exp.Length(this=inner.tree))
         if isinstance(n, _TEXT_TESTS):
             subject = self._need(n.this, SqlType.TEXT)
             needle = self._literal_text(n.expression, f"the second argument of {name}()")
+            self._cost(subject.typed.length, 0.5 + len(needle) / 64)
             return Checked(BOOL, n.__class__(this=subject.tree, expression=exp.Literal.string(needle)))
         if isinstance(n, exp.StrPosition):
             if n.args.get("position") is not None or n.args.get("occurrence") is not None:
                 raise reject("strpos takes two arguments", "bad_argument", n, self.sql)
             subject = self._need(n.this, SqlType.TEXT)
             needle = self._literal_text(n.args.get("substr"), "the string to find")
+            self._cost(subject.typed.length, 1 + len(needle) / 16)
             return Checked(int_range(0, subject.typed.length),
                            exp.StrPosition(this=subject.tree, substr=exp.Literal.string(needle)))
         if isinstance(n, exp.Substring):
@@ -573,11 +596,13 @@ class Checker:
             start = self._offset(n.args.get("start"), "the start of substring()")
             length = self._offset(n.args.get("length"), "the length of substring()") \
                 if n.args.get("length") is not None else None
+            self._cost(subject.typed.length)
             return Checked(subject.typed, exp.Substring(this=subject.tree, start=start.tree,
                                                         length=length.tree if length else None))
         if isinstance(n, exp.Left | exp.Right):
             subject = self._need(n.this, SqlType.TEXT)
             count = self._offset(n.expression, f"the length of {name}()")
+            self._cost(subject.typed.length)
             return Checked(subject.typed, n.__class__(this=subject.tree, expression=count.tree))
         if isinstance(n, exp.Replace):
             subject = self._need(n.this, SqlType.TEXT)
@@ -585,6 +610,7 @@ class Checker:
             new = self._literal_text(n.args.get("replacement"), "the replacement")
             growth = max(1.0, len(new) / len(old)) if old else 1.0
             length = self._text_length(subject.typed.length * growth, n)
+            self._cost(subject.typed.length + length)
             return Checked(text(length), exp.Replace(this=subject.tree, expression=exp.Literal.string(old),
                                                      replacement=exp.Literal.string(new)))
         if isinstance(n, exp.Concat | exp.DPipe):
@@ -597,6 +623,7 @@ class Checker:
                          for c in checked)
             trees = [c.tree if c.typed.type is SqlType.TEXT else exp.TryCast(
                 this=c.tree, to=exp.DataType.build("VARCHAR")) for c in checked]
+            self._cost(length)
             return Checked(text(self._text_length(length, n)), exp.Concat(expressions=trees, safe=True))
         if isinstance(n, exp.Pad):
             subject = self._need(n.this, SqlType.TEXT)
@@ -605,22 +632,26 @@ class Checker:
             if not fill:
                 raise reject("the padding must not be empty", "bad_argument", n, self.sql)
             length = self._text_length(max(width.typed.hi or 0, 0), n)
+            self._cost(subject.typed.length + length)
             return Checked(text(length), exp.Pad(this=subject.tree, expression=width.tree,
                                                  fill_pattern=exp.Literal.string(fill), is_left=n.args.get("is_left")))
         if isinstance(n, exp.Repeat):
             subject = self._need(n.this, SqlType.TEXT)
             times = self._offset(n.args.get("times"), "the count of repeat()")
             length = self._text_length(subject.typed.length * max(times.typed.hi or 0, 0), n)
+            self._cost(length)
             return Checked(text(length), exp.Repeat(this=subject.tree, times=times.tree))
         if isinstance(n, exp.SplitPart):
             subject = self._need(n.this, SqlType.TEXT)
             sep = self._literal_text(n.args.get("delimiter"), "the delimiter")
             index = self._offset(n.args.get("part_index"), "the part index")
+            self._cost(subject.typed.length)
             return Checked(subject.typed, exp.SplitPart(this=subject.tree, delimiter=exp.Literal.string(sep),
                                                         part_index=index.tree))
         if isinstance(n, exp.RegexpLike | exp.RegexpFullMatch):
             subject = self._need(n.this, SqlType.TEXT)
             pattern = self._regex(n.expression)
+            self._cost(subject.typed.length, _REGEX_WORK + len(pattern) / 16)
             tree = n.__class__(this=subject.tree, expression=exp.Literal.string(pattern))
             flag = n.args.get("flag") or n.args.get("options")
             if flag is not None:
@@ -632,6 +663,7 @@ class Checker:
         if isinstance(n, exp.RegexpExtract):
             subject = self._need(n.this, SqlType.TEXT)
             pattern = self._regex(n.expression)
+            self._cost(subject.typed.length, _REGEX_WORK + len(pattern) / 16)
             for extra in ("position", "occurrence", "parameters"):
                 if n.args.get(extra) is not None:
                     raise reject("regexp_extract takes (text, pattern[, group])", "bad_argument", n, self.sql)
@@ -696,6 +728,7 @@ class Checker:
             return Checked(BOOL, exp.Anonymous(this=name, expressions=[_as_double(inner.tree)]))
         if name == "strip_accents" and len(args) == 1:
             inner = self._need(args[0], SqlType.TEXT)
+            self._cost(inner.typed.length, 2)
             return Checked(inner.typed, exp.Anonymous(this=name, expressions=[inner.tree]))
         raise reject(f"function {name.upper()}() is not allowed here", "unsupported_function", n, self.sql,
                      hint=f"allowed: {self.functions}")
@@ -729,7 +762,11 @@ class Checker:
         if not got.typed.bounded or (got.typed.max_abs or 0) > MAX_OFFSET:
             raise reject(f"{what} needs an integer with bounds within ±{MAX_OFFSET:,}", "bad_argument",
                          node or exp.Null(), self.sql, hint="use a literal or a column with declared bounds")
-        return got
+        # The engines take 32-bit offsets here; the public range proves the value fits.
+        value = _literal_int(node)
+        tree = exp.Literal.number(value) if value is not None else \
+            exp.Cast(this=got.tree, to=exp.DataType.build("INTEGER"))
+        return Checked(got.typed, tree)
 
     def _date_part(self, part: str | None, value: exp.Expression | None, n: exp.Expression) -> Checked:
         if part not in _DATE_PARTS:
