@@ -243,7 +243,8 @@ class SynthJobs:
             try:
                 self._run(job)
             except Exception as exc:
-                log.exception("synthesis job %s failed", job_id)
+                # Only the class: a message or traceback could quote a value from the rows.
+                log.error("synthesis job %s failed (%s)", job_id, type(exc).__name__)
                 message = exc.message if isinstance(exc, GatewayError) else f"internal error ({type(exc).__name__})"
                 job = self.read(job_id)
                 job.update(status="failed", error=message + "; the charge stands")
@@ -297,8 +298,21 @@ class SynthJobs:
                 model = DPCopulaModel.from_json(json.loads(model_path.read_text()))
             else:
                 allocation = allocate(policy, job["epsilon"], job["delta_requested"])
-                model = measure(self.bastion.catalog.connect(), table, policy, allocation,
-                                lambda f, s: progress(f, s, hi=0.3))
+                con = self.bastion.catalog.connect()
+                try:
+                    model = measure(con, table, policy, allocation, lambda f, s: progress(f, s, hi=0.3))
+                except Exception as exc:  # noqa: BLE001 - the failure must not show: measure a default input
+                    # Whether reading the rows failed could depend on them; the same mechanisms run on an empty
+                    # table of the same schema instead, and the job goes on as usual (the audit log says so).
+                    log.warning("synthesis job %s: measuring failed (%s); measuring the default input",
+                                job["job_id"], type(exc).__name__)
+                    self.bastion.audit(ctx, "synth", dataset=job["dataset"], request={"job_id": job["job_id"]},
+                                       decision="error", reason="fallback", error_class=type(exc).__name__,
+                                       phase="measured", non_dp=False)
+                    empty = self.bastion.catalog.connect()
+                    empty.execute(f'CREATE TEMP TABLE "__default_input" AS SELECT * FROM "{table}" LIMIT 0')
+                    model = measure(empty, "__default_input", policy, allocation,
+                                    lambda f, s: progress(f, s, hi=0.3))
                 _write_json(model_path, model.to_json())
             proxy = dp_proxy(model, job["rows"], job["seed"], job["method"],
                              lambda f, s: progress(f, s, lo=0.3, hi=0.9))

@@ -186,7 +186,7 @@ def quantile_scores(below: list[int], above: list[int], q: float) -> tuple[list[
 def release_quantile_index(scores: list[int], d_in: int, epsilon: float) -> tuple[int, float]:
     """Index of the candidate with (noisily) the lowest score, and the noise scale used.
 
-    d_in is the L∞ sensitivity of the score vector; report-noisy-max (Gumbel) on non-monotonic scores costs
+    d_in is the L∞ sensitivity of the score vector; report-noisy-max (OpenDP's exponential-noise form) on non-monotonic scores costs
     2·d_in / scale.
     """
     scale = 2 * d_in / epsilon
@@ -200,7 +200,7 @@ def release_quantile_index(scores: list[int], d_in: int, epsilon: float) -> tupl
 def quantile_rank_error(scale: float, n_candidates: int, q: float, alpha: float) -> float:
     """With probability ≥ 1-alpha the released candidate's rank is within this many rows of the target rank.
 
-    A candidate whose score is worse than the best by g wins only if its Gumbel noise beats the best one's by g,
+    A candidate whose score is worse than the best by g wins only if its noise beats the best one's by g,
     which happens with probability at most 1/(1+e^(g/scale)); a union bound over candidates gives
     g ≤ scale·ln(|C|/alpha). Moving a candidate past one row changes its score by at least min(q, 1-q)·D.
     """

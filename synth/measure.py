@@ -105,13 +105,15 @@ def allocate(policy: Policy, epsilon: float, delta: float = 0.0) -> Allocation:
     return Allocation(schema, epsilon, delta, eps_marg, eps_pair, delta / keyed if keyed else 0.0)
 
 
-def _marginal(con: duckdb.DuckDBPyConnection, table: str, col: ColumnBins, k: int, a: Allocation) -> Marginal:
+def _marginal(con: duckdb.DuckDBPyConnection, table: str, col: ColumnBins, k: int, a: Allocation,
+              candidates: int) -> Marginal:
     if col.kind == "keys":
         c = quote(col.name)
         rows = con.execute(
             f"SELECT CAST({c} AS VARCHAR) AS key, COUNT(*) FROM {quote(table)} WHERE {c} IS NOT NULL GROUP BY key"
         ).fetchall()
-        sel = select_keys({str(key): int(n) for key, n in rows}, k, a.epsilon_marginal, a.delta_key_selection)
+        sel = select_keys({str(key): int(n) for key, n in rows}, k, a.epsilon_marginal, a.delta_key_selection,
+                          candidates=candidates)
         keys = sorted(sel.kept)
         return Marginal(col.with_keys(keys), [int(sel.kept[key]) for key in keys], sel.scale, sel.epsilon,
                         sel.delta, sel.threshold)
@@ -159,7 +161,7 @@ def measure(
     dropped = dict(allocation.schema.dropped)
     for i, col in enumerate(columns):
         progress(i / steps, f"marginal of {col.name}")
-        m = _marginal(con, table, col, k, allocation)
+        m = _marginal(con, table, col, k, allocation, policy.key_candidates)
         if m.column.n_bins == 0:
             dropped[col.name] = "no key passed the DP key-selection threshold"
             measured.append(None)

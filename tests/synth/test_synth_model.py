@@ -42,9 +42,9 @@ def test_every_measurement_is_an_opendp_release_and_they_add_up(workspace: Works
         assert d_in == 10  # k rows per unit, one bin or cell per row
         return mechanisms.release_integers(values, d_in, epsilon)
 
-    def counted_keys(counts, k, epsilon, delta):
+    def counted_keys(counts, k, epsilon, delta, **options):
         spent.append(("threshold", epsilon, delta))
-        return mechanisms.select_keys(counts, k, epsilon, delta)
+        return mechanisms.select_keys(counts, k, epsilon, delta, **options)
 
     monkeypatch.setattr(measure_module, "release_integers", counted_release)
     monkeypatch.setattr(measure_module, "select_keys", counted_keys)

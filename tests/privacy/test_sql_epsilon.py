@@ -1,0 +1,501 @@
+"""Empirical ε audit of each DP SQL mechanism and of a synthetic proxy's marginal, on neighbouring datasets.
+
+D′ is an ordinary dataset; D is D′ plus one worst-case privacy unit: 3k raw rows (k = max_rows_per_unit), of which
+the pre-bounded table keeps k, every value beyond the policy's bounds (so it is clamped to the bound of largest
+magnitude, the negative one for `amount`), all in a rare group key that D′ does not have (`kind = 'e'`), in k
+different groups of `slot`, and in the undeclared key `tag = 'edge'` that D′ has just k rows below the key-selection
+threshold. Both datasets are registered through the real catalog, with the same bounding key, so they differ by
+exactly that unit.
+
+For each mechanism the test plans a real query with the planner and prices it with `gateway.executor.price`, then
+runs the executor once on D and once on D′ with the mechanism layer wrapped by a recorder: what it records is
+exactly what the executor hands to OpenDP (the exact integer vectors, quantile scores or key counts, with the d_in
+and ε it calibrated). Those inputs are then fed many times to the real mechanism functions
+(`policies.mechanisms.release_integers`, `select_keys`, `release_quantile_index`), so the audit follows the code's
+sensitivities and ε split instead of re-deriving them.
+
+The release cache plays no part: the cache belongs to the service layer, and this audit calls the executor and the
+mechanism layer directly, below it; every draw is a fresh OpenDP sample. To keep the audit fast, integer releases
+are drawn many at a time: one `release_integers` call on n concatenated copies of an exact vector adds independent
+noise of the same scale to every coordinate, so each copy is distributed exactly like one release of the vector.
+Key selection is batched the same way (the Laplace threshold noises and thresholds every key independently), by
+giving one call many copies of the audited key. Quantile selections are drawn one call each.
+
+Each audit first checks the recorded inputs directly (same calibration and shape on D and D′, and an L1 or L∞
+distance between the exact inputs within the d_in the code calibrated for), then fixes an event from the exact
+values and the calibration before drawing (a tail event beyond D's exact value on every coordinate that differs; for
+the quantile, the set of candidates that the exact output distributions say is most telling) and asserts that the
+Clopper–Pearson lower bound on ε, at 99%, does not exceed the claimed ε: per measurement, and for the whole request
+where a request has several measurements (δ is taken off where the mechanism claims one). Each ε audit has a control
+that releases with half the calibrated noise scale (twice the ε: the effect of a factor-2 sensitivity error) and
+asserts that the bound then does exceed the claimed ε, which shows that the audit can fail. For key selection the
+control's key counts sit at that calibration's own threshold, the worst case for it.
+
+Each bound holds with probability 99% when the mechanism is as private as claimed; because the confidence is split
+between the two sides, a correct mechanism fails an audit far less often than 1 time in 100.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gateway.catalog import Catalog
+from gateway.executor import Pricing, execute, price
+from gateway.planner import Measurement, Plan, plan_query
+from policies import mechanisms as mech
+from policies.schema import Policy, parse_policy
+from tests.privacy.epsilon import best_event, clopper_pearson_lower, epsilon_lower_bound, tail_event
+
+K = 4
+CONFIDENCE = 0.99
+N_DRAWS = 20_000  # per side, for scalar and short-vector releases
+N_VECTOR_DRAWS = 10_000  # per side, for the 12-group release
+N_QUANTILE_DRAWS = 10_000  # per side; one OpenDP call per draw
+KEY_BATCH = 1_000  # copies of the audited key per select_keys call
+
+POLICY = parse_policy(
+    {
+        "dataset": "audit",
+        "privacy_unit": "uid",
+        "max_rows_per_unit": K,
+        "budget": {"per_principal": {"epsilon": 100.0, "delta": 1e-6}, "total": {"epsilon": 100.0, "delta": 1e-5}},
+        "columns": {
+            "uid": {"type": "int", "usage": "hidden"},
+            "kind": {"type": "category", "domain": ["a", "b", "c", "d", "e"]},
+            "slot": {"type": "int", "bounds": [0, 3 * K - 1]},
+            "tag": {"type": "category"},
+            "amount": {"type": "decimal", "bounds": [-100, 50], "precision": 0.01},
+            "score": {"type": "int", "bounds": [0, 20]},
+        },
+        "roles": {"analyst": ["query", "synth"]},
+    }
+)
+
+synth_measure = importlib.import_module("synth.measure")  # the package re-exports a function of that name
+
+TAG_SQL = "SELECT tag, COUNT(*) FROM audit GROUP BY tag"
+TAG_EPSILON = 1.0
+
+
+def _resolve(name: str) -> Policy:
+    assert name == POLICY.dataset
+    return POLICY
+
+
+def _priced(sql: str, epsilon: float, delta: float | None = None) -> tuple[Plan, Pricing]:
+    plan = plan_query(sql, _resolve)
+    return plan, price(plan, epsilon=epsilon, accuracy=None, alpha=0.05, delta=delta)
+
+
+# --- neighbouring datasets --------------------------------------------------------------------------------------
+
+
+def _edge_threshold() -> int:
+    """The key-selection threshold the executor uses for TAG_SQL (public: from the policy and the request)."""
+    _, pricing = _priced(TAG_SQL, TAG_EPSILON)
+    return mech.threshold_for(K, pricing.selection_epsilon, pricing.selection_delta)[1]
+
+
+def _d_prime_rows(threshold: int) -> pd.DataFrame:
+    rng = np.random.default_rng(20240611)
+    units: list[int] = []
+    tags: list[str] = []
+    edge_rows = threshold - K  # D′ has the undeclared key just k rows below the threshold
+    uid = 0
+    while edge_rows > 0:
+        n = min(K, edge_rows)
+        units += [uid] * n
+        tags += ["edge"] * n
+        edge_rows -= n
+        uid += 1
+    for _ in range(30):
+        units += [uid] * 3
+        tags += ["common"] * 3
+        uid += 1
+    n = len(units)
+    ordinary = pd.DataFrame(
+        {
+            "uid": units,
+            "kind": rng.choice(["a", "b", "c", "d"], n),
+            "slot": rng.integers(0, 3 * K, n),
+            "tag": tags,
+            "amount": np.round(rng.uniform(-100, 50, n), 2),
+            # Few rows with a score, spread out: the noisy median then has several likely candidates.
+            "score": pd.array(
+                np.where(np.arange(n) % 4 == 0, np.clip(np.round(rng.normal(8, 4, n)), 0, 20), np.nan), dtype="Int64"
+            ),
+        }
+    )
+    # A heavy unit with identical rows, in both datasets: bounding keeps k of them whatever the hash picks.
+    heavy = pd.DataFrame(
+        {"uid": 5000, "kind": "a", "slot": 0, "tag": "common", "amount": 10.0, "score": 10}, index=range(400)
+    )
+    return pd.concat([ordinary, heavy], ignore_index=True)
+
+
+def _worst_unit_rows() -> pd.DataFrame:
+    n = 3 * K
+    return pd.DataFrame(
+        {
+            "uid": 999,
+            "kind": "e",
+            "slot": range(n),
+            "tag": "edge",
+            "amount": -1.0e6,  # clamped to -100, the bound of largest magnitude
+            "score": 1000,  # clamped to 20, the top of the quantile grid
+        },
+        index=range(n),
+    )
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    d: Catalog  # with the worst-case unit
+    d_prime: Catalog
+    threshold: int
+
+
+@pytest.fixture(scope="module")
+def neighbours(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Neighbours]:
+    root = tmp_path_factory.mktemp("neighbours")
+    threshold = _edge_threshold()
+    d_prime_rows = _d_prime_rows(threshold)
+    d_rows = pd.concat([d_prime_rows, _worst_unit_rows()], ignore_index=True)  # appended: other rows keep positions
+    catalogs = []
+    for name, rows in (("d", d_rows), ("d_prime", d_prime_rows)):
+        rows.to_csv(root / f"{name}.csv", index=False)
+        cat = Catalog(root / f"{name}.duckdb", root / "bounding.key", read_only=False)
+        cat.register(POLICY, root / f"{name}.csv")
+        catalogs.append(cat)
+    yield Neighbours(catalogs[0], catalogs[1], threshold)
+    for cat in catalogs:
+        cat.close()
+
+
+# --- what the executor hands to the mechanism layer -------------------------------------------------------------
+
+
+@dataclass
+class MechanismInputs:
+    """The arguments of every mechanism call, by parameter name, as the executor passed them."""
+
+    integers: list[dict[str, Any]] = field(default_factory=list)
+    selections: list[dict[str, Any]] = field(default_factory=list)
+    quantiles: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _recording(target: list[Any], real: Callable[..., Any]) -> Callable[..., Any]:
+    """`real`, recording a copy of the arguments it was given (by parameter name) at every call."""
+    signature = inspect.signature(real)
+
+    def record(*args: Any, **kwargs: Any) -> Any:
+        given = signature.bind(*args, **kwargs).arguments
+        target.append(
+            {
+                name: list(a) if isinstance(a, list) else dict(a) if isinstance(a, dict) else a
+                for name, a in given.items()
+            }
+        )
+        return real(*args, **kwargs)
+
+    return record
+
+
+def mechanism_inputs(plan: Plan, pricing: Pricing, catalog: Catalog) -> MechanismInputs:
+    """Run the executor once and record the exact inputs and calibration of every mechanism call it makes."""
+    inputs = MechanismInputs()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mech, "release_integers", _recording(inputs.integers, mech.release_integers))
+        mp.setattr(mech, "select_keys", _recording(inputs.selections, mech.select_keys))
+        mp.setattr(mech, "release_quantile_index", _recording(inputs.quantiles, mech.release_quantile_index))
+        execute(plan, pricing, catalog.connect())
+    return inputs
+
+
+def _audited(
+    neighbours: Neighbours, sql: str, epsilon: float
+) -> tuple[Plan, Pricing, MechanismInputs, MechanismInputs]:
+    plan, pricing = _priced(sql, epsilon)
+    on_d = mechanism_inputs(plan, pricing, neighbours.d)
+    on_d_prime = mechanism_inputs(plan, pricing, neighbours.d_prime)
+    return plan, pricing, on_d, on_d_prime
+
+
+def _integer_inputs(
+    plan: Plan, pricing: Pricing, on_d: MechanismInputs, on_d_prime: MechanismInputs
+) -> dict[Measurement, tuple[list[int], list[int], int, float]]:
+    """Per non-quantile measurement (the executor's order): exact vectors on D and D′, d_in and ε."""
+    plain = [m for m in plan.measurements if m.kind != "quantile"]
+    assert len(on_d.integers) == len(on_d_prime.integers) == len(plain)
+    out = {}
+    for m, call_d, call_d_prime in zip(plain, on_d.integers, on_d_prime.integers, strict=True):
+        va, d_in, eps = call_d["values"], call_d["d_in"], call_d["epsilon"]
+        vb, d_in_b, eps_b = call_d_prime["values"], call_d_prime["d_in"], call_d_prime["epsilon"]
+        assert (d_in, eps) == (d_in_b, eps_b) == (pricing.d_in[m], pricing.epsilon_per_measurement)
+        assert len(va) == len(vb)  # the shape of a release is public
+        assert sum(abs(a - b) for a, b in zip(va, vb, strict=True)) <= d_in  # L1 distance within the sensitivity
+        out[m] = (va, vb, d_in, eps)
+    return out
+
+
+# --- drawing ----------------------------------------------------------------------------------------------------
+
+
+def draw_integers(values: list[int], d_in: int, epsilon: float, n: int) -> np.ndarray:
+    """n independent releases (rows) of `values` through release_integers, in one OpenDP call."""
+    release = mech.release_integers(list(values) * n, d_in, epsilon)
+    return np.asarray(release.values, dtype=np.int64).reshape(n, len(values))
+
+
+def integer_hits(
+    exact_d: list[int], exact_d_prime: list[int], d_in: int, epsilon: float, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per draw on D and on D′, whether the release is in the tail event fixed by the two exact vectors."""
+    on_d = draw_integers(exact_d, d_in, epsilon, n)
+    on_d_prime = draw_integers(exact_d_prime, d_in, epsilon, n)
+    return tail_event(on_d, exact_d, exact_d_prime), tail_event(on_d_prime, exact_d, exact_d_prime)
+
+
+def bound(hits_d: np.ndarray, hits_d_prime: np.ndarray, delta: float = 0.0) -> float:
+    return epsilon_lower_bound(
+        int(hits_d.sum()), len(hits_d), int(hits_d_prime.sum()), len(hits_d_prime), CONFIDENCE, delta=delta
+    )
+
+
+def audit_single_measurement(
+    neighbours: Neighbours, sql: str, epsilon: float, n: int = N_DRAWS
+) -> tuple[Pricing, float, float]:
+    """Lower bounds on ε of a one-measurement query, calibrated as the executor does and with half its scale."""
+    plan, pricing, on_d, on_d_prime = _audited(neighbours, sql, epsilon)
+    ((va, vb, d_in, eps),) = _integer_inputs(plan, pricing, on_d, on_d_prime).values()
+    assert pricing.cost.epsilon == pytest.approx(eps)  # one measurement: it carries the whole request's ε
+    calibrated = bound(*integer_hits(va, vb, d_in, eps, n))
+    control = bound(*integer_hits(va, vb, d_in, 2 * eps, n))
+    return pricing, calibrated, control
+
+
+# --- the audits -------------------------------------------------------------------------------------------------
+
+
+def test_count_star(neighbours: Neighbours) -> None:
+    pricing, calibrated, control = audit_single_measurement(neighbours, "SELECT COUNT(*) FROM audit", 1.0)
+    assert set(pricing.d_in.values()) == {K}
+    assert calibrated <= pricing.epsilon_per_measurement, calibrated
+    assert control > pricing.epsilon_per_measurement, control
+
+
+def test_count_distinct_unit_ungrouped(neighbours: Neighbours) -> None:
+    pricing, calibrated, control = audit_single_measurement(neighbours, "SELECT COUNT(DISTINCT uid) FROM audit", 1.0)
+    assert set(pricing.d_in.values()) == {1}  # one unit is one more distinct unit
+    assert calibrated <= pricing.epsilon_per_measurement, calibrated
+    assert control > pricing.epsilon_per_measurement, control
+
+
+def test_count_distinct_unit_grouped(neighbours: Neighbours) -> None:
+    """The worst unit is one more distinct unit in each of k groups: the joint event over those k groups."""
+    sql = "SELECT slot, COUNT(DISTINCT uid) FROM audit GROUP BY slot"
+    pricing, calibrated, control = audit_single_measurement(neighbours, sql, 1.0, N_VECTOR_DRAWS)
+    assert set(pricing.d_in.values()) == {K}
+    assert calibrated <= pricing.epsilon_per_measurement, calibrated
+    assert control > pricing.epsilon_per_measurement, control
+
+
+def test_sum_with_negative_lower_bound(neighbours: Neighbours) -> None:
+    """k rows at -100 with bounds [-100, 50]: the sensitivity must follow the bound of largest magnitude."""
+    pricing, calibrated, control = audit_single_measurement(neighbours, "SELECT SUM(amount) FROM audit", 1.0)
+    assert calibrated <= pricing.epsilon_per_measurement, calibrated
+    assert control > pricing.epsilon_per_measurement, control
+
+
+def test_declared_group_by(neighbours: Neighbours) -> None:
+    """A vector release over the public domain of `kind`; the worst unit is all in 'e', empty on D′."""
+    sql = "SELECT kind, COUNT(*) FROM audit GROUP BY kind"
+    plan, pricing, on_d, on_d_prime = _audited(neighbours, sql, 1.0)
+    assert not plan.needs_key_selection
+    ((va, vb, d_in, eps),) = _integer_inputs(plan, pricing, on_d, on_d_prime).values()
+    assert len(va) == len(POLICY.columns["kind"].domain or []) and vb[-1] == 0
+    calibrated = bound(*integer_hits(va, vb, d_in, eps, N_DRAWS))
+    assert calibrated <= pricing.cost.epsilon, calibrated
+    control = bound(*integer_hits(va, vb, d_in, 2 * eps, N_DRAWS))
+    assert control > pricing.cost.epsilon, control
+
+
+def audit_composed(neighbours: Neighbours, sql: str, epsilon: float, kinds: set[str]) -> None:
+    """A request of several measurements, each with an equal share of ε: each on its own, then the joint event
+    of all of them against the request's ε, calibrated and with half the scale."""
+    plan, pricing, on_d, on_d_prime = _audited(neighbours, sql, epsilon)
+    inputs = _integer_inputs(plan, pricing, on_d, on_d_prime)
+    assert {m.kind for m in inputs} == kinds
+    per = pricing.epsilon_per_measurement
+    assert per == pytest.approx(pricing.cost.epsilon / len(kinds))
+    hits = {m: integer_hits(va, vb, d_in, eps, N_DRAWS) for m, (va, vb, d_in, eps) in inputs.items()}
+    for m, (hits_d, hits_d_prime) in hits.items():
+        each = bound(hits_d, hits_d_prime)
+        assert each <= per, (m.label, each)
+    joint = bound(*(np.logical_and.reduce([h[side] for h in hits.values()]) for side in (0, 1)))
+    assert joint <= pricing.cost.epsilon, joint
+    halved = [integer_hits(va, vb, d_in, 2 * eps, N_DRAWS) for va, vb, d_in, eps in inputs.values()]
+    control = bound(*(np.logical_and.reduce([h[side] for h in halved]) for side in (0, 1)))
+    assert control > pricing.cost.epsilon, control
+
+
+def test_avg_two_measurements(neighbours: Neighbours) -> None:
+    """AVG is SUM and COUNT(col); the worst unit moves the sum down by k·100 and the count up by k."""
+    audit_composed(neighbours, "SELECT AVG(amount) FROM audit", 2.0, {"sum", "count"})
+
+
+def test_variance_three_measurements(neighbours: Neighbours) -> None:
+    """VARIANCE adds the sum of squares (k rows at -100: k·100² up) to SUM and COUNT(col)."""
+    audit_composed(neighbours, "SELECT VARIANCE(amount) FROM audit", 3.0, {"sumsq", "sum", "count"})
+
+
+def _noisy_min_probabilities(scores: list[int], scale: float, grid: int = 200_001) -> np.ndarray:
+    """Exact output distribution of OpenDP's noisy min (permute-and-flip: exponential noise of `scale`).
+
+    Candidate i wins when -score_i + E_i is the largest, E_j ~ Exp(scale) independent; P(i) is the integral of
+    the density of -score_i + E_i times the distribution functions of all the others. Used only to choose events.
+    """
+    u = -np.asarray(scores, dtype=np.float64)
+    t = np.linspace(u.min(), u.max() + 50 * scale, grid)
+    below = t[None, :] - u[:, None]
+    cdf = np.where(below >= 0, -np.expm1(-np.maximum(below, 0) / scale), 0.0)
+    density = np.where(below >= 0, np.exp(-np.maximum(below, 0) / scale) / scale, 0.0)
+    probs = np.array([np.trapezoid(density[i] * np.prod(np.delete(cdf, i, axis=0), axis=0), t) for i in range(len(u))])
+    return probs / probs.sum()
+
+
+def _quantile_hits(scores: list[int], d_in: int, epsilon: float, event: set[int], n: int) -> np.ndarray:
+    return np.fromiter(
+        (mech.release_quantile_index(scores, d_in, epsilon)[0] in event for _ in range(n)), dtype=bool, count=n
+    )
+
+
+def test_quantile(neighbours: Neighbours) -> None:
+    """Report-noisy-min over the public candidate grid; the worst unit adds k rows at the top of the grid."""
+    plan, pricing, on_d, on_d_prime = _audited(neighbours, "SELECT MEDIAN(score) FROM audit", 1.0)
+    ((call_d,), (call_d_prime,)) = on_d.quantiles, on_d_prime.quantiles
+    scores_d, d_in, eps = call_d["scores"], call_d["d_in"], call_d["epsilon"]
+    scores_d_prime, d_in_b, eps_b = call_d_prime["scores"], call_d_prime["d_in"], call_d_prime["epsilon"]
+    (m,) = plan.measurements
+    assert (d_in, eps) == (d_in_b, eps_b) == (pricing.d_in[m], pricing.epsilon_per_measurement)
+    assert max(abs(a - b) for a, b in zip(scores_d, scores_d_prime, strict=True)) <= d_in  # L∞ sensitivity
+    for claimed_eps, expect_within in ((eps, True), (2 * eps, False)):
+        scale = 2 * d_in / claimed_eps  # how release_quantile_index calibrates (public)
+        event = set(
+            best_event(
+                _noisy_min_probabilities(scores_d, scale),
+                _noisy_min_probabilities(scores_d_prime, scale),
+                N_QUANTILE_DRAWS,
+                N_QUANTILE_DRAWS,
+                CONFIDENCE,
+            )
+        )
+        lower = bound(
+            _quantile_hits(scores_d, d_in, claimed_eps, event, N_QUANTILE_DRAWS),
+            _quantile_hits(scores_d_prime, d_in, claimed_eps, event, N_QUANTILE_DRAWS),
+        )
+        assert (lower <= pricing.epsilon_per_measurement) is expect_within, (claimed_eps, sorted(event), lower)
+
+
+def _key_released(
+    counts: dict[str, int],
+    label: str,
+    k: int,
+    epsilon: float,
+    delta: float,
+    n: int,
+    options: dict[str, Any] | None = None,
+) -> np.ndarray:
+    """Per draw, whether the key `label` is released; n draws as n copies of it among the other keys."""
+    others = {key: v for key, v in counts.items() if key != label}
+    kept: list[bool] = []
+    while len(kept) < n:
+        batch = min(KEY_BATCH, n - len(kept))
+        copies = {f"audited-{i}": counts[label] for i in range(batch)}
+        selection = mech.select_keys({**others, **copies}, k, epsilon, delta, **(options or {}))
+        kept += [key in selection.kept for key in copies]
+    return np.asarray(kept, dtype=bool)
+
+
+def test_key_selection(neighbours: Neighbours) -> None:
+    """A key without a public domain: on D it has exactly the threshold's count, on D′ k rows fewer.
+
+    The event 'the key is released' tests the selection's own ε; 'released, with a count at least D's' tests
+    the whole request (selection and count, each half of ε).
+    """
+    plan, pricing, on_d, on_d_prime = _audited(neighbours, TAG_SQL, TAG_EPSILON)
+    assert plan.needs_key_selection
+    ((call_d,), (call_d_prime,)) = on_d.selections, on_d_prime.selections
+    counts_d, counts_d_prime = call_d.pop("counts"), call_d_prime.pop("counts")
+    assert call_d == call_d_prime  # the calibration is public: the same on both
+    k, eps_sel, delta = call_d.pop("k"), call_d.pop("epsilon"), call_d.pop("delta")
+    assert (k, eps_sel, delta) == (K, pricing.selection_epsilon, pricing.selection_delta)
+    options = call_d  # further arguments the executor passes (e.g. the public candidate count), passed on as is
+    t = neighbours.threshold
+    (label_d,) = [key for key, v in counts_d.items() if v == t]
+    (label_d_prime,) = [key for key, v in counts_d_prime.items() if v == t - K]
+    (m,) = plan.measurements
+    count_d_in, count_eps = pricing.d_in[m], pricing.epsilon_per_measurement
+
+    selected_d = _key_released(counts_d, label_d, k, eps_sel, delta, N_DRAWS, options)
+    selected_d_prime = _key_released(counts_d_prime, label_d_prime, k, eps_sel, delta, N_DRAWS, options)
+    selection_only = bound(selected_d, selected_d_prime, delta)
+    assert selection_only <= eps_sel, selection_only
+    counted_d, counted_d_prime = integer_hits([t], [t - K], count_d_in, count_eps, N_DRAWS)
+    request = bound(selected_d & counted_d, selected_d_prime & counted_d_prime, pricing.cost.delta)
+    assert request <= pricing.cost.epsilon, request
+
+    # Control: half the scale, with the audited key placed at that calibration's own threshold.
+    _, t_half = mech.threshold_for(k, 2 * eps_sel, delta)
+    at_d = {**counts_d, label_d: t_half}
+    at_d_prime = {**counts_d_prime, label_d_prime: t_half - K}
+    control = bound(
+        _key_released(at_d, label_d, k, 2 * eps_sel, delta, N_DRAWS, options),
+        _key_released(at_d_prime, label_d_prime, k, 2 * eps_sel, delta, N_DRAWS, options),
+        delta,
+    )
+    assert control > eps_sel, control
+
+
+def test_key_selection_delta() -> None:
+    """A key that only the worst unit has (k rows on D, absent on D′) may be released with probability ≤ δ."""
+    _, pricing = _priced(TAG_SQL, TAG_EPSILON, delta=0.02)  # a large δ, so that the probability is measurable
+    eps_sel, delta = pricing.selection_epsilon, pricing.selection_delta
+    released = _key_released({"common": 10_000, "solo": K}, "solo", K, eps_sel, delta, 4 * N_DRAWS)
+    # On D′ the key is absent, so it is never released: P_D(released) ≤ e^ε · 0 + δ.
+    lower = clopper_pearson_lower(int(released.sum()), len(released), CONFIDENCE)
+    assert lower <= delta, (lower, delta)
+
+
+def test_synth_marginal(neighbours: Neighbours) -> None:
+    """The DP histogram of `kind` in a synthetic proxy: the worst unit adds k rows to the bin of 'e'.
+
+    The claimed ε is the marginal's share from `synth.measure.allocate`, the code's own split of the request.
+    """
+    allocation = synth_measure.allocate(POLICY, epsilon=4.0)
+    columns = allocation.schema.columns
+    histograms = [c for c in columns if c.kind != "keys"]  # one release_integers call each, in column order
+    (kind,) = [i for i, c in enumerate(histograms) if c.name == "kind"]
+    recorded = []
+    for catalog in (neighbours.d, neighbours.d_prime):
+        calls: list[Any] = []
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(synth_measure, "release_integers", _recording(calls, mech.release_integers))
+            synth_measure.measure(catalog.connect(), POLICY.bounded_table, POLICY, allocation)
+        recorded.append(calls[kind])
+    (va, d_in, eps), (vb, d_in_b, eps_b) = ((c["values"], c["d_in"], c["epsilon"]) for c in recorded)
+    assert (d_in, eps) == (d_in_b, eps_b) and eps == pytest.approx(allocation.epsilon_marginal)
+    assert len(va) == len(vb) == histograms[kind].size
+    assert sum(abs(a - b) for a, b in zip(va, vb, strict=True)) <= d_in
+    calibrated = bound(*integer_hits(va, vb, d_in, eps, N_DRAWS))
+    assert calibrated <= allocation.epsilon_marginal, calibrated
+    control = bound(*integer_hits(va, vb, d_in, 2 * eps, N_DRAWS))
+    assert control > allocation.epsilon_marginal, control
