@@ -299,28 +299,31 @@ def _over(used: float, cap: float | None) -> bool:
     return cap is not None and used > cap and not math.isclose(used, cap, rel_tol=1e-9, abs_tol=1e-15)
 
 
-def privacy_spend(
-    source: str | Path | Iterable[Mapping[str, Any]],
-    caps: Mapping[str, Mapping[str, Any]] | None = None,
+@dataclass(frozen=True)
+class LoggedCharge:
+    """One charge as the log shows it: the first record of a request that is allowed and carries a cost."""
+
+    seq: int
+    time: str
+    request_id: str | None
+    event: str | None
+    principal: str
+    dataset: str
+    epsilon: float
+    delta: float
+
+
+def charges(
+    records: Iterable[Mapping[str, Any]],
     *,
     since: dt.datetime | str | None = None,
     until: dt.datetime | str | None = None,
-) -> SpendReport:
-    """ε and δ charged per principal per dataset over time, and per dataset in total.
-
-    `source` is a log directory or an iterable of records. A charge is a record with ``decision == "allowed"``
-    and a ``cost`` holding ``epsilon`` and/or ``delta``; it is counted once per ``request_id`` (a request's
-    "admitted" and "released" records carry the same charge). Costs add up by basic composition, as charged.
-    `caps` maps a dataset to ``{"epsilon": .., "delta": ..}`` (its total budget), optionally with
-    ``"per_principal": {"epsilon": .., "delta": ..}``; totals report what remains and who went over.
-    """
-    records = read_records(source) if isinstance(source, str | Path) else source
+) -> Iterator[LoggedCharge]:
+    """The charges the records show, once per ``request_id`` (a request's "admitted" and "released" records, or
+    an "orphan_charge" record standing in for its "admitted" one, carry the same charge)."""
     lo = format_time(since) if since is not None else None
     hi = format_time(until) if until is not None else None
-    series: dict[tuple[str, str], list[SpendPoint]] = defaultdict(list)
-    costs: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     seen: set[str] = set()
-    charges = 0
     for record in records:
         cost = record.get("cost")
         if record.get("decision") != "allowed" or not isinstance(cost, Mapping):
@@ -336,18 +339,54 @@ def privacy_spend(
             if str(request_id) in seen:
                 continue
             seen.add(str(request_id))
-        principal = principal_of(record) or "?"
-        dataset = str(record.get("dataset"))
-        costs[dataset][principal].append((eps, delta))
-        points = series[(principal, dataset)]
-        cum_eps = (points[-1].cumulative_epsilon if points else 0.0) + eps
-        cum_delta = (points[-1].cumulative_delta if points else 0.0) + delta
-        points.append(
-            SpendPoint(
-                int(record.get("seq", -1)), time, request_id, record.get("event"), eps, delta, cum_eps, cum_delta
-            )
+        yield LoggedCharge(
+            int(record.get("seq", -1)),
+            time,
+            None if request_id is None else str(request_id),
+            record.get("event"),
+            principal_of(record) or "?",
+            str(record.get("dataset")),
+            eps,
+            delta,
         )
-        charges += 1
+
+
+_CHARGE_NEEDLES = (b'"decision":"allowed"', b'"cost":{')
+
+
+def charge_records(directory: str | Path) -> Iterator[dict[str, Any]]:
+    """The records of a log directory that can carry a charge (allowed, with a cost), parsing only those."""
+    for number, line in enumerate(_lines(Path(directory)), start=1):
+        if all(n in line for n in _CHARGE_NEEDLES):
+            yield _parse(line, number)
+
+
+def privacy_spend(
+    source: str | Path | Iterable[Mapping[str, Any]],
+    caps: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    since: dt.datetime | str | None = None,
+    until: dt.datetime | str | None = None,
+) -> SpendReport:
+    """ε and δ charged per principal per dataset over time, and per dataset in total.
+
+    `source` is a log directory or an iterable of records. A charge is a record with ``decision == "allowed"``
+    and a ``cost`` holding ``epsilon`` and/or ``delta``; it is counted once per ``request_id`` (see `charges`).
+    Costs add up by basic composition, as charged. `caps` maps a dataset to ``{"epsilon": .., "delta": ..}``
+    (its total budget), optionally with ``"per_principal": {"epsilon": .., "delta": ..}``; totals report what
+    remains and who went over.
+    """
+    records = charge_records(source) if isinstance(source, str | Path) else source
+    series: dict[tuple[str, str], list[SpendPoint]] = defaultdict(list)
+    costs: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
+    count = 0
+    for c in charges(records, since=since, until=until):
+        costs[c.dataset][c.principal].append((c.epsilon, c.delta))
+        points = series[(c.principal, c.dataset)]
+        cum_eps = (points[-1].cumulative_epsilon if points else 0.0) + c.epsilon
+        cum_delta = (points[-1].cumulative_delta if points else 0.0) + c.delta
+        points.append(SpendPoint(c.seq, c.time, c.request_id, c.event, c.epsilon, c.delta, cum_eps, cum_delta))
+        count += 1
     datasets: dict[str, DatasetSpend] = {}
     for name, by_principal in costs.items():
         spend = datasets[name] = DatasetSpend(name)
@@ -372,4 +411,4 @@ def privacy_spend(
             spend.principals_over_cap = sorted(
                 p for p, used in spend.principals.items() if _over(used["epsilon"], pe) or _over(used["delta"], pd)
             )
-    return SpendReport(dict(series), datasets, charges)
+    return SpendReport(dict(series), datasets, count)

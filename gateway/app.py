@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -11,9 +12,10 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.audit_routes import router as audit_router
-from gateway.dependencies import ERRORS, Core, Ctx
+from gateway.dependencies import ERRORS, REQUEST_ID, Core, Ctx
 from gateway.lf_routes import router as lf_router
 from gateway.service import Bastion
 from gateway.settings import Settings
@@ -76,8 +78,15 @@ def list_datasets(ctx: Ctx, bastion: Core) -> list[dict[str, Any]]:
 
 @router.post("/query", response_model=QueryResponse, summary="Differentially private answer to one SQL query")
 def run_query(body: QueryRequest, ctx: Ctx, bastion: Core) -> Response:
-    answer = bastion.query(ctx, body.sql, epsilon=body.epsilon, accuracy=body.accuracy, alpha=body.alpha,
-                           delta=body.delta, dry_run=body.dry_run)
+    answer = bastion.query(
+        ctx,
+        body.sql,
+        epsilon=body.epsilon,
+        accuracy=body.accuracy,
+        alpha=body.alpha,
+        delta=body.delta,
+        dry_run=body.dry_run,
+    )
     # The answer is built by Bastion in the documented shape; encode it directly instead of re-validating it.
     return Response(json.dumps(answer, separators=(",", ":"), allow_nan=False), media_type="application/json")
 
@@ -87,8 +96,36 @@ def budget(ctx: Ctx, bastion: Core) -> list[dict[str, Any]]:
     return bastion.budgets(ctx)
 
 
+class RequestIds:
+    """ASGI middleware: every HTTP request gets a fresh request id from the gateway (never the client's), which
+    the routes read from the scope and every response carries in `X-Request-Id`."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = uuid.uuid4().hex
+        scope[REQUEST_ID] = rid
+        header = (b"x-request-id", rid.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, header]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
 def create_app(settings: Settings, bastion: Bastion | None = None) -> FastAPI:
-    """App factory: one Settings object in, one app out; no module-level state."""
+    """App factory: one Settings object in, one app out; no module-level state.
+
+    The ledger is checked against the audit log first (`Bastion.check_consistency`): orphan charges are recorded,
+    and a ledger behind the log raises LedgerBehind instead of serving.
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -102,7 +139,15 @@ def create_app(settings: Settings, bastion: Bastion | None = None) -> FastAPI:
         "synthetic proxies and labeling-function statistics; every access audited.",
         lifespan=lifespan,
     )
-    app.state.bastion = bastion or Bastion(settings)
+    core = bastion or Bastion(settings)
+    try:
+        core.check_consistency()
+    except BaseException:
+        if bastion is None:
+            core.close()
+        raise
+    app.state.bastion = core
+    app.add_middleware(RequestIds)
 
     @app.exception_handler(GatewayError)
     async def gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
@@ -120,4 +165,3 @@ def create_app(settings: Settings, bastion: Bastion | None = None) -> FastAPI:
 def app_from_environment() -> FastAPI:
     """App factory for multi-worker servers: the workspace comes from BASTION_WORKSPACE (set by `bastion serve`)."""
     return create_app(Settings.load())
-

@@ -21,10 +21,13 @@ from gateway.terminal import Token, Url, Workspace, console, fail, gateway_clien
 from policies.errors import GatewayError
 from policies.schema import PolicyError
 
-app = typer.Typer(help="Bastion: privacy-preserving data exploration gateway.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Bastion: privacy-preserving data exploration gateway.", no_args_is_help=True, pretty_exceptions_enable=False
+)
 token_app = typer.Typer(help="Bearer tokens (admin, on the gateway host).", no_args_is_help=True)
+ledger_app = typer.Typer(help="The privacy-budget ledger (admin, on the gateway host).", no_args_is_help=True)
 app.add_typer(token_app, name="token")
+app.add_typer(ledger_app, name="ledger")
 app.add_typer(audit_app, name="audit")
 app.add_typer(synth_app, name="synth")
 app.add_typer(lf_app, name="lf")
@@ -35,6 +38,16 @@ def _admin(workspace: Path | None, **overrides: Any) -> Any:
 
     settings = Settings.load(workspace, **overrides)
     return Bastion(settings, read_only=False)
+
+
+def _checked_app(settings: Settings) -> Any:
+    """The app for `settings`, or a clean exit naming the problem if the ledger and the log disagree."""
+    from gateway.app import create_app
+
+    try:
+        return create_app(settings)
+    except GatewayError as exc:
+        fail(str(exc))
 
 
 # --- admin commands ---------------------------------------------------------------------------------------
@@ -61,8 +74,14 @@ def register(
             version = bastion.catalog.register(pol, src)
             bastion.settings.policies_dir.mkdir(parents=True, exist_ok=True)
             (bastion.settings.policies_dir / f"{pol.dataset}.yaml").write_text(policy.read_text())
-            bastion.audit(None, "dataset_registered", dataset=pol.dataset, decision="allowed", reason="ok",
-                          request={"source": str(src), "version": version, "policy": pol.fingerprint()})
+            bastion.audit(
+                None,
+                "dataset_registered",
+                dataset=pol.dataset,
+                decision="allowed",
+                reason="ok",
+                request={"source": str(src), "version": version, "policy": pol.fingerprint()},
+            )
         finally:
             bastion.close()
     except (PolicyError, GatewayError) as exc:
@@ -80,8 +99,13 @@ def token_create(
     bastion = _admin(workspace)
     try:
         token, principal = bastion.tokens.create(name, role)
-        bastion.audit(None, "token_created", decision="allowed", reason="ok",
-                      request={"name": name, "role": role, "token_id": principal.token_id})
+        bastion.audit(
+            None,
+            "token_created",
+            decision="allowed",
+            reason="ok",
+            request={"name": name, "role": role, "token_id": principal.token_id},
+        )
     except GatewayError as exc:
         fail(str(exc))
     finally:
@@ -105,8 +129,9 @@ def token_list(workspace: Workspace = None) -> None:
 def serve(
     host: Annotated[str | None, typer.Option(help="interface to listen on [default: 127.0.0.1]")] = None,
     port: Annotated[int | None, typer.Option(help="port [default: 8000]")] = None,
-    workers: Annotated[int, typer.Option(min=1, help="worker processes (they share the ledger, cache and audit log)")]
-    = 1,
+    workers: Annotated[
+        int, typer.Option(min=1, help="worker processes (they share the ledger, cache and audit log)")
+    ] = 1,
     access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="log every HTTP request")] = True,
     workspace: Workspace = None,
 ) -> None:
@@ -117,13 +142,19 @@ def serve(
     if not settings.database.exists():
         fail(f"no private database in {settings.workspace}: run 'bastion demo' or 'bastion register' first")
     if workers > 1:
+        _checked_app(settings).state.bastion.close()  # fail here, once, rather than in every worker
         os.environ["BASTION_WORKSPACE"] = str(settings.workspace.resolve())
-        uvicorn.run("gateway.app:app_from_environment", factory=True, workers=workers, host=settings.host,
-                    port=settings.port, log_level="info", access_log=access_log)
+        uvicorn.run(
+            "gateway.app:app_from_environment",
+            factory=True,
+            workers=workers,
+            host=settings.host,
+            port=settings.port,
+            log_level="info",
+            access_log=access_log,
+        )
         return
-    from gateway.app import create_app
-
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info", access_log=access_log)
+    uvicorn.run(_checked_app(settings), host=settings.host, port=settings.port, log_level="info", access_log=access_log)
 
 
 @app.command()
@@ -150,8 +181,14 @@ def demo(
             version = bastion.catalog.register(load_policy(policy_path), data)
             settings.policies_dir.mkdir(parents=True, exist_ok=True)
             (settings.policies_dir / "visits.yaml").write_text(policy_path.read_text())
-            bastion.audit(None, "dataset_registered", dataset="visits", decision="allowed", reason="ok",
-                          request={"source": str(data), "version": version})
+            bastion.audit(
+                None,
+                "dataset_registered",
+                dataset="visits",
+                decision="allowed",
+                reason="ok",
+                request={"source": str(data), "version": version},
+            )
             made = {}
             for role, name in (("analyst", "alice"), ("lf_author", "lena"), ("auditor", "otto")):
                 token, _ = bastion.tokens.create(name, role)
@@ -176,24 +213,83 @@ def demo(
     typer.echo(f"  export BASTION_URL={url} BASTION_TOKEN={analyst}")
     typer.echo(f'  bastion query "{sql}" --epsilon 1')
     typer.echo(f'  bastion query "{sql}" --accuracy 50 --dry-run')
-    typer.echo(f"  curl -s -H 'Authorization: Bearer {analyst}' -H 'Content-Type: application/json' "
-               f"-d '{{\"sql\": \"{sql}\", \"epsilon\": 1}}' {url}/v1/query")
-    typer.echo(f"  python -c \"from gateway.client import Client; print(Client('{url}', '{analyst}').query("
-               f"'SELECT sex, COUNT(*) AS n FROM visits GROUP BY sex', epsilon=0.5))\"")
+    typer.echo(
+        f"  curl -s -H 'Authorization: Bearer {analyst}' -H 'Content-Type: application/json' "
+        f'-d \'{{"sql": "{sql}", "epsilon": 1}}\' {url}/v1/query'
+    )
+    typer.echo(
+        f"  python -c \"from gateway.client import Client; print(Client('{url}', '{analyst}').query("
+        f"'SELECT sex, COUNT(*) AS n FROM visits GROUP BY sex', epsilon=0.5))\""
+    )
     typer.echo(f"  API docs: {url}/docs")
     lfs = write_examples(settings.workspace / "examples")
     console.print("\n[bold]As the labeling-function author[/]:", highlight=False)
-    typer.echo(f"  BASTION_URL={url} BASTION_TOKEN={made['lf_author']['token']} "
-               f"bastion lf stats {lfs} --dataset visits --epsilon 1")
+    typer.echo(
+        f"  BASTION_URL={url} BASTION_TOKEN={made['lf_author']['token']} "
+        f"bastion lf stats {lfs} --dataset visits --epsilon 1"
+    )
     console.print("\n[bold]As the auditor[/]:", highlight=False)
     typer.echo(f"  open {url}/audit and paste the auditor token; on this host: bastion audit verify")
     if serve_:
         import uvicorn
 
-        from gateway.app import create_app
-
+        served = _checked_app(settings)
         console.print(f"\nserving on {url} (Ctrl-C to stop)")
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+        uvicorn.run(served, host=settings.host, port=settings.port, log_level="warning")
+
+
+# --- the ledger -------------------------------------------------------------------------------------------
+
+
+def _ledger_bastion(workspace: Path | None) -> Any:
+    from gateway.service import Bastion
+
+    settings = Settings.load(workspace)
+    if not settings.workspace.is_dir():
+        fail(f"no workspace at {settings.workspace} (use --workspace or BASTION_WORKSPACE)")
+    return Bastion(settings)
+
+
+@ledger_app.command("check")
+def ledger_check(workspace: Workspace = None) -> None:
+    """Check the ledger against the audit log, as the gateway does at start-up (orphan charges get recorded)."""
+    bastion = _ledger_bastion(workspace)
+    try:
+        bastion.check_consistency()
+    except GatewayError as exc:
+        fail(str(exc))
+    finally:
+        bastion.close()
+    console.print("the ledger is not behind the audit log")
+
+
+@ledger_app.command("reconcile")
+def ledger_reconcile(workspace: Workspace = None) -> None:
+    """Re-charge the ledger from the audit log where it is behind (deleted, or restored from an older copy).
+
+    Every charge the log shows and the ledger lacks is charged again; nothing is ever refunded. The action is
+    recorded in the audit log.
+    """
+    bastion = _ledger_bastion(workspace)
+    try:
+        added = bastion.reconcile_ledger()
+    except GatewayError as exc:
+        fail(str(exc))
+    finally:
+        bastion.close()
+    if not added:
+        console.print("the ledger was not behind the audit log; nothing re-charged")
+        return
+    totals: dict[tuple[str, str], list[Any]] = {}
+    for c in added:
+        totals.setdefault((c.principal, c.dataset), []).append(c)
+    table = Table("principal", "dataset", "charges", "ε re-charged", "δ re-charged")
+    for (principal, dataset), charges in sorted(totals.items()):
+        eps = sum(c.cost.epsilon for c in charges)
+        delta = sum(c.cost.delta for c in charges)
+        table.add_row(principal, dataset, str(len(charges)), f"{eps:.6g}", f"{delta:.3g}")
+    console.print(table)
+    console.print(f"re-charged {len(added)} charge(s) from the audit log; the gateway can start")
 
 
 # --- client commands --------------------------------------------------------------------------------------
@@ -243,16 +339,18 @@ def query(
     if epsilon is None and accuracy is None:
         epsilon = 1.0
     with gateway_client(url, token) as c:
-        raw = c.query_raw(sql, epsilon=epsilon, accuracy=accuracy, alpha=alpha, delta=delta,
-                          dry_run=dry_run).raw
+        raw = c.query_raw(sql, epsilon=epsilon, accuracy=accuracy, alpha=alpha, delta=delta, dry_run=dry_run).raw
     if as_json:
         typer.echo(json.dumps(raw, indent=2))
         return
     if raw.get("dry_run"):
         console.print(f"dry run: would cost ε={raw['epsilon']:.4g}, δ={raw['delta']:.3g}")
         for col, acc in (raw.get("accuracy") or {}).items():
-            console.print(f"  {col}: ±{acc:.4g} at {1 - raw['alpha']:.0%}" if acc is not None else
-                          f"  {col}: accuracy depends on the data (see measurements)")
+            console.print(
+                f"  {col}: ±{acc:.4g} at {1 - raw['alpha']:.0%}"
+                if acc is not None
+                else f"  {col}: accuracy depends on the data (see measurements)"
+            )
     else:
         _print_frame(result_frame(raw), raw.get("alpha"))
         for note in raw.get("notes", []):

@@ -1,7 +1,15 @@
-"""Request dependencies shared by every router: the core object, the caller's context, the error responses."""
+"""Request dependencies shared by every router: the core object, the caller's context, the error responses.
+
+Nothing a client sends becomes an identity or a path. The request id is always made by the gateway (a uuid4 hex,
+set per request by the app's middleware and echoed in the `X-Request-Id` response header); it names the request's
+audit records and ledger charge. A client's own `X-Request-Id` is kept only as `correlation_id` in the audit
+records, and only if it matches `CORRELATION_ID` (1 to 64 letters, digits, `.`, `_`, `-`); any other value is
+ignored, never an error, so the header cannot change an answer.
+"""
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Annotated, Any
 
@@ -32,21 +40,48 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+REQUEST_ID = "bastion.request_id"  # the ASGI scope key under which the middleware puts the request id
+CORRELATION_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
 def get_bastion(request: Request) -> Bastion:
     return request.app.state.bastion
+
+
+def request_id(request: Request) -> str:
+    """The gateway's id of this request (made here if no middleware made one)."""
+    rid = request.scope.get(REQUEST_ID)
+    if not isinstance(rid, str):
+        rid = request.scope[REQUEST_ID] = uuid.uuid4().hex
+    return rid
+
+
+def correlation_id(request: Request) -> str | None:
+    """The client's `X-Request-Id` if it is a valid correlation id, else None."""
+    value = request.headers.get("x-request-id")
+    return value if value is not None and CORRELATION_ID.fullmatch(value) else None
 
 
 def context_for(request: Request, bastion: Bastion, token: str | None) -> Context:
     """Authenticate a token for this request; a refusal is audited before the 401."""
     source = request.client.host if request.client else "unknown"
-    rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+    rid, cid = request_id(request), correlation_id(request)
     try:
         principal = bastion.authenticate(token)
     except Unauthorized:
-        bastion.audit(None, "authentication", request={"path": request.url.path}, decision="denied",
-                      reason="unauthorized", source=source, request_id=rid)
+        extra = {"correlation_id": cid} if cid else {}
+        bastion.audit(
+            None,
+            "authentication",
+            request={"path": request.url.path},
+            decision="denied",
+            reason="unauthorized",
+            source=source,
+            request_id=rid,
+            **extra,
+        )
         raise
-    return Context(principal, source=source, request_id=rid)
+    return Context(principal, source=source, request_id=rid, correlation_id=cid)
 
 
 def get_context(request: Request, bastion: Annotated[Bastion, Depends(get_bastion)]) -> Context:

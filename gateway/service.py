@@ -1,32 +1,43 @@
 """The gateway's core: one object that owns the catalog, ledger, cache, tokens and audit log, and runs every
 privileged access through the same sequence: authorise → plan → cache → charge → audit "admitted" → compute →
 audit "released" → answer. Routes and the CLI call these methods; nothing else touches private data.
+
+The ledger and the log agree: a charge is marked audited in the ledger once its "admitted" record is durable; a
+charge whose record could not be written is recorded as an "orphan_charge" before the next request is admitted
+(and at start-up, for a process that died in between); and `check_consistency` refuses to serve on a ledger that
+shows less spend than the log (deleted, or restored from an older copy) until `reconcile_ledger` re-charges it.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import logging
+import math
+import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from audit import report
 from audit.log import AuditLog, AuditWriteError
+from audit.record import parse_time
 from gateway.auth import Principal, TokenStore
 from gateway.cache import ReleaseCache, cache_key
 from gateway.catalog import Catalog
-from gateway.executor import dry_run_accuracy, execute, price
+from gateway.executor import Pricing, Release, bind_check, dry_run_accuracy, execute, price
 from gateway.planner import Plan, plan_query
 from gateway.settings import Settings
-from policies.accountant import PrivacyLoss
+from policies.accountant import DELTA_UNIT, EPS_UNIT, PrivacyLoss
 from policies.errors import (
     AuditUnavailable,
     Forbidden,
     GatewayError,
+    LedgerUnavailable,
 )
-from policies.ledger import Ledger
+from policies.ledger import Ledger, LedgerBehind, LedgerCharge
 from policies.schema import Grant, Policy
 
 log = logging.getLogger("bastion")
@@ -35,11 +46,16 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Context:
-    """Who is asking, from where, under which request id."""
+    """Who is asking, from where, under which request id.
+
+    `request_id` is always made by the gateway. `correlation_id` is the client's own label for the request,
+    validated by the HTTP layer; it is recorded in audit records and used for nothing else.
+    """
 
     principal: Principal
     source: str = "local"
     request_id: str = ""
+    correlation_id: str | None = None
 
     def __post_init__(self) -> None:
         if not self.request_id:
@@ -48,6 +64,32 @@ class Context:
 
 def digest(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+ORPHAN_CHARGE = "orphan_charge"
+Expected = dict[tuple[str, str], tuple[int, int]]  # (principal, dataset) → (ε units, δ units)
+
+
+class InternalError(GatewayError):
+    """A computation failed after the charge and no default-input answer could be made. Its status, code and
+    message are the same whatever failed."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"internal error (request {request_id}); the charge stands")
+
+
+def _epoch(time: str) -> float:
+    """A record's time as a Unix time (now, if the record has none)."""
+    try:
+        return parse_time(time).timestamp()
+    except ValueError:
+        return dt.datetime.now(dt.UTC).timestamp()
+
+
+def _logged_units(charge: report.LoggedCharge) -> tuple[int, int]:
+    """A logged charge in ledger units, rounded to nearest: never above what the ledger charged for it (the
+    ledger rounds the same cost up), and exact for an orphan record (which states ledger units)."""
+    return (max(math.ceil(charge.epsilon * EPS_UNIT - 0.5), 0), max(math.ceil(charge.delta * DELTA_UNIT - 0.5), 0))
 
 
 class Bastion:
@@ -60,32 +102,242 @@ class Bastion:
         self.tokens = TokenStore(settings.tokens)
         self.audit_log = AuditLog(settings.audit_dir, key_dir=settings.keys_dir)
         self._plans: dict[str, tuple[Policy, Plan]] = {}  # SQL text → (the policy it was planned under, plan)
+        # Charges this process could not mark in the ledger: unrecorded (orphans due) and audited.
+        self._state = threading.Lock()
+        self._orphans_due = False
+        self._stranded: set[int] = set()
+        self._unmarked: set[int] = set()
 
     def close(self) -> None:
         self.catalog.close()
+        self.ledger.close()
         closer = getattr(self.audit_log, "close", None)
         if closer is not None:
             try:
                 closer()
-            except AuditWriteError:
-                log.exception("audit log could not be closed cleanly")
+            except AuditWriteError as exc:
+                log.error("audit log could not be closed cleanly: %s", exc)
 
     # --- audit --------------------------------------------------------------------------------------------
 
     def audit(self, ctx: Context | None, event: str, **fields: Any) -> dict[str, Any]:
         """Append one record durably, or raise AuditUnavailable (the caller must release nothing)."""
+        return self._append([self._event(ctx, event, fields)])[-1]
+
+    @staticmethod
+    def _event(ctx: Context | None, event: str, fields: dict[str, Any]) -> dict[str, Any]:
         record: dict[str, Any] = {
             "event": event,
             "actor": ctx.principal.as_actor() if ctx else {"principal": "admin", "role": "admin", "token_id": None},
             "source": ctx.source if ctx else "cli",
             "request_id": ctx.request_id if ctx else uuid.uuid4().hex,
-            **fields,
         }
+        if ctx is not None and ctx.correlation_id:
+            record["correlation_id"] = ctx.correlation_id
+        record.update(fields)
+        return record
+
+    @staticmethod
+    def _orphan_event(charge: LedgerCharge) -> dict[str, Any]:
+        """The record standing in for the "admitted" record a charge never got (the charge was made; nothing
+        was released under it)."""
+        return {
+            "event": ORPHAN_CHARGE,
+            "actor": {"principal": charge.principal, "role": None, "token_id": None},
+            "source": "ledger",
+            "request_id": charge.request_id,
+            "dataset": charge.dataset,
+            "decision": "allowed",
+            "reason": ORPHAN_CHARGE,
+            "phase": "charged",
+            "kind": charge.kind,
+            "cost": charge.cost.as_dict(),
+            "charged_at": dt.datetime.fromtimestamp(charge.ts, dt.UTC).isoformat(),
+        }
+
+    def _append(
+        self, events: list[dict[str, Any]], *, orphans: Iterable[LedgerCharge] = (), audited: Iterable[int | None] = ()
+    ) -> list[dict[str, Any]]:
+        """Append `events` durably, after an orphan record for each of `orphans` and for every unrecorded charge
+        this process knows of; then mark those charges, and the charges in `audited`, as audited.
+
+        If the log cannot be written, all of them are left unrecorded (the next charge, in any process, claims
+        them) and AuditUnavailable is raised.
+        """
+        due = [*orphans, *self._due_orphans()]
+        ids = [c.id for c in due] + list(audited)
+        batch = [self._orphan_event(c) for c in due] + events
+        if not batch:
+            self._mark_audited(ids)
+            return []
         try:
-            return self.audit_log.append(record)
+            written = self.audit_log.append(batch[0]) if len(batch) == 1 else None
+            records = [written] if written is not None else self.audit_log.append_many(batch)
         except AuditWriteError as exc:
             log.error("audit append failed: %s", exc)
+            self._unrecorded(ids)
             raise AuditUnavailable("the audit log cannot be written; nothing was released") from None
+        self._mark_audited(ids)
+        return records[len(due) :]
+
+    def _unrecorded(self, ids: Iterable[int | None]) -> None:
+        ids = [i for i in ids if i is not None]
+        if not ids:
+            return
+        with self._state:
+            self._orphans_due = True
+            try:
+                self.ledger.mark_unrecorded(ids)
+            except LedgerUnavailable as exc:
+                log.error("charges could not be marked unrecorded (%s); retrying later", type(exc).__name__)
+                self._stranded.update(ids)
+
+    def _mark_audited(self, ids: Iterable[int | None]) -> None:
+        """Bookkeeping only (the records are durable): a failure is retried later, and at start-up."""
+        ids = [i for i in ids if i is not None]
+        if not ids:
+            return
+        try:
+            self.ledger.mark_audited(ids)
+        except LedgerUnavailable as exc:
+            log.error("charges could not be marked audited (%s); retrying later", type(exc).__name__)
+            with self._state:
+                self._orphans_due = True
+                self._unmarked.update(ids)
+
+    def _due_orphans(self) -> list[LedgerCharge]:
+        """Unrecorded charges to record now, claimed from the ledger (only after this process saw a failure)."""
+        if not self._orphans_due:
+            return []
+        with self._state:
+            try:
+                if self._unmarked:
+                    self.ledger.mark_audited(self._unmarked)
+                    self._unmarked.clear()
+                if self._stranded:
+                    self.ledger.mark_unrecorded(self._stranded)
+                    self._stranded.clear()
+                claimed = list(self.ledger.claim_unrecorded())
+            except LedgerUnavailable as exc:
+                log.error("unrecorded charges cannot be claimed yet (%s)", type(exc).__name__)
+                return []
+            if not claimed:
+                self._orphans_due = False
+            return claimed
+
+    # --- the ledger against the log -----------------------------------------------------------------------
+
+    def _logged_charges(self) -> dict[str, report.LoggedCharge]:
+        """Every charge the audit log shows, by request id (one pass over the log)."""
+        try:
+            return {
+                c.request_id or f"seq-{c.seq}": c
+                for c in report.charges(report.charge_records(self.audit_log.directory))
+            }
+        except (OSError, ValueError) as exc:
+            raise AuditUnavailable(
+                f"the audit log cannot be read to check the budget ledger against it: {exc}"
+            ) from None
+
+    @staticmethod
+    def _expected(logged: Iterable[report.LoggedCharge]) -> Expected:
+        expected: Expected = {}
+        for c in logged:
+            e, d = _logged_units(c)
+            have_e, have_d = expected.get((c.principal, c.dataset), (0, 0))
+            expected[(c.principal, c.dataset)] = (have_e + e, have_d + d)
+        return expected
+
+    def check_consistency(self) -> None:
+        """At start-up: record every orphan charge, then refuse to serve (LedgerBehind) if, for some principal
+        and dataset, the ledger shows less spend than the audit log.
+
+        The log is read before the ledger, so a charge that another live process is making meanwhile can only
+        put the ledger ahead. Raises AuditUnavailable if orphan charges cannot be recorded.
+        """
+        logged = self._logged_charges()
+        claimed = self.ledger.claim_stale()
+        orphans = [c for c in claimed if c.request_id not in logged]
+        if orphans:
+            self._append([], orphans=orphans, audited=[c.id for c in claimed if c.request_id in logged])
+            log.warning("recorded %d orphan charge(s) in the audit log", len(orphans))
+        else:
+            self._mark_audited(c.id for c in claimed)
+        expected = self._expected(
+            [
+                *logged.values(),
+                *(
+                    report.LoggedCharge(
+                        -1, "", c.request_id, ORPHAN_CHARGE, c.principal, c.dataset, c.cost.epsilon, c.cost.delta
+                    )
+                    for c in orphans
+                ),
+            ]
+        )
+        have = self.ledger.totals()
+        behind = [
+            (key, have.get(key, (0, 0)), want)
+            for key, want in sorted(expected.items())
+            if have.get(key, (0, 0))[0] < want[0] or have.get(key, (0, 0))[1] < want[1]
+        ]
+        if behind:
+            raise LedgerBehind(self._behind_message(behind))
+
+    def _behind_message(self, behind: list[tuple[tuple[str, str], tuple[int, int], tuple[int, int]]]) -> str:
+        def loss(units: tuple[int, int]) -> str:
+            spent = PrivacyLoss.from_units(*units)
+            return f"ε={spent.epsilon:.6g}, δ={spent.delta:.3g}"
+
+        pairs = "; ".join(f"{p!r} on {d!r}: ledger {loss(got)}, log {loss(want)}" for (p, d), got, want in behind[:5])
+        more = f" and {len(behind) - 5} more" if len(behind) > 5 else ""
+        return (
+            f"the budget ledger {self.settings.ledger} is behind the audit log {self.audit_log.directory}: it shows "
+            f"less privacy spend than the log for {len(behind)} principal/dataset pair(s) ({pairs}{more}). It was "
+            "deleted or restored from an older copy, and serving on it would let spent budget be spent again. "
+            "Run 'bastion ledger reconcile' on this host to re-charge the missing spend from the log (nothing is "
+            "refunded), then start the gateway again."
+        )
+
+    def reconcile_ledger(self) -> list[LedgerCharge]:
+        """Re-charge from the audit log whatever the ledger is missing (never refunds), record that as an admin
+        action, and check consistency. Returns the charges added."""
+        logged = self._logged_charges()
+        charges = [
+            LedgerCharge(
+                None,
+                _epoch(c.time),
+                c.principal,
+                c.dataset,
+                max(math.ceil(c.epsilon * EPS_UNIT), 0),
+                max(math.ceil(c.delta * DELTA_UNIT), 0),
+                key,
+                "reconciled",
+            )
+            for key, c in logged.items()
+        ]
+        added = self.ledger.recharge(charges, self._expected(logged.values()))
+        summary: dict[tuple[str, str], list[LedgerCharge]] = {}
+        for c in added:
+            summary.setdefault((c.principal, c.dataset), []).append(c)
+        self.audit(
+            None,
+            "ledger_reconciled",
+            decision="allowed",
+            reason="ok",
+            request={"ledger": str(self.settings.ledger)},
+            recharged=[
+                {
+                    "principal": p,
+                    "dataset": d,
+                    "charges": len(cs),
+                    "epsilon": PrivacyLoss.from_units(sum(c.eps_units for c in cs), 0).epsilon,
+                    "delta": PrivacyLoss.from_units(0, sum(c.delta_units for c in cs)).delta,
+                }
+                for (p, d), cs in sorted(summary.items())
+            ],
+        )
+        self.check_consistency()
+        return added
 
     def authenticate(self, token: str | None) -> Principal:
         return self.tokens.authenticate(token)
@@ -112,8 +364,7 @@ class Bastion:
         for policy, version in self.catalog.datasets().values():
             grants = policy.grants(ctx.principal.role)
             if grants:
-                out.append({**policy.public_schema(), "version": version,
-                            "grants": sorted(g.value for g in grants)})
+                out.append({**policy.public_schema(), "version": version, "grants": sorted(g.value for g in grants)})
         return out
 
     def budget_status(self, principal: str, policy: Policy) -> dict[str, Any]:
@@ -145,6 +396,7 @@ class Bastion:
         cost: PrivacyLoss,
         key: str | None,
         compute: Callable[[], dict[str, Any]],
+        fallback: Callable[[], dict[str, Any]] | None = None,
         dry_run: dict[str, Any] | None = None,
         kind: str = "query",
     ) -> dict[str, Any]:
@@ -152,20 +404,56 @@ class Bastion:
 
         `compute` returns the JSON-ready answer. `dry_run`, if given, is returned instead (nothing spent).
         A cached answer for `key` is returned at no cost.
+
+        After the charge, what the caller sees depends on public facts only. If `compute` fails (in any way but
+        the ledger or the log being unavailable), `fallback` makes the same release from the default input (the
+        mechanism applied to an empty table): the caller gets it with the same status and shape, the log says
+        reason "fallback" with the error's class. If there is no fallback, or it fails too, the answer is the
+        fixed InternalError. Only error classes are logged, never messages: engine messages quote row values.
         """
         base = {"dataset": policy.dataset, "request": request}
         if key is not None:
             hit = self.cache.get(key)
             if hit is not None:
-                self.audit(ctx, event, **base, decision="allowed", reason="cached", phase="released",
-                           cost=PrivacyLoss(0.0).as_dict(), release_digest=digest(hit))
-                return {**hit, "cached": True, "dry_run": False, "epsilon_spent": 0.0, "delta_spent": 0.0,
-                        "query_id": ctx.request_id, "budget": self.budget_status(ctx.principal.name, policy)}
+                self.audit(
+                    ctx,
+                    event,
+                    **base,
+                    decision="allowed",
+                    reason="cached",
+                    phase="released",
+                    cost=PrivacyLoss(0.0).as_dict(),
+                    release_digest=digest(hit),
+                )
+                return {
+                    **hit,
+                    "cached": True,
+                    "dry_run": False,
+                    "epsilon_spent": 0.0,
+                    "delta_spent": 0.0,
+                    "query_id": ctx.request_id,
+                    "budget": self.budget_status(ctx.principal.name, policy),
+                }
         if dry_run is not None:
-            self.audit(ctx, event, **base, decision="allowed", reason="dry_run", phase="released",
-                       cost=PrivacyLoss(0.0).as_dict(), release_digest=None)
-            return {**dry_run, "dry_run": True, "cached": False, "epsilon_spent": 0.0, "delta_spent": 0.0,
-                    "query_id": ctx.request_id, "budget": self.budget_status(ctx.principal.name, policy)}
+            self.audit(
+                ctx,
+                event,
+                **base,
+                decision="allowed",
+                reason="dry_run",
+                phase="released",
+                cost=PrivacyLoss(0.0).as_dict(),
+                release_digest=None,
+            )
+            return {
+                **dry_run,
+                "dry_run": True,
+                "cached": False,
+                "epsilon_spent": 0.0,
+                "delta_spent": 0.0,
+                "query_id": ctx.request_id,
+                "budget": self.budget_status(ctx.principal.name, policy),
+            }
         try:
             charge = self.ledger.charge(
                 principal=ctx.principal.name,
@@ -177,29 +465,91 @@ class Bastion:
                 kind=kind,
             )
         except GatewayError as exc:
-            self.audit(ctx, event, **base, decision="denied" if exc.status < 500 else "error", reason=exc.code,
-                       cost=cost.as_dict(), phase="refused")
+            self.audit(
+                ctx,
+                event,
+                **base,
+                decision="denied" if exc.status < 500 else "error",
+                reason=exc.code,
+                cost=cost.as_dict(),
+                phase="refused",
+            )
             raise
         budget = {"budget_before": charge.principal_before.as_dict(), "budget_after": charge.principal_after.as_dict()}
-        self.audit(ctx, event, **base, decision="allowed", reason="ok", phase="admitted", cost=cost.as_dict(), **budget)
+        admitted = self._event(
+            ctx,
+            event,
+            {**base, "decision": "allowed", "reason": "ok", "phase": "admitted", "cost": cost.as_dict(), **budget},
+        )
+        # Charge → admitted record (durable, after any orphan records this charge claimed) → marked audited.
+        self._append([admitted], orphans=charge.claimed, audited=[charge.id])
+        reason, failure = "ok", {}
         try:
             answer = compute()
-        except GatewayError as exc:
-            self.audit(ctx, event, **base, decision="error", reason=exc.code, phase="failed", cost=cost.as_dict(),
-                       **budget)
+        except (AuditUnavailable, LedgerUnavailable):
             raise
-        except Exception:
-            log.exception("request %s failed", ctx.request_id)
-            self.audit(ctx, event, **base, decision="error", reason="internal_error", phase="failed",
-                       cost=cost.as_dict(), **budget)
-            raise GatewayError(f"internal error (request {ctx.request_id}); the charge stands") from None
-        self.audit(ctx, event, **base, decision="allowed", reason="ok", phase="released", cost=cost.as_dict(),
-                   release_digest=digest(answer), **budget)
+        except Exception as exc:
+            failure = {"error": type(exc).__name__}
+            log.warning("request %s: the computation failed (%s)", ctx.request_id, failure["error"])
+            answer = self._fallback(ctx, event, base, cost, budget, failure, fallback)
+            reason = "fallback"
+        self.audit(
+            ctx,
+            event,
+            **base,
+            decision="allowed",
+            reason=reason,
+            phase="released",
+            cost=cost.as_dict(),
+            release_digest=digest(answer),
+            **budget,
+            **failure,
+        )
         if key is not None:
             self.cache.put(key, ctx.principal.name, answer)
-        return {**answer, "cached": False, "dry_run": False, "epsilon_spent": cost.epsilon,
-                "delta_spent": cost.delta, "query_id": ctx.request_id,
-                "budget": self.budget_status(ctx.principal.name, policy)}
+        return {
+            **answer,
+            "cached": False,
+            "dry_run": False,
+            "epsilon_spent": cost.epsilon,
+            "delta_spent": cost.delta,
+            "query_id": ctx.request_id,
+            "budget": self.budget_status(ctx.principal.name, policy),
+        }
+
+    def _fallback(
+        self,
+        ctx: Context,
+        event: str,
+        base: dict[str, Any],
+        cost: PrivacyLoss,
+        budget: dict[str, Any],
+        failure: dict[str, str],
+        fallback: Callable[[], dict[str, Any]] | None,
+    ) -> dict[str, Any]:
+        """The default-input answer, or (audited) the fixed InternalError if there is none."""
+        if fallback is not None:
+            try:
+                return fallback()
+            except (AuditUnavailable, LedgerUnavailable):
+                raise
+            except Exception as exc:
+                failure = {**failure, "fallback_error": type(exc).__name__}
+                log.error(
+                    "request %s: the default-input answer failed too (%s)", ctx.request_id, failure["fallback_error"]
+                )
+        self.audit(
+            ctx,
+            event,
+            **base,
+            decision="error",
+            reason="internal_error",
+            phase="failed",
+            cost=cost.as_dict(),
+            **budget,
+            **failure,
+        )
+        raise InternalError(ctx.request_id)
 
     # --- DP SQL -------------------------------------------------------------------------------------------
 
@@ -215,8 +565,14 @@ class Bastion:
         dry_run: bool = False,
     ) -> dict[str, Any]:
         alpha = self.settings.default_alpha if alpha is None else alpha
-        request = {"sql": sql, "epsilon": epsilon, "accuracy": accuracy, "alpha": alpha, "delta": delta,
-                   "dry_run": dry_run}
+        request = {
+            "sql": sql,
+            "epsilon": epsilon,
+            "accuracy": accuracy,
+            "alpha": alpha,
+            "delta": delta,
+            "dry_run": dry_run,
+        }
         resolved: dict[str, tuple[Policy, str]] = {}
 
         def resolve(name: str) -> Policy:
@@ -226,15 +582,32 @@ class Bastion:
         try:
             plan = self._plan(sql, resolve)
             pricing = price(plan, epsilon=epsilon, accuracy=accuracy, alpha=alpha, delta=delta)
+            bind_check(plan, self.catalog.connect())
         except GatewayError as exc:
             if not resolved and exc.code in {"forbidden", "dataset_not_found"}:
                 raise  # already audited by authorize
-            self.audit(ctx, "query", dataset=next(iter(resolved), None), request=request, decision="denied",
-                       reason=getattr(exc, "reason", exc.code))
+            self.audit(
+                ctx,
+                "query",
+                dataset=next(iter(resolved), None),
+                request=request,
+                decision="denied",
+                reason=getattr(exc, "reason", exc.code),
+            )
             raise
         policy, version = resolved[plan.dataset]
-        key = cache_key("query", ctx.principal.name, plan.dataset, version, policy.fingerprint(),
-                        plan.normalized_sql, epsilon, accuracy, alpha, pricing.cost.delta)
+        key = cache_key(
+            "query",
+            ctx.principal.name,
+            plan.dataset,
+            version,
+            policy.fingerprint(),
+            plan.normalized_sql,
+            epsilon,
+            accuracy,
+            alpha,
+            pricing.cost.delta,
+        )
         summary = {
             "dataset": plan.dataset,
             "alpha": alpha,
@@ -244,19 +617,51 @@ class Bastion:
         }
         dry = None
         if dry_run:
-            dry = {**summary, "columns": plan.output_names, "rows": None, "intervals": None, "notes": [],
-                   "accuracy": dry_run_accuracy(plan, pricing),
-                   "measurements": [{"measurement": m.label, "epsilon": pricing.epsilon_per_measurement,
-                                     "sensitivity": pricing.d_in[m]} for m in plan.measurements],
-                   "key_selection": plan.needs_key_selection}
+            dry = {
+                **summary,
+                "columns": plan.output_names,
+                "rows": None,
+                "intervals": None,
+                "notes": [],
+                "accuracy": dry_run_accuracy(plan, pricing),
+                "measurements": [
+                    {"measurement": m.label, "epsilon": pricing.epsilon_per_measurement, "sensitivity": pricing.d_in[m]}
+                    for m in plan.measurements
+                ],
+                "key_selection": plan.needs_key_selection,
+            }
+
+        def answer(release: Release) -> dict[str, Any]:
+            return {
+                **summary,
+                "columns": release.columns,
+                "rows": release.rows,
+                "intervals": release.intervals,
+                "measurements": release.measurements,
+                "notes": release.notes,
+            }
 
         def compute() -> dict[str, Any]:
-            release = execute(plan, pricing, self.catalog.connect())
-            return {**summary, "columns": release.columns, "rows": release.rows, "intervals": release.intervals,
-                    "measurements": release.measurements, "notes": release.notes}
+            return answer(execute(plan, pricing, self.catalog.connect()))
 
-        return self.run_private(ctx, policy=policy, event="query", request=request, cost=pricing.cost, key=key,
-                                compute=compute, dry_run=dry)
+        def fallback() -> dict[str, Any]:
+            return answer(self._default_release(plan, pricing))
+
+        return self.run_private(
+            ctx,
+            policy=policy,
+            event="query",
+            request=request,
+            cost=pricing.cost,
+            key=key,
+            compute=compute,
+            fallback=fallback,
+            dry_run=dry,
+        )
+
+    def _default_release(self, plan: Plan, pricing: Pricing) -> Release:
+        """The plan's release computed on the default input: its mechanisms applied to an empty table."""
+        return execute(plan, pricing, self.catalog.connect(), default_input=True)
 
     def _plan(self, sql: str, resolve: Callable[[str], Policy]) -> Plan:
         """`plan_query`, reusing the plan of an identical SQL text under the same policy object (planning is

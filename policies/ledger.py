@@ -2,12 +2,25 @@
 
 A charge is one `BEGIN IMMEDIATE` transaction: it reads what was spent, checks both caps and records the charge,
 so two processes can never both pass when only one fits. Charges are never refunded.
+
+Every charge also says whether the audit log holds a record of it (`audited`): a charge is made `PENDING`, becomes
+`AUDITED` once its "admitted" record (or an "orphan_charge" record standing in for it) is durable, and becomes
+`UNRECORDED` when writing that record failed, so that the next charge in any process claims it and records it
+first. A pending charge whose process died (a kill between the charge and its record) is found at start-up:
+each `Ledger` holds an exclusive lock on a file named after it in ``<ledger>.owners/`` while it lives, and a
+pending charge whose owner's lock is free belongs to a dead process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+import re
 import sqlite3
 import time
+import uuid
+from collections.abc import Iterable, Mapping
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +29,8 @@ from policies.accountant import PrivacyLoss
 from policies.connections import ThreadConnections
 from policies.errors import BudgetExhausted, LedgerUnavailable
 from policies.schema import Budget
+
+PENDING, AUDITED, UNRECORDED = 0, 1, 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS charges (
@@ -26,30 +41,90 @@ CREATE TABLE IF NOT EXISTS charges (
     eps_units   INTEGER NOT NULL,
     delta_units INTEGER NOT NULL,
     request_id  TEXT    NOT NULL,
-    kind        TEXT    NOT NULL
+    kind        TEXT    NOT NULL,
+    audited     INTEGER NOT NULL DEFAULT 1,
+    owner       TEXT
 );
 CREATE INDEX IF NOT EXISTS charges_pd ON charges(principal, dataset);
 CREATE INDEX IF NOT EXISTS charges_d ON charges(dataset);
 """
+# Ledgers made before charges carried their audit state get the two columns; their charges count as audited.
+_MIGRATIONS = (
+    ("audited", "ALTER TABLE charges ADD COLUMN audited INTEGER NOT NULL DEFAULT 1"),
+    ("owner", "ALTER TABLE charges ADD COLUMN owner TEXT"),
+)
+_INDEXES = "CREATE INDEX IF NOT EXISTS charges_audited ON charges(audited)"
+_ROW = "id, ts, principal, dataset, eps_units, delta_units, request_id, kind"
+_OWNER = re.compile(r"[0-9a-f]{32}")
+
+
+class LedgerBehind(LedgerUnavailable):
+    """The ledger records less spend than the audit log shows (deleted, or restored from an older copy)."""
+
+    code = "ledger_behind"
 
 
 @dataclass(frozen=True)
 class Charge:
-    """The outcome of a successful charge: what was spent before and after, for the principal and dataset."""
+    """The outcome of a successful charge: what was spent before and after, for the principal and dataset.
+
+    `id` is the charge's row (None when nothing was recorded: a zero cost). `claimed` are unrecorded charges of
+    earlier requests that this transaction took over: they must be recorded in the audit log with this one.
+    """
 
     cost: PrivacyLoss
     principal_before: PrivacyLoss
     principal_after: PrivacyLoss
     dataset_after: PrivacyLoss
+    id: int | None = None
+    claimed: tuple[LedgerCharge, ...] = ()
+
+
+@dataclass(frozen=True)
+class LedgerCharge:
+    """One row of the ledger."""
+
+    id: int | None
+    ts: float
+    principal: str
+    dataset: str
+    eps_units: int
+    delta_units: int
+    request_id: str
+    kind: str
+
+    @property
+    def cost(self) -> PrivacyLoss:
+        return PrivacyLoss.from_units(self.eps_units, self.delta_units)
+
+    @staticmethod
+    def of(row: tuple[object, ...]) -> LedgerCharge:
+        i, ts, principal, dataset, e, d, rid, kind = row
+        return LedgerCharge(int(i), float(ts), str(principal), str(dataset), int(e), int(d), str(rid), str(kind))
 
 
 class Ledger:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.owners_dir = self.path.with_name(self.path.name + ".owners")
         self._connections = ThreadConnections(self._connect)
+        self._owner: tuple[int, str, int] | None = None  # (pid, owner id, fd of its held lock file)
         try:
             with closing(self._connect()) as con:
                 con.executescript(_SCHEMA)
+                columns = {row[1] for row in con.execute("PRAGMA table_info(charges)")}
+                if any(name not in columns for name, _ in _MIGRATIONS):
+                    con.execute("BEGIN IMMEDIATE")
+                    try:
+                        columns = {row[1] for row in con.execute("PRAGMA table_info(charges)")}
+                        for name, ddl in _MIGRATIONS:
+                            if name not in columns:
+                                con.execute(ddl)
+                        con.execute("COMMIT")
+                    except BaseException:
+                        con.execute("ROLLBACK")
+                        raise
+                con.execute(_INDEXES)
         except sqlite3.Error as exc:
             raise LedgerUnavailable(f"the budget ledger cannot be opened: {exc}") from exc
 
@@ -58,6 +133,58 @@ class Ledger:
         con.execute("PRAGMA journal_mode=WAL")
         con.execute("PRAGMA synchronous=FULL")
         return con
+
+    # --- the owner lock -----------------------------------------------------------------------------------
+
+    def owner(self) -> str:
+        """This process's owner id, holding its lock file from the first call on (once per process)."""
+        if self._owner is not None and self._owner[0] == os.getpid():
+            return self._owner[1]
+        owner = uuid.uuid4().hex
+        try:
+            self.owners_dir.mkdir(mode=0o700, exist_ok=True)
+            # Locked under a temporary name, then renamed: a sweeper never sees the file unlocked.
+            tmp = self.owners_dir / f".{owner}.tmp"
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.replace(tmp, self.owners_dir / f"{owner}.lock")
+        except OSError as exc:
+            raise LedgerUnavailable(f"the budget ledger's owner lock cannot be taken: {exc}") from exc
+        self._owner = (os.getpid(), owner, fd)
+        return owner
+
+    def _alive(self, owner: str | None) -> bool:
+        """Whether the process that made a charge as `owner` still holds its lock."""
+        if owner is None or not _OWNER.fullmatch(owner):
+            return False
+        if self._owner is not None and self._owner[0] == os.getpid() and self._owner[1] == owner:
+            return True
+        path = self.owners_dir / f"{owner}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return False
+
+    def close(self) -> None:
+        """Release this process's owner lock (its pending charges, if any, then count as orphans)."""
+        if self._owner is not None and self._owner[0] == os.getpid():
+            _, owner, fd = self._owner
+            with contextlib.suppress(OSError):
+                (self.owners_dir / f"{owner}.lock").unlink()
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._owner = None
+
+    # --- charging -----------------------------------------------------------------------------------------
 
     @staticmethod
     def _sum(con: sqlite3.Connection, where: str, args: tuple[str, ...]) -> tuple[int, int]:
@@ -77,10 +204,13 @@ class Ledger:
         request_id: str,
         kind: str = "query",
     ) -> Charge:
-        """Record `cost` if both caps allow it; raise BudgetExhausted (nothing recorded) if not."""
+        """Record `cost` (pending its audit record) if both caps allow it; raise BudgetExhausted (nothing
+        recorded) if not. Unrecorded charges of earlier requests are claimed in the same transaction."""
         ce, cd = cost.units(round_up=True)
         pe_cap, pd_cap = PrivacyLoss(per_principal.epsilon, per_principal.delta).units(round_up=False)
         te_cap, td_cap = PrivacyLoss(total.epsilon, total.delta).units(round_up=False)
+        owner = self.owner()
+        charge_id: int | None = None
         try:
             with self._connections.get() as con:
                 con.execute("BEGIN IMMEDIATE")
@@ -101,11 +231,12 @@ class Ledger:
                             scope="dataset",
                         )
                     if ce or cd:
-                        con.execute(
-                            "INSERT INTO charges (ts, principal, dataset, eps_units, delta_units, request_id, kind)"
-                            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                            (time.time(), principal, dataset, ce, cd, request_id, kind),
-                        )
+                        charge_id = con.execute(
+                            "INSERT INTO charges (ts, principal, dataset, eps_units, delta_units, request_id, kind,"
+                            " audited, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (time.time(), principal, dataset, ce, cd, request_id, kind, PENDING, owner),
+                        ).lastrowid
+                    claimed = self._claim(con, owner, "audited = ?", (UNRECORDED,))
                     con.execute("COMMIT")
                 except BaseException:
                     con.execute("ROLLBACK")
@@ -117,7 +248,155 @@ class Ledger:
             principal_before=PrivacyLoss.from_units(pe, pd),
             principal_after=PrivacyLoss.from_units(pe + ce, pd + cd),
             dataset_after=PrivacyLoss.from_units(te + ce, td + cd),
+            id=charge_id,
+            claimed=claimed,
         )
+
+    @staticmethod
+    def _claim(con: sqlite3.Connection, owner: str, where: str, args: tuple[object, ...]) -> tuple[LedgerCharge, ...]:
+        rows = con.execute(
+            f"UPDATE charges SET audited = ?, owner = ? WHERE {where} RETURNING {_ROW}", (PENDING, owner, *args)
+        ).fetchall()
+        return tuple(sorted((LedgerCharge.of(r) for r in rows), key=lambda c: c.id or 0))
+
+    # --- audit state --------------------------------------------------------------------------------------
+
+    def _set_state(self, ids: Iterable[int | None], state: int, only: int | None = None, *, sync: bool = True) -> None:
+        ids = [i for i in ids if i is not None]
+        if not ids:
+            return
+        marks = ", ".join("?" * len(ids))
+        where = f"id IN ({marks})" + ("" if only is None else f" AND audited = {int(only)}")
+        try:
+            with self._connections.get() as con:
+                if not sync:
+                    con.execute("PRAGMA synchronous=NORMAL")
+                try:
+                    con.execute(f"UPDATE charges SET audited = ? WHERE {where}", (state, *ids))
+                finally:
+                    if not sync:
+                        con.execute("PRAGMA synchronous=FULL")
+        except sqlite3.Error as exc:
+            raise LedgerUnavailable(f"the budget ledger cannot be written: {exc}") from exc
+
+    def mark_audited(self, ids: Iterable[int | None]) -> None:
+        """The audit log durably holds a record of these charges.
+
+        Committed without waiting for the disk: a mark lost in a crash leaves the charge pending, and the
+        start-up check then finds its record in the log and marks it again.
+        """
+        self._set_state(ids, AUDITED, sync=False)
+
+    def mark_unrecorded(self, ids: Iterable[int | None]) -> None:
+        """Writing the audit record of these (pending) charges failed: the next charge claims them."""
+        self._set_state(ids, UNRECORDED, only=PENDING)
+
+    def claim_unrecorded(self) -> tuple[LedgerCharge, ...]:
+        """Take over every unrecorded charge, for this process to record it in the audit log."""
+        return self._claim_where("audited = ?", (UNRECORDED,))
+
+    def claim_stale(self) -> tuple[LedgerCharge, ...]:
+        """Take over every unrecorded charge and every pending charge whose process is gone (start-up)."""
+        try:
+            with self._connections.get() as con:
+                owners = [r[0] for r in con.execute("SELECT DISTINCT owner FROM charges WHERE audited = ?", (PENDING,))]
+        except sqlite3.Error as exc:
+            raise LedgerUnavailable(f"the budget ledger cannot be read: {exc}") from exc
+        dead = [o for o in owners if not self._alive(o)]
+        claimed = list(self.claim_unrecorded())
+        for o in dead:
+            if o is None:
+                claimed += self._claim_where("audited = ? AND owner IS NULL", (PENDING,))
+            else:
+                claimed += self._claim_where("audited = ? AND owner = ?", (PENDING, o))
+        return tuple(sorted(claimed, key=lambda c: c.id or 0))
+
+    def _claim_where(self, where: str, args: tuple[object, ...]) -> tuple[LedgerCharge, ...]:
+        owner = self.owner()
+        try:
+            with self._connections.get() as con:
+                con.execute("BEGIN IMMEDIATE")
+                try:
+                    claimed = self._claim(con, owner, where, args)
+                    con.execute("COMMIT")
+                except BaseException:
+                    con.execute("ROLLBACK")
+                    raise
+        except sqlite3.Error as exc:
+            raise LedgerUnavailable(f"the budget ledger cannot be written: {exc}") from exc
+        return claimed
+
+    # --- consistency with the audit log -------------------------------------------------------------------
+
+    def totals(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """Spent units (ε, δ) per (principal, dataset)."""
+        try:
+            with self._connections.get() as con:
+                rows = con.execute(
+                    "SELECT principal, dataset, SUM(eps_units), SUM(delta_units) FROM charges GROUP BY 1, 2"
+                ).fetchall()
+        except sqlite3.Error as exc:
+            raise LedgerUnavailable(f"the budget ledger cannot be read: {exc}") from exc
+        return {(str(p), str(d)): (int(e), int(dl)) for p, d, e, dl in rows}
+
+    def recharge(
+        self, charges: Iterable[LedgerCharge], expected: Mapping[tuple[str, str], tuple[int, int]]
+    ) -> list[LedgerCharge]:
+        """Bring the ledger up to what the audit log shows, in one transaction; never removes anything.
+
+        Each of `charges` (from the log) whose request id the ledger does not hold is charged again, as audited
+        (its record is in the log); then every (principal, dataset) still below `expected` gets one charge of
+        the difference. Caps are not checked: this re-records spend that happened. Returns what was added.
+        """
+        added: list[LedgerCharge] = []
+        try:
+            with self._connections.get() as con:
+                con.execute("BEGIN IMMEDIATE")
+                try:
+                    held = {str(r[0]) for r in con.execute("SELECT DISTINCT request_id FROM charges")}
+                    for c in charges:
+                        if c.request_id in held or not (c.eps_units or c.delta_units):
+                            continue
+                        added.append(self._insert(con, c))
+                        held.add(c.request_id)
+                    have = {
+                        (str(p), str(d)): (int(e), int(dl))
+                        for p, d, e, dl in con.execute(
+                            "SELECT principal, dataset, SUM(eps_units), SUM(delta_units) FROM charges GROUP BY 1, 2"
+                        )
+                    }
+                    for (principal, dataset), (want_e, want_d) in sorted(expected.items()):
+                        got_e, got_d = have.get((principal, dataset), (0, 0))
+                        if got_e < want_e or got_d < want_d:
+                            top_up = LedgerCharge(
+                                None,
+                                time.time(),
+                                principal,
+                                dataset,
+                                max(want_e - got_e, 0),
+                                max(want_d - got_d, 0),
+                                f"reconcile-{uuid.uuid4().hex}",
+                                "reconcile",
+                            )
+                            added.append(self._insert(con, top_up))
+                    con.execute("COMMIT")
+                except BaseException:
+                    con.execute("ROLLBACK")
+                    raise
+        except sqlite3.Error as exc:
+            raise LedgerUnavailable(f"the budget ledger cannot be written: {exc}") from exc
+        return added
+
+    @staticmethod
+    def _insert(con: sqlite3.Connection, c: LedgerCharge) -> LedgerCharge:
+        row_id = con.execute(
+            "INSERT INTO charges (ts, principal, dataset, eps_units, delta_units, request_id, kind, audited)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (c.ts, c.principal, c.dataset, c.eps_units, c.delta_units, c.request_id, c.kind, AUDITED),
+        ).lastrowid
+        return LedgerCharge(row_id, c.ts, c.principal, c.dataset, c.eps_units, c.delta_units, c.request_id, c.kind)
+
+    # --- reading ------------------------------------------------------------------------------------------
 
     def spent(self, principal: str, dataset: str) -> PrivacyLoss:
         return self._read("principal = ? AND dataset = ?", (principal, dataset))
@@ -134,7 +413,7 @@ class Ledger:
 
     def history(self, dataset: str | None = None) -> list[dict[str, object]]:
         """Every charge in order (for the auditor's privacy-spend report)."""
-        q = "SELECT ts, principal, dataset, eps_units, delta_units, request_id, kind FROM charges"
+        q = "SELECT ts, principal, dataset, eps_units, delta_units, request_id, kind, audited FROM charges"
         args: tuple[str, ...] = ()
         if dataset is not None:
             q += " WHERE dataset = ?"
@@ -152,6 +431,7 @@ class Ledger:
                 **PrivacyLoss.from_units(r[3], r[4]).as_dict(),
                 "request_id": r[5],
                 "kind": r[6],
+                "audited": r[7] == AUDITED,
             }
             for r in rows
         ]

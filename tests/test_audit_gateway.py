@@ -275,7 +275,7 @@ def test_two_gateway_processes_lose_no_record(workspace: Workspace, two_gateways
 
     records = AuditLog(workspace.settings.audit_dir).records()
     assert [r["seq"] for r in records] == list(range(len(records)))
-    phases = Counter((r["request_id"], r.get("phase")) for r in records if r["event"] == "query")
+    phases = Counter((r.get("correlation_id"), r.get("phase")) for r in records if r["event"] == "query")
     for rid, _ in sent:
         assert phases[(rid, "admitted")] == 1 and phases[(rid, "released")] == 1
     assert sum(1 for r in records if r["event"] == "query") == 2 * len(sent)
