@@ -40,13 +40,19 @@ URGENT_DX = {"I21", "I63", "J96", "R07", "S72", "A41"}
 
 LFS: list[dict[str, Any]] = [
     {"name": "red_flags", "label": "urgent", "keywords": {"column": "triage_note", "any": RED_FLAGS}},
-    {"name": "planned", "label": "routine",
-     "regex": {"column": "triage_note", "pattern": r"^(routine|follow-up|prescription|vaccination|annual)"}},
+    {
+        "name": "planned",
+        "label": "routine",
+        "regex": {"column": "triage_note", "pattern": r"^(routine|follow-up|prescription|vaccination|annual)"},
+    },
     {"name": "urgent_dx", "label": "urgent", "when": "diagnosis IN ('I21', 'I63', 'J96', 'R07', 'S72', 'A41')"},
     {"name": "old_long_stay", "label": "urgent", "when": "age >= 70 AND length_of_stay >= 6"},
     {"name": "young_same_day", "label": "routine", "when": "age < 40 AND length_of_stay = 0"},
-    {"name": "mild_words", "label": "routine",
-     "keywords": {"column": "triage_note", "any": ["mild", "rash", "sore throat", "review"]}},
+    {
+        "name": "mild_words",
+        "label": "routine",
+        "keywords": {"column": "triage_note", "any": ["mild", "rash", "sore throat", "review"]},
+    },
 ]
 
 
@@ -135,8 +141,10 @@ def main() -> None:
 
             _, frame = lf_input_frame(cur, policy)
             _, sql_matrix, gold = label_matrix(cur, VoteQuery(policy, plan.declarative))
-            print(f"applying the equivalent Python LFs with Snorkel's PandasLFApplier on {len(frame):,} rows...",
-                  flush=True)
+            print(
+                f"applying the equivalent Python LFs with Snorkel's PandasLFApplier on {len(frame):,} rows...",
+                flush=True,
+            )
             t0 = time.perf_counter()
             snorkel_matrix = PandasLFApplier(python_equivalents()).apply(frame, progress_bar=False)
             apply_s = time.perf_counter() - t0

@@ -13,8 +13,12 @@ HTTP_OVERHEAD_MS = 5.0
 CACHED_QPS = 500.0
 REGISTRATION_S = 30.0
 
-ENGINE_TITLES = {"raw": "raw DuckDB", "bastion": "Bastion in process", "http": "Bastion HTTP",
-                 "smartnoise": "SmartNoise SQL"}
+ENGINE_TITLES = {
+    "raw": "raw DuckDB",
+    "bastion": "Bastion in process",
+    "http": "Bastion HTTP",
+    "smartnoise": "SmartNoise SQL",
+}
 
 
 def _p50(entry: dict[str, Any] | None) -> float | None:
@@ -36,18 +40,32 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     for name, w in largest["workloads"].items():
         raw, bas = _p50(w["raw"]), _p50(w["bastion"])
         ratio = bas / raw if raw and bas else None
-        out.append({"target": f"in process ≤ {RATIO_TARGET}× raw DuckDB, {name}{note}", "workload": name,
-                    "kind": "ratio_to_raw", "figure": ratio, "unit": "×",
-                    "met": None if ratio is None else ratio <= RATIO_TARGET})
+        out.append(
+            {
+                "target": f"in process ≤ {RATIO_TARGET}× raw DuckDB, {name}{note}",
+                "workload": name,
+                "kind": "ratio_to_raw",
+                "figure": ratio,
+                "unit": "×",
+                "met": None if ratio is None else ratio <= RATIO_TARGET,
+            }
+        )
     sn_run = _run(results, SMARTNOISE_ROWS) or min(runs, key=lambda r: r["rows"])
     sn_note = "" if sn_run["rows"] == SMARTNOISE_ROWS else f" (on {sn_run['rows']:,} rows)"
     for name, w in sn_run["workloads"].items():
         bas, sn = _p50(w["bastion"]), _p50(w["smartnoise"])
         speedup = sn / bas if sn and bas else None
-        out.append({"target": f"≥ {SMARTNOISE_SPEEDUP:g}× faster than SmartNoise SQL, {name}{sn_note}",
-                    "workload": name, "kind": "speedup_vs_smartnoise", "figure": speedup, "unit": "×",
-                    "met": None if speedup is None else speedup >= SMARTNOISE_SPEEDUP,
-                    "why_not_measured": None if speedup else w["smartnoise"].get("reason")})
+        out.append(
+            {
+                "target": f"≥ {SMARTNOISE_SPEEDUP:g}× faster than SmartNoise SQL, {name}{sn_note}",
+                "workload": name,
+                "kind": "speedup_vs_smartnoise",
+                "figure": speedup,
+                "unit": "×",
+                "met": None if speedup is None else speedup >= SMARTNOISE_SPEEDUP,
+                "why_not_measured": None if speedup else w["smartnoise"].get("reason"),
+            }
+        )
     worst = None
     for r in runs:
         for name, w in r["workloads"].items():
@@ -56,18 +74,38 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 extra = http - bas
                 if worst is None or extra > worst[0]:
                     worst = (extra, name, r["rows"])
-    out.append({"target": f"HTTP adds ≤ {HTTP_OVERHEAD_MS:g} ms to the in-process p50 (worst workload"
-                + (f": {worst[1]}, {worst[2]:,} rows)" if worst else ")"),
-                "kind": "http_overhead", "figure": worst[0] if worst else None, "unit": "ms",
-                "met": None if worst is None else worst[0] <= HTTP_OVERHEAD_MS})
+    out.append(
+        {
+            "target": f"HTTP adds ≤ {HTTP_OVERHEAD_MS:g} ms to the in-process p50 (worst workload"
+            + (f": {worst[1]}, {worst[2]:,} rows)" if worst else ")"),
+            "kind": "http_overhead",
+            "figure": worst[0] if worst else None,
+            "unit": "ms",
+            "met": None if worst is None else worst[0] <= HTTP_OVERHEAD_MS,
+        }
+    )
     tp = results.get("throughput") or {}
     qps = (tp.get("cached") or {}).get("qps")
-    out.append({"target": f"cached answers ≥ {CACHED_QPS:g} q/s through HTTP", "kind": "cached_qps",
-                "figure": qps, "unit": "q/s", "met": None if qps is None else qps >= CACHED_QPS})
+    out.append(
+        {
+            "target": f"cached answers ≥ {CACHED_QPS:g} q/s through HTTP",
+            "kind": "cached_qps",
+            "figure": qps,
+            "unit": "q/s",
+            "met": None if qps is None else qps >= CACHED_QPS,
+        }
+    )
     reg = _run(results, TARGET_ROWS) or largest
     reg_note = "" if reg["rows"] == TARGET_ROWS else f" (on {reg['rows']:,} rows)"
-    out.append({"target": f"registering 10M rows < {REGISTRATION_S:g} s{reg_note}", "kind": "registration",
-                "figure": reg["registration_s"], "unit": "s", "met": reg["registration_s"] < REGISTRATION_S})
+    out.append(
+        {
+            "target": f"registering 10M rows < {REGISTRATION_S:g} s{reg_note}",
+            "kind": "registration",
+            "figure": reg["registration_s"],
+            "unit": "s",
+            "met": reg["registration_s"] < REGISTRATION_S,
+        }
+    )
     return out
 
 
@@ -101,8 +139,11 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; Python {m['python']}, "
         f"DuckDB {v.get('duckdb', '?')}, OpenDP {v.get('opendp', '?')}"
-        + (f"; SmartNoise SQL {sn['version']} (OpenDP {sn.get('opendp_version', '?')}, own venv)"
-           if sn.get("version") else "")
+        + (
+            f"; SmartNoise SQL {sn['version']} (OpenDP {sn.get('opendp_version', '?')}, own venv)"
+            if sn.get("version")
+            else ""
+        )
         + f". Run {results.get('finished_at') or f'{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC'}, {cfg['reps']} "
         "timed repetitions per workload and engine (SmartNoise: fewer, see the JSON), max 5 rows per privacy unit. "
         "The machine is shared with other work: raw, in-process and HTTP run interleaved so that their ratios are "
@@ -133,25 +174,32 @@ def markdown(results: dict[str, Any]) -> str:
             ratio = f"{bas / raw:.2f}" if raw and bas else "n/a"
             extra = f"{http - bas:+.1f}" if http is not None and bas is not None else "n/a"
             speed = f"{s / bas:,.0f}×" if s and bas else "n/a"
-            lines.append(f"| {titles.get(name, name)} | {_ms(w['raw'])} | {_ms(w['bastion'])} | {ratio} | "
-                         f"{_ms(w['http'])} | {extra} | {_ms(w['smartnoise'])} | {speed} |")
+            lines.append(
+                f"| {titles.get(name, name)} | {_ms(w['raw'])} | {_ms(w['bastion'])} | {ratio} | "
+                f"{_ms(w['http'])} | {extra} | {_ms(w['smartnoise'])} | {speed} |"
+            )
     lines += ["", "### Throughput, memory, registration", "", "| measure | value |", "|---|---:|"]
     tp = results.get("throughput")
     if tp:
         for mode in ("cached", "uncached"):
             t = tp[mode]
-            lines.append(f"| HTTP {mode} `{tp['workload']}`, {tp['clients']} clients, {tp['rows']:,} rows | "
-                         f"{t['qps']:,.0f} q/s ({t['requests']:,} requests, p50 {t['p50_ms'] or 0:.1f} ms, "
-                         f"{t['errors']} errors) |")
+            lines.append(
+                f"| HTTP {mode} `{tp['workload']}`, {tp['clients']} clients, {tp['rows']:,} rows | "
+                f"{t['qps']:,.0f} q/s ({t['requests']:,} requests, p50 {t['p50_ms'] or 0:.1f} ms, "
+                f"{t['errors']} errors) |"
+            )
     for r in results["runs"]:
         if r.get("gateway_peak_rss_mib") is not None:
-            lines.append(f"| gateway peak RSS, {r['rows']:,}-row workloads | {r['gateway_peak_rss_mib']:,.0f} MiB "
-                         f"(after start {r.get('gateway_rss_after_start_mib') or 0:,.0f} MiB) |")
+            lines.append(
+                f"| gateway peak RSS, {r['rows']:,}-row workloads | {r['gateway_peak_rss_mib']:,.0f} MiB "
+                f"(after start {r.get('gateway_rss_after_start_mib') or 0:,.0f} MiB) |"
+            )
     for r in results["runs"]:
         lines.append(f"| registration (load + pre-bounded table), {r['rows']:,} rows | {r['registration_s']:.1f} s |")
         if r.get("smartnoise_load_s") is not None:
-            lines.append(f"| SmartNoise SQL load (pandas → SQLite), {r['rows']:,} rows | "
-                         f"{r['smartnoise_load_s']:.1f} s |")
+            lines.append(
+                f"| SmartNoise SQL load (pandas → SQLite), {r['rows']:,} rows | {r['smartnoise_load_s']:.1f} s |"
+            )
     lines += ["", "### Targets", "", "| target | figure | met |", "|---|---:|---|"]
     for t in results.get("targets", []):
         met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]

@@ -86,8 +86,12 @@ def stats(times_s: list[float]) -> dict[str, Any]:
     if not times_s:
         return {"n": 0, "p50_ms": None, "p95_ms": None}
     ms = np.asarray(times_s) * 1e3
-    return {"n": len(ms), "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
-            "min_ms": float(ms.min())}
+    return {
+        "n": len(ms),
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p95_ms": float(np.percentile(ms, 95)),
+        "min_ms": float(ms.min()),
+    }
 
 
 def machine() -> dict[str, Any]:
@@ -106,8 +110,14 @@ def machine() -> dict[str, Any]:
     for pkg in ("duckdb", "opendp", "sqlglot", "fastapi", "uvicorn", "httpx", "numpy"):
         with contextlib.suppress(Exception):
             versions[pkg] = version(pkg)
-    return {"cpu": model, "cores": os.cpu_count(), "memory_gib": mem_gib, "python": platform.python_version(),
-            "os": platform.platform(), "versions": versions}
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "memory_gib": mem_gib,
+        "python": platform.python_version(),
+        "os": platform.platform(),
+        "versions": versions,
+    }
 
 
 def free_port() -> int:
@@ -175,9 +185,22 @@ def server(workspace: Path, log_path: Path, workers: int = 1) -> Iterator[tuple[
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [*bastion_command(), "serve", "--workspace", str(workspace), "--host", "127.0.0.1", "--port", str(port),
-             "--workers", str(workers), "--no-access-log"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=str(workspace.parent),
+            [
+                *bastion_command(),
+                "serve",
+                "--workspace",
+                str(workspace),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                str(workers),
+                "--no-access-log",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=str(workspace.parent),
         )
         try:
             deadline = time.monotonic() + 120
@@ -224,14 +247,21 @@ def prepare(opts: Options, n_rows: int) -> tuple[Settings, str, Principal, dict[
         units = con.execute(f"SELECT COUNT(DISTINCT user_id) FROM read_parquet('{source}')").fetchone()[0]
     finally:
         admin.close()
-    facts = {"rows": n_rows, "units": int(units), "bounded_rows": int(bounded_rows),
-             "source_mib": round(source.stat().st_size / 2**20, 1), "generate_s": generated_s,
-             "registration_s": registration_s, "source": str(source)}
+    facts = {
+        "rows": n_rows,
+        "units": int(units),
+        "bounded_rows": int(bounded_rows),
+        "source_mib": round(source.stat().st_size / 2**20, 1),
+        "generate_s": generated_s,
+        "registration_s": registration_s,
+        "source": str(source),
+    }
     return settings, token, principal, facts
 
 
-def time_engines(opts: Options, settings: Settings, token: str, principal: Principal, url: str | None,
-                 fresh: Fresh) -> dict[str, dict[str, Any]]:
+def time_engines(
+    opts: Options, settings: Settings, token: str, principal: Principal, url: str | None, fresh: Fresh
+) -> dict[str, dict[str, Any]]:
     """Raw DuckDB, Bastion in process and over HTTP, interleaved per repetition."""
     bastion = Bastion(settings)
     ctx = Context(principal, source="benchmark")
@@ -263,7 +293,7 @@ def time_engines(opts: Options, settings: Settings, token: str, principal: Princ
                 for e in names:
                     engines[e](w)
             for i in range(opts.reps):
-                for e in names[i % len(names):] + names[: i % len(names)]:  # rotate the order
+                for e in names[i % len(names) :] + names[: i % len(names)]:  # rotate the order
                     t = time.perf_counter()
                     engines[e](w)
                     times[e].append(time.perf_counter() - t)
@@ -319,10 +349,18 @@ def throughput(opts: Options, url: str, token: str, fresh: Fresh) -> dict[str, A
             t.join(timeout=120)
         elapsed = time.perf_counter() - t0
         done = [x for lat in latencies for x in lat]
-        results[mode] = {"requests": len(done), "seconds": elapsed, "qps": len(done) / elapsed if elapsed else 0.0,
-                         "errors": len(errors), "first_error": errors[0] if errors else None, **stats(done)}
-        opts.log(f"    throughput {mode:<8} {results[mode]['qps']:.0f} q/s ({len(done)} requests, "
-                 f"{opts.clients} clients, p50 {results[mode]['p50_ms']:.1f} ms)")
+        results[mode] = {
+            "requests": len(done),
+            "seconds": elapsed,
+            "qps": len(done) / elapsed if elapsed else 0.0,
+            "errors": len(errors),
+            "first_error": errors[0] if errors else None,
+            **stats(done),
+        }
+        opts.log(
+            f"    throughput {mode:<8} {results[mode]['qps']:.0f} q/s ({len(done)} requests, "
+            f"{opts.clients} clients, p50 {results[mode]['p50_ms']:.1f} ms)"
+        )
     return results
 
 
@@ -340,8 +378,12 @@ def ensure_smartnoise(opts: Options) -> tuple[Path | None, str]:
     try:
         if not py.exists():
             subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
-        pip = subprocess.run([str(py), "-m", "pip", "install", "-q", *SMARTNOISE_REQUIREMENTS],
-                             capture_output=True, text=True, timeout=1800)
+        pip = subprocess.run(
+            [str(py), "-m", "pip", "install", "-q", *SMARTNOISE_REQUIREMENTS],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
         if pip.returncode != 0:
             tail = " ".join((pip.stderr or pip.stdout).strip().splitlines()[-3:])
             return None, f"pip install failed: {tail[-500:]}"
@@ -366,8 +408,9 @@ def run_smartnoise(opts: Options, py: Path, source: Path, n_rows: int) -> dict[s
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
     try:
-        proc = subprocess.run([str(py), str(HERE / "smartnoise_runner.py"), f.name], capture_output=True,
-                              text=True, timeout=3 * 3600)
+        proc = subprocess.run(
+            [str(py), str(HERE / "smartnoise_runner.py"), f.name], capture_output=True, text=True, timeout=3 * 3600
+        )
     finally:
         os.unlink(f.name)
     try:
@@ -399,13 +442,28 @@ def run(opts: Options) -> dict[str, Any]:
     started = time.time()
     results: dict[str, Any] = {
         "machine": machine(),
-        "config": {"rows": opts.rows, "reps": opts.reps, "warmup": opts.warmup, "fresh": opts.fresh,
-                   "clients": opts.clients,
-                   "throughput_seconds": opts.throughput_seconds, "max_rows_per_unit": data.MAX_ROWS_PER_UNIT,
-                   "http": opts.http, "smartnoise": opts.smartnoise},
+        "config": {
+            "rows": opts.rows,
+            "reps": opts.reps,
+            "warmup": opts.warmup,
+            "fresh": opts.fresh,
+            "clients": opts.clients,
+            "throughput_seconds": opts.throughput_seconds,
+            "max_rows_per_unit": data.MAX_ROWS_PER_UNIT,
+            "http": opts.http,
+            "smartnoise": opts.smartnoise,
+        },
         "engines": list(ENGINES),
-        "workloads": [{"name": w.name, "title": w.title, "sql": w.sql(), "raw_sql": w.raw_sql(),
-                       "smartnoise_sql": w.smartnoise_sql()} for w in WORKLOADS],
+        "workloads": [
+            {
+                "name": w.name,
+                "title": w.title,
+                "sql": w.sql(),
+                "raw_sql": w.raw_sql(),
+                "smartnoise_sql": w.smartnoise_sql(),
+            }
+            for w in WORKLOADS
+        ],
         "runs": [],
         "throughput": None,
         "smartnoise": {"status": "disabled" if not opts.smartnoise else "pending"},
@@ -424,8 +482,9 @@ def run(opts: Options) -> dict[str, Any]:
         with contextlib.ExitStack() as stack:
             url, proc = None, None
             if opts.http:
-                url, proc = stack.enter_context(server(settings.workspace, opts.work / f"server_{n}.log",
-                                                                   opts.server_workers))
+                url, proc = stack.enter_context(
+                    server(settings.workspace, opts.work / f"server_{n}.log", opts.server_workers)
+                )
                 run_entry["gateway_rss_after_start_mib"] = peak_rss_mib(proc.pid)
             timed = time_engines(opts, settings, token, principal, url, fresh)
             if proc is not None:
@@ -474,11 +533,19 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000], help="table sizes")
     p.add_argument("--reps", type=int, default=20, help="timed repetitions per workload and engine")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--fresh", choices=["sql", "epsilon"], default="sql",
-                   help="make every timed query new by a distinct SQL text (default) or by a new ε")
+    p.add_argument(
+        "--fresh",
+        choices=["sql", "epsilon"],
+        default="sql",
+        help="make every timed query new by a distinct SQL text (default) or by a new ε",
+    )
     p.add_argument("--clients", type=int, default=8, help="concurrent HTTP clients for throughput")
-    p.add_argument("--server-workers", type=int, default=1,
-                   help="gateway worker processes (peak memory is then the supervisor's, not the workers')")
+    p.add_argument(
+        "--server-workers",
+        type=int,
+        default=1,
+        help="gateway worker processes (peak memory is then the supervisor's, not the workers')",
+    )
     p.add_argument("--throughput-seconds", type=float, default=5.0)
     p.add_argument("--no-http", action="store_true", help="skip the HTTP server (and throughput, memory)")
     p.add_argument("--no-smartnoise", action="store_true", help="skip SmartNoise SQL")
@@ -490,12 +557,24 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--no-copy", action="store_true", help="do not write benchmarks/RESULTS.md")
     a = p.parse_args(argv)
-    return Options(rows=a.rows, reps=a.reps, warmup=a.warmup, fresh=a.fresh, clients=a.clients,
-                   server_workers=a.server_workers,
-                   throughput_seconds=a.throughput_seconds, http=not a.no_http, smartnoise=not a.no_smartnoise,
-                   smartnoise_reps=a.smartnoise_reps, smartnoise_max_rows=a.smartnoise_max_rows,
-                   smartnoise_time_budget_s=a.smartnoise_time_budget, smartnoise_venv=a.smartnoise_venv,
-                   work=a.work, out=a.out, copy_markdown=None if a.no_copy else HERE / "RESULTS.md")
+    return Options(
+        rows=a.rows,
+        reps=a.reps,
+        warmup=a.warmup,
+        fresh=a.fresh,
+        clients=a.clients,
+        server_workers=a.server_workers,
+        throughput_seconds=a.throughput_seconds,
+        http=not a.no_http,
+        smartnoise=not a.no_smartnoise,
+        smartnoise_reps=a.smartnoise_reps,
+        smartnoise_max_rows=a.smartnoise_max_rows,
+        smartnoise_time_budget_s=a.smartnoise_time_budget,
+        smartnoise_venv=a.smartnoise_venv,
+        work=a.work,
+        out=a.out,
+        copy_markdown=None if a.no_copy else HERE / "RESULTS.md",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

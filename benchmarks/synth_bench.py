@@ -63,11 +63,15 @@ def main() -> None:
             t2 = time.perf_counter()
             report = dp_fidelity(model, proxy)
             t3 = time.perf_counter()
-            print(f"DP measurements ({len(model.marginals)} marginals, {len(model.pairs)} pairs, ε={args.epsilon}): "
-                  f"{t1 - t0:.2f} s")
+            print(
+                f"DP measurements ({len(model.marginals)} marginals, {len(model.pairs)} pairs, ε={args.epsilon}): "
+                f"{t1 - t0:.2f} s"
+            )
             print(f"proxy of {args.rows:,} rows via SDV (dpcopula): {t2 - t1:.2f} s")
             print(f"fit total (measure + SDV proxy): {t2 - t0:.2f} s")
-            print(f"fidelity report: {t3 - t2:.2f} s; scores {({k: round(v, 3) for k, v in report['scores'].items()})}")
+            print(
+                f"fidelity report: {t3 - t2:.2f} s; scores { ({k: round(v, 3) for k, v in report['scores'].items()}) }"
+            )
             t = time.perf_counter()
             direct = model.sample(args.sample, seed=2)
             print(f"sample {len(direct):,} rows from the DP model (dpcopula_direct): {time.perf_counter() - t:.2f} s")

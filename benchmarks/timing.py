@@ -63,8 +63,10 @@ def _ctx(bastion: Bastion) -> Context:
 def _compare(label: str, a: list[float], b: list[float]) -> None:
     u = mannwhitneyu(a, b).pvalue
     ks = ks_2samp(a, b).pvalue
-    print(f"{label}: median {statistics.median(a) * 1e3:.2f} ms vs {statistics.median(b) * 1e3:.2f} ms "
-          f"(ratio {statistics.median(a) / statistics.median(b):.3f}); Mann-Whitney p = {u:.3f}, KS p = {ks:.3f}")
+    print(
+        f"{label}: median {statistics.median(a) * 1e3:.2f} ms vs {statistics.median(b) * 1e3:.2f} ms "
+        f"(ratio {statistics.median(a) / statistics.median(b):.3f}); Mann-Whitney p = {u:.3f}, KS p = {ks:.3f}"
+    )
 
 
 def expensive_branch(root: Path, rows: int, runs: int) -> None:

@@ -63,8 +63,17 @@ def _record(log: Any, event: str, **fields: Any) -> None:
     from audit.errors import AuditWriteError
 
     try:
-        log.append({"event": event, "actor": ADMIN, "source": "cli", "request_id": uuid.uuid4().hex,
-                    "decision": "allowed", "reason": "ok", **fields})
+        log.append(
+            {
+                "event": event,
+                "actor": ADMIN,
+                "source": "cli",
+                "request_id": uuid.uuid4().hex,
+                "decision": "allowed",
+                "reason": "ok",
+                **fields,
+            }
+        )
     except AuditWriteError as exc:
         fail(f"the audit log cannot be written: {exc}")
 
@@ -72,14 +81,20 @@ def _record(log: Any, event: str, **fields: Any) -> None:
 @audit_app.command("verify")
 def verify(
     workspace: Workspace = None,
-    keyring: Annotated[Path | None, typer.Option(
-        help="your own copy of the public keys (keyring.json, key directory or PEM) [default: the workspace's]")
+    keyring: Annotated[
+        Path | None,
+        typer.Option(
+            help="your own copy of the public keys (keyring.json, key directory or PEM) [default: the workspace's]"
+        ),
     ] = None,
-    trusted_checkpoint: Annotated[Path | None, typer.Option(
-        "--trusted-checkpoint", help="a checkpoint kept outside the workspace (export-checkpoint): the log must "
-        "extend it")] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="also parse every record and check it is canonical")
-                      ] = False,
+    trusted_checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            "--trusted-checkpoint",
+            help="a checkpoint kept outside the workspace (export-checkpoint): the log must extend it",
+        ),
+    ] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="also parse every record and check it is canonical")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the full report as JSON")] = False,
 ) -> None:
     """Recompute hashes, chain, Merkle roots and signatures; exit 1 naming the first bad record or line."""
@@ -98,8 +113,9 @@ def verify(
             console.print(f"audit log OK: {report.message}", highlight=False)
         return
     if report.first_bad is not None:
-        err.print(f"[bold red]audit log {verdict(report)}[/] (position {report.first_bad}): {report.message}",
-                  highlight=False)
+        err.print(
+            f"[bold red]audit log {verdict(report)}[/] (position {report.first_bad}): {report.message}", highlight=False
+        )
     else:
         err.print(f"[bold red]audit log BROKEN[/]: {report.message}", highlight=False)
     for problem in [p for p in report.problems if p != report.message][:9]:
@@ -151,8 +167,9 @@ def checkpoint(workspace: Workspace = None) -> None:
         fail(f"cannot checkpoint: {exc}")
     finally:
         log.close()
-    console.print(f"checkpoint: {cp.tree_size} records, root {cp.root_hash}, key {cp.key_id}, {cp.time}",
-                  highlight=False)
+    console.print(
+        f"checkpoint: {cp.tree_size} records, root {cp.root_hash}, key {cp.key_id}, {cp.time}", highlight=False
+    )
 
 
 @audit_app.command("export-checkpoint")
@@ -201,8 +218,17 @@ def events(
         fail("--format is table, jsonl or csv", 2)
     settings = _settings(workspace)
     try:
-        found = report.query_events(settings.audit_dir, since=since, until=until, actor=actor, dataset=dataset,
-                                    event=event, decision=decision, limit=limit, offset=offset)
+        found = report.query_events(
+            settings.audit_dir,
+            since=since,
+            until=until,
+            actor=actor,
+            dataset=dataset,
+            event=event,
+            decision=decision,
+            limit=limit,
+            offset=offset,
+        )
     except ValueError as exc:
         fail(f"{exc}")
     if format == "jsonl":
@@ -215,9 +241,23 @@ def events(
     for r in found:
         actor_ = r.get("actor") if isinstance(r.get("actor"), dict) else {}
         cost = r.get("cost") if isinstance(r.get("cost"), dict) else {}
-        table.add_row(*(str(v) if v is not None else "" for v in (
-            r.get("seq"), r.get("time"), r.get("event"), actor_.get("principal"), actor_.get("role"),
-            r.get("dataset"), r.get("decision"), r.get("reason"), r.get("phase"), cost.get("epsilon"))))
+        table.add_row(
+            *(
+                str(v) if v is not None else ""
+                for v in (
+                    r.get("seq"),
+                    r.get("time"),
+                    r.get("event"),
+                    actor_.get("principal"),
+                    actor_.get("role"),
+                    r.get("dataset"),
+                    r.get("decision"),
+                    r.get("reason"),
+                    r.get("phase"),
+                    cost.get("epsilon"),
+                )
+            )
+        )
     console.print(table)
     console.print(f"{len(found)} records", highlight=False)
 
@@ -242,8 +282,10 @@ def _caps(settings: Settings) -> dict[str, dict[str, Any]]:
                 policies.append(load_policy(path))
             except PolicyError:
                 continue
-    return {p.dataset: {**p.budget.total.model_dump(), "per_principal": p.budget.per_principal.model_dump()}
-            for p in policies}
+    return {
+        p.dataset: {**p.budget.total.model_dump(), "per_principal": p.budget.per_principal.model_dump()}
+        for p in policies
+    }
 
 
 @audit_app.command("spend")
@@ -273,13 +315,27 @@ def spend(
         return
     totals = Table("dataset", "ε spent", "ε cap", "δ spent", "δ cap", "over cap", "principals over their cap")
     for name, d in sorted(result.datasets.items()):
-        totals.add_row(name, f"{d.epsilon:.6g}", _g(d.cap_epsilon), f"{d.delta:.3g}", _g(d.cap_delta),
-                       "YES" if d.over_cap else "no", ", ".join(d.principals_over_cap))
+        totals.add_row(
+            name,
+            f"{d.epsilon:.6g}",
+            _g(d.cap_epsilon),
+            f"{d.delta:.3g}",
+            _g(d.cap_delta),
+            "YES" if d.over_cap else "no",
+            ", ".join(d.principals_over_cap),
+        )
     console.print(totals)
     per = Table("principal", "dataset", "charges", "ε", "δ", "first", "last")
     for (principal, name), points in sorted(result.series.items()):
-        per.add_row(principal, name, str(len(points)), f"{points[-1].cumulative_epsilon:.6g}",
-                    f"{points[-1].cumulative_delta:.3g}", points[0].time, points[-1].time)
+        per.add_row(
+            principal,
+            name,
+            str(len(points)),
+            f"{points[-1].cumulative_epsilon:.6g}",
+            f"{points[-1].cumulative_delta:.3g}",
+            points[0].time,
+            points[-1].time,
+        )
     console.print(per)
 
 

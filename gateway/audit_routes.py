@@ -70,16 +70,23 @@ class Filters:
                 try:
                     format_time(values[name])
                 except ValueError:
-                    raise InvalidRequest(f"{name} must be an ISO 8601 time such as 2026-01-31T12:00:00Z",
-                                         field=name) from None
+                    raise InvalidRequest(
+                        f"{name} must be an ISO 8601 time such as 2026-01-31T12:00:00Z", field=name
+                    ) from None
         return Filters(**values)
 
 
 Text = Annotated[str | None, Query(max_length=200)]
 
 
-def get_filters(since: Text = None, until: Text = None, actor: Text = None, dataset: Text = None,
-                event: Text = None, decision: Text = None) -> Filters:
+def get_filters(
+    since: Text = None,
+    until: Text = None,
+    actor: Text = None,
+    dataset: Text = None,
+    event: Text = None,
+    decision: Text = None,
+) -> Filters:
     """Filters of the event list: `since` <= time < `until` (ISO 8601), and exact matches on the principal
     (`actor`), dataset, event type and decision. Checked after the read is admitted and recorded."""
     return Filters(since, until, actor, dataset, event, decision)
@@ -145,8 +152,12 @@ def list_events(
 ) -> dict[str, Any]:
     bastion.audit_access(ctx, "events", **filters.as_dict(), limit=limit, offset=offset)
     events = _events(bastion.audit_log.directory, filters, limit=limit, offset=offset)
-    return {"events": events, "offset": offset, "limit": limit,
-            "next_offset": offset + len(events) if len(events) == limit else None}
+    return {
+        "events": events,
+        "offset": offset,
+        "limit": limit,
+        "next_offset": offset + len(events) if len(events) == limit else None,
+    }
 
 
 @api.get("/events/{seq}", summary="One record with its inclusion proof against the latest checkpoint (auditor)")
@@ -163,24 +174,25 @@ def get_event(seq: int, ctx: Ctx, bastion: Core) -> dict[str, Any]:
 
 
 @api.get("/export", summary="Matching records as JSON Lines (canonical) or CSV (auditor)")
-def export(
-    ctx: Ctx, bastion: Core, filters: EventFilters, format: Literal["jsonl", "csv"] = "jsonl"
-) -> Response:
+def export(ctx: Ctx, bastion: Core, filters: EventFilters, format: Literal["jsonl", "csv"] = "jsonl") -> Response:
     bastion.audit_access(ctx, "export", **filters.as_dict(), format=format)
     return _export(bastion, filters, format)
 
 
 def _export(bastion: Bastion, filters: Filters, format: str) -> Response:
     events = _events(bastion.audit_log.directory, filters)
-    body, media = (report.to_csv(events), "text/csv") if format == "csv" else (report.to_jsonl(events),
-                                                                              "application/x-ndjson")
+    body, media = (
+        (report.to_csv(events), "text/csv") if format == "csv" else (report.to_jsonl(events), "application/x-ndjson")
+    )
     name = f"audit-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}.{format}"
-    return Response(body, media_type=f"{media}; charset=utf-8",
-                    headers={"Content-Disposition": f'attachment; filename="{name}"', "Cache-Control": "no-store"})
+    return Response(
+        body,
+        media_type=f"{media}; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{name}"', "Cache-Control": "no-store"},
+    )
 
 
-@api.get("/spend", summary="Privacy spend per principal per dataset over time, totals against the caps "
-            "(auditor)")
+@api.get("/spend", summary="Privacy spend per principal per dataset over time, totals against the caps (auditor)")
 def spend(ctx: Ctx, bastion: Core, filters: EventFilters) -> dict[str, Any]:
     bastion.audit_access(ctx, "spend", **filters.as_dict())
     return _spend(bastion, filters).to_dict()
@@ -225,8 +237,7 @@ def make_checkpoint(ctx: Ctx, bastion: Core) -> dict[str, Any]:
     return _checkpoint_view(bastion, cp)
 
 
-@api.get("/checkpoints/consistency", summary="RFC 6962 consistency proof between two checkpoint sizes "
-            "(auditor)")
+@api.get("/checkpoints/consistency", summary="RFC 6962 consistency proof between two checkpoint sizes (auditor)")
 def consistency(
     ctx: Ctx,
     bastion: Core,
@@ -267,14 +278,18 @@ _templates = jinja2.Environment(
 def _page(request: Request, template: str, status_code: int = 200, **values: Any) -> HTMLResponse:
     nonce = secrets.token_urlsafe(16)
     html = _templates.get_template(template).render(nonce=nonce, **values)
-    return HTMLResponse(html, status_code=status_code, headers={
-        "Content-Security-Policy": f"default-src 'none'; style-src 'nonce-{nonce}'; img-src 'self'; "
-        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-        "X-Content-Type-Options": "nosniff",
-        "Referrer-Policy": "no-referrer",
-        "X-Frame-Options": "DENY",
-        "Cache-Control": "no-store",
-    })
+    return HTMLResponse(
+        html,
+        status_code=status_code,
+        headers={
+            "Content-Security-Policy": f"default-src 'none'; style-src 'nonce-{nonce}'; img-src 'self'; "
+            "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+            "X-Frame-Options": "DENY",
+            "Cache-Control": "no-store",
+        },
+    )
 
 
 def _credential(request: Request) -> str | None:
@@ -323,8 +338,15 @@ async def login(request: Request, bastion: Annotated[Bastion, Depends(get_bastio
     except GatewayError as exc:
         return _error_page(request, exc)
     response = RedirectResponse("/audit", status_code=303)
-    response.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/audit",
-                        secure=request.url.scheme == "https", max_age=8 * 3600)
+    response.set_cookie(
+        COOKIE,
+        token,
+        httponly=True,
+        samesite="strict",
+        path="/audit",
+        secure=request.url.scheme == "https",
+        max_age=8 * 3600,
+    )
     return response
 
 
@@ -337,8 +359,14 @@ def logout() -> Response:
 
 @web.get("/audit", response_class=HTMLResponse)
 def dashboard(
-    request: Request, bastion: Annotated[Bastion, Depends(get_bastion)], page: Annotated[int, Query(ge=1)] = 1,
-    since: Text = None, until: Text = None, actor: Text = None, dataset: Text = None, event: Text = None,
+    request: Request,
+    bastion: Annotated[Bastion, Depends(get_bastion)],
+    page: Annotated[int, Query(ge=1)] = 1,
+    since: Text = None,
+    until: Text = None,
+    actor: Text = None,
+    dataset: Text = None,
+    event: Text = None,
     decision: Text = None,
 ) -> HTMLResponse:
     """Verification status, privacy-spend chart and the event list (newest first) with a filter form."""
@@ -361,7 +389,7 @@ def dashboard(
         matches = report.query_events(directory, **filters.as_dict())
         total = len(matches)
         end = max(total - (page - 1) * PAGE_SIZE, 0)
-        events = matches[max(end - PAGE_SIZE, 0):end][::-1]
+        events = matches[max(end - PAGE_SIZE, 0) : end][::-1]
     except ValueError as exc:
         errors.append(f"The event list cannot be read: {exc}")
     charts: list[dict[str, Any]] = []
@@ -383,9 +411,21 @@ def dashboard(
     query = filters.as_dict()
     pages = max(math.ceil(total / PAGE_SIZE), 1)
     return _page(
-        request, "dashboard.html", principal=ctx.principal.name, report=result, verdict=verdict(result),
-        filters=query, decisions=["allowed", "denied", "error"], choices=choices, events=events, total=total,
-        page=page, pages=pages, errors=errors, charts=charts, totals=totals,
+        request,
+        "dashboard.html",
+        principal=ctx.principal.name,
+        report=result,
+        verdict=verdict(result),
+        filters=query,
+        decisions=["allowed", "denied", "error"],
+        choices=choices,
+        events=events,
+        total=total,
+        page=page,
+        pages=pages,
+        errors=errors,
+        charts=charts,
+        totals=totals,
         link=lambda **extra: "?" + urlencode({**query, **{k: v for k, v in extra.items() if v is not None}}),
         export=lambda fmt: "/audit/export?" + urlencode({**query, "format": fmt}),
     )
@@ -393,8 +433,14 @@ def dashboard(
 
 @web.get("/audit/export")
 def web_export(
-    request: Request, bastion: Annotated[Bastion, Depends(get_bastion)], format: Literal["jsonl", "csv"] = "csv",
-    since: Text = None, until: Text = None, actor: Text = None, dataset: Text = None, event: Text = None,
+    request: Request,
+    bastion: Annotated[Bastion, Depends(get_bastion)],
+    format: Literal["jsonl", "csv"] = "csv",
+    since: Text = None,
+    until: Text = None,
+    actor: Text = None,
+    dataset: Text = None,
+    event: Text = None,
     decision: Text = None,
 ) -> Response:
     try:
@@ -421,8 +467,9 @@ def web_event(seq: int, request: Request, bastion: Annotated[Bastion, Depends(ge
             raise AuditLogUnreadable(str(exc)) from None
     except GatewayError as exc:
         return _error_page(request, exc)
-    return _page(request, "event.html", principal=ctx.principal.name, proof=proof,
-                 record=report.to_jsonl([proof.record]).strip())
+    return _page(
+        request, "event.html", principal=ctx.principal.name, proof=proof, record=report.to_jsonl([proof.record]).strip()
+    )
 
 
 # --- the privacy-spend chart ------------------------------------------------------------------------------------
@@ -478,23 +525,36 @@ def spend_charts(spent: report.SpendReport, caps: dict[str, dict[str, Any]]) -> 
                 coords += [(px, y(level)), (px, y(p.cumulative_epsilon))]
                 level = p.cumulative_epsilon
             coords.append((x(t1), y(level)))
-            lines.append({
-                "principal": principal,
-                "color": PALETTE[i % len(PALETTE)],
-                "points": " ".join(f"{a},{b}" for a, b in coords),
-                "epsilon": level,
-                "delta": pts[-1].cumulative_delta,
-                "charges": len(pts),
-                "label_y": TOP + 14 + 18 * i,
-            })
+            lines.append(
+                {
+                    "principal": principal,
+                    "color": PALETTE[i % len(PALETTE)],
+                    "points": " ".join(f"{a},{b}" for a, b in coords),
+                    "epsilon": level,
+                    "delta": pts[-1].cumulative_delta,
+                    "charges": len(pts),
+                    "label_y": TOP + 14 + 18 * i,
+                }
+            )
         yticks = [{"y": y(v), "label": f"{v:g}"} for v in _frange(0.0, ymax, step)]
         xticks = [{"x": x(t), "label": _time_label(t, t1 - t0)} for t in (t0 + (t1 - t0) * k / 3 for k in range(4))]
-        charts.append({
-            "dataset": dataset, "width": WIDTH, "height": HEIGHT, "left": LEFT, "right": WIDTH - RIGHT,
-            "top": TOP, "bottom": HEIGHT - BOTTOM, "series": lines, "yticks": yticks, "xticks": xticks,
-            "cap": cap, "cap_y": y(cap) if show_cap and cap is not None else None,
-            "legend_x": WIDTH - RIGHT + 12,
-        })
+        charts.append(
+            {
+                "dataset": dataset,
+                "width": WIDTH,
+                "height": HEIGHT,
+                "left": LEFT,
+                "right": WIDTH - RIGHT,
+                "top": TOP,
+                "bottom": HEIGHT - BOTTOM,
+                "series": lines,
+                "yticks": yticks,
+                "xticks": xticks,
+                "cap": cap,
+                "cap_y": y(cap) if show_cap and cap is not None else None,
+                "legend_x": WIDTH - RIGHT + 12,
+            }
+        )
     return charts
 
 

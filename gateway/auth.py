@@ -90,5 +90,7 @@ class TokenStore:
         return Principal(entry["name"], entry["role"], token_id)
 
     def list(self) -> list[dict[str, str]]:
-        return [{"token_id": k, "name": v["name"], "role": v["role"], "created": v["created"]}
-                for k, v in self._read().items()]
+        return [
+            {"token_id": k, "name": v["name"], "role": v["role"], "created": v["created"]}
+            for k, v in self._read().items()
+        ]

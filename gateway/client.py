@@ -122,8 +122,14 @@ class Client:
         delta: float | None = None,
         dry_run: bool = False,
     ) -> QueryResult:
-        body = {"sql": sql, "epsilon": epsilon, "accuracy": accuracy, "alpha": alpha, "delta": delta,
-                "dry_run": dry_run}
+        body = {
+            "sql": sql,
+            "epsilon": epsilon,
+            "accuracy": accuracy,
+            "alpha": alpha,
+            "delta": delta,
+            "dry_run": dry_run,
+        }
         return QueryResult(self._json("POST", "/v1/query", json={k: v for k, v in body.items() if v is not None}))
 
     def query(self, sql: str, **kwargs: Any) -> pd.DataFrame:
@@ -135,12 +141,18 @@ class Client:
 
     # --- synthetic proxies --------------------------------------------------------------------------------
 
-    def synth_submit(self, dataset: str, *, epsilon: float | None = None, rows: int = 10_000,
-                     seed: int | None = None, method: str | None = None,
-                     delta: float | None = None) -> dict[str, Any]:
+    def synth_submit(
+        self,
+        dataset: str,
+        *,
+        epsilon: float | None = None,
+        rows: int = 10_000,
+        seed: int | None = None,
+        method: str | None = None,
+        delta: float | None = None,
+    ) -> dict[str, Any]:
         """Start a proxy job (the ε is charged now; an identical earlier request is returned at no cost)."""
-        body = {"dataset": dataset, "epsilon": epsilon, "rows": rows, "seed": seed, "method": method,
-                "delta": delta}
+        body = {"dataset": dataset, "epsilon": epsilon, "rows": rows, "seed": seed, "method": method, "delta": delta}
         return self._json("POST", "/v1/synth", json={k: v for k, v in body.items() if v is not None})
 
     def synth_status(self, job_id: str) -> dict[str, Any]:
@@ -152,9 +164,18 @@ class Client:
     def synth_report(self, job_id: str) -> dict[str, Any]:
         return self._json("GET", f"/v1/synth/{job_id}/report")
 
-    def synth(self, dataset: str, *, epsilon: float | None = None, rows: int = 10_000, seed: int | None = None,
-              method: str | None = None, delta: float | None = None, poll: float = 0.5,
-              timeout: float = 3600.0) -> pd.DataFrame:
+    def synth(
+        self,
+        dataset: str,
+        *,
+        epsilon: float | None = None,
+        rows: int = 10_000,
+        seed: int | None = None,
+        method: str | None = None,
+        delta: float | None = None,
+        poll: float = 0.5,
+        timeout: float = 3600.0,
+    ) -> pd.DataFrame:
         """A synthetic proxy of `dataset` as a DataFrame (waits for the job); job metadata in `.attrs`."""
         import io
         import time
@@ -176,12 +197,27 @@ class Client:
         """Registered (reviewed) Python labeling functions you may name in `python_lfs`."""
         return self._json("GET", "/v1/lf/registry")
 
-    def lf_stats_raw(self, dataset: str, lfs: list[dict[str, Any]] | None = None, *,
-                     python_lfs: list[str] | None = None, epsilon: float = 1.0, alpha: float | None = None,
-                     label_model: bool = False, dry_run: bool = False) -> dict[str, Any]:
+    def lf_stats_raw(
+        self,
+        dataset: str,
+        lfs: list[dict[str, Any]] | None = None,
+        *,
+        python_lfs: list[str] | None = None,
+        epsilon: float = 1.0,
+        alpha: float | None = None,
+        label_model: bool = False,
+        dry_run: bool = False,
+    ) -> dict[str, Any]:
         """The JSON answer of POST /v1/lf/stats."""
-        body = {"dataset": dataset, "lfs": lfs or [], "python_lfs": python_lfs or [], "epsilon": epsilon,
-                "alpha": alpha, "label_model": label_model, "dry_run": dry_run}
+        body = {
+            "dataset": dataset,
+            "lfs": lfs or [],
+            "python_lfs": python_lfs or [],
+            "epsilon": epsilon,
+            "alpha": alpha,
+            "label_model": label_model,
+            "dry_run": dry_run,
+        }
         return self._json("POST", "/v1/lf/stats", json={k: v for k, v in body.items() if v is not None})
 
     def lf_stats(self, dataset: str, lfs: list[dict[str, Any]] | None = None, **kwargs: Any) -> pd.DataFrame:

@@ -19,8 +19,26 @@ REGIONS = ["north", "south", "east", "west", "central"]
 SEXES = ["F", "M", "X"]
 URGENT_DX = ["I21", "I63", "J96", "R07", "S72", "A41", "K35", "N17"]
 ROUTINE_DX = [
-    "Z00", "Z01", "Z09", "J06", "M54", "E11", "I10", "K21", "L20", "H10", "R51", "J45", "F41", "N39", "M25",
-    "B34", "R10", "E78", "K59", "T14",
+    "Z00",
+    "Z01",
+    "Z09",
+    "J06",
+    "M54",
+    "E11",
+    "I10",
+    "K21",
+    "L20",
+    "H10",
+    "R51",
+    "J45",
+    "F41",
+    "N39",
+    "M25",
+    "B34",
+    "R10",
+    "E78",
+    "K59",
+    "T14",
 ]
 URGENT_NOTES = [
     "chest pain radiating to left arm",

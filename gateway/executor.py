@@ -128,7 +128,8 @@ def price(
         if not (math.isfinite(epsilon) and MIN_EPSILON <= epsilon <= MAX_EPSILON):
             raise InvalidRequest(
                 f"an accuracy of ±{target:g} for {name!r} would need ε = {epsilon:.3g}, outside the allowed "
-                f"[{MIN_EPSILON:g}, {MAX_EPSILON:g}]; ask for a looser or tighter target")
+                f"[{MIN_EPSILON:g}, {MAX_EPSILON:g}]; ask for a looser or tighter target"
+            )
     return Pricing(
         cost=PrivacyLoss(epsilon, sel_delta),
         epsilon_per_measurement=per,
@@ -142,7 +143,7 @@ def price(
 def _accuracy_target(plan: Plan, accuracy: float | dict[str, float]) -> tuple[str, float]:
     if isinstance(accuracy, dict):
         if len(accuracy) != 1:
-            raise InvalidRequest("accuracy as an object names exactly one output column, e.g. {\"visits\": 50}")
+            raise InvalidRequest('accuracy as an object names exactly one output column, e.g. {"visits": 50}')
         ((name, target),) = accuracy.items()
     else:
         name = next((n for n, e in zip(plan.output_names, plan.output_exprs, strict=True) if _agg_of(plan, e)), "")
@@ -192,14 +193,20 @@ def _measure_sql(plan: Plan, m: Measurement) -> str:
     raise AssertionError(m.kind)
 
 
-def _group_sql(plan: Plan, select: list[str], extra_where: str | None = None, *, extra_group: str | None = None,
-               empty: bool = False) -> str:
+def _group_sql(
+    plan: Plan,
+    select: list[str],
+    extra_where: str | None = None,
+    *,
+    extra_group: str | None = None,
+    empty: bool = False,
+) -> str:
     """The grouped measurement query. `empty` reads no row at all: the default input of the fallback release."""
     keys = [f'{k.sql} AS "{k.alias}"' for k in plan.keys]
     where = [w for w in (plan.where_sql and f"({plan.where_sql})", extra_where) if w]
     if empty:
         where = ["FALSE"]
-    sql = f"SELECT {', '.join(keys + select)} FROM \"{bounded_table(plan.dataset)}\""
+    sql = f'SELECT {", ".join(keys + select)} FROM "{bounded_table(plan.dataset)}"'
     if where:
         sql += " WHERE " + " AND ".join(where)
     group = [str(i + 1) for i in range(len(plan.keys))] + ([extra_group] if extra_group else [])
@@ -208,8 +215,9 @@ def _group_sql(plan: Plan, select: list[str], extra_where: str | None = None, *,
     return sql
 
 
-def _quantile_codes(plan: Plan, m: Measurement, con: duckdb.DuckDBPyConnection, groups: list[tuple[Any, ...]],
-                    empty: bool = False) -> tuple[list[float], dict[tuple[Any, ...], np.ndarray]]:
+def _quantile_codes(
+    plan: Plan, m: Measurement, con: duckdb.DuckDBPyConnection, groups: list[tuple[Any, ...]], empty: bool = False
+) -> tuple[list[float], dict[tuple[Any, ...], np.ndarray]]:
     """Per group, row counts at each of the 2·|C|+1 positions relative to the candidate grid."""
     col = plan.policy.columns[m.column]
     lo, hi = (float(b) for b in col.bounds)  # type: ignore[union-attr]
@@ -218,8 +226,9 @@ def _quantile_codes(plan: Plan, m: Measurement, con: duckdb.DuckDBPyConnection, 
     t = f'(("{m.column}" - {lo!r}) / {step!r})'
     # code 2j+1: exactly on candidate j; code 2j+2: strictly between candidates j and j+1.
     code = f"CAST(2 * FLOOR({t}) + CASE WHEN {t} = FLOOR({t}) THEN 1 ELSE 2 END AS BIGINT)"
-    sql = _group_sql(plan, [f"{code} AS __code", "COUNT(*) AS __n"], f'"{m.column}" IS NOT NULL',
-                     extra_group="__code", empty=empty)
+    sql = _group_sql(
+        plan, [f"{code} AS __code", "COUNT(*) AS __n"], f'"{m.column}" IS NOT NULL', extra_group="__code", empty=empty
+    )
     n_codes = 2 * len(candidates) + 1
     hist = {g: np.zeros(n_codes, dtype=np.int64) for g in groups}
     nk = len(plan.keys)
@@ -231,17 +240,31 @@ def _quantile_codes(plan: Plan, m: Measurement, con: duckdb.DuckDBPyConnection, 
     return candidates, hist
 
 
-_ARROW_TYPES = {SqlType.INT: pa.int64(), SqlType.FLOAT: pa.float64(), SqlType.TEXT: pa.string(),
-                SqlType.DATE: pa.date32(), SqlType.BOOL: pa.bool_(), SqlType.NULL: pa.float64()}
+_ARROW_TYPES = {
+    SqlType.INT: pa.int64(),
+    SqlType.FLOAT: pa.float64(),
+    SqlType.TEXT: pa.string(),
+    SqlType.DATE: pa.date32(),
+    SqlType.BOOL: pa.bool_(),
+    SqlType.NULL: pa.float64(),
+}
 
 
 def bind_check(plan: Plan, con: duckdb.DuckDBPyConnection) -> None:
     """Bind every statement the plan will run without reading a row (an always-false filter, an empty released
     table), so that an error the engine's binder finds — which depends on the schema and the query only — is a
     400 before the charge instead of a failure after it."""
-    statements = [_group_sql(plan, ["COUNT(*) AS __n"] + [f'{_measure_sql(plan, m)} AS "m{i}"' for i, m in
-                                                           enumerate(x for x in plan.measurements
-                                                                     if x.kind != "quantile")], empty=True)]
+    statements = [
+        _group_sql(
+            plan,
+            ["COUNT(*) AS __n"]
+            + [
+                f'{_measure_sql(plan, m)} AS "m{i}"'
+                for i, m in enumerate(x for x in plan.measurements if x.kind != "quantile")
+            ],
+            empty=True,
+        )
+    ]
     try:
         for sql in statements:
             con.execute(sql).fetchall()
@@ -249,18 +272,28 @@ def bind_check(plan: Plan, con: duckdb.DuckDBPyConnection) -> None:
             if m.kind == "quantile":
                 _quantile_codes(plan, m, con, [], empty=True)
     except duckdb.Error as exc:
-        raise QueryRejected(f"the engine cannot compile this query: {str(exc).splitlines()[0]}",
-                            reason="engine_rejected", hint="simplify the expression or cast its arguments") from None
-    empty = pa.table({**{k.alias: pa.array([], _ARROW_TYPES.get(k.typed.type, pa.float64())) for k in plan.keys},
-                      **{a.alias: pa.array([], pa.float64()) for a in plan.aggregates},
-                      "__row": pa.array([], pa.int64())})
+        raise QueryRejected(
+            f"the engine cannot compile this query: {str(exc).splitlines()[0]}",
+            reason="engine_rejected",
+            hint="simplify the expression or cast its arguments",
+        ) from None
+    empty = pa.table(
+        {
+            **{k.alias: pa.array([], _ARROW_TYPES.get(k.typed.type, pa.float64())) for k in plan.keys},
+            **{a.alias: pa.array([], pa.float64()) for a in plan.aggregates},
+            "__row": pa.array([], pa.int64()),
+        }
+    )
     local = scratch()
     try:
         local.register("released", empty)
         local.execute(plan.post_sql).fetchall()
     except duckdb.Error as exc:
-        raise QueryRejected(f"the output expressions cannot be computed: {str(exc).splitlines()[0]}",
-                            reason="engine_rejected", hint="simplify the output expressions") from None
+        raise QueryRejected(
+            f"the output expressions cannot be computed: {str(exc).splitlines()[0]}",
+            reason="engine_rejected",
+            hint="simplify the output expressions",
+        ) from None
     finally:
         local.close()
 
@@ -281,8 +314,10 @@ def execute(plan: Plan, pricing: Pricing, con: duckdb.DuckDBPyConnection, *, def
         # Pad the groups to the public candidate count inside the engine, so that fetching and preparing them
         # takes the same time whatever the number of distinct private keys (up to that count).
         pad_values = ", ".join(["NULL"] * nk + ["0"] * len(select))
-        sql = (f"WITH g AS ({sql}) SELECT *, FALSE AS __pad FROM g UNION ALL SELECT {pad_values}, TRUE FROM "
-               f"range(GREATEST(0, {int(plan.policy.key_candidates)} - (SELECT COUNT(*) FROM g)))")
+        sql = (
+            f"WITH g AS ({sql}) SELECT *, FALSE AS __pad FROM g UNION ALL SELECT {pad_values}, TRUE FROM "
+            f"range(GREATEST(0, {int(plan.policy.key_candidates)} - (SELECT COUNT(*) FROM g)))"
+        )
     padding: list[tuple[Any, ...]] = []
     for row in con.execute(sql).fetchall():
         if selecting and row[width]:
@@ -344,8 +379,9 @@ def execute(plan: Plan, pricing: Pricing, con: duckdb.DuckDBPyConnection, *, def
 # --- post-processing ------------------------------------------------------------------------------------
 
 
-def _interval(plan: Plan, pricing: Pricing, m: Measurement, value: np.ndarray, alpha: float
-              ) -> tuple[np.ndarray, np.ndarray]:
+def _interval(
+    plan: Plan, pricing: Pricing, m: Measurement, value: np.ndarray, alpha: float
+) -> tuple[np.ndarray, np.ndarray]:
     hw = pricing.half_width(m, alpha) * measurement_unit(plan, m)
     lo, hi = value - hw, value + hw
     if m.kind in _COUNT_KINDS or m.kind == "sumsq":
@@ -353,9 +389,14 @@ def _interval(plan: Plan, pricing: Pricing, m: Measurement, value: np.ndarray, a
     return lo, hi
 
 
-def _aggregate(plan: Plan, pricing: Pricing, a: Aggregate, noisy: dict[Measurement, np.ndarray],
-               quantiles: dict[Measurement, tuple[np.ndarray, float]], alpha_each: float
-               ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+def _aggregate(
+    plan: Plan,
+    pricing: Pricing,
+    a: Aggregate,
+    noisy: dict[Measurement, np.ndarray],
+    quantiles: dict[Measurement, tuple[np.ndarray, float]],
+    alpha_each: float,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Point value and interval of one aggregate per group, each measurement at level alpha_each."""
     ms = a.measurements
     if a.kind == "quantile":
@@ -396,8 +437,9 @@ def _aggregate(plan: Plan, pricing: Pricing, a: Aggregate, noisy: dict[Measureme
     return var_pop, v_lo, v_hi
 
 
-def _interval_eval(node: exp.Expression, env: dict[str, tuple[np.ndarray, np.ndarray]]
-                   ) -> tuple[np.ndarray, np.ndarray] | None:
+def _interval_eval(
+    node: exp.Expression, env: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray] | None:
     """Interval arithmetic over + - * / on aggregate intervals; None where it does not apply."""
     if isinstance(node, exp.Column):
         return env.get(node.name)
@@ -437,9 +479,15 @@ def _py(v: Any) -> Any:
     return v
 
 
-def _post_process(plan: Plan, pricing: Pricing, groups: list[tuple[Any, ...]], noisy: dict[Measurement, np.ndarray],
-                  quantiles: dict[Measurement, tuple[np.ndarray, float]], con: duckdb.DuckDBPyConnection,
-                  notes: list[str]) -> Release:
+def _post_process(
+    plan: Plan,
+    pricing: Pricing,
+    groups: list[tuple[Any, ...]],
+    noisy: dict[Measurement, np.ndarray],
+    quantiles: dict[Measurement, tuple[np.ndarray, float]],
+    con: duckdb.DuckDBPyConnection,
+    notes: list[str],
+) -> Release:
     alpha = pricing.alpha
     frame: dict[str, Any] = {}
     for j, key in enumerate(plan.keys):
@@ -485,26 +533,42 @@ def _post_process(plan: Plan, pricing: Pricing, groups: list[tuple[Any, ...]], n
     for r in out:
         idx = int(r[n_out])
         rows.append([_py(v) for v in r[:n_out]])
-        intervals.append([
-            [b[0][idx], b[1][idx]] if b is not None and math.isfinite(b[0][idx]) and math.isfinite(b[1][idx])
-            else None
-            for b in col_bounds
-        ])
+        intervals.append(
+            [
+                [b[0][idx], b[1][idx]]
+                if b is not None and math.isfinite(b[0][idx]) and math.isfinite(b[1][idx])
+                else None
+                for b in col_bounds
+            ]
+        )
 
     measurements = []
     for m in plan.measurements:
-        entry: dict[str, Any] = {"measurement": m.label, "epsilon": pricing.epsilon_per_measurement,
-                                 "sensitivity": pricing.d_in[m]}
+        entry: dict[str, Any] = {
+            "measurement": m.label,
+            "epsilon": pricing.epsilon_per_measurement,
+            "sensitivity": pricing.d_in[m],
+        }
         if m.kind == "quantile":
-            entry["rank_error"] = mech.quantile_rank_error(pricing.scale(m), len(
-                mech.quantile_candidates(*(float(b) for b in plan.policy.columns[m.column].bounds),  # type: ignore
-                                         integer=plan.policy.columns[m.column].type is ColumnType.INT)), m.q, alpha)
+            entry["rank_error"] = mech.quantile_rank_error(
+                pricing.scale(m),
+                len(
+                    mech.quantile_candidates(
+                        *(float(b) for b in plan.policy.columns[m.column].bounds),  # type: ignore
+                        integer=plan.policy.columns[m.column].type is ColumnType.INT,
+                    )
+                ),
+                m.q,
+                alpha,
+            )
         else:
             entry["half_width"] = pricing.half_width(m, alpha) * measurement_unit(plan, m)
         measurements.append(entry)
     if any(m.kind == "quantile" for m in plan.measurements):
-        notes.append("quantiles are chosen from a public grid by OpenDP's report-noisy-max; their accuracy is a "
-                     "rank error (rows) given under measurements, not a value interval")
+        notes.append(
+            "quantiles are chosen from a public grid by OpenDP's report-noisy-max; their accuracy is a "
+            "rank error (rows) given under measurements, not a value interval"
+        )
     return Release(
         columns=list(plan.output_names),
         rows=rows,

@@ -48,8 +48,14 @@ _STATEMENT_REASONS: list[tuple[tuple[str, ...], str, str]] = [
 ]
 
 _QUANTILE_FUNCS = ("Quantile", "PercentileCont", "PercentileDisc", "ApproxQuantile")
-_VARIANCE_FUNCS = {"Variance": "var", "VarianceSamp": "var", "VariancePop": "var_pop",
-                   "Stddev": "std", "StddevSamp": "std", "StddevPop": "std_pop"}
+_VARIANCE_FUNCS = {
+    "Variance": "var",
+    "VarianceSamp": "var",
+    "VariancePop": "var_pop",
+    "Stddev": "std",
+    "StddevSamp": "std",
+    "StddevPop": "std_pop",
+}
 
 
 @dataclass(frozen=True, order=True)
@@ -106,14 +112,60 @@ class GroupKey:
 # What output expressions (the SELECT list, HAVING, ORDER BY over released cells) may contain: arithmetic,
 # rounding, comparison and CASE on released cells and keys. They run after the release, over DP outputs only.
 _OUTPUT_NODES = (
-    exp.Column, exp.Identifier, exp.Literal, exp.Boolean, exp.Null, exp.Paren, exp.Neg, exp.Add, exp.Sub, exp.Mul,
-    exp.Div, exp.IntDiv, exp.Mod, exp.Pow, exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE, exp.NullSafeEQ,
-    exp.NullSafeNEQ, exp.And, exp.Or, exp.Not, exp.Is, exp.In, exp.Between, exp.Case, exp.If, exp.Coalesce,
-    exp.Nullif, exp.Greatest, exp.Least, exp.Abs, exp.Sign, exp.Floor, exp.Ceil, exp.Round, exp.Trunc, exp.Sqrt,
-    exp.Ln, exp.Log, exp.Exp, exp.Cast, exp.TryCast, exp.DataType, exp.DataTypeParam, exp.Ordered,
+    exp.Column,
+    exp.Identifier,
+    exp.Literal,
+    exp.Boolean,
+    exp.Null,
+    exp.Paren,
+    exp.Neg,
+    exp.Add,
+    exp.Sub,
+    exp.Mul,
+    exp.Div,
+    exp.IntDiv,
+    exp.Mod,
+    exp.Pow,
+    exp.EQ,
+    exp.NEQ,
+    exp.GT,
+    exp.GTE,
+    exp.LT,
+    exp.LTE,
+    exp.NullSafeEQ,
+    exp.NullSafeNEQ,
+    exp.And,
+    exp.Or,
+    exp.Not,
+    exp.Is,
+    exp.In,
+    exp.Between,
+    exp.Case,
+    exp.If,
+    exp.Coalesce,
+    exp.Nullif,
+    exp.Greatest,
+    exp.Least,
+    exp.Abs,
+    exp.Sign,
+    exp.Floor,
+    exp.Ceil,
+    exp.Round,
+    exp.Trunc,
+    exp.Sqrt,
+    exp.Ln,
+    exp.Log,
+    exp.Exp,
+    exp.Cast,
+    exp.TryCast,
+    exp.DataType,
+    exp.DataTypeParam,
+    exp.Ordered,
 )
-OUTPUT_FUNCTIONS = "abs, sign, floor, ceil, round, trunc, sqrt, ln, log, exp, power, greatest, least, CASE, IF, " \
+OUTPUT_FUNCTIONS = (
+    "abs, sign, floor, ceil, round, trunc, sqrt, ln, log, exp, power, greatest, least, CASE, IF, "
     "COALESCE, NULLIF, CAST, arithmetic and comparisons"
+)
 
 
 @dataclass
@@ -177,8 +229,13 @@ def parse_select(sql: str) -> exp.Select:
 def dataset_name(select: exp.Select, sql: str) -> str:
     """The one table the SELECT reads, after rejecting joins, subqueries, table functions and catalogs."""
     if select.args.get("with_") or select.args.get("with"):
-        raise reject("CTEs (WITH) are not allowed", "cte", select.args.get("with_") or select.args.get("with"), sql,
-                     hint="write one SELECT over one dataset")
+        raise reject(
+            "CTEs (WITH) are not allowed",
+            "cte",
+            select.args.get("with_") or select.args.get("with"),
+            sql,
+            hint="write one SELECT over one dataset",
+        )
     if select.args.get("joins") or select.args.get("laterals"):
         node = (select.args.get("joins") or select.args.get("laterals"))[0]
         raise reject("joins are not allowed", "join", node, sql, hint="query one dataset at a time")
@@ -189,15 +246,25 @@ def dataset_name(select: exp.Select, sql: str) -> str:
     if isinstance(source, exp.Subquery | exp.Select):
         raise reject("subqueries are not allowed", "subquery", source, sql, hint="write one SELECT over one dataset")
     if not isinstance(source, exp.Table) or not isinstance(source.this, exp.Identifier):
-        raise reject("table functions are not allowed", "table_function", source, sql,
-                     hint="query a registered dataset by name (GET /v1/datasets lists them)")
+        raise reject(
+            "table functions are not allowed",
+            "table_function",
+            source,
+            sql,
+            hint="query a registered dataset by name (GET /v1/datasets lists them)",
+        )
     if source.args.get("sample"):
         raise reject("TABLESAMPLE is not allowed", "sampling", source, sql)
     name = source.name.lower()
     db = (source.db or "").lower()
     if db in _SYSTEM_SCHEMAS or db or source.catalog or name.startswith(_SYSTEM_PREFIXES) or name in _SYSTEM_SCHEMAS:
-        raise reject("system catalogs are not allowed", "system_catalog", source, sql,
-                     hint="GET /v1/datasets shows the public schema")
+        raise reject(
+            "system catalogs are not allowed",
+            "system_catalog",
+            source,
+            sql,
+            hint="GET /v1/datasets shows the public schema",
+        )
     return name
 
 
@@ -223,11 +290,17 @@ class _Planner:
         name = check_column(node, self.policy, self.sql, labeling=False)
         spec = self.policy.columns[name]
         if spec.type not in NUMERIC_TYPES:
-            raise reject(f"{what} needs a numeric column; {name!r} is {spec.type.value}", "aggregate_argument",
-                         agg, self.sql)
+            raise reject(
+                f"{what} needs a numeric column; {name!r} is {spec.type.value}", "aggregate_argument", agg, self.sql
+            )
         if spec.bounds is None:
-            raise reject(f"{what} needs bounds for {name!r}, and the policy declares none", "unbounded_column",
-                         agg, self.sql, hint="ask the dataset's admin to declare bounds: [low, high]")
+            raise reject(
+                f"{what} needs bounds for {name!r}, and the policy declares none",
+                "unbounded_column",
+                agg,
+                self.sql,
+                hint="ask the dataset's admin to declare bounds: [low, high]",
+            )
         return name
 
     def _quantile_q(self, node: exp.Expression | None, agg: exp.Expression) -> float:
@@ -235,8 +308,13 @@ class _Planner:
             raise reject("the quantile must be a number literal between 0 and 1", "aggregate_argument", agg, self.sql)
         q = float(node.this)
         if not 0.001 <= q <= 0.999:
-            raise reject("the quantile must be between 0.001 and 0.999", "aggregate_argument", agg, self.sql,
-                         hint="use e.g. QUANTILE_CONT(col, 0.99) instead of MAX")
+            raise reject(
+                "the quantile must be between 0.001 and 0.999",
+                "aggregate_argument",
+                agg,
+                self.sql,
+                hint="use e.g. QUANTILE_CONT(col, 0.99) instead of MAX",
+            )
         return round(q, 3)
 
     def aggregate(self, node: exp.AggFunc) -> Aggregate:
@@ -261,13 +339,23 @@ class _Planner:
                 if len(cols) == 1 and isinstance(cols[0], exp.Column) and unit and cols[0].name.lower() == unit:
                     kind, col = "count_distinct_unit", ""
                 else:
-                    raise reject("COUNT(DISTINCT ...) is allowed on the privacy-unit column only", "count_distinct",
-                                 node, self.sql, hint=f"use COUNT(DISTINCT {unit})" if unit else None)
+                    raise reject(
+                        "COUNT(DISTINCT ...) is allowed on the privacy-unit column only",
+                        "count_distinct",
+                        node,
+                        self.sql,
+                        hint=f"use COUNT(DISTINCT {unit})" if unit else None,
+                    )
             elif isinstance(arg, exp.Column):
                 kind, col = "count", check_column(arg, self.policy, self.sql, labeling=False)
             else:
-                raise reject("COUNT takes *, a column or DISTINCT of the privacy unit", "aggregate_argument", node,
-                             self.sql, hint="filter rows with WHERE instead")
+                raise reject(
+                    "COUNT takes *, a column or DISTINCT of the privacy unit",
+                    "aggregate_argument",
+                    node,
+                    self.sql,
+                    hint="filter rows with WHERE instead",
+                )
             return self._register(kind, col)
         if name in {"Sum", "Avg"}:
             if isinstance(arg, exp.Distinct):
@@ -279,8 +367,9 @@ class _Planner:
             return self._register("quantile", self._numeric_column(arg, node, "MEDIAN"), 0.5)
         if name in _QUANTILE_FUNCS:
             q_node = node.args.get("quantile") or node.args.get("expression")
-            return self._register("quantile", self._numeric_column(arg, node, "a quantile"),
-                                  self._quantile_q(q_node, node))
+            return self._register(
+                "quantile", self._numeric_column(arg, node, "a quantile"), self._quantile_q(q_node, node)
+            )
         raise reject(
             f"aggregate {func_name(node).upper()}() is not supported",
             "unsupported_aggregate",
@@ -310,8 +399,13 @@ class _Planner:
         if not group:
             return
         if group.args.get("rollup") or group.args.get("cube") or group.args.get("grouping_sets"):
-            raise reject("ROLLUP, CUBE and GROUPING SETS are not supported", "unsupported_grouping", group, self.sql,
-                         hint="run one GROUP BY per grouping")
+            raise reject(
+                "ROLLUP, CUBE and GROUPING SETS are not supported",
+                "unsupported_grouping",
+                group,
+                self.sql,
+                hint="run one GROUP BY per grouping",
+            )
         items = {}
         for i, item in enumerate(self.select.expressions):
             if isinstance(item, exp.Alias):
@@ -326,13 +420,16 @@ class _Planner:
             ]
         for node in nodes:
             if isinstance(node, exp.Rollup | exp.Cube | exp.GroupingSets):
-                raise reject("ROLLUP, CUBE and GROUPING SETS are not supported", "unsupported_grouping", node,
-                             self.sql)
+                raise reject("ROLLUP, CUBE and GROUPING SETS are not supported", "unsupported_grouping", node, self.sql)
             target = node
             if isinstance(node, exp.Literal) and not node.is_string and str(node.this) in items:
                 target = items[str(node.this)]
-            elif (isinstance(node, exp.Column) and not node.table and node.name.lower() in items
-                  and node.name.lower() not in self.policy.columns):
+            elif (
+                isinstance(node, exp.Column)
+                and not node.table
+                and node.name.lower() in items
+                and node.name.lower() not in self.policy.columns
+            ):
                 target = items[node.name.lower()]
             if any(isinstance(n, exp.AggFunc) for n in target.walk()):
                 raise reject("GROUP BY cannot use an aggregate", "aggregate_in_group_by", node, self.sql)
@@ -374,8 +471,13 @@ class _Planner:
         aliases = aliases or {}
 
         def transform(n: exp.Expression) -> exp.Expression:
-            if (isinstance(n, exp.Column) and not n.table and n.name.lower() in aliases
-                    and self.match_key(n) is None and n.name.lower() not in self.policy.columns):
+            if (
+                isinstance(n, exp.Column)
+                and not n.table
+                and n.name.lower() in aliases
+                and self.match_key(n) is None
+                and n.name.lower() not in self.policy.columns
+            ):
                 return aliases[n.name.lower()].copy()
             key = self.match_key(n) if not isinstance(n, exp.AggFunc) else None
             if key is not None:
@@ -385,8 +487,9 @@ class _Planner:
             if isinstance(n, exp.AggFunc):
                 return exp.column(self.aggregate(n).alias, quoted=True)
             if isinstance(n, exp.Filter):
-                raise reject("aggregate FILTER clauses are not allowed", "aggregate_filter", n, self.sql,
-                             hint="use WHERE")
+                raise reject(
+                    "aggregate FILTER clauses are not allowed", "aggregate_filter", n, self.sql, hint="use WHERE"
+                )
             if isinstance(n, exp.Window):
                 raise reject("window functions are not allowed", "window_function", n, self.sql)
             if isinstance(n, exp.Subquery | exp.Select | exp.Exists):
@@ -406,17 +509,28 @@ class _Planner:
         check_no_volatile(node, self.sql)
         for n in node.walk():
             if isinstance(n, exp.Star) and not isinstance(n.parent, exp.Count):
-                raise reject("SELECT * would return raw rows", "raw_rows", n, self.sql,
-                             hint="select aggregates such as COUNT(*) or AVG(col), grouped by public keys")
+                raise reject(
+                    "SELECT * would return raw rows",
+                    "raw_rows",
+                    n,
+                    self.sql,
+                    hint="select aggregates such as COUNT(*) or AVG(col), grouped by public keys",
+                )
         return _transform_top_down(node.copy(), transform)
 
-    def output(self, node: exp.Expression, *, condition: bool = False, extra: dict[str, Typed] | None = None
-               ) -> Checked:
+    def output(
+        self, node: exp.Expression, *, condition: bool = False, extra: dict[str, Typed] | None = None
+    ) -> Checked:
         """Type-check an output expression over released cells (k*, a*, o*) and compile its total form."""
         for n in node.walk():
             if not isinstance(n, _OUTPUT_NODES):
-                raise reject(f"{func_name(n).upper()} is not allowed in an output expression", "unsupported_function",
-                             n, self.sql, hint=f"on released cells Bastion computes {OUTPUT_FUNCTIONS}")
+                raise reject(
+                    f"{func_name(n).upper()} is not allowed in an output expression",
+                    "unsupported_function",
+                    n,
+                    self.sql,
+                    hint=f"on released cells Bastion computes {OUTPUT_FUNCTIONS}",
+                )
         keys = {k.alias: k.typed for _, k in self.keys}
         known = {**keys, **(extra or {})}
 
@@ -434,11 +548,20 @@ class _Planner:
     def plan(self) -> Plan:
         select = self.select
         if select.args.get("distinct"):
-            raise reject("SELECT DISTINCT would return raw values", "distinct_select", select.args["distinct"],
-                         self.sql, hint="use GROUP BY with an aggregate such as COUNT(*)")
+            raise reject(
+                "SELECT DISTINCT would return raw values",
+                "distinct_select",
+                select.args["distinct"],
+                self.sql,
+                hint="use GROUP BY with an aggregate such as COUNT(*)",
+            )
         if select.args.get("qualify") or select.args.get("windows"):
-            raise reject("window functions are not allowed", "window_function",
-                         select.args.get("qualify") or select.args.get("windows")[0], self.sql)
+            raise reject(
+                "window functions are not allowed",
+                "window_function",
+                select.args.get("qualify") or select.args.get("windows")[0],
+                self.sql,
+            )
         for forbidden in ("into", "locks", "connect", "prewhere", "match", "pivots"):
             if select.args.get(forbidden):
                 raise reject(f"{forbidden.upper()} is not allowed", "unsupported_clause", select, self.sql)
@@ -462,8 +585,12 @@ class _Planner:
             by_alias = {n.lower(): i for i, n in enumerate(names)}
             for o in order.expressions:
                 target = o.this
-                if isinstance(target, exp.Column) and not target.table and target.name.lower() in by_alias \
-                        and self.match_key(target) is None:
+                if (
+                    isinstance(target, exp.Column)
+                    and not target.table
+                    and target.name.lower() in by_alias
+                    and self.match_key(target) is None
+                ):
                     new = exp.column(f"o{by_alias[target.name.lower()]}", quoted=True)
                 elif isinstance(target, exp.Literal) and not target.is_string:
                     new = exp.column(f"o{int(target.this) - 1}", quoted=True)
@@ -473,30 +600,42 @@ class _Planner:
                     exp.Ordered(this=new, desc=o.args.get("desc"), nulls_first=o.args.get("nulls_first"))
                 )
         if not self.aggregates:
-            raise reject("the query has no aggregate", "raw_rows", select.expressions[0], self.sql,
-                         hint="select aggregates such as COUNT(*) or AVG(col)")
+            raise reject(
+                "the query has no aggregate",
+                "raw_rows",
+                select.expressions[0],
+                self.sql,
+                hint="select aggregates such as COUNT(*) or AVG(col)",
+            )
         limit_sql = ""
         for clause in ("limit", "offset"):
             node = select.args.get(clause)
             if node is not None:
                 value = node.expression if isinstance(node, exp.Limit | exp.Offset) else node
                 if not (isinstance(value, exp.Literal) and not value.is_string and str(value.this).isdigit()):
-                    raise reject(f"{clause.upper()} must be a non-negative integer literal", "bad_limit", node,
-                                 self.sql)
+                    raise reject(
+                        f"{clause.upper()} must be a non-negative integer literal", "bad_limit", node, self.sql
+                    )
                 limit_sql += f" {clause.upper()} {int(value.this)}"
         self.key_domains()
         compiled = [self.output(o) for o in outputs]
-        post = "SELECT " + ", ".join(
-            [f'{c.tree.sql(dialect="duckdb")} AS "o{i}"' for i, c in enumerate(compiled)] + ['"__row"']
-        ) + " FROM released"
+        post = (
+            "SELECT "
+            + ", ".join([f'{c.tree.sql(dialect="duckdb")} AS "o{i}"' for i, c in enumerate(compiled)] + ['"__row"'])
+            + " FROM released"
+        )
         if having_expr is not None:
             post += f" WHERE {self.output(having_expr, condition=True).tree.sql(dialect='duckdb')}"
         if order_exprs:
             typed = {f"o{i}": c.typed for i, c in enumerate(compiled)}
             post += " ORDER BY " + ", ".join(
-                exp.Ordered(this=self.output(o.this, extra=typed).tree, desc=o.args.get("desc"),
-                            nulls_first=o.args.get("nulls_first")).sql(dialect="duckdb")
-                for o in order_exprs)
+                exp.Ordered(
+                    this=self.output(o.this, extra=typed).tree,
+                    desc=o.args.get("desc"),
+                    nulls_first=o.args.get("nulls_first"),
+                ).sql(dialect="duckdb")
+                for o in order_exprs
+            )
         post += limit_sql
         aggregates = list(self.aggregates.values())
         measurements = sorted({m for a in aggregates for m in a.measurements})
@@ -533,8 +672,13 @@ def _default_name(node: exp.Expression) -> str:
 
 
 _DUCK_TYPES = {
-    ColumnType.INT: "BIGINT", ColumnType.FLOAT: "DOUBLE", ColumnType.DECIMAL: "DOUBLE",
-    ColumnType.CATEGORY: "VARCHAR", ColumnType.DATE: "DATE", ColumnType.BOOL: "BOOLEAN", ColumnType.TEXT: "VARCHAR",
+    ColumnType.INT: "BIGINT",
+    ColumnType.FLOAT: "DOUBLE",
+    ColumnType.DECIMAL: "DOUBLE",
+    ColumnType.CATEGORY: "VARCHAR",
+    ColumnType.DATE: "DATE",
+    ColumnType.BOOL: "BOOLEAN",
+    ColumnType.TEXT: "VARCHAR",
 }
 
 
@@ -564,9 +708,7 @@ def public_key_domain(expr: exp.Expression, policy: Policy, key_sql: str) -> lis
             selects.append((f'(SELECT * FROM (VALUES {values}) AS v("{c}"))', d))
         from_sql = " CROSS JOIN ".join(s for s, _ in selects)
         params = [v if not isinstance(v, bool) else v for _, d in selects for v in d]
-        rows = con.execute(
-            f"SELECT DISTINCT {key_sql} AS k FROM {from_sql} ORDER BY k NULLS LAST", params
-        ).fetchall()
+        rows = con.execute(f"SELECT DISTINCT {key_sql} AS k FROM {from_sql} ORDER BY k NULLS LAST", params).fetchall()
     except duckdb.Error as exc:
         raise QueryRejected(f"cannot evaluate the GROUP BY expression: {exc}", reason="bad_group_key") from None
     finally:

@@ -37,8 +37,12 @@ def run(
     epsilon: Annotated[float | None, typer.Option(help="privacy loss to spend (DP methods)")] = None,
     rows: Annotated[int, typer.Option(help="rows of the proxy")] = 10_000,
     seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
-    method: Annotated[str | None, typer.Option(help="dpcopula (default), dpcopula_direct, sdv_gaussian_copula "
-                                                    "(not DP: policy opt-in and admin approval)")] = None,
+    method: Annotated[
+        str | None,
+        typer.Option(
+            help="dpcopula (default), dpcopula_direct, sdv_gaussian_copula (not DP: policy opt-in and admin approval)"
+        ),
+    ] = None,
     delta: Annotated[float | None, typer.Option(help="δ for key selection of columns without a domain")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="write the proxy here (.parquet or .csv)")] = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="follow the job until it ends")] = True,
@@ -102,8 +106,12 @@ def report(job_id: str, url: Url = "http://127.0.0.1:8000", token: Token = None)
     if r.get("pairs"):
         pairs = Table("pair", "DP ρ", "proxy ρ", "similarity")
         for p in r["pairs"]:
-            pairs.add_row(" × ".join(p["columns"]), f"{p['dp_rho']:.3f}", f"{p['proxy_rho']:.3f}",
-                          f"{p['correlation_similarity']:.3f}")
+            pairs.add_row(
+                " × ".join(p["columns"]),
+                f"{p['dp_rho']:.3f}",
+                f"{p['proxy_rho']:.3f}",
+                f"{p['correlation_similarity']:.3f}",
+            )
         console.print(pairs)
 
 
@@ -127,8 +135,9 @@ def pending(workspace: Workspace = None) -> None:
         table = Table("job", "dataset", "method", "requested by", "rows", "created")
         for j in jobs.all_jobs():
             if j["status"] == "awaiting_approval":
-                table.add_row(j["job_id"], j["dataset"], j["method"], j["principal"]["principal"], str(j["rows"]),
-                              j["created"])
+                table.add_row(
+                    j["job_id"], j["dataset"], j["method"], j["principal"]["principal"], str(j["rows"]), j["created"]
+                )
         console.print(table)
     finally:
         bastion.close()
@@ -146,5 +155,7 @@ def approve(job_id: str, workspace: Workspace = None) -> None:
         fail(f"{exc.code}: {exc.message}")
     finally:
         bastion.close()
-    console.print(f"approved job {job['job_id']} ({job['method']}, NOT differentially private) on "
-                  f"{job['dataset']}; the gateway runs it when the requester next checks its status")
+    console.print(
+        f"approved job {job['job_id']} ({job['method']}, NOT differentially private) on "
+        f"{job['dataset']}; the gateway runs it when the requester next checks its status"
+    )

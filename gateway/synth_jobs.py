@@ -81,9 +81,27 @@ def _file_digest(path: Path) -> str:
 
 
 PUBLIC_FIELDS = (
-    "job_id", "dataset", "method", "non_dp", "status", "progress", "stage", "epsilon", "delta", "rows", "seed",
-    "dataset_version", "policy_fingerprint", "created", "updated", "error", "columns", "proxy_digest",
-    "approved_at", "allocation", "notes",
+    "job_id",
+    "dataset",
+    "method",
+    "non_dp",
+    "status",
+    "progress",
+    "stage",
+    "epsilon",
+    "delta",
+    "rows",
+    "seed",
+    "dataset_version",
+    "policy_fingerprint",
+    "created",
+    "updated",
+    "error",
+    "columns",
+    "proxy_digest",
+    "approved_at",
+    "allocation",
+    "notes",
 )
 
 
@@ -118,8 +136,14 @@ class SynthJobs:
     def _owned(self, ctx: Context, job_id: str) -> dict[str, Any]:
         job = self.read(job_id)
         if job["principal"]["principal"] != ctx.principal.name:
-            self.bastion.audit(ctx, "synth_access", dataset=job["dataset"], request={"job_id": job_id},
-                               decision="denied", reason="not_owner")
+            self.bastion.audit(
+                ctx,
+                "synth_access",
+                dataset=job["dataset"],
+                request={"job_id": job_id},
+                decision="denied",
+                reason="not_owner",
+            )
             raise JobNotFound(f"no synthesis job {job_id!r}")  # other principals' jobs do not exist for you
         return job
 
@@ -150,8 +174,15 @@ class SynthJobs:
         from synth import DEFAULT_METHOD, METHODS, NON_DP_METHODS, allocate
 
         method = method or DEFAULT_METHOD
-        request = {"dataset": dataset, "epsilon": epsilon, "rows": rows, "seed": seed, "method": method,
-                   "delta": delta, "non_dp": method in NON_DP_METHODS}
+        request = {
+            "dataset": dataset,
+            "epsilon": epsilon,
+            "rows": rows,
+            "seed": seed,
+            "method": method,
+            "delta": delta,
+            "non_dp": method in NON_DP_METHODS,
+        }
         policy, version = self.bastion.authorize(ctx, dataset, Grant.SYNTH, request)
         non_dp = method in NON_DP_METHODS
         try:
@@ -165,7 +196,9 @@ class SynthJobs:
                 if policy.synthesis.mode != "non_dp_allowed":
                     raise NonDpNotAllowed(
                         f"the policy of {dataset!r} allows only differentially private proxies; use method "
-                        f"{DEFAULT_METHOD!r}", dataset=dataset)
+                        f"{DEFAULT_METHOD!r}",
+                        dataset=dataset,
+                    )
                 cost = PrivacyLoss(0.0)
                 allocation = None
             else:
@@ -179,37 +212,66 @@ class SynthJobs:
         except GatewayError as exc:
             self.bastion.audit(ctx, "synth", dataset=dataset, request=request, decision="denied", reason=exc.code)
             raise
-        key = cache_key("synth", ctx.principal.name, dataset, version, policy.fingerprint(), method, epsilon,
-                        delta, rows, seed)
+        key = cache_key(
+            "synth", ctx.principal.name, dataset, version, policy.fingerprint(), method, epsilon, delta, rows, seed
+        )
 
         def compute() -> dict[str, Any]:
             job_id = uuid.uuid4().hex
             job = {
-                "job_id": job_id, "dataset": dataset, "method": method, "non_dp": non_dp,
-                "status": "awaiting_approval" if non_dp else "queued", "progress": 0.0, "stage": "",
-                "epsilon": cost.epsilon, "delta": cost.delta, "rows": rows,
+                "job_id": job_id,
+                "dataset": dataset,
+                "method": method,
+                "non_dp": non_dp,
+                "status": "awaiting_approval" if non_dp else "queued",
+                "progress": 0.0,
+                "stage": "",
+                "epsilon": cost.epsilon,
+                "delta": cost.delta,
+                "rows": rows,
                 "seed": seed if seed is not None else secrets.randbelow(2**31),
-                "dataset_version": version, "policy_fingerprint": policy.fingerprint(),
-                "created": _now(), "updated": _now(), "error": None, "columns": None, "proxy_digest": None,
-                "approved_at": None, "allocation": allocation, "notes": [], "delta_requested": delta,
-                "principal": ctx.principal.as_actor(), "source": ctx.source, "request_id": ctx.request_id,
+                "dataset_version": version,
+                "policy_fingerprint": policy.fingerprint(),
+                "created": _now(),
+                "updated": _now(),
+                "error": None,
+                "columns": None,
+                "proxy_digest": None,
+                "approved_at": None,
+                "allocation": allocation,
+                "notes": [],
+                "delta_requested": delta,
+                "principal": ctx.principal.as_actor(),
+                "source": ctx.source,
+                "request_id": ctx.request_id,
             }
             self._dir(job_id).mkdir(parents=True, mode=0o700)
             self._save(job)
-            return {"job_id": job_id, "dataset": dataset, "method": method, "non_dp": non_dp,
-                    "dataset_version": version, "policy_fingerprint": policy.fingerprint()}
+            return {
+                "job_id": job_id,
+                "dataset": dataset,
+                "method": method,
+                "non_dp": non_dp,
+                "dataset_version": version,
+                "policy_fingerprint": policy.fingerprint(),
+            }
 
-        answer = self.bastion.run_private(ctx, policy=policy, event="synth", request=request, cost=cost, key=key,
-                                          compute=compute, kind="synth")
+        answer = self.bastion.run_private(
+            ctx, policy=policy, event="synth", request=request, cost=cost, key=key, compute=compute, kind="synth"
+        )
         job = self.read(answer["job_id"])
         if answer["cached"] and job["status"] == "failed":
             # The failed run released nothing; run it again under the original charge.
             job.update(status="approved" if non_dp else "queued", error=None, progress=0.0, stage="")
             self._save(job)
         self._maybe_start(job)
-        return {**self.public(self.read(job["job_id"])), "cached": answer["cached"],
-                "epsilon_spent": answer["epsilon_spent"], "delta_spent": answer["delta_spent"],
-                "budget": answer["budget"]}
+        return {
+            **self.public(self.read(job["job_id"])),
+            "cached": answer["cached"],
+            "epsilon_spent": answer["epsilon_spent"],
+            "delta_spent": answer["delta_spent"],
+            "budget": answer["budget"],
+        }
 
     # --- running ------------------------------------------------------------------------------------------
 
@@ -225,8 +287,9 @@ class SynthJobs:
             t = self._threads.get(job["job_id"])
             if t is not None and t.is_alive():
                 return
-            t = threading.Thread(target=self._run_locked, args=(job["job_id"],), daemon=True,
-                                 name=f"synth-{job['job_id'][:8]}")
+            t = threading.Thread(
+                target=self._run_locked, args=(job["job_id"],), daemon=True, name=f"synth-{job['job_id'][:8]}"
+            )
             self._threads[job["job_id"]] = t
             t.start()
 
@@ -250,15 +313,23 @@ class SynthJobs:
                 job.update(status="failed", error=message + "; the charge stands")
                 self._save(job)
                 with contextlib.suppress(GatewayError):
-                    self.bastion.audit(self._context(job), "synth", dataset=job["dataset"],
-                                       request={"job_id": job_id}, decision="error", reason="synthesis_failed",
-                                       phase="failed", non_dp=job["non_dp"])
+                    self.bastion.audit(
+                        self._context(job),
+                        "synth",
+                        dataset=job["dataset"],
+                        request={"job_id": job_id},
+                        decision="error",
+                        reason="synthesis_failed",
+                        phase="failed",
+                        non_dp=job["non_dp"],
+                    )
 
     @staticmethod
     def _context(job: dict[str, Any]) -> Context:
         p = job["principal"]
-        return Context(Principal(p["principal"], p["role"], p["token_id"]), source=job["source"],
-                       request_id=job["request_id"])
+        return Context(
+            Principal(p["principal"], p["role"], p["token_id"]), source=job["source"], request_id=job["request_id"]
+        )
 
     def _run(self, job: dict[str, Any]) -> None:
         from synth import (
@@ -304,18 +375,29 @@ class SynthJobs:
                 except Exception as exc:  # noqa: BLE001 - the failure must not show: measure a default input
                     # Whether reading the rows failed could depend on them; the same mechanisms run on an empty
                     # table of the same schema instead, and the job goes on as usual (the audit log says so).
-                    log.warning("synthesis job %s: measuring failed (%s); measuring the default input",
-                                job["job_id"], type(exc).__name__)
-                    self.bastion.audit(ctx, "synth", dataset=job["dataset"], request={"job_id": job["job_id"]},
-                                       decision="error", reason="fallback", error_class=type(exc).__name__,
-                                       phase="measured", non_dp=False)
+                    log.warning(
+                        "synthesis job %s: measuring failed (%s); measuring the default input",
+                        job["job_id"],
+                        type(exc).__name__,
+                    )
+                    self.bastion.audit(
+                        ctx,
+                        "synth",
+                        dataset=job["dataset"],
+                        request={"job_id": job["job_id"]},
+                        decision="error",
+                        reason="fallback",
+                        error_class=type(exc).__name__,
+                        phase="measured",
+                        non_dp=False,
+                    )
                     empty = self.bastion.catalog.connect()
                     empty.execute(f'CREATE TEMP TABLE "__default_input" AS SELECT * FROM "{table}" LIMIT 0')
-                    model = measure(empty, "__default_input", policy, allocation,
-                                    lambda f, s: progress(f, s, hi=0.3))
+                    model = measure(empty, "__default_input", policy, allocation, lambda f, s: progress(f, s, hi=0.3))
                 _write_json(model_path, model.to_json())
-            proxy = dp_proxy(model, job["rows"], job["seed"], job["method"],
-                             lambda f, s: progress(f, s, lo=0.3, hi=0.9))
+            proxy = dp_proxy(
+                model, job["rows"], job["seed"], job["method"], lambda f, s: progress(f, s, lo=0.3, hi=0.9)
+            )
             progress(0.0, "fidelity report", lo=0.9)
             report = dp_fidelity(model, proxy)
             report["dropped"] = model.dropped
@@ -323,33 +405,69 @@ class SynthJobs:
         else:
             schema = proxy_schema(policy)
             con = self.bastion.catalog.connect()
-            proxy, private = non_dp_proxy(con, table, policy, schema, job["rows"], job["seed"],
-                                          lambda f, s: progress(f, s, hi=0.8))
+            proxy, private = non_dp_proxy(
+                con, table, policy, schema, job["rows"], job["seed"], lambda f, s: progress(f, s, hi=0.8)
+            )
             progress(0.0, "disclosure check", lo=0.8)
             md = sdv_metadata(schema.columns).to_dict()["tables"]["proxy"]
             check = check_release(con, table, private, proxy, schema.columns, md, job["seed"])
-            report = {**non_dp_fidelity(schema.columns, private, proxy), "privacy_check": check,
-                      "dropped": schema.dropped}
+            report = {
+                **non_dp_fidelity(schema.columns, private, proxy),
+                "privacy_check": check,
+                "dropped": schema.dropped,
+            }
             if not check["passed"]:
                 _write_json(job_dir / "report.json", {"privacy_check": check})
-                job.update(status="withheld", progress=1.0, stage="withheld by the disclosure check",
-                           error="the proxy failed the disclosure check; nothing was released")
+                job.update(
+                    status="withheld",
+                    progress=1.0,
+                    stage="withheld by the disclosure check",
+                    error="the proxy failed the disclosure check; nothing was released",
+                )
                 self._save(job)
-                self.bastion.audit(ctx, "synth", dataset=job["dataset"], request={"job_id": job["job_id"]},
-                                   decision="denied", reason="disclosure_check_failed", phase="withheld",
-                                   non_dp=True, privacy_check=check)
+                self.bastion.audit(
+                    ctx,
+                    "synth",
+                    dataset=job["dataset"],
+                    request={"job_id": job["job_id"]},
+                    decision="denied",
+                    reason="disclosure_check_failed",
+                    phase="withheld",
+                    non_dp=True,
+                    privacy_check=check,
+                )
                 return
         progress(0.5, "writing the proxy", lo=0.9)
         self._write_proxy(job, proxy, job_dir)
-        report["proxy"] = {k: job[k] for k in ("dataset", "method", "non_dp", "epsilon", "delta", "rows", "seed",
-                                               "dataset_version", "policy_fingerprint")}
+        report["proxy"] = {
+            k: job[k]
+            for k in (
+                "dataset",
+                "method",
+                "non_dp",
+                "epsilon",
+                "delta",
+                "rows",
+                "seed",
+                "dataset_version",
+                "policy_fingerprint",
+            )
+        }
         report["pages"] = render_pages(report, job_dir / "pages", f"Proxy {job['job_id'][:8]} of {job['dataset']}")
         _write_json(job_dir / "report.json", report)
         # The proxy is ready: record it (with its digest) before anyone can download it.
-        self.bastion.audit(ctx, "synth", dataset=job["dataset"], request={"job_id": job["job_id"]},
-                           decision="allowed", reason="ok", phase="completed", non_dp=job["non_dp"],
-                           cost={"epsilon": job["epsilon"], "delta": job["delta"]},
-                           release_digest=job["proxy_digest"])
+        self.bastion.audit(
+            ctx,
+            "synth",
+            dataset=job["dataset"],
+            request={"job_id": job["job_id"]},
+            decision="allowed",
+            reason="ok",
+            phase="completed",
+            non_dp=job["non_dp"],
+            cost={"epsilon": job["epsilon"], "delta": job["delta"]},
+            release_digest=job["proxy_digest"],
+        )
         job.update(status="done", progress=1.0, stage="done")
         self._save(job)
 
@@ -359,10 +477,24 @@ class SynthJobs:
             if str(frame[name].dtype).startswith("datetime64"):
                 frame[name] = frame[name].dt.date
         table = pa.Table.from_pandas(frame, preserve_index=False)
-        meta = {k: job[k] for k in ("job_id", "dataset", "method", "non_dp", "epsilon", "delta", "rows", "seed",
-                                    "dataset_version", "policy_fingerprint")}
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
-                                               b"bastion.proxy": json.dumps(meta).encode()})
+        meta = {
+            k: job[k]
+            for k in (
+                "job_id",
+                "dataset",
+                "method",
+                "non_dp",
+                "epsilon",
+                "delta",
+                "rows",
+                "seed",
+                "dataset_version",
+                "policy_fingerprint",
+            )
+        }
+        table = table.replace_schema_metadata(
+            {**(table.schema.metadata or {}), b"bastion.proxy": json.dumps(meta).encode()}
+        )
         tmp = job_dir / "proxy.parquet.tmp"
         pq.write_table(table, tmp)
         os.replace(tmp, job_dir / "proxy.parquet")
@@ -399,17 +531,33 @@ class SynthJobs:
                 tmp = job_dir / "proxy.csv.tmp"
                 pq.read_table(job_dir / "proxy.parquet").to_pandas().to_csv(tmp, index=False)
                 os.replace(tmp, path)
-        self.bastion.audit(ctx, "synth_download", dataset=job["dataset"],
-                           request={"job_id": job_id, "format": fmt}, decision="allowed", reason="ok",
-                           phase="released", non_dp=job["non_dp"], release_digest=job["proxy_digest"],
-                           cost=PrivacyLoss(0.0).as_dict())
+        self.bastion.audit(
+            ctx,
+            "synth_download",
+            dataset=job["dataset"],
+            request={"job_id": job_id, "format": fmt},
+            decision="allowed",
+            reason="ok",
+            phase="released",
+            non_dp=job["non_dp"],
+            release_digest=job["proxy_digest"],
+            cost=PrivacyLoss(0.0).as_dict(),
+        )
         return path, ("application/vnd.apache.parquet" if fmt == "parquet" else "text/csv")
 
     def _audit_read(self, ctx: Context, job: dict[str, Any], what: str, content: str) -> None:
-        self.bastion.audit(ctx, "synth_report", dataset=job["dataset"], request={"job_id": job["job_id"],
-                           "page": what}, decision="allowed", reason="ok", phase="released", non_dp=job["non_dp"],
-                           release_digest=hashlib.sha256(content.encode()).hexdigest(),
-                           cost=PrivacyLoss(0.0).as_dict())
+        self.bastion.audit(
+            ctx,
+            "synth_report",
+            dataset=job["dataset"],
+            request={"job_id": job["job_id"], "page": what},
+            decision="allowed",
+            reason="ok",
+            phase="released",
+            non_dp=job["non_dp"],
+            release_digest=hashlib.sha256(content.encode()).hexdigest(),
+            cost=PrivacyLoss(0.0).as_dict(),
+        )
 
     def report(self, ctx: Context, job_id: str) -> dict[str, Any]:
         """The fidelity report (or, for a withheld non-DP proxy, the failed check), audited before it leaves."""
@@ -438,10 +586,15 @@ class SynthJobs:
         job = self.read(job_id)
         if job["status"] != "awaiting_approval":
             raise Conflict(f"job {job_id} is {job['status']}; only jobs awaiting approval can be approved")
-        self.bastion.audit(None, "synth_approved", dataset=job["dataset"], decision="allowed", reason="ok",
-                           non_dp=True, request={"job_id": job_id, "method": job["method"],
-                                                 "requested_by": job["principal"]["principal"]})
+        self.bastion.audit(
+            None,
+            "synth_approved",
+            dataset=job["dataset"],
+            decision="allowed",
+            reason="ok",
+            non_dp=True,
+            request={"job_id": job_id, "method": job["method"], "requested_by": job["principal"]["principal"]},
+        )
         job.update(status="approved", approved_at=_now())
         self._save(job)
         return self.public(job)
-

@@ -41,8 +41,12 @@ class SynthRequest(BaseModel):
         description="dpcopula (default: DP copula, then SDV), dpcopula_direct (DP copula only), or "
         "sdv_gaussian_copula (NOT DP: needs the policy's opt-in and an admin approval)",
     )
-    delta: float | None = Field(default=None, ge=0, lt=1, description="δ for key selection of columns without a "
-                                "public domain [default: a tenth of your per-principal δ]")
+    delta: float | None = Field(
+        default=None,
+        ge=0,
+        lt=1,
+        description="δ for key selection of columns without a public domain [default: a tenth of your per-principal δ]",
+    )
 
 
 class SynthJob(BaseModel):
@@ -67,8 +71,9 @@ router = APIRouter(prefix="/v1/synth", tags=["synthetic proxies"], responses=ERR
 
 @router.post("", response_model=SynthJob, summary="Start a synthetic proxy job (the ε is charged now)")
 def submit(body: SynthRequest, ctx: Ctx, jobs: Jobs) -> dict[str, Any]:
-    return jobs.submit(ctx, body.dataset, epsilon=body.epsilon, rows=body.rows, seed=body.seed,
-                       method=body.method, delta=body.delta)
+    return jobs.submit(
+        ctx, body.dataset, epsilon=body.epsilon, rows=body.rows, seed=body.seed, method=body.method, delta=body.delta
+    )
 
 
 @router.get("", response_model=list[SynthJob], summary="Your synthetic proxy jobs")
@@ -95,4 +100,3 @@ def report(job_id: str, ctx: Ctx, jobs: Jobs) -> dict[str, Any]:
 @router.get("/{job_id}/report/{page}", response_class=HTMLResponse, summary="One HTML page of the report")
 def report_page(job_id: str, page: str, ctx: Ctx, jobs: Jobs) -> HTMLResponse:
     return HTMLResponse(jobs.page(ctx, job_id, page))
-

@@ -24,8 +24,9 @@ err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 Workspace = Annotated[
     Path | None,
-    typer.Option("--workspace", "-w", help=f"workspace directory [default: ./{DEFAULT_WORKSPACE}]",
-                 envvar="BASTION_WORKSPACE"),
+    typer.Option(
+        "--workspace", "-w", help=f"workspace directory [default: ./{DEFAULT_WORKSPACE}]", envvar="BASTION_WORKSPACE"
+    ),
 ]
 Url = Annotated[str, typer.Option("--url", envvar="BASTION_URL", help="gateway URL")]
 Token = Annotated[str | None, typer.Option("--token", envvar="BASTION_TOKEN", help="bearer token")]

@@ -25,9 +25,26 @@ _VOLATILE = tuple(
     getattr(exp, n) for n in ("Rand", "CurrentDate", "CurrentTimestamp", "CurrentTime", "Uuid") if hasattr(exp, n)
 )
 _VOLATILE_NAMES = {
-    "random", "rand", "setseed", "now", "gen_random_uuid", "uuid", "current_timestamp", "current_date",
-    "today", "get_current_time", "get_current_timestamp", "nextval", "currval", "transaction_timestamp",
-    "current_time", "localtime", "localtimestamp", "random_uuid", "uuidv4", "uuidv7",
+    "random",
+    "rand",
+    "setseed",
+    "now",
+    "gen_random_uuid",
+    "uuid",
+    "current_timestamp",
+    "current_date",
+    "today",
+    "get_current_time",
+    "get_current_timestamp",
+    "nextval",
+    "currval",
+    "transaction_timestamp",
+    "current_time",
+    "localtime",
+    "localtimestamp",
+    "random_uuid",
+    "uuidv4",
+    "uuidv7",
 }
 
 
@@ -152,8 +169,6 @@ def check_no_volatile(node: exp.Expression, sql: str) -> None:
             )
 
 
-
-
 # --- typed, total row expressions -----------------------------------------------------------------------
 
 
@@ -235,8 +250,13 @@ def check_row_expression(
     checker = Checker(sql, resolve, check_pattern=check_pattern)
     got = checker.condition(node, condition) if condition else checker.check(node)
     if got.typed.type is SqlType.INTERVAL:
-        raise reject("an interval is not a value of a row", "type_error", node, sql,
-                     hint="add it to a date: visit_day + INTERVAL 7 DAY")
+        raise reject(
+            "an interval is not a value of a row",
+            "type_error",
+            node,
+            sql,
+            hint="add it to a date: visit_day + INTERVAL 7 DAY",
+        )
     return RowExpression(got.typed, got.tree, frozenset(columns))
 
 

@@ -127,8 +127,9 @@ KEY_CANDIDATES = 1_000
 _PAD = "\x00pad:"
 
 
-def select_keys(counts: dict[str, int], k: int, epsilon: float, delta: float,
-                candidates: int = KEY_CANDIDATES) -> KeySelection:
+def select_keys(
+    counts: dict[str, int], k: int, epsilon: float, delta: float, candidates: int = KEY_CANDIDATES
+) -> KeySelection:
     """Release the keys (with noisy counts) of a histogram whose key set is not public.
 
     The map given to OpenDP is padded with keys of count zero up to `candidates` entries. Padding adds the same
@@ -186,8 +187,8 @@ def quantile_scores(below: list[int], above: list[int], q: float) -> tuple[list[
 def release_quantile_index(scores: list[int], d_in: int, epsilon: float) -> tuple[int, float]:
     """Index of the candidate with (noisily) the lowest score, and the noise scale used.
 
-    d_in is the L∞ sensitivity of the score vector; report-noisy-max (OpenDP's exponential-noise form) on non-monotonic scores costs
-    2·d_in / scale.
+    d_in is the L∞ sensitivity of the score vector; report-noisy-max (OpenDP's exponential-noise form) on
+    non-monotonic scores costs 2·d_in / scale.
     """
     scale = 2 * d_in / epsilon
     meas = _noisy_min(scale)

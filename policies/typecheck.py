@@ -57,19 +57,43 @@ PatternCheck = Callable[[str], str | None]
 _DATE_PARTS_TRUNC = {"year", "quarter", "month", "week", "day"}
 # Parts of a date that EXTRACT / date_part may take, with their ranges (None: derived from the date's range).
 _DATE_PARTS = {
-    "year": None, "quarter": (1, 4), "month": (1, 12), "week": (1, 53), "day": (1, 31), "dayofweek": (0, 6),
-    "dow": (0, 6), "isodow": (1, 7), "dayofyear": (1, 366), "doy": (1, 366), "decade": None, "century": None,
+    "year": None,
+    "quarter": (1, 4),
+    "month": (1, 12),
+    "week": (1, 53),
+    "day": (1, 31),
+    "dayofweek": (0, 6),
+    "dow": (0, 6),
+    "isodow": (1, 7),
+    "dayofyear": (1, 366),
+    "doy": (1, 366),
+    "decade": None,
+    "century": None,
 }
 _DIFF_PARTS = {"day": 1, "week": 7, "month": 28, "quarter": 89, "year": 365}
 _INTERVAL_DAYS = {"day": 1, "days": 1, "week": 7, "weeks": 7, "month": 31, "months": 31, "year": 366, "years": 366}
 _CASTS = {
-    "BIGINT": SqlType.INT, "INT": SqlType.INT, "INTEGER": SqlType.INT, "SMALLINT": SqlType.INT,
-    "TINYINT": SqlType.INT, "DOUBLE": SqlType.FLOAT, "FLOAT": SqlType.FLOAT, "REAL": SqlType.FLOAT,
-    "TEXT": SqlType.TEXT, "VARCHAR": SqlType.TEXT, "CHAR": SqlType.TEXT, "DATE": SqlType.DATE,
+    "BIGINT": SqlType.INT,
+    "INT": SqlType.INT,
+    "INTEGER": SqlType.INT,
+    "SMALLINT": SqlType.INT,
+    "TINYINT": SqlType.INT,
+    "DOUBLE": SqlType.FLOAT,
+    "FLOAT": SqlType.FLOAT,
+    "REAL": SqlType.FLOAT,
+    "TEXT": SqlType.TEXT,
+    "VARCHAR": SqlType.TEXT,
+    "CHAR": SqlType.TEXT,
+    "DATE": SqlType.DATE,
     "BOOLEAN": SqlType.BOOL,
 }
-_ENGINE_TYPE = {SqlType.INT: "BIGINT", SqlType.FLOAT: "DOUBLE", SqlType.TEXT: "VARCHAR", SqlType.DATE: "DATE",
-                SqlType.BOOL: "BOOLEAN"}
+_ENGINE_TYPE = {
+    SqlType.INT: "BIGINT",
+    SqlType.FLOAT: "DOUBLE",
+    SqlType.TEXT: "VARCHAR",
+    SqlType.DATE: "DATE",
+    SqlType.BOOL: "BOOLEAN",
+}
 _TEXT_OF = {SqlType.INT: 24, SqlType.FLOAT: 32, SqlType.DATE: 10, SqlType.BOOL: 5, SqlType.NULL: 0}
 _REGEX_FLAGS = set("icsmnlpg")
 _UNARY_FLOAT = (exp.Sqrt, exp.Cbrt, exp.Ln, exp.Exp)
@@ -77,8 +101,15 @@ _SAME_TEXT = (exp.Lower, exp.Upper, exp.Reverse)
 _TEXT_TESTS = (exp.Contains, exp.StartsWith, exp.EndsWith)
 _COMPARISONS = (exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE, exp.NullSafeEQ, exp.NullSafeNEQ)
 _ANON_TEXT_TESTS = {"prefix": exp.StartsWith, "suffix": exp.EndsWith}
-_DATE_FUNCS = {exp.Year: "year", exp.Month: "month", exp.Day: "day", exp.Quarter: "quarter",
-               exp.DayOfWeek: "dayofweek", exp.DayOfYear: "dayofyear", exp.Week: "week"}
+_DATE_FUNCS = {
+    exp.Year: "year",
+    exp.Month: "month",
+    exp.Day: "day",
+    exp.Quarter: "quarter",
+    exp.DayOfWeek: "dayofweek",
+    exp.DayOfYear: "dayofyear",
+    exp.Week: "week",
+}
 
 ROW_FUNCTIONS = (
     "abs, sign, floor, ceil, round, trunc, sqrt, cbrt, ln, log, exp, power, greatest, least, isnan, isinf, "
@@ -166,8 +197,14 @@ class Checker:
     """Type-checks and compiles one expression. `resolve` types a column reference and gives its compiled form;
     `check_pattern` says why a regular expression is invalid in the engine's syntax (None if valid)."""
 
-    def __init__(self, sql: str, resolve: ColumnResolver, *, check_pattern: PatternCheck | None = None,
-                 functions: str = ROW_FUNCTIONS) -> None:
+    def __init__(
+        self,
+        sql: str,
+        resolve: ColumnResolver,
+        *,
+        check_pattern: PatternCheck | None = None,
+        functions: str = ROW_FUNCTIONS,
+    ) -> None:
         self.sql = sql
         self.resolve = resolve
         self.check_pattern = check_pattern
@@ -179,14 +216,23 @@ class Checker:
     def check(self, node: exp.Expression) -> Checked:
         size = sum(1 for _ in node.walk())
         if size > MAX_NODES:
-            raise reject(f"the expression has {size} syntax nodes; at most {MAX_NODES} are allowed", "too_complex",
-                         node, self.sql, hint="split the question into simpler queries")
+            raise reject(
+                f"the expression has {size} syntax nodes; at most {MAX_NODES} are allowed",
+                "too_complex",
+                node,
+                self.sql,
+                hint="split the question into simpler queries",
+            )
         self.work = 0
         got = self._check(node)
         if self.work > MAX_ROW_WORK:
-            raise reject(f"this expression may process {self.work:,} characters per row; at most {MAX_ROW_WORK:,} "
-                         "are allowed", "too_expensive", node, self.sql,
-                         hint="use fewer or simpler text functions, or shorter patterns")
+            raise reject(
+                f"this expression may process {self.work:,} characters per row; at most {MAX_ROW_WORK:,} are allowed",
+                "too_expensive",
+                node,
+                self.sql,
+                hint="use fewer or simpler text functions, or shorter patterns",
+            )
         return got
 
     def _cost(self, chars: float, factor: float = 1.0) -> None:
@@ -196,8 +242,13 @@ class Checker:
         """A boolean condition (WHERE, an LF's `when`)."""
         got = self.check(node)
         if got.typed.type not in (SqlType.BOOL, SqlType.NULL):
-            raise reject(f"{what} must be a condition (true or false); this expression is {_type_name(got.typed)}",
-                         "type_error", node, self.sql, hint="compare it with something, e.g. age >= 65")
+            raise reject(
+                f"{what} must be a condition (true or false); this expression is {_type_name(got.typed)}",
+                "type_error",
+                node,
+                self.sql,
+                hint="compare it with something, e.g. age >= 65",
+            )
         return got
 
     # --- errors -------------------------------------------------------------------------------------------
@@ -211,15 +262,20 @@ class Checker:
         got = self._check(node)
         if got.typed.type is not SqlType.NULL and got.typed.type not in types:
             wanted = " or ".join(t.value for t in types)
-            raise self._type_error(f"{what} must be {wanted}; this one is {_type_name(got.typed)}", node,
-                                   hint=self._cast_hint(got.typed, types))
+            raise self._type_error(
+                f"{what} must be {wanted}; this one is {_type_name(got.typed)}",
+                node,
+                hint=self._cast_hint(got.typed, types),
+            )
         return got
 
     @staticmethod
     def _cast_hint(got: Typed, wanted: tuple[SqlType, ...]) -> str | None:
         if got.type is SqlType.TEXT and any(t.numeric for t in wanted):
-            return "a category or text value is not a number: compare it with a quoted value such as '2', or " \
-                   "use TRY_CAST(col AS INT)"
+            return (
+                "a category or text value is not a number: compare it with a quoted value such as '2', or "
+                "use TRY_CAST(col AS INT)"
+            )
         if got.type.numeric and SqlType.TEXT in wanted:
             return "use CAST(x AS VARCHAR) to make text of a number"
         return None
@@ -227,8 +283,13 @@ class Checker:
     def _literal_text(self, node: exp.Expression | None, what: str) -> str:
         value = _string_literal(node)
         if value is None:
-            raise reject(f"{what} must be a quoted literal", "non_literal_argument", node or exp.Null(), self.sql,
-                         hint="patterns and search strings are fixed in the query text, never taken from the rows")
+            raise reject(
+                f"{what} must be a quoted literal",
+                "non_literal_argument",
+                node or exp.Null(),
+                self.sql,
+                hint="patterns and search strings are fixed in the query text, never taken from the rows",
+            )
         if len(value) > MAX_PATTERN:
             raise reject(f"{what} is longer than {MAX_PATTERN} characters", "too_complex", node, self.sql)  # type: ignore[arg-type]
         return value
@@ -237,22 +298,32 @@ class Checker:
         pattern = self._literal_text(node, "the regular expression")
         problem = self.check_pattern(pattern) if self.check_pattern else None
         if problem is not None:
-            raise reject(f"invalid regular expression {pattern!r}: {problem}", "invalid_regex", node, self.sql,  # type: ignore[arg-type]
-                         hint="use RE2 syntax (no look-around, no back-references)")
+            raise reject(
+                f"invalid regular expression {pattern!r}: {problem}",
+                "invalid_regex",
+                node,
+                self.sql,  # type: ignore[arg-type]
+                hint="use RE2 syntax (no look-around, no back-references)",
+            )
         return pattern
 
     def _small_int(self, node: exp.Expression | None, what: str, low: int, high: int) -> int:
         value = _literal_int(node)
         if value is None or not low <= value <= high:
-            raise reject(f"{what} must be an integer literal in [{low}, {high}]", "bad_argument",
-                         node or exp.Null(), self.sql)
+            raise reject(
+                f"{what} must be an integer literal in [{low}, {high}]", "bad_argument", node or exp.Null(), self.sql
+            )
         return value
 
     def _text_length(self, length: float, node: exp.Expression) -> int:
         if not math.isfinite(length) or length > MAX_TEXT:
-            raise reject(f"this text expression can produce more than {MAX_TEXT:,} characters per row",
-                         "too_expensive", node, self.sql,
-                         hint="the work per row must be bounded by the query: build shorter strings")
+            raise reject(
+                f"this text expression can produce more than {MAX_TEXT:,} characters per row",
+                "too_expensive",
+                node,
+                self.sql,
+                hint="the work per row must be bounded by the query: build shorter strings",
+            )
         return int(length)
 
     # --- the checker --------------------------------------------------------------------------------------
@@ -381,14 +452,17 @@ class Checker:
             return Checked(days, exp.Sub(this=a.tree, expression=b.tree))
         return self._arith(n, (lambda x, y: x - y) if sub else (lambda x, y: x + y), (a, b))
 
-    def _arith(self, n: exp.Expression, op: Callable[[float, float], float],
-               operands: tuple[Checked, Checked] | None = None) -> Checked:
+    def _arith(
+        self, n: exp.Expression, op: Callable[[float, float], float], operands: tuple[Checked, Checked] | None = None
+    ) -> Checked:
         a, b = operands or (self._check(n.this), self._check(n.expression))
         for side, node in ((a, n.this), (b, n.expression)):
             if side.typed.type not in (SqlType.INT, SqlType.FLOAT, SqlType.NULL):
                 raise self._type_error(
-                    f"arithmetic needs numbers; this operand is {_type_name(side.typed)}", node,
-                    hint=self._cast_hint(side.typed, (SqlType.INT,)))
+                    f"arithmetic needs numbers; this operand is {_type_name(side.typed)}",
+                    node,
+                    hint=self._cast_hint(side.typed, (SqlType.INT,)),
+                )
         if a.typed.type is SqlType.INT and b.typed.type is SqlType.INT:
             result = _corners(a.typed, b.typed, op)
             if result.bounded:
@@ -403,8 +477,7 @@ class Checker:
             reach = a.typed.max_abs or 0.0
             if isinstance(n, exp.Mod) and b.typed.bounded:
                 reach = min(reach, b.typed.max_abs or 0.0)
-            return Checked(int_range(-reach - 1, reach + 1),
-                           n.__class__(this=a.tree, expression=_nullif_zero(b.tree)))
+            return Checked(int_range(-reach - 1, reach + 1), n.__class__(this=a.tree, expression=_nullif_zero(b.tree)))
         return Checked(FLOAT, n.__class__(this=_as_double(a.tree), expression=_nullif_zero(_as_double(b.tree))))
 
     def _date_shift(self, date: Checked, by: Checked, n: exp.Expression, sign: int) -> Checked:
@@ -413,14 +486,24 @@ class Checker:
         elif by.typed.bounded:
             lo, hi = by.typed.lo, by.typed.hi
         else:
-            raise reject("a date plus a number of days needs a number with bounds", "date_range", n, self.sql,
-                         hint="add an integer column with declared bounds, or an INTERVAL literal")
+            raise reject(
+                "a date plus a number of days needs a number with bounds",
+                "date_range",
+                n,
+                self.sql,
+                hint="add an integer column with declared bounds, or an INTERVAL literal",
+            )
         if sign < 0:
             lo, hi = -hi, -lo  # type: ignore[operator]
         new_lo, new_hi = date.typed.lo + lo, date.typed.hi + hi  # type: ignore[operator]
         if new_lo < MIN_DAY or new_hi > MAX_DAY:
-            raise reject("this date arithmetic can leave the range of dates (years 1 to 9999)", "date_range", n,
-                         self.sql, hint="use smaller intervals")
+            raise reject(
+                "this date arithmetic can leave the range of dates (years 1 to 9999)",
+                "date_range",
+                n,
+                self.sql,
+                hint="use smaller intervals",
+            )
         op = exp.Sub if sign < 0 and n.this is date.tree or isinstance(n, exp.Sub) else exp.Add
         shifted = op(this=date.tree, expression=by.tree)
         if by.typed.type is SqlType.INTERVAL:  # date ± interval is a timestamp in the engine: keep it a date
@@ -438,8 +521,10 @@ class Checker:
             self._cost(min(a.typed.length, b.typed.length or a.typed.length))
         if unify(a.typed, b.typed) is None or SqlType.INTERVAL in (a.typed.type, b.typed.type):
             raise self._type_error(
-                f"cannot compare {_type_name(a.typed)} with {_type_name(b.typed)}", n,
-                hint=self._cast_hint(a.typed, (b.typed.type,)) or self._cast_hint(b.typed, (a.typed.type,)))
+                f"cannot compare {_type_name(a.typed)} with {_type_name(b.typed)}",
+                n,
+                hint=self._cast_hint(a.typed, (b.typed.type,)) or self._cast_hint(b.typed, (a.typed.type,)),
+            )
         return a, b
 
     def _as_date_literal(self, node: exp.Expression, got: Checked) -> Checked:
@@ -492,8 +577,10 @@ class Checker:
             joined = unify(typed, item.typed)
             if joined is None:
                 raise self._type_error(
-                    f"the branches mix {_type_name(typed)} and {_type_name(item.typed)}", n,
-                    hint="give every branch the same type (CAST one of them)")
+                    f"the branches mix {_type_name(typed)} and {_type_name(item.typed)}",
+                    n,
+                    hint="give every branch the same type (CAST one of them)",
+                )
             typed = joined
         return typed
 
@@ -502,8 +589,13 @@ class Checker:
         name = to.this.name if isinstance(to, exp.DataType) and hasattr(to.this, "name") else str(to)
         target = _CASTS.get(name.upper())
         if target is None:
-            raise reject(f"CAST to {name} is not supported", "unsupported_cast", n, self.sql,
-                         hint="cast to BIGINT, DOUBLE, VARCHAR, DATE or BOOLEAN")
+            raise reject(
+                f"CAST to {name} is not supported",
+                "unsupported_cast",
+                n,
+                self.sql,
+                hint="cast to BIGINT, DOUBLE, VARCHAR, DATE or BOOLEAN",
+            )
         value = n.this
         if target is SqlType.DATE and isinstance(value, exp.Literal) and value.is_string:
             day = _parse_date(str(value.this))
@@ -517,8 +609,11 @@ class Checker:
         if src.type is SqlType.DATE and target not in (SqlType.DATE, SqlType.TEXT):
             raise self._type_error(f"cannot cast a date to {target.value}", n, hint="use year(), month(), ...")
         if target is SqlType.INT:
-            typed = int_range(math.floor(src.lo), math.ceil(src.hi)) if src.type.numeric and src.bounded \
+            typed = (
+                int_range(math.floor(src.lo), math.ceil(src.hi))
+                if src.type.numeric and src.bounded
                 else Typed(SqlType.INT)
+            )
             typed = int_range(0, 1) if src.type is SqlType.BOOL else typed
         elif target is SqlType.FLOAT:
             typed = Typed(SqlType.FLOAT, src.lo, src.hi) if src.type.numeric else FLOAT
@@ -540,8 +635,11 @@ class Checker:
         if isinstance(n, exp.Abs):
             inner = self._need(n.this, SqlType.INT, SqlType.FLOAT)
             t = inner.typed
-            typed = int_range(0, t.max_abs) if t.type is SqlType.INT and t.bounded else \
-                (t if t.type is not SqlType.INT else Typed(SqlType.INT))
+            typed = (
+                int_range(0, t.max_abs)
+                if t.type is SqlType.INT and t.bounded
+                else (t if t.type is not SqlType.INT else Typed(SqlType.INT))
+            )
             if t.type is SqlType.INT and not t.bounded:
                 return Checked(FLOAT, exp.Abs(this=_as_double(inner.tree)))
             return Checked(typed, exp.Abs(this=inner.tree))
@@ -589,16 +687,23 @@ class Checker:
             subject = self._need(n.this, SqlType.TEXT)
             needle = self._literal_text(n.args.get("substr"), "the string to find")
             self._cost(subject.typed.length, 1 + len(needle) / 16)
-            return Checked(int_range(0, subject.typed.length),
-                           exp.StrPosition(this=subject.tree, substr=exp.Literal.string(needle)))
+            return Checked(
+                int_range(0, subject.typed.length),
+                exp.StrPosition(this=subject.tree, substr=exp.Literal.string(needle)),
+            )
         if isinstance(n, exp.Substring):
             subject = self._need(n.this, SqlType.TEXT)
             start = self._offset(n.args.get("start"), "the start of substring()")
-            length = self._offset(n.args.get("length"), "the length of substring()") \
-                if n.args.get("length") is not None else None
+            length = (
+                self._offset(n.args.get("length"), "the length of substring()")
+                if n.args.get("length") is not None
+                else None
+            )
             self._cost(subject.typed.length)
-            return Checked(subject.typed, exp.Substring(this=subject.tree, start=start.tree,
-                                                        length=length.tree if length else None))
+            return Checked(
+                subject.typed,
+                exp.Substring(this=subject.tree, start=start.tree, length=length.tree if length else None),
+            )
         if isinstance(n, exp.Left | exp.Right):
             subject = self._need(n.this, SqlType.TEXT)
             count = self._offset(n.expression, f"the length of {name}()")
@@ -611,18 +716,23 @@ class Checker:
             growth = max(1.0, len(new) / len(old)) if old else 1.0
             length = self._text_length(subject.typed.length * growth, n)
             self._cost(subject.typed.length + length)
-            return Checked(text(length), exp.Replace(this=subject.tree, expression=exp.Literal.string(old),
-                                                     replacement=exp.Literal.string(new)))
+            return Checked(
+                text(length),
+                exp.Replace(this=subject.tree, expression=exp.Literal.string(old), replacement=exp.Literal.string(new)),
+            )
         if isinstance(n, exp.Concat | exp.DPipe):
             parts = n.expressions if isinstance(n, exp.Concat) else [n.this, n.expression]
             checked = [self._check(p) for p in parts]
             for c, p in zip(checked, parts, strict=True):
                 if c.typed.type is SqlType.INTERVAL:
                     raise self._type_error("an interval cannot be concatenated", p)
-            length = sum(c.typed.length if c.typed.type is SqlType.TEXT else _TEXT_OF.get(c.typed.type, 32)
-                         for c in checked)
-            trees = [c.tree if c.typed.type is SqlType.TEXT else exp.TryCast(
-                this=c.tree, to=exp.DataType.build("VARCHAR")) for c in checked]
+            length = sum(
+                c.typed.length if c.typed.type is SqlType.TEXT else _TEXT_OF.get(c.typed.type, 32) for c in checked
+            )
+            trees = [
+                c.tree if c.typed.type is SqlType.TEXT else exp.TryCast(this=c.tree, to=exp.DataType.build("VARCHAR"))
+                for c in checked
+            ]
             self._cost(length)
             return Checked(text(self._text_length(length, n)), exp.Concat(expressions=trees, safe=True))
         if isinstance(n, exp.Pad):
@@ -633,8 +743,15 @@ class Checker:
                 raise reject("the padding must not be empty", "bad_argument", n, self.sql)
             length = self._text_length(max(width.typed.hi or 0, 0), n)
             self._cost(subject.typed.length + length)
-            return Checked(text(length), exp.Pad(this=subject.tree, expression=width.tree,
-                                                 fill_pattern=exp.Literal.string(fill), is_left=n.args.get("is_left")))
+            return Checked(
+                text(length),
+                exp.Pad(
+                    this=subject.tree,
+                    expression=width.tree,
+                    fill_pattern=exp.Literal.string(fill),
+                    is_left=n.args.get("is_left"),
+                ),
+            )
         if isinstance(n, exp.Repeat):
             subject = self._need(n.this, SqlType.TEXT)
             times = self._offset(n.args.get("times"), "the count of repeat()")
@@ -646,8 +763,10 @@ class Checker:
             sep = self._literal_text(n.args.get("delimiter"), "the delimiter")
             index = self._offset(n.args.get("part_index"), "the part index")
             self._cost(subject.typed.length)
-            return Checked(subject.typed, exp.SplitPart(this=subject.tree, delimiter=exp.Literal.string(sep),
-                                                        part_index=index.tree))
+            return Checked(
+                subject.typed,
+                exp.SplitPart(this=subject.tree, delimiter=exp.Literal.string(sep), part_index=index.tree),
+            )
         if isinstance(n, exp.RegexpLike | exp.RegexpFullMatch):
             subject = self._need(n.this, SqlType.TEXT)
             pattern = self._regex(n.expression)
@@ -677,8 +796,9 @@ class Checker:
             if unit not in _DATE_PARTS_TRUNC:
                 raise reject(f"date_trunc takes one of {sorted(_DATE_PARTS_TRUNC)}", "bad_argument", n, self.sql)
             date = self._need(n.this, SqlType.DATE)
-            tree = exp.Cast(this=exp.DateTrunc(unit=exp.Literal.string(unit), this=date.tree),
-                            to=exp.DataType.build("DATE"))
+            tree = exp.Cast(
+                this=exp.DateTrunc(unit=exp.Literal.string(unit), this=date.tree), to=exp.DataType.build("DATE")
+            )
             return Checked(Typed(SqlType.DATE, max(MIN_DAY, date.typed.lo - 366), date.typed.hi), tree)  # type: ignore[operator]
         if isinstance(n, exp.Extract):
             return self._date_part(_part_name(n.this), n.expression, n)
@@ -689,15 +809,20 @@ class Checker:
             if unit not in _DIFF_PARTS:
                 raise reject(f"date_diff takes one of {sorted(_DIFF_PARTS)}", "bad_argument", n, self.sql)
             a, b = self._need(n.this, SqlType.DATE), self._need(n.expression, SqlType.DATE)
-            span_days = (max(a.typed.hi, b.typed.hi) - min(a.typed.lo, b.typed.lo)) if a.typed.bounded and \
-                b.typed.bounded else MAX_DAY - MIN_DAY  # type: ignore[operator]
+            span_days = (
+                (max(a.typed.hi, b.typed.hi) - min(a.typed.lo, b.typed.lo))
+                if a.typed.bounded and b.typed.bounded
+                else MAX_DAY - MIN_DAY
+            )  # type: ignore[operator]
             reach = span_days // _DIFF_PARTS[unit] + 1
             tree = exp.DateDiff(this=a.tree, expression=b.tree, unit=exp.var(unit.upper()))
             return Checked(int_range(-reach, reach), tree)
         if isinstance(n, exp.LastDay):
             date = self._need(n.this, SqlType.DATE)
-            return Checked(Typed(SqlType.DATE, date.typed.lo, min(MAX_DAY, date.typed.hi + 31)),  # type: ignore[operator]
-                           exp.LastDay(this=date.tree))
+            return Checked(
+                Typed(SqlType.DATE, date.typed.lo, min(MAX_DAY, date.typed.hi + 31)),  # type: ignore[operator]
+                exp.LastDay(this=date.tree),
+            )
         if isinstance(n, exp.Dayname | exp.Monthname):
             date = self._need(n.this, SqlType.DATE)
             return Checked(text(9), n.__class__(this=date.tree))
@@ -710,10 +835,16 @@ class Checker:
                 raise self._type_error("date_add takes an INTERVAL", n)
             return self._date_shift(date, by, exp.Add(this=n.this, expression=n.expression), 1)
         if isinstance(n, exp.Func | exp.Binary | exp.Unary | exp.Predicate):
-            raise reject(f"function {name.upper()}() is not allowed here", "unsupported_function", n, self.sql,
-                         hint=f"allowed: {self.functions}")
-        raise reject(f"{type(n).__name__.upper()} is not allowed in this expression", "unsupported_expression", n,
-                     self.sql)
+            raise reject(
+                f"function {name.upper()}() is not allowed here",
+                "unsupported_function",
+                n,
+                self.sql,
+                hint=f"allowed: {self.functions}",
+            )
+        raise reject(
+            f"{type(n).__name__.upper()} is not allowed in this expression", "unsupported_expression", n, self.sql
+        )
 
     def _anonymous(self, n: exp.Anonymous, name: str) -> Checked:
         args = n.expressions
@@ -730,14 +861,18 @@ class Checker:
             inner = self._need(args[0], SqlType.TEXT)
             self._cost(inner.typed.length, 2)
             return Checked(inner.typed, exp.Anonymous(this=name, expressions=[inner.tree]))
-        raise reject(f"function {name.upper()}() is not allowed here", "unsupported_function", n, self.sql,
-                     hint=f"allowed: {self.functions}")
+        raise reject(
+            f"function {name.upper()}() is not allowed here",
+            "unsupported_function",
+            n,
+            self.sql,
+            hint=f"allowed: {self.functions}",
+        )
 
     def _rounding(self, n: exp.Floor | exp.Ceil | exp.Round | exp.Trunc) -> Checked:
         inner = self._need(n.this, SqlType.INT, SqlType.FLOAT)
         decimals = n.args.get("decimals")
-        digits = self._small_int(decimals, f"the digits of {func_name(n)}()", -30, 30) if decimals is not None \
-            else None
+        digits = self._small_int(decimals, f"the digits of {func_name(n)}()", -30, 30) if decimals is not None else None
         extra = {k: v for k, v in n.args.items() if k not in ("this", "decimals") and v}
         if extra:
             raise reject(f"{func_name(n)}() takes (number[, digits])", "bad_argument", n, self.sql)
@@ -750,8 +885,11 @@ class Checker:
                 return Checked(FLOAT, n.__class__(this=_as_double(inner.tree), decimals=tree.args.get("decimals")))
             reach = (t.max_abs or 0.0) * 10 + 10  # rounding to tens and beyond can move a value up to one unit
             return Checked(int_range(-reach, reach) if digits is None or digits < 0 else t, tree)
-        typed = Typed(SqlType.FLOAT, math.floor(t.lo) - 1, math.ceil(t.hi) + 1) if t.bounded and \
-            math.isfinite(t.lo) and math.isfinite(t.hi) else FLOAT  # type: ignore[arg-type]
+        typed = (
+            Typed(SqlType.FLOAT, math.floor(t.lo) - 1, math.ceil(t.hi) + 1)
+            if t.bounded and math.isfinite(t.lo) and math.isfinite(t.hi)
+            else FLOAT
+        )  # type: ignore[arg-type]
         return Checked(typed, tree)
 
     def _offset(self, node: exp.Expression | None, what: str) -> Checked:
@@ -760,12 +898,20 @@ class Checker:
         if got.typed.type is SqlType.NULL:
             return got
         if not got.typed.bounded or (got.typed.max_abs or 0) > MAX_OFFSET:
-            raise reject(f"{what} needs an integer with bounds within ±{MAX_OFFSET:,}", "bad_argument",
-                         node or exp.Null(), self.sql, hint="use a literal or a column with declared bounds")
+            raise reject(
+                f"{what} needs an integer with bounds within ±{MAX_OFFSET:,}",
+                "bad_argument",
+                node or exp.Null(),
+                self.sql,
+                hint="use a literal or a column with declared bounds",
+            )
         # The engines take 32-bit offsets here; the public range proves the value fits.
         value = _literal_int(node)
-        tree = exp.Literal.number(value) if value is not None else \
-            exp.Cast(this=got.tree, to=exp.DataType.build("INTEGER"))
+        tree = (
+            exp.Literal.number(value)
+            if value is not None
+            else exp.Cast(this=got.tree, to=exp.DataType.build("INTEGER"))
+        )
         return Checked(got.typed, tree)
 
     def _date_part(self, part: str | None, value: exp.Expression | None, n: exp.Expression) -> Checked:
@@ -776,8 +922,10 @@ class Checker:
         if fixed is None:
             lo = dt.date.fromordinal(int(date.typed.lo)).year  # type: ignore[arg-type]
             hi = dt.date.fromordinal(int(date.typed.hi)).year  # type: ignore[arg-type]
-            typed = int_range(lo // 100 if part == "century" else lo // 10 if part == "decade" else lo,
-                              hi // 100 + 1 if part == "century" else hi // 10 if part == "decade" else hi)
+            typed = int_range(
+                lo // 100 if part == "century" else lo // 10 if part == "decade" else lo,
+                hi // 100 + 1 if part == "century" else hi // 10 if part == "decade" else hi,
+            )
         else:
             typed = int_range(*fixed)
         return Checked(typed, exp.Extract(this=exp.var(part.upper()), expression=date.tree))
@@ -794,9 +942,15 @@ class Checker:
         except ValueError:
             count = None
         if count is None or unit not in _INTERVAL_DAYS or abs(count) > 100_000:
-            raise reject("intervals are INTERVAL n DAY|WEEK|MONTH|YEAR with an integer literal n (|n| ≤ 100,000)",
-                         "bad_argument", n, self.sql)
+            raise reject(
+                "intervals are INTERVAL n DAY|WEEK|MONTH|YEAR with an integer literal n (|n| ≤ 100,000)",
+                "bad_argument",
+                n,
+                self.sql,
+            )
         days = count * _INTERVAL_DAYS[unit]
         unit_name = unit.rstrip("s").upper()
-        return Checked(Typed(SqlType.INTERVAL, min(0, days) - 1, max(0, days) + 1),
-                       exp.Interval(this=exp.Literal.string(str(count)), unit=exp.var(unit_name)))
+        return Checked(
+            Typed(SqlType.INTERVAL, min(0, days) - 1, max(0, days) + 1),
+            exp.Interval(this=exp.Literal.string(str(count)), unit=exp.var(unit_name)),
+        )

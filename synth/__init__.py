@@ -13,7 +13,22 @@ from synth.proxy import DEFAULT_METHOD, DP_METHODS, METHODS, NON_DP_METHODS, dp_
 from synth.report import dp_fidelity, non_dp_fidelity, render_pages
 
 __all__ = [
-    "Allocation", "ColumnBins", "DEFAULT_METHOD", "DP_METHODS", "DPCopulaModel", "METHODS", "NON_DP_METHODS",
-    "ProxySchema", "allocate", "check_release", "dp_fidelity", "dp_proxy", "measure", "non_dp_fidelity",
-    "non_dp_proxy", "proxy_schema", "render_pages", "sdv_metadata",
+    "Allocation",
+    "ColumnBins",
+    "DEFAULT_METHOD",
+    "DP_METHODS",
+    "DPCopulaModel",
+    "METHODS",
+    "NON_DP_METHODS",
+    "ProxySchema",
+    "allocate",
+    "check_release",
+    "dp_fidelity",
+    "dp_proxy",
+    "measure",
+    "non_dp_fidelity",
+    "non_dp_proxy",
+    "proxy_schema",
+    "render_pages",
+    "sdv_metadata",
 ]

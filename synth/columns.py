@@ -82,8 +82,7 @@ class ColumnBins:
             idx = f"CAST(FLOOR((CAST({c} AS DOUBLE) - {self.low!r}) / {self.width!r}) AS BIGINT)"
         elif self.kind == "date":
             assert self.origin is not None
-            idx = (f"CAST(FLOOR(date_diff('day', DATE '{self.origin.isoformat()}', {c}) / {self.width!r}) "
-                   "AS BIGINT)")
+            idx = f"CAST(FLOOR(date_diff('day', DATE '{self.origin.isoformat()}', {c}) / {self.width!r}) AS BIGINT)"
         elif self.kind == "domain":
             if self.type is ColumnType.BOOL:
                 cases = " ".join(f"WHEN {c} = {_sql_literal(bool(v))} THEN {i}" for i, v in enumerate(self.labels))
@@ -111,8 +110,9 @@ class ColumnBins:
         if self.kind in ("int", "float", "date"):
             if self.kind == "date":
                 assert self.origin is not None
-                x = (pd.to_datetime(v).to_numpy().astype("datetime64[D]")
-                     - np.datetime64(self.origin.isoformat(), "D")).astype(np.float64)
+                x = (
+                    pd.to_datetime(v).to_numpy().astype("datetime64[D]") - np.datetime64(self.origin.isoformat(), "D")
+                ).astype(np.float64)
             else:
                 x = v.to_numpy(dtype=np.float64)
             idx = np.floor((x - self.low) / self.width).astype(np.int64)
@@ -191,19 +191,31 @@ class ColumnBins:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "name": self.name, "type": self.type.value, "kind": self.kind, "low": self.low, "width": self.width,
-            "n_bins": self.n_bins, "high": self.high,
+            "name": self.name,
+            "type": self.type.value,
+            "kind": self.kind,
+            "low": self.low,
+            "width": self.width,
+            "n_bins": self.n_bins,
+            "high": self.high,
             "origin": self.origin.isoformat() if self.origin else None,
-            "labels": list(self.labels), "scale": self.scale,
+            "labels": list(self.labels),
+            "scale": self.scale,
         }
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> ColumnBins:
         return ColumnBins(
-            name=d["name"], type=ColumnType(d["type"]), kind=d["kind"], low=d["low"], width=d["width"],
-            n_bins=d["n_bins"], high=d["high"],
+            name=d["name"],
+            type=ColumnType(d["type"]),
+            kind=d["kind"],
+            low=d["low"],
+            width=d["width"],
+            n_bins=d["n_bins"],
+            high=d["high"],
             origin=dt.date.fromisoformat(d["origin"]) if d["origin"] else None,
-            labels=list(d["labels"]), scale=d["scale"],
+            labels=list(d["labels"]),
+            scale=d["scale"],
         )
 
 
@@ -225,14 +237,14 @@ def column_bins(name: str, col: Column) -> ColumnBins | None:
         return ColumnBins(name, t, "int", low=float(lo), width=float(width), n_bins=n, high=float(hi))
     if t in NUMERIC_TYPES and col.bounds is not None:
         lo, hi = float(col.bounds[0]), float(col.bounds[1])
-        return ColumnBins(name, t, "float", low=lo, width=(hi - lo) / MAX_BINS, n_bins=MAX_BINS, high=hi,
-                          scale=col.scale)
+        return ColumnBins(
+            name, t, "float", low=lo, width=(hi - lo) / MAX_BINS, n_bins=MAX_BINS, high=hi, scale=col.scale
+        )
     if t is ColumnType.DATE and col.bounds is not None:
         lo_d, hi_d = col.bounds
         days = (hi_d - lo_d).days + 1
         width, n = _runs(days)
-        return ColumnBins(name, t, "date", low=0.0, width=float(width), n_bins=n, high=float(days - 1),
-                          origin=lo_d)
+        return ColumnBins(name, t, "date", low=0.0, width=float(width), n_bins=n, high=float(days - 1), origin=lo_d)
     if t is ColumnType.CATEGORY:
         return ColumnBins(name, t, "keys")  # keys come from DP key selection
     return None

@@ -79,8 +79,7 @@ def polychoric(table: np.ndarray, hx: np.ndarray, hy: np.ndarray, noise_scale: f
     return polychoric_fit(table, hx, hy, noise_scale)[0]
 
 
-def polychoric_fit(table: np.ndarray, hx: np.ndarray, hy: np.ndarray, noise_scale: float = 0.0
-                   ) -> tuple[float, float]:
+def polychoric_fit(table: np.ndarray, hx: np.ndarray, hy: np.ndarray, noise_scale: float = 0.0) -> tuple[float, float]:
     """Maximum-likelihood latent correlation of a two-way table of counts, noisy ones included, and the
     likelihood-ratio statistic 2·(ℓ(ρ̂) − ℓ(0)) against independence (about χ²₁ when there is no dependence).
 

@@ -54,8 +54,7 @@ def _sql_type(c: ColumnBins) -> str:
     return "VARCHAR"
 
 
-def sdmetrics_scores(private: pd.DataFrame, proxy: pd.DataFrame, metadata: dict[str, Any], seed: int
-                     ) -> dict[str, Any]:
+def sdmetrics_scores(private: pd.DataFrame, proxy: pd.DataFrame, metadata: dict[str, Any], seed: int) -> dict[str, Any]:
     """SDMetrics privacy scores on subsamples: NewRowSynthesis (1 = all new) and DCR baseline protection."""
     from sdmetrics.single_table import DCRBaselineProtection, NewRowSynthesis
 
@@ -65,8 +64,9 @@ def sdmetrics_scores(private: pd.DataFrame, proxy: pd.DataFrame, metadata: dict[
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            out["new_row_synthesis"] = float(NewRowSynthesis.compute(real, synth, metadata,
-                                                                     synthetic_sample_size=len(synth)))
+            out["new_row_synthesis"] = float(
+                NewRowSynthesis.compute(real, synth, metadata, synthetic_sample_size=len(synth))
+            )
         except Exception as exc:  # a metric failing must not release anything by itself; report it
             out["new_row_synthesis_error"] = type(exc).__name__
         try:
@@ -82,8 +82,15 @@ def sdmetrics_scores(private: pd.DataFrame, proxy: pd.DataFrame, metadata: dict[
     return out
 
 
-def check_release(con: duckdb.DuckDBPyConnection, table: str, private_sample: pd.DataFrame, proxy: pd.DataFrame,
-                  columns: list[ColumnBins], metadata: dict[str, Any], seed: int) -> dict[str, Any]:
+def check_release(
+    con: duckdb.DuckDBPyConnection,
+    table: str,
+    private_sample: pd.DataFrame,
+    proxy: pd.DataFrame,
+    columns: list[ColumnBins],
+    metadata: dict[str, Any],
+    seed: int,
+) -> dict[str, Any]:
     """The verdict on a non-DP proxy: `passed` is False if any proxy row equals a private row."""
     matches = exact_matches(con, table, proxy, columns)
     scores = sdmetrics_scores(private_sample, proxy, metadata, seed)

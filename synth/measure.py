@@ -79,7 +79,7 @@ class Allocation:
             "pairs": len(self.pairs),
             "delta_per_key_selection": self.delta_key_selection,
             "rule": "half of ε to the marginals (equal shares), half to the column pairs (equal shares); "
-                    "all of ε to the marginal if there is one column; δ only for key selection, equal shares",
+            "all of ε to the marginal if there is one column; δ only for key selection, equal shares",
         }
 
 
@@ -105,18 +105,21 @@ def allocate(policy: Policy, epsilon: float, delta: float = 0.0) -> Allocation:
     return Allocation(schema, epsilon, delta, eps_marg, eps_pair, delta / keyed if keyed else 0.0)
 
 
-def _marginal(con: duckdb.DuckDBPyConnection, table: str, col: ColumnBins, k: int, a: Allocation,
-              candidates: int) -> Marginal:
+def _marginal(
+    con: duckdb.DuckDBPyConnection, table: str, col: ColumnBins, k: int, a: Allocation, candidates: int
+) -> Marginal:
     if col.kind == "keys":
         c = quote(col.name)
         rows = con.execute(
             f"SELECT CAST({c} AS VARCHAR) AS key, COUNT(*) FROM {quote(table)} WHERE {c} IS NOT NULL GROUP BY key"
         ).fetchall()
-        sel = select_keys({str(key): int(n) for key, n in rows}, k, a.epsilon_marginal, a.delta_key_selection,
-                          candidates=candidates)
+        sel = select_keys(
+            {str(key): int(n) for key, n in rows}, k, a.epsilon_marginal, a.delta_key_selection, candidates=candidates
+        )
         keys = sorted(sel.kept)
-        return Marginal(col.with_keys(keys), [int(sel.kept[key]) for key in keys], sel.scale, sel.epsilon,
-                        sel.delta, sel.threshold)
+        return Marginal(
+            col.with_keys(keys), [int(sel.kept[key]) for key in keys], sel.scale, sel.epsilon, sel.delta, sel.threshold
+        )
     counts = [0] * col.size
     for b, n in con.execute(f"SELECT {col.bin_sql()} AS b, COUNT(*) FROM {quote(table)} GROUP BY b").fetchall():
         counts[int(b)] = int(n)
@@ -132,17 +135,28 @@ def _group_sql(m: Marginal, groups: np.ndarray) -> str:
 def _pair(con: duckdb.DuckDBPyConnection, table: str, ma: Marginal, mb: Marginal, k: int, eps: float) -> PairTable:
     ga, gb = coarse_groups(ma.value_mass), coarse_groups(mb.value_mass)
     na, nb = int(ga.max()) + 1, int(gb.max()) + 1
-    sql = (f"SELECT ga, gb, COUNT(*) FROM (SELECT {_group_sql(ma, ga)} AS ga, {_group_sql(mb, gb)} AS gb "
-           f"FROM {quote(table)}) WHERE ga IS NOT NULL AND gb IS NOT NULL GROUP BY ga, gb")
+    sql = (
+        f"SELECT ga, gb, COUNT(*) FROM (SELECT {_group_sql(ma, ga)} AS ga, {_group_sql(mb, gb)} AS gb "
+        f"FROM {quote(table)}) WHERE ga IS NOT NULL AND gb IS NOT NULL GROUP BY ga, gb"
+    )
     flat = [0] * (na * nb)
     for i, j, n in con.execute(sql).fetchall():
         flat[int(i) * nb + int(j)] = int(n)
     rel = release_integers(flat, count_sensitivity(k), eps)
     noisy = np.asarray(rel.values, dtype=np.int64).reshape(na, nb)
-    rho, lr = polychoric_fit(noisy, group_thresholds(ma.value_mass, ga), group_thresholds(mb.value_mass, gb),
-                             rel.scale)
-    return PairTable(ma.column.name, mb.column.name, ga.tolist(), gb.tolist(), noisy.tolist(), rel.scale,
-                     rel.epsilon, rho, lr, shrink(rho, lr))
+    rho, lr = polychoric_fit(noisy, group_thresholds(ma.value_mass, ga), group_thresholds(mb.value_mass, gb), rel.scale)
+    return PairTable(
+        ma.column.name,
+        mb.column.name,
+        ga.tolist(),
+        gb.tolist(),
+        noisy.tolist(),
+        rel.scale,
+        rel.epsilon,
+        rho,
+        lr,
+        shrink(rho, lr),
+    )
 
 
 def measure(
@@ -183,8 +197,15 @@ def measure(
         pairs.append(p)
     progress(1.0, "measured")
     return DPCopulaModel(
-        dataset=policy.dataset, rows_per_unit=k, epsilon=allocation.epsilon, delta=allocation.delta_spent,
-        allocation=allocation.to_json(), marginals=marginals, pairs=pairs,
-        correlation=nearest_correlation(corr).tolist(), unit_column=allocation.schema.unit_column,
-        dropped=dropped, notes=notes,
+        dataset=policy.dataset,
+        rows_per_unit=k,
+        epsilon=allocation.epsilon,
+        delta=allocation.delta_spent,
+        allocation=allocation.to_json(),
+        marginals=marginals,
+        pairs=pairs,
+        correlation=nearest_correlation(corr).tolist(),
+        unit_column=allocation.schema.unit_column,
+        dropped=dropped,
+        notes=notes,
     )

@@ -70,13 +70,20 @@ class Marginal:
         return float(max(sum(self.noisy), 1))
 
     def to_json(self) -> dict[str, Any]:
-        return {"column": self.column.to_json(), "noisy": [int(v) for v in self.noisy], "scale": self.scale,
-                "epsilon": self.epsilon, "delta": self.delta, "threshold": self.threshold}
+        return {
+            "column": self.column.to_json(),
+            "noisy": [int(v) for v in self.noisy],
+            "scale": self.scale,
+            "epsilon": self.epsilon,
+            "delta": self.delta,
+            "threshold": self.threshold,
+        }
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> Marginal:
-        return Marginal(ColumnBins.from_json(d["column"]), list(d["noisy"]), d["scale"], d["epsilon"], d["delta"],
-                        d["threshold"])
+        return Marginal(
+            ColumnBins.from_json(d["column"]), list(d["noisy"]), d["scale"], d["epsilon"], d["delta"], d["threshold"]
+        )
 
 
 @dataclass
@@ -155,20 +162,33 @@ class DPCopulaModel:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "dataset": self.dataset, "rows_per_unit": self.rows_per_unit, "epsilon": self.epsilon,
-            "delta": self.delta, "allocation": self.allocation,
-            "marginals": [m.to_json() for m in self.marginals], "pairs": [p.to_json() for p in self.pairs],
-            "correlation": self.correlation, "unit_column": self.unit_column, "dropped": self.dropped,
+            "dataset": self.dataset,
+            "rows_per_unit": self.rows_per_unit,
+            "epsilon": self.epsilon,
+            "delta": self.delta,
+            "allocation": self.allocation,
+            "marginals": [m.to_json() for m in self.marginals],
+            "pairs": [p.to_json() for p in self.pairs],
+            "correlation": self.correlation,
+            "unit_column": self.unit_column,
+            "dropped": self.dropped,
             "notes": self.notes,
         }
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> DPCopulaModel:
         return DPCopulaModel(
-            dataset=d["dataset"], rows_per_unit=d["rows_per_unit"], epsilon=d["epsilon"], delta=d["delta"],
-            allocation=d["allocation"], marginals=[Marginal.from_json(m) for m in d["marginals"]],
-            pairs=[PairTable.from_json(p) for p in d["pairs"]], correlation=d["correlation"],
-            unit_column=d["unit_column"], dropped=d["dropped"], notes=d["notes"],
+            dataset=d["dataset"],
+            rows_per_unit=d["rows_per_unit"],
+            epsilon=d["epsilon"],
+            delta=d["delta"],
+            allocation=d["allocation"],
+            marginals=[Marginal.from_json(m) for m in d["marginals"]],
+            pairs=[PairTable.from_json(p) for p in d["pairs"]],
+            correlation=d["correlation"],
+            unit_column=d["unit_column"],
+            dropped=d["dropped"],
+            notes=d["notes"],
         )
 
 

@@ -74,8 +74,15 @@ def sdv_metadata(columns: list[ColumnBins], *, latent: bool = False) -> Any:
     return md
 
 
-def fit_and_sample_sdv(frame: pd.DataFrame, columns: list[ColumnBins], rows: int, seed: int,
-                       progress: Progress = _no_progress, *, latent: bool = False) -> pd.DataFrame:
+def fit_and_sample_sdv(
+    frame: pd.DataFrame,
+    columns: list[ColumnBins],
+    rows: int,
+    seed: int,
+    progress: Progress = _no_progress,
+    *,
+    latent: bool = False,
+) -> pd.DataFrame:
     """Fit an SDV Gaussian copula on `frame` and sample `rows` rows from it.
 
     With `latent` (DP path), every column holds exact normal scores and is modelled as normal: SDV's marginals
@@ -90,8 +97,12 @@ def fit_and_sample_sdv(frame: pd.DataFrame, columns: list[ColumnBins], rows: int
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if latent:
-            synthesizer = GaussianCopulaSynthesizer(sdv_metadata(columns, latent=True), default_distribution="norm",
-                                                    enforce_min_max_values=False, enforce_rounding=False)
+            synthesizer = GaussianCopulaSynthesizer(
+                sdv_metadata(columns, latent=True),
+                default_distribution="norm",
+                enforce_min_max_values=False,
+                enforce_rounding=False,
+            )
         else:
             synthesizer = GaussianCopulaSynthesizer(sdv_metadata(columns), default_distribution=SDV_DISTRIBUTION)
         synthesizer.fit({"proxy": frame[[c.name for c in columns]]})
@@ -152,8 +163,9 @@ def _finish(frame: pd.DataFrame, schema_columns: list[ColumnBins], unit_column: 
     return pd.DataFrame(out)
 
 
-def dp_proxy(model: DPCopulaModel, rows: int, seed: int, method: str = DEFAULT_METHOD,
-             progress: Progress = _no_progress) -> pd.DataFrame:
+def dp_proxy(
+    model: DPCopulaModel, rows: int, seed: int, method: str = DEFAULT_METHOD, progress: Progress = _no_progress
+) -> pd.DataFrame:
     """A proxy of `rows` rows from a DP model (post-processing only)."""
     columns = [m.column for m in model.marginals]
     if method == "dpcopula_direct" or not columns:
@@ -162,14 +174,20 @@ def dp_proxy(model: DPCopulaModel, rows: int, seed: int, method: str = DEFAULT_M
     progress(0.05, "sampling training rows from the DP model")
     train = model.sample(min(rows, FIT_ROWS), seed, latent=True)
     progress(0.15, "fitting SDV on rows from the DP model")
-    sampled = fit_and_sample_sdv(train, columns, rows, seed, lambda f, s: progress(0.15 + 0.7 * f, s),
-                                 latent=True)
+    sampled = fit_and_sample_sdv(train, columns, rows, seed, lambda f, s: progress(0.15 + 0.7 * f, s), latent=True)
     progress(0.9, "calibrating to the DP marginals")
     return _finish(calibrate(sampled, model, seed), columns, model.unit_column)
 
 
-def non_dp_proxy(con: duckdb.DuckDBPyConnection, table: str, policy: Policy, schema: ProxySchema, rows: int,
-                 seed: int, progress: Progress = _no_progress) -> tuple[pd.DataFrame, pd.DataFrame]:
+def non_dp_proxy(
+    con: duckdb.DuckDBPyConnection,
+    table: str,
+    policy: Policy,
+    schema: ProxySchema,
+    rows: int,
+    seed: int,
+    progress: Progress = _no_progress,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """NOT differentially private: fit SDV on the private rows. Returns (proxy, the private rows used)."""
     columns = schema.columns
     names = ", ".join(quote(c.name) for c in columns)

@@ -73,9 +73,17 @@ def dp_fidelity(model: DPCopulaModel, proxy: pd.DataFrame, alpha: float = ALPHA)
     for p in model.pairs:
         rho_proxy = _proxy_rho(proxy, model, p)
         rho_model = model.correlation[names.index(p.a)][names.index(p.b)]
-        pairs.append({"columns": [p.a, p.b], "dp_rho": round(p.rho, 4), "model_rho": round(rho_model, 4),
-                      "proxy_rho": round(rho_proxy, 4), "noise_scale": p.scale, "epsilon": p.epsilon,
-                      "correlation_similarity": float(1 - abs(p.rho - rho_proxy) / 2)})
+        pairs.append(
+            {
+                "columns": [p.a, p.b],
+                "dp_rho": round(p.rho, 4),
+                "model_rho": round(rho_model, 4),
+                "proxy_rho": round(rho_proxy, 4),
+                "noise_scale": p.scale,
+                "epsilon": p.epsilon,
+                "correlation_similarity": float(1 - abs(p.rho - rho_proxy) / 2),
+            }
+        )
     shape = float(np.mean([c["tv_complement"] for c in columns.values()])) if columns else 1.0
     trend = float(np.mean([p["correlation_similarity"] for p in pairs])) if pairs else 1.0
     return {
@@ -95,12 +103,18 @@ def non_dp_fidelity(columns: list[ColumnBins], private: pd.DataFrame, proxy: pd.
         if col.kind == "keys":  # bins from the proxy's own values: no private key is named
             col = col.with_keys(sorted(set(map(str, proxy[col.name].dropna()))))
         real_p, proxy_p = _distribution(col, private[col.name]), _distribution(col, proxy[col.name])
-        out[col.name] = {"bins": col.bin_labels() + (["NULL"] if col.has_null_bin else []),
-                         "proxy": proxy_p.round(6).tolist(),
-                         "tv_complement": float(1 - 0.5 * np.abs(real_p - proxy_p).sum())}
+        out[col.name] = {
+            "bins": col.bin_labels() + (["NULL"] if col.has_null_bin else []),
+            "proxy": proxy_p.round(6).tolist(),
+            "tv_complement": float(1 - 0.5 * np.abs(real_p - proxy_p).sum()),
+        }
     shape = float(np.mean([c["tv_complement"] for c in out.values()])) if out else 1.0
-    return {"reference": "private rows (NOT differentially private; scores only)",
-            "scores": {"column_shapes": shape}, "columns": out, "pairs": []}
+    return {
+        "reference": "private rows (NOT differentially private; scores only)",
+        "scores": {"column_shapes": shape},
+        "columns": out,
+        "pairs": [],
+    }
 
 
 # --- HTML pages ---------------------------------------------------------------------------------------------
@@ -118,20 +132,28 @@ def _svg(name: str, c: dict[str, Any]) -> str:
     def y(v: float) -> float:
         return h - pad - (h - 2 * pad) * v / top
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" '
-             f'aria-label="{html.escape(name)}">',
-             f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#444"/>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" '
+        f'aria-label="{html.escape(name)}">',
+        f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#444"/>',
+    ]
     for i in range(n):
         x = pad + i * bw
         if ref is not None:
-            parts.append(f'<rect x="{x + bw * 0.1:.1f}" y="{y(ref[i]):.1f}" width="{bw * 0.4:.1f}" '
-                         f'height="{h - pad - y(ref[i]):.1f}" fill="#4c78a8"><title>DP {ref[i]:.4f}</title></rect>')
-        parts.append(f'<rect x="{x + bw * 0.5:.1f}" y="{y(prox[i]):.1f}" width="{bw * 0.4:.1f}" '
-                     f'height="{h - pad - y(prox[i]):.1f}" fill="#f58518"><title>proxy {prox[i]:.4f}</title></rect>')
+            parts.append(
+                f'<rect x="{x + bw * 0.1:.1f}" y="{y(ref[i]):.1f}" width="{bw * 0.4:.1f}" '
+                f'height="{h - pad - y(ref[i]):.1f}" fill="#4c78a8"><title>DP {ref[i]:.4f}</title></rect>'
+            )
+        parts.append(
+            f'<rect x="{x + bw * 0.5:.1f}" y="{y(prox[i]):.1f}" width="{bw * 0.4:.1f}" '
+            f'height="{h - pad - y(prox[i]):.1f}" fill="#f58518"><title>proxy {prox[i]:.4f}</title></rect>'
+        )
         if low is not None and high is not None:
             cx = x + bw * 0.3
-            parts.append(f'<line x1="{cx:.1f}" y1="{y(low[i]):.1f}" x2="{cx:.1f}" y2="{y(high[i]):.1f}" '
-                         f'stroke="#222" stroke-width="1.5"/>')
+            parts.append(
+                f'<line x1="{cx:.1f}" y1="{y(low[i]):.1f}" x2="{cx:.1f}" y2="{y(high[i]):.1f}" '
+                f'stroke="#222" stroke-width="1.5"/>'
+            )
     parts.append(f'<text x="{pad}" y="{pad - 12}" font-size="13">max {top:.4f}</text></svg>')
     return "".join(parts)
 
@@ -148,17 +170,20 @@ def render_pages(report: dict[str, Any], directory: Path, title: str) -> list[st
             f"<tr><td>{html.escape(str(b))}</td><td>{r:.4f}</td><td>{p:.4f}</td></tr>"
             for b, r, p in zip(c["bins"], ref, c["proxy"], strict=False)
         )
-        page = (f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}: {html.escape(name)}</title>"
-                f"<h1>{html.escape(name)}</h1><p>{legend}. TVComplement against the reference "
-                f"({html.escape(report['reference'])}): {c['tv_complement']:.3f}</p>{_svg(name, c)}"
-                f"<table border=1 cellpadding=3><tr><th>bin</th><th>DP</th><th>proxy</th></tr>{rows}</table>"
-                "<p><a href='index.html'>all columns</a></p>")
+        page = (
+            f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}: {html.escape(name)}</title>"
+            f"<h1>{html.escape(name)}</h1><p>{legend}. TVComplement against the reference "
+            f"({html.escape(report['reference'])}): {c['tv_complement']:.3f}</p>{_svg(name, c)}"
+            f"<table border=1 cellpadding=3><tr><th>bin</th><th>DP</th><th>proxy</th></tr>{rows}</table>"
+            "<p><a href='index.html'>all columns</a></p>"
+        )
         fname = f"column_{name}.html"
         (directory / fname).write_text(page)
         names.append(fname)
     pairs = "".join(
         f"<tr><td>{html.escape(' × '.join(p['columns']))}</td><td>{p['dp_rho']:.3f}</td><td>{p['proxy_rho']:.3f}</td>"
-        f"<td>{p['correlation_similarity']:.3f}</td></tr>" for p in report.get("pairs", [])
+        f"<td>{p['correlation_similarity']:.3f}</td></tr>"
+        for p in report.get("pairs", [])
     )
     links = "".join(f"<li><a href='{f}'>{html.escape(f[7:-5])}</a></li>" for f in names)
     scores = "".join(f"<li>{html.escape(k)}: {v:.3f}</li>" for k, v in report["scores"].items())

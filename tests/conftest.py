@@ -89,8 +89,14 @@ def gateways(n: int, *args: str, cwd: Path | None = None) -> Iterator[list[str]]
     try:
         for _ in range(n):
             port = free_port()
-            procs.append(subprocess.Popen([str(BIN), "serve", "--port", str(port), *args], cwd=cwd,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen(
+                    [str(BIN), "serve", "--port", str(port), *args],
+                    cwd=cwd,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
             urls.append(f"http://127.0.0.1:{port}")
         for url in urls:
             for _ in range(300):

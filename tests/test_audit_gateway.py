@@ -28,8 +28,14 @@ SQL = "SELECT sex, COUNT(*) AS n FROM visits GROUP BY sex"
 
 
 def bastion(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN), *args], cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "BASTION_WORKSPACE": ""})
+    return subprocess.run(
+        [str(BIN), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "BASTION_WORKSPACE": ""},
+    )
 
 
 def verify(workspace: Workspace, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -219,9 +225,11 @@ def test_fail_closed_when_the_log_cannot_be_written(workspace: Workspace) -> Non
         # Mid-run the log file becomes unusable (a directory where the file was): root cannot write it either.
         log.rename(log.with_name("audit.jsonl.saved"))
         log.mkdir()
-        for body in ({"sql": "SELECT COUNT(*) AS n FROM visits", "epsilon": 0.5},
-                     {"sql": SQL, "epsilon": 0.5},  # even a cached answer needs its record
-                     {"sql": "SELECT MAX(age) FROM visits", "epsilon": 1}):
+        for body in (
+            {"sql": "SELECT COUNT(*) AS n FROM visits", "epsilon": 0.5},
+            {"sql": SQL, "epsilon": 0.5},  # even a cached answer needs its record
+            {"sql": "SELECT MAX(age) FROM visits", "epsilon": 1},
+        ):
             r = c.post("/v1/query", json=body, headers=analyst)
             assert r.status_code == 503, r.text
             assert r.json() == {"error": {"code": "audit_unavailable", "message": r.json()["error"]["message"]}}
@@ -231,8 +239,9 @@ def test_fail_closed_when_the_log_cannot_be_written(workspace: Workspace) -> Non
         after = c.get("/v1/budget", headers=analyst).json()
         spent = {b["dataset"]: b["spent"]["epsilon"] for b in after}
         # The charge made before the failed "admitted" record stands: never refunded.
-        assert spent["visits"] == pytest.approx(next(b for b in before if b["dataset"] == "visits")["spent"]["epsilon"]
-                                                + 0.5)
+        assert spent["visits"] == pytest.approx(
+            next(b for b in before if b["dataset"] == "visits")["spent"]["epsilon"] + 0.5
+        )
         log.rmdir()
         log.with_name("audit.jsonl.saved").rename(log)
         again = c.post("/v1/query", json={"sql": "SELECT AVG(age) FROM visits", "epsilon": 0.1}, headers=analyst)
@@ -265,8 +274,11 @@ def test_two_gateway_processes_lose_no_record(workspace: Workspace, two_gateways
                 with lock:
                     sent.append((rid, r.status_code))
 
-    threads = [threading.Thread(target=client, args=(url, g * threads_per_gateway + t))
-               for g, url in enumerate(two_gateways) for t in range(threads_per_gateway)]
+    threads = [
+        threading.Thread(target=client, args=(url, g * threads_per_gateway + t))
+        for g, url in enumerate(two_gateways)
+        for t in range(threads_per_gateway)
+    ]
     for t in threads:
         t.start()
     for t in threads:

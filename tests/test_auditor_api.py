@@ -33,13 +33,25 @@ def busy(workspace: Workspace) -> Workspace:
         analyst = workspace.headers("analyst")
         assert c.post("/v1/query", json={"sql": SQL, "epsilon": 0.5}, headers=analyst).status_code == 200
         assert c.post("/v1/query", json={"sql": SQL, "epsilon": 0.5}, headers=analyst).json()["cached"]
-        assert c.post("/v1/query", json={"sql": "SELECT MAX(age) FROM visits", "epsilon": 1},
-                      headers=analyst).status_code == 400
+        assert (
+            c.post("/v1/query", json={"sql": "SELECT MAX(age) FROM visits", "epsilon": 1}, headers=analyst).status_code
+            == 400
+        )
         bastion.audit_log.checkpoint()
-        assert c.post("/v1/query", json={"sql": "SELECT COUNT(*) FROM visits", "epsilon": 0.25},
-                      headers={"Authorization": f"Bearer {bob}"}).status_code == 200
-        assert c.post("/v1/query", json={"sql": "SELECT AVG(income) FROM visits", "epsilon": 1.0},
-                      headers=analyst).status_code == 200
+        assert (
+            c.post(
+                "/v1/query",
+                json={"sql": "SELECT COUNT(*) FROM visits", "epsilon": 0.25},
+                headers={"Authorization": f"Bearer {bob}"},
+            ).status_code
+            == 200
+        )
+        assert (
+            c.post(
+                "/v1/query", json={"sql": "SELECT AVG(income) FROM visits", "epsilon": 1.0}, headers=analyst
+            ).status_code
+            == 200
+        )
     workspace.tokens["bob"] = bob
     return workspace
 
@@ -75,7 +87,10 @@ def test_every_read_is_itself_recorded(busy: Workspace) -> None:
         auditor.audit_spend()
     reads = [r for r in AuditLog(busy.settings.audit_dir).records() if r["event"] == "audit_read"]
     assert [(r["request"]["action"], r["decision"], r["actor"]["principal"]) for r in reads] == [
-        ("events", "allowed", "otto"), ("verify", "allowed", "otto"), ("spend", "allowed", "otto")]
+        ("events", "allowed", "otto"),
+        ("verify", "allowed", "otto"),
+        ("spend", "allowed", "otto"),
+    ]
     assert reads[0]["request"]["actor"] == "alice" and reads[0]["request"]["limit"] == 100
 
 
@@ -88,8 +103,13 @@ def test_event_with_inclusion_proof(busy: Workspace) -> None:
         assert proved["leaf_hash"] == leaf_hash(line).hex()
         ck = proved["checkpoint"]
         assert ck["tree_size"] >= cp.tree_size
-        assert verify_inclusion(leaf_hash(line), 3, ck["tree_size"], [bytes.fromhex(h) for h in proved["proof"]],
-                                bytes.fromhex(ck["root_hash"]))
+        assert verify_inclusion(
+            leaf_hash(line),
+            3,
+            ck["tree_size"],
+            [bytes.fromhex(h) for h in proved["proof"]],
+            bytes.fromhex(ck["root_hash"]),
+        )
         with pytest.raises(BastionError) as missing:
             auditor.audit_event(10**6)
         assert missing.value.status == 404
@@ -141,8 +161,9 @@ def test_verify_checkpoints_and_consistency(busy: Workspace) -> None:
         assert status["ok"] and status["verdict"] == "OK" and status["status"] == "ok"
         first = auditor.audit_latest_checkpoint()
         assert first["signed"] and first["tree_size"] > 0
-        c.post("/v1/query", json={"sql": "SELECT COUNT(*) AS n FROM pums", "epsilon": 0.1},
-               headers=busy.headers("analyst"))
+        c.post(
+            "/v1/query", json={"sql": "SELECT COUNT(*) AS n FROM pums", "epsilon": 0.1}, headers=busy.headers("analyst")
+        )
         second = auditor.audit_checkpoint()
         assert second["tree_size"] > first["tree_size"]
         assert auditor.audit_latest_checkpoint()["root_hash"] == second["root_hash"]
@@ -152,11 +173,20 @@ def test_verify_checkpoints_and_consistency(busy: Workspace) -> None:
         with pytest.raises(BastionError) as unknown:
             auditor.audit_consistency(first["tree_size"] + 1, second["tree_size"])
         assert unknown.value.status == 404
-    assert verify_consistency(first["tree_size"], second["tree_size"], bytes.fromhex(first["root_hash"]),
-                              bytes.fromhex(second["root_hash"]), [bytes.fromhex(h) for h in proof["proof"]])
+    assert verify_consistency(
+        first["tree_size"],
+        second["tree_size"],
+        bytes.fromhex(first["root_hash"]),
+        bytes.fromhex(second["root_hash"]),
+        [bytes.fromhex(h) for h in proof["proof"]],
+    )
     ring = Keyring.load(busy.settings.keys_dir)
-    assert Checkpoint.from_dict({k: second[k] for k in ("schema_version", "tree_size", "root_hash", "time",
-                                                          "key_id", "signature")}).problem(ring) is None
+    assert (
+        Checkpoint.from_dict(
+            {k: second[k] for k in ("schema_version", "tree_size", "root_hash", "time", "key_id", "signature")}
+        ).problem(ring)
+        is None
+    )
 
 
 def test_no_checkpoint_yet_is_404(workspace: Workspace) -> None:

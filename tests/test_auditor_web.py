@@ -26,9 +26,11 @@ def _cells(html: str, cls: str) -> list[str]:
 def _spend_some(c, workspace: Workspace) -> str:
     """Queries by alice and by a second analyst, bob; returns bob's token."""
     bob = c.app.state.bastion.tokens.create("bob", "analyst")[0]
-    for sql, eps, headers in ((SQL, 0.5, workspace.headers("analyst")),
-                              ("SELECT COUNT(*) FROM visits", 0.3, {"Authorization": f"Bearer {bob}"}),
-                              ("SELECT AVG(age) FROM visits", 1.0, workspace.headers("analyst"))):
+    for sql, eps, headers in (
+        (SQL, 0.5, workspace.headers("analyst")),
+        ("SELECT COUNT(*) FROM visits", 0.3, {"Authorization": f"Bearer {bob}"}),
+        ("SELECT AVG(age) FROM visits", 1.0, workspace.headers("analyst")),
+    ):
         assert c.post("/v1/query", json={"sql": sql, "epsilon": eps}, headers=headers).status_code == 200
     return bob
 
@@ -60,16 +62,18 @@ def test_sign_in_with_an_httponly_cookie_then_the_dashboard(workspace: Workspace
         assert export.status_code == 200 and export.text.count("\n") >= 6
         out = c.post("/audit/logout", follow_redirects=False)
         assert out.status_code == 303 and 'bastion_audit=""' in out.headers["set-cookie"]
-    reads = [r["request"]["action"] for r in AuditLog(workspace.settings.audit_dir).records()
-             if r["event"] == "audit_read"]
+    reads = [
+        r["request"]["action"] for r in AuditLog(workspace.settings.audit_dir).records() if r["event"] == "audit_read"
+    ]
     assert reads == ["web_login", "web_dashboard", "web_event", "web_export"]
 
 
 def test_event_filters(workspace: Workspace) -> None:
     with workspace.app() as c:
         _spend_some(c, workspace)
-        c.post("/v1/query", json={"sql": "SELECT MAX(age) FROM visits", "epsilon": 1},
-               headers=workspace.headers("analyst"))
+        c.post(
+            "/v1/query", json={"sql": "SELECT MAX(age) FROM visits", "epsilon": 1}, headers=workspace.headers("analyst")
+        )
         auditor = workspace.headers("auditor")
         alice = c.get("/audit", params={"actor": "alice", "event": "query"}, headers=auditor).text
         assert set(_cells(alice, "actor")) == {"alice"} and set(_cells(alice, "ev")) == {"query"}
@@ -97,8 +101,11 @@ def test_non_auditors_get_403_and_are_recorded(workspace: Workspace) -> None:
         wrong = c.post("/audit/login", data={"token": "bst_nope_nope"}, follow_redirects=False)
         assert wrong.status_code == 401 and "not valid" in wrong.text
     records = AuditLog(workspace.settings.audit_dir).records()
-    denied = [(r["actor"]["role"], r["request"]["action"]) for r in records
-              if r["event"] == "audit_read" and r["decision"] == "denied"]
+    denied = [
+        (r["actor"]["role"], r["request"]["action"])
+        for r in records
+        if r["event"] == "audit_read" and r["decision"] == "denied"
+    ]
     assert len(denied) == 13 and {role for role, _ in denied} == {"analyst", "lf_author", "admin"}
     assert not any(r["event"] == "audit_read" and r["decision"] == "allowed" for r in records)
     assert any(r["event"] == "authentication" and r["request"]["path"] == "/audit/login" for r in records)
@@ -106,8 +113,11 @@ def test_non_auditors_get_403_and_are_recorded(workspace: Workspace) -> None:
 
 def test_user_text_is_escaped(workspace: Workspace) -> None:
     with workspace.app() as c:
-        c.post("/v1/query", json={"sql": "SELECT '<script>alert(1)</script>' FROM visits", "epsilon": 1},
-               headers=workspace.headers("analyst"))
+        c.post(
+            "/v1/query",
+            json={"sql": "SELECT '<script>alert(1)</script>' FROM visits", "epsilon": 1},
+            headers=workspace.headers("analyst"),
+        )
         page = c.get("/audit", headers=workspace.headers("auditor")).text
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
 
@@ -143,8 +153,16 @@ def _chromium_or_skip() -> None:
     pytest.importorskip("playwright.sync_api")
 
 
-BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+BROWSER_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.mark.slow
@@ -154,16 +172,24 @@ def test_auditor_page_in_headless_chromium(workspace: Workspace, server: str, tm
 
     with workspace.app() as c:
         bob = c.app.state.bastion.tokens.create("bob", "analyst")[0]
-    for sql, eps, token in ((SQL, 0.5, workspace.tokens["analyst"]), ("SELECT COUNT(*) FROM visits", 0.4, bob),
-                            ("SELECT AVG(age) FROM visits", 1.0, workspace.tokens["analyst"]),
-                            ("SELECT MAX(age) FROM visits", 1.0, bob)):
-        httpx.post(f"{server}/v1/query", json={"sql": sql, "epsilon": eps},
-                   headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    for sql, eps, token in (
+        (SQL, 0.5, workspace.tokens["analyst"]),
+        ("SELECT COUNT(*) FROM visits", 0.4, bob),
+        ("SELECT AVG(age) FROM visits", 1.0, workspace.tokens["analyst"]),
+        ("SELECT MAX(age) FROM visits", 1.0, bob),
+    ):
+        httpx.post(
+            f"{server}/v1/query",
+            json={"sql": sql, "epsilon": eps},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=60,
+        )
     shot = Path(os.environ.get("BASTION_SCREENSHOT", tmp_path / "auditor.png"))
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM if CHROMIUM.exists() else shutil.which("chromium")),
-                                    args=BROWSER_ARGS)
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM if CHROMIUM.exists() else shutil.which("chromium")), args=BROWSER_ARGS
+        )
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1400})
             page.goto(f"{server}/audit")

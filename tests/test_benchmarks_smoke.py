@@ -12,8 +12,18 @@ from benchmarks.workloads import WORKLOADS
 
 
 def test_benchmark_suite_writes_every_workload_and_engine(tmp_path: Path) -> None:
-    opts = Options(rows=[20_000], reps=3, warmup=1, clients=2, throughput_seconds=0.5, smartnoise=False,
-                   work=tmp_path / "work", out=tmp_path / "out", copy_markdown=None, log=lambda _: None)
+    opts = Options(
+        rows=[20_000],
+        reps=3,
+        warmup=1,
+        clients=2,
+        throughput_seconds=0.5,
+        smartnoise=False,
+        work=tmp_path / "work",
+        out=tmp_path / "out",
+        copy_markdown=None,
+        log=lambda _: None,
+    )
     run(opts)
 
     results = json.loads((tmp_path / "out" / "results.json").read_text())

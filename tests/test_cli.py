@@ -13,8 +13,9 @@ from tests.conftest import BIN, gateways
 
 
 def _run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN), *args], cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [str(BIN), *args], cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture

@@ -35,8 +35,9 @@ def test_concurrent_processes_never_overspend(workspace: Workspace) -> None:
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()
     procs = [
-        ctx.Process(target=_query_in_process, args=(str(workspace.settings.workspace),
-                                                    workspace.tokens["analyst"], age, out))
+        ctx.Process(
+            target=_query_in_process, args=(str(workspace.settings.workspace), workspace.tokens["analyst"], age, out)
+        )
         for age in range(6)
     ]
     for p in procs:
@@ -82,15 +83,16 @@ def test_caps_are_exact_and_total_cap_applies(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "l.sqlite")
     per, total = Budget(epsilon=1.0, delta=0), Budget(epsilon=1.5, delta=0)
     for _ in range(10):
-        ledger.charge(principal="a", dataset="d", cost=PrivacyLoss(0.1), per_principal=per, total=total,
-                      request_id="r")
+        ledger.charge(principal="a", dataset="d", cost=PrivacyLoss(0.1), per_principal=per, total=total, request_id="r")
     with pytest.raises(BudgetExhausted) as info:
-        ledger.charge(principal="a", dataset="d", cost=PrivacyLoss(1e-9), per_principal=per, total=total,
-                      request_id="r")
+        ledger.charge(
+            principal="a", dataset="d", cost=PrivacyLoss(1e-9), per_principal=per, total=total, request_id="r"
+        )
     assert info.value.details["scope"] == "principal"
     ledger.charge(principal="b", dataset="d", cost=PrivacyLoss(0.5), per_principal=per, total=total, request_id="r")
     with pytest.raises(BudgetExhausted) as info:
-        ledger.charge(principal="c", dataset="d", cost=PrivacyLoss(0.01), per_principal=per, total=total,
-                      request_id="r")
+        ledger.charge(
+            principal="c", dataset="d", cost=PrivacyLoss(0.01), per_principal=per, total=total, request_id="r"
+        )
     assert info.value.details["scope"] == "dataset"
     assert ledger.spent_total("d").epsilon == pytest.approx(1.5)

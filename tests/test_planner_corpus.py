@@ -25,10 +25,29 @@ def resolve(name: str):
 def test_corpus_covers_every_rejection_class() -> None:
     reasons = {q["verdict"] for q in CORPUS}
     required = {
-        "accepted", "raw_rows", "non_aggregated_column", "privacy_unit_column", "hidden_column",
-        "labeling_only_column", "min_max", "join", "subquery", "cte", "set_operation", "window_function",
-        "table_function", "volatile_function", "multiple_statements", "ddl", "dml", "pragma", "attach", "copy",
-        "install_load", "set", "system_catalog",
+        "accepted",
+        "raw_rows",
+        "non_aggregated_column",
+        "privacy_unit_column",
+        "hidden_column",
+        "labeling_only_column",
+        "min_max",
+        "join",
+        "subquery",
+        "cte",
+        "set_operation",
+        "window_function",
+        "table_function",
+        "volatile_function",
+        "multiple_statements",
+        "ddl",
+        "dml",
+        "pragma",
+        "attach",
+        "copy",
+        "install_load",
+        "set",
+        "system_catalog",
     }
     assert required <= reasons
     assert len(CORPUS) >= 60

@@ -24,14 +24,17 @@ def heavy(tmp_path_factory: pytest.TempPathFactory) -> Catalog:
     """200 ordinary units with 3 rows each, and one unit with 10,000 rows."""
     d = tmp_path_factory.mktemp("heavy")
     units = np.concatenate([np.repeat(np.arange(200), 3), np.full(10_000, 999)])
-    frame = pd.DataFrame({
-        "uid": units,
-        "kind": np.where(np.arange(len(units)) % 2 == 0, "a", "b"),
-        "value": np.where(units == 999, 100, 10),
-        "tag": np.where(units == 999, "rare", np.where(units % 2 == 0, "even", "odd")),
-    })
+    frame = pd.DataFrame(
+        {
+            "uid": units,
+            "kind": np.where(np.arange(len(units)) % 2 == 0, "a", "b"),
+            "value": np.where(units == 999, 100, 10),
+            "tag": np.where(units == 999, "rare", np.where(units % 2 == 0, "even", "odd")),
+        }
+    )
     frame.to_csv(d / "heavy.csv", index=False)
-    policy = parse_policy(yaml.safe_load(f"""
+    policy = parse_policy(
+        yaml.safe_load(f"""
 dataset: heavy
 privacy_unit: uid
 max_rows_per_unit: {K}
@@ -42,7 +45,8 @@ columns:
   value: {{type: int, bounds: [0, 100]}}
   tag: {{type: category}}
 roles: {{analyst: [query]}}
-"""))
+""")
+    )
     cat = Catalog(d / "db.duckdb", d / "key", read_only=False)
     cat.register(policy, d / "heavy.csv")
     return cat
@@ -134,8 +138,9 @@ def test_pums_with_nulls_as_second_dataset(tmp_path: Path) -> None:
     cat.register(policy, data / "PUMS_null.csv")
     nulls = cat.connect().execute("SELECT COUNT(*) - COUNT(income) FROM bounded_pums_null").fetchone()[0]
     assert nulls > 0
-    plan = plan_query("SELECT sex, COUNT(income) AS n, AVG(income) AS m FROM pums_null GROUP BY sex",
-                      lambda n: cat.policy(n)[0])
+    plan = plan_query(
+        "SELECT sex, COUNT(income) AS n, AVG(income) AS m FROM pums_null GROUP BY sex", lambda n: cat.policy(n)[0]
+    )
     release = execute(plan, price(plan, epsilon=5.0, accuracy=None, alpha=0.05, delta=None), cat.connect())
     assert [r[0] for r in release.rows] == [0, 1]
     for row, cells in zip(release.rows, release.intervals, strict=True):

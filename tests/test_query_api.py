@@ -33,8 +33,9 @@ def test_repeat_is_cached_identical_and_free(workspace: Workspace) -> None:
     with workspace.app() as c:
         h = workspace.headers("analyst")
         first = c.post("/v1/query", json={"sql": SQL, "epsilon": 0.5}, headers=h).json()
-        again = c.post("/v1/query", json={"sql": SQL.lower().replace("select", "SELECT"), "epsilon": 0.5},
-                       headers=h).json()
+        again = c.post(
+            "/v1/query", json={"sql": SQL.lower().replace("select", "SELECT"), "epsilon": 0.5}, headers=h
+        ).json()
         budget = c.get("/v1/budget", headers=h).json()
     assert again["cached"] and again["epsilon_spent"] == 0.0
     assert again["rows"] == first["rows"] and again["intervals"] == first["intervals"]
@@ -45,9 +46,11 @@ def test_repeat_is_cached_identical_and_free(workspace: Workspace) -> None:
 def test_answers_match_the_documented_schema(workspace: Workspace) -> None:
     with workspace.app() as c:
         h = workspace.headers("analyst")
-        bodies = [c.post("/v1/query", json={"sql": SQL, "epsilon": 0.5}, headers=h).json(),
-                  c.post("/v1/query", json={"sql": SQL, "epsilon": 0.5}, headers=h).json(),
-                  c.post("/v1/query", json={"sql": SQL, "epsilon": 0.5, "dry_run": True}, headers=h).json()]
+        bodies = [
+            c.post("/v1/query", json={"sql": SQL, "epsilon": 0.5}, headers=h).json(),
+            c.post("/v1/query", json={"sql": SQL, "epsilon": 0.5}, headers=h).json(),
+            c.post("/v1/query", json={"sql": SQL, "epsilon": 0.5, "dry_run": True}, headers=h).json(),
+        ]
         schema = c.get("/openapi.json").json()
     for body in bodies:
         QueryResponse.model_validate(body)
@@ -77,8 +80,11 @@ def test_accuracy_target_derives_epsilon_and_meets_it(workspace: Workspace) -> N
 
 def test_rejected_sql_points_at_the_span(workspace: Workspace) -> None:
     with workspace.app() as c:
-        r = c.post("/v1/query", json={"sql": "SELECT region,\n  MAX(income) FROM visits GROUP BY region",
-                                      "epsilon": 1}, headers=workspace.headers("analyst"))
+        r = c.post(
+            "/v1/query",
+            json={"sql": "SELECT region,\n  MAX(income) FROM visits GROUP BY region", "epsilon": 1},
+            headers=workspace.headers("analyst"),
+        )
     assert r.status_code == 400
     err = r.json()["error"]
     assert err["code"] == "query_rejected" and err["reason"] == "min_max"
@@ -105,8 +111,7 @@ def test_budget_exhausted_is_refused_before_running(workspace: Workspace) -> Non
         h = workspace.headers("analyst")
         ok = c.post("/v1/query", json={"sql": "SELECT COUNT(*) FROM visits", "epsilon": 9.5}, headers=h)
         assert ok.status_code == 200
-        r = c.post("/v1/query", json={"sql": "SELECT COUNT(*) FROM visits WHERE age > 3", "epsilon": 1},
-                   headers=h)
+        r = c.post("/v1/query", json={"sql": "SELECT COUNT(*) FROM visits WHERE age > 3", "epsilon": 1}, headers=h)
     assert r.status_code == 429
     assert r.json()["error"]["code"] == "budget_exhausted"
 
@@ -115,8 +120,11 @@ def test_pums_is_a_second_dataset_with_pid_as_unit(workspace: Workspace) -> None
     with workspace.app() as c:
         h = workspace.headers("analyst")
         names = {d["dataset"] for d in c.get("/v1/datasets", headers=h).json()}
-        body = c.post("/v1/query", json={"sql": "SELECT sex, COUNT(*) AS n, AVG(age) AS age FROM pums GROUP BY sex",
-                                         "epsilon": 1.0}, headers=h).json()
+        body = c.post(
+            "/v1/query",
+            json={"sql": "SELECT sex, COUNT(*) AS n, AVG(age) AS age FROM pums GROUP BY sex", "epsilon": 1.0},
+            headers=h,
+        ).json()
         unit = c.post("/v1/query", json={"sql": "SELECT pid FROM pums GROUP BY pid", "epsilon": 1.0}, headers=h)
         budget = {b["dataset"]: b for b in c.get("/v1/budget", headers=h).json()}
     assert names == {"visits", "pums"}

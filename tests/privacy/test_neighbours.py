@@ -63,8 +63,16 @@ ADVERSARIAL = [
 
 def _worst_case_unit(template: pa.Table) -> pa.Table:
     row = {name: template.column(name)[0].as_py() for name in template.column_names}
-    row.update(patient_id=UNIT, age=110, income=500_000.0, length_of_stay=60, diagnosis="Z99.7", region="central",
-               triage_note="crushing chest pain radiating to the left arm", triage_label="routine")
+    row.update(
+        patient_id=UNIT,
+        age=110,
+        income=500_000.0,
+        length_of_stay=60,
+        diagnosis="Z99.7",
+        region="central",
+        triage_note="crushing chest pain radiating to the left arm",
+        triage_label="routine",
+    )
     return pa.Table.from_pylist([row] * (K + 2), schema=template.schema)
 
 
@@ -96,11 +104,20 @@ def _shape(sql: str, status: int, body: dict[str, Any]) -> Any:
     if status != 200:
         error = body["error"]
         return status, error["code"], error.get("reason"), error["message"]
-    rows_public = "having" not in sql.lower() and "diagnosis" not in sql.lower().split("from")[0] \
-        and "group by diagnosis" not in sql.lower() and "limit" not in sql.lower()
+    rows_public = (
+        "having" not in sql.lower()
+        and "diagnosis" not in sql.lower().split("from")[0]
+        and "group by diagnosis" not in sql.lower()
+        and "limit" not in sql.lower()
+    )
     assert all(len(r) == len(body["columns"]) for r in body["rows"]), sql
-    return (status, sorted(body), body["columns"], len(body["rows"]) if rows_public else None,
-            [m["measurement"] for m in body["measurements"]])
+    return (
+        status,
+        sorted(body),
+        body["columns"],
+        len(body["rows"]) if rows_public else None,
+        [m["measurement"] for m in body["measurements"]],
+    )
 
 
 @pytest.mark.slow
@@ -126,8 +143,7 @@ def test_a_refused_query_costs_nothing(neighbours: tuple[Workspace, Workspace]) 
     with d.app() as client:
         before = client.get("/v1/budget", headers=d.headers("analyst")).json()[0]["spent"]["epsilon"]
         for sql in ADVERSARIAL:
-            client.post("/v1/query", json={"sql": sql, "epsilon": 0.1, "dry_run": False},
-                        headers=d.headers("analyst"))
+            client.post("/v1/query", json={"sql": sql, "epsilon": 0.1, "dry_run": False}, headers=d.headers("analyst"))
         spent = client.get("/v1/budget", headers=d.headers("analyst")).json()[0]["spent"]["epsilon"]
     accepted = sum(1 for sql in ADVERSARIAL if _accepted(d, sql))
     assert spent - before == pytest.approx(0.1 * accepted, abs=1e-9)

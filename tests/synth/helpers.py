@@ -17,8 +17,13 @@ from tests.conftest import ROLES, Workspace, build_workspace
 USABLE = ["age", "sex", "region", "diagnosis", "income", "length_of_stay", "visit_day"]
 
 
-def wait(c: TestClient, headers: dict[str, str], job_id: str, until: tuple[str, ...] = ("done", "failed", "withheld"),
-         timeout: float = 120.0) -> dict[str, Any]:
+def wait(
+    c: TestClient,
+    headers: dict[str, str],
+    job_id: str,
+    until: tuple[str, ...] = ("done", "failed", "withheld"),
+    timeout: float = 120.0,
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         job = c.get(f"/v1/synth/{job_id}", headers=headers).json()
@@ -45,8 +50,7 @@ def private_rows(ws: Workspace, dataset: str = "visits") -> pd.DataFrame:
         con.close()
 
 
-def variant_workspace(root: Path, demo_source: tuple[Path, Path], replacements: list[tuple[str, str]]
-                      ) -> Workspace:
+def variant_workspace(root: Path, demo_source: tuple[Path, Path], replacements: list[tuple[str, str]]) -> Workspace:
     """A workspace with the demo data under a modified copy of its policy."""
     data, _ = demo_source
     text = POLICY_YAML

@@ -52,8 +52,9 @@ def test_dp_proxy_has_the_usable_columns_and_types_and_no_private_row(workspace:
 def test_pums_proxy_keeps_int_domains_and_booleans(workspace: Workspace) -> None:
     h = workspace.headers("analyst")
     with workspace.app() as c:
-        r = c.post("/v1/synth", json={"dataset": "pums", "epsilon": 2.0, "rows": 3_000,
-                                      "method": "dpcopula_direct"}, headers=h)
+        r = c.post(
+            "/v1/synth", json={"dataset": "pums", "epsilon": 2.0, "rows": 3_000, "method": "dpcopula_direct"}, headers=h
+        )
         assert r.status_code == 200, r.text
         job = wait(c, h, r.json()["job_id"])
         proxy = proxy_frame(c, h, job["job_id"])
@@ -64,13 +65,18 @@ def test_pums_proxy_keeps_int_domains_and_booleans(workspace: Workspace) -> None
 
 
 def test_privacy_unit_gets_fresh_ids(tmp_path: Path, demo_source: tuple[Path, Path]) -> None:
-    ws = variant_workspace(tmp_path / "unit", demo_source,
-                           [("patient_id:     {type: int, usage: hidden}",
-                             "patient_id:     {type: int, bounds: [0, 100000000]}")])
+    ws = variant_workspace(
+        tmp_path / "unit",
+        demo_source,
+        [("patient_id:     {type: int, usage: hidden}", "patient_id:     {type: int, bounds: [0, 100000000]}")],
+    )
     h = ws.headers("analyst")
     with ws.app() as c:
-        r = c.post("/v1/synth", json={"dataset": "visits", "epsilon": 1.0, "rows": 5_000,
-                                      "method": "dpcopula_direct"}, headers=h)
+        r = c.post(
+            "/v1/synth",
+            json={"dataset": "visits", "epsilon": 1.0, "rows": 5_000, "method": "dpcopula_direct"},
+            headers=h,
+        )
         job = wait(c, h, r.json()["job_id"])
         proxy = proxy_frame(c, h, job["job_id"])
     assert list(proxy.columns)[0] == "patient_id"
@@ -117,8 +123,9 @@ def test_synth_needs_the_grant_and_other_principals_see_nothing(workspace: Works
         r = c.post("/v1/synth", json={"dataset": "visits", "epsilon": 1.0}, headers=workspace.headers("lf_author"))
         assert r.status_code == 403
         h = workspace.headers("analyst")
-        job = c.post("/v1/synth", json={"dataset": "visits", "epsilon": 0.2, "rows": 500,
-                                        "method": "dpcopula_direct"}, headers=h).json()
+        job = c.post(
+            "/v1/synth", json={"dataset": "visits", "epsilon": 0.2, "rows": 500, "method": "dpcopula_direct"}, headers=h
+        ).json()
         wait(c, h, job["job_id"])
         other = c.get(f"/v1/synth/{job['job_id']}", headers=workspace.headers("auditor"))
         assert other.status_code == 404
@@ -167,8 +174,9 @@ def test_missing_values_follow_the_dp_null_bins(tmp_path: Path, pums_source: tup
 def test_audit_trail_of_a_proxy(workspace: Workspace) -> None:
     h = workspace.headers("analyst")
     with workspace.app() as c:
-        job = c.post("/v1/synth", json={"dataset": "visits", "epsilon": 0.2, "rows": 500,
-                                        "method": "dpcopula_direct"}, headers=h).json()
+        job = c.post(
+            "/v1/synth", json={"dataset": "visits", "epsilon": 0.2, "rows": 500, "method": "dpcopula_direct"}, headers=h
+        ).json()
         wait(c, h, job["job_id"])
         content = c.get(f"/v1/synth/{job['job_id']}/download", headers=h).content
     records = AuditLog(workspace.settings.audit_dir).records()
@@ -184,8 +192,11 @@ def test_audit_trail_of_a_proxy(workspace: Workspace) -> None:
 def test_interrupted_job_resumes_from_its_stored_model_at_no_cost(workspace: Workspace) -> None:
     h = workspace.headers("analyst")
     with workspace.app() as c:
-        job = c.post("/v1/synth", json={"dataset": "visits", "epsilon": 0.3, "rows": 800, "seed": 4,
-                                        "method": "dpcopula_direct"}, headers=h).json()
+        job = c.post(
+            "/v1/synth",
+            json={"dataset": "visits", "epsilon": 0.3, "rows": 800, "seed": 4, "method": "dpcopula_direct"},
+            headers=h,
+        ).json()
         wait(c, h, job["job_id"])
         before = proxy_frame(c, h, job["job_id"])
     # Simulate a crash after the DP measurements: the job is still "running" and has no proxy yet.

@@ -17,13 +17,33 @@ from tests.conftest import Workspace
 def test_synth_run_follows_progress_and_writes_the_proxy(workspace: Workspace, tmp_path: Path, monkeypatch) -> None:
     token = workspace.tokens["analyst"]
     with workspace.app() as c:
-        monkeypatch.setattr(terminal, "make_client", lambda url, tok: Client("http://testserver", tok,
-                                                                            transport=c._transport))
+        monkeypatch.setattr(
+            terminal, "make_client", lambda url, tok: Client("http://testserver", tok, transport=c._transport)
+        )
         runner = CliRunner()
         out = tmp_path / "proxy.csv"
-        run = runner.invoke(app, ["synth", "run", "visits", "--epsilon", "0.4", "--rows", "1500", "--seed", "9",
-                                  "--method", "dpcopula_direct", "--out", str(out), "--poll", "0.1",
-                                  "--token", token])
+        run = runner.invoke(
+            app,
+            [
+                "synth",
+                "run",
+                "visits",
+                "--epsilon",
+                "0.4",
+                "--rows",
+                "1500",
+                "--seed",
+                "9",
+                "--method",
+                "dpcopula_direct",
+                "--out",
+                str(out),
+                "--poll",
+                "0.1",
+                "--token",
+                token,
+            ],
+        )
         assert run.exit_code == 0, run.output
         job_id = run.output.split("job ")[1].split()[0]
         report = runner.invoke(app, ["synth", "report", job_id, "--token", token])

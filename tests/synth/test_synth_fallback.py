@@ -25,8 +25,11 @@ def test_a_failed_measurement_releases_the_default_input_with_the_same_status(
     monkeypatch.setattr(synth, "measure", failing)
     h = workspace.headers("analyst")
     with workspace.app() as c:
-        r = c.post("/v1/synth", json={"dataset": "pums", "epsilon": 1.0, "rows": 500, "seed": 3,
-                                      "method": "dpcopula_direct"}, headers=h)
+        r = c.post(
+            "/v1/synth",
+            json={"dataset": "pums", "epsilon": 1.0, "rows": 500, "seed": 3, "method": "dpcopula_direct"},
+            headers=h,
+        )
         assert r.status_code == 200, r.text
         job = wait(c, h, r.json()["job_id"])
         assert job["status"] == "done", job

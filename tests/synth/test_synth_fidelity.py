@@ -26,8 +26,9 @@ def test_fidelity_at_epsilon_one(workspace: Workspace, demo_source: tuple[Path, 
 def _proxy_and_truth(workspace: Workspace) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     h = workspace.headers("analyst")
     with workspace.app() as c:
-        job = c.post("/v1/synth", json={"dataset": "visits", "epsilon": 1.0, "rows": ROWS, "seed": 11},
-                     headers=h).json()
+        job = c.post(
+            "/v1/synth", json={"dataset": "visits", "epsilon": 1.0, "rows": ROWS, "seed": 11}, headers=h
+        ).json()
         assert wait(c, h, job["job_id"])["status"] == "done"
         proxy = proxy_frame(c, h, job["job_id"])
         report = c.get(f"/v1/synth/{job['job_id']}/report", headers=h).json()

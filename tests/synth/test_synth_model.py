@@ -26,8 +26,15 @@ def test_allocation_splits_epsilon_and_delta_exactly(workspace: Workspace) -> No
         bastion.close()
     a = allocate(policy, 1.0, 1e-7)
     d = len(a.schema.columns)
-    assert [c.name for c in a.schema.columns] == ["age", "sex", "region", "diagnosis", "income", "length_of_stay",
-                                                  "visit_day"]
+    assert [c.name for c in a.schema.columns] == [
+        "age",
+        "sex",
+        "region",
+        "diagnosis",
+        "income",
+        "length_of_stay",
+        "visit_day",
+    ]
     assert math.isclose(d * a.epsilon_marginal + len(a.pairs) * a.epsilon_pair, 1.0)
     assert math.isclose(a.delta_spent, 1e-7)
     without_delta = allocate(policy, 1.0, 0.0)

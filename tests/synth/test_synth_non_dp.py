@@ -19,8 +19,7 @@ def _records(ws: Workspace, event: str) -> list[dict]:
 def test_non_dp_refused_without_policy_opt_in(workspace: Workspace) -> None:
     h = workspace.headers("analyst")
     with workspace.app() as c:
-        r = c.post("/v1/synth", json={"dataset": "visits", "rows": 1_000, "method": "sdv_gaussian_copula"},
-                   headers=h)
+        r = c.post("/v1/synth", json={"dataset": "visits", "rows": 1_000, "method": "sdv_gaussian_copula"}, headers=h)
         budget = c.get("/v1/budget", headers=h).json()
     assert r.status_code == 403 and r.json()["error"]["code"] == "non_dp_not_allowed"
     denied = _records(workspace, "synth")[-1]
@@ -32,12 +31,16 @@ def test_non_dp_refused_without_policy_opt_in(workspace: Workspace) -> None:
 
 
 def test_non_dp_needs_approval_and_is_audited(tmp_path: Path, demo_source: tuple[Path, Path]) -> None:
-    ws = variant_workspace(tmp_path / "optin", demo_source, [("synthesis: {mode: dp}",
-                                                              "synthesis: {mode: non_dp_allowed}")])
+    ws = variant_workspace(
+        tmp_path / "optin", demo_source, [("synthesis: {mode: dp}", "synthesis: {mode: non_dp_allowed}")]
+    )
     h = ws.headers("analyst")
     with ws.app() as c:
-        job = c.post("/v1/synth", json={"dataset": "visits", "rows": 5_000, "seed": 4,
-                                        "method": "sdv_gaussian_copula"}, headers=h).json()
+        job = c.post(
+            "/v1/synth",
+            json={"dataset": "visits", "rows": 5_000, "seed": 4, "method": "sdv_gaussian_copula"},
+            headers=h,
+        ).json()
         assert job["status"] == "awaiting_approval" and job["non_dp"] and job["epsilon"] == 0
         assert c.get(f"/v1/synth/{job['job_id']}", headers=h).json()["status"] == "awaiting_approval"
         early = c.get(f"/v1/synth/{job['job_id']}/download", headers=h)
@@ -45,11 +48,17 @@ def test_non_dp_needs_approval_and_is_audited(tmp_path: Path, demo_source: tuple
 
         approved = subprocess.run(
             [sys.executable, "-m", "gateway.cli", "synth", "approve", job["job_id"], "-w", str(ws.settings.workspace)],
-            capture_output=True, text=True, timeout=120)
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert approved.returncode == 0, approved.stderr
         again = subprocess.run(
             [sys.executable, "-m", "gateway.cli", "synth", "approve", job["job_id"], "-w", str(ws.settings.workspace)],
-            capture_output=True, text=True, timeout=120)
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert again.returncode == 1 and "conflict" in again.stderr
 
         done = wait(c, h, job["job_id"])
