@@ -81,7 +81,7 @@ class Checkpoint:
             raise ValueError("tree_size must be a non-negative integer")
         if not isinstance(root, str) or len(root) != 64 or root.strip("0123456789abcdef"):
             raise ValueError("root_hash must be 64 lowercase hex digits")
-        if not all(isinstance(v, str) for v in (time, key_id, sig)):
+        if not (isinstance(time, str) and isinstance(key_id, str) and isinstance(sig, str)):
             raise ValueError("time, key_id and signature must be strings")
         parse_time(time)
         return cls(size, root, time, key_id, sig)

@@ -239,8 +239,9 @@ def events(
         return
     table = Table("seq", "time", "event", "principal", "role", "dataset", "decision", "reason", "phase", "ε")
     for r in found:
-        actor_ = r.get("actor") if isinstance(r.get("actor"), dict) else {}
-        cost = r.get("cost") if isinstance(r.get("cost"), dict) else {}
+        actor_, cost = r.get("actor"), r.get("cost")
+        actor_ = actor_ if isinstance(actor_, dict) else {}
+        cost = cost if isinstance(cost, dict) else {}
         table.add_row(
             *(
                 str(v) if v is not None else ""

@@ -16,7 +16,7 @@ import math
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypedDict, cast
 from urllib.parse import parse_qs, urlencode
 
 import jinja2
@@ -50,6 +50,17 @@ class AuditLogUnreadable(GatewayError):
 # --- reading the log ------------------------------------------------------------------------------------------
 
 
+class FilterArgs(TypedDict, total=False):
+    """The filters that are set, as keyword arguments of `report.query_events`."""
+
+    since: str
+    until: str
+    actor: str
+    dataset: str
+    event: str
+    decision: str
+
+
 @dataclass(frozen=True)
 class Filters:
     since: str | None = None
@@ -59,16 +70,18 @@ class Filters:
     event: str | None = None
     decision: str | None = None
 
-    def as_dict(self) -> dict[str, str]:
-        return {k: v for k, v in self.__dict__.items() if v}
+    def as_dict(self) -> FilterArgs:
+        # The fields are exactly FilterArgs' keys, all str | None; the unset (None or empty) ones are dropped.
+        return cast(FilterArgs, {k: v for k, v in self.__dict__.items() if v})
 
     def checked(self) -> Filters:
         """Empty fields dropped; times checked to be ISO 8601 (naive means UTC)."""
         values = {k: (v.strip() or None) if isinstance(v, str) else v for k, v in self.__dict__.items()}
         for name in ("since", "until"):
-            if values[name] is not None:
+            value = values[name]
+            if value is not None:
                 try:
-                    format_time(values[name])
+                    format_time(value)
                 except ValueError:
                     raise InvalidRequest(
                         f"{name} must be an ISO 8601 time such as 2026-01-31T12:00:00Z", field=name

@@ -155,7 +155,7 @@ def _accuracy_target(plan: Plan, accuracy: float | dict[str, float]) -> tuple[st
     return name, float(target)
 
 
-def _agg_of(plan: Plan, e: exp.Expression) -> Aggregate | None:
+def _agg_of(plan: Plan, e: exp.Expr) -> Aggregate | None:
     if isinstance(e, exp.Column):
         return next((a for a in plan.aggregates if a.alias == e.name), None)
     return None
@@ -438,7 +438,7 @@ def _aggregate(
 
 
 def _interval_eval(
-    node: exp.Expression, env: dict[str, tuple[np.ndarray, np.ndarray]]
+    node: exp.Expr, env: dict[str, tuple[np.ndarray, np.ndarray]]
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Interval arithmetic over + - * / on aggregate intervals; None where it does not apply."""
     if isinstance(node, exp.Column):
@@ -517,10 +517,12 @@ def _post_process(
             col_intervals.append(None)
             continue
         alpha_each = alpha / len(ms)
-        env = {}
+        env: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for a in used:
             _, lo, hi = _aggregate(plan, pricing, a, noisy, quantiles, alpha_each)
-            env[a.alias] = (lo, hi)  # type: ignore[assignment]
+            # Only quantile aggregates have no interval, and any quantile measurement was skipped above.
+            assert lo is not None and hi is not None, a
+            env[a.alias] = (lo, hi)
         col_intervals.append(_interval_eval(e, env))
 
     # Per output column, the bounds of every group as Python floats (one conversion per column, not per cell).

@@ -83,21 +83,32 @@ def stats(
     except ValueError as exc:
         fail(str(exc))
     with gateway_client(url, token) as c:
-        raw = c.lf_stats_raw(dataset, lfs, python_lfs=python_lfs + list(python or []), epsilon=epsilon,
-                             alpha=alpha, label_model=label_model, dry_run=dry_run)
+        raw = c.lf_stats_raw(
+            dataset,
+            lfs,
+            python_lfs=python_lfs + list(python or []),
+            epsilon=epsilon,
+            alpha=alpha,
+            label_model=label_model,
+            dry_run=dry_run,
+        )
     if as_json:
         typer.echo(json.dumps(raw, indent=2))
         return
     if raw.get("dry_run"):
         console.print(f"dry run: would cost ε={raw['epsilon']:.4g}")
         for m in raw["measurements"]:
-            console.print(f"  {m['measurement']}: ε={m['epsilon']:.4g}, sensitivity {m['sensitivity']}, "
-                          f"±{m['half_width']:,.0f} rows per count at {1 - raw['alpha']:.0%}")
+            console.print(
+                f"  {m['measurement']}: ε={m['epsilon']:.4g}, sensitivity {m['sensitivity']}, "
+                f"±{m['half_width']:,.0f} rows per count at {1 - raw['alpha']:.0%}"
+            )
     else:
         print_summary(raw)
     b = raw["budget"]
-    console.print(f"spent ε={raw['epsilon_spent']:.4g}{' (cached)' if raw['cached'] else ''}; remaining on "
-                  f"{b['dataset']}: ε={b['remaining']['epsilon']:.4g}")
+    console.print(
+        f"spent ε={raw['epsilon_spent']:.4g}{' (cached)' if raw['cached'] else ''}; remaining on "
+        f"{b['dataset']}: ε={b['remaining']['epsilon']:.4g}"
+    )
 
 
 @lf_app.command("registry")

@@ -177,7 +177,7 @@ class Plan:
     keys: list[GroupKey]
     aggregates: list[Aggregate]
     output_names: list[str]
-    output_exprs: list[exp.Expression]  # over k*/a* columns, for interval arithmetic
+    output_exprs: list[exp.Expr]  # over k*/a* columns, for interval arithmetic
     post_sql: str  # runs over the released table "released"
     measurements: list[Measurement] = field(default_factory=list)
 
@@ -186,12 +186,15 @@ class Plan:
         return any(k.domain is None for k in self.keys)
 
     def declared_groups(self) -> list[tuple[Any, ...]] | None:
-        if self.needs_key_selection:
-            return None
-        return list(itertools.product(*[k.domain for k in self.keys]))  # type: ignore[misc]
+        domains: list[list[Any]] = []
+        for k in self.keys:
+            if k.domain is None:  # needs_key_selection
+                return None
+            domains.append(k.domain)
+        return list(itertools.product(*domains))
 
 
-def _statement_reason(stmt: exp.Expression) -> tuple[str, str] | None:
+def _statement_reason(stmt: exp.Expr) -> tuple[str, str] | None:
     name = type(stmt).__name__
     for names, reason, message in _STATEMENT_REASONS:
         if name in names:
@@ -236,8 +239,9 @@ def dataset_name(select: exp.Select, sql: str) -> str:
             sql,
             hint="write one SELECT over one dataset",
         )
-    if select.args.get("joins") or select.args.get("laterals"):
-        node = (select.args.get("joins") or select.args.get("laterals"))[0]
+    joined = select.args.get("joins") or select.args.get("laterals")
+    if joined:
+        node = joined[0]
         raise reject("joins are not allowed", "join", node, sql, hint="query one dataset at a time")
     from_ = select.args.get("from_") or select.args.get("from")
     if from_ is None:
@@ -274,11 +278,11 @@ class _Planner:
         self.sql = sql
         self.policy = policy
         self.aggregates: dict[tuple[str, str, float], Aggregate] = {}
-        self.keys: list[tuple[exp.Expression, GroupKey]] = []
+        self.keys: list[tuple[exp.Expr, GroupKey]] = []
 
     # --- aggregates ---------------------------------------------------------------------------------------
 
-    def _numeric_column(self, node: exp.Expression, agg: exp.Expression, what: str) -> str:
+    def _numeric_column(self, node: exp.Expr, agg: exp.Expr, what: str) -> str:
         if not isinstance(node, exp.Column):
             raise reject(
                 f"the argument of {what} must be a column",
@@ -303,7 +307,7 @@ class _Planner:
             )
         return name
 
-    def _quantile_q(self, node: exp.Expression | None, agg: exp.Expression) -> float:
+    def _quantile_q(self, node: exp.Expr | None, agg: exp.Expr) -> float:
         if not isinstance(node, exp.Literal) or node.is_string:
             raise reject("the quantile must be a number literal between 0 and 1", "aggregate_argument", agg, self.sql)
         q = float(node.this)
@@ -455,7 +459,7 @@ class _Planner:
             for (expr, key), d in zip(self.keys, domains, strict=True)
         ]
 
-    def match_key(self, node: exp.Expression) -> GroupKey | None:
+    def match_key(self, node: exp.Expr) -> GroupKey | None:
         for expr, key in self.keys:
             if node == expr:
                 return key
@@ -463,14 +467,14 @@ class _Planner:
 
     # --- outputs ------------------------------------------------------------------------------------------
 
-    def rewrite(self, node: exp.Expression, aliases: dict[str, exp.Expression] | None = None) -> exp.Expression:
+    def rewrite(self, node: exp.Expr, aliases: dict[str, exp.Expr] | None = None) -> exp.Expr:
         """Replace aggregates by a* columns and group-key expressions by k* columns; reject stray columns.
 
         In HAVING and ORDER BY, `aliases` maps output names to their rewritten expressions.
         """
         aliases = aliases or {}
 
-        def transform(n: exp.Expression) -> exp.Expression:
+        def transform(n: exp.Expr) -> exp.Expr:
             if (
                 isinstance(n, exp.Column)
                 and not n.table
@@ -518,9 +522,7 @@ class _Planner:
                 )
         return _transform_top_down(node.copy(), transform)
 
-    def output(
-        self, node: exp.Expression, *, condition: bool = False, extra: dict[str, Typed] | None = None
-    ) -> Checked:
+    def output(self, node: exp.Expr, *, condition: bool = False, extra: dict[str, Typed] | None = None) -> Checked:
         """Type-check an output expression over released cells (k*, a*, o*) and compile its total form."""
         for n in node.walk():
             if not isinstance(n, _OUTPUT_NODES):
@@ -534,7 +536,7 @@ class _Planner:
         keys = {k.alias: k.typed for _, k in self.keys}
         known = {**keys, **(extra or {})}
 
-        def resolve(col: exp.Column) -> tuple[Typed, exp.Expression]:
+        def resolve(col: exp.Column) -> tuple[Typed, exp.Expr]:
             name = col.name
             if name in known:
                 return known[name], exp.column(name, quoted=True)
@@ -555,11 +557,13 @@ class _Planner:
                 self.sql,
                 hint="use GROUP BY with an aggregate such as COUNT(*)",
             )
-        if select.args.get("qualify") or select.args.get("windows"):
+        windows = select.args.get("windows")
+        window_node = select.args.get("qualify") or (windows[0] if windows else None)
+        if window_node is not None:
             raise reject(
                 "window functions are not allowed",
                 "window_function",
-                select.args.get("qualify") or select.args.get("windows")[0],
+                window_node,
                 self.sql,
             )
         for forbidden in ("into", "locks", "connect", "prewhere", "match", "pivots"):
@@ -571,7 +575,7 @@ class _Planner:
             where_sql = check_row_expression(where.this, self.policy, self.sql, condition="WHERE").sql
         self.group_keys()
         names: list[str] = []
-        outputs: list[exp.Expression] = []
+        outputs: list[exp.Expr] = []
         for item in select.expressions:
             inner = item.this if isinstance(item, exp.Alias) else item
             names.append(item.alias if isinstance(item, exp.Alias) else _default_name(inner))
@@ -585,6 +589,7 @@ class _Planner:
             by_alias = {n.lower(): i for i, n in enumerate(names)}
             for o in order.expressions:
                 target = o.this
+                new: exp.Expr
                 if (
                     isinstance(target, exp.Column)
                     and not target.table
@@ -653,19 +658,19 @@ class _Planner:
         )
 
 
-def _transform_top_down(node: exp.Expression, fn: Callable[[exp.Expression], exp.Expression]) -> exp.Expression:
+def _transform_top_down(node: exp.Expr, fn: Callable[[exp.Expr], exp.Expr]) -> exp.Expr:
     new = fn(node)
     if new is not node:
         return new
     for key, value in list(node.args.items()):
-        if isinstance(value, exp.Expression):
+        if isinstance(value, exp.Expr):
             node.set(key, _transform_top_down(value, fn))
         elif isinstance(value, list):
-            node.set(key, [_transform_top_down(v, fn) if isinstance(v, exp.Expression) else v for v in value])
+            node.set(key, [_transform_top_down(v, fn) if isinstance(v, exp.Expr) else v for v in value])
     return node
 
 
-def _default_name(node: exp.Expression) -> str:
+def _default_name(node: exp.Expr) -> str:
     if isinstance(node, exp.Column):
         return node.name
     return node.sql(dialect="duckdb")
@@ -686,25 +691,28 @@ def duck_type(t: ColumnType) -> str:
     return _DUCK_TYPES[t]
 
 
-def public_key_domain(expr: exp.Expression, policy: Policy, key_sql: str) -> list[Any] | None:
+def public_key_domain(expr: exp.Expr, policy: Policy, key_sql: str) -> list[Any] | None:
     """Values a key expression can take, computed from the policy's public domains only (no private data)."""
     columns = sorted({c.name.lower() for c in expr.find_all(exp.Column)})
-    domains = [policy.columns[c].key_domain() for c in columns]
-    if any(d is None for d in domains):
-        return None
+    domains: list[list[Any]] = []
+    for c in columns:
+        domain = policy.columns[c].key_domain()
+        if domain is None:
+            return None
+        domains.append(domain)
     size = 1
     for d in domains:
-        size *= len(d)  # type: ignore[arg-type]
+        size *= len(d)
     if size > MAX_DECLARED_GROUPS:
         return None
     if isinstance(expr, exp.Column):
-        return list(domains[0])  # type: ignore[arg-type]
+        return list(domains[0])
     con = scratch()
     try:
         selects = []
         for c, d in zip(columns, domains, strict=True):
             t = duck_type(policy.columns[c].type)
-            values = ", ".join(f"(CAST(? AS {t}))" for _ in d)  # type: ignore[union-attr]
+            values = ", ".join(f"(CAST(? AS {t}))" for _ in d)
             selects.append((f'(SELECT * FROM (VALUES {values}) AS v("{c}"))', d))
         from_sql = " CROSS JOIN ".join(s for s, _ in selects)
         params = [v if not isinstance(v, bool) else v for _, d in selects for v in d]

@@ -181,29 +181,29 @@ class Bastion:
         return records[len(due) :]
 
     def _unrecorded(self, ids: Iterable[int | None]) -> None:
-        ids = [i for i in ids if i is not None]
-        if not ids:
+        known = [i for i in ids if i is not None]
+        if not known:
             return
         with self._state:
             self._orphans_due = True
             try:
-                self.ledger.mark_unrecorded(ids)
+                self.ledger.mark_unrecorded(known)
             except LedgerUnavailable as exc:
                 log.error("charges could not be marked unrecorded (%s); retrying later", type(exc).__name__)
-                self._stranded.update(ids)
+                self._stranded.update(known)
 
     def _mark_audited(self, ids: Iterable[int | None]) -> None:
         """Bookkeeping only (the records are durable): a failure is retried later, and at start-up."""
-        ids = [i for i in ids if i is not None]
-        if not ids:
+        known = [i for i in ids if i is not None]
+        if not known:
             return
         try:
-            self.ledger.mark_audited(ids)
+            self.ledger.mark_audited(known)
         except LedgerUnavailable as exc:
             log.error("charges could not be marked audited (%s); retrying later", type(exc).__name__)
             with self._state:
                 self._orphans_due = True
-                self._unmarked.update(ids)
+                self._unmarked.update(known)
 
     def _due_orphans(self) -> list[LedgerCharge]:
         """Unrecorded charges to record now, claimed from the ledger (only after this process saw a failure)."""

@@ -1,12 +1,14 @@
 """One LF-statistics request: validate and price it from public facts (plan), then compute it on the private rows.
 
 The gateway charges `plan.cost` and audits before calling `compute_lf_stats`; nothing here opens the private
-database: it receives a DuckDB cursor and the policy.
+database: it receives a DuckDB cursor and the policy. Everything that can be refused is refused in
+`plan_lf_stats` and `precheck`, before the charge. After it, the status and shape of the answer are fixed: if
+running the LFs fails for any reason, `compute_lf_stats` raises `LFRunFailed` (carrying only a failure class)
+and the gateway answers `compute_lf_stats_default(plan)`, the same measurements released over an empty table.
 """
 
 from __future__ import annotations
 
-import math
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,19 +17,30 @@ from typing import Any
 import duckdb
 import numpy as np
 
-from labeling_functions.matrix import VoteQuery, check_binds, label_matrix, lf_input_frame, python_votes, vote_patterns
+from labeling_functions.label_model import write_labels
+from labeling_functions.matrix import (
+    LFExecutionError,
+    VoteQuery,
+    check_binds,
+    label_matrix,
+    lf_input_frame,
+    python_votes,
+    vote_patterns,
+)
+from labeling_functions.patterns import PatternDomain
 from labeling_functions.registry import REGISTRY, PythonLF, Registry
-from labeling_functions.sandbox import LFRef, SandboxLimits, apply_python_lfs
+from labeling_functions.sandbox import LFRef, SandboxError, SandboxLimits, apply_python_lfs
 from labeling_functions.specs import ABSTAIN, MAX_LFS, CompiledLF, check_name, classes_of, compile_lfs
 from labeling_functions.statistics import (
     ExactStatistics,
     LFInfo,
     Measurement,
+    check_calibration,
     plan_measurements,
     release_statistics,
 )
-from policies.accountant import PrivacyLoss
-from policies.errors import InvalidRequest
+from policies.accountant import PrivacyLoss, check_alpha, check_epsilon
+from policies.errors import GatewayError, InvalidRequest
 from policies.schema import Policy
 
 NOTES = [
@@ -57,9 +70,15 @@ class LFStatsPlan:
         return self.policy.labels is not None and self.policy.labels.gold_column is not None
 
     @property
+    def domain(self) -> PatternDomain:
+        """The public domain of vote patterns (× gold) of the label model's histogram."""
+        return PatternDomain(tuple(lf.polarity for lf in self.lfs), len(self.classes), self.has_gold)
+
+    @property
     def lfs(self) -> list[LFInfo]:
-        return ([LFInfo(lf.name, "sql", (lf.label_index,)) for lf in self.declarative]
-                + [LFInfo(lf.name, "python", lf.label_indices) for lf in self.python])
+        return [LFInfo(lf.name, "sql", (lf.label_index,)) for lf in self.declarative] + [
+            LFInfo(lf.name, "python", lf.label_indices) for lf in self.python
+        ]
 
     @property
     def cost(self) -> PrivacyLoss:
@@ -70,7 +89,9 @@ class LFStatsPlan:
         return {
             "sql": [[lf.name, lf.label_index, lf.sql] for lf in self.declarative],
             "python": [[lf.name, lf.module, lf.attribute, lf.code_sha256, list(lf.labels)] for lf in self.python],
-            "epsilon": self.epsilon, "alpha": self.alpha, "label_model": self.label_model,
+            "epsilon": self.epsilon,
+            "alpha": self.alpha,
+            "label_model": self.label_model,
         }
 
     def summary(self) -> dict[str, Any]:
@@ -78,8 +99,12 @@ class LFStatsPlan:
         if self.python:
             notes.append("A Python LF's votes outside its declared labels are counted as abstentions.")
         if self.label_model:
-            notes.append("The label model's probabilistic labels were written to a private file for downstream "
-                         "jobs; only their DP class balance and agreement with the gold labels are shown.")
+            notes.append(
+                "The label model was fitted on a DP histogram of the vote patterns, never on the rows; each "
+                "row's label is the model's label for its vote pattern, written to a private file for "
+                "downstream jobs. Its class balance and agreement with the gold labels are sums of cells of "
+                "that histogram; their intervals take the model's labels as given."
+            )
         return {
             "dataset": self.policy.dataset,
             "classes": self.classes,
@@ -88,8 +113,10 @@ class LFStatsPlan:
             "epsilon": self.epsilon,
             "delta": 0.0,
             "definitions": [lf.public() for lf in self.declarative]
-            + [{"name": lf.name, "kind": "python", "labels": list(lf.labels), "code_sha256": lf.code_sha256}
-               for lf in self.python],
+            + [
+                {"name": lf.name, "kind": "python", "labels": list(lf.labels), "code_sha256": lf.code_sha256}
+                for lf in self.python
+            ],
             "notes": notes,
         }
 
@@ -109,10 +136,7 @@ def plan_lf_stats(
 ) -> LFStatsPlan:
     """Validate the request against the policy and the registry, and split ε; raises before anything is spent."""
     classes = classes_of(policy)
-    if not (isinstance(epsilon, int | float) and math.isfinite(epsilon) and epsilon > 0):
-        raise InvalidRequest("epsilon must be a positive finite number")
-    if not 0 < alpha < 1:
-        raise InvalidRequest("alpha must be between 0 and 1")
+    epsilon, alpha = check_epsilon(epsilon), check_alpha(alpha)
     seen: set[str] = set()
     declarative = compile_lfs(lfs or [], policy, seen)
     python: list[PythonLF] = []
@@ -132,10 +156,25 @@ def plan_lf_stats(
         raise InvalidRequest("the label model needs at least three labeling functions")
     has_gold = policy.labels is not None and policy.labels.gold_column is not None
     polarity = [(lf.label_index,) for lf in declarative] + [lf.label_indices for lf in python]
-    measurements = plan_measurements(m=m, polarity=polarity, k=policy.max_rows_per_unit, epsilon=float(epsilon),
-                                     has_gold=has_gold, label_model=label_model, n_classes=len(classes))
-    return LFStatsPlan(policy=policy, declarative=tuple(declarative), python=tuple(python), epsilon=float(epsilon),
-                       alpha=float(alpha), label_model=label_model, measurements=tuple(measurements))
+    measurements = plan_measurements(
+        m=m,
+        polarity=polarity,
+        k=policy.max_rows_per_unit,
+        epsilon=float(epsilon),
+        has_gold=has_gold,
+        label_model=label_model,
+        n_classes=len(classes),
+    )
+    check_calibration(measurements, float(alpha), len(classes))
+    return LFStatsPlan(
+        policy=policy,
+        declarative=tuple(declarative),
+        python=tuple(python),
+        epsilon=float(epsilon),
+        alpha=float(alpha),
+        label_model=label_model,
+        measurements=tuple(measurements),
+    )
 
 
 def precheck(plan: LFStatsPlan, cur: duckdb.DuckDBPyConnection) -> None:
@@ -143,16 +182,67 @@ def precheck(plan: LFStatsPlan, cur: duckdb.DuckDBPyConnection) -> None:
     check_binds(cur, plan.policy, list(plan.declarative))
 
 
+class LFRunFailed(GatewayError):
+    """Running the LFs over the rows failed after the charge. Never rendered: the gateway answers with
+    `compute_lf_stats_default` instead. The subclass (and `reason`) name the kind of failure, for the audit record
+    and the log; nothing of the original error is kept."""
+
+    status = 500
+    code = "lf_run_failed"
+    reason = "internal"
+
+    def __init__(self) -> None:
+        super().__init__("the labeling functions failed while running over the rows")
+
+
+class LFEngineFailed(LFRunFailed):
+    reason = "engine"
+
+
+class LFSandboxTimedOut(LFRunFailed):
+    reason = "sandbox_timeout"
+
+
+class LFSandboxOutOfMemory(LFRunFailed):
+    reason = "sandbox_memory"
+
+
+class LFSandboxFailed(LFRunFailed):
+    """The worker crashed, could not load the LFs or failed outside any LF."""
+
+    reason = "sandbox_failed"
+
+
+class LFIOFailed(LFRunFailed):
+    """An operating-system error (a file, a pipe), e.g. writing the label model's private output."""
+
+    reason = "io"
+
+
+def failure_of(exc: BaseException) -> type[LFRunFailed]:
+    """The kind of a failure, from its type only: never from a message, which could quote a row."""
+    if isinstance(exc, SandboxError):
+        kind = str(exc.details.get("reason"))
+        return {"timeout": LFSandboxTimedOut, "memory": LFSandboxOutOfMemory}.get(kind, LFSandboxFailed)
+    if isinstance(exc, LFExecutionError | duckdb.Error):
+        return LFEngineFailed
+    if isinstance(exc, OSError):
+        return LFIOFailed
+    return LFRunFailed
+
+
 @dataclass
 class PrivateRun:
     """The exact results of running an LF set over the rows (kept inside Bastion)."""
 
     exact: ExactStatistics
-    label_model_output: Path | None = None
+    row_ids: np.ndarray | None = None  # with the label model: every bounded row's id and vote pattern
+    row_patterns: np.ndarray | None = None
 
 
-def _python_votes(plan: LFStatsPlan, cur: duckdb.DuckDBPyConnection, limits: SandboxLimits
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def _python_votes(
+    plan: LFStatsPlan, cur: duckdb.DuckDBPyConnection, limits: SandboxLimits
+) -> tuple[np.ndarray, np.ndarray]:
     rows, frame = lf_input_frame(cur, plan.policy)
     refs = [LFRef(lf.name, lf.module, lf.attribute) for lf in plan.python]
     votes = apply_python_lfs(refs, frame, limits)
@@ -161,46 +251,69 @@ def _python_votes(plan: LFStatsPlan, cur: duckdb.DuckDBPyConnection, limits: San
     return rows, votes
 
 
-def run_lfs(plan: LFStatsPlan, cur: duckdb.DuckDBPyConnection, *, limits: SandboxLimits | None = None,
-                outputs_dir: Path | None = None, run_id: str | None = None) -> PrivateRun:
-    """Apply the LFs to the pre-bounded rows and compute the exact statistics (and the label model)."""
+def run_lfs(plan: LFStatsPlan, cur: duckdb.DuckDBPyConnection, *, limits: SandboxLimits | None = None) -> PrivateRun:
+    """Apply the LFs to the pre-bounded rows and compute the exact statistics (and each row's vote pattern)."""
     limits = limits or SandboxLimits()
     relation = f"__lf_votes_{uuid.uuid4().hex}"
     query = VoteQuery(plan.policy, plan.declarative, python_columns=len(plan.python), python_relation=relation)
     if plan.python:
         rows, votes = _python_votes(plan, cur, limits)
         with python_votes(cur, rows, votes, relation):
-            return _exact(plan, cur, query, outputs_dir, run_id)
-    return _exact(plan, cur, query, outputs_dir, run_id)
+            return _exact(plan, cur, query)
+    return _exact(plan, cur, query)
 
 
-def _exact(plan: LFStatsPlan, cur: duckdb.DuckDBPyConnection, query: VoteQuery, outputs_dir: Path | None,
-           run_id: str | None) -> PrivateRun:
+def _exact(plan: LFStatsPlan, cur: duckdb.DuckDBPyConnection, query: VoteQuery) -> PrivateRun:
     votes, gold, counts = vote_patterns(cur, query)
-    exact = ExactStatistics.from_patterns(votes, counts, gold if plan.has_gold else None, len(plan.classes))
+    exact = ExactStatistics.from_patterns(
+        votes, counts, gold if plan.has_gold else None, len(plan.classes), plan.domain if plan.label_model else None
+    )
     run = PrivateRun(exact)
     if plan.label_model:
-        from labeling_functions.label_model import fit_and_write
-
-        if outputs_dir is None:
-            raise InvalidRequest("the label model needs an outputs directory")
-        rows, matrix, gold_rows = label_matrix(cur, query)
-        name = f"lf-labels-{plan.policy.dataset}-{run_id or uuid.uuid4().hex}.parquet"
-        lm = fit_and_write(rows, matrix, gold_rows if plan.has_gold else np.full(len(rows), ABSTAIN),
-                           plan.classes, outputs_dir / name)
-        exact.predicted, exact.agree, exact.disagree = lm.predicted, lm.agree, lm.disagree
-        run.label_model_output = lm.output
+        run.row_ids, matrix, _ = label_matrix(cur, query)
+        run.row_patterns = plan.domain.pattern_index(matrix)
     return run
 
 
-def compute_lf_stats(plan: LFStatsPlan, cur: duckdb.DuckDBPyConnection, *, limits: SandboxLimits | None = None,
-                     outputs_dir: Path | None = None, run_id: str | None = None) -> dict[str, Any]:
-    """The JSON-ready DP answer: run privately, release every measurement once, post-process."""
-    run = run_lfs(plan, cur, limits=limits, outputs_dir=outputs_dir, run_id=run_id)
-    released = release_statistics(run.exact, list(plan.measurements), plan.lfs, plan.classes, plan.alpha)
-    if "label_model" in released:
-        assert run.label_model_output is not None
-        released["label_model"]["output"] = run.label_model_output.name
-        if not plan.has_gold:
-            released["label_model"]["gold_agreement"] = None
-    return {**plan.summary(), **released}
+def _release(plan: LFStatsPlan, run: PrivateRun, outputs_dir: Path | None) -> dict[str, Any]:
+    release = release_statistics(run.exact, list(plan.measurements), plan.lfs, plan.classes, plan.alpha)
+    answer = {**plan.summary(), **release.answer}
+    if plan.label_model:
+        assert release.labels is not None
+        name = None
+        if outputs_dir is not None:  # named by the gateway, never by the request
+            output = outputs_dir / f"lf-labels-{uuid.uuid4().hex}.parquet"
+            rows = run.row_ids if run.row_ids is not None else np.zeros(0, dtype=np.int64)
+            patterns = run.row_patterns if run.row_patterns is not None else np.zeros(0, dtype=np.int64)
+            name = write_labels(output, rows, patterns, release.labels, plan.classes).name
+        answer["label_model"]["output"] = name
+    return answer
+
+
+def compute_lf_stats(
+    plan: LFStatsPlan,
+    cur: duckdb.DuckDBPyConnection,
+    *,
+    limits: SandboxLimits | None = None,
+    outputs_dir: Path | None = None,
+) -> dict[str, Any]:
+    """The JSON-ready DP answer: run privately, release every measurement once, post-process.
+
+    Any failure (engine, sandbox, a write) raises an LFRunFailed whose type names the kind of failure, with no
+    chained exception; the caller then answers `compute_lf_stats_default(plan)`, which has the same shape.
+    """
+    try:
+        return _release(plan, run_lfs(plan, cur, limits=limits), outputs_dir)
+    except Exception as exc:  # noqa: BLE001 - every failure after the charge takes the same path
+        failure = failure_of(exc)
+    raise failure()  # outside the handler: nothing of the original error travels with it
+
+
+def compute_lf_stats_default(plan: LFStatsPlan, *, outputs_dir: Path | None = None) -> dict[str, Any]:
+    """The plan's measurements released over the fixed public default input, an empty table (same ε, same shape:
+    the answer to give when `compute_lf_stats` failed after the charge)."""
+    exact = ExactStatistics.empty(
+        len(plan.lfs), len(plan.classes), plan.has_gold, plan.domain if plan.label_model else None
+    )
+    empty = np.zeros(0, dtype=np.int64)
+    return _release(plan, PrivateRun(exact, empty, empty), outputs_dir)

@@ -22,7 +22,8 @@ ROW_ID = "__row"
 
 
 class LFExecutionError(GatewayError):
-    """The generated SQL failed on the rows; what failed is not said (it could depend on them)."""
+    """The generated SQL failed on the rows; what failed is not said (it could depend on them). Raised after the
+    charge only, where the gateway answers with the default release instead of rendering it."""
 
     status = 422
     code = "lf_execution_failed"
@@ -37,8 +38,9 @@ def gold_sql(policy: Policy) -> str | None:
     if policy.labels is None or policy.labels.gold_column is None:
         return None
     col = f"CAST({_q(policy.labels.gold_column)} AS VARCHAR)"
-    arms = " ".join(f"WHEN {col} = '{c.replace(chr(39), chr(39) * 2)}' THEN {i}"
-                    for i, c in enumerate(policy.labels.classes))
+    arms = " ".join(
+        f"WHEN {col} = '{c.replace(chr(39), chr(39) * 2)}' THEN {i}" for i, c in enumerate(policy.labels.classes)
+    )
     return f"CASE {arms} ELSE {ABSTAIN} END"
 
 
@@ -69,8 +71,7 @@ class VoteQuery:
 
     def patterns_sql(self) -> str:
         keys = [f"v{j}" for j in range(self.width)] + ["g"]
-        return (f"SELECT {', '.join(keys)}, COUNT(*) AS n FROM ({self.select_sql()}) AS votes "
-                f"GROUP BY {', '.join(keys)}")
+        return f"SELECT {', '.join(keys)}, COUNT(*) AS n FROM ({self.select_sql()}) AS votes GROUP BY {', '.join(keys)}"
 
     def matrix_sql(self) -> str:
         return f"{self.select_sql(with_row_id=True)} ORDER BY {ROW_ID}"
@@ -78,23 +79,34 @@ class VoteQuery:
 
 def check_binds(cur: duckdb.DuckDBPyConnection, policy: Policy, lfs: list[CompiledLF]) -> None:
     """Bind every LF's SQL against the table's schema without reading a row (LIMIT 0), so type errors are
-    reported, with the LF's name, before anything is charged. Binder errors depend on the schema only."""
+    reported, with the LF's name, before anything is charged. The engine's message is not passed on: only the
+    LF and its columns, which are public."""
     table = _q(policy.bounded_table)
     for lf in lfs:
+        failed = False
         try:
             cur.execute(f"SELECT {lf.vote_sql} FROM {table} LIMIT 0").fetchall()
-        except duckdb.Error as exc:
-            message = str(exc).splitlines()[0]
-            raise QueryRejected(f"labeling function {lf.name!r}: the condition cannot be evaluated: {message}",
-                                reason="invalid_condition", hint="check column types (GET /v1/datasets)") from None
+        except duckdb.Error:
+            failed = True
+        if failed:
+            types = ", ".join(f"{c} ({policy.columns[c].type.value})" for c in lf.columns if c in policy.columns)
+            raise QueryRejected(
+                f"labeling function {lf.name!r}: the condition does not type-check against the "
+                f"columns it uses: {types or 'none'}",
+                reason="invalid_condition",
+                hint="compare each column with values of its type (GET /v1/datasets)",
+            )
 
 
 @contextmanager
-def python_votes(cur: duckdb.DuckDBPyConnection, row_ids: np.ndarray, votes: np.ndarray, name: str
-                 ) -> Iterator[str]:
+def python_votes(cur: duckdb.DuckDBPyConnection, row_ids: np.ndarray, votes: np.ndarray, name: str) -> Iterator[str]:
     """Expose Python LFs' votes (aligned with row_ids) to DuckDB as a relation for the duration of a block."""
-    table = pa.table({ROW_ID: pa.array(row_ids, pa.int64()),
-                      **{f"v{j}": pa.array(votes[:, j], pa.int64()) for j in range(votes.shape[1])}})
+    table = pa.table(
+        {
+            ROW_ID: pa.array(row_ids, pa.int64()),
+            **{f"v{j}": pa.array(votes[:, j], pa.int64()) for j in range(votes.shape[1])},
+        }
+    )
     cur.register(name, table)
     try:
         yield name
@@ -107,16 +119,21 @@ def _run(cur: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyConnection:
         return cur.execute(sql)
     except duckdb.Error:
         # A runtime error can depend on the rows; say nothing about it beyond that it happened.
-        raise LFExecutionError("the labeling functions failed while running over the rows; no details are given "
-                               "since they could depend on the rows") from None
+        raise LFExecutionError(
+            "the labeling functions failed while running over the rows; no details are given "
+            "since they could depend on the rows"
+        ) from None
 
 
 def vote_patterns(cur: duckdb.DuckDBPyConnection, query: VoteQuery) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(votes p × m, gold p, counts p) over the distinct vote patterns."""
     got = _run(cur, query.patterns_sql()).fetchnumpy()
     counts = np.asarray(got["n"], dtype=np.int64)
-    votes = np.column_stack([np.asarray(got[f"v{j}"], dtype=np.int64) for j in range(query.width)]) \
-        if query.width else np.zeros((len(counts), 0), dtype=np.int64)
+    votes = (
+        np.column_stack([np.asarray(got[f"v{j}"], dtype=np.int64) for j in range(query.width)])
+        if query.width
+        else np.zeros((len(counts), 0), dtype=np.int64)
+    )
     return votes, np.asarray(got["g"], dtype=np.int64), counts
 
 
@@ -124,16 +141,20 @@ def label_matrix(cur: duckdb.DuckDBPyConnection, query: VoteQuery) -> tuple[np.n
     """(row ids, label matrix n × m, gold n), ordered by row id: for the label model and for tests."""
     got = _run(cur, query.matrix_sql()).fetchnumpy()
     rows = np.asarray(got[ROW_ID], dtype=np.int64)
-    matrix = np.column_stack([np.asarray(got[f"v{j}"], dtype=np.int64) for j in range(query.width)]) \
-        if query.width else np.zeros((len(rows), 0), dtype=np.int64)
+    matrix = (
+        np.column_stack([np.asarray(got[f"v{j}"], dtype=np.int64) for j in range(query.width)])
+        if query.width
+        else np.zeros((len(rows), 0), dtype=np.int64)
+    )
     return rows, matrix, np.asarray(got["g"], dtype=np.int64)
 
 
 def lf_input_frame(cur: duckdb.DuckDBPyConnection, policy: Policy) -> tuple[np.ndarray, pd.DataFrame]:
     """Row ids and the rows Python LFs see: the columns usable in labeling functions, ordered by row id."""
     columns = sorted(policy.usable_columns(labeling=True))
-    sql = (f"SELECT rowid AS {ROW_ID}, {', '.join(_q(c) for c in columns)} FROM {_q(policy.bounded_table)} "
-           f"ORDER BY rowid")
+    sql = (
+        f"SELECT rowid AS {ROW_ID}, {', '.join(_q(c) for c in columns)} FROM {_q(policy.bounded_table)} ORDER BY rowid"
+    )
     frame = _run(cur, sql).df()
     rows = frame.pop(ROW_ID).to_numpy(dtype=np.int64)
     return rows, frame

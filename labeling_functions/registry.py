@@ -42,18 +42,29 @@ class PythonLF:
     code_sha256: str
 
     def public(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": "python", "dataset": self.dataset, "classes": list(self.classes),
-                "labels": list(self.labels), "description": self.description, "module": self.module,
-                "code_sha256": self.code_sha256}
+        return {
+            "name": self.name,
+            "kind": "python",
+            "dataset": self.dataset,
+            "classes": list(self.classes),
+            "labels": list(self.labels),
+            "description": self.description,
+            "module": self.module,
+            "code_sha256": self.code_sha256,
+        }
 
     def check_policy(self, policy: Policy) -> None:
         classes = tuple(policy.labels.classes) if policy.labels else ()
         if self.dataset != policy.dataset:
-            raise InvalidRequest(f"python labeling function {self.name!r} was written for dataset "
-                                 f"{self.dataset!r}, not {policy.dataset!r}")
+            raise InvalidRequest(
+                f"python labeling function {self.name!r} was written for dataset "
+                f"{self.dataset!r}, not {policy.dataset!r}"
+            )
         if self.classes != classes:
-            raise InvalidRequest(f"python labeling function {self.name!r} votes over classes {list(self.classes)}, "
-                                 f"but dataset {policy.dataset!r} has {list(classes)}")
+            raise InvalidRequest(
+                f"python labeling function {self.name!r} votes over classes {list(self.classes)}, "
+                f"but dataset {policy.dataset!r} has {list(classes)}"
+            )
 
     @property
     def label_indices(self) -> tuple[int, ...]:
@@ -77,8 +88,13 @@ class Registry:
         except (OSError, TypeError):
             source = fn.__qualname__
         entry = PythonLF(
-            name=lf.name, dataset=dataset, classes=tuple(classes), labels=tuple(labels), module=fn.__module__,
-            attribute=fn.__name__, description=inspect.cleandoc(fn.__doc__ or "").split("\n\n")[0],
+            name=lf.name,
+            dataset=dataset,
+            classes=tuple(classes),
+            labels=tuple(labels),
+            module=fn.__module__,
+            attribute=fn.__name__,
+            description=inspect.cleandoc(fn.__doc__ or "").split("\n\n")[0],
             code_sha256=hashlib.sha256(source.encode()).hexdigest(),
         )
         self._entries[lf.name] = entry
@@ -88,8 +104,9 @@ class Registry:
         self._entries.pop(name, None)
 
     @contextmanager
-    def registered(self, lf: LabelingFunction, *, dataset: str, classes: list[str], labels: list[str]
-                   ) -> Iterator[PythonLF]:
+    def registered(
+        self, lf: LabelingFunction, *, dataset: str, classes: list[str], labels: list[str]
+    ) -> Iterator[PythonLF]:
         """Register `lf` for the duration of a block (tests and one-off reviews)."""
         entry = self.register(lf, dataset=dataset, classes=classes, labels=labels)
         try:
@@ -101,8 +118,9 @@ class Registry:
         try:
             return self._entries[name]
         except KeyError:
-            raise LFNotFound(f"no python labeling function named {name!r} (GET /v1/lf/registry lists them)",
-                             lf=name) from None
+            raise LFNotFound(
+                f"no python labeling function named {name!r} (GET /v1/lf/registry lists them)", lf=name
+            ) from None
 
     def entries(self) -> list[PythonLF]:
         return [self._entries[n] for n in sorted(self._entries)]

@@ -6,14 +6,20 @@ from typing import Any
 
 import pandas as pd
 
-COLUMNS = [("Coverage", "coverage"), ("Overlaps", "overlaps"), ("Conflicts", "conflicts"),
-           ("Correct", "correct"), ("Incorrect", "incorrect"), ("Emp. Acc.", "emp_acc")]
+COLUMNS = [
+    ("Coverage", "coverage"),
+    ("Overlaps", "overlaps"),
+    ("Conflicts", "conflicts"),
+    ("Correct", "correct"),
+    ("Incorrect", "incorrect"),
+    ("Emp. Acc.", "emp_acc"),
+]
 
 
 def summary_frame(raw: dict[str, Any]) -> pd.DataFrame:
     """One row per LF (index: name): Polarity, Coverage, Overlaps, Conflicts, Correct, Incorrect, Emp. Acc.
     (the last three when the dataset has a gold column), and `<column>_low` / `<column>_high` for each."""
-    records = []
+    records: list[tuple[Any, dict[str, Any]]] = []
     for lf in raw.get("lfs", []):
         row: dict[str, Any] = {"j": len(records), "Polarity": lf["polarity"]}
         for title, key in COLUMNS:

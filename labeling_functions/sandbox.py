@@ -1,16 +1,25 @@
 """Run registered Python LFs with Snorkel's PandasLFApplier in a separate worker process.
 
-The worker is a fresh interpreter (multiprocessing "spawn"). Before it touches the rows it leaves the network
-(a new user and network namespace where the kernel allows it, and in any case Python's socket constructors and
-name resolution raise), and once the LFs are imported its address space is capped (RLIMIT_AS). The parent waits
-at most the time limit and then kills it. A worker that fails in any way yields a SandboxError whose message names
-the LF and the kind of failure only: never an exception message, a traceback or a value, which could quote a row.
+The worker is a fresh interpreter (multiprocessing "spawn"). Its standard output and error go to /dev/null (an
+LF's print or a warning could quote a row). Before it touches the rows it leaves the network (a new user and
+network namespace where the kernel allows it, and in any case Python's socket constructors and name resolution
+raise), and once the LFs are imported its address space is capped (RLIMIT_AS). The parent waits at most the time
+limit and then kills it.
+
+An LF that raises on a row, takes longer than ROW_SECONDS on it, or returns anything but an integer vote, abstains
+on that row: a row-dependent exception or slowness then changes only DP counts. Running out of memory, the time
+limit of the whole run, a crash or a failed import fail the whole run with a SandboxError whose message names the
+LF and the kind of failure only: never an exception message, a traceback or a value, which could quote a row (the
+gateway then releases the same statistics of a default input, see labeling_functions.analysis).
 """
 
 from __future__ import annotations
 
 import importlib
 import multiprocessing as mp
+import os
+import signal
+import sys
 import threading
 import traceback
 from dataclasses import dataclass
@@ -23,6 +32,7 @@ import pandas as pd
 from policies.errors import GatewayError
 
 ABSTAIN = -1
+MAX_VOTE = 2**31  # votes at or above this are abstentions (no dataset has that many classes)
 
 
 class SandboxError(GatewayError):
@@ -71,11 +81,20 @@ def _block_sockets() -> None:
         def __init__(self, *_: Any, **__: Any) -> None:
             raise PermissionError(_NO_NETWORK)
 
-    socket.socket = NoSocket  # type: ignore[misc]
+    socket.socket = NoSocket  # type: ignore[misc, assignment]
     _socket.socket = NoSocket  # type: ignore[misc]
     for mod in (socket, _socket):
-        for name in ("socketpair", "fromfd", "create_connection", "create_server", "getaddrinfo",
-                     "gethostbyname", "gethostbyname_ex", "gethostbyaddr", "getnameinfo"):
+        for name in (
+            "socketpair",
+            "fromfd",
+            "create_connection",
+            "create_server",
+            "getaddrinfo",
+            "gethostbyname",
+            "gethostbyname_ex",
+            "gethostbyaddr",
+            "getnameinfo",
+        ):
             if hasattr(mod, name):
                 setattr(mod, name, deny)
 
@@ -110,21 +129,71 @@ def _culprit(exc: BaseException, functions: dict[Any, str]) -> str | None:
     return found
 
 
+def _silence() -> None:
+    """Send the worker's standard output and error to /dev/null, at the descriptor level too."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the worker
+
+
+# The most time one LF may take on one row; past it the LF abstains on that row. It bounds how much one unit's
+# rows can change the running time (and keeps a row that makes an LF hang from failing the whole run).
+ROW_SECONDS = 0.25
+
+
+class _RowTimeout(BaseException):
+    """Raised by the per-row alarm; a BaseException so that an LF's own `except Exception` cannot swallow it."""
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    raise _RowTimeout
+
+
+def abstaining(lf: Any) -> Any:
+    """`lf` as a Snorkel LF that abstains on a row where it raises (MemoryError aside), takes longer than
+    ROW_SECONDS, or returns no integer vote. The alarm needs the worker's main thread (it runs there)."""
+    from snorkel.labeling import LabelingFunction
+
+    def vote(x: Any) -> int:
+        try:
+            signal.setitimer(signal.ITIMER_REAL, ROW_SECONDS)
+            try:
+                value = lf(x)
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        except MemoryError:
+            raise
+        except _RowTimeout:
+            return ABSTAIN
+        except Exception:  # noqa: BLE001 - a failure on one row is an abstention on that row
+            return ABSTAIN
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or not ABSTAIN <= value < MAX_VOTE:
+            return ABSTAIN
+        return int(value)
+
+    return LabelingFunction(name=lf.name, f=vote)
+
+
 def _worker(conn: Connection, data: Connection, refs: list[LFRef], memory_bytes: int) -> None:
+    _silence()
     _leave_network()
     _block_sockets()  # before importing the LFs' modules, whose top-level code runs here too
     try:
         from snorkel.labeling import PandasLFApplier
 
-        lfs = [getattr(importlib.import_module(r.module), r.attribute) for r in refs]
+        originals = [getattr(importlib.import_module(r.module), r.attribute) for r in refs]
+        lfs = [abstaining(lf) for lf in originals]
         frame = data.recv()
         data.close()
     except BaseException as exc:  # noqa: BLE001
         conn.send(("error", None, None, "import", type(exc).__name__))
         return
-    functions = {lf._f.__code__: ref.name for lf, ref in zip(lfs, refs, strict=True)}
+    functions = {lf._f.__code__: ref.name for lf, ref in zip(originals, refs, strict=True)}
     try:
         _cap_memory(memory_bytes)
+        signal.signal(signal.SIGALRM, _on_alarm)
         matrix = PandasLFApplier(lfs).apply(frame, progress_bar=False)
         del frame
         conn.send(("ok", np.asarray(matrix, dtype=np.int64).tobytes(), None, None, None))
@@ -148,8 +217,9 @@ def apply_python_lfs(refs: list[LFRef], frame: pd.DataFrame, limits: SandboxLimi
     ctx = mp.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
     data_in, data_out = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_worker, args=(send, data_in, refs, limits.memory_bytes), daemon=True,
-                       name="bastion-lf-worker")
+    proc = ctx.Process(
+        target=_worker, args=(send, data_in, refs, limits.memory_bytes), daemon=True, name="bastion-lf-worker"
+    )
     proc.start()
     send.close()
     data_in.close()
@@ -166,15 +236,21 @@ def apply_python_lfs(refs: list[LFRef], frame: pd.DataFrame, limits: SandboxLimi
     feeder.start()
     try:
         if not receive.poll(limits.seconds):
-            raise SandboxError(f"python labeling function(s) {names} did not finish within {limits.seconds:g} s; "
-                               "the worker was stopped", reason="timeout")
+            raise SandboxError(
+                f"python labeling function(s) {names} did not finish within {limits.seconds:g} s; "
+                "the worker was stopped",
+                reason="timeout",
+            )
         try:
             status, payload, culprit, kind, detail = receive.recv()
         except (EOFError, OSError):
             proc.join(5)
-            raise SandboxError(f"the worker running python labeling function(s) {names} died "
-                               f"(exit code {proc.exitcode}); no details are given since they could reveal row "
-                               "contents", reason="crashed") from None
+            raise SandboxError(
+                f"the worker running python labeling function(s) {names} died "
+                f"(exit code {proc.exitcode}); no details are given since they could reveal row "
+                "contents",
+                reason="crashed",
+            ) from None
     finally:
         receive.close()
         if proc.is_alive():
@@ -187,13 +263,16 @@ def apply_python_lfs(refs: list[LFRef], frame: pd.DataFrame, limits: SandboxLimi
         return np.frombuffer(payload, dtype=np.int64).reshape(len(frame), len(refs)).copy()
     who = f"python labeling function {culprit!r}" if culprit else f"python labeling function(s) {names}"
     if kind == "memory":
-        raise SandboxError(f"{who} exceeded the memory limit of {limits.memory_bytes / 2**20:,.0f} MiB",
-                           reason="memory")
+        raise SandboxError(
+            f"{who} exceeded the memory limit of {limits.memory_bytes / 2**20:,.0f} MiB", reason="memory"
+        )
     if kind == "network":
-        raise SandboxError(f"{who} tried to open a network connection; labeling functions run without network",
-                           reason="network")
+        raise SandboxError(
+            f"{who} tried to open a network connection; labeling functions run without network", reason="network"
+        )
     if kind == "import":
         raise SandboxError(f"python labeling function(s) {names} could not be loaded ({detail})", reason="import")
-    raise SandboxError(f"{who} raised {detail}; the message and traceback are withheld since they could "
-                       "reveal row contents", reason="exception")
-
+    raise SandboxError(
+        f"{who} raised {detail}; the message and traceback are withheld since they could reveal row contents",
+        reason="exception",
+    )

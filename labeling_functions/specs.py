@@ -30,15 +30,47 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,79}$")
 
 # Table functions read files, catalogs or generate rows; none of them is a row-level expression.
 _TABLE_FUNCTIONS = tuple(
-    getattr(exp, n) for n in ("ReadCSV", "ReadParquet", "GenerateSeries", "ExplodingGenerateSeries", "Unnest",
-                              "GenerateDateArray", "GenerateTimestampArray")
+    getattr(exp, n)
+    for n in (
+        "ReadCSV",
+        "ReadParquet",
+        "GenerateSeries",
+        "ExplodingGenerateSeries",
+        "Unnest",
+        "GenerateDateArray",
+        "GenerateTimestampArray",
+    )
     if hasattr(exp, n)
 )
 _TABLE_FUNCTION_NAMES = {
-    "read_csv", "read_csv_auto", "read_parquet", "parquet_scan", "read_json", "read_json_auto", "read_ndjson",
-    "read_text", "read_blob", "glob", "range", "generate_series", "unnest", "query", "query_table", "sniff_csv",
-    "parquet_metadata", "parquet_schema", "iceberg_scan", "delta_scan", "sqlite_scan", "postgres_scan",
-    "duckdb_tables", "duckdb_columns", "duckdb_settings", "duckdb_functions", "pragma_table_info", "getenv",
+    "read_csv",
+    "read_csv_auto",
+    "read_parquet",
+    "parquet_scan",
+    "read_json",
+    "read_json_auto",
+    "read_ndjson",
+    "read_text",
+    "read_blob",
+    "glob",
+    "range",
+    "generate_series",
+    "unnest",
+    "query",
+    "query_table",
+    "sniff_csv",
+    "parquet_metadata",
+    "parquet_schema",
+    "iceberg_scan",
+    "delta_scan",
+    "sqlite_scan",
+    "postgres_scan",
+    "duckdb_tables",
+    "duckdb_columns",
+    "duckdb_settings",
+    "duckdb_functions",
+    "pragma_table_info",
+    "getenv",
 }
 
 
@@ -78,7 +110,7 @@ def check_name(name: Any, seen: set[str]) -> str:
     return name
 
 
-def parse_condition(text: str) -> exp.Expression:
+def parse_condition(text: str) -> exp.Expr:
     """Parse one SQL condition, or raise SqlSyntaxError pointing at the problem."""
     if not text.strip():
         raise QueryRejected("the condition is empty", reason="empty_condition")
@@ -86,17 +118,26 @@ def parse_condition(text: str) -> exp.Expression:
         raise QueryRejected(f"the condition is longer than {MAX_CONDITION_CHARS} characters", reason="too_long")
     statements = parse_statements(text)
     if len(statements) != 1:
-        raise reject("a condition is one expression", "multiple_statements",
-                     statements[1] if len(statements) > 1 else None, text,
-                     hint="write a boolean expression such as age >= 70 AND diagnosis = 'I21'")
+        raise reject(
+            "a condition is one expression",
+            "multiple_statements",
+            statements[1] if len(statements) > 1 else None,
+            text,
+            hint="write a boolean expression such as age >= 70 AND diagnosis = 'I21'",
+        )
     return statements[0]
 
 
-def _check_table_functions(node: exp.Expression, text: str) -> None:
+def _check_table_functions(node: exp.Expr, text: str) -> None:
     for n in node.walk():
         if isinstance(n, _TABLE_FUNCTIONS) or (isinstance(n, exp.Anonymous) and func_name(n) in _TABLE_FUNCTION_NAMES):
-            raise reject(f"table function {func_name(n).upper()}() is not allowed", "table_function", n, text,
-                         hint="a labeling function is a condition on one row of the dataset")
+            raise reject(
+                f"table function {func_name(n).upper()}() is not allowed",
+                "table_function",
+                n,
+                text,
+                hint="a labeling function is a condition on one row of the dataset",
+            )
 
 
 def _literal(value: str) -> str:
@@ -115,8 +156,12 @@ def _keywords_condition(spec: Any) -> str:
         raise InvalidRequest("keywords must be {column, any: [words], case_sensitive?}")
     column = _column_ref(spec, "keywords")
     words = spec.get("any")
-    if (not isinstance(words, list) or not words or len(words) > MAX_KEYWORDS
-            or not all(isinstance(w, str) and w for w in words)):
+    if (
+        not isinstance(words, list)
+        or not words
+        or len(words) > MAX_KEYWORDS
+        or not all(isinstance(w, str) and w for w in words)
+    ):
         raise InvalidRequest(f"keywords.any must be a list of 1-{MAX_KEYWORDS} non-empty strings")
     if spec.get("case_sensitive", False):
         return " OR ".join(f"contains({column}, {_literal(w)})" for w in words)
@@ -151,8 +196,11 @@ def _regex_condition(spec: Any) -> str:
         raise InvalidRequest("regex.pattern must be a non-empty string")
     problem = _re2_problem(pattern)
     if problem is not None:
-        raise QueryRejected(f"invalid regular expression {pattern!r}: {problem}", reason="invalid_regex",
-                            hint="use RE2 syntax (no look-around, no back-references)")
+        raise QueryRejected(
+            f"invalid regular expression {pattern!r}: {problem}",
+            reason="invalid_regex",
+            hint="use RE2 syntax (no look-around, no back-references)",
+        )
     flags = ", 'i'" if spec.get("ignore_case", False) else ""
     return f"regexp_matches({column}, {_literal(pattern)}{flags})"
 
@@ -184,12 +232,20 @@ def compile_lf(raw: Any, policy: Policy, seen: set[str]) -> CompiledLF:
             condition = _regex_condition(raw["regex"])
         node = parse_condition(condition)
         _check_table_functions(node, condition)
-        checked = check_row_expression(node, policy, condition, labeling=True, condition="a labeling function's condition")
+        checked = check_row_expression(
+            node, policy, condition, labeling=True, condition="a labeling function's condition"
+        )
     except (QueryRejected, InvalidRequest) as exc:
         exc.details["lf"] = name
         raise
-    return CompiledLF(name=name, label=label, label_index=classes.index(label), condition=condition,
-                      sql=checked.sql, columns=tuple(sorted(checked.columns)))
+    return CompiledLF(
+        name=name,
+        label=label,
+        label_index=classes.index(label),
+        condition=condition,
+        sql=checked.sql,
+        columns=tuple(sorted(checked.columns)),
+    )
 
 
 def compile_lfs(raws: list[Any], policy: Policy, seen: set[str] | None = None) -> list[CompiledLF]:

@@ -48,7 +48,7 @@ _VOLATILE_NAMES = {
 }
 
 
-def parse_statements(text: str) -> list[exp.Expression]:
+def parse_statements(text: str) -> list[exp.Expr]:
     """Parse SQL text (DuckDB dialect) into statements, or raise SqlSyntaxError pointing at the problem."""
     try:
         return [s for s in sqlglot.parse(text, read="duckdb") if s is not None]
@@ -70,7 +70,7 @@ def parse_statements(text: str) -> list[exp.Expression]:
         raise SqlSyntaxError(f"SQL syntax error: {exc}", reason="syntax") from None
 
 
-def span(node: exp.Expression, sql: str) -> tuple[int | None, int | None]:
+def span(node: exp.Expr, sql: str) -> tuple[int | None, int | None]:
     """Start and end offsets of a node in the original text, from sqlglot's token positions."""
     positions = [n.meta for n in node.walk() if n.meta and "start" in n.meta]
     if not positions:
@@ -116,12 +116,12 @@ def _closing_paren(sql: str, start: int, end: int) -> int:
     return end
 
 
-def reject(message: str, reason: str, node: exp.Expression | None, sql: str, hint: str | None = None) -> QueryRejected:
+def reject(message: str, reason: str, node: exp.Expr | None, sql: str, hint: str | None = None) -> QueryRejected:
     start, end = span(node, sql) if node is not None else (None, None)
     return QueryRejected(message, reason=reason, sql=sql, start=start, end=end, hint=hint)
 
 
-def func_name(node: exp.Expression) -> str:
+def func_name(node: exp.Expr) -> str:
     if isinstance(node, exp.Anonymous):
         return str(node.this).lower()
     return node.sql_name().lower() if isinstance(node, exp.Func) else type(node).__name__.lower()
@@ -157,7 +157,7 @@ def check_column(col: exp.Column, policy: Policy, sql: str, *, labeling: bool) -
     return name
 
 
-def check_no_volatile(node: exp.Expression, sql: str) -> None:
+def check_no_volatile(node: exp.Expr, sql: str) -> None:
     for n in node.walk():
         if isinstance(n, _VOLATILE) or (isinstance(n, exp.Anonymous) and func_name(n) in _VOLATILE_NAMES):
             raise reject(
@@ -178,7 +178,7 @@ class RowExpression:
     over the pre-bounded table (quoted columns; no operation can fail on any row value)."""
 
     typed: Typed
-    tree: exp.Expression
+    tree: exp.Expr
     columns: frozenset[str]
 
     @property
@@ -203,7 +203,7 @@ def re2_problem(pattern: str) -> str | None:
     return None
 
 
-def _structure(node: exp.Expression, sql: str) -> None:
+def _structure(node: exp.Expr, sql: str) -> None:
     """Refusals with their own reasons, before type checking: subqueries, windows, aggregates, *, volatility."""
     check_no_volatile(node, sql)
     for n in node.walk():
@@ -224,7 +224,7 @@ def _structure(node: exp.Expression, sql: str) -> None:
 
 
 def check_row_expression(
-    node: exp.Expression,
+    node: exp.Expr,
     policy: Policy,
     sql: str,
     *,
@@ -242,7 +242,7 @@ def check_row_expression(
     _structure(node, sql)
     columns: set[str] = set()
 
-    def resolve(col: exp.Column) -> tuple[Typed, exp.Expression]:
+    def resolve(col: exp.Column) -> tuple[Typed, exp.Expr]:
         name = check_column(col, policy, sql, labeling=labeling)
         columns.add(name)
         return column_type(policy.columns[name]), exp.column(name, quoted=True)
@@ -260,12 +260,12 @@ def check_row_expression(
     return RowExpression(got.typed, got.tree, frozenset(columns))
 
 
-def validate_row_expression(node: exp.Expression, policy: Policy, sql: str, *, labeling: bool = False) -> set[str]:
+def validate_row_expression(node: exp.Expr, policy: Policy, sql: str, *, labeling: bool = False) -> set[str]:
     """Check a row-level expression; return the columns it references."""
     return set(check_row_expression(node, policy, sql, labeling=labeling).columns)
 
 
-def bounded_sql(node: exp.Expression, policy: Policy, *, labeling: bool = False, sql: str | None = None) -> str:
+def bounded_sql(node: exp.Expr, policy: Policy, *, labeling: bool = False, sql: str | None = None) -> str:
     """SQL of a row-level expression over the pre-bounded table, in its total form (see policies.typecheck)."""
     text = sql if sql is not None else node.sql(dialect="duckdb")
     return check_row_expression(node, policy, text, labeling=labeling).sql

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from policies.accountant import PrivacyLoss
 from policies.connections import ThreadConnections
@@ -98,7 +99,8 @@ class LedgerCharge:
         return PrivacyLoss.from_units(self.eps_units, self.delta_units)
 
     @staticmethod
-    def of(row: tuple[object, ...]) -> LedgerCharge:
+    def of(row: tuple[Any, ...]) -> LedgerCharge:
+        """The charge of a row selected as `_ROW` (sqlite3 rows are untyped)."""
         i, ts, principal, dataset, e, d, rid, kind = row
         return LedgerCharge(int(i), float(ts), str(principal), str(dataset), int(e), int(d), str(rid), str(kind))
 

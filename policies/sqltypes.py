@@ -84,9 +84,10 @@ def column_type(spec: Column) -> Typed:
     t = spec.type
     if t is ColumnType.INT:
         if spec.bounds is not None:
-            return int_range(spec.bounds[0], spec.bounds[1])
+            return int_range(float(spec.bounds[0]), float(spec.bounds[1]))
         if spec.domain is not None and all(isinstance(v, int) and not isinstance(v, bool) for v in spec.domain):
-            return int_range(min(spec.domain), max(spec.domain))  # type: ignore[type-var]
+            values = [int(v) for v in spec.domain]
+            return int_range(min(values), max(values))
         return Typed(SqlType.INT)
     if t in (ColumnType.FLOAT, ColumnType.DECIMAL):
         if spec.bounds is not None:

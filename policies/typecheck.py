@@ -51,7 +51,7 @@ _REGEX_WORK = 20
 # Substring offsets and lengths the engines accept without an out-of-range error.
 MAX_OFFSET = 2**31 - 1
 
-ColumnResolver = Callable[[exp.Column], tuple[Typed, exp.Expression]]
+ColumnResolver = Callable[[exp.Column], tuple[Typed, exp.Expr]]
 PatternCheck = Callable[[str], str | None]
 
 _DATE_PARTS_TRUNC = {"year", "quarter", "month", "week", "day"}
@@ -101,7 +101,7 @@ _SAME_TEXT = (exp.Lower, exp.Upper, exp.Reverse)
 _TEXT_TESTS = (exp.Contains, exp.StartsWith, exp.EndsWith)
 _COMPARISONS = (exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE, exp.NullSafeEQ, exp.NullSafeNEQ)
 _ANON_TEXT_TESTS = {"prefix": exp.StartsWith, "suffix": exp.EndsWith}
-_DATE_FUNCS = {
+_DATE_FUNCS: dict[type[exp.Expr], str] = {
     exp.Year: "year",
     exp.Month: "month",
     exp.Day: "day",
@@ -125,22 +125,22 @@ class Checked:
     """An expression's type and its total compiled form."""
 
     typed: Typed
-    tree: exp.Expression
+    tree: exp.Expr
 
 
 def _type_name(t: Typed) -> str:
     return t.type.value
 
 
-def _int_literal(value: int) -> exp.Expression:
+def _int_literal(value: int) -> exp.Expr:
     return exp.Cast(this=exp.Literal.number(value), to=exp.DataType.build("BIGINT"))
 
 
-def _as_double(tree: exp.Expression) -> exp.Expression:
+def _as_double(tree: exp.Expr) -> exp.Expr:
     return exp.Cast(this=tree, to=exp.DataType.build("DOUBLE"))
 
 
-def _nullif_zero(tree: exp.Expression) -> exp.Expression:
+def _nullif_zero(tree: exp.Expr) -> exp.Expr:
     return exp.Nullif(this=tree, expression=exp.Literal.number(0))
 
 
@@ -151,11 +151,11 @@ def _parse_date(value: str) -> dt.date | None:
         return None
 
 
-def _date_literal(day: dt.date) -> exp.Expression:
+def _date_literal(day: dt.date) -> exp.Expr:
     return exp.Cast(this=exp.Literal.string(day.isoformat()), to=exp.DataType.build("DATE"))
 
 
-def _literal_int(node: exp.Expression | None) -> int | None:
+def _literal_int(node: exp.Expr | None) -> int | None:
     """The value of an integer literal (possibly negated), or None."""
     if isinstance(node, exp.Neg):
         inner = _literal_int(node.this)
@@ -170,13 +170,13 @@ def _literal_int(node: exp.Expression | None) -> int | None:
     return None
 
 
-def _string_literal(node: exp.Expression | None) -> str | None:
+def _string_literal(node: exp.Expr | None) -> str | None:
     if isinstance(node, exp.Literal) and node.is_string:
         return str(node.this)
     return None
 
 
-def _part_name(node: exp.Expression | None) -> str | None:
+def _part_name(node: exp.Expr | None) -> str | None:
     if isinstance(node, exp.Var | exp.Identifier):
         return str(node.this).lower()
     if isinstance(node, exp.Literal) and node.is_string:
@@ -213,7 +213,7 @@ class Checker:
 
     # --- entry points -------------------------------------------------------------------------------------
 
-    def check(self, node: exp.Expression) -> Checked:
+    def check(self, node: exp.Expr) -> Checked:
         size = sum(1 for _ in node.walk())
         if size > MAX_NODES:
             raise reject(
@@ -238,7 +238,7 @@ class Checker:
     def _cost(self, chars: float, factor: float = 1.0) -> None:
         self.work += int(chars * factor)
 
-    def condition(self, node: exp.Expression, what: str) -> Checked:
+    def condition(self, node: exp.Expr, what: str) -> Checked:
         """A boolean condition (WHERE, an LF's `when`)."""
         got = self.check(node)
         if got.typed.type not in (SqlType.BOOL, SqlType.NULL):
@@ -253,10 +253,10 @@ class Checker:
 
     # --- errors -------------------------------------------------------------------------------------------
 
-    def _type_error(self, message: str, node: exp.Expression, hint: str | None = None) -> QueryRejected:
+    def _type_error(self, message: str, node: exp.Expr, hint: str | None = None) -> QueryRejected:
         return reject(message, "type_error", node, self.sql, hint=hint)
 
-    def _need(self, node: exp.Expression | None, *types: SqlType, what: str = "argument") -> Checked:
+    def _need(self, node: exp.Expr | None, *types: SqlType, what: str = "argument") -> Checked:
         if node is None:
             raise self._type_error(f"missing {what}", exp.Null())
         got = self._check(node)
@@ -280,7 +280,7 @@ class Checker:
             return "use CAST(x AS VARCHAR) to make text of a number"
         return None
 
-    def _literal_text(self, node: exp.Expression | None, what: str) -> str:
+    def _literal_text(self, node: exp.Expr | None, what: str) -> str:
         value = _string_literal(node)
         if value is None:
             raise reject(
@@ -294,7 +294,7 @@ class Checker:
             raise reject(f"{what} is longer than {MAX_PATTERN} characters", "too_complex", node, self.sql)  # type: ignore[arg-type]
         return value
 
-    def _regex(self, node: exp.Expression | None) -> str:
+    def _regex(self, node: exp.Expr | None) -> str:
         pattern = self._literal_text(node, "the regular expression")
         problem = self.check_pattern(pattern) if self.check_pattern else None
         if problem is not None:
@@ -307,7 +307,7 @@ class Checker:
             )
         return pattern
 
-    def _small_int(self, node: exp.Expression | None, what: str, low: int, high: int) -> int:
+    def _small_int(self, node: exp.Expr | None, what: str, low: int, high: int) -> int:
         value = _literal_int(node)
         if value is None or not low <= value <= high:
             raise reject(
@@ -315,7 +315,7 @@ class Checker:
             )
         return value
 
-    def _text_length(self, length: float, node: exp.Expression) -> int:
+    def _text_length(self, length: float, node: exp.Expr) -> int:
         if not math.isfinite(length) or length > MAX_TEXT:
             raise reject(
                 f"this text expression can produce more than {MAX_TEXT:,} characters per row",
@@ -328,7 +328,7 @@ class Checker:
 
     # --- the checker --------------------------------------------------------------------------------------
 
-    def _check(self, n: exp.Expression) -> Checked:  # noqa: C901 - one dispatch over node kinds
+    def _check(self, n: exp.Expr) -> Checked:  # noqa: C901 - one dispatch over node kinds
         if isinstance(n, exp.Column):
             if not isinstance(n.this, exp.Identifier):
                 raise reject("* is not allowed here", "raw_rows", n, self.sql)
@@ -453,7 +453,7 @@ class Checker:
         return self._arith(n, (lambda x, y: x - y) if sub else (lambda x, y: x + y), (a, b))
 
     def _arith(
-        self, n: exp.Expression, op: Callable[[float, float], float], operands: tuple[Checked, Checked] | None = None
+        self, n: exp.Expr, op: Callable[[float, float], float], operands: tuple[Checked, Checked] | None = None
     ) -> Checked:
         a, b = operands or (self._check(n.this), self._check(n.expression))
         for side, node in ((a, n.this), (b, n.expression)):
@@ -480,7 +480,7 @@ class Checker:
             return Checked(int_range(-reach - 1, reach + 1), n.__class__(this=a.tree, expression=_nullif_zero(b.tree)))
         return Checked(FLOAT, n.__class__(this=_as_double(a.tree), expression=_nullif_zero(_as_double(b.tree))))
 
-    def _date_shift(self, date: Checked, by: Checked, n: exp.Expression, sign: int) -> Checked:
+    def _date_shift(self, date: Checked, by: Checked, n: exp.Expr, sign: int) -> Checked:
         if by.typed.type is SqlType.INTERVAL:
             lo, hi = by.typed.lo, by.typed.hi
         elif by.typed.bounded:
@@ -504,13 +504,13 @@ class Checker:
                 self.sql,
                 hint="use smaller intervals",
             )
-        op = exp.Sub if sign < 0 and n.this is date.tree or isinstance(n, exp.Sub) else exp.Add
-        shifted = op(this=date.tree, expression=by.tree)
+        op = exp.Sub if isinstance(n, exp.Sub) else exp.Add
+        shifted: exp.Expr = op(this=date.tree, expression=by.tree)
         if by.typed.type is SqlType.INTERVAL:  # date ± interval is a timestamp in the engine: keep it a date
             shifted = exp.Cast(this=shifted, to=exp.DataType.build("DATE"))
         return Checked(Typed(SqlType.DATE, new_lo, new_hi), shifted)
 
-    def _comparable(self, left: exp.Expression, right: exp.Expression, n: exp.Expression) -> tuple[Checked, Checked]:
+    def _comparable(self, left: exp.Expr, right: exp.Expr, n: exp.Expr) -> tuple[Checked, Checked]:
         a, b = self._check(left), self._check(right)
         # A quoted date compared with a date is checked now, so that no conversion can fail on the rows.
         if a.typed.type is SqlType.DATE and b.typed.type is SqlType.TEXT:
@@ -527,7 +527,7 @@ class Checker:
             )
         return a, b
 
-    def _as_date_literal(self, node: exp.Expression, got: Checked) -> Checked:
+    def _as_date_literal(self, node: exp.Expr, got: Checked) -> Checked:
         value = _string_literal(node)
         day = _parse_date(value) if value is not None else None
         if day is None:
@@ -558,7 +558,7 @@ class Checker:
         for branch in n.args.get("ifs") or []:
             if operand is not None:
                 op, cond = self._comparable(operand, branch.this, branch)
-                condition = exp.EQ(this=op.tree, expression=cond.tree)
+                condition: exp.Expr = exp.EQ(this=op.tree, expression=cond.tree)
             else:
                 condition = self._need(branch.this, SqlType.BOOL, what="a WHEN condition").tree
             value = self._check(branch.args["true"])
@@ -571,7 +571,7 @@ class Checker:
         out = exp.Case(ifs=ifs, default=values[-1].tree if default is not None else None)
         return Checked(typed, out)
 
-    def _unify_all(self, items: list[Checked], n: exp.Expression) -> Typed:
+    def _unify_all(self, items: list[Checked], n: exp.Expr) -> Typed:
         typed = NULL
         for item in items:
             joined = unify(typed, item.typed)
@@ -610,7 +610,7 @@ class Checker:
             raise self._type_error(f"cannot cast a date to {target.value}", n, hint="use year(), month(), ...")
         if target is SqlType.INT:
             typed = (
-                int_range(math.floor(src.lo), math.ceil(src.hi))
+                int_range(math.floor(src.lo), math.ceil(src.hi))  # type: ignore[arg-type]
                 if src.type.numeric and src.bounded
                 else Typed(SqlType.INT)
             )
@@ -628,7 +628,7 @@ class Checker:
 
     # --- functions ----------------------------------------------------------------------------------------
 
-    def _function(self, n: exp.Expression) -> Checked:  # noqa: C901 - one dispatch over the allowlist
+    def _function(self, n: exp.Expr) -> Checked:  # noqa: C901 - one dispatch over the allowlist
         name = func_name(n)
         if isinstance(n, exp.Anonymous):
             return self._anonymous(n, name)
@@ -667,7 +667,7 @@ class Checker:
             inner = self._need(n.this, SqlType.TEXT)
             chars = n.args.get("expression")
             self._cost(inner.typed.length)
-            tree = n.copy()
+            tree: exp.Expr = n.copy()
             tree.set("this", inner.tree)
             if chars is not None:
                 tree.set("expression", exp.Literal.string(self._literal_text(chars, "the characters to trim")))
@@ -694,7 +694,7 @@ class Checker:
         if isinstance(n, exp.Substring):
             subject = self._need(n.this, SqlType.TEXT)
             start = self._offset(n.args.get("start"), "the start of substring()")
-            length = (
+            size = (
                 self._offset(n.args.get("length"), "the length of substring()")
                 if n.args.get("length") is not None
                 else None
@@ -702,7 +702,7 @@ class Checker:
             self._cost(subject.typed.length)
             return Checked(
                 subject.typed,
-                exp.Substring(this=subject.tree, start=start.tree, length=length.tree if length else None),
+                exp.Substring(this=subject.tree, start=start.tree, length=size.tree if size else None),
             )
         if isinstance(n, exp.Left | exp.Right):
             subject = self._need(n.this, SqlType.TEXT)
@@ -809,11 +809,9 @@ class Checker:
             if unit not in _DIFF_PARTS:
                 raise reject(f"date_diff takes one of {sorted(_DIFF_PARTS)}", "bad_argument", n, self.sql)
             a, b = self._need(n.this, SqlType.DATE), self._need(n.expression, SqlType.DATE)
-            span_days = (
-                (max(a.typed.hi, b.typed.hi) - min(a.typed.lo, b.typed.lo))
-                if a.typed.bounded and b.typed.bounded
-                else MAX_DAY - MIN_DAY
-            )  # type: ignore[operator]
+            span_days = float(MAX_DAY - MIN_DAY)
+            if a.typed.bounded and b.typed.bounded:
+                span_days = max(a.typed.hi, b.typed.hi) - min(a.typed.lo, b.typed.lo)  # type: ignore[type-var, operator]
             reach = span_days // _DIFF_PARTS[unit] + 1
             tree = exp.DateDiff(this=a.tree, expression=b.tree, unit=exp.var(unit.upper()))
             return Checked(int_range(-reach, reach), tree)
@@ -885,14 +883,12 @@ class Checker:
                 return Checked(FLOAT, n.__class__(this=_as_double(inner.tree), decimals=tree.args.get("decimals")))
             reach = (t.max_abs or 0.0) * 10 + 10  # rounding to tens and beyond can move a value up to one unit
             return Checked(int_range(-reach, reach) if digits is None or digits < 0 else t, tree)
-        typed = (
-            Typed(SqlType.FLOAT, math.floor(t.lo) - 1, math.ceil(t.hi) + 1)
-            if t.bounded and math.isfinite(t.lo) and math.isfinite(t.hi)
-            else FLOAT
-        )  # type: ignore[arg-type]
+        typed = FLOAT
+        if t.lo is not None and t.hi is not None and math.isfinite(t.lo) and math.isfinite(t.hi):
+            typed = Typed(SqlType.FLOAT, math.floor(t.lo) - 1, math.ceil(t.hi) + 1)
         return Checked(typed, tree)
 
-    def _offset(self, node: exp.Expression | None, what: str) -> Checked:
+    def _offset(self, node: exp.Expr | None, what: str) -> Checked:
         """An integer argument whose public range keeps it inside the engine's offset limits."""
         got = self._need(node, SqlType.INT, what=what)
         if got.typed.type is SqlType.NULL:
@@ -914,7 +910,7 @@ class Checker:
         )
         return Checked(got.typed, tree)
 
-    def _date_part(self, part: str | None, value: exp.Expression | None, n: exp.Expression) -> Checked:
+    def _date_part(self, part: str | None, value: exp.Expr | None, n: exp.Expr) -> Checked:
         if part not in _DATE_PARTS:
             raise reject(f"date parts are {sorted(_DATE_PARTS)}", "bad_argument", n, self.sql)
         date = self._need(value, SqlType.DATE)

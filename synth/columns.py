@@ -236,9 +236,9 @@ def column_bins(name: str, col: Column) -> ColumnBins | None:
         width, n = _runs(hi - lo + 1)
         return ColumnBins(name, t, "int", low=float(lo), width=float(width), n_bins=n, high=float(hi))
     if t in NUMERIC_TYPES and col.bounds is not None:
-        lo, hi = float(col.bounds[0]), float(col.bounds[1])
+        lo_f, hi_f = float(col.bounds[0]), float(col.bounds[1])
         return ColumnBins(
-            name, t, "float", low=lo, width=(hi - lo) / MAX_BINS, n_bins=MAX_BINS, high=hi, scale=col.scale
+            name, t, "float", low=lo_f, width=(hi_f - lo_f) / MAX_BINS, n_bins=MAX_BINS, high=hi_f, scale=col.scale
         )
     if t is ColumnType.DATE and col.bounds is not None:
         lo_d, hi_d = col.bounds

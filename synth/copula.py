@@ -154,7 +154,7 @@ def nearest_correlation(matrix: np.ndarray, floor: float = 1e-3, iterations: int
         correction = x - r
         y_next = x.copy()
         np.fill_diagonal(y_next, 1.0)
-        done = np.linalg.norm(y_next - y) <= 1e-9 * max(np.linalg.norm(y), 1.0)
+        done = np.linalg.norm(y_next - y) <= 1e-9 * max(float(np.linalg.norm(y)), 1.0)
         y = y_next
         if done:
             break

@@ -10,6 +10,7 @@ from typing import Any
 from snorkel.labeling import labeling_function
 
 ABSTAIN = -1
+URGENT = 0
 SECRET_MARKER = "row contents:"
 
 
@@ -40,3 +41,22 @@ def test_only_opens_a_socket(x: Any) -> int:
 @labeling_function()
 def test_only_returns_undeclared_label(x: Any) -> int:
     return 1  # declared labels: urgent (0) only, so every vote is counted as an abstention
+
+
+@labeling_function()
+def test_only_raises_on_same_day_visits(x: Any) -> int:
+    if x.length_of_stay == 0:
+        raise ValueError(f"{SECRET_MARKER} {x.triage_note} / {x.diagnosis}")
+    return URGENT if 100 // x.length_of_stay > 10 else ABSTAIN
+
+
+@labeling_function()
+def test_only_sleeps_on_same_day_visits(x: Any) -> int:
+    while x.length_of_stay == 0:
+        time.sleep(3600)
+    return URGENT if x.length_of_stay >= 6 else ABSTAIN
+
+
+@labeling_function()
+def test_only_returns_junk(x: Any) -> Any:
+    return {"age": x.age} if x.age % 3 == 0 else (2**70 if x.age % 3 == 1 else "urgent")

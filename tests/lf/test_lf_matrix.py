@@ -24,17 +24,29 @@ from tests.conftest import Workspace
 URGENT, ROUTINE, ABSTAIN = 0, 1, -1
 
 SQL_LFS: list[dict[str, Any]] = [
-    {"name": "red_flags", "label": "urgent",
-     "keywords": {"column": "triage_note", "any": ["Chest Pain", "shortness of breath", "stroke"]}},
-    {"name": "planned", "label": "routine",
-     "regex": {"column": "triage_note", "pattern": r"^(routine|follow-up|prescription)"}},
+    {
+        "name": "red_flags",
+        "label": "urgent",
+        "keywords": {"column": "triage_note", "any": ["Chest Pain", "shortness of breath", "stroke"]},
+    },
+    {
+        "name": "planned",
+        "label": "routine",
+        "regex": {"column": "triage_note", "pattern": r"^(routine|follow-up|prescription)"},
+    },
     {"name": "urgent_dx", "label": "urgent", "when": "diagnosis IN ('I21', 'I63', 'J96', 'R07', 'S72')"},
     {"name": "old_long_stay", "label": "urgent", "when": "age >= 70 AND length_of_stay >= 6"},
     {"name": "young_same_day", "label": "routine", "when": "age < 40 AND length_of_stay = 0 AND sex <> 'X'"},
-    {"name": "winter_fever", "label": "urgent",
-     "when": "month(visit_day) IN (12, 1, 2) AND contains(triage_note, 'fever')"},
-    {"name": "capital_sore", "label": "routine",
-     "keywords": {"column": "triage_note", "any": ["Sore"], "case_sensitive": True}},
+    {
+        "name": "winter_fever",
+        "label": "urgent",
+        "when": "month(visit_day) IN (12, 1, 2) AND contains(triage_note, 'fever')",
+    },
+    {
+        "name": "capital_sore",
+        "label": "routine",
+        "keywords": {"column": "triage_note", "any": ["Sore"], "case_sensitive": True},
+    },
     {"name": "rich_not_cardiac", "label": "routine", "when": "income > 90000 AND NOT (diagnosis LIKE 'I%')"},
 ]
 
@@ -80,8 +92,16 @@ def rich_not_cardiac(x: Any) -> int:
     return ROUTINE if x.income > 90000 and not x.diagnosis.startswith("I") else ABSTAIN
 
 
-PY_EQUIVALENTS = [red_flags, planned, urgent_dx, old_long_stay, young_same_day, winter_fever, capital_sore,
-                  rich_not_cardiac]
+PY_EQUIVALENTS = [
+    red_flags,
+    planned,
+    urgent_dx,
+    old_long_stay,
+    young_same_day,
+    winter_fever,
+    capital_sore,
+    rich_not_cardiac,
+]
 
 
 @pytest.fixture
@@ -96,9 +116,13 @@ def private(workspace: Workspace) -> Iterator[tuple[Bastion, Policy]]:
 def _snorkel_summary(L: np.ndarray, gold: np.ndarray) -> dict[str, np.ndarray]:
     s = LFAnalysis(L).lf_summary(Y=gold)
     n = len(L)
-    return {"coverage": np.rint(s["Coverage"].to_numpy() * n), "overlaps": np.rint(s["Overlaps"].to_numpy() * n),
-            "conflicts": np.rint(s["Conflicts"].to_numpy() * n), "correct": s["Correct"].to_numpy(),
-            "incorrect": s["Incorrect"].to_numpy()}
+    return {
+        "coverage": np.rint(s["Coverage"].to_numpy() * n),
+        "overlaps": np.rint(s["Overlaps"].to_numpy() * n),
+        "conflicts": np.rint(s["Conflicts"].to_numpy() * n),
+        "correct": s["Correct"].to_numpy(),
+        "incorrect": s["Incorrect"].to_numpy(),
+    }
 
 
 def _assert_exact_matches_snorkel(exact: ExactStatistics, L: np.ndarray, gold: np.ndarray) -> None:
@@ -143,11 +167,11 @@ def test_python_lfs_in_the_sandbox_join_the_sql_votes_row_by_row(private: tuple[
     names = ["urgent_diagnosis", "red_flag_words", "routine_words", "stay_and_age"]
     _, frame = lf_input_frame(cur, policy)
     lfs = [REGISTRY.get(n) for n in names]
-    in_process = PandasLFApplier([getattr(__import__(e.module, fromlist=[e.attribute]), e.attribute)
-                                  for e in lfs]).apply(frame, progress_bar=False)
+    in_process = PandasLFApplier(
+        [getattr(__import__(e.module, fromlist=[e.attribute]), e.attribute) for e in lfs]
+    ).apply(frame, progress_bar=False)
     head = frame.iloc[:5_000]
-    sandboxed = apply_python_lfs([LFRef(e.name, e.module, e.attribute) for e in lfs], head,
-                                 SandboxLimits(seconds=120))
+    sandboxed = apply_python_lfs([LFRef(e.name, e.module, e.attribute) for e in lfs], head, SandboxLimits(seconds=120))
     assert np.array_equal(sandboxed, in_process[:5_000])
 
     plan = plan_lf_stats(policy, lfs=SQL_LFS[:3], python_lfs=names, epsilon=1.0, alpha=0.05)
