@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -20,7 +21,7 @@ from gateway.lf_routes import router as lf_router
 from gateway.service import Bastion
 from gateway.settings import Settings
 from gateway.synth_routes import router as synth_router
-from policies.errors import GatewayError
+from policies.errors import GatewayError, InvalidRequest
 
 log = logging.getLogger("bastion")
 
@@ -28,14 +29,16 @@ log = logging.getLogger("bastion")
 class QueryRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sql: str = Field(description="one aggregate SELECT over one dataset")
-    epsilon: float | None = Field(default=None, gt=0, description="privacy loss to spend (give this or accuracy)")
+    epsilon: float | None = Field(
+        default=None, description="privacy loss to spend, 1e-6 to 1000 (give this or accuracy)"
+    )
     accuracy: float | dict[str, float] | None = Field(
         default=None,
         description="target half-width of the confidence interval of the first COUNT/SUM output column, or "
         "{column: half-width}; Bastion derives epsilon",
     )
-    alpha: float | None = Field(default=None, gt=0, lt=1, description="1 - confidence level (default 0.05)")
-    delta: float | None = Field(default=None, gt=0, lt=1, description="δ for private key selection")
+    alpha: float | None = Field(default=None, description="1 - confidence level, in [1e-9, 1) (default 0.05)")
+    delta: float | None = Field(default=None, description="δ for private key selection, 1e-30 to 0.1")
     dry_run: bool = Field(default=False, description="report cost and accuracy without spending")
 
 
@@ -152,6 +155,23 @@ def create_app(settings: Settings, bastion: Bastion | None = None) -> FastAPI:
     @app.exception_handler(GatewayError)
     async def gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
         return JSONResponse(status_code=exc.status, content=exc.to_dict())
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # The one error shape, naming the fields and what is wrong (never echoing the values: NaN is not JSON).
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err.get('loc', ()) if p != 'body') or 'body'}: {err.get('msg', 'invalid')}"
+            for err in exc.errors()
+        )
+        error = InvalidRequest(f"invalid request: {problems}")
+        return JSONResponse(status_code=error.status, content=error.to_dict())
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Never a message or a traceback in the log or the answer: either could quote a value from the rows.
+        log.error("%s %s failed (%s)", request.method, request.url.path, type(exc).__name__)
+        error = GatewayError("internal error")
+        return JSONResponse(status_code=error.status, content=error.to_dict())
 
     @app.get("/healthz", include_in_schema=False)
     def health() -> dict[str, str]:

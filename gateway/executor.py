@@ -17,6 +17,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import sqlglot
 from sqlglot import exp
 
 from gateway.catalog import bounded_table, scratch
@@ -34,6 +35,7 @@ from policies.accountant import (
 from policies.errors import InvalidRequest, QueryRejected
 from policies.schema import ColumnType
 from policies.sqltypes import SqlType
+from policies.typecheck import eager_logic
 
 _COUNT_KINDS = {"count_star", "count", "count_distinct_unit"}
 
@@ -178,38 +180,61 @@ class Release:
     groups_released: int = 0
 
 
-def _measure_sql(plan: Plan, m: Measurement) -> str:
+def _measure_sql(plan: Plan, m: Measurement) -> tuple[str, bool]:
+    """The aggregate call of a measurement, and whether an empty group gives NULL (to be read as 0)."""
     match m.kind:
         case "count_star":
-            return "COUNT(*)"
+            return "COUNT(*)", False
         case "count":
-            return f'COUNT("{m.column}")'
+            return f'COUNT("{m.column}")', False
         case "count_distinct_unit":
-            return f'COUNT(DISTINCT "{plan.policy.unit_column}")'
+            return f'COUNT(DISTINCT "{plan.policy.unit_column}")', False
         case "sum":
-            return f'COALESCE(SUM("__fx_{m.column}"), 0)'
+            return f'SUM("__fx_{m.column}")', True
         case "sumsq":
-            return f'COALESCE(SUM("__fx2_{m.column}"), 0)'
+            return f'SUM("__fx2_{m.column}")', True
     raise AssertionError(m.kind)
+
+
+def _measures(plan: Plan, measurements: list[Measurement]) -> list[tuple[str, str, bool]]:
+    """(aggregate call, alias, NULL means 0) of the row count and of each plain measurement, in order."""
+    out = [("COUNT(*)", "__n", False)]
+    for i, m in enumerate(measurements):
+        call, nullable = _measure_sql(plan, m)
+        out.append((call, f"m{i}", nullable))
+    return out
+
+
+def _row_filter(plan: Plan, extra: str | None) -> str | None:
+    """The WHERE condition (and `extra`), combined so that both are evaluated on every row."""
+    parts = [sqlglot.parse_one(w, read="duckdb") for w in (plan.where_sql, extra) if w]
+    if not parts:
+        return None
+    combined = parts[0] if len(parts) == 1 else eager_logic(parts[0], parts[1], conjunction=True)
+    return combined.sql(dialect="duckdb")
 
 
 def _group_sql(
     plan: Plan,
-    select: list[str],
+    aggregates: list[tuple[str, str, bool]],
     extra_where: str | None = None,
     *,
     extra_group: str | None = None,
     empty: bool = False,
 ) -> str:
-    """The grouped measurement query. `empty` reads no row at all: the default input of the fallback release."""
-    keys = [f'{k.sql} AS "{k.alias}"' for k in plan.keys]
-    where = [w for w in (plan.where_sql and f"({plan.where_sql})", extra_where) if w]
-    if empty:
-        where = ["FALSE"]
+    """The grouped measurement query. The row condition is an aggregate FILTER, not a WHERE: keys and the condition
+    are computed on every row, whichever rows match, so the work does not depend on how many do. `empty` reads no
+    row at all: the default input of the fallback release."""
+    keys = [f'{k.sql} AS "{k.alias}"' for k in plan.keys] + ([f"{extra_group} AS __code"] if extra_group else [])
+    condition = _row_filter(plan, extra_where)
+    select = []
+    for call, alias, nullable in aggregates:
+        value = f"{call} FILTER (WHERE {condition})" if condition else call
+        select.append(f'COALESCE({value}, 0) AS "{alias}"' if nullable else f'{value} AS "{alias}"')
     sql = f'SELECT {", ".join(keys + select)} FROM "{bounded_table(plan.dataset)}"'
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    group = [str(i + 1) for i in range(len(plan.keys))] + ([extra_group] if extra_group else [])
+    if empty:
+        sql += " WHERE FALSE"
+    group = [str(i + 1) for i in range(len(plan.keys) + (1 if extra_group else 0))]
     if group:
         sql += " GROUP BY " + ", ".join(group)
     return sql
@@ -226,19 +251,19 @@ def _quantile_codes(
     t = f'(("{m.column}" - {lo!r}) / {step!r})'
     # code 2j+1: exactly on candidate j; code 2j+2: strictly between candidates j and j+1.
     code = f"CAST(2 * FLOOR({t}) + CASE WHEN {t} = FLOOR({t}) THEN 1 ELSE 2 END AS BIGINT)"
-    sql = _group_sql(
-        plan, [f"{code} AS __code", "COUNT(*) AS __n"], f'"{m.column}" IS NOT NULL', extra_group="__code", empty=empty
-    )
+    sql = _group_sql(plan, [("COUNT(*)", "__n", False)], f'"{m.column}" IS NOT NULL', extra_group=code, empty=empty)
     n_codes = 2 * len(candidates) + 1
     hist = {g: np.zeros(n_codes, dtype=np.int64) for g in groups}
     nk = len(plan.keys)
     for row in con.execute(sql).fetchall():
         g = tuple(row[:nk])
-        if g in hist:
+        if g in hist and row[nk] is not None:  # a NULL value has no code (and is filtered out of the count)
             c = min(max(int(row[nk]), 0), n_codes - 1)
             hist[g][c] += int(row[nk + 1])
     return candidates, hist
 
+
+_PADDED = object()  # the first element of a padded group's key: no value of a row is this object
 
 _ARROW_TYPES = {
     SqlType.INT: pa.int64(),
@@ -254,17 +279,7 @@ def bind_check(plan: Plan, con: duckdb.DuckDBPyConnection) -> None:
     """Bind every statement the plan will run without reading a row (an always-false filter, an empty released
     table), so that an error the engine's binder finds — which depends on the schema and the query only — is a
     400 before the charge instead of a failure after it."""
-    statements = [
-        _group_sql(
-            plan,
-            ["COUNT(*) AS __n"]
-            + [
-                f'{_measure_sql(plan, m)} AS "m{i}"'
-                for i, m in enumerate(x for x in plan.measurements if x.kind != "quantile")
-            ],
-            empty=True,
-        )
-    ]
+    statements = [_group_sql(plan, _measures(plan, [m for m in plan.measurements if m.kind != "quantile"]), empty=True)]
     try:
         for sql in statements:
             con.execute(sql).fetchall()
@@ -304,7 +319,7 @@ def execute(plan: Plan, pricing: Pricing, con: duckdb.DuckDBPyConnection, *, def
     of the data when the real run fails after the charge."""
     notes: list[str] = []
     plain = [m for m in plan.measurements if m.kind != "quantile"]
-    select = ["COUNT(*) AS __n"] + [f'{_measure_sql(plan, m)} AS "m{i}"' for i, m in enumerate(plain)]
+    select = _measures(plan, plain)
     nk = len(plan.keys)
     exact: dict[tuple[Any, ...], tuple[int, ...]] = {}
     sql = _group_sql(plan, select, empty=default_input)
@@ -312,18 +327,16 @@ def execute(plan: Plan, pricing: Pricing, con: duckdb.DuckDBPyConnection, *, def
     width = nk + len(select)
     if selecting:
         # Pad the groups to the public candidate count inside the engine, so that fetching and preparing them
-        # takes the same time whatever the number of distinct private keys (up to that count).
+        # takes the same time whatever the number of distinct private keys (up to that count). Padded groups go
+        # through every step real ones do, and are dropped from what is released (they are not data).
         pad_values = ", ".join(["NULL"] * nk + ["0"] * len(select))
         sql = (
-            f"WITH g AS ({sql}) SELECT *, FALSE AS __pad FROM g UNION ALL SELECT {pad_values}, TRUE FROM "
-            f"range(GREATEST(0, {int(plan.policy.key_candidates)} - (SELECT COUNT(*) FROM g)))"
+            f"WITH g AS ({sql}) SELECT *, -1 AS __pad FROM g UNION ALL SELECT {pad_values}, i AS __pad FROM "
+            f"range(GREATEST(0, {int(plan.policy.key_candidates)} - (SELECT COUNT(*) FROM g))) AS r(i)"
         )
-    padding: list[tuple[Any, ...]] = []
     for row in con.execute(sql).fetchall():
-        if selecting and row[width]:
-            padding.append(tuple(int(v) for v in row[nk:width]))
-            continue
-        exact[tuple(row[:nk])] = tuple(int(v) for v in row[nk:width])
+        key = (_PADDED, row[width]) if selecting and row[width] >= 0 else tuple(row[:nk])
+        exact[key] = tuple(int(v) for v in row[nk:width])
     if not plan.keys and () not in exact:
         exact[()] = tuple(0 for _ in range(len(plain) + 1))
 
@@ -331,16 +344,15 @@ def execute(plan: Plan, pricing: Pricing, con: duckdb.DuckDBPyConnection, *, def
     if groups is None:
         # Opaque labels for OpenDP (never released): the group's position, cheaper than serialising its values.
         by_label = {str(i): g for i, g in enumerate(exact)}
-        counts = {j: exact[g][0] for j, g in by_label.items()}
-        counts.update({f"pad{i}": p[0] for i, p in enumerate(padding)})  # zero counts, never released as keys
         selection = mech.select_keys(
-            counts,
+            {j: exact[g][0] for j, g in by_label.items()},
             plan.policy.max_rows_per_unit,
             pricing.selection_epsilon,
             pricing.selection_delta,
             candidates=plan.policy.key_candidates,
         )
-        groups = sorted((by_label[j] for j in selection.kept if j in by_label), key=lambda g: [str(v) for v in g])
+        kept = (by_label[j] for j in selection.kept)
+        groups = sorted((g for g in kept if not (len(g) == 2 and g[0] is _PADDED)), key=lambda g: [str(v) for v in g])
         notes.append(
             f"group keys without a public domain were selected with OpenDP's Laplace threshold "
             f"(threshold {selection.threshold} rows; ε={pricing.selection_epsilon:.4g}, "

@@ -726,7 +726,12 @@ def public_key_domain(expr: exp.Expr, policy: Policy, key_sql: str) -> list[Any]
 
 def plan_query(sql: str, resolve: Callable[[str], Policy]) -> Plan:
     """Parse, validate and plan one analyst query. `resolve` maps a dataset name to its policy (or raises)."""
-    select = parse_select(sql)
-    name = dataset_name(select, sql)
-    policy = resolve(name)
-    return _Planner(select, sql, policy).plan()
+    try:
+        select = parse_select(sql)
+        name = dataset_name(select, sql)
+        policy = resolve(name)
+        return _Planner(select, sql, policy).plan()
+    except RecursionError:
+        raise QueryRejected(
+            "the query is too deeply nested", reason="too_complex", hint="write a flatter expression"
+        ) from None

@@ -92,6 +92,18 @@ def _logged_units(charge: report.LoggedCharge) -> tuple[int, int]:
     return (max(math.ceil(charge.epsilon * EPS_UNIT - 0.5), 0), max(math.ceil(charge.delta * DELTA_UNIT - 0.5), 0))
 
 
+def _json_safe(value: Any) -> Any:
+    """A copy of a record's fields that strict JSON can hold: a non-finite number a client sent (NaN, inf) is
+    kept as its text."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 class Bastion:
     def __init__(self, settings: Settings, *, read_only: bool = True) -> None:
         self.settings = settings
@@ -134,7 +146,7 @@ class Bastion:
         }
         if ctx is not None and ctx.correlation_id:
             record["correlation_id"] = ctx.correlation_id
-        record.update(fields)
+        record.update(_json_safe(fields))
         return record
 
     @staticmethod

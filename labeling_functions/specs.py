@@ -238,6 +238,12 @@ def compile_lf(raw: Any, policy: Policy, seen: set[str]) -> CompiledLF:
     except (QueryRejected, InvalidRequest) as exc:
         exc.details["lf"] = name
         raise
+    except RecursionError:
+        raise QueryRejected(
+            f"labeling function {name!r}: the condition is too deeply nested",
+            reason="too_complex",
+            hint="use fewer alternatives, or a regex shortcut",
+        ) from None
     return CompiledLF(
         name=name,
         label=label,

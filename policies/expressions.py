@@ -48,8 +48,34 @@ _VOLATILE_NAMES = {
 }
 
 
+MAX_NESTING = 64  # parentheses deep; deeper text is refused before the parser recurses into it
+
+
+def _nesting(text: str) -> int:
+    depth = deepest = 0
+    quote = None
+    for ch in text:
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch == ")":
+            depth -= 1
+    return deepest
+
+
 def parse_statements(text: str) -> list[exp.Expr]:
     """Parse SQL text (DuckDB dialect) into statements, or raise SqlSyntaxError pointing at the problem."""
+    if _nesting(text) > MAX_NESTING:
+        raise QueryRejected(
+            f"the query nests parentheses more than {MAX_NESTING} deep",
+            reason="too_complex",
+            hint="write a flatter expression",
+        )
     try:
         return [s for s in sqlglot.parse(text, read="duckdb") if s is not None]
     except ParseError as exc:
@@ -68,6 +94,10 @@ def parse_statements(text: str) -> list[exp.Expr]:
         ) from None
     except TokenError as exc:
         raise SqlSyntaxError(f"SQL syntax error: {exc}", reason="syntax") from None
+    except RecursionError:
+        raise QueryRejected(
+            "the query is too deeply nested", reason="too_complex", hint="write a flatter expression"
+        ) from None
 
 
 def span(node: exp.Expr, sql: str) -> tuple[int | None, int | None]:

@@ -43,11 +43,13 @@ from policies.sqltypes import (
 MAX_NODES = 2_000  # syntax nodes in one expression
 MAX_PATTERN = 1_000  # characters of a LIKE pattern or regular expression
 MAX_IN_LIST = 10_000
-# Work per row (characters read or written by text functions, with regular expressions and LIKE patterns counted
-# several times): with a public bound on it, one unit's rows can change a query's running time by at most
-# max_rows_per_unit times this much, whichever branches of the expression its values take.
+# Work per row (characters read or written by text functions, weighted by their measured cost per character, about
+# 0.7 ns for a scan): every row does all of it (CASE, COALESCE and costly AND/OR are compiled without
+# short-circuits), so which rows match does not change the running time, and one unit's own values can change it
+# by at most max_rows_per_unit times this much (about 70 µs per row here).
 MAX_ROW_WORK = 100_000
 _REGEX_WORK = 20
+_PAD_WORK = 10  # padding writes multi-byte fill characters: measured about ten times the cost of a scan
 # Substring offsets and lengths the engines accept without an out-of-range error.
 MAX_OFFSET = 2**31 - 1
 
@@ -118,6 +120,49 @@ ROW_FUNCTIONS = (
     "LIKE, ILIKE, date_trunc, extract, date_part, year, quarter, month, week, day, dayofweek, dayofyear, "
     "date_diff, last_day, dayname, monthname, CASE, IF, COALESCE, NULLIF, CAST"
 )
+
+
+# An AND/OR whose operands are at most this many syntax nodes and use no text function short-circuits as usual:
+# what skipping such an operand saves per row is a few nanoseconds.
+CHEAP_NODES = 16
+
+
+def _call(name: str, *args: exp.Expr) -> exp.Expr:
+    return exp.Anonymous(this=name, expressions=list(args))
+
+
+def select_first(conditions: list[exp.Expr], values: list[exp.Expr]) -> exp.Expr:
+    """CASE WHEN c1 THEN v1 ... ELSE vn END, evaluated eagerly: every condition and every value is computed on
+    every row (a list of them is built), so the work per row does not depend on which branch a row takes, and the
+    result is never a constant vector for some row batches and a full one for others (both would show in the
+    running time). `values` has one more entry than `conditions` (the ELSE value)."""
+    flags = [exp.Coalesce(this=c, expressions=[exp.Boolean(this=False)]) for c in conditions]
+    position = _call("list_position", _call("list_value", *flags, exp.Boolean(this=True)), exp.Boolean(this=True))
+    return _call("list_extract", _call("list_value", *values), position)
+
+
+def _tri(condition: exp.Expr) -> exp.Expr:
+    """A condition as 0 (false), 1 (NULL) or 2 (true), so that AND is LEAST and OR is GREATEST in SQL's logic."""
+    as_int = exp.Cast(this=exp.Paren(this=condition), to=exp.DataType.build("INTEGER"))
+    return exp.Coalesce(
+        this=exp.Mul(this=as_int, expression=exp.Literal.number(2)), expressions=[exp.Literal.number(1)]
+    )
+
+
+def eager_logic(a: exp.Expr, b: exp.Expr, *, conjunction: bool) -> exp.Expr:
+    """a AND b (or a OR b) with both operands evaluated on every row, in SQL's three-valued logic."""
+    pick = exp.Least if conjunction else exp.Greatest
+    combined = pick(this=_tri(a), expressions=[_tri(b)])
+    return exp.Paren(
+        this=exp.EQ(this=exp.Nullif(this=combined, expression=exp.Literal.number(1)), expression=exp.Literal.number(2))
+    )
+
+
+def _coerce(value: Checked, typed: Typed) -> exp.Expr:
+    """A branch's tree in the common type of the branches (integers become DOUBLE next to numbers)."""
+    if typed.type is SqlType.FLOAT and value.typed.type is SqlType.INT:
+        return _as_double(value.tree)
+    return value.tree
 
 
 @dataclass(frozen=True)
@@ -224,7 +269,12 @@ class Checker:
                 hint="split the question into simpler queries",
             )
         self.work = 0
-        got = self._check(node)
+        try:
+            got = self._check(node)
+        except RecursionError:
+            raise reject(
+                "the expression is too deeply nested", "too_complex", node, self.sql, hint="write a flatter expression"
+            ) from None
         if self.work > MAX_ROW_WORK:
             raise reject(
                 f"this expression may process {self.work:,} characters per row; at most {MAX_ROW_WORK:,} are allowed",
@@ -374,8 +424,14 @@ class Checker:
             a, b = self._comparable(n.this, n.expression, n)
             return Checked(BOOL, n.__class__(this=a.tree, expression=b.tree))
         if isinstance(n, exp.And | exp.Or):
+            before = self.work
             a = self._need(n.this, SqlType.BOOL, what=f"an operand of {type(n).__name__.upper()}")
             b = self._need(n.expression, SqlType.BOOL, what=f"an operand of {type(n).__name__.upper()}")
+            size = sum(1 for _ in n.walk())
+            if self.work > before or size > CHEAP_NODES:
+                # An operand that costs something is evaluated on every row: no short-circuit whose saving would
+                # depend on the values of the rows.
+                return Checked(BOOL, eager_logic(a.tree, b.tree, conjunction=isinstance(n, exp.And)))
             return Checked(BOOL, n.__class__(this=a.tree, expression=b.tree))
         if isinstance(n, exp.Not):
             inner = self._need(n.this, SqlType.BOOL, what="the operand of NOT")
@@ -411,9 +467,14 @@ class Checker:
             cond = self._need(n.this, SqlType.BOOL, what="the condition of IF")
             branches = [self._check(b) for b in (n.args.get("true"), n.args.get("false")) if b is not None]
             typed = self._unify_all(branches, n)
-            false = branches[1].tree if len(branches) > 1 else None
-            return Checked(typed, exp.If(this=cond.tree, true=branches[0].tree, false=false))
-        if isinstance(n, exp.Coalesce | exp.Greatest | exp.Least):
+            values = [_coerce(b, typed) for b in branches] + ([] if len(branches) > 1 else [exp.Null()])
+            return Checked(typed, select_first([cond.tree], values))
+        if isinstance(n, exp.Coalesce):
+            items = [self._check(a) for a in [n.this, *n.expressions]]
+            typed = self._unify_all(items, n)
+            present: list[exp.Expr] = [exp.Not(this=exp.Is(this=i.tree, expression=exp.Null())) for i in items[:-1]]
+            return Checked(typed, select_first(present, [_coerce(i, typed) for i in items]))
+        if isinstance(n, exp.Greatest | exp.Least):
             items = [self._check(a) for a in [n.this, *n.expressions]]
             typed = self._unify_all(items, n)
             return Checked(typed, n.__class__(this=items[0].tree, expressions=[i.tree for i in items[1:]]))
@@ -553,23 +614,21 @@ class Checker:
 
     def _case(self, n: exp.Case) -> Checked:
         operand = n.this
-        ifs = []
-        values = []
+        conditions: list[exp.Expr] = []
+        values: list[Checked] = []
         for branch in n.args.get("ifs") or []:
             if operand is not None:
                 op, cond = self._comparable(operand, branch.this, branch)
-                condition: exp.Expr = exp.EQ(this=op.tree, expression=cond.tree)
+                conditions.append(exp.EQ(this=op.tree, expression=cond.tree))
             else:
-                condition = self._need(branch.this, SqlType.BOOL, what="a WHEN condition").tree
-            value = self._check(branch.args["true"])
-            values.append(value)
-            ifs.append(exp.If(this=condition, true=value.tree))
+                conditions.append(self._need(branch.this, SqlType.BOOL, what="a WHEN condition").tree)
+            values.append(self._check(branch.args["true"]))
         default = n.args.get("default")
         if default is not None:
             values.append(self._check(default))
         typed = self._unify_all(values, n)
-        out = exp.Case(ifs=ifs, default=values[-1].tree if default is not None else None)
-        return Checked(typed, out)
+        trees = [_coerce(v, typed) for v in values] + ([] if default is not None else [exp.Null()])
+        return Checked(typed, select_first(conditions, trees))
 
     def _unify_all(self, items: list[Checked], n: exp.Expr) -> Typed:
         typed = NULL
@@ -715,7 +774,7 @@ class Checker:
             new = self._literal_text(n.args.get("replacement"), "the replacement")
             growth = max(1.0, len(new) / len(old)) if old else 1.0
             length = self._text_length(subject.typed.length * growth, n)
-            self._cost(subject.typed.length + length)
+            self._cost(subject.typed.length + length, 2)
             return Checked(
                 text(length),
                 exp.Replace(this=subject.tree, expression=exp.Literal.string(old), replacement=exp.Literal.string(new)),
@@ -742,7 +801,7 @@ class Checker:
             if not fill:
                 raise reject("the padding must not be empty", "bad_argument", n, self.sql)
             length = self._text_length(max(width.typed.hi or 0, 0), n)
-            self._cost(subject.typed.length + length)
+            self._cost(subject.typed.length + length, _PAD_WORK)
             return Checked(
                 text(length),
                 exp.Pad(
@@ -756,7 +815,7 @@ class Checker:
             subject = self._need(n.this, SqlType.TEXT)
             times = self._offset(n.args.get("times"), "the count of repeat()")
             length = self._text_length(subject.typed.length * max(times.typed.hi or 0, 0), n)
-            self._cost(length)
+            self._cost(length, 2)
             return Checked(text(length), exp.Repeat(this=subject.tree, times=times.tree))
         if isinstance(n, exp.SplitPart):
             subject = self._need(n.this, SqlType.TEXT)
