@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.audit_routes import router as audit_router
-from gateway.dependencies import ERRORS, REQUEST_ID, Core, Ctx
+from gateway.dependencies import ERRORS, REQUEST_ID, Core, Ctx, Number
 from gateway.lf_routes import router as lf_router
 from gateway.service import Bastion
 from gateway.settings import Settings
@@ -30,16 +30,16 @@ log = logging.getLogger("bastion")
 class QueryRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sql: str = Field(description="one aggregate SELECT over one dataset")
-    epsilon: float | None = Field(
+    epsilon: Number | None = Field(
         default=None, description="privacy loss to spend, 1e-6 to 1000 (give this or accuracy)"
     )
-    accuracy: float | dict[str, float] | None = Field(
+    accuracy: Number | dict[str, Number] | None = Field(
         default=None,
         description="target half-width of the confidence interval of the first COUNT/SUM output column, or "
         "{column: half-width}; Bastion derives epsilon",
     )
-    alpha: float | None = Field(default=None, description="1 - confidence level, in [1e-9, 1) (default 0.05)")
-    delta: float | None = Field(default=None, description="δ for private key selection, 1e-30 to 0.1")
+    alpha: Number | None = Field(default=None, description="1 - confidence level, in [1e-9, 1) (default 0.05)")
+    delta: Number | None = Field(default=None, description="δ for private key selection, 1e-30 to 0.1")
     dry_run: bool = Field(default=False, description="report cost and accuracy without spending")
 
 

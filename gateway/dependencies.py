@@ -14,7 +14,7 @@ import uuid
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 from gateway.service import Bastion, Context
 from policies.errors import Unauthorized
@@ -29,6 +29,9 @@ class ErrorBody(BaseModel):
 class ErrorResponse(BaseModel):
     error: ErrorBody
 
+
+# A JSON number, never a string or a boolean coerced into one (true would otherwise be read as ε = 1).
+Number = StrictFloat | StrictInt
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "invalid request or rejected SQL (with line, column, highlight)"},

@@ -207,10 +207,12 @@ def _measures(plan: Plan, measurements: list[Measurement]) -> list[tuple[str, st
 
 def _row_filter(plan: Plan, extra: str | None) -> str | None:
     """The WHERE condition (and `extra`), combined so that both are evaluated on every row."""
-    parts = [sqlglot.parse_one(w, read="duckdb") for w in (plan.where_sql, extra) if w]
+    parts = [t.copy() for t in (plan.where_tree,) if t is not None]
+    if extra:
+        parts.append(sqlglot.parse_one(extra, read="duckdb"))
     if not parts:
         return None
-    combined = parts[0] if len(parts) == 1 else eager_logic(parts[0], parts[1], conjunction=True)
+    combined = parts[0] if len(parts) == 1 else eager_logic(parts, conjunction=True)
     return combined.sql(dialect="duckdb")
 
 

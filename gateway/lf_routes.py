@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.cache import cache_key
-from gateway.dependencies import ERRORS, Core, Ctx
+from gateway.dependencies import ERRORS, Core, Ctx, Number
 from gateway.service import Bastion, Context
 from labeling_functions.analysis import compute_lf_stats, compute_lf_stats_default, plan_lf_stats, precheck
 from labeling_functions.registry import REGISTRY, Registry
@@ -55,10 +55,10 @@ class LFStatsRequest(BaseModel):
     python_lfs: list[str] = Field(default_factory=list, description="names of registered Python LFs")
     # Ranges are checked by the planner (400 invalid_request), which also refuses NaN, infinities and values
     # too small or too large to calibrate.
-    epsilon: float = Field(
+    epsilon: Number = Field(
         description="privacy loss to spend (1e-6 to 1000), split equally among the released measurements"
     )
-    alpha: float | None = Field(default=None, description="1 - confidence level, in [1e-9, 1) (default 0.05)")
+    alpha: Number | None = Field(default=None, description="1 - confidence level, in [1e-9, 1) (default 0.05)")
     label_model: bool = Field(
         default=False,
         description="also fit Snorkel's LabelModel on a DP histogram of the "

@@ -180,6 +180,7 @@ class Plan:
     output_exprs: list[exp.Expr]  # over k*/a* columns, for interval arithmetic
     post_sql: str  # runs over the released table "released"
     measurements: list[Measurement] = field(default_factory=list)
+    where_tree: exp.Expr | None = None  # the WHERE condition's total form (where_sql is its SQL)
 
     @property
     def needs_key_selection(self) -> bool:
@@ -571,8 +572,10 @@ class _Planner:
                 raise reject(f"{forbidden.upper()} is not allowed", "unsupported_clause", select, self.sql)
         where = select.args.get("where")
         where_sql = None
+        where_tree = None
         if where is not None:
-            where_sql = check_row_expression(where.this, self.policy, self.sql, condition="WHERE").sql
+            where_tree = check_row_expression(where.this, self.policy, self.sql, condition="WHERE").tree
+            where_sql = where_tree.sql(dialect="duckdb")
         self.group_keys()
         names: list[str] = []
         outputs: list[exp.Expr] = []
@@ -649,6 +652,7 @@ class _Planner:
             policy=self.policy,
             normalized_sql=select.sql(dialect="duckdb", normalize=True),
             where_sql=where_sql,
+            where_tree=where_tree,
             keys=[k for _, k in self.keys],
             aggregates=aggregates,
             output_names=names,

@@ -35,7 +35,7 @@ from gateway.auth import Principal
 from gateway.cache import cache_key
 from gateway.catalog import bounded_table
 from gateway.service import Bastion, Context
-from policies.accountant import PrivacyLoss
+from policies.accountant import PrivacyLoss, check_delta, check_epsilon
 from policies.errors import Conflict, Forbidden, GatewayError, InvalidRequest, NotFound
 from policies.schema import Grant
 
@@ -204,6 +204,9 @@ class SynthJobs:
             else:
                 if epsilon is None:
                     raise InvalidRequest("a DP proxy needs epsilon")
+                epsilon = check_epsilon(epsilon)
+                if delta is not None and delta != 0:
+                    delta = check_delta(delta)
                 if delta is None:
                     delta = policy.budget.per_principal.delta / 10
                 alloc = allocate(policy, epsilon, delta)

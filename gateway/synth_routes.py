@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.dependencies import ERRORS, Core, Ctx
+from gateway.dependencies import ERRORS, Core, Ctx, Number
 from gateway.synth_jobs import MAX_ROWS, SynthJobs
 
 _create_lock = threading.Lock()
@@ -33,7 +33,9 @@ Jobs = Annotated[SynthJobs, Depends(get_jobs)]
 class SynthRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     dataset: str
-    epsilon: float | None = Field(default=None, gt=0, description="privacy loss of a DP proxy (required for DP)")
+    epsilon: Number | None = Field(
+        default=None, description="privacy loss of a DP proxy, 1e-6 to 1000 (required for DP)"
+    )
     rows: int = Field(default=10_000, ge=1, le=MAX_ROWS, description="rows of the proxy")
     seed: int | None = Field(default=None, ge=0, lt=2**31, description="sampling seed (post-processing)")
     method: str | None = Field(
@@ -41,10 +43,8 @@ class SynthRequest(BaseModel):
         description="dpcopula (default: DP copula, then SDV), dpcopula_direct (DP copula only), or "
         "sdv_gaussian_copula (NOT DP: needs the policy's opt-in and an admin approval)",
     )
-    delta: float | None = Field(
+    delta: Number | None = Field(
         default=None,
-        ge=0,
-        lt=1,
         description="δ for key selection of columns without a public domain [default: a tenth of your per-principal δ]",
     )
 

@@ -43,6 +43,7 @@ from policies.sqltypes import (
 MAX_NODES = 2_000  # syntax nodes in one expression
 MAX_PATTERN = 1_000  # characters of a LIKE pattern or regular expression
 MAX_IN_LIST = 10_000
+MAX_COMPILED_DEPTH = 120  # levels of the compiled tree: the engines and the SQL generator recurse over it
 # Work per row (characters read or written by text functions, weighted by their measured cost per character, about
 # 0.7 ns for a scan): every row does all of it (CASE, COALESCE and costly AND/OR are compiled without
 # short-circuits), so which rows match does not change the running time, and one unit's own values can change it
@@ -127,6 +128,17 @@ ROW_FUNCTIONS = (
 CHEAP_NODES = 16
 
 
+def _depth(tree: exp.Expr) -> int:
+    """Depth of a syntax tree, computed without recursion."""
+    deepest = 0
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in node.iter_expressions())
+    return deepest
+
+
 def _call(name: str, *args: exp.Expr) -> exp.Expr:
     return exp.Anonymous(this=name, expressions=list(args))
 
@@ -149,10 +161,11 @@ def _tri(condition: exp.Expr) -> exp.Expr:
     )
 
 
-def eager_logic(a: exp.Expr, b: exp.Expr, *, conjunction: bool) -> exp.Expr:
-    """a AND b (or a OR b) with both operands evaluated on every row, in SQL's three-valued logic."""
-    pick = exp.Least if conjunction else exp.Greatest
-    combined = pick(this=_tri(a), expressions=[_tri(b)])
+def eager_logic(operands: list[exp.Expr], *, conjunction: bool) -> exp.Expr:
+    """a AND b AND ... (or OR) with every operand evaluated on every row, in SQL's three-valued logic."""
+    # The engine's LEAST/GREATEST, called as such: no operand is NULL here, so no NULL-handling rewrite is needed.
+    tris = [_tri(o) for o in operands]
+    combined = _call("least" if conjunction else "greatest", *tris) if len(tris) > 1 else tris[0]
     return exp.Paren(
         this=exp.EQ(this=exp.Nullif(this=combined, expression=exp.Literal.number(1)), expression=exp.Literal.number(2))
     )
@@ -275,6 +288,14 @@ class Checker:
             raise reject(
                 "the expression is too deeply nested", "too_complex", node, self.sql, hint="write a flatter expression"
             ) from None
+        if _depth(got.tree) > MAX_COMPILED_DEPTH:
+            raise reject(
+                f"the expression nests too deeply (its compiled form is more than {MAX_COMPILED_DEPTH} levels deep)",
+                "too_complex",
+                node,
+                self.sql,
+                hint="nest fewer CASE, COALESCE or function calls",
+            )
         if self.work > MAX_ROW_WORK:
             raise reject(
                 f"this expression may process {self.work:,} characters per row; at most {MAX_ROW_WORK:,} are allowed",
@@ -425,14 +446,18 @@ class Checker:
             return Checked(BOOL, n.__class__(this=a.tree, expression=b.tree))
         if isinstance(n, exp.And | exp.Or):
             before = self.work
-            a = self._need(n.this, SqlType.BOOL, what=f"an operand of {type(n).__name__.upper()}")
-            b = self._need(n.expression, SqlType.BOOL, what=f"an operand of {type(n).__name__.upper()}")
+            word = type(n).__name__.upper()
+            # A chain a AND b AND c ... is one operation over all its operands (flat, however long).
+            operands = [self._need(o, SqlType.BOOL, what=f"an operand of {word}") for o in n.flatten()]
             size = sum(1 for _ in n.walk())
             if self.work > before or size > CHEAP_NODES:
                 # An operand that costs something is evaluated on every row: no short-circuit whose saving would
                 # depend on the values of the rows.
-                return Checked(BOOL, eager_logic(a.tree, b.tree, conjunction=isinstance(n, exp.And)))
-            return Checked(BOOL, n.__class__(this=a.tree, expression=b.tree))
+                return Checked(BOOL, eager_logic([o.tree for o in operands], conjunction=isinstance(n, exp.And)))
+            tree = operands[0].tree
+            for o in operands[1:]:
+                tree = n.__class__(this=tree, expression=o.tree)
+            return Checked(BOOL, tree)
         if isinstance(n, exp.Not):
             inner = self._need(n.this, SqlType.BOOL, what="the operand of NOT")
             return Checked(BOOL, exp.Not(this=inner.tree))
