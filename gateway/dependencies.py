@@ -14,7 +14,7 @@ import uuid
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 from gateway.service import Bastion, Context
 from policies.errors import Unauthorized
@@ -31,7 +31,7 @@ class ErrorResponse(BaseModel):
 
 
 # A JSON number, never a string or a boolean coerced into one (true would otherwise be read as ε = 1).
-Number = StrictFloat | StrictInt
+Number = Annotated[StrictFloat | StrictInt, AfterValidator(float)]
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "invalid request or rejected SQL (with line, column, highlight)"},
