@@ -31,7 +31,7 @@ class QueryRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sql: str = Field(description="one aggregate SELECT over one dataset")
     epsilon: Number | None = Field(
-        default=None, description="privacy loss to spend, 1e-6 to 1000 (give this or accuracy)"
+        default=None, description="privacy loss to spend, 0.001 to 1000 (give this or accuracy)"
     )
     accuracy: Number | dict[str, Number] | None = Field(
         default=None,

@@ -56,7 +56,7 @@ class LFStatsRequest(BaseModel):
     # Ranges are checked by the planner (400 invalid_request), which also refuses NaN, infinities and values
     # too small or too large to calibrate.
     epsilon: Number = Field(
-        description="privacy loss to spend (1e-6 to 1000), split equally among the released measurements"
+        description="privacy loss to spend (0.001 to 1000), split equally among the released measurements"
     )
     alpha: Number | None = Field(default=None, description="1 - confidence level, in [1e-9, 1) (default 0.05)")
     label_model: bool = Field(

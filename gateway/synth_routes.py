@@ -34,7 +34,7 @@ class SynthRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     dataset: str
     epsilon: Number | None = Field(
-        default=None, description="privacy loss of a DP proxy, 1e-6 to 1000 (required for DP)"
+        default=None, description="privacy loss of a DP proxy, 0.001 to 1000 (required for DP)"
     )
     rows: int = Field(default=10_000, ge=1, le=MAX_ROWS, description="rows of the proxy")
     seed: int | None = Field(default=None, ge=0, lt=2**31, description="sampling seed (post-processing)")

@@ -39,8 +39,10 @@ class PrivacyLoss:
 
 
 # Public parameters a request may give, checked before anything is charged: outside these ranges the noise scales
-# and thresholds stop being meaningful numbers (an ε of 5e-324 makes every scale infinite).
-MIN_EPSILON = 1e-6
+# and thresholds stop being meaningful numbers (an ε of 5e-324 makes every scale infinite). The smallest ε also
+# bounds how many answers a budget buys (a budget of 10 buys at most 10,000), and with it how often anyone can
+# repeat a measurement of running time, whose residual dependence on one unit is small but not zero (README).
+MIN_EPSILON = 1e-3
 MAX_EPSILON = 1_000.0
 MIN_DELTA = 1e-30
 MAX_DELTA = 0.1
