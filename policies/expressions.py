@@ -9,7 +9,7 @@ Anything else raises QueryRejected pointing at the offending span, before anythi
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -51,21 +51,24 @@ _VOLATILE_NAMES = {
 MAX_NESTING = 64  # parentheses deep; deeper text is refused before the parser recurses into it
 
 
-def _nesting(text: str) -> int:
-    depth = deepest = 0
+def _parentheses(text: str, start: int = 0) -> Iterator[tuple[int, int]]:
+    """(offset, depth after it) of every parenthesis outside quotes, from `start` on."""
+    depth = 0
     quote = None
-    for ch in text:
+    for i in range(start, len(text)):
+        ch = text[i]
         if quote:
             if ch == quote:
                 quote = None
         elif ch in "'\"":
             quote = ch
-        elif ch == "(":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif ch == ")":
-            depth -= 1
-    return deepest
+        elif ch in "()":
+            depth += 1 if ch == "(" else -1
+            yield i, depth
+
+
+def _nesting(text: str) -> int:
+    return max((depth for _, depth in _parentheses(text)), default=0)
 
 
 def parse_statements(text: str) -> list[exp.Expr]:
@@ -128,21 +131,9 @@ def _closing_paren(sql: str, start: int, end: int) -> int:
     open_at = sql.find("(", start)
     if open_at == -1:
         return end
-    depth = 0
-    quote = None
-    for i in range(open_at, len(sql)):
-        ch = sql[i]
-        if quote:
-            if ch == quote:
-                quote = None
-        elif ch in "'\"":
-            quote = ch
-        elif ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-            if depth == 0:
-                return max(end, i + 1)
+    for i, depth in _parentheses(sql, open_at):
+        if depth == 0:
+            return max(end, i + 1)
     return end
 
 
