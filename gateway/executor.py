@@ -288,7 +288,7 @@ def bind_check(plan: Plan, con: duckdb.DuckDBPyConnection) -> None:
         for m in plan.measurements:
             if m.kind == "quantile":
                 _quantile_codes(plan, m, con, [], empty=True)
-    except duckdb.Error as exc:
+    except (duckdb.Error, RuntimeError) as exc:
         raise QueryRejected(
             f"the engine cannot compile this query: {str(exc).splitlines()[0]}",
             reason="engine_rejected",

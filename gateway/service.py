@@ -93,10 +93,13 @@ def _logged_units(charge: report.LoggedCharge) -> tuple[int, int]:
 
 
 def _json_safe(value: Any) -> Any:
-    """A copy of a record's fields that strict JSON can hold: a non-finite number a client sent (NaN, inf) is
-    kept as its text."""
+    """A copy of a record's fields that strict JSON in UTF-8 can hold: a non-finite number a client sent (NaN, inf)
+    is kept as its text, a lone surrogate in a string as '?'."""
     if isinstance(value, float) and not math.isfinite(value):
         return repr(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")  # a lone surrogate becomes '?'
+
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -518,7 +521,10 @@ class Bastion:
             **failure,
         )
         if key is not None:
-            self.cache.put(key, ctx.principal.name, answer)
+            try:
+                self.cache.put(key, ctx.principal.name, answer)
+            except Exception as exc:  # noqa: BLE001 - the answer is released and audited; a repeat is charged anew
+                log.error("request %s: the release cache cannot be written (%s)", ctx.request_id, type(exc).__name__)
         return {
             **answer,
             "cached": False,

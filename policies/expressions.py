@@ -73,6 +73,12 @@ def _nesting(text: str) -> int:
 
 def parse_statements(text: str) -> list[exp.Expr]:
     """Parse SQL text (DuckDB dialect) into statements, or raise SqlSyntaxError pointing at the problem."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise SqlSyntaxError(
+            f"the text is not valid Unicode (a lone surrogate at offset {exc.start})", reason="syntax"
+        ) from None
     if _nesting(text) > MAX_NESTING:
         raise QueryRejected(
             f"the query nests parentheses more than {MAX_NESTING} deep",

@@ -142,3 +142,43 @@ def test_a_value_that_cannot_be_cast_does_not_make_the_query_fail(workspace: Wor
     assert r.status_code == 200, r.text
     # No diagnosis code converts to an integer: the true count is 0, the noise scale k/ε = 10.
     assert r.json()["rows"][0][0] < 500
+
+
+def test_bad_bodies_get_the_error_shape_before_any_charge(workspace: Workspace) -> None:
+    bodies = [
+        '{"sql": "SELECT COUNT(*) FROM visits", "epsilon": NaN}',
+        '{"sql": "SELECT COUNT(*) FROM visits", "epsilon": true}',
+        '{"sql": "SELECT COUNT(*) FROM visits", "epsilon": "0.1"}',
+        '{"sql": "SELECT COUNT(*) FROM visits", "epsilon": 1e-7}',
+        '{"sql": "SELECT COUNT(*) FROM visits", "epsilon": 1, "alpha": Infinity}',
+        '{"sql": "SELECT COUNT(*) FROM visits", "accuracy": 1e-300}',
+        '{"sql": "SELECT COUNT(*) FROM visits WHERE region = \'\\ud800\'", "epsilon": 1}',
+        '{"sql": "SELECT COUNT(*) FROM visits WHERE ' + "abs(" * 2000 + "age" + ")" * 2000 + ' > 1", "epsilon": 1}',
+        '{"sql": "SELECT COUNT(*) FROM visits", "epsilon": 1, "extra": 1}',
+    ]
+    with workspace.app() as c:
+        h = {**workspace.headers("analyst"), "content-type": "application/json"}
+        for body in bodies:
+            r = c.post("/v1/query", content=body, headers=h)
+            assert r.status_code == 400, (body[:80], r.text)
+            assert r.json()["error"]["code"] in {"invalid_request", "query_rejected", "sql_syntax_error"}
+        spent = c.get("/v1/budget", headers=workspace.headers("analyst")).json()[0]["spent"]["epsilon"]
+    assert spent == 0.0
+
+
+def test_a_cache_that_cannot_be_written_does_not_turn_a_release_into_an_error(
+    workspace: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with workspace.app() as c:
+        core = c.app.state.bastion  # type: ignore[attr-defined]
+
+        def full(*_: object) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(core.cache, "put", full)
+        r = c.post(
+            "/v1/query",
+            json={"sql": "SELECT COUNT(*) FROM visits", "epsilon": 0.5},
+            headers=workspace.headers("analyst"),
+        )
+    assert r.status_code == 200 and r.json()["epsilon_spent"] == 0.5
