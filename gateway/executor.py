@@ -17,7 +17,6 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import sqlglot
 from sqlglot import exp
 
 from gateway.catalog import bounded_table, scratch
@@ -205,11 +204,9 @@ def _measures(plan: Plan, measurements: list[Measurement]) -> list[tuple[str, st
     return out
 
 
-def _row_filter(plan: Plan, extra: str | None) -> str | None:
+def _row_filter(plan: Plan, extra: exp.Expr | None) -> str | None:
     """The WHERE condition (and `extra`), combined so that both are evaluated on every row."""
-    parts = [t.copy() for t in (plan.where_tree,) if t is not None]
-    if extra:
-        parts.append(sqlglot.parse_one(extra, read="duckdb"))
+    parts = [t.copy() for t in (plan.where_tree, extra) if t is not None]
     if not parts:
         return None
     combined = parts[0] if len(parts) == 1 else eager_logic(parts, conjunction=True)
@@ -219,7 +216,7 @@ def _row_filter(plan: Plan, extra: str | None) -> str | None:
 def _group_sql(
     plan: Plan,
     aggregates: list[tuple[str, str, bool]],
-    extra_where: str | None = None,
+    extra_where: exp.Expr | None = None,
     *,
     extra_group: str | None = None,
     empty: bool = False,
@@ -253,7 +250,8 @@ def _quantile_codes(
     t = f'(("{m.column}" - {lo!r}) / {step!r})'
     # code 2j+1: exactly on candidate j; code 2j+2: strictly between candidates j and j+1.
     code = f"CAST(2 * FLOOR({t}) + CASE WHEN {t} = FLOOR({t}) THEN 1 ELSE 2 END AS BIGINT)"
-    sql = _group_sql(plan, [("COUNT(*)", "__n", False)], f'"{m.column}" IS NOT NULL', extra_group=code, empty=empty)
+    present = exp.Not(this=exp.Is(this=exp.column(m.column, quoted=True), expression=exp.Null()))
+    sql = _group_sql(plan, [("COUNT(*)", "__n", False)], present, extra_group=code, empty=empty)
     n_codes = 2 * len(candidates) + 1
     hist = {g: np.zeros(n_codes, dtype=np.int64) for g in groups}
     nk = len(plan.keys)
@@ -277,14 +275,28 @@ _ARROW_TYPES = {
 }
 
 
+def _measurement_sql(plan: Plan, aggregates: list[tuple[str, str, bool]], *, empty: bool = False) -> str:
+    """The statement of the plain measurements. Where keys are selected privately, the groups are padded to the
+    public candidate count inside the engine, so that fetching and preparing them takes the same time whatever the
+    number of distinct private keys (up to that count); a last column `__pad` is -1 for a real group and the pad's
+    index otherwise. Padded groups go through every step real ones do and are never released (they are not data)."""
+    sql = _group_sql(plan, aggregates, empty=empty)
+    if not plan.needs_key_selection:
+        return sql
+    pad_values = ", ".join(["NULL"] * len(plan.keys) + ["0"] * len(aggregates))
+    return (
+        f"WITH g AS ({sql}) SELECT *, -1 AS __pad FROM g UNION ALL SELECT {pad_values}, i AS __pad FROM "
+        f"range(GREATEST(0, {int(plan.policy.key_candidates)} - (SELECT COUNT(*) FROM g))) AS r(i)"
+    )
+
+
 def bind_check(plan: Plan, con: duckdb.DuckDBPyConnection) -> None:
     """Bind every statement the plan will run without reading a row (an always-false filter, an empty released
     table), so that an error the engine's binder finds — which depends on the schema and the query only — is a
     400 before the charge instead of a failure after it."""
-    statements = [_group_sql(plan, _measures(plan, [m for m in plan.measurements if m.kind != "quantile"]), empty=True)]
+    plain = [m for m in plan.measurements if m.kind != "quantile"]
     try:
-        for sql in statements:
-            con.execute(sql).fetchall()
+        con.execute(_measurement_sql(plan, _measures(plan, plain), empty=True)).fetchall()
         for m in plan.measurements:
             if m.kind == "quantile":
                 _quantile_codes(plan, m, con, [], empty=True)
@@ -324,18 +336,9 @@ def execute(plan: Plan, pricing: Pricing, con: duckdb.DuckDBPyConnection, *, def
     select = _measures(plan, plain)
     nk = len(plan.keys)
     exact: dict[tuple[Any, ...], tuple[int, ...]] = {}
-    sql = _group_sql(plan, select, empty=default_input)
-    selecting = plan.declared_groups() is None
+    sql = _measurement_sql(plan, select, empty=default_input)
+    selecting = plan.needs_key_selection
     width = nk + len(select)
-    if selecting:
-        # Pad the groups to the public candidate count inside the engine, so that fetching and preparing them
-        # takes the same time whatever the number of distinct private keys (up to that count). Padded groups go
-        # through every step real ones do, and are dropped from what is released (they are not data).
-        pad_values = ", ".join(["NULL"] * nk + ["0"] * len(select))
-        sql = (
-            f"WITH g AS ({sql}) SELECT *, -1 AS __pad FROM g UNION ALL SELECT {pad_values}, i AS __pad FROM "
-            f"range(GREATEST(0, {int(plan.policy.key_candidates)} - (SELECT COUNT(*) FROM g))) AS r(i)"
-        )
     for row in con.execute(sql).fetchall():
         key = (_PADDED, row[width]) if selecting and row[width] >= 0 else tuple(row[:nk])
         exact[key] = tuple(int(v) for v in row[nk:width])

@@ -600,7 +600,6 @@ class Bastion:
         try:
             plan = self._plan(sql, resolve)
             pricing = price(plan, epsilon=epsilon, accuracy=accuracy, alpha=alpha, delta=delta)
-            bind_check(plan, self.catalog.connect())
         except GatewayError as exc:
             if not resolved and exc.code in {"forbidden", "dataset_not_found"}:
                 raise  # already audited by authorize
@@ -682,12 +681,14 @@ class Bastion:
         return execute(plan, pricing, self.catalog.connect(), default_input=True)
 
     def _plan(self, sql: str, resolve: Callable[[str], Policy]) -> Plan:
-        """`plan_query`, reusing the plan of an identical SQL text under the same policy object (planning is
-        deterministic in both and costs about a millisecond). The dataset is authorised again every time."""
+        """`plan_query` and the engine's bind check of the plan's statements, reusing the plan of an identical SQL
+        text under the same policy object (both are deterministic in the two, and the schema does not change while
+        the policy object lives). The dataset is authorised again every time."""
         hit = self._plans.get(sql)
         if hit is not None and resolve(hit[1].dataset) is hit[0]:
             return hit[1]
         plan = plan_query(sql, resolve)
+        bind_check(plan, self.catalog.connect())
         if len(self._plans) >= 1024:
             self._plans.clear()
         self._plans[sql] = (plan.policy, plan)

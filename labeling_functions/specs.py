@@ -10,16 +10,13 @@ policy's `labels.classes`.
 from __future__ import annotations
 
 import re
-import threading
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
-import duckdb
 from sqlglot import exp
 
 from policies.errors import InvalidRequest, QueryRejected
-from policies.expressions import check_row_expression, func_name, parse_statements, reject
+from policies.expressions import check_row_expression, func_name, parse_statements, re2_problem, reject
 from policies.schema import Policy
 
 ABSTAIN = -1
@@ -168,25 +165,6 @@ def _keywords_condition(spec: Any) -> str:
     return " OR ".join(f"contains(lower({column}), {_literal(w.lower())})" for w in words)
 
 
-_RE2_LOCK = threading.Lock()
-
-
-@lru_cache(maxsize=1)
-def _re2_checker() -> duckdb.DuckDBPyConnection:
-    return duckdb.connect()  # an empty in-memory database: patterns are checked here, never on the rows
-
-
-@lru_cache(maxsize=1024)
-def _re2_problem(pattern: str) -> str | None:
-    """Why DuckDB's RE2 rejects `pattern`, or None."""
-    with _RE2_LOCK:
-        try:
-            _re2_checker().execute("SELECT regexp_matches('', ?)", [pattern]).fetchall()
-        except duckdb.Error as exc:
-            return str(exc).splitlines()[0]
-    return None
-
-
 def _regex_condition(spec: Any) -> str:
     if not isinstance(spec, dict) or set(spec) - {"column", "pattern", "ignore_case"}:
         raise InvalidRequest("regex must be {column, pattern, ignore_case?}")
@@ -194,7 +172,7 @@ def _regex_condition(spec: Any) -> str:
     pattern = spec.get("pattern")
     if not isinstance(pattern, str) or not pattern:
         raise InvalidRequest("regex.pattern must be a non-empty string")
-    problem = _re2_problem(pattern)
+    problem = re2_problem(pattern)
     if problem is not None:
         raise QueryRejected(
             f"invalid regular expression {pattern!r}: {problem}",

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import sqlglot
 from sqlglot import exp
@@ -216,16 +217,21 @@ class RowExpression:
 _RE2_LOCK = threading.Lock()
 
 
+@lru_cache(maxsize=1)
+def _re2_checker() -> Any:
+    import duckdb  # the pattern dialect is the engine's; nothing private is opened here
+
+    return duckdb.connect()  # an empty in-memory database: patterns are checked here, never on the rows
+
+
 @lru_cache(maxsize=4096)
 def re2_problem(pattern: str) -> str | None:
     """Why the engine's RE2 rejects `pattern`, or None. Checked on an empty in-memory database (public input
     only) so that an invalid pattern is a 400 before any charge, never an error over the rows."""
-    import duckdb  # the pattern dialect is the engine's; nothing private is opened here
-
     with _RE2_LOCK:
         try:
-            duckdb.connect().execute("SELECT regexp_matches('', ?)", [pattern]).fetchall()
-        except duckdb.Error as exc:
+            _re2_checker().execute("SELECT regexp_matches('', ?)", [pattern]).fetchall()
+        except Exception as exc:  # noqa: BLE001 - duckdb.Error; the message names the pattern's problem only
             return str(exc).splitlines()[0].split(": ", 1)[-1]
     return None
 
@@ -285,14 +291,3 @@ def check_row_expression(
             hint="add it to a date: visit_day + INTERVAL 7 DAY",
         )
     return RowExpression(got.typed, got.tree, frozenset(columns))
-
-
-def validate_row_expression(node: exp.Expr, policy: Policy, sql: str, *, labeling: bool = False) -> set[str]:
-    """Check a row-level expression; return the columns it references."""
-    return set(check_row_expression(node, policy, sql, labeling=labeling).columns)
-
-
-def bounded_sql(node: exp.Expr, policy: Policy, *, labeling: bool = False, sql: str | None = None) -> str:
-    """SQL of a row-level expression over the pre-bounded table, in its total form (see policies.typecheck)."""
-    text = sql if sql is not None else node.sql(dialect="duckdb")
-    return check_row_expression(node, policy, text, labeling=labeling).sql
