@@ -398,3 +398,16 @@ def _key_continuity(anchors: list[_Anchor], rotations: list[tuple[int, bytes]]) 
                 )
         previous = cp
     return found
+
+
+def verdict(report: VerifyReport) -> str:
+    """One line for a `VerifyReport`: "OK", or "BROKEN: ..." naming the first bad record (or checkpoint)."""
+    if report.ok:
+        return "OK"
+    if report.status == "torn_tail":
+        return f"INCOMPLETE: torn final record at line {report.first_bad_line} (an interrupted write, not tampering)"
+    if report.first_bad_line is not None:
+        return f"BROKEN: first bad record at line {report.first_bad_line}"
+    if report.bad_checkpoint is not None:
+        return f"BROKEN: bad checkpoint at line {report.bad_checkpoint} of checkpoints.jsonl"
+    return "BROKEN"

@@ -99,7 +99,7 @@ def main() -> None:
     from fastapi.testclient import TestClient
     from snorkel.labeling import LFAnalysis, PandasLFApplier
 
-    from gateway.app import create_app
+    from gateway.http.app import create_app
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -44,11 +44,11 @@ import numpy as np
 
 from benchmarks import data, report
 from benchmarks.workloads import WORKLOADS, Workload
-from gateway.auth import Principal
-from gateway.catalog import bounded_table
 from gateway.client import Client
+from gateway.engines.duckdb import bounded_table
 from gateway.service import Bastion, Context
 from gateway.settings import Settings
+from gateway.stores.tokens import Principal
 from policies.schema import load_policy
 
 HERE = Path(__file__).resolve().parent
@@ -175,7 +175,7 @@ def bastion_command() -> list[str]:
     script = Path(sys.executable).parent / "bastion"
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-c", "from gateway.cli import main; main()"]
+    return [sys.executable, "-c", "from gateway.cli.main import main; main()"]
 
 
 @contextlib.contextmanager

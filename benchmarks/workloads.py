@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from benchmarks.data import DATASET
-from gateway.catalog import bounded_table
+from gateway.engines.duckdb import bounded_table
 
 RAW_TABLE = bounded_table(DATASET)
 SMARTNOISE_TABLE = "bench.events"

@@ -24,12 +24,13 @@ from typing import Any, TypeVar
 from audit import report
 from audit.log import AuditLog, AuditWriteError
 from audit.record import parse_time
-from gateway.auth import Principal, TokenStore
-from gateway.cache import ReleaseCache, cache_key
-from gateway.catalog import Catalog
-from gateway.executor import Pricing, Release, bind_check, dry_run_accuracy, execute, price
-from gateway.planner import Plan, plan_query
+from gateway.engines.duckdb import Catalog
 from gateway.settings import Settings
+from gateway.sql.plan import Plan, plan_query
+from gateway.sql.release import Pricing, Release, bind_check, dry_run_accuracy, execute, price
+from gateway.stores.cache import ReleaseCache, cache_key
+from gateway.stores.ledger import Ledger, LedgerBehind, LedgerCharge
+from gateway.stores.tokens import Principal, TokenStore
 from policies.accountant import DELTA_UNIT, EPS_UNIT, PrivacyLoss
 from policies.errors import (
     AuditUnavailable,
@@ -37,7 +38,6 @@ from policies.errors import (
     GatewayError,
     LedgerUnavailable,
 )
-from policies.ledger import Ledger, LedgerBehind, LedgerCharge
 from policies.schema import Grant, Policy
 
 log = logging.getLogger("bastion")

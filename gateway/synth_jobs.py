@@ -31,10 +31,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gateway.auth import Principal
-from gateway.cache import cache_key
-from gateway.catalog import bounded_table
+from gateway.engines.duckdb import bounded_table
 from gateway.service import Bastion, Context
+from gateway.stores.cache import cache_key
+from gateway.stores.tokens import Principal
 from policies.accountant import PrivacyLoss, check_delta, check_epsilon
 from policies.errors import Conflict, Forbidden, GatewayError, InvalidRequest, NotFound
 from policies.schema import Grant

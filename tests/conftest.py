@@ -16,8 +16,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from gateway.app import create_app
 from gateway.demo import write_demo
+from gateway.http.app import create_app
 from gateway.service import Bastion
 from gateway.settings import Settings
 from policies.schema import load_policy

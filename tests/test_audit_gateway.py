@@ -21,7 +21,7 @@ from audit.checkpoint import Checkpoint
 from audit.log import AuditLog
 from audit.merkle import leaf_hash
 from audit.record import canonical
-from gateway.audit_routes import api, web
+from gateway.http.audit import api, web
 from tests.conftest import BIN, Workspace, gateways
 
 SQL = "SELECT sex, COUNT(*) AS n FROM visits GROUP BY sex"

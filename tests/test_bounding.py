@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from gateway.catalog import Catalog, CatalogError
+from gateway.engines.duckdb import Catalog, CatalogError
 from policies.schema import Policy, parse_policy
 
 K = 3

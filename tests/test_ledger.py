@@ -10,9 +10,9 @@ import pytest
 
 from gateway.service import Bastion, Context
 from gateway.settings import Settings
+from gateway.stores.ledger import Ledger
 from policies.accountant import PrivacyLoss
 from policies.errors import BudgetExhausted
-from policies.ledger import Ledger
 from policies.schema import Budget
 from tests.conftest import Workspace
 

@@ -13,12 +13,12 @@ import pytest
 
 from audit import report
 from audit.log import AuditLog, AuditWriteError
-from gateway.app import create_app
+from gateway.http.app import create_app
 from gateway.service import Bastion, Context
 from gateway.settings import Settings
+from gateway.stores.ledger import Ledger, LedgerBehind
 from policies.accountant import PrivacyLoss
 from policies.errors import AuditUnavailable
-from policies.ledger import Ledger, LedgerBehind
 from policies.schema import Budget
 from tests.conftest import BIN, Workspace, free_port
 

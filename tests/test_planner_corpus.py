@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from gateway.demo import POLICY_YAML
-from gateway.planner import plan_query
+from gateway.sql.plan import plan_query
 from policies.errors import DatasetNotFound, QueryRejected
 from policies.schema import parse_policy
 

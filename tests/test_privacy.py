@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from gateway.catalog import Catalog
-from gateway.executor import execute, price
-from gateway.planner import plan_query
+from gateway.engines.duckdb import Catalog
+from gateway.sql.plan import plan_query
+from gateway.sql.release import execute, price
 from policies import mechanisms as mech
 from policies.schema import parse_policy
 

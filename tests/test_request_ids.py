@@ -7,7 +7,7 @@ import re
 import pytest
 
 from audit.log import AuditLog
-from policies.ledger import Ledger
+from gateway.stores.ledger import Ledger
 from tests.conftest import Workspace
 
 SQL = "SELECT sex, COUNT(*) AS n FROM visits GROUP BY sex"

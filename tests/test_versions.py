@@ -9,7 +9,7 @@ import duckdb
 import pytest
 import yaml
 
-from gateway.catalog import Catalog
+from gateway.engines.duckdb import Catalog
 from policies.schema import Policy, parse_policy
 
 POLICY = parse_policy(

@@ -302,7 +302,7 @@ def test_cli_prints_the_summary(workspace: Workspace, tmp_path: Path) -> None:
 
     import uvicorn
 
-    from gateway.app import create_app
+    from gateway.http.app import create_app
 
     lf_file = tmp_path / "lfs.yaml"
     lf_file.write_text(json.dumps({"lfs": LFS}))
@@ -319,7 +319,7 @@ def test_cli_prints_the_summary(workspace: Workspace, tmp_path: Path) -> None:
             [
                 sys.executable,
                 "-m",
-                "gateway.cli",
+                "gateway.cli.main",
                 "lf",
                 "stats",
                 str(lf_file),

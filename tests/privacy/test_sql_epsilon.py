@@ -7,7 +7,7 @@ different groups of `slot`, and in the undeclared key `tag = 'edge'` that D′ h
 threshold. Both datasets are registered through the real catalog, with the same bounding key, so they differ by
 exactly that unit.
 
-For each mechanism the test plans a real query with the planner and prices it with `gateway.executor.price`, then
+For each mechanism the test plans a real query with the planner and prices it with `gateway.sql.release.price`, then
 runs the executor once on D and once on D′ with the mechanism layer wrapped by a recorder: what it records is
 exactly what the executor hands to OpenDP (the exact integer vectors, quantile scores or key counts, with the d_in
 and ε it calibrated). Those inputs are then fed many times to the real mechanism functions
@@ -47,9 +47,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gateway.catalog import Catalog
-from gateway.executor import Pricing, execute, price
-from gateway.planner import Measurement, Plan, plan_query
+from gateway.engines.duckdb import Catalog
+from gateway.sql.plan import Measurement, Plan, plan_query
+from gateway.sql.release import Pricing, execute, price
 from policies import mechanisms as mech
 from policies.schema import Policy, parse_policy
 from tests.privacy.epsilon import best_event, clopper_pearson_lower, epsilon_lower_bound, tail_event

@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 from typer.testing import CliRunner
 
-import gateway.terminal as terminal
-from gateway.cli import app
+import gateway.cli.terminal as terminal
+from gateway.cli.main import app
 from gateway.client import Client
 from tests.conftest import Workspace
 

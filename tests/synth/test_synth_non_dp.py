@@ -47,14 +47,32 @@ def test_non_dp_needs_approval_and_is_audited(tmp_path: Path, demo_source: tuple
         assert early.status_code == 409 and early.json()["error"]["code"] == "synth_job_not_ready"
 
         approved = subprocess.run(
-            [sys.executable, "-m", "gateway.cli", "synth", "approve", job["job_id"], "-w", str(ws.settings.workspace)],
+            [
+                sys.executable,
+                "-m",
+                "gateway.cli.main",
+                "synth",
+                "approve",
+                job["job_id"],
+                "-w",
+                str(ws.settings.workspace),
+            ],
             capture_output=True,
             text=True,
             timeout=120,
         )
         assert approved.returncode == 0, approved.stderr
         again = subprocess.run(
-            [sys.executable, "-m", "gateway.cli", "synth", "approve", job["job_id"], "-w", str(ws.settings.workspace)],
+            [
+                sys.executable,
+                "-m",
+                "gateway.cli.main",
+                "synth",
+                "approve",
+                job["job_id"],
+                "-w",
+                str(ws.settings.workspace),
+            ],
             capture_output=True,
             text=True,
             timeout=120,

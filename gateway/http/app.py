@@ -16,12 +16,12 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.audit_routes import router as audit_router
-from gateway.dependencies import ERRORS, REQUEST_ID, Core, Ctx, Number
-from gateway.lf_routes import router as lf_router
+from gateway.http.audit import router as audit_router
+from gateway.http.dependencies import ERRORS, REQUEST_ID, Core, Ctx, Number
+from gateway.http.lf import router as lf_router
+from gateway.http.synth import router as synth_router
 from gateway.service import Bastion
 from gateway.settings import Settings
-from gateway.synth_routes import router as synth_router
 from policies.errors import GatewayError, InvalidRequest
 
 log = logging.getLogger("bastion")

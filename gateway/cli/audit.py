@@ -10,16 +10,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
+from gateway.cli.terminal import Workspace, console, err, fail
 from gateway.settings import Settings
-from gateway.terminal import Workspace, console, err, fail
-
-if TYPE_CHECKING:
-    from audit.verify import VerifyReport
 
 audit_app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
 
@@ -29,19 +26,6 @@ Since = Annotated[str | None, typer.Option(help="from this time on (ISO 8601, UT
 Until = Annotated[str | None, typer.Option(help="before this time (ISO 8601)")]
 Actor = Annotated[str | None, typer.Option(help="principal")]
 Dataset = Annotated[str | None, typer.Option(help="dataset")]
-
-
-def verdict(report: VerifyReport) -> str:
-    """One line for a `VerifyReport`: "OK", or "BROKEN: ..." naming the first bad record (or checkpoint)."""
-    if report.ok:
-        return "OK"
-    if report.status == "torn_tail":
-        return f"INCOMPLETE: torn final record at line {report.first_bad_line} (an interrupted write, not tampering)"
-    if report.first_bad_line is not None:
-        return f"BROKEN: first bad record at line {report.first_bad_line}"
-    if report.bad_checkpoint is not None:
-        return f"BROKEN: bad checkpoint at line {report.bad_checkpoint} of checkpoints.jsonl"
-    return "BROKEN"
 
 
 def _settings(workspace: Path | None) -> Settings:
@@ -99,7 +83,7 @@ def verify(
 ) -> None:
     """Recompute hashes, chain, Merkle roots and signatures; exit 1 naming the first bad record or line."""
     from audit.errors import AuditKeyError
-    from audit.verify import verify_log
+    from audit.verify import verdict, verify_log
 
     settings = _settings(workspace)
     try:
@@ -270,7 +254,7 @@ def _caps(settings: Settings) -> dict[str, dict[str, Any]]:
 
     policies = []
     try:
-        from gateway.catalog import Catalog
+        from gateway.engines.duckdb import Catalog
 
         catalog = Catalog(settings.database, settings.bounding_key, read_only=True)
         try:

@@ -10,7 +10,7 @@ import typer
 import yaml
 from rich.table import Table
 
-from gateway.terminal import Token, Url, console, fail, gateway_client
+from gateway.cli.terminal import Token, Url, console, fail, gateway_client
 
 lf_app = typer.Typer(help="Labeling functions: DP coverage, overlap, conflict and accuracy.", no_args_is_help=True)
 

@@ -13,11 +13,11 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from gateway.audit_commands import audit_app
-from gateway.lf_commands import lf_app
+from gateway.cli.audit import audit_app
+from gateway.cli.lf import lf_app
+from gateway.cli.synth import synth_app
+from gateway.cli.terminal import Token, Url, Workspace, console, fail, gateway_client
 from gateway.settings import Settings
-from gateway.synth_commands import synth_app
-from gateway.terminal import Token, Url, Workspace, console, fail, gateway_client
 from policies.errors import GatewayError
 from policies.schema import PolicyError
 
@@ -42,7 +42,7 @@ def _admin(workspace: Path | None, **overrides: Any) -> Any:
 
 def _checked_app(settings: Settings) -> Any:
     """The app for `settings`, or a clean exit naming the problem if the ledger and the log disagree."""
-    from gateway.app import create_app
+    from gateway.http.app import create_app
 
     try:
         return create_app(settings)
@@ -116,7 +116,7 @@ def token_create(
 @token_app.command("list")
 def token_list(workspace: Workspace = None) -> None:
     """List tokens (ids, names, roles; never secrets)."""
-    from gateway.auth import TokenStore
+    from gateway.stores.tokens import TokenStore
 
     settings = Settings.load(workspace)
     table = Table("token id", "name", "role", "created")
@@ -145,7 +145,7 @@ def serve(
         _checked_app(settings).state.bastion.close()  # fail here, once, rather than in every worker
         os.environ["BASTION_WORKSPACE"] = str(settings.workspace.resolve())
         uvicorn.run(
-            "gateway.app:app_from_environment",
+            "gateway.http.app:app_from_environment",
             factory=True,
             workers=workers,
             host=settings.host,

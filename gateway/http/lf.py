@@ -16,9 +16,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.cache import cache_key
-from gateway.dependencies import ERRORS, Core, Ctx, Number
+from gateway.http.dependencies import ERRORS, Core, Ctx, Number
 from gateway.service import Bastion, Context
+from gateway.stores.cache import cache_key
 from labeling_functions.analysis import compute_lf_stats, compute_lf_stats_default, plan_lf_stats, precheck
 from labeling_functions.registry import REGISTRY, Registry
 from labeling_functions.sandbox import SandboxLimits

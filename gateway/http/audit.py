@@ -30,9 +30,8 @@ from audit.checkpoint import Checkpoint
 from audit.errors import AuditError
 from audit.keys import Keyring
 from audit.record import format_time
-from audit.verify import VerifyReport, verify_log
-from gateway.audit_commands import verdict
-from gateway.dependencies import ERRORS, Core, Ctx, context_for, get_bastion
+from audit.verify import VerifyReport, verdict, verify_log
+from gateway.http.dependencies import ERRORS, Core, Ctx, context_for, get_bastion
 from gateway.service import Bastion, Context
 from policies.errors import GatewayError, InvalidRequest, NotFound, Unauthorized
 

@@ -19,8 +19,8 @@ import pandas as pd
 import pyarrow as pa
 from sqlglot import exp
 
-from gateway.catalog import bounded_table, scratch
-from gateway.planner import Aggregate, Measurement, Plan
+from gateway.engines.duckdb import bounded_table, scratch
+from gateway.sql.plan import Aggregate, Measurement, Plan
 from policies import mechanisms as mech
 from policies import sensitivity as sens
 from policies.accountant import (

@@ -15,7 +15,7 @@ from typing import Any
 import duckdb
 from sqlglot import exp
 
-from gateway.catalog import scratch
+from gateway.engines.duckdb import scratch
 from policies.errors import QueryRejected
 from policies.expressions import (
     check_column,

@@ -11,7 +11,7 @@ import typer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from gateway.terminal import Token, Url, Workspace, console, err, fail, gateway_client
+from gateway.cli.terminal import Token, Url, Workspace, console, err, fail, gateway_client
 
 synth_app = typer.Typer(help="Synthetic proxy tables (DP by default).", no_args_is_help=True)
 

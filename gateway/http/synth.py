@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.dependencies import ERRORS, Core, Ctx, Number
+from gateway.http.dependencies import ERRORS, Core, Ctx, Number
 from gateway.synth_jobs import MAX_ROWS, SynthJobs
 
 _create_lock = threading.Lock()
