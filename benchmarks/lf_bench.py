@@ -109,14 +109,14 @@ def main() -> None:
         settings.save()
         admin = Bastion(settings, read_only=False)
         try:
-            admin.catalog.register(load_policy(policy_path), data)
+            admin.engine.register(load_policy(policy_path), data)
             token, _ = admin.tokens.create("bench", "lf_author")
         finally:
             admin.close()
 
         bastion = Bastion(settings)
-        policy, _ = bastion.catalog.policy("visits")
-        cur = bastion.catalog.connect()
+        policy, _ = bastion.engine.policy("visits")
+        cur = bastion.engine.connect()
         n_rows = cur.execute('SELECT COUNT(*) FROM "bounded_visits"').fetchone()[0]
 
         core = []

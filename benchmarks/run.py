@@ -239,10 +239,10 @@ def prepare(opts: Options, n_rows: int) -> tuple[Settings, str, Principal, dict[
     admin = Bastion(settings, read_only=False)
     try:
         t0 = time.perf_counter()
-        admin.catalog.register(load_policy(policy_path), source)
+        admin.engine.register(load_policy(policy_path), source)
         registration_s = time.perf_counter() - t0
         token, principal = admin.tokens.create("bench", "analyst")
-        con = admin.catalog.connect()
+        con = admin.engine.connect()
         bounded_rows = con.execute(f'SELECT COUNT(*) FROM "{bounded_table(data.DATASET)}"').fetchone()[0]
         units = con.execute(f"SELECT COUNT(DISTINCT user_id) FROM read_parquet('{source}')").fetchone()[0]
     finally:
@@ -268,7 +268,7 @@ def time_engines(
     client = Client(url, token) if url else None
     out: dict[str, dict[str, Any]] = {}
     try:
-        con = bastion.catalog.connect()
+        con = bastion.engine.connect()
 
         def raw(w: Workload) -> None:
             con.execute(w.raw_sql()).fetchall()

@@ -47,14 +47,14 @@ def main() -> None:
         policy = parse_policy(yaml.safe_load(POLICY_YAML))
         settings = Settings(workspace=root / "ws")
         admin = Bastion(settings, read_only=False)
-        admin.catalog.register(policy, data)
+        admin.engine.register(policy, data)
         admin.close()
         print(f"demo table: {args.rows:,} rows generated and registered in {time.perf_counter() - t:.1f} s")
 
         bastion = Bastion(settings)
         try:
-            policy, _ = bastion.catalog.policy("visits")
-            con = bastion.catalog.connect()
+            policy, _ = bastion.engine.policy("visits")
+            con = bastion.engine.connect()
             t0 = time.perf_counter()
             allocation = allocate(policy, args.epsilon, policy.budget.per_principal.delta / 10)
             model = measure(con, "bounded_visits", policy, allocation)

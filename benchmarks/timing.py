@@ -54,7 +54,7 @@ def _workspace(root: Path, name: str, table: pa.Table, policy_yaml: str) -> tupl
     settings = Settings(workspace=root / name)
     settings.save()
     admin = Bastion(settings, read_only=False)
-    admin.catalog.register(load_policy(policy), data)
+    admin.engine.register(load_policy(policy), data)
     token, _ = admin.tokens.create("timing", "analyst")
     admin.close()
     bastion = Bastion(settings)

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from audit import report
 from audit.log import AuditLog, AuditWriteError
 from audit.record import parse_time
-from gateway.engines.duckdb import Catalog
+from gateway.engines import open_engine
 from gateway.settings import Settings
 from gateway.sql.plan import Plan, plan_query
 from gateway.sql.release import Pricing, Release, bind_check, dry_run_accuracy, execute, price
@@ -110,7 +110,7 @@ def _json_safe(value: Any) -> Any:
 class Bastion:
     def __init__(self, settings: Settings, *, read_only: bool = True) -> None:
         self.settings = settings
-        self.catalog = Catalog(settings.database, settings.bounding_key, read_only=read_only)
+        self.engine = open_engine(settings, read_only=read_only)
         settings.workspace.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(settings.ledger)
         self.cache = ReleaseCache(settings.cache)
@@ -124,7 +124,7 @@ class Bastion:
         self._unmarked: set[int] = set()
 
     def close(self) -> None:
-        self.catalog.close()
+        self.engine.close()
         self.ledger.close()
         closer = getattr(self.audit_log, "close", None)
         if closer is not None:
@@ -362,7 +362,7 @@ class Bastion:
     def authorize(self, ctx: Context, dataset: str, grant: Grant, request: dict[str, Any]) -> tuple[Policy, str]:
         """The dataset's policy and version if the caller's role has `grant`; audited denial otherwise."""
         try:
-            policy, version = self.catalog.policy(dataset)
+            policy, version = self.engine.policy(dataset)
         except GatewayError as exc:
             self.audit(ctx, grant.value, dataset=dataset, request=request, decision="denied", reason=exc.code)
             raise
@@ -376,7 +376,7 @@ class Bastion:
 
     def datasets(self, ctx: Context) -> list[dict[str, Any]]:
         out = []
-        for policy, version in self.catalog.datasets().values():
+        for policy, version in self.engine.datasets().values():
             grants = policy.grants(ctx.principal.role)
             if grants:
                 out.append({**policy.public_schema(), "version": version, "grants": sorted(g.value for g in grants)})
@@ -395,7 +395,7 @@ class Bastion:
     def budgets(self, ctx: Context) -> list[dict[str, Any]]:
         return [
             self.budget_status(ctx.principal.name, policy)
-            for policy, _ in self.catalog.datasets().values()
+            for policy, _ in self.engine.datasets().values()
             if policy.grants(ctx.principal.role)
         ]
 
@@ -659,7 +659,7 @@ class Bastion:
             }
 
         def compute() -> dict[str, Any]:
-            return answer(execute(plan, pricing, self.catalog.connect()))
+            return answer(execute(plan, pricing, self.engine.connect()))
 
         def fallback() -> dict[str, Any]:
             return answer(self._default_release(plan, pricing))
@@ -678,7 +678,7 @@ class Bastion:
 
     def _default_release(self, plan: Plan, pricing: Pricing) -> Release:
         """The plan's release computed on the default input: its mechanisms applied to an empty table."""
-        return execute(plan, pricing, self.catalog.connect(), default_input=True)
+        return execute(plan, pricing, self.engine.connect(), default_input=True)
 
     def _plan(self, sql: str, resolve: Callable[[str], Policy]) -> Plan:
         """`plan_query` and the engine's bind check of the plan's statements, reusing the plan of an identical SQL
@@ -688,7 +688,7 @@ class Bastion:
         if hit is not None and resolve(hit[1].dataset) is hit[0]:
             return hit[1]
         plan = plan_query(sql, resolve)
-        bind_check(plan, self.catalog.connect())
+        bind_check(plan, self.engine.connect())
         if len(self._plans) >= 1024:
             self._plans.clear()
         self._plans[sql] = (plan.policy, plan)
@@ -709,5 +709,5 @@ class Bastion:
         """Each dataset's total budget with its per-principal cap, as `audit.report.privacy_spend` takes them."""
         return {
             name: {**policy.budget.total.model_dump(), "per_principal": policy.budget.per_principal.model_dump()}
-            for name, (policy, _) in self.catalog.datasets().items()
+            for name, (policy, _) in self.engine.datasets().items()
         }

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from gateway.engines.kind import EngineKind
+
 DEFAULT_WORKSPACE = "bastion-workspace"
 
 
@@ -16,6 +18,10 @@ class Settings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8000
     default_alpha: float = Field(default=0.05, gt=0, lt=1)
+    engine: EngineKind = EngineKind.DUCKDB  # where the private rows live and statements run
+    spark_master: str = "local[2]"  # a Spark master URL (local[N] on one machine, spark://host:7077 for a cluster)
+    spark_warehouse: Path | None = None  # where Spark keeps the bounded tables; default <workspace>/private/warehouse
+    spark_conf: dict[str, str] = Field(default_factory=dict)  # extra Spark settings (spark.executor.memory, ...)
 
     # --- layout -------------------------------------------------------------------------------------------
     @property
@@ -25,6 +31,11 @@ class Settings(BaseModel):
     @property
     def database(self) -> Path:
         return self.private_dir / "private.duckdb"
+
+    @property
+    def warehouse(self) -> Path:
+        """Where the Spark engine writes the private tables (Parquet) and its catalog of datasets."""
+        return self.spark_warehouse or self.private_dir / "warehouse"
 
     @property
     def bounding_key(self) -> Path:

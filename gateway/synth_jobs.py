@@ -361,7 +361,7 @@ class SynthJobs:
 
         job.update(status="running", error=None)
         self._save(job)
-        policy, version = self.bastion.catalog.policy(job["dataset"])
+        policy, version = self.bastion.engine.policy(job["dataset"])
         if version != job["dataset_version"] or policy.fingerprint() != job["policy_fingerprint"]:
             raise Conflict("the dataset or its policy changed since the request was admitted")
         table = bounded_table(job["dataset"])
@@ -372,7 +372,7 @@ class SynthJobs:
                 model = DPCopulaModel.from_json(json.loads(model_path.read_text()))
             else:
                 allocation = allocate(policy, job["epsilon"], job["delta_requested"])
-                con = self.bastion.catalog.connect()
+                con = self.bastion.engine.connect()
                 try:
                     model = measure(con, table, policy, allocation, lambda f, s: progress(f, s, hi=0.3))
                 except Exception as exc:  # noqa: BLE001 - the failure must not show: measure a default input
@@ -394,7 +394,7 @@ class SynthJobs:
                         phase="measured",
                         non_dp=False,
                     )
-                    empty = self.bastion.catalog.connect()
+                    empty = self.bastion.engine.connect()
                     empty.execute(f'CREATE TEMP TABLE "__default_input" AS SELECT * FROM "{table}" LIMIT 0')
                     model = measure(empty, "__default_input", policy, allocation, lambda f, s: progress(f, s, hi=0.3))
                 _write_json(model_path, model.to_json())
@@ -407,7 +407,7 @@ class SynthJobs:
             job["notes"] = model.notes
         else:
             schema = proxy_schema(policy)
-            con = self.bastion.catalog.connect()
+            con = self.bastion.engine.connect()
             proxy, private = non_dp_proxy(
                 con, table, policy, schema, job["rows"], job["seed"], lambda f, s: progress(f, s, hi=0.8)
             )

@@ -45,7 +45,7 @@ def build_workspace(root: Path, register: list[tuple[Path, Path]], roles: dict[s
     bastion = Bastion(settings, read_only=False)
     try:
         for policy_path, source in register:
-            bastion.catalog.register(load_policy(policy_path), source)
+            bastion.engine.register(load_policy(policy_path), source)
         tokens = {role: bastion.tokens.create(name, role)[0] for role, name in roles.items()}
     finally:
         bastion.close()

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from gateway.engines.duckdb import Catalog, CatalogError
+from gateway.engines.duckdb import CatalogError, DuckDBEngine
 from policies.schema import Policy, parse_policy
 
 K = 3
@@ -75,10 +75,10 @@ def _write(frame: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def _catalog(root: Path) -> Catalog:
+def _catalog(root: Path) -> DuckDBEngine:
     root.mkdir(parents=True, exist_ok=True)
     (root / "key").write_text(KEY)
-    return Catalog(root / "db.duckdb", root / "key", read_only=False)
+    return DuckDBEngine(root / "db.duckdb", root / "key", read_only=False)
 
 
 def _bounded(frame: pd.DataFrame, root: Path, suffix: str, policy: Policy = POLICY) -> Counter[tuple[Any, ...]]:
@@ -121,7 +121,7 @@ def test_bounded_table_does_not_depend_on_row_order(tmp_path: Path, suffix: str)
 def test_other_key_keeps_other_rows(tmp_path: Path) -> None:
     frame = _frame()
     first = _bounded(frame, tmp_path / "a", ".parquet")
-    cat = Catalog(tmp_path / "b" / "db.duckdb", tmp_path / "b" / "key", read_only=False)  # a fresh random key
+    cat = DuckDBEngine(tmp_path / "b" / "db.duckdb", tmp_path / "b" / "key", read_only=False)  # a fresh random key
     cat.register(POLICY, _write(frame, tmp_path / "src.parquet"))
     other = Counter(cat.connect().execute("SELECT * FROM bounded_bnd").fetchall())
     cat.close()
@@ -155,8 +155,8 @@ class _Recorder:
 def test_key_is_a_parameter_never_sql_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cat = _catalog(tmp_path)
     log: list[tuple[str, Any]] = []
-    connect = Catalog.connect
-    monkeypatch.setattr(Catalog, "connect", lambda self: _Recorder(connect(self), log))
+    connect = DuckDBEngine.connect
+    monkeypatch.setattr(DuckDBEngine, "connect", lambda self: _Recorder(connect(self), log))
     cat.register(POLICY, _write(_frame(), tmp_path / "src.csv"))
     assert log and all(KEY not in sql for sql, _ in log)
     assert any(params and KEY in params for _, params in log)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from gateway.engines.duckdb import Catalog
+from gateway.engines.duckdb import DuckDBEngine
 from gateway.sql.plan import plan_query
 from gateway.sql.release import execute, price
 from policies import mechanisms as mech
@@ -20,7 +20,7 @@ K = 5
 
 
 @pytest.fixture(scope="module")
-def heavy(tmp_path_factory: pytest.TempPathFactory) -> Catalog:
+def heavy(tmp_path_factory: pytest.TempPathFactory) -> DuckDBEngine:
     """200 ordinary units with 3 rows each, and one unit with 10,000 rows."""
     d = tmp_path_factory.mktemp("heavy")
     units = np.concatenate([np.repeat(np.arange(200), 3), np.full(10_000, 999)])
@@ -47,25 +47,25 @@ columns:
 roles: {{analyst: [query]}}
 """)
     )
-    cat = Catalog(d / "db.duckdb", d / "key", read_only=False)
+    cat = DuckDBEngine(d / "db.duckdb", d / "key", read_only=False)
     cat.register(policy, d / "heavy.csv")
     return cat
 
 
-def _run(cat: Catalog, sql: str, epsilon: float, alpha: float = 0.05):
+def _run(cat: DuckDBEngine, sql: str, epsilon: float, alpha: float = 0.05):
     plan = plan_query(sql, lambda n: cat.policy(n)[0])
     pricing = price(plan, epsilon=epsilon, accuracy=None, alpha=alpha, delta=None)
     return plan, pricing, execute(plan, pricing, cat.connect())
 
 
-def test_bounded_table_keeps_at_most_k_rows_per_unit(heavy: Catalog) -> None:
+def test_bounded_table_keeps_at_most_k_rows_per_unit(heavy: DuckDBEngine) -> None:
     con = heavy.connect()
     per_unit = dict(con.execute("SELECT uid, COUNT(*) FROM bounded_heavy GROUP BY uid").fetchall())
     assert max(per_unit.values()) == K and per_unit[999] == K
     assert con.execute("SELECT COUNT(*) FROM bounded_heavy").fetchone()[0] == 200 * 3 + K
 
 
-def test_heavy_unit_moves_count_by_at_most_k_plus_noise(heavy: Catalog) -> None:
+def test_heavy_unit_moves_count_by_at_most_k_plus_noise(heavy: DuckDBEngine) -> None:
     _, pricing, release = _run(heavy, "SELECT COUNT(*) FROM heavy", epsilon=50.0)
     (value,), ((lo, hi),) = release.rows[0], release.intervals[0]
     assert lo <= value <= hi
@@ -75,7 +75,7 @@ def test_heavy_unit_moves_count_by_at_most_k_plus_noise(heavy: Catalog) -> None:
     assert value < 200 * 3 + 10_000 / 2
 
 
-def test_sum_sensitivity_and_clamping(heavy: Catalog) -> None:
+def test_sum_sensitivity_and_clamping(heavy: DuckDBEngine) -> None:
     plan, pricing, release = _run(heavy, "SELECT SUM(value) FROM heavy", epsilon=100.0)
     (m,) = plan.measurements
     assert pricing.d_in[m] == K * 100  # k rows, each at most the upper bound
@@ -83,7 +83,7 @@ def test_sum_sensitivity_and_clamping(heavy: Catalog) -> None:
     assert abs(value - (600 * 10 + K * 100)) <= release.intervals[0][0][1] - release.intervals[0][0][0]
 
 
-def test_noise_spread_matches_scale_and_intervals_cover(heavy: Catalog) -> None:
+def test_noise_spread_matches_scale_and_intervals_cover(heavy: DuckDBEngine) -> None:
     eps = 2.0
     plan = plan_query("SELECT kind, COUNT(*) FROM heavy GROUP BY kind", lambda n: heavy.policy(n)[0])
     pricing = price(plan, epsilon=eps, accuracy=None, alpha=0.05, delta=None)
@@ -106,7 +106,7 @@ def test_noise_spread_matches_scale_and_intervals_cover(heavy: Catalog) -> None:
     assert 0.93 <= covered / n <= 0.975
 
 
-def test_undeclared_keys_need_selection_and_rare_keys_stay_hidden(heavy: Catalog) -> None:
+def test_undeclared_keys_need_selection_and_rare_keys_stay_hidden(heavy: DuckDBEngine) -> None:
     plan, pricing, release = _run(heavy, "SELECT tag, COUNT(*) FROM heavy GROUP BY tag", epsilon=1.0)
     assert plan.needs_key_selection and pricing.cost.delta > 0
     tags = {row[0] for row in release.rows}
@@ -114,7 +114,7 @@ def test_undeclared_keys_need_selection_and_rare_keys_stay_hidden(heavy: Catalog
     assert any("threshold" in n for n in release.notes)
 
 
-def test_quantile_lands_near_the_truth(heavy: Catalog) -> None:
+def test_quantile_lands_near_the_truth(heavy: DuckDBEngine) -> None:
     _, _, release = _run(heavy, "SELECT MEDIAN(value) FROM heavy", epsilon=5.0)
     assert release.rows[0][0] == pytest.approx(10, abs=2)
     assert release.measurements[0]["rank_error"] > 0
@@ -134,7 +134,7 @@ def test_epsilon_for_accuracy_roundtrips() -> None:
 def test_pums_with_nulls_as_second_dataset(tmp_path: Path) -> None:
     data = Path(__file__).parent / "data"
     policy = parse_policy({**yaml.safe_load((data / "pums.yaml").read_text()), "dataset": "pums_null"})
-    cat = Catalog(tmp_path / "db.duckdb", tmp_path / "key", read_only=False)
+    cat = DuckDBEngine(tmp_path / "db.duckdb", tmp_path / "key", read_only=False)
     cat.register(policy, data / "PUMS_null.csv")
     nulls = cat.connect().execute("SELECT COUNT(*) - COUNT(income) FROM bounded_pums_null").fetchone()[0]
     assert nulls > 0

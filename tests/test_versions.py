@@ -9,7 +9,7 @@ import duckdb
 import pytest
 import yaml
 
-from gateway.engines.duckdb import Catalog
+from gateway.engines.duckdb import DuckDBEngine
 from policies.schema import Policy, parse_policy
 
 POLICY = parse_policy(
@@ -51,7 +51,7 @@ def _data_hashes(paths: list[Path], policy: Policy) -> list[str]:
 
 def test_versions_count_registrations_and_carry_no_hash_of_data(tmp_path: Path) -> None:
     a, b = _sources(tmp_path)
-    cat = Catalog(tmp_path / "db.duckdb", tmp_path / "key", read_only=False)
+    cat = DuckDBEngine(tmp_path / "db.duckdb", tmp_path / "key", read_only=False)
     versions = [cat.register(POLICY, a), cat.register(POLICY, b), cat.register(POLICY, b)]
     assert [_serial(v) for v in versions] == [1, 2, 3]
     assert len(set(versions)) == 3  # the same file registered again gets a new version: not a function of the data
@@ -62,7 +62,7 @@ def test_versions_count_registrations_and_carry_no_hash_of_data(tmp_path: Path) 
     assert _serial(cat.register(other, a)) == 1  # counted per dataset
     assert _serial(cat.register(POLICY, a)) == 4
     cat.close()
-    fresh = Catalog(tmp_path / "fresh.duckdb", tmp_path / "key", read_only=False)
+    fresh = DuckDBEngine(tmp_path / "fresh.duckdb", tmp_path / "key", read_only=False)
     again = fresh.register(POLICY, a)  # same key, file and policy as the first registration
     assert _serial(again) == 1 and again != versions[0]
     fresh.close()
@@ -80,7 +80,7 @@ def test_databases_from_before_serials_are_upgraded(tmp_path: Path) -> None:
         [POLICY.model_dump_json()],
     )
     con.close()
-    cat = Catalog(tmp_path / "db.duckdb", tmp_path / "key", read_only=False)
+    cat = DuckDBEngine(tmp_path / "db.duckdb", tmp_path / "key", read_only=False)
     assert cat.policy("ver")[1] == "0123456789abcdef"
     assert _serial(cat.register(POLICY, a)) == 1
     assert _serial(cat.register(POLICY, a)) == 2
@@ -90,9 +90,9 @@ def test_databases_from_before_serials_are_upgraded(tmp_path: Path) -> None:
 @pytest.mark.parametrize("read_only", [True, False])
 def test_version_survives_reopening(tmp_path: Path, read_only: bool) -> None:
     a, _ = _sources(tmp_path)
-    cat = Catalog(tmp_path / "db.duckdb", tmp_path / "key", read_only=False)
+    cat = DuckDBEngine(tmp_path / "db.duckdb", tmp_path / "key", read_only=False)
     version = cat.register(POLICY, a)
     cat.close()
-    reopened = Catalog(tmp_path / "db.duckdb", tmp_path / "key", read_only=read_only)
+    reopened = DuckDBEngine(tmp_path / "db.duckdb", tmp_path / "key", read_only=read_only)
     assert reopened.policy("ver")[1] == version
     reopened.close()

@@ -254,9 +254,9 @@ def _caps(settings: Settings) -> dict[str, dict[str, Any]]:
 
     policies = []
     try:
-        from gateway.engines.duckdb import Catalog
+        from gateway.engines.duckdb import DuckDBEngine
 
-        catalog = Catalog(settings.database, settings.bounding_key, read_only=True)
+        catalog = DuckDBEngine(settings.database, settings.bounding_key, read_only=True)
         try:
             policies = [policy for policy, _ in catalog.datasets().values()]
         finally:

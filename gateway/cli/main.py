@@ -71,7 +71,7 @@ def register(
             src = policy.parent / src
         bastion = _admin(workspace)
         try:
-            version = bastion.catalog.register(pol, src)
+            version = bastion.engine.register(pol, src)
             bastion.settings.policies_dir.mkdir(parents=True, exist_ok=True)
             (bastion.settings.policies_dir / f"{pol.dataset}.yaml").write_text(policy.read_text())
             bastion.audit(
@@ -178,7 +178,7 @@ def demo(
         os.chmod(settings.private_dir, 0o700)
         bastion = _admin(settings.workspace)
         try:
-            version = bastion.catalog.register(load_policy(policy_path), data)
+            version = bastion.engine.register(load_policy(policy_path), data)
             settings.policies_dir.mkdir(parents=True, exist_ok=True)
             (settings.policies_dir / "visits.yaml").write_text(policy_path.read_text())
             bastion.audit(

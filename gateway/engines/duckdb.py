@@ -1,4 +1,5 @@
-"""Catalog: the private DuckDB database, dataset registration and the pre-bounded tables.
+"""The DuckDB engine (the embedded default): the private database, dataset registration and the pre-bounded
+tables.
 
 Registering a dataset loads its Parquet or CSV source into the private database and builds
 `bounded_<dataset>`: every value converted to its policy type by total expressions (numbers and dates clamped to
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import decimal
 import json
 import os
 import secrets
@@ -23,31 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow as pa
+from sqlglot import exp
 
-from policies.errors import DatasetNotFound, GatewayError
+from gateway.engines.base import CatalogError, EngineError, EngineKind
+from policies.errors import DatasetNotFound
 from policies.schema import NUMERIC_TYPES, Column, ColumnType, Policy, Usage, bounded_table, parse_policy
 
 _META = "__bastion_datasets"
-
-
-class CatalogError(GatewayError):
-    status = 400
-    code = "catalog_error"
-
-
-_scratch_lock = threading.Lock()
-_scratch_dbs: dict[int, duckdb.DuckDBPyConnection] = {}
-
-
-def scratch() -> duckdb.DuckDBPyConnection:
-    """A cursor on an empty in-memory DuckDB, never the private database, for computing over public or released
-    values. Opening a database costs ~20 ms, so each process keeps one and hands out cursors: a cursor is its own
-    connection, so the views that concurrent requests register there do not meet. Close the cursor after use."""
-    with _scratch_lock:
-        db = _scratch_dbs.get(os.getpid())  # per process: a forked child must not share its parent's database
-        if db is None:
-            db = _scratch_dbs[os.getpid()] = duckdb.connect(":memory:")
-        return db.cursor()
 
 
 def _q(name: str) -> str:
@@ -183,8 +168,11 @@ def _diagnose(con: duckdb.DuckDBPyConnection, policy: Policy, keep: list[str], r
     return f"cannot build the bounded table: {_first_line(exc)}"
 
 
-class Catalog:
+class DuckDBEngine:
     """The private database. The gateway opens it read-only; registration is an admin action."""
+
+    kind = EngineKind.DUCKDB
+    dialect = "duckdb"
 
     def __init__(self, db_path: str | Path, key_path: str | Path, *, read_only: bool = True) -> None:
         self.db_path = Path(db_path)
@@ -315,3 +303,42 @@ class Catalog:
             return self._policies[dataset]
         except KeyError:
             raise DatasetNotFound(f"no dataset named {dataset!r}", dataset=dataset) from None
+
+    # --- statements ---------------------------------------------------------------------------------------
+
+    def _sql(self, query: exp.Query) -> str:
+        return query.sql(dialect=self.dialect)
+
+    def check(self, query: exp.Query) -> None:
+        try:
+            self.connect().execute(f"DESCRIBE {self._sql(query)}").fetchall()
+        except duckdb.Error as exc:
+            raise EngineError(_first_line(exc)) from None
+
+    def rows(self, query: exp.Query) -> list[tuple[Any, ...]]:
+        try:
+            return [tuple(_python(v) for v in r) for r in self.connect().execute(self._sql(query)).fetchall()]
+        except duckdb.Error as exc:
+            raise EngineError(type(exc).__name__) from None
+
+    def arrow(self, query: exp.Query) -> pa.Table:
+        try:
+            return self.connect().execute(self._sql(query)).fetch_arrow_table()
+        except duckdb.Error as exc:
+            raise EngineError(type(exc).__name__) from None
+
+    @contextlib.contextmanager
+    def frame(self, name: str, table: pa.Table) -> Iterator[exp.Table]:
+        cur = self.connect()
+        cur.register(name, table)
+        try:
+            yield exp.table_(name, quoted=True)
+        finally:
+            cur.unregister(name)
+
+
+def _python(value: Any) -> Any:
+    """DuckDB's HUGEINT and DECIMAL sums as exact Python ints; other values as DuckDB returns them."""
+    if isinstance(value, decimal.Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    return value

@@ -92,7 +92,7 @@ def lf_stats(
             label_model=body.label_model,
             registry=registry,
         )
-        precheck(plan, bastion.catalog.connect())
+        precheck(plan, bastion.engine.connect())
     except GatewayError as exc:
         bastion.audit(
             ctx,
@@ -107,7 +107,7 @@ def lf_stats(
     outputs = bastion.settings.outputs_dir
 
     def compute() -> dict[str, Any]:
-        return compute_lf_stats(plan, bastion.catalog.connect(), limits=limits, outputs_dir=outputs)
+        return compute_lf_stats(plan, bastion.engine.connect(), limits=limits, outputs_dir=outputs)
 
     def fallback() -> dict[str, Any]:
         return compute_lf_stats_default(plan, outputs_dir=outputs)
@@ -130,7 +130,7 @@ def registry_listing(bastion: Bastion, ctx: Context, registry: Registry = REGIST
     """Registered Python LFs for the datasets on which the caller holds the labeling grant."""
     allowed = {
         name
-        for name, (policy, _) in bastion.catalog.datasets().items()
+        for name, (policy, _) in bastion.engine.datasets().items()
         if Grant.LABELING in policy.grants(ctx.principal.role)
     }
     return [entry.public() for entry in registry.entries() if entry.dataset in allowed]

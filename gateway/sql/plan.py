@@ -15,7 +15,7 @@ from typing import Any
 import duckdb
 from sqlglot import exp
 
-from gateway.engines.duckdb import scratch
+from gateway.engines.public import scratch
 from policies.errors import QueryRejected
 from policies.expressions import (
     check_column,

@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow as pa
 from sqlglot import exp
 
-from gateway.engines.duckdb import bounded_table, scratch
+from gateway.engines.public import scratch
 from gateway.sql.plan import Aggregate, Measurement, Plan
 from policies import mechanisms as mech
 from policies import sensitivity as sens
@@ -32,7 +32,7 @@ from policies.accountant import (
     check_epsilon,
 )
 from policies.errors import InvalidRequest, QueryRejected
-from policies.schema import ColumnType
+from policies.schema import ColumnType, bounded_table
 from policies.sqltypes import SqlType
 from policies.typecheck import eager_logic
 

@@ -186,9 +186,9 @@ def test_engine_failures_after_the_charge_carry_no_detail_and_the_default_has_th
 ) -> None:
     bastion = Bastion(workspace.settings)
     try:
-        policy, _ = bastion.catalog.policy("visits")
+        policy, _ = bastion.engine.policy("visits")
         plan = plan_lf_stats(policy, lfs=LFS, epsilon=1.0, alpha=0.05, label_model=True)
-        real = compute_lf_stats(plan, bastion.catalog.connect(), outputs_dir=workspace.settings.outputs_dir)
+        real = compute_lf_stats(plan, bastion.engine.connect(), outputs_dir=workspace.settings.outputs_dir)
     finally:
         bastion.close()
 

@@ -108,7 +108,7 @@ PY_EQUIVALENTS = [
 def private(workspace: Workspace) -> Iterator[tuple[Bastion, Policy]]:
     bastion = Bastion(workspace.settings)
     try:
-        yield bastion, bastion.catalog.policy("visits")[0]
+        yield bastion, bastion.engine.policy("visits")[0]
     finally:
         bastion.close()
 
@@ -141,7 +141,7 @@ def _assert_exact_matches_snorkel(exact: ExactStatistics, L: np.ndarray, gold: n
 
 def test_sql_label_matrix_equals_pandas_lf_applier(private: tuple[Bastion, Policy]) -> None:
     bastion, policy = private
-    cur = bastion.catalog.connect()
+    cur = bastion.engine.connect()
     compiled = compile_lfs(SQL_LFS, policy)
     query = VoteQuery(policy, tuple(compiled))
     rows, matrix, gold = label_matrix(cur, query)
@@ -163,7 +163,7 @@ def test_sql_label_matrix_equals_pandas_lf_applier(private: tuple[Bastion, Polic
 
 def test_python_lfs_in_the_sandbox_join_the_sql_votes_row_by_row(private: tuple[Bastion, Policy]) -> None:
     bastion, policy = private
-    cur = bastion.catalog.connect()
+    cur = bastion.engine.connect()
     names = ["urgent_diagnosis", "red_flag_words", "routine_words", "stay_and_age"]
     _, frame = lf_input_frame(cur, policy)
     lfs = [REGISTRY.get(n) for n in names]

@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gateway.engines.duckdb import Catalog
+from gateway.engines.duckdb import DuckDBEngine
 from gateway.sql.plan import Measurement, Plan, plan_query
 from gateway.sql.release import Pricing, execute, price
 from policies import mechanisms as mech
@@ -158,8 +158,8 @@ def _worst_unit_rows() -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class Neighbours:
-    d: Catalog  # with the worst-case unit
-    d_prime: Catalog
+    d: DuckDBEngine  # with the worst-case unit
+    d_prime: DuckDBEngine
     threshold: int
 
 
@@ -172,7 +172,7 @@ def neighbours(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Neighbours]
     catalogs = []
     for name, rows in (("d", d_rows), ("d_prime", d_prime_rows)):
         rows.to_csv(root / f"{name}.csv", index=False)
-        cat = Catalog(root / f"{name}.duckdb", root / "bounding.key", read_only=False)
+        cat = DuckDBEngine(root / f"{name}.duckdb", root / "bounding.key", read_only=False)
         cat.register(POLICY, root / f"{name}.csv")
         catalogs.append(cat)
     yield Neighbours(catalogs[0], catalogs[1], threshold)
@@ -209,7 +209,7 @@ def _recording(target: list[Any], real: Callable[..., Any]) -> Callable[..., Any
     return record
 
 
-def mechanism_inputs(plan: Plan, pricing: Pricing, catalog: Catalog) -> MechanismInputs:
+def mechanism_inputs(plan: Plan, pricing: Pricing, catalog: DuckDBEngine) -> MechanismInputs:
     """Run the executor once and record the exact inputs and calibration of every mechanism call it makes."""
     inputs = MechanismInputs()
     with pytest.MonkeyPatch.context() as mp:

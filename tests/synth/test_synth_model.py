@@ -21,7 +21,7 @@ measure_module = importlib.import_module("synth.measure")  # the package re-expo
 def test_allocation_splits_epsilon_and_delta_exactly(workspace: Workspace) -> None:
     bastion = Bastion(workspace.settings)
     try:
-        policy, _ = bastion.catalog.policy("visits")
+        policy, _ = bastion.engine.policy("visits")
     finally:
         bastion.close()
     a = allocate(policy, 1.0, 1e-7)
@@ -57,9 +57,9 @@ def test_every_measurement_is_an_opendp_release_and_they_add_up(workspace: Works
     monkeypatch.setattr(measure_module, "select_keys", counted_keys)
     bastion = Bastion(workspace.settings)
     try:
-        policy, _ = bastion.catalog.policy("visits")
+        policy, _ = bastion.engine.policy("visits")
         allocation = allocate(policy, 0.8, 1e-7)
-        model = measure(bastion.catalog.connect(), "bounded_visits", policy, allocation)
+        model = measure(bastion.engine.connect(), "bounded_visits", policy, allocation)
     finally:
         bastion.close()
     assert sum(e for _, e, _ in spent) <= 0.8 * (1 + 1e-12)

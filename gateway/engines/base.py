@@ -1,0 +1,79 @@
+"""The Engine protocol: the one seam through which Bastion reads private rows.
+
+An engine holds the registered datasets' pre-bounded tables and runs statements that Bastion compiled as sqlglot
+trees (never SQL text from a caller): it generates its own dialect from them. Everything else — planning, pricing,
+noise, post-processing, the ledger and the audit log — is the same whatever the engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Protocol
+
+import pyarrow as pa
+from sqlglot import exp
+
+from gateway.engines.kind import EngineKind
+from policies.errors import GatewayError
+from policies.schema import Policy
+
+__all__ = ["CatalogError", "Engine", "EngineError", "EngineKind", "bounded"]
+
+
+class CatalogError(GatewayError):
+    """A dataset cannot be registered or the catalog cannot be opened (admin-facing: names the problem)."""
+
+    status = 400
+    code = "catalog_error"
+
+
+class EngineError(Exception):
+    """The engine refused or failed a statement. `message` is the engine's first line: shown only for statements
+    checked before any row is read (a bind check), never for one that read rows."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class Engine(Protocol):
+    kind: EngineKind
+    dialect: str  # the sqlglot dialect this engine's SQL is generated in
+
+    def register(self, policy: Policy, source: Path) -> str:
+        """Load `source`, build the dataset's pre-bounded table, record the policy; return the new version."""
+        ...
+
+    def datasets(self) -> dict[str, tuple[Policy, str]]:
+        """All registered datasets: name → (policy, version)."""
+        ...
+
+    def policy(self, dataset: str) -> tuple[Policy, str]: ...
+
+    def check(self, query: exp.Query) -> None:
+        """Bind `query` without reading a row; raise EngineError with the binder's message."""
+        ...
+
+    def rows(self, query: exp.Query) -> list[tuple[Any, ...]]:
+        """Run `query` over the bounded tables. Values come back as Python ints (sums and counts exact), floats,
+        str, datetime.date, bool or None, whatever the engine's own types."""
+        ...
+
+    def arrow(self, query: exp.Query) -> pa.Table:
+        """Run `query` and return its result as an Arrow table (for synthesis and labeling-function readers)."""
+        ...
+
+    def frame(self, name: str, table: pa.Table) -> contextlib.AbstractContextManager[exp.Table]:
+        """Make a non-private Arrow table readable by this engine's statements under a temporary name, for the
+        duration of the context (a synthetic proxy compared with the private rows, say)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def bounded(dataset: str) -> exp.Table:
+    """The pre-bounded table of a dataset, as the tree a FROM clause takes."""
+    from policies.schema import bounded_table
+
+    return exp.table_(bounded_table(dataset), quoted=True)
