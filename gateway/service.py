@@ -27,7 +27,8 @@ from audit.record import parse_time
 from gateway.engines import open_engine
 from gateway.settings import Settings
 from gateway.sql.plan import Plan, plan_query
-from gateway.sql.release import Pricing, Release, bind_check, dry_run_accuracy, execute, price
+from gateway.sql.price import Pricing, dry_run_accuracy, price
+from gateway.sql.release import Release, bind_check, execute
 from gateway.stores.cache import ReleaseCache, cache_key
 from gateway.stores.ledger import Ledger, LedgerBehind, LedgerCharge
 from gateway.stores.tokens import Principal, TokenStore
@@ -659,7 +660,7 @@ class Bastion:
             }
 
         def compute() -> dict[str, Any]:
-            return answer(execute(plan, pricing, self.engine.connect()))
+            return answer(execute(plan, pricing, self.engine))
 
         def fallback() -> dict[str, Any]:
             return answer(self._default_release(plan, pricing))
@@ -678,7 +679,7 @@ class Bastion:
 
     def _default_release(self, plan: Plan, pricing: Pricing) -> Release:
         """The plan's release computed on the default input: its mechanisms applied to an empty table."""
-        return execute(plan, pricing, self.engine.connect(), default_input=True)
+        return execute(plan, pricing, self.engine, default_input=True)
 
     def _plan(self, sql: str, resolve: Callable[[str], Policy]) -> Plan:
         """`plan_query` and the engine's bind check of the plan's statements, reusing the plan of an identical SQL
@@ -688,7 +689,7 @@ class Bastion:
         if hit is not None and resolve(hit[1].dataset) is hit[0]:
             return hit[1]
         plan = plan_query(sql, resolve)
-        bind_check(plan, self.engine.connect())
+        bind_check(plan, self.engine)
         if len(self._plans) >= 1024:
             self._plans.clear()
         self._plans[sql] = (plan.policy, plan)

@@ -123,3 +123,39 @@ def unify(a: Typed, b: Typed) -> Typed | None:
     if a.type is SqlType.DATE:
         return Typed(SqlType.DATE, min(a.lo, b.lo), max(a.hi, b.hi))  # type: ignore[type-var]
     return a
+
+
+_SQL_NAMES = {
+    SqlType.INT: "BIGINT",
+    SqlType.FLOAT: "DOUBLE",
+    SqlType.TEXT: "VARCHAR",
+    SqlType.DATE: "DATE",
+    SqlType.BOOL: "BOOLEAN",
+}
+
+
+def sql_type_name(t: SqlType) -> str:
+    """The SQL type a value of this type is cast to wherever engines must agree (group keys, domain values); every
+    engine's dialect spells it from this name."""
+    return _SQL_NAMES.get(t, "DOUBLE")
+
+
+def canonical(value: object, t: SqlType) -> object:
+    """A key value as one Python value whatever the engine returned it as (an engine's DECIMAL, numpy scalar, 1.0
+    for 1, -0.0 for 0.0), so that a group found in the rows and the same group of a public domain compare equal."""
+    if value is None:
+        return None
+    if hasattr(value, "item") and not isinstance(value, str):
+        value = value.item()  # type: ignore[attr-defined]
+    if t is SqlType.INT:
+        return int(value)  # type: ignore[call-overload]
+    if t is SqlType.FLOAT:
+        number = float(value)  # type: ignore[arg-type]
+        return 0.0 if number == 0 else number
+    if t is SqlType.BOOL:
+        return bool(value)
+    if t is SqlType.DATE:
+        if isinstance(value, dt.datetime):
+            return value.date()
+        return value if isinstance(value, dt.date) else dt.date.fromisoformat(str(value))
+    return str(value)

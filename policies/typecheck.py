@@ -149,8 +149,10 @@ def select_first(conditions: list[exp.Expr], values: list[exp.Expr]) -> exp.Expr
     result is never a constant vector for some row batches and a full one for others (both would show in the
     running time). `values` has one more entry than `conditions` (the ELSE value)."""
     flags = [exp.Coalesce(this=c, expressions=[exp.Boolean(this=False)]) for c in conditions]
-    position = _call("list_position", _call("list_value", *flags, exp.Boolean(this=True)), exp.Boolean(this=True))
-    return _call("list_extract", _call("list_value", *values), position)
+    # Engine-neutral nodes: DuckDB writes [v1, ...][list_position(...)], Spark element_at(array(...), ...). The
+    # position is always within the list (the last flag is TRUE), so no engine can fail on it.
+    position = exp.ArrayPosition(this=exp.Array(expressions=[*flags, exp.true()]), expression=exp.true())
+    return exp.Bracket(this=exp.Array(expressions=list(values)), expressions=[position], offset=1, safe=False)
 
 
 def _tri(condition: exp.Expr) -> exp.Expr:

@@ -12,7 +12,8 @@ import yaml
 
 from gateway.engines.duckdb import DuckDBEngine
 from gateway.sql.plan import plan_query
-from gateway.sql.release import execute, price
+from gateway.sql.price import price
+from gateway.sql.release import execute
 from policies import mechanisms as mech
 from policies.schema import parse_policy
 
@@ -55,7 +56,7 @@ roles: {{analyst: [query]}}
 def _run(cat: DuckDBEngine, sql: str, epsilon: float, alpha: float = 0.05):
     plan = plan_query(sql, lambda n: cat.policy(n)[0])
     pricing = price(plan, epsilon=epsilon, accuracy=None, alpha=alpha, delta=None)
-    return plan, pricing, execute(plan, pricing, cat.connect())
+    return plan, pricing, execute(plan, pricing, cat)
 
 
 def test_bounded_table_keeps_at_most_k_rows_per_unit(heavy: DuckDBEngine) -> None:
@@ -91,7 +92,7 @@ def test_noise_spread_matches_scale_and_intervals_cover(heavy: DuckDBEngine) -> 
     truth = dict(con.execute("SELECT kind, COUNT(*) FROM bounded_heavy GROUP BY kind").fetchall())
     errors, covered, n = [], 0, 0
     for _ in range(400):
-        release = execute(plan, pricing, con)
+        release = execute(plan, pricing, heavy)
         for (kind, value), cells in zip(release.rows, release.intervals, strict=True):
             lo, hi = cells[1]
             errors.append(value - truth[kind])
@@ -141,7 +142,7 @@ def test_pums_with_nulls_as_second_dataset(tmp_path: Path) -> None:
     plan = plan_query(
         "SELECT sex, COUNT(income) AS n, AVG(income) AS m FROM pums_null GROUP BY sex", lambda n: cat.policy(n)[0]
     )
-    release = execute(plan, price(plan, epsilon=5.0, accuracy=None, alpha=0.05, delta=None), cat.connect())
+    release = execute(plan, price(plan, epsilon=5.0, accuracy=None, alpha=0.05, delta=None), cat)
     assert [r[0] for r in release.rows] == [0, 1]
     for row, cells in zip(release.rows, release.intervals, strict=True):
         assert 0 <= cells[2][0] <= row[2] <= cells[2][1] <= 500_000

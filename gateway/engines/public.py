@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Any
 
 import duckdb
+from sqlglot import exp
 
 _scratch_lock = threading.Lock()
 _scratch_dbs: dict[int, duckdb.DuckDBPyConnection] = {}
@@ -24,4 +26,19 @@ def scratch() -> duckdb.DuckDBPyConnection:
         return db.cursor()
 
 
-Error = duckdb.Error
+class PublicError(Exception):
+    """A computation over public or released values failed (its message names the expression's problem)."""
+
+
+def public_rows(query: exp.Query, tables: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+    """Run `query` on the public engine, with `tables` (name → pandas frame or Arrow table of released or public
+    values) readable by name."""
+    cur = scratch()
+    try:
+        for name, table in (tables or {}).items():
+            cur.register(name, table)
+        return cur.execute(query.sql(dialect="duckdb")).fetchall()
+    except duckdb.Error as exc:
+        raise PublicError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+    finally:
+        cur.close()

@@ -12,40 +12,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import duckdb
 from sqlglot import exp
 
-from gateway.engines.public import scratch
+from gateway.engines.public import PublicError, public_rows
+from gateway.sql.parse import dataset_name, parse_select
 from policies.errors import QueryRejected
 from policies.expressions import (
     check_column,
     check_no_volatile,
     check_row_expression,
     func_name,
-    parse_statements,
     reject,
 )
-from policies.schema import NUMERIC_TYPES, ColumnType, Policy
-from policies.sqltypes import FLOAT, SqlType, Typed
+from policies.schema import NUMERIC_TYPES, Column, Policy
+from policies.sqltypes import FLOAT, SqlType, Typed, canonical, sql_type_name
+from policies.sqltypes import column_type as column_type_of
 from policies.typecheck import Checked, Checker
 
 # Largest number of groups Bastion enumerates from public domains; larger key spaces go through key selection.
 MAX_DECLARED_GROUPS = 100_000
-
-_SYSTEM_SCHEMAS = {"information_schema", "pg_catalog", "main", "temp", "system", "sqlite_master"}
-_SYSTEM_PREFIXES = ("duckdb_", "pg_", "sqlite_", "pragma_")
-
-_STATEMENT_REASONS: list[tuple[tuple[str, ...], str, str]] = [
-    (("Union", "Intersect", "Except"), "set_operation", "set operations (UNION, INTERSECT, EXCEPT) are not allowed"),
-    (("Insert", "Update", "Delete", "Merge"), "dml", "data modification is not allowed"),
-    (("Create", "Drop", "Alter", "TruncateTable", "Comment"), "ddl", "DDL statements are not allowed"),
-    (("Pragma",), "pragma", "PRAGMA is not allowed"),
-    (("Attach", "Detach"), "attach", "ATTACH/DETACH is not allowed"),
-    (("Copy", "Export"), "copy", "COPY/EXPORT is not allowed"),
-    (("Install",), "install_load", "INSTALL/LOAD is not allowed"),
-    (("Set", "Use"), "set", "SET/USE is not allowed"),
-    (("Show", "Describe", "Summarize"), "system_catalog", "catalog statements are not allowed"),
-]
 
 _QUANTILE_FUNCS = ("Quantile", "PercentileCont", "PercentileDisc", "ApproxQuantile")
 _VARIANCE_FUNCS = {
@@ -104,7 +89,7 @@ class Aggregate:
 @dataclass(frozen=True)
 class GroupKey:
     alias: str  # k0, k1, ...
-    sql: str  # total expression over the bounded table
+    tree: exp.Expr  # total expression over the bounded table
     domain: list[Any] | None  # public key values, or None when keys must be selected privately
     typed: Typed = FLOAT  # the key's type and public range
 
@@ -173,14 +158,13 @@ class Plan:
     dataset: str
     policy: Policy
     normalized_sql: str
-    where_sql: str | None
     keys: list[GroupKey]
     aggregates: list[Aggregate]
     output_names: list[str]
     output_exprs: list[exp.Expr]  # over k*/a* columns, for interval arithmetic
-    post_sql: str  # runs over the released table "released"
+    post: exp.Select  # output expressions, HAVING, ORDER BY and LIMIT over the released table "released"
     measurements: list[Measurement] = field(default_factory=list)
-    where_tree: exp.Expr | None = None  # the WHERE condition's total form (where_sql is its SQL)
+    where: exp.Expr | None = None  # the WHERE condition's total form over the bounded table
 
     @property
     def needs_key_selection(self) -> bool:
@@ -193,84 +177,6 @@ class Plan:
                 return None
             domains.append(k.domain)
         return list(itertools.product(*domains))
-
-
-def _statement_reason(stmt: exp.Expr) -> tuple[str, str] | None:
-    name = type(stmt).__name__
-    for names, reason, message in _STATEMENT_REASONS:
-        if name in names:
-            return reason, message
-    if isinstance(stmt, exp.Command):
-        word = str(stmt.this).upper()
-        if word in {"LOAD", "INSTALL"}:
-            return "install_load", "INSTALL/LOAD is not allowed"
-        if word in {"CALL", "CHECKPOINT", "VACUUM", "EXPORT", "IMPORT", "DETACH", "RESET"}:
-            return "ddl", f"{word} is not allowed"
-        return "unsupported_statement", f"{word} statements are not allowed"
-    return None
-
-
-def parse_select(sql: str) -> exp.Select:
-    """Parse exactly one SELECT statement, or raise with the position of the problem."""
-    if not sql or not sql.strip():
-        raise QueryRejected("the query is empty", reason="empty_query")
-    statements = parse_statements(sql)
-    if len(statements) != 1:
-        second = statements[1] if len(statements) > 1 else None
-        raise reject(
-            "exactly one statement is allowed", "multiple_statements", second, sql, hint="send one SELECT per request"
-        )
-    stmt = statements[0]
-    found = _statement_reason(stmt)
-    if found:
-        reason, message = found
-        raise reject(message, reason, stmt, sql, hint="Bastion answers one aggregate SELECT over one dataset")
-    if not isinstance(stmt, exp.Select):
-        raise reject(f"{type(stmt).__name__} statements are not allowed", "unsupported_statement", stmt, sql)
-    return stmt
-
-
-def dataset_name(select: exp.Select, sql: str) -> str:
-    """The one table the SELECT reads, after rejecting joins, subqueries, table functions and catalogs."""
-    if select.args.get("with_") or select.args.get("with"):
-        raise reject(
-            "CTEs (WITH) are not allowed",
-            "cte",
-            select.args.get("with_") or select.args.get("with"),
-            sql,
-            hint="write one SELECT over one dataset",
-        )
-    joined = select.args.get("joins") or select.args.get("laterals")
-    if joined:
-        node = joined[0]
-        raise reject("joins are not allowed", "join", node, sql, hint="query one dataset at a time")
-    from_ = select.args.get("from_") or select.args.get("from")
-    if from_ is None:
-        raise reject("the query must read FROM a dataset", "no_dataset", select, sql)
-    source = from_.this
-    if isinstance(source, exp.Subquery | exp.Select):
-        raise reject("subqueries are not allowed", "subquery", source, sql, hint="write one SELECT over one dataset")
-    if not isinstance(source, exp.Table) or not isinstance(source.this, exp.Identifier):
-        raise reject(
-            "table functions are not allowed",
-            "table_function",
-            source,
-            sql,
-            hint="query a registered dataset by name (GET /v1/datasets lists them)",
-        )
-    if source.args.get("sample"):
-        raise reject("TABLESAMPLE is not allowed", "sampling", source, sql)
-    name = source.name.lower()
-    db = (source.db or "").lower()
-    if db in _SYSTEM_SCHEMAS or db or source.catalog or name.startswith(_SYSTEM_PREFIXES) or name in _SYSTEM_SCHEMAS:
-        raise reject(
-            "system catalogs are not allowed",
-            "system_catalog",
-            source,
-            sql,
-            hint="GET /v1/datasets shows the public schema",
-        )
-    return name
 
 
 class _Planner:
@@ -444,19 +350,19 @@ class _Planner:
             if checked.typed.type is SqlType.NULL:
                 raise reject("GROUP BY needs an expression of a column", "constant_group_key", node, self.sql)
             alias = f"k{len(self.keys)}"
-            self.keys.append((target, GroupKey(alias, checked.sql, None, checked.typed)))
+            self.keys.append((target, GroupKey(alias, checked.tree, None, checked.typed)))
 
     def key_domains(self) -> None:
         """Fill in the public domain of each key that has one (evaluated on public values only)."""
         domains: list[list[Any] | None] = []
         for expr, key in self.keys:
-            domains.append(public_key_domain(expr, self.policy, key.sql))
+            domains.append(public_key_domain(expr, self.policy, key.tree, key.typed))
         total = 1
         for d in domains:
             total *= len(d) if d is not None else MAX_DECLARED_GROUPS + 1
         declared = total <= MAX_DECLARED_GROUPS
         self.keys = [
-            (expr, GroupKey(key.alias, key.sql, d if declared else None, key.typed))
+            (expr, GroupKey(key.alias, key.tree, d if declared else None, key.typed))
             for (expr, key), d in zip(self.keys, domains, strict=True)
         ]
 
@@ -571,11 +477,9 @@ class _Planner:
             if select.args.get(forbidden):
                 raise reject(f"{forbidden.upper()} is not allowed", "unsupported_clause", select, self.sql)
         where = select.args.get("where")
-        where_sql = None
         where_tree = None
         if where is not None:
             where_tree = check_row_expression(where.this, self.policy, self.sql, condition="WHERE").tree
-            where_sql = where_tree.sql(dialect="duckdb")
         self.group_keys()
         names: list[str] = []
         outputs: list[exp.Expr] = []
@@ -615,7 +519,7 @@ class _Planner:
                 self.sql,
                 hint="select aggregates such as COUNT(*) or AVG(col)",
             )
-        limit_sql = ""
+        bounds: dict[str, int] = {}
         for clause in ("limit", "offset"):
             node = select.args.get(clause)
             if node is not None:
@@ -624,40 +528,43 @@ class _Planner:
                     raise reject(
                         f"{clause.upper()} must be a non-negative integer literal", "bad_limit", node, self.sql
                     )
-                limit_sql += f" {clause.upper()} {int(value.this)}"
+                bounds[clause] = int(value.this)
         self.key_domains()
         compiled = [self.output(o) for o in outputs]
-        post = (
-            "SELECT "
-            + ", ".join([f'{c.tree.sql(dialect="duckdb")} AS "o{i}"' for i, c in enumerate(compiled)] + ['"__row"'])
-            + " FROM released"
-        )
+        post = exp.select(
+            *[exp.alias_(c.tree, f"o{i}", quoted=True) for i, c in enumerate(compiled)],
+            exp.column("__row", quoted=True),
+        ).from_("released")
         if having_expr is not None:
-            post += f" WHERE {self.output(having_expr, condition=True).tree.sql(dialect='duckdb')}"
+            post = post.where(self.output(having_expr, condition=True).tree)
         if order_exprs:
             typed = {f"o{i}": c.typed for i, c in enumerate(compiled)}
-            post += " ORDER BY " + ", ".join(
-                exp.Ordered(
-                    this=self.output(o.this, extra=typed).tree,
-                    desc=o.args.get("desc"),
-                    nulls_first=o.args.get("nulls_first"),
-                ).sql(dialect="duckdb")
-                for o in order_exprs
+            post = post.order_by(
+                *[
+                    exp.Ordered(
+                        this=self.output(o.this, extra=typed).tree,
+                        desc=o.args.get("desc"),
+                        nulls_first=o.args.get("nulls_first"),
+                    )
+                    for o in order_exprs
+                ]
             )
-        post += limit_sql
+        if "limit" in bounds:
+            post = post.limit(bounds["limit"])
+        if "offset" in bounds:
+            post = post.offset(bounds["offset"])
         aggregates = list(self.aggregates.values())
         measurements = sorted({m for a in aggregates for m in a.measurements})
         return Plan(
             dataset=self.policy.dataset,
             policy=self.policy,
             normalized_sql=select.sql(dialect="duckdb", normalize=True),
-            where_sql=where_sql,
-            where_tree=where_tree,
+            where=where_tree,
             keys=[k for _, k in self.keys],
             aggregates=aggregates,
             output_names=names,
             output_exprs=outputs,
-            post_sql=post,
+            post=post,
             measurements=measurements,
         )
 
@@ -680,23 +587,21 @@ def _default_name(node: exp.Expr) -> str:
     return node.sql(dialect="duckdb")
 
 
-_DUCK_TYPES = {
-    ColumnType.INT: "BIGINT",
-    ColumnType.FLOAT: "DOUBLE",
-    ColumnType.DECIMAL: "DOUBLE",
-    ColumnType.CATEGORY: "VARCHAR",
-    ColumnType.DATE: "DATE",
-    ColumnType.BOOL: "BOOLEAN",
-    ColumnType.TEXT: "VARCHAR",
-}
+def _literal(value: Any, spec: Column) -> exp.Expr:
+    """A public domain value as a typed literal tree."""
+    if isinstance(value, bool):
+        node: exp.Expr = exp.Boolean(this=value)
+    elif isinstance(value, int | float):
+        node = exp.Literal.number(repr(value) if isinstance(value, float) else value)
+    else:
+        node = exp.Literal.string(value.isoformat() if hasattr(value, "isoformat") else str(value))
+    return exp.Cast(this=node, to=exp.DataType.build(sql_type_name(column_type_of(spec).type)))
 
 
-def duck_type(t: ColumnType) -> str:
-    return _DUCK_TYPES[t]
-
-
-def public_key_domain(expr: exp.Expr, policy: Policy, key_sql: str) -> list[Any] | None:
-    """Values a key expression can take, computed from the policy's public domains only (no private data)."""
+def public_key_domain(expr: exp.Expr, policy: Policy, tree: exp.Expr, typed: Typed) -> list[Any] | None:
+    """Values a key expression can take, computed from the policy's public domains only (no private data): the
+    key's compiled tree over a VALUES table of each column's domain, on the public engine, each value canonical
+    for the key's type (so it matches the same group read from any engine)."""
     columns = sorted({c.name.lower() for c in expr.find_all(exp.Column)})
     domains: list[list[Any]] = []
     for c in columns:
@@ -710,22 +615,18 @@ def public_key_domain(expr: exp.Expr, policy: Policy, key_sql: str) -> list[Any]
     if size > MAX_DECLARED_GROUPS:
         return None
     if isinstance(expr, exp.Column):
-        return list(domains[0])
-    con = scratch()
+        return [canonical(v, typed.type) for v in domains[0]]
+    query = exp.select(exp.alias_(tree.copy(), "k", quoted=True)).distinct()
+    for i, (c, d) in enumerate(zip(columns, domains, strict=True)):
+        spec = policy.columns[c]
+        values = exp.values([exp.Tuple(expressions=[_literal(v, spec)]) for v in d], alias=f"v{i}", columns=[c])
+        query = query.from_(values) if i == 0 else query.join(values, join_type="CROSS")
     try:
-        selects = []
-        for c, d in zip(columns, domains, strict=True):
-            t = duck_type(policy.columns[c].type)
-            values = ", ".join(f"(CAST(? AS {t}))" for _ in d)
-            selects.append((f'(SELECT * FROM (VALUES {values}) AS v("{c}"))', d))
-        from_sql = " CROSS JOIN ".join(s for s, _ in selects)
-        params = [v if not isinstance(v, bool) else v for _, d in selects for v in d]
-        rows = con.execute(f"SELECT DISTINCT {key_sql} AS k FROM {from_sql} ORDER BY k NULLS LAST", params).fetchall()
-    except duckdb.Error as exc:
+        rows = public_rows(query)
+    except PublicError as exc:
         raise QueryRejected(f"cannot evaluate the GROUP BY expression: {exc}", reason="bad_group_key") from None
-    finally:
-        con.close()
-    return [r[0] for r in rows if r[0] is not None]
+    found = {canonical(r[0], typed.type) for r in rows if r[0] is not None}
+    return sorted(found, key=lambda v: (str(type(v)), v))
 
 
 def plan_query(sql: str, resolve: Callable[[str], Policy]) -> Plan:

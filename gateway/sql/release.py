@@ -1,11 +1,6 @@
-"""Executor: prices a Plan (ε split and noise scales), runs the generated SQL on the pre-bounded table, adds
-OpenDP noise to each primitive measurement, and post-processes the noisy table into the released answer with a
-confidence interval for every noisy cell.
-
-Budget split (documented in the README): the request's ε is divided equally among the plan's distinct primitive
-measurements (COUNT(*), COUNT(col), COUNT(DISTINCT unit), SUM(col), SUM(col²), one selection per quantile), plus
-one equal share for private key selection when some GROUP BY key has no public domain; key selection also costs δ.
-"""
+"""Release stage: run a plan's compiled statements on the engine, add OpenDP noise to each primitive measurement,
+select private keys, and post-process the noisy table into the released answer with a confidence interval for
+every noisy cell. Post-processing runs on the public engine, over DP outputs only."""
 
 from __future__ import annotations
 
@@ -13,160 +8,19 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 from sqlglot import exp
 
-from gateway.engines.public import scratch
+from gateway.engines.base import Engine, EngineError
+from gateway.engines.public import PublicError, public_rows
+from gateway.sql import compile as comp
 from gateway.sql.plan import Aggregate, Measurement, Plan
+from gateway.sql.price import _COUNT_KINDS, Pricing, measurement_unit
 from policies import mechanisms as mech
-from policies import sensitivity as sens
-from policies.accountant import (
-    MAX_EPSILON,
-    MIN_EPSILON,
-    PrivacyLoss,
-    check_alpha,
-    check_delta,
-    check_epsilon,
-)
 from policies.errors import InvalidRequest, QueryRejected
-from policies.schema import ColumnType, bounded_table
-from policies.sqltypes import SqlType
-from policies.typecheck import eager_logic
-
-_COUNT_KINDS = {"count_star", "count", "count_distinct_unit"}
-
-
-@dataclass(frozen=True)
-class Pricing:
-    """What a plan costs and how noisy each measurement is, decided before any private data is read."""
-
-    cost: PrivacyLoss
-    epsilon_per_measurement: float
-    d_in: dict[Measurement, int]
-    selection_epsilon: float
-    selection_delta: float
-    alpha: float
-
-    def scale(self, m: Measurement) -> float:
-        if m.kind == "quantile":
-            return 2 * self.d_in[m] / self.epsilon_per_measurement
-        return self.d_in[m] / self.epsilon_per_measurement
-
-    def half_width(self, m: Measurement, alpha: float) -> float:
-        """Half-width, in the measurement's integer units, of its (1-alpha) interval."""
-        return mech.integer_accuracy(self.scale(m), alpha)
-
-
-def _d_in(plan: Plan, m: Measurement) -> int:
-    k = plan.policy.max_rows_per_unit
-    grouped = bool(plan.keys)
-    match m.kind:
-        case "count_star" | "count":
-            return sens.count_sensitivity(k)
-        case "count_distinct_unit":
-            return sens.distinct_unit_sensitivity(k, grouped)
-        case "sum":
-            return sens.sum_sensitivity(k, plan.policy.columns[m.column])
-        case "sumsq":
-            return sens.sum_of_squares_sensitivity(k, plan.policy.columns[m.column])
-        case "quantile":
-            return sens.quantile_sensitivity(k, m.q)
-    raise AssertionError(m.kind)
-
-
-def measurement_unit(plan: Plan, m: Measurement) -> float:
-    """Value of one integer unit of a measurement (fixed-point sums) in the column's own unit."""
-    if m.kind == "sum":
-        return plan.policy.columns[m.column].fx_unit
-    if m.kind == "sumsq":
-        return plan.policy.columns[m.column].fx2_unit
-    return 1.0
-
-
-def price(
-    plan: Plan,
-    *,
-    epsilon: float | None,
-    accuracy: float | dict[str, float] | None,
-    alpha: float,
-    delta: float | None,
-) -> Pricing:
-    """Decide the ε of each measurement, from a total ε or from a target accuracy of one output column."""
-    alpha = check_alpha(alpha)
-    d_in = {m: _d_in(plan, m) for m in plan.measurements}
-    shares = len(plan.measurements) + (1 if plan.needs_key_selection else 0)
-    sel_delta = 0.0
-    if plan.needs_key_selection:
-        budget_delta = plan.policy.budget.per_principal.delta
-        sel_delta = check_delta(delta) if delta is not None else budget_delta / 10
-        if sel_delta <= 0:
-            raise InvalidRequest(
-                "a GROUP BY key has no public domain in the policy, so its keys must be selected privately, "
-                "which needs δ > 0; declare a domain for the key column or give the policy a δ budget"
-            )
-    if (epsilon is None) == (accuracy is None):
-        raise InvalidRequest("give exactly one of epsilon or accuracy")
-    if epsilon is not None:
-        epsilon = check_epsilon(epsilon)
-        per = epsilon / shares
-    else:
-        name, target = _accuracy_target(plan, accuracy)  # type: ignore[arg-type]
-        agg = single_aggregate(plan, name)
-        if agg is None or agg.kind not in _COUNT_KINDS | {"sum"}:
-            raise InvalidRequest(
-                f"an accuracy target can be set for a COUNT or SUM output column; {name!r} is not one. "
-                "Give epsilon instead, or use a dry run to see the accuracy an epsilon buys"
-            )
-        (m,) = agg.measurements
-        try:
-            per = mech.epsilon_for_accuracy(d_in[m], target / measurement_unit(plan, m), alpha)
-        except Exception:  # noqa: BLE001 - OpenDP refuses targets it cannot reach; the target is public
-            per = math.inf
-        epsilon = per * shares
-        if not (math.isfinite(epsilon) and MIN_EPSILON <= epsilon <= MAX_EPSILON):
-            raise InvalidRequest(
-                f"an accuracy of ±{target:g} for {name!r} would need ε = {epsilon:.3g}, outside the allowed "
-                f"[{MIN_EPSILON:g}, {MAX_EPSILON:g}]; ask for a looser or tighter target"
-            )
-    return Pricing(
-        cost=PrivacyLoss(epsilon, sel_delta),
-        epsilon_per_measurement=per,
-        d_in=d_in,
-        selection_epsilon=per if plan.needs_key_selection else 0.0,
-        selection_delta=sel_delta,
-        alpha=alpha,
-    )
-
-
-def _accuracy_target(plan: Plan, accuracy: float | dict[str, float]) -> tuple[str, float]:
-    if isinstance(accuracy, dict):
-        if len(accuracy) != 1:
-            raise InvalidRequest('accuracy as an object names exactly one output column, e.g. {"visits": 50}')
-        ((name, target),) = accuracy.items()
-    else:
-        name = next((n for n, e in zip(plan.output_names, plan.output_exprs, strict=True) if _agg_of(plan, e)), "")
-        target = accuracy
-    if not (isinstance(target, int | float) and math.isfinite(target) and target > 0):
-        raise InvalidRequest("accuracy must be a positive number (the 95% half-width, in the column's units)")
-    if name not in plan.output_names:
-        raise InvalidRequest(f"no output column named {name!r}")
-    return name, float(target)
-
-
-def _agg_of(plan: Plan, e: exp.Expr) -> Aggregate | None:
-    if isinstance(e, exp.Column):
-        return next((a for a in plan.aggregates if a.alias == e.name), None)
-    return None
-
-
-def single_aggregate(plan: Plan, name: str) -> Aggregate | None:
-    return _agg_of(plan, plan.output_exprs[plan.output_names.index(name)])
-
-
-# --- execution ------------------------------------------------------------------------------------------
+from policies.sqltypes import SqlType, canonical
 
 
 @dataclass
@@ -177,90 +31,6 @@ class Release:
     measurements: list[dict[str, Any]]
     notes: list[str] = field(default_factory=list)
     groups_released: int = 0
-
-
-def _measure_sql(plan: Plan, m: Measurement) -> tuple[str, bool]:
-    """The aggregate call of a measurement, and whether an empty group gives NULL (to be read as 0)."""
-    match m.kind:
-        case "count_star":
-            return "COUNT(*)", False
-        case "count":
-            return f'COUNT("{m.column}")', False
-        case "count_distinct_unit":
-            return f'COUNT(DISTINCT "{plan.policy.unit_column}")', False
-        case "sum":
-            return f'SUM("__fx_{m.column}")', True
-        case "sumsq":
-            return f'SUM("__fx2_{m.column}")', True
-    raise AssertionError(m.kind)
-
-
-def _measures(plan: Plan, measurements: list[Measurement]) -> list[tuple[str, str, bool]]:
-    """(aggregate call, alias, NULL means 0) of the row count and of each plain measurement, in order."""
-    out = [("COUNT(*)", "__n", False)]
-    for i, m in enumerate(measurements):
-        call, nullable = _measure_sql(plan, m)
-        out.append((call, f"m{i}", nullable))
-    return out
-
-
-def _row_filter(plan: Plan, extra: exp.Expr | None) -> str | None:
-    """The WHERE condition (and `extra`), combined so that both are evaluated on every row."""
-    parts = [t.copy() for t in (plan.where_tree, extra) if t is not None]
-    if not parts:
-        return None
-    combined = parts[0] if len(parts) == 1 else eager_logic(parts, conjunction=True)
-    return combined.sql(dialect="duckdb")
-
-
-def _group_sql(
-    plan: Plan,
-    aggregates: list[tuple[str, str, bool]],
-    extra_where: exp.Expr | None = None,
-    *,
-    extra_group: str | None = None,
-    empty: bool = False,
-) -> str:
-    """The grouped measurement query. The row condition is an aggregate FILTER, not a WHERE: keys and the condition
-    are computed on every row, whichever rows match, so the work does not depend on how many do. `empty` reads no
-    row at all: the default input of the fallback release."""
-    keys = [f'{k.sql} AS "{k.alias}"' for k in plan.keys] + ([f"{extra_group} AS __code"] if extra_group else [])
-    condition = _row_filter(plan, extra_where)
-    select = []
-    for call, alias, nullable in aggregates:
-        value = f"{call} FILTER (WHERE {condition})" if condition else call
-        select.append(f'COALESCE({value}, 0) AS "{alias}"' if nullable else f'{value} AS "{alias}"')
-    sql = f'SELECT {", ".join(keys + select)} FROM "{bounded_table(plan.dataset)}"'
-    if empty:
-        sql += " WHERE FALSE"
-    group = [str(i + 1) for i in range(len(plan.keys) + (1 if extra_group else 0))]
-    if group:
-        sql += " GROUP BY " + ", ".join(group)
-    return sql
-
-
-def _quantile_codes(
-    plan: Plan, m: Measurement, con: duckdb.DuckDBPyConnection, groups: list[tuple[Any, ...]], empty: bool = False
-) -> tuple[list[float], dict[tuple[Any, ...], np.ndarray]]:
-    """Per group, row counts at each of the 2·|C|+1 positions relative to the candidate grid."""
-    col = plan.policy.columns[m.column]
-    lo, hi = (float(b) for b in col.bounds)  # type: ignore[union-attr]
-    candidates = mech.quantile_candidates(lo, hi, integer=col.type is ColumnType.INT)
-    step = candidates[1] - candidates[0]
-    t = f'(("{m.column}" - {lo!r}) / {step!r})'
-    # code 2j+1: exactly on candidate j; code 2j+2: strictly between candidates j and j+1.
-    code = f"CAST(2 * FLOOR({t}) + CASE WHEN {t} = FLOOR({t}) THEN 1 ELSE 2 END AS BIGINT)"
-    present = exp.Not(this=exp.Is(this=exp.column(m.column, quoted=True), expression=exp.Null()))
-    sql = _group_sql(plan, [("COUNT(*)", "__n", False)], present, extra_group=code, empty=empty)
-    n_codes = 2 * len(candidates) + 1
-    hist = {g: np.zeros(n_codes, dtype=np.int64) for g in groups}
-    nk = len(plan.keys)
-    for row in con.execute(sql).fetchall():
-        g = tuple(row[:nk])
-        if g in hist and row[nk] is not None:  # a NULL value has no code (and is filtered out of the count)
-            c = min(max(int(row[nk]), 0), n_codes - 1)
-            hist[g][c] += int(row[nk + 1])
-    return candidates, hist
 
 
 _PADDED = object()  # the first element of a padded group's key: no value of a row is this object
@@ -275,34 +45,20 @@ _ARROW_TYPES = {
 }
 
 
-def _measurement_sql(plan: Plan, aggregates: list[tuple[str, str, bool]], *, empty: bool = False) -> str:
-    """The statement of the plain measurements. Where keys are selected privately, the groups are padded to the
-    public candidate count inside the engine, so that fetching and preparing them takes the same time whatever the
-    number of distinct private keys (up to that count); a last column `__pad` is -1 for a real group and the pad's
-    index otherwise. Padded groups go through every step real ones do and are never released (they are not data)."""
-    sql = _group_sql(plan, aggregates, empty=empty)
-    if not plan.needs_key_selection:
-        return sql
-    pad_values = ", ".join(["NULL"] * len(plan.keys) + ["0"] * len(aggregates))
-    return (
-        f"WITH g AS ({sql}) SELECT *, -1 AS __pad FROM g UNION ALL SELECT {pad_values}, i AS __pad FROM "
-        f"range(GREATEST(0, {int(plan.policy.key_candidates)} - (SELECT COUNT(*) FROM g))) AS r(i)"
-    )
+def _group(plan: Plan, row: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(canonical(v, k.typed.type) for v, k in zip(row, plan.keys, strict=False))
 
 
-def bind_check(plan: Plan, con: duckdb.DuckDBPyConnection) -> None:
-    """Bind every statement the plan will run without reading a row (an always-false filter, an empty released
-    table), so that an error the engine's binder finds — which depends on the schema and the query only — is a
-    400 before the charge instead of a failure after it."""
-    plain = [m for m in plan.measurements if m.kind != "quantile"]
+def bind_check(plan: Plan, engine: Engine) -> None:
+    """Bind every statement the plan will run without reading a row (its empty form; post-processing over an
+    empty released table), so that an error an engine's binder finds — which depends on the schema and the query
+    only — is a 400 before the charge instead of a failure after it."""
     try:
-        con.execute(_measurement_sql(plan, _measures(plan, plain), empty=True)).fetchall()
-        for m in plan.measurements:
-            if m.kind == "quantile":
-                _quantile_codes(plan, m, con, [], empty=True)
-    except (duckdb.Error, RuntimeError) as exc:
+        for statement in comp.statements(plan, empty=True):
+            engine.check(statement)
+    except EngineError as exc:
         raise QueryRejected(
-            f"the engine cannot compile this query: {str(exc).splitlines()[0]}",
+            f"the engine cannot compile this query: {exc.message}",
             reason="engine_rejected",
             hint="simplify the expression or cast its arguments",
         ) from None
@@ -313,34 +69,44 @@ def bind_check(plan: Plan, con: duckdb.DuckDBPyConnection) -> None:
             "__row": pa.array([], pa.int64()),
         }
     )
-    local = scratch()
     try:
-        local.register("released", empty)
-        local.execute(plan.post_sql).fetchall()
-    except duckdb.Error as exc:
+        public_rows(plan.post, {"released": empty})
+    except PublicError as exc:
         raise QueryRejected(
-            f"the output expressions cannot be computed: {str(exc).splitlines()[0]}",
+            f"the output expressions cannot be computed: {exc}",
             reason="engine_rejected",
             hint="simplify the output expressions",
         ) from None
-    finally:
-        local.close()
 
 
-def execute(plan: Plan, pricing: Pricing, con: duckdb.DuckDBPyConnection, *, default_input: bool = False) -> Release:
+def _quantile_codes(
+    plan: Plan, m: Measurement, engine: Engine, groups: list[tuple[Any, ...]], empty: bool = False
+) -> tuple[list[float], dict[tuple[Any, ...], np.ndarray]]:
+    """Per group, row counts at each of the 2·|C|+1 positions relative to the candidate grid."""
+    candidates = comp.quantile_grid(plan, m)
+    n_codes = 2 * len(candidates) + 1
+    hist = {g: np.zeros(n_codes, dtype=np.int64) for g in groups}
+    nk = len(plan.keys)
+    for row in engine.rows(comp.quantile_query(plan, m, empty=empty)):
+        g = _group(plan, row[:nk])
+        if g in hist and row[nk] is not None:  # a NULL value has no code (and is filtered out of the count)
+            c = min(max(int(row[nk]), 0), n_codes - 1)
+            hist[g][c] += int(row[nk + 1])
+    return candidates, hist
+
+
+def execute(plan: Plan, pricing: Pricing, engine: Engine, *, default_input: bool = False) -> Release:
     """Measure the plan on the pre-bounded table and release it. With `default_input`, the same mechanisms run
     on an empty input instead (no row is read): the fallback that keeps an answer's status and shape independent
     of the data when the real run fails after the charge."""
     notes: list[str] = []
-    plain = [m for m in plan.measurements if m.kind != "quantile"]
-    select = _measures(plan, plain)
+    plain = comp.plain_measurements(plan)
     nk = len(plan.keys)
     exact: dict[tuple[Any, ...], tuple[int, ...]] = {}
-    sql = _measurement_sql(plan, select, empty=default_input)
     selecting = plan.needs_key_selection
-    width = nk + len(select)
-    for row in con.execute(sql).fetchall():
-        key = (_PADDED, row[width]) if selecting and row[width] >= 0 else tuple(row[:nk])
+    width = nk + len(plain) + 1
+    for row in engine.rows(comp.measurement_query(plan, empty=default_input)):
+        key = (_PADDED, row[width]) if selecting and row[width] >= 0 else _group(plan, row[:nk])
         exact[key] = tuple(int(v) for v in row[nk:width])
     if not plan.keys and () not in exact:
         exact[()] = tuple(0 for _ in range(len(plain) + 1))
@@ -375,7 +141,7 @@ def execute(plan: Plan, pricing: Pricing, con: duckdb.DuckDBPyConnection, *, def
     for m in plan.measurements:
         if m.kind != "quantile":
             continue
-        candidates, hist = _quantile_codes(plan, m, con, groups, empty=default_input)
+        candidates, hist = _quantile_codes(plan, m, engine, groups, empty=default_input)
         picks = []
         scale = pricing.scale(m)
         for g in groups:
@@ -390,7 +156,7 @@ def execute(plan: Plan, pricing: Pricing, con: duckdb.DuckDBPyConnection, *, def
             picks.append(candidates[idx])
         quantiles[m] = (np.asarray(picks, dtype=np.float64), scale)
 
-    return _post_process(plan, pricing, groups, noisy, quantiles, con, notes)
+    return _post_process(plan, pricing, groups, noisy, quantiles, notes)
 
 
 # --- post-processing ------------------------------------------------------------------------------------
@@ -502,7 +268,6 @@ def _post_process(
     groups: list[tuple[Any, ...]],
     noisy: dict[Measurement, np.ndarray],
     quantiles: dict[Measurement, tuple[np.ndarray, float]],
-    con: duckdb.DuckDBPyConnection,
     notes: list[str],
 ) -> Release:
     alpha = pricing.alpha
@@ -516,14 +281,10 @@ def _post_process(
         frame[a.alias] = v
     frame["__row"] = np.arange(len(groups))
     released = pd.DataFrame(frame)
-    local = scratch()
     try:
-        local.register("released", released)
-        out = local.execute(plan.post_sql).fetchall()
-    except duckdb.Error as exc:
+        out = public_rows(plan.post, {"released": released})
+    except PublicError as exc:
         raise InvalidRequest(f"cannot compute the output expressions: {exc}") from None
-    finally:
-        local.close()
 
     by_alias = {a.alias: a for a in plan.aggregates}
     col_intervals: list[tuple[np.ndarray, np.ndarray] | None] = []
@@ -571,12 +332,7 @@ def _post_process(
         if m.kind == "quantile":
             entry["rank_error"] = mech.quantile_rank_error(
                 pricing.scale(m),
-                len(
-                    mech.quantile_candidates(
-                        *(float(b) for b in plan.policy.columns[m.column].bounds),  # type: ignore
-                        integer=plan.policy.columns[m.column].type is ColumnType.INT,
-                    )
-                ),
+                len(comp.quantile_grid(plan, m)),
                 m.q,
                 alpha,
             )
@@ -596,16 +352,3 @@ def _post_process(
         notes=notes,
         groups_released=len(groups),
     )
-
-
-def dry_run_accuracy(plan: Plan, pricing: Pricing) -> dict[str, float | None]:
-    """Data-independent half-width per output column where one exists (a single COUNT or SUM)."""
-    out: dict[str, float | None] = {}
-    for name in plan.output_names:
-        agg = single_aggregate(plan, name)
-        if agg is not None and agg.kind in _COUNT_KINDS | {"sum"}:
-            (m,) = agg.measurements
-            out[name] = pricing.half_width(m, pricing.alpha) * measurement_unit(plan, m)
-        else:
-            out[name] = None
-    return out

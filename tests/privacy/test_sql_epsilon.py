@@ -7,7 +7,7 @@ different groups of `slot`, and in the undeclared key `tag = 'edge'` that D′ h
 threshold. Both datasets are registered through the real catalog, with the same bounding key, so they differ by
 exactly that unit.
 
-For each mechanism the test plans a real query with the planner and prices it with `gateway.sql.release.price`, then
+For each mechanism the test plans a real query with the planner and prices it with `gateway.sql.price.price`, then
 runs the executor once on D and once on D′ with the mechanism layer wrapped by a recorder: what it records is
 exactly what the executor hands to OpenDP (the exact integer vectors, quantile scores or key counts, with the d_in
 and ε it calibrated). Those inputs are then fed many times to the real mechanism functions
@@ -49,7 +49,8 @@ import pytest
 
 from gateway.engines.duckdb import DuckDBEngine
 from gateway.sql.plan import Measurement, Plan, plan_query
-from gateway.sql.release import Pricing, execute, price
+from gateway.sql.price import Pricing, price
+from gateway.sql.release import execute
 from policies import mechanisms as mech
 from policies.schema import Policy, parse_policy
 from tests.privacy.epsilon import best_event, clopper_pearson_lower, epsilon_lower_bound, tail_event
@@ -216,7 +217,7 @@ def mechanism_inputs(plan: Plan, pricing: Pricing, catalog: DuckDBEngine) -> Mec
         mp.setattr(mech, "release_integers", _recording(inputs.integers, mech.release_integers))
         mp.setattr(mech, "select_keys", _recording(inputs.selections, mech.select_keys))
         mp.setattr(mech, "release_quantile_index", _recording(inputs.quantiles, mech.release_quantile_index))
-        execute(plan, pricing, catalog.connect())
+        execute(plan, pricing, catalog)
     return inputs
 
 

@@ -1,0 +1,210 @@
+"""Compile stage: a Plan's measurements as sqlglot trees over the pre-bounded table. Every engine generates its own
+dialect from these trees (golden fixtures in tests/fixtures/compiled/ show what each generates); nothing here is
+SQL text, and nothing is patched after it is built.
+
+What the trees guarantee, whatever the engine:
+- the row condition is an aggregate FILTER, not a WHERE: keys and the condition are computed on every row, so the
+  work does not depend on how many rows match;
+- sums are of fixed-point integers cast to DECIMAL(38, 0) first, so no engine can overflow or round them (DuckDB
+  would widen a BIGINT sum, Spark would not);
+- group keys are cast to one SQL type per key type, so a key read from any engine compares equal to the same key of
+  a public domain;
+- where keys are selected privately, the groups are padded to the policy's public candidate count inside the
+  engine, so that fetching and preparing them takes the same time whatever the number of distinct private keys.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from sqlglot import exp
+
+from gateway.engines.base import bounded
+from gateway.sql.plan import Measurement, Plan
+from policies import mechanisms as mech
+from policies.schema import ColumnType
+from policies.sqltypes import sql_type_name
+from policies.typecheck import eager_logic
+
+ROWS = "__n"  # the row count of every group, first measure of the plain statement
+PAD = "__pad"  # -1 for a real group, the pad's index for a padded one
+CODE = "__code"  # a quantile statement's position code
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One aggregate of the plain statement: its call, its alias, whether an empty group gives NULL (read as 0)."""
+
+    call: exp.Expr
+    alias: str
+    nullable: bool
+
+
+def _col(name: str) -> exp.Column:
+    return exp.column(name, quoted=True)
+
+
+def _exact_sum(column: str) -> exp.Expr:
+    return exp.Sum(this=exp.Cast(this=_col(column), to=exp.DataType.build("DECIMAL(38, 0)")))
+
+
+def _call(plan: Plan, m: Measurement) -> tuple[exp.Expr, bool]:
+    match m.kind:
+        case "count_star":
+            return exp.Count(this=exp.Star()), False
+        case "count":
+            return exp.Count(this=_col(m.column)), False
+        case "count_distinct_unit":
+            unit = plan.policy.unit_column
+            assert unit is not None, "the planner allows COUNT(DISTINCT unit) only with a unit column"
+            return exp.Count(this=exp.Distinct(expressions=[_col(unit)])), False
+        case "sum":
+            return _exact_sum(f"__fx_{m.column}"), True
+        case "sumsq":
+            return _exact_sum(f"__fx2_{m.column}"), True
+    raise AssertionError(m.kind)
+
+
+def plain_measurements(plan: Plan) -> list[Measurement]:
+    return [m for m in plan.measurements if m.kind != "quantile"]
+
+
+def measures(plan: Plan) -> list[Measure]:
+    """The row count and each plain (non-quantile) measurement, in order."""
+    out = [Measure(exp.Count(this=exp.Star()), ROWS, False)]
+    for i, m in enumerate(plain_measurements(plan)):
+        call, nullable = _call(plan, m)
+        out.append(Measure(call, f"m{i}", nullable))
+    return out
+
+
+def _row_filter(plan: Plan, extra: exp.Expr | None) -> exp.Expr | None:
+    """The WHERE condition (and `extra`), combined so that both are evaluated on every row."""
+    parts = [t.copy() for t in (plan.where, extra) if t is not None]
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else eager_logic(parts, conjunction=True)
+
+
+def _key(plan: Plan, i: int) -> exp.Expr:
+    key = plan.keys[i]
+    return exp.Cast(this=key.tree.copy(), to=exp.DataType.build(sql_type_name(key.typed.type)))
+
+
+def grouped(
+    plan: Plan,
+    aggregates: list[Measure],
+    *,
+    extra_where: exp.Expr | None = None,
+    extra_group: exp.Expr | None = None,
+    empty: bool = False,
+) -> exp.Select:
+    """The grouped measurement statement. `empty` reads no row at all: the default input of the fallback release
+    and the form bound before the charge."""
+    keys = [_key(plan, i) for i in range(len(plan.keys))] + ([extra_group] if extra_group is not None else [])
+    aliases = [k.alias for k in plan.keys] + ([CODE] if extra_group is not None else [])
+    condition = _row_filter(plan, extra_where)
+    select: list[exp.Expr] = [exp.alias_(k, a, quoted=True) for k, a in zip(keys, aliases, strict=True)]
+    for m in aggregates:
+        value: exp.Expr = m.call.copy()
+        if condition is not None:
+            value = exp.Filter(this=value, expression=exp.Where(this=condition.copy()))
+        if m.nullable:
+            value = exp.Coalesce(this=value, expressions=[exp.Literal.number(0)])
+        select.append(exp.alias_(value, m.alias, quoted=True))
+    query = exp.select(*select).from_(bounded(plan.dataset))
+    if empty:
+        query = query.where(exp.false())
+    if keys:
+        query = query.group_by(*[k.copy() for k in keys])
+    return query
+
+
+def _series(n: int) -> exp.Select:
+    """SELECT i FROM the integers 0..n-1, spelled in plain SQL every engine reads: a cross join of VALUES tables of
+    the digits. Its size is public (the policy's candidate count)."""
+    digits = max(1, math.ceil(math.log10(max(n, 2))))
+    tables = [
+        exp.values([exp.Tuple(expressions=[exp.Literal.number(d)]) for d in range(10)], alias=f"d{j}", columns=["i"])
+        for j in range(digits)
+    ]
+    total: exp.Expr = exp.column("i", table=f"d{digits - 1}")
+    for j in range(digits - 2, -1, -1):
+        total = exp.Add(
+            this=exp.Mul(this=exp.Paren(this=total), expression=exp.Literal.number(10)),
+            expression=exp.column("i", table=f"d{j}"),
+        )
+    query = exp.select(exp.alias_(total, "i")).from_(tables[0])
+    for t in tables[1:]:
+        query = query.join(t, join_type="CROSS")
+    return query
+
+
+def measurement_query(plan: Plan, *, empty: bool = False) -> exp.Query:
+    """The statement of the plain measurements; padded to the public candidate count where keys are selected
+    privately (a last column `__pad`: -1 for a real group, the pad's index otherwise)."""
+    aggregates = measures(plan)
+    query = grouped(plan, aggregates, empty=empty)
+    if not plan.needs_key_selection:
+        return query
+    candidates = int(plan.policy.key_candidates)
+    real = exp.select(exp.Star(), exp.alias_(exp.Literal.number(-1), PAD, quoted=True)).from_("g")
+    missing = exp.Sub(
+        this=exp.Literal.number(candidates),
+        expression=exp.Subquery(this=exp.select(exp.Count(this=exp.Star())).from_("g")),
+    )
+    pads = (
+        exp.select(
+            *[exp.alias_(exp.Null(), k.alias, quoted=True) for k in plan.keys],
+            *[exp.alias_(exp.Literal.number(0), m.alias, quoted=True) for m in aggregates],
+            exp.alias_(exp.column("i", table="r"), PAD, quoted=True),
+        )
+        .from_(exp.alias_(exp.Subquery(this=_series(candidates)), "r"))
+        .where(exp.LT(this=exp.column("i", table="r"), expression=missing))
+    )
+    return exp.union(real, pads, distinct=False).with_("g", as_=query)
+
+
+def quantile_grid(plan: Plan, m: Measurement) -> list[float]:
+    col = plan.policy.columns[m.column]
+    assert col.bounds is not None, "the planner allows quantiles of bounded columns only"
+    lo, hi = (float(b) for b in col.bounds)
+    return mech.quantile_candidates(lo, hi, integer=col.type is ColumnType.INT)
+
+
+def quantile_query(plan: Plan, m: Measurement, *, empty: bool = False) -> exp.Select:
+    """Per group, row counts at each of the 2·|C|+1 positions relative to the public candidate grid: code 2j+1 is
+    exactly on candidate j, code 2j+2 strictly between candidates j and j+1 (a NULL value has no code)."""
+    candidates = quantile_grid(plan, m)
+    lo = float(plan.policy.columns[m.column].bounds[0])  # type: ignore[index]
+    step = candidates[1] - candidates[0]
+
+    def double(v: float) -> exp.Expr:
+        return exp.Cast(this=exp.Literal.number(repr(float(v))), to=exp.DataType.build("DOUBLE"))
+
+    def t() -> exp.Expr:
+        value = exp.Cast(this=_col(m.column), to=exp.DataType.build("DOUBLE"))
+        return exp.Paren(
+            this=exp.Div(this=exp.Paren(this=exp.Sub(this=value, expression=double(lo))), expression=double(step))
+        )
+
+    on_grid = exp.Case(
+        ifs=[exp.If(this=exp.EQ(this=t(), expression=exp.Floor(this=t())), true=exp.Literal.number(1))],
+        default=exp.Literal.number(2),
+    )
+    code = exp.Cast(
+        this=exp.Add(this=exp.Mul(this=exp.Literal.number(2), expression=exp.Floor(this=t())), expression=on_grid),
+        to=exp.DataType.build("BIGINT"),
+    )
+    present = exp.Not(this=exp.Is(this=_col(m.column), expression=exp.Null()))
+    return grouped(
+        plan, [Measure(exp.Count(this=exp.Star()), ROWS, False)], extra_where=present, extra_group=code, empty=empty
+    )
+
+
+def statements(plan: Plan, *, empty: bool = False) -> list[exp.Query]:
+    """Every statement the plan runs, in order: the plain measurements, then one per quantile."""
+    out: list[exp.Query] = [measurement_query(plan, empty=empty)]
+    out += [quantile_query(plan, m, empty=empty) for m in plan.measurements if m.kind == "quantile"]
+    return out

@@ -1,0 +1,82 @@
+"""Golden SQL: what each engine's dialect generates from the compiled plan of representative queries.
+
+The fixture `tests/fixtures/compiled/visits.yaml` holds, per query, the statements generated for DuckDB and for
+Spark and the post-processing statement (run on the public engine), so that any change to generated SQL shows in
+review. After an intended change, regenerate it with `BASTION_UPDATE_GOLDEN=1 pytest tests/test_compiled_golden.py`
+and read the diff.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gateway.demo import POLICY_YAML
+from gateway.sql import compile as comp
+from gateway.sql.plan import plan_query
+from policies.errors import DatasetNotFound
+from policies.schema import Policy, parse_policy
+
+FIXTURE = Path(__file__).parent / "fixtures" / "compiled" / "visits.yaml"
+POLICY = parse_policy(yaml.safe_load(POLICY_YAML))
+DIALECTS = ("duckdb", "spark")
+
+QUERIES = [
+    "SELECT COUNT(*) FROM visits",
+    "SELECT COUNT(*) AS n FROM visits WHERE age >= 65",
+    "SELECT region, COUNT(*) AS visits, AVG(income) AS mean_income FROM visits WHERE age >= 65 GROUP BY region",
+    "SELECT sex, region, SUM(length_of_stay) FROM visits GROUP BY sex, region",
+    "SELECT COUNT(DISTINCT patient_id) FROM visits",
+    "SELECT VARIANCE(income), STDDEV(age) FROM visits",
+    "SELECT region, MEDIAN(length_of_stay) FROM visits GROUP BY region",
+    "SELECT diagnosis, COUNT(*) FROM visits GROUP BY diagnosis",
+    "SELECT date_trunc('month', visit_day) AS month, COUNT(*) FROM visits GROUP BY month",
+    "SELECT CASE WHEN age < 18 THEN 'child' WHEN age < 65 THEN 'adult' ELSE 'senior' END AS band, AVG(income) "
+    "FROM visits GROUP BY band",
+    "SELECT FLOOR(age / 10) * 10 AS decade, COUNT(*) FROM visits GROUP BY 1",
+    "SELECT region, COUNT(*) AS n FROM visits GROUP BY region HAVING COUNT(*) > 100 ORDER BY n DESC LIMIT 3",
+    "SELECT COUNT(*) FROM visits WHERE diagnosis LIKE 'J%' AND (age > 30 OR sex = 'F')",
+    "SELECT region, SUM(income) / COUNT(*) AS per_visit FROM visits GROUP BY region",
+]
+
+
+def _resolve(name: str) -> Policy:
+    if name != "visits":
+        raise DatasetNotFound(f"no dataset named {name!r}")
+    return POLICY
+
+
+def generate(sql: str) -> dict[str, Any]:
+    plan = plan_query(sql, _resolve)
+    entry: dict[str, Any] = {"sql": sql}
+    for dialect in DIALECTS:
+        entry[dialect] = [s.sql(dialect=dialect) for s in comp.statements(plan)]
+    entry["post"] = plan.post.sql(dialect="duckdb")
+    return entry
+
+
+def test_golden_fixture_matches_generated_sql() -> None:
+    generated = [generate(q) for q in QUERIES]
+    if os.environ.get("BASTION_UPDATE_GOLDEN"):
+        FIXTURE.write_text(yaml.safe_dump(generated, sort_keys=False, width=1_000_000, allow_unicode=True))
+    expected = yaml.safe_load(FIXTURE.read_text())
+    assert [e["sql"] for e in expected] == QUERIES, "the fixture's queries differ: regenerate it"
+    for want, got in zip(expected, generated, strict=True):
+        for part in (*DIALECTS, "post"):
+            assert got[part] == want[part], (want["sql"], part)
+
+
+@pytest.mark.parametrize("sql", QUERIES)
+def test_compiled_statements_read_only_the_bounded_table(sql: str) -> None:
+    """Whatever the dialect, a compiled statement reads the dataset's bounded table and nothing else."""
+    import sqlglot
+    from sqlglot import exp
+
+    for dialect in DIALECTS:
+        for text in generate(sql)[dialect]:
+            tables = {t.name for t in sqlglot.parse_one(text, read=dialect).find_all(exp.Table) if t.name}
+            assert tables <= {"bounded_visits", "g"}, (dialect, tables)
