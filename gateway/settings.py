@@ -9,6 +9,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from gateway.engines.kind import EngineKind
+from policies.accountant import DEFAULT_ALPHA
 
 DEFAULT_WORKSPACE = "bastion-workspace"
 
@@ -17,7 +18,7 @@ class Settings(BaseModel):
     workspace: Path = Field(default_factory=lambda: Path(os.environ.get("BASTION_WORKSPACE", DEFAULT_WORKSPACE)))
     host: str = "127.0.0.1"
     port: int = 8000
-    default_alpha: float = Field(default=0.05, gt=0, lt=1)
+    default_alpha: float = Field(default=DEFAULT_ALPHA, gt=0, lt=1)
     engine: EngineKind = EngineKind.DUCKDB  # where the private rows live and statements run
     spark_master: str = "local[2]"  # a Spark master URL (local[N] on one machine, spark://host:7077 for a cluster)
     spark_warehouse: Path | None = None  # where Spark keeps the bounded tables; default <workspace>/private/warehouse

@@ -46,6 +46,8 @@ MIN_EPSILON = 1e-3
 MAX_EPSILON = 1_000.0
 MIN_DELTA = 1e-30
 MAX_DELTA = 0.1
+# 1 - the confidence level of every interval unless a request or the settings give another.
+DEFAULT_ALPHA = 0.05
 MIN_ALPHA = 1e-9
 
 

@@ -73,10 +73,6 @@ class Forbidden(GatewayError):
     code = "forbidden"
 
 
-class ColumnForbidden(Forbidden):
-    code = "column_forbidden"
-
-
 class NotFound(GatewayError):
     status = 404
     code = "not_found"

@@ -18,7 +18,6 @@ import opendp.prelude as dp
 
 dp.enable_features("contrib")
 
-DEFAULT_ALPHA = 0.05
 # Tolerance for comparing an OpenDP privacy map with the ε we meant to spend (float round-off only).
 _MAP_SLACK = 1e-9
 

@@ -261,7 +261,6 @@ class Policy(_Strict):
     roles: dict[Literal["analyst", "lf_author", "auditor", "admin"], list[Grant]] = Field(default_factory=dict)
     synthesis: Synthesis = Synthesis()
     labels: Labels | None = None
-    key_selection_threshold: float | None = Field(default=None, gt=0)
     # Key selection processes at least this many candidate keys (padded), so its time does not depend on how many
     # distinct private keys there are up to this many (see policies.mechanisms.select_keys).
     key_candidates: int = Field(default=1_000, ge=1, le=100_000)

@@ -40,6 +40,9 @@ class EngineError(Exception):
 class Engine(Protocol):
     kind: EngineKind
     dialect: str  # the sqlglot dialect this engine's SQL is generated in
+    # Whether its pattern matching (regular expressions, any LIKE pattern) takes time linear in the text. Where it
+    # backtracks, a crafted pattern's running time would depend on the rows: such patterns are refused.
+    regex: bool
 
     def register(self, policy: Policy, source: Path) -> str:
         """Load `source`, build the dataset's pre-bounded table, record the policy; return the new version."""

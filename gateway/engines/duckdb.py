@@ -173,6 +173,7 @@ class DuckDBEngine:
 
     kind = EngineKind.DUCKDB
     dialect = "duckdb"
+    regex = True  # DuckDB's regular expressions and LIKE run in linear time (RE2)
 
     def __init__(self, db_path: str | Path, key_path: str | Path, *, read_only: bool = True) -> None:
         self.db_path = Path(db_path)
@@ -323,7 +324,7 @@ class DuckDBEngine:
 
     def arrow(self, query: exp.Query) -> pa.Table:
         try:
-            return self.connect().execute(self._sql(query)).fetch_arrow_table()
+            return self.connect().execute(self._sql(query)).to_arrow_table()
         except duckdb.Error as exc:
             raise EngineError(type(exc).__name__) from None
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from sqlglot import exp
 
 from gateway.engines.base import bounded
-from gateway.sql.plan import Measurement, Plan
+from gateway.sql.plan import Kind, Measurement, Plan
 from policies import mechanisms as mech
 from policies.schema import ColumnType
 from policies.sqltypes import sql_type_name
@@ -51,23 +51,23 @@ def _exact_sum(column: str) -> exp.Expr:
 
 def _call(plan: Plan, m: Measurement) -> tuple[exp.Expr, bool]:
     match m.kind:
-        case "count_star":
+        case Kind.COUNT_STAR:
             return exp.Count(this=exp.Star()), False
-        case "count":
+        case Kind.COUNT:
             return exp.Count(this=_col(m.column)), False
-        case "count_distinct_unit":
+        case Kind.COUNT_DISTINCT_UNIT:
             unit = plan.policy.unit_column
             assert unit is not None, "the planner allows COUNT(DISTINCT unit) only with a unit column"
             return exp.Count(this=exp.Distinct(expressions=[_col(unit)])), False
-        case "sum":
+        case Kind.SUM:
             return _exact_sum(f"__fx_{m.column}"), True
-        case "sumsq":
+        case Kind.SUMSQ:
             return _exact_sum(f"__fx2_{m.column}"), True
     raise AssertionError(m.kind)
 
 
 def plain_measurements(plan: Plan) -> list[Measurement]:
-    return [m for m in plan.measurements if m.kind != "quantile"]
+    return [m for m in plan.measurements if m.kind != Kind.QUANTILE]
 
 
 def measures(plan: Plan) -> list[Measure]:
@@ -206,5 +206,36 @@ def quantile_query(plan: Plan, m: Measurement, *, empty: bool = False) -> exp.Se
 def statements(plan: Plan, *, empty: bool = False) -> list[exp.Query]:
     """Every statement the plan runs, in order: the plain measurements, then one per quantile."""
     out: list[exp.Query] = [measurement_query(plan, empty=empty)]
-    out += [quantile_query(plan, m, empty=empty) for m in plan.measurements if m.kind == "quantile"]
+    out += [quantile_query(plan, m, empty=empty) for m in plan.measurements if m.kind == Kind.QUANTILE]
     return out
+
+
+def _linear_like(pattern: str) -> bool:
+    """Whether a LIKE pattern is one that an engine without a linear-time matcher still matches in linear time
+    (Spark rewrites these to equality, startsWith, endsWith and contains): no `_` or escape, and the form `abc`,
+    `abc%`, `%abc`, `abc%def` or `%abc%`."""
+    if "_" in pattern or "\\" in pattern:
+        return False
+    parts = pattern.split("%")
+    if len(parts) <= 2:
+        return True
+    return len(parts) == 3 and parts[0] == "" and parts[2] == "" and parts[1] != ""
+
+
+def backtracking_pattern(plan: Plan) -> str | None:
+    """The first pattern of the plan that a backtracking matcher (java.util.regex) would need, described for an
+    error; None if there is none. Such a matcher's running time on a crafted pattern depends on the row's text, so
+    engines without a linear-time matcher refuse these before the charge."""
+    trees = [plan.where, *(k.tree for k in plan.keys)]
+    for tree in trees:
+        if tree is None:
+            continue
+        for node in tree.walk():
+            if type(node).__name__.startswith("Regexp"):
+                return "regular-expression functions"
+            if isinstance(node, exp.Like | exp.ILike):
+                pattern = node.expression
+                text = pattern.this if isinstance(pattern, exp.Literal) and pattern.is_string else None
+                if text is None or not _linear_like(str(text)):
+                    return f"the LIKE pattern {node.expression.sql()}"
+    return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from sqlglot import exp
@@ -32,14 +33,31 @@ from policies.typecheck import Checked, Checker
 # Largest number of groups Bastion enumerates from public domains; larger key spaces go through key selection.
 MAX_DECLARED_GROUPS = 100_000
 
+
+class Kind(StrEnum):
+    """What an aggregate or a primitive measurement computes."""
+
+    COUNT_STAR = "count_star"
+    COUNT = "count"
+    COUNT_DISTINCT_UNIT = "count_distinct_unit"
+    SUM = "sum"
+    SUMSQ = "sumsq"  # a measurement only: the sum of squares behind VARIANCE and STDDEV
+    AVG = "avg"
+    VAR = "var"
+    VAR_POP = "var_pop"
+    STD = "std"
+    STD_POP = "std_pop"
+    QUANTILE = "quantile"
+
+
 _QUANTILE_FUNCS = ("Quantile", "PercentileCont", "PercentileDisc", "ApproxQuantile")
 _VARIANCE_FUNCS = {
-    "Variance": "var",
-    "VarianceSamp": "var",
-    "VariancePop": "var_pop",
-    "Stddev": "std",
-    "StddevSamp": "std",
-    "StddevPop": "std_pop",
+    "Variance": Kind.VAR,
+    "VarianceSamp": Kind.VAR,
+    "VariancePop": Kind.VAR_POP,
+    "Stddev": Kind.STD,
+    "StddevSamp": Kind.STD,
+    "StddevPop": Kind.STD_POP,
 }
 
 
@@ -47,13 +65,13 @@ _VARIANCE_FUNCS = {
 class Measurement:
     """One primitive noisy measurement per group: a count, a fixed-point sum, or a quantile selection."""
 
-    kind: str  # count_star | count | count_distinct_unit | sum | sumsq | quantile
+    kind: Kind  # COUNT_STAR, COUNT, COUNT_DISTINCT_UNIT, SUM, SUMSQ or QUANTILE
     column: str = ""
     q: float = 0.0
 
     @property
     def label(self) -> str:
-        if self.kind == "quantile":
+        if self.kind == Kind.QUANTILE:
             return f"quantile({self.column}, {self.q:g})"
         return f"{self.kind}({self.column})" if self.column else self.kind
 
@@ -63,7 +81,7 @@ class Aggregate:
     """A user-facing aggregate (COUNT, SUM, AVG, VARIANCE, STDDEV, quantile) computed from measurements."""
 
     alias: str  # a0, a1, ... in the released table
-    kind: str  # count_star | count | count_distinct_unit | sum | avg | var | var_pop | std | std_pop | quantile
+    kind: Kind  # any but SUMSQ
     column: str = ""
     q: float = 0.0
 
@@ -71,18 +89,18 @@ class Aggregate:
     def measurements(self) -> tuple[Measurement, ...]:
         c = self.column
         match self.kind:
-            case "count_star" | "count_distinct_unit":
+            case Kind.COUNT_STAR | Kind.COUNT_DISTINCT_UNIT:
                 return (Measurement(self.kind),)
-            case "count":
-                return (Measurement("count", c),)
-            case "sum":
-                return (Measurement("sum", c),)
-            case "avg":
-                return (Measurement("sum", c), Measurement("count", c))
-            case "var" | "var_pop" | "std" | "std_pop":
-                return (Measurement("sumsq", c), Measurement("sum", c), Measurement("count", c))
-            case "quantile":
-                return (Measurement("quantile", c, self.q),)
+            case Kind.COUNT:
+                return (Measurement(Kind.COUNT, c),)
+            case Kind.SUM:
+                return (Measurement(Kind.SUM, c),)
+            case Kind.AVG:
+                return (Measurement(Kind.SUM, c), Measurement(Kind.COUNT, c))
+            case Kind.VAR | Kind.VAR_POP | Kind.STD | Kind.STD_POP:
+                return (Measurement(Kind.SUMSQ, c), Measurement(Kind.SUM, c), Measurement(Kind.COUNT, c))
+            case Kind.QUANTILE:
+                return (Measurement(Kind.QUANTILE, c, self.q),)
         raise AssertionError(self.kind)
 
 
@@ -184,7 +202,7 @@ class _Planner:
         self.select = select
         self.sql = sql
         self.policy = policy
-        self.aggregates: dict[tuple[str, str, float], Aggregate] = {}
+        self.aggregates: dict[tuple[Kind, str, float], Aggregate] = {}
         self.keys: list[tuple[exp.Expr, GroupKey]] = []
 
     # --- aggregates ---------------------------------------------------------------------------------------
@@ -243,12 +261,12 @@ class _Planner:
         arg = node.this
         if name == "Count":
             if isinstance(arg, exp.Star):
-                kind, col = "count_star", ""
+                kind, col = Kind.COUNT_STAR, ""
             elif isinstance(arg, exp.Distinct):
                 cols = arg.expressions
                 unit = self.policy.unit_column
                 if len(cols) == 1 and isinstance(cols[0], exp.Column) and unit and cols[0].name.lower() == unit:
-                    kind, col = "count_distinct_unit", ""
+                    kind, col = Kind.COUNT_DISTINCT_UNIT, ""
                 else:
                     raise reject(
                         "COUNT(DISTINCT ...) is allowed on the privacy-unit column only",
@@ -258,7 +276,7 @@ class _Planner:
                         hint=f"use COUNT(DISTINCT {unit})" if unit else None,
                     )
             elif isinstance(arg, exp.Column):
-                kind, col = "count", check_column(arg, self.policy, self.sql, labeling=False)
+                kind, col = Kind.COUNT, check_column(arg, self.policy, self.sql, labeling=False)
             else:
                 raise reject(
                     "COUNT takes *, a column or DISTINCT of the privacy unit",
@@ -271,15 +289,15 @@ class _Planner:
         if name in {"Sum", "Avg"}:
             if isinstance(arg, exp.Distinct):
                 raise reject(f"{name.upper()}(DISTINCT ...) is not allowed", "aggregate_argument", node, self.sql)
-            return self._register(name.lower(), self._numeric_column(arg, node, name.upper()))
+            return self._register(Kind(name.lower()), self._numeric_column(arg, node, name.upper()))
         if name in _VARIANCE_FUNCS:
             return self._register(_VARIANCE_FUNCS[name], self._numeric_column(arg, node, name.upper()))
         if name == "Median":
-            return self._register("quantile", self._numeric_column(arg, node, "MEDIAN"), 0.5)
+            return self._register(Kind.QUANTILE, self._numeric_column(arg, node, "MEDIAN"), 0.5)
         if name in _QUANTILE_FUNCS:
             q_node = node.args.get("quantile") or node.args.get("expression")
             return self._register(
-                "quantile", self._numeric_column(arg, node, "a quantile"), self._quantile_q(q_node, node)
+                Kind.QUANTILE, self._numeric_column(arg, node, "a quantile"), self._quantile_q(q_node, node)
             )
         raise reject(
             f"aggregate {func_name(node).upper()}() is not supported",
@@ -295,9 +313,9 @@ class _Planner:
         if type(inner).__name__ not in {"PercentileCont", "PercentileDisc"} or not isinstance(order, exp.Order):
             raise reject("unsupported WITHIN GROUP aggregate", "unsupported_aggregate", node, self.sql)
         col = self._numeric_column(order.expressions[0].this, node, "PERCENTILE_CONT")
-        return self._register("quantile", col, self._quantile_q(inner.this, node))
+        return self._register(Kind.QUANTILE, col, self._quantile_q(inner.this, node))
 
-    def _register(self, kind: str, column: str, q: float = 0.0) -> Aggregate:
+    def _register(self, kind: Kind, column: str, q: float = 0.0) -> Aggregate:
         key = (kind, column, q)
         if key not in self.aggregates:
             self.aggregates[key] = Aggregate(f"a{len(self.aggregates)}", kind, column, q)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from sqlglot import exp
 
-from gateway.sql.plan import Aggregate, Measurement, Plan
+from gateway.sql.plan import Aggregate, Kind, Measurement, Plan
 from policies import mechanisms as mech
 from policies import sensitivity as sens
 from policies.accountant import (
@@ -24,7 +24,7 @@ from policies.accountant import (
 )
 from policies.errors import InvalidRequest
 
-_COUNT_KINDS = {"count_star", "count", "count_distinct_unit"}
+_COUNT_KINDS = {Kind.COUNT_STAR, Kind.COUNT, Kind.COUNT_DISTINCT_UNIT}
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class Pricing:
     alpha: float
 
     def scale(self, m: Measurement) -> float:
-        if m.kind == "quantile":
+        if m.kind == Kind.QUANTILE:
             return 2 * self.d_in[m] / self.epsilon_per_measurement
         return self.d_in[m] / self.epsilon_per_measurement
 
@@ -52,24 +52,24 @@ def _d_in(plan: Plan, m: Measurement) -> int:
     k = plan.policy.max_rows_per_unit
     grouped = bool(plan.keys)
     match m.kind:
-        case "count_star" | "count":
+        case Kind.COUNT_STAR | Kind.COUNT:
             return sens.count_sensitivity(k)
-        case "count_distinct_unit":
+        case Kind.COUNT_DISTINCT_UNIT:
             return sens.distinct_unit_sensitivity(k, grouped)
-        case "sum":
+        case Kind.SUM:
             return sens.sum_sensitivity(k, plan.policy.columns[m.column])
-        case "sumsq":
+        case Kind.SUMSQ:
             return sens.sum_of_squares_sensitivity(k, plan.policy.columns[m.column])
-        case "quantile":
+        case Kind.QUANTILE:
             return sens.quantile_sensitivity(k, m.q)
     raise AssertionError(m.kind)
 
 
 def measurement_unit(plan: Plan, m: Measurement) -> float:
     """Value of one integer unit of a measurement (fixed-point sums) in the column's own unit."""
-    if m.kind == "sum":
+    if m.kind == Kind.SUM:
         return plan.policy.columns[m.column].fx_unit
-    if m.kind == "sumsq":
+    if m.kind == Kind.SUMSQ:
         return plan.policy.columns[m.column].fx2_unit
     return 1.0
 
@@ -103,7 +103,7 @@ def price(
     else:
         name, target = _accuracy_target(plan, accuracy)  # type: ignore[arg-type]
         agg = single_aggregate(plan, name)
-        if agg is None or agg.kind not in _COUNT_KINDS | {"sum"}:
+        if agg is None or agg.kind not in _COUNT_KINDS | {Kind.SUM}:
             raise InvalidRequest(
                 f"an accuracy target can be set for a COUNT or SUM output column; {name!r} is not one. "
                 "Give epsilon instead, or use a dry run to see the accuracy an epsilon buys"
@@ -159,7 +159,7 @@ def dry_run_accuracy(plan: Plan, pricing: Pricing) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     for name in plan.output_names:
         agg = single_aggregate(plan, name)
-        if agg is not None and agg.kind in _COUNT_KINDS | {"sum"}:
+        if agg is not None and agg.kind in _COUNT_KINDS | {Kind.SUM}:
             (m,) = agg.measurements
             out[name] = pricing.half_width(m, pricing.alpha) * measurement_unit(plan, m)
         else:

@@ -16,7 +16,7 @@ from sqlglot import exp
 from gateway.engines.base import Engine, EngineError
 from gateway.engines.public import PublicError, public_rows
 from gateway.sql import compile as comp
-from gateway.sql.plan import Aggregate, Measurement, Plan
+from gateway.sql.plan import Aggregate, Kind, Measurement, Plan
 from gateway.sql.price import _COUNT_KINDS, Pricing, measurement_unit
 from policies import mechanisms as mech
 from policies.errors import InvalidRequest, QueryRejected
@@ -53,6 +53,14 @@ def bind_check(plan: Plan, engine: Engine) -> None:
     """Bind every statement the plan will run without reading a row (its empty form; post-processing over an
     empty released table), so that an error an engine's binder finds — which depends on the schema and the query
     only — is a 400 before the charge instead of a failure after it."""
+    if not engine.regex:
+        pattern = comp.backtracking_pattern(plan)
+        if pattern is not None:
+            raise QueryRejected(
+                f"{pattern} would run on {engine.kind.value}'s backtracking matcher, whose time depends on the rows",
+                reason="engine_unsupported",
+                hint="use LIKE 'abc%', '%abc', '%abc%' or 'abc%def', or starts_with / contains / ends_with",
+            )
     try:
         for statement in comp.statements(plan, empty=True):
             engine.check(statement)
@@ -139,7 +147,7 @@ def execute(plan: Plan, pricing: Pricing, engine: Engine, *, default_input: bool
 
     quantiles: dict[Measurement, tuple[np.ndarray, float]] = {}
     for m in plan.measurements:
-        if m.kind != "quantile":
+        if m.kind != Kind.QUANTILE:
             continue
         candidates, hist = _quantile_codes(plan, m, engine, groups, empty=default_input)
         picks = []
@@ -167,7 +175,7 @@ def _interval(
 ) -> tuple[np.ndarray, np.ndarray]:
     hw = pricing.half_width(m, alpha) * measurement_unit(plan, m)
     lo, hi = value - hw, value + hw
-    if m.kind in _COUNT_KINDS or m.kind == "sumsq":
+    if m.kind in _COUNT_KINDS or m.kind == Kind.SUMSQ:
         lo = np.maximum(lo, 0.0)
     return lo, hi
 
@@ -182,7 +190,7 @@ def _aggregate(
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Point value and interval of one aggregate per group, each measurement at level alpha_each."""
     ms = a.measurements
-    if a.kind == "quantile":
+    if a.kind == Kind.QUANTILE:
         return quantiles[ms[0]][0], None, None
     if len(ms) == 1:
         v = noisy[ms[0]]
@@ -192,9 +200,9 @@ def _aggregate(
         return v, lo, hi
     col = plan.policy.columns[a.column]
     blo, bhi = (float(b) for b in col.bounds)  # type: ignore[union-attr]
-    s, c = noisy[Measurement("sum", a.column)], noisy[Measurement("count", a.column)]
-    s_lo, s_hi = _interval(plan, pricing, Measurement("sum", a.column), s, alpha_each)
-    c_lo, c_hi = _interval(plan, pricing, Measurement("count", a.column), c, alpha_each)
+    s, c = noisy[Measurement(Kind.SUM, a.column)], noisy[Measurement(Kind.COUNT, a.column)]
+    s_lo, s_hi = _interval(plan, pricing, Measurement(Kind.SUM, a.column), s, alpha_each)
+    c_lo, c_hi = _interval(plan, pricing, Measurement(Kind.COUNT, a.column), c, alpha_each)
     c_pos = np.maximum(c, 1.0)
     c_lo1, c_hi1 = np.maximum(c_lo, 1.0), np.maximum(c_hi, 1.0)
     # With (noisily) no rows the mean is undefined: report none rather than an arbitrary bound.
@@ -202,20 +210,20 @@ def _aggregate(
     corners = np.stack([s_lo / c_lo1, s_lo / c_hi1, s_hi / c_lo1, s_hi / c_hi1])
     m_lo = np.clip(corners.min(axis=0), blo, bhi)
     m_hi = np.clip(corners.max(axis=0), blo, bhi)
-    if a.kind == "avg":
+    if a.kind == Kind.AVG:
         return mean, m_lo, m_hi
-    ss = noisy[Measurement("sumsq", a.column)]
-    ss_lo, ss_hi = _interval(plan, pricing, Measurement("sumsq", a.column), ss, alpha_each)
+    ss = noisy[Measurement(Kind.SUMSQ, a.column)]
+    ss_lo, ss_hi = _interval(plan, pricing, Measurement(Kind.SUMSQ, a.column), ss, alpha_each)
     var_max = (bhi - blo) ** 2 / 4
     var_pop = np.where(c >= 1.0, np.clip(ss / c_pos - mean**2, 0.0, var_max), np.nan)
     sq_lo = np.where((m_lo <= 0) & (m_hi >= 0), 0.0, np.minimum(m_lo**2, m_hi**2))
     sq_hi = np.maximum(m_lo**2, m_hi**2)
     v_lo = np.clip(ss_lo / c_hi1 - sq_hi, 0.0, var_max)
     v_hi = np.clip(ss_hi / c_lo1 - sq_lo, 0.0, var_max)
-    if a.kind in {"var", "std"}:
+    if a.kind in {Kind.VAR, Kind.STD}:
         corr = np.where(c_pos > 1.5, c_pos / np.maximum(c_pos - 1, 1.0), 1.0)
         var_pop, v_lo, v_hi = np.minimum(var_pop * corr, var_max), v_lo, np.minimum(v_hi * corr, var_max)
-    if a.kind in {"std", "std_pop"}:
+    if a.kind in {Kind.STD, Kind.STD_POP}:
         return np.sqrt(var_pop), np.sqrt(v_lo), np.sqrt(v_hi)
     return var_pop, v_lo, v_hi
 
@@ -291,7 +299,7 @@ def _post_process(
     for e in plan.output_exprs:
         used = [by_alias[c.name] for c in e.find_all(exp.Column) if c.name in by_alias]
         ms = {m for a in used for m in a.measurements}
-        if not used or any(m.kind == "quantile" for m in ms):
+        if not used or any(m.kind == Kind.QUANTILE for m in ms):
             col_intervals.append(None)
             continue
         alpha_each = alpha / len(ms)
@@ -329,7 +337,7 @@ def _post_process(
             "epsilon": pricing.epsilon_per_measurement,
             "sensitivity": pricing.d_in[m],
         }
-        if m.kind == "quantile":
+        if m.kind == Kind.QUANTILE:
             entry["rank_error"] = mech.quantile_rank_error(
                 pricing.scale(m),
                 len(comp.quantile_grid(plan, m)),
@@ -339,7 +347,7 @@ def _post_process(
         else:
             entry["half_width"] = pricing.half_width(m, alpha) * measurement_unit(plan, m)
         measurements.append(entry)
-    if any(m.kind == "quantile" for m in plan.measurements):
+    if any(m.kind == Kind.QUANTILE for m in plan.measurements):
         notes.append(
             "quantiles are chosen from a public grid by OpenDP's report-noisy-max; their accuracy is a "
             "rank error (rows) given under measurements, not a value interval"
