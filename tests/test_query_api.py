@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from gateway.http.app import QueryResponse
+from gateway.http.query import QueryResponse
 from tests.conftest import Workspace
 
 SQL = "SELECT region, COUNT(*) AS visits, AVG(income) AS mean_income FROM visits WHERE age >= 65 GROUP BY region"

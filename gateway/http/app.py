@@ -1,103 +1,30 @@
-"""HTTP layer (FastAPI). Thin: each route parses the request, calls one Bastion method, renders the result."""
+"""HTTP layer (FastAPI): the app, its middleware and error handlers. Routes live in one module per capability
+(query, audit, lf, synth); each parses the request, calls one Bastion method, renders the result."""
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.http.audit import router as audit_router
-from gateway.http.dependencies import ERRORS, REQUEST_ID, Core, Ctx, Number
+from gateway.http.dependencies import REQUEST_ID
 from gateway.http.lf import router as lf_router
+from gateway.http.query import router as query_router
 from gateway.http.synth import router as synth_router
 from gateway.service import Bastion
 from gateway.settings import Settings
 from policies.errors import GatewayError, InvalidRequest
 
 log = logging.getLogger("bastion")
-
-
-class QueryRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    sql: str = Field(description="one aggregate SELECT over one dataset")
-    epsilon: Number | None = Field(
-        default=None, description="privacy loss to spend, 0.001 to 1000 (give this or accuracy)"
-    )
-    accuracy: Number | dict[str, Number] | None = Field(
-        default=None,
-        description="target half-width of the confidence interval of the first COUNT/SUM output column, or "
-        "{column: half-width}; Bastion derives epsilon",
-    )
-    alpha: Number | None = Field(default=None, description="1 - confidence level, in [1e-9, 1) (default 0.05)")
-    delta: Number | None = Field(default=None, description="δ for private key selection, 1e-30 to 0.1")
-    dry_run: bool = Field(default=False, description="report cost and accuracy without spending")
-
-
-class Budget(BaseModel):
-    dataset: str
-    spent: dict[str, float]
-    limit: dict[str, float]
-    remaining: dict[str, float]
-
-
-class QueryResponse(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    query_id: str
-    dataset: str
-    columns: list[str]
-    rows: list[list[Any]] | None = None
-    intervals: list[list[list[float] | None]] | None = Field(
-        default=None, description="per cell [low, high] at confidence 1-alpha, null for exact or keys"
-    )
-    alpha: float
-    epsilon: float = Field(description="cost of this query")
-    delta: float
-    epsilon_spent: float = Field(description="what this request actually spent (0 when cached or dry run)")
-    delta_spent: float
-    cached: bool
-    dry_run: bool
-    budget: Budget
-    accuracy: dict[str, float | None] | None = None
-    measurements: list[dict[str, Any]] = []
-    notes: list[str] = []
-
-
-router = APIRouter(prefix="/v1", responses=ERRORS)
-
-
-@router.get("/datasets", summary="Datasets you may use, with their public schema (never a count)")
-def list_datasets(ctx: Ctx, bastion: Core) -> list[dict[str, Any]]:
-    return bastion.datasets(ctx)
-
-
-@router.post("/query", response_model=QueryResponse, summary="Differentially private answer to one SQL query")
-def run_query(body: QueryRequest, ctx: Ctx, bastion: Core) -> Response:
-    answer = bastion.query(
-        ctx,
-        body.sql,
-        epsilon=body.epsilon,
-        accuracy=body.accuracy,
-        alpha=body.alpha,
-        delta=body.delta,
-        dry_run=body.dry_run,
-    )
-    # The answer is built by Bastion in the documented shape; encode it directly instead of re-validating it.
-    return Response(json.dumps(answer, separators=(",", ":"), allow_nan=False), media_type="application/json")
-
-
-@router.get("/budget", response_model=list[Budget], summary="Your spend and remaining budget per dataset")
-def budget(ctx: Ctx, bastion: Core) -> list[dict[str, Any]]:
-    return bastion.budgets(ctx)
 
 
 class RequestIds:
@@ -178,7 +105,7 @@ def create_app(settings: Settings, bastion: Bastion | None = None) -> FastAPI:
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    for r in (router, synth_router, lf_router, audit_router):
+    for r in (query_router, synth_router, lf_router, audit_router):
         app.include_router(r)
 
     def openapi() -> dict[str, Any]:
