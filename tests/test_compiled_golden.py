@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from gateway.demo import POLICY_YAML
+from gateway.engines.duckdb import DuckDBEngine
 from gateway.sql import compile as comp
 from gateway.sql.plan import plan_query
 from policies.errors import DatasetNotFound
@@ -80,3 +81,18 @@ def test_compiled_statements_read_only_the_bounded_table(sql: str) -> None:
         for text in generate(sql)[dialect]:
             tables = {t.name for t in sqlglot.parse_one(text, read=dialect).find_all(exp.Table) if t.name}
             assert tables <= {"bounded_visits", "g"}, (dialect, tables)
+
+
+@pytest.mark.parametrize("sql", [*QUERIES, "SELECT diagnosis, region, AVG(age) FROM visits GROUP BY 1, 2"])
+def test_the_empty_result_is_what_the_engine_returns_on_no_rows(sql: str, workspace: Any) -> None:
+    """The fallback release reads rows computed from the plan alone; they are the engine's own over no rows."""
+    plan = plan_query(sql, _resolve)
+    engine = DuckDBEngine(workspace.settings.database, workspace.settings.bounding_key)
+    try:
+        got = sorted(engine.rows(comp.measurement_query(plan, empty=True)), key=repr)
+        assert got == sorted(comp.empty_result(plan), key=repr)
+        for m in plan.measurements:
+            if m.kind == "quantile":
+                assert engine.rows(comp.quantile_query(plan, m, empty=True)) == []
+    finally:
+        engine.close()

@@ -166,6 +166,18 @@ def measurement_query(plan: Plan, *, empty: bool = False) -> exp.Query:
     return exp.union(real, pads, distinct=False).with_("g", as_=query)
 
 
+def empty_result(plan: Plan) -> list[tuple[object, ...]]:
+    """The rows `measurement_query` returns over an empty table, known from the plan alone: one row of zeros
+    without keys, none with keys, plus the padding where keys are selected. The fallback release reads these, so
+    it needs no engine at all (it must answer when the engine is what failed)."""
+    width = len(measures(plan))
+    rows: list[tuple[object, ...]] = [] if plan.keys else [(0,) * width]
+    if plan.needs_key_selection:
+        nulls = (None,) * len(plan.keys)
+        rows += [(*nulls, *(0,) * width, i) for i in range(int(plan.policy.key_candidates))]
+    return rows
+
+
 def quantile_grid(plan: Plan, m: Measurement) -> list[float]:
     col = plan.policy.columns[m.column]
     assert col.bounds is not None, "the planner allows quantiles of bounded columns only"

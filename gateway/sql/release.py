@@ -95,7 +95,7 @@ def _quantile_codes(
     n_codes = 2 * len(candidates) + 1
     hist = {g: np.zeros(n_codes, dtype=np.int64) for g in groups}
     nk = len(plan.keys)
-    for row in engine.rows(comp.quantile_query(plan, m, empty=empty)):
+    for row in [] if empty else engine.rows(comp.quantile_query(plan, m)):  # an empty table has no codes
         g = _group(plan, row[:nk])
         if g in hist and row[nk] is not None:  # a NULL value has no code (and is filtered out of the count)
             c = min(max(int(row[nk]), 0), n_codes - 1)
@@ -105,15 +105,16 @@ def _quantile_codes(
 
 def execute(plan: Plan, pricing: Pricing, engine: Engine, *, default_input: bool = False) -> Release:
     """Measure the plan on the pre-bounded table and release it. With `default_input`, the same mechanisms run
-    on an empty input instead (no row is read): the fallback that keeps an answer's status and shape independent
-    of the data when the real run fails after the charge."""
+    on an empty input instead (no row is read, and the engine is not asked at all): the fallback that keeps an
+    answer's status and shape independent of the data when the real run fails after the charge."""
     notes: list[str] = []
     plain = comp.plain_measurements(plan)
     nk = len(plan.keys)
     exact: dict[tuple[Any, ...], tuple[int, ...]] = {}
     selecting = plan.needs_key_selection
     width = nk + len(plain) + 1
-    for row in engine.rows(comp.measurement_query(plan, empty=default_input)):
+    rows = comp.empty_result(plan) if default_input else engine.rows(comp.measurement_query(plan))
+    for row in rows:
         key = (_PADDED, row[width]) if selecting and row[width] >= 0 else _group(plan, row[:nk])
         exact[key] = tuple(int(v) for v in row[nk:width])
     if not plan.keys and () not in exact:
