@@ -37,7 +37,7 @@ from audit.checkpoint import Checkpoint, last_valid, latest
 from audit.checkpoint import export as export_checkpoint
 from audit.errors import AuditError, AuditKeyError, AuditRecordError, AuditWriteError
 from audit.merkle import Frontier, leaf_hash
-from audit.record import GENESIS, canonical, parse_time, prepare, seal, utc_now
+from audit.record import GENESIS, Event, canonical, parse_time, prepare, seal, utc_now
 from audit.verify import verify_log
 
 __all__ = ["AuditLog", "AuditWriteError", "AuditRecordError", "canonical"]
@@ -175,7 +175,7 @@ class AuditLog:
                 [
                     prepare(
                         {
-                            "event": "key_rotated",
+                            "event": Event.KEY_ROTATED,
                             "actor": actor or SYSTEM_ACTOR,
                             "decision": "allowed",
                             "reason": "ok",
@@ -443,7 +443,7 @@ class AuditLog:
             [
                 prepare(
                     {
-                        "event": "log_repaired",
+                        "event": Event.LOG_REPAIRED,
                         "actor": SYSTEM_ACTOR,
                         "decision": "allowed",
                         "reason": "torn_final_record",

@@ -21,6 +21,29 @@ RESERVED = frozenset({"schema_version", "seq", "time", "prev_hash"})
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
+class Event(enum.StrEnum):
+    """The event names records carry: one per privileged action, allowed or denied."""
+
+    QUERY = "query"
+    SYNTH = "synth"
+    SYNTH_APPROVED = "synth_approved"
+    SYNTH_ACCESS = "synth_access"
+    SYNTH_DOWNLOAD = "synth_download"
+    SYNTH_REPORT = "synth_report"
+    LF_STATS = "lf_stats"
+    AUDIT_READ = "audit_read"
+    AUTHENTICATION = "authentication"
+    ORPHAN_CHARGE = "orphan_charge"
+    LEDGER_RECONCILED = "ledger_reconciled"
+    DATASET_REGISTERED = "dataset_registered"
+    TOKEN_CREATED = "token_created"
+    KEY_GENERATED = "key_generated"
+    KEY_ROTATED = "key_rotated"
+    LOG_REPAIRED = "log_repaired"
+    CHECKPOINT_REQUESTED = "checkpoint_requested"
+    CHECKPOINT_EXPORTED = "checkpoint_exported"
+
+
 def utc_now() -> str:
     """The current UTC time in the fixed-width form records use (sorts lexicographically)."""
     return dt.datetime.now(dt.UTC).strftime(TIME_FORMAT)

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from audit import report
 from audit.log import AuditLog, AuditWriteError
-from audit.record import parse_time
+from audit.record import Event, parse_time
 from gateway.engines import open_engine
 from gateway.settings import Settings
 from gateway.sql.plan import Plan, plan_query
@@ -67,7 +67,7 @@ def digest(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-ORPHAN_CHARGE = "orphan_charge"
+ORPHAN_CHARGE = Event.ORPHAN_CHARGE
 Expected = dict[tuple[str, str], tuple[int, int]]  # (principal, dataset) → (ε units, δ units)
 
 
@@ -337,7 +337,7 @@ class Bastion:
             summary.setdefault((c.principal, c.dataset), []).append(c)
         self.audit(
             None,
-            "ledger_reconciled",
+            Event.LEDGER_RECONCILED,
             decision="allowed",
             reason="ok",
             request={"ledger": str(self.settings.ledger)},
@@ -668,7 +668,7 @@ class Bastion:
         return self.run_private(
             ctx,
             policy=policy,
-            event="query",
+            event=Event.QUERY,
             request=request,
             cost=pricing.cost,
             key=key,
@@ -702,9 +702,9 @@ class Bastion:
         refusal recorded). If the record cannot be written the read is refused too (AuditUnavailable)."""
         fields = {"request": {"action": action, **{k: v for k, v in request.items() if v is not None}}}
         if ctx.principal.role != "auditor":
-            self.audit(ctx, "audit_read", decision="denied", reason="forbidden", **fields)
+            self.audit(ctx, Event.AUDIT_READ, decision="denied", reason="forbidden", **fields)
             raise Forbidden(f"reading the audit log needs role auditor; you are {ctx.principal.role!r}")
-        self.audit(ctx, "audit_read", decision="allowed", reason="ok", **fields)
+        self.audit(ctx, Event.AUDIT_READ, decision="allowed", reason="ok", **fields)
 
     def budget_caps(self) -> dict[str, dict[str, Any]]:
         """Each dataset's total budget with its per-principal cap, as `audit.report.privacy_spend` takes them."""

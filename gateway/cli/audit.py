@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from audit.record import Event
 from gateway.cli.terminal import Workspace, console, err, fail
 from gateway.settings import Settings
 
@@ -117,7 +118,7 @@ def keygen(workspace: Workspace = None) -> None:
         key_id = keys.keygen(settings.keys_dir)
     except FileExistsError:
         fail(f"{settings.keys_dir} already has a signing key; use 'bastion audit rotate-key' to replace it")
-    _record(_log(settings), "key_generated", key_id=key_id)
+    _record(_log(settings), Event.KEY_GENERATED, key_id=key_id)
     console.print(f"signing key {key_id} created in {settings.keys_dir}", highlight=False)
 
 
@@ -144,7 +145,7 @@ def checkpoint(workspace: Workspace = None) -> None:
 
     settings = _settings(workspace)
     log = _log(settings)
-    _record(log, "checkpoint_requested")
+    _record(log, Event.CHECKPOINT_REQUESTED)
     try:
         cp = log.checkpoint()
     except AuditError as exc:
@@ -171,7 +172,7 @@ def export_checkpoint(
     if target == ws or ws in target.parents:
         fail(f"{dest} is inside the workspace {settings.workspace}; keep the anchor elsewhere")
     log = _log(settings)
-    _record(log, "checkpoint_exported", request={"dest": str(target)})
+    _record(log, Event.CHECKPOINT_EXPORTED, request={"dest": str(target)})
     try:
         written = log.export_checkpoint(target)
     except AuditError as exc:

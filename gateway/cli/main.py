@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from audit.record import Event
 from gateway.cli.audit import audit_app
 from gateway.cli.lf import lf_app
 from gateway.cli.synth import synth_app
@@ -76,7 +77,7 @@ def register(
             (bastion.settings.policies_dir / f"{pol.dataset}.yaml").write_text(policy.read_text())
             bastion.audit(
                 None,
-                "dataset_registered",
+                Event.DATASET_REGISTERED,
                 dataset=pol.dataset,
                 decision="allowed",
                 reason="ok",
@@ -101,7 +102,7 @@ def token_create(
         token, principal = bastion.tokens.create(name, role)
         bastion.audit(
             None,
-            "token_created",
+            Event.TOKEN_CREATED,
             decision="allowed",
             reason="ok",
             request={"name": name, "role": role, "token_id": principal.token_id},
@@ -183,7 +184,7 @@ def demo(
             (settings.policies_dir / "visits.yaml").write_text(policy_path.read_text())
             bastion.audit(
                 None,
-                "dataset_registered",
+                Event.DATASET_REGISTERED,
                 dataset="visits",
                 decision="allowed",
                 reason="ok",

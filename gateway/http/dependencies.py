@@ -16,6 +16,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
+from audit.record import Event
 from gateway.service import Bastion, Context
 from policies.errors import Unauthorized
 
@@ -75,7 +76,7 @@ def context_for(request: Request, bastion: Bastion, token: str | None) -> Contex
         extra = {"correlation_id": cid} if cid else {}
         bastion.audit(
             None,
-            "authentication",
+            Event.AUTHENTICATION,
             request={"path": request.url.path},
             decision="denied",
             reason="unauthorized",
