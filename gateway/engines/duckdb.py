@@ -28,86 +28,27 @@ import duckdb
 import pyarrow as pa
 from sqlglot import exp
 
+from gateway.engines import recipe
 from gateway.engines.base import CatalogError, EngineError, EngineKind
 from policies.errors import DatasetNotFound
-from policies.schema import NUMERIC_TYPES, Column, ColumnType, Policy, Usage, bounded_table, parse_policy
+from policies.schema import Policy, bounded_table, parse_policy
 
 _META = "__bastion_datasets"
+_BATCH = 100_000  # rows per batch of converted values streamed through the digest
+_VALUES = "__bastion_values"
 
 
-def _q(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _double(value: float) -> str:
-    """A DOUBLE literal that DuckDB reads as exactly this float (a plain decimal would be read as a DECIMAL)."""
-    text = repr(float(value))
-    return text if "e" in text else text + "e0"
-
-
-def _lit(value: Any) -> str:
-    if isinstance(value, dt.date):
-        return f"DATE '{value.isoformat()}'"
-    return _double(value)
-
-
-def _value(name: str, col: Column) -> str:
-    """The SQL of a column's bounded value from the source row: total, whatever the source type and value."""
-    src = _q(name)
-    t = col.type
-    if t in NUMERIC_TYPES:
-        number = f"TRY_CAST({src} AS DOUBLE)"
-        if col.bounds is None:  # the privacy unit, the gold column or a declared domain: kept, never summed
-            if t is ColumnType.INT:
-                return f"TRY_CAST({src} AS BIGINT)"
-            return f"CASE WHEN isnan({number}) THEN NULL ELSE {number} END"
-        lo, hi = (_double(b) for b in col.bounds)
-        # Clamp as a double (NaN is missing; ±inf and out-of-range values go to a bound), then convert: an int's
-        # bounds lie within ±2**53, so the rounded clamped value always fits a BIGINT.
-        clamped = f"LEAST(GREATEST({number}, {lo}), {hi})"
-        if t is ColumnType.INT:
-            clamped = f"TRY_CAST(ROUND({clamped}) AS BIGINT)"
-        # DuckDB's GREATEST/LEAST skip NULLs: keep a missing value missing instead of clamping it to a bound.
-        return f"CASE WHEN {number} IS NULL OR isnan({number}) THEN NULL ELSE {clamped} END"
-    if t is ColumnType.DATE:
-        day = f"TRY_CAST({src} AS DATE)"
-        if col.bounds is None:
-            return day
-        lo, hi = (_lit(b) for b in col.bounds)
-        return f"CASE WHEN {day} IS NULL THEN NULL ELSE LEAST(GREATEST({day}, {lo}), {hi}) END"
-    if t is ColumnType.BOOL:
-        return f"TRY_CAST({src} AS BOOLEAN)"
-    text = f"TRY_CAST({src} AS VARCHAR)"
-    return text if col.max_length is None else f"left({text}, {int(col.max_length)})"
-
-
-def _fixed_point(name: str, col: Column) -> list[str]:
-    """Fixed-point integer copies of a clamped numeric column for exact sums and sums of squares.
-
-    |value| <= max_abs, fx_unit >= max_abs / 2**31 and fx2_unit >= max_abs**2 / 2**31 (squared in DOUBLE, finite as
-    |bounds| <= 1e150), so both fit a BIGINT; TRY_CAST keeps the expressions total regardless."""
-    value = f"CAST({_q(name)} AS DOUBLE)"
-    return [
-        f"TRY_CAST(ROUND({value} / {_double(col.fx_unit)}) AS BIGINT) AS {_q('__fx_' + name)}",
-        f"TRY_CAST(ROUND({value} * {value} / {_double(col.fx2_unit)}) AS BIGINT) AS {_q('__fx2_' + name)}",
-    ]
-
-
-def _outputs(name: str, col: Column) -> list[str]:
-    """The bounded table's columns for one policy column."""
-    summed = col.type in NUMERIC_TYPES and col.bounds is not None
-    return [_q(name), *(_fixed_point(name, col) if summed else [])]
-
-
-def _reader(source: Path) -> str:
+def _reader(source: Path) -> exp.Expr:
+    """The source as a table function tree."""
     suffix = "".join(source.suffixes).lower()
-    path = str(source).replace("'", "''")
+    path = exp.Literal.string(str(source))
     if suffix.endswith(".parquet"):
-        return f"read_parquet('{path}')"
+        return exp.Table(this=exp.Anonymous(this="read_parquet", expressions=[path]))
     if suffix.endswith((".csv", ".csv.gz", ".tsv")):
         # Every field as text, converted by the policy's types: no value can fail the read, and a row's values do
         # not depend on the types DuckDB would infer from the other rows.
-        return f"read_csv('{path}', header=true, auto_detect=true, all_varchar=true)"
+        options = [exp.EQ(this=exp.column(o), expression=exp.true()) for o in ("header", "auto_detect", "all_varchar")]
+        return exp.Table(this=exp.Anonymous(this="read_csv", expressions=[path, *options]))
     raise CatalogError(f"unsupported source format {source.name!r}: use Parquet or CSV")
 
 
@@ -133,36 +74,18 @@ def _without_type_pushdown(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
         con.execute("SET disabled_optimizers = ?", [",".join(disabled)])
 
 
-def _bounded_query(policy: Policy, keep: list[str], reader: str, key: str) -> tuple[str, list[str] | None]:
-    """The SELECT that builds the pre-bounded table, and its parameters (the bounding key is one, never SQL text).
-
-    Each unit keeps the k rows whose keyed SHA-256 of the JSON list of the row's converted values (the unit among
-    them) is lowest. Rows that tie are identical in every kept column, so which of them is taken does not matter."""
-    cols = policy.columns
-    values = ", ".join(f"{_value(name, cols[name])} AS {_q(name)}" for name in keep)
-    outputs = ", ".join(out for name in keep for out in _outputs(name, cols[name]))
-    unit = policy.unit_column
-    if unit is None:
-        return f"WITH vals AS (SELECT {values} FROM {reader}) SELECT {outputs} FROM vals", None
-    row = f"to_json(list_value({', '.join(f'CAST({_q(name)} AS VARCHAR)' for name in keep)}))"
-    body = (
-        f"WITH vals AS (SELECT {values} FROM {reader}), "
-        f"ranked AS (SELECT *, row_number() OVER (PARTITION BY {_q(unit)} ORDER BY sha256(? || '/' || {row})) "
-        f"AS __take FROM vals) "
-        f"SELECT {outputs} FROM ranked WHERE __take <= {policy.max_rows_per_unit}"
-    )
-    return body, [key]
-
-
-def _diagnose(con: duckdb.DuckDBPyConnection, policy: Policy, keep: list[str], reader: str, exc: Exception) -> str:
+def _diagnose(con: duckdb.DuckDBPyConnection, policy: Policy, reader: exp.Expr, exc: Exception) -> str:
     """Say which column could not be read or converted, if one fails on its own; else what DuckDB said."""
-    for name in keep:
+    for name in recipe.kept_columns(policy):
         for expr, failure in (
-            (_q(name), f"cannot read column {name!r} of the source"),
-            (_value(name, policy.columns[name]), f"column {name!r} cannot be converted to {policy.columns[name].type}"),
+            (exp.column(name, quoted=True), f"cannot read column {name!r} of the source"),
+            (
+                recipe.converted(name, policy.columns[name]),
+                f"column {name!r} cannot be converted to {policy.columns[name].type}",
+            ),
         ):
             try:
-                con.execute(f"SELECT count({expr}) FROM {reader}").fetchall()
+                con.execute(exp.select(exp.Count(this=expr)).from_(reader.copy()).sql(dialect="duckdb")).fetchall()
             except duckdb.Error as col_exc:
                 return f"{failure}: {_first_line(col_exc)}"
     return f"cannot build the bounded table: {_first_line(exc)}"
@@ -203,14 +126,6 @@ class DuckDBEngine:
                 self._con.close()
                 self._con = None
 
-    def _bounding_key(self) -> str:
-        if not self.key_path.exists():
-            self.key_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(self.key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(32))
-        return self.key_path.read_text().strip()
-
     # --- registration -------------------------------------------------------------------------------------
 
     def register(self, policy: Policy, source: str | Path) -> str:
@@ -227,31 +142,37 @@ class DuckDBEngine:
     def _register(self, con: duckdb.DuckDBPyConnection, policy: Policy, src: Path) -> str:
         reader = _reader(src)
         try:
-            available = {r[0].lower() for r in con.execute(f"DESCRIBE SELECT * FROM {reader}").fetchall()}
+            described = con.execute(f"DESCRIBE {exp.select(exp.Star()).from_(reader.copy()).sql(dialect='duckdb')}")
+            available = {r[0].lower() for r in described.fetchall()}
         except duckdb.Error as exc:
             raise CatalogError(f"cannot read {src.name}: {_first_line(exc)}") from None
         missing = [c for c in policy.columns if c not in available]
         if missing:
             raise CatalogError(f"the source has no column(s) {missing} declared in the policy")
-        keep = [
-            name
-            for name, col in policy.columns.items()
-            if col.usage is not Usage.HIDDEN
-            or (policy.labels is not None and policy.labels.gold_column == name)
-            or name == policy.privacy_unit
-        ]
-        table = bounded_table(policy.dataset)
-        body, params = _bounded_query(policy, keep, reader, self._bounding_key())
+        table = exp.table_(bounded_table(policy.dataset), quoted=True)
+        # One cursor streams the converted values; the writer digests them batch by batch (recipe.with_digests)
+        # and builds the table and its metadata row in one transaction.
+        writer = con.cursor()
         try:
-            con.execute("BEGIN TRANSACTION")
-            con.execute(f"CREATE OR REPLACE TABLE {_q(table)} AS {body}", params)
-            version = self._record(con, policy, src)
-            con.execute("COMMIT")
+            source: exp.Expr = exp.Subquery(this=recipe.values_query(policy, reader))
+            if policy.unit_column is not None:
+                stream = con.sql(recipe.values_query(policy, reader).sql(dialect="duckdb")).to_arrow_reader(_BATCH)
+                assert stream is not None, "a SELECT always has a result"
+                key = recipe.bounding_key(self.key_path)
+                writer.register(_VALUES, recipe.with_digests(key, stream, stream.schema, recipe.kept_columns(policy)))
+                source = exp.table_(_VALUES, quoted=True)
+            built = recipe.ranked_query(policy, source)
+            writer.execute("BEGIN TRANSACTION")
+            writer.execute(exp.Create(this=table, kind="TABLE", replace=True, expression=built).sql(dialect="duckdb"))
+            version = self._record(writer, policy, src)
+            writer.execute("COMMIT")
         except duckdb.Error as exc:
-            con.execute("ROLLBACK")
-            raise CatalogError(
-                f"registering {policy.dataset!r} failed: {_diagnose(con, policy, keep, reader, exc)}"
-            ) from None
+            with contextlib.suppress(duckdb.Error):
+                writer.execute("ROLLBACK")
+            failure = _diagnose(con, policy, reader, exc)
+            raise CatalogError(f"registering {policy.dataset!r} failed: {failure}") from None
+        finally:
+            writer.close()
         self._policies.pop(policy.dataset, None)
         return version
 

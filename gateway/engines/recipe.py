@@ -1,0 +1,195 @@
+"""The bounded-table recipe every engine follows, as sqlglot trees and one Python digest (no engine import).
+
+Registering a dataset converts every kept source value to its policy type by total expressions (numbers and
+dates clamped to the policy's bounds, text and categories cut to their `max_length`, unreadable values missing),
+adds fixed-point integer copies (`__fx_<col>`, `__fx2_<col>` for squares) for exact sums, and keeps at most
+`max_rows_per_unit` rows per privacy unit: those whose keyed digest (HMAC-SHA256 with the workspace's secret key)
+of the row's converted values ranks lowest within the unit. So the kept rows of a unit depend on the key and that
+unit's rows only: the bounded tables of two neighbouring datasets differ in the rows of the unit that differs, and
+not at all with the order of the rows.
+
+The digest is computed here, in Python, over the converted values as the engine returns them in Arrow: the same
+bytes on every engine (so DuckDB and Spark keep exactly the same rows), and the key never appears in SQL text, a
+plan, a log line or a UI, since it is never handed to an engine at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import hmac
+import os
+import secrets
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from sqlglot import exp
+
+from policies.schema import NUMERIC_TYPES, Column, ColumnType, Policy, Usage
+
+DIGEST = "__digest"  # the column the digest is computed into, never kept
+TAKE = "__take"  # the row's rank within its unit
+
+
+def _col(name: str) -> exp.Column:
+    return exp.column(name, quoted=True)
+
+
+def _cast(node: exp.Expr, to: str, *, try_: bool = False) -> exp.Expr:
+    cls = exp.TryCast if try_ else exp.Cast
+    return cls(this=node, to=exp.DataType.build(to))
+
+
+def _double(value: float) -> exp.Expr:
+    """A DOUBLE literal every engine reads as exactly this float (a plain decimal would be a DECIMAL in DuckDB)."""
+    return _cast(exp.Literal.number(repr(float(value))), "DOUBLE")
+
+
+def _literal(value: Any) -> exp.Expr:
+    if isinstance(value, dt.date):
+        return _cast(exp.Literal.string(value.isoformat()), "DATE")
+    return _double(value)
+
+
+def _null_if(condition: exp.Expr, value: exp.Expr) -> exp.Expr:
+    return exp.Case(ifs=[exp.If(this=condition, true=exp.Null())], default=value)
+
+
+def _clamp(value: exp.Expr, lo: exp.Expr, hi: exp.Expr) -> exp.Expr:
+    return exp.Least(this=exp.Greatest(this=value, expressions=[lo]), expressions=[hi])
+
+
+def bounding_key(path: Path) -> bytes:
+    """The workspace's secret bounding key (created on first use, readable by its owner only)."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with contextlib.suppress(FileExistsError):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+    return bytes.fromhex(path.read_text().strip())
+
+
+def kept_columns(policy: Policy) -> list[str]:
+    """The policy columns the bounded table keeps: all but hidden ones, except the unit and the gold column."""
+    gold = policy.labels.gold_column if policy.labels is not None else None
+    return [
+        name
+        for name, col in policy.columns.items()
+        if col.usage is not Usage.HIDDEN or name == gold or name == policy.privacy_unit
+    ]
+
+
+def converted(name: str, col: Column) -> exp.Expr:
+    """A column's bounded value from the source row: total, whatever the source type and value."""
+    src = _col(name)
+    t = col.type
+    if t in NUMERIC_TYPES:
+        number = _cast(src.copy(), "DOUBLE", try_=True)
+        missing = exp.Or(
+            this=exp.Is(this=number.copy(), expression=exp.Null()), expression=exp.IsNan(this=number.copy())
+        )
+        if col.bounds is None:  # the privacy unit, the gold column or a declared domain: kept, never summed
+            if t is ColumnType.INT:
+                return _cast(src, "BIGINT", try_=True)
+            return _null_if(missing, number)
+        lo, hi = (_double(b) for b in col.bounds)
+        # Clamp as a double (NaN is missing; ±inf and out-of-range values go to a bound), then convert: an int's
+        # bounds lie within ±2**53, so the rounded clamped value always fits a BIGINT.
+        clamped = _clamp(number.copy(), lo, hi)
+        if t is ColumnType.INT:
+            clamped = _cast(exp.Round(this=clamped), "BIGINT", try_=True)
+        return _null_if(missing, clamped)
+    if t is ColumnType.DATE:
+        day = _cast(src, "DATE", try_=True)
+        if col.bounds is None:
+            return day
+        lo, hi = (_literal(b) for b in col.bounds)
+        return _null_if(exp.Is(this=day.copy(), expression=exp.Null()), _clamp(day.copy(), lo, hi))
+    if t is ColumnType.BOOL:
+        return _cast(src, "BOOLEAN", try_=True)
+    text = _cast(src, "VARCHAR", try_=True)
+    if col.max_length is None:
+        return text
+    return exp.Left(this=text, expression=exp.Literal.number(int(col.max_length)))
+
+
+def summed(col: Column) -> bool:
+    return col.type in NUMERIC_TYPES and col.bounds is not None
+
+
+def outputs(name: str, col: Column) -> list[exp.Expr]:
+    """The bounded table's columns for one policy column, over its converted value: the value, and for a summed
+    column its fixed-point copies. |value| <= max_abs, fx_unit >= max_abs / 2**31 and fx2_unit >= max_abs**2 / 2**31
+    (squared in DOUBLE, finite as |bounds| <= 1e150), so both fit a BIGINT; TRY_CAST keeps them total regardless."""
+    out: list[exp.Expr] = [exp.alias_(_col(name), name, quoted=True)]
+    if summed(col):
+        value = _cast(_col(name), "DOUBLE")
+        fx = exp.Div(this=value, expression=_double(col.fx_unit))
+        fx2 = exp.Div(this=exp.Mul(this=value.copy(), expression=value.copy()), expression=_double(col.fx2_unit))
+        out.append(exp.alias_(_cast(exp.Round(this=fx), "BIGINT", try_=True), f"__fx_{name}", quoted=True))
+        out.append(exp.alias_(_cast(exp.Round(this=fx2), "BIGINT", try_=True), f"__fx2_{name}", quoted=True))
+    return out
+
+
+def values_query(policy: Policy, source: exp.Expr) -> exp.Select:
+    """SELECT the converted kept values FROM the source (a table or table function tree)."""
+    cols = policy.columns
+    return exp.select(*[exp.alias_(converted(n, cols[n]), n, quoted=True) for n in kept_columns(policy)]).from_(source)
+
+
+def ranked_query(policy: Policy, values: exp.Expr) -> exp.Select:
+    """Over a table of converted values with their digest: the bounded table's columns of the rows ranked within k
+    in their unit (all rows when the unit is the row)."""
+    cols = policy.columns
+    select = [out for n in kept_columns(policy) for out in outputs(n, cols[n])]
+    unit = policy.unit_column
+    if unit is None:
+        return exp.select(*select).from_(values)
+    rank = exp.Window(
+        this=exp.RowNumber(),
+        partition_by=[_col(unit)],
+        order=exp.Order(expressions=[exp.Ordered(this=_col(DIGEST))]),
+    )
+    inner = exp.select(exp.Star(), exp.alias_(rank, TAKE, quoted=True)).from_(values)
+    return (
+        exp.select(*select)
+        .from_(exp.alias_(exp.Subquery(this=inner), "ranked"))
+        .where(exp.LTE(this=_col(TAKE), expression=exp.Literal.number(int(policy.max_rows_per_unit))))
+    )
+
+
+def digests(key: bytes, batch: pa.RecordBatch, columns: list[str]) -> pa.Array:
+    """HMAC-SHA256 of each row's converted values. The hashed text is each value's Arrow text form (the same
+    function of the same typed value on every engine) prefixed by its length, a missing value as `-`, joined by
+    `|`: an injective encoding of the row, computed vectorised; only the MAC itself is per row."""
+    parts = []
+    for c in columns:
+        text = pc.cast(batch.column(c), pa.string())
+        length = pc.cast(pc.utf8_length(text), pa.string())
+        parts.append(pc.fill_null(pc.binary_join_element_wise(length, text, ":"), "-"))
+    rows = pc.binary_join_element_wise(*parts, "|") if len(parts) > 1 else parts[0]
+    mac = hmac.new(key, digestmod=hashlib.sha256)
+    out = []
+    for row in rows.to_pylist():
+        h = mac.copy()
+        h.update(row.encode("utf-8", "surrogatepass"))
+        out.append(h.digest())
+    return pa.array(out, pa.binary())
+
+
+def with_digests(
+    key: bytes, batches: Iterable[pa.RecordBatch], schema: pa.Schema, columns: list[str]
+) -> pa.RecordBatchReader:
+    """The converted values' batches with their digest column appended, streamed (never all rows at once)."""
+    out_schema = schema.append(pa.field(DIGEST, pa.binary()))
+
+    def gen() -> Iterator[pa.RecordBatch]:
+        for b in batches:
+            yield pa.RecordBatch.from_arrays([*b.columns, digests(key, b, columns)], schema=out_schema)
+
+    return pa.RecordBatchReader.from_batches(out_schema, gen())
