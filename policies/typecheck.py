@@ -151,7 +151,8 @@ def select_first(conditions: list[exp.Expr], values: list[exp.Expr]) -> exp.Expr
     flags = [exp.Coalesce(this=c, expressions=[exp.Boolean(this=False)]) for c in conditions]
     # Engine-neutral nodes: DuckDB writes [v1, ...][list_position(...)], Spark element_at(array(...), ...). The
     # position is always within the list (the last flag is TRUE), so no engine can fail on it.
-    position = exp.ArrayPosition(this=exp.Array(expressions=[*flags, exp.true()]), expression=exp.true())
+    found = exp.ArrayPosition(this=exp.Array(expressions=[*flags, exp.true()]), expression=exp.true())
+    position = exp.Cast(this=found, to=exp.DataType.build("INT"))  # Spark's element_at takes an INT index
     return exp.Bracket(this=exp.Array(expressions=list(values)), expressions=[position], offset=1, safe=False)
 
 

@@ -55,6 +55,11 @@ def _literal(value: Any) -> exp.Expr:
     return _double(value)
 
 
+def _unsigned_zero(value: exp.Expr) -> exp.Expr:
+    """value + 0.0: -0.0 becomes 0.0 (engines differ in whether LEAST/GREATEST keep the sign of a zero)."""
+    return exp.Add(this=exp.Paren(this=value), expression=_double(0.0))
+
+
 def _null_if(condition: exp.Expr, value: exp.Expr) -> exp.Expr:
     return exp.Case(ifs=[exp.If(this=condition, true=exp.Null())], default=value)
 
@@ -96,13 +101,15 @@ def converted(name: str, col: Column) -> exp.Expr:
         if col.bounds is None:  # the privacy unit, the gold column or a declared domain: kept, never summed
             if t is ColumnType.INT:
                 return _cast(src, "BIGINT", try_=True)
-            return _null_if(missing, number)
+            return _null_if(missing, _unsigned_zero(number))
         lo, hi = (_double(b) for b in col.bounds)
         # Clamp as a double (NaN is missing; ±inf and out-of-range values go to a bound), then convert: an int's
         # bounds lie within ±2**53, so the rounded clamped value always fits a BIGINT.
         clamped = _clamp(number.copy(), lo, hi)
         if t is ColumnType.INT:
             clamped = _cast(exp.Round(this=clamped), "BIGINT", try_=True)
+        else:
+            clamped = _unsigned_zero(clamped)
         return _null_if(missing, clamped)
     if t is ColumnType.DATE:
         day = _cast(src, "DATE", try_=True)
@@ -164,7 +171,8 @@ def ranked_query(policy: Policy, values: exp.Expr) -> exp.Select:
 
 
 def digests(key: bytes, batch: pa.RecordBatch, columns: list[str]) -> pa.Array:
-    """HMAC-SHA256 of each row's converted values. The hashed text is each value's Arrow text form (the same
+    """HMAC-SHA256 of each row's converted values, in hex (text sorts the same on every engine, where binary
+    order may not). The hashed text is each value's Arrow text form (the same
     function of the same typed value on every engine) prefixed by its length, a missing value as `-`, joined by
     `|`: an injective encoding of the row, computed vectorised; only the MAC itself is per row."""
     parts = []
@@ -178,15 +186,15 @@ def digests(key: bytes, batch: pa.RecordBatch, columns: list[str]) -> pa.Array:
     for row in rows.to_pylist():
         h = mac.copy()
         h.update(row.encode("utf-8", "surrogatepass"))
-        out.append(h.digest())
-    return pa.array(out, pa.binary())
+        out.append(h.hexdigest())
+    return pa.array(out, pa.string())
 
 
 def with_digests(
     key: bytes, batches: Iterable[pa.RecordBatch], schema: pa.Schema, columns: list[str]
 ) -> pa.RecordBatchReader:
     """The converted values' batches with their digest column appended, streamed (never all rows at once)."""
-    out_schema = schema.append(pa.field(DIGEST, pa.binary()))
+    out_schema = schema.append(pa.field(DIGEST, pa.string()))
 
     def gen() -> Iterator[pa.RecordBatch]:
         for b in batches:

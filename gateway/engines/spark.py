@@ -28,6 +28,7 @@ import contextlib
 import datetime as dt
 import decimal
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -80,7 +81,8 @@ def spark_session(master: str, conf: dict[str, str] | None = None) -> SparkSessi
             for name, value in settings.items():
                 builder = builder.config(name, value)
             session = builder.getOrCreate()
-            session.sparkContext.setLogLevel("ERROR")
+            session.sparkContext.setLogLevel("OFF")  # errors reach the caller as EngineError classes only
+            logging.getLogger("SQLQueryContextLogger").setLevel(logging.CRITICAL + 1)
             _sessions[key] = session
         return session
 
@@ -198,7 +200,7 @@ class SparkEngine:
             raise CatalogError(f"registering {policy.dataset!r} failed: {_first_line(exc)}") from None
 
     def _register(self, policy: Policy, src: Path) -> str:
-        from pyspark.sql.types import BinaryType, StructField, StructType
+        from pyspark.sql.types import StringType, StructField, StructType
 
         spark = self.session()
         frame = self._read(src)
@@ -219,7 +221,7 @@ class SparkEngine:
                     names = [*b.schema.names, recipe.DIGEST]
                     yield pa.RecordBatch.from_arrays([*b.columns, recipe.digests(key, b, columns)], names=names)
 
-            schema = StructType([*values.schema.fields, StructField(recipe.DIGEST, BinaryType(), False)])
+            schema = StructType([*values.schema.fields, StructField(recipe.DIGEST, StringType(), False)])
             values = values.mapInArrow(digest, schema)
         values.createOrReplaceTempView(values_view)
         bounded = spark.sql(recipe.ranked_query(policy, exp.table_(values_view, quoted=True)).sql(dialect="spark"))
