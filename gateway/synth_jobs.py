@@ -186,6 +186,7 @@ class SynthJobs:
         policy, version = self.bastion.authorize(ctx, dataset, Grant.SYNTH, request)
         non_dp = method in NON_DP_METHODS
         try:
+            self.bastion.duckdb_cursor("synthetic proxies").close()  # on another engine: refused before the charge
             if method not in METHODS:
                 raise InvalidRequest(f"unknown method {method!r}; methods are {', '.join(METHODS)}")
             if not 1 <= rows <= MAX_ROWS:
@@ -372,7 +373,7 @@ class SynthJobs:
                 model = DPCopulaModel.from_json(json.loads(model_path.read_text()))
             else:
                 allocation = allocate(policy, job["epsilon"], job["delta_requested"])
-                con = self.bastion.engine.connect()
+                con = self.bastion.duckdb_cursor("synthetic proxies")
                 try:
                     model = measure(con, table, policy, allocation, lambda f, s: progress(f, s, hi=0.3))
                 except Exception as exc:  # noqa: BLE001 - the failure must not show: measure a default input
@@ -394,7 +395,7 @@ class SynthJobs:
                         phase="measured",
                         non_dp=False,
                     )
-                    empty = self.bastion.engine.connect()
+                    empty = self.bastion.duckdb_cursor("synthetic proxies")
                     empty.execute(f'CREATE TEMP TABLE "__default_input" AS SELECT * FROM "{table}" LIMIT 0')
                     model = measure(empty, "__default_input", policy, allocation, lambda f, s: progress(f, s, hi=0.3))
                 _write_json(model_path, model.to_json())
@@ -407,7 +408,7 @@ class SynthJobs:
             job["notes"] = model.notes
         else:
             schema = proxy_schema(policy)
-            con = self.bastion.engine.connect()
+            con = self.bastion.duckdb_cursor("synthetic proxies")
             proxy, private = non_dp_proxy(
                 con, table, policy, schema, job["rows"], job["seed"], lambda f, s: progress(f, s, hi=0.8)
             )

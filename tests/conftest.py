@@ -39,8 +39,10 @@ class Workspace:
         return {"Authorization": f"Bearer {self.tokens[role]}"}
 
 
-def build_workspace(root: Path, register: list[tuple[Path, Path]], roles: dict[str, str]) -> Workspace:
-    settings = Settings(workspace=root / "ws")
+def build_workspace(
+    root: Path, register: list[tuple[Path, Path]], roles: dict[str, str], *, engine: str = "duckdb"
+) -> Workspace:
+    settings = Settings(workspace=root / "ws", engine=engine)
     settings.save()
     bastion = Bastion(settings, read_only=False)
     try:

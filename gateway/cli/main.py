@@ -18,6 +18,7 @@ from gateway.cli.audit import audit_app
 from gateway.cli.lf import lf_app
 from gateway.cli.synth import synth_app
 from gateway.cli.terminal import Token, Url, Workspace, console, fail, gateway_client
+from gateway.engines.kind import EngineKind
 from gateway.settings import Settings
 from policies.errors import GatewayError
 from policies.schema import PolicyError
@@ -41,6 +42,32 @@ def _admin(workspace: Path | None, **overrides: Any) -> Any:
     return Bastion(settings, read_only=False)
 
 
+EngineOption = Annotated[
+    EngineKind | None,
+    typer.Option("--engine", help="where the private rows live: duckdb (embedded) or spark; kept in the workspace"),
+]
+
+
+def _choose_engine(workspace: Path | None, engine: EngineKind | None) -> None:
+    """Save the engine in the workspace's settings; a workspace keeps the engine its datasets were registered on."""
+    if engine is None:
+        return
+    settings = Settings.load(workspace)
+    if settings.settings_file.exists() and settings.engine is not engine and _has_datasets(settings):
+        fail(
+            f"this workspace keeps its datasets on {settings.engine.value}; "
+            f"use another workspace (--workspace) for {engine.value}"
+        )
+    settings.engine = engine
+    settings.save()
+
+
+def _has_datasets(settings: Settings) -> bool:
+    if settings.engine is EngineKind.SPARK:
+        return (settings.warehouse / "catalog.json").exists()
+    return settings.database.exists()
+
+
 def _checked_app(settings: Settings) -> Any:
     """The app for `settings`, or a clean exit naming the problem if the ledger and the log disagree."""
     from gateway.http.app import create_app
@@ -58,11 +85,13 @@ def _checked_app(settings: Settings) -> Any:
 def register(
     policy: Annotated[Path, typer.Argument(help="policy YAML file")],
     source: Annotated[Path | None, typer.Option(help="Parquet or CSV file [default: the policy's source]")] = None,
+    engine: EngineOption = None,
     workspace: Workspace = None,
 ) -> None:
-    """Register a dataset: load its source into the private database and build the pre-bounded table."""
+    """Register a dataset: load its source into the private engine and build the pre-bounded table."""
     from policies.schema import load_policy
 
+    _choose_engine(workspace, engine)
     try:
         pol = load_policy(policy)
         src = source or (Path(pol.source) if pol.source else None)
@@ -164,15 +193,17 @@ def demo(
     port: Annotated[int, typer.Option(help="port")] = 8000,
     rows: Annotated[int, typer.Option(help="rows of the generated visits table")] = 500_000,
     serve_: Annotated[bool, typer.Option("--serve/--no-serve", help="start the gateway")] = True,
+    engine: EngineOption = None,
     workspace: Workspace = None,
 ) -> None:
     """Create (or reuse) the demo workspace here: generated hospital visits, its policy, tokens; then serve."""
     from gateway.demo import write_demo, write_examples
     from policies.schema import load_policy
 
+    _choose_engine(workspace, engine)
     settings = Settings.load(workspace, host=host, port=port)
     tokens_file = settings.workspace / "demo-tokens.json"
-    if not settings.database.exists() or not tokens_file.exists():
+    if not _has_datasets(settings) or not tokens_file.exists():
         console.print(f"creating the demo workspace in {settings.workspace} ({rows:,} visits)...")
         settings.save()
         data, policy_path = write_demo(settings.private_dir / "source", n_rows=rows)

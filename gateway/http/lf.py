@@ -92,7 +92,7 @@ def lf_stats(
             label_model=body.label_model,
             registry=registry,
         )
-        precheck(plan, bastion.engine.connect())
+        precheck(plan, bastion.duckdb_cursor("labeling functions"))
     except GatewayError as exc:
         bastion.audit(
             ctx,
@@ -107,7 +107,7 @@ def lf_stats(
     outputs = bastion.settings.outputs_dir
 
     def compute() -> dict[str, Any]:
-        return compute_lf_stats(plan, bastion.engine.connect(), limits=limits, outputs_dir=outputs)
+        return compute_lf_stats(plan, bastion.duckdb_cursor("labeling functions"), limits=limits, outputs_dir=outputs)
 
     def fallback() -> dict[str, Any]:
         return compute_lf_stats_default(plan, outputs_dir=outputs)

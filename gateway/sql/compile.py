@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from sqlglot import exp
 
@@ -166,12 +167,12 @@ def measurement_query(plan: Plan, *, empty: bool = False) -> exp.Query:
     return exp.union(real, pads, distinct=False).with_("g", as_=query)
 
 
-def empty_result(plan: Plan) -> list[tuple[object, ...]]:
+def empty_result(plan: Plan) -> list[tuple[Any, ...]]:
     """The rows `measurement_query` returns over an empty table, known from the plan alone: one row of zeros
     without keys, none with keys, plus the padding where keys are selected. The fallback release reads these, so
     it needs no engine at all (it must answer when the engine is what failed)."""
     width = len(measures(plan))
-    rows: list[tuple[object, ...]] = [] if plan.keys else [(0,) * width]
+    rows: list[tuple[Any, ...]] = [] if plan.keys else [(0,) * width]
     if plan.needs_key_selection:
         nulls = (None,) * len(plan.keys)
         rows += [(*nulls, *(0,) * width, i) for i in range(int(plan.policy.key_candidates))]
