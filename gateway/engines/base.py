@@ -18,7 +18,7 @@ from gateway.engines.kind import EngineKind
 from policies.errors import GatewayError
 from policies.schema import Policy
 
-__all__ = ["CatalogError", "Engine", "EngineError", "EngineKind", "bounded"]
+__all__ = ["CatalogError", "Engine", "EngineError", "EngineKind", "bounded", "registrable"]
 
 
 class CatalogError(GatewayError):
@@ -73,6 +73,16 @@ class Engine(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def registrable(source: str | Path, *, read_only: bool) -> Path:
+    """The source of a registration, refused with the reason if the engine is read-only or the file is missing."""
+    if read_only:
+        raise CatalogError("the catalog is open read-only")
+    src = Path(source)
+    if not src.exists():
+        raise CatalogError(f"source file not found: {src}")
+    return src
 
 
 def bounded(dataset: str) -> exp.Table:

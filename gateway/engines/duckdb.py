@@ -29,7 +29,7 @@ import pyarrow as pa
 from sqlglot import exp
 
 from gateway.engines import recipe
-from gateway.engines.base import CatalogError, EngineError, EngineKind
+from gateway.engines.base import CatalogError, EngineError, EngineKind, registrable
 from policies.errors import DatasetNotFound
 from policies.schema import Policy, bounded_table, parse_policy
 
@@ -130,11 +130,7 @@ class DuckDBEngine:
 
     def register(self, policy: Policy, source: str | Path) -> str:
         """Load `source` and build the pre-bounded table; return the new dataset version."""
-        if self.read_only:
-            raise CatalogError("the catalog is open read-only")
-        src = Path(source)
-        if not src.exists():
-            raise CatalogError(f"source file not found: {src}")
+        src = registrable(source, read_only=self.read_only)
         con = self.connect()
         with _without_type_pushdown(con):
             return self._register(con, policy, src)

@@ -43,7 +43,7 @@ import pyarrow as pa
 from sqlglot import exp
 
 from gateway.engines import recipe
-from gateway.engines.base import CatalogError, EngineError, EngineKind
+from gateway.engines.base import CatalogError, EngineError, EngineKind, registrable
 from policies.errors import DatasetNotFound
 from policies.schema import Policy, bounded_table, parse_policy
 
@@ -187,11 +187,7 @@ class SparkEngine:
         raise CatalogError(f"unsupported source format {source.name!r}: use Parquet or CSV")
 
     def register(self, policy: Policy, source: str | Path) -> str:
-        if self.read_only:
-            raise CatalogError("the catalog is open read-only")
-        src = Path(source)
-        if not src.exists():
-            raise CatalogError(f"source file not found: {src}")
+        src = registrable(source, read_only=self.read_only)
         try:
             return self._register(policy, src)
         except CatalogError:
