@@ -174,6 +174,35 @@ def eager_logic(operands: list[exp.Expr], *, conjunction: bool) -> exp.Expr:
     )
 
 
+_DAY_NAMES = ("Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday")
+_MONTH_NAMES = (
+    "January", "February", "March", "April", "May", "June",
+    "July", "August", "September", "October", "November", "December",
+)  # fmt: skip
+
+
+def _weekday(date: exp.Expr, *, iso: bool = False) -> exp.Expr:
+    """The day of the week from the days since a Sunday (1970-01-04): 0 = Sunday .. 6 = Saturday, or with `iso`
+    1 = Monday .. 7 = Sunday. Engines number EXTRACT(DOW) differently (DuckDB from 0, Spark from 1); this does not
+    depend on any engine's convention."""
+    sunday = exp.Cast(this=exp.Literal.string("1970-01-04"), to=exp.DataType.build("DATE"))
+    days: exp.Expr = exp.DateDiff(this=date.copy(), expression=sunday, unit=exp.var("DAY"))
+    if iso:
+        days = exp.Paren(this=exp.Add(this=days, expression=exp.Literal.number(6)))
+    seven = exp.Literal.number(7)
+    day = exp.Mod(
+        this=exp.Paren(this=exp.Add(this=exp.Paren(this=exp.Mod(this=days, expression=seven)), expression=seven)),
+        expression=seven.copy(),
+    )
+    return exp.Add(this=exp.Paren(this=day), expression=exp.Literal.number(1)) if iso else exp.Paren(this=day)
+
+
+def _positive(value: exp.Expr) -> exp.Expr:
+    """`value` where it is > 0, else NULL: the logarithm's domain, so every engine gives NULL outside it (DuckDB
+    would give NaN or -inf, Spark NULL)."""
+    return exp.Case(ifs=[exp.If(this=exp.GT(this=value.copy(), expression=exp.Literal.number(0)), true=value)])
+
+
 def _coerce(value: Checked, typed: Typed) -> exp.Expr:
     """A branch's tree in the common type of the branches (integers become DOUBLE next to numbers)."""
     if typed.type is SqlType.FLOAT and value.typed.type is SqlType.INT:
@@ -432,8 +461,9 @@ class Checker:
         if isinstance(n, exp.Div):
             a = self._need(n.this, SqlType.INT, SqlType.FLOAT, what="the dividend")
             b = self._need(n.expression, SqlType.INT, SqlType.FLOAT, what="the divisor")
-            # `/` is real division in the engines Bastion targets: a zero divisor yields ±inf or NaN, no error.
-            return Checked(FLOAT, exp.Div(this=_as_double(a.tree), expression=_as_double(b.tree)))
+            # Real division; a zero divisor gives NULL on every engine (DuckDB would give ±inf or NaN, Spark NULL).
+            divisor = exp.Nullif(this=_as_double(b.tree), expression=_as_double(exp.Literal.number(0)))
+            return Checked(FLOAT, exp.Div(this=_as_double(a.tree), expression=divisor))
         if isinstance(n, exp.IntDiv | exp.Mod):
             return self._int_div(n)
         if isinstance(n, exp.Pow):
@@ -737,10 +767,14 @@ class Checker:
             return self._rounding(n)
         if isinstance(n, _UNARY_FLOAT):
             inner = self._need(n.this, SqlType.INT, SqlType.FLOAT)
-            return Checked(FLOAT, n.__class__(this=_as_double(inner.tree)))
+            value = _as_double(inner.tree)
+            return Checked(FLOAT, n.__class__(this=_positive(value) if isinstance(n, exp.Ln) else value))
         if isinstance(n, exp.Log):
             args = [self._need(a, SqlType.INT, SqlType.FLOAT) for a in (n.this, n.expression) if a is not None]
-            trees = [_as_double(a.tree) for a in args]
+            trees = [_positive(_as_double(a.tree)) for a in args]
+            if len(trees) > 1:  # log(base, x): a base of 1 has no logarithm
+                one = _as_double(exp.Literal.number(1))
+                trees[0] = exp.Nullif(this=trees[0], expression=one)
             return Checked(FLOAT, exp.Log(this=trees[0], expression=trees[1] if len(trees) > 1 else None))
         if isinstance(n, exp.IsNan | exp.IsInf):
             inner = self._need(n.this, SqlType.INT, SqlType.FLOAT)
@@ -910,7 +944,13 @@ class Checker:
             )
         if isinstance(n, exp.Dayname | exp.Monthname):
             date = self._need(n.this, SqlType.DATE)
-            return Checked(text(9), n.__class__(this=date.tree))
+            if isinstance(n, exp.Dayname):
+                names, number = _DAY_NAMES, exp.Add(this=_weekday(date.tree), expression=exp.Literal.number(1))
+            else:
+                names, number = _MONTH_NAMES, exp.Extract(this=exp.var("MONTH"), expression=date.tree)
+            index = exp.Cast(this=number, to=exp.DataType.build("INT"))
+            array = exp.Array(expressions=[exp.Literal.string(name) for name in names])
+            return Checked(text(9), exp.Bracket(this=array, expressions=[index], offset=1, safe=False))
         if isinstance(n, exp.Interval):
             return self._interval(n)
         if isinstance(n, exp.DateAdd):
@@ -1011,6 +1051,10 @@ class Checker:
             )
         else:
             typed = int_range(*fixed)
+        if part in ("dayofweek", "dow"):
+            return Checked(typed, _weekday(date.tree))
+        if part == "isodow":
+            return Checked(typed, _weekday(date.tree, iso=True))
         return Checked(typed, exp.Extract(this=exp.var(part.upper()), expression=date.tree))
 
     def _interval(self, n: exp.Interval) -> Checked:
