@@ -944,13 +944,15 @@ class Checker:
             )
         if isinstance(n, exp.Dayname | exp.Monthname):
             date = self._need(n.this, SqlType.DATE)
-            if isinstance(n, exp.Dayname):
-                names, number = _DAY_NAMES, exp.Add(this=_weekday(date.tree), expression=exp.Literal.number(1))
-            else:
-                names, number = _MONTH_NAMES, exp.Extract(this=exp.var("MONTH"), expression=date.tree)
-            index = exp.Cast(this=number, to=exp.DataType.build("INT"))
+            names: tuple[str, ...] = _DAY_NAMES if isinstance(n, exp.Dayname) else _MONTH_NAMES
+            number: exp.Expr = (
+                exp.Add(this=_weekday(date.tree), expression=exp.Literal.number(1))
+                if isinstance(n, exp.Dayname)
+                else exp.Extract(this=exp.var("MONTH"), expression=date.tree)
+            )
+            position = exp.Cast(this=number, to=exp.DataType.build("INT"))
             array = exp.Array(expressions=[exp.Literal.string(name) for name in names])
-            return Checked(text(9), exp.Bracket(this=array, expressions=[index], offset=1, safe=False))
+            return Checked(text(9), exp.Bracket(this=array, expressions=[position], offset=1, safe=False))
         if isinstance(n, exp.Interval):
             return self._interval(n)
         if isinstance(n, exp.DateAdd):
