@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sqlglot import exp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -31,7 +32,7 @@ from gateway.demo import write_demo  # noqa: E402
 from gateway.service import Bastion  # noqa: E402
 from gateway.settings import Settings  # noqa: E402
 from labeling_functions.analysis import compute_lf_stats, plan_lf_stats  # noqa: E402
-from labeling_functions.matrix import VoteQuery, label_matrix, lf_input_frame  # noqa: E402
+from labeling_functions.matrix import VoteQuery, label_matrix, lf_inputs  # noqa: E402
 from policies.schema import load_policy  # noqa: E402
 
 URGENT, ROUTINE, ABSTAIN = 0, 1, -1
@@ -116,15 +117,15 @@ def main() -> None:
 
         bastion = Bastion(settings)
         policy, _ = bastion.engine.policy("visits")
-        cur = bastion.engine.connect()
-        n_rows = cur.execute('SELECT COUNT(*) FROM "bounded_visits"').fetchone()[0]
+        cur = bastion.engine
+        n_rows = cur.rows(exp.select(exp.Count(this=exp.Star())).from_(exp.table_("bounded_visits", quoted=True)))[0][0]
 
         core = []
         for rep in range(args.reps + 1):
             t0 = time.perf_counter()
             plan = plan_lf_stats(policy, lfs=LFS, epsilon=0.1, alpha=0.05)
             compute_lf_stats(plan, cur)
-            if rep:  # the first run warms DuckDB's caches
+            if rep:  # the first run warms the engine's caches
                 core.append(time.perf_counter() - t0)
 
         http = []
@@ -139,8 +140,7 @@ def main() -> None:
                 if rep:
                     http.append(elapsed)
 
-            _, frame = lf_input_frame(cur, policy)
-            _, sql_matrix, gold = label_matrix(cur, VoteQuery(policy, plan.declarative))
+            _, sql_matrix, gold, frame = label_matrix(cur, VoteQuery(policy, plan.declarative), lf_inputs(policy))
             print(
                 f"applying the equivalent Python LFs with Snorkel's PandasLFApplier on {len(frame):,} rows...",
                 flush=True,

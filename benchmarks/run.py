@@ -45,7 +45,7 @@ import numpy as np
 from benchmarks import data, report
 from benchmarks.workloads import WORKLOADS, Workload
 from gateway.client import Client
-from gateway.engines.duckdb import bounded_table
+from gateway.engines.duckdb import DuckDBEngine, bounded_table
 from gateway.service import Bastion, Context
 from gateway.settings import Settings
 from gateway.stores.tokens import Principal
@@ -226,6 +226,15 @@ def server(workspace: Path, log_path: Path, workers: int = 1) -> Iterator[tuple[
 # --- one table size -------------------------------------------------------------------------------------
 
 
+def duckdb_engine(bastion: Bastion) -> DuckDBEngine:
+    """The gateway's engine as the DuckDB engine it is here (the workspace's default): the raw baseline and the
+    facts read its database directly, which the Engine protocol does not offer."""
+    engine = bastion.engine
+    if not isinstance(engine, DuckDBEngine):
+        raise RuntimeError(f"the benchmark needs a DuckDB workspace, not {engine.kind}")
+    return engine
+
+
 def prepare(opts: Options, n_rows: int) -> tuple[Settings, str, Principal, dict[str, Any]]:
     """Generate and register the table in a fresh workspace; return settings, token, principal and facts."""
     t0 = time.perf_counter()
@@ -242,9 +251,11 @@ def prepare(opts: Options, n_rows: int) -> tuple[Settings, str, Principal, dict[
         admin.engine.register(load_policy(policy_path), source)
         registration_s = time.perf_counter() - t0
         token, principal = admin.tokens.create("bench", "analyst")
-        con = admin.engine.connect()
-        bounded_rows = con.execute(f'SELECT COUNT(*) FROM "{bounded_table(data.DATASET)}"').fetchone()[0]
-        units = con.execute(f"SELECT COUNT(DISTINCT user_id) FROM read_parquet('{source}')").fetchone()[0]
+        con = duckdb_engine(admin).connect()
+        bounded = con.execute(f'SELECT COUNT(*) FROM "{bounded_table(data.DATASET)}"').fetchone()
+        distinct = con.execute(f"SELECT COUNT(DISTINCT user_id) FROM read_parquet('{source}')").fetchone()
+        assert bounded is not None and distinct is not None  # an aggregate without GROUP BY has one row
+        bounded_rows, units = bounded[0], distinct[0]
     finally:
         admin.close()
     facts = {
@@ -268,7 +279,7 @@ def time_engines(
     client = Client(url, token) if url else None
     out: dict[str, dict[str, Any]] = {}
     try:
-        con = bastion.engine.connect()
+        con = duckdb_engine(bastion).connect()
 
         def raw(w: Workload) -> None:
             con.execute(w.raw_sql()).fetchall()
@@ -505,7 +516,7 @@ def run(opts: Options) -> dict[str, Any]:
             run_entry["smartnoise_load_s"] = sn.get("load_s")
             results["smartnoise"].update({k: sn[k] for k in ("version", "opendp_version") if k in sn})
         for w in WORKLOADS:
-            entry = {e: timed[w.name].get(e) for e in ("raw", "bastion", "http")}
+            entry: dict[str, Any] = {e: timed[w.name].get(e) for e in ("raw", "bastion", "http")}
             if entry["http"] is None:
                 entry["http"] = {"status": "skipped", "reason": "HTTP disabled for this run", **stats([])}
             entry["smartnoise"] = smartnoise_entry(w, sn, skipped)

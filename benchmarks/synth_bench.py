@@ -54,7 +54,7 @@ def main() -> None:
         bastion = Bastion(settings)
         try:
             policy, _ = bastion.engine.policy("visits")
-            con = bastion.engine.connect()
+            con = bastion.engine
             t0 = time.perf_counter()
             allocation = allocate(policy, args.epsilon, policy.budget.per_principal.delta / 10)
             model = measure(con, "bounded_visits", policy, allocation)

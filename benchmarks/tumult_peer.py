@@ -3,13 +3,15 @@ pandas and, on Python 3.11, PySpark versions Bastion does not use), so it import
 `python tumult_peer.py spec.json` prints one JSON object with the timings as its last line.
 
 spec: {"parquet", "unit", "max_rows_per_unit", "master", "conf": {Spark settings}, "epsilon", "reps", "warmup",
-"time_budget_s", "workloads": [{"name", "queries": [{"agg", "column", "low", "high", "filter", "keys"}]}]}.
+"time_budget_s", "max_run_s", "workloads": [{"name", "queries": [{"agg", "column", "low", "high", "filter",
+"keys"}]}]}.
 
 The session is built once over the unbounded source Parquet, protected change AddRowsWithID(unit); every query
 enforces MaxRowsPerID(max_rows_per_unit) and groups by a KeySet of the public domain in `keys` (none: one total).
-A workload's queries share `epsilon` evenly; one timed run evaluates all of them and collects every answer. Each
-workload runs `warmup` untimed and up to `reps` timed runs, stopping early (after at least one) once
-`time_budget_s` has passed.
+A workload's queries share `epsilon` evenly; one timed run evaluates all of them and collects every answer. One
+untimed count warms the session up (the JVM's JIT, Python workers); then each workload runs `warmup` untimed and
+up to `reps` timed runs, stopping early (after at least one) once `time_budget_s` has passed. A run still going
+after `max_run_s` has its Spark jobs cancelled and is reported as `over_s` (a lower bound), and the workload stops.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 import traceback
 from importlib.metadata import version
@@ -40,6 +43,35 @@ def _query(spec: dict[str, Any], q: dict[str, Any]) -> Any:
     if agg == "median":
         return target.median(q["column"], q["low"], q["high"])
     raise ValueError(f"unknown aggregate {agg!r}")
+
+
+class Cap:
+    """Cancels the session's Spark jobs, again and again, once a run has taken `seconds` (0: never)."""
+
+    def __init__(self, spark: Any, seconds: float) -> None:
+        self.spark, self.seconds = spark, seconds
+        self.hit = False
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _watch(self) -> None:
+        if self._done.wait(self.seconds):
+            return
+        self.hit = True
+        while not self._done.is_set():
+            self.spark.sparkContext.cancelAllJobs()
+            self._done.wait(0.5)
+
+    def __enter__(self) -> Cap:
+        if self.seconds > 0:
+            self._thread = threading.Thread(target=self._watch, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 def main(spec_path: str) -> None:
@@ -74,6 +106,10 @@ def main(spec_path: str) -> None:
         print(json.dumps(out))
         return
     try:
+        t0 = time.perf_counter()
+        session.evaluate(_query(spec, {"agg": "count"}), PureDPBudget(float(spec["epsilon"]))).collect()
+        out["warmup_s"] = time.perf_counter() - t0
+        cap_s = float(spec.get("max_run_s", 0))
         for w in spec["workloads"]:
             entry: dict[str, Any] = {"queries": w["queries"]}
             times: list[float] = []
@@ -85,15 +121,22 @@ def main(spec_path: str) -> None:
                     for query in queries:
                         session.evaluate(query, budget).collect()
 
-                for _ in range(int(spec["warmup"])):
-                    run()
                 start = time.perf_counter()
-                for _ in range(int(spec["reps"])):
+                for i in range(int(spec["warmup"]) + int(spec["reps"])):
                     t = time.perf_counter()
-                    run()
-                    times.append(time.perf_counter() - t)
-                    if time.perf_counter() - start > float(spec["time_budget_s"]):
+                    with Cap(spark, cap_s) as cap:
+                        try:
+                            run()
+                        except Exception:
+                            if not cap.hit:
+                                raise
+                    if cap.hit:
+                        entry["over_s"] = time.perf_counter() - t
                         break
+                    if i >= int(spec["warmup"]):
+                        times.append(time.perf_counter() - t)
+                        if time.perf_counter() - start > float(spec["time_budget_s"]):
+                            break
             except Exception as exc:
                 entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
                 entry["trace"] = traceback.format_exc(limit=3)[-800:]

@@ -25,7 +25,6 @@ from audit import report
 from audit.log import AuditLog, AuditWriteError
 from audit.record import Event, parse_time
 from gateway.engines import open_engine
-from gateway.engines.kind import EngineKind
 from gateway.settings import Settings
 from gateway.sql.plan import Plan, plan_query
 from gateway.sql.price import Pricing, dry_run_accuracy, price
@@ -38,7 +37,6 @@ from policies.errors import (
     AuditUnavailable,
     Forbidden,
     GatewayError,
-    InvalidRequest,
     LedgerUnavailable,
 )
 from policies.schema import Grant, Policy
@@ -678,16 +676,6 @@ class Bastion:
             fallback=fallback,
             dry_run=dry,
         )
-
-    def duckdb_cursor(self, feature: str) -> Any:
-        """A cursor on the private DuckDB database, for the capabilities that still read it directly (synthetic
-        proxies and labeling functions). On another engine they are refused with a 400, before any charge."""
-        connect = getattr(self.engine, "connect", None)
-        if self.engine.kind is not EngineKind.DUCKDB or connect is None:
-            raise InvalidRequest(
-                f"{feature} run on the duckdb engine only for now; this gateway's engine is {self.engine.kind.value}"
-            )
-        return connect()
 
     def _default_release(self, plan: Plan, pricing: Pricing) -> Release:
         """The plan's release computed on the default input: its mechanisms applied to an empty table."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import enum
 import fcntl
 import hashlib
 import json
@@ -31,20 +32,35 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gateway.engines.duckdb import bounded_table
+from audit.record import Event
 from gateway.service import Bastion, Context
 from gateway.stores.cache import cache_key
 from gateway.stores.tokens import Principal
 from policies.accountant import PrivacyLoss, check_delta, check_epsilon
 from policies.errors import Conflict, Forbidden, GatewayError, InvalidRequest, NotFound
-from policies.schema import Grant
+from policies.reader import EmptyReader
+from policies.schema import Grant, bounded_table
 
 log = logging.getLogger("bastion.synth")
 
 MAX_ROWS = 5_000_000
 FORMATS = ("parquet", "csv")
+
+
 # Statuses: queued → running → done | failed; non-DP: awaiting_approval → approved → running → done | withheld.
-ACTIVE = ("queued", "approved", "running")
+class JobStatus(enum.StrEnum):
+    """A synthesis job's state (stored and shown as its value)."""
+
+    AWAITING_APPROVAL = "awaiting_approval"  # a non-DP job until an admin approves it on the host
+    QUEUED = "queued"
+    APPROVED = "approved"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    WITHHELD = "withheld"  # a non-DP proxy that failed the disclosure check: nothing released
+
+
+ACTIVE = (JobStatus.QUEUED, JobStatus.APPROVED, JobStatus.RUNNING)
 
 
 class NonDpNotAllowed(Forbidden):
@@ -186,7 +202,6 @@ class SynthJobs:
         policy, version = self.bastion.authorize(ctx, dataset, Grant.SYNTH, request)
         non_dp = method in NON_DP_METHODS
         try:
-            self.bastion.duckdb_cursor("synthetic proxies").close()  # on another engine: refused before the charge
             if method not in METHODS:
                 raise InvalidRequest(f"unknown method {method!r}; methods are {', '.join(METHODS)}")
             if not 1 <= rows <= MAX_ROWS:
@@ -214,10 +229,10 @@ class SynthJobs:
                 allocation = alloc.to_json()
                 cost = PrivacyLoss(epsilon, alloc.delta_spent)
         except GatewayError as exc:
-            self.bastion.audit(ctx, "synth", dataset=dataset, request=request, decision="denied", reason=exc.code)
+            self.bastion.audit(ctx, Event.SYNTH, dataset=dataset, request=request, decision="denied", reason=exc.code)
             raise
         key = cache_key(
-            "synth", ctx.principal.name, dataset, version, policy.fingerprint(), method, epsilon, delta, rows, seed
+            Event.SYNTH, ctx.principal.name, dataset, version, policy.fingerprint(), method, epsilon, delta, rows, seed
         )
 
         def compute() -> dict[str, Any]:
@@ -227,7 +242,7 @@ class SynthJobs:
                 "dataset": dataset,
                 "method": method,
                 "non_dp": non_dp,
-                "status": "awaiting_approval" if non_dp else "queued",
+                "status": JobStatus.AWAITING_APPROVAL if non_dp else JobStatus.QUEUED,
                 "progress": 0.0,
                 "stage": "",
                 "epsilon": cost.epsilon,
@@ -261,12 +276,19 @@ class SynthJobs:
             }
 
         answer = self.bastion.run_private(
-            ctx, policy=policy, event="synth", request=request, cost=cost, key=key, compute=compute, kind="synth"
+            ctx,
+            policy=policy,
+            event=Event.SYNTH,
+            request=request,
+            cost=cost,
+            key=key,
+            compute=compute,
+            kind=Event.SYNTH,
         )
         job = self.read(answer["job_id"])
-        if answer["cached"] and job["status"] == "failed":
+        if answer["cached"] and job["status"] == JobStatus.FAILED:
             # The failed run released nothing; run it again under the original charge.
-            job.update(status="approved" if non_dp else "queued", error=None, progress=0.0, stage="")
+            job.update(status=JobStatus.APPROVED if non_dp else JobStatus.QUEUED, error=None, progress=0.0, stage="")
             self._save(job)
         self._maybe_start(job)
         return {
@@ -314,12 +336,12 @@ class SynthJobs:
                 log.error("synthesis job %s failed (%s)", job_id, type(exc).__name__)
                 message = exc.message if isinstance(exc, GatewayError) else f"internal error ({type(exc).__name__})"
                 job = self.read(job_id)
-                job.update(status="failed", error=message + "; the charge stands")
+                job.update(status=JobStatus.FAILED, error=message + "; the charge stands")
                 self._save(job)
                 with contextlib.suppress(GatewayError):
                     self.bastion.audit(
                         self._context(job),
-                        "synth",
+                        Event.SYNTH,
                         dataset=job["dataset"],
                         request={"job_id": job_id},
                         decision="error",
@@ -360,7 +382,7 @@ class SynthJobs:
                 last[0] = now
                 self._save(job)
 
-        job.update(status="running", error=None)
+        job.update(status=JobStatus.RUNNING, error=None)
         self._save(job)
         policy, version = self.bastion.engine.policy(job["dataset"])
         if version != job["dataset_version"] or policy.fingerprint() != job["policy_fingerprint"]:
@@ -373,12 +395,12 @@ class SynthJobs:
                 model = DPCopulaModel.from_json(json.loads(model_path.read_text()))
             else:
                 allocation = allocate(policy, job["epsilon"], job["delta_requested"])
-                con = self.bastion.duckdb_cursor("synthetic proxies")
                 try:
-                    model = measure(con, table, policy, allocation, lambda f, s: progress(f, s, hi=0.3))
+                    model = measure(self.bastion.engine, table, policy, allocation, lambda f, s: progress(f, s, hi=0.3))
                 except Exception as exc:  # noqa: BLE001 - the failure must not show: measure a default input
                     # Whether reading the rows failed could depend on them; the same mechanisms run on an empty
-                    # table of the same schema instead, and the job goes on as usual (the audit log says so).
+                    # table instead (read by no engine: it has no groups), and the job goes on as usual (the audit
+                    # log says so).
                     log.warning(
                         "synthesis job %s: measuring failed (%s); measuring the default input",
                         job["job_id"],
@@ -386,7 +408,7 @@ class SynthJobs:
                     )
                     self.bastion.audit(
                         ctx,
-                        "synth",
+                        Event.SYNTH,
                         dataset=job["dataset"],
                         request={"job_id": job["job_id"]},
                         decision="error",
@@ -395,9 +417,7 @@ class SynthJobs:
                         phase="measured",
                         non_dp=False,
                     )
-                    empty = self.bastion.duckdb_cursor("synthetic proxies")
-                    empty.execute(f'CREATE TEMP TABLE "__default_input" AS SELECT * FROM "{table}" LIMIT 0')
-                    model = measure(empty, "__default_input", policy, allocation, lambda f, s: progress(f, s, hi=0.3))
+                    model = measure(EmptyReader(), table, policy, allocation, lambda f, s: progress(f, s, hi=0.3))
                 _write_json(model_path, model.to_json())
             proxy = dp_proxy(
                 model, job["rows"], job["seed"], job["method"], lambda f, s: progress(f, s, lo=0.3, hi=0.9)
@@ -408,13 +428,18 @@ class SynthJobs:
             job["notes"] = model.notes
         else:
             schema = proxy_schema(policy)
-            con = self.bastion.duckdb_cursor("synthetic proxies")
             proxy, private = non_dp_proxy(
-                con, table, policy, schema, job["rows"], job["seed"], lambda f, s: progress(f, s, hi=0.8)
+                self.bastion.engine,
+                table,
+                policy,
+                schema,
+                job["rows"],
+                job["seed"],
+                lambda f, s: progress(f, s, hi=0.8),
             )
             progress(0.0, "disclosure check", lo=0.8)
             md = sdv_metadata(schema.columns).to_dict()["tables"]["proxy"]
-            check = check_release(con, table, private, proxy, schema.columns, md, job["seed"])
+            check = check_release(self.bastion.engine, table, private, proxy, schema.columns, md, job["seed"])
             report = {
                 **non_dp_fidelity(schema.columns, private, proxy),
                 "privacy_check": check,
@@ -423,7 +448,7 @@ class SynthJobs:
             if not check["passed"]:
                 _write_json(job_dir / "report.json", {"privacy_check": check})
                 job.update(
-                    status="withheld",
+                    status=JobStatus.WITHHELD,
                     progress=1.0,
                     stage="withheld by the disclosure check",
                     error="the proxy failed the disclosure check; nothing was released",
@@ -431,7 +456,7 @@ class SynthJobs:
                 self._save(job)
                 self.bastion.audit(
                     ctx,
-                    "synth",
+                    Event.SYNTH,
                     dataset=job["dataset"],
                     request={"job_id": job["job_id"]},
                     decision="denied",
@@ -462,7 +487,7 @@ class SynthJobs:
         # The proxy is ready: record it (with its digest) before anyone can download it.
         self.bastion.audit(
             ctx,
-            "synth",
+            Event.SYNTH,
             dataset=job["dataset"],
             request={"job_id": job["job_id"]},
             decision="allowed",
@@ -472,7 +497,7 @@ class SynthJobs:
             cost={"epsilon": job["epsilon"], "delta": job["delta"]},
             release_digest=job["proxy_digest"],
         )
-        job.update(status="done", progress=1.0, stage="done")
+        job.update(status=JobStatus.DONE, progress=1.0, stage="done")
         self._save(job)
 
     def _write_proxy(self, job: dict[str, Any], proxy: Any, job_dir: Path) -> None:
@@ -518,7 +543,7 @@ class SynthJobs:
     def _done(self, ctx: Context, job_id: str, what: str) -> dict[str, Any]:
         job = self._owned(ctx, job_id)
         self.bastion.authorize(ctx, job["dataset"], Grant.SYNTH, {"job_id": job_id, what: True})
-        if job["status"] != "done":
+        if job["status"] != JobStatus.DONE:
             raise JobNotReady(f"job {job_id} is {job['status']}, not done", status=job["status"])
         return job
 
@@ -567,7 +592,7 @@ class SynthJobs:
         """The fidelity report (or, for a withheld non-DP proxy, the failed check), audited before it leaves."""
         job = self._owned(ctx, job_id)
         path = self._dir(job_id) / "report.json"
-        if not (job["status"] == "withheld" and path.exists()):
+        if not (job["status"] == JobStatus.WITHHELD and path.exists()):
             job = self._done(ctx, job_id, "report")
         text = path.read_text()
         self._audit_read(ctx, job, "report.json", text)
@@ -588,7 +613,7 @@ class SynthJobs:
     def approve(self, job_id: str) -> dict[str, Any]:
         """Approve a non-DP job (CLI on the gateway host); the gateway runs it when it next looks."""
         job = self.read(job_id)
-        if job["status"] != "awaiting_approval":
+        if job["status"] != JobStatus.AWAITING_APPROVAL:
             raise Conflict(f"job {job_id} is {job['status']}; only jobs awaiting approval can be approved")
         self.bastion.audit(
             None,
@@ -599,6 +624,6 @@ class SynthJobs:
             non_dp=True,
             request={"job_id": job_id, "method": job["method"], "requested_by": job["principal"]["principal"]},
         )
-        job.update(status="approved", approved_at=_now())
+        job.update(status=JobStatus.APPROVED, approved_at=_now())
         self._save(job)
         return self.public(job)

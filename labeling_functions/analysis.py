@@ -1,10 +1,11 @@
 """One LF-statistics request: validate and price it from public facts (plan), then compute it on the private rows.
 
 The gateway charges `plan.cost` and audits before calling `compute_lf_stats`; nothing here opens the private
-database: it receives a DuckDB cursor and the policy. Everything that can be refused is refused in
-`plan_lf_stats` and `precheck`, before the charge. After it, the status and shape of the answer are fixed: if
-running the LFs fails for any reason, `compute_lf_stats` raises `LFRunFailed` (carrying only a failure class)
-and the gateway answers `compute_lf_stats_default(plan)`, the same measurements released over an empty table.
+database: it receives the gateway's engine (a `policies.reader.Reader`) and the policy. Everything that can be
+refused is refused in `plan_lf_stats` and `precheck`, before the charge. After it, the status and shape of the
+answer are fixed: if running the LFs fails for any reason, `compute_lf_stats` raises `LFRunFailed` (carrying only
+a failure class) and the gateway answers `compute_lf_stats_default(plan)`, the same measurements released over an
+empty table.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import numpy as np
 
 from labeling_functions.label_model import write_labels
@@ -23,8 +23,8 @@ from labeling_functions.matrix import (
     VoteQuery,
     check_binds,
     label_matrix,
-    lf_input_frame,
-    python_votes,
+    lf_inputs,
+    patterns_of,
     vote_patterns,
 )
 from labeling_functions.patterns import PatternDomain
@@ -41,6 +41,7 @@ from labeling_functions.statistics import (
 )
 from policies.accountant import PrivacyLoss, check_alpha, check_epsilon
 from policies.errors import GatewayError, InvalidRequest
+from policies.reader import EngineError, Reader
 from policies.schema import Policy
 
 NOTES = [
@@ -177,9 +178,9 @@ def plan_lf_stats(
     )
 
 
-def precheck(plan: LFStatsPlan, cur: duckdb.DuckDBPyConnection) -> None:
+def precheck(plan: LFStatsPlan, reader: Reader) -> None:
     """Schema-only checks of the generated SQL (no row is read); run before charging."""
-    check_binds(cur, plan.policy, list(plan.declarative))
+    check_binds(reader, plan.policy, list(plan.declarative))
 
 
 class LFRunFailed(GatewayError):
@@ -224,7 +225,7 @@ def failure_of(exc: BaseException) -> type[LFRunFailed]:
     if isinstance(exc, SandboxError):
         kind = str(exc.details.get("reason"))
         return {"timeout": LFSandboxTimedOut, "memory": LFSandboxOutOfMemory}.get(kind, LFSandboxFailed)
-    if isinstance(exc, LFExecutionError | duckdb.Error):
+    if isinstance(exc, LFExecutionError | EngineError):
         return LFEngineFailed
     if isinstance(exc, OSError):
         return LFIOFailed
@@ -240,39 +241,38 @@ class PrivateRun:
     row_patterns: np.ndarray | None = None
 
 
-def _python_votes(
-    plan: LFStatsPlan, cur: duckdb.DuckDBPyConnection, limits: SandboxLimits
-) -> tuple[np.ndarray, np.ndarray]:
-    rows, frame = lf_input_frame(cur, plan.policy)
+def _python_votes(plan: LFStatsPlan, frame: Any, limits: SandboxLimits) -> np.ndarray:
     refs = [LFRef(lf.name, lf.module, lf.attribute) for lf in plan.python]
     votes = apply_python_lfs(refs, frame, limits)
     for j, lf in enumerate(plan.python):  # votes outside the declared polarity count as abstentions
         votes[:, j] = np.where(np.isin(votes[:, j], lf.label_indices), votes[:, j], ABSTAIN)
-    return rows, votes
+    return votes
 
 
-def run_lfs(plan: LFStatsPlan, cur: duckdb.DuckDBPyConnection, *, limits: SandboxLimits | None = None) -> PrivateRun:
-    """Apply the LFs to the pre-bounded rows and compute the exact statistics (and each row's vote pattern)."""
-    limits = limits or SandboxLimits()
-    relation = f"__lf_votes_{uuid.uuid4().hex}"
-    query = VoteQuery(plan.policy, plan.declarative, python_columns=len(plan.python), python_relation=relation)
+def run_lfs(plan: LFStatsPlan, reader: Reader, *, limits: SandboxLimits | None = None) -> PrivateRun:
+    """Apply the LFs to the pre-bounded rows and compute the exact statistics (and each row's vote pattern).
+
+    Declarative LFs only, no label model: the engine aggregates the vote patterns and no row leaves it. Otherwise
+    one statement reads every row's id, declarative votes and gold index (and the labeling columns when there are
+    Python LFs, whose votes the sandbox adds); the patterns are counted here."""
+    query = VoteQuery(plan.policy, plan.declarative)
+    if not plan.python and not plan.label_model:
+        votes, gold, counts = vote_patterns(reader, query)
+        return PrivateRun(_statistics(plan, votes, gold, counts))
+    inputs = lf_inputs(plan.policy) if plan.python else []
+    row_ids, matrix, gold, frame = label_matrix(reader, query, inputs)
     if plan.python:
-        rows, votes = _python_votes(plan, cur, limits)
-        with python_votes(cur, rows, votes, relation):
-            return _exact(plan, cur, query)
-    return _exact(plan, cur, query)
+        matrix = np.hstack([matrix, _python_votes(plan, frame, limits or SandboxLimits())])
+    run = PrivateRun(_statistics(plan, *patterns_of(matrix, gold)))
+    if plan.label_model:
+        run.row_ids, run.row_patterns = row_ids, plan.domain.pattern_index(matrix)
+    return run
 
 
-def _exact(plan: LFStatsPlan, cur: duckdb.DuckDBPyConnection, query: VoteQuery) -> PrivateRun:
-    votes, gold, counts = vote_patterns(cur, query)
-    exact = ExactStatistics.from_patterns(
+def _statistics(plan: LFStatsPlan, votes: np.ndarray, gold: np.ndarray, counts: np.ndarray) -> ExactStatistics:
+    return ExactStatistics.from_patterns(
         votes, counts, gold if plan.has_gold else None, len(plan.classes), plan.domain if plan.label_model else None
     )
-    run = PrivateRun(exact)
-    if plan.label_model:
-        run.row_ids, matrix, _ = label_matrix(cur, query)
-        run.row_patterns = plan.domain.pattern_index(matrix)
-    return run
 
 
 def _release(plan: LFStatsPlan, run: PrivateRun, outputs_dir: Path | None) -> dict[str, Any]:
@@ -292,7 +292,7 @@ def _release(plan: LFStatsPlan, run: PrivateRun, outputs_dir: Path | None) -> di
 
 def compute_lf_stats(
     plan: LFStatsPlan,
-    cur: duckdb.DuckDBPyConnection,
+    reader: Reader,
     *,
     limits: SandboxLimits | None = None,
     outputs_dir: Path | None = None,
@@ -303,7 +303,7 @@ def compute_lf_stats(
     chained exception; the caller then answers `compute_lf_stats_default(plan)`, which has the same shape.
     """
     try:
-        return _release(plan, run_lfs(plan, cur, limits=limits), outputs_dir)
+        return _release(plan, run_lfs(plan, reader, limits=limits), outputs_dir)
     except Exception as exc:  # noqa: BLE001 - every failure after the charge takes the same path
         failure = failure_of(exc)
     raise failure()  # outside the handler: nothing of the original error travels with it

@@ -1,24 +1,26 @@
-"""The label matrix as SQL: every declarative LF becomes one CASE column of one DuckDB query over the pre-bounded
-table; Python LFs' votes (computed in the sandbox) are joined in by row id. The statistics need only the vote
-patterns with their counts, which DuckDB aggregates itself (GROUP BY over the votes), so rows never leave it.
+"""The label matrix as compiled statements: every declarative LF becomes one vote column of one SELECT over the
+pre-bounded table, built as a sqlglot tree that the engine generates in its own dialect. The statistics need only
+the vote patterns with their counts, which the engine aggregates itself (GROUP BY over the votes), so without
+Python LFs rows never leave it. Python LFs need the rows' labeling columns in the gateway's process (their sandbox);
+those are read in the same statement as the declarative votes, so both stay aligned row by row.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
-import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from sqlglot import exp
 
 from labeling_functions.specs import ABSTAIN, CompiledLF
 from policies.errors import GatewayError, QueryRejected
+from policies.reader import ROW_ID, EngineError, Reader
 from policies.schema import Policy
 
-ROW_ID = "__row"
+GOLD = "__g"
+COUNT = "__n"
 
 
 class LFExecutionError(GatewayError):
@@ -29,132 +31,132 @@ class LFExecutionError(GatewayError):
     code = "lf_execution_failed"
 
 
-def _q(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+def _column(name: str) -> exp.Column:
+    return exp.column(name, quoted=True)
 
 
-def gold_sql(policy: Policy) -> str | None:
-    """The gold label as a class index (-1 when missing or outside the classes), if the policy declares one."""
+def _table(policy: Policy) -> exp.Table:
+    return exp.table_(policy.bounded_table, quoted=True)
+
+
+def vote_alias(j: int) -> str:
+    return f"__v{j}"
+
+
+def gold_expr(policy: Policy) -> exp.Expr:
+    """The gold label as a class index (ABSTAIN when missing, outside the classes or not declared)."""
     if policy.labels is None or policy.labels.gold_column is None:
-        return None
-    col = f"CAST({_q(policy.labels.gold_column)} AS VARCHAR)"
-    arms = " ".join(
-        f"WHEN {col} = '{c.replace(chr(39), chr(39) * 2)}' THEN {i}" for i, c in enumerate(policy.labels.classes)
+        return exp.Literal.number(ABSTAIN)
+    text = exp.Cast(this=_column(policy.labels.gold_column), to=exp.DataType.build("VARCHAR"))
+    return exp.Case(
+        ifs=[
+            exp.If(this=exp.EQ(this=text.copy(), expression=exp.Literal.string(c)), true=exp.Literal.number(i))
+            for i, c in enumerate(policy.labels.classes)
+        ],
+        default=exp.Literal.number(ABSTAIN),
     )
-    return f"CASE {arms} ELSE {ABSTAIN} END"
 
 
 @dataclass(frozen=True)
 class VoteQuery:
-    """The generated SELECT of the vote columns (v0, v1, ...) and the gold index (g) per bounded row."""
+    """The generated SELECT of the declarative vote columns (__v0, __v1, ...) and the gold index (__g) per bounded
+    row; with `inputs`, also each row's id and the columns Python LFs read."""
 
     policy: Policy
     lfs: tuple[CompiledLF, ...]
-    python_columns: int = 0  # number of Python LF vote columns joined from PY_VOTES
-    python_relation: str = ""
 
     @property
     def width(self) -> int:
-        return len(self.lfs) + self.python_columns
+        return len(self.lfs)
 
-    def select_sql(self, *, with_row_id: bool = False) -> str:
-        cols = [f"{lf.vote_sql} AS v{j}" for j, lf in enumerate(self.lfs)]
-        cols += [f"p.v{j} AS v{len(self.lfs) + j}" for j in range(self.python_columns)]
-        gold = gold_sql(self.policy)
-        cols.append(f"{gold} AS g" if gold else f"{ABSTAIN} AS g")
-        if with_row_id:
-            cols.insert(0, f"b.rowid AS {ROW_ID}")
-        source = f"{_q(self.policy.bounded_table)} AS b"
-        if self.python_columns:
-            source += f" JOIN {self.python_relation} AS p ON b.rowid = p.{ROW_ID}"
-        return f"SELECT {', '.join(cols)} FROM {source}"
+    def _votes(self) -> list[exp.Expr]:
+        out: list[exp.Expr] = [exp.alias_(lf.vote, vote_alias(j), quoted=True) for j, lf in enumerate(self.lfs)]
+        out.append(exp.alias_(gold_expr(self.policy), GOLD, quoted=True))
+        return out
 
-    def patterns_sql(self) -> str:
-        keys = [f"v{j}" for j in range(self.width)] + ["g"]
-        return f"SELECT {', '.join(keys)}, COUNT(*) AS n FROM ({self.select_sql()}) AS votes GROUP BY {', '.join(keys)}"
+    def patterns(self) -> exp.Select:
+        """The distinct (votes, gold) patterns with their row counts."""
+        keys = [_column(vote_alias(j)) for j in range(self.width)] + [_column(GOLD)]
+        inner = exp.select(*self._votes()).from_(_table(self.policy))
+        return (
+            exp.select(*keys, exp.alias_(exp.Count(this=exp.Star()), COUNT, quoted=True))
+            .from_(exp.alias_(exp.Subquery(this=inner), "votes"))
+            .group_by(*[k.copy() for k in keys])
+        )
 
-    def matrix_sql(self) -> str:
-        return f"{self.select_sql(with_row_id=True)} ORDER BY {ROW_ID}"
+    def matrix(self, inputs: list[str] | None = None) -> exp.Select:
+        """Every bounded row: its id, its votes and gold index, and the `inputs` columns (in no particular order
+        of rows: the row id says which row is which)."""
+        extra = [_column(c) for c in inputs or []]
+        return exp.select(_column(ROW_ID), *self._votes(), *extra).from_(_table(self.policy))
 
 
-def check_binds(cur: duckdb.DuckDBPyConnection, policy: Policy, lfs: list[CompiledLF]) -> None:
-    """Bind every LF's SQL against the table's schema without reading a row (LIMIT 0), so type errors are
+def check_binds(reader: Reader, policy: Policy, lfs: list[CompiledLF]) -> None:
+    """Bind every LF's vote expression against the table's schema without reading a row, so type errors are
     reported, with the LF's name, before anything is charged. The engine's message is not passed on: only the
     LF and its columns, which are public."""
-    table = _q(policy.bounded_table)
     for lf in lfs:
-        failed = False
         try:
-            cur.execute(f"SELECT {lf.vote_sql} FROM {table} LIMIT 0").fetchall()
-        except duckdb.Error:
-            failed = True
-        if failed:
+            reader.check(exp.select(lf.vote).from_(_table(policy)))
+        except EngineError:
             types = ", ".join(f"{c} ({policy.columns[c].type.value})" for c in lf.columns if c in policy.columns)
             raise QueryRejected(
                 f"labeling function {lf.name!r}: the condition does not type-check against the "
                 f"columns it uses: {types or 'none'}",
                 reason="invalid_condition",
                 hint="compare each column with values of its type (GET /v1/datasets)",
-            )
+            ) from None
 
 
-@contextmanager
-def python_votes(cur: duckdb.DuckDBPyConnection, row_ids: np.ndarray, votes: np.ndarray, name: str) -> Iterator[str]:
-    """Expose Python LFs' votes (aligned with row_ids) to DuckDB as a relation for the duration of a block."""
-    table = pa.table(
-        {
-            ROW_ID: pa.array(row_ids, pa.int64()),
-            **{f"v{j}": pa.array(votes[:, j], pa.int64()) for j in range(votes.shape[1])},
-        }
+def _failed() -> LFExecutionError:
+    # A runtime error can depend on the rows; say nothing about it beyond that it happened.
+    return LFExecutionError(
+        "the labeling functions failed while running over the rows; no details are given "
+        "since they could depend on the rows"
     )
-    cur.register(name, table)
+
+
+def _ints(values: object) -> np.ndarray:
+    return np.asarray(values, dtype=np.int64)
+
+
+def vote_patterns(reader: Reader, query: VoteQuery) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(votes p × m, gold p, counts p) over the distinct vote patterns, aggregated by the engine."""
     try:
-        yield name
-    finally:
-        cur.unregister(name)
+        rows = reader.rows(query.patterns())
+    except EngineError:
+        raise _failed() from None
+    got = np.asarray(rows, dtype=np.int64).reshape(len(rows), query.width + 2)
+    return got[:, : query.width], got[:, query.width], got[:, query.width + 1]
 
 
-def _run(cur: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyConnection:
+def label_matrix(
+    reader: Reader, query: VoteQuery, inputs: list[str] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, pd.DataFrame]:
+    """(row ids n, label matrix n × m, gold n, the `inputs` columns as a frame), ordered by row id."""
     try:
-        return cur.execute(sql)
-    except duckdb.Error:
-        # A runtime error can depend on the rows; say nothing about it beyond that it happened.
-        raise LFExecutionError(
-            "the labeling functions failed while running over the rows; no details are given "
-            "since they could depend on the rows"
-        ) from None
-
-
-def vote_patterns(cur: duckdb.DuckDBPyConnection, query: VoteQuery) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(votes p × m, gold p, counts p) over the distinct vote patterns."""
-    got = _run(cur, query.patterns_sql()).fetchnumpy()
-    counts = np.asarray(got["n"], dtype=np.int64)
-    votes = (
-        np.column_stack([np.asarray(got[f"v{j}"], dtype=np.int64) for j in range(query.width)])
-        if query.width
-        else np.zeros((len(counts), 0), dtype=np.int64)
-    )
-    return votes, np.asarray(got["g"], dtype=np.int64), counts
-
-
-def label_matrix(cur: duckdb.DuckDBPyConnection, query: VoteQuery) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(row ids, label matrix n × m, gold n), ordered by row id: for the label model and for tests."""
-    got = _run(cur, query.matrix_sql()).fetchnumpy()
-    rows = np.asarray(got[ROW_ID], dtype=np.int64)
+        table: pa.Table = reader.arrow(query.matrix(inputs))
+    except EngineError:
+        raise _failed() from None
+    table = table.sort_by(ROW_ID)
     matrix = (
-        np.column_stack([np.asarray(got[f"v{j}"], dtype=np.int64) for j in range(query.width)])
+        np.column_stack([_ints(table.column(vote_alias(j))) for j in range(query.width)])
         if query.width
-        else np.zeros((len(rows), 0), dtype=np.int64)
+        else np.zeros((table.num_rows, 0), dtype=np.int64)
     )
-    return rows, matrix, np.asarray(got["g"], dtype=np.int64)
+    frame = table.select(list(inputs or [])).to_pandas()
+    return _ints(table.column(ROW_ID)), matrix, _ints(table.column(GOLD)), frame
 
 
-def lf_input_frame(cur: duckdb.DuckDBPyConnection, policy: Policy) -> tuple[np.ndarray, pd.DataFrame]:
-    """Row ids and the rows Python LFs see: the columns usable in labeling functions, ordered by row id."""
-    columns = sorted(policy.usable_columns(labeling=True))
-    sql = (
-        f"SELECT rowid AS {ROW_ID}, {', '.join(_q(c) for c in columns)} FROM {_q(policy.bounded_table)} ORDER BY rowid"
-    )
-    frame = _run(cur, sql).df()
-    rows = frame.pop(ROW_ID).to_numpy(dtype=np.int64)
-    return rows, frame
+def lf_inputs(policy: Policy) -> list[str]:
+    """The columns Python LFs see: those usable in labeling functions, by name."""
+    return sorted(policy.usable_columns(labeling=True))
+
+
+def patterns_of(matrix: np.ndarray, gold: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(votes p × m, gold p, counts p): the distinct rows of [matrix | gold] with their counts (what
+    `vote_patterns` has the engine compute, here over votes already in the gateway's process)."""
+    stacked = np.column_stack([matrix, gold]) if len(gold) else np.zeros((0, matrix.shape[1] + 1), dtype=np.int64)
+    unique, counts = np.unique(stacked, axis=0, return_counts=True)
+    unique = unique.reshape(len(counts), matrix.shape[1] + 1)
+    return unique[:, :-1], unique[:, -1], counts.astype(np.int64)

@@ -1,10 +1,10 @@
 """Declarative labeling functions: `{"name", "label", "when" | "keywords" | "regex"}`, validated against a policy
 and compiled to one SQL expression each.
 
-`when` is a condition in the SQL expression language WHERE accepts (sqlglot, dialect duckdb), checked by the same
+`when` is a condition in the SQL expression language WHERE accepts (sqlglot, read as DuckDB's), checked by the same
 validator with labeling-only columns allowed. `keywords` and `regex` are shortcuts compiled to such a condition
-and validated the same way. Votes follow Snorkel's encoding: abstain = -1, classes indexed by their order in the
-policy's `labels.classes`.
+and validated the same way; the compiled form is a sqlglot tree that each engine generates in its own dialect.
+Votes follow Snorkel's encoding: abstain = -1, classes indexed by their order in the policy's `labels.classes`.
 """
 
 from __future__ import annotations
@@ -79,12 +79,21 @@ class CompiledLF:
     label: str
     label_index: int
     condition: str  # the validated condition, as the author wrote it or as a shortcut compiled it
-    sql: str  # generated SQL over the pre-bounded table (columns quoted, casts made non-failing)
+    tree: exp.Expr  # its total form over the pre-bounded table (columns quoted, casts made non-failing)
     columns: tuple[str, ...]
 
     @property
-    def vote_sql(self) -> str:
-        return f"CASE WHEN ({self.sql}) THEN {self.label_index} ELSE {ABSTAIN} END"
+    def sql(self) -> str:
+        """The total form as text (one fixed dialect): what identifies the LF in a cache key."""
+        return self.tree.sql(dialect="duckdb")
+
+    @property
+    def vote(self) -> exp.Expr:
+        """The LF's vote on a row: its label's index where the condition holds, else ABSTAIN."""
+        return exp.Case(
+            ifs=[exp.If(this=exp.Paren(this=self.tree.copy()), true=exp.Literal.number(self.label_index))],
+            default=exp.Literal.number(ABSTAIN),
+        )
 
     def public(self) -> dict[str, Any]:
         return {"name": self.name, "kind": "sql", "label": self.label, "condition": self.condition}
@@ -227,7 +236,7 @@ def compile_lf(raw: Any, policy: Policy, seen: set[str]) -> CompiledLF:
         label=label,
         label_index=classes.index(label),
         condition=condition,
-        sql=checked.sql,
+        tree=checked.tree,
         columns=tuple(sorted(checked.columns)),
     )
 

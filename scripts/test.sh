@@ -7,5 +7,5 @@ bash scripts/browser.sh
 bash scripts/java.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/mypy gateway policies synth labeling_functions audit
+.venv/bin/mypy gateway policies synth labeling_functions audit tests benchmarks
 exec .venv/bin/python -m pytest -q "$@"

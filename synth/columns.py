@@ -20,29 +20,43 @@ from __future__ import annotations
 import datetime as dt
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from enum import StrEnum
+from typing import Any
 
 import numpy as np
 import pandas as pd
+from sqlglot import exp
 
 from policies.schema import NUMERIC_TYPES, Column, ColumnType, Policy, Usage
 
 MAX_BINS = 32
 
-Kind = Literal["int", "float", "date", "domain", "keys"]
+
+class BinKind(StrEnum):
+    """How a proxy column is cut into bins (see the module docstring)."""
+
+    INT = "int"
+    FLOAT = "float"
+    DATE = "date"
+    DOMAIN = "domain"
+    KEYS = "keys"
 
 
-def quote(name: str) -> str:
-    """A quoted SQL identifier."""
-    return '"' + name.replace('"', '""') + '"'
+def column(name: str) -> exp.Column:
+    """A quoted column of the pre-bounded table."""
+    return exp.column(name, quoted=True)
 
 
-def _sql_literal(value: Any) -> str:
-    if isinstance(value, bool):
-        return "TRUE" if value else "FALSE"
-    if isinstance(value, int):
-        return str(value)
-    return "'" + str(value).replace("'", "''") + "'"
+def _int(value: int) -> exp.Expr:
+    return exp.Literal.number(int(value))
+
+
+def _double(value: float) -> exp.Expr:
+    return exp.Cast(this=exp.Literal.number(repr(float(value))), to=exp.DataType.build("DOUBLE"))
+
+
+def _text(node: exp.Expr) -> exp.Expr:
+    return exp.Cast(this=node, to=exp.DataType.build("VARCHAR"))
 
 
 @dataclass(frozen=True)
@@ -51,7 +65,7 @@ class ColumnBins:
 
     name: str
     type: ColumnType
-    kind: Kind
+    kind: BinKind
     low: float = 0.0  # int / float: lower bound; date: 0 (offsets in days from `origin`)
     width: float = 1.0  # int / date: integers per bin; float: width of a bin
     n_bins: int = 0  # bins for values (the NULL bin comes on top, except for "keys")
@@ -62,7 +76,7 @@ class ColumnBins:
 
     @property
     def has_null_bin(self) -> bool:
-        return self.kind != "keys"
+        return self.kind != BinKind.KEYS
 
     @property
     def size(self) -> int:
@@ -70,34 +84,52 @@ class ColumnBins:
         return self.n_bins + (1 if self.has_null_bin else 0)
 
     def with_keys(self, keys: list[str]) -> ColumnBins:
-        return ColumnBins(self.name, self.type, "keys", n_bins=len(keys), labels=list(keys))
+        return ColumnBins(self.name, self.type, BinKind.KEYS, n_bins=len(keys), labels=list(keys))
 
-    # --- SQL over the pre-bounded table ------------------------------------------------------------------
+    # --- statements over the pre-bounded table ----------------------------------------------------------
 
-    def bin_sql(self) -> str:
-        """An expression giving each row's bin index (the NULL bin for NULL or out-of-domain values)."""
-        c = quote(self.name)
-        null_bin = self.n_bins
-        if self.kind in ("int", "float"):
-            idx = f"CAST(FLOOR((CAST({c} AS DOUBLE) - {self.low!r}) / {self.width!r}) AS BIGINT)"
-        elif self.kind == "date":
+    def bin_expr(self) -> exp.Expr:
+        """Each row's bin index (the NULL bin for NULL or out-of-domain values; for "keys", NULL for NULL values
+        and keys that were not released), as a tree every engine generates in its own dialect."""
+        c = column(self.name)
+        null_bin = _int(self.n_bins)
+        if self.kind in (BinKind.INT, BinKind.FLOAT):
+            offset = exp.Sub(
+                this=exp.Cast(this=c.copy(), to=exp.DataType.build("DOUBLE")), expression=_double(self.low)
+            )
+            idx: exp.Expr = exp.Floor(this=exp.Div(this=exp.Paren(this=offset), expression=_double(self.width)))
+        elif self.kind == BinKind.DATE:
             assert self.origin is not None
-            idx = f"CAST(FLOOR(date_diff('day', DATE '{self.origin.isoformat()}', {c}) / {self.width!r}) AS BIGINT)"
-        elif self.kind == "domain":
+            origin = exp.Cast(this=exp.Literal.string(self.origin.isoformat()), to=exp.DataType.build("DATE"))
+            days = exp.DateDiff(this=c.copy(), expression=origin, unit=exp.var("DAY"))
+            idx = exp.Floor(
+                this=exp.Div(this=exp.Cast(this=days, to=exp.DataType.build("DOUBLE")), expression=_double(self.width))
+            )
+        elif self.kind == BinKind.DOMAIN:
+            tests: list[tuple[exp.Expr, exp.Expr]]
             if self.type is ColumnType.BOOL:
-                cases = " ".join(f"WHEN {c} = {_sql_literal(bool(v))} THEN {i}" for i, v in enumerate(self.labels))
+                tests = [(c.copy(), exp.Boolean(this=bool(v))) for v in self.labels]
             elif self.type is ColumnType.INT:
-                cases = " ".join(f"WHEN {c} = {int(v)} THEN {i}" for i, v in enumerate(self.labels))
+                tests = [(c.copy(), _int(int(v))) for v in self.labels]
             else:
-                cases = " ".join(
-                    f"WHEN CAST({c} AS VARCHAR) = {_sql_literal(str(v))} THEN {i}" for i, v in enumerate(self.labels)
-                )
-            return f"(CASE {cases} ELSE {null_bin} END)"
-        else:  # keys: NULL for NULL values and for keys that were not released
-            keys = ", ".join(_sql_literal(str(v)) for v in self.labels) or "'\x00'"
-            return f"(list_position([{keys}], CAST({c} AS VARCHAR)) - 1)"
-        # LEAST / GREATEST skip NULLs in DuckDB, so NULL is tested first.
-        return f"(CASE WHEN {c} IS NULL THEN {null_bin} ELSE LEAST(GREATEST({idx}, 0), {self.n_bins - 1}) END)"
+                tests = [(_text(c.copy()), exp.Literal.string(str(v))) for v in self.labels]
+            return exp.Case(
+                ifs=[exp.If(this=exp.EQ(this=a, expression=b), true=_int(i)) for i, (a, b) in enumerate(tests)],
+                default=null_bin,
+            )
+        else:  # keys
+            if not self.labels:
+                return exp.Cast(this=exp.Null(), to=exp.DataType.build("BIGINT"))
+            keys = exp.Array(expressions=[exp.Literal.string(str(v)) for v in self.labels])
+            # The 1-based position, 0 (Spark) or NULL (DuckDB) when absent: NULL either way, minus one.
+            found = exp.Nullif(this=exp.ArrayPosition(this=keys, expression=_text(c)), expression=_int(0))
+            return exp.Paren(this=exp.Sub(this=found, expression=_int(1)))
+        clamped = exp.Least(
+            this=exp.Greatest(this=exp.Cast(this=idx, to=exp.DataType.build("BIGINT")), expressions=[_int(0)]),
+            expressions=[_int(self.n_bins - 1)],
+        )
+        # NULL is tested first: LEAST / GREATEST skip NULLs.
+        return exp.Case(ifs=[exp.If(this=exp.Is(this=c, expression=exp.Null()), true=null_bin)], default=clamped)
 
     def bin_of(self, s: pd.Series) -> np.ndarray:
         """Bin index of each value of a proxy column (the NULL bin, or -1 for keys, when it has none)."""
@@ -107,8 +139,8 @@ class ColumnBins:
         if not present.any():
             return out
         v = s[present]
-        if self.kind in ("int", "float", "date"):
-            if self.kind == "date":
+        if self.kind in (BinKind.INT, BinKind.FLOAT, BinKind.DATE):
+            if self.kind == BinKind.DATE:
                 assert self.origin is not None
                 x = (
                     pd.to_datetime(v).to_numpy().astype("datetime64[D]") - np.datetime64(self.origin.isoformat(), "D")
@@ -126,20 +158,20 @@ class ColumnBins:
 
     def bin_ranges(self) -> list[tuple[float, float]]:
         """Numeric extent [lo, hi] of each value bin (ints and dates: inclusive integers)."""
-        if self.kind in ("int", "date"):
+        if self.kind in (BinKind.INT, BinKind.DATE):
             w = int(self.width)
             top = int(self.high)
             return [(self.low + b * w, min(self.low + (b + 1) * w - 1, top)) for b in range(self.n_bins)]
-        if self.kind == "float":
+        if self.kind == BinKind.FLOAT:
             return [(self.low + b * self.width, self.low + (b + 1) * self.width) for b in range(self.n_bins)]
         return [(float(b), float(b)) for b in range(self.n_bins)]
 
     def bin_labels(self) -> list[str]:
-        if self.kind == "int":
+        if self.kind == BinKind.INT:
             return [f"{int(a)}" if a == b else f"{int(a)}–{int(b)}" for a, b in self.bin_ranges()]
-        if self.kind == "float":
+        if self.kind == BinKind.FLOAT:
             return [f"{a:,.6g}–{b:,.6g}" for a, b in self.bin_ranges()]
-        if self.kind == "date":
+        if self.kind == BinKind.DATE:
             assert self.origin is not None
             o = self.origin
             return [
@@ -151,13 +183,13 @@ class ColumnBins:
 
     def values(self, bins: np.ndarray, frac: np.ndarray) -> np.ndarray:
         """Values for bin indices, placed at fraction `frac` ∈ [0, 1) inside each bin (value bins only)."""
-        if self.kind in ("int", "date"):
+        if self.kind in (BinKind.INT, BinKind.DATE):
             ranges = np.asarray(self.bin_ranges(), dtype=np.float64)
             lo = ranges[bins, 0]
             count = ranges[bins, 1] - lo + 1
             out = (lo + np.floor(frac * count)).astype(np.int64)
             return out
-        if self.kind == "float":
+        if self.kind == BinKind.FLOAT:
             v = self.low + (bins + frac) * self.width
             v = np.clip(v, self.low, self.high)
             if self.scale > 0:
@@ -169,13 +201,13 @@ class ColumnBins:
     def to_series(self, values: np.ndarray, null: np.ndarray | None) -> pd.Series:
         """The proxy column in its output dtype; `null` marks rows that are NULL."""
         has_null = null is not None and bool(null.any())
-        if self.kind == "date":
+        if self.kind == BinKind.DATE:
             assert self.origin is not None
             days = np.datetime64(self.origin.isoformat(), "D") + values.astype("timedelta64[D]")
             s = pd.Series(days.astype("datetime64[ns]"))
-        elif self.kind == "int":
+        elif self.kind == BinKind.INT:
             s = pd.Series(values.astype(np.int64), dtype="Int64" if has_null else "int64")
-        elif self.kind == "float":
+        elif self.kind == BinKind.FLOAT:
             s = pd.Series(values.astype(np.float64))
         elif self.type is ColumnType.BOOL:
             s = pd.Series(values.astype(bool), dtype="boolean" if has_null else "bool")
@@ -208,7 +240,7 @@ class ColumnBins:
         return ColumnBins(
             name=d["name"],
             type=ColumnType(d["type"]),
-            kind=d["kind"],
+            kind=BinKind(d["kind"]),
             low=d["low"],
             width=d["width"],
             n_bins=d["n_bins"],
@@ -230,23 +262,24 @@ def column_bins(name: str, col: Column) -> ColumnBins | None:
     t = col.type
     if col.domain is not None or t is ColumnType.BOOL:
         labels = list(col.domain) if col.domain is not None else [False, True]
-        return ColumnBins(name, t, "domain", n_bins=len(labels), labels=labels)
+        return ColumnBins(name, t, BinKind.DOMAIN, n_bins=len(labels), labels=labels)
     if t is ColumnType.INT and col.bounds is not None:
         lo, hi = int(col.bounds[0]), int(col.bounds[1])
         width, n = _runs(hi - lo + 1)
-        return ColumnBins(name, t, "int", low=float(lo), width=float(width), n_bins=n, high=float(hi))
+        return ColumnBins(name, t, BinKind.INT, low=float(lo), width=float(width), n_bins=n, high=float(hi))
     if t in NUMERIC_TYPES and col.bounds is not None:
         lo_f, hi_f = float(col.bounds[0]), float(col.bounds[1])
-        return ColumnBins(
-            name, t, "float", low=lo_f, width=(hi_f - lo_f) / MAX_BINS, n_bins=MAX_BINS, high=hi_f, scale=col.scale
-        )
+        width_f = (hi_f - lo_f) / MAX_BINS
+        return ColumnBins(name, t, BinKind.FLOAT, low=lo_f, width=width_f, n_bins=MAX_BINS, high=hi_f, scale=col.scale)
     if t is ColumnType.DATE and col.bounds is not None:
         lo_d, hi_d = col.bounds
         days = (hi_d - lo_d).days + 1
         width, n = _runs(days)
-        return ColumnBins(name, t, "date", low=0.0, width=float(width), n_bins=n, high=float(days - 1), origin=lo_d)
+        return ColumnBins(
+            name, t, BinKind.DATE, low=0.0, width=float(width), n_bins=n, high=float(days - 1), origin=lo_d
+        )
     if t is ColumnType.CATEGORY:
-        return ColumnBins(name, t, "keys")  # keys come from DP key selection
+        return ColumnBins(name, t, BinKind.KEYS)  # keys come from DP key selection
     return None
 
 

@@ -1,7 +1,7 @@
 """The release check of a non-DP proxy: no proxy row may equal a private row, and DCR protection is reported.
 
 A non-DP proxy has no formal guarantee, so before it is released Bastion checks it against the private
-pre-bounded table (on the cursor the gateway passed in): any proxy row equal to a private row on every proxy
+pre-bounded table (through the engine the gateway passed in): any proxy row equal to a private row on every proxy
 column fails the check. SDMetrics' `NewRowSynthesis` and `DCRBaselineProtection` scores (on subsamples, for
 speed) are reported alongside. If the check fails, nothing is released.
 """
@@ -11,45 +11,44 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import duckdb
 import pandas as pd
+import pyarrow as pa
+from sqlglot import exp
 
-from synth.columns import ColumnBins, quote
+from policies.reader import Reader
+from synth.columns import BinKind, ColumnBins
 
 # SDMetrics' row-matching and DCR metrics are quadratic in the rows compared: they are estimated on samples of
 # this many private and proxy rows (the release gate itself, `exact_matches`, compares every row).
 SDMETRICS_SAMPLE = 500
 
 
-def exact_matches(con: duckdb.DuckDBPyConnection, table: str, proxy: pd.DataFrame, columns: list[ColumnBins]) -> int:
+def exact_matches(reader: Reader, table: str, proxy: pd.DataFrame, columns: list[ColumnBins]) -> int:
     """How many proxy rows equal some private row on all proxy columns (NULL equals NULL)."""
     if not columns or proxy.empty:
         return 0
-    view = "__bastion_proxy_check"
     frame = proxy[[c.name for c in columns]].copy()
     for c in columns:
-        if c.kind == "date":
+        if c.kind == BinKind.DATE:
             frame[c.name] = pd.to_datetime(frame[c.name]).dt.date
-    con.register(view, frame)
-    try:
-        cond = " AND ".join(
-            f"CAST(p.{quote(c.name)} AS {_sql_type(c)}) IS NOT DISTINCT FROM CAST(t.{quote(c.name)} AS {_sql_type(c)})"
-            for c in columns
-        )
-        rows = con.execute(
-            f"SELECT COUNT(*) FROM {view} p WHERE EXISTS (SELECT 1 FROM {quote(table)} t WHERE {cond})"
-        ).fetchall()
-    finally:
-        con.unregister(view)
+    with reader.frame("__bastion_proxy_check", pa.Table.from_pandas(frame, preserve_index=False)) as view:
+
+        def side(alias: str, c: ColumnBins) -> exp.Expr:
+            return exp.Cast(this=exp.column(c.name, table=alias, quoted=True), to=exp.DataType.build(_sql_type(c)))
+
+        same = exp.and_(*[exp.NullSafeEQ(this=side("p", c), expression=side("t", c)) for c in columns])
+        private = exp.select(exp.Literal.number(1)).from_(exp.alias_(exp.table_(table, quoted=True), "t")).where(same)
+        query = exp.select(exp.Count(this=exp.Star())).from_(exp.alias_(view, "p")).where(exp.Exists(this=private))
+        rows = reader.rows(query)
     return int(rows[0][0])
 
 
 def _sql_type(c: ColumnBins) -> str:
-    if c.kind == "date":
+    if c.kind == BinKind.DATE:
         return "DATE"
-    if c.kind == "float":
+    if c.kind == BinKind.FLOAT:
         return "DOUBLE"
-    if c.kind == "int":
+    if c.kind == BinKind.INT:
         return "BIGINT"
     return "VARCHAR"
 
@@ -83,7 +82,7 @@ def sdmetrics_scores(private: pd.DataFrame, proxy: pd.DataFrame, metadata: dict[
 
 
 def check_release(
-    con: duckdb.DuckDBPyConnection,
+    reader: Reader,
     table: str,
     private_sample: pd.DataFrame,
     proxy: pd.DataFrame,
@@ -92,7 +91,7 @@ def check_release(
     seed: int,
 ) -> dict[str, Any]:
     """The verdict on a non-DP proxy: `passed` is False if any proxy row equals a private row."""
-    matches = exact_matches(con, table, proxy, columns)
+    matches = exact_matches(reader, table, proxy, columns)
     scores = sdmetrics_scores(private_sample, proxy, metadata, seed)
     return {
         "passed": matches == 0,

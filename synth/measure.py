@@ -1,8 +1,10 @@
 """The DP measurements behind a proxy, and how a request's ε (and δ) is split across them.
 
-Input is a DuckDB cursor on the private database and the policy; `measure` reads only the pre-bounded table
-through aggregate queries (histograms and two-way tables), and every number it keeps has passed through an
-OpenDP mechanism from `policies.mechanisms`. It never opens a database and never pulls rows.
+Input is the gateway's engine (a `policies.reader.Reader`) and the policy; `measure` reads only the pre-bounded
+table through grouped aggregate statements (histograms and two-way tables), built as sqlglot trees that the
+engine generates in its own dialect, and every number it keeps has passed through an OpenDP mechanism from
+`policies.mechanisms`. It never opens a database and never pulls rows. `marginal_counts` and `pair_counts` are
+the exact aggregates before noise (what an engine must compute identically).
 
 Sensitivity: neighbouring datasets differ by all rows of one privacy unit, at most k = `max_rows_per_unit` rows
 of the pre-bounded table. Every row falls in exactly one bin of a histogram and in at most one cell of a
@@ -29,14 +31,15 @@ from dataclasses import dataclass
 from itertools import combinations
 from typing import Any
 
-import duckdb
 import numpy as np
+from sqlglot import exp
 
 from policies.errors import InvalidRequest
 from policies.mechanisms import release_integers, select_keys
+from policies.reader import Reader
 from policies.schema import Policy
 from policies.sensitivity import count_sensitivity
-from synth.columns import ColumnBins, ProxySchema, proxy_schema, quote
+from synth.columns import BinKind, ColumnBins, ProxySchema, column, proxy_schema
 from synth.copula import coarse_groups, group_thresholds, nearest_correlation, polychoric_fit, shrink
 from synth.model import DPCopulaModel, Marginal, PairTable
 
@@ -64,7 +67,7 @@ class Allocation:
 
     @property
     def delta_spent(self) -> float:
-        keyed = sum(1 for c in self.schema.columns if c.kind == "keys")
+        keyed = sum(1 for c in self.schema.columns if c.kind == BinKind.KEYS)
         return self.delta_key_selection * keyed
 
     def to_json(self) -> dict[str, Any]:
@@ -91,7 +94,7 @@ def allocate(policy: Policy, epsilon: float, delta: float = 0.0) -> Allocation:
     columns = list(schema.columns)
     dropped = dict(schema.dropped)
     if delta <= 0:
-        for c in [c for c in columns if c.kind == "keys"]:
+        for c in [c for c in columns if c.kind == BinKind.KEYS]:
             columns.remove(c)
             dropped[c.name] = "no public domain: DP key selection needs delta > 0"
     schema = ProxySchema(columns=columns, unit_column=schema.unit_column, dropped=dropped)
@@ -101,49 +104,89 @@ def allocate(policy: Policy, epsilon: float, delta: float = 0.0) -> Allocation:
     n_pairs = d * (d - 1) // 2
     eps_marg = (epsilon / 2 if n_pairs else epsilon) / d
     eps_pair = epsilon / 2 / n_pairs if n_pairs else 0.0
-    keyed = sum(1 for c in columns if c.kind == "keys")
+    keyed = sum(1 for c in columns if c.kind == BinKind.KEYS)
     return Allocation(schema, epsilon, delta, eps_marg, eps_pair, delta / keyed if keyed else 0.0)
 
 
-def _marginal(
-    con: duckdb.DuckDBPyConnection, table: str, col: ColumnBins, k: int, a: Allocation, candidates: int
-) -> Marginal:
-    if col.kind == "keys":
-        c = quote(col.name)
-        rows = con.execute(
-            f"SELECT CAST({c} AS VARCHAR) AS key, COUNT(*) FROM {quote(table)} WHERE {c} IS NOT NULL GROUP BY key"
-        ).fetchall()
+def _count() -> exp.Expr:
+    return exp.Count(this=exp.Star())
+
+
+def key_counts(reader: Reader, table: exp.Table, col: ColumnBins) -> dict[str, int]:
+    """Exact row counts of each present value of a column without a public domain (input to key selection)."""
+    key = exp.Cast(this=column(col.name), to=exp.DataType.build("VARCHAR"))
+    query = (
+        exp.select(key, _count())
+        .from_(table.copy())
+        .where(exp.Not(this=exp.Is(this=column(col.name), expression=exp.Null())))
+        .group_by(key.copy())
+    )
+    return {str(k): int(n) for k, n in reader.rows(query)}
+
+
+def marginal_counts(reader: Reader, table: exp.Table, col: ColumnBins) -> list[int]:
+    """Exact row counts of every bin of a column with a public bin layout (the NULL bin last)."""
+    b = exp.alias_(col.bin_expr(), "__b", quoted=True)
+    query = exp.select(b, _count()).from_(table.copy()).group_by(col.bin_expr())
+    counts = [0] * col.size
+    for i, n in reader.rows(query):
+        counts[int(i)] = int(n)
+    return counts
+
+
+def _marginal(reader: Reader, table: exp.Table, col: ColumnBins, k: int, a: Allocation, candidates: int) -> Marginal:
+    if col.kind == BinKind.KEYS:
         sel = select_keys(
-            {str(key): int(n) for key, n in rows}, k, a.epsilon_marginal, a.delta_key_selection, candidates=candidates
+            key_counts(reader, table, col), k, a.epsilon_marginal, a.delta_key_selection, candidates=candidates
         )
         keys = sorted(sel.kept)
         return Marginal(
             col.with_keys(keys), [int(sel.kept[key]) for key in keys], sel.scale, sel.epsilon, sel.delta, sel.threshold
         )
-    counts = [0] * col.size
-    for b, n in con.execute(f"SELECT {col.bin_sql()} AS b, COUNT(*) FROM {quote(table)} GROUP BY b").fetchall():
-        counts[int(b)] = int(n)
-    rel = release_integers(counts, count_sensitivity(k), a.epsilon_marginal)
+    rel = release_integers(marginal_counts(reader, table, col), count_sensitivity(k), a.epsilon_marginal)
     return Marginal(col, rel.values, rel.scale, rel.epsilon)
 
 
-def _group_sql(m: Marginal, groups: np.ndarray) -> str:
-    lookup = ", ".join(str(int(g)) for g in groups) + ", NULL"  # the NULL bin maps to NULL
-    return f"([{lookup}][{m.column.bin_sql()} + 1])"
-
-
-def _pair(con: duckdb.DuckDBPyConnection, table: str, ma: Marginal, mb: Marginal, k: int, eps: float) -> PairTable:
-    ga, gb = coarse_groups(ma.value_mass), coarse_groups(mb.value_mass)
-    na, nb = int(ga.max()) + 1, int(gb.max()) + 1
-    sql = (
-        f"SELECT ga, gb, COUNT(*) FROM (SELECT {_group_sql(ma, ga)} AS ga, {_group_sql(mb, gb)} AS gb "
-        f"FROM {quote(table)}) WHERE ga IS NOT NULL AND gb IS NOT NULL GROUP BY ga, gb"
+def _group_expr(column: ColumnBins, groups: np.ndarray) -> exp.Expr:
+    """The coarse group of each row's bin (NULL for the NULL bin and for unreleased keys)."""
+    lookup = exp.Array(expressions=[*(exp.Literal.number(int(g)) for g in groups), exp.Null()])
+    position = exp.Cast(
+        this=exp.Add(this=column.bin_expr(), expression=exp.Literal.number(1)), to=exp.DataType.build("INT")
     )
-    flat = [0] * (na * nb)
-    for i, j, n in con.execute(sql).fetchall():
-        flat[int(i) * nb + int(j)] = int(n)
-    rel = release_integers(flat, count_sensitivity(k), eps)
-    noisy = np.asarray(rel.values, dtype=np.int64).reshape(na, nb)
+    return exp.Bracket(this=lookup, expressions=[position], offset=1, safe=False)
+
+
+def pair_counts(
+    reader: Reader, table: exp.Table, a: ColumnBins, b: ColumnBins, ga: np.ndarray, gb: np.ndarray
+) -> np.ndarray:
+    """Exact row counts of the two-way table of two columns' coarse groups (rows with a NULL group left out)."""
+    inner = exp.select(
+        exp.alias_(_group_expr(a, ga), "__ga", quoted=True), exp.alias_(_group_expr(b, gb), "__gb", quoted=True)
+    ).from_(table.copy())
+    x, y = column("__ga"), column("__gb")
+    query = (
+        exp.select(x, y, _count())
+        .from_(exp.alias_(exp.Subquery(this=inner), "groups"))
+        .where(
+            exp.and_(
+                exp.Not(this=exp.Is(this=x.copy(), expression=exp.Null())),
+                exp.Not(this=exp.Is(this=y.copy(), expression=exp.Null())),
+            )
+        )
+        .group_by(x.copy(), y.copy())
+    )
+    na, nb = int(ga.max()) + 1, int(gb.max()) + 1
+    flat = np.zeros((na, nb), dtype=np.int64)
+    for i, j, n in reader.rows(query):
+        flat[int(i), int(j)] = int(n)
+    return flat
+
+
+def _pair(reader: Reader, table: exp.Table, ma: Marginal, mb: Marginal, k: int, eps: float) -> PairTable:
+    ga, gb = coarse_groups(ma.value_mass), coarse_groups(mb.value_mass)
+    exact = pair_counts(reader, table, ma.column, mb.column, ga, gb)
+    rel = release_integers([int(v) for v in exact.ravel()], count_sensitivity(k), eps)
+    noisy: np.ndarray = np.asarray(rel.values, dtype=np.int64).reshape(exact.shape)
     rho, lr = polychoric_fit(noisy, group_thresholds(ma.value_mass, ga), group_thresholds(mb.value_mass, gb), rel.scale)
     return PairTable(
         ma.column.name,
@@ -160,13 +203,14 @@ def _pair(con: duckdb.DuckDBPyConnection, table: str, ma: Marginal, mb: Marginal
 
 
 def measure(
-    con: duckdb.DuckDBPyConnection,
+    reader: Reader,
     table: str,
     policy: Policy,
     allocation: Allocation,
     progress: Progress = _no_progress,
 ) -> DPCopulaModel:
     """Run every DP measurement of `allocation` on the pre-bounded `table` and return the DP model."""
+    source = exp.table_(table, quoted=True)
     k = policy.max_rows_per_unit
     columns = allocation.schema.columns
     measured: list[Marginal | None] = []
@@ -175,7 +219,7 @@ def measure(
     dropped = dict(allocation.schema.dropped)
     for i, col in enumerate(columns):
         progress(i / steps, f"marginal of {col.name}")
-        m = _marginal(con, table, col, k, allocation, policy.key_candidates)
+        m = _marginal(reader, source, col, k, allocation, policy.key_candidates)
         if m.column.n_bins == 0:
             dropped[col.name] = "no key passed the DP key-selection threshold"
             measured.append(None)
@@ -192,7 +236,7 @@ def measure(
         if ma is None or mb is None:
             continue  # its share of ε stays spent (the plan was fixed before measuring)
         progress((len(columns) + n) / steps, f"correlation of {ma.column.name} and {mb.column.name}")
-        p = _pair(con, table, ma, mb, k, allocation.epsilon_pair)
+        p = _pair(reader, source, ma, mb, k, allocation.epsilon_pair)
         corr[kept.index(i), kept.index(j)] = corr[kept.index(j), kept.index(i)] = p.rho_used
         pairs.append(p)
     progress(1.0, "measured")

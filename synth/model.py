@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import ndtr
 
-from synth.columns import ColumnBins, fresh_ids
+from synth.columns import BinKind, ColumnBins, fresh_ids
 
 # A released bin count below this many noise scales is treated as empty: for an empty bin the chance that
 # discrete Laplace noise reaches 2·scale is about e^-2 / 2 ≈ 7%, so few phantom rows survive, while bins this
@@ -38,7 +38,7 @@ class Marginal:
     @property
     def cleaned(self) -> np.ndarray:
         v = np.asarray(self.noisy, dtype=np.float64)
-        if self.column.kind == "keys":
+        if self.column.kind == BinKind.KEYS:
             return np.clip(v, 0, None)
         floor = np.full(len(v), EMPTY_BELOW_SCALES * self.scale)
         floor[-1] = NULL_BELOW_SCALES * self.scale

@@ -21,12 +21,13 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-import duckdb
 import numpy as np
 import pandas as pd
+from sqlglot import exp
 
+from policies.reader import ROW_ID, Reader
 from policies.schema import ColumnType, Policy
-from synth.columns import ColumnBins, ProxySchema, fresh_ids, quote
+from synth.columns import BinKind, ColumnBins, ProxySchema, fresh_ids
 from synth.model import DPCopulaModel, inverse_cdf
 
 Progress = Callable[[float, str], None]
@@ -58,12 +59,12 @@ def sdv_metadata(columns: list[ColumnBins], *, latent: bool = False) -> Any:
     for c in columns:
         if latent:
             md.add_column(c.name, "proxy", sdtype="numerical")
-        elif c.kind == "int":
+        elif c.kind == BinKind.INT:
             md.add_column(c.name, "proxy", sdtype="numerical", decimal_places=0)
-        elif c.kind == "float":
+        elif c.kind == BinKind.FLOAT:
             places = max(0, int(round(-np.log10(c.scale)))) if 0 < c.scale < 1 else 0
             md.add_column(c.name, "proxy", sdtype="numerical", decimal_places=places)
-        elif c.kind == "date":
+        elif c.kind == BinKind.DATE:
             md.add_column(c.name, "proxy", sdtype="datetime", datetime_format="%Y-%m-%d")
         elif c.type is ColumnType.BOOL:
             md.add_column(c.name, "proxy", sdtype="boolean")
@@ -149,11 +150,11 @@ def _finish(frame: pd.DataFrame, schema_columns: list[ColumnBins], unit_column: 
         out[unit_column] = fresh_ids(len(frame))
     for c in schema_columns:
         s = frame[c.name].reset_index(drop=True)
-        if c.kind == "date":
+        if c.kind == BinKind.DATE:
             s = pd.to_datetime(s).dt.normalize()
-        elif c.kind == "int" or (c.kind == "domain" and c.type is ColumnType.INT):
+        elif c.kind == BinKind.INT or (c.kind == BinKind.DOMAIN and c.type is ColumnType.INT):
             s = s.round().astype("Int64" if s.isna().any() else "int64")
-        elif c.kind == "float":
+        elif c.kind == BinKind.FLOAT:
             s = s.astype(np.float64)
         elif c.type is ColumnType.BOOL:
             s = s.astype("boolean" if s.isna().any() else "bool")
@@ -180,7 +181,7 @@ def dp_proxy(
 
 
 def non_dp_proxy(
-    con: duckdb.DuckDBPyConnection,
+    reader: Reader,
     table: str,
     policy: Policy,
     schema: ProxySchema,
@@ -190,11 +191,23 @@ def non_dp_proxy(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """NOT differentially private: fit SDV on the private rows. Returns (proxy, the private rows used)."""
     columns = schema.columns
-    names = ", ".join(quote(c.name) for c in columns)
     progress(0.05, "reading the pre-bounded table")
-    private = con.execute(
-        f"SELECT {names} FROM {quote(table)} USING SAMPLE reservoir({NON_DP_FIT_ROWS} ROWS) REPEATABLE ({seed})"
-    ).df()
+    # A repeatable sample of the rows that every engine draws alike: the first rows by a hash of (row id, seed).
+    shuffle = exp.MD5(
+        this=exp.Concat(
+            expressions=[
+                exp.Cast(this=exp.column(ROW_ID, quoted=True), to=exp.DataType.build("VARCHAR")),
+                exp.Literal.string(f":{int(seed)}"),
+            ]
+        )
+    )
+    sample = (
+        exp.select(*[exp.column(c.name, quoted=True) for c in columns])
+        .from_(exp.table_(table, quoted=True))
+        .order_by(shuffle)
+        .limit(NON_DP_FIT_ROWS)
+    )
+    private = reader.arrow(sample).to_pandas()
     private = _finish(private, columns, None)
     progress(0.15, "fitting SDV on the private rows")
     sampled = fit_and_sample_sdv(private, columns, rows, seed, lambda f, s: progress(0.15 + 0.7 * f, s))

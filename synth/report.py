@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from policies.mechanisms import integer_accuracy
-from synth.columns import ColumnBins
+from synth.columns import BinKind, ColumnBins
 from synth.copula import group_thresholds, polychoric
 from synth.model import DPCopulaModel
 
@@ -100,7 +100,7 @@ def non_dp_fidelity(columns: list[ColumnBins], private: pd.DataFrame, proxy: pd.
     private rows it was fitted on, so the report adds no private histogram to the approved release."""
     out: dict[str, Any] = {}
     for col in columns:
-        if col.kind == "keys":  # bins from the proxy's own values: no private key is named
+        if col.kind == BinKind.KEYS:  # bins from the proxy's own values: no private key is named
             col = col.with_keys(sorted(set(map(str, proxy[col.name].dropna()))))
         real_p, proxy_p = _distribution(col, private[col.name]), _distribution(col, proxy[col.name])
         out[col.name] = {

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from gateway.demo import write_demo
+from gateway.engines.kind import EngineKind
 from gateway.http.app import create_app
 from gateway.service import Bastion
 from gateway.settings import Settings
@@ -27,20 +29,27 @@ BIN = Path(sys.executable).parent / "bastion"
 DEMO_ROWS = 60_000
 
 
+class AppClient(TestClient):
+    """A TestClient on the gateway's app. Starlette types `TestClient.app` as any ASGI callable; here it is always
+    the FastAPI app `create_app` built, whose `state` (the Bastion, the LF limits) tests read and set."""
+
+    app: FastAPI
+
+
 @dataclass
 class Workspace:
     settings: Settings
     tokens: dict[str, str]  # role -> token
 
-    def app(self) -> TestClient:
-        return TestClient(create_app(self.settings))
+    def app(self) -> AppClient:
+        return AppClient(create_app(self.settings))
 
     def headers(self, role: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.tokens[role]}"}
 
 
 def build_workspace(
-    root: Path, register: list[tuple[Path, Path]], roles: dict[str, str], *, engine: str = "duckdb"
+    root: Path, register: list[tuple[Path, Path]], roles: dict[str, str], *, engine: EngineKind = EngineKind.DUCKDB
 ) -> Workspace:
     settings = Settings(workspace=root / "ws", engine=engine)
     settings.save()

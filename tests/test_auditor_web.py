@@ -230,7 +230,8 @@ def test_auditor_page_in_headless_chromium(workspace: Workspace, server: str, tm
             page.reload()
             verdict = page.inner_text("#verdict")
             assert verdict == f"BROKEN: first bad record at line {target + 1}"
-            assert "broken" in page.get_attribute("#verdict", "class")
+            classes = page.get_attribute("#verdict", "class")
+            assert classes is not None and "broken" in classes
         finally:
             browser.close()
     assert shot.stat().st_size > 10_000

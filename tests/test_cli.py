@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ def _run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> tuple[Path, str]:
+def served(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     """`bastion demo` in a fresh directory (small data), then `bastion serve` on a free port."""
     made = _run("demo", "--no-serve", "--rows", "20000", cwd=tmp_path)
     assert made.returncode == 0, made.stderr

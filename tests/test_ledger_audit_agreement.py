@@ -66,7 +66,7 @@ def test_a_charge_whose_admitted_record_failed_is_recorded_as_an_orphan_first(
     workspace: Workspace, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real = AuditLog.append
-    failures = []
+    failures: list[dict] = []
 
     def fails_once(self: AuditLog, event: dict) -> dict:
         if not failures:

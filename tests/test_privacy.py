@@ -63,7 +63,9 @@ def test_bounded_table_keeps_at_most_k_rows_per_unit(heavy: DuckDBEngine) -> Non
     con = heavy.connect()
     per_unit = dict(con.execute("SELECT uid, COUNT(*) FROM bounded_heavy GROUP BY uid").fetchall())
     assert max(per_unit.values()) == K and per_unit[999] == K
-    assert con.execute("SELECT COUNT(*) FROM bounded_heavy").fetchone()[0] == 200 * 3 + K
+    total = con.execute("SELECT COUNT(*) FROM bounded_heavy").fetchone()
+    assert total is not None
+    assert total[0] == 200 * 3 + K
 
 
 def test_heavy_unit_moves_count_by_at_most_k_plus_noise(heavy: DuckDBEngine) -> None:
@@ -94,7 +96,9 @@ def test_noise_spread_matches_scale_and_intervals_cover(heavy: DuckDBEngine) -> 
     for _ in range(400):
         release = execute(plan, pricing, heavy)
         for (kind, value), cells in zip(release.rows, release.intervals, strict=True):
-            lo, hi = cells[1]
+            interval = cells[1]
+            assert interval is not None
+            lo, hi = interval
             errors.append(value - truth[kind])
             covered += lo <= truth[kind] <= hi
             n += 1
@@ -137,12 +141,15 @@ def test_pums_with_nulls_as_second_dataset(tmp_path: Path) -> None:
     policy = parse_policy({**yaml.safe_load((data / "pums.yaml").read_text()), "dataset": "pums_null"})
     cat = DuckDBEngine(tmp_path / "db.duckdb", tmp_path / "key", read_only=False)
     cat.register(policy, data / "PUMS_null.csv")
-    nulls = cat.connect().execute("SELECT COUNT(*) - COUNT(income) FROM bounded_pums_null").fetchone()[0]
-    assert nulls > 0
+    nulls = cat.connect().execute("SELECT COUNT(*) - COUNT(income) FROM bounded_pums_null").fetchone()
+    assert nulls is not None
+    assert nulls[0] > 0
     plan = plan_query(
         "SELECT sex, COUNT(income) AS n, AVG(income) AS m FROM pums_null GROUP BY sex", lambda n: cat.policy(n)[0]
     )
     release = execute(plan, price(plan, epsilon=5.0, accuracy=None, alpha=0.05, delta=None), cat)
     assert [r[0] for r in release.rows] == [0, 1]
     for row, cells in zip(release.rows, release.intervals, strict=True):
-        assert 0 <= cells[2][0] <= row[2] <= cells[2][1] <= 500_000
+        interval = cells[2]
+        assert interval is not None
+        assert 0 <= interval[0] <= row[2] <= interval[1] <= 500_000

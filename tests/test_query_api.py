@@ -170,7 +170,7 @@ def test_a_cache_that_cannot_be_written_does_not_turn_a_release_into_an_error(
     workspace: Workspace, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with workspace.app() as c:
-        core = c.app.state.bastion  # type: ignore[attr-defined]
+        core = c.app.state.bastion
 
         def full(*_: object) -> None:
             raise OSError(28, "No space left on device")

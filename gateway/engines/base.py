@@ -7,18 +7,17 @@ noise, post-processing, the ledger and the audit log — is the same whatever th
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-import pyarrow as pa
 from sqlglot import exp
 
 from gateway.engines.kind import EngineKind
 from policies.errors import GatewayError
+from policies.reader import ROW_ID, EngineError, Reader
 from policies.schema import Policy
 
-__all__ = ["CatalogError", "Engine", "EngineError", "EngineKind", "bounded", "registrable"]
+__all__ = ["ROW_ID", "CatalogError", "Engine", "EngineError", "EngineKind", "bounded", "registrable"]
 
 
 class CatalogError(GatewayError):
@@ -28,16 +27,10 @@ class CatalogError(GatewayError):
     code = "catalog_error"
 
 
-class EngineError(Exception):
-    """The engine refused or failed a statement. `message` is the engine's first line: shown only for statements
-    checked before any row is read (a bind check), never for one that read rows."""
+class Engine(Reader, Protocol):
+    """A reader of the bounded tables (`policies.reader.Reader`: rows, arrow, check, frame) that also registers
+    datasets and knows their policies."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class Engine(Protocol):
     kind: EngineKind
     dialect: str  # the sqlglot dialect this engine's SQL is generated in
     # Whether its pattern matching (regular expressions, any LIKE pattern) takes time linear in the text. Where it
@@ -53,24 +46,6 @@ class Engine(Protocol):
         ...
 
     def policy(self, dataset: str) -> tuple[Policy, str]: ...
-
-    def check(self, query: exp.Query) -> None:
-        """Bind `query` without reading a row; raise EngineError with the binder's message."""
-        ...
-
-    def rows(self, query: exp.Query) -> list[tuple[Any, ...]]:
-        """Run `query` over the bounded tables. Values come back as Python ints (sums and counts exact), floats,
-        str, datetime.date, bool or None, whatever the engine's own types."""
-        ...
-
-    def arrow(self, query: exp.Query) -> pa.Table:
-        """Run `query` and return its result as an Arrow table (for synthesis and labeling-function readers)."""
-        ...
-
-    def frame(self, name: str, table: pa.Table) -> contextlib.AbstractContextManager[exp.Table]:
-        """Make a non-private Arrow table readable by this engine's statements under a temporary name, for the
-        duration of the context (a synthetic proxy compared with the private rows, say)."""
-        ...
 
     def close(self) -> None: ...
 

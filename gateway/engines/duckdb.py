@@ -104,6 +104,8 @@ class DuckDBEngine:
         self.read_only = read_only
         self._con: duckdb.DuckDBPyConnection | None = None
         self._lock = threading.Lock()
+        self._local = threading.local()  # each thread's own cursor for statements (a cursor is not thread-safe)
+        self._generation = 0  # bumped by close(): threads then open new cursors
         self._policies: dict[str, tuple[Policy, str]] = {}
 
     # --- connection ---------------------------------------------------------------------------------------
@@ -120,8 +122,18 @@ class DuckDBEngine:
                     os.chmod(self.db_path, 0o600)
             return self._con.cursor()
 
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        """The calling thread's cursor for statements: the one a `frame` registers its table on, so the
+        statements run in that context see it."""
+        local = self._local
+        if getattr(local, "key", None) != (os.getpid(), self._generation):
+            local.cursor, local.key = self.connect(), (os.getpid(), self._generation)
+        cursor: duckdb.DuckDBPyConnection = local.cursor
+        return cursor
+
     def close(self) -> None:
         with self._lock:
+            self._generation += 1
             if self._con is not None:
                 self._con.close()
                 self._con = None
@@ -157,7 +169,7 @@ class DuckDBEngine:
                 key = recipe.bounding_key(self.key_path)
                 writer.register(_VALUES, recipe.with_digests(key, stream, stream.schema, recipe.kept_columns(policy)))
                 source = exp.table_(_VALUES, quoted=True)
-            built = recipe.ranked_query(policy, source)
+            built = recipe.ranked_query(policy, source, exp.Window(this=exp.RowNumber()))
             writer.execute("BEGIN TRANSACTION")
             writer.execute(exp.Create(this=table, kind="TABLE", replace=True, expression=built).sql(dialect="duckdb"))
             version = self._record(writer, policy, src)
@@ -229,25 +241,25 @@ class DuckDBEngine:
 
     def check(self, query: exp.Query) -> None:
         try:
-            self.connect().execute(f"DESCRIBE {self._sql(query)}").fetchall()
+            self._cursor().execute(f"DESCRIBE {self._sql(query)}").fetchall()
         except duckdb.Error as exc:
             raise EngineError(_first_line(exc)) from None
 
     def rows(self, query: exp.Query) -> list[tuple[Any, ...]]:
         try:
-            return [tuple(_python(v) for v in r) for r in self.connect().execute(self._sql(query)).fetchall()]
+            return [tuple(_python(v) for v in r) for r in self._cursor().execute(self._sql(query)).fetchall()]
         except duckdb.Error as exc:
             raise EngineError(type(exc).__name__) from None
 
     def arrow(self, query: exp.Query) -> pa.Table:
         try:
-            return self.connect().execute(self._sql(query)).to_arrow_table()
+            return self._cursor().sql(self._sql(query)).to_arrow_table()
         except duckdb.Error as exc:
             raise EngineError(type(exc).__name__) from None
 
     @contextlib.contextmanager
     def frame(self, name: str, table: pa.Table) -> Iterator[exp.Table]:
-        cur = self.connect()
+        cur = self._cursor()
         cur.register(name, table)
         try:
             yield exp.table_(name, quoted=True)

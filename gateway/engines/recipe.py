@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from sqlglot import exp
 
+from policies.reader import ROW_ID
 from policies.schema import NUMERIC_TYPES, Column, ColumnType, Policy, Usage
 
 DIGEST = "__digest"  # the column the digest is computed into, never kept
@@ -149,11 +150,13 @@ def values_query(policy: Policy, source: exp.Expr) -> exp.Select:
     return exp.select(*[exp.alias_(converted(n, cols[n]), n, quoted=True) for n in kept_columns(policy)]).from_(source)
 
 
-def ranked_query(policy: Policy, values: exp.Expr) -> exp.Select:
+def ranked_query(policy: Policy, values: exp.Expr, row_id: exp.Expr) -> exp.Select:
     """Over a table of converted values with their digest: the bounded table's columns of the rows ranked within k
-    in their unit (all rows when the unit is the row)."""
+    in their unit (all rows when the unit is the row), and `row_id`, the engine's expression of a unique BIGINT
+    per kept row, as ROW_ID (the identity labeling functions' per-row outputs are keyed by; never released)."""
     cols = policy.columns
     select = [out for n in kept_columns(policy) for out in outputs(n, cols[n])]
+    select.append(exp.alias_(row_id, ROW_ID, quoted=True))
     unit = policy.unit_column
     if unit is None:
         return exp.select(*select).from_(values)

@@ -1,7 +1,8 @@
 """The Apache Spark engine: the same plans, bounds and guarantees as DuckDB, on tables that outgrow one machine.
 
-One SparkSession per process (`settings.spark_master`: `local[N]` on one machine, a cluster's master URL
-otherwise; `settings.spark_conf` adds settings). Registration reads the source with Spark (Parquet; CSV with every
+One Spark context per process (`settings.spark_master`: `local[N]` on one machine, a cluster's master URL
+otherwise; `settings.spark_conf` adds settings), and a session of its own per engine on it (its views are its
+own). Registration reads the source with Spark (Parquet; CSV with every
 field as text), converts and bounds it with the shared recipe (`gateway.engines.recipe`, generated in Spark's
 dialect) and the shared keyed digest, computed in Python workers over Arrow batches (`mapInArrow`), so the secret
 key appears in no SQL text, plan, log line or UI, and both engines keep exactly the same rows. The bounded table is
@@ -24,6 +25,7 @@ file system for a cluster).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime as dt
 import decimal
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
     from gateway.settings import Settings
 
 CATALOG = "catalog.json"
+_ANALYSED = 256  # analysed statements kept per engine
 
 _session_lock = threading.Lock()
 _sessions: dict[tuple[str, str], SparkSession] = {}
@@ -110,15 +113,26 @@ class SparkEngine:
         self.key_path = settings.bounding_key
         self.read_only = read_only
         self._lock = threading.Lock()
+        self._session_lock = threading.Lock()
+        self._session: SparkSession | None = None
         self._catalog_stamp: tuple[float, int] | None = None
         self._datasets: dict[str, dict[str, Any]] = {}
         self._policies: dict[str, tuple[Policy, str]] = {}
         self._views: dict[str, str] = {}  # dataset → version its view reads
+        # Analysed statements by SQL text: the bind check before the charge analyses the statement the release then
+        # runs, so that run reuses the analysis (and Spark's plans) instead of repeating it. Cleared whenever a view
+        # moves to another version, so a statement never reads a version it was not analysed against.
+        self._analysed: collections.OrderedDict[str, DataFrame] = collections.OrderedDict()
 
     # --- session and catalog ------------------------------------------------------------------------------
 
     def session(self) -> SparkSession:
-        return spark_session(self.settings.spark_master, self.settings.spark_conf)
+        """This engine's own session on the process's Spark context: its temporary views (the bounded tables) are
+        its own, so two engines in one process (two workspaces, say) never read each other's tables."""
+        with self._session_lock:
+            if self._session is None:
+                self._session = spark_session(self.settings.spark_master, self.settings.spark_conf).newSession()
+            return self._session
 
     @property
     def _catalog_file(self) -> Path:
@@ -161,6 +175,7 @@ class SparkEngine:
                     spark = spark or self.session()
                     spark.read.parquet(entry["path"]).createOrReplaceTempView(bounded_table(name))
                     self._views[name] = entry["version"]
+                    self._analysed.clear()
 
     def datasets(self) -> dict[str, tuple[Policy, str]]:
         with self._lock:
@@ -220,7 +235,11 @@ class SparkEngine:
             schema = StructType([*values.schema.fields, StructField(recipe.DIGEST, StringType(), False)])
             values = values.mapInArrow(digest, schema)
         values.createOrReplaceTempView(values_view)
-        bounded = spark.sql(recipe.ranked_query(policy, exp.table_(values_view, quoted=True)).sql(dialect="spark"))
+        # Unique per row of the written table (partition number and position within it); never released.
+        row_id = exp.Anonymous(this="monotonically_increasing_id", expressions=[])
+        bounded = spark.sql(
+            recipe.ranked_query(policy, exp.table_(values_view, quoted=True), row_id).sql(dialect="spark")
+        )
         entries = dict(self._load())
         serial = int(entries.get(policy.dataset, {}).get("serial", 0)) + 1
         version = f"{serial}-{secrets.token_hex(4)}"
@@ -257,7 +276,18 @@ class SparkEngine:
 
     def _frame(self, query: exp.Query) -> DataFrame:
         self._ensure_views()
-        return self.session().sql(query.sql(dialect=self.dialect))
+        text = query.sql(dialect=self.dialect)
+        with self._lock:
+            frame = self._analysed.get(text)
+            if frame is not None:
+                self._analysed.move_to_end(text)
+                return frame
+        frame = self.session().sql(text)  # analysed here (names, types, functions); no row is read
+        with self._lock:
+            self._analysed[text] = frame
+            while len(self._analysed) > _ANALYSED:
+                self._analysed.popitem(last=False)
+        return frame
 
     def check(self, query: exp.Query) -> None:
         """Analyse the statement (names, types, functions) without running a job."""
@@ -283,17 +313,18 @@ class SparkEngine:
     @contextlib.contextmanager
     def frame(self, name: str, table: pa.Table) -> Iterator[exp.Table]:
         spark = self.session()
-        spark.createDataFrame(table.to_pandas()).createOrReplaceTempView(name)
+        spark.createDataFrame(table).createOrReplaceTempView(name)
         try:
             yield exp.table_(name, quoted=True)
         finally:
             spark.catalog.dropTempView(name)
 
     def close(self) -> None:
-        """Drop this engine's views (the session is the process's, shared by every engine on it)."""
+        """Drop this engine's views (the Spark context stays: it is the process's, shared by every engine on it)."""
         with self._lock:
             if self._views:
                 spark = self.session()
                 for name in self._views:
                     spark.catalog.dropTempView(bounded_table(name))
             self._views.clear()
+            self._analysed.clear()

@@ -1,4 +1,4 @@
-"""HTTP routes for labeling functions, and the one core function they call.
+"""HTTP routes for labeling functions (the core they call is `gateway.labeling`).
 
 POST /v1/lf/stats   DP coverage, overlap, conflict and accuracy of a set of LFs (declarative and registered Python)
 GET  /v1/lf/registry the registered (reviewed) Python LFs for the datasets you may label
@@ -10,22 +10,13 @@ released over the default input (an empty table) are the answer.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.http.dependencies import ERRORS, Core, Ctx, Number
-from gateway.service import Bastion, Context
-from gateway.stores.cache import cache_key
-from labeling_functions.analysis import compute_lf_stats, compute_lf_stats_default, plan_lf_stats, precheck
-from labeling_functions.registry import REGISTRY, Registry
-from labeling_functions.sandbox import SandboxLimits
-from policies.errors import GatewayError
-from policies.schema import Grant
-
-EVENT = "lf_stats"
+from gateway.labeling import lf_stats, registry_listing
 
 
 class LFSpec(BaseModel):
@@ -67,81 +58,14 @@ class LFStatsRequest(BaseModel):
     dry_run: bool = Field(default=False, description="report cost and half-widths without spending")
 
 
-def lf_stats(
-    bastion: Bastion,
-    ctx: Context,
-    body: LFStatsRequest,
-    *,
-    limits: SandboxLimits | None = None,
-    registry: Registry = REGISTRY,
-) -> dict[str, Any]:
-    """Authorise, validate and price, then charge → audit → run → release through `Bastion.run_private`."""
-    alpha = bastion.settings.default_alpha if body.alpha is None else body.alpha
-    request = body.model_dump(exclude_none=True)
-    for name in ("epsilon", "alpha"):  # the audit record is strict JSON: keep a NaN or an infinity as text
-        if isinstance(request.get(name), float) and not math.isfinite(request[name]):
-            request[name] = str(request[name])
-    policy, version = bastion.authorize(ctx, body.dataset, Grant.LABELING, request)
-    try:
-        plan = plan_lf_stats(
-            policy,
-            lfs=[lf.model_dump(exclude_none=True) for lf in body.lfs],
-            python_lfs=body.python_lfs,
-            epsilon=body.epsilon,
-            alpha=alpha,
-            label_model=body.label_model,
-            registry=registry,
-        )
-        precheck(plan, bastion.duckdb_cursor("labeling functions"))
-    except GatewayError as exc:
-        bastion.audit(
-            ctx,
-            EVENT,
-            dataset=policy.dataset,
-            request=request,
-            decision="denied",
-            reason=getattr(exc, "reason", exc.code),
-        )
-        raise
-    key = cache_key(EVENT, ctx.principal.name, policy.dataset, version, policy.fingerprint(), plan.normalized())
-    outputs = bastion.settings.outputs_dir
-
-    def compute() -> dict[str, Any]:
-        return compute_lf_stats(plan, bastion.duckdb_cursor("labeling functions"), limits=limits, outputs_dir=outputs)
-
-    def fallback() -> dict[str, Any]:
-        return compute_lf_stats_default(plan, outputs_dir=outputs)
-
-    return bastion.run_private(
-        ctx,
-        policy=policy,
-        event=EVENT,
-        request=request,
-        cost=plan.cost,
-        key=key,
-        compute=compute,
-        fallback=fallback,
-        dry_run=plan.dry_run() if body.dry_run else None,
-        kind=EVENT,
-    )
-
-
-def registry_listing(bastion: Bastion, ctx: Context, registry: Registry = REGISTRY) -> list[dict[str, Any]]:
-    """Registered Python LFs for the datasets on which the caller holds the labeling grant."""
-    allowed = {
-        name
-        for name, (policy, _) in bastion.engine.datasets().items()
-        if Grant.LABELING in policy.grants(ctx.principal.role)
-    }
-    return [entry.public() for entry in registry.entries() if entry.dataset in allowed]
-
-
 router = APIRouter(prefix="/v1/lf", tags=["labeling functions"], responses=ERRORS)
 
 
 @router.post("/stats", summary="DP coverage, overlap, conflict and accuracy of labeling functions")
 def post_lf_stats(body: LFStatsRequest, ctx: Ctx, bastion: Core, request: Request) -> dict[str, Any]:
-    return lf_stats(bastion, ctx, body, limits=getattr(request.app.state, "lf_limits", None))
+    return lf_stats(
+        bastion, ctx, body.model_dump(exclude_none=True), limits=getattr(request.app.state, "lf_limits", None)
+    )
 
 
 @router.get("/registry", summary="Registered (reviewed) Python labeling functions")

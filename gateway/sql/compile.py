@@ -16,6 +16,7 @@ What the trees guarantee, whatever the engine:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -235,11 +236,11 @@ def _linear_like(pattern: str) -> bool:
     return len(parts) == 3 and parts[0] == "" and parts[2] == "" and parts[1] != ""
 
 
-def backtracking_pattern(plan: Plan) -> str | None:
-    """The first pattern of the plan that a backtracking matcher (java.util.regex) would need, described for an
-    error; None if there is none. Such a matcher's running time on a crafted pattern depends on the row's text, so
-    engines without a linear-time matcher refuse these before the charge."""
-    trees = [plan.where, *(k.tree for k in plan.keys)]
+def backtracking_pattern(trees: Iterable[exp.Expr | None]) -> str | None:
+    """The first pattern in `trees` (a plan's WHERE and keys, labeling functions' conditions) that a backtracking
+    matcher (java.util.regex) would need, described for an error; None if there is none. Such a matcher's running
+    time on a crafted pattern depends on the row's text, so engines without a linear-time matcher refuse these
+    before the charge."""
     for tree in trees:
         if tree is None:
             continue

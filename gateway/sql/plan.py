@@ -185,6 +185,11 @@ class Plan:
     where: exp.Expr | None = None  # the WHERE condition's total form over the bounded table
 
     @property
+    def row_trees(self) -> list[exp.Expr]:
+        """The row-level expressions the plan evaluates on every bounded row: the WHERE condition and the keys."""
+        return [t for t in [self.where, *(k.tree for k in self.keys)] if t is not None]
+
+    @property
     def needs_key_selection(self) -> bool:
         return any(k.domain is None for k in self.keys)
 

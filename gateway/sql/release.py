@@ -5,6 +5,7 @@ every noisy cell. Post-processing runs on the public engine, over DP outputs onl
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,20 +50,26 @@ def _group(plan: Plan, row: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(canonical(v, k.typed.type) for v, k in zip(row, plan.keys, strict=False))
 
 
+def refuse_backtracking(engine: Engine, trees: Iterable[exp.Expr | None]) -> None:
+    """On an engine without a linear-time matcher, refuse (before the charge) the patterns it would backtrack on."""
+    if engine.regex:
+        return
+    pattern = comp.backtracking_pattern(trees)
+    if pattern is not None:
+        raise QueryRejected(
+            f"{pattern} would run on {engine.kind.value}'s backtracking matcher, whose time depends on the rows",
+            reason="engine_unsupported",
+            hint="use LIKE 'abc%', '%abc', '%abc%' or 'abc%def', or starts_with / contains / ends_with",
+        )
+
+
 def bind_check(plan: Plan, engine: Engine) -> None:
-    """Bind every statement the plan will run without reading a row (its empty form; post-processing over an
-    empty released table), so that an error an engine's binder finds — which depends on the schema and the query
-    only — is a 400 before the charge instead of a failure after it."""
-    if not engine.regex:
-        pattern = comp.backtracking_pattern(plan)
-        if pattern is not None:
-            raise QueryRejected(
-                f"{pattern} would run on {engine.kind.value}'s backtracking matcher, whose time depends on the rows",
-                reason="engine_unsupported",
-                hint="use LIKE 'abc%', '%abc', '%abc%' or 'abc%def', or starts_with / contains / ends_with",
-            )
+    """Bind every statement the plan will run, without reading a row (and post-processing over an empty released
+    table), so that an error an engine's binder finds — which depends on the schema and the query only — is a 400
+    before the charge instead of a failure after it. An engine may keep what it analysed for the run."""
+    refuse_backtracking(engine, plan.row_trees)
     try:
-        for statement in comp.statements(plan, empty=True):
+        for statement in comp.statements(plan):  # the statements the release runs (binding reads no row)
             engine.check(statement)
     except EngineError as exc:
         raise QueryRejected(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from typing import Any
 
 import pytest
 
@@ -62,6 +63,7 @@ def test_get_event_comes_with_a_verifiable_inclusion_proof(busy) -> None:
     assert proof.record == json.loads(lines[7]) and proof.signed and proof.included
     cp = proof.checkpoint
     assert cp is not None and cp.tree_size == 21
+    assert proof.proof is not None
     assert verify_inclusion(
         leaf_hash(lines[7]), 7, cp.tree_size, [bytes.fromhex(p) for p in proof.proof], bytes.fromhex(cp.root_hash)
     )
@@ -76,7 +78,8 @@ def test_get_event_comes_with_a_verifiable_inclusion_proof(busy) -> None:
 def test_get_event_newer_than_the_latest_checkpoint_has_no_proof_yet(busy, make_event) -> None:
     busy.append(make_event(999))
     proof = get_event(busy.directory, 21)
-    assert proof.proof is None and not proof.included and proof.checkpoint.tree_size == 21
+    assert proof.proof is None and not proof.included
+    assert proof.checkpoint is not None and proof.checkpoint.tree_size == 21
 
 
 def test_consistency_proof_between_checkpoints(busy) -> None:
@@ -112,7 +115,7 @@ def test_csv_export_flattens_and_defuses_formulas(make_event) -> None:
 
 
 def test_privacy_spend_per_principal_and_dataset(busy) -> None:
-    caps = {
+    caps: dict[str, dict[str, Any]] = {
         "visits": {"epsilon": 1.5, "delta": 1e-5, "per_principal": {"epsilon": 1.0, "delta": 1e-6}},
         "claims": {"epsilon": 20.0, "delta": 1e-5},
     }

@@ -13,6 +13,7 @@ import yaml
 
 from gateway.demo import POLICY_YAML, generate_visits
 from gateway.engines.duckdb import DuckDBEngine
+from gateway.engines.kind import EngineKind
 from gateway.settings import Settings
 from policies.schema import parse_policy
 
@@ -34,7 +35,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     root = tmp_path_factory.mktemp("engines")
     source = root / "visits.parquet"
     pq.write_table(generate_visits(20_000, seed=11), source)
-    settings = Settings(workspace=root, engine="spark")
+    settings = Settings(workspace=root, engine=EngineKind.SPARK)
     duck = DuckDBEngine(settings.database, settings.bounding_key, read_only=False)
     duck.register(POLICY, source)
     spark = SparkEngine(settings, read_only=False)

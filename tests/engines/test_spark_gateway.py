@@ -1,5 +1,5 @@
-"""The gateway on the Spark engine: the same API, the same charges, the same audit trail; what Spark cannot do
-safely or yet is refused before anything is charged."""
+"""The gateway on the Spark engine: the same API (queries, labeling functions, synthetic proxies), the same
+charges, the same audit trail; what Spark cannot do safely is refused before anything is charged."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from gateway.engines.kind import EngineKind
 from tests.conftest import ROLES, Workspace, build_workspace
+from tests.synth.helpers import proxy_frame, wait
 
 pytestmark = pytest.mark.spark
 
@@ -16,7 +18,7 @@ pytestmark = pytest.mark.spark
 def spark_ws(tmp_path_factory: pytest.TempPathFactory, demo_source: tuple[Path, Path]) -> Workspace:
     root = tmp_path_factory.mktemp("spark-gateway")
     data, policy = demo_source
-    return build_workspace(root, [(policy, data)], ROLES, engine="spark")
+    return build_workspace(root, [(policy, data)], ROLES, engine=EngineKind.SPARK)
 
 
 def _spent(client, headers) -> float:
@@ -40,23 +42,50 @@ def test_a_query_is_answered_charged_and_audited(spark_ws: Workspace) -> None:
     assert any(e.get("phase") == "released" for e in events)
 
 
+def test_labeling_function_statistics_are_answered_charged_and_audited(spark_ws: Workspace) -> None:
+    client, headers = spark_ws.app(), spark_ws.headers("lf_author")
+    before = _spent(client, headers)
+    lfs = [
+        {"name": "old", "when": "age > 60", "label": "urgent"},
+        {"name": "pain", "keywords": {"column": "triage_note", "any": ["pain"]}, "label": "urgent"},
+        {"name": "short", "when": "length_of_stay = 0", "label": "routine"},
+    ]
+    body = {"dataset": "visits", "epsilon": 1, "lfs": lfs, "python_lfs": ["urgent_diagnosis"], "label_model": True}
+    r = client.post("/v1/lf/stats", json=body, headers=headers)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert [lf["name"] for lf in answer["lfs"]] == ["old", "pain", "short", "urgent_diagnosis"]
+    assert answer["label_model"]["output"]
+    assert _spent(client, headers) == pytest.approx(before + 1.0)
+    page = client.get("/v1/audit/events", params={"event": "lf_stats"}, headers=spark_ws.headers("auditor")).json()
+    assert {"admitted", "released"} <= {e.get("phase") for e in page["events"]}
+
+
+def test_a_dp_synthetic_proxy_is_built_on_spark(spark_ws: Workspace) -> None:
+    client, headers = spark_ws.app(), spark_ws.headers("analyst")
+    before = _spent(client, headers)
+    body = {"dataset": "visits", "epsilon": 1, "rows": 300, "seed": 4, "method": "dpcopula_direct", "delta": 1e-7}
+    r = client.post("/v1/synth", json=body, headers=headers)
+    assert r.status_code == 200, r.text
+    job = wait(client, headers, r.json()["job_id"])
+    assert job["status"] == "done", job
+    frame = proxy_frame(client, headers, job["job_id"])
+    assert len(frame) == 300 and {"age", "sex", "region", "income", "visit_day"} <= set(frame.columns)
+    assert _spent(client, headers) == pytest.approx(before + 1.0)
+
+
 @pytest.mark.parametrize(
-    ("path", "body"),
+    "lf",
     [
-        (
-            "/v1/lf/stats",
-            {"dataset": "visits", "epsilon": 1, "lfs": [{"name": "old", "when": "age > 60", "label": "urgent"}]},
-        ),
-        ("/v1/synth", {"dataset": "visits", "epsilon": 1, "rows": 100}),
+        {"name": "rx", "regex": {"column": "triage_note", "pattern": "(a|aa)+b"}, "label": "urgent"},
+        {"name": "like", "when": "triage_note LIKE '%a%a%b'", "label": "urgent"},
     ],
 )
-def test_what_spark_cannot_run_yet_is_refused_before_the_charge(spark_ws: Workspace, path: str, body: dict) -> None:
-    role = "lf_author" if "lf" in path else "analyst"
-    client, headers = spark_ws.app(), spark_ws.headers(role)
+def test_a_backtracking_labeling_function_is_refused_before_the_charge(spark_ws: Workspace, lf: dict) -> None:
+    client, headers = spark_ws.app(), spark_ws.headers("lf_author")
     before = _spent(client, headers)
-    r = client.post(path, json=body, headers=headers)
-    assert r.status_code == 400, r.text
-    assert "duckdb engine only" in r.json()["error"]["message"]
+    r = client.post("/v1/lf/stats", json={"dataset": "visits", "epsilon": 1, "lfs": [lf]}, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["reason"] == "engine_unsupported", r.text
     assert _spent(client, headers) == before
 
 

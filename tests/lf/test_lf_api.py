@@ -25,6 +25,7 @@ from labeling_functions.analysis import (
     compute_lf_stats_default,
     plan_lf_stats,
 )
+from policies.reader import EmptyReader, EngineError
 from tests.conftest import Workspace
 from tests.lf.test_lf_sandbox import shape
 
@@ -188,20 +189,23 @@ def test_engine_failures_after_the_charge_carry_no_detail_and_the_default_has_th
     try:
         policy, _ = bastion.engine.policy("visits")
         plan = plan_lf_stats(policy, lfs=LFS, epsilon=1.0, alpha=0.05, label_model=True)
-        real = compute_lf_stats(plan, bastion.engine.connect(), outputs_dir=workspace.settings.outputs_dir)
+        real = compute_lf_stats(plan, bastion.engine, outputs_dir=workspace.settings.outputs_dir)
     finally:
         bastion.close()
 
-    class FailingCursor:
-        def execute(self, *_: Any) -> Any:
-            raise duckdb.ConversionException("Could not convert string 'row contents: chest pain' to INT32")
+    class FailingEngine(EmptyReader):
+        """Fails every statement the way an engine does: with the error's class only."""
 
-        def register(self, *_: Any) -> None: ...
+        def arrow(self, query: Any) -> Any:
+            try:
+                raise duckdb.ConversionException("Could not convert string 'row contents: chest pain' to INT32")
+            except duckdb.Error as exc:
+                raise EngineError(type(exc).__name__) from None
 
-        def unregister(self, *_: Any) -> None: ...
+        rows = arrow
 
     with pytest.raises(LFRunFailed) as info:
-        compute_lf_stats(plan, FailingCursor(), outputs_dir=workspace.settings.outputs_dir)  # type: ignore[arg-type]
+        compute_lf_stats(plan, FailingEngine(), outputs_dir=workspace.settings.outputs_dir)
     err = info.value
     assert type(err) is LFEngineFailed and err.reason == "engine"
     assert "row contents" not in str(err) and err.__context__ is None and err.__cause__ is None

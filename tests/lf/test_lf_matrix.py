@@ -1,5 +1,5 @@
 """The compiled SQL label matrix is exactly Snorkel's PandasLFApplier output for equivalent Python LFs, and the
-statistics computed from DuckDB's vote patterns are exactly Snorkel's LFAnalysis on that matrix."""
+statistics computed from the engine's vote patterns are exactly Snorkel's LFAnalysis on that matrix."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from snorkel.labeling import LFAnalysis, PandasLFApplier, labeling_function
 
 from gateway.service import Bastion
 from labeling_functions.analysis import plan_lf_stats, run_lfs
-from labeling_functions.matrix import VoteQuery, label_matrix, lf_input_frame, vote_patterns
+from labeling_functions.matrix import VoteQuery, label_matrix, lf_inputs, vote_patterns
 from labeling_functions.registry import REGISTRY
 from labeling_functions.sandbox import LFRef, SandboxLimits, apply_python_lfs
 from labeling_functions.specs import compile_lfs
@@ -141,21 +141,19 @@ def _assert_exact_matches_snorkel(exact: ExactStatistics, L: np.ndarray, gold: n
 
 def test_sql_label_matrix_equals_pandas_lf_applier(private: tuple[Bastion, Policy]) -> None:
     bastion, policy = private
-    cur = bastion.engine.connect()
+    cur = bastion.engine
     compiled = compile_lfs(SQL_LFS, policy)
     query = VoteQuery(policy, tuple(compiled))
-    rows, matrix, gold = label_matrix(cur, query)
-
-    frame_rows, frame = lf_input_frame(cur, policy)
+    rows, matrix, gold, frame = label_matrix(cur, query, lf_inputs(policy))
     expected = PandasLFApplier(PY_EQUIVALENTS).apply(frame, progress_bar=False)
 
-    assert np.array_equal(rows, frame_rows)
+    assert len(set(rows.tolist())) == len(rows) and np.array_equal(rows, np.sort(rows))
     assert matrix.shape == expected.shape == (len(frame), len(SQL_LFS))
     assert np.array_equal(matrix, expected)
     assert (matrix != ABSTAIN).any(axis=0)[:6].all()  # the LFs do fire (the case-sensitive one need not)
     assert set(np.unique(gold)) == {URGENT, ROUTINE}
 
-    # Statistics from DuckDB's GROUP BY over vote patterns equal Snorkel's LFAnalysis on the full matrix.
+    # Statistics from the engine's GROUP BY over vote patterns equal Snorkel's LFAnalysis on the full matrix.
     votes, pattern_gold, counts = vote_patterns(cur, query)
     assert len(counts) < 2_000 and counts.sum() == len(frame)
     _assert_exact_matches_snorkel(ExactStatistics.from_patterns(votes, counts, pattern_gold, 2), expected, gold)
@@ -163,9 +161,9 @@ def test_sql_label_matrix_equals_pandas_lf_applier(private: tuple[Bastion, Polic
 
 def test_python_lfs_in_the_sandbox_join_the_sql_votes_row_by_row(private: tuple[Bastion, Policy]) -> None:
     bastion, policy = private
-    cur = bastion.engine.connect()
+    cur = bastion.engine
     names = ["urgent_diagnosis", "red_flag_words", "routine_words", "stay_and_age"]
-    _, frame = lf_input_frame(cur, policy)
+    *_, frame = label_matrix(cur, VoteQuery(policy, ()), lf_inputs(policy))
     lfs = [REGISTRY.get(n) for n in names]
     in_process = PandasLFApplier(
         [getattr(__import__(e.module, fromlist=[e.attribute]), e.attribute) for e in lfs]
@@ -176,5 +174,5 @@ def test_python_lfs_in_the_sandbox_join_the_sql_votes_row_by_row(private: tuple[
 
     plan = plan_lf_stats(policy, lfs=SQL_LFS[:3], python_lfs=names, epsilon=1.0, alpha=0.05)
     run = run_lfs(plan, cur, limits=SandboxLimits(seconds=120))
-    _, sql_matrix, gold = label_matrix(cur, VoteQuery(policy, plan.declarative))
+    _, sql_matrix, gold, _ = label_matrix(cur, VoteQuery(policy, plan.declarative))
     _assert_exact_matches_snorkel(run.exact, np.hstack([sql_matrix, in_process]), gold)

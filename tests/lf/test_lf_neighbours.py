@@ -150,17 +150,17 @@ def test_neighbouring_datasets_answer_with_the_same_status_code_and_shape(
 def test_the_neighbours_differ_in_exactly_one_unit(neighbours: tuple[Workspace, Workspace]) -> None:
     import duckdb
 
-    counts = []
+    counts: list[tuple[Any, ...]] = []
     for ws in neighbours:
         con = duckdb.connect(str(ws.settings.database), read_only=True)
         try:
-            counts.append(
-                con.execute(
-                    "SELECT COUNT(*), COUNT(*) FILTER (WHERE length_of_stay = 0), "
-                    "MAX(n) FROM (SELECT *, COUNT(*) OVER (PARTITION BY patient_id) AS n "
-                    'FROM "bounded_visits")'
-                ).fetchone()
-            )
+            row = con.execute(
+                "SELECT COUNT(*), COUNT(*) FILTER (WHERE length_of_stay = 0), "
+                "MAX(n) FROM (SELECT *, COUNT(*) OVER (PARTITION BY patient_id) AS n "
+                'FROM "bounded_visits")'
+            ).fetchone()
+            assert row is not None
+            counts.append(row)
         finally:
             con.close()
     (rows_d, zero_d, most_d), (rows_p, zero_p, most_p) = counts

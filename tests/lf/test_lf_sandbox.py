@@ -93,7 +93,7 @@ def test_misbehaving_python_lfs_are_contained_and_the_gateway_keeps_serving(
         bastion = c.app.state.bastion
         policy, _ = bastion.engine.policy("visits")
         plan = plan_lf_stats(policy, lfs=[], python_lfs=["test_only_returns_undeclared_label"], epsilon=1.0, alpha=0.05)
-        assert run_lfs(plan, bastion.engine.connect()).exact.coverage.tolist() == [0]
+        assert run_lfs(plan, bastion.engine).exact.coverage.tolist() == [0]
 
     # The audit record names the failure class of the runs that fell back; the host log never quotes a row.
     released = [

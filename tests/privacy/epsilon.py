@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from scipy.stats import beta, norm
@@ -93,7 +93,8 @@ def tail_event(releases: Any, exact_a: Any, exact_b: Any) -> np.ndarray:
         raise ValueError("the two exact vectors are equal: no tail event separates D from D′")
     upper = a[differ] > b[differ]
     cols = draws[:, differ]
-    return np.where(upper, cols >= a[differ], cols <= a[differ]).all(axis=1)
+    # `cols` is 2-D, so `.all(axis=1)` is an array (numpy's stubs also allow a scalar bool)
+    return cast(np.ndarray, np.where(upper, cols >= a[differ], cols <= a[differ]).all(axis=1))
 
 
 def tail_hits(releases: Any, exact_a: Any, exact_b: Any) -> int:
@@ -101,7 +102,13 @@ def tail_hits(releases: Any, exact_a: Any, exact_b: Any) -> int:
     return int(tail_event(releases, exact_a, exact_b).sum())
 
 
-def best_event(p_a: Sequence[float], p_b: Sequence[float], n_a: int, n_b: int, confidence: float = 0.99) -> list[int]:
+def best_event(
+    p_a: Sequence[float] | np.ndarray,
+    p_b: Sequence[float] | np.ndarray,
+    n_a: int,
+    n_b: int,
+    confidence: float = 0.99,
+) -> list[int]:
     """A set of outcomes of a finite-output mechanism to test, chosen from its exact output distributions.
 
     `p_a` and `p_b` are the probabilities of each outcome on D and D′ (computed, not sampled). Outcomes are ranked

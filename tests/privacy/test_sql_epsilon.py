@@ -490,7 +490,7 @@ def test_synth_marginal(neighbours: Neighbours) -> None:
         calls: list[Any] = []
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(synth_measure, "release_integers", _recording(calls, mech.release_integers))
-            synth_measure.measure(catalog.connect(), POLICY.bounded_table, POLICY, allocation)
+            synth_measure.measure(catalog, POLICY.bounded_table, POLICY, allocation)
         recorded.append(calls[kind])
     (va, d_in, eps), (vb, d_in_b, eps_b) = ((c["values"], c["d_in"], c["epsilon"]) for c in recorded)
     assert (d_in, eps) == (d_in_b, eps_b) and eps == pytest.approx(allocation.epsilon_marginal)

@@ -59,7 +59,7 @@ def test_every_measurement_is_an_opendp_release_and_they_add_up(workspace: Works
     try:
         policy, _ = bastion.engine.policy("visits")
         allocation = allocate(policy, 0.8, 1e-7)
-        model = measure(bastion.engine.connect(), "bounded_visits", policy, allocation)
+        model = measure(bastion.engine, "bounded_visits", policy, allocation)
     finally:
         bastion.close()
     assert sum(e for _, e, _ in spent) <= 0.8 * (1 + 1e-12)
