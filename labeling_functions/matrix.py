@@ -98,13 +98,14 @@ def check_binds(reader: Reader, policy: Policy, lfs: list[CompiledLF]) -> None:
     for lf in lfs:
         try:
             reader.check(exp.select(lf.vote).from_(_table(policy)))
-        except EngineError:
+        except EngineError as exc:  # the binder's message depends on the schema and the condition only
             types = ", ".join(f"{c} ({policy.columns[c].type.value})" for c in lf.columns if c in policy.columns)
             raise QueryRejected(
-                f"labeling function {lf.name!r}: the condition does not type-check against the "
-                f"columns it uses: {types or 'none'}",
+                f"labeling function {lf.name!r}: the engine cannot compile the condition over the columns it uses, "
+                f"{types or 'none'}: {exc.message}",
                 reason="invalid_condition",
-                hint="compare each column with values of its type (GET /v1/datasets)",
+                hint="compare each column with values of its type (GET /v1/datasets); some functions exist on one "
+                "engine only",
             ) from None
 
 

@@ -114,6 +114,8 @@ _DATE_FUNCS: dict[type[exp.Expr], str] = {
     exp.Week: "week",
 }
 
+_PAST_THE_END = 2**31 - 1  # a split_part index beyond any text's parts: '' on every engine
+
 ROW_FUNCTIONS = (
     "abs, sign, floor, ceil, round, trunc, sqrt, cbrt, ln, log, exp, power, greatest, least, isnan, isinf, "
     "lower, upper, trim, ltrim, rtrim, reverse, length, contains, starts_with, ends_with, strpos, substring, left, "
@@ -141,6 +143,33 @@ def _depth(tree: exp.Expr) -> int:
 
 def _call(name: str, *args: exp.Expr) -> exp.Expr:
     return exp.Anonymous(this=name, expressions=list(args))
+
+
+def _number_literal(tree: exp.Expr) -> float | None:
+    """The value of a number literal (possibly cast, as integer literals are compiled), else None."""
+    while isinstance(tree, exp.Cast | exp.Paren):
+        tree = tree.this
+    if isinstance(tree, exp.Neg):
+        inner = _number_literal(tree.this)
+        return None if inner is None else -inner
+    if isinstance(tree, exp.Literal) and not tree.is_string:
+        return float(tree.this)
+    return None
+
+
+def _calendar_diff(unit: str, end: exp.Expr, start: exp.Expr) -> exp.Expr:
+    """date_diff in months, quarters or years as DuckDB counts them: the calendar boundaries crossed from `start` to
+    `end` (Spark's datediff counts whole elapsed units instead), from the dates' year and month in every engine."""
+
+    def part(name: str, date: exp.Expr) -> exp.Expr:
+        return exp.Extract(this=exp.var(name), expression=date.copy())
+
+    years = exp.Sub(this=part("YEAR", end), expression=part("YEAR", start))
+    if unit == "year":
+        return years
+    per_year, name = (12, "MONTH") if unit == "month" else (4, "QUARTER")
+    within = exp.Sub(this=part(name, end), expression=part(name, start))
+    return exp.Add(this=exp.Mul(this=exp.Paren(this=years), expression=exp.Literal.number(per_year)), expression=within)
 
 
 def select_first(conditions: list[exp.Expr], values: list[exp.Expr]) -> exp.Expr:
@@ -535,6 +564,14 @@ class Checker:
         if isinstance(n, exp.Greatest | exp.Least):
             items = [self._check(a) for a in [n.this, *n.expressions]]
             typed = self._unify_all(items, n)
+            literals = [v for v in (_number_literal(i.tree) for i in items) if v is not None]
+            if typed.type is SqlType.INT and typed.bounded and literals:
+                # Both engines skip NULL arguments, so the result is one of the arguments' values; a literal is never
+                # NULL, so GREATEST is at least (LEAST at most) every literal among them.
+                if isinstance(n, exp.Greatest):
+                    typed = int_range(max(typed.lo, max(literals)), typed.hi)  # type: ignore[type-var]
+                else:
+                    typed = int_range(typed.lo, min(typed.hi, min(literals)))  # type: ignore[type-var]
             return Checked(typed, n.__class__(this=items[0].tree, expressions=[i.tree for i in items[1:]]))
         if isinstance(n, exp.Nullif):
             a, b = self._comparable(n.this, n.expression, n)
@@ -594,9 +631,14 @@ class Checker:
         b = self._need(n.expression, SqlType.INT, SqlType.FLOAT, what="the divisor")
         if a.typed.type is SqlType.INT and b.typed.type is SqlType.INT and a.typed.bounded:
             reach = a.typed.max_abs or 0.0
+            tree = n.__class__(this=a.tree, expression=_nullif_zero(b.tree))
             if isinstance(n, exp.Mod) and b.typed.bounded:
-                reach = min(reach, b.typed.max_abs or 0.0)
-            return Checked(int_range(-reach - 1, reach + 1), n.__class__(this=a.tree, expression=_nullif_zero(b.tree)))
+                # A remainder has the dividend's sign (on every engine) and is smaller than the divisor.
+                reach = min(reach, max((b.typed.max_abs or 0.0) - 1, 0.0))
+                lo = -reach if (a.typed.lo or 0) < 0 else 0.0
+                hi = reach if (a.typed.hi or 0) > 0 else 0.0
+                return Checked(int_range(lo, hi), tree)
+            return Checked(int_range(-reach - 1, reach + 1), tree)
         return Checked(FLOAT, n.__class__(this=_as_double(a.tree), expression=_nullif_zero(_as_double(b.tree))))
 
     def _date_shift(self, date: Checked, by: Checked, n: exp.Expr, sign: int) -> Checked:
@@ -814,9 +856,9 @@ class Checker:
             )
         if isinstance(n, exp.Substring):
             subject = self._need(n.this, SqlType.TEXT)
-            start = self._offset(n.args.get("start"), "the start of substring()")
+            start = self._offset(n.args.get("start"), "the start of substring()", least=1)
             size = (
-                self._offset(n.args.get("length"), "the length of substring()")
+                self._offset(n.args.get("length"), "the length of substring()", least=0)
                 if n.args.get("length") is not None
                 else None
             )
@@ -827,7 +869,7 @@ class Checker:
             )
         if isinstance(n, exp.Left | exp.Right):
             subject = self._need(n.this, SqlType.TEXT)
-            count = self._offset(n.expression, f"the length of {name}()")
+            count = self._offset(n.expression, f"the length of {name}()", least=0)
             self._cost(subject.typed.length)
             return Checked(subject.typed, n.__class__(this=subject.tree, expression=count.tree))
         if isinstance(n, exp.Replace):
@@ -884,9 +926,20 @@ class Checker:
             sep = self._literal_text(n.args.get("delimiter"), "the delimiter")
             index = self._offset(n.args.get("part_index"), "the part index")
             self._cost(subject.typed.length)
+            # Part 0 is '' in DuckDB but an error in Spark, whatever its ANSI mode: it becomes a part past the end
+            # ('' on every engine). The CASE is over integers only; the split itself runs on every row.
+            part = exp.Case(
+                ifs=[
+                    exp.If(
+                        this=exp.EQ(this=index.tree.copy(), expression=exp.Literal.number(0)),
+                        true=exp.Literal.number(_PAST_THE_END),
+                    )
+                ],
+                default=index.tree,
+            )
             return Checked(
                 subject.typed,
-                exp.SplitPart(this=subject.tree, delimiter=exp.Literal.string(sep), part_index=index.tree),
+                exp.SplitPart(this=subject.tree, delimiter=exp.Literal.string(sep), part_index=part),
             )
         if isinstance(n, exp.RegexpLike | exp.RegexpFullMatch):
             subject = self._need(n.this, SqlType.TEXT)
@@ -934,7 +987,11 @@ class Checker:
             if a.typed.bounded and b.typed.bounded:
                 span_days = max(a.typed.hi, b.typed.hi) - min(a.typed.lo, b.typed.lo)  # type: ignore[type-var, operator]
             reach = span_days // _DIFF_PARTS[unit] + 1
-            tree = exp.DateDiff(this=a.tree, expression=b.tree, unit=exp.var(unit.upper()))
+            tree = (
+                exp.DateDiff(this=a.tree, expression=b.tree, unit=exp.var(unit.upper()))
+                if unit in ("day", "week")  # whole days, or whole weeks of them, toward zero: alike everywhere
+                else _calendar_diff(unit, a.tree, b.tree)
+            )
             return Checked(int_range(-reach, reach), tree)
         if isinstance(n, exp.LastDay):
             date = self._need(n.this, SqlType.DATE)
@@ -1017,8 +1074,9 @@ class Checker:
             typed = Typed(SqlType.FLOAT, math.floor(t.lo) - 1, math.ceil(t.hi) + 1)
         return Checked(typed, tree)
 
-    def _offset(self, node: exp.Expr | None, what: str) -> Checked:
-        """An integer argument whose public range keeps it inside the engine's offset limits."""
+    def _offset(self, node: exp.Expr | None, what: str, *, least: int | None = None) -> Checked:
+        """An integer argument whose public range keeps it inside the engine's offset limits (and, with `least`, at
+        or above it: below it the engines disagree on what the function returns)."""
         got = self._need(node, SqlType.INT, what=what)
         if got.typed.type is SqlType.NULL:
             return got
@@ -1029,6 +1087,15 @@ class Checker:
                 node or exp.Null(),
                 self.sql,
                 hint="use a literal or a column with declared bounds",
+            )
+        if least is not None and (got.typed.lo is None or got.typed.lo < least):
+            raise reject(
+                f"{what} must be at least {least} on every row (engines disagree below it); its range here starts at "
+                f"{got.typed.lo:g}",
+                "bad_argument",
+                node or exp.Null(),
+                self.sql,
+                hint=f"use GREATEST(..., {least}), or count from the other end with right() / left()",
             )
         # The engines take 32-bit offsets here; the public range proves the value fits.
         value = _literal_int(node)

@@ -9,6 +9,7 @@ import pytest
 
 from gateway.engines.kind import EngineKind
 from tests.conftest import ROLES, Workspace, build_workspace
+from tests.privacy.test_neighbours import corpus, fallbacks
 from tests.synth.helpers import proxy_frame, wait
 
 pytestmark = pytest.mark.spark
@@ -87,6 +88,20 @@ def test_a_backtracking_labeling_function_is_refused_before_the_charge(spark_ws:
     r = client.post("/v1/lf/stats", json={"dataset": "visits", "epsilon": 1, "lfs": [lf]}, headers=headers)
     assert r.status_code == 400 and r.json()["error"]["reason"] == "engine_unsupported", r.text
     assert _spent(client, headers) == before
+
+
+@pytest.mark.slow
+def test_no_accepted_query_fails_on_the_rows_after_the_charge(spark_ws: Workspace) -> None:
+    """The neighbours corpus (accepted and adversarial queries) on Spark: every accepted query is computed on the
+    rows, none falls back to the default release, which would say something about the rows that failed it."""
+    client, headers = spark_ws.app(), spark_ws.headers("analyst")
+    answered = 0
+    for sql in corpus():
+        r = client.post("/v1/query", json={"sql": sql, "epsilon": 0.001}, headers=headers)
+        assert r.status_code in (200, 400), (sql, r.text)
+        answered += r.status_code == 200
+    assert answered > 40
+    assert fallbacks(spark_ws) == []
 
 
 def test_a_backtracking_pattern_is_refused_before_the_charge(spark_ws: Workspace) -> None:

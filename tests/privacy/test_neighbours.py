@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from audit.log import AuditLog
 from gateway.demo import POLICY_YAML, generate_visits
 from tests.conftest import ROLES, Workspace, build_workspace
 
@@ -41,6 +42,10 @@ ADVERSARIAL = [
     "SELECT COUNT(*) FROM visits WHERE CAST(income AS INT) * 100000000000 > 1",
     "SELECT COUNT(*) FROM visits WHERE TRY_CAST(diagnosis AS DATE) > DATE '2020-01-01'",
     "SELECT COUNT(*) FROM visits WHERE lpad(diagnosis, 20, '') = 'x'",
+    # Spark raises on part 0 whatever its ANSI mode (the oracle a review found on the Spark gateway)
+    "SELECT COUNT(*) FROM visits WHERE split_part(region, 'x', CASE WHEN age > 109 THEN 0 ELSE 1 END) <> 'zzz'",
+    "SELECT COUNT(*) FROM visits WHERE left(region, CASE WHEN age > 109 THEN -1 ELSE 1 END) = 'c'",
+    "SELECT COUNT(*) FROM visits WHERE date_diff('month', visit_day, DATE '2015-01-31') > 3",
     # expensive only on matching rows
     "SELECT COUNT(*) FROM visits WHERE CASE WHEN age > 109 THEN length(repeat(region, 1000000)) ELSE 0 END > 1",
     "SELECT COUNT(*) FROM visits WHERE CASE WHEN age > 109 THEN regexp_matches(lpad(region, 90000, 'ab'), "
@@ -94,7 +99,7 @@ def neighbours(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, Wor
     return d, d_prime
 
 
-def _corpus() -> list[str]:
+def corpus() -> list[str]:
     fixture = yaml.safe_load((Path(__file__).parents[1] / "fixtures" / "queries.yaml").read_text())
     accepted = [q["sql"] for q in fixture if q["verdict"] == "accepted" and "visits" in q["sql"].lower()]
     return accepted + ADVERSARIAL
@@ -123,11 +128,11 @@ def _shape(sql: str, status: int, body: dict[str, Any]) -> Any:
 @pytest.mark.slow
 def test_status_error_and_shape_are_the_same_on_neighbours(neighbours: tuple[Workspace, Workspace]) -> None:
     d, d_prime = neighbours
-    corpus = _corpus()
-    assert len(corpus) >= 60
+    queries = corpus()
+    assert len(queries) >= 60
     with d.app() as a, d_prime.app() as b:
         seen = []
-        for sql in corpus:
+        for sql in queries:
             body = {"sql": sql, "epsilon": 0.001}
             ra = a.post("/v1/query", json=body, headers=d.headers("analyst"))
             rb = b.post("/v1/query", json=body, headers=d_prime.headers("analyst"))
@@ -136,6 +141,16 @@ def test_status_error_and_shape_are_the_same_on_neighbours(neighbours: tuple[Wor
             assert ra.status_code in (200, 400), (sql, ra.json())
             seen.append(ra.status_code)
     assert seen.count(200) > 40 and seen.count(400) > 10
+    # Every accepted query ran on the rows: none failed after the charge and answered the default release (which
+    # would be a signal about the rows that made it fail).
+    for ws in (d, d_prime):
+        assert fallbacks(ws) == []
+
+
+def fallbacks(ws: Workspace) -> list[dict[str, Any]]:
+    """The audit records of answers released from the default input after a failure (or failed outright)."""
+    log = AuditLog(ws.settings.audit_dir, key_dir=ws.settings.keys_dir)
+    return [r for r in log.records() if r.get("reason") in ("fallback", "internal_error")]
 
 
 def test_a_refused_query_costs_nothing(neighbours: tuple[Workspace, Workspace]) -> None:
