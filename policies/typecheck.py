@@ -783,7 +783,22 @@ class Checker:
         else:
             typed = BOOL
         # TRY_CAST: a value that does not convert becomes NULL instead of failing the query.
-        return Checked(typed, exp.TryCast(this=inner.tree, to=exp.DataType.build(_ENGINE_TYPE[target])))
+        tree: exp.Expr = exp.TryCast(this=inner.tree, to=exp.DataType.build(_ENGINE_TYPE[target]))
+        if target is SqlType.DATE and src.type is SqlType.TEXT:
+            # Engines read text such as '+1000000-01-01' or '-0001-01-01' as dates outside years 1-9999, where
+            # some functions and the conversion of a result fail: such a date is missing, as the range says.
+            tree = exp.Case(
+                ifs=[
+                    exp.If(
+                        this=exp.Between(
+                            this=tree.copy(), low=_date_literal(dt.date.min), high=_date_literal(dt.date.max)
+                        ),
+                        true=tree,
+                    )
+                ],
+                default=exp.Null(),
+            )
+        return Checked(typed, tree)
 
     # --- functions ----------------------------------------------------------------------------------------
 

@@ -114,8 +114,9 @@ def converted(name: str, col: Column) -> exp.Expr:
         return _null_if(missing, clamped)
     if t is ColumnType.DATE:
         day = _cast(src, "DATE", try_=True)
-        if col.bounds is None:
-            return day
+        if col.bounds is None:  # a date outside years 1-9999 (which engines can read from text) is missing
+            inside = exp.Between(this=day.copy(), low=_literal(dt.date.min), high=_literal(dt.date.max))
+            return exp.Case(ifs=[exp.If(this=inside, true=day)], default=exp.Null())
         lo, hi = (_literal(b) for b in col.bounds)
         return _null_if(exp.Is(this=day.copy(), expression=exp.Null()), _clamp(day.copy(), lo, hi))
     if t is ColumnType.BOOL:

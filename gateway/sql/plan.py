@@ -648,7 +648,10 @@ def public_key_domain(expr: exp.Expr, policy: Policy, tree: exp.Expr, typed: Typ
         rows = public_rows(query)
     except PublicError as exc:
         raise QueryRejected(f"cannot evaluate the GROUP BY expression: {exc}", reason="bad_group_key") from None
-    found = {canonical(r[0], typed.type) for r in rows if r[0] is not None}
+    try:
+        found = {canonical(r[0], typed.type) for r in rows if r[0] is not None}
+    except (ValueError, OverflowError) as exc:  # a value Python cannot hold (a date outside years 1-9999, say)
+        raise QueryRejected(f"cannot evaluate the GROUP BY expression: {exc}", reason="bad_group_key") from None
     return sorted(found, key=lambda v: (str(type(v)), v))
 
 

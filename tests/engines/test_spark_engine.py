@@ -3,6 +3,7 @@ bound before any row is read, exact sums, versions that survive a crash, a catal
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ columns:
   x:     {type: float, bounds: [-1000, 1000]}
   n:     {type: int, bounds: [0, 100]}
   day:   {type: date, bounds: [2020-01-01, 2020-12-31]}
+  when:  {type: date}
   kind:  {type: category, max_length: 3}
   flag:  {type: bool}
 roles:
@@ -68,6 +70,10 @@ def test_both_engines_convert_and_bound_hostile_values_alike(pair: Any, tmp_path
             "n": [None, -3, 250, 7, 7, 7, 50, 100, 0, 1] * 6,
             "day": ["2019-05-01", "2021-03-03", None, "2020-06-06", "junk", "2020-01-01", "", "2020-12-31", "x", "1"]
             * 6,
+            # An unbounded date: text outside years 1-9999 (which both engines can read as a date) is missing.
+            "when": ["+10000-01-01", "10000-01-01", "-0001-01-01", "0001-01-01", "9999-12-31", None, "2020-02-30"]
+            + ["+1000000-01-01", "2024-02-29", "1-1-1"] * 1
+            + ["2020-01-01"] * 50,
             "kind": ["abcdef", "ab", None, "ééééé", "", "x", "yy", "zzz", "abcdef", "ab"] * 6,
             "flag": [True, False, None, True, True, False, False, None, True, False] * 6,
         }
@@ -78,6 +84,8 @@ def test_both_engines_convert_and_bound_hostile_values_alike(pair: Any, tmp_path
     pair.spark.register(HOSTILE, source)
     duck, spark = _all_rows(pair.duck, "hostile"), _all_rows(pair.spark, "hostile")
     assert spark == duck
+    days = pair.duck.rows(exp.select(exp.column("when", quoted=True)).from_(bounded("hostile")))
+    assert all(d is None or dt.date(1, 1, 1) <= d <= dt.date(9999, 12, 31) for (d,) in days)
     per_unit: dict[int, int] = {}
     for row in spark:
         per_unit[row[0]] = per_unit.get(row[0], 0) + 1

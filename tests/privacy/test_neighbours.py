@@ -46,6 +46,11 @@ ADVERSARIAL = [
     "SELECT COUNT(*) FROM visits WHERE split_part(region, 'x', CASE WHEN age > 109 THEN 0 ELSE 1 END) <> 'zzz'",
     "SELECT COUNT(*) FROM visits WHERE left(region, CASE WHEN age > 109 THEN -1 ELSE 1 END) = 'c'",
     "SELECT COUNT(*) FROM visits WHERE date_diff('month', visit_day, DATE '2015-01-31') > 3",
+    # text read as a date outside years 1-9999 (another oracle of that review)
+    "SELECT COUNT(*) FROM visits WHERE date_diff('day', CAST(CASE WHEN age > 109 THEN '+1000000-01-01' "
+    "ELSE '2020-01-01' END AS DATE), visit_day) IS NOT NULL",
+    "SELECT CAST(CASE WHEN age > 109 THEN '10000-01-01' ELSE '2020-01-01' END AS DATE) AS d, COUNT(*) FROM visits "
+    "GROUP BY d",
     # expensive only on matching rows
     "SELECT COUNT(*) FROM visits WHERE CASE WHEN age > 109 THEN length(repeat(region, 1000000)) ELSE 0 END > 1",
     "SELECT COUNT(*) FROM visits WHERE CASE WHEN age > 109 THEN regexp_matches(lpad(region, 90000, 'ab'), "
