@@ -145,6 +145,20 @@ def _call(name: str, *args: exp.Expr) -> exp.Expr:
     return exp.Anonymous(this=name, expressions=list(args))
 
 
+# The doubles nearest ±2**63 that a BIGINT still holds, as literals.
+_BIGINT_DOUBLE_MIN = exp.Literal.number("-9.223372036854775e18")
+_BIGINT_DOUBLE_MAX = exp.Literal.number("9.223372036854775e18")
+
+
+def _infinity_test(name: str, value: exp.Expr) -> exp.Expr:
+    """isinf(x) / isfinite(x) from comparisons every engine has (Spark has neither function); NaN is neither."""
+    infinity = exp.Cast(this=exp.Literal.string("Infinity"), to=exp.DataType.build("DOUBLE"))
+    magnitude = exp.Abs(this=_as_double(value))
+    if name == "isinf":
+        return exp.Paren(this=exp.EQ(this=magnitude, expression=infinity))
+    return exp.Paren(this=exp.LT(this=magnitude, expression=infinity))
+
+
 def _number_literal(tree: exp.Expr) -> float | None:
     """The value of a number literal (possibly cast, as integer literals are compiled), else None."""
     while isinstance(tree, exp.Cast | exp.Paren):
@@ -572,7 +586,10 @@ class Checker:
                     typed = int_range(max(typed.lo, max(literals)), typed.hi)  # type: ignore[type-var]
                 else:
                     typed = int_range(typed.lo, min(typed.hi, min(literals)))  # type: ignore[type-var]
-            return Checked(typed, n.__class__(this=items[0].tree, expressions=[i.tree for i in items[1:]]))
+            # NULL arguments are skipped (DuckDB's and Spark's own GREATEST/LEAST): said in the tree, else sqlglot
+            # writes DuckDB's as NULL when any argument is.
+            tree = n.__class__(this=items[0].tree, expressions=[i.tree for i in items[1:]], ignore_nulls=True)
+            return Checked(typed, tree)
         if isinstance(n, exp.Nullif):
             a, b = self._comparable(n.this, n.expression, n)
             return Checked(a.typed, exp.Nullif(this=a.tree, expression=b.tree))
@@ -784,6 +801,14 @@ class Checker:
             typed = BOOL
         # TRY_CAST: a value that does not convert becomes NULL instead of failing the query.
         tree: exp.Expr = exp.TryCast(this=inner.tree, to=exp.DataType.build(_ENGINE_TYPE[target]))
+        if target is SqlType.INT and src.type is SqlType.FLOAT:
+            # DuckDB rounds and is NULL out of range; Spark (ANSI off) truncates and wraps: round first, and keep
+            # only values a BIGINT holds (NaN compares above every number on both engines, so it is NULL too).
+            rounded = exp.Round(this=_as_double(inner.tree))
+            low, high = _as_double(_BIGINT_DOUBLE_MIN.copy()), _as_double(_BIGINT_DOUBLE_MAX.copy())
+            fits = exp.Between(this=rounded.copy(), low=low, high=high)
+            cast = exp.TryCast(this=rounded, to=exp.DataType.build(_ENGINE_TYPE[target]))
+            tree = exp.Case(ifs=[exp.If(this=fits, true=cast)], default=exp.Null())
         if target is SqlType.DATE and src.type is SqlType.TEXT:
             # Engines read text such as '+1000000-01-01' or '-0001-01-01' as dates outside years 1-9999, where
             # some functions and the conversion of a result fail: such a date is missing, as the range says.
@@ -833,9 +858,11 @@ class Checker:
                 one = _as_double(exp.Literal.number(1))
                 trees[0] = exp.Nullif(this=trees[0], expression=one)
             return Checked(FLOAT, exp.Log(this=trees[0], expression=trees[1] if len(trees) > 1 else None))
-        if isinstance(n, exp.IsNan | exp.IsInf):
+        if isinstance(n, exp.IsNan):
             inner = self._need(n.this, SqlType.INT, SqlType.FLOAT)
-            return Checked(BOOL, n.__class__(this=_as_double(inner.tree)))
+            return Checked(BOOL, exp.IsNan(this=_as_double(inner.tree)))
+        if isinstance(n, exp.IsInf):
+            return Checked(BOOL, _infinity_test("isinf", self._need(n.this, SqlType.INT, SqlType.FLOAT).tree))
         if isinstance(n, _SAME_TEXT):
             inner = self._need(n.this, SqlType.TEXT)
             # Upper/lower case can change a character into up to three (e.g. 'ß').
@@ -1054,8 +1081,7 @@ class Checker:
         if name in ("date_part", "datepart") and len(args) == 2:
             return self._date_part(_part_name(args[0]), args[1], n)
         if name in ("isinf", "isfinite") and len(args) == 1:
-            inner = self._need(args[0], SqlType.INT, SqlType.FLOAT)
-            return Checked(BOOL, exp.Anonymous(this=name, expressions=[_as_double(inner.tree)]))
+            return Checked(BOOL, _infinity_test(name, self._need(args[0], SqlType.INT, SqlType.FLOAT).tree))
         if name == "strip_accents" and len(args) == 1:
             inner = self._need(args[0], SqlType.TEXT)
             self._cost(inner.typed.length, 2)
