@@ -119,9 +119,9 @@ class SparkEngine:
         self._datasets: dict[str, dict[str, Any]] = {}
         self._policies: dict[str, tuple[Policy, str]] = {}
         self._views: dict[str, str] = {}  # dataset → version its view reads
-        # Analysed statements by SQL text: the bind check before the charge analyses the statement the release then
-        # runs, so that run reuses the analysis (and Spark's plans) instead of repeating it. Cleared whenever a view
-        # moves to another version, so a statement never reads a version it was not analysed against.
+        # Statements analysed by a bind check, by SQL text, until the run that follows takes them (the check before
+        # the charge analyses the statement the release then runs, so the run does not analyse it again). Cleared
+        # whenever a view moves to another version, so a statement never reads a version it was not analysed against.
         self._analysed: collections.OrderedDict[str, DataFrame] = collections.OrderedDict()
 
     # --- session and catalog ------------------------------------------------------------------------------
@@ -274,25 +274,28 @@ class SparkEngine:
 
     # --- statements ---------------------------------------------------------------------------------------
 
-    def _frame(self, query: exp.Query) -> DataFrame:
+    def _frame(self, query: exp.Query, *, run: bool) -> DataFrame:
+        """The statement as a DataFrame. A bind check keeps what it analysed for the run that follows; a run takes
+        it (each analysis serves one run at most: a DataFrame that ran keeps Spark's finished stages, and running it
+        again would answer faster, which would tell a caller that someone ran the same statement before)."""
         self._ensure_views()
         text = query.sql(dialect=self.dialect)
         with self._lock:
-            frame = self._analysed.get(text)
-            if frame is not None:
+            frame = self._analysed.pop(text, None) if run else self._analysed.get(text)
+        if frame is None:
+            frame = self.session().sql(text)  # analysed here (names, types, functions); no row is read
+        if not run:
+            with self._lock:
+                self._analysed[text] = frame
                 self._analysed.move_to_end(text)
-                return frame
-        frame = self.session().sql(text)  # analysed here (names, types, functions); no row is read
-        with self._lock:
-            self._analysed[text] = frame
-            while len(self._analysed) > _ANALYSED:
-                self._analysed.popitem(last=False)
+                while len(self._analysed) > _ANALYSED:
+                    self._analysed.popitem(last=False)
         return frame
 
     def check(self, query: exp.Query) -> None:
         """Analyse the statement (names, types, functions) without running a job."""
         try:
-            self._frame(query).schema  # noqa: B018 - forces the analysis, reads no row
+            self._frame(query, run=False).schema  # noqa: B018 - forces the analysis, reads no row
         except CatalogError:
             raise
         except Exception as exc:  # noqa: BLE001 - AnalysisException and friends: before any row is read
@@ -300,13 +303,13 @@ class SparkEngine:
 
     def rows(self, query: exp.Query) -> list[tuple[Any, ...]]:
         try:
-            return [tuple(_python(v) for v in r) for r in self._frame(query).collect()]
+            return [tuple(_python(v) for v in r) for r in self._frame(query, run=True).collect()]
         except Exception as exc:  # noqa: BLE001 - the class only: a message could carry a value of a row
             raise EngineError(type(exc).__name__) from None
 
     def arrow(self, query: exp.Query) -> pa.Table:
         try:
-            return self._frame(query).toArrow()
+            return self._frame(query, run=True).toArrow()
         except Exception as exc:  # noqa: BLE001 - the class only
             raise EngineError(type(exc).__name__) from None
 
