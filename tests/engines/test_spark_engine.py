@@ -171,3 +171,16 @@ def test_another_engine_on_the_warehouse_sees_the_datasets(pair: Any) -> None:
     )
     assert reader.regex is False and DuckDBEngine.regex is True
     assert recipe.DIGEST not in {f.name for f in pair.spark.session().table("bounded_visits").schema.fields}
+
+
+def test_an_analysed_statement_serves_one_run_only(pair: Any) -> None:
+    """The bind check's analysis is reused by the run that follows, and by no later run: a DataFrame that ran keeps
+    Spark's finished stages, and a second run of it would answer faster than a new statement."""
+    query = exp.select(exp.Count(this=exp.Star())).from_(bounded("visits")).where(exp.column("age").neq(-12345))
+    text = query.sql(dialect="spark")
+    pair.spark.check(query)
+    analysed = pair.spark._analysed[text]
+    assert pair.spark.rows(query) == pair.duck.rows(query)
+    assert text not in pair.spark._analysed
+    pair.spark.check(query)
+    assert pair.spark._analysed[text] is not analysed  # analysed anew
