@@ -622,7 +622,9 @@ class Checker:
             return self._date_shift(b, a, n, 1)
         if sub and ta is SqlType.DATE and tb is SqlType.DATE:
             days = int_range(a.typed.lo - b.typed.hi, a.typed.hi - b.typed.lo)  # type: ignore[operator]
-            return Checked(days, exp.Sub(this=a.tree, expression=b.tree))
+            # A number of days on every engine: Spark's own date - date is an interval (in microseconds), which
+            # fails arithmetic (an exact multiply) and compares with no number.
+            return Checked(days, exp.DateDiff(this=a.tree, expression=b.tree, unit=exp.var("DAY")))
         return self._arith(n, (lambda x, y: x - y) if sub else (lambda x, y: x + y), (a, b))
 
     def _arith(

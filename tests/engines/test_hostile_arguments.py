@@ -146,6 +146,12 @@ TEMPLATES: dict[str, list[str]] = {
         "monthname({x})",
         "{x} + INTERVAL 1 DAY",
         "{x} - 1",
+        "{x} - {y}",
+        "({x} - visit_day) * 1000",
+        "({y} - {x}) * ({x} - {y})",
+        "-({x} - {y}) // 7",
+        "CAST({x} - visit_day AS VARCHAR)",
+        "date_diff('day', {x}, {y}) * 100000",
         "CAST({x} AS VARCHAR)",
     ],
 }

@@ -46,6 +46,9 @@ ADVERSARIAL = [
     "SELECT COUNT(*) FROM visits WHERE split_part(region, 'x', CASE WHEN age > 109 THEN 0 ELSE 1 END) <> 'zzz'",
     "SELECT COUNT(*) FROM visits WHERE left(region, CASE WHEN age > 109 THEN -1 ELSE 1 END) = 'c'",
     "SELECT COUNT(*) FROM visits WHERE date_diff('month', visit_day, DATE '2015-01-31') > 3",
+    # a date difference multiplied (an interval overflow on Spark, a third oracle)
+    "SELECT COUNT(*) FROM visits WHERE (visit_day - CASE WHEN age > 109 THEN DATE '0001-01-01' ELSE visit_day END) "
+    "* 1000 IS NOT NULL",
     # text read as a date outside years 1-9999 (another oracle of that review)
     "SELECT COUNT(*) FROM visits WHERE date_diff('day', CAST(CASE WHEN age > 109 THEN '+1000000-01-01' "
     "ELSE '2020-01-01' END AS DATE), visit_day) IS NOT NULL",
