@@ -1014,6 +1014,8 @@ class Checker:
             if unit not in _DATE_PARTS_TRUNC:
                 raise reject(f"date_trunc takes one of {sorted(_DATE_PARTS_TRUNC)}", "bad_argument", n, self.sql)
             date = self._need(n.this, SqlType.DATE)
+            if unit == "day":  # a date is its own day (Spark's TRUNC has no 'day' unit: it answered NULL)
+                return Checked(date.typed, date.tree)
             tree = exp.Cast(
                 this=exp.DateTrunc(unit=exp.Literal.string(unit), this=date.tree), to=exp.DataType.build("DATE")
             )

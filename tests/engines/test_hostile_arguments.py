@@ -131,6 +131,8 @@ TEMPLATES: dict[str, list[str]] = {
         "date_trunc('week', {x})",
         "date_trunc('month', {x})",
         "date_trunc('year', {x})",
+        "date_trunc('quarter', {x})",
+        "date_trunc('day', {x})",
         "extract(year FROM {x})",
         "extract(dow FROM {x})",
         "extract(doy FROM {x})",
