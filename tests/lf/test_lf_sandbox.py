@@ -82,7 +82,11 @@ def test_misbehaving_python_lfs_are_contained_and_the_gateway_keeps_serving(
             assert hostile_lfs.SECRET_MARKER not in r.text and "Traceback" not in r.text
             assert "timeout" not in r.text and "memory" not in r.text  # nothing says the run failed
             if outcome == "abstain":  # every row raised: the LF abstained on every row (up to noise)
-                assert body["lfs"][1]["votes"]["interval"][0] <= 0.0, body["lfs"][1]
+                # A true count of 0 released with Laplace noise: the noisy value stays below three half-widths of
+                # its 95% interval but with probability 0.5 * 20**-3 (a bound on the 95% interval itself would miss
+                # 0 one time in forty).
+                votes = body["lfs"][1]["votes"]
+                assert votes["value"] <= 3 * (votes["interval"][1] - votes["value"]), body["lfs"][1]
             # Still serving: health, and the budget shows the charge stood.
             assert c.get("/healthz").json() == {"status": "ok"}
             budget = c.get("/v1/budget", headers=h).json()
