@@ -1,8 +1,8 @@
 """Synthetic proxy tables: differentially private by default (a DP Gaussian copula turned into a table by SDV),
 and, where a policy opts in and an admin approves, a non-DP SDV proxy checked for disclosure before release.
 
-The gateway passes a DuckDB cursor on the private database and the dataset's policy; nothing here opens the
-database or imports the gateway.
+The gateway passes its engine (a `policies.reader.Reader`: compiled sqlglot trees in, rows out, on DuckDB or Spark)
+and the dataset's policy; nothing here opens a database, imports an engine or imports the gateway.
 """
 
 from synth.columns import ColumnBins, ProxySchema, proxy_schema
