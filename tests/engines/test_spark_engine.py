@@ -72,7 +72,7 @@ def test_both_engines_convert_and_bound_hostile_values_alike(pair: Any, tmp_path
             * 6,
             # An unbounded date: text outside years 1-9999 (which both engines can read as a date) is missing.
             "when": ["+10000-01-01", "10000-01-01", "-0001-01-01", "0001-01-01", "9999-12-31", None, "2020-02-30"]
-            + ["+1000000-01-01", "2024-02-29", "1-1-1"] * 1
+            + ["+1000000-01-01", "2024-02-29", "2020-1-5"] * 1
             + ["2020-01-01"] * 50,
             "kind": ["abcdef", "ab", None, "ééééé", "", "x", "yy", "zzz", "abcdef", "ab"] * 6,
             "flag": [True, False, None, True, True, False, False, None, True, False] * 6,
