@@ -93,12 +93,12 @@ class VoteQuery:
 
 def check_binds(reader: Reader, policy: Policy, lfs: list[CompiledLF]) -> None:
     """Bind every LF's vote expression against the table's schema without reading a row, so type errors are
-    reported, with the LF's name, before anything is charged. The engine's message is not passed on: only the
-    LF and its columns, which are public."""
+    reported, with the LF's name, before anything is charged. The binder's message is passed on: like the LF and
+    its columns, it depends on the schema and the condition only."""
     for lf in lfs:
         try:
             reader.check(exp.select(lf.vote).from_(_table(policy)))
-        except EngineError as exc:  # the binder's message depends on the schema and the condition only
+        except EngineError as exc:
             types = ", ".join(f"{c} ({policy.columns[c].type.value})" for c in lf.columns if c in policy.columns)
             raise QueryRejected(
                 f"labeling function {lf.name!r}: the engine cannot compile the condition over the columns it uses, "

@@ -159,18 +159,6 @@ def _infinity_test(name: str, value: exp.Expr) -> exp.Expr:
     return exp.Paren(this=exp.LT(this=magnitude, expression=infinity))
 
 
-def _number_literal(tree: exp.Expr) -> float | None:
-    """The value of a number literal (possibly cast, as integer literals are compiled), else None."""
-    while isinstance(tree, exp.Cast | exp.Paren):
-        tree = tree.this
-    if isinstance(tree, exp.Neg):
-        inner = _number_literal(tree.this)
-        return None if inner is None else -inner
-    if isinstance(tree, exp.Literal) and not tree.is_string:
-        return float(tree.this)
-    return None
-
-
 def _calendar_diff(unit: str, end: exp.Expr, start: exp.Expr) -> exp.Expr:
     """date_diff in months, quarters or years as DuckDB counts them: the calendar boundaries crossed from `start` to
     `end` (Spark's datediff counts whole elapsed units instead), from the dates' year and month in every engine."""
@@ -286,6 +274,13 @@ def _parse_date(value: str) -> dt.date | None:
 
 def _date_literal(day: dt.date) -> exp.Expr:
     return exp.Cast(this=exp.Literal.string(day.isoformat()), to=exp.DataType.build("DATE"))
+
+
+def within_calendar(day: exp.Expr) -> exp.Expr:
+    """`day`, or NULL outside years 1-9999: engines read text such as '+1000000-01-01' or '-0001-01-01' as dates
+    there, where some functions and the conversion of results fail."""
+    inside = exp.Between(this=day.copy(), low=_date_literal(dt.date.min), high=_date_literal(dt.date.max))
+    return exp.Case(ifs=[exp.If(this=inside, true=day)], default=exp.Null())
 
 
 def _literal_int(node: exp.Expr | None) -> int | None:
@@ -578,7 +573,7 @@ class Checker:
         if isinstance(n, exp.Greatest | exp.Least):
             items = [self._check(a) for a in [n.this, *n.expressions]]
             typed = self._unify_all(items, n)
-            literals = [v for v in (_number_literal(i.tree) for i in items) if v is not None]
+            literals = [v for v in (_literal_int(a) for a in [n.this, *n.expressions]) if v is not None]
             if typed.type is SqlType.INT and typed.bounded and literals:
                 # Both engines skip NULL arguments, so the result is one of the arguments' values; a literal is never
                 # NULL, so GREATEST is at least (LEAST at most) every literal among them.
@@ -814,17 +809,7 @@ class Checker:
         if target is SqlType.DATE and src.type is SqlType.TEXT:
             # Engines read text such as '+1000000-01-01' or '-0001-01-01' as dates outside years 1-9999, where
             # some functions and the conversion of a result fail: such a date is missing, as the range says.
-            tree = exp.Case(
-                ifs=[
-                    exp.If(
-                        this=exp.Between(
-                            this=tree.copy(), low=_date_literal(dt.date.min), high=_date_literal(dt.date.max)
-                        ),
-                        true=tree,
-                    )
-                ],
-                default=exp.Null(),
-            )
+            tree = within_calendar(tree)
         return Checked(typed, tree)
 
     # --- functions ----------------------------------------------------------------------------------------

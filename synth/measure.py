@@ -147,11 +147,11 @@ def _marginal(reader: Reader, table: exp.Table, col: ColumnBins, k: int, a: Allo
     return Marginal(col, rel.values, rel.scale, rel.epsilon)
 
 
-def _group_expr(column: ColumnBins, groups: np.ndarray) -> exp.Expr:
+def _group_expr(col: ColumnBins, groups: np.ndarray) -> exp.Expr:
     """The coarse group of each row's bin (NULL for the NULL bin and for unreleased keys)."""
     lookup = exp.Array(expressions=[*(exp.Literal.number(int(g)) for g in groups), exp.Null()])
     position = exp.Cast(
-        this=exp.Add(this=column.bin_expr(), expression=exp.Literal.number(1)), to=exp.DataType.build("INT")
+        this=exp.Add(this=col.bin_expr(), expression=exp.Literal.number(1)), to=exp.DataType.build("INT")
     )
     return exp.Bracket(this=lookup, expressions=[position], offset=1, safe=False)
 

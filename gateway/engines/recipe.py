@@ -31,6 +31,7 @@ from sqlglot import exp
 
 from policies.reader import ROW_ID
 from policies.schema import NUMERIC_TYPES, Column, ColumnType, Policy, Usage
+from policies.typecheck import within_calendar
 
 DIGEST = "__digest"  # the column the digest is computed into, never kept
 TAKE = "__take"  # the row's rank within its unit
@@ -115,8 +116,7 @@ def converted(name: str, col: Column) -> exp.Expr:
     if t is ColumnType.DATE:
         day = _cast(src, "DATE", try_=True)
         if col.bounds is None:  # a date outside years 1-9999 (which engines can read from text) is missing
-            inside = exp.Between(this=day.copy(), low=_literal(dt.date.min), high=_literal(dt.date.max))
-            return exp.Case(ifs=[exp.If(this=inside, true=day)], default=exp.Null())
+            return within_calendar(day)
         lo, hi = (_literal(b) for b in col.bounds)
         return _null_if(exp.Is(this=day.copy(), expression=exp.Null()), _clamp(day.copy(), lo, hi))
     if t is ColumnType.BOOL:

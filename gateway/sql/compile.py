@@ -236,14 +236,12 @@ def _linear_like(pattern: str) -> bool:
     return len(parts) == 3 and parts[0] == "" and parts[2] == "" and parts[1] != ""
 
 
-def backtracking_pattern(trees: Iterable[exp.Expr | None]) -> str | None:
+def backtracking_pattern(trees: Iterable[exp.Expr]) -> str | None:
     """The first pattern in `trees` (a plan's WHERE and keys, labeling functions' conditions) that a backtracking
     matcher (java.util.regex) would need, described for an error; None if there is none. Such a matcher's running
     time on a crafted pattern depends on the row's text, so engines without a linear-time matcher refuse these
     before the charge."""
     for tree in trees:
-        if tree is None:
-            continue
         for node in tree.walk():
             if type(node).__name__.startswith("Regexp"):
                 return "regular-expression functions"

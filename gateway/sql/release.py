@@ -50,7 +50,7 @@ def _group(plan: Plan, row: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(canonical(v, k.typed.type) for v, k in zip(row, plan.keys, strict=False))
 
 
-def refuse_backtracking(engine: Engine, trees: Iterable[exp.Expr | None]) -> None:
+def refuse_backtracking(engine: Engine, trees: Iterable[exp.Expr]) -> None:
     """On an engine without a linear-time matcher, refuse (before the charge) the patterns it would backtrack on."""
     if engine.regex:
         return
