@@ -1,13 +1,19 @@
-"""Python client for a Bastion gateway (httpx). Query results come back as pandas DataFrames."""
+"""Python client for a Bastion gateway (httpx). Query results come back as pandas DataFrames.
+
+pandas is imported only by the methods that build a frame (the `bastion` command renders JSON and stays light);
+`gateway.frames` adds `intervals(df)` and the `df.bastion` accessor (`df.bastion.plot()`, `df.bastion.intervals()`).
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
-import pandas as pd
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class BastionError(Exception):
@@ -40,18 +46,48 @@ class QueryResult:
 
 
 def result_frame(raw: dict[str, Any]) -> pd.DataFrame:
-    columns = raw["columns"]
-    rows = raw.get("rows") or []
-    intervals = raw.get("intervals") or [[None] * len(columns) for _ in rows]
-    data: dict[str, list[Any]] = {c: [r[i] for r in rows] for i, c in enumerate(columns)}
-    out: dict[str, list[Any]] = {}
-    for i, c in enumerate(columns):
-        out[c] = data[c]
-        cells = [iv[i] for iv in intervals]
-        if any(cell is not None for cell in cells):
-            out[f"{c}_low"] = [cell[0] if cell else None for cell in cells]
-            out[f"{c}_high"] = [cell[1] if cell else None for cell in cells]
-    return pd.DataFrame(out)
+    """The answer as a frame (see `gateway.frames.result_frame`)."""
+    from gateway.frames import result_frame as build
+
+    return build(raw)
+
+
+def _detail_text(detail: Any) -> str:
+    """FastAPI's validation list (`[{"loc": [...], "msg": ...}]`) as one readable line: `field: problem; ...`."""
+    if not isinstance(detail, list):
+        return str(detail)
+    parts = []
+    for item in detail:
+        if isinstance(item, dict):
+            loc = [str(x) for x in item.get("loc", []) if x not in ("body", "query", "path")]
+            msg = str(item.get("msg", item))
+            parts.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
+        else:
+            parts.append(str(item))
+    return "; ".join(parts)
+
+
+def error_of(resp: httpx.Response) -> BastionError:
+    """The error of an answer with status >= 400, whatever its body: the error shape, FastAPI's `detail` or text."""
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        err = body["error"]
+        return BastionError(resp.status_code, str(err.get("code", "error")), str(err.get("message", "")), body)
+    if isinstance(body, dict) and "detail" in body:  # FastAPI's own shape (request validation, unknown route)
+        code = "invalid_request" if resp.status_code in (400, 422) else f"http_{resp.status_code}"
+        return BastionError(resp.status_code, code, _detail_text(body["detail"]), body)
+    text = resp.text.strip() or resp.reason_phrase
+    return BastionError(resp.status_code, f"http_{resp.status_code}", text[:500], {"text": text})
+
+
+def intervals(frame: pd.DataFrame, *, keep_bounds: bool = False) -> pd.DataFrame:
+    """`frame` with each `<col>_low` / `<col>_high` pair as one column `<col>_ci` of pandas `Interval`s."""
+    from gateway.frames import intervals as build
+
+    return build(frame, keep_bounds=keep_bounds)
 
 
 class Client:
@@ -80,15 +116,7 @@ class Client:
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         resp = self._http.request(method, path, **kwargs)
         if resp.status_code >= 400:
-            try:
-                body = resp.json()
-                err = body.get("error", {})
-                code, message = err.get("code", "error"), err.get("message", resp.text)
-                if "detail" in body:  # FastAPI request validation
-                    code, message = "invalid_request", str(body["detail"])
-            except ValueError:
-                body, code, message = {}, "error", resp.text
-            raise BastionError(resp.status_code, code, message, body)
+            raise error_of(resp)
         return resp
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -97,8 +125,14 @@ class Client:
     def datasets(self) -> list[dict[str, Any]]:
         return self._json("GET", "/v1/datasets")
 
+    def budget_raw(self) -> list[dict[str, Any]]:
+        """Your spend, limit and remaining budget per dataset (the JSON answer of GET /v1/budget)."""
+        return self._json("GET", "/v1/budget")
+
     def budget(self) -> pd.DataFrame:
-        rows = self._json("GET", "/v1/budget")
+        import pandas as pd
+
+        rows = self.budget_raw()
         return pd.DataFrame(
             [
                 {
@@ -164,6 +198,10 @@ class Client:
     def synth_report(self, job_id: str) -> dict[str, Any]:
         return self._json("GET", f"/v1/synth/{job_id}/report")
 
+    def synth_report_page(self, job_id: str, page: str) -> str:
+        """One HTML page of a proxy's report (`index.html` or a name listed in the report's `pages`)."""
+        return self.request("GET", f"/v1/synth/{job_id}/report/{page}").text
+
     def synth(
         self,
         dataset: str,
@@ -189,6 +227,8 @@ class Client:
             job = self.synth_status(job["job_id"])
         if job["status"] != "done":
             raise BastionError(409, f"synth_job_{job['status']}", job.get("error") or job["status"], job)
+        import pandas as pd
+
         frame = pd.read_parquet(io.BytesIO(self.synth_download(job["job_id"])))
         frame.attrs.update(job)
         return frame

@@ -45,8 +45,12 @@ def test_demo_query_budget_and_client(served: tuple[Path, str]) -> None:
     assert "north" in out.stdout and "visits 95% CI" in out.stdout and "remaining on visits" in out.stdout
     dry = _run("query", sql, "--accuracy", "50", "--dry-run", cwd=cwd, env=env)
     assert dry.returncode == 0 and "dry run" in dry.stdout and "±50" in dry.stdout
-    bad = _run("query", "SELECT * FROM visits", cwd=cwd, env=env)
+    bad = _run("query", "SELECT * FROM visits", "--epsilon", "1", cwd=cwd, env=env)
     assert bad.returncode == 1 and "query_rejected" in bad.stderr
+    assert bad.stderr.startswith("error: query_rejected: ") and len(bad.stderr.strip().splitlines()) == 1
+    # No ε and no accuracy: refused before anything is sent, nothing spent.
+    unsaid = _run("query", sql, cwd=cwd, env=env)
+    assert unsaid.returncode == 2 and "--epsilon" in unsaid.stderr and "--accuracy" in unsaid.stderr
 
     with Client(url, token) as client:
         frame = client.query(sql, epsilon=1)

@@ -15,28 +15,31 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from audit.record import Event
-from gateway.cli.terminal import Workspace, console, err, fail
-from gateway.settings import Settings
+from gateway.cli.terminal import Workspace, console, err, fail, typer_app
 
-audit_app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
+audit_app = typer_app(help="The tamper-evident audit log.")
 
 ADMIN = {"principal": "admin", "role": "admin", "token_id": None}
 
-Since = Annotated[str | None, typer.Option(help="from this time on (ISO 8601, UTC if no zone)")]
+Since = Annotated[
+    str | None,
+    typer.Option(help="from this time on (ISO 8601 such as 2026-01-31 or 2026-01-31T12:00:00Z; UTC if no zone)"),
+]
 Until = Annotated[str | None, typer.Option(help="before this time (ISO 8601)")]
 Actor = Annotated[str | None, typer.Option(help="principal")]
 Dataset = Annotated[str | None, typer.Option(help="dataset")]
 
 
-def _settings(workspace: Path | None) -> Settings:
+def _settings(workspace: Path | None) -> Any:
+    from gateway.settings import Settings
+
     settings = Settings.load(workspace)
     if not settings.workspace.is_dir():
         fail(f"no workspace at {settings.workspace} (use --workspace or BASTION_WORKSPACE)")
     return settings
 
 
-def _log(settings: Settings) -> Any:
+def _log(settings: Any) -> Any:
     from audit.log import AuditLog
 
     return AuditLog(settings.audit_dir, key_dir=settings.keys_dir)
@@ -95,7 +98,7 @@ def verify(
         typer.echo(json.dumps({**report.to_dict(), "verdict": verdict(report)}, indent=2))
     if report.ok:
         if not as_json:
-            console.print(f"audit log OK: {report.message}", highlight=False)
+            console.print(f"audit log OK: {report.message.removeprefix('ok: ')}", highlight=False)
         return
     if report.first_bad is not None:
         err.print(
@@ -112,6 +115,7 @@ def verify(
 def keygen(workspace: Workspace = None) -> None:
     """Create the checkpoint-signing key of the workspace (refuses to replace one: use rotate-key)."""
     from audit import keys
+    from audit.record import Event
 
     settings = _settings(workspace)
     try:
@@ -142,6 +146,7 @@ def rotate_key(workspace: Workspace = None) -> None:
 def checkpoint(workspace: Workspace = None) -> None:
     """Sign a checkpoint of the log now."""
     from audit.errors import AuditError
+    from audit.record import Event
 
     settings = _settings(workspace)
     log = _log(settings)
@@ -165,6 +170,7 @@ def export_checkpoint(
     """Write the latest checkpoint (signing one that covers every record) outside the workspace: the anchor
     for 'verify --trusted-checkpoint'."""
     from audit.errors import AuditError
+    from audit.record import Event
 
     settings = _settings(workspace)
     ws = settings.workspace.resolve()
@@ -201,6 +207,7 @@ def events(
 
     if format not in ("table", "jsonl", "csv"):
         fail("--format is table, jsonl or csv", 2)
+    _check_times(since=since, until=until)
     settings = _settings(workspace)
     try:
         found = report.query_events(
@@ -248,7 +255,7 @@ def events(
     console.print(f"{len(found)} records", highlight=False)
 
 
-def _caps(settings: Settings) -> dict[str, dict[str, Any]]:
+def _caps(settings: Any) -> dict[str, dict[str, Any]]:
     """Budget caps of the registered datasets: their policies in the catalog (opened read-only, like a running
     gateway does), else the policy files of the workspace."""
     from policies.schema import PolicyError, load_policy
@@ -287,6 +294,7 @@ def spend(
 
     if format not in ("table", "json"):
         fail("--format is table or json", 2)
+    _check_times(since=since, until=until)
     settings = _settings(workspace)
     caps = _caps(settings)
     if dataset is not None:
@@ -323,6 +331,19 @@ def spend(
             points[-1].time,
         )
     console.print(per)
+
+
+def _check_times(**times: str | None) -> None:
+    """Each given time is ISO 8601 (as the API requires), else a message naming the option and a valid form."""
+    from audit.record import format_time
+
+    for name, value in times.items():
+        if value is None:
+            continue
+        try:
+            format_time(value)
+        except ValueError:
+            fail(f"--{name} must be an ISO 8601 time such as 2026-01-31 or 2026-01-31T12:00:00Z (got {value!r})", 2)
 
 
 def _g(value: float | None) -> str:

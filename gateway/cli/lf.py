@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 from rich.table import Table
 
-from gateway.cli.terminal import Token, Url, console, fail, gateway_client
+from gateway.cli.terminal import AsJson, Token, Url, console, fail, gateway_client, print_json, typer_app
 
-lf_app = typer.Typer(help="Labeling functions: DP coverage, overlap, conflict and accuracy.", no_args_is_help=True)
+lf_app = typer_app(help="Labeling functions: DP coverage, overlap, conflict and accuracy.")
 
 
 def read_lf_file(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """An LF file (YAML or JSON): a list of LFs, or {lfs: [...], python_lfs: [names]}."""
+    import yaml
+
     try:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
@@ -68,16 +68,18 @@ def print_summary(raw: dict[str, Any]) -> None:
 def stats(
     lf_file: Annotated[Path, typer.Argument(help="YAML/JSON file: a list of LFs or {lfs: [...], python_lfs: [...]}")],
     dataset: Annotated[str, typer.Option(help="dataset name")],
-    epsilon: Annotated[float, typer.Option(help="privacy loss to spend")] = 1.0,
+    epsilon: Annotated[float | None, typer.Option(help="privacy loss to spend (required)")] = None,
     alpha: Annotated[float | None, typer.Option(help="1 - confidence level [default: 0.05]")] = None,
     python: Annotated[list[str] | None, typer.Option("--python", help="registered Python LF (repeatable)")] = None,
     label_model: Annotated[bool, typer.Option("--label-model", help="fit Snorkel's LabelModel privately")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="show cost and half-widths without spending")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="print the raw JSON answer")] = False,
+    as_json: AsJson = False,
     url: Url = "http://127.0.0.1:8000",
     token: Token = None,
 ) -> None:
     """DP coverage, overlap, conflict and (with a gold column) accuracy of the labeling functions in a file."""
+    if epsilon is None:
+        fail("say what to spend: --epsilon E (the privacy loss of the statistics, e.g. --epsilon 1)", 2)
     try:
         lfs, python_lfs = read_lf_file(lf_file)
     except ValueError as exc:
@@ -93,7 +95,7 @@ def stats(
             dry_run=dry_run,
         )
     if as_json:
-        typer.echo(json.dumps(raw, indent=2))
+        print_json(raw)
         return
     if raw.get("dry_run"):
         console.print(f"dry run: would cost ε={raw['epsilon']:.4g}")

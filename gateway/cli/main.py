@@ -13,21 +13,30 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from audit.record import Event
 from gateway.cli.audit import audit_app
 from gateway.cli.lf import lf_app
 from gateway.cli.synth import synth_app
-from gateway.cli.terminal import Token, Url, Workspace, console, fail, gateway_client
-from gateway.engines.kind import EngineKind
-from gateway.settings import Settings
-from policies.errors import GatewayError
-from policies.schema import PolicyError
-
-app = typer.Typer(
-    help="Bastion: privacy-preserving data exploration gateway.", no_args_is_help=True, pretty_exceptions_enable=False
+from gateway.cli.terminal import (
+    AsJson,
+    Token,
+    Url,
+    Workspace,
+    console,
+    fail,
+    fmt,
+    gateway_client,
+    print_json,
+    print_records,
+    typer_app,
 )
-token_app = typer.Typer(help="Bearer tokens (admin, on the gateway host).", no_args_is_help=True)
-ledger_app = typer.Typer(help="The privacy-budget ledger (admin, on the gateway host).", no_args_is_help=True)
+from gateway.engines.kind import EngineKind
+
+# Only what `--help` needs is imported above (typer, rich, this package's option types): each command imports
+# the rest (settings, the service, pandas, httpx ...) when it runs. tests/test_cli_imports.py guards this.
+
+app = typer_app("Bastion: privacy-preserving data exploration gateway.")
+token_app = typer_app(help="Bearer tokens (admin, on the gateway host).")
+ledger_app = typer_app(help="The privacy-budget ledger (admin, on the gateway host).")
 app.add_typer(token_app, name="token")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(audit_app, name="audit")
@@ -35,11 +44,36 @@ app.add_typer(synth_app, name="synth")
 app.add_typer(lf_app, name="lf")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"bastion {version('bastion')}")
+        except PackageNotFoundError:  # run from a source tree that is not installed
+            fail("bastion is not installed (pip install -e .); its version is in pyproject.toml")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """Bastion: privacy-preserving data exploration gateway."""
+
+
+def _settings(workspace: Path | None, **overrides: Any) -> Any:
+    from gateway.settings import Settings
+
+    return Settings.load(workspace, **overrides)
+
+
 def _admin(workspace: Path | None, **overrides: Any) -> Any:
     from gateway.service import Bastion
 
-    settings = Settings.load(workspace, **overrides)
-    return Bastion(settings, read_only=False)
+    return Bastion(_settings(workspace, **overrides), read_only=False)
 
 
 EngineOption = Annotated[
@@ -52,7 +86,7 @@ def _choose_engine(workspace: Path | None, engine: EngineKind | None) -> None:
     """Save the engine in the workspace's settings; a workspace keeps the engine its datasets were registered on."""
     if engine is None:
         return
-    settings = Settings.load(workspace)
+    settings = _settings(workspace)
     if settings.settings_file.exists() and settings.engine is not engine and _has_datasets(settings):
         fail(
             f"this workspace keeps its datasets on {settings.engine.value}; "
@@ -62,15 +96,16 @@ def _choose_engine(workspace: Path | None, engine: EngineKind | None) -> None:
     settings.save()
 
 
-def _has_datasets(settings: Settings) -> bool:
+def _has_datasets(settings: Any) -> bool:
     if settings.engine is EngineKind.SPARK:
         return (settings.warehouse / "catalog.json").exists()
     return settings.database.exists()
 
 
-def _checked_app(settings: Settings) -> Any:
+def _checked_app(settings: Any) -> Any:
     """The app for `settings`, or a clean exit naming the problem if the ledger and the log disagree."""
     from gateway.http.app import create_app
+    from policies.errors import GatewayError
 
     try:
         return create_app(settings)
@@ -89,7 +124,9 @@ def register(
     workspace: Workspace = None,
 ) -> None:
     """Register a dataset: load its source into the private engine and build the pre-bounded table."""
-    from policies.schema import load_policy
+    from audit.record import Event
+    from policies.errors import GatewayError
+    from policies.schema import PolicyError, load_policy
 
     _choose_engine(workspace, engine)
     try:
@@ -126,6 +163,9 @@ def token_create(
     workspace: Workspace = None,
 ) -> None:
     """Create a bearer token. It is printed once; only its hash is stored."""
+    from audit.record import Event
+    from policies.errors import GatewayError
+
     bastion = _admin(workspace)
     try:
         token, principal = bastion.tokens.create(name, role)
@@ -148,7 +188,7 @@ def token_list(workspace: Workspace = None) -> None:
     """List tokens (ids, names, roles; never secrets)."""
     from gateway.stores.tokens import TokenStore
 
-    settings = Settings.load(workspace)
+    settings = _settings(workspace)
     table = Table("token id", "name", "role", "created")
     for t in TokenStore(settings.tokens).list():
         table.add_row(t["token_id"], t["name"], t["role"], t["created"])
@@ -168,7 +208,7 @@ def serve(
     """Run the gateway on the workspace."""
     import uvicorn
 
-    settings = Settings.load(workspace, host=host, port=port)
+    settings = _settings(workspace, host=host, port=port)
     if not settings.database.exists():
         fail(f"no private database in {settings.workspace}: run 'bastion demo' or 'bastion register' first")
     if workers > 1:
@@ -197,7 +237,9 @@ def demo(
     workspace: Workspace = None,
 ) -> None:
     """Create (or reuse) the demo workspace here: generated hospital visits, its policy, tokens; then serve."""
+    from audit.record import Event
     from gateway.demo import write_demo, write_examples
+    from gateway.settings import Settings
     from policies.schema import load_policy
 
     _choose_engine(workspace, engine)
@@ -241,6 +283,9 @@ def demo(
         typer.echo(f"  {role:<10} {t['name']:<6} {t['token']}")
     analyst = made["analyst"]["token"]
     sql = "SELECT region, COUNT(*) AS visits, AVG(income) AS mean_income FROM visits WHERE age >= 65 GROUP BY region"
+    activate = _activation_hint()
+    if activate:
+        console.print(f"\n[bold]First[/], in another terminal: {activate}", highlight=False)
     console.print("\n[bold]Try it[/] (as the analyst):", highlight=False)
     typer.echo(f"  export BASTION_URL={url} BASTION_TOKEN={analyst}")
     typer.echo(f'  bastion query "{sql}" --epsilon 1')
@@ -270,13 +315,32 @@ def demo(
         uvicorn.run(served, host=settings.host, port=settings.port, log_level="warning")
 
 
+def _activation_hint() -> str | None:
+    """How to get `bastion` on PATH when it is not: `source <venv>/bin/activate` (or the full path)."""
+    import shutil
+
+    here = Path(sys.executable).parent  # the virtual environment's bin directory, which holds `bastion`
+    found = shutil.which("bastion")
+    if found and Path(found).parent.resolve() == here.resolve():
+        return None
+    try:
+        bindir = Path(os.path.relpath(here))
+    except ValueError:  # another drive (Windows)
+        bindir = here
+    if bindir.parts[:1] == ("..",):  # not below the current directory: the absolute path reads better
+        bindir = here
+    if not (here / "activate").exists():
+        return f"bastion is not on PATH; call it as {bindir / 'bastion'}"
+    return f"source {bindir / 'activate'}   (puts bastion on PATH; or call {bindir / 'bastion'})"
+
+
 # --- the ledger -------------------------------------------------------------------------------------------
 
 
 def _ledger_bastion(workspace: Path | None) -> Any:
     from gateway.service import Bastion
 
-    settings = Settings.load(workspace)
+    settings = _settings(workspace)
     if not settings.workspace.is_dir():
         fail(f"no workspace at {settings.workspace} (use --workspace or BASTION_WORKSPACE)")
     return Bastion(settings)
@@ -285,6 +349,8 @@ def _ledger_bastion(workspace: Path | None) -> Any:
 @ledger_app.command("check")
 def ledger_check(workspace: Workspace = None) -> None:
     """Check the ledger against the audit log, as the gateway does at start-up (orphan charges get recorded)."""
+    from policies.errors import GatewayError
+
     bastion = _ledger_bastion(workspace)
     try:
         bastion.check_consistency()
@@ -302,6 +368,8 @@ def ledger_reconcile(workspace: Workspace = None) -> None:
     Every charge the log shows and the ledger lacks is charged again; nothing is ever refunded. The action is
     recorded in the audit log.
     """
+    from policies.errors import GatewayError
+
     bastion = _ledger_bastion(workspace)
     try:
         added = bastion.reconcile_ledger()
@@ -325,87 +393,170 @@ def ledger_reconcile(workspace: Workspace = None) -> None:
 
 
 # --- client commands --------------------------------------------------------------------------------------
+# They render the gateway's JSON directly (no pandas): a plain query imports httpx and nothing heavier.
 
 
-def _fmt(v: Any) -> str:
-    return f"{v:,.6g}" if isinstance(v, float) else str(v)
+def _cell_flags(entry: Any, columns: list[str]) -> list[str]:
+    """The flags of one row as `column: flag` texts. A row's entry may be null, one text, a list aligned with the
+    columns (each null, a text or a list of texts) or a {column: flags} map."""
+    if not entry:
+        return []
+    if isinstance(entry, str):
+        return [entry]
+    if isinstance(entry, dict):
+        return [f"{k}: {fmt(v)}" for k, v in entry.items() if v]
+    if isinstance(entry, list) and len(entry) == len(columns):
+        return [f"{columns[j]}: {fmt(f)}" for j, f in enumerate(entry) if f]
+    if isinstance(entry, list):
+        return [fmt(f) for f in entry if f]
+    return [fmt(entry)]
 
 
-def _print_frame(frame: Any, alpha: float | None = None) -> None:
-    """Print a result frame, folding `c_low`/`c_high` into one interval column per noisy column."""
-    names = [str(c) for c in frame.columns]
-    shown = [c for c in names if not (c.endswith(("_low", "_high")) and c.rsplit("_", 1)[0] in names)]
+def print_answer(raw: dict[str, Any]) -> None:
+    """A released answer as a table: each noisy column followed by its confidence interval, then the cells'
+    flags (if the gateway sent any)."""
+    columns = [str(c) for c in raw["columns"]]
+    rows = raw.get("rows") or []
+    intervals = raw.get("intervals") or [None] * len(rows)
+    flags = raw.get("flags")
+    row_flags = (
+        [_cell_flags(f, columns) for f in flags] if isinstance(flags, list) and len(flags) == len(rows) else None
+    )
+    noisy = {j for iv in intervals if iv for j, cell in enumerate(iv) if cell is not None}
+    alpha = raw.get("alpha")
     level = f"{1 - alpha:.0%} CI" if alpha else "interval"
     headers = []
-    for c in shown:
-        headers.append(c)
-        if f"{c}_low" in names:
-            headers.append(f"{c} {level}")
-    table = Table(*headers)
-    for _, row in frame.iterrows():
+    for j, c in enumerate(columns):
+        headers += [c, f"{c} {level}"] if j in noisy else [c]
+    show_flags = row_flags is not None and any(row_flags)
+    table = Table(*headers, *(["flags"] if show_flags else []))
+    for i, row in enumerate(rows):
         cells = []
-        for c in shown:
-            cells.append(_fmt(row[c]))
-            if f"{c}_low" in names:
-                lo, hi = row[f"{c}_low"], row[f"{c}_high"]
-                cells.append("" if lo is None or lo != lo else f"{_fmt(lo)} … {_fmt(hi)}")
+        for j, value in enumerate(row):
+            cells.append(fmt(value))
+            if j in noisy:
+                cell = intervals[i][j] if intervals[i] else None
+                cells.append("" if cell is None else f"{fmt(cell[0])} … {fmt(cell[1])}")
+        if show_flags and row_flags is not None:
+            cells.append("; ".join(row_flags[i]))
         table.add_row(*cells)
     console.print(table)
+    if isinstance(flags, dict) and flags:  # a shape this client does not know: show it rather than drop it
+        console.print(f"flags: {fmt(flags)}", highlight=False)
+
+
+def _print_notes(raw: dict[str, Any]) -> None:
+    from rich.markup import escape
+
+    for warning in raw.get("warnings") or []:
+        console.print(f"[bold yellow]warning:[/] {escape(str(warning))}", highlight=False)
+    for note in raw.get("notes") or []:
+        console.print(f"[dim]note: {escape(str(note))}[/]", highlight=False)
+
+
+def print_dry_run(raw: dict[str, Any]) -> None:
+    cached = " (an identical query was already answered: running it costs nothing)" if raw.get("cached") else ""
+    console.print(f"dry run: would cost ε={raw['epsilon']:.4g}, δ={raw['delta']:.3g}{cached}", highlight=False)
+    for col, acc in (raw.get("accuracy") or {}).items():
+        console.print(
+            f"  {col}: ±{acc:.4g} at {1 - raw['alpha']:.0%}"
+            if acc is not None
+            else f"  {col}: accuracy depends on the data (see measurements)",
+            highlight=False,
+        )
+    if raw.get("measurements"):
+        print_records(raw["measurements"], title="measurements (each gets its share of ε)")
 
 
 @app.command()
 def query(
     sql: Annotated[str, typer.Argument(help="one aggregate SELECT")],
-    epsilon: Annotated[float | None, typer.Option(help="privacy loss to spend")] = None,
-    accuracy: Annotated[float | None, typer.Option(help="target 95% half-width of the first COUNT/SUM column")] = None,
+    epsilon: Annotated[
+        float | None, typer.Option(help="privacy loss to spend (this or --accuracy is required)")
+    ] = None,
+    accuracy: Annotated[
+        float | None, typer.Option(help="target 95% half-width of the first COUNT/SUM column; Bastion derives ε")
+    ] = None,
     alpha: Annotated[float | None, typer.Option(help="1 - confidence level [default: 0.05]")] = None,
     delta: Annotated[float | None, typer.Option(help="δ for private key selection")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="show cost and accuracy without spending")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="print the raw JSON answer")] = False,
+    as_json: AsJson = False,
     url: Url = "http://127.0.0.1:8000",
     token: Token = None,
 ) -> None:
     """Run a differentially private query and print the table with its confidence intervals."""
-    from gateway.client import result_frame
-
     if epsilon is None and accuracy is None:
-        epsilon = 1.0
+        fail(
+            "say what to spend: --epsilon E (privacy loss, e.g. --epsilon 0.5) or --accuracy A (a target 95% "
+            "half-width of the first COUNT/SUM); add --dry-run to see the cost without spending",
+            2,
+        )
     with gateway_client(url, token) as c:
         raw = c.query_raw(sql, epsilon=epsilon, accuracy=accuracy, alpha=alpha, delta=delta, dry_run=dry_run).raw
     if as_json:
-        typer.echo(json.dumps(raw, indent=2))
+        print_json(raw)
         return
     if raw.get("dry_run"):
-        console.print(f"dry run: would cost ε={raw['epsilon']:.4g}, δ={raw['delta']:.3g}")
-        for col, acc in (raw.get("accuracy") or {}).items():
-            console.print(
-                f"  {col}: ±{acc:.4g} at {1 - raw['alpha']:.0%}"
-                if acc is not None
-                else f"  {col}: accuracy depends on the data (see measurements)"
-            )
+        print_dry_run(raw)
     else:
-        _print_frame(result_frame(raw), raw.get("alpha"))
-        for note in raw.get("notes", []):
-            console.print(f"[dim]note: {note}[/]")
+        print_answer(raw)
+    _print_notes(raw)
     b = raw["budget"]
     console.print(
         f"spent ε={raw['epsilon_spent']:.4g}{' (cached)' if raw['cached'] else ''}; "
-        f"remaining on {b['dataset']}: ε={b['remaining']['epsilon']:.4g}, δ={b['remaining']['delta']:.3g}"
+        f"remaining on {b['dataset']}: ε={b['remaining']['epsilon']:.4g}, δ={b['remaining']['delta']:.3g}",
+        highlight=False,
     )
 
 
 @app.command()
-def budget(url: Url = "http://127.0.0.1:8000", token: Token = None) -> None:
+def budget(as_json: AsJson = False, url: Url = "http://127.0.0.1:8000", token: Token = None) -> None:
     """Show your privacy spend and remaining budget per dataset."""
     with gateway_client(url, token) as c:
-        _print_frame(c.budget())
+        rows = c.budget_raw()
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("dataset", "ε spent", "ε limit", "ε remaining", "δ spent", "δ limit", "δ remaining")
+    for b in rows:
+        spent, limit, left = b["spent"], b["limit"], b["remaining"]
+        table.add_row(
+            b["dataset"],
+            f"{spent['epsilon']:.4g}",
+            f"{limit['epsilon']:.4g}",
+            f"{left['epsilon']:.4g}",
+            f"{spent['delta']:.3g}",
+            f"{limit['delta']:.3g}",
+            f"{left['delta']:.3g}",
+        )
+    console.print(table)
 
 
 @app.command()
-def datasets(url: Url = "http://127.0.0.1:8000", token: Token = None) -> None:
+def datasets(as_json: AsJson = False, url: Url = "http://127.0.0.1:8000", token: Token = None) -> None:
     """List the datasets you may use, with their public schema."""
     with gateway_client(url, token) as c:
-        typer.echo(json.dumps(c.datasets(), indent=2))
+        found = c.datasets()
+    if as_json:
+        print_json(found)
+        return
+    table = Table("dataset", "version", "privacy unit", "rows per unit", "your grants", "budget per principal")
+    for d in found:
+        per = (d.get("budget") or {}).get("per_principal") or {}
+        table.add_row(
+            d["dataset"],
+            fmt(d.get("version")),
+            fmt(d.get("privacy_unit")),
+            fmt(d.get("max_rows_per_unit")),
+            fmt(d.get("grants")),
+            fmt(per),
+        )
+    console.print(table)
+    for d in found:
+        cols = [{"column": name, **spec} for name, spec in (d.get("columns") or {}).items()]
+        print_records(cols, title=f"{d['dataset']}: columns")
+    if not found:
+        console.print("no dataset grants your role anything")
 
 
 def main() -> None:

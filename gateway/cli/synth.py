@@ -2,23 +2,35 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from gateway.cli.terminal import Token, Url, Workspace, console, err, fail, gateway_client
+from gateway.cli.terminal import (
+    AsJson,
+    Token,
+    Url,
+    Workspace,
+    console,
+    err,
+    fail,
+    fmt,
+    gateway_client,
+    print_json,
+    typer_app,
+)
 
-synth_app = typer.Typer(help="Synthetic proxy tables (DP by default).", no_args_is_help=True)
+synth_app = typer_app(help="Synthetic proxy tables (DP by default).")
 
 FINAL = ("done", "failed", "withheld")
 
 
 def _follow(c: Any, job: dict[str, Any], poll: float) -> dict[str, Any]:
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
     columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=False) as bar:
         task = bar.add_task(job["stage"] or job["status"], total=1.0, completed=job["progress"])
@@ -34,7 +46,9 @@ def _follow(c: Any, job: dict[str, Any], poll: float) -> dict[str, Any]:
 @synth_app.command("run")
 def run(
     dataset: Annotated[str, typer.Argument(help="dataset name")],
-    epsilon: Annotated[float | None, typer.Option(help="privacy loss to spend (DP methods)")] = None,
+    epsilon: Annotated[
+        float | None, typer.Option(help="privacy loss to spend (required for the DP methods; none for the non-DP one)")
+    ] = None,
     rows: Annotated[int, typer.Option(help="rows of the proxy")] = 10_000,
     seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
     method: Annotated[
@@ -52,7 +66,7 @@ def run(
 ) -> None:
     """Request a synthetic proxy of DATASET, follow its progress and download it."""
     if epsilon is None and method != "sdv_gaussian_copula":
-        epsilon = 1.0
+        fail("say what to spend: --epsilon E (the privacy loss of the proxy, e.g. --epsilon 1)", 2)
     with gateway_client(url, token) as c:
         job = c.synth_submit(dataset, epsilon=epsilon, rows=rows, seed=seed, method=method, delta=delta)
         spent = "cached, nothing spent" if job["cached"] else f"spent ε={job['epsilon_spent']:.4g}"
@@ -73,10 +87,20 @@ def run(
 
 
 @synth_app.command("status")
-def status(job_id: str, url: Url = "http://127.0.0.1:8000", token: Token = None) -> None:
+def status(job_id: str, as_json: AsJson = False, url: Url = "http://127.0.0.1:8000", token: Token = None) -> None:
     """Show a job's status."""
     with gateway_client(url, token) as c:
-        typer.echo(json.dumps(c.synth_status(job_id), indent=2))
+        job = c.synth_status(job_id)
+    if as_json:
+        print_json(job)
+        return
+    table = Table("field", "value", show_header=False)
+    for key, value in job.items():
+        if isinstance(value, float) and key == "progress":
+            table.add_row(key, f"{value:.0%}")
+        else:
+            table.add_row(key, fmt(value))
+    console.print(table)
 
 
 @synth_app.command("download")
@@ -92,11 +116,41 @@ def download(
     console.print(f"wrote {out}")
 
 
+def _save_report(c: Any, job_id: str, report: dict[str, Any], out: Path) -> Path:
+    """Write the report's HTML pages (self-contained: inline SVG, relative links) and its JSON into `out`."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    names = [p for p in report.get("pages") or ["index.html"] if isinstance(p, str)]
+    for name in names:
+        # Page names come from the gateway: keep them plain file names inside `out`.
+        if Path(name).name != name or not name.endswith(".html"):
+            fail(f"the gateway listed a report page with an unexpected name: {name!r}")
+        (out / name).write_text(c.synth_report_page(job_id, name), encoding="utf-8")
+    (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return out / "index.html"
+
+
 @synth_app.command("report")
-def report(job_id: str, url: Url = "http://127.0.0.1:8000", token: Token = None) -> None:
-    """Print a proxy's fidelity report (scores per column and per column pair)."""
+def report(
+    job_id: str,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="save the report's HTML pages here, for a browser offline")
+    ] = None,
+    open_: Annotated[bool, typer.Option("--open", help="open the saved report in a browser (with --out)")] = False,
+    as_json: AsJson = False,
+    url: Url = "http://127.0.0.1:8000",
+    token: Token = None,
+) -> None:
+    """Print a proxy's fidelity report (scores per column and per column pair); --out saves its pages."""
+    if open_ and out is None:
+        fail("--open opens the saved pages: give --out DIR too", 2)
     with gateway_client(url, token) as c:
         r = c.synth_report(job_id)
+        index = _save_report(c, job_id, r, out) if out is not None else None
+    if as_json:
+        print_json(r)
+        return
     console.print(f"reference: {r['reference']}")
     table = Table("column", "TVComplement", "bins inside the noise interval")
     for name, col in r["columns"].items():
@@ -113,6 +167,13 @@ def report(job_id: str, url: Url = "http://127.0.0.1:8000", token: Token = None)
                 f"{p['correlation_similarity']:.3f}",
             )
         console.print(pairs)
+    if index is not None:
+        console.print(f"report saved: {index.resolve().as_uri()}", highlight=False)
+        if open_:
+            import webbrowser
+
+            if not webbrowser.open(index.resolve().as_uri()):
+                fail(f"no browser to open; open {index} by hand")
 
 
 # --- admin, on the gateway host ---------------------------------------------------------------------------

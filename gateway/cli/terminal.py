@@ -1,26 +1,39 @@
-"""What every `bastion` command shares: the consoles, the common options, failing with a message, and calling a
-gateway with its errors turned into that message."""
+"""What every `bastion` command shares: the consoles, the common options, failing with a message, calling a
+gateway with its errors turned into that message, and rendering answers as tables.
+
+This module is imported by every command, `--help` included: it imports nothing heavy (no pandas, no httpx until
+a command talks to a gateway)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
-import httpx
 import typer
 from rich.console import Console
-
-from gateway.settings import DEFAULT_WORKSPACE
+from rich.table import Table
 
 if TYPE_CHECKING:
     from gateway.client import Client
 
+# The workspace's default directory name (gateway.settings.DEFAULT_WORKSPACE; not imported here, as settings pull
+# pydantic, which a client command does not need).
+DEFAULT_WORKSPACE = "bastion-workspace"
+
 # Wide when piped, so tables are not truncated in logs and scripts.
 console = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+
+def typer_app(help: str) -> typer.Typer:
+    """A command group. Help is plain click help (no rich markup mode): it shows no type after a flag (`--dry-run`,
+    not `--dry-run <bool>`), keeps `[default: ...]` in help texts, and needs no rich import to print."""
+    return typer.Typer(help=help, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False)
+
 
 Workspace = Annotated[
     Path | None,
@@ -30,10 +43,19 @@ Workspace = Annotated[
 ]
 Url = Annotated[str, typer.Option("--url", envvar="BASTION_URL", help="gateway URL")]
 Token = Annotated[str | None, typer.Option("--token", envvar="BASTION_TOKEN", help="bearer token")]
+AsJson = Annotated[bool, typer.Option("--json", help="print the raw JSON answer (for scripts)")]
+
+
+def one_line(text: str) -> str:
+    """`text` on one line: the lines of a multi-line message joined by ' | '."""
+    return " | ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    """End the command with `error: <message>` on one line of stderr and exit status `code`."""
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -46,6 +68,8 @@ def make_client(url: str, token: str | None) -> Client:
 @contextlib.contextmanager
 def gateway_client(url: str, token: str | None) -> Iterator[Client]:
     """A client for the gateway at `url`; its errors (and an unreachable gateway) end the command with a message."""
+    import httpx
+
     from gateway.client import BastionError
 
     try:
@@ -55,3 +79,41 @@ def gateway_client(url: str, token: str | None) -> Iterator[Client]:
         fail(f"{exc.code}: {exc.message}")
     except httpx.HTTPError as exc:
         fail(f"cannot reach the gateway at {url}: {exc}")
+
+
+def print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2))
+
+
+def fmt(value: Any) -> str:
+    """A cell: floats to 6 significant digits with thousands separators, integral floats as integers, lists joined."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        if value != value:
+            return "NaN"
+        if value.is_integer() and abs(value) < 1e15:
+            return f"{int(value):,}"
+        return f"{value:,.6g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, list | tuple):
+        return ", ".join(fmt(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={fmt(v)}" for k, v in value.items())
+    return str(value)
+
+
+def print_records(records: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, title: str = "") -> None:
+    """A table of dicts: the given columns, or every key in order of first appearance."""
+    if columns is None:
+        seen: dict[str, None] = {}
+        for r in records:
+            seen.update(dict.fromkeys(r))
+        columns = list(seen)
+    table = Table(*columns, title=title or None)
+    for r in records:
+        table.add_row(*(fmt(r.get(c)) for c in columns))
+    console.print(table)

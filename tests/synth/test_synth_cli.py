@@ -47,7 +47,7 @@ def test_synth_run_follows_progress_and_writes_the_proxy(workspace: Workspace, t
         assert run.exit_code == 0, run.output
         job_id = run.output.split("job ")[1].split()[0]
         report = runner.invoke(app, ["synth", "report", job_id, "--token", token])
-        status = runner.invoke(app, ["synth", "status", job_id, "--token", token])
+        status = runner.invoke(app, ["synth", "status", job_id, "--json", "--token", token])
         refused = runner.invoke(app, ["synth", "run", "visits", "--epsilon", "50", "--token", token])
     assert "spent ε=0.4" in run.output and "wrote 1,500 rows" in run.output
     assert len(pd.read_csv(out)) == 1500
