@@ -11,6 +11,7 @@ shows less spend than the log (deleted, or restored from an older copy) until `r
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import hashlib
 import json
 import logging
@@ -35,6 +36,7 @@ from gateway.stores.tokens import Principal, TokenStore
 from policies.accountant import DELTA_UNIT, EPS_UNIT, PrivacyLoss
 from policies.errors import (
     AuditUnavailable,
+    DatasetNotFound,
     Forbidden,
     GatewayError,
     LedgerUnavailable,
@@ -366,6 +368,8 @@ class Bastion:
             policy, version = self.engine.policy(dataset)
         except GatewayError as exc:
             self.audit(ctx, grant.value, dataset=dataset, request=request, decision="denied", reason=exc.code)
+            if isinstance(exc, DatasetNotFound):
+                raise self._dataset_not_found(ctx, dataset, exc) from None
             raise
         if grant not in policy.grants(ctx.principal.role):
             self.audit(ctx, grant.value, dataset=dataset, request=request, decision="denied", reason="forbidden")
@@ -374,6 +378,18 @@ class Bastion:
                 dataset=dataset,
             )
         return policy, version
+
+    def _dataset_not_found(self, ctx: Context, dataset: str, exc: DatasetNotFound) -> DatasetNotFound:
+        """`exc` with the nearest name among the datasets the caller is granted (never another dataset's name)."""
+        granted = [name for name, (p, _) in self.engine.datasets().items() if p.grants(ctx.principal.role)]
+        near = difflib.get_close_matches(dataset.lower(), granted, n=1, cutoff=0.6)
+        if near:
+            hint = f"did you mean {near[0]!r}? GET /v1/datasets lists the datasets you may use"
+        else:
+            hint = "GET /v1/datasets lists the datasets you may use"
+        return DatasetNotFound(
+            f"{exc.message}; {hint}", dataset=dataset, hint=hint, suggestion=near[0] if near else None
+        )
 
     def datasets(self, ctx: Context) -> list[dict[str, Any]]:
         out = []
@@ -430,6 +446,8 @@ class Bastion:
         base = {"dataset": policy.dataset, "request": request}
         if key is not None:
             hit = self.cache.get(key)
+            if hit is not None and dry_run is not None:
+                return self._cached_dry_run(ctx, event, base, policy, dry_run)
             if hit is not None:
                 self.audit(
                     ctx,
@@ -536,6 +554,41 @@ class Bastion:
             "budget": self.budget_status(ctx.principal.name, policy),
         }
 
+    def _cached_dry_run(
+        self, ctx: Context, event: str, base: dict[str, Any], policy: Policy, dry_run: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The dry run of a request already answered: it would cost nothing (the cached answer is returned), and
+        says so. Nothing private is read; whether a request of this principal is cached is the principal's own
+        public history."""
+        self.audit(
+            ctx,
+            event,
+            **base,
+            decision="allowed",
+            reason="dry_run",
+            phase="released",
+            cost=PrivacyLoss(0.0).as_dict(),
+            release_digest=None,
+            cached=True,
+        )
+        notes = [
+            *dry_run.get("notes", []),
+            "this request was already answered: running it costs nothing and returns the same answer again "
+            "(cached); the cost shown is 0 for that reason",
+        ]
+        return {
+            **dry_run,
+            "epsilon": 0.0,
+            "delta": 0.0,
+            "notes": notes,
+            "dry_run": True,
+            "cached": True,
+            "epsilon_spent": 0.0,
+            "delta_spent": 0.0,
+            "query_id": ctx.request_id,
+            "budget": self.budget_status(ctx.principal.name, policy),
+        }
+
     def _fallback(
         self,
         ctx: Context,
@@ -632,6 +685,7 @@ class Bastion:
             "epsilon": pricing.cost.epsilon,
             "delta": pricing.cost.delta,
             "epsilon_per_measurement": pricing.epsilon_per_measurement,
+            "warnings": list(plan.warnings),
         }
         dry = None
         if dry_run:
@@ -640,6 +694,7 @@ class Bastion:
                 "columns": plan.output_names,
                 "rows": None,
                 "intervals": None,
+                "flags": None,
                 "notes": [],
                 "accuracy": dry_run_accuracy(plan, pricing),
                 "measurements": [
@@ -655,6 +710,7 @@ class Bastion:
                 "columns": release.columns,
                 "rows": release.rows,
                 "intervals": release.intervals,
+                "flags": release.flags,
                 "measurements": release.measurements,
                 "notes": release.notes,
             }

@@ -8,6 +8,7 @@ Anything else raises QueryRejected pointing at the offending span, before anythi
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -161,8 +162,10 @@ def check_column(col: exp.Column, policy: Policy, sql: str, *, labeling: bool) -
         raise reject(f"unknown table qualifier {col.table!r}", "unknown_table", col, sql)
     spec = policy.columns.get(name)
     if spec is None:
-        usable = ", ".join(sorted(policy.usable_columns(labeling=labeling)))
-        raise reject(f"unknown column {name!r}", "unknown_column", col, sql, hint=f"usable columns: {usable}")
+        usable = sorted(policy.usable_columns(labeling=labeling))
+        near = difflib.get_close_matches(name, usable, n=1, cutoff=0.6)
+        hint = (f"did you mean {near[0]!r}? " if near else "") + f"usable columns: {', '.join(usable)}"
+        raise reject(f"unknown column {name!r}", "unknown_column", col, sql, hint=hint)
     if name == policy.privacy_unit:
         raise reject(
             f"the privacy-unit column {name!r} cannot be used here",

@@ -55,6 +55,15 @@ class QueryResponse(BaseModel):
     accuracy: dict[str, float | None] | None = None
     measurements: list[dict[str, Any]] = []
     notes: list[str] = []
+    warnings: list[str] = Field(
+        default=[], description="advice on the query's form, e.g. to bin a continuous GROUP BY column"
+    )
+    flags: list[list[list[str]]] | None = Field(
+        default=None,
+        description="per cell, like rows: flags computed from DP outputs and public parameters only; "
+        "'noise_dominated' when the interval's half-width exceeds the value's magnitude, the value is null for "
+        "want of rows, or a quantile's group has a noisy row count below the quantile's public threshold",
+    )
 
 
 router = APIRouter(prefix="/v1", responses=ERRORS)

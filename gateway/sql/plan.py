@@ -8,6 +8,7 @@ The analyst's SQL text is never executed; every executed statement is generated 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -24,14 +25,17 @@ from policies.expressions import (
     check_row_expression,
     func_name,
     reject,
+    span,
 )
-from policies.schema import NUMERIC_TYPES, Column, Policy
+from policies.schema import NUMERIC_TYPES, Column, ColumnType, Policy
 from policies.sqltypes import FLOAT, SqlType, Typed, canonical, sql_type_name
 from policies.sqltypes import column_type as column_type_of
 from policies.typecheck import Checked, Checker
 
 # Largest number of groups Bastion enumerates from public domains; larger key spaces go through key selection.
 MAX_DECLARED_GROUPS = 100_000
+# Largest number of bins of a binned key over a bounded column (FLOOR(col / w) ...) released as public keys.
+MAX_BINS = 1_000
 
 
 class Kind(StrEnum):
@@ -183,6 +187,7 @@ class Plan:
     post: exp.Select  # output expressions, HAVING, ORDER BY and LIMIT over the released table "released"
     measurements: list[Measurement] = field(default_factory=list)
     where: exp.Expr | None = None  # the WHERE condition's total form over the bounded table
+    warnings: list[str] = field(default_factory=list)  # advice on the query's form (public facts only)
 
     @property
     def row_trees(self) -> list[exp.Expr]:
@@ -209,6 +214,7 @@ class _Planner:
         self.policy = policy
         self.aggregates: dict[tuple[Kind, str, float], Aggregate] = {}
         self.keys: list[tuple[exp.Expr, GroupKey]] = []
+        self.warnings: list[str] = []
 
     # --- aggregates ---------------------------------------------------------------------------------------
 
@@ -388,6 +394,11 @@ class _Planner:
             (expr, GroupKey(key.alias, key.tree, d if declared else None, key.typed))
             for (expr, key), d in zip(self.keys, domains, strict=True)
         ]
+        for expr, key in self.keys:
+            if key.domain is None:
+                warning = continuous_key_warning(expr, self.policy)
+                if warning is not None:
+                    self.warnings.append(warning)
 
     def match_key(self, node: exp.Expr) -> GroupKey | None:
         for expr, key in self.keys:
@@ -477,8 +488,23 @@ class _Planner:
         checker = Checker(self.sql, resolve, functions=OUTPUT_FUNCTIONS)
         return checker.condition(node, "HAVING") if condition else checker.check(node)
 
+    def unknown_columns(self) -> None:
+        """Refuse an unknown column at its first use in the text (the stages below meet GROUP BY before SELECT)."""
+        aliases = {item.alias.lower() for item in self.select.expressions if isinstance(item, exp.Alias)}
+        unknown = [
+            c
+            for c in self.select.find_all(exp.Column)
+            if isinstance(c.this, exp.Identifier)
+            and c.name.lower() not in self.policy.columns
+            and (c.table or c.name.lower() not in aliases)
+        ]
+        if unknown:
+            first = min(unknown, key=lambda c: span(c, self.sql)[0] or 0)
+            check_column(first, self.policy, self.sql, labeling=False)
+
     def plan(self) -> Plan:
         select = self.select
+        self.unknown_columns()
         if select.args.get("distinct"):
             raise reject(
                 "SELECT DISTINCT would return raw values",
@@ -589,6 +615,7 @@ class _Planner:
             output_exprs=outputs,
             post=post,
             measurements=measurements,
+            warnings=self.warnings,
         )
 
 
@@ -621,14 +648,150 @@ def _literal(value: Any, spec: Column) -> exp.Expr:
     return exp.Cast(this=node, to=exp.DataType.build(sql_type_name(column_type_of(spec).type)))
 
 
+@dataclass(frozen=True)
+class Binning:
+    """A key of the form FLOOR(col / width) [* scale] [+ offset] (literals), over one column."""
+
+    column: str
+    width: float
+
+
+def _number(node: exp.Expr) -> float | None:
+    """The value of a numeric literal (or its negation), else None."""
+    while isinstance(node, exp.Paren):
+        node = node.this
+    if isinstance(node, exp.Neg):
+        inner = _number(node.this)
+        return None if inner is None else -inner
+    if isinstance(node, exp.Literal) and not node.is_string:
+        try:
+            value = float(node.this)
+        except ValueError:
+            return None
+        return value if math.isfinite(value) else None
+    return None
+
+
+def binning(expr: exp.Expr) -> Binning | None:
+    """The binning a key expression is, if it is FLOOR(col / w), optionally times a literal and plus or minus a
+    literal (in either operand order), with w > 0."""
+    node = expr
+    while isinstance(node, exp.Paren):
+        node = node.this
+    if isinstance(node, exp.Add | exp.Sub):
+        left, right = node.this, node.expression
+        if _number(right) is not None:
+            node = left
+        elif isinstance(node, exp.Add) and _number(left) is not None:
+            node = right
+        else:
+            return None
+    while isinstance(node, exp.Paren):
+        node = node.this
+    if isinstance(node, exp.Mul):
+        left, right = node.this, node.expression
+        if _number(right) is not None:
+            node = left
+        elif _number(left) is not None:
+            node = right
+        else:
+            return None
+    while isinstance(node, exp.Paren):
+        node = node.this
+    if not isinstance(node, exp.Floor) or node.args.get("decimals") is not None:
+        return None
+    div = node.this
+    while isinstance(div, exp.Paren):
+        div = div.this
+    if not isinstance(div, exp.Div):
+        return None
+    column = div.this
+    while isinstance(column, exp.Paren):
+        column = column.this
+    width = _number(div.expression)
+    if not isinstance(column, exp.Column) or width is None or width <= 0:
+        return None
+    return Binning(column.name.lower(), width)
+
+
+def bin_count(spec: Column, width: float) -> int | None:
+    """Number of bins FLOOR(col / width) takes over a column's bounds, or None if the column has no bounds."""
+    if spec.type not in NUMERIC_TYPES or spec.bounds is None:
+        return None
+    lo, hi = float(spec.bounds[0]), float(spec.bounds[1])
+    return math.floor(hi / width) - math.floor(lo / width) + 1
+
+
+def bin_representatives(spec: Column, width: float) -> list[Any] | None:
+    """One value of the column inside each bin FLOOR(col / width) meets within the column's bounds (at most
+    MAX_BINS bins), from the policy alone; None if there are more bins or no bounds."""
+    n = bin_count(spec, width)
+    if n is None or n > MAX_BINS:
+        return None
+    lo, hi = float(spec.bounds[0]), float(spec.bounds[1])  # type: ignore[index]
+    integral = spec.type is ColumnType.INT
+    out: list[Any] = []
+    for i in range(math.floor(lo / width), math.floor(hi / width) + 1):
+        left, right = max(lo, i * width), min(hi, (i + 1) * width)
+        value: float = math.ceil(left) if integral else (left + right) / 2
+        if value > hi or math.floor(value / width) != i:
+            continue  # no value of the column in this bin (an integer column, a bin narrower than one)
+        out.append(int(value) if integral else value)
+    return out
+
+
+def _nice_width(span_: float, bins: int = 50) -> float:
+    """A round bin width (1, 2 or 5 times a power of ten) giving at most about `bins` bins over `span_`."""
+    raw = max(span_ / bins, 1e-12)
+    power = 10.0 ** math.floor(math.log10(raw))
+    return next(step * power for step in (1.0, 2.0, 5.0, 10.0) if step * power >= raw * (1 - 1e-9))
+
+
+def continuous_key_warning(expr: exp.Expr, policy: Policy) -> str | None:
+    """Advice for a GROUP BY key over a numeric column with no public key set: bin it."""
+    bins = binning(expr)
+    if bins is not None:
+        spec = policy.columns.get(bins.column)
+        n = None if spec is None else bin_count(spec, bins.width)
+        if n is not None and n > MAX_BINS:
+            return (
+                f"GROUP BY {expr.sql(dialect='duckdb')} has {n:,} bins over the bounds of {bins.column!r}, more than "
+                f"{MAX_BINS:,}: its keys are selected privately (costing δ); use a wider bin to have every bin "
+                "released as a public key"
+            )
+        return None
+    if not isinstance(expr, exp.Column):
+        return None
+    name = expr.name.lower()
+    spec = policy.columns.get(name)
+    if spec is None or spec.type not in NUMERIC_TYPES:
+        return None
+    advice = (
+        f"GROUP BY {name} groups by every distinct value of a numeric column without a public key set: most groups "
+        "hold a few units and private key selection (which costs δ) releases few or none of them."
+    )
+    if spec.bounds is None:
+        return advice + f" Group by a column with a public domain, or ask for bounds on {name!r} to bin it"
+    width = _nice_width(float(spec.bounds[1]) - float(spec.bounds[0]))
+    shown = f"{width:g}" if width < 1 else f"{int(width)}"
+    return (
+        advice + f" Bin it instead, e.g. GROUP BY FLOOR({name} / {shown}) * {shown}: bins of a bounded column follow "
+        f"from the policy's bounds, so all of them (at most {MAX_BINS:,}) are released as public keys, without δ"
+    )
+
+
 def public_key_domain(expr: exp.Expr, policy: Policy, tree: exp.Expr, typed: Typed) -> list[Any] | None:
     """Values a key expression can take, computed from the policy's public domains only (no private data): the
     key's compiled tree over a VALUES table of each column's domain, on the public engine, each value canonical
-    for the key's type (so it matches the same group read from any engine)."""
+    for the key's type (so it matches the same group read from any engine). A binned key over a bounded column
+    (`binning`) takes its column's domain as one value inside each bin its bounds meet."""
     columns = sorted({c.name.lower() for c in expr.find_all(exp.Column)})
+    bins = binning(expr)
     domains: list[list[Any]] = []
     for c in columns:
         domain = policy.columns[c].key_domain()
+        if domain is None and bins is not None and bins.column == c:
+            domain = bin_representatives(policy.columns[c], bins.width)
         if domain is None:
             return None
         domains.append(domain)

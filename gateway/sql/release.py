@@ -32,6 +32,10 @@ class Release:
     measurements: list[dict[str, Any]]
     notes: list[str] = field(default_factory=list)
     groups_released: int = 0
+    flags: list[list[list[str]]] = field(default_factory=list)
+
+
+NOISE_DOMINATED = "noise_dominated"
 
 
 _PADDED = object()  # the first element of a padded group's key: no value of a row is this object
@@ -324,18 +328,20 @@ def _post_process(
         None if ci is None else tuple(np.broadcast_to(x, (len(groups),)).astype(np.float64).tolist() for x in ci)
         for ci in col_intervals
     ]
-    rows, intervals = [], []
+    rows, intervals, flags = [], [], []
     n_out = len(plan.output_names)
+    thin = _thin_quantile_groups(plan, pricing, noisy, len(groups))
     for r in out:
         idx = int(r[n_out])
-        rows.append([_py(v) for v in r[:n_out]])
-        intervals.append(
-            [
-                [b[0][idx], b[1][idx]]
-                if b is not None and math.isfinite(b[0][idx]) and math.isfinite(b[1][idx])
-                else None
-                for b in col_bounds
-            ]
+        row = [_py(v) for v in r[:n_out]]
+        cells = [
+            [b[0][idx], b[1][idx]] if b is not None and math.isfinite(b[0][idx]) and math.isfinite(b[1][idx]) else None
+            for b in col_bounds
+        ]
+        rows.append(row)
+        intervals.append(cells)
+        flags.append(
+            [_flags(v, cell, t is not None and bool(t[idx])) for v, cell, t in zip(row, cells, thin, strict=True)]
         )
 
     measurements = []
@@ -355,6 +361,13 @@ def _post_process(
         else:
             entry["half_width"] = pricing.half_width(m, alpha) * measurement_unit(plan, m)
         measurements.append(entry)
+    if any(
+        m.kind == Kind.QUANTILE and not ({Measurement(Kind.COUNT_STAR), Measurement(Kind.COUNT, m.column)} & set(noisy))
+        for m in plan.measurements
+    ):
+        notes.append(
+            "add COUNT(*) to the query to have the quantiles of groups with too few rows flagged 'noise_dominated'"
+        )
     if any(m.kind == Kind.QUANTILE for m in plan.measurements):
         notes.append(
             "quantiles are chosen from a public grid by OpenDP's report-noisy-max; their accuracy is a "
@@ -367,4 +380,49 @@ def _post_process(
         measurements=measurements,
         notes=notes,
         groups_released=len(groups),
+        flags=flags,
     )
+
+
+def _flags(value: Any, interval: list[float] | None, thin: bool) -> list[str]:
+    """A released cell's flags, from DP outputs and public parameters only: noise-dominated when its interval's
+    half-width (on the wider side) exceeds its magnitude, when it has an interval but no value (a mean over a noisy
+    count below one), or when it is a quantile of a group whose noisy row count is below its public threshold."""
+    if thin:
+        return [NOISE_DOMINATED]
+    if interval is None:
+        return []
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return [NOISE_DOMINATED] if value is None else []
+    lo, hi = interval
+    return [NOISE_DOMINATED] if max(hi - value, value - lo) > abs(value) else []
+
+
+def quantile_min_rows(plan: Plan, pricing: Pricing, m: Measurement) -> float:
+    """Public number of rows below which a noisy quantile says little: its rank error (rows, at the release's
+    alpha) exceeds the rows on the nearer side of the quantile."""
+    rank = mech.quantile_rank_error(pricing.scale(m), len(comp.quantile_grid(plan, m)), m.q, pricing.alpha)
+    return float(rank) / min(m.q, 1.0 - m.q)
+
+
+def _thin_quantile_groups(
+    plan: Plan, pricing: Pricing, noisy: dict[Measurement, np.ndarray], n_groups: int
+) -> list[np.ndarray | None]:
+    """Per output column that uses a quantile, whether each group's noisy row count (the query's COUNT of the
+    quantile's column, else its COUNT(*)) is below the quantile's public threshold; None where not applicable."""
+    by_alias = {a.alias: a for a in plan.aggregates}
+    out: list[np.ndarray | None] = []
+    for e in plan.output_exprs:
+        thin: np.ndarray | None = None
+        for c in e.find_all(exp.Column):
+            a = by_alias.get(c.name)
+            if a is None or a.kind != Kind.QUANTILE:
+                continue
+            (m,) = a.measurements
+            count = noisy.get(Measurement(Kind.COUNT, a.column), noisy.get(Measurement(Kind.COUNT_STAR)))
+            if count is None:
+                continue
+            below = np.broadcast_to(count < quantile_min_rows(plan, pricing, m), (n_groups,))
+            thin = below if thin is None else thin | below
+        out.append(thin)
+    return out
