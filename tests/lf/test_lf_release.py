@@ -129,22 +129,25 @@ def test_label_model_intervals_cover_the_counts_under_its_labels() -> None:
     measurements = plan_measurements(
         m=len(LFS), polarity=POLARITY, k=K, epsilon=4.0, has_gold=True, label_model=True, n_classes=2
     )
-    hits: dict[str, list[bool]] = defaultdict(list)
-    for _ in range(40):
-        release = release_statistics(ex, measurements, LFS, CLASSES, alpha=0.05)
-        _check(release.answer, ex, hits)
-        _check_label_model(release, ex, hits)
-    rates = {name: float(np.mean(h)) for name, h in hits.items()}
-    for name in ("class_balance", "gold_agreement", "compared_with_gold"):
-        assert rates[name] >= 0.9, (name, rates)
-    # The planted structure shows through: LF "a" votes urgent, "b" routine, and the model follows them.
-    assert release.labels is not None
     patterns = DOMAIN.all_patterns()
     only_a = DOMAIN.pattern_index(np.array([[0, -1, -1, -1]]))[0]
     only_b = DOMAIN.pattern_index(np.array([[-1, 1, -1, -1]]))[0]
     assert patterns[only_a].tolist() == [0, -1, -1, -1]
-    assert release.labels.predicted[only_a] == 0 and release.labels.predicted[only_b] == 1
-    assert release.labels.predicted[0] == -1  # nobody voted: no label
+    hits: dict[str, list[bool]] = defaultdict(list)
+    follows: list[bool] = []
+    for _ in range(40):
+        release = release_statistics(ex, measurements, LFS, CLASSES, alpha=0.05)
+        _check(release.answer, ex, hits)
+        _check_label_model(release, ex, hits)
+        assert release.labels is not None
+        assert release.labels.predicted[0] == -1  # nobody voted: no label, whatever the noise
+        follows.append(bool(release.labels.predicted[only_a] == 0 and release.labels.predicted[only_b] == 1))
+    rates = {name: float(np.mean(h)) for name, h in hits.items()}
+    for name in ("class_balance", "gold_agreement", "compared_with_gold"):
+        assert rates[name] >= 0.9, (name, rates)
+    # The planted structure shows through the noise in most releases (one fit on a noisy histogram can flip a
+    # lone LF's class; checking one release failed now and then): LF "a" votes urgent, "b" routine.
+    assert np.mean(follows) >= 0.75, follows
 
 
 def test_noise_shrinks_with_epsilon_and_exact_summary_matches() -> None:
