@@ -75,3 +75,14 @@ def test_sql_over_the_declared_length_is_refused_before_parsing(workspace: Works
     denied = [rec for rec in AuditLog(workspace.settings.audit_dir).records() if rec["event"] == "query"]
     assert [(rec["decision"], rec["reason"]) for rec in denied] == [("denied", "too_long")]
     assert Ledger(workspace.settings.ledger).history() == []
+
+
+def test_a_huge_statement_is_refused_after_parsing_before_planning(workspace: Workspace) -> None:
+    sql = "SELECT SUM(" + " + ".join(["age"] * 10_000) + ") FROM visits"
+    with workspace.app() as c:
+        r = c.post("/v1/query", json={"sql": sql, "epsilon": 1}, headers=workspace.headers("analyst"))
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["reason"] == "too_complex" and "10,000 syntax nodes" in error["message"]
+    assert len(r.content) < 2_000  # the refusal does not quote the statement back
+    assert Ledger(workspace.settings.ledger).history() == []
