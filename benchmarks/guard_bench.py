@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,7 @@ def main() -> None:
             keys = b"{" + b",".join(b'"k%d":1' % i for i in range(1_000_000)) + b"}"
             small_keys = b"{" + b",".join(b'"k%d":1' % i for i in range(90_000)) + b"}"
             chain = " AND ".join(["age > 1"] * 100_000)
-            cases = {
+            cases: dict[str, bytes | str] = {
                 f"1,000,000 keys ({len(keys) / 2**20:.1f} MiB)": keys,
                 f"90,000 keys ({len(small_keys) / 2**20:.2f} MiB)": small_keys,
                 "1 MB AND chain": json.dumps({"sql": f"SELECT COUNT(*) FROM visits WHERE {chain}"[:1_000_000]}),
@@ -106,7 +107,7 @@ def main() -> None:
             }
             for label, body in cases.items():
                 raw = body if isinstance(body, bytes) else body.encode()
-                ms, code = median_ms(args.runs, lambda raw=raw: post(raw))
+                ms, code = median_ms(args.runs, partial(post, raw))
                 print(f"{label}: {code} in {ms:.1f} ms")
 
         # A fresh app (fresh refusal windows) for a burst of bad tokens from one address.
@@ -128,13 +129,13 @@ def main() -> None:
             )
         # Another fresh app for the concurrent identical queries (the burst's address is throttled in the last one).
         with TestClient(create_app(settings)) as c:
-            body = {"sql": "SELECT region, COUNT(*), AVG(income) FROM visits GROUP BY region", "epsilon": 0.5}
+            query = {"sql": "SELECT region, COUNT(*), AVG(income) FROM visits GROUP BY region", "epsilon": 0.5}
             answers: list[dict[str, Any]] = []
             barrier = threading.Barrier(args.concurrent)
 
             def ask() -> None:
                 barrier.wait()
-                answers.append(c.post("/v1/query", json=body, headers=auth).json())
+                answers.append(c.post("/v1/query", json=query, headers=auth).json())
 
             threads = [threading.Thread(target=ask) for _ in range(args.concurrent)]
             started = time.perf_counter()
