@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import hashlib
 import json
 import math
 from collections.abc import Mapping
@@ -19,6 +20,8 @@ SCHEMA_VERSION = 1
 GENESIS = "0" * 64
 RESERVED = frozenset({"schema_version", "seq", "time", "prev_hash"})
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+TEXT_PREFIX_BYTES = 4_096  # a longer text in an event is stored as its digest, length and this many bytes of it
+TRUNCATED = "_truncated"  # suffix of the field that describes a cut text beside it
 
 
 class Event(enum.StrEnum):
@@ -33,6 +36,7 @@ class Event(enum.StrEnum):
     LF_STATS = "lf_stats"
     AUDIT_READ = "audit_read"
     AUTHENTICATION = "authentication"
+    INVALID_REQUEST = "invalid_request"
     ORPHAN_CHARGE = "orphan_charge"
     LEDGER_RECONCILED = "ledger_reconciled"
     DATASET_REGISTERED = "dataset_registered"
@@ -109,6 +113,44 @@ def normalize(value: Any, *, fix_text: bool = False) -> Any:
     if hasattr(value, "__float__"):
         return normalize(float(value), fix_text=fix_text)
     return normalize(str(value), fix_text=fix_text)
+
+
+def bound_texts(value: Any, limit: int = TEXT_PREFIX_BYTES) -> Any:
+    """A copy of an event's fields in which no text is longer than `limit` UTF-8 bytes, so that a record's size
+    does not grow with what a client sends.
+
+    A longer text is cut to its longest prefix of at most `limit` bytes. In an object, the member `<name>` keeps
+    the prefix and `<name>_truncated` beside it is `{"sha256", "length"}` of the whole text (hex digest of its
+    UTF-8 bytes, its length in characters); in a list the text becomes `{"prefix", "sha256", "length"}`.
+    """
+    if isinstance(value, Mapping):
+        out: dict[Any, Any] = {}
+        for k, v in value.items():
+            if isinstance(v, str) and _too_long(v, limit):
+                out[k], out[f"{k}{TRUNCATED}"] = _cut(v, limit)
+            else:
+                out[k] = bound_texts(v, limit)
+        return out
+    if isinstance(value, list | tuple):
+        items = []
+        for v in value:
+            if isinstance(v, str) and _too_long(v, limit):
+                prefix, about = _cut(v, limit)
+                items.append({"prefix": prefix, **about})
+            else:
+                items.append(bound_texts(v, limit))
+        return items
+    return value
+
+
+def _too_long(text: str, limit: int) -> bool:
+    return len(text) > limit // 4 and len(text.encode("utf-8", "surrogatepass")) > limit
+
+
+def _cut(text: str, limit: int) -> tuple[str, dict[str, Any]]:
+    data = text.encode("utf-8", "surrogatepass")
+    prefix = data[:limit].decode("utf-8", "ignore")
+    return prefix, {"sha256": hashlib.sha256(data).hexdigest(), "length": len(text)}
 
 
 def _key(key: Any, fix_text: bool) -> str:

@@ -19,13 +19,14 @@ import math
 import threading
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from audit import report
 from audit.log import AuditLog, AuditWriteError
-from audit.record import Event, parse_time
+from audit.record import Event, bound_texts, parse_time
 from gateway.engines import open_engine
+from gateway.refusals import RefusalWindows
 from gateway.settings import Settings
 from gateway.sql.plan import Plan, plan_query
 from gateway.sql.price import Pricing, dry_run_accuracy, price
@@ -40,6 +41,8 @@ from policies.errors import (
     Forbidden,
     GatewayError,
     LedgerUnavailable,
+    QueryRejected,
+    TooManyRequests,
 )
 from policies.schema import Grant, Policy
 
@@ -67,6 +70,14 @@ class Context:
 
 def digest(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class _Flight:
+    """One request being answered; identical requests that arrive meanwhile wait for its answer."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    answer: dict[str, Any] | None = None  # the released (or cached) answer, once there is one
 
 
 ORPHAN_CHARGE = Event.ORPHAN_CHARGE
@@ -125,8 +136,19 @@ class Bastion:
         self._orphans_due = False
         self._stranded: set[int] = set()
         self._unmarked: set[int] = set()
+        limits = settings.limits
+        self.refusals = RefusalWindows(limits.refusal_window_seconds, limits.max_refusals, limits.max_sources)
+        # Requests being answered now, by cache key: an identical request arriving meanwhile waits for the answer.
+        self._flights: dict[str, _Flight] = {}
+        self._flights_lock = threading.Lock()
 
     def close(self) -> None:
+        aggregates = self.refusals.drain()
+        if aggregates:
+            try:
+                self.audit_log.append_many([self._aggregate_event(a) for a in aggregates])
+            except AuditWriteError as exc:
+                log.error("counts of refusals before authentication could not be recorded: %s", exc)
         self.engine.close()
         self.ledger.close()
         closer = getattr(self.audit_log, "close", None)
@@ -152,8 +174,20 @@ class Bastion:
         }
         if ctx is not None and ctx.correlation_id:
             record["correlation_id"] = ctx.correlation_id
-        record.update(_json_safe(fields))
+        record.update(bound_texts(_json_safe(fields)))
         return record
+
+    @staticmethod
+    def _aggregate_event(fields: dict[str, Any]) -> dict[str, Any]:
+        """The record of a closed window of refusals before authentication, counted but not recorded one by one."""
+        return {
+            "event": Event.AUTHENTICATION,
+            "actor": {"principal": None, "role": None, "token_id": None},
+            "request_id": uuid.uuid4().hex,
+            "decision": "denied",
+            "reason": "aggregate",
+            **fields,
+        }
 
     @staticmethod
     def _orphan_event(charge: LedgerCharge) -> dict[str, Any]:
@@ -184,6 +218,8 @@ class Bastion:
         """
         due = [*orphans, *self._due_orphans()]
         ids = [c.id for c in due] + list(audited)
+        aggregates = self.refusals.closed()
+        events = [*(self._aggregate_event(a) for a in aggregates), *events]
         batch = [self._orphan_event(c) for c in due] + events
         if not batch:
             self._mark_audited(ids)
@@ -194,9 +230,10 @@ class Bastion:
         except AuditWriteError as exc:
             log.error("audit append failed: %s", exc)
             self._unrecorded(ids)
+            self.refusals.restore(aggregates)
             raise AuditUnavailable("the audit log cannot be written; nothing was released") from None
         self._mark_audited(ids)
-        return records[len(due) :]
+        return records[len(due) + len(aggregates) :]
 
     def _unrecorded(self, ids: Iterable[int | None]) -> None:
         known = [i for i in ids if i is not None]
@@ -360,6 +397,36 @@ class Bastion:
     def authenticate(self, token: str | None) -> Principal:
         return self.tokens.authenticate(token)
 
+    def check_source(self, source: str, path: str, request_id: str, correlation_id: str | None = None) -> None:
+        """Refuse (429, counted) a source that used up its refusals before authentication in its window, before
+        its token is looked at."""
+        if self.refusals.blocked(source):
+            error = TooManyRequests(
+                f"too many refused requests from this address; wait up to "
+                f"{self.settings.limits.refusal_window_seconds:g} s and try again"
+            )
+            self.refuse_unauthenticated(error, source, path, request_id, correlation_id)
+            raise error
+
+    def refuse_unauthenticated(
+        self, error: GatewayError, source: str, path: str, request_id: str, correlation_id: str | None = None
+    ) -> None:
+        """Audit a refusal made before the caller was authenticated: the first of its source's window in full,
+        later ones counted into the window's aggregate record (see `gateway.refusals`)."""
+        if not self.refusals.note(source, error.code):
+            return
+        fields: dict[str, Any] = {
+            "actor": {"principal": None, "role": None, "token_id": None},
+            "request": {"path": path},
+            "decision": "denied",
+            "reason": error.code,
+            "source": source,
+            "request_id": request_id,
+        }
+        if correlation_id:
+            fields["correlation_id"] = correlation_id
+        self.audit(None, Event.AUTHENTICATION, **fields)
+
     # --- datasets and budgets -----------------------------------------------------------------------------
 
     def authorize(self, ctx: Context, dataset: str, grant: Grant, request: dict[str, Any]) -> tuple[Policy, str]:
@@ -435,7 +502,9 @@ class Bastion:
         """Charge, audit, compute and release one answer; the one path by which private rows reach anybody.
 
         `compute` returns the JSON-ready answer. `dry_run`, if given, is returned instead (nothing spent).
-        A cached answer for `key` is returned at no cost.
+        A cached answer for `key` is returned at no cost. Identical requests (same `key`) in flight at once are
+        coalesced: the first is answered, and the others wait for it and get its answer as a cached answer (no
+        charge, no second noise draw); if the first fails, the next one is answered on its own.
 
         After the charge, what the caller sees depends on public facts only. If `compute` fails (in any way but
         the ledger or the log being unavailable), `fallback` makes the same release from the default input (the
@@ -444,30 +513,48 @@ class Bastion:
         fixed InternalError. Only error classes are logged, never messages: engine messages quote row values.
         """
         base = {"dataset": policy.dataset, "request": request}
+        if key is None or dry_run is not None:
+            return self._answer(ctx, policy, event, base, cost, key, compute, fallback, dry_run, kind, None)
+        while True:
+            with self._flights_lock:
+                flight = self._flights.get(key)
+                leader = flight is None
+                if flight is None:
+                    flight = self._flights[key] = _Flight()
+            if leader:
+                try:
+                    return self._answer(ctx, policy, event, base, cost, key, compute, fallback, None, kind, flight)
+                finally:
+                    with self._flights_lock:
+                        del self._flights[key]
+                    flight.done.set()
+            flight.done.wait()
+            if flight.answer is not None:
+                return self._cached(ctx, event, base, policy, flight.answer)
+
+    def _answer(
+        self,
+        ctx: Context,
+        policy: Policy,
+        event: str,
+        base: dict[str, Any],
+        cost: PrivacyLoss,
+        key: str | None,
+        compute: Callable[[], dict[str, Any]],
+        fallback: Callable[[], dict[str, Any]] | None,
+        dry_run: dict[str, Any] | None,
+        kind: str,
+        flight: _Flight | None,
+    ) -> dict[str, Any]:
+        """`run_private` for one request; the released or cached answer is also left in `flight`."""
         if key is not None:
             hit = self.cache.get(key)
             if hit is not None and dry_run is not None:
                 return self._cached_dry_run(ctx, event, base, policy, dry_run)
             if hit is not None:
-                self.audit(
-                    ctx,
-                    event,
-                    **base,
-                    decision="allowed",
-                    reason="cached",
-                    phase="released",
-                    cost=PrivacyLoss(0.0).as_dict(),
-                    release_digest=digest(hit),
-                )
-                return {
-                    **hit,
-                    "cached": True,
-                    "dry_run": False,
-                    "epsilon_spent": 0.0,
-                    "delta_spent": 0.0,
-                    "query_id": ctx.request_id,
-                    "budget": self.budget_status(ctx.principal.name, policy),
-                }
+                if flight is not None:
+                    flight.answer = hit
+                return self._cached(ctx, event, base, policy, hit)
         if dry_run is not None:
             self.audit(
                 ctx,
@@ -539,6 +626,8 @@ class Bastion:
             **budget,
             **failure,
         )
+        if flight is not None:
+            flight.answer = answer
         if key is not None:
             try:
                 self.cache.put(key, ctx.principal.name, answer)
@@ -550,6 +639,30 @@ class Bastion:
             "dry_run": False,
             "epsilon_spent": cost.epsilon,
             "delta_spent": cost.delta,
+            "query_id": ctx.request_id,
+            "budget": self.budget_status(ctx.principal.name, policy),
+        }
+
+    def _cached(
+        self, ctx: Context, event: str, base: dict[str, Any], policy: Policy, hit: dict[str, Any]
+    ) -> dict[str, Any]:
+        """An answer already released to this principal for the same request, again, at no cost."""
+        self.audit(
+            ctx,
+            event,
+            **base,
+            decision="allowed",
+            reason="cached",
+            phase="released",
+            cost=PrivacyLoss(0.0).as_dict(),
+            release_digest=digest(hit),
+        )
+        return {
+            **hit,
+            "cached": True,
+            "dry_run": False,
+            "epsilon_spent": 0.0,
+            "delta_spent": 0.0,
             "query_id": ctx.request_id,
             "budget": self.budget_status(ctx.principal.name, policy),
         }
@@ -652,6 +765,7 @@ class Bastion:
             return resolved[name][0]
 
         try:
+            self._check_length(sql)
             plan = self._plan(sql, resolve)
             pricing = price(plan, epsilon=epsilon, accuracy=accuracy, alpha=alpha, delta=delta)
         except GatewayError as exc:
@@ -732,6 +846,16 @@ class Bastion:
             fallback=fallback,
             dry_run=dry,
         )
+
+    def _check_length(self, sql: str) -> None:
+        """Refuse SQL longer than the declared limit before it is parsed (its depth and size are checked later)."""
+        limit = self.settings.limits.max_sql_chars
+        if len(sql) > limit:
+            raise QueryRejected(
+                f"the SQL text has {len(sql):,} characters; at most {limit:,} are allowed",
+                reason="too_long",
+                hint="write a shorter query (an IN list or a CASE with fewer branches, say)",
+            )
 
     def _default_release(self, plan: Plan, pricing: Pricing) -> Release:
         """The plan's release computed on the default input: its mechanisms applied to an empty table."""

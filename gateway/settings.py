@@ -14,6 +14,27 @@ from policies.accountant import DEFAULT_ALPHA
 DEFAULT_WORKSPACE = "bastion-workspace"
 
 
+class Limits(BaseModel):
+    """Declared limits on what one request may ask of the gateway (README, "Limits"). Every one is checked before
+    anything is charged or planned; the expression depth and node count of SQL are fixed by the planner."""
+
+    max_body_bytes: int = Field(
+        default=1_048_576, ge=1_024, description="bytes of one request body, from Content-Length and while read"
+    )
+    max_json_items: int = Field(
+        default=10_000, ge=16, description="object members plus array elements in one JSON request body"
+    )
+    max_json_depth: int = Field(default=32, ge=4, description="nesting of objects and arrays in one JSON body")
+    max_sql_chars: int = Field(default=100_000, ge=1_000, description="characters of one query's SQL text")
+    refusal_window_seconds: float = Field(
+        default=60.0, gt=0, description="window in which refusals before authentication are counted per source"
+    )
+    max_refusals: int = Field(
+        default=20, ge=1, description="refusals before authentication per source and window; then 429"
+    )
+    max_sources: int = Field(default=10_000, ge=1, description="sources whose refusal window is kept open at once")
+
+
 class Settings(BaseModel):
     workspace: Path = Field(default_factory=lambda: Path(os.environ.get("BASTION_WORKSPACE", DEFAULT_WORKSPACE)))
     host: str = "127.0.0.1"
@@ -23,6 +44,7 @@ class Settings(BaseModel):
     spark_master: str = "local[2]"  # a Spark master URL (local[N] on one machine, spark://host:7077 for a cluster)
     spark_warehouse: Path | None = None  # where Spark keeps the bounded tables; default <workspace>/private/warehouse
     spark_conf: dict[str, str] = Field(default_factory=dict)  # extra Spark settings (spark.executor.memory, ...)
+    limits: Limits = Field(default_factory=Limits)
 
     # --- layout -------------------------------------------------------------------------------------------
     @property

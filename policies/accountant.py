@@ -54,8 +54,24 @@ MIN_ALPHA = 1e-9
 def _number(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # an int too large for a float
+        return None
     return v if math.isfinite(v) else None
+
+
+def _shown(value: object) -> str:
+    """A refused value as an error message may show it: a finite number as itself, anything else by its kind
+    (NaN and the infinities are not JSON, and a string or an object is the caller's text, not ours to echo)."""
+    v = _number(value)
+    if v is not None:
+        return f"{v:g}"
+    if isinstance(value, float):
+        return "a non-finite number"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return "an integer too large for a float"
+    return f"a value of type {type(value).__name__}"
 
 
 def check_epsilon(value: object, what: str = "epsilon") -> float:
@@ -64,7 +80,9 @@ def check_epsilon(value: object, what: str = "epsilon") -> float:
 
     v = _number(value)
     if v is None or not MIN_EPSILON <= v <= MAX_EPSILON:
-        raise InvalidRequest(f"{what} must be a number between {MIN_EPSILON:g} and {MAX_EPSILON:g}, got {value!r}")
+        raise InvalidRequest(
+            f"{what} must be a number between {MIN_EPSILON:g} and {MAX_EPSILON:g}, got {_shown(value)}"
+        )
     return v
 
 
@@ -73,7 +91,7 @@ def check_delta(value: object) -> float:
 
     v = _number(value)
     if v is None or not MIN_DELTA <= v <= MAX_DELTA:
-        raise InvalidRequest(f"delta must be a number between {MIN_DELTA:g} and {MAX_DELTA:g}, got {value!r}")
+        raise InvalidRequest(f"delta must be a number between {MIN_DELTA:g} and {MAX_DELTA:g}, got {_shown(value)}")
     return v
 
 
@@ -82,5 +100,5 @@ def check_alpha(value: object) -> float:
 
     v = _number(value)
     if v is None or not MIN_ALPHA <= v < 1:
-        raise InvalidRequest(f"alpha (1 - confidence) must be a number in [{MIN_ALPHA:g}, 1), got {value!r}")
+        raise InvalidRequest(f"alpha (1 - confidence) must be a number in [{MIN_ALPHA:g}, 1), got {_shown(value)}")
     return v

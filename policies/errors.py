@@ -82,6 +82,18 @@ class DatasetNotFound(NotFound):
     code = "dataset_not_found"
 
 
+class PayloadTooLarge(GatewayError):
+    status = 413
+    code = "payload_too_large"
+
+
+class TooManyRequests(GatewayError):
+    """Too many refusals before authentication from one source in the current window (no token is checked)."""
+
+    status = 429
+    code = "too_many_requests"
+
+
 class BudgetExhausted(GatewayError):
     status = 429
     code = "budget_exhausted"

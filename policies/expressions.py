@@ -9,6 +9,7 @@ Anything else raises QueryRejected pointing at the offending span, before anythi
 from __future__ import annotations
 
 import difflib
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -50,6 +51,7 @@ _VOLATILE_NAMES = {
 
 
 MAX_NESTING = 64  # parentheses deep; deeper text is refused before the parser recurses into it
+MAX_STATEMENT_NODES = 10_000  # syntax nodes in one statement, checked right after parsing, before planning
 
 
 def _parentheses(text: str, start: int = 0) -> Iterator[tuple[int, int]]:
@@ -87,7 +89,7 @@ def parse_statements(text: str) -> list[exp.Expr]:
             hint="write a flatter expression",
         )
     try:
-        return [s for s in sqlglot.parse(text, read="duckdb") if s is not None]
+        statements = [s for s in sqlglot.parse(text, read="duckdb") if s is not None]
     except ParseError as exc:
         err = exc.errors[0] if exc.errors else {}
         start = None
@@ -108,6 +110,16 @@ def parse_statements(text: str) -> list[exp.Expr]:
         raise QueryRejected(
             "the query is too deeply nested", reason="too_complex", hint="write a flatter expression"
         ) from None
+    for statement in statements:
+        # The planner copies and renders whole trees; a tree this large is refused before it gets there.
+        size = sum(1 for _ in itertools.islice(statement.walk(), MAX_STATEMENT_NODES + 1))
+        if size > MAX_STATEMENT_NODES:
+            raise QueryRejected(
+                f"the statement has more than {MAX_STATEMENT_NODES:,} syntax nodes",
+                reason="too_complex",
+                hint="split the question into simpler queries",
+            )
+    return statements
 
 
 def span(node: exp.Expr, sql: str) -> tuple[int | None, int | None]:

@@ -15,16 +15,19 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from audit.record import Event
 from gateway.http.audit import router as audit_router
-from gateway.http.dependencies import REQUEST_ID
+from gateway.http.dependencies import CONTEXT, REQUEST_ID, correlation_id, request_id, source_of
 from gateway.http.lf import router as lf_router
+from gateway.http.limits import BodyLimits
 from gateway.http.query import router as query_router
 from gateway.http.synth import router as synth_router
-from gateway.service import Bastion
+from gateway.service import Bastion, Context
 from gateway.settings import Settings
 from policies.errors import GatewayError, InvalidRequest
 
 log = logging.getLogger("bastion")
+MAX_PROBLEMS = 5  # problems of an invalid body named in the answer and its audit record
 
 
 class RequestIds:
@@ -78,7 +81,8 @@ def create_app(settings: Settings, bastion: Bastion | None = None) -> FastAPI:
             core.close()
         raise
     app.state.bastion = core
-    app.add_middleware(RequestIds)
+    app.add_middleware(BodyLimits, bastion=core, limits=settings.limits)
+    app.add_middleware(RequestIds)  # outermost: every answer, a refusal of BodyLimits included, carries the id
 
     @app.exception_handler(GatewayError)
     async def gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
@@ -86,12 +90,31 @@ def create_app(settings: Settings, bastion: Bastion | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # The one error shape, naming the fields and what is wrong (never echoing the values: NaN is not JSON).
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err.get('loc', ()) if p != 'body') or 'body'}: {err.get('msg', 'invalid')}"
-            for err in exc.errors()
-        )
-        error = InvalidRequest(f"invalid request: {problems}")
+        # The one error shape, naming the fields and what is wrong (never echoing the values: NaN is not JSON),
+        # and audited: with the caller's identity if the token was checked, else counted with its source.
+        errors = exc.errors()
+        shown = [
+            f"{'.'.join(str(p) for p in err.get('loc', ()) if p != 'body')[:64] or 'body'}: {err.get('msg', 'invalid')}"
+            for err in errors[:MAX_PROBLEMS]
+        ]
+        more = f"; and {len(errors) - MAX_PROBLEMS} more" if len(errors) > MAX_PROBLEMS else ""
+        error: GatewayError = InvalidRequest(f"invalid request: {'; '.join(shown)}{more}")
+        ctx = getattr(request.state, CONTEXT, None)
+        try:
+            if isinstance(ctx, Context):
+                core.audit(
+                    ctx,
+                    Event.INVALID_REQUEST,
+                    request={"path": request.url.path, "problems": shown},
+                    decision="denied",
+                    reason=error.code,
+                )
+            else:
+                core.refuse_unauthenticated(
+                    error, source_of(request), request.url.path, request_id(request), correlation_id(request)
+                )
+        except GatewayError as unavailable:  # the log cannot be written
+            error = unavailable
         return JSONResponse(status_code=error.status, content=error.to_dict())
 
     @app.exception_handler(Exception)

@@ -16,7 +16,6 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
-from audit.record import Event
 from gateway.service import Bastion, Context
 from policies.errors import Unauthorized
 
@@ -39,7 +38,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "missing or invalid bearer token"},
     403: {"model": ErrorResponse, "description": "role or column not granted"},
     404: {"model": ErrorResponse, "description": "unknown dataset"},
-    429: {"model": ErrorResponse, "description": "budget_exhausted: the privacy budget would be exceeded"},
+    413: {"model": ErrorResponse, "description": "payload_too_large: the body is over the declared limit"},
+    429: {
+        "model": ErrorResponse,
+        "description": "budget_exhausted: the privacy budget would be exceeded; too_many_requests: too many "
+        "refused requests from this address in the current window",
+    },
     503: {"model": ErrorResponse, "description": "the ledger or the audit log cannot be written; nothing released"},
 }
 
@@ -66,26 +70,27 @@ def correlation_id(request: Request) -> str | None:
     return value if value is not None and CORRELATION_ID.fullmatch(value) else None
 
 
+CONTEXT = "bastion_context"  # the attribute of `request.state` holding the authenticated caller's Context
+
+
+def source_of(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
 def context_for(request: Request, bastion: Bastion, token: str | None) -> Context:
-    """Authenticate a token for this request; a refusal is audited before the 401."""
-    source = request.client.host if request.client else "unknown"
+    """Authenticate a token for this request. A source with too many refusals in its window gets 429 before its
+    token is looked at; a refusal is audited (counted, after the first of a window) before the 401 or 429."""
+    source, path = source_of(request), request.url.path
     rid, cid = request_id(request), correlation_id(request)
+    bastion.check_source(source, path, rid, cid)
     try:
         principal = bastion.authenticate(token)
-    except Unauthorized:
-        extra = {"correlation_id": cid} if cid else {}
-        bastion.audit(
-            None,
-            Event.AUTHENTICATION,
-            request={"path": request.url.path},
-            decision="denied",
-            reason="unauthorized",
-            source=source,
-            request_id=rid,
-            **extra,
-        )
+    except Unauthorized as exc:
+        bastion.refuse_unauthenticated(exc, source, path, rid, cid)
         raise
-    return Context(principal, source=source, request_id=rid, correlation_id=cid)
+    ctx = Context(principal, source=source, request_id=rid, correlation_id=cid)
+    setattr(request.state, CONTEXT, ctx)
+    return ctx
 
 
 def get_context(request: Request, bastion: Annotated[Bastion, Depends(get_bastion)]) -> Context:

@@ -84,12 +84,14 @@ def price(
 ) -> Pricing:
     """Decide the ε of each measurement, from a total ε or from a target accuracy of one output column."""
     alpha = check_alpha(alpha)
+    if delta is not None:
+        delta = check_delta(delta)  # refused when out of range even if no key selection would spend it
     d_in = {m: _d_in(plan, m) for m in plan.measurements}
     shares = len(plan.measurements) + (1 if plan.needs_key_selection else 0)
     sel_delta = 0.0
     if plan.needs_key_selection:
         budget_delta = plan.policy.budget.per_principal.delta
-        sel_delta = check_delta(delta) if delta is not None else budget_delta / 10
+        sel_delta = delta if delta is not None else budget_delta / 10
         if sel_delta <= 0:
             raise InvalidRequest(
                 "a GROUP BY key has no public domain in the policy, so its keys must be selected privately, "

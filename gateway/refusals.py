@@ -1,0 +1,107 @@
+"""Refusals made before a caller is authenticated (a bad token, a body over the size limit, a throttled source),
+counted per source address and time window so that nobody can grow the audit log without bound.
+
+The first refusal of a source in its window is recorded in full; later ones are only counted, and each closed
+window that counted any becomes one aggregate record (source, window start and end, count, reasons). Once a
+source has been refused `threshold` times in its window, it is refused with 429 until the window ends, without
+its token being looked at. At most `max_sources` windows are open at once; past that the oldest is closed early.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Window:
+    source: str
+    start: float
+    end: float
+    refusals: int = 1  # every refusal in the window, the first (recorded in full) included
+    counted: Counter[str] = field(default_factory=Counter)  # reasons of the refusals recorded only as a count
+
+    def aggregate(self, closed_at: float) -> dict[str, Any]:
+        """The fields of the window's aggregate record."""
+        return {
+            "source": self.source,
+            "window_start": _iso(self.start),
+            "window_end": _iso(min(closed_at, self.end)),
+            "count": sum(self.counted.values()),
+            "reasons": dict(sorted(self.counted.items())),
+        }
+
+
+def _iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat()
+
+
+class RefusalWindows:
+    def __init__(
+        self, seconds: float, threshold: int, max_sources: int, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.seconds, self.threshold, self.max_sources = seconds, threshold, max_sources
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._open: dict[str, Window] = {}  # in the order the windows opened
+        self._closed: list[dict[str, Any]] = []  # aggregate records not yet written
+
+    def blocked(self, source: str) -> bool:
+        """Whether `source` has used up its refusals in its current window."""
+        with self._lock:
+            window = self._current(source, self._clock())
+            return window is not None and window.refusals >= self.threshold
+
+    def note(self, source: str, reason: str) -> bool:
+        """Count one refusal of `source`; True if it is the first of its window (to be recorded in full)."""
+        with self._lock:
+            now = self._clock()
+            window = self._current(source, now)
+            if window is not None:
+                window.refusals += 1
+                window.counted[reason] += 1
+                return False
+            while len(self._open) >= self.max_sources:
+                self._close(next(iter(self._open.values())), now)
+            self._open[source] = Window(source, now, now + self.seconds)
+            return True
+
+    def closed(self) -> list[dict[str, Any]]:
+        """Aggregate records of the windows that have ended since the last call (taken: the caller writes them)."""
+        with self._lock:
+            now = self._clock()
+            for window in [w for w in self._open.values() if now >= w.end]:
+                self._close(window, now)
+            out, self._closed = self._closed, []
+            return out
+
+    def drain(self) -> list[dict[str, Any]]:
+        """Close every window now and return the aggregate records due (at shutdown)."""
+        with self._lock:
+            now = self._clock()
+            for window in list(self._open.values()):
+                self._close(window, now)
+            out, self._closed = self._closed, []
+            return out
+
+    def restore(self, aggregates: list[dict[str, Any]]) -> None:
+        """Put back aggregate records that could not be written, to be written with the next record."""
+        with self._lock:
+            self._closed[:0] = aggregates
+
+    def _current(self, source: str, now: float) -> Window | None:
+        window = self._open.get(source)
+        if window is not None and now >= window.end:
+            self._close(window, now)
+            return None
+        return window
+
+    def _close(self, window: Window, now: float) -> None:
+        del self._open[window.source]
+        if window.counted:
+            self._closed.append(window.aggregate(now))
