@@ -107,6 +107,9 @@ class DuckDBEngine:
         self._local = threading.local()  # each thread's own cursor for statements (a cursor is not thread-safe)
         self._generation = 0  # bumped by close(): threads then open new cursors
         self._policies: dict[str, tuple[Policy, str]] = {}
+        # Statements that bound without error on the current schema: binding depends on the statement and the
+        # schema only, and the schema changes only by `register` (which clears this) or in a new connection.
+        self._bound: set[str] = set()
 
     # --- connection ---------------------------------------------------------------------------------------
 
@@ -134,6 +137,7 @@ class DuckDBEngine:
     def close(self) -> None:
         with self._lock:
             self._generation += 1
+            self._bound.clear()
             if self._con is not None:
                 self._con.close()
                 self._con = None
@@ -182,6 +186,7 @@ class DuckDBEngine:
         finally:
             writer.close()
         self._policies.pop(policy.dataset, None)
+        self._bound.clear()
         return version
 
     @staticmethod
@@ -240,10 +245,16 @@ class DuckDBEngine:
         return query.sql(dialect=self.dialect)
 
     def check(self, query: exp.Query) -> None:
+        sql = self._sql(query)
+        if sql in self._bound:
+            return
         try:
-            self._cursor().execute(f"DESCRIBE {self._sql(query)}").fetchall()
+            self._cursor().execute(f"DESCRIBE {sql}").fetchall()
         except duckdb.Error as exc:
             raise EngineError(_first_line(exc)) from None
+        if len(self._bound) >= 4096:
+            self._bound.clear()
+        self._bound.add(sql)
 
     def rows(self, query: exp.Query) -> list[tuple[Any, ...]]:
         try:
