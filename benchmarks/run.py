@@ -1,6 +1,7 @@
 """Bastion against its floor (raw DuckDB) and a peer (SmartNoise SQL).
 
     .venv/bin/python -m benchmarks.run --rows 1000000 10000000
+    .venv/bin/python -m benchmarks.run --rows 1000000 --workloads count --no-smartnoise --no-http   # a quick look
 
 For each table size: generate the table (numpy, fixed seed, Parquet), register it with Bastion's own catalog
 (timed), start a real gateway (`bastion serve`) as a subprocess on 127.0.0.1, and time every workload with
@@ -11,8 +12,11 @@ For each table size: generate the table (numpy, fixed seed, Parquet), register i
 - smartnoise: SmartNoise SQL on the same data and metadata, in its own virtual environment (subprocess).
 
 The first three run interleaved, repetition by repetition, so that they share the machine's conditions; every
-Bastion query gets a fresh ε so that it is computed and charged, never served from the cache. Then: throughput
-through HTTP with concurrent clients (cached and uncached), the gateway's peak RSS and the registration time.
+Bastion query gets a fresh ε so that it is computed and charged, never served from the cache. Interleaved with
+COUNT(*), the suite also times the durable writes alone that a charged query makes before it answers (one SQLite
+commit at synchronous=FULL and two appended records with fsync, on the workspace's disk): raw DuckDB plus these is
+the floor of a query's fixed cost that keeps every durability guarantee. Then: throughput through HTTP with
+concurrent clients (cached and uncached), the gateway's peak RSS and the registration time.
 
 Writes `<out>/results.json` and `<out>/results.md` and, unless --no-copy, a copy of the Markdown to
 `benchmarks/RESULTS.md`.
@@ -28,6 +32,7 @@ import os
 import platform
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -76,7 +81,17 @@ class Options:
     out: Path = HERE / "results"
     copy_markdown: Path | None = HERE / "RESULTS.md"
     keep_data: bool = True
+    workloads: list[str] | None = None  # names of the workloads to run (all if None)
+    command: str | None = None  # the command line that ran the suite, for the report
     log: Callable[[str], None] = print
+
+    def selected(self) -> list[Workload]:
+        if self.workloads is None:
+            return list(WORKLOADS)
+        unknown = set(self.workloads) - {w.name for w in WORKLOADS}
+        if unknown:
+            raise ValueError(f"unknown workload(s) {sorted(unknown)}; known: {', '.join(w.name for w in WORKLOADS)}")
+        return [w for w in WORKLOADS if w.name in self.workloads]
 
 
 # --- small helpers --------------------------------------------------------------------------------------
@@ -166,6 +181,34 @@ class Fresh:
         if self.mode == "sql":
             return w.sql(i), {"epsilon": 1.0, "delta": delta}
         return w.sql(), {"epsilon": 1.0 + i * 1e-7, "delta": delta}
+
+
+class DurableSteps:
+    """The writes one charged query makes durable before it answers, alone, on the workspace's disk: one SQLite
+    transaction in WAL mode at synchronous=FULL (the ledger charge) and two appends of an audit-sized record, each
+    followed by fsync (the "admitted" and "released" records). None of Bastion's code runs."""
+
+    RECORD = b"x" * 700 + b"\n"
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.con = sqlite3.connect(directory / "floor.sqlite", isolation_level=None)
+        self.con.execute("PRAGMA journal_mode=WAL")
+        self.con.execute("PRAGMA synchronous=FULL")
+        self.con.execute("CREATE TABLE IF NOT EXISTS charges (ts REAL NOT NULL)")
+        self.fd = os.open(directory / "floor.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+    def __call__(self, _: Workload) -> None:
+        self.con.execute("BEGIN IMMEDIATE")
+        self.con.execute("INSERT INTO charges (ts) VALUES (?)", (time.time(),))
+        self.con.execute("COMMIT")
+        for _record in range(2):
+            os.write(self.fd, self.RECORD)
+            os.fsync(self.fd)
+
+    def close(self) -> None:
+        self.con.close()
+        os.close(self.fd)
 
 
 # --- the gateway as a real server -----------------------------------------------------------------------
@@ -272,12 +315,15 @@ def prepare(opts: Options, n_rows: int) -> tuple[Settings, str, Principal, dict[
 
 def time_engines(
     opts: Options, settings: Settings, token: str, principal: Principal, url: str | None, fresh: Fresh
-) -> dict[str, dict[str, Any]]:
-    """Raw DuckDB, Bastion in process and over HTTP, interleaved per repetition."""
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
+    """Raw DuckDB, Bastion in process and over HTTP, interleaved per repetition; and, interleaved with COUNT(*),
+    the durable writes alone (`DurableSteps`)."""
     bastion = Bastion(settings)
     ctx = Context(principal, source="benchmark")
     client = Client(url, token) if url else None
+    durable = DurableSteps(settings.workspace / "floor")
     out: dict[str, dict[str, Any]] = {}
+    floor: dict[str, Any] | None = None
     try:
         con = duckdb_engine(bastion).connect()
 
@@ -297,25 +343,29 @@ def time_engines(
         engines: dict[str, Callable[[Workload], None]] = {"raw": raw, "bastion": inproc}
         if client is not None:
             engines["http"] = http
-        names = list(engines)
-        for w in WORKLOADS:
+        run_one: dict[str, Callable[[Workload], None]] = {**engines, "durable": durable}
+        for w in opts.selected():
+            names = [*engines, "durable"] if w.name == "count" else list(engines)
             times: dict[str, list[float]] = {e: [] for e in names}
             for _ in range(opts.warmup):
                 for e in names:
-                    engines[e](w)
+                    run_one[e](w)
             for i in range(opts.reps):
                 for e in names[i % len(names) :] + names[: i % len(names)]:  # rotate the order
                     t = time.perf_counter()
-                    engines[e](w)
+                    run_one[e](w)
                     times[e].append(time.perf_counter() - t)
-            out[w.name] = {e: stats(times[e]) for e in names}
-            line = "  ".join(f"{e} {out[w.name][e]['p50_ms']:.1f}" for e in names)
+            out[w.name] = {e: stats(times[e]) for e in names if e != "durable"}
+            if "durable" in times:
+                floor = {"workload": w.name, **stats(times["durable"])}
+            line = "  ".join(f"{e} {stats(times[e])['p50_ms']:.2f}" for e in names)
             opts.log(f"    {w.name:<18} p50 ms: {line}")
     finally:
         if client is not None:
             client.close()
         bastion.close()
-    return out
+        durable.close()
+    return out, floor
 
 
 def throughput(opts: Options, url: str, token: str, fresh: Fresh) -> dict[str, Any]:
@@ -409,7 +459,7 @@ def run_smartnoise(opts: Options, py: Path, source: Path, n_rows: int) -> dict[s
     spec = {
         "parquet": str(source),
         "metadata": data.smartnoise_metadata(),
-        "workloads": [{"name": w.name, "sql": w.smartnoise_sql()} for w in WORKLOADS if w.smartnoise],
+        "workloads": [{"name": w.name, "sql": w.smartnoise_sql()} for w in opts.selected() if w.smartnoise],
         "reps": opts.smartnoise_reps,
         "warmup": 1 if n_rows <= 1_000_000 else 0,  # a query on 10M rows takes SmartNoise tens of seconds
         "epsilon": 1.0,
@@ -463,6 +513,8 @@ def run(opts: Options) -> dict[str, Any]:
             "max_rows_per_unit": data.MAX_ROWS_PER_UNIT,
             "http": opts.http,
             "smartnoise": opts.smartnoise,
+            "workloads": [w.name for w in opts.selected()],
+            "command": opts.command,
         },
         "engines": list(ENGINES),
         "workloads": [
@@ -473,7 +525,7 @@ def run(opts: Options) -> dict[str, Any]:
                 "raw_sql": w.raw_sql(),
                 "smartnoise_sql": w.smartnoise_sql(),
             }
-            for w in WORKLOADS
+            for w in opts.selected()
         ],
         "runs": [],
         "throughput": None,
@@ -497,7 +549,7 @@ def run(opts: Options) -> dict[str, Any]:
                     server(settings.workspace, opts.work / f"server_{n}.log", opts.server_workers)
                 )
                 run_entry["gateway_rss_after_start_mib"] = peak_rss_mib(proc.pid)
-            timed = time_engines(opts, settings, token, principal, url, fresh)
+            timed, run_entry["durable_floor"] = time_engines(opts, settings, token, principal, url, fresh)
             if proc is not None:
                 run_entry["gateway_peak_rss_mib"] = peak_rss_mib(proc.pid)
             if url is not None and results["throughput"] is None:
@@ -515,7 +567,7 @@ def run(opts: Options) -> dict[str, Any]:
             sn = run_smartnoise(opts, sn_py, Path(facts["source"]), n)
             run_entry["smartnoise_load_s"] = sn.get("load_s")
             results["smartnoise"].update({k: sn[k] for k in ("version", "opendp_version") if k in sn})
-        for w in WORKLOADS:
+        for w in opts.selected():
             entry: dict[str, Any] = {e: timed[w.name].get(e) for e in ("raw", "bastion", "http")}
             if entry["http"] is None:
                 entry["http"] = {"status": "skipped", "reason": "HTTP disabled for this run", **stats([])}
@@ -567,7 +619,14 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--work", type=Path, default=HERE / "results" / "work", help="data and workspaces")
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--no-copy", action="store_true", help="do not write benchmarks/RESULTS.md")
+    p.add_argument(
+        "--workloads",
+        nargs="+",
+        choices=[w.name for w in WORKLOADS],
+        help="run only these workloads (default: all)",
+    )
     a = p.parse_args(argv)
+    args = sys.argv[1:] if argv is None else argv
     return Options(
         rows=a.rows,
         reps=a.reps,
@@ -585,6 +644,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
         work=a.work,
         out=a.out,
         copy_markdown=None if a.no_copy else HERE / "RESULTS.md",
+        workloads=a.workloads,
+        command=" ".join([".venv/bin/python -m benchmarks.run", *args]),
     )
 
 

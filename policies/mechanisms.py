@@ -31,6 +31,18 @@ def _int_vector_laplace(scale: float) -> dp.Measurement:
     return dp.m.make_laplace(dp.vector_domain(dp.atom_domain(T="i64")), dp.l1_distance(T="i64"), scale=scale)
 
 
+@lru_cache(maxsize=256)
+def _calibrated_laplace(d_in: int, epsilon: float) -> tuple[dp.Measurement, float]:
+    """The discrete Laplace measurement for (d_in, ε) and its scale, once its OpenDP privacy map has been checked
+    to give at most ε at d_in. Both depend on public values only, so the check is made once per pair."""
+    scale = laplace_scale_for(d_in, epsilon)
+    meas = _int_vector_laplace(scale)
+    spent = meas.map(d_in)
+    if spent > epsilon * (1 + _MAP_SLACK):
+        raise MechanismError(f"calibration error: map gives ε={spent} > {epsilon}")
+    return meas, scale
+
+
 @dataclass(frozen=True)
 class IntegerRelease:
     values: list[int]
@@ -50,16 +62,15 @@ def laplace_scale_for(d_in: int, epsilon: float) -> float:
 
 def release_integers(values: list[int], d_in: int, epsilon: float) -> IntegerRelease:
     """Discrete Laplace noise on a vector of integers whose L1 sensitivity is `d_in`, costing `epsilon`."""
-    scale = laplace_scale_for(d_in, epsilon)
-    meas = _int_vector_laplace(scale)
-    spent = meas.map(d_in)
-    if spent > epsilon * (1 + _MAP_SLACK):
-        raise MechanismError(f"calibration error: map gives ε={spent} > {epsilon}")
+    meas, scale = _calibrated_laplace(d_in, epsilon)
     noisy = meas([int(v) for v in values]) if values else []
     return IntegerRelease(values=list(noisy), scale=scale, epsilon=epsilon)
 
 
+@lru_cache(maxsize=1024)
 def integer_accuracy(scale: float, alpha: float) -> float:
+    """Half-width of the (1 - alpha) interval of discrete Laplace noise at `scale` (OpenDP's accuracy function;
+    public values only, so it is computed once per (scale, alpha))."""
     return float(dp.discrete_laplacian_scale_to_accuracy(scale, alpha))
 
 
@@ -189,12 +200,19 @@ def release_quantile_index(scores: list[int], d_in: int, epsilon: float) -> tupl
     d_in is the L∞ sensitivity of the score vector; report-noisy-max (OpenDP's exponential-noise form) on
     non-monotonic scores costs 2·d_in / scale.
     """
+    meas, scale = _calibrated_noisy_min(d_in, epsilon)
+    return int(meas(scores)), scale
+
+
+@lru_cache(maxsize=256)
+def _calibrated_noisy_min(d_in: int, epsilon: float) -> tuple[dp.Measurement, float]:
+    """Report-noisy-min for (d_in, ε) and its scale, once its privacy map has been checked (public values only)."""
     scale = 2 * d_in / epsilon
     meas = _noisy_min(scale)
     spent = meas.map(d_in)
     if spent > epsilon * (1 + _MAP_SLACK):
         raise MechanismError(f"calibration error: noisy max map gives ε={spent} > {epsilon}")
-    return int(meas(scores)), scale
+    return meas, scale
 
 
 def quantile_rank_error(scale: float, n_candidates: int, q: float, alpha: float) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,55 @@ def test_caps_are_exact_and_total_cap_applies(tmp_path: Path) -> None:
         )
     assert info.value.details["scope"] == "dataset"
     assert ledger.spent_total("d").epsilon == pytest.approx(1.5)
+
+
+def _charge(ledger: Ledger, principal: str, eps: float, per: float = 1.0, total: float = 1.5) -> None:
+    ledger.charge(
+        principal=principal,
+        dataset="d",
+        cost=PrivacyLoss(eps),
+        per_principal=Budget(epsilon=per, delta=0),
+        total=Budget(epsilon=total, delta=0),
+        request_id="r",
+    )
+
+
+def test_running_totals_are_filled_from_a_ledger_made_before_them(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    ledger = Ledger(path)
+    for _ in range(9):
+        _charge(ledger, "a", 0.1)
+    _charge(ledger, "b", 0.5)
+    ledger.close()
+    with sqlite3.connect(path) as con:  # the ledger as an older version left it: charges, no running totals
+        for name in ("spent_insert", "spent_delete", "spent_update"):
+            con.execute(f"DROP TRIGGER {name}")
+        con.execute("DROP TABLE spent")
+    ledger = Ledger(path)
+    assert ledger.spent("a", "d").epsilon == pytest.approx(0.9)
+    assert ledger.spent_total("d").epsilon == pytest.approx(1.4)
+    _charge(ledger, "a", 0.1)  # exactly the principal's cap
+    with pytest.raises(BudgetExhausted) as info:
+        _charge(ledger, "a", 1e-9)
+    assert info.value.details["scope"] == "principal"
+    with pytest.raises(BudgetExhausted) as info:
+        _charge(ledger, "c", 0.01)  # the dataset's total of 1.5 is reached
+    assert info.value.details["scope"] == "dataset"
+
+
+def test_running_totals_follow_every_change_of_the_charges(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    ledger = Ledger(path)
+    for _ in range(5):
+        _charge(ledger, "a", 0.1)
+    with sqlite3.connect(path) as con:  # an older copy restored by hand, or a row edited: the totals follow
+        con.execute("DELETE FROM charges WHERE id IN (SELECT id FROM charges ORDER BY id LIMIT 2)")
+        con.execute("UPDATE charges SET principal = 'b' WHERE id = (SELECT max(id) FROM charges)")
+    assert ledger.spent("a", "d").epsilon == pytest.approx(0.2)
+    assert ledger.spent("b", "d").epsilon == pytest.approx(0.1)
+    with sqlite3.connect(path) as con:
+        held = {(p, d): (e, dl) for p, d, e, dl in con.execute("SELECT * FROM spent")}
+    assert held == ledger.totals()  # the running totals against the charges, summed
+    with sqlite3.connect(path) as con:  # totals edited behind the triggers' back are rebuilt on the next open
+        con.execute("UPDATE spent SET eps_units = 0")
+    assert Ledger(path).spent("a", "d").epsilon == pytest.approx(0.2)

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 from sqlglot import exp
 
@@ -81,6 +80,8 @@ def bind_check(plan: Plan, engine: Engine) -> None:
             reason="engine_rejected",
             hint="simplify the expression or cast its arguments",
         ) from None
+    if _projection(plan) is not None:
+        return  # selecting released columns by name cannot fail
     empty = pa.table(
         {
             **{k.alias: pa.array([], _ARROW_TYPES.get(k.typed.type, pa.float64())) for k in plan.keys},
@@ -282,6 +283,42 @@ def _py(v: Any) -> Any:
     return v
 
 
+def _projection(plan: Plan) -> list[str] | None:
+    """The released columns that the plan's post-processing selects, in order, when that is all it does (bare
+    columns of the released table: no expression, HAVING, ORDER BY or LIMIT); None otherwise. Most queries are
+    such a projection, which needs no round trip through the public engine."""
+    post = plan.post
+    if any(v for k, v in post.args.items() if k not in ("expressions", "from_", "from")):
+        return None
+    source = post.args.get("from_") or post.args.get("from")
+    if not isinstance(source, exp.From) or not isinstance(source.this, exp.Table) or source.this.name != "released":
+        return None
+    available = {k.alias for k in plan.keys} | {a.alias for a in plan.aggregates} | {"__row"}
+    names = []
+    for e in post.expressions:
+        column = e.this if isinstance(e, exp.Alias) else e
+        if not isinstance(column, exp.Column) or column.table or column.name not in available:
+            return None
+        names.append(column.name)
+    return names
+
+
+def _released_table(plan: Plan, columns: dict[str, Any]) -> pa.Table:
+    """The released values as an Arrow table for the public engine: keys typed by their SQL type where the values
+    fit it (else as Arrow infers them), noisy values as doubles with NaN as NULL."""
+    types = {k.alias: _ARROW_TYPES.get(k.typed.type, pa.float64()) for k in plan.keys}
+    arrays = {}
+    for name, values in columns.items():
+        if isinstance(values, np.ndarray):
+            arrays[name] = pa.array(values, from_pandas=True)
+            continue
+        try:
+            arrays[name] = pa.array(values, types.get(name))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+            arrays[name] = pa.array(values)
+    return pa.table(arrays)
+
+
 def _post_process(
     plan: Plan,
     pricing: Pricing,
@@ -291,20 +328,22 @@ def _post_process(
     notes: list[str],
 ) -> Release:
     alpha = pricing.alpha
-    frame: dict[str, Any] = {}
+    columns: dict[str, Any] = {}
     for j, key in enumerate(plan.keys):
-        frame[key.alias] = [g[j] for g in groups]
-    values = {}
+        columns[key.alias] = [g[j] for g in groups]
     for a in plan.aggregates:
         v, _, _ = _aggregate(plan, pricing, a, noisy, quantiles, alpha)
-        values[a.alias] = v
-        frame[a.alias] = v
-    frame["__row"] = np.arange(len(groups))
-    released = pd.DataFrame(frame)
-    try:
-        out = public_rows(plan.post, {"released": released})
-    except PublicError as exc:
-        raise InvalidRequest(f"cannot compute the output expressions: {exc}") from None
+        columns[a.alias] = np.broadcast_to(np.asarray(v, dtype=np.float64), (len(groups),))
+    columns["__row"] = np.arange(len(groups))
+    names = _projection(plan)
+    out: Iterable[tuple[Any, ...]]
+    if names is not None:
+        out = zip(*(c.tolist() if isinstance(c, np.ndarray) else c for c in (columns[n] for n in names)), strict=True)
+    else:
+        try:
+            out = public_rows(plan.post, {"released": _released_table(plan, columns)})
+        except PublicError as exc:
+            raise InvalidRequest(f"cannot compute the output expressions: {exc}") from None
 
     by_alias = {a.alias: a for a in plan.aggregates}
     col_intervals: list[tuple[np.ndarray, np.ndarray] | None] = []

@@ -30,6 +30,9 @@ class ReleaseCache:
     def _connect(self) -> sqlite3.Connection:
         con = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         con.execute("PRAGMA journal_mode=WAL")
+        # Committed without waiting for the disk (a crashed process loses nothing; a power loss may lose the last
+        # answers): an answer missing from the cache is computed and charged anew, never released uncharged.
+        con.execute("PRAGMA synchronous=NORMAL")
         return con
 
     def get(self, key: str) -> dict[str, Any] | None:

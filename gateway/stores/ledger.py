@@ -1,7 +1,9 @@
 """Durable privacy budgets: per (principal, dataset) and per dataset, in SQLite.
 
 A charge is one `BEGIN IMMEDIATE` transaction: it reads what was spent, checks both caps and records the charge,
-so two processes can never both pass when only one fits. Charges are never refunded.
+so two processes can never both pass when only one fits. Charges are never refunded. What was spent is read from
+`spent`, running totals per (principal, dataset) that triggers on `charges` keep in the same transaction as every
+change of a charge (whichever code makes it), so a charge costs the same however long the history is.
 
 Every charge also says whether the audit log holds a record of it (`audited`): a charge is made `PENDING`, becomes
 `AUDITED` once its "admitted" record (or an "orphan_charge" record standing in for it) is durable, and becomes
@@ -55,6 +57,25 @@ _MIGRATIONS = (
     ("owner", "ALTER TABLE charges ADD COLUMN owner TEXT"),
 )
 _INDEXES = "CREATE INDEX IF NOT EXISTS charges_audited ON charges(audited)"
+# Running totals of `charges`, maintained by triggers (created, and filled from the charges, in one transaction).
+_UPSERT_NEW = """
+    INSERT INTO spent (principal, dataset, eps_units, delta_units)
+    VALUES (NEW.principal, NEW.dataset, NEW.eps_units, NEW.delta_units)
+    ON CONFLICT (principal, dataset) DO UPDATE SET
+        eps_units = eps_units + excluded.eps_units, delta_units = delta_units + excluded.delta_units;"""
+_SUBTRACT_OLD = """
+    UPDATE spent SET eps_units = eps_units - OLD.eps_units, delta_units = delta_units - OLD.delta_units
+    WHERE principal = OLD.principal AND dataset = OLD.dataset;"""
+_SPENT = (
+    "CREATE TABLE spent (principal TEXT NOT NULL, dataset TEXT NOT NULL, eps_units INTEGER NOT NULL, "
+    "delta_units INTEGER NOT NULL, PRIMARY KEY (principal, dataset)) WITHOUT ROWID",
+    f"CREATE TRIGGER spent_insert AFTER INSERT ON charges BEGIN {_UPSERT_NEW}\nEND",
+    f"CREATE TRIGGER spent_delete AFTER DELETE ON charges BEGIN {_SUBTRACT_OLD}\nEND",
+    "CREATE TRIGGER spent_update AFTER UPDATE OF principal, dataset, eps_units, delta_units ON charges "
+    f"BEGIN {_SUBTRACT_OLD}{_UPSERT_NEW}\nEND",
+)
+_SPENT_OBJECTS = {"spent", "spent_insert", "spent_delete", "spent_update"}
+_SUMS = "SELECT principal, dataset, SUM(eps_units), SUM(delta_units) FROM charges GROUP BY 1, 2"
 _ROW = "id, ts, principal, dataset, eps_units, delta_units, request_id, kind"
 _OWNER = re.compile(r"[0-9a-f]{32}")
 
@@ -127,8 +148,32 @@ class Ledger:
                         con.execute("ROLLBACK")
                         raise
                 con.execute(_INDEXES)
+                self._ensure_spent(con)
         except sqlite3.Error as exc:
             raise LedgerUnavailable(f"the budget ledger cannot be opened: {exc}") from exc
+
+    @staticmethod
+    def _ensure_spent(con: sqlite3.Connection) -> None:
+        """Create the running totals and their triggers if missing, and (re)fill them from the charges if they do
+        not agree with them (a ledger from before the totals, or one edited with its triggers dropped)."""
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'trigger')")}
+            if not _SPENT_OBJECTS <= names:
+                for name in sorted(_SPENT_OBJECTS & names):
+                    kind = "TABLE" if name == "spent" else "TRIGGER"
+                    con.execute(f"DROP {kind} {name}")
+                for statement in _SPENT:
+                    con.execute(statement)
+            sums = {(p, d): (e, dl) for p, d, e, dl in con.execute(_SUMS)}
+            held = {(p, d): (e, dl) for p, d, e, dl in con.execute("SELECT * FROM spent") if e or dl or (p, d) in sums}
+            if held != sums:
+                con.execute("DELETE FROM spent")
+                con.execute(f"INSERT INTO spent (principal, dataset, eps_units, delta_units) {_SUMS}")
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
 
     def _connect(self) -> sqlite3.Connection:
         con = sqlite3.connect(self.path, timeout=30, isolation_level=None)
@@ -190,8 +235,9 @@ class Ledger:
 
     @staticmethod
     def _sum(con: sqlite3.Connection, where: str, args: tuple[str, ...]) -> tuple[int, int]:
+        """Spent units (ε, δ) where `where` holds, from the running totals."""
         row = con.execute(
-            f"SELECT COALESCE(SUM(eps_units), 0), COALESCE(SUM(delta_units), 0) FROM charges WHERE {where}", args
+            f"SELECT COALESCE(SUM(eps_units), 0), COALESCE(SUM(delta_units), 0) FROM spent WHERE {where}", args
         ).fetchone()
         return int(row[0]), int(row[1])
 
