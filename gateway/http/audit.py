@@ -29,7 +29,7 @@ from audit import report, storage
 from audit.checkpoint import Checkpoint
 from audit.errors import AuditError
 from audit.keys import Keyring
-from audit.record import format_time
+from audit.record import check_event_name, format_time, known_events
 from audit.verify import VerifyReport, verdict, verify_log
 from gateway.http.dependencies import ERRORS, Core, Ctx, context_for, get_bastion
 from gateway.service import Bastion, Context
@@ -37,6 +37,7 @@ from policies.errors import GatewayError, InvalidRequest, NotFound, Unauthorized
 
 COOKIE = "bastion_audit"
 PAGE_SIZE = 100
+DECISIONS = ("allowed", "denied", "error")
 
 
 class AuditLogUnreadable(GatewayError):
@@ -74,7 +75,7 @@ class Filters:
         return cast(FilterArgs, {k: v for k, v in self.__dict__.items() if v})
 
     def checked(self) -> Filters:
-        """Empty fields dropped; times checked to be ISO 8601 (naive means UTC)."""
+        """Empty fields dropped; times checked to be ISO 8601 (naive means UTC), the event to be a known name."""
         values = {k: (v.strip() or None) if isinstance(v, str) else v for k, v in self.__dict__.items()}
         for name in ("since", "until"):
             value = values[name]
@@ -85,6 +86,19 @@ class Filters:
                     raise InvalidRequest(
                         f"{name} must be an ISO 8601 time such as 2026-01-31T12:00:00Z", field=name
                     ) from None
+        decision = values["decision"]
+        if decision is not None and decision not in DECISIONS:
+            raise InvalidRequest(
+                f"unknown decision {decision!r}; the decisions are: {', '.join(DECISIONS)}",
+                field="decision",
+                allowed=list(DECISIONS),
+            )
+        event = values["event"]
+        if event is not None:
+            try:
+                check_event_name(event)
+            except ValueError as exc:
+                raise InvalidRequest(str(exc), field="event", allowed=known_events()) from None
         return Filters(**values)
 
 
@@ -100,7 +114,8 @@ def get_filters(
     decision: Text = None,
 ) -> Filters:
     """Filters of the event list: `since` <= time < `until` (ISO 8601), and exact matches on the principal
-    (`actor`), dataset, event type and decision. Checked after the read is admitted and recorded."""
+    (`actor`), dataset, event type (one of `audit.record.known_events()`) and decision. Checked after the read
+    is admitted and recorded."""
     return Filters(since, until, actor, dataset, event, decision)
 
 
@@ -429,7 +444,7 @@ def dashboard(
         report=result,
         verdict=verdict(result),
         filters=query,
-        decisions=["allowed", "denied", "error"],
+        decisions=list(DECISIONS),
         choices=choices,
         events=events,
         total=total,
