@@ -46,7 +46,8 @@ def test_sign_in_with_an_httponly_cookie_then_the_dashboard(workspace: Workspace
         assert r.status_code == 303 and r.headers["location"] == "/audit"
         cookie = r.headers["set-cookie"].lower()
         assert "httponly" in cookie and "samesite=strict" in cookie and "path=/audit" in cookie
-        c.cookies.set("bastion_audit", workspace.tokens["auditor"], path="/audit")
+        session = c.cookies.get("bastion_audit")
+        assert session and workspace.tokens["auditor"] not in r.headers["set-cookie"]  # an id, not the token
         home = c.get("/audit")
         assert home.status_code == 200
         assert re.search(r'id="verdict">OK</div>', home.text)
@@ -62,6 +63,9 @@ def test_sign_in_with_an_httponly_cookie_then_the_dashboard(workspace: Workspace
         assert export.status_code == 200 and export.text.count("\n") >= 6
         out = c.post("/audit/logout", follow_redirects=False)
         assert out.status_code == 303 and 'bastion_audit=""' in out.headers["set-cookie"]
+        c.cookies.set("bastion_audit", session, path="/audit")  # a kept cookie is worthless after sign-out
+        ended = c.get("/audit/events/3")
+        assert ended.status_code == 401 and "Auditor sign-in" in ended.text
     reads = [
         r["request"]["action"] for r in AuditLog(workspace.settings.audit_dir).records() if r["event"] == "audit_read"
     ]
@@ -95,8 +99,8 @@ def test_non_auditors_get_403_and_are_recorded(workspace: Workspace) -> None:
             assert c.get("/audit/export", headers=workspace.headers(role)).status_code == 403
             r = c.post("/audit/login", data={"token": workspace.tokens[role]}, follow_redirects=False)
             assert r.status_code == 403 and "set-cookie" not in r.headers
-        c.cookies.set("bastion_audit", workspace.tokens["analyst"], path="/audit")
-        assert c.get("/audit").status_code == 403
+        c.cookies.set("bastion_audit", workspace.tokens["auditor"], path="/audit")
+        assert c.get("/audit").status_code == 401  # the cookie holds a session id; a token there is nothing
         c.cookies.clear()
         wrong = c.post("/audit/login", data={"token": "bst_nope_nope"}, follow_redirects=False)
         assert wrong.status_code == 401 and "not valid" in wrong.text
@@ -106,7 +110,7 @@ def test_non_auditors_get_403_and_are_recorded(workspace: Workspace) -> None:
         for r in records
         if r["event"] == "audit_read" and r["decision"] == "denied"
     ]
-    assert len(denied) == 13 and {role for role, _ in denied} == {"analyst", "lf_author", "admin"}
+    assert len(denied) == 12 and {role for role, _ in denied} == {"analyst", "lf_author", "admin"}
     assert not any(r["event"] == "audit_read" and r["decision"] == "allowed" for r in records)
     assert any(r["event"] == "authentication" and r["request"]["path"] == "/audit/login" for r in records)
 

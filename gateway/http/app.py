@@ -24,6 +24,7 @@ from gateway.http.errors import http_error, validation_error
 from gateway.http.headers import SecurityHeaders
 from gateway.http.lf import router as lf_router
 from gateway.http.query import router as query_router
+from gateway.http.sessions import SessionStore
 from gateway.http.synth import router as synth_router
 from gateway.service import Bastion
 from gateway.settings import Settings
@@ -85,6 +86,7 @@ def create_app(settings: Settings, bastion: Bastion | None = None) -> FastAPI:
             core.close()
         raise
     app.state.bastion = core
+    app.state.sessions = SessionStore(settings.workspace / "sessions")
     app.add_middleware(RequestIds)
     app.add_middleware(SecurityHeaders)
 

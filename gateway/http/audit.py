@@ -6,7 +6,9 @@ Only the auditor role may read the audit log, and every read is itself recorded 
 up writers. The log holds no private rows by design, so no filter can reach private data.
 
 The page needs no JavaScript and loads nothing from elsewhere: HTML from Jinja2 templates, one inline style
-sheet (allowed by a per-response CSP nonce) and the privacy-spend chart as inline SVG drawn here.
+sheet (allowed by a per-response CSP nonce) and the privacy-spend chart as inline SVG drawn here. Signing in
+starts a server-side session (`gateway.http.sessions`): the cookie holds its random id, never the token, and
+signing out ends it. The forms that change state (sign in, sign out) are refused from another site's page.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypedDict, cast
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import jinja2
 from fastapi import APIRouter, Depends, Query, Request
@@ -31,9 +33,11 @@ from audit.errors import AuditError
 from audit.keys import Keyring
 from audit.record import check_event_name, format_time, known_events
 from audit.verify import VerifyReport, verdict, verify_log
-from gateway.http.dependencies import ERRORS, Core, Ctx, context_for, get_bastion
+from gateway.http.dependencies import ERRORS, Core, Ctx, authenticated, context_for, get_bastion, refuse_authentication
+from gateway.http.sessions import SessionStore
 from gateway.service import Bastion, Context
-from policies.errors import GatewayError, InvalidRequest, NotFound, Unauthorized
+from gateway.stores.tokens import Principal
+from policies.errors import Forbidden, GatewayError, InvalidRequest, NotFound, Unauthorized
 
 COOKIE = "bastion_audit"
 PAGE_SIZE = 100
@@ -312,23 +316,59 @@ def _page(request: Request, template: str, status_code: int = 200, **values: Any
             "Content-Security-Policy": f"default-src 'none'; style-src 'nonce-{nonce}'; img-src 'self'; "
             "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
             "X-Content-Type-Options": "nosniff",
-            "Referrer-Policy": "no-referrer",
+            # Not no-referrer: with it a browser sends `Origin: null` on the page's own form posts, which the
+            # cross-site check must refuse. same-origin sends nothing to other sites.
+            "Referrer-Policy": "same-origin",
             "X-Frame-Options": "DENY",
             "Cache-Control": "no-store",
         },
     )
 
 
-def _credential(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    if header.lower().startswith("bearer "):
-        return header[7:].strip()
-    return request.cookies.get(COOKIE)
+def _sessions(request: Request) -> SessionStore:
+    return cast(SessionStore, request.app.state.sessions)
 
 
-def _web_context(request: Request, bastion: Bastion, token: str | None) -> Context:
-    """Who is asking: the bearer header, or the HttpOnly cookie set at login (accepted on these pages only)."""
-    return context_for(request, bastion, token)
+def _signed_in(request: Request) -> bool:
+    return request.headers.get("authorization") is not None or COOKIE in request.cookies
+
+
+def _web_context(request: Request, bastion: Bastion) -> Context:
+    """Who is asking: the bearer header, or the session whose id the HttpOnly cookie set at login holds."""
+    header = request.headers.get("authorization")
+    if header is not None:
+        token = header[7:].strip() if header.lower().startswith("bearer ") else None
+        return context_for(request, bastion, token)
+    sessions = _sessions(request)
+
+    def session() -> Principal:
+        principal = sessions.principal(request.cookies.get(COOKIE))
+        if principal is None:
+            raise Unauthorized("your session has ended: sign in again")
+        return principal
+
+    return authenticated(request, bastion, session)
+
+
+def _cross_site(request: Request) -> str | None:
+    """The origin of a state-changing form post if it is not this site's (by `Origin`, else `Referer`), or None.
+    A request that sends neither is not a browser's cross-site form post and passes."""
+    origin = request.headers.get("origin") or request.headers.get("referer")
+    if origin is None:
+        return None
+    parts = urlsplit(origin)
+    host = request.headers.get("host", "")
+    return None if parts.scheme in ("http", "https") and parts.netloc == host and host else origin[:200]
+
+
+def _refuse_cross_site(request: Request, bastion: Bastion) -> HTMLResponse | None:
+    """A 403 page for a cross-site post of an auditor form, recorded in the audit log; None if same-site."""
+    origin = _cross_site(request)
+    if origin is None:
+        return None
+    refuse_authentication(request, bastion, "cross_site_request", origin=origin)
+    error = Forbidden("this form can only be sent from Bastion's own pages")
+    return _page(request, "error.html", error.status, status=error.status, code=error.code, message=error.message)
 
 
 def _error_page(request: Request, exc: GatewayError) -> HTMLResponse:
@@ -350,35 +390,45 @@ def login_form(request: Request) -> HTMLResponse:
 
 @web.post("/audit/login")
 async def login(request: Request, bastion: Annotated[Bastion, Depends(get_bastion)]) -> Response:
-    """Check an auditor token and keep it in an HttpOnly, SameSite=Strict cookie scoped to /audit."""
+    """Check an auditor token and start a server-side session; the HttpOnly, SameSite=Strict cookie scoped to
+    /audit holds only the session's random id. Refused from another site's page."""
+    refused = await run_in_threadpool(_refuse_cross_site, request, bastion)
+    if refused is not None:
+        return refused
     form = parse_qs((await request.body()).decode("utf-8", "replace"))
     token = (form.get("token") or [""])[0].strip()
     if not token:
         return _login_page(request, "Paste an auditor token.", 400)
 
-    def admit() -> None:
-        ctx = _web_context(request, bastion, token)
+    def admit() -> str:
+        ctx = context_for(request, bastion, token)
         bastion.audit_access(ctx, "web_login")
+        return _sessions(request).create(ctx.principal)
 
     try:
-        await run_in_threadpool(admit)
+        session_id = await run_in_threadpool(admit)
     except GatewayError as exc:
         return _error_page(request, exc)
     response = RedirectResponse("/audit", status_code=303)
     response.set_cookie(
         COOKIE,
-        token,
+        session_id,
         httponly=True,
         samesite="strict",
         path="/audit",
         secure=request.url.scheme == "https",
-        max_age=8 * 3600,
+        max_age=_sessions(request).lifetime,
     )
     return response
 
 
 @web.post("/audit/logout")
-def logout() -> Response:
+def logout(request: Request, bastion: Annotated[Bastion, Depends(get_bastion)]) -> Response:
+    """End the session (its server-side record is deleted, so the cookie is worthless even if kept)."""
+    refused = _refuse_cross_site(request, bastion)
+    if refused is not None:
+        return refused
+    _sessions(request).delete(request.cookies.get(COOKIE))
     response = RedirectResponse("/audit/login", status_code=303)
     response.delete_cookie(COOKIE, path="/audit")
     return response
@@ -397,12 +447,11 @@ def dashboard(
     decision: Text = None,
 ) -> HTMLResponse:
     """Verification status, privacy-spend chart and the event list (newest first) with a filter form."""
-    token = _credential(request)
-    if not token:
+    if not _signed_in(request):
         return _login_page(request)
     raw = Filters(since, until, actor, dataset, event, decision)
     try:
-        ctx = _web_context(request, bastion, token)
+        ctx = _web_context(request, bastion)
         bastion.audit_access(ctx, "web_dashboard", **raw.as_dict(), page=page)
         filters = raw.checked()
     except GatewayError as exc:
@@ -472,7 +521,7 @@ def web_export(
 ) -> Response:
     try:
         filters = Filters(since, until, actor, dataset, event, decision)
-        ctx = _web_context(request, bastion, _credential(request))
+        ctx = _web_context(request, bastion)
         bastion.audit_access(ctx, "web_export", **filters.as_dict(), format=format)
         return _export(bastion, filters, format)
     except GatewayError as exc:
@@ -483,7 +532,7 @@ def web_export(
 def web_event(seq: int, request: Request, bastion: Annotated[Bastion, Depends(get_bastion)]) -> HTMLResponse:
     """One record with its inclusion proof against the latest checkpoint."""
     try:
-        ctx = _web_context(request, bastion, _credential(request))
+        ctx = _web_context(request, bastion)
         bastion.audit_access(ctx, "web_event", seq=seq)
         log = bastion.audit_log
         try:

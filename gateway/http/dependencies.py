@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -19,6 +20,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, 
 
 from audit.record import Event
 from gateway.service import Bastion, Context
+from gateway.stores.tokens import Principal
 from policies.errors import Unauthorized
 
 
@@ -67,26 +69,36 @@ def correlation_id(request: Request) -> str | None:
     return value if value is not None and CORRELATION_ID.fullmatch(value) else None
 
 
+def refuse_authentication(request: Request, bastion: Bastion, reason: str, **request_fields: Any) -> None:
+    """Record a refused authentication (before the caller answers 401 or 403)."""
+    cid = correlation_id(request)
+    extra = {"correlation_id": cid} if cid else {}
+    bastion.audit(
+        None,
+        Event.AUTHENTICATION,
+        request={"path": request.url.path, **request_fields},
+        decision="denied",
+        reason=reason,
+        source=request.client.host if request.client else "unknown",
+        request_id=request_id(request),
+        **extra,
+    )
+
+
+def authenticated(request: Request, bastion: Bastion, check: Callable[[], Principal]) -> Context:
+    """The context of the principal `check` returns (a token or a session lookup); its refusal is audited."""
+    try:
+        principal = check()
+    except Unauthorized:
+        refuse_authentication(request, bastion, "unauthorized")
+        raise
+    source = request.client.host if request.client else "unknown"
+    return Context(principal, source=source, request_id=request_id(request), correlation_id=correlation_id(request))
+
+
 def context_for(request: Request, bastion: Bastion, token: str | None) -> Context:
     """Authenticate a token for this request; a refusal is audited before the 401."""
-    source = request.client.host if request.client else "unknown"
-    rid, cid = request_id(request), correlation_id(request)
-    try:
-        principal = bastion.authenticate(token)
-    except Unauthorized:
-        extra = {"correlation_id": cid} if cid else {}
-        bastion.audit(
-            None,
-            Event.AUTHENTICATION,
-            request={"path": request.url.path},
-            decision="denied",
-            reason="unauthorized",
-            source=source,
-            request_id=rid,
-            **extra,
-        )
-        raise
-    return Context(principal, source=source, request_id=rid, correlation_id=cid)
+    return authenticated(request, bastion, lambda: bastion.authenticate(token))
 
 
 # Declares the bearer scheme in OpenAPI (the Authorize button of /docs); a missing token is refused by
