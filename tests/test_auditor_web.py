@@ -20,7 +20,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 
 def _cells(html: str, cls: str) -> list[str]:
-    return re.findall(rf'<td class="{cls}">([^<]*)</td>', html)
+    return re.findall(rf'<td class="{cls}"[^>]*>([^<]*)</td>', html)
 
 
 def _spend_some(c, workspace: Workspace) -> str:
@@ -239,3 +239,61 @@ def test_auditor_page_in_headless_chromium(workspace: Workspace, server: str, tm
         finally:
             browser.close()
     assert shot.stat().st_size > 10_000
+
+
+LONG_SQL = (
+    "SELECT region, COUNT(*) AS n, AVG(income) AS mean_income FROM visits WHERE age >= 18 AND age < 90 "
+    "AND sex IN ('F', 'M') AND income BETWEEN 1000 AND 250000 AND region <> 'nowhere' GROUP BY region"
+)
+
+
+@pytest.mark.slow
+def test_auditor_page_reads_well_on_a_phone_and_a_desktop(workspace: Workspace, server: str, tmp_path: Path) -> None:
+    _chromium_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    analyst = {"Authorization": f"Bearer {workspace.tokens['analyst']}"}
+    for i in range(25):
+        sql = LONG_SQL.replace("age >= 18", f"age >= {18 + i}")
+        r = httpx.post(f"{server}/v1/query", json={"sql": sql, "epsilon": 0.05}, headers=analyst, timeout=60)
+        assert r.status_code == 200, r.text
+    shot = Path(os.environ.get("BASTION_SCREENSHOT_PHONE", tmp_path / "phone.png"))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM if CHROMIUM.exists() else shutil.which("chromium")), args=BROWSER_ARGS
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(f"{server}/audit")
+            page.fill("#token", workspace.tokens["auditor"])
+            page.click("#sign-in")
+            page.wait_for_selector("#verdict")
+            # Desktop: each request is a readable block across the table, not a column one word wide.
+            block = page.locator("#event-table tr.request pre.sql", has_text="GROUP BY region").first
+            box = block.bounding_box()
+            assert box is not None and box["width"] > 900 and box["height"] < 80
+            desktop_height = page.evaluate("document.documentElement.scrollHeight")
+            assert desktop_height < 2_000 + 90 * page.locator("#event-table tr.event").count()
+
+            page.set_viewport_size({"width": 390, "height": 844})
+            page.reload()
+            width = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+            assert width[0] <= width[1], width  # nothing wider than the phone
+            chart = page.locator("svg.spend-chart").first.bounding_box()
+            assert chart is not None and chart["x"] >= 0 and chart["x"] + chart["width"] <= 390
+            phone_height = page.evaluate("document.documentElement.scrollHeight")
+            events = page.locator("#event-table tr.event").count()
+            assert phone_height < 3_000 + 260 * events, (phone_height, events)
+            page.screenshot(path=str(shot), full_page=True)
+
+            placeholder = page.get_attribute('input[name="since"]', "placeholder")
+            assert placeholder is not None and placeholder.startswith("e.g.")
+            assert page.input_value('input[name="since"]') == ""
+
+            page.goto(f"{server}/audit/events/3")
+            record = page.inner_text("#record")
+            assert record.startswith("{\n  ") and '\n  "event": ' in record  # pretty-printed JSON
+            width = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+            assert width[0] <= width[1], width
+        finally:
+            browser.close()

@@ -14,6 +14,7 @@ signing out ends it. The forms that change state (sign in, sign out) are refused
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 import secrets
 from dataclasses import dataclass
@@ -543,9 +544,10 @@ def web_event(seq: int, request: Request, bastion: Annotated[Bastion, Depends(ge
             raise AuditLogUnreadable(str(exc)) from None
     except GatewayError as exc:
         return _error_page(request, exc)
-    return _page(
-        request, "event.html", principal=ctx.principal.name, proof=proof, record=report.to_jsonl([proof.record]).strip()
-    )
+    # Pretty-printed for reading; the stored line (what is hashed) is shown as well, folded.
+    pretty = json.dumps(proof.record, indent=2, sort_keys=True, ensure_ascii=False)
+    stored = report.to_jsonl([proof.record]).strip()
+    return _page(request, "event.html", principal=ctx.principal.name, proof=proof, record=pretty, stored=stored)
 
 
 # --- the privacy-spend chart ------------------------------------------------------------------------------------
