@@ -138,3 +138,11 @@ def test_openapi_declares_the_bearer_scheme_on_authenticated_routes(workspace: W
     assert spec["paths"]["/v1/query"]["post"]["security"] == [{"HTTPBearer": []}]
     assert spec["paths"]["/v1/audit/events"]["get"]["security"] == [{"HTTPBearer": []}]
     assert "/docs" not in spec["paths"] and "/" not in spec["paths"]
+
+
+def test_openapi_documents_the_not_ready_conflict_of_synth_results(workspace: Workspace) -> None:
+    with workspace.app() as c:
+        paths = c.get("/openapi.json").json()["paths"]
+    for path in ("/v1/synth/{job_id}/download", "/v1/synth/{job_id}/report", "/v1/synth/{job_id}/report/{page}"):
+        assert "synth_job_not_ready" in paths[path]["get"]["responses"]["409"]["description"]
+        assert "422" not in paths[path]["get"]["responses"]
