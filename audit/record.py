@@ -48,6 +48,23 @@ class Event(enum.StrEnum):
     CHECKPOINT_EXPORTED = "checkpoint_exported"
 
 
+# Names that older logs carry for an action that now has one Event name. They stay valid records (verification
+# never depends on the name) and valid filter values, so old denials can still be found.
+LEGACY_EVENTS: dict[str, Event] = {"labeling": Event.LF_STATS}  # denied LF requests, before they were lf_stats
+
+
+def known_events() -> list[str]:
+    """Every event name a record can carry (current and legacy), sorted."""
+    return sorted({*(e.value for e in Event), *LEGACY_EVENTS})
+
+
+def check_event_name(name: str) -> str:
+    """`name` if records can carry it, else ValueError listing the known names."""
+    if name not in known_events():
+        raise ValueError(f"unknown event {name!r}; the events are: {', '.join(known_events())}")
+    return name
+
+
 def utc_now() -> str:
     """The current UTC time in the fixed-width form records use (sorts lexicographically)."""
     return dt.datetime.now(dt.UTC).strftime(TIME_FORMAT)

@@ -81,6 +81,8 @@ class _Flight:
 
 
 ORPHAN_CHARGE = Event.ORPHAN_CHARGE
+# The event name of each grant's action: a denial is recorded under the same name as the allowed action.
+GRANT_EVENTS = {Grant.QUERY: Event.QUERY, Grant.SYNTH: Event.SYNTH, Grant.LABELING: Event.LF_STATS}
 Expected = dict[tuple[str, str], tuple[int, int]]  # (principal, dataset) → (ε units, δ units)
 
 
@@ -409,15 +411,21 @@ class Bastion:
             raise error
 
     def refuse_unauthenticated(
-        self, error: GatewayError, source: str, path: str, request_id: str, correlation_id: str | None = None
+        self,
+        error: GatewayError,
+        source: str,
+        path: str,
+        request_id: str,
+        correlation_id: str | None = None,
+        **request_fields: str,
     ) -> None:
-        """Audit a refusal made before the caller was authenticated: the first of its source's window in full,
-        later ones counted into the window's aggregate record (see `gateway.refusals`)."""
+        """Audit a refusal made before the caller was authenticated: the first of its source's window in full
+        (with `request_fields`), later ones counted into the window's aggregate record (see `gateway.refusals`)."""
         if not self.refusals.note(source, error.code):
             return
         fields: dict[str, Any] = {
             "actor": {"principal": None, "role": None, "token_id": None},
-            "request": {"path": path},
+            "request": {"path": path, **request_fields},
             "decision": "denied",
             "reason": error.code,
             "source": source,
@@ -431,15 +439,16 @@ class Bastion:
 
     def authorize(self, ctx: Context, dataset: str, grant: Grant, request: dict[str, Any]) -> tuple[Policy, str]:
         """The dataset's policy and version if the caller's role has `grant`; audited denial otherwise."""
+        event = GRANT_EVENTS[grant]
         try:
             policy, version = self.engine.policy(dataset)
         except GatewayError as exc:
-            self.audit(ctx, grant.value, dataset=dataset, request=request, decision="denied", reason=exc.code)
+            self.audit(ctx, event, dataset=dataset, request=request, decision="denied", reason=exc.code)
             if isinstance(exc, DatasetNotFound):
                 raise self._dataset_not_found(ctx, dataset, exc) from None
             raise
         if grant not in policy.grants(ctx.principal.role):
-            self.audit(ctx, grant.value, dataset=dataset, request=request, decision="denied", reason="forbidden")
+            self.audit(ctx, event, dataset=dataset, request=request, decision="denied", reason="forbidden")
             raise Forbidden(
                 f"role {ctx.principal.role!r} has no {grant.value!r} grant on dataset {dataset!r}",
                 dataset=dataset,

@@ -27,4 +27,4 @@ if [ "$torch_from" = cpu-index ]; then
 else
   .venv/bin/python -m pip install -q -c constraints.txt "$TORCH"
 fi
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[dev,plot]"

@@ -208,6 +208,13 @@ def events(
     if format not in ("table", "jsonl", "csv"):
         fail("--format is table, jsonl or csv", 2)
     _check_times(since=since, until=until)
+    if event is not None:
+        from audit.record import check_event_name
+
+        try:
+            check_event_name(event)
+        except ValueError as exc:
+            fail(f"--event: {exc}", 2)
     settings = _settings(workspace)
     try:
         found = report.query_events(

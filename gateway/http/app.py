@@ -13,21 +13,26 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from audit.record import Event
 from gateway.http.audit import router as audit_router
 from gateway.http.dependencies import CONTEXT, REQUEST_ID, correlation_id, request_id, source_of
+from gateway.http.docs import router as docs_router
+from gateway.http.docs import static_files
+from gateway.http.errors import http_error, validation_error, validation_problems
+from gateway.http.headers import SecurityHeaders
 from gateway.http.lf import router as lf_router
 from gateway.http.limits import BodyLimits
 from gateway.http.query import router as query_router
+from gateway.http.sessions import SessionStore
 from gateway.http.synth import router as synth_router
 from gateway.service import Bastion, Context
 from gateway.settings import Settings
-from policies.errors import GatewayError, InvalidRequest
+from policies.errors import GatewayError
 
 log = logging.getLogger("bastion")
-MAX_PROBLEMS = 5  # problems of an invalid body named in the answer and its audit record
 
 
 class RequestIds:
@@ -72,6 +77,8 @@ def create_app(settings: Settings, bastion: Bastion | None = None) -> FastAPI:
         description="Privacy-preserving data exploration gateway: differentially private SQL aggregates, "
         "synthetic proxies and labeling-function statistics; every access audited.",
         lifespan=lifespan,
+        docs_url=None,  # served by gateway.http.docs from packaged assets, with its own CSP
+        redoc_url=None,
     )
     core = bastion or Bastion(settings)
     try:
@@ -81,24 +88,28 @@ def create_app(settings: Settings, bastion: Bastion | None = None) -> FastAPI:
             core.close()
         raise
     app.state.bastion = core
+    app.state.sessions = SessionStore(settings.workspace / "sessions")
     app.add_middleware(BodyLimits, bastion=core, limits=settings.limits)
-    app.add_middleware(RequestIds)  # outermost: every answer, a refusal of BodyLimits included, carries the id
+    app.add_middleware(RequestIds)  # every answer, a refusal of BodyLimits included, carries the id
+    app.add_middleware(SecurityHeaders)  # outermost: every answer carries the headers
 
     @app.exception_handler(GatewayError)
     async def gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
         return JSONResponse(status_code=exc.status, content=exc.to_dict())
 
+    @app.exception_handler(HTTPException)
+    async def refused(request: Request, exc: HTTPException) -> JSONResponse:
+        # Starlette's own refusals (no such route, wrong method) in the one error shape.
+        error = http_error(request, exc)
+        headers = {"Allow": exc.headers["Allow"]} if exc.headers and "Allow" in exc.headers else None
+        return JSONResponse(status_code=exc.status_code, content=error.to_dict(), headers=headers)
+
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         # The one error shape, naming the fields and what is wrong (never echoing the values: NaN is not JSON),
         # and audited: with the caller's identity if the token was checked, else counted with its source.
-        errors = exc.errors()
-        shown = [
-            f"{'.'.join(str(p) for p in err.get('loc', ()) if p != 'body')[:64] or 'body'}: {err.get('msg', 'invalid')}"
-            for err in errors[:MAX_PROBLEMS]
-        ]
-        more = f"; and {len(errors) - MAX_PROBLEMS} more" if len(errors) > MAX_PROBLEMS else ""
-        error: GatewayError = InvalidRequest(f"invalid request: {'; '.join(shown)}{more}")
+        shown = validation_problems(request, exc)
+        error: GatewayError = validation_error(request, exc, shown)
         ctx = getattr(request.state, CONTEXT, None)
         try:
             if isinstance(ctx, Context):
@@ -128,8 +139,9 @@ def create_app(settings: Settings, bastion: Bastion | None = None) -> FastAPI:
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    for r in (query_router, synth_router, lf_router, audit_router):
+    for r in (docs_router, query_router, synth_router, lf_router, audit_router):
         app.include_router(r)
+    app.mount("/static", static_files(), name="static")
 
     def openapi() -> dict[str, Any]:
         # Invalid bodies and parameters answer 400 invalid_request in the one error shape, not FastAPI's 422.

@@ -6,18 +6,21 @@ Only the auditor role may read the audit log, and every read is itself recorded 
 up writers. The log holds no private rows by design, so no filter can reach private data.
 
 The page needs no JavaScript and loads nothing from elsewhere: HTML from Jinja2 templates, one inline style
-sheet (allowed by a per-response CSP nonce) and the privacy-spend chart as inline SVG drawn here.
+sheet (allowed by a per-response CSP nonce) and the privacy-spend chart as inline SVG drawn here. Signing in
+starts a server-side session (`gateway.http.sessions`): the cookie holds its random id, never the token, and
+signing out ends it. The forms that change state (sign in, sign out) are refused from another site's page.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypedDict, cast
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import jinja2
 from fastapi import APIRouter, Depends, Query, Request
@@ -29,14 +32,23 @@ from audit import report, storage
 from audit.checkpoint import Checkpoint
 from audit.errors import AuditError
 from audit.keys import Keyring
-from audit.record import format_time
+from audit.record import check_event_name, format_time, known_events
 from audit.verify import VerifyReport, verdict, verify_log
-from gateway.http.dependencies import ERRORS, Core, Ctx, context_for, get_bastion
+from gateway.http.dependencies import ERRORS, Core, Ctx, authenticated, context_for, get_bastion, refuse_authentication
+from gateway.http.sessions import SessionStore
 from gateway.service import Bastion, Context
-from policies.errors import GatewayError, InvalidRequest, NotFound, Unauthorized
+from gateway.stores.tokens import Principal
+from policies.errors import Forbidden, GatewayError, InvalidRequest, NotFound, Unauthorized
 
 COOKIE = "bastion_audit"
 PAGE_SIZE = 100
+DECISIONS = ("allowed", "denied", "error")
+
+
+class CrossSiteRequest(Forbidden):
+    """An auditor form posted from another site (by its Origin or Referer)."""
+
+    code = "cross_site_request"
 
 
 class AuditLogUnreadable(GatewayError):
@@ -74,7 +86,7 @@ class Filters:
         return cast(FilterArgs, {k: v for k, v in self.__dict__.items() if v})
 
     def checked(self) -> Filters:
-        """Empty fields dropped; times checked to be ISO 8601 (naive means UTC)."""
+        """Empty fields dropped; times checked to be ISO 8601 (naive means UTC), the event to be a known name."""
         values = {k: (v.strip() or None) if isinstance(v, str) else v for k, v in self.__dict__.items()}
         for name in ("since", "until"):
             value = values[name]
@@ -85,6 +97,19 @@ class Filters:
                     raise InvalidRequest(
                         f"{name} must be an ISO 8601 time such as 2026-01-31T12:00:00Z", field=name
                     ) from None
+        decision = values["decision"]
+        if decision is not None and decision not in DECISIONS:
+            raise InvalidRequest(
+                f"unknown decision {decision!r}; the decisions are: {', '.join(DECISIONS)}",
+                field="decision",
+                allowed=list(DECISIONS),
+            )
+        event = values["event"]
+        if event is not None:
+            try:
+                check_event_name(event)
+            except ValueError as exc:
+                raise InvalidRequest(str(exc), field="event", allowed=known_events()) from None
         return Filters(**values)
 
 
@@ -100,7 +125,8 @@ def get_filters(
     decision: Text = None,
 ) -> Filters:
     """Filters of the event list: `since` <= time < `until` (ISO 8601), and exact matches on the principal
-    (`actor`), dataset, event type and decision. Checked after the read is admitted and recorded."""
+    (`actor`), dataset, event type (one of `audit.record.known_events()`) and decision. Checked after the read
+    is admitted and recorded."""
     return Filters(since, until, actor, dataset, event, decision)
 
 
@@ -297,23 +323,59 @@ def _page(request: Request, template: str, status_code: int = 200, **values: Any
             "Content-Security-Policy": f"default-src 'none'; style-src 'nonce-{nonce}'; img-src 'self'; "
             "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
             "X-Content-Type-Options": "nosniff",
-            "Referrer-Policy": "no-referrer",
+            # Not no-referrer: with it a browser sends `Origin: null` on the page's own form posts, which the
+            # cross-site check must refuse. same-origin sends nothing to other sites.
+            "Referrer-Policy": "same-origin",
             "X-Frame-Options": "DENY",
             "Cache-Control": "no-store",
         },
     )
 
 
-def _credential(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    if header.lower().startswith("bearer "):
-        return header[7:].strip()
-    return request.cookies.get(COOKIE)
+def _sessions(request: Request) -> SessionStore:
+    return cast(SessionStore, request.app.state.sessions)
 
 
-def _web_context(request: Request, bastion: Bastion, token: str | None) -> Context:
-    """Who is asking: the bearer header, or the HttpOnly cookie set at login (accepted on these pages only)."""
-    return context_for(request, bastion, token)
+def _signed_in(request: Request) -> bool:
+    return request.headers.get("authorization") is not None or COOKIE in request.cookies
+
+
+def _web_context(request: Request, bastion: Bastion) -> Context:
+    """Who is asking: the bearer header, or the session whose id the HttpOnly cookie set at login holds."""
+    header = request.headers.get("authorization")
+    if header is not None:
+        token = header[7:].strip() if header.lower().startswith("bearer ") else None
+        return context_for(request, bastion, token)
+    sessions = _sessions(request)
+
+    def session() -> Principal:
+        principal = sessions.principal(request.cookies.get(COOKIE))
+        if principal is None:
+            raise Unauthorized("your session has ended: sign in again")
+        return principal
+
+    return authenticated(request, bastion, session)
+
+
+def _cross_site(request: Request) -> str | None:
+    """The origin of a state-changing form post if it is not this site's (by `Origin`, else `Referer`), or None.
+    A request that sends neither is not a browser's cross-site form post and passes."""
+    origin = request.headers.get("origin") or request.headers.get("referer")
+    if origin is None:
+        return None
+    parts = urlsplit(origin)
+    host = request.headers.get("host", "")
+    return None if parts.scheme in ("http", "https") and parts.netloc == host and host else origin[:200]
+
+
+def _refuse_cross_site(request: Request, bastion: Bastion) -> HTMLResponse | None:
+    """A 403 page for a cross-site post of an auditor form, recorded in the audit log; None if same-site."""
+    origin = _cross_site(request)
+    if origin is None:
+        return None
+    error = CrossSiteRequest("this form can only be sent from Bastion's own pages")
+    refuse_authentication(request, bastion, error, origin=origin)
+    return _page(request, "error.html", error.status, status=error.status, code=error.code, message=error.message)
 
 
 def _error_page(request: Request, exc: GatewayError) -> HTMLResponse:
@@ -335,35 +397,45 @@ def login_form(request: Request) -> HTMLResponse:
 
 @web.post("/audit/login")
 async def login(request: Request, bastion: Annotated[Bastion, Depends(get_bastion)]) -> Response:
-    """Check an auditor token and keep it in an HttpOnly, SameSite=Strict cookie scoped to /audit."""
+    """Check an auditor token and start a server-side session; the HttpOnly, SameSite=Strict cookie scoped to
+    /audit holds only the session's random id. Refused from another site's page."""
+    refused = await run_in_threadpool(_refuse_cross_site, request, bastion)
+    if refused is not None:
+        return refused
     form = parse_qs((await request.body()).decode("utf-8", "replace"))
     token = (form.get("token") or [""])[0].strip()
     if not token:
         return _login_page(request, "Paste an auditor token.", 400)
 
-    def admit() -> None:
-        ctx = _web_context(request, bastion, token)
+    def admit() -> str:
+        ctx = context_for(request, bastion, token)
         bastion.audit_access(ctx, "web_login")
+        return _sessions(request).create(ctx.principal)
 
     try:
-        await run_in_threadpool(admit)
+        session_id = await run_in_threadpool(admit)
     except GatewayError as exc:
         return _error_page(request, exc)
     response = RedirectResponse("/audit", status_code=303)
     response.set_cookie(
         COOKIE,
-        token,
+        session_id,
         httponly=True,
         samesite="strict",
         path="/audit",
         secure=request.url.scheme == "https",
-        max_age=8 * 3600,
+        max_age=_sessions(request).lifetime,
     )
     return response
 
 
 @web.post("/audit/logout")
-def logout() -> Response:
+def logout(request: Request, bastion: Annotated[Bastion, Depends(get_bastion)]) -> Response:
+    """End the session (its server-side record is deleted, so the cookie is worthless even if kept)."""
+    refused = _refuse_cross_site(request, bastion)
+    if refused is not None:
+        return refused
+    _sessions(request).delete(request.cookies.get(COOKIE))
     response = RedirectResponse("/audit/login", status_code=303)
     response.delete_cookie(COOKIE, path="/audit")
     return response
@@ -382,12 +454,11 @@ def dashboard(
     decision: Text = None,
 ) -> HTMLResponse:
     """Verification status, privacy-spend chart and the event list (newest first) with a filter form."""
-    token = _credential(request)
-    if not token:
+    if not _signed_in(request):
         return _login_page(request)
     raw = Filters(since, until, actor, dataset, event, decision)
     try:
-        ctx = _web_context(request, bastion, token)
+        ctx = _web_context(request, bastion)
         bastion.audit_access(ctx, "web_dashboard", **raw.as_dict(), page=page)
         filters = raw.checked()
     except GatewayError as exc:
@@ -429,7 +500,7 @@ def dashboard(
         report=result,
         verdict=verdict(result),
         filters=query,
-        decisions=["allowed", "denied", "error"],
+        decisions=list(DECISIONS),
         choices=choices,
         events=events,
         total=total,
@@ -457,7 +528,7 @@ def web_export(
 ) -> Response:
     try:
         filters = Filters(since, until, actor, dataset, event, decision)
-        ctx = _web_context(request, bastion, _credential(request))
+        ctx = _web_context(request, bastion)
         bastion.audit_access(ctx, "web_export", **filters.as_dict(), format=format)
         return _export(bastion, filters, format)
     except GatewayError as exc:
@@ -468,7 +539,7 @@ def web_export(
 def web_event(seq: int, request: Request, bastion: Annotated[Bastion, Depends(get_bastion)]) -> HTMLResponse:
     """One record with its inclusion proof against the latest checkpoint."""
     try:
-        ctx = _web_context(request, bastion, _credential(request))
+        ctx = _web_context(request, bastion)
         bastion.audit_access(ctx, "web_event", seq=seq)
         log = bastion.audit_log
         try:
@@ -479,9 +550,10 @@ def web_event(seq: int, request: Request, bastion: Annotated[Bastion, Depends(ge
             raise AuditLogUnreadable(str(exc)) from None
     except GatewayError as exc:
         return _error_page(request, exc)
-    return _page(
-        request, "event.html", principal=ctx.principal.name, proof=proof, record=report.to_jsonl([proof.record]).strip()
-    )
+    # Pretty-printed for reading; the stored line (what is hashed) is shown as well, folded.
+    pretty = json.dumps(proof.record, indent=2, sort_keys=True, ensure_ascii=False)
+    stored = report.to_jsonl([proof.record]).strip()
+    return _page(request, "event.html", principal=ctx.principal.name, proof=proof, record=pretty, stored=stored)
 
 
 # --- the privacy-spend chart ------------------------------------------------------------------------------------

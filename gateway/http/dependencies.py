@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 from gateway.service import Bastion, Context
-from policies.errors import Unauthorized
+from gateway.stores.tokens import Principal
+from policies.errors import GatewayError, Unauthorized
 
 
 class ErrorBody(BaseModel):
@@ -77,14 +80,23 @@ def source_of(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-def context_for(request: Request, bastion: Bastion, token: str | None) -> Context:
-    """Authenticate a token for this request. A source with too many refusals in its window gets 429 before its
-    token is looked at; a refusal is audited (counted, after the first of a window) before the 401 or 429."""
+def refuse_authentication(request: Request, bastion: Bastion, error: GatewayError, **request_fields: Any) -> None:
+    """Record a refusal made before the caller was authenticated (counted per source and window after the first:
+    see `gateway.refusals`), before the caller answers with `error`."""
+    bastion.refuse_unauthenticated(
+        error, source_of(request), request.url.path, request_id(request), correlation_id(request), **request_fields
+    )
+
+
+def authenticated(request: Request, bastion: Bastion, check: Callable[[], Principal]) -> Context:
+    """The context of the principal `check` returns (a token or a session lookup). A source with too many
+    refusals in its window gets 429 before `check` runs; a refusal is audited (counted, after the first of a
+    window) before the 401 or 429."""
     source, path = source_of(request), request.url.path
     rid, cid = request_id(request), correlation_id(request)
     bastion.check_source(source, path, rid, cid)
     try:
-        principal = bastion.authenticate(token)
+        principal = check()
     except Unauthorized as exc:
         bastion.refuse_unauthenticated(exc, source, path, rid, cid)
         raise
@@ -93,10 +105,22 @@ def context_for(request: Request, bastion: Bastion, token: str | None) -> Contex
     return ctx
 
 
-def get_context(request: Request, bastion: Annotated[Bastion, Depends(get_bastion)]) -> Context:
-    header = request.headers.get("authorization", "")
-    token = header[7:].strip() if header.lower().startswith("bearer ") else None
-    return context_for(request, bastion, token)
+def context_for(request: Request, bastion: Bastion, token: str | None) -> Context:
+    """Authenticate a token for this request (see `authenticated`)."""
+    return authenticated(request, bastion, lambda: bastion.authenticate(token))
+
+
+# Declares the bearer scheme in OpenAPI (the Authorize button of /docs); a missing token is refused by
+# `context_for`, audited, not by FastAPI.
+bearer = HTTPBearer(auto_error=False, description="an API token from `bastion token create`")
+
+
+def get_context(
+    request: Request,
+    bastion: Annotated[Bastion, Depends(get_bastion)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Context:
+    return context_for(request, bastion, credentials.credentials.strip() if credentials else None)
 
 
 Ctx = Annotated[Context, Depends(get_context)]
