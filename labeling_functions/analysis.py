@@ -10,6 +10,8 @@ empty table.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,20 +19,20 @@ from typing import Any
 
 import numpy as np
 
+from labeling_functions.combos import LFInput, lf_input
 from labeling_functions.label_model import write_labels
 from labeling_functions.matrix import (
     LFExecutionError,
     VoteQuery,
     check_binds,
     label_matrix,
-    lf_inputs,
     patterns_of,
     vote_patterns,
 )
 from labeling_functions.patterns import PatternDomain
 from labeling_functions.registry import REGISTRY, PythonLF, Registry
-from labeling_functions.sandbox import LFRef, SandboxError, SandboxLimits, apply_python_lfs
-from labeling_functions.specs import ABSTAIN, MAX_LFS, CompiledLF, check_name, classes_of, compile_lfs
+from labeling_functions.sandbox import Progress, SandboxError, SandboxLimits, apply_python_lfs
+from labeling_functions.specs import MAX_LFS, CompiledLF, check_name, classes_of, compile_lfs
 from labeling_functions.statistics import (
     ExactStatistics,
     LFInfo,
@@ -43,6 +45,8 @@ from policies.accountant import PrivacyLoss, check_alpha, check_epsilon
 from policies.errors import GatewayError, InvalidRequest
 from policies.reader import EngineError, Reader
 from policies.schema import Policy
+
+log = logging.getLogger("bastion.lf")
 
 NOTES = [
     "Coverage, overlaps and conflicts are fractions of the rows of the pre-bounded table (at most "
@@ -89,7 +93,10 @@ class LFStatsPlan:
         """What determines the answer: part of the cache key (LF names included: they label the output)."""
         return {
             "sql": [[lf.name, lf.label_index, lf.sql] for lf in self.declarative],
-            "python": [[lf.name, lf.module, lf.attribute, lf.code_sha256, list(lf.labels)] for lf in self.python],
+            "python": [
+                [lf.name, lf.module, lf.attribute, lf.code_sha256, list(lf.labels), list(lf.columns)]
+                for lf in self.python
+            ],
             "epsilon": self.epsilon,
             "alpha": self.alpha,
             "label_model": self.label_model,
@@ -115,7 +122,13 @@ class LFStatsPlan:
             "delta": 0.0,
             "definitions": [lf.public() for lf in self.declarative]
             + [
-                {"name": lf.name, "kind": "python", "labels": list(lf.labels), "code_sha256": lf.code_sha256}
+                {
+                    "name": lf.name,
+                    "kind": "python",
+                    "labels": list(lf.labels),
+                    "columns": list(lf.columns),
+                    "code_sha256": lf.code_sha256,
+                }
                 for lf in self.python
             ],
             "notes": notes,
@@ -241,31 +254,36 @@ class PrivateRun:
     row_patterns: np.ndarray | None = None
 
 
-def _python_votes(plan: LFStatsPlan, frame: Any, limits: SandboxLimits) -> np.ndarray:
-    refs = [LFRef(lf.name, lf.module, lf.attribute) for lf in plan.python]
-    votes = apply_python_lfs(refs, frame, limits)
-    for j, lf in enumerate(plan.python):  # votes outside the declared polarity count as abstentions
-        votes[:, j] = np.where(np.isin(votes[:, j], lf.label_indices), votes[:, j], ABSTAIN)
-    return votes
+def _logged(fraction: float) -> None:
+    log.info("python labeling functions: %.0f%% done", 100 * fraction)
 
 
-def run_lfs(plan: LFStatsPlan, reader: Reader, *, limits: SandboxLimits | None = None) -> PrivateRun:
+def run_lfs(
+    plan: LFStatsPlan, reader: Reader, *, limits: SandboxLimits | None = None, progress: Progress | None = None
+) -> PrivateRun:
     """Apply the LFs to the pre-bounded rows and compute the exact statistics (and each row's vote pattern).
 
-    Declarative LFs only, no label model: the engine aggregates the vote patterns and no row leaves it. Otherwise
-    one statement reads every row's id, declarative votes and gold index (and the labeling columns when there are
-    Python LFs, whose votes the sandbox adds); the patterns are counted here."""
-    query = VoteQuery(plan.policy, plan.declarative)
-    if not plan.python and not plan.label_model:
-        votes, gold, counts = vote_patterns(reader, query)
-        return PrivateRun(_statistics(plan, votes, gold, counts))
-    inputs = lf_inputs(plan.policy) if plan.python else []
-    row_ids, matrix, gold, frame = label_matrix(reader, query, inputs)
-    if plan.python:
-        matrix = np.hstack([matrix, _python_votes(plan, frame, limits or SandboxLimits())])
+    Declarative LFs are vote columns of one statement. Each Python LF is applied in the sandbox to the distinct
+    combinations of its declared columns (or to every row, past the cap: `labeling_functions.combos`), and its
+    votes are joined back in the same statement by key. Without the label model the engine aggregates the vote
+    patterns and no row leaves it; with it, every row's id and votes are read and the patterns counted here."""
+    limits = limits or SandboxLimits()
+    inputs = [lf_input(reader, plan.policy, lf, limits.combinations) for lf in plan.python]
+    applied = apply_python_lfs(
+        [i.ref for i in inputs], [i.table for i in inputs], limits, progress if progress is not None else _logged
+    )
+    with contextlib.ExitStack() as stack:
+        frames = [
+            stack.enter_context(reader.frame(LFInput.frame_name(), i.votes(v))).name
+            for i, v in zip(inputs, applied, strict=True)
+        ]
+        query = VoteQuery(plan.policy, plan.declarative, tuple(i.key for i in inputs), tuple(frames))
+        if not plan.label_model:
+            votes, gold, counts = vote_patterns(reader, query)
+            return PrivateRun(_statistics(plan, votes, gold, counts))
+        row_ids, matrix, gold, _ = label_matrix(reader, query)
     run = PrivateRun(_statistics(plan, *patterns_of(matrix, gold)))
-    if plan.label_model:
-        run.row_ids, run.row_patterns = row_ids, plan.domain.pattern_index(matrix)
+    run.row_ids, run.row_patterns = row_ids, plan.domain.pattern_index(matrix)
     return run
 
 
