@@ -11,7 +11,6 @@ empty table.
 from __future__ import annotations
 
 import contextlib
-import logging
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +44,6 @@ from policies.accountant import PrivacyLoss, check_alpha, check_epsilon
 from policies.errors import GatewayError, InvalidRequest
 from policies.reader import EngineError, Reader
 from policies.schema import Policy
-
-log = logging.getLogger("bastion.lf")
 
 NOTES = [
     "Coverage, overlaps and conflicts are fractions of the rows of the pre-bounded table (at most "
@@ -254,10 +251,6 @@ class PrivateRun:
     row_patterns: np.ndarray | None = None
 
 
-def _logged(fraction: float) -> None:
-    log.info("python labeling functions: %.0f%% done", 100 * fraction)
-
-
 def run_lfs(
     plan: LFStatsPlan, reader: Reader, *, limits: SandboxLimits | None = None, progress: Progress | None = None
 ) -> PrivateRun:
@@ -269,9 +262,7 @@ def run_lfs(
     patterns and no row leaves it; with it, every row's id and votes are read and the patterns counted here."""
     limits = limits or SandboxLimits()
     inputs = [lf_input(reader, plan.policy, lf, limits.combinations) for lf in plan.python]
-    applied = apply_python_lfs(
-        [i.ref for i in inputs], [i.table for i in inputs], limits, progress if progress is not None else _logged
-    )
+    applied = apply_python_lfs([i.ref for i in inputs], [i.table for i in inputs], limits, progress)
     with contextlib.ExitStack() as stack:
         frames = [
             stack.enter_context(reader.frame(LFInput.frame_name(), i.votes(v))).name
@@ -314,14 +305,16 @@ def compute_lf_stats(
     *,
     limits: SandboxLimits | None = None,
     outputs_dir: Path | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """The JSON-ready DP answer: run privately, release every measurement once, post-process.
+    """The JSON-ready DP answer: run privately, release every measurement once, post-process. `progress` gets the
+    fraction of the Python LFs' inputs done, as their worker reports it (about once a second).
 
     Any failure (engine, sandbox, a write) raises an LFRunFailed whose type names the kind of failure, with no
     chained exception; the caller then answers `compute_lf_stats_default(plan)`, which has the same shape.
     """
     try:
-        return _release(plan, run_lfs(plan, reader, limits=limits), outputs_dir)
+        return _release(plan, run_lfs(plan, reader, limits=limits, progress=progress), outputs_dir)
     except Exception as exc:  # noqa: BLE001 - every failure after the charge takes the same path
         failure = failure_of(exc)
     raise failure()  # outside the handler: nothing of the original error travels with it
