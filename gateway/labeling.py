@@ -17,7 +17,7 @@ from gateway.sql.release import refuse_backtracking
 from gateway.stores.cache import cache_key
 from labeling_functions.analysis import compute_lf_stats, compute_lf_stats_default, plan_lf_stats, precheck
 from labeling_functions.registry import REGISTRY, Registry
-from labeling_functions.sandbox import SandboxLimits
+from labeling_functions.sandbox import Progress, SandboxLimits
 from policies.errors import GatewayError
 from policies.schema import Grant
 
@@ -31,8 +31,11 @@ def lf_stats(
     *,
     limits: SandboxLimits | None = None,
     registry: Registry = REGISTRY,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Authorise, validate and price, then charge → audit → run → release through `Bastion.run_private`."""
+    """Authorise, validate and price, then charge → audit → run → release through `Bastion.run_private`.
+    `progress` gets the fraction of the Python LFs' work done while they run (for the host's log: the caller
+    sees nothing of it)."""
     alpha = request.get("alpha", bastion.settings.default_alpha)
     request = dict(request)
     for name in ("epsilon", "alpha"):  # the audit record is strict JSON: keep a NaN or an infinity as text
@@ -65,7 +68,7 @@ def lf_stats(
     outputs = bastion.settings.outputs_dir
 
     def compute() -> dict[str, Any]:
-        return compute_lf_stats(plan, bastion.engine, limits=limits, outputs_dir=outputs)
+        return compute_lf_stats(plan, bastion.engine, limits=limits, outputs_dir=outputs, progress=progress)
 
     def fallback() -> dict[str, Any]:
         return compute_lf_stats_default(plan, outputs_dir=outputs)

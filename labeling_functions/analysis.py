@@ -10,6 +10,7 @@ empty table.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,20 +18,20 @@ from typing import Any
 
 import numpy as np
 
+from labeling_functions.combos import LFInput, lf_input
 from labeling_functions.label_model import write_labels
 from labeling_functions.matrix import (
     LFExecutionError,
     VoteQuery,
     check_binds,
     label_matrix,
-    lf_inputs,
     patterns_of,
     vote_patterns,
 )
 from labeling_functions.patterns import PatternDomain
 from labeling_functions.registry import REGISTRY, PythonLF, Registry
-from labeling_functions.sandbox import LFRef, SandboxError, SandboxLimits, apply_python_lfs
-from labeling_functions.specs import ABSTAIN, MAX_LFS, CompiledLF, check_name, classes_of, compile_lfs
+from labeling_functions.sandbox import Progress, SandboxError, SandboxLimits, apply_python_lfs
+from labeling_functions.specs import MAX_LFS, CompiledLF, check_name, classes_of, compile_lfs
 from labeling_functions.statistics import (
     ExactStatistics,
     LFInfo,
@@ -89,7 +90,10 @@ class LFStatsPlan:
         """What determines the answer: part of the cache key (LF names included: they label the output)."""
         return {
             "sql": [[lf.name, lf.label_index, lf.sql] for lf in self.declarative],
-            "python": [[lf.name, lf.module, lf.attribute, lf.code_sha256, list(lf.labels)] for lf in self.python],
+            "python": [
+                [lf.name, lf.module, lf.attribute, lf.code_sha256, list(lf.labels), list(lf.columns)]
+                for lf in self.python
+            ],
             "epsilon": self.epsilon,
             "alpha": self.alpha,
             "label_model": self.label_model,
@@ -115,7 +119,13 @@ class LFStatsPlan:
             "delta": 0.0,
             "definitions": [lf.public() for lf in self.declarative]
             + [
-                {"name": lf.name, "kind": "python", "labels": list(lf.labels), "code_sha256": lf.code_sha256}
+                {
+                    "name": lf.name,
+                    "kind": "python",
+                    "labels": list(lf.labels),
+                    "columns": list(lf.columns),
+                    "code_sha256": lf.code_sha256,
+                }
                 for lf in self.python
             ],
             "notes": notes,
@@ -241,31 +251,30 @@ class PrivateRun:
     row_patterns: np.ndarray | None = None
 
 
-def _python_votes(plan: LFStatsPlan, frame: Any, limits: SandboxLimits) -> np.ndarray:
-    refs = [LFRef(lf.name, lf.module, lf.attribute) for lf in plan.python]
-    votes = apply_python_lfs(refs, frame, limits)
-    for j, lf in enumerate(plan.python):  # votes outside the declared polarity count as abstentions
-        votes[:, j] = np.where(np.isin(votes[:, j], lf.label_indices), votes[:, j], ABSTAIN)
-    return votes
-
-
-def run_lfs(plan: LFStatsPlan, reader: Reader, *, limits: SandboxLimits | None = None) -> PrivateRun:
+def run_lfs(
+    plan: LFStatsPlan, reader: Reader, *, limits: SandboxLimits | None = None, progress: Progress | None = None
+) -> PrivateRun:
     """Apply the LFs to the pre-bounded rows and compute the exact statistics (and each row's vote pattern).
 
-    Declarative LFs only, no label model: the engine aggregates the vote patterns and no row leaves it. Otherwise
-    one statement reads every row's id, declarative votes and gold index (and the labeling columns when there are
-    Python LFs, whose votes the sandbox adds); the patterns are counted here."""
-    query = VoteQuery(plan.policy, plan.declarative)
-    if not plan.python and not plan.label_model:
-        votes, gold, counts = vote_patterns(reader, query)
-        return PrivateRun(_statistics(plan, votes, gold, counts))
-    inputs = lf_inputs(plan.policy) if plan.python else []
-    row_ids, matrix, gold, frame = label_matrix(reader, query, inputs)
-    if plan.python:
-        matrix = np.hstack([matrix, _python_votes(plan, frame, limits or SandboxLimits())])
+    Declarative LFs are vote columns of one statement. Each Python LF is applied in the sandbox to the distinct
+    combinations of its declared columns (or to every row, past the cap: `labeling_functions.combos`), and its
+    votes are joined back in the same statement by key. Without the label model the engine aggregates the vote
+    patterns and no row leaves it; with it, every row's id and votes are read and the patterns counted here."""
+    limits = limits or SandboxLimits()
+    inputs = [lf_input(reader, plan.policy, lf, limits.combinations) for lf in plan.python]
+    applied = apply_python_lfs([i.ref for i in inputs], [i.table for i in inputs], limits, progress)
+    with contextlib.ExitStack() as stack:
+        frames = [
+            stack.enter_context(reader.frame(LFInput.frame_name(), i.votes(v))).name
+            for i, v in zip(inputs, applied, strict=True)
+        ]
+        query = VoteQuery(plan.policy, plan.declarative, tuple(i.key for i in inputs), tuple(frames))
+        if not plan.label_model:
+            votes, gold, counts = vote_patterns(reader, query)
+            return PrivateRun(_statistics(plan, votes, gold, counts))
+        row_ids, matrix, gold, _ = label_matrix(reader, query)
     run = PrivateRun(_statistics(plan, *patterns_of(matrix, gold)))
-    if plan.label_model:
-        run.row_ids, run.row_patterns = row_ids, plan.domain.pattern_index(matrix)
+    run.row_ids, run.row_patterns = row_ids, plan.domain.pattern_index(matrix)
     return run
 
 
@@ -296,14 +305,16 @@ def compute_lf_stats(
     *,
     limits: SandboxLimits | None = None,
     outputs_dir: Path | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """The JSON-ready DP answer: run privately, release every measurement once, post-process.
+    """The JSON-ready DP answer: run privately, release every measurement once, post-process. `progress` gets the
+    fraction of the Python LFs' inputs done, as their worker reports it (about once a second).
 
     Any failure (engine, sandbox, a write) raises an LFRunFailed whose type names the kind of failure, with no
     chained exception; the caller then answers `compute_lf_stats_default(plan)`, which has the same shape.
     """
     try:
-        return _release(plan, run_lfs(plan, reader, limits=limits), outputs_dir)
+        return _release(plan, run_lfs(plan, reader, limits=limits, progress=progress), outputs_dir)
     except Exception as exc:  # noqa: BLE001 - every failure after the charge takes the same path
         failure = failure_of(exc)
     raise failure()  # outside the handler: nothing of the original error travels with it

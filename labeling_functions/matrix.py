@@ -1,8 +1,9 @@
 """The label matrix as compiled statements: every declarative LF becomes one vote column of one SELECT over the
 pre-bounded table, built as a sqlglot tree that the engine generates in its own dialect. The statistics need only
-the vote patterns with their counts, which the engine aggregates itself (GROUP BY over the votes), so without
-Python LFs rows never leave it. Python LFs need the rows' labeling columns in the gateway's process (their sandbox);
-those are read in the same statement as the declarative votes, so both stay aligned row by row.
+the vote patterns with their counts, which the engine aggregates itself (GROUP BY over the votes). Python LFs'
+votes come back to the engine as non-private frames of (key, vote) (`labeling_functions.combos`), joined on each
+row's key in the same statement, so their votes stay aligned with the declarative ones row by row and the rows
+never leave the engine; only the label model needs every row's id and votes in the gateway's process.
 """
 
 from __future__ import annotations
@@ -57,38 +58,75 @@ def gold_expr(policy: Policy) -> exp.Expr:
     )
 
 
+def key_alias(j: int) -> str:
+    return f"__k{j}"
+
+
 @dataclass(frozen=True)
 class VoteQuery:
-    """The generated SELECT of the declarative vote columns (__v0, __v1, ...) and the gold index (__g) per bounded
-    row; with `inputs`, also each row's id and the columns Python LFs read."""
+    """The generated SELECT of the vote columns (__v0, __v1, ...) and the gold index (__g) per bounded row: first
+    the declarative LFs' votes, then one per Python LF, looked up by the row's key (`keys[j]`, an expression over
+    the row) in the frame of (key, vote) named `frames[j]` (`labeling_functions.combos`)."""
 
     policy: Policy
     lfs: tuple[CompiledLF, ...]
+    keys: tuple[exp.Expr, ...] = ()
+    frames: tuple[str, ...] = ()
 
     @property
     def width(self) -> int:
-        return len(self.lfs)
+        return len(self.lfs) + len(self.keys)
 
-    def _votes(self) -> list[exp.Expr]:
+    def _rows(self, extra: list[exp.Expr]) -> exp.Select:
+        """Each bounded row's `extra` columns, declarative votes, gold index and Python LFs' vote keys."""
         out: list[exp.Expr] = [exp.alias_(lf.vote, vote_alias(j), quoted=True) for j, lf in enumerate(self.lfs)]
         out.append(exp.alias_(gold_expr(self.policy), GOLD, quoted=True))
-        return out
+        out += [exp.alias_(key, key_alias(j), quoted=True) for j, key in enumerate(self.keys)]
+        return exp.select(*extra, *out).from_(_table(self.policy))
+
+    def _joined(self, extra: list[str]) -> exp.Select:
+        """`_rows` with every Python LF's vote joined on its key: the columns `extra`, __v0.., __g."""
+        from labeling_functions.combos import KEY, VOTE
+
+        if len(self.frames) != len(self.keys):
+            raise ValueError("one frame of votes per Python LF key")
+        base = self._rows([_column(c) for c in extra])
+        if not self.keys:
+            return base
+        row = "r"
+        columns: list[exp.Expr] = [exp.column(c, table=row, quoted=True) for c in extra]
+        columns += [exp.column(vote_alias(j), table=row, quoted=True) for j in range(len(self.lfs))]
+        columns.append(exp.column(GOLD, table=row, quoted=True))
+        select = exp.select().from_(exp.alias_(exp.Subquery(this=base), row))
+        for j, frame in enumerate(self.frames):
+            alias = f"f{j}"
+            select = select.join(
+                exp.alias_(exp.table_(frame, quoted=True), alias),
+                on=exp.EQ(
+                    this=exp.column(key_alias(j), table=row, quoted=True),
+                    expression=exp.column(KEY, table=alias, quoted=True),
+                ),
+                join_type="left",
+            )
+            vote = exp.Coalesce(
+                this=exp.column(VOTE, table=alias, quoted=True), expressions=[exp.Literal.number(ABSTAIN)]
+            )
+            columns.insert(len(extra) + len(self.lfs) + j, exp.alias_(vote, vote_alias(len(self.lfs) + j), quoted=True))
+        return select.select(*columns)
 
     def patterns(self) -> exp.Select:
         """The distinct (votes, gold) patterns with their row counts."""
         keys = [_column(vote_alias(j)) for j in range(self.width)] + [_column(GOLD)]
-        inner = exp.select(*self._votes()).from_(_table(self.policy))
         return (
             exp.select(*keys, exp.alias_(exp.Count(this=exp.Star()), COUNT, quoted=True))
-            .from_(exp.alias_(exp.Subquery(this=inner), "votes"))
+            .from_(exp.alias_(exp.Subquery(this=self._joined([])), "votes"))
             .group_by(*[k.copy() for k in keys])
         )
 
     def matrix(self, inputs: list[str] | None = None) -> exp.Select:
         """Every bounded row: its id, its votes and gold index, and the `inputs` columns (in no particular order
         of rows: the row id says which row is which)."""
-        extra = [_column(c) for c in inputs or []]
-        return exp.select(_column(ROW_ID), *self._votes(), *extra).from_(_table(self.policy))
+        return self._joined([ROW_ID, *(inputs or [])])
 
 
 def check_binds(reader: Reader, policy: Policy, lfs: list[CompiledLF]) -> None:
@@ -150,7 +188,7 @@ def label_matrix(
 
 
 def lf_inputs(policy: Policy) -> list[str]:
-    """The columns Python LFs see: those usable in labeling functions, by name."""
+    """The columns a labeling function may use: those usable in labeling functions, by name."""
     return sorted(policy.usable_columns(labeling=True))
 
 

@@ -1,18 +1,26 @@
 """Python labeling functions: Snorkel `@labeling_function` code kept here as reviewed code, registered by name.
 
 LF authors cannot upload code; they name registered LFs in a request. Each entry declares the dataset it was
-written for, the classes its integer votes index (Snorkel's encoding: abstain = -1) and the labels it may emit
-(its polarity, which is public). Entries run only inside the sandbox worker (`labeling_functions.sandbox`), on
-the pre-bounded rows, with a time limit, a memory limit and no network.
+written for, the classes its integer votes index (Snorkel's encoding: abstain = -1), the labels it may emit
+(its polarity, which is public) and the columns it reads. Entries run only inside the sandbox worker
+(`labeling_functions.sandbox`), on the pre-bounded rows, with a time limit, a memory limit and no network, and see
+only their declared columns: an LF is applied once per distinct combination of them (`labeling_functions.combos`).
+
+The columns an LF reads are checked against its code when it is registered: every use of its row argument must be
+`x.column` or `x["column"]` with a declared column. Code that reads an undeclared column, or uses the row in any
+other way (passes it on, `getattr(x, name)`, `x[variable]`, preprocessors), cannot be verified and is refused
+before anything is charged, with an error that names the LF (`PythonLF.check_policy`).
 
 The worker finds an LF by (module, attribute), so an LF must be a module-level attribute of an importable module.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import inspect
 import re
+import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,6 +48,8 @@ class PythonLF:
     attribute: str
     description: str
     code_sha256: str
+    columns: tuple[str, ...] = ()  # the columns it reads, declared by its reviewer
+    problem: str | None = None  # why its code does not match the declaration (None: it does)
 
     def public(self) -> dict[str, Any]:
         return {
@@ -50,6 +60,7 @@ class PythonLF:
             "labels": list(self.labels),
             "description": self.description,
             "module": self.module,
+            "columns": list(self.columns),
             "code_sha256": self.code_sha256,
         }
 
@@ -65,10 +76,65 @@ class PythonLF:
                 f"python labeling function {self.name!r} votes over classes {list(self.classes)}, "
                 f"but dataset {policy.dataset!r} has {list(classes)}"
             )
+        if self.problem is not None:
+            raise InvalidRequest(
+                f"python labeling function {self.name!r} {self.problem}; it is refused (fix its code or the "
+                "columns declared for it in the registry)",
+                reason="undeclared_column",
+                lf=self.name,
+            )
+        usable = policy.usable_columns(labeling=True)
+        unusable = [c for c in self.columns if c not in usable]
+        if unusable:
+            raise InvalidRequest(
+                f"python labeling function {self.name!r} reads column(s) {unusable} that labeling functions may not "
+                f"use on dataset {policy.dataset!r} (usable: {', '.join(sorted(usable))})",
+                reason="unusable_column",
+                lf=self.name,
+            )
 
     @property
     def label_indices(self) -> tuple[int, ...]:
         return tuple(self.classes.index(label) for label in self.labels)
+
+
+def read_columns(fn: Any) -> tuple[frozenset[str] | None, str | None]:
+    """The columns `fn`'s code reads from its row argument, from its syntax tree: (columns, None), or (None, why
+    they cannot be told) when the row is used in any way but `x.column` or `x["column"]` (the check fails closed)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(fn))
+        tree = ast.parse(source)
+    except (OSError, TypeError, SyntaxError):
+        return None, "has no readable source code"
+    node = next(
+        (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name == fn.__name__),
+        None,
+    )
+    if node is None or not node.args.args:
+        return None, "takes no row argument"
+    row = node.args.args[0].arg
+    parents = {child: parent for parent in ast.walk(node) for child in ast.iter_child_nodes(parent)}
+    columns: set[str] = set()
+    for name in ast.walk(node):
+        if not isinstance(name, ast.Name) or name.id != row:
+            continue
+        parent = parents.get(name)
+        if isinstance(name.ctx, ast.Load) and isinstance(parent, ast.Attribute) and parent.value is name:
+            columns.add(parent.attr)
+        elif (
+            isinstance(name.ctx, ast.Load)
+            and isinstance(parent, ast.Subscript)
+            and parent.value is name
+            and isinstance(parent.slice, ast.Constant)
+            and isinstance(parent.slice.value, str)
+        ):
+            columns.add(parent.slice.value)
+        else:
+            return None, (
+                f"uses its row argument {row!r} other than as {row}.column or {row}['column'] "
+                f"(line {name.lineno} of its source), so the columns it reads cannot be checked"
+            )
+    return frozenset(columns), None
 
 
 class Registry:
@@ -77,7 +143,11 @@ class Registry:
     def __init__(self) -> None:
         self._entries: dict[str, PythonLF] = {}
 
-    def register(self, lf: LabelingFunction, *, dataset: str, classes: list[str], labels: list[str]) -> PythonLF:
+    def register(
+        self, lf: LabelingFunction, *, dataset: str, classes: list[str], labels: list[str], columns: list[str]
+    ) -> PythonLF:
+        """Register a reviewed LF. `columns` are the columns it reads; its code is checked against them here, and
+        an LF whose code does not match is registered with the problem, which every request naming it gets."""
         fn = lf._f
         if lf.name in self._entries:
             raise ValueError(f"a python labeling function named {lf.name!r} is already registered")
@@ -87,6 +157,11 @@ class Registry:
             source = inspect.getsource(fn)
         except (OSError, TypeError):
             source = fn.__qualname__
+        reads, problem = read_columns(fn)
+        if getattr(lf, "_pre", None):
+            problem = "has preprocessors, whose column reads cannot be checked"
+        elif reads is not None and not reads <= set(columns):
+            problem = f"reads column(s) {sorted(reads - set(columns))} that its registry entry does not declare"
         entry = PythonLF(
             name=lf.name,
             dataset=dataset,
@@ -96,6 +171,8 @@ class Registry:
             attribute=fn.__name__,
             description=inspect.cleandoc(fn.__doc__ or "").split("\n\n")[0],
             code_sha256=hashlib.sha256(source.encode()).hexdigest(),
+            columns=tuple(dict.fromkeys(columns)),
+            problem=problem,
         )
         self._entries[lf.name] = entry
         return entry
@@ -105,10 +182,10 @@ class Registry:
 
     @contextmanager
     def registered(
-        self, lf: LabelingFunction, *, dataset: str, classes: list[str], labels: list[str]
+        self, lf: LabelingFunction, *, dataset: str, classes: list[str], labels: list[str], columns: list[str]
     ) -> Iterator[PythonLF]:
         """Register `lf` for the duration of a block (tests and one-off reviews)."""
-        entry = self.register(lf, dataset=dataset, classes=classes, labels=labels)
+        entry = self.register(lf, dataset=dataset, classes=classes, labels=labels, columns=columns)
         try:
             yield entry
         finally:
@@ -129,11 +206,11 @@ class Registry:
 REGISTRY = Registry()
 
 
-def reviewed(*, dataset: str, classes: list[str], labels: list[str]) -> Any:
+def reviewed(*, dataset: str, classes: list[str], labels: list[str], columns: list[str]) -> Any:
     """Decorator for reviewed LFs in this module: `@reviewed(...)` above `@labeling_function()`."""
 
     def wrap(lf: LabelingFunction) -> LabelingFunction:
-        REGISTRY.register(lf, dataset=dataset, classes=classes, labels=labels)
+        REGISTRY.register(lf, dataset=dataset, classes=classes, labels=labels, columns=columns)
         return lf
 
     return wrap
@@ -150,14 +227,14 @@ _ROUTINE_WORDS = re.compile(r"\b(routine|follow-up|refill|vaccination|annual|rev
 _RED_FLAGS = re.compile(r"chest pain|shortness of breath|stroke|unresponsive|bleeding")
 
 
-@reviewed(dataset=VISITS, classes=VISIT_CLASSES, labels=["urgent"])
+@reviewed(dataset=VISITS, classes=VISIT_CLASSES, labels=["urgent"], columns=["diagnosis"])
 @labeling_function()
 def urgent_diagnosis(x: Any) -> int:
     """Urgent when the diagnosis is on the triage guideline's urgent list."""
     return URGENT if x.diagnosis in _URGENT_DX else ABSTAIN
 
 
-@reviewed(dataset=VISITS, classes=VISIT_CLASSES, labels=["urgent"])
+@reviewed(dataset=VISITS, classes=VISIT_CLASSES, labels=["urgent"], columns=["triage_note"])
 @labeling_function()
 def red_flag_words(x: Any) -> int:
     """Urgent when the triage note names a red-flag symptom."""
@@ -165,7 +242,7 @@ def red_flag_words(x: Any) -> int:
     return URGENT if isinstance(note, str) and _RED_FLAGS.search(note.lower()) else ABSTAIN
 
 
-@reviewed(dataset=VISITS, classes=VISIT_CLASSES, labels=["routine"])
+@reviewed(dataset=VISITS, classes=VISIT_CLASSES, labels=["routine"], columns=["triage_note"])
 @labeling_function()
 def routine_words(x: Any) -> int:
     """Routine when the triage note describes a planned visit (check-up, follow-up, refill, vaccination)."""
@@ -173,7 +250,7 @@ def routine_words(x: Any) -> int:
     return ROUTINE if isinstance(note, str) and _ROUTINE_WORDS.search(note.lower()) else ABSTAIN
 
 
-@reviewed(dataset=VISITS, classes=VISIT_CLASSES, labels=["urgent", "routine"])
+@reviewed(dataset=VISITS, classes=VISIT_CLASSES, labels=["urgent", "routine"], columns=["age", "length_of_stay"])
 @labeling_function()
 def stay_and_age(x: Any) -> int:
     """Urgent for a long stay of an older patient, routine for a same-day visit of a younger one."""

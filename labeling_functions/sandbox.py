@@ -1,16 +1,26 @@
-"""Run registered Python LFs with Snorkel's PandasLFApplier in a separate worker process.
+"""Run registered Python LFs in a separate worker process, each on its own input table (the distinct combinations
+of the columns it declares, or every row's values of them; see `labeling_functions.combos`).
 
-The worker is a fresh interpreter (multiprocessing "spawn"). Its standard output and error go to /dev/null (an
+The worker is forked from a worker server (multiprocessing "forkserver"): a fresh interpreter started once, which
+has imported Snorkel, pyarrow and the policy schema (`PRELOAD`, third-party and our own code, never an LF's
+module) and never runs an LF itself, so starting a worker takes milliseconds instead of seconds of imports. The
+gateway starts the server when its app starts (`start_worker_server`). Its standard output and error go to /dev/null (an
 LF's print or a warning could quote a row). Before it touches the rows it leaves the network (a new user and
 network namespace where the kernel allows it, and in any case Python's socket constructors and name resolution
 raise), and once the LFs are imported its address space is capped (RLIMIT_AS). The parent waits at most the time
 limit and then kills it.
 
-An LF that raises on a row, takes longer than ROW_SECONDS on it, or returns anything but an integer vote, abstains
-on that row: a row-dependent exception or slowness then changes only DP counts. Running out of memory, the time
-limit of the whole run, a crash or a failed import fail the whole run with a SandboxError whose message names the
-LF and the kind of failure only: never an exception message, a traceback or a value, which could quote a row (the
-gateway then releases the same statistics of a default input, see labeling_functions.analysis).
+Each input row reaches the LF as a `Row`, Snorkel's `x`, whose attributes (and items) are the LF's declared
+columns only, as Python values (None for NULL). An LF that raises on a row, takes longer than ROW_SECONDS on it,
+or returns anything but an integer vote, abstains on that row: a row-dependent exception or slowness then changes
+only DP counts. Reading an undeclared column, running out of memory, the time limit of the whole run, a crash or
+a failed import fail the whole run with a SandboxError whose message names the LF and the kind of failure only:
+never an exception message, a traceback or a value, which could quote a row (the gateway then releases the same
+statistics of a default input, see labeling_functions.analysis).
+
+While it runs, the worker reports how many of its inputs it has done; the parent passes the fraction to a
+callback (the gateway logs it). The total is the sum of the input tables' lengths, which the caller makes public
+(padded combinations, or the table's rows).
 """
 
 from __future__ import annotations
@@ -21,13 +31,14 @@ import os
 import signal
 import sys
 import threading
-import traceback
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
 
 from policies.errors import GatewayError
 
@@ -46,6 +57,9 @@ class SandboxError(GatewayError):
 class SandboxLimits:
     seconds: float = 300.0
     memory_bytes: int = 4 * 2**30  # address space the LFs may add on top of the loaded worker
+    # An LF is applied to exactly this many inputs when its columns have at most this many distinct combinations
+    # (padded with repeats), and once per row otherwise (labeling_functions.combos).
+    combinations: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -53,6 +67,10 @@ class LFRef:
     name: str
     module: str
     attribute: str
+    columns: tuple[str, ...] = ()  # what its input table holds, and all its rows may show it
+
+
+Progress = Callable[[float], None]  # called with the fraction of the inputs done, in [0, 1]
 
 
 _NO_NETWORK = "network access is disabled inside labeling functions"
@@ -120,15 +138,6 @@ def _cap_memory(extra: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
 
 
-def _culprit(exc: BaseException, functions: dict[Any, str]) -> str | None:
-    """The LF whose code raised, from the traceback's code objects (never from the message)."""
-    found = None
-    for frame, _ in traceback.walk_tb(exc.__traceback__):
-        if frame.f_code in functions:
-            found = functions[frame.f_code]
-    return found
-
-
 def _silence() -> None:
     """Send the worker's standard output and error to /dev/null, at the descriptor level too."""
     null = os.open(os.devnull, os.O_WRONLY)
@@ -141,39 +150,91 @@ def _silence() -> None:
 # The most time one LF may take on one row; past it the LF abstains on that row. It bounds how much one unit's
 # rows can change the running time (and keeps a row that makes an LF hang from failing the whole run).
 ROW_SECONDS = 0.25
+PROGRESS_SECONDS = 1.0  # how often the worker reports progress
 
 
 class _RowTimeout(BaseException):
     """Raised by the per-row alarm; a BaseException so that an LF's own `except Exception` cannot swallow it."""
 
 
+class _Undeclared(BaseException):
+    """An LF read a column it does not declare: the whole run fails (an LF cannot catch it)."""
+
+
 def _on_alarm(signum: int, frame: Any) -> None:
     raise _RowTimeout
 
 
-def abstaining(lf: Any) -> Any:
-    """`lf` as a Snorkel LF that abstains on a row where it raises (MemoryError aside), takes longer than
-    ROW_SECONDS, or returns no integer vote. The alarm needs the worker's main thread (it runs there)."""
-    from snorkel.labeling import LabelingFunction
+class Row:
+    """One input row as an LF sees it: `x.column` and `x["column"]` for its declared columns only."""
 
-    def vote(x: Any) -> int:
+    __slots__ = ("_values",)
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        object.__setattr__(self, "_values", values)
+
+    def __getattr__(self, name: str) -> Any:
         try:
-            signal.setitimer(signal.ITIMER_REAL, ROW_SECONDS)
-            try:
-                value = lf(x)
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-        except MemoryError:
-            raise
-        except _RowTimeout:
-            return ABSTAIN
-        except Exception:  # noqa: BLE001 - a failure on one row is an abstention on that row
-            return ABSTAIN
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or not ABSTAIN <= value < MAX_VOTE:
-            return ABSTAIN
-        return int(value)
+            return self._values[name]
+        except KeyError:
+            raise _Undeclared from None
 
-    return LabelingFunction(name=lf.name, f=vote)
+    def __getitem__(self, name: str) -> Any:
+        return self.__getattr__(name) if isinstance(name, str) else _undeclared()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("rows are read-only")
+
+    def __repr__(self) -> str:
+        return "Row(...)"
+
+
+def _undeclared() -> Any:
+    raise _Undeclared
+
+
+def vote(lf: Any, x: Row) -> int:
+    """`lf`'s vote on `x`: abstain where it raises (MemoryError and undeclared reads aside), takes longer than
+    ROW_SECONDS, or returns no integer vote. The alarm needs the worker's main thread (it runs there)."""
+    try:
+        signal.setitimer(signal.ITIMER_REAL, ROW_SECONDS)
+        try:
+            value = lf(x)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except (MemoryError, _Undeclared):
+        raise
+    except _RowTimeout:
+        return ABSTAIN
+    except Exception:  # noqa: BLE001 - a failure on one row is an abstention on that row
+        return ABSTAIN
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or not ABSTAIN <= value < MAX_VOTE:
+        return ABSTAIN
+    return int(value)
+
+
+def _apply(lfs: list[Any], refs: list[LFRef], tables: list[pa.Table], conn: Connection) -> list[np.ndarray]:
+    """Every LF on every row of its table, reporting progress; the votes per LF. A BaseException that escapes
+    carries the index of the LF that was running as its only argument."""
+    total = max(1, sum(t.num_rows for t in tables))
+    done, last = 0, time.monotonic()
+    out: list[np.ndarray] = []
+    for j, (lf, ref, table) in enumerate(zip(lfs, refs, tables, strict=True)):
+        names = list(ref.columns)
+        columns = [table.column(c).to_pylist() for c in names]
+        votes = np.empty(table.num_rows, dtype=np.int64)
+        try:
+            for i in range(table.num_rows):
+                votes[i] = vote(lf, Row({c: col[i] for c, col in zip(names, columns, strict=True)}))
+                if time.monotonic() - last >= PROGRESS_SECONDS:
+                    last = time.monotonic()
+                    conn.send(("progress", (done + i + 1) / total))
+        except BaseException as exc:
+            exc.args = (j,)  # nothing of the original message is kept
+            raise
+        done += table.num_rows
+        out.append(votes)
+    return out
 
 
 def _worker(conn: Connection, data: Connection, refs: list[LFRef], memory_bytes: int) -> None:
@@ -181,44 +242,69 @@ def _worker(conn: Connection, data: Connection, refs: list[LFRef], memory_bytes:
     _leave_network()
     _block_sockets()  # before importing the LFs' modules, whose top-level code runs here too
     try:
-        from snorkel.labeling import PandasLFApplier
-
-        originals = [getattr(importlib.import_module(r.module), r.attribute) for r in refs]
-        lfs = [abstaining(lf) for lf in originals]
-        frame = data.recv()
+        lfs = [getattr(importlib.import_module(r.module), r.attribute) for r in refs]
+        tables = data.recv()
         data.close()
     except BaseException as exc:  # noqa: BLE001
         conn.send(("error", None, None, "import", type(exc).__name__))
         return
-    functions = {lf._f.__code__: ref.name for lf, ref in zip(originals, refs, strict=True)}
     try:
         _cap_memory(memory_bytes)
         signal.signal(signal.SIGALRM, _on_alarm)
-        matrix = PandasLFApplier(lfs).apply(frame, progress_bar=False)
-        del frame
-        conn.send(("ok", np.asarray(matrix, dtype=np.int64).tobytes(), None, None, None))
-    except MemoryError as exc:
-        culprit = _culprit(exc, functions)
-        del exc
-        conn.send(("error", None, culprit, "memory", "MemoryError"))
+        votes = _apply(lfs, refs, tables, conn)
+        del tables
+        conn.send(("ok", [v.tobytes() for v in votes], None, None, None))
     except BaseException as exc:  # noqa: BLE001
-        culprit = _culprit(exc, functions)
-        kind = "network" if isinstance(exc, PermissionError) and str(exc) == _NO_NETWORK else "exception"
-        conn.send(("error", None, culprit, kind, type(exc).__name__))
+        j = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+        culprit = refs[j].name if j is not None and 0 <= j < len(refs) else None
+        if isinstance(exc, MemoryError):
+            kind = "memory"
+        elif isinstance(exc, _Undeclared):
+            kind = "undeclared"
+        elif isinstance(exc, PermissionError):
+            kind = "network"
+        else:
+            kind = "exception"
+        name = type(exc).__name__
+        del exc
+        conn.send(("error", None, culprit, kind, name))
     finally:
         conn.close()
 
 
-def apply_python_lfs(refs: list[LFRef], frame: pd.DataFrame, limits: SandboxLimits) -> np.ndarray:
-    """The n × len(refs) vote matrix of the LFs on `frame`'s rows (in order), computed in a sandboxed worker."""
+PRELOAD = ["snorkel.labeling", "pyarrow", "policies.schema"]
+
+
+def _context() -> Any:
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def start_worker_server() -> None:
+    """Start the worker server now (it is otherwise started by the first run, which then waits for its imports)."""
+    from multiprocessing import forkserver
+
+    _context()
+    forkserver.ensure_running()
+
+
+def apply_python_lfs(
+    refs: Sequence[LFRef], tables: Sequence[pa.Table], limits: SandboxLimits, progress: Progress | None = None
+) -> list[np.ndarray]:
+    """The votes of each LF on each row of its table (`tables[j]` holds `refs[j].columns`, and may hold others,
+    which the LF does not see), computed in a sandboxed worker; `progress` is called with the fraction done as the
+    worker reports it."""
+    if len(refs) != len(tables):
+        raise ValueError("one input table per labeling function")
     if not refs:
-        return np.zeros((len(frame), 0), dtype=np.int64)
+        return []
     names = ", ".join(repr(r.name) for r in refs)
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     receive, send = ctx.Pipe(duplex=False)
     data_in, data_out = ctx.Pipe(duplex=False)
     proc = ctx.Process(
-        target=_worker, args=(send, data_in, refs, limits.memory_bytes), daemon=True, name="bastion-lf-worker"
+        target=_worker, args=(send, data_in, list(refs), limits.memory_bytes), daemon=True, name="bastion-lf-worker"
     )
     proc.start()
     send.close()
@@ -226,7 +312,7 @@ def apply_python_lfs(refs: list[LFRef], frame: pd.DataFrame, limits: SandboxLimi
 
     def feed() -> None:  # in a thread, so that the deadline below also covers a worker that never reads
         try:
-            data_out.send(frame)
+            data_out.send(tables)
         except (OSError, ValueError):
             pass
         finally:
@@ -234,23 +320,29 @@ def apply_python_lfs(refs: list[LFRef], frame: pd.DataFrame, limits: SandboxLimi
 
     feeder = threading.Thread(target=feed, name="bastion-lf-feed", daemon=True)
     feeder.start()
+    deadline = time.monotonic() + limits.seconds
     try:
-        if not receive.poll(limits.seconds):
-            raise SandboxError(
-                f"python labeling function(s) {names} did not finish within {limits.seconds:g} s; "
-                "the worker was stopped",
-                reason="timeout",
-            )
-        try:
-            status, payload, culprit, kind, detail = receive.recv()
-        except (EOFError, OSError):
-            proc.join(5)
-            raise SandboxError(
-                f"the worker running python labeling function(s) {names} died "
-                f"(exit code {proc.exitcode}); no details are given since they could reveal row "
-                "contents",
-                reason="crashed",
-            ) from None
+        while True:
+            if not receive.poll(max(0.0, deadline - time.monotonic())):
+                raise SandboxError(
+                    f"python labeling function(s) {names} did not finish within {limits.seconds:g} s; "
+                    "the worker was stopped",
+                    reason="timeout",
+                )
+            try:
+                message = receive.recv()
+            except (EOFError, OSError):
+                proc.join(5)
+                raise SandboxError(
+                    f"the worker running python labeling function(s) {names} died "
+                    f"(exit code {proc.exitcode}); no details are given since they could reveal row "
+                    "contents",
+                    reason="crashed",
+                ) from None
+            if message[0] != "progress":
+                break
+            if progress is not None:
+                progress(float(message[1]))
     finally:
         receive.close()
         if proc.is_alive():
@@ -259,20 +351,28 @@ def apply_python_lfs(refs: list[LFRef], frame: pd.DataFrame, limits: SandboxLimi
         feeder.join(10)
         if proc.exitcode is not None:
             proc.close()
+    status, payload, culprit, kind, detail = message
     if status == "ok":
-        return np.frombuffer(payload, dtype=np.int64).reshape(len(frame), len(refs)).copy()
+        return [np.frombuffer(p, dtype=np.int64).copy() for p in payload]
     who = f"python labeling function {culprit!r}" if culprit else f"python labeling function(s) {names}"
     if kind == "memory":
         raise SandboxError(
-            f"{who} exceeded the memory limit of {limits.memory_bytes / 2**20:,.0f} MiB", reason="memory"
+            f"{who} exceeded the memory limit of {limits.memory_bytes / 2**20:,.0f} MiB", reason="memory", lf=culprit
+        )
+    if kind == "undeclared":
+        raise SandboxError(
+            f"{who} read a column its registry entry does not declare", reason="undeclared_column", lf=culprit
         )
     if kind == "network":
         raise SandboxError(
-            f"{who} tried to open a network connection; labeling functions run without network", reason="network"
+            f"{who} tried to open a network connection; labeling functions run without network",
+            reason="network",
+            lf=culprit,
         )
     if kind == "import":
         raise SandboxError(f"python labeling function(s) {names} could not be loaded ({detail})", reason="import")
     raise SandboxError(
         f"{who} raised {detail}; the message and traceback are withheld since they could reveal row contents",
         reason="exception",
+        lf=culprit,
     )

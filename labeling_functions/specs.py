@@ -192,6 +192,23 @@ def _regex_condition(spec: Any) -> str:
     return f"regexp_matches({column}, {_literal(pattern)}{flags})"
 
 
+# The shared validator's hint for the privacy unit is about queries (count distinct units); in an LF it is not.
+_UNIT_HINT = "a labeling function votes on each row from its other columns: the privacy unit is never readable in one"
+
+
+def named(exc: QueryRejected | InvalidRequest, name: str) -> QueryRejected | InvalidRequest:
+    """`exc` with the LF it is about: in its message (first) and as `lf`, with a hint that fits an LF."""
+    exc.details["lf"] = name
+    if exc.details.get("reason") == "privacy_unit_column" and exc.details.get("hint"):
+        exc.message = exc.message.replace(exc.details["hint"], _UNIT_HINT)
+        exc.details["hint"] = _UNIT_HINT
+    prefix = f"labeling function {name!r}: "
+    if not exc.message.startswith(prefix):
+        exc.message = prefix + exc.message
+    exc.args = (exc.message,)
+    return exc
+
+
 def compile_lf(raw: Any, policy: Policy, seen: set[str]) -> CompiledLF:
     """Validate one declarative LF against the policy and compile it."""
     if not isinstance(raw, dict):
@@ -223,8 +240,7 @@ def compile_lf(raw: Any, policy: Policy, seen: set[str]) -> CompiledLF:
             node, policy, condition, labeling=True, condition="a labeling function's condition"
         )
     except (QueryRejected, InvalidRequest) as exc:
-        exc.details["lf"] = name
-        raise
+        raise named(exc, name) from None
     except RecursionError:
         raise QueryRejected(
             f"labeling function {name!r}: the condition is too deeply nested",

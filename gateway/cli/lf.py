@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from gateway.cli.terminal import AsJson, Token, Url, console, fail, gateway_client, print_json, typer_app
+from gateway.cli.terminal import AsJson, Token, Url, console, err, fail, gateway_client, print_json, typer_app
 
 lf_app = typer_app(help="Labeling functions: DP coverage, overlap, conflict and accuracy.")
 
@@ -84,7 +84,8 @@ def stats(
         lfs, python_lfs = read_lf_file(lf_file)
     except ValueError as exc:
         fail(str(exc))
-    with gateway_client(url, token) as c:
+    # A spinner on stderr while the gateway runs the LFs (shown on a terminal only; nothing on a pipe).
+    with gateway_client(url, token) as c, err.status("running the labeling functions on the gateway..."):
         raw = c.lf_stats_raw(
             dataset,
             lfs,

@@ -4,19 +4,26 @@ POST /v1/lf/stats   DP coverage, overlap, conflict and accuracy of a set of LFs 
 GET  /v1/lf/registry the registered (reviewed) Python LFs for the datasets you may label
 
 The sandbox limits for Python LFs default to `SandboxLimits()`; a deployment may set `app.state.lf_limits`.
+The statistics are computed within the request; while Python LFs run for longer than a second, the server logs how
+far they are (a fraction of public work: never a count of rows or combinations).
 After the charge the answer's status and shape are fixed: if running the LFs fails, the same measurements
 released over the default input (an empty table) are the answer.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.http.dependencies import ERRORS, Core, Ctx, Number
 from gateway.labeling import lf_stats, registry_listing
+from labeling_functions.sandbox import start_worker_server
 
 
 class LFSpec(BaseModel):
@@ -58,13 +65,32 @@ class LFStatsRequest(BaseModel):
     dry_run: bool = Field(default=False, description="report cost and half-widths without spending")
 
 
-router = APIRouter(prefix="/v1/lf", tags=["labeling functions"], responses=ERRORS)
+# The server's log (uvicorn's, which `bastion serve` shows at INFO): long Python LF runs report how far they are.
+log = logging.getLogger("uvicorn.error")
+
+
+def _progress(fraction: float) -> None:
+    log.info("labeling functions: python LFs %.0f%% done", 100 * fraction)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    # Start the Python LFs' worker server in the background, so that the first request does not wait for it.
+    threading.Thread(target=start_worker_server, name="bastion-lf-server", daemon=True).start()
+    yield
+
+
+router = APIRouter(prefix="/v1/lf", tags=["labeling functions"], responses=ERRORS, lifespan=lifespan)
 
 
 @router.post("/stats", summary="DP coverage, overlap, conflict and accuracy of labeling functions")
 def post_lf_stats(body: LFStatsRequest, ctx: Ctx, bastion: Core, request: Request) -> dict[str, Any]:
     return lf_stats(
-        bastion, ctx, body.model_dump(exclude_none=True), limits=getattr(request.app.state, "lf_limits", None)
+        bastion,
+        ctx,
+        body.model_dump(exclude_none=True),
+        limits=getattr(request.app.state, "lf_limits", None),
+        progress=_progress,
     )
 
 

@@ -1,5 +1,6 @@
 """Test-only Python LFs that misbehave: the sandbox must contain each of them. Registered by the tests only, for
-the duration of a test, through `labeling_functions.registry.REGISTRY.registered`."""
+the duration of a test, through `labeling_functions.registry.REGISTRY.registered`, with the columns `COLUMNS`
+declares for them."""
 
 from __future__ import annotations
 
@@ -60,3 +61,29 @@ def test_only_sleeps_on_same_day_visits(x: Any) -> int:
 @labeling_function()
 def test_only_returns_junk(x: Any) -> Any:
     return {"age": x.age} if x.age % 3 == 0 else (2**70 if x.age % 3 == 1 else "urgent")
+
+
+@labeling_function()
+def test_only_reads_an_undeclared_column(x: Any) -> int:
+    # Declared: age. Reads income too (the registry check refuses it; the sandbox fails the run if it got there).
+    return URGENT if x.age > 50 and x.income > 1000 else ABSTAIN
+
+
+@labeling_function()
+def test_only_hides_what_it_reads(x: Any) -> int:
+    column = "triage" + "_note"
+    return URGENT if "pain" in str(getattr(x, column)) else ABSTAIN
+
+
+COLUMNS: dict[str, list[str]] = {
+    "test_only_sleeps_forever": [],
+    "test_only_allocates_without_bound": [],
+    "test_only_raises_with_row_contents": ["triage_note", "diagnosis"],
+    "test_only_opens_a_socket": [],
+    "test_only_returns_undeclared_label": [],
+    "test_only_raises_on_same_day_visits": ["length_of_stay", "triage_note", "diagnosis"],
+    "test_only_sleeps_on_same_day_visits": ["length_of_stay"],
+    "test_only_returns_junk": ["age"],
+    "test_only_reads_an_undeclared_column": ["age"],
+    "test_only_hides_what_it_reads": ["triage_note"],
+}

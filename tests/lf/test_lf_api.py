@@ -120,6 +120,10 @@ def test_bad_conditions_are_rejected_like_bad_sql_before_any_charge(workspace: W
             err = r.json()["error"]
             assert err["code"] == "query_rejected" and err["reason"] == reason, err
             assert err["lf"] == "bad", err
+            assert err["message"].startswith("labeling function 'bad': "), err  # the message names the LF too
+            assert "COUNT(DISTINCT" not in err["message"] and "COUNT(DISTINCT" not in (err.get("hint") or ""), err
+            if reason == "privacy_unit_column":
+                assert "labeling function" in err["hint"], err
             if highlight is not None:
                 # The span is the shared validator's (as for WHERE); it may stop before a closing parenthesis.
                 assert err["highlight"].lower().startswith(highlight.lower()), err

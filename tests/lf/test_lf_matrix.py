@@ -3,6 +3,7 @@ statistics computed from the engine's vote patterns are exactly Snorkel's LFAnal
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -13,13 +14,15 @@ from snorkel.labeling import LFAnalysis, PandasLFApplier, labeling_function
 
 from gateway.service import Bastion
 from labeling_functions.analysis import plan_lf_stats, run_lfs
+from labeling_functions.combos import lf_input
 from labeling_functions.matrix import VoteQuery, label_matrix, lf_inputs, vote_patterns
 from labeling_functions.registry import REGISTRY
-from labeling_functions.sandbox import LFRef, SandboxLimits, apply_python_lfs
+from labeling_functions.sandbox import SandboxLimits
 from labeling_functions.specs import compile_lfs
 from labeling_functions.statistics import ExactStatistics
 from policies.schema import Policy
 from tests.conftest import Workspace
+from tests.lf import hostile_lfs
 
 URGENT, ROUTINE, ABSTAIN = 0, 1, -1
 
@@ -159,7 +162,13 @@ def test_sql_label_matrix_equals_pandas_lf_applier(private: tuple[Bastion, Polic
     _assert_exact_matches_snorkel(ExactStatistics.from_patterns(votes, counts, pattern_gold, 2), expected, gold)
 
 
-def test_python_lfs_in_the_sandbox_join_the_sql_votes_row_by_row(private: tuple[Bastion, Policy]) -> None:
+def _same(a: ExactStatistics, b: ExactStatistics) -> None:
+    for name, value in vars(a).items():
+        other = getattr(b, name)
+        assert np.array_equal(value, other) if isinstance(value, np.ndarray) else value == other, name
+
+
+def test_python_lfs_once_per_combination_vote_as_snorkel_does_per_row(private: tuple[Bastion, Policy]) -> None:
     bastion, policy = private
     cur = bastion.engine
     names = ["urgent_diagnosis", "red_flag_words", "routine_words", "stay_and_age"]
@@ -168,11 +177,66 @@ def test_python_lfs_in_the_sandbox_join_the_sql_votes_row_by_row(private: tuple[
     in_process = PandasLFApplier(
         [getattr(__import__(e.module, fromlist=[e.attribute]), e.attribute) for e in lfs]
     ).apply(frame, progress_bar=False)
-    head = frame.iloc[:5_000]
-    sandboxed = apply_python_lfs([LFRef(e.name, e.module, e.attribute) for e in lfs], head, SandboxLimits(seconds=120))
-    assert np.array_equal(sandboxed, in_process[:5_000])
 
     plan = plan_lf_stats(policy, lfs=SQL_LFS[:3], python_lfs=names, epsilon=1.0, alpha=0.05)
-    run = run_lfs(plan, cur, limits=SandboxLimits(seconds=120))
+    limits = SandboxLimits(seconds=120)
+    # Every LF's columns have fewer distinct combinations than the cap, the notes included: applied per combination.
+    assert not any(lf_input(cur, policy, lf, limits.combinations).per_row for lf in lfs)
+    done: list[float] = []
+    run = run_lfs(plan, cur, limits=limits, progress=done.append)
     _, sql_matrix, gold, _ = label_matrix(cur, VoteQuery(policy, plan.declarative))
     _assert_exact_matches_snorkel(run.exact, np.hstack([sql_matrix, in_process]), gold)
+    assert all(0 <= f <= 1 for f in done)
+
+    # Past the cap (here 1), once per row: the same statistics.
+    per_row = SandboxLimits(seconds=120, combinations=1)
+    assert all(lf_input(cur, policy, lf, per_row.combinations).per_row for lf in lfs)
+    _same(run_lfs(plan, cur, limits=per_row).exact, run.exact)
+
+    # With the label model every row's pattern is the same, row by row, either way.
+    lm = plan_lf_stats(policy, lfs=SQL_LFS[:1], python_lfs=names, epsilon=1.0, alpha=0.05, label_model=True)
+    a, b = run_lfs(lm, cur, limits=limits), run_lfs(lm, cur, limits=per_row)
+    assert a.row_ids is not None and b.row_ids is not None
+    assert a.row_patterns is not None and b.row_patterns is not None
+    assert np.array_equal(a.row_ids, b.row_ids) and np.array_equal(a.row_patterns, b.row_patterns)
+    _same(a.exact, b.exact)
+
+
+HOSTILE = [
+    hostile_lfs.test_only_raises_on_same_day_visits,
+    hostile_lfs.test_only_returns_junk,
+    hostile_lfs.test_only_raises_with_row_contents,
+    hostile_lfs.test_only_returns_undeclared_label,
+]
+
+
+def test_hostile_python_lfs_vote_the_same_per_combination_and_per_row(private: tuple[Bastion, Policy]) -> None:
+    bastion, policy = private
+    with contextlib.ExitStack() as stack:
+        for lf in HOSTILE:
+            stack.enter_context(
+                REGISTRY.registered(
+                    lf,
+                    dataset="visits",
+                    classes=["urgent", "routine"],
+                    labels=["urgent"],
+                    columns=hostile_lfs.COLUMNS[lf.name],
+                )
+            )
+        plan = plan_lf_stats(policy, lfs=SQL_LFS[:1], python_lfs=[lf.name for lf in HOSTILE], epsilon=1.0, alpha=0.05)
+        combined = run_lfs(plan, bastion.engine, limits=SandboxLimits(seconds=120))
+        per_row = run_lfs(plan, bastion.engine, limits=SandboxLimits(seconds=120, combinations=1))
+    _same(combined.exact, per_row.exact)
+    assert combined.exact.coverage[1] > 0  # the LF that raises on some rows votes on the others
+    assert combined.exact.coverage[2:].tolist() == [0, 0, 0]  # junk, always raising, undeclared label: abstain
+
+
+def test_the_combinations_are_padded_to_a_public_size(private: tuple[Bastion, Policy]) -> None:
+    bastion, policy = private
+    cap = SandboxLimits().combinations
+    for name in ("urgent_diagnosis", "stay_and_age"):
+        got = lf_input(bastion.engine, policy, REGISTRY.get(name), cap)
+        assert got.table.num_rows == cap and 0 < got.size < cap and not got.per_row
+        keys = got.table.column("__k").to_pylist()[: got.size]
+        assert keys == list(range(1, got.size + 1))  # one input per key
+        assert all(got.table.column(c).null_count == cap - got.size for c in got.table.column_names)  # then NULLs

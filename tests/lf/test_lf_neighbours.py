@@ -92,7 +92,9 @@ def neighbours(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, Wor
 @pytest.fixture
 def registered() -> Iterator[None]:
     for lf in PY_LFS:
-        REGISTRY.register(lf, dataset="visits", classes=["urgent", "routine"], labels=["urgent"])
+        REGISTRY.register(
+            lf, dataset="visits", classes=["urgent", "routine"], labels=["urgent"], columns=hostile_lfs.COLUMNS[lf.name]
+        )
     try:
         yield
     finally:

@@ -9,13 +9,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
 import pytest
 
 from audit.log import AuditLog
 from labeling_functions.analysis import plan_lf_stats, run_lfs
 from labeling_functions.registry import REGISTRY
-from labeling_functions.sandbox import LFRef, SandboxLimits, apply_python_lfs
+from labeling_functions.sandbox import LFRef, SandboxError, SandboxLimits, apply_python_lfs
 from tests.conftest import Workspace
 from tests.lf import hostile_lfs
 
@@ -31,23 +31,25 @@ LIMITS = SandboxLimits(seconds=6, memory_bytes=256 * 2**20)
 
 
 def shape(x: Any) -> Any:
-    """Keys and list lengths of an answer, not its values."""
+    """Keys and list lengths of an answer, not its values (nor the LFs' public definitions, which differ)."""
     if isinstance(x, dict):
-        return {k: shape(v) for k, v in sorted(x.items())}
+        return {k: shape(v) for k, v in sorted(x.items()) if k != "definitions"}
     if isinstance(x, list):
         return [shape(v) for v in x]
     return "scalar"
 
 
 def _ref(lf: Any) -> LFRef:
-    return LFRef(lf.name, lf._f.__module__, lf._f.__name__)
+    return LFRef(lf.name, lf._f.__module__, lf._f.__name__, tuple(hostile_lfs.COLUMNS[lf.name]))
 
 
 @pytest.fixture
 def hostile_registered() -> Iterator[None]:
     lfs = [lf for lf, _ in HOSTILE] + [hostile_lfs.test_only_returns_undeclared_label]
     for lf in lfs:
-        REGISTRY.register(lf, dataset="visits", classes=CLASSES, labels=["urgent"])
+        REGISTRY.register(
+            lf, dataset="visits", classes=CLASSES, labels=["urgent"], columns=hostile_lfs.COLUMNS[lf.name]
+        )
     try:
         yield
     finally:
@@ -115,7 +117,7 @@ def test_misbehaving_python_lfs_are_contained_and_the_gateway_keeps_serving(
 
 
 def test_an_lf_that_fails_on_some_rows_abstains_on_those_rows_only() -> None:
-    frame = pd.DataFrame(
+    frame = pa.table(
         {
             "length_of_stay": [0, 1, 5, 0, 20],
             "age": [3, 4, 5, 6, 7],
@@ -124,15 +126,52 @@ def test_an_lf_that_fails_on_some_rows_abstains_on_those_rows_only() -> None:
         }
     )
     refs = [_ref(hostile_lfs.test_only_raises_on_same_day_visits), _ref(hostile_lfs.test_only_returns_junk)]
-    votes = apply_python_lfs(refs, frame, SandboxLimits(seconds=60))
-    assert votes[:, 0].tolist() == [-1, 0, 0, -1, -1]  # 100 // 1 and 100 // 5 > 10; 100 // 20 is not
-    assert votes[:, 1].tolist() == [-1] * 5  # a dict, an int beyond int64, a string: no vote
+    votes = apply_python_lfs(refs, [frame, frame], SandboxLimits(seconds=60))
+    assert votes[0].tolist() == [-1, 0, 0, -1, -1]  # 100 // 1 and 100 // 5 > 10; 100 // 20 is not
+    assert votes[1].tolist() == [-1] * 5  # a dict, an int beyond int64, a string: no vote
     # Hanging on some rows: the per-row time limit makes the LF abstain there, the run goes on.
-    hung = apply_python_lfs([_ref(hostile_lfs.test_only_sleeps_on_same_day_visits)], frame, SandboxLimits(seconds=30))
-    assert hung[:, 0].tolist() == [-1, -1, -1, -1, 0]
+    hung = apply_python_lfs([_ref(hostile_lfs.test_only_sleeps_on_same_day_visits)], [frame], SandboxLimits(seconds=30))
+    assert hung[0].tolist() == [-1, -1, -1, -1, 0]
     assert np.array_equal(
         apply_python_lfs(
-            [_ref(hostile_lfs.test_only_sleeps_on_same_day_visits)], frame.iloc[[1, 4]], SandboxLimits(seconds=60)
-        )[:, 0],
+            [_ref(hostile_lfs.test_only_sleeps_on_same_day_visits)], [frame.take([1, 4])], SandboxLimits(seconds=60)
+        )[0],
         [-1, 0],
     )
+
+
+def test_an_lf_that_reads_an_undeclared_column_is_refused_before_the_charge_and_stopped_in_the_sandbox(
+    workspace: Workspace,
+) -> None:
+    h = workspace.headers("lf_author")
+    with workspace.app() as c:
+        for lf in (hostile_lfs.test_only_reads_an_undeclared_column, hostile_lfs.test_only_hides_what_it_reads):
+            with REGISTRY.registered(
+                lf, dataset="visits", classes=CLASSES, labels=["urgent"], columns=hostile_lfs.COLUMNS[lf.name]
+            ):
+                r = c.post(
+                    "/v1/lf/stats", json={"dataset": "visits", "python_lfs": [lf.name], "epsilon": 0.5}, headers=h
+                )
+                assert r.status_code == 400, r.text
+                error = r.json()["error"]
+                assert error["code"] == "invalid_request" and error["lf"] == lf.name and lf.name in error["message"]
+                assert error["reason"] == "undeclared_column"
+        budget = c.get("/v1/budget", headers=h).json()
+        assert next(b for b in budget if b["dataset"] == "visits")["spent"]["epsilon"] == 0  # nothing charged
+    entry = REGISTRY.register(
+        hostile_lfs.test_only_reads_an_undeclared_column,
+        dataset="visits",
+        classes=CLASSES,
+        labels=["urgent"],
+        columns=["age"],
+    )
+    try:
+        assert entry.problem is not None and "['income']" in entry.problem
+    finally:
+        REGISTRY.unregister(entry.name)
+    # Were it run anyway, the sandbox shows it its declared columns only, and an undeclared read fails the run.
+    frame = pa.table({"age": [60, 70], "income": [5000.0, 9000.0]})
+    with pytest.raises(SandboxError) as failed:
+        apply_python_lfs([_ref(hostile_lfs.test_only_reads_an_undeclared_column)], [frame], SandboxLimits(seconds=60))
+    assert failed.value.details["reason"] == "undeclared_column"
+    assert "test_only_reads_an_undeclared_column" in failed.value.message
