@@ -83,6 +83,7 @@ def test_a_body_with_a_million_keys_is_refused_quickly(workspace: Workspace) -> 
         many = c.post("/v1/query", content=items, headers={"content-type": "application/json"})
         nested = c.post("/v1/query", content=deep, headers={"content-type": "application/json"})
     assert r.status_code == 413 and elapsed < 5
+    assert len(r.headers["x-request-id"]) == 32  # the refusal carries the gateway's request id like any answer
     assert many.status_code == 400 and "members and elements" in many.json()["error"]["message"]
     assert nested.status_code == 400 and "deep" in nested.json()["error"]["message"]
     assert Ledger(workspace.settings.ledger).history() == []
@@ -100,3 +101,14 @@ def test_json_shape_skips_strings_and_counts_members() -> None:
     assert json_shape(b'{"a": "\\"[[[[", "b": [1, 2, 3]}', 6, 2) is None
     assert json_shape(b'{"a": [1, 2, 3, 4, 5, 6]}', 6, 4) is not None
     assert json_shape(b'{"a": [[[1]]]}', 100, 3) is not None
+
+
+def test_a_malformed_body_without_a_token_is_refused_and_counted(workspace: Workspace) -> None:
+    with workspace.app() as c:
+        r = c.post("/v1/query", content=b'{"sql": ', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request"
+    records = AuditLog(workspace.settings.audit_dir).records()
+    assert [(rec["event"], rec["reason"], rec["actor"]["principal"]) for rec in records] == [
+        ("authentication", "invalid_request", None)
+    ]
+    assert records[0]["request_id"] == r.headers["x-request-id"]

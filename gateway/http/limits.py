@@ -11,11 +11,10 @@ import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.http.dependencies import REQUEST_ID
 from gateway.service import Bastion
 from gateway.settings import Limits
 from policies.errors import GatewayError, InvalidRequest, PayloadTooLarge
-
-from .dependencies import REQUEST_ID
 
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _STRUCTURE = re.compile(rb"[\[\]{},]")
