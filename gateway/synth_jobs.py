@@ -187,7 +187,8 @@ class SynthJobs:
         method: str | None = None,
         delta: float | None = None,
     ) -> dict[str, Any]:
-        from synth import DEFAULT_METHOD, METHODS, NON_DP_METHODS, allocate
+        from synth import DEFAULT_METHOD, METHODS, NON_DP_METHODS
+        from synth.measure import check_calibration
 
         method = method or DEFAULT_METHOD
         request = {
@@ -225,7 +226,7 @@ class SynthJobs:
                     delta = check_delta(delta)
                 if delta is None:
                     delta = policy.budget.per_principal.delta / 10
-                alloc = allocate(policy, epsilon, delta)
+                alloc = check_calibration(policy, epsilon, delta)
                 allocation = alloc.to_json()
                 cost = PrivacyLoss(epsilon, alloc.delta_spent)
         except GatewayError as exc:
