@@ -23,6 +23,7 @@ class Settings(BaseModel):
     spark_master: str = "local[2]"  # a Spark master URL (local[N] on one machine, spark://host:7077 for a cluster)
     spark_warehouse: Path | None = None  # where Spark keeps the bounded tables; default <workspace>/private/warehouse
     spark_conf: dict[str, str] = Field(default_factory=dict)  # extra Spark settings (spark.executor.memory, ...)
+    synth_jobs_per_principal: int = Field(default=1, ge=1)  # unfinished synthesis jobs one principal may have
 
     # --- layout -------------------------------------------------------------------------------------------
     @property

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.http.dependencies import ERRORS, Core, Ctx, Number
+from gateway.http.dependencies import ERRORS, Core, Ctx, ErrorResponse, Number
 from gateway.synth_jobs import MAX_ROWS, SynthJobs
 
 _create_lock = threading.Lock()
@@ -68,8 +68,29 @@ class SynthJob(BaseModel):
 
 router = APIRouter(prefix="/v1/synth", tags=["synthetic proxies"], responses=ERRORS)
 
+SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {
+        "model": ErrorResponse,
+        "description": "invalid request; reason uncalibrated: OpenDP cannot calibrate the proxy's measurements at "
+        "this ε and δ (the error's `allowed` gives the range that works)",
+    },
+    429: {
+        "model": ErrorResponse,
+        "description": "budget_exhausted: the privacy budget would be exceeded; too_many_jobs: you already have "
+        "the most unfinished jobs one principal may have (setting synth_jobs_per_principal, default 1)",
+    },
+}
+NOT_READY: dict[int | str, dict[str, Any]] = {
+    409: {"model": ErrorResponse, "description": "synth_job_not_ready: the job is not done (its `status` says why)"}
+}
 
-@router.post("", response_model=SynthJob, summary="Start a synthetic proxy job (the ε is charged now)")
+
+@router.post(
+    "",
+    response_model=SynthJob,
+    summary="Start a synthetic proxy job (the ε is charged now)",
+    responses=SUBMIT_ERRORS,
+)
 def submit(body: SynthRequest, ctx: Ctx, jobs: Jobs) -> dict[str, Any]:
     return jobs.submit(
         ctx, body.dataset, epsilon=body.epsilon, rows=body.rows, seed=body.seed, method=body.method, delta=body.delta
@@ -86,17 +107,23 @@ def status(job_id: str, ctx: Ctx, jobs: Jobs) -> dict[str, Any]:
     return jobs.status(ctx, job_id)
 
 
-@router.get("/{job_id}/download", summary="The proxy table (Parquet or CSV)", response_class=FileResponse)
+@router.get(
+    "/{job_id}/download", summary="The proxy table (Parquet or CSV)", response_class=FileResponse, responses=NOT_READY
+)
 def download(job_id: str, ctx: Ctx, jobs: Jobs, format: Literal["parquet", "csv"] = "parquet") -> FileResponse:
     path, media = jobs.download(ctx, job_id, format)
     return FileResponse(path, media_type=media, filename=f"proxy-{job_id[:8]}.{format}")
 
 
-@router.get("/{job_id}/report", summary="Fidelity report (from the DP measurements and the proxy only)")
+@router.get(
+    "/{job_id}/report", summary="Fidelity report (from the DP measurements and the proxy only)", responses=NOT_READY
+)
 def report(job_id: str, ctx: Ctx, jobs: Jobs) -> dict[str, Any]:
     return jobs.report(ctx, job_id)
 
 
-@router.get("/{job_id}/report/{page}", response_class=HTMLResponse, summary="One HTML page of the report")
+@router.get(
+    "/{job_id}/report/{page}", response_class=HTMLResponse, summary="One HTML page of the report", responses=NOT_READY
+)
 def report_page(job_id: str, page: str, ctx: Ctx, jobs: Jobs) -> HTMLResponse:
     return HTMLResponse(jobs.page(ctx, job_id, page))
