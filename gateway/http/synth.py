@@ -80,9 +80,6 @@ SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {
         "the most unfinished jobs one principal may have (setting synth_jobs_per_principal, default 1)",
     },
 }
-NOT_READY: dict[int | str, dict[str, Any]] = {
-    409: {"model": ErrorResponse, "description": "synth_job_not_ready: the job is not done (its `status` says why)"}
-}
 
 
 @router.post(
@@ -105,6 +102,11 @@ def list_jobs(ctx: Ctx, jobs: Jobs) -> list[dict[str, Any]]:
 @router.get("/{job_id}", response_model=SynthJob, summary="Status and progress of a job")
 def status(job_id: str, ctx: Ctx, jobs: Jobs) -> dict[str, Any]:
     return jobs.status(ctx, job_id)
+
+
+NOT_READY: dict[int | str, dict[str, Any]] = {
+    409: {"model": ErrorResponse, "description": "synth_job_not_ready: the job has not finished (see its status)"}
+}
 
 
 @router.get(
