@@ -40,6 +40,7 @@ class Settings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8000
     default_alpha: float = Field(default=DEFAULT_ALPHA, gt=0, lt=1)
+    synth_jobs_per_principal: int = Field(default=1, ge=1)  # unfinished synthesis jobs one principal may have
     engine: EngineKind = EngineKind.DUCKDB  # where the private rows live and statements run
     spark_master: str = "local[2]"  # a Spark master URL (local[N] on one machine, spark://host:7077 for a cluster)
     spark_warehouse: Path | None = None  # where Spark keeps the bounded tables; default <workspace>/private/warehouse

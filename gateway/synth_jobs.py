@@ -10,6 +10,13 @@ Job records live in `<workspace>/synth/jobs/<id>/` (job.json, the DP model, the 
 atomically. After a crash, unfinished jobs resume under their original charge: the DP model, once measured, is
 stored and reused, so resuming never measures twice what was released; measurements lost in a crash were never
 released. A job is run by whichever process holds the lock file of its directory.
+
+A principal may have at most `Settings.synth_jobs_per_principal` unfinished jobs (queued, approved or running);
+another request is refused before the charge with 429 `too_many_jobs` (an identical repeat, answered from the
+cache, is not a new job). A job's failure is durable even on a full disk: each job directory holds a small
+preallocated file (`failed`) that the failure handler overwrites in place, which needs no new space; failing
+that, the gateway keeps the failure in memory. A job read with a filled `failed` file is failed, whatever
+job.json says, so it is not resumed at the next start.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import enum
+import errno
 import fcntl
 import hashlib
 import json
@@ -75,17 +83,69 @@ class JobNotReady(Conflict):
     code = "synth_job_not_ready"
 
 
+class TooManyJobs(GatewayError):
+    status = 429
+    code = "too_many_jobs"
+
+
+FAILED_FILE = "failed"
+FAILED_BYTES = 4096  # preallocated: the failure state fits in it (the error message is cut to fit)
+
+
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat()
 
 
 def _write_json(path: Path, payload: Any) -> None:
     tmp = path.with_name(path.name + f".{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=1, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _reserve(path: Path) -> None:
+    """A file of FAILED_BYTES blanks whose blocks are allocated now, to be overwritten in place later."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, b" " * FAILED_BYTES)
+        with contextlib.suppress(OSError):  # not every file system supports it; the blanks are written anyway
+            os.posix_fallocate(fd, 0, FAILED_BYTES)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_in_place(path: Path, state: dict[str, Any] | None) -> None:
+    """`state` as JSON over the reserved file, in place (no new blocks), padded to its size (None: blanks)."""
+    data = json.dumps(state).encode() if state is not None else b""
+    if len(data) > FAILED_BYTES:
+        raise ValueError("the failure state does not fit its reserved file")
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data + b" " * (FAILED_BYTES - len(data)), 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_in_place(path: Path) -> dict[str, Any] | None:
+    try:
+        text = path.read_bytes().strip()
+    except FileNotFoundError:
+        return None
+    if not text:
+        return None
+    with contextlib.suppress(json.JSONDecodeError):
+        state = json.loads(text)
+        return state if isinstance(state, dict) else None
+    return None
 
 
 def _file_digest(path: Path) -> str:
@@ -130,6 +190,8 @@ class SynthJobs:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._threads: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
+        self._admit = threading.Lock()  # one admission at a time: the per-principal job count stays exact
+        self._failed: dict[str, dict[str, Any]] = {}  # failures that could not be written at all (disk full)
 
     # --- records ------------------------------------------------------------------------------------------
 
@@ -139,11 +201,16 @@ class SynthJobs:
         return self.root / job_id
 
     def read(self, job_id: str) -> dict[str, Any]:
+        """The job's record, with a failure recorded in place (or in memory) over whatever job.json says."""
         path = self._dir(job_id) / "job.json"
         try:
-            return json.loads(path.read_text())
+            job = json.loads(path.read_text())
         except FileNotFoundError:
             raise JobNotFound(f"no synthesis job {job_id!r}") from None
+        failure = self._failed.get(job_id) or _read_in_place(self._dir(job_id) / FAILED_FILE)
+        if failure is not None and job["status"] in (*ACTIVE, JobStatus.FAILED):
+            job.update(failure)
+        return job
 
     def _save(self, job: dict[str, Any]) -> None:
         job["updated"] = _now()
@@ -187,7 +254,8 @@ class SynthJobs:
         method: str | None = None,
         delta: float | None = None,
     ) -> dict[str, Any]:
-        from synth import DEFAULT_METHOD, METHODS, NON_DP_METHODS, allocate
+        from synth import DEFAULT_METHOD, METHODS, NON_DP_METHODS
+        from synth.measure import check_calibration
 
         method = method or DEFAULT_METHOD
         request = {
@@ -225,7 +293,7 @@ class SynthJobs:
                     delta = check_delta(delta)
                 if delta is None:
                     delta = policy.budget.per_principal.delta / 10
-                alloc = allocate(policy, epsilon, delta)
+                alloc = check_calibration(policy, epsilon, delta)
                 allocation = alloc.to_json()
                 cost = PrivacyLoss(epsilon, alloc.delta_spent)
         except GatewayError as exc:
@@ -234,70 +302,89 @@ class SynthJobs:
         key = cache_key(
             Event.SYNTH, ctx.principal.name, dataset, version, policy.fingerprint(), method, epsilon, delta, rows, seed
         )
+        with self._admit:  # counting unfinished jobs and creating one are one step
+            limit = self.bastion.settings.synth_jobs_per_principal
+            if self.bastion.cache.get(key) is None and self._unfinished(ctx.principal.name) >= limit:
+                self.bastion.audit(
+                    ctx, Event.SYNTH, dataset=dataset, request=request, decision="denied", reason=TooManyJobs.code
+                )
+                raise TooManyJobs(
+                    f"you have {limit} unfinished synthesis job(s), the most one principal may have; wait for one to "
+                    "finish (GET /v1/synth lists yours)",
+                    limit=limit,
+                )
 
-        def compute() -> dict[str, Any]:
-            job_id = uuid.uuid4().hex
-            job = {
-                "job_id": job_id,
-                "dataset": dataset,
-                "method": method,
-                "non_dp": non_dp,
-                "status": JobStatus.AWAITING_APPROVAL if non_dp else JobStatus.QUEUED,
-                "progress": 0.0,
-                "stage": "",
-                "epsilon": cost.epsilon,
-                "delta": cost.delta,
-                "rows": rows,
-                "seed": seed if seed is not None else secrets.randbelow(2**31),
-                "dataset_version": version,
-                "policy_fingerprint": policy.fingerprint(),
-                "created": _now(),
-                "updated": _now(),
-                "error": None,
-                "columns": None,
-                "proxy_digest": None,
-                "approved_at": None,
-                "allocation": allocation,
-                "notes": [],
-                "delta_requested": delta,
-                "principal": ctx.principal.as_actor(),
-                "source": ctx.source,
-                "request_id": ctx.request_id,
-            }
-            self._dir(job_id).mkdir(parents=True, mode=0o700)
-            self._save(job)
+            def compute() -> dict[str, Any]:
+                job_id = uuid.uuid4().hex
+                job = {
+                    "job_id": job_id,
+                    "dataset": dataset,
+                    "method": method,
+                    "non_dp": non_dp,
+                    "status": JobStatus.AWAITING_APPROVAL if non_dp else JobStatus.QUEUED,
+                    "progress": 0.0,
+                    "stage": "",
+                    "epsilon": cost.epsilon,
+                    "delta": cost.delta,
+                    "rows": rows,
+                    "seed": seed if seed is not None else secrets.randbelow(2**31),
+                    "dataset_version": version,
+                    "policy_fingerprint": policy.fingerprint(),
+                    "created": _now(),
+                    "updated": _now(),
+                    "error": None,
+                    "columns": None,
+                    "proxy_digest": None,
+                    "approved_at": None,
+                    "allocation": allocation,
+                    "notes": [],
+                    "delta_requested": delta,
+                    "principal": ctx.principal.as_actor(),
+                    "source": ctx.source,
+                    "request_id": ctx.request_id,
+                }
+                self._dir(job_id).mkdir(parents=True, mode=0o700)
+                _reserve(self._dir(job_id) / FAILED_FILE)
+                self._save(job)
+                return {
+                    "job_id": job_id,
+                    "dataset": dataset,
+                    "method": method,
+                    "non_dp": non_dp,
+                    "dataset_version": version,
+                    "policy_fingerprint": policy.fingerprint(),
+                }
+
+            answer = self.bastion.run_private(
+                ctx,
+                policy=policy,
+                event=Event.SYNTH,
+                request=request,
+                cost=cost,
+                key=key,
+                compute=compute,
+                kind=Event.SYNTH,
+            )
+            job = self.read(answer["job_id"])
+            if answer["cached"] and job["status"] == JobStatus.FAILED:
+                # The failed run released nothing; run it again under the original charge.
+                status = JobStatus.APPROVED if non_dp else JobStatus.QUEUED
+                job.update(status=status, error=None, progress=0.0, stage="")
+                self._save(job)
+                self._failed.pop(job["job_id"], None)
+                with contextlib.suppress(FileNotFoundError):
+                    _write_in_place(self._dir(job["job_id"]) / FAILED_FILE, None)
+            self._maybe_start(job)
             return {
-                "job_id": job_id,
-                "dataset": dataset,
-                "method": method,
-                "non_dp": non_dp,
-                "dataset_version": version,
-                "policy_fingerprint": policy.fingerprint(),
+                **self.public(self.read(job["job_id"])),
+                "cached": answer["cached"],
+                "epsilon_spent": answer["epsilon_spent"],
+                "delta_spent": answer["delta_spent"],
+                "budget": answer["budget"],
             }
 
-        answer = self.bastion.run_private(
-            ctx,
-            policy=policy,
-            event=Event.SYNTH,
-            request=request,
-            cost=cost,
-            key=key,
-            compute=compute,
-            kind=Event.SYNTH,
-        )
-        job = self.read(answer["job_id"])
-        if answer["cached"] and job["status"] == JobStatus.FAILED:
-            # The failed run released nothing; run it again under the original charge.
-            job.update(status=JobStatus.APPROVED if non_dp else JobStatus.QUEUED, error=None, progress=0.0, stage="")
-            self._save(job)
-        self._maybe_start(job)
-        return {
-            **self.public(self.read(job["job_id"])),
-            "cached": answer["cached"],
-            "epsilon_spent": answer["epsilon_spent"],
-            "delta_spent": answer["delta_spent"],
-            "budget": answer["budget"],
-        }
+    def _unfinished(self, principal: str) -> int:
+        return sum(1 for j in self.all_jobs() if j["principal"]["principal"] == principal and j["status"] in ACTIVE)
 
     # --- running ------------------------------------------------------------------------------------------
 
@@ -335,10 +422,8 @@ class SynthJobs:
                 # Only the class: a message or traceback could quote a value from the rows.
                 log.error("synthesis job %s failed (%s)", job_id, type(exc).__name__)
                 message = exc.message if isinstance(exc, GatewayError) else f"internal error ({type(exc).__name__})"
-                job = self.read(job_id)
-                job.update(status=JobStatus.FAILED, error=message + "; the charge stands")
-                self._save(job)
-                with contextlib.suppress(GatewayError):
+                job = self._fail(job_id, message + "; the charge stands")
+                with contextlib.suppress(GatewayError, OSError):
                     self.bastion.audit(
                         self._context(job),
                         Event.SYNTH,
@@ -349,6 +434,23 @@ class SynthJobs:
                         phase="failed",
                         non_dp=job["non_dp"],
                     )
+
+    def _fail(self, job_id: str, error: str) -> dict[str, Any]:
+        """Record the job as failed, durably even on a full disk: job.json if it can be written, and in any case
+        the reserved file overwritten in place; in memory if neither can be written."""
+        failure = {"status": JobStatus.FAILED.value, "error": error[:2000], "updated": _now()}
+        job = {**self.read(job_id), **failure}
+        with contextlib.suppress(OSError, ValueError):
+            _write_in_place(self._dir(job_id) / FAILED_FILE, failure)
+            self._failed.pop(job_id, None)
+        if _read_in_place(self._dir(job_id) / FAILED_FILE) != failure:
+            self._failed[job_id] = failure
+        try:
+            _write_json(self._dir(job_id) / "job.json", job)
+        except OSError as exc:
+            kind = "the disk is full" if exc.errno == errno.ENOSPC else type(exc).__name__
+            log.error("synthesis job %s: its record could not be rewritten (%s); its failure is kept", job_id, kind)
+        return job
 
     @staticmethod
     def _context(job: dict[str, Any]) -> Context:

@@ -34,8 +34,9 @@ from typing import Any
 import numpy as np
 from sqlglot import exp
 
+from policies.accountant import MAX_DELTA, MAX_EPSILON, MIN_DELTA, MIN_EPSILON
 from policies.errors import InvalidRequest
-from policies.mechanisms import release_integers, select_keys
+from policies.mechanisms import release_integers, select_keys, threshold_for
 from policies.reader import Reader
 from policies.schema import Policy
 from policies.sensitivity import count_sensitivity
@@ -106,6 +107,79 @@ def allocate(policy: Policy, epsilon: float, delta: float = 0.0) -> Allocation:
     eps_pair = epsilon / 2 / n_pairs if n_pairs else 0.0
     keyed = sum(1 for c in columns if c.kind == BinKind.KEYS)
     return Allocation(schema, epsilon, delta, eps_marg, eps_pair, delta / keyed if keyed else 0.0)
+
+
+def uncalibrated(policy: Policy, allocation: Allocation) -> str | None:
+    """None when OpenDP can build every measurement of `allocation` at its share of ε (and δ): the histograms'
+    discrete Laplace with its privacy map within the share, and key selection's threshold for its share of δ.
+    Otherwise which measurement cannot be built. Public facts only: no row is read."""
+    k = policy.max_rows_per_unit
+    try:
+        for c in allocation.schema.columns:
+            if c.kind == BinKind.KEYS:
+                threshold_for(k, allocation.epsilon_marginal, allocation.delta_key_selection)
+            else:
+                release_integers([], count_sensitivity(k), allocation.epsilon_marginal)
+        if allocation.pairs:
+            release_integers([], count_sensitivity(k), allocation.epsilon_pair)
+    except Exception as exc:  # noqa: BLE001 - a MechanismError, an overflow, or OpenDP's own exception
+        return type(exc).__name__
+    return None
+
+
+def _least(works: Callable[[float], bool], lo: float, hi: float) -> float:
+    """The least x in [lo, hi] (to 3 significant digits, rounded up) for which `works` holds, by bisection on log x;
+    `works` must be monotone, false at lo and true at hi."""
+    a, b = np.log(lo), np.log(hi)
+    while b - a > 1e-4:
+        mid = (a + b) / 2
+        if works(float(np.exp(mid))):
+            b = mid
+        else:
+            a = mid
+    least = float(np.exp(b))
+    unit = 10 ** (np.floor(np.log10(least)) - 2)
+    return float(np.ceil(least / unit) * unit)
+
+
+def epsilon_range(policy: Policy, delta: float, lowest: float = MIN_EPSILON) -> tuple[float, float] | None:
+    """The ε in [lowest, MAX_EPSILON] at which a proxy of `policy` can be built with `delta`: (least, MAX_EPSILON),
+    the least found by bisection on whether OpenDP calibrates every measurement (monotone in ε); None if none."""
+
+    def works(epsilon: float) -> bool:
+        return uncalibrated(policy, allocate(policy, epsilon, delta)) is None
+
+    if not works(MAX_EPSILON):
+        return None
+    if works(lowest):
+        return lowest, MAX_EPSILON
+    return _least(works, lowest, MAX_EPSILON), MAX_EPSILON
+
+
+def check_calibration(policy: Policy, epsilon: float, delta: float) -> Allocation:
+    """`allocate(policy, epsilon, delta)`, or an InvalidRequest (400) that says which ε (or δ) works when OpenDP
+    cannot build one of its measurements: checked before anything is charged."""
+    allocation = allocate(policy, epsilon, delta)
+    if uncalibrated(policy, allocation) is None:
+        return allocation
+    allowed = epsilon_range(policy, delta)
+    if allowed is None:
+        least = _least(lambda d: uncalibrated(policy, allocate(policy, MAX_EPSILON, d)) is None, MIN_DELTA, MAX_DELTA)
+        raise InvalidRequest(
+            f"no epsilon up to {MAX_EPSILON:g} can build a proxy of {policy.dataset!r} with delta={delta:g}: "
+            f"OpenDP's key selection (for the columns without a public domain) needs delta of at least {least:g} "
+            "here; give a larger delta",
+            reason="uncalibrated",
+            allowed={"delta": [least, MAX_DELTA]},
+        )
+    lo, hi = allowed
+    raise InvalidRequest(
+        f"a proxy of {policy.dataset!r} with delta={delta:g} needs epsilon between {lo:g} and {hi:g} "
+        f"(got {epsilon:g}): its share per measurement (ε/(2·columns) per histogram, ε/(2·pairs) per "
+        "pair) is too small for OpenDP to calibrate; raise epsilon",
+        reason="uncalibrated",
+        allowed={"epsilon": [lo, hi]},
+    )
 
 
 def _count() -> exp.Expr:

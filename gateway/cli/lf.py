@@ -77,7 +77,9 @@ def stats(
     url: Url = "http://127.0.0.1:8000",
     token: Token = None,
 ) -> None:
-    """DP coverage, overlap, conflict and (with a gold column) accuracy of the labeling functions in a file."""
+    """DP coverage, overlap, conflict and (with a gold column) accuracy of the labeling functions in a file.
+
+    A spinner on stderr shows that the gateway is still running them (Python LFs over many rows take a while)."""
     if epsilon is None:
         fail("say what to spend: --epsilon E (the privacy loss of the statistics, e.g. --epsilon 1)", 2)
     try:
@@ -116,10 +118,10 @@ def stats(
 
 @lf_app.command("registry")
 def registry(url: Url = "http://127.0.0.1:8000", token: Token = None) -> None:
-    """List the registered (reviewed) Python labeling functions."""
+    """List the registered (reviewed) Python labeling functions and the columns each reads."""
     with gateway_client(url, token) as c:
         entries = c.lf_registry()
-    table = Table("name", "dataset", "labels", "description")
+    table = Table("name", "dataset", "labels", "columns", "description")
     for e in entries:
-        table.add_row(e["name"], e["dataset"], ", ".join(e["labels"]), e["description"])
+        table.add_row(e["name"], e["dataset"], ", ".join(e["labels"]), ", ".join(e["columns"]), e["description"])
     console.print(table)

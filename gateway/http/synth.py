@@ -68,8 +68,26 @@ class SynthJob(BaseModel):
 
 router = APIRouter(prefix="/v1/synth", tags=["synthetic proxies"], responses=ERRORS)
 
+SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {
+        "model": ErrorResponse,
+        "description": "invalid request; reason uncalibrated: OpenDP cannot calibrate the proxy's measurements at "
+        "this ε and δ (the error's `allowed` gives the range that works)",
+    },
+    429: {
+        "model": ErrorResponse,
+        "description": "budget_exhausted: the privacy budget would be exceeded; too_many_jobs: you already have "
+        "the most unfinished jobs one principal may have (setting synth_jobs_per_principal, default 1)",
+    },
+}
 
-@router.post("", response_model=SynthJob, summary="Start a synthetic proxy job (the ε is charged now)")
+
+@router.post(
+    "",
+    response_model=SynthJob,
+    summary="Start a synthetic proxy job (the ε is charged now)",
+    responses=SUBMIT_ERRORS,
+)
 def submit(body: SynthRequest, ctx: Ctx, jobs: Jobs) -> dict[str, Any]:
     return jobs.submit(
         ctx, body.dataset, epsilon=body.epsilon, rows=body.rows, seed=body.seed, method=body.method, delta=body.delta

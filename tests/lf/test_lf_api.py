@@ -266,6 +266,7 @@ def test_registry_python_lfs_label_model_and_client_frame(workspace: Workspace) 
         names = {e["name"] for e in registry}
         assert {"urgent_diagnosis", "red_flag_words", "routine_words", "stay_and_age"} <= names
         assert all(e["dataset"] == "visits" and e["code_sha256"] for e in registry)
+        assert next(e for e in registry if e["name"] == "stay_and_age")["columns"] == ["age", "length_of_stay"]
         frame = client.lf_stats(
             "visits", LFS, python_lfs=["urgent_diagnosis", "stay_and_age"], epsilon=2.0, label_model=True
         )
