@@ -9,7 +9,8 @@ import pytest
 
 from audit.log import AuditLog
 from audit.record import known_events
-from tests.conftest import Workspace
+from gateway.http.app import create_app
+from tests.conftest import AppClient, Workspace
 
 COUNT = "SELECT COUNT(*) FROM visits"
 
@@ -146,3 +147,18 @@ def test_openapi_documents_the_not_ready_conflict_of_synth_results(workspace: Wo
     for path in ("/v1/synth/{job_id}/download", "/v1/synth/{job_id}/report", "/v1/synth/{job_id}/report/{page}"):
         assert "synth_job_not_ready" in paths[path]["get"]["responses"]["409"]["description"]
         assert "422" not in paths[path]["get"]["responses"]
+
+
+def test_an_unexpected_error_is_a_bare_500_with_the_security_headers(workspace: Workspace) -> None:
+    client = AppClient(create_app(workspace.settings), raise_server_exceptions=False)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a message that must not leave")
+
+    with client as c:
+        c.app.state.bastion.budgets = broken
+        r = c.get("/v1/budget", headers=workspace.headers("analyst"))
+    assert r.status_code == 500
+    assert r.json() == {"error": {"code": "internal_error", "message": "internal error"}}
+    assert r.headers["x-content-type-options"] == "nosniff" and r.headers["x-frame-options"] == "DENY"
+    assert "default-src 'none'" in r.headers["content-security-policy"]

@@ -196,7 +196,7 @@ def events(
     until: Until = None,
     actor: Actor = None,
     dataset: Dataset = None,
-    event: Annotated[str | None, typer.Option(help="event type, e.g. query")] = None,
+    event: Annotated[str | None, typer.Option(help="event type, e.g. query or lf_stats (audit/SCHEMA.md)")] = None,
     decision: Annotated[str | None, typer.Option(help="allowed, denied or error")] = None,
     limit: Annotated[int | None, typer.Option(min=1)] = None,
     offset: Annotated[int, typer.Option(min=0)] = 0,

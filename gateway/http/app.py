@@ -22,7 +22,7 @@ from gateway.http.dependencies import CONTEXT, REQUEST_ID, correlation_id, reque
 from gateway.http.docs import router as docs_router
 from gateway.http.docs import static_files
 from gateway.http.errors import http_error, validation_error, validation_problems
-from gateway.http.headers import SecurityHeaders
+from gateway.http.headers import SecurityHeaders, security_headers
 from gateway.http.lf import router as lf_router
 from gateway.http.limits import BodyLimits
 from gateway.http.query import router as query_router
@@ -133,7 +133,9 @@ def create_app(settings: Settings, bastion: Bastion | None = None) -> FastAPI:
         # Never a message or a traceback in the log or the answer: either could quote a value from the rows.
         log.error("%s %s failed (%s)", request.method, request.url.path, type(exc).__name__)
         error = GatewayError("internal error")
-        return JSONResponse(status_code=error.status, content=error.to_dict())
+        # This answer is made outside the app's middleware (Starlette's ServerErrorMiddleware), so it carries the
+        # security headers itself.
+        return JSONResponse(status_code=error.status, content=error.to_dict(), headers=security_headers())
 
     @app.get("/healthz", include_in_schema=False)
     def health() -> dict[str, str]:

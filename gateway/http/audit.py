@@ -380,7 +380,9 @@ def _refuse_cross_site(request: Request, bastion: Bastion) -> HTMLResponse | Non
 
 def _error_page(request: Request, exc: GatewayError) -> HTMLResponse:
     if isinstance(exc, Unauthorized):
-        response = _page(request, "login.html", exc.status, error="That token is not valid. Paste an auditor token.")
+        ended = request.url.path != "/audit/login" and "authorization" not in request.headers
+        message = "Your session has ended. Sign in again." if ended else "That token is not valid."
+        response = _page(request, "login.html", exc.status, error=f"{message} Paste an auditor token.")
         response.delete_cookie(COOKIE, path="/audit")
         return response
     return _page(request, "error.html", exc.status, status=exc.status, code=exc.code, message=exc.message)

@@ -19,6 +19,11 @@ DEFAULTS: tuple[tuple[bytes, bytes], ...] = (
 )
 
 
+def security_headers() -> dict[str, str]:
+    """The default headers as a dict, for a response made outside the middleware."""
+    return {k.decode(): v.decode() for k, v in DEFAULTS}
+
+
 class SecurityHeaders:
     """ASGI middleware: add each of `DEFAULTS` that the response does not set itself."""
 
