@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks import report
+import pytest
+
+from benchmarks import fixed_cost, report
 from benchmarks.run import ENGINES, Options, run
 from benchmarks.workloads import WORKLOADS
 
@@ -51,3 +53,11 @@ def test_benchmark_suite_writes_every_workload_and_engine(tmp_path: Path) -> Non
     for w in WORKLOADS:
         assert f"| {w.title} |" in markdown
     assert "### Targets" in markdown and "20,000 rows" in markdown
+
+
+def test_fixed_cost_breakdown_prints_every_phase(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fixed_cost.main(["--rows", "2000", "--runs", "3", "--dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    for label in ("raw DuckDB", "Bastion.query", "durable writes alone", "ledger charge", "audit append", "execute"):
+        assert label in out, label
+    assert list(tmp_path.iterdir()) == []  # the workspace is removed afterwards
