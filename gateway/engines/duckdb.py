@@ -110,7 +110,6 @@ class DuckDBEngine:
         # Statements that bound without error on the current schema: binding depends on the statement and the
         # schema only, and the schema changes only by `register` (which clears this) or in a new connection.
         self._bound: set[str] = set()
-        self._texts: dict[int, tuple[exp.Query, str]] = {}  # recent statements' SQL, generated once per tree
 
     # --- connection ---------------------------------------------------------------------------------------
 
@@ -243,16 +242,7 @@ class DuckDBEngine:
     # --- statements ---------------------------------------------------------------------------------------
 
     def _sql(self, query: exp.Query) -> str:
-        """The statement's DuckDB SQL, generated once per tree object (a plan's trees are checked before the charge
-        and run after it; callers do not change a tree once built)."""
-        hit = self._texts.get(id(query))
-        if hit is not None and hit[0] is query:
-            return hit[1]
-        sql = _native_sums(query).sql(dialect=self.dialect)
-        if len(self._texts) >= 256:
-            self._texts.clear()
-        self._texts[id(query)] = (query, sql)
-        return sql
+        return _native_sums(query).sql(dialect=self.dialect)
 
     def check(self, query: exp.Query) -> None:
         sql = self._sql(query)

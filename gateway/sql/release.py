@@ -50,7 +50,7 @@ _ARROW_TYPES = {
 
 
 # The statements of recent plans, built once per plan object: the bind check builds them before the charge and the
-# release runs the same trees (with their generated SQL remembered by the engine) after it.
+# release runs the same trees after it (engines only read them).
 _STATEMENTS: dict[int, tuple[Plan, list[exp.Query]]] = {}
 _STATEMENTS_KEPT = 256
 
