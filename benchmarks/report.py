@@ -197,9 +197,9 @@ def markdown(results: dict[str, Any]) -> str:
             lines += [
                 "",
                 f"Durable writes alone of one charged query on this disk (one SQLite commit at synchronous=FULL, two "
-                f"appended records with fsync; no Bastion code), interleaved with {floor['workload']}: "
+                f"appended records with fsync; no Bastion code), interleaved with {floor['workload']}, p50 / p95: "
                 f"{_ms(floor)} ms. Raw DuckDB plus these, the floor of that workload's cost that keeps every "
-                f"durability guarantee, is {floor_ratio:.2f}× raw.",
+                f"durability guarantee, is {floor_ratio:.2f}× raw (p50).",
             ]
     lines += ["", "### Throughput, memory, registration", "", "| measure | value |", "|---|---:|"]
     tp = results.get("throughput")

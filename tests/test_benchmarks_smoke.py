@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks import report
+import pytest
+
+from benchmarks import fixed_cost, report
 from benchmarks.run import ENGINES, Options, run
 from benchmarks.workloads import WORKLOADS
 
@@ -51,3 +53,12 @@ def test_benchmark_suite_writes_every_workload_and_engine(tmp_path: Path) -> Non
     for w in WORKLOADS:
         assert f"| {w.title} |" in markdown
     assert "### Targets" in markdown and "20,000 rows" in markdown
+
+
+def test_fixed_cost_breakdown_prints_every_phase(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fixed_cost.main(["--rows", "2000", "--runs", "3", "--dir", str(tmp_path), "--workloads", "count", "sum_two_keys"])
+    out = capsys.readouterr().out
+    for label in ("raw DuckDB", "statement alone", "durable writes alone", "ledger charge", "audit append", "execute"):
+        assert out.count(label) == 2, label  # once per workload: the phases are timed once each, not twice
+    assert out.count("  plan (parse, plan, bind check)") == 2
+    assert list(tmp_path.iterdir()) == []  # the workspace is removed afterwards

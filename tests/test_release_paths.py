@@ -1,6 +1,6 @@
 """The release's fast paths give what the general ones give: post-processing that only selects released columns
-(done without the public engine) against the public engine on the same noisy values, and DuckDB's native BIGINT
-sums against the exact DECIMAL sums the compiled statements ask for."""
+(done without the public engine) against the public engine on the same noisy values, and DuckDB's native 128-bit
+integer sums against the exact DECIMAL sums the compiled statements ask for."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def test_a_date_key_is_released_as_text(monkeypatch: pytest.MonkeyPatch) -> None
     assert all(isinstance(dt.date.fromisoformat(k), dt.date) for k in keys)
 
 
-def test_duckdb_sums_fixed_point_integers_exactly_without_the_decimal_cast(tmp_path: Path) -> None:
+def test_duckdb_sums_fixed_point_integers_exactly_as_hugeint(tmp_path: Path) -> None:
     engine = DuckDBEngine(tmp_path / "db.duckdb", tmp_path / "key", read_only=False)
     big = 2**62
     engine.connect().execute(
@@ -101,7 +101,15 @@ def test_duckdb_sums_fixed_point_integers_exactly_without_the_decimal_cast(tmp_p
     floats = exp.Sum(this=exp.Cast(this=exp.column("x", quoted=True), to=exp.DataType.build("DECIMAL(38, 0)")))
     query = exp.select(exp.Coalesce(this=exact, expressions=[exp.Literal.number(0)]), floats).from_("bounded_t")
     generated = engine._sql(query)
-    assert generated.count("DECIMAL(38, 0)") == 1  # only the fixed-point column's cast is dropped
+    # Only the fixed-point column's cast changes, to DuckDB's 128-bit integer (INT128 is HUGEINT) ...
+    assert generated.count("DECIMAL(38, 0)") == 1 and generated.count("INT128") == 1
+    # ... and DuckDB sums it as such, not with the 64-bit sum it chooses for a bare BIGINT column when the table's
+    # statistics prove that cannot overflow (a plan chosen from the data).
+    con = engine.connect()
+    con.execute('CREATE TABLE bounded_small ("__fx_x" BIGINT, "x" DOUBLE); INSERT INTO bounded_small VALUES (1, 1)')
+    small = query.from_("bounded_small")
+    assert "sum_no_overflow" not in str(con.execute(f"EXPLAIN {engine._sql(small)}").fetchall())
+    assert "sum_no_overflow" in str(con.execute('EXPLAIN SELECT SUM("__fx_x") FROM bounded_small').fetchall())
     assert "DECIMAL" in query.sql(dialect="duckdb").split("COALESCE")[1]  # the compiled tree is unchanged
     (row,) = engine.rows(query)
     assert row[0] == 3 * big - 1  # beyond BIGINT: summed as a 128-bit integer, exactly

@@ -286,15 +286,15 @@ def _is_exact_cast(node: exp.Expr) -> bool:
 
 
 def _native_sums(query: exp.Query) -> exp.Query:
-    """The statement with `SUM(CAST(__fx… AS DECIMAL(38, 0)))` as `SUM(__fx…)`. The cast keeps engines whose BIGINT
-    sum can overflow exact; DuckDB sums BIGINT into a 128-bit HUGEINT, exact for any table it can hold, and the
-    cast only doubles the time of a grouped SUM. The compiled tree is left as it is."""
-    casts = [n for n in query.find_all(exp.Cast) if isinstance(n.parent, exp.Sum) and _is_exact_cast(n)]
-    if not casts:
+    """The statement with `SUM(CAST(__fx… AS DECIMAL(38, 0)))` as `SUM(CAST(__fx… AS HUGEINT))`: the same exact
+    128-bit sum, in DuckDB's native integer type, which takes two thirds of the DECIMAL sum's time on a grouped SUM.
+    (Not `SUM(__fx…)`: for that DuckDB chooses a 64-bit sum when the table's statistics prove it cannot overflow, a
+    choice made from the data.) The compiled tree is left as it is."""
+    if not any(isinstance(n.parent, exp.Sum) and _is_exact_cast(n) for n in query.find_all(exp.Cast)):
         return query
     out = query.copy()
     for node in [n for n in out.find_all(exp.Cast) if isinstance(n.parent, exp.Sum) and _is_exact_cast(n)]:
-        node.replace(node.this)
+        node.set("to", exp.DataType.build("HUGEINT"))
     return out
 
 

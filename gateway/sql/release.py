@@ -49,6 +49,24 @@ _ARROW_TYPES = {
 }
 
 
+# The statements of recent plans, built once per plan object: the bind check builds them before the charge and the
+# release runs the same trees after it (engines only read them).
+_STATEMENTS: dict[int, tuple[Plan, list[exp.Query]]] = {}
+_STATEMENTS_KEPT = 256
+
+
+def _statements(plan: Plan) -> list[exp.Query]:
+    """`comp.statements(plan)`, built once per plan object (plans are reused for identical SQL texts)."""
+    hit = _STATEMENTS.get(id(plan))
+    if hit is not None and hit[0] is plan:
+        return hit[1]
+    built = comp.statements(plan)
+    if len(_STATEMENTS) >= _STATEMENTS_KEPT:
+        _STATEMENTS.clear()
+    _STATEMENTS[id(plan)] = (plan, built)
+    return built
+
+
 def _group(plan: Plan, row: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(canonical(v, k.typed.type) for v, k in zip(row, plan.keys, strict=False))
 
@@ -72,7 +90,7 @@ def bind_check(plan: Plan, engine: Engine) -> None:
     before the charge instead of a failure after it. An engine may keep what it analysed for the run."""
     refuse_backtracking(engine, plan.row_trees)
     try:
-        for statement in comp.statements(plan):  # the statements the release runs (binding reads no row)
+        for statement in _statements(plan):  # the statements the release runs (binding reads no row)
             engine.check(statement)
     except EngineError as exc:
         raise QueryRejected(
@@ -103,11 +121,13 @@ def _quantile_codes(
     plan: Plan, m: Measurement, engine: Engine, groups: list[tuple[Any, ...]], empty: bool = False
 ) -> tuple[list[float], dict[tuple[Any, ...], np.ndarray]]:
     """Per group, row counts at each of the 2·|C|+1 positions relative to the candidate grid."""
+    quantiles = [q for q in plan.measurements if q.kind == Kind.QUANTILE]
+    statement = _statements(plan)[1 + quantiles.index(m)]  # after the plain measurements, one per quantile
     candidates = comp.quantile_grid(plan, m)
     n_codes = 2 * len(candidates) + 1
     hist = {g: np.zeros(n_codes, dtype=np.int64) for g in groups}
     nk = len(plan.keys)
-    for row in [] if empty else engine.rows(comp.quantile_query(plan, m)):  # an empty table has no codes
+    for row in [] if empty else engine.rows(statement):  # an empty table has no codes
         g = _group(plan, row[:nk])
         if g in hist and row[nk] is not None:  # a NULL value has no code (and is filtered out of the count)
             c = min(max(int(row[nk]), 0), n_codes - 1)
@@ -125,7 +145,7 @@ def execute(plan: Plan, pricing: Pricing, engine: Engine, *, default_input: bool
     exact: dict[tuple[Any, ...], tuple[int, ...]] = {}
     selecting = plan.needs_key_selection
     width = nk + len(plain) + 1
-    rows = comp.empty_result(plan) if default_input else engine.rows(comp.measurement_query(plan))
+    rows = comp.empty_result(plan) if default_input else engine.rows(_statements(plan)[0])
     for row in rows:
         key = (_PADDED, row[width]) if selecting and row[width] >= 0 else _group(plan, row[:nk])
         exact[key] = tuple(int(v) for v in row[nk:width])
