@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import yaml
 
 from gateway.demo import POLICY_YAML
 from gateway.http.query import QueryResponse
 from gateway.sql.plan import plan_query
 from gateway.sql.price import price
-from gateway.sql.release import NOISE_DOMINATED, _flags, quantile_min_rows
+from gateway.sql.release import NOISE_DOMINATED, _flags, _interval, quantile_min_rows
 from policies.schema import parse_policy
 from tests.conftest import Workspace
 
@@ -61,3 +62,17 @@ def test_a_median_without_a_count_is_not_flagged(workspace: Workspace) -> None:
         body = c.post("/v1/query", json={"sql": sql, "epsilon": 2}, headers=workspace.headers("analyst")).json()
     assert body["flags"] == [[[], []]] * 5
     assert any("add COUNT(*)" in n for n in body["notes"])
+
+
+def test_a_count_whose_noise_is_below_minus_its_half_width_is_flagged_with_an_ordered_interval() -> None:
+    # An empty group whose noisy count fell more than one half-width below zero: released as 0, and its interval
+    # clamped at 0 used to come out inverted ([0, negative]) and unflagged.
+    plan = plan_query("SELECT region, COUNT(*) AS n FROM visits GROUP BY region", lambda _: POLICY)
+    pricing = price(plan, epsilon=1.0, accuracy=None, alpha=0.05, delta=None)
+    (m,) = plan.measurements
+    hw = pricing.half_width(m, 0.05)
+    lo, hi = _interval(plan, pricing, m, np.asarray([-hw - 5.0, -hw / 2, 3 * hw]), 0.05)
+    assert (lo <= hi).all() and (lo >= 0).all()
+    assert _flags(0.0, [float(lo[0]), float(hi[0])], thin=False) == [NOISE_DOMINATED]
+    assert _flags(0.0, [float(lo[1]), float(hi[1])], thin=False) == [NOISE_DOMINATED]
+    assert _flags(3 * hw, [float(lo[2]), float(hi[2])], thin=False) == []

@@ -209,7 +209,8 @@ def _interval(
     hw = pricing.half_width(m, alpha) * measurement_unit(plan, m)
     lo, hi = value - hw, value + hw
     if m.kind in _COUNT_KINDS or m.kind == Kind.SUMSQ:
-        lo = np.maximum(lo, 0.0)
+        # Never below zero, and never inverted: a noisy value more than a half-width below zero gives [0, 0].
+        lo, hi = np.maximum(lo, 0.0), np.maximum(hi, 0.0)
     return lo, hi
 
 
@@ -445,7 +446,8 @@ def _post_process(
 
 def _flags(value: Any, interval: list[float] | None, thin: bool) -> list[str]:
     """A released cell's flags, from DP outputs and public parameters only: noise-dominated when its interval's
-    half-width (on the wider side) exceeds its magnitude, when it has an interval but no value (a mean over a noisy
+    half-width (on the wider side) exceeds its magnitude (always, for a released zero: its noise's half-width is
+    positive even where the interval is clamped to [0, 0]), when it has an interval but no value (a mean over a noisy
     count below one), or when it is a quantile of a group whose noisy row count is below its public threshold."""
     if thin:
         return [NOISE_DOMINATED]
@@ -454,7 +456,7 @@ def _flags(value: Any, interval: list[float] | None, thin: bool) -> list[str]:
     if not isinstance(value, int | float) or isinstance(value, bool):
         return [NOISE_DOMINATED] if value is None else []
     lo, hi = interval
-    return [NOISE_DOMINATED] if max(hi - value, value - lo) > abs(value) else []
+    return [NOISE_DOMINATED] if value == 0 or max(hi - value, value - lo) > abs(value) else []
 
 
 def quantile_min_rows(plan: Plan, pricing: Pricing, m: Measurement) -> float:
