@@ -381,6 +381,8 @@ def privacy_spend(
     costs: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     count = 0
     for c in charges(records, since=since, until=until):
+        if c.epsilon == 0 and c.delta == 0:  # a cached answer or a dry run: allowed, but nothing was spent
+            continue
         costs[c.dataset][c.principal].append((c.epsilon, c.delta))
         points = series[(c.principal, c.dataset)]
         cum_eps = (points[-1].cumulative_epsilon if points else 0.0) + c.epsilon

@@ -437,9 +437,12 @@ class Bastion:
 
     # --- datasets and budgets -----------------------------------------------------------------------------
 
-    def authorize(self, ctx: Context, dataset: str, grant: Grant, request: dict[str, Any]) -> tuple[Policy, str]:
-        """The dataset's policy and version if the caller's role has `grant`; audited denial otherwise."""
-        event = GRANT_EVENTS[grant]
+    def authorize(
+        self, ctx: Context, dataset: str, grant: Grant, request: dict[str, Any], event: Event | None = None
+    ) -> tuple[Policy, str]:
+        """The dataset's policy and version if the caller's role has `grant`; otherwise a denial audited under
+        `event` (the action's own event name; by default the grant's)."""
+        event = event or GRANT_EVENTS[grant]
         try:
             policy, version = self.engine.policy(dataset)
         except GatewayError as exc:

@@ -45,6 +45,9 @@ class Settings(BaseModel):
     spark_master: str = "local[2]"  # a Spark master URL (local[N] on one machine, spark://host:7077 for a cluster)
     spark_warehouse: Path | None = None  # where Spark keeps the bounded tables; default <workspace>/private/warehouse
     spark_conf: dict[str, str] = Field(default_factory=dict)  # extra Spark settings (spark.executor.memory, ...)
+    # Addresses of reverse proxies whose X-Forwarded-For / X-Forwarded-Proto the gateway believes. Empty (the
+    # default): the client address is the TCP peer's, so no client can pick the address its refusals count against.
+    trusted_proxies: list[str] = Field(default_factory=list)
     limits: Limits = Field(default_factory=Limits)
 
     # --- layout -------------------------------------------------------------------------------------------

@@ -216,12 +216,13 @@ class SynthJobs:
         job["updated"] = _now()
         _write_json(self._dir(job["job_id"]) / "job.json", job)
 
-    def _owned(self, ctx: Context, job_id: str) -> dict[str, Any]:
+    def _owned(self, ctx: Context, job_id: str, event: Event = Event.SYNTH_ACCESS) -> dict[str, Any]:
+        """The caller's own job; another principal's is refused (audited under `event`) as if it did not exist."""
         job = self.read(job_id)
         if job["principal"]["principal"] != ctx.principal.name:
             self.bastion.audit(
                 ctx,
-                "synth_access",
+                event,
                 dataset=job["dataset"],
                 request={"job_id": job_id},
                 decision="denied",
@@ -642,18 +643,24 @@ class SynthJobs:
     def owned_by(self, ctx: Context) -> list[dict[str, Any]]:
         return [self.public(j) for j in self.all_jobs() if j["principal"]["principal"] == ctx.principal.name]
 
-    def _done(self, ctx: Context, job_id: str, what: str) -> dict[str, Any]:
-        job = self._owned(ctx, job_id)
-        self.bastion.authorize(ctx, job["dataset"], Grant.SYNTH, {"job_id": job_id, what: True})
+    def _done(self, ctx: Context, job_id: str, event: Event) -> dict[str, Any]:
+        """The caller's finished job, for a download or report read; every refusal audited under `event`."""
+        job = self._owned(ctx, job_id, event)
+        request = {"job_id": job_id}
+        self.bastion.authorize(ctx, job["dataset"], Grant.SYNTH, request, event)
         if job["status"] != JobStatus.DONE:
-            raise JobNotReady(f"job {job_id} is {job['status']}, not done", status=job["status"])
+            error = JobNotReady(f"job {job_id} is {job['status']}, not done", status=job["status"])
+            self.bastion.audit(
+                ctx, event, dataset=job["dataset"], request=request, decision="denied", reason=error.code
+            )
+            raise error
         return job
 
     def download(self, ctx: Context, job_id: str, fmt: str = "parquet") -> tuple[Path, str]:
         """Path of the proxy file in `fmt`, after auditing its release; and its media type."""
         if fmt not in FORMATS:
             raise InvalidRequest(f"format must be one of {', '.join(FORMATS)}")
-        job = self._done(ctx, job_id, "download")
+        job = self._done(ctx, job_id, Event.SYNTH_DOWNLOAD)
         job_dir = self._dir(job_id)
         path = job_dir / "proxy.parquet"
         if fmt == "csv":
@@ -664,7 +671,7 @@ class SynthJobs:
                 os.replace(tmp, path)
         self.bastion.audit(
             ctx,
-            "synth_download",
+            Event.SYNTH_DOWNLOAD,
             dataset=job["dataset"],
             request={"job_id": job_id, "format": fmt},
             decision="allowed",
@@ -679,7 +686,7 @@ class SynthJobs:
     def _audit_read(self, ctx: Context, job: dict[str, Any], what: str, content: str) -> None:
         self.bastion.audit(
             ctx,
-            "synth_report",
+            Event.SYNTH_REPORT,
             dataset=job["dataset"],
             request={"job_id": job["job_id"], "page": what},
             decision="allowed",
@@ -692,16 +699,16 @@ class SynthJobs:
 
     def report(self, ctx: Context, job_id: str) -> dict[str, Any]:
         """The fidelity report (or, for a withheld non-DP proxy, the failed check), audited before it leaves."""
-        job = self._owned(ctx, job_id)
+        job = self._owned(ctx, job_id, Event.SYNTH_REPORT)
         path = self._dir(job_id) / "report.json"
         if not (job["status"] == JobStatus.WITHHELD and path.exists()):
-            job = self._done(ctx, job_id, "report")
+            job = self._done(ctx, job_id, Event.SYNTH_REPORT)
         text = path.read_text()
         self._audit_read(ctx, job, "report.json", text)
         return {"job": self.public(job), **json.loads(text)}
 
     def page(self, ctx: Context, job_id: str, name: str) -> str:
-        job = self._done(ctx, job_id, "report")
+        job = self._done(ctx, job_id, Event.SYNTH_REPORT)
         pages = self._dir(job_id) / "pages"
         path = pages / name
         if path.parent != pages or not path.name.endswith(".html") or not path.exists():

@@ -29,7 +29,6 @@ def test_corpus_covers_every_rejection_class() -> None:
         "raw_rows",
         "non_aggregated_column",
         "privacy_unit_column",
-        "hidden_column",
         "labeling_only_column",
         "min_max",
         "join",

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -30,6 +30,9 @@ from gateway.cli.terminal import (
     typer_app,
 )
 from gateway.engines.kind import EngineKind
+
+if TYPE_CHECKING:
+    from gateway.settings import Settings
 
 # Only what `--help` needs is imported above (typer, rich, this package's option types): each command imports
 # the rest (settings, the service, pandas, httpx ...) when it runs. tests/test_cli_imports.py guards this.
@@ -203,28 +206,48 @@ def serve(
         int, typer.Option(min=1, help="worker processes (they share the ledger, cache and audit log)")
     ] = 1,
     access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="log every HTTP request")] = True,
+    trusted_proxy: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="address of a reverse proxy whose X-Forwarded-For is believed (repeatable; default: none, the "
+            "client address is the connection's)"
+        ),
+    ] = None,
     workspace: Workspace = None,
 ) -> None:
     """Run the gateway on the workspace."""
-    import uvicorn
-
-    settings = _settings(workspace, host=host, port=port)
+    settings = _settings(workspace, host=host, port=port, trusted_proxies=trusted_proxy or None)
     if not settings.database.exists():
         fail(f"no private database in {settings.workspace}: run 'bastion demo' or 'bastion register' first")
     if workers > 1:
         _checked_app(settings).state.bastion.close()  # fail here, once, rather than in every worker
         os.environ["BASTION_WORKSPACE"] = str(settings.workspace.resolve())
-        uvicorn.run(
+        _run_server(
             "gateway.http.app:app_from_environment",
+            settings,
             factory=True,
             workers=workers,
-            host=settings.host,
-            port=settings.port,
             log_level="info",
             access_log=access_log,
         )
         return
-    uvicorn.run(_checked_app(settings), host=settings.host, port=settings.port, log_level="info", access_log=access_log)
+    _run_server(_checked_app(settings), settings, log_level="info", access_log=access_log)
+
+
+def _run_server(app_: Any, settings: Settings, **options: Any) -> None:
+    """uvicorn on the settings' address. Proxy headers are believed only from `trusted_proxies` (none by default:
+    uvicorn would otherwise take X-Forwarded-For from any local client as its address)."""
+    import uvicorn
+
+    trusted = settings.trusted_proxies
+    uvicorn.run(
+        app_,
+        host=settings.host,
+        port=settings.port,
+        proxy_headers=bool(trusted),
+        forwarded_allow_ips=",".join(trusted) if trusted else "",
+        **options,
+    )
 
 
 @app.command()
@@ -308,11 +331,9 @@ def demo(
     console.print("\n[bold]As the auditor[/]:", highlight=False)
     typer.echo(f"  open {url}/audit and paste the auditor token; on this host: bastion audit verify")
     if serve_:
-        import uvicorn
-
         served = _checked_app(settings)
         console.print(f"\nserving on {url} (Ctrl-C to stop)")
-        uvicorn.run(served, host=settings.host, port=settings.port, log_level="warning")
+        _run_server(served, settings, log_level="warning")
 
 
 def _activation_hint() -> str | None:

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from audit.record import Event
 from gateway.http.audit import router as audit_router
-from gateway.http.dependencies import CONTEXT, REQUEST_ID, correlation_id, request_id, source_of
+from gateway.http.dependencies import CONTEXT, REQUEST_ID, caller_if_any, correlation_id, request_id, source_of
 from gateway.http.docs import router as docs_router
 from gateway.http.docs import static_files
 from gateway.http.errors import http_error, validation_error, validation_problems
@@ -30,7 +30,7 @@ from gateway.http.sessions import SessionStore
 from gateway.http.synth import router as synth_router
 from gateway.service import Bastion, Context
 from gateway.settings import Settings
-from policies.errors import GatewayError
+from policies.errors import GatewayError, InvalidRequest
 
 log = logging.getLogger("bastion")
 
@@ -97,26 +97,19 @@ def create_app(settings: Settings, bastion: Bastion | None = None) -> FastAPI:
     async def gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
         return JSONResponse(status_code=exc.status, content=exc.to_dict())
 
-    @app.exception_handler(HTTPException)
-    async def refused(request: Request, exc: HTTPException) -> JSONResponse:
-        # Starlette's own refusals (no such route, wrong method) in the one error shape.
-        error = http_error(request, exc)
-        headers = {"Allow": exc.headers["Allow"]} if exc.headers and "Allow" in exc.headers else None
-        return JSONResponse(status_code=exc.status_code, content=error.to_dict(), headers=headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # The one error shape, naming the fields and what is wrong (never echoing the values: NaN is not JSON),
-        # and audited: with the caller's identity if the token was checked, else counted with its source.
-        shown = validation_problems(request, exc)
-        error: GatewayError = validation_error(request, exc, shown)
+    def audit_invalid(request: Request, error: GatewayError, problems: list[str]) -> GatewayError:
+        """Record an invalid request before its 400: with the caller's identity when its bearer token is valid
+        (the body is read before the route's token check, so that check may not have run), else as a refusal
+        before authentication, counted with its source. The error to answer (503 if the log cannot be written)."""
         ctx = getattr(request.state, CONTEXT, None)
+        if not isinstance(ctx, Context):
+            ctx = caller_if_any(request, core)
         try:
-            if isinstance(ctx, Context):
+            if ctx is not None:
                 core.audit(
                     ctx,
                     Event.INVALID_REQUEST,
-                    request={"path": request.url.path, "problems": shown},
+                    request={"path": request.url.path, "problems": problems},
                     decision="denied",
                     reason=error.code,
                 )
@@ -125,7 +118,24 @@ def create_app(settings: Settings, bastion: Bastion | None = None) -> FastAPI:
                     error, source_of(request), request.url.path, request_id(request), correlation_id(request)
                 )
         except GatewayError as unavailable:  # the log cannot be written
-            error = unavailable
+            return unavailable
+        return error
+
+    @app.exception_handler(HTTPException)
+    async def refused(request: Request, exc: HTTPException) -> JSONResponse:
+        # Starlette's own refusals (no such route, wrong method, a body it cannot decode) in the one error shape;
+        # a body it cannot decode is an invalid request, audited as such.
+        error = http_error(request, exc)
+        if isinstance(error, InvalidRequest):
+            error = audit_invalid(request, error, [error.message])
+        headers = {"Allow": exc.headers["Allow"]} if exc.headers and "Allow" in exc.headers else None
+        return JSONResponse(status_code=error.status, content=error.to_dict(), headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # The one error shape, naming the fields and what is wrong (never echoing the values: NaN is not JSON).
+        shown = validation_problems(request, exc)
+        error = audit_invalid(request, validation_error(request, exc, shown), shown)
         return JSONResponse(status_code=error.status, content=error.to_dict())
 
     @app.exception_handler(Exception)

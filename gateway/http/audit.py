@@ -34,7 +34,16 @@ from audit.errors import AuditError
 from audit.keys import Keyring
 from audit.record import check_event_name, format_time, known_events
 from audit.verify import VerifyReport, verdict, verify_log
-from gateway.http.dependencies import ERRORS, Core, Ctx, authenticated, context_for, get_bastion, refuse_authentication
+from gateway.http.dependencies import (
+    ERRORS,
+    Core,
+    Ctx,
+    authenticated,
+    bearer_token,
+    context_for,
+    get_bastion,
+    refuse_authentication,
+)
 from gateway.http.sessions import SessionStore
 from gateway.service import Bastion, Context
 from gateway.stores.tokens import Principal
@@ -342,10 +351,8 @@ def _signed_in(request: Request) -> bool:
 
 def _web_context(request: Request, bastion: Bastion) -> Context:
     """Who is asking: the bearer header, or the session whose id the HttpOnly cookie set at login holds."""
-    header = request.headers.get("authorization")
-    if header is not None:
-        token = header[7:].strip() if header.lower().startswith("bearer ") else None
-        return context_for(request, bastion, token)
+    if request.headers.get("authorization") is not None:
+        return context_for(request, bastion, bearer_token(request))
     sessions = _sessions(request)
 
     def session() -> Principal:

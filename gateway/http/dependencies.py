@@ -33,8 +33,19 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+def _finite(value: float | int) -> float:
+    """A JSON number as a float; an integer too large for a float (10**309, say) is refused, not an overflow."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError("must be a finite number") from None
+
+
 # A JSON number, never a string or a boolean coerced into one (true would otherwise be read as ε = 1).
-Number = Annotated[StrictFloat | StrictInt, AfterValidator(float)]
+Number = Annotated[StrictFloat | StrictInt, AfterValidator(_finite)]
+
+# Request bodies take JSON's own types only: no "yes" or "1" read as true, no "5" as a number.
+REQUEST_CONFIG = ConfigDict(extra="forbid", strict=True)
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "invalid request or rejected SQL (with line, column, highlight)"},
@@ -103,6 +114,23 @@ def authenticated(request: Request, bastion: Bastion, check: Callable[[], Princi
     ctx = Context(principal, source=source, request_id=rid, correlation_id=cid)
     setattr(request.state, CONTEXT, ctx)
     return ctx
+
+
+def bearer_token(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    return header[7:].strip() if header.lower().startswith("bearer ") else None
+
+
+def caller_if_any(request: Request, bastion: Bastion) -> Context | None:
+    """The context of a request's valid bearer token, or None; nothing is recorded or counted either way (for
+    requests refused before their route checked the token)."""
+    try:
+        principal = bastion.authenticate(bearer_token(request))
+    except Unauthorized:
+        return None
+    return Context(
+        principal, source=source_of(request), request_id=request_id(request), correlation_id=correlation_id(request)
+    )
 
 
 def context_for(request: Request, bastion: Bastion, token: str | None) -> Context:

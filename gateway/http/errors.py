@@ -42,6 +42,8 @@ def http_error(request: Request, exc: HTTPException) -> GatewayError:
     if exc.status_code == 405:
         allowed = (exc.headers or {}).get("Allow", "")
         return MethodNotAllowed(f"{request.method} is not allowed on {path}; allowed: {allowed}", path=path)
+    if exc.status_code == 400:  # a body Starlette cannot decode (not UTF-8, say)
+        return InvalidRequest("invalid request: the body must be JSON in UTF-8")
     return HttpRefusal(exc.status_code, exc.detail if isinstance(exc.detail, str) else "request refused")
 
 
@@ -54,8 +56,12 @@ def _body_fields(request: Request) -> list[str]:
     return []
 
 
-def _name(loc: Sequence[Any]) -> tuple[str, str]:
-    """(where, field) of an error location: union member tags (`float`, `function-after[...]`) are dropped."""
+def _name(err: dict[str, Any]) -> tuple[str, str]:
+    """(where, field) of an error: union member tags (`float`, `function-after[...]`) are dropped, and a JSON
+    syntax error is the body's (its location holds a character position, not a field)."""
+    loc: Sequence[Any] = err.get("loc", ())
+    if err.get("type") == "json_invalid":
+        return "body", ""
     where, *rest = loc if loc else ("body",)
     parts = [str(p) for p in rest if not (isinstance(p, str) and ("[" in p or p in {"float", "int", "str", "bool"}))]
     return str(where), ".".join(parts)
@@ -90,7 +96,7 @@ def validation_problems(request: Request, exc: RequestValidationError) -> list[s
     found: dict[tuple[str, str], list[str]] = {}
     kinds: dict[tuple[str, str], set[str]] = {}
     for err in exc.errors():
-        key = _name(err.get("loc", ()))
+        key = _name(err)
         problem = _problem(err, request, fields)
         found.setdefault(key, [])
         if problem not in found[key]:
@@ -110,5 +116,5 @@ def validation_problems(request: Request, exc: RequestValidationError) -> list[s
 
 def validation_error(request: Request, exc: RequestValidationError, problems: list[str]) -> InvalidRequest:
     """One message for all the problems of a request; `field` names the first."""
-    first = next((_name(err.get("loc", ())) for err in exc.errors()), ("body", ""))
+    first = next((_name(err) for err in exc.errors()), ("body", ""))
     return InvalidRequest("invalid request: " + "; ".join(problems), field=first[1] or None)

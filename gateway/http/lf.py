@@ -19,15 +19,15 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from gateway.http.dependencies import ERRORS, Core, Ctx, Number
+from gateway.http.dependencies import ERRORS, REQUEST_CONFIG, Core, Ctx, Number
 from gateway.labeling import lf_stats, registry_listing
 from labeling_functions.sandbox import start_worker_server
 
 
 class LFSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
     name: str = Field(description="unique name of the LF in this request")
     label: str = Field(description="the class it votes for, one of the dataset's labels.classes")
     when: str | None = Field(
@@ -47,7 +47,7 @@ class LFSpec(BaseModel):
 
 
 class LFStatsRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
     dataset: str
     lfs: list[LFSpec] = Field(default_factory=list, description="declarative labeling functions")
     python_lfs: list[str] = Field(default_factory=list, description="names of registered Python LFs")

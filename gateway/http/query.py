@@ -9,11 +9,11 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.http.dependencies import ERRORS, Core, Ctx, Number
+from gateway.http.dependencies import ERRORS, REQUEST_CONFIG, Core, Ctx, Number
 
 
 class QueryRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
     sql: str = Field(description="one aggregate SELECT over one dataset")
     epsilon: Number | None = Field(
         default=None, description="privacy loss to spend, 0.001 to 1000 (give this or accuracy)"

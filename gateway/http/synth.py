@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.http.dependencies import ERRORS, Core, Ctx, ErrorResponse, Number
+from gateway.http.dependencies import ERRORS, REQUEST_CONFIG, Core, Ctx, ErrorResponse, Number
 from gateway.synth_jobs import MAX_ROWS, SynthJobs
 
 _create_lock = threading.Lock()
@@ -31,7 +31,7 @@ Jobs = Annotated[SynthJobs, Depends(get_jobs)]
 
 
 class SynthRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
     dataset: str
     epsilon: Number | None = Field(
         default=None, description="privacy loss of a DP proxy, 0.001 to 1000 (required for DP)"

@@ -27,7 +27,7 @@ from policies.expressions import (
     reject,
     span,
 )
-from policies.schema import NUMERIC_TYPES, Column, ColumnType, Policy
+from policies.schema import NUMERIC_TYPES, Column, ColumnType, Policy, Usage
 from policies.sqltypes import FLOAT, SqlType, Typed, canonical, sql_type_name
 from policies.sqltypes import column_type as column_type_of
 from policies.typecheck import Checked, Checker
@@ -489,13 +489,17 @@ class _Planner:
         return checker.condition(node, "HAVING") if condition else checker.check(node)
 
     def unknown_columns(self) -> None:
-        """Refuse an unknown column at its first use in the text (the stages below meet GROUP BY before SELECT)."""
+        """Refuse an unknown column at its first use in the text (the stages below meet GROUP BY before SELECT); a
+        hidden column is an unknown one."""
+        visible = {
+            n for n, c in self.policy.columns.items() if c.usage is not Usage.HIDDEN or n == self.policy.privacy_unit
+        }
         aliases = {item.alias.lower() for item in self.select.expressions if isinstance(item, exp.Alias)}
         unknown = [
             c
             for c in self.select.find_all(exp.Column)
             if isinstance(c.this, exp.Identifier)
-            and c.name.lower() not in self.policy.columns
+            and c.name.lower() not in visible
             and (c.table or c.name.lower() not in aliases)
         ]
         if unknown:

@@ -155,3 +155,24 @@ def test_privacy_spend_of_exactly_the_cap_is_not_over_it() -> None:
     assert not report.datasets["d"].over_cap
     since = privacy_spend(records, since="2025-01-01T00:00:10Z")
     assert since.charges == 20
+
+
+def test_privacy_spend_counts_only_records_that_spent_something() -> None:
+    def record(i: int, eps: float, delta: float = 0.0) -> dict[str, Any]:
+        return {
+            "seq": i,
+            "time": f"2025-01-01T00:00:{i:02d}.000000Z",
+            "event": "query",
+            "decision": "allowed",
+            "actor": {"principal": "a"},
+            "dataset": "d",
+            "request_id": str(i),
+            "cost": {"epsilon": eps, "delta": delta},
+        }
+
+    # two charges, then cached answers and dry runs (allowed, cost 0), and a δ-only charge
+    records = [record(0, 0.5), record(1, 0.25), *(record(i, 0.0) for i in range(2, 20)), record(20, 0.0, 1e-6)]
+    report = privacy_spend(records)
+    assert report.charges == 3
+    assert report.datasets["d"].epsilon == pytest.approx(0.75) and report.datasets["d"].delta == pytest.approx(1e-6)
+    assert [p.seq for p in report.series[("a", "d")]] == [0, 1, 20]

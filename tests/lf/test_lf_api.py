@@ -94,10 +94,10 @@ def test_dry_run_costs_nothing_and_roles_need_the_labeling_grant(workspace: Work
 
 
 BAD_CONDITIONS: list[tuple[dict[str, Any], str, str | None]] = [
-    ({"when": "ssn LIKE '9%'"}, "hidden_column", "ssn"),
+    ({"when": "ssn LIKE '9%'"}, "unknown_column", "ssn"),
     ({"when": "patient_id > 100"}, "privacy_unit_column", "patient_id"),
-    ({"keywords": {"column": "ssn", "any": ["123"]}}, "hidden_column", "ssn"),
-    ({"regex": {"column": "ssn", "pattern": "^9"}}, "hidden_column", "ssn"),
+    ({"keywords": {"column": "ssn", "any": ["123"]}}, "unknown_column", "ssn"),
+    ({"regex": {"column": "ssn", "pattern": "^9"}}, "unknown_column", "ssn"),
     ({"when": "random() < 0.5"}, "volatile_function", "random"),
     ({"when": "age > 3 AND now() > DATE '2020-01-01'"}, "volatile_function", "now"),
     ({"when": "read_parquet('/etc/passwd') IS NOT NULL"}, "table_function", "read_parquet('/etc/passwd'"),

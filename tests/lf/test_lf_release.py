@@ -118,9 +118,11 @@ def test_intervals_cover_the_exact_statistics_at_the_stated_rate() -> None:
     rates = {name: float(np.mean(h)) for name, h in hits.items()}
     for name, rate in rates.items():
         assert rate >= 0.9, (name, rate, rates)
-    # A single released count is neither over- nor under-covered much: about 95%.
+    # A single released count is neither over- nor under-covered much: about 95%, within four standard errors of
+    # the rate over its cells (each cell's noise is drawn afresh; a fixed band of 0.92-0.99 failed now and then).
     for name in ("votes", "rows", "class_correct"):
-        assert 0.92 <= rates[name] <= 0.99, (name, rates[name])
+        spread = 4 * math.sqrt(0.95 * 0.05 / len(hits[name]))
+        assert 0.95 - spread <= rates[name] <= 0.95 + spread, (name, rates[name], len(hits[name]))
 
 
 def test_label_model_intervals_cover_the_counts_under_its_labels() -> None:

@@ -131,6 +131,15 @@ def test_synth_needs_the_grant_and_other_principals_see_nothing(workspace: Works
         assert other.status_code == 404
         denied = [r for r in AuditLog(workspace.settings.audit_dir).records() if r["event"] == "synth_access"]
         assert denied[-1]["decision"] == "denied" and denied[-1]["actor"]["role"] == "auditor"
+        # A refused download or report is recorded under the action's own event name, like an allowed one.
+        other_h = workspace.headers("auditor")
+        assert c.get(f"/v1/synth/{job['job_id']}/download", headers=other_h).status_code == 404
+        assert c.get(f"/v1/synth/{job['job_id']}/report", headers=other_h).status_code == 404
+        records = list(AuditLog(workspace.settings.audit_dir).records())
+        assert [(r["event"], r["decision"], r["reason"]) for r in records[-2:]] == [
+            ("synth_download", "denied", "not_owner"),
+            ("synth_report", "denied", "not_owner"),
+        ]
         bad = c.post("/v1/synth", json={"dataset": "visits", "epsilon": 1.0, "method": "magic"}, headers=h)
         assert bad.status_code == 400
 

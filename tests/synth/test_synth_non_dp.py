@@ -45,6 +45,12 @@ def test_non_dp_needs_approval_and_is_audited(tmp_path: Path, demo_source: tuple
         assert c.get(f"/v1/synth/{job['job_id']}", headers=h).json()["status"] == "awaiting_approval"
         early = c.get(f"/v1/synth/{job['job_id']}/download", headers=h)
         assert early.status_code == 409 and early.json()["error"]["code"] == "synth_job_not_ready"
+        refused = list(AuditLog(ws.settings.audit_dir).records())[-1]
+        assert (refused["event"], refused["decision"], refused["reason"]) == (
+            "synth_download",
+            "denied",
+            "synth_job_not_ready",
+        )
 
         approved = subprocess.run(
             [

@@ -1,0 +1,116 @@
+"""Refusals found by an adversarial pass over the gateway: each was a 500, an unaudited or anonymous refusal, a lax
+type or a leaked name; each is now a 400 in the one error shape, audited under the right identity."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from audit.log import AuditLog
+from gateway.stores.ledger import Ledger
+from tests.conftest import Workspace
+
+COUNT = "SELECT COUNT(*) FROM visits"
+HUGE = "1" + "0" * 309  # a JSON integer no float can hold
+
+
+def _post(c: Any, workspace: Workspace, path: str, raw: bytes, role: str | None = "analyst") -> Any:
+    headers = {**(workspace.headers(role) if role else {}), "content-type": "application/json"}
+    return c.post(path, content=raw, headers=headers)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/query", f'{{"sql": "{COUNT}", "epsilon": {HUGE}}}'),
+        ("/v1/query", f'{{"sql": "{COUNT}", "epsilon": 1, "alpha": {HUGE}}}'),
+        ("/v1/query", f'{{"sql": "{COUNT}", "epsilon": 1, "delta": {HUGE}}}'),
+        ("/v1/query", f'{{"sql": "{COUNT}", "accuracy": {HUGE}}}'),
+        ("/v1/query", f'{{"sql": "{COUNT}", "accuracy": {{"n": {HUGE}}}}}'),
+        ("/v1/synth", f'{{"dataset": "visits", "epsilon": {HUGE}}}'),
+    ],
+)
+def test_an_integer_too_large_for_a_float_is_a_400(workspace: Workspace, path: str, body: str) -> None:
+    with workspace.app() as c:
+        r = _post(c, workspace, path, body.encode())
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "invalid_request"
+    assert "finite" in r.json()["error"]["message"]
+    assert Ledger(workspace.settings.ledger).history() == []
+    records = [rec for rec in AuditLog(workspace.settings.audit_dir).records() if rec["event"] == "invalid_request"]
+    assert [rec["actor"]["principal"] for rec in records] == ["alice"]
+
+
+@pytest.mark.parametrize("value", ['"yes"', '"true"', "1", "null"])
+def test_dry_run_takes_a_json_boolean_only(workspace: Workspace, value: str) -> None:
+    with workspace.app() as c:
+        r = _post(c, workspace, "/v1/query", f'{{"sql": "{COUNT}", "epsilon": 1, "dry_run": {value}}}'.encode())
+    assert r.status_code == 400, r.text
+    assert "dry_run" in r.json()["error"]["message"]
+    assert Ledger(workspace.settings.ledger).history() == []
+
+
+def test_malformed_json_of_a_signed_in_caller_is_audited_as_theirs_and_never_locks_out(workspace: Workspace) -> None:
+    threshold = workspace.settings.limits.max_refusals
+    with workspace.app() as c:
+        answers = [_post(c, workspace, "/v1/query", b'{"sql":') for _ in range(threshold + 5)]
+        after = c.get("/v1/budget", headers=workspace.headers("analyst"))
+    assert {r.status_code for r in answers} == {400}
+    first = answers[0].json()["error"]
+    assert first["code"] == "invalid_request" and "not valid JSON" in first["message"]
+    assert first.get("field") is None  # a character position is not a field
+    assert after.status_code == 200  # the caller's own bad bodies are not refusals before authentication
+    records = list(AuditLog(workspace.settings.audit_dir).records())
+    invalid = [rec for rec in records if rec["event"] == "invalid_request"]
+    assert len(invalid) == threshold + 5 and {rec["actor"]["principal"] for rec in invalid} == {"alice"}
+    assert not [rec for rec in records if rec["event"] == "authentication"]
+
+
+def test_malformed_json_without_a_valid_token_is_counted_as_a_refusal_before_authentication(
+    workspace: Workspace,
+) -> None:
+    with workspace.app() as c:
+        r = _post(c, workspace, "/v1/query", b'{"sql":', role=None)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request"
+    refused = [rec for rec in AuditLog(workspace.settings.audit_dir).records() if rec["event"] == "authentication"]
+    assert [(rec["actor"]["principal"], rec["reason"]) for rec in refused] == [(None, "invalid_request")]
+
+
+def test_a_body_that_is_not_utf8_is_an_audited_invalid_request(workspace: Workspace) -> None:
+    with workspace.app() as c:
+        r = _post(c, workspace, "/v1/query", b'{"sql": "SELECT \xff\xfe", "epsilon": 1}')
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "invalid_request" and "UTF-8" in r.json()["error"]["message"]
+    records = [rec for rec in AuditLog(workspace.settings.audit_dir).records() if rec["event"] == "invalid_request"]
+    assert [rec["actor"]["principal"] for rec in records] == ["alice"]
+    assert Ledger(workspace.settings.ledger).history() == []
+
+
+@pytest.mark.parametrize("sql", ["SELECT COUNT(ssn) AS n FROM visits", "SELECT ssn, COUNT(*) FROM visits GROUP BY ssn"])
+def test_a_hidden_column_is_refused_like_one_that_does_not_exist(workspace: Workspace, sql: str) -> None:
+    with workspace.app() as c:
+        hidden = c.post("/v1/query", json={"sql": sql, "epsilon": 1}, headers=workspace.headers("analyst"))
+        absent = c.post(
+            "/v1/query", json={"sql": sql.replace("ssn", "qqq"), "epsilon": 1}, headers=workspace.headers("analyst")
+        )
+    h, a = hidden.json()["error"], absent.json()["error"]
+    assert hidden.status_code == absent.status_code == 400
+    assert h["reason"] == a["reason"] == "unknown_column"
+    assert h["message"].replace("ssn", "qqq") == a["message"]
+    assert "hidden" not in json.dumps(h) and "ssn" not in h.get("hint", "")
+
+
+def test_serve_believes_no_proxy_headers_unless_told(monkeypatch: pytest.MonkeyPatch, workspace: Workspace) -> None:
+    import uvicorn
+
+    from gateway.cli.main import _run_server
+
+    seen: list[dict[str, Any]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.append(kw))
+    _run_server("app", workspace.settings)
+    trusted = workspace.settings.model_copy(update={"trusted_proxies": ["10.0.0.7"]})
+    _run_server("app", trusted)
+    assert (seen[0]["proxy_headers"], seen[0]["forwarded_allow_ips"]) == (False, "")
+    assert (seen[1]["proxy_headers"], seen[1]["forwarded_allow_ips"]) == (True, "10.0.0.7")
