@@ -209,8 +209,9 @@ def serve(
     trusted_proxy: Annotated[
         list[str] | None,
         typer.Option(
+            metavar="<address>",
             help="address of a reverse proxy whose X-Forwarded-For is believed (repeatable; default: none, the "
-            "client address is the connection's)"
+            "client address is the connection's)",
         ),
     ] = None,
     workspace: Workspace = None,
