@@ -1,5 +1,6 @@
 """Benchmark of reviewed Python labeling functions on the demo table: once per distinct combination of the columns
-they declare (the default) against once per row, and the demo's example LF file end to end.
+they declare, padded to the public number of inputs (the default) and unpadded, and the demo's example LF file
+end to end.
 
 Generates the demo visits (500,000 rows by default), registers them in a temporary workspace and serves the
 gateway on a local port (uvicorn, in this process). Then:
@@ -7,8 +8,9 @@ gateway on a local port (uvicorn, in this process). Then:
 - the demo's example LF file (`gateway.demo.EXAMPLE_LFS_YAML`: four declarative LFs and the Python LF
   `urgent_diagnosis`) with `bastion lf stats lfs.yaml --dataset visits --epsilon E`, each run a fresh CLI process
   with a distinct ε (never cached); the first run after the gateway started is reported on its own;
-- each registered Python LF alone through the core (`run_lfs`, no HTTP): per combination (the default cap) and per
-  row (a cap of 1 forces the per-row path), checking that both give identical exact statistics.
+- each registered Python LF alone through the core (`run_lfs`, no HTTP): its combinations padded with NULL inputs
+  to `SandboxLimits.combinations` (the default) and unpadded (a padding of 1), checking that both give identical
+  exact statistics.
 
     .venv/bin/python benchmarks/lf_python_bench.py [--rows 500000] [--reps 5] [--lfs urgent_diagnosis,...]
 """
@@ -54,7 +56,7 @@ def main() -> None:
     parser.add_argument(
         "--lfs",
         default="urgent_diagnosis,red_flag_words,routine_words,stay_and_age",
-        help="registered Python LFs to time per combination and per row (comma-separated; empty: none)",
+        help="registered Python LFs to time padded and unpadded (comma-separated; empty: none)",
     )
     args = parser.parse_args()
 
@@ -107,7 +109,7 @@ def main() -> None:
                 timings = []
                 results = []
                 for limits in (SandboxLimits(), SandboxLimits(combinations=1)):
-                    print(f"{name}: {'per row' if limits.combinations == 1 else 'per combination'}...", flush=True)
+                    print(f"{name}: {'unpadded' if limits.combinations == 1 else 'padded'}...", flush=True)
                     t0 = time.perf_counter()
                     results.append(run_lfs(plan, bastion.engine, limits=limits, progress=lambda _: None))
                     timings.append(time.perf_counter() - t0)
@@ -128,11 +130,11 @@ def main() -> None:
     print(f"  median of {args.reps} runs:              {statistics.median(runs):,.2f} s  (min {min(runs):,.2f} s)")
     if per_lf:
         print()
-        print(f"{'python LF':<18} {'columns':<26} {'per combination':>16} {'per row':>10}  identical")
+        print(f"{'python LF':<18} {'columns':<26} {'padded':>16} {'unpadded':>10}  identical")
         for name, columns, combined, rows, same in per_lf:
             print(f"{name:<18} {', '.join(columns):<26} {combined:>14,.2f} s {rows:>8,.2f} s  {same}")
     if not all(p[4] for p in per_lf):
-        sys.exit("per-combination and per-row statistics differ")
+        sys.exit("padded and unpadded statistics differ")
 
 
 if __name__ == "__main__":

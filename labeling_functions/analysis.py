@@ -257,7 +257,7 @@ def run_lfs(
     """Apply the LFs to the pre-bounded rows and compute the exact statistics (and each row's vote pattern).
 
     Declarative LFs are vote columns of one statement. Each Python LF is applied in the sandbox to the distinct
-    combinations of its declared columns (or to every row, past the cap: `labeling_functions.combos`), and its
+    combinations of its declared columns (padded to a public number: `labeling_functions.combos`), and its
     votes are joined back in the same statement by key. Without the label model the engine aggregates the vote
     patterns and no row leaves it; with it, every row's id and votes are read and the patterns counted here."""
     limits = limits or SandboxLimits()

@@ -7,15 +7,15 @@ row per key) and in the statement of the votes (every row's key), so both agree 
 gateway. The LF's votes per key go back to the engine as a non-private frame (`Reader.frame`) that the vote
 statement joins on the key; the engine then counts the vote patterns, and no row leaves it.
 
-Timing: the number of distinct combinations depends on the rows, so it is never shown and the work does not
-follow it. An LF is applied to exactly `SandboxLimits.combinations` inputs (a public number: the combinations,
-then all-NULL inputs up to that number) when there are at most that many; above it, it is applied once per row of
-the bounded table (its row count is not hidden: scanning the table takes time in proportion to it), keyed by the
-row id. What the running time can still tell: whether there are more combinations than the cap (columns whose
-public domains, category domains or integer bounds, allow at most the cap can never cross it), and, as with
-per-row application, how long the LF takes on the inputs it is given, each call at most ROW_SECONDS: one unit's
-rows add at most k new combinations, so at most k × ROW_SECONDS, never more than per row. (Padding with repeats
-of the combinations would multiply a slow one's time.)
+Timing: the number of distinct combinations depends on the rows, so it is never shown, and the work follows it
+only as far as one unit can move it. An LF is applied to every combination, padded with all-NULL inputs (a
+public input) up to `SandboxLimits.combinations` when there are fewer, so below that number the count of calls
+is a public constant, and above it one unit's rows add at most k calls. There is no switch to another way of
+working at any number of combinations (an earlier fallback to per-row application past the cap made the time
+jump when one unit's rows crossed it). What the running time can still tell is, as with per-row application,
+how long the LF takes on the inputs it is given, each call at most ROW_SECONDS: one unit's rows add at most k new
+combinations, so at most k × ROW_SECONDS (plus k inputs' transfer and lookup). Padding with repeats of the
+combinations would multiply a slow one's time.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from sqlglot import exp
 from labeling_functions.registry import PythonLF
 from labeling_functions.sandbox import LFRef
 from labeling_functions.specs import ABSTAIN
-from policies.reader import ROW_ID, Reader
+from policies.reader import Reader
 from policies.schema import Policy
 
 KEY = "__k"
@@ -51,9 +51,9 @@ def combination_key(columns: tuple[str, ...]) -> exp.Expr:
     )
 
 
-def combinations_query(policy: Policy, columns: tuple[str, ...], limit: int) -> exp.Select:
-    """The first `limit` distinct combinations of `columns`, one row per key, in key order. Rows with the same key
-    compare equal on every column, so MIN picks the combination (NULL where they all are)."""
+def combinations_query(policy: Policy, columns: tuple[str, ...]) -> exp.Select:
+    """The distinct combinations of `columns`, one row per key, in key order. Rows with the same key compare equal
+    on every column, so MIN picks the combination (NULL where they all are)."""
     table = exp.table_(policy.bounded_table, quoted=True)
     ranked = exp.select(*[_column(c) for c in columns], exp.alias_(combination_key(columns), KEY, quoted=True)).from_(
         table
@@ -64,26 +64,18 @@ def combinations_query(policy: Policy, columns: tuple[str, ...], limit: int) -> 
         .from_(exp.alias_(exp.Subquery(this=ranked), "ranked"))
         .group_by(_column(KEY))
         .order_by(_column(KEY))
-        .limit(limit)
     )
-
-
-def rows_query(policy: Policy, columns: tuple[str, ...]) -> exp.Select:
-    """Every bounded row's `columns`, keyed by its row id (the per-row fallback)."""
-    table = exp.table_(policy.bounded_table, quoted=True)
-    return exp.select(exp.alias_(_column(ROW_ID), KEY, quoted=True), *[_column(c) for c in columns]).from_(table)
 
 
 @dataclass(frozen=True)
 class LFInput:
-    """What one Python LF is applied to: `table` (its columns and KEY; padded to a public size for combinations,
-    of which the first `size` rows are real) and `key`, each bounded row's KEY in the vote statement."""
+    """What one Python LF is applied to: `table` (its columns and KEY; padded to a public size when there are
+    fewer combinations, the first `size` rows real) and `key`, each bounded row's KEY in the vote statement."""
 
     lf: PythonLF
     key: exp.Expr
     table: pa.Table
     size: int
-    per_row: bool
 
     @property
     def ref(self) -> LFRef:
@@ -110,10 +102,8 @@ def _padded(table: pa.Table, size: int) -> pa.Table:
     return pa.concat_tables([table, nulls])
 
 
-def lf_input(reader: Reader, policy: Policy, lf: PythonLF, cap: int) -> LFInput:
-    """The combinations of `lf`'s columns padded to `cap` inputs, or, when there are more than `cap`, every row."""
-    combos = reader.arrow(combinations_query(policy, lf.columns, cap + 1))
-    if combos.num_rows <= cap:
-        return LFInput(lf, combination_key(lf.columns), _padded(combos, cap), combos.num_rows, per_row=False)
-    rows = reader.arrow(rows_query(policy, lf.columns))
-    return LFInput(lf, _column(ROW_ID), rows, rows.num_rows, per_row=True)
+def lf_input(reader: Reader, policy: Policy, lf: PythonLF, pad_to: int) -> LFInput:
+    """Every combination of `lf`'s columns, padded with NULL inputs to `pad_to` when there are fewer."""
+    combos = reader.arrow(combinations_query(policy, lf.columns))
+    table = _padded(combos, pad_to) if combos.num_rows < pad_to else combos
+    return LFInput(lf, combination_key(lf.columns), table, combos.num_rows)

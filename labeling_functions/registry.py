@@ -112,6 +112,12 @@ def read_columns(fn: Any) -> tuple[frozenset[str] | None, str | None]:
     )
     if node is None or not node.args.args:
         return None, "takes no row argument"
+    for handler in ast.walk(node):
+        if isinstance(handler, ast.ExceptHandler) and _catches_everything(handler.type):
+            return None, (
+                f"catches every exception (line {handler.lineno} of its source: a bare except or BaseException), "
+                "which would swallow the per-row time limit"
+            )
     row = node.args.args[0].arg
     parents = {child: parent for parent in ast.walk(node) for child in ast.iter_child_nodes(parent)}
     columns: set[str] = set()
@@ -135,6 +141,14 @@ def read_columns(fn: Any) -> tuple[frozenset[str] | None, str | None]:
                 f"(line {name.lineno} of its source), so the columns it reads cannot be checked"
             )
     return frozenset(columns), None
+
+
+def _catches_everything(kind: ast.expr | None) -> bool:
+    """Whether an except clause of this type catches BaseException (the sandbox's per-row time limit is one)."""
+    if kind is None:
+        return True
+    names = kind.elts if isinstance(kind, ast.Tuple) else [kind]
+    return any(isinstance(n, ast.Name | ast.Attribute) and ast.unparse(n).endswith("BaseException") for n in names)
 
 
 class Registry:

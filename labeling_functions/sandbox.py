@@ -19,8 +19,8 @@ never an exception message, a traceback or a value, which could quote a row (the
 statistics of a default input, see labeling_functions.analysis).
 
 While it runs, the worker reports how many of its inputs it has done; the parent passes the fraction to a
-callback (the gateway logs it). The total is the sum of the input tables' lengths, which the caller makes public
-(padded combinations, or the table's rows).
+callback (the gateway logs it). The total is the sum of the input tables' lengths: the combinations padded to a
+public number (more only past it, where one unit adds at most k).
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ class SandboxError(GatewayError):
 class SandboxLimits:
     seconds: float = 300.0
     memory_bytes: int = 4 * 2**30  # address space the LFs may add on top of the loaded worker
-    # An LF is applied to exactly this many inputs when its columns have at most this many distinct combinations
-    # (padded with repeats), and once per row otherwise (labeling_functions.combos).
+    # An LF is applied to at least this many inputs: its columns' distinct combinations, padded with all-NULL
+    # inputs up to this number when there are fewer (labeling_functions.combos).
     combinations: int = 10_000
 
 
@@ -161,7 +161,13 @@ class _Undeclared(BaseException):
     """An LF read a column it does not declare: the whole run fails (an LF cannot catch it)."""
 
 
+_timed_out = False  # set by the per-row alarm; a row whose LF ran out of time abstains, whatever it returns
+
+
 def _on_alarm(signum: int, frame: Any) -> None:
+    global _timed_out
+    _timed_out = True
+    signal.setitimer(signal.ITIMER_REAL, ROW_SECONDS / 25)  # again soon, should the LF's code catch this one
     raise _RowTimeout
 
 
@@ -196,6 +202,8 @@ def _undeclared() -> Any:
 def vote(lf: Any, x: Row) -> int:
     """`lf`'s vote on `x`: abstain where it raises (MemoryError and undeclared reads aside), takes longer than
     ROW_SECONDS, or returns no integer vote. The alarm needs the worker's main thread (it runs there)."""
+    global _timed_out
+    _timed_out = False
     try:
         signal.setitimer(signal.ITIMER_REAL, ROW_SECONDS)
         try:
@@ -207,6 +215,8 @@ def vote(lf: Any, x: Row) -> int:
     except _RowTimeout:
         return ABSTAIN
     except Exception:  # noqa: BLE001 - a failure on one row is an abstention on that row
+        return ABSTAIN
+    if _timed_out:  # the LF caught the alarm and went on: its answer depends on how long it took
         return ABSTAIN
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or not ABSTAIN <= value < MAX_VOTE:
         return ABSTAIN

@@ -157,6 +157,14 @@ def _column_ref(spec: dict[str, Any], what: str) -> str:
     return column
 
 
+def _flag(spec: dict[str, Any], key: str, what: str) -> bool:
+    """An optional JSON boolean option (false when absent); anything else is refused, not read as true."""
+    value = spec.get(key, False)
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"{what}.{key} must be true or false")
+    return value
+
+
 def _keywords_condition(spec: Any) -> str:
     if not isinstance(spec, dict) or set(spec) - {"column", "any", "case_sensitive"}:
         raise InvalidRequest("keywords must be {column, any: [words], case_sensitive?}")
@@ -169,7 +177,7 @@ def _keywords_condition(spec: Any) -> str:
         or not all(isinstance(w, str) and w for w in words)
     ):
         raise InvalidRequest(f"keywords.any must be a list of 1-{MAX_KEYWORDS} non-empty strings")
-    if spec.get("case_sensitive", False):
+    if _flag(spec, "case_sensitive", "keywords"):
         return " OR ".join(f"contains({column}, {_literal(w)})" for w in words)
     return " OR ".join(f"contains(lower({column}), {_literal(w.lower())})" for w in words)
 
@@ -188,7 +196,7 @@ def _regex_condition(spec: Any) -> str:
             reason="invalid_regex",
             hint="use RE2 syntax (no look-around, no back-references)",
         )
-    flags = ", 'i'" if spec.get("ignore_case", False) else ""
+    flags = ", 'i'" if _flag(spec, "ignore_case", "regex") else ""
     return f"regexp_matches({column}, {_literal(pattern)}{flags})"
 
 

@@ -604,7 +604,11 @@ class Checker:
                 raise reject("number literals must be finite", "bad_argument", n, self.sql) from None
             return Checked(Typed(SqlType.FLOAT, number, number), _as_double(n.copy()))
         if abs(value) > SAFE_INT:
-            return Checked(Typed(SqlType.FLOAT, float(value), float(value)), _as_double(n.copy()))
+            try:
+                number = float(value)
+            except OverflowError:  # an integer no float can hold, like 1e309 written out
+                raise reject("number literals must be finite", "bad_argument", n, self.sql) from None
+            return Checked(Typed(SqlType.FLOAT, number, number), _as_double(n.copy()))
         return Checked(int_range(value, value), _int_literal(value))
 
     def _add_sub(self, n: exp.Add | exp.Sub) -> Checked:

@@ -114,3 +114,48 @@ def test_serve_believes_no_proxy_headers_unless_told(monkeypatch: pytest.MonkeyP
     _run_server("app", trusted)
     assert (seen[0]["proxy_headers"], seen[0]["forwarded_allow_ips"]) == (False, "")
     assert (seen[1]["proxy_headers"], seen[1]["forwarded_allow_ips"]) == (True, "10.0.0.7")
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        f"SELECT COUNT(*) FROM visits WHERE age > {HUGE}",
+        f"SELECT COUNT(*) FROM visits WHERE age > -{HUGE}",
+        f"SELECT COUNT(*) FROM visits WHERE age IN ({HUGE})",
+    ],
+)
+def test_an_integer_literal_too_large_for_a_float_is_refused_before_the_charge(workspace: Workspace, sql: str) -> None:
+    with workspace.app() as c:
+        r = c.post("/v1/query", json={"sql": sql, "epsilon": 1}, headers=workspace.headers("analyst"))
+        lf = c.post(
+            "/v1/lf/stats",
+            json={
+                "dataset": "visits",
+                "epsilon": 1,
+                "lfs": [{"name": "big", "label": "urgent", "when": sql.split("WHERE ", 1)[1]}],
+            },
+            headers=workspace.headers("lf_author"),
+        )
+    for answer in (r, lf):
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"]["reason"] == "bad_argument"
+    assert Ledger(workspace.settings.ledger).history() == []
+    denied = [rec for rec in AuditLog(workspace.settings.audit_dir).records() if rec["decision"] == "denied"]
+    assert [rec["event"] for rec in denied] == ["query", "lf_stats"]
+
+
+@pytest.mark.parametrize(
+    "lf",
+    [
+        {"keywords": {"column": "triage_note", "any": ["pain"], "case_sensitive": "yes"}},
+        {"keywords": {"column": "triage_note", "any": ["pain"], "case_sensitive": 1}},
+        {"regex": {"column": "triage_note", "pattern": "pain", "ignore_case": "true"}},
+    ],
+)
+def test_lf_option_flags_take_json_booleans_only(workspace: Workspace, lf: dict[str, Any]) -> None:
+    body = {"dataset": "visits", "epsilon": 1, "lfs": [{"name": "flag", "label": "urgent", **lf}]}
+    with workspace.app() as c:
+        r = c.post("/v1/lf/stats", json=body, headers=workspace.headers("lf_author"))
+    assert r.status_code == 400, r.text
+    assert "must be true or false" in r.json()["error"]["message"]
+    assert Ledger(workspace.settings.ledger).history() == []

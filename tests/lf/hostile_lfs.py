@@ -75,6 +75,17 @@ def test_only_hides_what_it_reads(x: Any) -> int:
     return URGENT if "pain" in str(getattr(x, column)) else ABSTAIN
 
 
+@labeling_function()
+def test_only_swallows_the_time_limit(x: Any) -> int:
+    # A bare except around slow steps catches the per-row alarm too (the registry check refuses it).
+    for _ in range(100):
+        try:
+            time.sleep(0.05 if x.age > 50 else 0)
+        except:  # noqa: E722
+            continue
+    return URGENT
+
+
 COLUMNS: dict[str, list[str]] = {
     "test_only_sleeps_forever": [],
     "test_only_allocates_without_bound": [],
@@ -86,4 +97,5 @@ COLUMNS: dict[str, list[str]] = {
     "test_only_returns_junk": ["age"],
     "test_only_reads_an_undeclared_column": ["age"],
     "test_only_hides_what_it_reads": ["triage_note"],
+    "test_only_swallows_the_time_limit": ["age"],
 }

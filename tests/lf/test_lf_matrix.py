@@ -180,17 +180,17 @@ def test_python_lfs_once_per_combination_vote_as_snorkel_does_per_row(private: t
 
     plan = plan_lf_stats(policy, lfs=SQL_LFS[:3], python_lfs=names, epsilon=1.0, alpha=0.05)
     limits = SandboxLimits(seconds=120)
-    # Every LF's columns have fewer distinct combinations than the cap, the notes included: applied per combination.
-    assert not any(lf_input(cur, policy, lf, limits.combinations).per_row for lf in lfs)
+    # Every LF's columns have fewer distinct combinations than the padding, the notes included.
+    assert all(lf_input(cur, policy, lf, limits.combinations).size < limits.combinations for lf in lfs)
     done: list[float] = []
     run = run_lfs(plan, cur, limits=limits, progress=done.append)
     _, sql_matrix, gold, _ = label_matrix(cur, VoteQuery(policy, plan.declarative))
     _assert_exact_matches_snorkel(run.exact, np.hstack([sql_matrix, in_process]), gold)
     assert all(0 <= f <= 1 for f in done)
 
-    # Past the cap (here 1), once per row: the same statistics.
+    # Without padding (more combinations than the padding's 1): the same statistics.
     per_row = SandboxLimits(seconds=120, combinations=1)
-    assert all(lf_input(cur, policy, lf, per_row.combinations).per_row for lf in lfs)
+    assert all(lf_input(cur, policy, lf, per_row.combinations).table.num_rows > 1 for lf in lfs)
     _same(run_lfs(plan, cur, limits=per_row).exact, run.exact)
 
     # With the label model every row's pattern is the same, row by row, either way.
@@ -210,7 +210,7 @@ HOSTILE = [
 ]
 
 
-def test_hostile_python_lfs_vote_the_same_per_combination_and_per_row(private: tuple[Bastion, Policy]) -> None:
+def test_hostile_python_lfs_vote_the_same_padded_or_not(private: tuple[Bastion, Policy]) -> None:
     bastion, policy = private
     with contextlib.ExitStack() as stack:
         for lf in HOSTILE:
@@ -236,7 +236,18 @@ def test_the_combinations_are_padded_to_a_public_size(private: tuple[Bastion, Po
     cap = SandboxLimits().combinations
     for name in ("urgent_diagnosis", "stay_and_age"):
         got = lf_input(bastion.engine, policy, REGISTRY.get(name), cap)
-        assert got.table.num_rows == cap and 0 < got.size < cap and not got.per_row
+        assert got.table.num_rows == cap and 0 < got.size < cap
         keys = got.table.column("__k").to_pylist()[: got.size]
         assert keys == list(range(1, got.size + 1))  # one input per key
         assert all(got.table.column(c).null_count == cap - got.size for c in got.table.column_names)  # then NULLs
+
+
+def test_past_the_padding_every_combination_is_an_input_and_nothing_switches(private: tuple[Bastion, Policy]) -> None:
+    # More combinations than the padding: each is one input (no per-row fallback, whose time jumped when one
+    # unit's rows crossed the number), so one unit's rows change the number of inputs by at most k.
+    bastion, policy = private
+    lf = REGISTRY.get("stay_and_age")
+    full = lf_input(bastion.engine, policy, lf, SandboxLimits().combinations)
+    small = lf_input(bastion.engine, policy, lf, 10)
+    assert small.size == full.size > 10 and small.table.num_rows == small.size
+    assert small.table.column("__k").to_pylist() == list(range(1, small.size + 1))

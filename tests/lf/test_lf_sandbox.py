@@ -5,6 +5,7 @@ status and shape, nothing quotes a row (response or host log), the charge stands
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +17,7 @@ from audit.log import AuditLog
 from labeling_functions.analysis import plan_lf_stats, run_lfs
 from labeling_functions.registry import REGISTRY
 from labeling_functions.sandbox import LFRef, SandboxError, SandboxLimits, apply_python_lfs
+from labeling_functions.specs import ABSTAIN
 from tests.conftest import Workspace
 from tests.lf import hostile_lfs
 
@@ -175,3 +177,29 @@ def test_an_lf_that_reads_an_undeclared_column_is_refused_before_the_charge_and_
         apply_python_lfs([_ref(hostile_lfs.test_only_reads_an_undeclared_column)], [frame], SandboxLimits(seconds=60))
     assert failed.value.details["reason"] == "undeclared_column"
     assert "test_only_reads_an_undeclared_column" in failed.value.message
+
+
+def test_an_lf_that_catches_everything_is_refused_at_registration() -> None:
+    lf = hostile_lfs.test_only_swallows_the_time_limit
+    with REGISTRY.registered(lf, dataset="visits", classes=["urgent", "routine"], labels=["urgent"], columns=["age"]):
+        entry = REGISTRY.get(lf.name)
+        assert entry.problem is not None and "catches every exception" in entry.problem
+
+
+def test_a_row_whose_lf_caught_the_alarm_abstains() -> None:
+    # Called directly (as the worker does, on its main thread): the LF catches the alarm and goes on, and its vote
+    # would depend on how long it took; the row abstains, and the repeated alarm ends the slow steps early.
+    import time
+
+    from labeling_functions import sandbox
+
+    previous = signal.signal(signal.SIGALRM, sandbox._on_alarm)
+    try:
+        slow, fast = sandbox.Row({"age": 80}), sandbox.Row({"age": 20})
+        start = time.perf_counter()
+        assert sandbox.vote(hostile_lfs.test_only_swallows_the_time_limit._f, slow) == ABSTAIN
+        took = time.perf_counter() - start
+        assert sandbox.vote(hostile_lfs.test_only_swallows_the_time_limit._f, fast) == 0
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    assert took < 100 * 0.05 / 2, took  # not the 5 s it would sleep unchecked
