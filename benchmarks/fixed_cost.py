@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workloads", nargs="+", default=["count"], choices=[w.name for w in WORKLOADS])
     parser.add_argument("--dir", type=Path, default=None, help="where to build the workspace (default: a temp dir)")
     args = parser.parse_args(argv)
+    if args.dir is not None:
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         opts = bench.Options(rows=[args.rows], work=Path(tmp), out=Path(tmp), copy_markdown=None, log=lambda _: None)
         settings, _, principal, _ = bench.prepare(opts, args.rows)
