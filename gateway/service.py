@@ -81,6 +81,7 @@ class _Flight:
 
 
 ORPHAN_CHARGE = Event.ORPHAN_CHARGE
+ANONYMOUS = {"principal": None, "role": None, "token_id": None}  # the actor of a refusal before authentication
 # The event name of each grant's action: a denial is recorded under the same name as the allowed action.
 GRANT_EVENTS = {Grant.QUERY: Event.QUERY, Grant.SYNTH: Event.SYNTH, Grant.LABELING: Event.LF_STATS}
 Expected = dict[tuple[str, str], tuple[int, int]]  # (principal, dataset) → (ε units, δ units)
@@ -184,7 +185,7 @@ class Bastion:
         """The record of a closed window of refusals before authentication, counted but not recorded one by one."""
         return {
             "event": Event.AUTHENTICATION,
-            "actor": {"principal": None, "role": None, "token_id": None},
+            "actor": dict(ANONYMOUS),
             "request_id": uuid.uuid4().hex,
             "decision": "denied",
             "reason": "aggregate",
@@ -424,7 +425,7 @@ class Bastion:
         if not self.refusals.note(source, error.code):
             return
         fields: dict[str, Any] = {
-            "actor": {"principal": None, "role": None, "token_id": None},
+            "actor": dict(ANONYMOUS),
             "request": {"path": path, **request_fields},
             "decision": "denied",
             "reason": error.code,
@@ -559,34 +560,13 @@ class Bastion:
         flight: _Flight | None,
     ) -> dict[str, Any]:
         """`run_private` for one request; the released or cached answer is also left in `flight`."""
-        if key is not None:
-            hit = self.cache.get(key)
-            if hit is not None and dry_run is not None:
-                return self._cached_dry_run(ctx, event, base, policy, dry_run)
-            if hit is not None:
-                if flight is not None:
-                    flight.answer = hit
-                return self._cached(ctx, event, base, policy, hit)
+        hit = self.cache.get(key) if key is not None else None
         if dry_run is not None:
-            self.audit(
-                ctx,
-                event,
-                **base,
-                decision="allowed",
-                reason="dry_run",
-                phase="released",
-                cost=PrivacyLoss(0.0).as_dict(),
-                release_digest=None,
-            )
-            return {
-                **dry_run,
-                "dry_run": True,
-                "cached": False,
-                "epsilon_spent": 0.0,
-                "delta_spent": 0.0,
-                "query_id": ctx.request_id,
-                "budget": self.budget_status(ctx.principal.name, policy),
-            }
+            return self._dry_run(ctx, event, base, policy, dry_run, cached=hit is not None)
+        if hit is not None:
+            if flight is not None:
+                flight.answer = hit
+            return self._cached(ctx, event, base, policy, hit)
         try:
             charge = self.ledger.charge(
                 principal=ctx.principal.name,
@@ -679,12 +659,12 @@ class Bastion:
             "budget": self.budget_status(ctx.principal.name, policy),
         }
 
-    def _cached_dry_run(
-        self, ctx: Context, event: str, base: dict[str, Any], policy: Policy, dry_run: dict[str, Any]
+    def _dry_run(
+        self, ctx: Context, event: str, base: dict[str, Any], policy: Policy, dry_run: dict[str, Any], cached: bool
     ) -> dict[str, Any]:
-        """The dry run of a request already answered: it would cost nothing (the cached answer is returned), and
-        says so. Nothing private is read; whether a request of this principal is cached is the principal's own
-        public history."""
+        """A dry run: what the request would cost, nothing spent. For a request already answered (`cached`) it
+        would cost nothing (the cached answer is returned), and says so. Nothing private is read; whether a request
+        of this principal is cached is the principal's own public history."""
         self.audit(
             ctx,
             event,
@@ -694,20 +674,21 @@ class Bastion:
             phase="released",
             cost=PrivacyLoss(0.0).as_dict(),
             release_digest=None,
-            cached=True,
+            **({"cached": True} if cached else {}),
         )
-        notes = [
-            *dry_run.get("notes", []),
-            "this request was already answered: running it costs nothing and returns the same answer again "
-            "(cached); the cost shown is 0 for that reason",
-        ]
+        answer = {**dry_run, "dry_run": True, "cached": cached}
+        if cached:
+            answer.update(
+                epsilon=0.0,
+                delta=0.0,
+                notes=[
+                    *dry_run.get("notes", []),
+                    "this request was already answered: running it costs nothing and returns the same answer again "
+                    "(cached); the cost shown is 0 for that reason",
+                ],
+            )
         return {
-            **dry_run,
-            "epsilon": 0.0,
-            "delta": 0.0,
-            "notes": notes,
-            "dry_run": True,
-            "cached": True,
+            **answer,
             "epsilon_spent": 0.0,
             "delta_spent": 0.0,
             "query_id": ctx.request_id,
