@@ -173,8 +173,7 @@ def check_column(col: exp.Column, policy: Policy, sql: str, *, labeling: bool) -
     if col.table and col.table.lower() not in {policy.dataset}:
         raise reject(f"unknown table qualifier {col.table!r}", "unknown_table", col, sql)
     spec = policy.columns.get(name)
-    # A hidden column is refused like an absent one: its name is not even confirmed (the unit is named).
-    if spec is None or (spec.usage is Usage.HIDDEN and name != policy.privacy_unit):
+    if spec is None or not policy.names_column(name):
         usable = sorted(policy.usable_columns(labeling=labeling))
         near = difflib.get_close_matches(name, usable, n=1, cutoff=0.6)
         hint = (f"did you mean {near[0]!r}? " if near else "") + f"usable columns: {', '.join(usable)}"

@@ -300,6 +300,12 @@ class Policy(_Strict):
     def grants(self, role: str) -> set[Grant]:
         return set(self.roles.get(role, []))  # type: ignore[call-overload]
 
+    def names_column(self, name: str) -> bool:
+        """Whether a refusal may confirm that column `name` exists: every column but the hidden ones does (the
+        privacy unit is named); a hidden column is refused like an absent one."""
+        spec = self.columns.get(name)
+        return spec is not None and (spec.usage is not Usage.HIDDEN or name == self.privacy_unit)
+
     def usable_columns(self, *, labeling: bool = False) -> dict[str, Column]:
         """Columns an expression may reference: query columns, plus labeling-only ones inside LFs."""
         allowed = {Usage.QUERY, Usage.LABELING} if labeling else {Usage.QUERY}

@@ -27,7 +27,7 @@ from policies.expressions import (
     reject,
     span,
 )
-from policies.schema import NUMERIC_TYPES, Column, ColumnType, Policy, Usage
+from policies.schema import NUMERIC_TYPES, Column, ColumnType, Policy
 from policies.sqltypes import FLOAT, SqlType, Typed, canonical, sql_type_name
 from policies.sqltypes import column_type as column_type_of
 from policies.typecheck import Checked, Checker
@@ -491,15 +491,12 @@ class _Planner:
     def unknown_columns(self) -> None:
         """Refuse an unknown column at its first use in the text (the stages below meet GROUP BY before SELECT); a
         hidden column is an unknown one."""
-        visible = {
-            n for n, c in self.policy.columns.items() if c.usage is not Usage.HIDDEN or n == self.policy.privacy_unit
-        }
         aliases = {item.alias.lower() for item in self.select.expressions if isinstance(item, exp.Alias)}
         unknown = [
             c
             for c in self.select.find_all(exp.Column)
             if isinstance(c.this, exp.Identifier)
-            and c.name.lower() not in visible
+            and not self.policy.names_column(c.name.lower())
             and (c.table or c.name.lower() not in aliases)
         ]
         if unknown:
