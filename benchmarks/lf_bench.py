@@ -91,6 +91,21 @@ def python_equivalents() -> list[Any]:
     return [red_flags, planned, urgent_dx, old_long_stay, young_same_day, mild_words]
 
 
+def demo_workspace(root: Path, rows: int) -> tuple[Settings, str]:
+    """A workspace under `root` with `rows` generated demo visits registered, and an LF author's token."""
+    print(f"generating and registering {rows:,} demo visits...", flush=True)
+    data, policy_path = write_demo(root / "demo", n_rows=rows)
+    settings = Settings(workspace=root / "ws")
+    settings.save()
+    admin = Bastion(settings, read_only=False)
+    try:
+        admin.engine.register(load_policy(policy_path), data)
+        token, _ = admin.tokens.create("bench", "lf_author")
+    finally:
+        admin.close()
+    return settings, token
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=500_000, help="rows of the demo table")
@@ -104,16 +119,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        print(f"generating and registering {args.rows:,} demo visits...", flush=True)
-        data, policy_path = write_demo(root / "demo", n_rows=args.rows)
-        settings = Settings(workspace=root / "ws")
-        settings.save()
-        admin = Bastion(settings, read_only=False)
-        try:
-            admin.engine.register(load_policy(policy_path), data)
-            token, _ = admin.tokens.create("bench", "lf_author")
-        finally:
-            admin.close()
+        settings, token = demo_workspace(root, args.rows)
 
         bastion = Bastion(settings)
         policy, _ = bastion.engine.policy("visits")

@@ -32,13 +32,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.demo import EXAMPLE_LFS_YAML, write_demo  # noqa: E402
+from benchmarks.lf_bench import demo_workspace  # noqa: E402
+from gateway.demo import EXAMPLE_LFS_YAML  # noqa: E402
 from gateway.service import Bastion  # noqa: E402
-from gateway.settings import Settings  # noqa: E402
 from labeling_functions.analysis import plan_lf_stats, run_lfs  # noqa: E402
 from labeling_functions.registry import REGISTRY  # noqa: E402
 from labeling_functions.sandbox import SandboxLimits  # noqa: E402
-from policies.schema import load_policy  # noqa: E402
 
 CLI = "import sys; sys.argv[0] = 'bastion'; from gateway.cli.main import main; main()"
 
@@ -66,16 +65,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        print(f"generating and registering {args.rows:,} demo visits...", flush=True)
-        data, policy_path = write_demo(root / "demo", n_rows=args.rows)
-        settings = Settings(workspace=root / "ws")
-        settings.save()
-        admin = Bastion(settings, read_only=False)
-        try:
-            admin.engine.register(load_policy(policy_path), data)
-            token, _ = admin.tokens.create("bench", "lf_author")
-        finally:
-            admin.close()
+        settings, token = demo_workspace(root, args.rows)
         lf_file = root / "lfs.yaml"
         lf_file.write_text(EXAMPLE_LFS_YAML)
 
