@@ -137,20 +137,22 @@ def test_privacy_spend_per_principal_and_dataset(busy) -> None:
     json.dumps(report.to_dict())
 
 
+def _allowed(i: int, epsilon: float, delta: float = 0.0) -> dict[str, Any]:
+    """An allowed record of principal "a" on dataset "d", second `i` of a minute, with the given cost."""
+    return {
+        "seq": i,
+        "time": f"2025-01-01T00:00:{i:02d}.000000Z",
+        "event": "query",
+        "decision": "allowed",
+        "actor": {"principal": "a"},
+        "dataset": "d",
+        "request_id": str(i),
+        "cost": {"epsilon": epsilon, "delta": delta},
+    }
+
+
 def test_privacy_spend_of_exactly_the_cap_is_not_over_it() -> None:
-    records = [
-        {
-            "seq": i,
-            "time": f"2025-01-01T00:00:{i:02d}.000000Z",
-            "event": "query",
-            "decision": "allowed",
-            "actor": {"principal": "a"},
-            "dataset": "d",
-            "request_id": str(i),
-            "cost": {"epsilon": 0.1, "delta": 0.0},
-        }
-        for i in range(30)
-    ]
+    records = [_allowed(i, 0.1) for i in range(30)]
     report = privacy_spend(records, {"d": {"epsilon": 3.0}})
     assert not report.datasets["d"].over_cap
     since = privacy_spend(records, since="2025-01-01T00:00:10Z")
@@ -158,20 +160,8 @@ def test_privacy_spend_of_exactly_the_cap_is_not_over_it() -> None:
 
 
 def test_privacy_spend_counts_only_records_that_spent_something() -> None:
-    def record(i: int, eps: float, delta: float = 0.0) -> dict[str, Any]:
-        return {
-            "seq": i,
-            "time": f"2025-01-01T00:00:{i:02d}.000000Z",
-            "event": "query",
-            "decision": "allowed",
-            "actor": {"principal": "a"},
-            "dataset": "d",
-            "request_id": str(i),
-            "cost": {"epsilon": eps, "delta": delta},
-        }
-
     # two charges, then cached answers and dry runs (allowed, cost 0), and a δ-only charge
-    records = [record(0, 0.5), record(1, 0.25), *(record(i, 0.0) for i in range(2, 20)), record(20, 0.0, 1e-6)]
+    records = [_allowed(0, 0.5), _allowed(1, 0.25), *(_allowed(i, 0.0) for i in range(2, 20)), _allowed(20, 0.0, 1e-6)]
     report = privacy_spend(records)
     assert report.charges == 3
     assert report.datasets["d"].epsilon == pytest.approx(0.75) and report.datasets["d"].delta == pytest.approx(1e-6)
