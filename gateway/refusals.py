@@ -72,19 +72,22 @@ class RefusalWindows:
             return True
 
     def closed(self) -> list[dict[str, Any]]:
-        """Aggregate records of the windows that have ended since the last call (taken: the caller writes them)."""
-        with self._lock:
-            now = self._clock()
-            for window in [w for w in self._open.values() if now >= w.end]:
-                self._close(window, now)
-            out, self._closed = self._closed, []
-            return out
+        """Aggregate records of the windows that have ended since the last call (taken: the caller writes them).
+        Called before every audit append, so it looks only at the windows that have ended: they all come first, as
+        windows are kept in the order they opened and all last `seconds`."""
+        return self._take(everything=False)
 
     def drain(self) -> list[dict[str, Any]]:
         """Close every window now and return the aggregate records due (at shutdown)."""
+        return self._take(everything=True)
+
+    def _take(self, *, everything: bool) -> list[dict[str, Any]]:
         with self._lock:
             now = self._clock()
-            for window in list(self._open.values()):
+            while self._open:
+                window = next(iter(self._open.values()))
+                if not everything and now < window.end:
+                    break
                 self._close(window, now)
             out, self._closed = self._closed, []
             return out
