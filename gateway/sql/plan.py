@@ -188,6 +188,9 @@ class Plan:
     measurements: list[Measurement] = field(default_factory=list)
     where: exp.Expr | None = None  # the WHERE condition's total form over the bounded table
     warnings: list[str] = field(default_factory=list)  # advice on the query's form (public facts only)
+    # The statements the plan runs (`gateway.sql.compile.statements`), built once by the release when first needed:
+    # the bind check before the charge and the run after it use the same trees (engines only read them).
+    compiled: list[exp.Query] | None = field(default=None, repr=False, compare=False)
 
     @property
     def row_trees(self) -> list[exp.Expr]:

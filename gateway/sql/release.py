@@ -49,22 +49,11 @@ _ARROW_TYPES = {
 }
 
 
-# The statements of recent plans, built once per plan object: the bind check builds them before the charge and the
-# release runs the same trees after it (engines only read them).
-_STATEMENTS: dict[int, tuple[Plan, list[exp.Query]]] = {}
-_STATEMENTS_KEPT = 256
-
-
 def _statements(plan: Plan) -> list[exp.Query]:
-    """`comp.statements(plan)`, built once per plan object (plans are reused for identical SQL texts)."""
-    hit = _STATEMENTS.get(id(plan))
-    if hit is not None and hit[0] is plan:
-        return hit[1]
-    built = comp.statements(plan)
-    if len(_STATEMENTS) >= _STATEMENTS_KEPT:
-        _STATEMENTS.clear()
-    _STATEMENTS[id(plan)] = (plan, built)
-    return built
+    """`comp.statements(plan)`, built once per plan (plans are reused for identical SQL texts)."""
+    if plan.compiled is None:
+        plan.compiled = comp.statements(plan)
+    return plan.compiled
 
 
 def _group(plan: Plan, row: tuple[Any, ...]) -> tuple[Any, ...]:
