@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
 import time
 from pathlib import Path
 
+from audit.storage import atomic_write
 from gateway.stores.tokens import Principal
 
 LIFETIME = 8 * 3600  # seconds
@@ -33,12 +33,7 @@ class SessionStore:
         self._sweep()
         session_id = secrets.token_urlsafe(32)
         entry = {**principal.as_actor(), "expires": time.time() + self.lifetime}
-        path = self._path(session_id)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(entry, f)
-        os.replace(tmp, path)
+        atomic_write(self._path(session_id), json.dumps(entry).encode(), mode=0o600)
         return session_id
 
     def principal(self, session_id: str | None) -> Principal | None:
