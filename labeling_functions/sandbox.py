@@ -1,5 +1,5 @@
 """Run registered Python LFs in a separate worker process, each on its own input table (the distinct combinations
-of the columns it declares, or every row's values of them; see `labeling_functions.combos`).
+of the columns it declares, padded to a public number; see `labeling_functions.combos`).
 
 The worker is forked from a worker server (multiprocessing "forkserver"): a fresh interpreter started once, which
 has imported Snorkel, pyarrow and the policy schema (`PRELOAD`, third-party and our own code, never an LF's
