@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import opendp.prelude as dp
 
 dp.enable_features("contrib")
@@ -80,6 +81,40 @@ def epsilon_for_accuracy(d_in: int, accuracy: float, alpha: float) -> float:
         raise MechanismError("accuracy must be positive")
     scale = float(dp.accuracy_to_discrete_laplacian_scale(accuracy, alpha))
     return d_in / scale
+
+
+def laplace_sum_tail(z: np.ndarray, a: float, b: np.ndarray) -> np.ndarray:
+    """P(|Y_a + Y_b| > z) for independent continuous Laplace variables of scales a > 0 and b ≥ 0."""
+    z, b = np.asarray(z, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    near = np.abs(a - b) <= 1e-9 * a
+    bb = np.where(near, a * (1 + 1e-6), b)  # the equal-scale limit, approached (the formula is continuous in b)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        general = (a * a * np.exp(-z / a) - bb * bb * np.exp(-z / np.maximum(bb, 1e-300))) / (a * a - bb * bb)
+        equal = np.exp(-z / a) * (1 + z / (2 * a))
+    return np.clip(np.where(near, equal, np.where(b > 0, general, np.exp(-z / a))), 0.0, 1.0)
+
+
+def ratio_error_bound(
+    sum_scale: float, sum_unit: float, count_scale: float, mean_abs: np.ndarray, alpha: float
+) -> np.ndarray:
+    """A bound z, per group, with P(|X_s·sum_unit - m·X_c| > z) ≤ alpha, for discrete Laplace X_s (scale
+    `sum_scale`, in integer units of `sum_unit`) and X_c (scale `count_scale`) and any mean |m| ≤ `mean_abs`.
+
+    A released mean is S'/C' with S' = S + X_s, C' = C + X_c, and S'/C' - S/C = (X_s - m·X_c) / C' exactly (m = S/C
+    the true mean), so z / C' is the half-width of a (1 - alpha) interval around S'/C': one interval for the
+    combined noise instead of a union bound over the two measurements' own intervals. The quantile is that of
+    continuous Laplace noise of the same scales (closed form) plus one integer unit of each, which bounds the discrete
+    noise's (a discrete Laplace variable couples to a continuous one of the same scale within one unit).
+    """
+    a = sum_scale * sum_unit
+    b = count_scale * np.asarray(mean_abs, dtype=np.float64)
+    lo = np.zeros_like(b)
+    hi = np.full_like(b, 1.0) * (a + b) * (math.log(2 / alpha) + 1) * 4 + 1.0  # P(|Z| > hi) < alpha
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        over = laplace_sum_tail(mid, a, b) > alpha
+        lo, hi = np.where(over, mid, lo), np.where(over, hi, mid)
+    return hi + sum_unit + np.asarray(mean_abs, dtype=np.float64)
 
 
 # --- key selection --------------------------------------------------------------------------------------
@@ -159,6 +194,54 @@ def select_keys(
     kept = meas(padded)
     real = {key: v for key, v in dict(kept).items() if key in counts}
     return KeySelection(kept=real, threshold=threshold, scale=scale, epsilon=epsilon, delta=delta)
+
+
+def _log_tail(x: np.ndarray, scale: float) -> np.ndarray:
+    """log P(X ≥ x) for discrete Laplace noise X of `scale` (P(X = x) ∝ e^(-|x|/scale)), at integers x."""
+    log_r = -1.0 / scale
+    log_norm = math.log1p(math.exp(log_r))  # log(1 + r)
+    upper = x * log_r - log_norm  # x ≥ 1: r^x / (1 + r)
+    lower = np.log1p(-np.exp((1 - np.minimum(x, 0)) * log_r - log_norm))  # x ≤ 0: 1 - r^(1-x) / (1 + r)
+    return np.where(x >= 1, upper, lower)
+
+
+def selected_count_interval(
+    values: np.ndarray, scale: float, threshold: int, alpha: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """A (1 - alpha) confidence interval for the true count c of each key that the Laplace threshold kept, given
+    that it was kept (post-processing of the released value v ≥ threshold and public parameters only).
+
+    Given c, a kept key's released value is c + X conditioned on c + X ≥ threshold. The interval holds every
+    c ≥ 0 at which neither conditional tail of v is below alpha / 2: P(V ≥ v | kept; c) and P(V ≤ v | kept; c).
+    Both are monotone in c (discrete Laplace is log-concave), so each end is found by bisection over integers.
+    Far above the threshold this is the usual interval; just above it, every small count stays plausible (a key
+    can be kept because its noise was large), so the lower end reaches down to 0.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    cut = math.log(alpha / 2)
+    span = float(integer_accuracy(scale, alpha / 2)) + 2.0
+
+    def upper_tail_ok(c: np.ndarray) -> np.ndarray:  # P(V ≥ v | kept; c) > alpha/2: increasing in c
+        return _log_tail(v - c, scale) - _log_tail(threshold - c, scale) > cut
+
+    def lower_tail_ok(c: np.ndarray) -> np.ndarray:  # P(V ≤ v | kept; c) > alpha/2: decreasing in c
+        p_above = np.exp(_log_tail(v + 1 - c, scale) - _log_tail(threshold - c, scale))
+        return np.log(np.maximum(1.0 - p_above, 1e-300)) > cut
+
+    # Lower end: the smallest c in [0, v] with upper_tail_ok (true at c = v: P(X ≥ 0 | X ≥ T - v) ≥ 1/2).
+    lo, hi = np.zeros_like(v), v.copy()
+    while np.any(hi - lo > 0):
+        mid = np.floor((lo + hi) / 2)
+        ok = upper_tail_ok(mid)
+        hi, lo = np.where(ok, mid, hi), np.where(ok, lo, mid + 1)
+    low = hi
+    # Upper end: the largest c in [v, v + span] with lower_tail_ok (true at c = v, false beyond v + span).
+    lo, hi = v.copy(), v + span
+    while np.any(hi - lo > 0):
+        mid = np.ceil((lo + hi) / 2)
+        ok = lower_tail_ok(mid)
+        lo, hi = np.where(ok, mid, lo), np.where(ok, hi, mid - 1)
+    return low, lo
 
 
 # --- quantiles ------------------------------------------------------------------------------------------

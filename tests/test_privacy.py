@@ -111,6 +111,29 @@ def test_noise_spread_matches_scale_and_intervals_cover(heavy: DuckDBEngine) -> 
     assert 0.93 <= covered / n <= 0.975
 
 
+def test_avg_intervals_cover_and_are_tight(heavy: DuckDBEngine) -> None:
+    """AVG's interval comes from the distribution of its combined error: it covers the true mean at ≥ 95% and is
+    not much wider than the errors are (a union bound over the SUM and COUNT intervals was 1.7× the p95 error)."""
+    eps = 1.0
+    plan = plan_query("SELECT kind, AVG(value) FROM heavy GROUP BY kind", lambda n: heavy.policy(n)[0])
+    pricing = price(plan, epsilon=eps, accuracy=None, alpha=0.05, delta=None)
+    con = heavy.connect()
+    truth = dict(con.execute("SELECT kind, AVG(value) FROM bounded_heavy GROUP BY kind").fetchall())
+    errors, half_widths, covered = [], [], 0
+    for _ in range(500):
+        release = execute(plan, pricing, heavy)
+        for (kind, value), cells in zip(release.rows, release.intervals, strict=True):
+            lo, hi = cells[1]
+            errors.append(abs(value - truth[kind]))
+            half_widths.append((hi - lo) / 2)
+            covered += lo <= truth[kind] <= hi
+    n = len(errors)
+    # binomial(1000, 0.95) is below 0.93 with probability < 1e-3
+    assert covered / n >= 0.93, covered / n
+    p95 = float(np.quantile(errors, 0.95))
+    assert np.median(half_widths) <= 1.3 * p95, (np.median(half_widths), p95)
+
+
 def test_undeclared_keys_need_selection_and_rare_keys_stay_hidden(heavy: DuckDBEngine) -> None:
     plan, pricing, release = _run(heavy, "SELECT tag, COUNT(*) FROM heavy GROUP BY tag", epsilon=1.0)
     assert plan.needs_key_selection and pricing.cost.delta > 0

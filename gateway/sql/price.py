@@ -1,7 +1,8 @@
 """Price stage: what a plan costs and how noisy each of its measurements is, decided before any private data is
 read. The request's ε is divided equally among the plan's distinct primitive measurements (COUNT(*), COUNT(col),
 COUNT(DISTINCT unit), SUM(col), SUM(col²), one selection per quantile), plus one equal share for private key
-selection when some GROUP BY key has no public domain; key selection also costs δ. An accuracy target instead of ε
+selection when some GROUP BY key has no public domain and the query has no COUNT(*) (with one, the selection's
+noisy counts are the COUNT(*) release); key selection also costs δ. An accuracy target instead of ε
 is turned into ε by OpenDP's accuracy functions (documented in the README)."""
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ class Pricing:
     selection_epsilon: float
     selection_delta: float
     alpha: float
+    # Where keys are selected privately and the query has COUNT(*), the selection's own noisy counts are released
+    # as COUNT(*) (one measurement at the selection's ε instead of two shares).
+    counts_from_selection: bool = False
 
     def scale(self, m: Measurement) -> float:
         if m.kind == Kind.QUANTILE:
@@ -87,7 +91,8 @@ def price(
     if delta is not None:
         delta = check_delta(delta)  # refused when out of range even if no key selection would spend it
     d_in = {m: _d_in(plan, m) for m in plan.measurements}
-    shares = len(plan.measurements) + (1 if plan.needs_key_selection else 0)
+    from_selection = plan.needs_key_selection and Measurement(Kind.COUNT_STAR) in d_in
+    shares = len(plan.measurements) + (1 if plan.needs_key_selection and not from_selection else 0)
     sel_delta = 0.0
     if plan.needs_key_selection:
         budget_delta = plan.policy.budget.per_principal.delta
@@ -128,6 +133,7 @@ def price(
         selection_epsilon=per if plan.needs_key_selection else 0.0,
         selection_delta=sel_delta,
         alpha=alpha,
+        counts_from_selection=from_selection,
     )
 
 

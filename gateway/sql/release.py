@@ -142,6 +142,7 @@ def execute(plan: Plan, pricing: Pricing, engine: Engine, *, default_input: bool
         exact[()] = tuple(0 for _ in range(len(plain) + 1))
 
     groups = plan.declared_groups()
+    threshold_counts: dict[tuple[Any, ...], int] | None = None
     if groups is None:
         # Opaque labels for OpenDP (never released): the group's position, cheaper than serialising its values.
         by_label = {str(i): g for i, g in enumerate(exact)}
@@ -152,17 +153,27 @@ def execute(plan: Plan, pricing: Pricing, engine: Engine, *, default_input: bool
             pricing.selection_delta,
             candidates=plan.policy.key_candidates,
         )
-        kept = (by_label[j] for j in selection.kept)
+        kept = {by_label[j]: int(v) for j, v in selection.kept.items()}
         groups = sorted((g for g in kept if not (len(g) == 2 and g[0] is _PADDED)), key=lambda g: [str(v) for v in g])
         notes.append(
             f"group keys without a public domain were selected with OpenDP's Laplace threshold "
             f"(threshold {selection.threshold} rows; ε={pricing.selection_epsilon:.4g}, "
             f"δ={pricing.selection_delta:.3g})"
         )
+        if pricing.counts_from_selection:
+            threshold_counts = kept
+            notes.append(
+                "COUNT(*) of each selected group is the threshold's own noisy count (no second measurement); its "
+                "interval allows for the selection (a count just above the threshold may be far lower)"
+            )
     zero = tuple(0 for _ in range(len(plain) + 1))
 
     noisy: dict[Measurement, np.ndarray] = {}
     for i, m in enumerate(plain):
+        if threshold_counts is not None and m.kind == Kind.COUNT_STAR:
+            # The selection's noisy counts are a COUNT(*) release at the selection's ε (the same scale k/ε).
+            noisy[m] = np.asarray([threshold_counts[g] for g in groups], dtype=np.float64)
+            continue
         values = [exact.get(g, zero)[i + 1] for g in groups]
         release = mech.release_integers(values, pricing.d_in[m], pricing.epsilon_per_measurement)
         noisy[m] = np.asarray(release.values, dtype=np.float64) * measurement_unit(plan, m)
@@ -195,6 +206,11 @@ def execute(plan: Plan, pricing: Pricing, engine: Engine, *, default_input: bool
 def _interval(
     plan: Plan, pricing: Pricing, m: Measurement, value: np.ndarray, alpha: float
 ) -> tuple[np.ndarray, np.ndarray]:
+    if pricing.counts_from_selection and m.kind == Kind.COUNT_STAR:
+        _, threshold = mech.threshold_for(
+            plan.policy.max_rows_per_unit, pricing.selection_epsilon, pricing.selection_delta
+        )
+        return mech.selected_count_interval(value, pricing.scale(m), threshold, alpha)
     hw = pricing.half_width(m, alpha) * measurement_unit(plan, m)
     lo, hi = value - hw, value + hw
     if m.kind in _COUNT_KINDS or m.kind == Kind.SUMSQ:
@@ -209,18 +225,20 @@ def _aggregate(
     a: Aggregate,
     noisy: dict[Measurement, np.ndarray],
     quantiles: dict[Measurement, tuple[np.ndarray, float]],
-    alpha_each: float,
+    alpha: float | None,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Point value and interval of one aggregate per group, each measurement at level alpha_each."""
+    """Point value and (1 - alpha) interval of one aggregate per group (the value alone with alpha None)."""
     ms = a.measurements
     if a.kind == Kind.QUANTILE:
         return quantiles[ms[0]][0], None, None
     if len(ms) == 1:
         v = noisy[ms[0]]
-        lo, hi = _interval(plan, pricing, ms[0], v, alpha_each)
+        lo, hi = (None, None) if alpha is None else _interval(plan, pricing, ms[0], v, alpha)
         if a.kind in _COUNT_KINDS:
             v = np.maximum(v, 0.0)
         return v, lo, hi
+    # a union bound over the aggregate's measurements, where one is needed
+    alpha_each = pricing.alpha / len(ms) if alpha is None else alpha / len(ms)
     col = plan.policy.columns[a.column]
     blo, bhi = (float(b) for b in col.bounds)  # type: ignore[union-attr]
     s, c = noisy[Measurement(Kind.SUM, a.column)], noisy[Measurement(Kind.COUNT, a.column)]
@@ -234,7 +252,7 @@ def _aggregate(
     m_lo = np.clip(corners.min(axis=0), blo, bhi)
     m_hi = np.clip(corners.max(axis=0), blo, bhi)
     if a.kind == Kind.AVG:
-        return mean, m_lo, m_hi
+        return (mean, None, None) if alpha is None else (mean, *_mean_interval(plan, pricing, a, s, c, alpha))
     ss = noisy[Measurement(Kind.SUMSQ, a.column)]
     ss_lo, ss_hi = _interval(plan, pricing, Measurement(Kind.SUMSQ, a.column), ss, alpha_each)
     var_max = (bhi - blo) ** 2 / 4
@@ -249,6 +267,33 @@ def _aggregate(
     if a.kind in {Kind.STD, Kind.STD_POP}:
         return np.sqrt(var_pop), np.sqrt(v_lo), np.sqrt(v_hi)
     return var_pop, v_lo, v_hi
+
+
+def _mean_interval(
+    plan: Plan, pricing: Pricing, a: Aggregate, s: np.ndarray, c: np.ndarray, alpha: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(1 - alpha) interval of AVG(col) = S'/C' from the distribution of its combined error (X_s - m·X_c) / C'
+    (`mech.ratio_error_bound`) instead of the corners of the two measurements' own intervals, which spends alpha
+    twice and adds the two half-widths. The unknown mean's magnitude is bounded first from those corners at a tenth
+    of alpha (a union bound: the interval fails with probability ≤ alpha/10 + 9·alpha/10)."""
+    col = plan.policy.columns[a.column]
+    blo, bhi = (float(b) for b in col.bounds)  # type: ignore[union-attr]
+    m_sum, m_count = Measurement(Kind.SUM, a.column), Measurement(Kind.COUNT, a.column)
+    first = alpha / 10
+    s_lo, s_hi = _interval(plan, pricing, m_sum, s, first / 2)
+    c_lo, c_hi = _interval(plan, pricing, m_count, c, first / 2)
+    c_lo1, c_hi1 = np.maximum(c_lo, 1.0), np.maximum(c_hi, 1.0)
+    corners = np.clip(np.stack([s_lo / c_lo1, s_lo / c_hi1, s_hi / c_lo1, s_hi / c_hi1]), blo, bhi)
+    mean_abs = np.maximum(np.abs(corners.min(axis=0)), np.abs(corners.max(axis=0)))
+    z = mech.ratio_error_bound(
+        pricing.scale(m_sum), measurement_unit(plan, m_sum), pricing.scale(m_count), mean_abs, alpha - first
+    )
+    known = c >= 1.0  # with (noisily) no rows, nothing is known beyond the bounds
+    c_pos = np.where(known, c, 1.0)
+    centre, half = s / c_pos, z / c_pos
+    lo = np.where(known, np.clip(centre - half, blo, bhi), blo)
+    hi = np.where(known, np.clip(centre + half, blo, bhi), bhi)
+    return lo, hi
 
 
 def _interval_eval(
@@ -342,7 +387,7 @@ def _post_process(
     for j, key in enumerate(plan.keys):
         columns[key.alias] = [g[j] for g in groups]
     for a in plan.aggregates:
-        v, _, _ = _aggregate(plan, pricing, a, noisy, quantiles, alpha)
+        v, _, _ = _aggregate(plan, pricing, a, noisy, quantiles, None)
         columns[a.alias] = np.broadcast_to(np.asarray(v, dtype=np.float64), (len(groups),))
     columns["__row"] = np.arange(len(groups))
     names = _projection(plan)
@@ -363,10 +408,9 @@ def _post_process(
         if not used or any(m.kind == Kind.QUANTILE for m in ms):
             col_intervals.append(None)
             continue
-        alpha_each = alpha / len(ms)
         env: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for a in used:
-            _, lo, hi = _aggregate(plan, pricing, a, noisy, quantiles, alpha_each)
+        for a in used:  # a union bound over the column's aggregates
+            _, lo, hi = _aggregate(plan, pricing, a, noisy, quantiles, alpha / len(used))
             # Only quantile aggregates have no interval, and any quantile measurement was skipped above.
             assert lo is not None and hi is not None, a
             env[a.alias] = (lo, hi)

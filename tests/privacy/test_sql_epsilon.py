@@ -406,6 +406,27 @@ def test_quantile(neighbours: Neighbours) -> None:
         assert (lower <= pricing.epsilon_per_measurement) is expect_within, (claimed_eps, sorted(event), lower)
 
 
+def _key_draws(
+    counts: dict[str, int],
+    label: str,
+    k: int,
+    epsilon: float,
+    delta: float,
+    n: int,
+    options: dict[str, Any] | None = None,
+) -> np.ndarray:
+    """Per draw, the key `label`'s released count, or -1 where it is not released; n draws as n copies of it among
+    the other keys."""
+    others = {key: v for key, v in counts.items() if key != label}
+    released: list[int] = []
+    while len(released) < n:
+        batch = min(KEY_BATCH, n - len(released))
+        copies = {f"audited-{i}": counts[label] for i in range(batch)}
+        selection = mech.select_keys({**others, **copies}, k, epsilon, delta, **(options or {}))
+        released += [int(selection.kept.get(key, -1)) for key in copies]
+    return np.asarray(released, dtype=np.int64)
+
+
 def _key_released(
     counts: dict[str, int],
     label: str,
@@ -415,43 +436,35 @@ def _key_released(
     n: int,
     options: dict[str, Any] | None = None,
 ) -> np.ndarray:
-    """Per draw, whether the key `label` is released; n draws as n copies of it among the other keys."""
-    others = {key: v for key, v in counts.items() if key != label}
-    kept: list[bool] = []
-    while len(kept) < n:
-        batch = min(KEY_BATCH, n - len(kept))
-        copies = {f"audited-{i}": counts[label] for i in range(batch)}
-        selection = mech.select_keys({**others, **copies}, k, epsilon, delta, **(options or {}))
-        kept += [key in selection.kept for key in copies]
-    return np.asarray(kept, dtype=bool)
+    """Per draw, whether the key `label` is released."""
+    return _key_draws(counts, label, k, epsilon, delta, n, options) >= 0
 
 
 def test_key_selection(neighbours: Neighbours) -> None:
     """A key without a public domain: on D it has exactly the threshold's count, on D′ k rows fewer.
 
-    The event 'the key is released' tests the selection's own ε; 'released, with a count at least D's' tests
-    the whole request (selection and count, each half of ε).
+    With COUNT(*) in the query, the selection's own noisy counts are the released counts (one measurement at the
+    whole ε): the event 'the key is released' and the event 'released with a count at least D's' both test it.
     """
     plan, pricing, on_d, on_d_prime = _audited(neighbours, TAG_SQL, TAG_EPSILON)
-    assert plan.needs_key_selection
+    assert plan.needs_key_selection and pricing.counts_from_selection
     ((call_d,), (call_d_prime,)) = on_d.selections, on_d_prime.selections
     counts_d, counts_d_prime = call_d.pop("counts"), call_d_prime.pop("counts")
     assert call_d == call_d_prime  # the calibration is public: the same on both
     k, eps_sel, delta = call_d.pop("k"), call_d.pop("epsilon"), call_d.pop("delta")
     assert (k, eps_sel, delta) == (K, pricing.selection_epsilon, pricing.selection_delta)
+    assert eps_sel == pricing.cost.epsilon  # no second share for a count
+    assert not on_d.integers and not on_d_prime.integers  # and no second count measurement
     options = call_d  # further arguments the executor passes (e.g. the public candidate count), passed on as is
     t = neighbours.threshold
     (label_d,) = [key for key, v in counts_d.items() if v == t]
     (label_d_prime,) = [key for key, v in counts_d_prime.items() if v == t - K]
-    (m,) = plan.measurements
-    count_d_in, count_eps = pricing.d_in[m], pricing.epsilon_per_measurement
 
-    selected_d = _key_released(counts_d, label_d, k, eps_sel, delta, N_DRAWS, options)
-    selected_d_prime = _key_released(counts_d_prime, label_d_prime, k, eps_sel, delta, N_DRAWS, options)
-    selection_only = bound(selected_d, selected_d_prime, delta)
+    draws_d = _key_draws(counts_d, label_d, k, eps_sel, delta, N_DRAWS, options)
+    draws_d_prime = _key_draws(counts_d_prime, label_d_prime, k, eps_sel, delta, N_DRAWS, options)
+    selection_only = bound(draws_d >= 0, draws_d_prime >= 0, delta)
     assert selection_only <= eps_sel, selection_only
-    counted_d, counted_d_prime = integer_hits([t], [t - K], count_d_in, count_eps, N_DRAWS)
-    request = bound(selected_d & counted_d, selected_d_prime & counted_d_prime, pricing.cost.delta)
+    request = bound(draws_d >= t, draws_d_prime >= t, pricing.cost.delta)
     assert request <= pricing.cost.epsilon, request
 
     # Control: half the scale, with the audited key placed at that calibration's own threshold.

@@ -1,0 +1,64 @@
+"""Keys selected privately: the threshold's own noisy counts released as COUNT(*), with intervals that allow for
+the selection."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import binom
+
+from policies import mechanisms as mech
+
+K, EPSILON, DELTA, ALPHA = 5, 0.5, 1e-7, 0.05
+DRAWS = 4_000
+
+
+def _kept_values(count: int, n: int) -> np.ndarray:
+    """Released values of one key of true `count` over draws where it was kept (copies of it in one call)."""
+    out: list[int] = []
+    while len(out) < n:
+        selection = mech.select_keys({f"k{i}": count for i in range(1_000)}, K, EPSILON, DELTA, candidates=1_000)
+        out += [int(v) for v in selection.kept.values()]
+    return np.asarray(out[:n], dtype=np.float64)
+
+
+def _min_coverage(n: int) -> float:
+    """The smallest share of covering intervals that a (1 - ALPHA) procedure shows over n draws, but for a 1e-4
+    chance (binomial lower tail)."""
+    return float(binom.ppf(1e-4, n, 1 - ALPHA)) / n
+
+
+@pytest.mark.parametrize("offset", [-25, -10, 0, 10, 40])
+def test_selected_count_intervals_cover_given_selection(offset: int) -> None:
+    """For a true count below, at and above the threshold, the interval covers it in ≥ 1 - alpha of the releases
+    where the key is kept (the coverage a reader of the answer relies on)."""
+    scale, threshold = mech.threshold_for(K, EPSILON, DELTA)
+    count = threshold + offset
+    values = _kept_values(count, DRAWS)
+    assert len(values) >= 200, len(values)  # enough kept draws to measure (all offsets here are kept often)
+    lo, hi = mech.selected_count_interval(values, scale, threshold, ALPHA)
+    assert np.all(lo <= values) and np.all(values <= hi)
+    assert np.all(lo >= 0)
+    covered = float(np.mean((lo <= count) & (count <= hi)))
+    assert covered >= _min_coverage(len(values)), (offset, covered, len(values))
+
+
+def test_the_unadjusted_interval_undercovers_near_the_threshold() -> None:
+    """Control: v ± the usual half-width covers a count 2.5 scales below the threshold far less often than 1 - alpha
+    among kept draws, which the test above would catch."""
+    scale, threshold = mech.threshold_for(K, EPSILON, DELTA)
+    count = threshold - math.ceil(2.5 * scale)
+    values = _kept_values(count, DRAWS)
+    hw = mech.integer_accuracy(scale, ALPHA)
+    covered = float(np.mean(np.abs(values - count) <= hw))
+    assert covered < _min_coverage(len(values)), covered
+
+
+def test_far_above_the_threshold_the_interval_is_the_usual_one() -> None:
+    scale, threshold = mech.threshold_for(K, EPSILON, DELTA)
+    v = np.asarray([threshold + 100 * scale, 1e6])
+    lo, hi = mech.selected_count_interval(v, scale, threshold, ALPHA)
+    hw = mech.integer_accuracy(scale, ALPHA)
+    assert np.all(np.abs((v - lo) - hw) <= 2) and np.all(np.abs((hi - v) - hw) <= 2), (v - lo, hi - v, hw)
