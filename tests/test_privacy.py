@@ -123,6 +123,7 @@ def test_avg_intervals_cover_and_are_tight(heavy: DuckDBEngine) -> None:
     for _ in range(500):
         release = execute(plan, pricing, heavy)
         for (kind, value), cells in zip(release.rows, release.intervals, strict=True):
+            assert cells[1] is not None
             lo, hi = cells[1]
             errors.append(abs(value - truth[kind]))
             half_widths.append((hi - lo) / 2)
