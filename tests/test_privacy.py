@@ -135,6 +135,52 @@ def test_avg_intervals_cover_and_are_tight(heavy: DuckDBEngine) -> None:
     assert np.median(half_widths) <= 1.3 * p95, (np.median(half_widths), p95)
 
 
+FUNCTIONS = (
+    "ROUND(AVG(value), 1)",
+    "ABS(SUM(value) - 1500)",
+    "SQRT(VARIANCE(value))",
+    "LN(COUNT(*))",
+    "POWER(COUNT(*) - 300, 2)",
+    "LOG10(COUNT(*))",
+    "FLOOR(AVG(value))",
+    "EXP(AVG(value) / 10)",
+)
+
+
+def test_functions_of_aggregates_get_intervals_that_cover(heavy: DuckDBEngine) -> None:
+    """ROUND, ABS, SQRT, LN, POWER, LOG, FLOOR and EXP of aggregates carry the interval of their argument through
+    their monotone pieces; every cell holds its value, and the intervals cover the truth at ≥ 95%."""
+    select = ", ".join(f"{f} AS f{i}" for i, f in enumerate(FUNCTIONS))
+    sql = f"SELECT kind, {select} FROM heavy GROUP BY kind"
+    plan = plan_query(sql, lambda n: heavy.policy(n)[0])
+    pricing = price(plan, epsilon=5.0, accuracy=None, alpha=0.05, delta=None)
+    truth = {
+        row[0]: row[1:]
+        for row in heavy.connect()
+        .execute(f"SELECT kind, {select} FROM bounded_heavy GROUP BY kind")
+        .fetchall()
+    }
+    covered = np.zeros(len(FUNCTIONS))
+    n = 0
+    for _ in range(150):
+        release = execute(plan, pricing, heavy)
+        for row, cells in zip(release.rows, release.intervals, strict=True):
+            n += 1
+            for j, (value, cell) in enumerate(zip(row[1:], cells[1:], strict=True)):
+                assert cell is not None, FUNCTIONS[j]
+                lo, hi = cell
+                assert lo <= value <= hi, (FUNCTIONS[j], lo, value, hi)
+                covered[j] += lo <= truth[row[0]][j] <= hi
+    # binomial(300, 0.95) is below 0.91 with probability < 1e-3
+    assert np.all(covered / n >= 0.91), dict(zip(FUNCTIONS, covered / n, strict=True))
+
+
+def test_a_function_outside_its_domain_has_no_interval(heavy: DuckDBEngine) -> None:
+    """SQRT of an interval that reaches below zero, or LN of one that reaches zero, has none (not a made-up one)."""
+    _, _, release = _run(heavy, "SELECT SQRT(SUM(value) - 1000000), LN(COUNT(*) - 1000000) FROM heavy", 1.0)
+    assert release.intervals[0] == [None, None]
+
+
 def test_undeclared_keys_need_selection_and_rare_keys_stay_hidden(heavy: DuckDBEngine) -> None:
     plan, pricing, release = _run(heavy, "SELECT tag, COUNT(*) FROM heavy GROUP BY tag", epsilon=1.0)
     assert plan.needs_key_selection and pricing.cost.delta > 0

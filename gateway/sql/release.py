@@ -325,6 +325,80 @@ def _interval_eval(
             c, d = 1.0 / d, 1.0 / c
         prods = np.stack(np.broadcast_arrays(a * c, a * d, b * c, b * d))
         return prods.min(axis=0), prods.max(axis=0)
+    return _function_interval(node, env)
+
+
+def _round_half_away(x: np.ndarray, decimals: int) -> np.ndarray:
+    """ROUND as the public engine computes it (halves away from zero, not numpy's halves to even)."""
+    f = 10.0**decimals
+    return np.asarray(np.sign(x) * np.floor(np.abs(x) * f + 0.5) / f, dtype=np.float64)
+
+
+def _literal(node: exp.Expr | None) -> float | None:
+    if isinstance(node, exp.Neg):
+        inner = _literal(node.this)
+        return None if inner is None else -inner
+    if isinstance(node, exp.Literal) and not node.is_string:
+        return float(node.this)
+    return None
+
+
+def _function_interval(
+    node: exp.Expr, env: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Intervals through functions of aggregates: a non-decreasing function maps [lo, hi] to [f(lo), f(hi)] where
+    the whole interval is in its domain; ABS, and POWER by a literal exponent, by their monotone pieces. None where
+    a function does not apply or an interval leaves its domain (a square root of an interval reaching below 0)."""
+    inner = _interval_eval(node.this, env) if isinstance(node.this, exp.Expr) else None
+    if inner is None:
+        return None
+    lo, hi = (np.asarray(x, dtype=np.float64) for x in inner)
+    increasing: dict[type, tuple[float, Any]] = {  # function: (smallest argument of its domain, f)
+        exp.Floor: (-math.inf, np.floor),
+        exp.Ceil: (-math.inf, np.ceil),
+        exp.Trunc: (-math.inf, np.trunc),
+        exp.Sign: (-math.inf, np.sign),
+        exp.Cbrt: (-math.inf, np.cbrt),
+        exp.Exp: (-math.inf, np.exp),
+        exp.Sqrt: (0.0, np.sqrt),
+        exp.Ln: (math.nextafter(0.0, 1.0), np.log),
+    }
+    with np.errstate(over="ignore"):
+        if type(node) in increasing and not (isinstance(node, exp.Floor | exp.Ceil) and node.args.get("decimals")):
+            smallest, f = increasing[type(node)]
+            return None if np.any(lo < smallest) else (f(lo), f(hi))
+        if isinstance(node, exp.Round):
+            decimals = _literal(node.args.get("decimals")) if node.args.get("decimals") is not None else 0.0
+            if decimals is None or decimals != int(decimals) or abs(decimals) > 15:
+                return None
+            return _round_half_away(lo, int(decimals)), _round_half_away(hi, int(decimals))
+        if isinstance(node, exp.Log):
+            # LOG(x) is base 10 on the public engine; LOG(b, x) (and LOG10, LOG2) has the literal base first.
+            base = 10.0 if node.args.get("expression") is None else _literal(node.this)
+            if node.args.get("expression") is not None:
+                arg = _interval_eval(node.expression, env)
+                if arg is None:
+                    return None
+                lo, hi = (np.asarray(x, dtype=np.float64) for x in arg)
+            if base is None or base <= 0 or base == 1 or np.any(lo <= 0):
+                return None
+            f_lo, f_hi = np.log(lo) / math.log(base), np.log(hi) / math.log(base)
+            return (f_lo, f_hi) if base > 1 else (f_hi, f_lo)
+        if isinstance(node, exp.Abs):
+            a_lo = np.where(lo >= 0, lo, np.where(hi <= 0, -hi, 0.0))
+            return a_lo, np.maximum(np.abs(lo), np.abs(hi))
+        if isinstance(node, exp.Pow):
+            p = _literal(node.expression)
+            if p is None:
+                return None
+            if p == int(p) and int(p) % 2 == 0 and p >= 0:  # even: through |x|
+                a_lo = np.where(lo >= 0, lo, np.where(hi <= 0, -hi, 0.0))
+                return a_lo**p, np.maximum(np.abs(lo), np.abs(hi)) ** p
+            if p == int(p) and p > 0:  # odd: increasing everywhere
+                return lo**p, hi**p
+            if np.any(lo <= 0):  # a fractional or negative power: positive arguments only
+                return None
+            return (lo**p, hi**p) if p > 0 else (hi**p, lo**p)
     return None
 
 
@@ -428,8 +502,7 @@ def _post_process(
         idx = int(r[n_out])
         row = [_py(v) for v in r[:n_out]]
         cells = [
-            [b[0][idx], b[1][idx]] if b is not None and math.isfinite(b[0][idx]) and math.isfinite(b[1][idx]) else None
-            for b in col_bounds
+            _cell(v, b[0][idx], b[1][idx]) if b is not None else None for v, b in zip(row, col_bounds, strict=True)
         ]
         rows.append(row)
         intervals.append(cells)
@@ -475,6 +548,17 @@ def _post_process(
         groups_released=len(groups),
         flags=flags,
     )
+
+
+def _cell(value: Any, lo: float, hi: float) -> list[float] | None:
+    """A released cell's interval: none unless both ends are finite; widened where needed so that it holds the
+    released value (a value clamped by the output expression may fall outside the interval of its inputs, and a
+    wider interval only covers more)."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        lo, hi = min(lo, float(value)), max(hi, float(value))
+    return [lo, hi]
 
 
 def _flags(value: Any, interval: list[float] | None, thin: bool) -> list[str]:
