@@ -17,7 +17,9 @@ from typing import Any
 
 import sqlglot
 from sqlglot import exp
+from sqlglot.dialects.duckdb import DuckDB
 from sqlglot.errors import ParseError, TokenError
+from sqlglot.tokens import TokenType
 
 from policies.errors import QueryRejected, SqlSyntaxError
 from policies.schema import Policy, Usage
@@ -142,6 +144,77 @@ def span(node: exp.Expr, sql: str) -> tuple[int | None, int | None]:
             if at != -1:
                 start = at
         end = _closing_paren(sql, start, end)
+    # A subquery is shown with its parentheses and SELECT keyword, which carry no position of their own.
+    return balanced(
+        sql,
+        start,
+        end,
+        enclosed=isinstance(node, exp.Subquery) or (isinstance(node, exp.Select) and node.parent is not None),
+    )
+
+
+_OPENING = {TokenType.L_PAREN, TokenType.L_BRACKET, TokenType.L_BRACE}
+_CLOSING = {TokenType.R_PAREN, TokenType.R_BRACKET, TokenType.R_BRACE}
+
+
+@lru_cache(maxsize=64)
+def _tokens(sql: str) -> tuple[tuple[TokenType, int, int], ...]:
+    """(type, start, end exclusive) of each token of the text, or nothing if it does not tokenize."""
+    try:
+        return tuple((t.token_type, t.start, t.end + 1) for t in DuckDB().tokenize(sql))
+    except (TokenError, ValueError, RecursionError):
+        return ()
+
+
+def balanced(sql: str, start: int, end: int, *, enclosed: bool = False) -> tuple[int, int]:
+    """The span [start, end) grown to balanced brackets: the nodes of a tree record the positions of their names
+    and values only, so a span from them can miss an opening `(`, `[` or the closing one (`IN (1, 'a'`,
+    `1,2,3]) AS x`). With `enclosed`, the span is also grown to the brackets around it (a subquery's). A bracket
+    opened just after a name (a call such as `UNNEST(`) takes the name with it."""
+    tokens = _tokens(sql)
+    if not tokens:
+        return start, end
+    first = next((i for i, t in enumerate(tokens) if t[1] >= start), len(tokens))
+    last = next((i for i, t in enumerate(tokens) if t[2] > end), len(tokens))  # first token past the span
+    unclosed, unopened = 0, 1 if enclosed else 0
+    for kind, _, _ in tokens[first:last]:
+        if kind in _OPENING:
+            unclosed += 1
+        elif kind in _CLOSING:
+            if unclosed:
+                unclosed -= 1
+            else:
+                unopened += 1
+    depth = 0
+    i = first - 1
+    while unopened and i >= 0:
+        kind, at, _ = tokens[i]
+        if kind in _CLOSING:
+            depth += 1
+        elif kind in _OPENING:
+            if depth:
+                depth -= 1
+            else:
+                unopened -= 1
+                unclosed += 1  # its closing bracket is to be found on the right
+                start = at
+                if i > 0 and tokens[i - 1][2] == at and tokens[i - 1][0] not in _OPENING | _CLOSING:
+                    start = tokens[i - 1][1]  # a call: the name just before the bracket
+                    i -= 1
+        i -= 1
+    i = last
+    depth = 0
+    while unclosed and i < len(tokens):
+        kind, _, stop = tokens[i]
+        if kind in _OPENING:
+            depth += 1
+        elif kind in _CLOSING:
+            if depth:
+                depth -= 1
+            else:
+                unclosed -= 1
+            end = max(end, stop)
+        i += 1
     return start, end
 
 

@@ -684,7 +684,12 @@ class Checker:
                 hint="use smaller intervals",
             )
         op = exp.Sub if isinstance(n, exp.Sub) else exp.Add
-        shifted: exp.Expr = op(this=date.tree, expression=by.tree)
+        days = by.tree
+        if by.typed.type is not SqlType.INTERVAL:
+            # Engines add an INTEGER number of days to a date, not a BIGINT (DuckDB has no DATE + BIGINT); the
+            # range checked above keeps the number within a few million.
+            days = exp.Cast(this=days, to=exp.DataType.build("INT"))
+        shifted: exp.Expr = op(this=date.tree, expression=days)
         if by.typed.type is SqlType.INTERVAL:  # date ± interval is a timestamp in the engine: keep it a date
             shifted = exp.Cast(this=shifted, to=exp.DataType.build("DATE"))
         return Checked(Typed(SqlType.DATE, new_lo, new_hi), shifted)

@@ -1,12 +1,22 @@
 """Parse stage: one analyst statement with sqlglot, refused unless it is one SELECT over one registered dataset
-(no joins, subqueries, table functions or catalogs). The text is never executed; later stages work on the tree."""
+(no joins, subqueries, table functions or catalogs). The text is never executed; later stages work on the tree.
+
+Spellings of other dialects are read here into the tree the planner knows: `SELECT TOP n` (SQL Server,
+SmartNoise SQL) becomes `LIMIT n`, a table alias or the dataset's own name as a column qualifier is dropped, and
+`FROM <dataset>.<dataset>` (SmartNoise SQL's `schema.table` metadata names a one-table dataset so) reads the
+dataset."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sqlglot import exp
+from sqlglot.dialects.duckdb import DuckDB
+from sqlglot.errors import TokenError
+from sqlglot.tokens import TokenType
 
 from policies.errors import QueryRejected
-from policies.expressions import parse_statements, reject
+from policies.expressions import balanced, parse_statements, reject, span
 
 _SYSTEM_SCHEMAS = {"information_schema", "pg_catalog", "main", "temp", "system", "sqlite_master"}
 _SYSTEM_PREFIXES = ("duckdb_", "pg_", "sqlite_", "pragma_")
@@ -43,7 +53,8 @@ def parse_select(sql: str) -> exp.Select:
     """Parse exactly one SELECT statement, or raise with the position of the problem."""
     if not sql or not sql.strip():
         raise QueryRejected("the query is empty", reason="empty_query")
-    statements = parse_statements(sql)
+    top = _top(sql)
+    statements = parse_statements(top.text if top else sql)
     if len(statements) != 1:
         second = statements[1] if len(statements) > 1 else None
         raise reject(
@@ -56,7 +67,87 @@ def parse_select(sql: str) -> exp.Select:
         raise reject(message, reason, stmt, sql, hint="Bastion answers one aggregate SELECT over one dataset")
     if not isinstance(stmt, exp.Select):
         raise reject(f"{type(stmt).__name__} statements are not allowed", "unsupported_statement", stmt, sql)
+    if top is not None:
+        if stmt.args.get("limit") is not None:
+            raise QueryRejected(
+                "TOP and LIMIT cannot both be given",
+                reason="bad_limit",
+                sql=sql,
+                start=top.start,
+                end=top.end,
+                hint="keep one of them",
+            )
+        stmt.set("limit", exp.Limit(expression=exp.Literal.number(top.rows)))
+        stmt.meta["top"] = (top.start, top.end)
     return stmt
+
+
+@dataclass(frozen=True)
+class Top:
+    """`TOP n` after the first SELECT: the text with it blanked out (same length, so every position still points
+    into the analyst's text), where it was, and n."""
+
+    text: str
+    start: int
+    end: int
+    rows: int
+
+
+def _top(sql: str) -> Top | None:
+    """Find `SELECT [DISTINCT|ALL] TOP n` or `TOP (n)` (n an integer literal) in the first SELECT of the text."""
+    try:
+        tokens = DuckDB().tokenize(sql)
+    except (TokenError, ValueError, RecursionError):
+        return None  # the parser reports the problem
+    i = next((i for i, t in enumerate(tokens) if t.token_type is TokenType.SELECT), None)
+    if i is None:
+        return None
+    i += 1
+    if i < len(tokens) and tokens[i].token_type in (TokenType.DISTINCT, TokenType.ALL):
+        i += 1
+    if i + 1 >= len(tokens) or tokens[i].text.upper() != "TOP" or tokens[i].token_type is TokenType.STRING:
+        return None
+    rest = tokens[i + 1 : i + 4]
+    if rest[0].token_type is TokenType.NUMBER:
+        number, last = rest[0], rest[0]
+    elif (
+        len(rest) == 3
+        and rest[0].token_type is TokenType.L_PAREN
+        and rest[1].token_type is TokenType.NUMBER
+        and rest[2].token_type is TokenType.R_PAREN
+    ):
+        number, last = rest[1], rest[2]
+    else:
+        return None
+    if not number.text.isdigit():
+        return None
+    start, end = tokens[i].start, last.end + 1
+    text = sql[:start] + " " * (end - start) + sql[end:]
+    return Top(text, start, end, int(number.text))
+
+
+def top_span(select: exp.Select) -> tuple[int, int] | None:
+    """Where `TOP n` was in the text, if the query limited its rows so."""
+    found = select.meta.get("top")
+    return (int(found[0]), int(found[1])) if found else None
+
+
+def _join_span(select: exp.Select, join: exp.Expr, sql: str) -> tuple[int | None, int | None]:
+    """The text of a join from its first keyword (`JOIN`, `CROSS JOIN`, ...; after the comma of `FROM a, b`) to
+    its end: the tree records the positions of the joined names and values only."""
+    start, end = span(join, sql)
+    from_ = select.args.get("from_") or select.args.get("from")
+    previous = span(from_.this, sql)[1] if from_ is not None else None
+    if start is None or end is None or previous is None:
+        return start, end
+    try:
+        tokens = DuckDB().tokenize(sql)
+    except (TokenError, ValueError, RecursionError):
+        return start, end
+    after = [t for t in tokens if previous <= t.start < start and t.token_type is not TokenType.COMMA]
+    if after:
+        start = after[0].start
+    return balanced(sql, start, end)
 
 
 def dataset_name(select: exp.Select, sql: str) -> str:
@@ -71,8 +162,16 @@ def dataset_name(select: exp.Select, sql: str) -> str:
         )
     joined = select.args.get("joins") or select.args.get("laterals")
     if joined:
-        node = joined[0]
-        raise reject("joins are not allowed", "join", node, sql, hint="query one dataset at a time")
+        start, end = _join_span(select, joined[0], sql)
+        raise QueryRejected(
+            "joins are not allowed",
+            reason="join",
+            sql=sql,
+            start=start,
+            end=end,
+            hint="query one dataset at a time; to release a fixed list of groups, group by a column with a public "
+            "domain or a CASE over it",
+        )
     from_ = select.args.get("from_") or select.args.get("from")
     if from_ is None:
         raise reject("the query must read FROM a dataset", "no_dataset", select, sql)
@@ -91,7 +190,7 @@ def dataset_name(select: exp.Select, sql: str) -> str:
         raise reject("TABLESAMPLE is not allowed", "sampling", source, sql)
     name = source.name.lower()
     db = (source.db or "").lower()
-    if db in _SYSTEM_SCHEMAS or db or source.catalog or name.startswith(_SYSTEM_PREFIXES) or name in _SYSTEM_SCHEMAS:
+    if db in _SYSTEM_SCHEMAS or source.catalog or name.startswith(_SYSTEM_PREFIXES) or name in _SYSTEM_SCHEMAS:
         raise reject(
             "system catalogs are not allowed",
             "system_catalog",
@@ -99,4 +198,28 @@ def dataset_name(select: exp.Select, sql: str) -> str:
             sql,
             hint="GET /v1/datasets shows the public schema",
         )
+    if db and db != name:
+        # A dataset is one table, its own schema: `pums.pums` (SmartNoise SQL's metadata names it so) is `pums`.
+        raise reject(
+            f"no schema {db!r}: a dataset is read by its name, or as <dataset>.<dataset>",
+            "unknown_schema",
+            source,
+            sql,
+            hint=f"write FROM {name} (GET /v1/datasets lists the datasets)",
+        )
     return name
+
+
+def drop_qualifiers(select: exp.Select, dataset: str) -> None:
+    """Drop the table qualifier of columns that name the one table read: its alias (`FROM visits v ... v.age`),
+    the dataset's name, or `<dataset>.<dataset>`. Other qualifiers stay, for the planner to refuse as unknown."""
+    from_ = select.args.get("from_") or select.args.get("from")
+    source = from_.this if from_ is not None else None
+    names = {dataset}
+    if isinstance(source, exp.Table) and source.alias:
+        names.add(source.alias.lower())
+    for col in list(select.find_all(exp.Column)):
+        table, db = col.table.lower(), (col.db or "").lower()
+        if table in names and db in ("", dataset) and not col.catalog:
+            col.set("table", None)
+            col.set("db", None)

@@ -17,7 +17,7 @@ from typing import Any
 from sqlglot import exp
 
 from gateway.engines.public import PublicError, public_rows
-from gateway.sql.parse import dataset_name, parse_select
+from gateway.sql.parse import dataset_name, drop_qualifiers, parse_select, top_span
 from policies.errors import QueryRejected
 from policies.expressions import (
     check_column,
@@ -55,6 +55,27 @@ class Kind(StrEnum):
 
 
 _QUANTILE_FUNCS = ("Quantile", "PercentileCont", "PercentileDisc", "ApproxQuantile")
+# Aggregates other dialects spell differently, read as the sqlglot node Bastion plans (one argument each): VAR, STD
+# (MySQL, SmartNoise SQL), VARP/STDEVP/COUNT_BIG (SQL Server), and ZetaSQL's ANON_* (bounds come from the policy).
+_SPELLINGS: dict[str, type[exp.AggFunc]] = {
+    "var": exp.Variance,
+    "varsamp": exp.Variance,
+    "std": exp.Stddev,
+    "stddevsamp": exp.StddevSamp,
+    "stdevsamp": exp.StddevSamp,
+    "varp": exp.VariancePop,
+    "stdevp": exp.StddevPop,
+    "count_big": exp.Count,
+    "anon_count": exp.Count,
+    "anon_sum": exp.Sum,
+    "anon_avg": exp.Avg,
+    "anon_var_pop": exp.VariancePop,
+    "anon_stddev_pop": exp.StddevPop,
+}
+SUPPORTED_AGGREGATES = (
+    "COUNT, SUM, AVG, VARIANCE (VAR, VAR_SAMP), VAR_POP, STDDEV (STD, STDDEV_SAMP), STDDEV_POP, MEDIAN, "
+    "QUANTILE_CONT, PERCENTILE_CONT"
+)
 _VARIANCE_FUNCS = {
     "Variance": Kind.VAR,
     "VarianceSamp": Kind.VAR,
@@ -289,6 +310,9 @@ class _Planner:
                         self.sql,
                         hint=f"use COUNT(DISTINCT {unit})" if unit else None,
                     )
+            elif isinstance(arg, exp.Column) and not arg.table and arg.name.lower() == self.policy.unit_column:
+                # COUNT(unit): the rows whose unit is present, a count like any other (one unit moves it by k).
+                kind, col = Kind.COUNT, arg.name.lower()
             elif isinstance(arg, exp.Column):
                 kind, col = Kind.COUNT, check_column(arg, self.policy, self.sql, labeling=False)
             else:
@@ -318,7 +342,7 @@ class _Planner:
             "unsupported_aggregate",
             node,
             self.sql,
-            hint="supported: COUNT, SUM, AVG, VARIANCE, STDDEV, MEDIAN, QUANTILE_CONT",
+            hint=f"supported: {SUPPORTED_AGGREGATES}",
         )
 
     def _within_group(self, node: exp.WithinGroup) -> Aggregate:
@@ -418,22 +442,35 @@ class _Planner:
         """
         aliases = aliases or {}
 
+        def placed(new: exp.Expr, old: exp.Expr) -> exp.Expr:
+            """`new` standing where `old` was in the text, so that a type error in it points there."""
+            start, end = span(old, self.sql)
+            if start is not None and end is not None:
+                new.meta.update(start=start, end=end - 1)
+            return new
+
         def transform(n: exp.Expr) -> exp.Expr:
-            if (
-                isinstance(n, exp.Column)
-                and not n.table
-                and n.name.lower() in aliases
-                and self.match_key(n) is None
-                and n.name.lower() not in self.policy.columns
-            ):
-                return aliases[n.name.lower()].copy()
+            if isinstance(n, exp.Column) and not n.table and n.name.lower() in aliases:
+                # An output name wins over a column of the same name in HAVING and ORDER BY, as in the major
+                # dialects (GROUP BY reads the column).
+                return placed(aliases[n.name.lower()].copy(), n)
             key = self.match_key(n) if not isinstance(n, exp.AggFunc) else None
             if key is not None:
-                return exp.column(key.alias, quoted=True)
+                return placed(exp.column(key.alias, quoted=True), n)
             if isinstance(n, exp.WithinGroup):
-                return exp.column(self._within_group(n).alias, quoted=True)
+                return placed(exp.column(self._within_group(n).alias, quoted=True), n)
             if isinstance(n, exp.AggFunc):
-                return exp.column(self.aggregate(n).alias, quoted=True)
+                return placed(exp.column(self.aggregate(n).alias, quoted=True), n)
+            if isinstance(n, exp.Anonymous):
+                name = func_name(n).upper()
+                aggregate = any(isinstance(c, exp.Column | exp.Star) for c in n.expressions)
+                raise reject(
+                    f"{name}() is neither a supported aggregate nor a function of released values",
+                    "unsupported_aggregate" if aggregate else "unsupported_function",
+                    n,
+                    self.sql,
+                    hint=f"aggregates: {SUPPORTED_AGGREGATES}; on released values: {OUTPUT_FUNCTIONS}",
+                )
             if isinstance(n, exp.Filter):
                 raise reject(
                     "aggregate FILTER clauses are not allowed", "aggregate_filter", n, self.sql, hint="use WHERE"
@@ -508,6 +545,7 @@ class _Planner:
 
     def plan(self) -> Plan:
         select = self.select
+        read_spellings(select)
         self.unknown_columns()
         if select.args.get("distinct"):
             raise reject(
@@ -550,12 +588,7 @@ class _Planner:
             for o in order.expressions:
                 target = o.this
                 new: exp.Expr
-                if (
-                    isinstance(target, exp.Column)
-                    and not target.table
-                    and target.name.lower() in by_alias
-                    and self.match_key(target) is None
-                ):
+                if isinstance(target, exp.Column) and not target.table and target.name.lower() in by_alias:
                     new = exp.column(f"o{by_alias[target.name.lower()]}", quoted=True)
                 elif isinstance(target, exp.Literal) and not target.is_string:
                     new = exp.column(f"o{int(target.this) - 1}", quoted=True)
@@ -604,6 +637,11 @@ class _Planner:
             )
         if "limit" in bounds:
             post = post.limit(bounds["limit"])
+            if not order_exprs and top_span(select) is not None:
+                self.warnings.append(
+                    f"TOP {bounds['limit']} without ORDER BY keeps {bounds['limit']} groups in no particular order: "
+                    "add ORDER BY (e.g. ORDER BY COUNT(*) DESC) to choose which"
+                )
         if "offset" in bounds:
             post = post.offset(bounds["offset"])
         aggregates = list(self.aggregates.values())
@@ -621,6 +659,17 @@ class _Planner:
             measurements=measurements,
             warnings=self.warnings,
         )
+
+
+def read_spellings(select: exp.Select) -> None:
+    """Replace aggregates spelled as in other dialects (`_SPELLINGS`) by the node Bastion plans, in place."""
+    for node in list(select.find_all(exp.Anonymous)):
+        cls = _SPELLINGS.get(func_name(node))
+        if cls is None or len(node.expressions) != 1:
+            continue
+        new = cls(this=node.expressions[0])
+        new.meta.update(node.meta)
+        node.replace(new)
 
 
 def _transform_top_down(node: exp.Expr, fn: Callable[[exp.Expr], exp.Expr]) -> exp.Expr:
@@ -828,6 +877,7 @@ def plan_query(sql: str, resolve: Callable[[str], Policy]) -> Plan:
         select = parse_select(sql)
         name = dataset_name(select, sql)
         policy = resolve(name)
+        drop_qualifiers(select, name)
         return _Planner(select, sql, policy).plan()
     except RecursionError:
         raise QueryRejected(
