@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import accuracy_data, data
+from benchmarks import accuracy_data, data, report
 from benchmarks.run import HERE, SMARTNOISE_REQUIREMENTS, duckdb_engine, ensure_venv, machine
 from benchmarks.workloads import SMARTNOISE_TABLE, Workload
 from gateway.service import Bastion, Context
@@ -54,8 +54,6 @@ RUNNERS = {"smartnoise": HERE / "accuracy_smartnoise_runner.py", "opendp": HERE 
 OPENDP_MAX_LENGTH = 10_000_000
 # Half-width of the distribution-free 95% interval of a median, in order statistics per sqrt(n).
 Z95 = 1.96
-RESULTS_START = "<!-- accuracy:start -->"
-RESULTS_END = "<!-- accuracy:end -->"
 
 
 class Kind(StrEnum):
@@ -507,18 +505,6 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_results_md(path: Path, section: str) -> None:
-    """Replace the accuracy section of RESULTS.md (between its markers), or append it."""
-    block = f"{RESULTS_START}\n{section}{RESULTS_END}\n"
-    text = path.read_text() if path.exists() else ""
-    if RESULTS_START in text and RESULTS_END in text:
-        head, rest = text.split(RESULTS_START, 1)
-        text = head + block + rest.split(RESULTS_END, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.write_text(text)
-
-
 # --- the whole benchmark --------------------------------------------------------------------------------
 
 
@@ -579,7 +565,8 @@ def run(opts: Options) -> dict[str, Any]:
     text = markdown(results)
     (opts.out / "accuracy.md").write_text(text)
     if opts.update_results:
-        update_results_md(HERE / "RESULTS.md", text)
+        path = HERE / "RESULTS.md"
+        path.write_text(report.with_accuracy_section(path.read_text() if path.exists() else "", text))
     opts.log(text)
     return results
 

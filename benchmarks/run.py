@@ -593,7 +593,8 @@ def run(opts: Options) -> dict[str, Any]:
     markdown = report.markdown(results)
     (opts.out / "results.md").write_text(markdown)
     if opts.copy_markdown is not None:
-        opts.copy_markdown.write_text(markdown)
+        kept = report.accuracy_section(opts.copy_markdown.read_text()) if opts.copy_markdown.exists() else ""
+        opts.copy_markdown.write_text(markdown + ("\n" + kept if kept else ""))
     opts.log(markdown)
     return results
 

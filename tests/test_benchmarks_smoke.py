@@ -127,3 +127,12 @@ def test_accuracy_targets_catch_a_more_accurate_peer() -> None:
         "keys kept ≥ best peer's": "not met",
     }
     assert verdicts(10.0, peer_keeps_b=False) == {"median error ≤ best peer's": "met", "keys kept ≥ best peer's": "met"}
+
+
+def test_results_markdown_keeps_the_accuracy_section() -> None:
+    """benchmarks.run rewrites RESULTS.md; the accuracy benchmark's section between its markers survives it."""
+    text = report.with_accuracy_section("# Bastion benchmarks\n\nsuite\n", "## Accuracy per ε\n\nfirst run\n")
+    assert "first run" in report.accuracy_section(text) and text.startswith("# Bastion benchmarks\n\nsuite\n")
+    again = report.with_accuracy_section(text, "## Accuracy per ε\n\nsecond run\n")
+    assert "first run" not in again and again.count(report.ACCURACY_START) == 1
+    assert report.accuracy_section("no section here") == ""
