@@ -15,12 +15,32 @@ HTTP_OVERHEAD_MS = 5.0
 CACHED_QPS = 500.0
 REGISTRATION_S = 30.0
 
+# The accuracy benchmark's section of RESULTS.md (benchmarks.accuracy), kept when the suite rewrites the file.
+ACCURACY_START = "<!-- accuracy:start -->"
+ACCURACY_END = "<!-- accuracy:end -->"
+
 ENGINE_TITLES = {
     "raw": "raw DuckDB",
     "bastion": "Bastion in process",
     "http": "Bastion HTTP",
     "smartnoise": "SmartNoise SQL",
 }
+
+
+def accuracy_section(text: str) -> str:
+    """The accuracy benchmark's section of a RESULTS.md text, with its markers; "" if it has none."""
+    if ACCURACY_START not in text or ACCURACY_END not in text:
+        return ""
+    return ACCURACY_START + text.split(ACCURACY_START, 1)[1].split(ACCURACY_END, 1)[0] + ACCURACY_END + "\n"
+
+
+def with_accuracy_section(text: str, section: str) -> str:
+    """`text` with its accuracy section replaced by `section` (Markdown, without markers), or with it appended."""
+    block = f"{ACCURACY_START}\n{section.rstrip()}\n{ACCURACY_END}\n"
+    old = accuracy_section(text)
+    if old:
+        return text.replace(old, block, 1)
+    return text.rstrip("\n") + "\n\n" + block
 
 
 def _p50(entry: dict[str, Any] | None) -> float | None:

@@ -428,19 +428,21 @@ def throughput(opts: Options, url: str, token: str, fresh: Fresh) -> dict[str, A
 # --- SmartNoise SQL -------------------------------------------------------------------------------------
 
 
-def ensure_smartnoise(opts: Options) -> tuple[Path | None, str]:
-    """The SmartNoise virtual environment's Python, installing it if needed; (None, why) if it cannot be."""
-    venv = opts.smartnoise_venv
+def ensure_venv(
+    venv: Path, requirements: list[str], imports: str, log: Callable[[str], None]
+) -> tuple[Path | None, str]:
+    """The Python of a peer's own virtual environment, where `import <imports>` works, installing `requirements`
+    into it if needed; (None, why) if it cannot be."""
     py = venv / "bin" / "python"
-    check = [str(py), "-c", "import snsql, pyarrow"]
+    check = [str(py), "-c", f"import {imports}"]
     if py.exists() and subprocess.run(check, capture_output=True, timeout=120).returncode == 0:
         return py, "ok"
-    opts.log(f"  installing {' '.join(SMARTNOISE_REQUIREMENTS)} into {venv} ...")
+    log(f"  installing {' '.join(requirements)} into {venv} ...")
     try:
         if not py.exists():
             subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
         pip = subprocess.run(
-            [str(py), "-m", "pip", "install", "-q", *SMARTNOISE_REQUIREMENTS],
+            [str(py), "-m", "pip", "install", "-q", *requirements],
             capture_output=True,
             text=True,
             timeout=1800,
@@ -449,10 +451,15 @@ def ensure_smartnoise(opts: Options) -> tuple[Path | None, str]:
             tail = " ".join((pip.stderr or pip.stdout).strip().splitlines()[-3:])
             return None, f"pip install failed: {tail[-500:]}"
         if subprocess.run(check, capture_output=True, timeout=120).returncode != 0:
-            return None, "installed, but `import snsql` fails"
+            return None, f"installed, but `import {imports}` fails"
     except (OSError, subprocess.SubprocessError) as exc:
         return None, f"cannot create the environment: {exc}"
     return py, "ok"
+
+
+def ensure_smartnoise(opts: Options) -> tuple[Path | None, str]:
+    """The SmartNoise virtual environment's Python, installing it if needed; (None, why) if it cannot be."""
+    return ensure_venv(opts.smartnoise_venv, SMARTNOISE_REQUIREMENTS, "snsql, pyarrow", opts.log)
 
 
 def run_smartnoise(opts: Options, py: Path, source: Path, n_rows: int) -> dict[str, Any]:
@@ -586,7 +593,8 @@ def run(opts: Options) -> dict[str, Any]:
     markdown = report.markdown(results)
     (opts.out / "results.md").write_text(markdown)
     if opts.copy_markdown is not None:
-        opts.copy_markdown.write_text(markdown)
+        kept = report.accuracy_section(opts.copy_markdown.read_text()) if opts.copy_markdown.exists() else ""
+        opts.copy_markdown.write_text(markdown + ("\n" + kept if kept else ""))
     opts.log(markdown)
     return results
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from benchmarks import fixed_cost, report
+from benchmarks import accuracy, fixed_cost, report
 from benchmarks.run import ENGINES, Options, run
 from benchmarks.workloads import WORKLOADS
 
@@ -62,3 +63,83 @@ def test_fixed_cost_breakdown_prints_every_phase(tmp_path: Path, capsys: pytest.
         assert out.count(label) == 2, label  # once per workload: the phases are timed once each, not twice
     assert out.count("  plan (parse, plan, bind check)") == 2
     assert list(tmp_path.iterdir()) == []  # the workspace is removed afterwards
+
+
+def test_accuracy_benchmark_measures_every_query_and_checks_its_targets(tmp_path: Path) -> None:
+    reps, epsilons = 5, (1.0, 0.1)
+    opts = accuracy.parse_args(["--quick", "--reps", str(reps), "--work", str(tmp_path / "w"), "--out", str(tmp_path)])
+    opts.log = lambda _: None
+    assert opts.peers == () and opts.rows == 20_000 and opts.epsilons == epsilons
+    accuracy.run(opts)
+
+    results = json.loads((tmp_path / "accuracy.json").read_text())
+    facts = results["facts"]
+    assert facts["units"] == 5_000 and facts["rows"] == results["exact"]["count"]
+    # every release was computed and charged: the ledger holds reps × Σε per query
+    assert facts["epsilon_spent"] == pytest.approx(reps * sum(epsilons) * len(accuracy.QUERIES))
+    for q in accuracy.QUERIES:
+        for eps in epsilons:
+            cell = results["figures"][q.name]["bastion"][f"{eps:g}"]
+            assert cell["status"] == "ok" and cell["releases"] == reps, (q.name, eps)
+            assert 0 <= cell["median_error"] <= cell["p95_error"] and cell["ms_per_release"] > 0, (q.name, eps)
+            if q.kind is not accuracy.Kind.MEDIAN:
+                assert cell["half_width"] > 0 and 0 <= cell["coverage"] <= 1, (q.name, eps)
+            if q.by:
+                assert cell["spurious"] == 0 and 0 < cell["keys_kept"] <= cell["keys_total"], (q.name, eps)
+    # the budget figure: queries at ±50 until (ε = 10, δ = 1e-6) is spent, each charged what it reports
+    pure = results["budget"]["pure"]
+    per_query = pure["charged_per_query"]["epsilon"]
+    assert pure["status"] == "ok" and pure["queries"] == int(10.0 / per_query + 1e-9)
+    assert pure["spent"]["epsilon"] == pytest.approx(pure["queries"] * per_query)
+    assert 0 < pure["half_width_max"] <= accuracy.BUDGET_ACCURACY + 1e-9
+    assert results["budget"]["zcdp"]["status"] in {"ok", "unsupported"}  # a branch without zCDP accounting
+    statuses = {(t["query"], t["target"]): t["status"] for t in results["targets"]}
+    assert statuses[("count", "median error ≤ best peer's")] == "not measured"  # no peer ran
+    assert statuses[("median", "error < half grid step")] in {"met", "not met"}
+    markdown = (tmp_path / "accuracy.md").read_text()
+    for q in accuracy.QUERIES:
+        assert f"| {q.workload.title} | 0.1 | Bastion |" in markdown
+    assert "### Accuracy targets" in markdown
+
+
+def test_accuracy_targets_catch_a_more_accurate_peer() -> None:
+    """The comparison is not vacuous: against a peer with a tenth of Bastion's noise the target is not met, against
+    one with ten times the noise it is; coverage and keys kept are counted from the releases."""
+    q = next(q for q in accuracy.QUERIES if q.kind is accuracy.Kind.PRIVATE_KEYS)
+    exact = {"a": 1000.0, "b": 50.0}
+    noise = np.random.default_rng(7).laplace(0.0, 10.0, (200, 2))
+
+    def releases(scale: float, keep_b: bool) -> accuracy.Releases:
+        values = [{"a": 1000 + scale * x, **({"b": 50 + scale * y} if keep_b else {})} for x, y in noise]
+        width = 30.0 * scale  # about 3 scales of the noise: ~95% of Laplace(10 · scale) draws fall within it
+        intervals = [{k: (v - width, v + width) for k, v in row.items()} for row in values]
+        return accuracy.Releases(values=values, intervals=intervals, times_s=[0.01] * len(values))  # type: ignore[arg-type]
+
+    bastion = accuracy.summarize(q, exact, releases(1.0, keep_b=False))
+    assert bastion["keys_kept"] == 1 and bastion["keys_total"] == 2 and bastion["spurious"] == 0
+    assert 0.9 < bastion["coverage"] < 0.99
+
+    def verdicts(peer_scale: float, peer_keeps_b: bool) -> dict[str, str]:
+        figures = {
+            name: {
+                "bastion": {"1": bastion},
+                "opendp": {"1": accuracy.summarize(q, exact, releases(peer_scale, peer_keeps_b))},
+            }
+            for name in (x.name for x in accuracy.QUERIES)
+        }
+        return {t["target"]: t["status"] for t in accuracy.targets(figures, (1.0,)) if t["query"] == q.name}
+
+    assert verdicts(0.1, peer_keeps_b=True) == {
+        "median error ≤ best peer's": "not met",
+        "keys kept ≥ best peer's": "not met",
+    }
+    assert verdicts(10.0, peer_keeps_b=False) == {"median error ≤ best peer's": "met", "keys kept ≥ best peer's": "met"}
+
+
+def test_results_markdown_keeps_the_accuracy_section() -> None:
+    """benchmarks.run rewrites RESULTS.md; the accuracy benchmark's section between its markers survives it."""
+    text = report.with_accuracy_section("# Bastion benchmarks\n\nsuite\n", "## Accuracy per ε\n\nfirst run\n")
+    assert "first run" in report.accuracy_section(text) and text.startswith("# Bastion benchmarks\n\nsuite\n")
+    again = report.with_accuracy_section(text, "## Accuracy per ε\n\nsecond run\n")
+    assert "first run" not in again and again.count(report.ACCURACY_START) == 1
+    assert report.accuracy_section("no section here") == ""
