@@ -151,20 +151,22 @@ def execute(plan: Plan, pricing: Pricing, engine: Engine, *, default_input: bool
             pricing.selection_epsilon,
             pricing.selection_delta,
             candidates=plan.policy.key_candidates,
+            rho=pricing.selection_rho,
         )
         kept = (by_label[j] for j in selection.kept)
         groups = sorted((g for g in kept if not (len(g) == 2 and g[0] is _PADDED)), key=lambda g: [str(v) for v in g])
+        cost = f"ρ={pricing.selection_rho:.4g}" if pricing.zcdp else f"ε={pricing.selection_epsilon:.4g}"
         notes.append(
-            f"group keys without a public domain were selected with OpenDP's Laplace threshold "
-            f"(threshold {selection.threshold} rows; ε={pricing.selection_epsilon:.4g}, "
-            f"δ={pricing.selection_delta:.3g})"
+            f"group keys without a public domain were selected with OpenDP's "
+            f"{'Gaussian' if pricing.zcdp else 'Laplace'} threshold "
+            f"(threshold {selection.threshold} rows; {cost}, δ={pricing.selection_delta:.3g})"
         )
     zero = tuple(0 for _ in range(len(plain) + 1))
 
     noisy: dict[Measurement, np.ndarray] = {}
     for i, m in enumerate(plain):
         values = [exact.get(g, zero)[i + 1] for g in groups]
-        release = mech.release_integers(values, pricing.d_in[m], pricing.epsilon_per_measurement)
+        release = pricing.release(m, values)
         noisy[m] = np.asarray(release.values, dtype=np.float64) * measurement_unit(plan, m)
 
     quantiles: dict[Measurement, tuple[np.ndarray, float]] = {}
@@ -182,7 +184,7 @@ def execute(plan: Plan, pricing: Pricing, engine: Engine, *, default_input: bool
             below = (cum[on] - h[on]).tolist()
             above = (total - cum[on]).tolist()
             scores, _ = mech.quantile_scores(below, above, m.q)
-            idx, scale = mech.release_quantile_index(scores, pricing.d_in[m], pricing.epsilon_per_measurement)
+            idx, scale = mech.release_quantile_index(scores, pricing.d_in[m], pricing.epsilon(m))
             picks.append(candidates[idx])
         quantiles[m] = (np.asarray(picks, dtype=np.float64), scale)
 
@@ -395,11 +397,7 @@ def _post_process(
 
     measurements = []
     for m in plan.measurements:
-        entry: dict[str, Any] = {
-            "measurement": m.label,
-            "epsilon": pricing.epsilon_per_measurement,
-            "sensitivity": pricing.d_in[m],
-        }
+        entry = pricing.entry(m)
         if m.kind == Kind.QUANTILE:
             entry["rank_error"] = mech.quantile_rank_error(
                 pricing.scale(m),

@@ -91,6 +91,13 @@ def _resolve(name: str) -> Policy:
     return POLICY
 
 
+def _per(pricing: Pricing) -> float:
+    """The one ε every measurement of an equal split gets."""
+    per = pricing.epsilon_per_measurement
+    assert per is not None
+    return per
+
+
 def _priced(sql: str, epsilon: float, delta: float | None = None) -> tuple[Plan, Pricing]:
     plan = plan_query(sql, _resolve)
     return plan, price(plan, epsilon=epsilon, accuracy=None, alpha=0.05, delta=delta)
@@ -240,7 +247,7 @@ def _integer_inputs(
     for m, call_d, call_d_prime in zip(plain, on_d.integers, on_d_prime.integers, strict=True):
         va, d_in, eps = call_d["values"], call_d["d_in"], call_d["epsilon"]
         vb, d_in_b, eps_b = call_d_prime["values"], call_d_prime["d_in"], call_d_prime["epsilon"]
-        assert (d_in, eps) == (d_in_b, eps_b) == (pricing.d_in[m], pricing.epsilon_per_measurement)
+        assert (d_in, eps) == (d_in_b, eps_b) == (pricing.d_in[m], _per(pricing))
         assert len(va) == len(vb)  # the shape of a release is public
         assert sum(abs(a - b) for a, b in zip(va, vb, strict=True)) <= d_in  # L1 distance within the sensitivity
         out[m] = (va, vb, d_in, eps)
@@ -289,15 +296,15 @@ def audit_single_measurement(
 def test_count_star(neighbours: Neighbours) -> None:
     pricing, calibrated, control = audit_single_measurement(neighbours, "SELECT COUNT(*) FROM audit", 1.0)
     assert set(pricing.d_in.values()) == {K}
-    assert calibrated <= pricing.epsilon_per_measurement, calibrated
-    assert control > pricing.epsilon_per_measurement, control
+    assert calibrated <= _per(pricing), calibrated
+    assert control > _per(pricing), control
 
 
 def test_count_distinct_unit_ungrouped(neighbours: Neighbours) -> None:
     pricing, calibrated, control = audit_single_measurement(neighbours, "SELECT COUNT(DISTINCT uid) FROM audit", 1.0)
     assert set(pricing.d_in.values()) == {1}  # one unit is one more distinct unit
-    assert calibrated <= pricing.epsilon_per_measurement, calibrated
-    assert control > pricing.epsilon_per_measurement, control
+    assert calibrated <= _per(pricing), calibrated
+    assert control > _per(pricing), control
 
 
 def test_count_distinct_unit_grouped(neighbours: Neighbours) -> None:
@@ -305,15 +312,15 @@ def test_count_distinct_unit_grouped(neighbours: Neighbours) -> None:
     sql = "SELECT slot, COUNT(DISTINCT uid) FROM audit GROUP BY slot"
     pricing, calibrated, control = audit_single_measurement(neighbours, sql, 1.0, N_VECTOR_DRAWS)
     assert set(pricing.d_in.values()) == {K}
-    assert calibrated <= pricing.epsilon_per_measurement, calibrated
-    assert control > pricing.epsilon_per_measurement, control
+    assert calibrated <= _per(pricing), calibrated
+    assert control > _per(pricing), control
 
 
 def test_sum_with_negative_lower_bound(neighbours: Neighbours) -> None:
     """k rows at -100 with bounds [-100, 50]: the sensitivity must follow the bound of largest magnitude."""
     pricing, calibrated, control = audit_single_measurement(neighbours, "SELECT SUM(amount) FROM audit", 1.0)
-    assert calibrated <= pricing.epsilon_per_measurement, calibrated
-    assert control > pricing.epsilon_per_measurement, control
+    assert calibrated <= _per(pricing), calibrated
+    assert control > _per(pricing), control
 
 
 def test_declared_group_by(neighbours: Neighbours) -> None:
@@ -335,7 +342,7 @@ def audit_composed(neighbours: Neighbours, sql: str, epsilon: float, kinds: set[
     plan, pricing, on_d, on_d_prime = _audited(neighbours, sql, epsilon)
     inputs = _integer_inputs(plan, pricing, on_d, on_d_prime)
     assert {m.kind for m in inputs} == kinds
-    per = pricing.epsilon_per_measurement
+    per = _per(pricing)
     assert per == pytest.approx(pricing.cost.epsilon / len(kinds))
     hits = {m: integer_hits(va, vb, d_in, eps, N_DRAWS) for m, (va, vb, d_in, eps) in inputs.items()}
     for m, (hits_d, hits_d_prime) in hits.items():
@@ -386,7 +393,7 @@ def test_quantile(neighbours: Neighbours) -> None:
     scores_d, d_in, eps = call_d["scores"], call_d["d_in"], call_d["epsilon"]
     scores_d_prime, d_in_b, eps_b = call_d_prime["scores"], call_d_prime["d_in"], call_d_prime["epsilon"]
     (m,) = plan.measurements
-    assert (d_in, eps) == (d_in_b, eps_b) == (pricing.d_in[m], pricing.epsilon_per_measurement)
+    assert (d_in, eps) == (d_in_b, eps_b) == (pricing.d_in[m], _per(pricing))
     assert max(abs(a - b) for a, b in zip(scores_d, scores_d_prime, strict=True)) <= d_in  # L∞ sensitivity
     for claimed_eps, expect_within in ((eps, True), (2 * eps, False)):
         scale = 2 * d_in / claimed_eps  # how release_quantile_index calibrates (public)
@@ -403,7 +410,7 @@ def test_quantile(neighbours: Neighbours) -> None:
             _quantile_hits(scores_d, d_in, claimed_eps, event, N_QUANTILE_DRAWS),
             _quantile_hits(scores_d_prime, d_in, claimed_eps, event, N_QUANTILE_DRAWS),
         )
-        assert (lower <= pricing.epsilon_per_measurement) is expect_within, (claimed_eps, sorted(event), lower)
+        assert (lower <= _per(pricing)) is expect_within, (claimed_eps, sorted(event), lower)
 
 
 def _key_released(
@@ -444,7 +451,7 @@ def test_key_selection(neighbours: Neighbours) -> None:
     (label_d,) = [key for key, v in counts_d.items() if v == t]
     (label_d_prime,) = [key for key, v in counts_d_prime.items() if v == t - K]
     (m,) = plan.measurements
-    count_d_in, count_eps = pricing.d_in[m], pricing.epsilon_per_measurement
+    count_d_in, count_eps = pricing.d_in[m], _per(pricing)
 
     selected_d = _key_released(counts_d, label_d, k, eps_sel, delta, N_DRAWS, options)
     selected_d_prime = _key_released(counts_d_prime, label_d_prime, k, eps_sel, delta, N_DRAWS, options)
