@@ -133,8 +133,30 @@ def rho_for_accuracy(d_in: float, accuracy: float, alpha: float) -> float:
     """The ρ at which a discrete Gaussian release of L2 sensitivity d_in has the requested half-width at alpha."""
     if accuracy <= 0:
         raise MechanismError("accuracy must be positive")
-    scale = float(dp.accuracy_to_discrete_gaussian_scale(float(accuracy), float(alpha)))
-    return (d_in / scale) ** 2 / 2
+    return (d_in / _gaussian_scale_for_accuracy(float(accuracy), float(alpha))) ** 2 / 2
+
+
+@lru_cache(maxsize=256)
+def _gaussian_scale_for_accuracy(accuracy: float, alpha: float) -> float:
+    """The largest scale whose OpenDP half-width (`gaussian_accuracy`) is at most `accuracy`. OpenDP's inverse
+    gives the scale at which the target is the exact boundary, where the (integer) half-width is one more, so
+    the scale is bisected down to the largest one that meets the target."""
+
+    def meets(scale: float) -> bool:
+        return float(dp.discrete_gaussian_scale_to_accuracy(scale, alpha)) <= accuracy
+
+    hi = float(dp.accuracy_to_discrete_gaussian_scale(accuracy, alpha))
+    if meets(hi):
+        return hi
+    lo = hi / 2
+    while not meets(lo):
+        lo /= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if mid in (lo, hi):
+            break
+        lo, hi = (mid, hi) if meets(mid) else (lo, mid)
+    return lo
 
 
 # --- key selection --------------------------------------------------------------------------------------
