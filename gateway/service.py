@@ -34,7 +34,16 @@ from gateway.sql.release import Release, bind_check, execute
 from gateway.stores.cache import ReleaseCache, cache_key
 from gateway.stores.ledger import Ledger, LedgerBehind, LedgerCharge
 from gateway.stores.tokens import Principal, TokenStore
-from policies.accountant import DELTA_UNIT, EPS_UNIT, PrivacyLoss
+from policies.accountant import (
+    DELTA_UNIT,
+    EPS_UNIT,
+    Accounting,
+    PrivacyLoss,
+    conversion_delta,
+    rho_cap,
+    selection_delta_cap,
+    zcdp_epsilon,
+)
 from policies.errors import (
     AuditUnavailable,
     DatasetNotFound,
@@ -101,6 +110,44 @@ def _epoch(time: str) -> float:
         return parse_time(time).timestamp()
     except ValueError:
         return dt.datetime.now(dt.UTC).timestamp()
+
+
+def _costs_under_both(
+    plan: Plan,
+    policy: Policy,
+    *,
+    epsilon: float | None,
+    accuracy: float | dict[str, float] | None,
+    alpha: float,
+    delta: float | None,
+    pricing: Pricing,
+) -> dict[str, Any]:
+    """What a request would cost under each accounting (a dry run's `costs`): pure (ε, δ), and zCDP ρ (with δ for
+    key selection) with the (ε, δ) it is worth at the policy's δ (ε at half of the per-principal δ, which is what
+    the ρ cap is converted at, and that half added to δ). An accounting that cannot price it says why."""
+    out: dict[str, Any] = {}
+    for accounting in Accounting:
+        try:
+            p = (
+                pricing
+                if accounting is pricing.accounting
+                else price(plan, epsilon=epsilon, accuracy=accuracy, alpha=alpha, delta=delta, accounting=accounting)
+            )
+        except GatewayError as exc:
+            out[accounting.value] = {"error": exc.message}
+            continue
+        if accounting is Accounting.PURE:
+            out["pure"] = {"epsilon": p.cost.epsilon, "delta": p.cost.delta}
+            continue
+        d_conv = conversion_delta(policy.budget.per_principal.delta)
+        eq = zcdp_epsilon(p.cost.rho, d_conv)
+        out["zcdp"] = {
+            "rho": p.cost.rho,
+            "delta": p.cost.delta,
+            "epsilon_equivalent": eq if math.isfinite(eq) else None,
+            "delta_equivalent": d_conv + p.cost.delta,
+        }
+    return out
 
 
 def _logged_units(charge: report.LoggedCharge) -> tuple[int, int]:
@@ -480,10 +527,29 @@ class Bastion:
         return out
 
     def budget_status(self, principal: str, policy: Policy) -> dict[str, Any]:
+        """A principal's spend on a dataset against its cap. Under zCDP the cap is on ρ (converted from the declared
+        (ε, δ)) and on the δ that conversion leaves; `spent.epsilon` is then the ε that the ρ spent is worth."""
         spent = self.ledger.spent(principal, policy.dataset)
         cap = policy.budget.per_principal
+        status: dict[str, Any] = {"dataset": policy.dataset, "accounting": policy.accounting.value}
+        if policy.accounting is Accounting.ZCDP:
+            r_cap, d_cap, d_conv = (
+                rho_cap(cap.epsilon, cap.delta),
+                selection_delta_cap(cap.delta, policy.accounting),
+                conversion_delta(cap.delta),
+            )
+            return {
+                **status,
+                "spent": {"epsilon": zcdp_epsilon(spent.rho, d_conv), "delta": spent.delta, "rho": spent.rho},
+                "limit": {**cap.model_dump(), "rho": r_cap},
+                "remaining": {
+                    "epsilon": max(cap.epsilon - zcdp_epsilon(spent.rho, d_conv), 0.0),
+                    "delta": max(d_cap - spent.delta, 0.0),
+                    "rho": max(r_cap - spent.rho, 0.0),
+                },
+            }
         return {
-            "dataset": policy.dataset,
+            **status,
             "spent": spent.as_dict(),
             "limit": cap.model_dump(),
             "remaining": {"epsilon": max(cap.epsilon - spent.epsilon, 0.0), "delta": max(cap.delta - spent.delta, 0.0)},
@@ -576,6 +642,7 @@ class Bastion:
                 total=policy.budget.total,
                 request_id=ctx.request_id,
                 kind=kind,
+                accounting=policy.accounting,
             )
         except GatewayError as exc:
             self.audit(
@@ -631,6 +698,7 @@ class Bastion:
             "dry_run": False,
             "epsilon_spent": cost.epsilon,
             "delta_spent": cost.delta,
+            **({"rho_spent": cost.rho} if cost.rho else {}),
             "query_id": ctx.request_id,
             "budget": self.budget_status(ctx.principal.name, policy),
         }
@@ -789,8 +857,10 @@ class Bastion:
         summary = {
             "dataset": plan.dataset,
             "alpha": alpha,
+            "accounting": pricing.accounting.value,
             "epsilon": pricing.cost.epsilon,
             "delta": pricing.cost.delta,
+            **({"rho": pricing.cost.rho} if pricing.zcdp else {}),
             "epsilon_per_measurement": pricing.epsilon_per_measurement,
             "warnings": list(plan.warnings),
         }
@@ -804,11 +874,11 @@ class Bastion:
                 "flags": None,
                 "notes": [],
                 "accuracy": dry_run_accuracy(plan, pricing),
-                "measurements": [
-                    {"measurement": m.label, "epsilon": pricing.epsilon_per_measurement, "sensitivity": pricing.d_in[m]}
-                    for m in plan.measurements
-                ],
+                "measurements": [pricing.entry(m) for m in plan.measurements],
                 "key_selection": plan.needs_key_selection,
+                "costs": _costs_under_both(
+                    plan, policy, epsilon=epsilon, accuracy=accuracy, alpha=alpha, delta=delta, pricing=pricing
+                ),
             }
 
         def answer(release: Release) -> dict[str, Any]:

@@ -3,6 +3,9 @@
 Bastion enables OpenDP's "contrib" feature: the mechanisms used here (discrete Laplace on integer vectors,
 Laplace thresholding for key selection, report-noisy-max for quantiles) are in contrib in OpenDP 0.16.
 
+Under zCDP accounting (policies.accountant), integer vectors get the discrete Gaussian mechanism instead, calibrated
+for an L2 distance, and private keys OpenDP's Gaussian threshold; see the Gaussian section below.
+
 Every release here is calibrated for a neighbouring relation where one privacy unit changes the input by
 `d_in` (an L1 / L∞ distance already multiplied by the rows-per-unit bound); the privacy maps of these
 mechanisms are linear in d_in, which is what makes user-level accounting over grouped releases correct.
@@ -13,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from statistics import NormalDist
 
 import numpy as np
 import opendp.prelude as dp
@@ -49,10 +53,11 @@ class IntegerRelease:
     values: list[int]
     scale: float
     epsilon: float
+    rho: float = 0.0  # > 0 for a discrete Gaussian release (then `epsilon` is 0)
 
     def accuracy(self, alpha: float) -> float:
         """Half-width of the (1 - alpha) interval of each released integer."""
-        return integer_accuracy(self.scale, alpha)
+        return gaussian_accuracy(self.scale, alpha) if self.rho else integer_accuracy(self.scale, alpha)
 
 
 def laplace_scale_for(d_in: int, epsilon: float) -> float:
@@ -95,7 +100,7 @@ def laplace_sum_tail(z: np.ndarray, a: float, b: np.ndarray) -> np.ndarray:
 
 
 def ratio_error_bound(
-    sum_scale: float, sum_unit: float, count_scale: float, mean_abs: np.ndarray, alpha: float
+    sum_scale: float, sum_unit: float, count_scale: float, mean_abs: np.ndarray, alpha: float, gaussian: bool = False
 ) -> np.ndarray:
     """A bound z, per group, with P(|X_s·sum_unit - m·X_c| > z) ≤ alpha, for discrete Laplace X_s (scale
     `sum_scale`, in integer units of `sum_unit`) and X_c (scale `count_scale`) and any mean |m| ≤ `mean_abs`.
@@ -104,17 +109,95 @@ def ratio_error_bound(
     the true mean), so z / C' is the half-width of a (1 - alpha) interval around S'/C': one interval for the
     combined noise instead of a union bound over the two measurements' own intervals. The quantile is that of
     continuous Laplace noise of the same scales (closed form) plus one integer unit of each, which bounds the discrete
-    noise's (a discrete Laplace variable couples to a continuous one of the same scale within one unit).
+    noise's (a discrete Laplace variable couples to a continuous one of the same scale within one unit). With
+    `gaussian`, X_s and X_c are discrete Gaussian of those scales: the continuous counterpart of the combined noise
+    is normal with variance a² + b², and the same one-unit coupling holds.
     """
     a = sum_scale * sum_unit
     b = count_scale * np.asarray(mean_abs, dtype=np.float64)
+    slack = sum_unit + np.asarray(mean_abs, dtype=np.float64)
+    if gaussian:
+        return np.asarray(NormalDist().inv_cdf(1 - alpha / 2) * np.sqrt(a * a + b * b) + slack, dtype=np.float64)
     lo = np.zeros_like(b)
     hi = np.full_like(b, 1.0) * (a + b) * (math.log(2 / alpha) + 1) * 4 + 1.0  # P(|Z| > hi) < alpha
     for _ in range(80):
         mid = (lo + hi) / 2
         over = laplace_sum_tail(mid, a, b) > alpha
         lo, hi = np.where(over, mid, lo), np.where(over, hi, mid)
-    return hi + sum_unit + np.asarray(mean_abs, dtype=np.float64)
+    return np.asarray(hi + slack, dtype=np.float64)
+
+
+# --- Gaussian mechanism (zCDP) ------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=256)
+def _int_vector_gaussian(scale: float) -> dp.Measurement:
+    # An L2 distance over f64, so that a sensitivity such as √k (distinct units in k groups) is exact.
+    return dp.m.make_gaussian(dp.vector_domain(dp.atom_domain(T="i64")), dp.l2_distance(T="f64"), scale=scale)
+
+
+def gaussian_scale_for(d_in: float, rho: float) -> float:
+    """Scale of the discrete Gaussian giving ρ-zCDP at L2 sensitivity d_in: ρ = (d_in / scale)² / 2."""
+    if rho <= 0:
+        raise MechanismError("rho must be positive")
+    return d_in / math.sqrt(2 * rho)
+
+
+@lru_cache(maxsize=256)
+def _calibrated_gaussian(d_in: float, rho: float) -> tuple[dp.Measurement, float]:
+    """The discrete Gaussian measurement for (d_in, ρ) and its scale, once OpenDP's privacy map (in
+    `zero_concentrated_divergence`) has been checked to give at most ρ at d_in."""
+    scale = gaussian_scale_for(d_in, rho)
+    meas = _int_vector_gaussian(scale)
+    if meas.output_measure != dp.zero_concentrated_divergence():
+        raise MechanismError(f"calibration error: {meas.output_measure} is not zCDP")
+    spent = meas.map(float(d_in))
+    if spent > rho * (1 + _MAP_SLACK):
+        raise MechanismError(f"calibration error: map gives ρ={spent} > {rho}")
+    return meas, scale
+
+
+def release_gaussian_integers(values: list[int], d_in: float, rho: float) -> IntegerRelease:
+    """Discrete Gaussian noise on a vector of integers whose L2 sensitivity is `d_in`, costing ρ (zCDP)."""
+    meas, scale = _calibrated_gaussian(d_in, rho)
+    noisy = meas([int(v) for v in values]) if values else []
+    return IntegerRelease(values=list(noisy), scale=scale, epsilon=0.0, rho=rho)
+
+
+@lru_cache(maxsize=1024)
+def gaussian_accuracy(scale: float, alpha: float) -> float:
+    """Half-width of the (1 - alpha) interval of discrete Gaussian noise at `scale` (OpenDP's accuracy function)."""
+    return float(dp.discrete_gaussian_scale_to_accuracy(scale, alpha))
+
+
+def rho_for_accuracy(d_in: float, accuracy: float, alpha: float) -> float:
+    """The ρ at which a discrete Gaussian release of L2 sensitivity d_in has the requested half-width at alpha."""
+    if accuracy <= 0:
+        raise MechanismError("accuracy must be positive")
+    return (d_in / _gaussian_scale_for_accuracy(float(accuracy), float(alpha))) ** 2 / 2
+
+
+@lru_cache(maxsize=256)
+def _gaussian_scale_for_accuracy(accuracy: float, alpha: float) -> float:
+    """The largest scale whose OpenDP half-width (`gaussian_accuracy`) is at most `accuracy`. OpenDP's inverse
+    gives the scale at which the target is the exact boundary, where the (integer) half-width is one more, so
+    the scale is bisected down to the largest one that meets the target."""
+
+    def meets(scale: float) -> bool:
+        return float(dp.discrete_gaussian_scale_to_accuracy(scale, alpha)) <= accuracy
+
+    hi = float(dp.accuracy_to_discrete_gaussian_scale(accuracy, alpha))
+    if meets(hi):
+        return hi
+    lo = hi / 2
+    while not meets(lo):
+        lo /= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if mid in (lo, hi):
+            break
+        lo, hi = (mid, hi) if meets(mid) else (lo, mid)
+    return lo
 
 
 # --- key selection --------------------------------------------------------------------------------------
@@ -127,27 +210,35 @@ class KeySelection:
     scale: float
     epsilon: float
     delta: float
+    rho: float = 0.0  # > 0 when selected with the Gaussian threshold (zCDP; then `epsilon` is 0)
 
 
-def _threshold_measurement(scale: float, threshold: int) -> dp.Measurement:
+def _threshold_measurement(scale: float, threshold: int, gaussian: bool = False) -> dp.Measurement:
     dom = dp.map_domain(dp.atom_domain(T=str), dp.atom_domain(T="i64"))
+    if gaussian:
+        return dp.m.make_gaussian_threshold(
+            dom, dp.l02inf_distance(dp.absolute_distance(T="i64")), scale=scale, threshold=threshold
+        )
     met = dp.l01inf_distance(dp.absolute_distance(T="i64"))
     return dp.m.make_laplace_threshold(dom, met, scale=scale, threshold=threshold)
 
 
 @lru_cache(maxsize=256)
-def threshold_for(k: int, epsilon: float, delta: float) -> tuple[float, int]:
-    """Scale and smallest threshold so that releasing keys whose noisy count passes costs (ε, δ).
+def threshold_for(k: int, epsilon: float, delta: float, rho: float = 0.0) -> tuple[float, int]:
+    """Scale and smallest threshold so that releasing keys whose noisy count passes costs (ε, δ), or with `rho`
+    (zCDP) the approximate-zCDP (ρ, δ) of OpenDP's Gaussian threshold.
 
-    One unit touches at most k keys, each by at most k rows, and k rows in all: d_in = (l0, l1, l∞) = (k, k, k).
+    One unit touches at most k keys, each by at most k rows, and k rows in all: d_in = (l0, l1, l∞) = (k, k, k),
+    and its L2 distance is at most its L1 distance k (all k rows in one key): (l0, l2, l∞) = (k, k, k).
     """
     if delta <= 0:
         raise MechanismError("key selection needs δ > 0")
-    scale = k / epsilon
+    gaussian = rho > 0
+    scale = gaussian_scale_for(k, rho) if gaussian else k / epsilon
     d_in = (k, k, k)
 
     def delta_at(t: int) -> float:
-        return _threshold_measurement(scale, t).map(d_in)[1]
+        return _threshold_measurement(scale, t, gaussian).map(d_in)[1]
 
     lo, hi = k + 1, k + 2
     while delta_at(hi) > delta:
@@ -160,9 +251,10 @@ def threshold_for(k: int, epsilon: float, delta: float) -> tuple[float, int]:
             hi = mid
         else:
             lo = mid + 1
-    eps_spent, _ = _threshold_measurement(scale, lo).map(d_in)
-    if eps_spent > epsilon * (1 + _MAP_SLACK):
-        raise MechanismError(f"calibration error: threshold map gives ε={eps_spent} > {epsilon}")
+    spent, _ = _threshold_measurement(scale, lo, gaussian).map(d_in)
+    budget = rho if gaussian else epsilon
+    if spent > budget * (1 + _MAP_SLACK):
+        raise MechanismError(f"calibration error: threshold map gives {spent} > {budget}")
     return scale, lo
 
 
@@ -173,7 +265,12 @@ _PAD = "\x00pad:"
 
 
 def select_keys(
-    counts: dict[str, int], k: int, epsilon: float, delta: float, candidates: int = KEY_CANDIDATES
+    counts: dict[str, int],
+    k: int,
+    epsilon: float,
+    delta: float,
+    candidates: int = KEY_CANDIDATES,
+    rho: float = 0.0,
 ) -> KeySelection:
     """Release the keys (with noisy counts) of a histogram whose key set is not public.
 
@@ -182,8 +279,8 @@ def select_keys(
     that pass the threshold are dropped, which is post-processing. Above `candidates` distinct keys the time
     grows with their number (the README says so).
     """
-    scale, threshold = threshold_for(k, epsilon, delta)
-    meas = _threshold_measurement(scale, threshold)
+    scale, threshold = threshold_for(k, epsilon, delta, rho)
+    meas = _threshold_measurement(scale, threshold, rho > 0)
     padded = {key: int(v) for key, v in counts.items()}
     i = 0
     while len(padded) < candidates:
@@ -193,6 +290,8 @@ def select_keys(
             padded[label] = 0
     kept = meas(padded)
     real = {key: v for key, v in dict(kept).items() if key in counts}
+    if rho > 0:
+        return KeySelection(kept=real, threshold=threshold, scale=scale, epsilon=0.0, delta=delta, rho=rho)
     return KeySelection(kept=real, threshold=threshold, scale=scale, epsilon=epsilon, delta=delta)
 
 

@@ -18,6 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
+from policies.accountant import Accounting
+
 # The largest number of distinct values a bounded int/date column may have for Bastion to treat its
 # range as a public domain of group keys.
 MAX_ENUMERABLE_DOMAIN = 10_000
@@ -264,9 +266,18 @@ class Policy(_Strict):
     # Key selection processes at least this many candidate keys (padded), so its time does not depend on how many
     # distinct private keys there are up to this many (see policies.mechanisms.select_keys).
     key_candidates: int = Field(default=1_000, ge=1, le=100_000)
+    # How spend is accounted (policies.accountant): pure ε (default) or ρ-zCDP with Gaussian noise.
+    accounting: Accounting = Accounting.PURE
 
     @model_validator(mode="after")
     def _check(self) -> Policy:
+        if self.accounting is Accounting.ZCDP and not (
+            self.budget.per_principal.delta > 0 and self.budget.total.delta > 0
+        ):
+            raise ValueError(
+                "accounting: zcdp needs a δ > 0 in both budgets (ρ is converted to (ε, δ) at half of it); "
+                "give the budgets a δ or use accounting: pure"
+            )
         for name in self.columns:
             if not name.isidentifier() or name.lower() != name or name.startswith("__"):
                 raise ValueError(f"column name {name!r} must be a lower-case identifier not starting with __")
@@ -313,7 +324,10 @@ class Policy(_Strict):
 
     def fingerprint(self) -> str:
         """Stable hash of the policy's content; part of every cache key and proxy version."""
-        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        content = self.model_dump(mode="json")
+        if self.accounting is Accounting.PURE:
+            del content["accounting"]  # the fingerprints of policies from before the option stay as they were
+        payload = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def public_schema(self) -> dict[str, Any]:
@@ -330,6 +344,7 @@ class Policy(_Strict):
             "budget": self.budget.model_dump(mode="json"),
             "labels": self.labels.model_dump(mode="json") if self.labels else None,
             "synthesis": self.synthesis.model_dump(mode="json"),
+            "accounting": self.accounting.value,
         }
 
 

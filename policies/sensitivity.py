@@ -2,7 +2,13 @@
 
 Neighbouring datasets differ by all rows of one privacy unit, i.e. by at most k rows of the pre-bounded table.
 Every figure here is the distance (L1 over all groups of a release, or L∞ of a quantile score vector within
-one group) by which removing or adding one unit can move the measured vector.
+one group) by which removing or adding one unit can move the measured vector; the `*_l2` functions give the L2
+distance that the Gaussian mechanism (zCDP accounting) is calibrated for.
+
+L2 of a grouped release: one unit changes group g by c_g (its rows there, times the per-row bound for a sum),
+with Σ c_g ≤ k rows. Then ‖c‖₂ = √(Σ c_g²) ≤ Σ c_g (all terms ≥ 0), with equality when all k rows are in one
+group, which a unit may do: so L2 = L1 for counts and sums. COUNT(DISTINCT unit) is the exception: a unit adds
+at most 1 to each of at most k groups, so ‖c‖₂ ≤ √k (L1 is k).
 """
 
 from __future__ import annotations
@@ -36,3 +42,22 @@ def quantile_sensitivity(k: int, q: float) -> int:
     """L∞ change of the quantile score vector when k rows change (score weights per row from quantile_scores)."""
     _, per_row = quantile_scores([0], [0], q)
     return k * per_row
+
+
+def count_l2(k: int) -> int:
+    """COUNT(*) or COUNT(col): k rows in one group is the worst case, L2 = k."""
+    return k
+
+
+def distinct_unit_l2(k: int, grouped: bool) -> float:
+    """COUNT(DISTINCT unit): 1 in each of at most k groups, L2 = √k (1 ungrouped)."""
+    return math.sqrt(k) if grouped else 1.0
+
+
+def sum_l2(k: int, column: Column) -> int:
+    """SUM: k rows of at most max|v| each in one group is the worst case; L2 = L1."""
+    return sum_sensitivity(k, column)
+
+
+def sum_of_squares_l2(k: int, column: Column) -> int:
+    return sum_of_squares_sensitivity(k, column)

@@ -15,6 +15,7 @@ from gateway.sql.plan import plan_query
 from gateway.sql.price import price
 from gateway.sql.release import execute
 from policies import mechanisms as mech
+from policies.accountant import Accounting
 from policies.schema import parse_policy
 
 K = 5
@@ -111,12 +112,15 @@ def test_noise_spread_matches_scale_and_intervals_cover(heavy: DuckDBEngine) -> 
     assert 0.93 <= covered / n <= 0.975
 
 
-def test_avg_intervals_cover_and_are_tight(heavy: DuckDBEngine) -> None:
-    """AVG's interval comes from the distribution of its combined error: it covers the true mean at ≥ 95% and is
-    not much wider than the errors are (a union bound over the SUM and COUNT intervals was 1.7× the p95 error)."""
+@pytest.mark.parametrize("accounting", [Accounting.PURE, Accounting.ZCDP])
+def test_avg_intervals_cover_and_are_tight(heavy: DuckDBEngine, accounting: Accounting) -> None:
+    """AVG's interval comes from the distribution of its combined error (Laplace or Gaussian noise): it covers the
+    true mean at ≥ 95% and is not much wider than the errors are (a union bound over the SUM and COUNT intervals
+    was 1.7× the p95 error)."""
     eps = 1.0
     plan = plan_query("SELECT kind, AVG(value) FROM heavy GROUP BY kind", lambda n: heavy.policy(n)[0])
-    pricing = price(plan, epsilon=eps, accuracy=None, alpha=0.05, delta=None)
+    pricing = price(plan, epsilon=eps, accuracy=None, alpha=0.05, delta=None, accounting=accounting)
+    assert pricing.gaussian(plan.measurements[0]) is (accounting is Accounting.ZCDP)
     con = heavy.connect()
     truth = dict(con.execute("SELECT kind, AVG(value) FROM bounded_heavy GROUP BY kind").fetchall())
     errors, half_widths, covered = [], [], 0
@@ -156,9 +160,7 @@ def test_functions_of_aggregates_get_intervals_that_cover(heavy: DuckDBEngine) -
     pricing = price(plan, epsilon=5.0, accuracy=None, alpha=0.05, delta=None)
     truth = {
         row[0]: row[1:]
-        for row in heavy.connect()
-        .execute(f"SELECT kind, {select} FROM bounded_heavy GROUP BY kind")
-        .fetchall()
+        for row in heavy.connect().execute(f"SELECT kind, {select} FROM bounded_heavy GROUP BY kind").fetchall()
     }
     covered = np.zeros(len(FUNCTIONS))
     n = 0

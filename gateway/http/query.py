@@ -16,12 +16,17 @@ class QueryRequest(BaseModel):
     model_config = REQUEST_CONFIG
     sql: str = Field(description="one aggregate SELECT over one dataset")
     epsilon: Number | None = Field(
-        default=None, description="privacy loss to spend, 0.001 to 1000 (give this or accuracy)"
+        default=None,
+        description="privacy loss to spend, 0.001 to 1000 (give this or accuracy), split equally over the "
+        "query's measurements; on a dataset with zCDP accounting the query costs rho = epsilon²/2",
     )
     accuracy: Number | dict[str, Number] | None = Field(
         default=None,
         description="target half-width of the confidence interval of the first COUNT/SUM output column, or "
-        "{column: half-width}; Bastion derives epsilon",
+        "{column: half-width, ...} naming one or more COUNT/SUM output columns; Bastion derives epsilon (rho "
+        "under zCDP): each targeted measurement gets exactly what its target needs, and the measurements no target "
+        "names (and private key selection) get the smallest of those, so that one target prices the whole query "
+        "as before and further targets only add what they need",
     )
     alpha: Number | None = Field(default=None, description="1 - confidence level, in [1e-9, 1) (default 0.05)")
     delta: Number | None = Field(default=None, description="δ for private key selection, 1e-30 to 0.1")
@@ -30,6 +35,10 @@ class QueryRequest(BaseModel):
 
 class Budget(BaseModel):
     dataset: str
+    accounting: str = Field(
+        description="pure (ε and δ add up) or zcdp (ρ adds up, capped at the ρ whose (ε, δ/2) conversion fits the "
+        "declared (ε, δ); δ/2 is left for key selection); under zcdp spent, limit and remaining also give rho"
+    )
     spent: dict[str, float]
     limit: dict[str, float]
     remaining: dict[str, float]
@@ -45,15 +54,27 @@ class QueryResponse(BaseModel):
         default=None, description="per cell [low, high] at confidence 1-alpha, null for exact or keys"
     )
     alpha: float
-    epsilon: float = Field(description="cost of this query")
+    accounting: str = Field(description="the dataset's accounting: pure or zcdp")
+    epsilon: float = Field(description="cost of this query (pure accounting; 0 under zcdp, whose cost is rho)")
     delta: float
+    rho: float | None = Field(default=None, description="cost of this query in ρ (zcdp accounting only)")
     epsilon_spent: float = Field(description="what this request actually spent (0 when cached or dry run)")
     delta_spent: float
+    rho_spent: float | None = Field(default=None, description="ρ this request spent (zcdp accounting only)")
+    costs: dict[str, dict[str, Any]] | None = Field(
+        default=None,
+        description="dry run only: the cost under each accounting, pure {epsilon, delta} and zcdp {rho, delta, "
+        "epsilon_equivalent, delta_equivalent} (the (ε, δ) the ρ is worth at half the policy's δ)",
+    )
     cached: bool
     dry_run: bool
     budget: Budget
     accuracy: dict[str, float | None] | None = None
-    measurements: list[dict[str, Any]] = []
+    measurements: list[dict[str, Any]] = Field(
+        default=[],
+        description="per primitive measurement: its mechanism (discrete_laplace, discrete_gaussian, "
+        "report_noisy_max), its own epsilon (and rho under zcdp), its sensitivity (L2 for the Gaussian) and accuracy",
+    )
     notes: list[str] = []
     warnings: list[str] = Field(
         default=[], description="advice on the query's form, e.g. to bin a continuous GROUP BY column"

@@ -1,14 +1,22 @@
 """Price stage: what a plan costs and how noisy each of its measurements is, decided before any private data is
-read. The request's ε is divided equally among the plan's distinct primitive measurements (COUNT(*), COUNT(col),
-COUNT(DISTINCT unit), SUM(col), SUM(col²), one selection per quantile), plus one equal share for private key
-selection when some GROUP BY key has no public domain and the query has no COUNT(*) (with one, the selection's
-noisy counts are the COUNT(*) release); key selection also costs δ. An accuracy target instead of ε
-is turned into ε by OpenDP's accuracy functions (documented in the README)."""
+read. The plan's primitive measurements are COUNT(*), COUNT(col), COUNT(DISTINCT unit), SUM(col), SUM(col²) and
+one selection per quantile, plus private key selection when some GROUP BY key has no public domain (which also
+costs δ). Under pure accounting, when the query has COUNT(*) the selection's own noisy counts are the COUNT(*)
+release: one measurement instead of a selection share and a count.
+
+Under pure accounting each measurement gets an ε (discrete Laplace; report-noisy-max for quantiles); under zCDP
+accounting (policies.accountant) a ρ (discrete Gaussian at the measurement's L2 sensitivity; quantiles stay
+report-noisy-max at the ε with ε²/2 = ρ; key selection is OpenDP's Gaussian threshold). A request's ε is divided
+equally (under zCDP its ρ = ε²/2). An accuracy request names one or more COUNT or SUM output columns: each
+targeted measurement gets exactly the ε (ρ) its target needs (OpenDP's accuracy functions), and the measurements
+no target names, and key selection, get the smallest of those, as with one target, where every measurement gets
+what the target needs."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from sqlglot import exp
 
@@ -18,38 +26,97 @@ from policies import sensitivity as sens
 from policies.accountant import (
     MAX_EPSILON,
     MIN_EPSILON,
+    Accounting,
     PrivacyLoss,
     check_alpha,
     check_delta,
     check_epsilon,
+    pure_to_rho,
+    selection_delta_cap,
 )
 from policies.errors import InvalidRequest
 
 _COUNT_KINDS = {Kind.COUNT_STAR, Kind.COUNT, Kind.COUNT_DISTINCT_UNIT}
 
+DISCRETE_LAPLACE = "discrete_laplace"
+DISCRETE_GAUSSIAN = "discrete_gaussian"
+REPORT_NOISY_MAX = "report_noisy_max"
+
 
 @dataclass(frozen=True)
 class Pricing:
-    """What a plan costs and how noisy each measurement is, decided before any private data is read."""
+    """What a plan costs and how noisy each measurement is, decided before any private data is read.
+
+    `budget` is each measurement's ε (pure accounting) or ρ (zCDP); `d_in` its L1 sensitivity (L∞ of the score
+    vector for a quantile) and `l2` its L2 sensitivity (what the Gaussian mechanism is calibrated for)."""
 
     cost: PrivacyLoss
-    epsilon_per_measurement: float
+    budget: dict[Measurement, float]
     d_in: dict[Measurement, int]
     selection_epsilon: float
     selection_delta: float
     alpha: float
-    # Where keys are selected privately and the query has COUNT(*), the selection's own noisy counts are released
-    # as COUNT(*) (one measurement at the selection's ε instead of two shares).
+    l2: dict[Measurement, float]
+    accounting: Accounting = Accounting.PURE
+    selection_rho: float = 0.0
+    # Where keys are selected privately (pure accounting) and the query has COUNT(*), the selection's own noisy
+    # counts are released as COUNT(*): one measurement at the selection's ε instead of two shares.
     counts_from_selection: bool = False
+
+    @property
+    def zcdp(self) -> bool:
+        return self.accounting is Accounting.ZCDP
+
+    @property
+    def epsilon_per_measurement(self) -> float | None:
+        """The one ε every measurement gets (pure accounting, equal split); None when they differ or under zCDP."""
+        values = set(self.budget.values())
+        return None if self.zcdp or len(values) != 1 else next(iter(values))
+
+    def gaussian(self, m: Measurement) -> bool:
+        return self.zcdp and m.kind != Kind.QUANTILE
+
+    def mechanism(self, m: Measurement) -> str:
+        if m.kind == Kind.QUANTILE:
+            return REPORT_NOISY_MAX
+        return DISCRETE_GAUSSIAN if self.zcdp else DISCRETE_LAPLACE
+
+    def epsilon(self, m: Measurement) -> float:
+        """The pure ε the measurement's mechanism runs at: its budget under pure accounting; under zCDP the ε of a
+        quantile (ε²/2 = its ρ) and 0 for a Gaussian release (which is not pure DP)."""
+        if not self.zcdp:
+            return self.budget[m]
+        return math.sqrt(2 * self.budget[m]) if m.kind == Kind.QUANTILE else 0.0
+
+    def rho(self, m: Measurement) -> float:
+        return self.budget[m] if self.zcdp else 0.0
 
     def scale(self, m: Measurement) -> float:
         if m.kind == Kind.QUANTILE:
-            return 2 * self.d_in[m] / self.epsilon_per_measurement
-        return self.d_in[m] / self.epsilon_per_measurement
+            return 2 * self.d_in[m] / self.epsilon(m)
+        if self.zcdp:
+            return mech.gaussian_scale_for(self.l2[m], self.budget[m])
+        return self.d_in[m] / self.budget[m]
 
     def half_width(self, m: Measurement, alpha: float) -> float:
         """Half-width, in the measurement's integer units, of its (1-alpha) interval."""
+        if self.gaussian(m):
+            return mech.gaussian_accuracy(self.scale(m), alpha)
         return mech.integer_accuracy(self.scale(m), alpha)
+
+    def release(self, m: Measurement, values: list[int]) -> mech.IntegerRelease:
+        """The measurement's noisy integers (a COUNT or SUM vector, one value per group)."""
+        if self.gaussian(m):
+            return mech.release_gaussian_integers(values, self.l2[m], self.budget[m])
+        return mech.release_integers(values, self.d_in[m], self.budget[m])
+
+    def entry(self, m: Measurement) -> dict[str, Any]:
+        """What an answer's (or a dry run's) `measurements` list says of one measurement: its mechanism and cost."""
+        out: dict[str, Any] = {"measurement": m.label, "mechanism": self.mechanism(m), "epsilon": self.epsilon(m)}
+        if self.zcdp:
+            out["rho"] = self.budget[m]
+        out["sensitivity"] = self.l2[m] if self.gaussian(m) else self.d_in[m]
+        return out
 
 
 def _d_in(plan: Plan, m: Measurement) -> int:
@@ -69,6 +136,22 @@ def _d_in(plan: Plan, m: Measurement) -> int:
     raise AssertionError(m.kind)
 
 
+def _l2(plan: Plan, m: Measurement) -> float:
+    k = plan.policy.max_rows_per_unit
+    match m.kind:
+        case Kind.COUNT_STAR | Kind.COUNT:
+            return sens.count_l2(k)
+        case Kind.COUNT_DISTINCT_UNIT:
+            return sens.distinct_unit_l2(k, bool(plan.keys))
+        case Kind.SUM:
+            return sens.sum_l2(k, plan.policy.columns[m.column])
+        case Kind.SUMSQ:
+            return sens.sum_of_squares_l2(k, plan.policy.columns[m.column])
+        case Kind.QUANTILE:
+            return math.nan  # report-noisy-max, never Gaussian
+    raise AssertionError(m.kind)
+
+
 def measurement_unit(plan: Plan, m: Measurement) -> float:
     """Value of one integer unit of a measurement (fixed-point sums) in the column's own unit."""
     if m.kind == Kind.SUM:
@@ -85,17 +168,23 @@ def price(
     accuracy: float | dict[str, float] | None,
     alpha: float,
     delta: float | None,
+    accounting: Accounting | None = None,
 ) -> Pricing:
-    """Decide the ε of each measurement, from a total ε or from a target accuracy of one output column."""
+    """Decide the ε (ρ under zCDP) of each measurement, from a total ε or from accuracy targets of output columns.
+    `accounting` defaults to the policy's (a dry run prices both)."""
+    accounting = plan.policy.accounting if accounting is None else accounting
+    zcdp = accounting is Accounting.ZCDP
     alpha = check_alpha(alpha)
     if delta is not None:
         delta = check_delta(delta)  # refused when out of range even if no key selection would spend it
     d_in = {m: _d_in(plan, m) for m in plan.measurements}
-    from_selection = plan.needs_key_selection and Measurement(Kind.COUNT_STAR) in d_in
-    shares = len(plan.measurements) + (1 if plan.needs_key_selection and not from_selection else 0)
+    l2 = {m: _l2(plan, m) for m in plan.measurements}
+    from_selection = plan.needs_key_selection and not zcdp and Measurement(Kind.COUNT_STAR) in d_in
+    separate_selection = plan.needs_key_selection and not from_selection
+    shares = len(plan.measurements) + (1 if separate_selection else 0)
     sel_delta = 0.0
     if plan.needs_key_selection:
-        budget_delta = plan.policy.budget.per_principal.delta
+        budget_delta = selection_delta_cap(plan.policy.budget.per_principal.delta, accounting)
         sel_delta = delta if delta is not None else budget_delta / 10
         if sel_delta <= 0:
             raise InvalidRequest(
@@ -106,50 +195,72 @@ def price(
         raise InvalidRequest("give exactly one of epsilon or accuracy")
     if epsilon is not None:
         epsilon = check_epsilon(epsilon)
-        per = epsilon / shares
+        total = pure_to_rho(epsilon) if zcdp else epsilon
+        budget = {m: total / shares for m in plan.measurements}
+        sel = total / shares
     else:
-        name, target = _accuracy_target(plan, accuracy)  # type: ignore[arg-type]
-        agg = single_aggregate(plan, name)
-        if agg is None or agg.kind not in _COUNT_KINDS | {Kind.SUM}:
+        need: dict[Measurement, float] = {}
+        for name, target in _accuracy_targets(plan, accuracy):  # type: ignore[arg-type]
+            agg = single_aggregate(plan, name)
+            if agg is None or agg.kind not in _COUNT_KINDS | {Kind.SUM}:
+                raise InvalidRequest(
+                    f"an accuracy target can be set for a COUNT or SUM output column; {name!r} is not one. "
+                    "Give epsilon instead, or use a dry run to see the accuracy an epsilon buys"
+                )
+            (m,) = agg.measurements
+            try:
+                if zcdp:
+                    b = mech.rho_for_accuracy(l2[m], target / measurement_unit(plan, m), alpha)
+                else:
+                    b = mech.epsilon_for_accuracy(d_in[m], target / measurement_unit(plan, m), alpha)
+            except Exception:  # noqa: BLE001 - OpenDP refuses targets it cannot reach; the target is public
+                b = math.inf
+            need[m] = max(need.get(m, 0.0), b)
+        floor = min(need.values())
+        budget = {m: need.get(m, floor) for m in plan.measurements}
+        sel = budget[Measurement(Kind.COUNT_STAR)] if from_selection else floor
+        total = math.fsum(budget.values()) + (sel if separate_selection else 0.0)
+        lo, hi = (pure_to_rho(MIN_EPSILON), pure_to_rho(MAX_EPSILON)) if zcdp else (MIN_EPSILON, MAX_EPSILON)
+        if not (math.isfinite(total) and lo <= total <= hi):
+            what = ", ".join(f"±{t:g} for {n!r}" for n, t in _accuracy_targets(plan, accuracy))  # type: ignore[arg-type]
+            unit = "ρ" if zcdp else "ε"
             raise InvalidRequest(
-                f"an accuracy target can be set for a COUNT or SUM output column; {name!r} is not one. "
-                "Give epsilon instead, or use a dry run to see the accuracy an epsilon buys"
+                f"an accuracy of {what} would need {unit} = {total:.3g}, outside the allowed "
+                f"[{lo:g}, {hi:g}]; ask for a looser or tighter target"
             )
-        (m,) = agg.measurements
-        try:
-            per = mech.epsilon_for_accuracy(d_in[m], target / measurement_unit(plan, m), alpha)
-        except Exception:  # noqa: BLE001 - OpenDP refuses targets it cannot reach; the target is public
-            per = math.inf
-        epsilon = per * shares
-        if not (math.isfinite(epsilon) and MIN_EPSILON <= epsilon <= MAX_EPSILON):
-            raise InvalidRequest(
-                f"an accuracy of ±{target:g} for {name!r} would need ε = {epsilon:.3g}, outside the allowed "
-                f"[{MIN_EPSILON:g}, {MAX_EPSILON:g}]; ask for a looser or tighter target"
-            )
+    sel_budget = sel if plan.needs_key_selection else 0.0
     return Pricing(
-        cost=PrivacyLoss(epsilon, sel_delta),
-        epsilon_per_measurement=per,
+        cost=PrivacyLoss(0.0, sel_delta, total) if zcdp else PrivacyLoss(total, sel_delta),
+        budget=budget,
         d_in=d_in,
-        selection_epsilon=per if plan.needs_key_selection else 0.0,
+        selection_epsilon=0.0 if zcdp else sel_budget,
         selection_delta=sel_delta,
         alpha=alpha,
+        l2=l2,
+        accounting=accounting,
+        selection_rho=sel_budget if zcdp else 0.0,
         counts_from_selection=from_selection,
     )
 
 
-def _accuracy_target(plan: Plan, accuracy: float | dict[str, float]) -> tuple[str, float]:
+def _accuracy_targets(plan: Plan, accuracy: float | dict[str, float]) -> list[tuple[str, float]]:
+    """The (output column, 95% half-width) pairs of an accuracy request: a number targets the first noisy output
+    column; an object names one or more output columns."""
     if isinstance(accuracy, dict):
-        if len(accuracy) != 1:
-            raise InvalidRequest('accuracy as an object names exactly one output column, e.g. {"visits": 50}')
-        ((name, target),) = accuracy.items()
+        if not accuracy:
+            raise InvalidRequest('accuracy as an object names one or more output columns, e.g. {"visits": 50}')
+        pairs = list(accuracy.items())
     else:
         name = next((n for n, e in zip(plan.output_names, plan.output_exprs, strict=True) if _agg_of(plan, e)), "")
-        target = accuracy
-    if not (isinstance(target, int | float) and math.isfinite(target) and target > 0):
-        raise InvalidRequest("accuracy must be a positive number (the 95% half-width, in the column's units)")
-    if name not in plan.output_names:
-        raise InvalidRequest(f"no output column named {name!r}")
-    return name, float(target)
+        pairs = [(name, accuracy)]
+    out = []
+    for name, target in pairs:
+        if isinstance(target, bool) or not (isinstance(target, int | float) and math.isfinite(target) and target > 0):
+            raise InvalidRequest("accuracy must be a positive number (the 95% half-width, in the column's units)")
+        if name not in plan.output_names:
+            raise InvalidRequest(f"no output column named {name!r}")
+        out.append((name, float(target)))
+    return out
 
 
 def _agg_of(plan: Plan, e: exp.Expr) -> Aggregate | None:

@@ -152,13 +152,15 @@ def execute(plan: Plan, pricing: Pricing, engine: Engine, *, default_input: bool
             pricing.selection_epsilon,
             pricing.selection_delta,
             candidates=plan.policy.key_candidates,
+            rho=pricing.selection_rho,
         )
         kept = {by_label[j]: int(v) for j, v in selection.kept.items()}
         groups = sorted((g for g in kept if not (len(g) == 2 and g[0] is _PADDED)), key=lambda g: [str(v) for v in g])
+        cost = f"ρ={pricing.selection_rho:.4g}" if pricing.zcdp else f"ε={pricing.selection_epsilon:.4g}"
         notes.append(
-            f"group keys without a public domain were selected with OpenDP's Laplace threshold "
-            f"(threshold {selection.threshold} rows; ε={pricing.selection_epsilon:.4g}, "
-            f"δ={pricing.selection_delta:.3g})"
+            f"group keys without a public domain were selected with OpenDP's "
+            f"{'Gaussian' if pricing.zcdp else 'Laplace'} threshold "
+            f"(threshold {selection.threshold} rows; {cost}, δ={pricing.selection_delta:.3g})"
         )
         if pricing.counts_from_selection:
             threshold_counts = kept
@@ -175,7 +177,7 @@ def execute(plan: Plan, pricing: Pricing, engine: Engine, *, default_input: bool
             noisy[m] = np.asarray([threshold_counts[g] for g in groups], dtype=np.float64)
             continue
         values = [exact.get(g, zero)[i + 1] for g in groups]
-        release = mech.release_integers(values, pricing.d_in[m], pricing.epsilon_per_measurement)
+        release = pricing.release(m, values)
         noisy[m] = np.asarray(release.values, dtype=np.float64) * measurement_unit(plan, m)
 
     quantiles: dict[Measurement, tuple[np.ndarray, float]] = {}
@@ -193,7 +195,7 @@ def execute(plan: Plan, pricing: Pricing, engine: Engine, *, default_input: bool
             below = (cum[on] - h[on]).tolist()
             above = (total - cum[on]).tolist()
             scores, _ = mech.quantile_scores(below, above, m.q)
-            idx, scale = mech.release_quantile_index(scores, pricing.d_in[m], pricing.epsilon_per_measurement)
+            idx, scale = mech.release_quantile_index(scores, pricing.d_in[m], pricing.epsilon(m))
             picks.append(candidates[idx])
         quantiles[m] = (np.asarray(picks, dtype=np.float64), scale)
 
@@ -286,7 +288,12 @@ def _mean_interval(
     corners = np.clip(np.stack([s_lo / c_lo1, s_lo / c_hi1, s_hi / c_lo1, s_hi / c_hi1]), blo, bhi)
     mean_abs = np.maximum(np.abs(corners.min(axis=0)), np.abs(corners.max(axis=0)))
     z = mech.ratio_error_bound(
-        pricing.scale(m_sum), measurement_unit(plan, m_sum), pricing.scale(m_count), mean_abs, alpha - first
+        pricing.scale(m_sum),
+        measurement_unit(plan, m_sum),
+        pricing.scale(m_count),
+        mean_abs,
+        alpha - first,
+        gaussian=pricing.gaussian(m_sum),
     )
     known = c >= 1.0  # with (noisily) no rows, nothing is known beyond the bounds
     c_pos = np.where(known, c, 1.0)
@@ -512,11 +519,7 @@ def _post_process(
 
     measurements = []
     for m in plan.measurements:
-        entry: dict[str, Any] = {
-            "measurement": m.label,
-            "epsilon": pricing.epsilon_per_measurement,
-            "sensitivity": pricing.d_in[m],
-        }
+        entry = pricing.entry(m)
         if m.kind == Kind.QUANTILE:
             entry["rank_error"] = mech.quantile_rank_error(
                 pricing.scale(m),

@@ -5,6 +5,10 @@ so two processes can never both pass when only one fits. Charges are never refun
 `spent`, running totals per (principal, dataset) that triggers on `charges` keep in the same transaction as every
 change of a charge (whichever code makes it), so a charge costs the same however long the history is.
 
+Under a policy's `accounting: zcdp` a charge is checked in ρ (and δ) against the caps converted from the policy's
+(ε, δ) by `policies.accountant.rho_cap`; every charge records the accounting it was made under, and a dataset's
+spend cannot go on under the other accounting (the two sums do not compose into one figure).
+
 Every charge also says whether the audit log holds a record of it (`audited`): a charge is made `PENDING`, becomes
 `AUDITED` once its "admitted" record (or an "orphan_charge" record standing in for it) is durable, and becomes
 `UNRECORDED` when writing that record failed, so that the next charge in any process claims it and records it
@@ -28,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from policies.accountant import PrivacyLoss
+from policies.accountant import RHO_UNIT, Accounting, PrivacyLoss, pure_to_rho, rho_cap, selection_delta_cap
 from policies.connections import ThreadConnections
-from policies.errors import BudgetExhausted, LedgerUnavailable
+from policies.errors import BudgetExhausted, InvalidRequest, LedgerUnavailable
 from policies.schema import Budget
 
 PENDING, AUDITED, UNRECORDED = 0, 1, 2
@@ -46,37 +50,48 @@ CREATE TABLE IF NOT EXISTS charges (
     request_id  TEXT    NOT NULL,
     kind        TEXT    NOT NULL,
     audited     INTEGER NOT NULL DEFAULT 1,
-    owner       TEXT
+    owner       TEXT,
+    rho_units   INTEGER NOT NULL DEFAULT 0,
+    accounting  TEXT    NOT NULL DEFAULT 'pure'
 );
 CREATE INDEX IF NOT EXISTS charges_pd ON charges(principal, dataset);
 CREATE INDEX IF NOT EXISTS charges_d ON charges(dataset);
 """
 # Ledgers made before charges carried their audit state get the two columns; their charges count as audited.
+# Ledgers made before zCDP accounting get ρ (none spent) and the accounting (pure) of their charges.
 _MIGRATIONS = (
     ("audited", "ALTER TABLE charges ADD COLUMN audited INTEGER NOT NULL DEFAULT 1"),
     ("owner", "ALTER TABLE charges ADD COLUMN owner TEXT"),
+    ("rho_units", "ALTER TABLE charges ADD COLUMN rho_units INTEGER NOT NULL DEFAULT 0"),
+    ("accounting", "ALTER TABLE charges ADD COLUMN accounting TEXT NOT NULL DEFAULT 'pure'"),
 )
-_INDEXES = "CREATE INDEX IF NOT EXISTS charges_audited ON charges(audited)"
+_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS charges_audited ON charges(audited)",
+    "CREATE INDEX IF NOT EXISTS charges_accounting ON charges(dataset, accounting)",
+)
 # Running totals of `charges`, maintained by triggers (created, and filled from the charges, in one transaction).
 _UPSERT_NEW = """
-    INSERT INTO spent (principal, dataset, eps_units, delta_units)
-    VALUES (NEW.principal, NEW.dataset, NEW.eps_units, NEW.delta_units)
+    INSERT INTO spent (principal, dataset, eps_units, delta_units, rho_units)
+    VALUES (NEW.principal, NEW.dataset, NEW.eps_units, NEW.delta_units, NEW.rho_units)
     ON CONFLICT (principal, dataset) DO UPDATE SET
-        eps_units = eps_units + excluded.eps_units, delta_units = delta_units + excluded.delta_units;"""
+        eps_units = eps_units + excluded.eps_units, delta_units = delta_units + excluded.delta_units,
+        rho_units = rho_units + excluded.rho_units;"""
 _SUBTRACT_OLD = """
-    UPDATE spent SET eps_units = eps_units - OLD.eps_units, delta_units = delta_units - OLD.delta_units
+    UPDATE spent SET eps_units = eps_units - OLD.eps_units, delta_units = delta_units - OLD.delta_units,
+        rho_units = rho_units - OLD.rho_units
     WHERE principal = OLD.principal AND dataset = OLD.dataset;"""
 _SPENT = (
     "CREATE TABLE spent (principal TEXT NOT NULL, dataset TEXT NOT NULL, eps_units INTEGER NOT NULL, "
-    "delta_units INTEGER NOT NULL, PRIMARY KEY (principal, dataset)) WITHOUT ROWID",
+    "delta_units INTEGER NOT NULL, rho_units INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (principal, dataset)) "
+    "WITHOUT ROWID",
     f"CREATE TRIGGER spent_insert AFTER INSERT ON charges BEGIN {_UPSERT_NEW}\nEND",
     f"CREATE TRIGGER spent_delete AFTER DELETE ON charges BEGIN {_SUBTRACT_OLD}\nEND",
-    "CREATE TRIGGER spent_update AFTER UPDATE OF principal, dataset, eps_units, delta_units ON charges "
+    "CREATE TRIGGER spent_update AFTER UPDATE OF principal, dataset, eps_units, delta_units, rho_units ON charges "
     f"BEGIN {_SUBTRACT_OLD}{_UPSERT_NEW}\nEND",
 )
 _SPENT_OBJECTS = {"spent", "spent_insert", "spent_delete", "spent_update"}
-_SUMS = "SELECT principal, dataset, SUM(eps_units), SUM(delta_units) FROM charges GROUP BY 1, 2"
-_ROW = "id, ts, principal, dataset, eps_units, delta_units, request_id, kind"
+_SUMS = "SELECT principal, dataset, SUM(eps_units), SUM(delta_units), SUM(rho_units) FROM charges GROUP BY 1, 2"
+_ROW = "id, ts, principal, dataset, eps_units, delta_units, request_id, kind, rho_units"
 _OWNER = re.compile(r"[0-9a-f]{32}")
 
 
@@ -114,16 +129,19 @@ class LedgerCharge:
     delta_units: int
     request_id: str
     kind: str
+    rho_units: int = 0
 
     @property
     def cost(self) -> PrivacyLoss:
-        return PrivacyLoss.from_units(self.eps_units, self.delta_units)
+        return PrivacyLoss.from_units(self.eps_units, self.delta_units, self.rho_units)
 
     @staticmethod
     def of(row: tuple[Any, ...]) -> LedgerCharge:
         """The charge of a row selected as `_ROW` (sqlite3 rows are untyped)."""
-        i, ts, principal, dataset, e, d, rid, kind = row
-        return LedgerCharge(int(i), float(ts), str(principal), str(dataset), int(e), int(d), str(rid), str(kind))
+        i, ts, principal, dataset, e, d, rid, kind, r = row
+        return LedgerCharge(
+            int(i), float(ts), str(principal), str(dataset), int(e), int(d), str(rid), str(kind), int(r or 0)
+        )
 
 
 class Ledger:
@@ -147,7 +165,8 @@ class Ledger:
                     except BaseException:
                         con.execute("ROLLBACK")
                         raise
-                con.execute(_INDEXES)
+                for index in _INDEXES:
+                    con.execute(index)
                 self._ensure_spent(con)
         except sqlite3.Error as exc:
             raise LedgerUnavailable(f"the budget ledger cannot be opened: {exc}") from exc
@@ -159,17 +178,25 @@ class Ledger:
         con.execute("BEGIN IMMEDIATE")
         try:
             names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'trigger')")}
+            if "spent" in names and "rho_units" not in {r[1] for r in con.execute("PRAGMA table_info(spent)")}:
+                names.discard("spent")  # totals from before ρ: made again, with their triggers
             if not _SPENT_OBJECTS <= names:
-                for name in sorted(_SPENT_OBJECTS & names):
+                for name in sorted(_SPENT_OBJECTS):
                     kind = "TABLE" if name == "spent" else "TRIGGER"
-                    con.execute(f"DROP {kind} {name}")
+                    con.execute(f"DROP {kind} IF EXISTS {name}")
                 for statement in _SPENT:
                     con.execute(statement)
-            sums = {(p, d): (e, dl) for p, d, e, dl in con.execute(_SUMS)}
-            held = {(p, d): (e, dl) for p, d, e, dl in con.execute("SELECT * FROM spent") if e or dl or (p, d) in sums}
+            sums = {(p, d): (e, dl, r) for p, d, e, dl, r in con.execute(_SUMS)}
+            held = {
+                (p, d): (e, dl, r)
+                for p, d, e, dl, r in con.execute(
+                    "SELECT principal, dataset, eps_units, delta_units, rho_units FROM spent"
+                )
+                if e or dl or r or (p, d) in sums
+            }
             if held != sums:
                 con.execute("DELETE FROM spent")
-                con.execute(f"INSERT INTO spent (principal, dataset, eps_units, delta_units) {_SUMS}")
+                con.execute(f"INSERT INTO spent (principal, dataset, eps_units, delta_units, rho_units) {_SUMS}")
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
@@ -234,12 +261,38 @@ class Ledger:
     # --- charging -----------------------------------------------------------------------------------------
 
     @staticmethod
-    def _sum(con: sqlite3.Connection, where: str, args: tuple[str, ...]) -> tuple[int, int]:
-        """Spent units (ε, δ) where `where` holds, from the running totals."""
+    def _sum(con: sqlite3.Connection, where: str, args: tuple[str, ...]) -> tuple[int, int, int]:
+        """Spent units (ε, δ, ρ) where `where` holds, from the running totals."""
         row = con.execute(
-            f"SELECT COALESCE(SUM(eps_units), 0), COALESCE(SUM(delta_units), 0) FROM spent WHERE {where}", args
+            "SELECT COALESCE(SUM(eps_units), 0), COALESCE(SUM(delta_units), 0), COALESCE(SUM(rho_units), 0) "
+            f"FROM spent WHERE {where}",
+            args,
         ).fetchone()
-        return int(row[0]), int(row[1])
+        return int(row[0]), int(row[1]), int(row[2])
+
+    @staticmethod
+    def caps(budget: Budget, accounting: Accounting) -> tuple[int, int, int | None]:
+        """A declared (ε, δ) cap in ledger units (ε, δ, ρ), rounded down: under zCDP ε is not capped itself (None
+        stands for no cap), ρ is capped by its conversion and δ by what the conversion leaves."""
+        delta = selection_delta_cap(budget.delta, accounting)
+        if accounting is Accounting.ZCDP:
+            rho = PrivacyLoss(0.0, 0.0, rho_cap(budget.epsilon, budget.delta)).rho_units(round_up=False)
+            return -1, PrivacyLoss(0.0, delta).units(round_up=False)[1], rho
+        e, d = PrivacyLoss(budget.epsilon, delta).units(round_up=False)
+        return e, d, None
+
+    @staticmethod
+    def charged_rho(cost: PrivacyLoss, accounting: Accounting) -> float:
+        """The ρ a charge records: none under pure accounting; under zCDP the cost's ρ plus ε²/2 for its pure part
+        (an LF statistic or a synthetic proxy: OpenDP's pure-DP to zCDP conversion, which needs δ = 0 there)."""
+        if accounting is Accounting.PURE or not cost.epsilon:
+            return cost.rho
+        if cost.delta:
+            raise InvalidRequest(
+                "this release is (ε, δ)-DP with δ > 0, which has no zCDP form; the dataset's policy accounts in "
+                "ρ (accounting: zcdp), so give it δ = 0 or use a dataset with accounting: pure"
+            )
+        return cost.rho + pure_to_rho(cost.epsilon)
 
     def charge(
         self,
@@ -251,21 +304,44 @@ class Ledger:
         total: Budget,
         request_id: str,
         kind: str = "query",
+        accounting: Accounting = Accounting.PURE,
     ) -> Charge:
         """Record `cost` (pending its audit record) if both caps allow it; raise BudgetExhausted (nothing
-        recorded) if not. Unrecorded charges of earlier requests are claimed in the same transaction."""
+        recorded) if not. Unrecorded charges of earlier requests are claimed in the same transaction.
+
+        Under zCDP (`accounting`) the caps are on ρ and δ (see `caps`), and the cost's pure ε counts as ε²/2."""
         ce, cd = cost.units(round_up=True)
-        pe_cap, pd_cap = PrivacyLoss(per_principal.epsilon, per_principal.delta).units(round_up=False)
-        te_cap, td_cap = PrivacyLoss(total.epsilon, total.delta).units(round_up=False)
+        cr = PrivacyLoss(0.0, 0.0, self.charged_rho(cost, accounting)).rho_units(round_up=True)
+        pe_cap, pd_cap, pr_cap = self.caps(per_principal, accounting)
+        te_cap, td_cap, tr_cap = self.caps(total, accounting)
+        other = Accounting.PURE if accounting is Accounting.ZCDP else Accounting.ZCDP
         owner = self.owner()
         charge_id: int | None = None
         try:
             with self._connections.get() as con:
                 con.execute("BEGIN IMMEDIATE")
                 try:
-                    pe, pd = self._sum(con, "principal = ? AND dataset = ?", (principal, dataset))
-                    te, td = self._sum(con, "dataset = ?", (dataset,))
-                    if pe + ce > pe_cap or pd + cd > pd_cap:
+                    pe, pd, pr = self._sum(con, "principal = ? AND dataset = ?", (principal, dataset))
+                    te, td, tr = self._sum(con, "dataset = ?", (dataset,))
+                    if con.execute(
+                        "SELECT 1 FROM charges WHERE dataset = ? AND accounting = ? LIMIT 1", (dataset, other.value)
+                    ).fetchone():
+                        raise BudgetExhausted(
+                            f"the spend on dataset {dataset!r} was accounted as {other.value}, and its policy now says "
+                            f"{accounting.value}: spend under one accounting cannot go on under the other "
+                            "(register the data as a new dataset to start a new budget)",
+                            scope="dataset",
+                        )
+                    if pr_cap is not None:
+                        if pr + cr > pr_cap or pd + cd > pd_cap:
+                            left = PrivacyLoss.from_units(0, max(pd_cap - pd, 0), max(pr_cap - pr, 0))
+                            raise BudgetExhausted(
+                                f"this request costs ρ={cr / RHO_UNIT:.6g}, δ={cost.delta:.3g} but your budget on "
+                                f"{dataset!r} has ρ={left.rho:.6g}, δ={left.delta:.3g} left",
+                                scope="principal",
+                                remaining={**left.as_dict(), "rho": left.rho},
+                            )
+                    elif pe + ce > pe_cap or pd + cd > pd_cap:
                         left = PrivacyLoss.from_units(max(pe_cap - pe, 0), max(pd_cap - pd, 0))
                         raise BudgetExhausted(
                             f"this request costs ε={cost.epsilon:.6g}, δ={cost.delta:.3g} but your budget on "
@@ -273,16 +349,29 @@ class Ledger:
                             scope="principal",
                             remaining=left.as_dict(),
                         )
-                    if te + ce > te_cap or td + cd > td_cap:
+                    over_rho = tr_cap is not None and tr + cr > tr_cap
+                    if over_rho or (tr_cap is None and te + ce > te_cap) or td + cd > td_cap:
                         raise BudgetExhausted(
                             f"this request would exceed the total privacy budget of dataset {dataset!r}",
                             scope="dataset",
                         )
-                    if ce or cd:
+                    if ce or cd or cr:
                         charge_id = con.execute(
                             "INSERT INTO charges (ts, principal, dataset, eps_units, delta_units, request_id, kind,"
-                            " audited, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            (time.time(), principal, dataset, ce, cd, request_id, kind, PENDING, owner),
+                            " audited, owner, rho_units, accounting) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (
+                                time.time(),
+                                principal,
+                                dataset,
+                                ce,
+                                cd,
+                                request_id,
+                                kind,
+                                PENDING,
+                                owner,
+                                cr,
+                                accounting.value,
+                            ),
                         ).lastrowid
                     claimed = self._claim(con, owner, "audited = ?", (UNRECORDED,))
                     con.execute("COMMIT")
@@ -293,9 +382,9 @@ class Ledger:
             raise LedgerUnavailable(f"the budget ledger cannot be written: {exc}") from exc
         return Charge(
             cost=cost,
-            principal_before=PrivacyLoss.from_units(pe, pd),
-            principal_after=PrivacyLoss.from_units(pe + ce, pd + cd),
-            dataset_after=PrivacyLoss.from_units(te + ce, td + cd),
+            principal_before=PrivacyLoss.from_units(pe, pd, pr),
+            principal_after=PrivacyLoss.from_units(pe + ce, pd + cd, pr + cr),
+            dataset_after=PrivacyLoss.from_units(te + ce, td + cd, tr + cr),
             id=charge_id,
             claimed=claimed,
         )
@@ -461,7 +550,10 @@ class Ledger:
 
     def history(self, dataset: str | None = None) -> list[dict[str, object]]:
         """Every charge in order (for the auditor's privacy-spend report)."""
-        q = "SELECT ts, principal, dataset, eps_units, delta_units, request_id, kind, audited FROM charges"
+        q = (
+            "SELECT ts, principal, dataset, eps_units, delta_units, request_id, kind, audited, rho_units, accounting "
+            "FROM charges"
+        )
         args: tuple[str, ...] = ()
         if dataset is not None:
             q += " WHERE dataset = ?"
@@ -477,6 +569,8 @@ class Ledger:
                 "principal": r[1],
                 "dataset": r[2],
                 **PrivacyLoss.from_units(r[3], r[4]).as_dict(),
+                **({"rho": PrivacyLoss.from_units(0, 0, r[8]).rho} if r[8] else {}),
+                "accounting": r[9],
                 "request_id": r[5],
                 "kind": r[6],
                 "audited": r[7] == AUDITED,

@@ -31,6 +31,10 @@ that releases with half the calibrated noise scale (twice the ε: the effect of 
 asserts that the bound then does exceed the claimed ε, which shows that the audit can fail. For key selection the
 control's key counts sit at that calibration's own threshold, the worst case for it.
 
+Gaussian releases (zCDP accounting) are audited at the (ε, δ) that OpenDP converts their ρ to at one fixed δ, with
+the event on the sum of the differing coordinates beyond D's exact values (the likelihood ratio's direction) and
+its offset fixed from the exact discrete Gaussian distributions; their control has half the scale (4ρ).
+
 Each bound holds with probability 99% when the mechanism is as private as claimed; because the confidence is split
 between the two sides, a correct mechanism fails an audit far less often than 1 time in 100.
 """
@@ -52,6 +56,7 @@ from gateway.sql.plan import Measurement, Plan, plan_query
 from gateway.sql.price import Pricing, price
 from gateway.sql.release import execute
 from policies import mechanisms as mech
+from policies.accountant import Accounting, zcdp_epsilon
 from policies.schema import Policy, parse_policy
 from tests.privacy.epsilon import best_event, clopper_pearson_lower, epsilon_lower_bound, tail_event
 
@@ -89,6 +94,13 @@ TAG_EPSILON = 1.0
 def _resolve(name: str) -> Policy:
     assert name == POLICY.dataset
     return POLICY
+
+
+def _per(pricing: Pricing) -> float:
+    """The one ε every measurement of an equal split gets."""
+    per = pricing.epsilon_per_measurement
+    assert per is not None
+    return per
 
 
 def _priced(sql: str, epsilon: float, delta: float | None = None) -> tuple[Plan, Pricing]:
@@ -191,6 +203,7 @@ class MechanismInputs:
     integers: list[dict[str, Any]] = field(default_factory=list)
     selections: list[dict[str, Any]] = field(default_factory=list)
     quantiles: list[dict[str, Any]] = field(default_factory=list)
+    gaussians: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _recording(target: list[Any], real: Callable[..., Any]) -> Callable[..., Any]:
@@ -215,6 +228,7 @@ def mechanism_inputs(plan: Plan, pricing: Pricing, catalog: DuckDBEngine) -> Mec
     inputs = MechanismInputs()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(mech, "release_integers", _recording(inputs.integers, mech.release_integers))
+        mp.setattr(mech, "release_gaussian_integers", _recording(inputs.gaussians, mech.release_gaussian_integers))
         mp.setattr(mech, "select_keys", _recording(inputs.selections, mech.select_keys))
         mp.setattr(mech, "release_quantile_index", _recording(inputs.quantiles, mech.release_quantile_index))
         execute(plan, pricing, catalog)
@@ -240,7 +254,7 @@ def _integer_inputs(
     for m, call_d, call_d_prime in zip(plain, on_d.integers, on_d_prime.integers, strict=True):
         va, d_in, eps = call_d["values"], call_d["d_in"], call_d["epsilon"]
         vb, d_in_b, eps_b = call_d_prime["values"], call_d_prime["d_in"], call_d_prime["epsilon"]
-        assert (d_in, eps) == (d_in_b, eps_b) == (pricing.d_in[m], pricing.epsilon_per_measurement)
+        assert (d_in, eps) == (d_in_b, eps_b) == (pricing.d_in[m], _per(pricing))
         assert len(va) == len(vb)  # the shape of a release is public
         assert sum(abs(a - b) for a, b in zip(va, vb, strict=True)) <= d_in  # L1 distance within the sensitivity
         out[m] = (va, vb, d_in, eps)
@@ -289,15 +303,15 @@ def audit_single_measurement(
 def test_count_star(neighbours: Neighbours) -> None:
     pricing, calibrated, control = audit_single_measurement(neighbours, "SELECT COUNT(*) FROM audit", 1.0)
     assert set(pricing.d_in.values()) == {K}
-    assert calibrated <= pricing.epsilon_per_measurement, calibrated
-    assert control > pricing.epsilon_per_measurement, control
+    assert calibrated <= _per(pricing), calibrated
+    assert control > _per(pricing), control
 
 
 def test_count_distinct_unit_ungrouped(neighbours: Neighbours) -> None:
     pricing, calibrated, control = audit_single_measurement(neighbours, "SELECT COUNT(DISTINCT uid) FROM audit", 1.0)
     assert set(pricing.d_in.values()) == {1}  # one unit is one more distinct unit
-    assert calibrated <= pricing.epsilon_per_measurement, calibrated
-    assert control > pricing.epsilon_per_measurement, control
+    assert calibrated <= _per(pricing), calibrated
+    assert control > _per(pricing), control
 
 
 def test_count_distinct_unit_grouped(neighbours: Neighbours) -> None:
@@ -305,15 +319,15 @@ def test_count_distinct_unit_grouped(neighbours: Neighbours) -> None:
     sql = "SELECT slot, COUNT(DISTINCT uid) FROM audit GROUP BY slot"
     pricing, calibrated, control = audit_single_measurement(neighbours, sql, 1.0, N_VECTOR_DRAWS)
     assert set(pricing.d_in.values()) == {K}
-    assert calibrated <= pricing.epsilon_per_measurement, calibrated
-    assert control > pricing.epsilon_per_measurement, control
+    assert calibrated <= _per(pricing), calibrated
+    assert control > _per(pricing), control
 
 
 def test_sum_with_negative_lower_bound(neighbours: Neighbours) -> None:
     """k rows at -100 with bounds [-100, 50]: the sensitivity must follow the bound of largest magnitude."""
     pricing, calibrated, control = audit_single_measurement(neighbours, "SELECT SUM(amount) FROM audit", 1.0)
-    assert calibrated <= pricing.epsilon_per_measurement, calibrated
-    assert control > pricing.epsilon_per_measurement, control
+    assert calibrated <= _per(pricing), calibrated
+    assert control > _per(pricing), control
 
 
 def test_declared_group_by(neighbours: Neighbours) -> None:
@@ -335,7 +349,7 @@ def audit_composed(neighbours: Neighbours, sql: str, epsilon: float, kinds: set[
     plan, pricing, on_d, on_d_prime = _audited(neighbours, sql, epsilon)
     inputs = _integer_inputs(plan, pricing, on_d, on_d_prime)
     assert {m.kind for m in inputs} == kinds
-    per = pricing.epsilon_per_measurement
+    per = _per(pricing)
     assert per == pytest.approx(pricing.cost.epsilon / len(kinds))
     hits = {m: integer_hits(va, vb, d_in, eps, N_DRAWS) for m, (va, vb, d_in, eps) in inputs.items()}
     for m, (hits_d, hits_d_prime) in hits.items():
@@ -386,7 +400,7 @@ def test_quantile(neighbours: Neighbours) -> None:
     scores_d, d_in, eps = call_d["scores"], call_d["d_in"], call_d["epsilon"]
     scores_d_prime, d_in_b, eps_b = call_d_prime["scores"], call_d_prime["d_in"], call_d_prime["epsilon"]
     (m,) = plan.measurements
-    assert (d_in, eps) == (d_in_b, eps_b) == (pricing.d_in[m], pricing.epsilon_per_measurement)
+    assert (d_in, eps) == (d_in_b, eps_b) == (pricing.d_in[m], _per(pricing))
     assert max(abs(a - b) for a, b in zip(scores_d, scores_d_prime, strict=True)) <= d_in  # L∞ sensitivity
     for claimed_eps, expect_within in ((eps, True), (2 * eps, False)):
         scale = 2 * d_in / claimed_eps  # how release_quantile_index calibrates (public)
@@ -403,7 +417,7 @@ def test_quantile(neighbours: Neighbours) -> None:
             _quantile_hits(scores_d, d_in, claimed_eps, event, N_QUANTILE_DRAWS),
             _quantile_hits(scores_d_prime, d_in, claimed_eps, event, N_QUANTILE_DRAWS),
         )
-        assert (lower <= pricing.epsilon_per_measurement) is expect_within, (claimed_eps, sorted(event), lower)
+        assert (lower <= _per(pricing)) is expect_within, (claimed_eps, sorted(event), lower)
 
 
 def _key_draws(
@@ -513,3 +527,100 @@ def test_synth_marginal(neighbours: Neighbours) -> None:
     assert calibrated <= allocation.epsilon_marginal, calibrated
     control = bound(*integer_hits(va, vb, d_in, 2 * eps, N_DRAWS))
     assert control > allocation.epsilon_marginal, control
+
+
+# --- Gaussian releases (zCDP accounting) ------------------------------------------------------------------------
+
+# A ρ-zCDP release is (ε(ρ, δ), δ)-DP for every δ (OpenDP's conversion); the audit tests the (ε, δ) at this δ, where
+# 20,000 draws per side can tell the calibrated noise from half of it.
+GAUSSIAN_AUDIT_DELTA = 1e-3
+
+
+def _gaussian_tail_offset(scale: float, shifts: np.ndarray, n: int, delta: float) -> int:
+    """The offset t of the event "Y ≥ t", Y the sum over the differing coordinates of how far each release lies
+    beyond D's exact value (away from D′) — the direction of the likelihood ratio for equal shifts, so the most
+    telling event — that the exact discrete Gaussian distributions say gives the largest expected lower bound on
+    ε at δ (normal approximation of the Clopper–Pearson bounds). Fixed from public calibration and exact values
+    before drawing. On D′, Y is shifted down by the sum of the shifts."""
+    support = np.arange(-int(40 * scale) - 50, int(40 * scale) + 51)
+    pmf = np.exp(-(support.astype(np.float64) ** 2) / (2 * scale * scale))
+    pmf /= pmf.sum()
+    total = pmf
+    for _ in shifts[1:]:
+        total = np.convolve(total, pmf)
+    lowest = support[0] * len(shifts)
+    tail = np.cumsum(total[::-1])[::-1]  # P[Y ≥ lowest + i]
+
+    def at_least(v: int) -> float:
+        return float(tail[v - lowest]) if v - lowest < len(tail) else 0.0
+
+    shift = int(shifts.sum())
+    z = 2.6
+    best: tuple[float, int] = (-np.inf, 0)
+    for t in range(-int(3 * scale), int(12 * scale * len(shifts)) + 2):
+        pa, pb = at_least(t), at_least(t + shift)
+        lower = pa - z * np.sqrt(pa * (1 - pa) / n) - delta
+        upper = pb + z * np.sqrt(pb * (1 - pb) / n)
+        if lower > 0 and upper > 0 and np.log(lower / upper) > best[0]:
+            best = (float(np.log(lower / upper)), t)
+    return best[1]
+
+
+def _gaussian_bound(va: list[int], vb: list[int], d_in: float, rho: float, n: int) -> float:
+    """Lower bound on ε at GAUSSIAN_AUDIT_DELTA from n releases through release_gaussian_integers on D and on D′."""
+    a, b = np.asarray(va), np.asarray(vb)
+    differ = np.flatnonzero(a != b)
+    shifts = np.abs(a[differ] - b[differ])
+    assert len(set(shifts.tolist())) == 1  # equal shifts: the sum is the likelihood ratio's direction
+    t = _gaussian_tail_offset(mech.gaussian_scale_for(d_in, rho), shifts, n, GAUSSIAN_AUDIT_DELTA)
+    away = np.where(a[differ] > b[differ], 1, -1)
+
+    def hits(values: list[int]) -> np.ndarray:
+        draws = np.asarray(mech.release_gaussian_integers(list(values) * n, d_in, rho).values).reshape(n, len(values))
+        beyond = ((draws[:, differ] - a[differ]) * away).sum(axis=1)
+        return np.asarray(beyond >= t)
+
+    return bound(hits(va), hits(vb), delta=GAUSSIAN_AUDIT_DELTA)
+
+
+def audit_gaussian(neighbours: Neighbours, sql: str, n: int = N_DRAWS) -> tuple[Pricing, float, float, float]:
+    """A one-measurement query priced under zCDP: the claimed ε at GAUSSIAN_AUDIT_DELTA, and the lower bounds of
+    the release as the executor calibrates it and with half its scale (4ρ)."""
+    plan = plan_query(sql, _resolve)
+    pricing = price(plan, epsilon=1.0, accuracy=None, alpha=0.05, delta=None, accounting=Accounting.ZCDP)
+    (m,) = plan.measurements
+    (call_d,), (call_d_prime,) = (
+        mechanism_inputs(plan, pricing, neighbours.d).gaussians,
+        mechanism_inputs(plan, pricing, neighbours.d_prime).gaussians,
+    )
+    va, d_in, rho = call_d["values"], call_d["d_in"], call_d["rho"]
+    vb = call_d_prime["values"]
+    assert (d_in, rho) == (call_d_prime["d_in"], call_d_prime["rho"]) == (pricing.l2[m], pricing.budget[m])
+    assert pricing.cost.rho == pytest.approx(rho) == pytest.approx(0.5)  # ε = 1 under zCDP costs ρ = ε²/2
+    assert len(va) == len(vb)
+    assert float(np.linalg.norm(np.subtract(va, vb))) <= d_in + 1e-12  # L2 distance within the sensitivity
+    claimed = zcdp_epsilon(rho, GAUSSIAN_AUDIT_DELTA)
+    return pricing, claimed, _gaussian_bound(va, vb, d_in, rho, n), _gaussian_bound(va, vb, d_in, 4 * rho, n)
+
+
+def test_gaussian_count_star(neighbours: Neighbours) -> None:
+    pricing, claimed, calibrated, control = audit_gaussian(neighbours, "SELECT COUNT(*) FROM audit")
+    assert set(pricing.l2.values()) == {K}
+    assert calibrated <= claimed, (calibrated, claimed)
+    assert control > claimed, (control, claimed)
+
+
+def test_gaussian_sum(neighbours: Neighbours) -> None:
+    pricing, claimed, calibrated, control = audit_gaussian(neighbours, "SELECT SUM(amount) FROM audit")
+    assert set(pricing.l2.values()) == {K * 100 * 100}  # k rows of |-100| in units of 0.01
+    assert calibrated <= claimed, (calibrated, claimed)
+    assert control > claimed, (control, claimed)
+
+
+def test_gaussian_distinct_units_grouped_is_calibrated_for_root_k(neighbours: Neighbours) -> None:
+    """The worst unit is one more distinct unit in each of k groups: L2 distance √k, not k."""
+    sql = "SELECT slot, COUNT(DISTINCT uid) FROM audit GROUP BY slot"
+    pricing, claimed, calibrated, control = audit_gaussian(neighbours, sql, N_VECTOR_DRAWS)
+    assert set(pricing.l2.values()) == {K**0.5}
+    assert calibrated <= claimed, (calibrated, claimed)
+    assert control > claimed, (control, claimed)

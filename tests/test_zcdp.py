@@ -1,0 +1,330 @@
+"""zCDP accounting and allocation of a request's budget across measurements: the ρ ledger (exact, never refunded,
+safe across processes, caps converted from (ε, δ) with OpenDP), the Gaussian pricing, accuracy targets on several
+columns, and the same on the real stack (a policy with accounting: zcdp)."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+from pathlib import Path
+from typing import Any
+
+import opendp.prelude as dp
+import pytest
+import yaml
+
+from gateway.service import Bastion, Context
+from gateway.settings import Settings
+from gateway.sql.plan import Kind, Measurement, plan_query
+from gateway.sql.price import DISCRETE_GAUSSIAN, DISCRETE_LAPLACE, measurement_unit, price
+from gateway.stores.ledger import Ledger
+from policies import mechanisms as mech
+from policies.accountant import (
+    RHO_UNIT,
+    Accounting,
+    PrivacyLoss,
+    conversion_delta,
+    pure_to_rho,
+    rho_cap,
+    zcdp_epsilon,
+)
+from policies.errors import BudgetExhausted, InvalidRequest
+from policies.schema import Budget, Policy, PolicyError, parse_policy
+from tests.conftest import ROLES, Workspace, build_workspace
+
+PER = Budget(epsilon=10.0, delta=1e-6)
+TOTAL = Budget(epsilon=100.0, delta=1e-5)
+
+
+def _policy(accounting: str = "pure") -> Policy:
+    return parse_policy(
+        {
+            "dataset": "t",
+            "privacy_unit": "uid",
+            "max_rows_per_unit": 5,
+            "accounting": accounting,
+            "budget": {"per_principal": {"epsilon": 10.0, "delta": 1e-6}, "total": {"epsilon": 100.0, "delta": 1e-5}},
+            "columns": {
+                "uid": {"type": "int", "usage": "hidden"},
+                "kind": {"type": "category", "domain": ["a", "b", "c"]},
+                "tag": {"type": "category"},
+                "amount": {"type": "decimal", "bounds": [0, 1000], "precision": 0.01},
+            },
+            "roles": {"analyst": ["query"]},
+        }
+    )
+
+
+# --- the cap conversion ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("epsilon", "delta"), [(10.0, 1e-6), (1.0, 1e-5), (3.0, 1e-8), (0.1, 1e-6)])
+def test_rho_cap_is_the_largest_rho_that_opendp_converts_within_the_cap(epsilon: float, delta: float) -> None:
+    cap = rho_cap(epsilon, delta)
+    d = conversion_delta(delta)
+    assert d == delta / 2
+    # Checked on an independent OpenDP measurement: a Gaussian whose zCDP map gives exactly the cap.
+    gauss = dp.m.make_gaussian(dp.atom_domain(T=float, nan=False), dp.absolute_distance(T=float), scale=1.0)
+    d_in = math.sqrt(2 * cap)
+    assert gauss.map(d_in) == pytest.approx(cap, rel=1e-12)
+    assert dp.c.make_zCDP_to_approxDP(gauss).map(d_in).epsilon(d) <= epsilon
+    assert zcdp_epsilon(cap * (1 + 1e-6), d) > epsilon  # the largest such ρ, to a millionth
+    # At least the textbook conversion ε = ρ + 2√(ρ ln(1/δ)) allows (OpenDP's is tighter).
+    textbook = (math.sqrt(math.log(1 / d) + epsilon) - math.sqrt(math.log(1 / d))) ** 2
+    assert cap >= textbook
+
+
+def test_pure_epsilon_converts_to_half_its_square() -> None:
+    for eps in (0.01, 0.5, 1.0, 3.0):
+        assert pure_to_rho(eps) == pytest.approx(eps**2 / 2, rel=1e-12)
+
+
+def test_zcdp_policy_needs_a_delta() -> None:
+    raw = _policy().model_dump(mode="json")
+    raw["accounting"] = "zcdp"
+    raw["budget"]["per_principal"]["delta"] = 0.0
+    with pytest.raises(PolicyError, match="zcdp needs a δ > 0"):
+        parse_policy(raw)
+
+
+# --- the ρ ledger ---------------------------------------------------------------------------------------------
+
+
+def _zcharge(ledger: Ledger, cost: PrivacyLoss, principal: str = "a", dataset: str = "d") -> Any:
+    return ledger.charge(
+        principal=principal,
+        dataset=dataset,
+        cost=cost,
+        per_principal=PER,
+        total=TOTAL,
+        request_id="r",
+        accounting=Accounting.ZCDP,
+    )
+
+
+def test_rho_charges_are_exact_rounded_up_and_never_refunded(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    _, delta_cap, cap_units = Ledger.caps(PER, Accounting.ZCDP)
+    assert cap_units == math.floor(rho_cap(10.0, 1e-6) * RHO_UNIT)
+    assert delta_cap == 500_000_000_000  # half of δ = 1e-6, in units of 1e-18
+    for _ in range(5):
+        _zcharge(ledger, PrivacyLoss(0.0, 0.0, 0.25))
+    assert ledger.spent("a", "d").rho == 1.25  # 5 × 0.25 exactly, in integer units
+    with pytest.raises(BudgetExhausted) as info:
+        _zcharge(ledger, PrivacyLoss(0.0, 0.0, 0.25))  # 1.5 > the cap of about 1.478
+    assert info.value.details["scope"] == "principal"
+    assert info.value.details["remaining"]["rho"] == pytest.approx((cap_units - 1_250_000_000_000) / RHO_UNIT)
+    assert ledger.spent("a", "d").rho == 1.25  # a refused charge records nothing
+    left = cap_units - 1_250_000_000_000
+    _zcharge(ledger, PrivacyLoss(0.0, 0.0, (left - 1) / RHO_UNIT))
+    _zcharge(ledger, PrivacyLoss(0.0, 0.0, 1e-15))  # below one unit: rounded up to one unit, never to none
+    with pytest.raises(BudgetExhausted):
+        _zcharge(ledger, PrivacyLoss(0.0, 0.0, 1e-15))  # the cap is reached exactly
+    ledger.close()
+    reopened = Ledger(tmp_path / "l.sqlite")
+    assert reopened.spent("a", "d").rho == cap_units / RHO_UNIT  # durable, nothing refunded
+    assert {c["accounting"] for c in reopened.history()} == {"zcdp"}
+
+
+def test_delta_of_key_selection_is_capped_at_what_the_conversion_leaves(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    _zcharge(ledger, PrivacyLoss(0.0, 4e-7, 0.01))
+    with pytest.raises(BudgetExhausted):
+        _zcharge(ledger, PrivacyLoss(0.0, 2e-7, 0.01))  # 6e-7 > 1e-6 / 2
+    assert ledger.spent("a", "d").delta == pytest.approx(4e-7)
+
+
+def test_pure_costs_count_as_half_their_square_under_zcdp(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    charge = _zcharge(ledger, PrivacyLoss(1.0))  # an LF statistic on a zCDP dataset
+    assert charge.principal_after.rho == 0.5 and charge.principal_after.epsilon == 1.0
+    with pytest.raises(InvalidRequest, match="no zCDP form"):
+        _zcharge(ledger, PrivacyLoss(1.0, 1e-9))  # (ε, δ) with δ > 0 cannot be charged in ρ
+
+
+def test_spend_cannot_go_on_under_the_other_accounting(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.charge(principal="a", dataset="p", cost=PrivacyLoss(1.0), per_principal=PER, total=TOTAL, request_id="r")
+    with pytest.raises(BudgetExhausted, match="accounted as pure") as info:
+        _zcharge(ledger, PrivacyLoss(0.0, 0.0, 0.01), principal="b", dataset="p")
+    assert info.value.details["scope"] == "dataset"
+    _zcharge(ledger, PrivacyLoss(0.0, 0.0, 0.01), dataset="z")
+    with pytest.raises(BudgetExhausted, match="accounted as zcdp"):
+        ledger.charge(principal="a", dataset="z", cost=PrivacyLoss(0.1), per_principal=PER, total=TOTAL, request_id="r")
+
+
+def _charge_in_process(path: str, out: Any) -> None:
+    ledger = Ledger(path)
+    try:
+        _zcharge(ledger, PrivacyLoss(0.0, 0.0, 0.45))
+        out.put("ok")
+    except BudgetExhausted:
+        out.put("refused")
+    finally:
+        ledger.close()
+
+
+def test_concurrent_rho_charges_never_overspend(tmp_path: Path) -> None:
+    path = str(tmp_path / "l.sqlite")
+    Ledger(path).close()
+    ctx = mp.get_context("spawn")
+    out: Any = ctx.Queue()
+    procs = [ctx.Process(target=_charge_in_process, args=(path, out)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    results = sorted(out.get(timeout=5) for _ in procs)
+    assert results == ["ok"] * 3 + ["refused"] * 3  # 3 × 0.45 fits the cap of about 1.478, 4 × 0.45 does not
+    assert Ledger(path).spent("a", "d").rho == pytest.approx(1.35)
+
+
+def test_a_ledger_from_before_rho_gains_it(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as con:  # the schema of a ledger made before zCDP accounting, with one charge
+        con.executescript(
+            "CREATE TABLE charges (id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, principal TEXT NOT NULL,"
+            " dataset TEXT NOT NULL, eps_units INTEGER NOT NULL, delta_units INTEGER NOT NULL, request_id TEXT NOT"
+            " NULL, kind TEXT NOT NULL, audited INTEGER NOT NULL DEFAULT 1, owner TEXT);"
+            "CREATE TABLE spent (principal TEXT NOT NULL, dataset TEXT NOT NULL, eps_units INTEGER NOT NULL,"
+            " delta_units INTEGER NOT NULL, PRIMARY KEY (principal, dataset)) WITHOUT ROWID;"
+            "INSERT INTO charges (ts, principal, dataset, eps_units, delta_units, request_id, kind)"
+            " VALUES (0, 'a', 'd', 2000000000000, 0, 'r', 'query');"
+        )
+    ledger = Ledger(path)
+    assert ledger.spent("a", "d") == PrivacyLoss(2.0)
+    with pytest.raises(BudgetExhausted, match="accounted as pure"):  # its charges were pure
+        _zcharge(ledger, PrivacyLoss(0.0, 0.0, 0.01))
+
+
+# --- pricing: Gaussian calibration and allocation -------------------------------------------------------------
+
+
+def _plan(sql: str, policy: Policy | None = None) -> Any:
+    policy = policy or _policy()
+    return plan_query(sql, lambda name: policy)
+
+
+def test_gaussian_pricing_uses_l2_sensitivities_and_opendp_accuracy() -> None:
+    plan = _plan("SELECT kind, COUNT(*) AS n, COUNT(DISTINCT uid) AS u FROM t GROUP BY kind")
+    pricing = price(plan, epsilon=1.0, accuracy=None, alpha=0.05, delta=None, accounting=Accounting.ZCDP)
+    star, distinct = Measurement(Kind.COUNT_STAR), Measurement(Kind.COUNT_DISTINCT_UNIT)
+    assert pricing.l2[star] == 5 and pricing.l2[distinct] == pytest.approx(math.sqrt(5))
+    assert pricing.cost == PrivacyLoss(0.0, 0.0, 0.5)  # ε = 1 costs ρ = ε²/2, split equally
+    assert pricing.budget[star] == pricing.budget[distinct] == 0.25
+    for m in (star, distinct):
+        scale = pricing.l2[m] / math.sqrt(2 * 0.25)
+        assert pricing.scale(m) == pytest.approx(scale)
+        assert pricing.half_width(m, 0.05) == dp.discrete_gaussian_scale_to_accuracy(pricing.scale(m), 0.05)
+        assert pricing.entry(m)["mechanism"] == DISCRETE_GAUSSIAN and pricing.entry(m)["rho"] == 0.25
+    assert price(plan, epsilon=1.0, accuracy=None, alpha=0.05, delta=None).entry(star)["mechanism"] == DISCRETE_LAPLACE
+
+
+@pytest.mark.parametrize("accounting", list(Accounting))
+def test_allocation_meets_every_target_and_costs_less_than_an_equal_split(accounting: Accounting) -> None:
+    plan = _plan("SELECT COUNT(*) AS n, SUM(amount) AS total, COUNT(amount) AS c FROM t")
+    targets = {"n": 20.0, "total": 50_000.0}
+    pricing = price(plan, epsilon=None, accuracy=targets, alpha=0.05, delta=None, accounting=accounting)
+    star, total = Measurement(Kind.COUNT_STAR), Measurement(Kind.SUM, "amount")
+    for m, name in ((star, "n"), (total, "total")):
+        hw = pricing.half_width(m, 0.05) * measurement_unit(plan, m)
+        assert targets[name] * 0.999 <= hw <= targets[name] * (1 + 1e-9)  # exactly what the target needs
+    # The untargeted COUNT(amount) gets the smallest budget any target needs.
+    assert pricing.budget[Measurement(Kind.COUNT, "amount")] == min(pricing.budget[star], pricing.budget[total])
+    assert pricing.budget[star] != pricing.budget[total]
+    # An equal split meeting both targets gives every measurement the larger need.
+    equal = 3 * max(pricing.budget.values())
+    spent = pricing.cost.rho if accounting is Accounting.ZCDP else pricing.cost.epsilon
+    assert spent == pytest.approx(math.fsum(pricing.budget.values()))
+    assert spent < 0.75 * equal
+
+
+def test_one_target_prices_as_before() -> None:
+    plan = _plan("SELECT COUNT(*) AS n, SUM(amount) AS total FROM t")
+    pricing = price(plan, epsilon=None, accuracy=30.0, alpha=0.05, delta=None)
+    per = mech.epsilon_for_accuracy(5, 30.0, 0.05)
+    assert pricing.epsilon_per_measurement == per  # every measurement gets what the one target needs
+    assert pricing.cost.epsilon == pytest.approx(2 * per)
+    same = price(plan, epsilon=None, accuracy={"n": 30.0}, alpha=0.05, delta=None)
+    assert same.budget == pricing.budget
+
+
+def test_targets_on_columns_that_cannot_have_one_are_refused_by_name() -> None:
+    plan = _plan("SELECT COUNT(*) AS n, AVG(amount) AS mean FROM t")
+    with pytest.raises(InvalidRequest, match="'mean' is not one") as info:
+        price(plan, epsilon=None, accuracy={"n": 10.0, "mean": 1.0}, alpha=0.05, delta=None)
+    assert info.value.status == 400
+    with pytest.raises(InvalidRequest, match="no output column named 'nope'"):
+        price(plan, epsilon=None, accuracy={"n": 10.0, "nope": 1.0}, alpha=0.05, delta=None)
+    with pytest.raises(InvalidRequest, match="one or more output columns"):
+        price(plan, epsilon=None, accuracy={}, alpha=0.05, delta=None)
+
+
+def test_zcdp_key_selection_is_the_gaussian_threshold() -> None:
+    plan = _plan("SELECT tag, COUNT(*) AS n FROM t GROUP BY tag", _policy("zcdp"))
+    pricing = price(plan, epsilon=1.0, accuracy=None, alpha=0.05, delta=None)
+    assert pricing.accounting is Accounting.ZCDP
+    assert pricing.selection_rho == 0.25 and pricing.selection_epsilon == 0.0
+    assert pricing.selection_delta == pytest.approx(1e-6 / 2 / 10)  # a tenth of the δ left for key selection
+    scale, threshold = mech.threshold_for(5, 0.0, pricing.selection_delta, pricing.selection_rho)
+    meas = dp.m.make_gaussian_threshold(
+        dp.map_domain(dp.atom_domain(T=str), dp.atom_domain(T="i64")),
+        dp.l02inf_distance(dp.absolute_distance(T="i64")),
+        scale=scale,
+        threshold=threshold,
+    )
+    rho, delta = meas.map((5, 5, 5))
+    assert rho <= 0.25 * (1 + 1e-9) and delta <= pricing.selection_delta
+    assert pricing.cost == PrivacyLoss(0.0, pricing.selection_delta, 0.5)
+
+
+# --- on the real stack ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def zcdp_workspace(tmp_path: Path, demo_source: tuple[Path, Path]) -> Workspace:
+    data, policy = demo_source
+    raw = yaml.safe_load(policy.read_text())
+    raw["accounting"] = "zcdp"
+    path = tmp_path / "visits_zcdp.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return build_workspace(tmp_path, [(path, data)], ROLES)
+
+
+def test_zcdp_queries_until_the_budget_is_spent(zcdp_workspace: Workspace) -> None:
+    bastion = Bastion(Settings.load(str(zcdp_workspace.settings.workspace)))
+    try:
+        ctx = Context(bastion.authenticate(zcdp_workspace.tokens["analyst"]))
+        sql = "SELECT sex, COUNT(*) AS n FROM visits GROUP BY sex"
+        dry = bastion.query(ctx, sql, accuracy={"n": 100.0}, dry_run=True)
+        assert dry["accounting"] == "zcdp" and dry["epsilon"] == 0.0
+        costs = dry["costs"]
+        rho = costs["zcdp"]["rho"]
+        assert rho == dry["rho"] == pytest.approx(mech.rho_for_accuracy(10, 100.0, 0.05))
+        assert costs["zcdp"]["epsilon_equivalent"] == pytest.approx(zcdp_epsilon(rho, 5e-7))
+        assert costs["zcdp"]["delta_equivalent"] == 5e-7
+        assert costs["pure"]["epsilon"] == pytest.approx(mech.epsilon_for_accuracy(10, 100.0, 0.05))
+        assert dry["measurements"][0]["mechanism"] == DISCRETE_GAUSSIAN
+        assert dry["accuracy"]["n"] == pytest.approx(100.0, rel=1e-3)
+        answered = 0
+        expected = math.floor(rho_cap(10.0, 1e-6) * RHO_UNIT) // math.ceil(rho * RHO_UNIT)
+        while True:
+            try:
+                answer = bastion.query(ctx, f"{sql} -- {answered}", accuracy={"n": 100.0})
+            except BudgetExhausted:
+                break
+            answered += 1
+            assert answer["rho_spent"] == rho and answer["epsilon_spent"] == 0.0
+            (m,) = answer["measurements"]
+            assert m["mechanism"] == DISCRETE_GAUSSIAN and m["rho"] == rho and m["sensitivity"] == 10
+            for (_lo, hi), (_, value) in zip((c[1] for c in answer["intervals"]), answer["rows"], strict=True):
+                assert hi - value == pytest.approx(m["half_width"])
+        assert answered == expected > 10
+        budget = bastion.budget_status("alice", bastion.engine.datasets()["visits"][0])
+        assert budget["accounting"] == "zcdp"
+        assert budget["spent"]["rho"] == pytest.approx(answered * rho)
+        assert budget["remaining"]["rho"] < rho
+    finally:
+        bastion.close()
