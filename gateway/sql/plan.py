@@ -664,10 +664,14 @@ class _Planner:
 def read_spellings(select: exp.Select) -> None:
     """Replace aggregates spelled as in other dialects (`_SPELLINGS`) by the node Bastion plans, in place."""
     for node in list(select.find_all(exp.Anonymous)):
-        cls = _SPELLINGS.get(func_name(node))
-        if cls is None or len(node.expressions) != 1:
+        name, args = func_name(node), node.expressions
+        new: exp.Expr
+        if name in ("anon_percentile_cont", "percentile_cont") and len(args) == 2:
+            new = exp.Quantile(this=args[0], quantile=args[1])  # ZetaSQL's ANON_PERCENTILE_CONT(col, q)
+        elif name in _SPELLINGS and len(args) == 1:
+            new = _SPELLINGS[name](this=args[0])
+        else:
             continue
-        new = cls(this=node.expressions[0])
         new.meta.update(node.meta)
         node.replace(new)
 
