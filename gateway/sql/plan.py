@@ -574,10 +574,13 @@ class _Planner:
         self.group_keys()
         names: list[str] = []
         outputs: list[exp.Expr] = []
+        earlier: dict[str, exp.Expr] = {}  # output names of earlier items, usable later in the list (DuckDB's)
         for item in select.expressions:
             inner = item.this if isinstance(item, exp.Alias) else item
             names.append(item.alias if isinstance(item, exp.Alias) else _default_name(inner))
-            outputs.append(self.rewrite(inner))
+            outputs.append(self.rewrite(inner, earlier))
+            if isinstance(item, exp.Alias) and names[-1].lower() not in self.policy.columns:
+                earlier[names[-1].lower()] = outputs[-1]  # a column of the same name keeps its meaning
         having = select.args.get("having")
         aliases = {n.lower(): o for n, o in zip(names, outputs, strict=True)}
         having_expr = self.rewrite(having.this, aliases) if having is not None else None
