@@ -4,10 +4,13 @@ point at the real problem (the whole join or subquery, the function that is not 
 from __future__ import annotations
 
 import pytest
+import yaml
 
+from gateway.demo import POLICY_YAML
 from gateway.sql.plan import Kind, Measurement, Plan, plan_query
 from gateway.sql.price import price
 from policies.errors import QueryRejected
+from policies.schema import parse_policy
 from tests.conftest import Workspace
 from tests.test_planner_corpus import resolve
 
@@ -179,3 +182,17 @@ def test_an_output_name_wins_over_a_column_in_having_and_order_by(workspace: Wor
     assert sorted(r[0] for r in kept["rows"]) == ["F", "M", "X"] and none["rows"] == []
     counts = [r[1] for r in kept["rows"]]
     assert counts == sorted(counts, reverse=True)
+
+
+def test_a_column_named_like_a_dialect_keyword_is_still_a_column() -> None:
+    """`CLAMPED BETWEEN` and `contribution_bounds_per_group` are ZetaSQL's bounds only where ZetaSQL puts them."""
+    spec = yaml.safe_load(POLICY_YAML)
+    spec["columns"]["clamped"] = {"type": "int", "bounds": [0, 10]}
+    spec["columns"]["contribution_bounds_per_group"] = {"type": "int", "bounds": [0, 10]}
+    policy = parse_policy(spec)
+    for sql in (
+        "SELECT COUNT(*) FROM visits WHERE clamped BETWEEN 1 AND 2",
+        "SELECT COUNT(*) FROM visits WHERE age > 3 AND (clamped BETWEEN 1 AND 2)",
+        "SELECT SUM(contribution_bounds_per_group) FROM visits WHERE contribution_bounds_per_group > 1",
+    ):
+        assert plan_query(sql, lambda name: policy).aggregates

@@ -53,8 +53,11 @@ def parse_select(sql: str) -> exp.Select:
     """Parse exactly one SELECT statement, or raise with the position of the problem."""
     if not sql or not sql.strip():
         raise QueryRejected("the query is empty", reason="empty_query")
-    _refuse_dp_syntax(sql)
-    top = _top(sql)
+    tokens = _tokenize(sql)
+    top = None
+    if tokens:
+        _refuse_dp_syntax(sql, tokens)
+        top = _top(sql, tokens)
     statements = parse_statements(top.text if top else sql)
     if len(statements) != 1:
         second = statements[1] if len(statements) > 1 else None
@@ -84,17 +87,23 @@ def parse_select(sql: str) -> exp.Select:
 
 
 _BOUNDS_ARGUMENTS = {"contribution_bounds_per_group", "contribution_bounds_per_row"}
+# Tokens an expression can end with: `CLAMPED BETWEEN` after one is ZetaSQL's bound, after a keyword a column's name.
+_EXPRESSION_ENDS = {TokenType.VAR, TokenType.IDENTIFIER, TokenType.NUMBER, TokenType.STRING, TokenType.R_PAREN}
 
 
-def _refuse_dp_syntax(sql: str) -> None:
+def _tokenize(sql: str) -> list[Token] | None:
+    """The text's tokens, or None if it does not tokenize (the parser then reports the problem)."""
+    try:
+        return DuckDB().tokenize(sql)
+    except (TokenError, ValueError, RecursionError):
+        return None
+
+
+def _refuse_dp_syntax(sql: str, tokens: list[Token]) -> None:
     """Refuse the privacy parameters of other DP SQL dialects with what to do instead (they are syntax errors to
     the parser): ZetaSQL's `SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS(...)` / `WITH ANONYMIZATION`, and per-aggregate
     bounds (`CLAMPED BETWEEN lo AND hi`, `contribution_bounds_per_group => (lo, hi)`). In Bastion ε and δ come with
     the request, and the privacy unit, the contribution bound and the bounds of every column from the policy."""
-    try:
-        tokens = DuckDB().tokenize(sql)
-    except (TokenError, ValueError, RecursionError):
-        return
     for i, t in enumerate(tokens[:-2]):
         after = tokens[i + 1]
         if (
@@ -113,8 +122,14 @@ def _refuse_dp_syntax(sql: str) -> None:
                 hint="remove the clause and send epsilon (and delta) with the request; GET /v1/datasets shows the "
                 "policy",
             )
-        clamped = t.text.upper() == "CLAMPED" and after.token_type is TokenType.BETWEEN
-        if clamped or (t.text.lower() in _BOUNDS_ARGUMENTS and t.token_type is not TokenType.STRING):
+        clamped = (
+            t.text.upper() == "CLAMPED"
+            and t.token_type is TokenType.VAR
+            and after.token_type is TokenType.BETWEEN
+            and i > 0
+            and tokens[i - 1].token_type in _EXPRESSION_ENDS
+        )
+        if clamped or (t.text.lower() in _BOUNDS_ARGUMENTS and after.token_type is TokenType.FARROW):
             raise QueryRejected(
                 "bounds in the query are not used: every column's bounds come from the dataset's policy (values are "
                 "clamped to them before any aggregate)",
@@ -164,12 +179,8 @@ class Top:
     rows: int
 
 
-def _top(sql: str) -> Top | None:
+def _top(sql: str, tokens: list[Token]) -> Top | None:
     """Find `SELECT [DISTINCT|ALL] TOP n` or `TOP (n)` (n an integer literal) in the first SELECT of the text."""
-    try:
-        tokens = DuckDB().tokenize(sql)
-    except (TokenError, ValueError, RecursionError):
-        return None  # the parser reports the problem
     i = next((i for i, t in enumerate(tokens) if t.token_type is TokenType.SELECT), None)
     if i is None:
         return None
@@ -220,11 +231,8 @@ def _join_span(select: exp.Select, join: exp.Expr, sql: str) -> tuple[int | None
     start, end = span(join, sql)
     from_ = select.args.get("from_") or select.args.get("from")
     previous = span(from_.this, sql)[1] if from_ is not None else None
-    if start is None or end is None or previous is None:
-        return start, end
-    try:
-        tokens = DuckDB().tokenize(sql)
-    except (TokenError, ValueError, RecursionError):
+    tokens = _tokenize(sql)
+    if start is None or end is None or previous is None or tokens is None:
         return start, end
     after = [t for t in tokens if previous <= t.start < start and t.token_type is not TokenType.COMMA]
     if after:
