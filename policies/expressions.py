@@ -144,6 +144,9 @@ def span(node: exp.Expr, sql: str) -> tuple[int | None, int | None]:
             if at != -1:
                 start = at
         end = _closing_paren(sql, start, end)
+    unplaced = sum(1 for n in node.walk() if isinstance(n, exp.Boolean | exp.Null))
+    if unplaced:
+        start, end = _keyword_literals(sql, start, end, unplaced)
     # A subquery is shown with its parentheses and SELECT keyword, which carry no position of their own.
     return balanced(
         sql,
@@ -151,6 +154,36 @@ def span(node: exp.Expr, sql: str) -> tuple[int | None, int | None]:
         end,
         enclosed=isinstance(node, exp.Subquery) or (isinstance(node, exp.Select) and node.parent is not None),
     )
+
+
+_KEYWORD_LITERALS = {TokenType.TRUE, TokenType.FALSE, TokenType.NULL}
+_OPERATORS = {
+    TokenType.EQ,
+    TokenType.NEQ,
+    TokenType.GT,
+    TokenType.GTE,
+    TokenType.LT,
+    TokenType.LTE,
+    TokenType.NULLSAFE_EQ,
+    TokenType.IS,
+    TokenType.NOT,
+}
+
+
+def _keyword_literals(sql: str, start: int, end: int, count: int) -> tuple[int, int]:
+    """The span grown over up to `count` TRUE, FALSE or NULL literals next to it, with the operators between: those
+    literals record no position of their own, so a span from the tree leaves them out (`age = TRUE` was `age`)."""
+    tokens = _tokens(sql)
+    after = [t for t in tokens if t[1] >= end]
+    before = [t for t in tokens if t[2] <= start][::-1]
+    for side in (after, before):
+        for kind, at, stop in side:
+            if count == 0 or kind not in _KEYWORD_LITERALS | _OPERATORS:
+                break
+            if kind in _KEYWORD_LITERALS:
+                count -= 1
+                start, end = min(start, at), max(end, stop)
+    return start, end
 
 
 _OPENING = {TokenType.L_PAREN, TokenType.L_BRACKET, TokenType.L_BRACE}

@@ -9,17 +9,20 @@ import yaml
 
 from gateway.demo import POLICY_YAML
 from gateway.sql.plan import plan_query
-from policies.errors import DatasetNotFound, QueryRejected
-from policies.schema import parse_policy
+from policies.errors import DatasetNotFound, GatewayError, QueryRejected
+from policies.schema import Policy, load_policy, parse_policy
 
 CORPUS = yaml.safe_load((Path(__file__).parent / "fixtures" / "queries.yaml").read_text())
 POLICY = parse_policy(yaml.safe_load(POLICY_YAML))
+PUMS = load_policy(Path(__file__).parent / "data" / "pums.yaml")  # SmartNoise SQL's PUMS test table, unit `pid`
 
 
-def resolve(name: str):
-    if name != "visits":
-        raise DatasetNotFound(f"no dataset named {name!r}")
-    return POLICY
+def resolve(name: str) -> Policy:
+    if name == "visits":
+        return POLICY
+    if name == "pums":
+        return PUMS
+    raise DatasetNotFound(f"no dataset named {name!r}")
 
 
 def test_corpus_covers_every_rejection_class() -> None:
@@ -49,7 +52,9 @@ def test_corpus_covers_every_rejection_class() -> None:
         "system_catalog",
     }
     assert required <= reasons
-    assert len(CORPUS) >= 60
+    assert len(CORPUS) >= 280
+    styles = {q.get("style") for q in CORPUS}
+    assert {"smartnoise", "zetasql"} <= styles
 
 
 @pytest.mark.parametrize("case", CORPUS, ids=[q["sql"][:60] or "<empty>" for q in CORPUS])
@@ -57,6 +62,11 @@ def test_verdict(case: dict[str, str]) -> None:
     if case["verdict"] == "accepted":
         plan = plan_query(case["sql"], resolve)
         assert plan.aggregates and plan.measurements
+        return
+    if case["verdict"] == "dataset_not_found":
+        with pytest.raises(GatewayError) as refused:
+            plan_query(case["sql"], resolve)
+        assert refused.value.code == "dataset_not_found"
         return
     with pytest.raises(QueryRejected) as info:
         plan_query(case["sql"], resolve)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from sqlglot import exp
 from sqlglot.dialects.duckdb import DuckDB
 from sqlglot.errors import TokenError
-from sqlglot.tokens import TokenType
+from sqlglot.tokens import Token, TokenType
 
 from policies.errors import QueryRejected
 from policies.expressions import balanced, parse_statements, reject, span
@@ -53,7 +53,11 @@ def parse_select(sql: str) -> exp.Select:
     """Parse exactly one SELECT statement, or raise with the position of the problem."""
     if not sql or not sql.strip():
         raise QueryRejected("the query is empty", reason="empty_query")
-    top = _top(sql)
+    tokens = _tokenize(sql)
+    top = None
+    if tokens:
+        _refuse_dp_syntax(sql, tokens)
+        top = _top(sql, tokens)
     statements = parse_statements(top.text if top else sql)
     if len(statements) != 1:
         second = statements[1] if len(statements) > 1 else None
@@ -82,6 +86,88 @@ def parse_select(sql: str) -> exp.Select:
     return stmt
 
 
+_BOUNDS_ARGUMENTS = {"contribution_bounds_per_group", "contribution_bounds_per_row"}
+# Tokens an expression can end with: `CLAMPED BETWEEN` after one is ZetaSQL's bound, after a keyword a column's name.
+_EXPRESSION_ENDS = {TokenType.VAR, TokenType.IDENTIFIER, TokenType.NUMBER, TokenType.STRING, TokenType.R_PAREN}
+
+
+def _tokenize(sql: str) -> list[Token] | None:
+    """The text's tokens, or None if it does not tokenize (the parser then reports the problem)."""
+    try:
+        return DuckDB().tokenize(sql)
+    except (TokenError, ValueError, RecursionError):
+        return None
+
+
+def _refuse_dp_syntax(sql: str, tokens: list[Token]) -> None:
+    """Refuse the privacy parameters of other DP SQL dialects with what to do instead (they are syntax errors to
+    the parser): ZetaSQL's `SELECT WITH DIFFERENTIAL_PRIVACY OPTIONS(...)` / `WITH ANONYMIZATION`, and per-aggregate
+    bounds (`CLAMPED BETWEEN lo AND hi`, `contribution_bounds_per_group => (lo, hi)`). In Bastion ε and δ come with
+    the request, and the privacy unit, the contribution bound and the bounds of every column from the policy."""
+    for i, t in enumerate(tokens[:-2]):
+        after = tokens[i + 1]
+        if (
+            t.token_type is TokenType.SELECT
+            and after.token_type is TokenType.WITH
+            and tokens[i + 2].text.upper() in ("DIFFERENTIAL_PRIVACY", "ANONYMIZATION")
+        ):
+            end = _call_end(tokens, i + 3) if len(tokens) > i + 3 and tokens[i + 3].text.upper() == "OPTIONS" else None
+            raise QueryRejected(
+                f"WITH {tokens[i + 2].text.upper()} is not needed: ε and δ come with the request, the privacy unit "
+                "and the contribution bound from the dataset's policy",
+                reason="dp_clause",
+                sql=sql,
+                start=after.start,
+                end=end if end is not None else tokens[i + 2].end + 1,
+                hint="remove the clause and send epsilon (and delta) with the request; GET /v1/datasets shows the "
+                "policy",
+            )
+        clamped = (
+            t.text.upper() == "CLAMPED"
+            and t.token_type is TokenType.VAR
+            and after.token_type is TokenType.BETWEEN
+            and i > 0
+            and tokens[i - 1].token_type in _EXPRESSION_ENDS
+        )
+        if clamped or (t.text.lower() in _BOUNDS_ARGUMENTS and after.token_type is TokenType.FARROW):
+            raise QueryRejected(
+                "bounds in the query are not used: every column's bounds come from the dataset's policy (values are "
+                "clamped to them before any aggregate)",
+                reason="query_bounds",
+                sql=sql,
+                start=t.start,
+                end=_enclosed_end(tokens, i),
+                hint="remove them, e.g. SUM(income); filter with WHERE to narrow the range",
+            )
+
+
+def _call_end(tokens: list[Token], i: int) -> int | None:
+    """End offset of the parenthesised list that opens right after token i (`OPTIONS(...)`), if there is one."""
+    if i + 1 >= len(tokens) or tokens[i + 1].token_type is not TokenType.L_PAREN:
+        return None
+    depth = 0
+    for t in tokens[i + 1 :]:
+        depth += t.token_type is TokenType.L_PAREN
+        depth -= t.token_type is TokenType.R_PAREN
+        if depth == 0:
+            return t.end + 1
+    return None
+
+
+def _enclosed_end(tokens: list[Token], i: int) -> int:
+    """End offset of the last token from i on before the parenthesis that closes the call token i is inside."""
+    depth, end = 0, tokens[i].end + 1
+    for t in tokens[i:]:
+        if t.token_type is TokenType.L_PAREN:
+            depth += 1
+        elif t.token_type is TokenType.R_PAREN:
+            if depth == 0:
+                break
+            depth -= 1
+        end = t.end + 1
+    return end
+
+
 @dataclass(frozen=True)
 class Top:
     """`TOP n` after the first SELECT: the text with it blanked out (same length, so every position still points
@@ -93,12 +179,8 @@ class Top:
     rows: int
 
 
-def _top(sql: str) -> Top | None:
+def _top(sql: str, tokens: list[Token]) -> Top | None:
     """Find `SELECT [DISTINCT|ALL] TOP n` or `TOP (n)` (n an integer literal) in the first SELECT of the text."""
-    try:
-        tokens = DuckDB().tokenize(sql)
-    except (TokenError, ValueError, RecursionError):
-        return None  # the parser reports the problem
     i = next((i for i, t in enumerate(tokens) if t.token_type is TokenType.SELECT), None)
     if i is None:
         return None
@@ -122,6 +204,17 @@ def _top(sql: str) -> Top | None:
     if not number.text.isdigit():
         return None
     start, end = tokens[i].start, last.end + 1
+    after = i + 2 if last is number else i + 4  # the token after `TOP n` or `TOP (n)`
+    following = [t.text.upper() for t in tokens[after : after + 2]]
+    if following[:1] == ["PERCENT"] or following == ["WITH", "TIES"]:
+        raise QueryRejected(
+            f"TOP n {' '.join(following[:1] if following[0] == 'PERCENT' else following)} is not supported",
+            reason="bad_limit",
+            sql=sql,
+            start=start,
+            end=end,
+            hint="give the number of rows: TOP n with ORDER BY, or LIMIT n",
+        )
     text = sql[:start] + " " * (end - start) + sql[end:]
     return Top(text, start, end, int(number.text))
 
@@ -138,11 +231,8 @@ def _join_span(select: exp.Select, join: exp.Expr, sql: str) -> tuple[int | None
     start, end = span(join, sql)
     from_ = select.args.get("from_") or select.args.get("from")
     previous = span(from_.this, sql)[1] if from_ is not None else None
-    if start is None or end is None or previous is None:
-        return start, end
-    try:
-        tokens = DuckDB().tokenize(sql)
-    except (TokenError, ValueError, RecursionError):
+    tokens = _tokenize(sql)
+    if start is None or end is None or previous is None or tokens is None:
         return start, end
     after = [t for t in tokens if previous <= t.start < start and t.token_type is not TokenType.COMMA]
     if after:

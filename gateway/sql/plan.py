@@ -574,10 +574,13 @@ class _Planner:
         self.group_keys()
         names: list[str] = []
         outputs: list[exp.Expr] = []
+        earlier: dict[str, exp.Expr] = {}  # output names of earlier items, usable later in the list (DuckDB's)
         for item in select.expressions:
             inner = item.this if isinstance(item, exp.Alias) else item
             names.append(item.alias if isinstance(item, exp.Alias) else _default_name(inner))
-            outputs.append(self.rewrite(inner))
+            outputs.append(self.rewrite(inner, earlier))
+            if isinstance(item, exp.Alias) and names[-1].lower() not in self.policy.columns:
+                earlier[names[-1].lower()] = outputs[-1]  # a column of the same name keeps its meaning
         having = select.args.get("having")
         aliases = {n.lower(): o for n, o in zip(names, outputs, strict=True)}
         having_expr = self.rewrite(having.this, aliases) if having is not None else None
@@ -664,10 +667,14 @@ class _Planner:
 def read_spellings(select: exp.Select) -> None:
     """Replace aggregates spelled as in other dialects (`_SPELLINGS`) by the node Bastion plans, in place."""
     for node in list(select.find_all(exp.Anonymous)):
-        cls = _SPELLINGS.get(func_name(node))
-        if cls is None or len(node.expressions) != 1:
+        name, args = func_name(node), node.expressions
+        new: exp.Expr
+        if name in ("anon_percentile_cont", "percentile_cont") and len(args) == 2:
+            new = exp.Quantile(this=args[0], quantile=args[1])  # ZetaSQL's ANON_PERCENTILE_CONT(col, q)
+        elif name in _SPELLINGS and len(args) == 1:
+            new = _SPELLINGS[name](this=args[0])
+        else:
             continue
-        new = cls(this=node.expressions[0])
         new.meta.update(node.meta)
         node.replace(new)
 
