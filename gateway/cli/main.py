@@ -476,9 +476,30 @@ def _print_notes(raw: dict[str, Any]) -> None:
         console.print(f"[dim]note: {escape(str(note))}[/]", highlight=False)
 
 
+def _cost(raw: dict[str, Any]) -> str:
+    """A query's cost as its accounting states it: ε and δ, or ρ and δ under zCDP."""
+    if raw.get("accounting") == "zcdp":
+        return f"ρ={raw.get('rho') or 0.0:.4g}, δ={raw['delta']:.3g}"
+    return f"ε={raw['epsilon']:.4g}, δ={raw['delta']:.3g}"
+
+
 def print_dry_run(raw: dict[str, Any]) -> None:
     cached = " (an identical query was already answered: running it costs nothing)" if raw.get("cached") else ""
-    console.print(f"dry run: would cost ε={raw['epsilon']:.4g}, δ={raw['delta']:.3g}{cached}", highlight=False)
+    accounting = raw.get("accounting", "pure")
+    console.print(f"dry run: would cost {_cost(raw)} ({accounting} accounting){cached}", highlight=False)
+    costs = raw.get("costs") or {}
+    pure, zcdp = costs.get("pure") or {}, costs.get("zcdp") or {}
+    if "epsilon" in pure:
+        console.print(f"  under pure ε accounting: ε={pure['epsilon']:.4g}, δ={pure['delta']:.3g}", highlight=False)
+    if "rho" in zcdp:
+        worth = zcdp.get("epsilon_equivalent")
+        equivalent = f" (worth ε={worth:.4g}, δ={zcdp['delta_equivalent']:.3g} on its own)" if worth is not None else ""
+        console.print(
+            f"  under zCDP accounting: ρ={zcdp['rho']:.4g}, δ={zcdp['delta']:.3g}{equivalent}", highlight=False
+        )
+    for name in ("pure", "zcdp"):
+        if "error" in (costs.get(name) or {}):
+            console.print(f"  under {name} accounting: {costs[name]['error']}", highlight=False)
     for col, acc in (raw.get("accuracy") or {}).items():
         console.print(
             f"  {col}: ±{acc:.4g} at {1 - raw['alpha']:.0%}"
@@ -487,7 +508,7 @@ def print_dry_run(raw: dict[str, Any]) -> None:
             highlight=False,
         )
     if raw.get("measurements"):
-        print_records(raw["measurements"], title="measurements (each gets its share of ε)")
+        print_records(raw["measurements"], title="measurements (mechanism, and the ε or ρ each gets)")
 
 
 @app.command()
@@ -499,6 +520,14 @@ def query(
     accuracy: Annotated[
         float | None, typer.Option(help="target 95% half-width of the first COUNT/SUM column; Bastion derives ε")
     ] = None,
+    target: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="<column=half-width>",
+            help="target half-width of one COUNT/SUM output column, repeatable (e.g. --target n=50 --target "
+            "total=5000); each column gets the ε its target needs, the others the smallest of those",
+        ),
+    ] = None,
     alpha: Annotated[float | None, typer.Option(help="1 - confidence level [default: 0.05]")] = None,
     delta: Annotated[float | None, typer.Option(help="δ for private key selection")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="show cost and accuracy without spending")] = False,
@@ -507,14 +536,24 @@ def query(
     token: Token = None,
 ) -> None:
     """Run a differentially private query and print the table with its confidence intervals."""
-    if epsilon is None and accuracy is None:
+    targets: dict[str, float] = {}
+    for given in target or []:
+        column, _, half_width = given.partition("=")
+        try:
+            targets[column.strip()] = float(half_width)
+        except ValueError:
+            fail(f"--target takes <column=half-width>, e.g. --target n=50; got {given!r}", 2)
+    if targets and accuracy is not None:
+        fail("give --accuracy (the first COUNT/SUM column) or --target (named columns), not both", 2)
+    wanted: float | dict[str, float] | None = targets or accuracy
+    if epsilon is None and wanted is None:
         fail(
             "say what to spend: --epsilon E (privacy loss, e.g. --epsilon 0.5) or --accuracy A (a target 95% "
             "half-width of the first COUNT/SUM); add --dry-run to see the cost without spending",
             2,
         )
     with gateway_client(url, token) as c:
-        raw = c.query_raw(sql, epsilon=epsilon, accuracy=accuracy, alpha=alpha, delta=delta, dry_run=dry_run).raw
+        raw = c.query_raw(sql, epsilon=epsilon, accuracy=wanted, alpha=alpha, delta=delta, dry_run=dry_run).raw
     if as_json:
         print_json(raw)
         return
@@ -524,9 +563,14 @@ def query(
         print_answer(raw)
     _print_notes(raw)
     b = raw["budget"]
+    left = b["remaining"]
+    if b.get("accounting") == "zcdp":
+        spent = f"ρ={raw.get('rho_spent') or 0.0:.4g}"
+        remaining = f"ρ={left['rho']:.4g}, δ={left['delta']:.3g}"
+    else:
+        spent, remaining = f"ε={raw['epsilon_spent']:.4g}", f"ε={left['epsilon']:.4g}, δ={left['delta']:.3g}"
     console.print(
-        f"spent ε={raw['epsilon_spent']:.4g}{' (cached)' if raw['cached'] else ''}; "
-        f"remaining on {b['dataset']}: ε={b['remaining']['epsilon']:.4g}, δ={b['remaining']['delta']:.3g}",
+        f"spent {spent}{' (cached)' if raw['cached'] else ''}; remaining on {b['dataset']}: {remaining}",
         highlight=False,
     )
 
@@ -539,9 +583,12 @@ def budget(as_json: AsJson = False, url: Url = "http://127.0.0.1:8000", token: T
     if as_json:
         print_json(rows)
         return
-    table = Table("dataset", "ε spent", "ε limit", "ε remaining", "δ spent", "δ limit", "δ remaining")
+    zcdp = any(b.get("accounting") == "zcdp" for b in rows)
+    rho_headers = ("ρ spent", "ρ limit", "ρ remaining") if zcdp else ()
+    table = Table("dataset", "ε spent", "ε limit", "ε remaining", "δ spent", "δ limit", "δ remaining", *rho_headers)
     for b in rows:
         spent, limit, left = b["spent"], b["limit"], b["remaining"]
+        rho_cells = [f"{x['rho']:.4g}" if "rho" in x else "" for x in (spent, limit, left)] if zcdp else []
         table.add_row(
             b["dataset"],
             f"{spent['epsilon']:.4g}",
@@ -550,8 +597,15 @@ def budget(as_json: AsJson = False, url: Url = "http://127.0.0.1:8000", token: T
             f"{spent['delta']:.3g}",
             f"{limit['delta']:.3g}",
             f"{left['delta']:.3g}",
+            *rho_cells,
         )
     console.print(table)
+    if zcdp:
+        console.print(
+            "under zCDP accounting the cap is on ρ (the ε spent is what that ρ is worth at half the δ cap; the "
+            "other half is what key selection may spend)",
+            highlight=False,
+        )
 
 
 @app.command()
