@@ -254,13 +254,13 @@ def selected_count_interval(
 #                positions, every row in exactly one bin: L1 sensitivity k); a cut is a proven lower (upper) end
 #                when the noisy counts below and above it, less a bound on their noise that holds for every cut at
 #                once with probability 1 - alpha, say that the quantile cannot lie below (above) it;
-#   3. point:    report-noisy-min over at most 1,024 positions evenly spread over that interval (all of them when
-#                fewer), so the rounding step shrinks with the interval, i.e. with the noise.
+#   3. point:    report-noisy-min over at most 256 positions evenly spread over that interval (all of them when
+#                fewer), so the rounding step shrinks with the interval, i.e. with the noise, down to the grid's.
 
 QUANTILE_DENOMINATOR = 1000
 QUANTILE_COARSE = 1024  # positions of the centre's selection (the single grid of earlier releases)
-QUANTILE_SUBDIVISIONS = 256  # grid positions per coarse step: 261,889 positions over a float column's bounds
-QUANTILE_POINT_CANDIDATES = 1024  # positions of the point's selection, spread over the interval
+QUANTILE_SUBDIVISIONS = 16  # grid positions per coarse step: 16,369 positions over a float column's bounds
+QUANTILE_POINT_CANDIDATES = 256  # positions of the point's selection, spread over the interval
 QUANTILE_SHARES = (0.1, 0.2, 0.7)  # of the quantile's ε: centre, interval, point
 
 
@@ -404,10 +404,11 @@ def interval_errors(scale: float, q: float, n_cuts: int, alpha: float) -> tuple[
     """
     if n_cuts == 0:
         return ()
-    lam = np.linspace(0.001, 0.999, 4000) / (max(q, 1 - q) * scale)
+    lam = np.linspace(0.001, 0.999, 1000) / (max(q, 1 - q) * scale)
     below, above = _log_mgf((1 - q) * lam, scale), _log_mgf(q * lam, scale)
-    target = math.log(alpha / (2 * n_cuts))
-    return tuple(float(np.min(((i + 1) * below + (n_cuts - i) * above - target) / lam)) for i in range(n_cuts))
+    i = np.arange(n_cuts, dtype=np.float64)[:, None]
+    log_mgf = (i + 1) * below + (n_cuts - i) * above  # one row per cut, one column per λ
+    return tuple(np.min((log_mgf - math.log(alpha / (2 * n_cuts))) / lam, axis=1).tolist())
 
 
 @dataclass(frozen=True)
