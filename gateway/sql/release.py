@@ -133,9 +133,9 @@ def _quantile_counts(
         column = pc.fill_null(encoded.indices, len(encoded.dictionary)).to_numpy().astype(np.int64)
         combined = pa.array(ids * (len(encoded.dictionary) + 1) + column)
         ids = pc.dictionary_encode(combined).indices.to_numpy().astype(np.int64)
-    first = np.zeros(int(ids.max()) + 1 if len(ids) else 0, dtype=np.int64)
-    first[ids[::-1]] = np.arange(len(ids) - 1, -1, -1)  # the first row of each id (the last write wins)
-    keys = [table.column(i).take(pa.array(first)).to_pylist() for i in range(nk)]
+    some = np.zeros(int(ids.max()) + 1 if len(ids) else 0, dtype=np.int64)
+    some[ids] = np.arange(len(ids))  # a row of each id (whichever write wins: they have the same keys)
+    keys = [table.column(i).take(pa.array(some)).to_pylist() for i in range(nk)]
     position = {g: j for j, g in enumerate(groups)}
     of_id = np.asarray([position.get(_group(plan, row), -1) for row in zip(*keys, strict=True)], dtype=np.int64)
     group_of_row = of_id[ids] if len(ids) else ids
@@ -212,7 +212,7 @@ def execute(plan: Plan, pricing: Pricing, engine: Engine, *, default_input: bool
         counts = _quantile_counts(plan, m, engine, groups, empty=default_input)
         quantiles[m] = [
             mech.release_quantile(
-                counts[g], grid, m.q, pricing.d_in[m], bins_d_in, pricing.epsilon_per_measurement, pricing.alpha
+                counts[g], grid, m.q, pricing.d_in[m], bins_d_in, _quantile_epsilon(pricing, m), pricing.alpha
             )
             for g in groups
         ]
@@ -287,6 +287,11 @@ def _aggregate(
     if a.kind in {Kind.STD, Kind.STD_POP}:
         return np.sqrt(var_pop), np.sqrt(v_lo), np.sqrt(v_hi)
     return var_pop, v_lo, v_hi
+
+
+def _quantile_epsilon(pricing: Pricing, m: Measurement) -> float:
+    """The pure ε of a quantile's release (its share of the request), split between its three measurements."""
+    return pricing.epsilon_per_measurement
 
 
 def _quantile(
@@ -475,7 +480,7 @@ def _post_process(
             "sensitivity": pricing.d_in[m],
         }
         if m.kind == Kind.QUANTILE:
-            centre, interval, point = mech.quantile_epsilons(pricing.epsilon_per_measurement)
+            centre, interval, point = mech.quantile_epsilons(_quantile_epsilon(pricing, m))
             entry["epsilon_split"] = {"centre": centre, "interval": interval, "point": point}
             entry["rank_error"] = mech.quantile_point_rank_error(pricing.d_in[m], point, m.q, alpha)
             entry["grid_step"] = comp.quantile_grid(plan, m).step
@@ -526,7 +531,7 @@ def _flags(value: Any, interval: list[float] | None, thin: bool) -> list[str]:
 def quantile_min_rows(plan: Plan, pricing: Pricing, m: Measurement) -> float:
     """Public number of rows below which a noisy quantile says little: its rank error (rows, at the release's
     alpha) exceeds the rows on the nearer side of the quantile."""
-    _, _, point = mech.quantile_epsilons(pricing.epsilon_per_measurement)
+    _, _, point = mech.quantile_epsilons(_quantile_epsilon(pricing, m))
     rank = mech.quantile_point_rank_error(pricing.d_in[m], point, m.q, pricing.alpha)
     return float(rank) / min(m.q, 1.0 - m.q)
 
