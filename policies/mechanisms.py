@@ -344,27 +344,80 @@ def selected_count_interval(
 
 
 # --- quantiles ------------------------------------------------------------------------------------------
-
-
-def quantile_candidates(lo: float, hi: float, integer: bool, max_candidates: int = 1024) -> list[float]:
-    """A public grid of candidate answers from the policy's bounds."""
-    if integer and hi - lo + 1 <= max_candidates:
-        return [float(v) for v in range(int(lo), int(hi) + 1)]
-    n = max_candidates
-    step = (hi - lo) / (n - 1)
-    return [lo + i * step for i in range(n)]
-
+#
+# A quantile is released by three measurements, each computed from the exact row counts of one group at the
+# position codes of a public grid (code 2j+1: a value on position j; code 2j+2: strictly between positions j and
+# j+1), and each charged its share of the quantile's ε:
+#   1. centre:   report-noisy-min over at most 1,024 evenly spaced positions, with integer rank scores;
+#   2. interval: discrete Laplace on the row counts of a ladder of bins around the centre (cuts at centre ± 2^i
+#                positions, every row in exactly one bin: L1 sensitivity k); a cut is a proven lower (upper) end
+#                when the noisy counts below and above it, less a bound on their noise that holds for every cut at
+#                once with probability 1 - alpha, say that the quantile cannot lie below (above) it;
+#   3. point:    report-noisy-min over at most 256 positions evenly spread over that interval (all of them when
+#                fewer), so the rounding step shrinks with the interval, i.e. with the noise, down to the grid's.
 
 QUANTILE_DENOMINATOR = 1000
+QUANTILE_COARSE = 1024  # positions of the centre's selection (the single grid of earlier releases)
+QUANTILE_SUBDIVISIONS = 16  # grid positions per coarse step: 16,369 positions over a float column's bounds
+QUANTILE_POINT_CANDIDATES = 256  # positions of the point's selection, spread over the interval
+QUANTILE_SHARES = (0.1, 0.2, 0.7)  # of the quantile's ε: centre, interval, point
 
 
-@lru_cache(maxsize=256)
-def _noisy_min(scale: float) -> dp.Measurement:
-    space = dp.vector_domain(dp.atom_domain(T="i64")), dp.linf_distance(T="i64", monotonic=False)
-    return dp.m.make_noisy_max(*space, dp.max_divergence(), scale=scale, negate=True)
+@dataclass(frozen=True)
+class QuantileGrid:
+    """The public positions lo + j·step, 0 ≤ j < size, from a column's bounds: every integer of a narrow integer
+    column, else evenly spaced positions whose every QUANTILE_SUBDIVISIONS-th is the coarse grid of the centre."""
+
+    lo: float
+    step: float
+    size: int
+
+    def value(self, j: np.ndarray | int) -> np.ndarray:
+        return self.lo + np.asarray(j, dtype=np.float64) * self.step
+
+    @property
+    def hi(self) -> float:
+        return float(self.value(self.size - 1))
+
+    def coarse(self) -> np.ndarray:
+        """At most QUANTILE_COARSE evenly spaced positions, both ends included."""
+        return spread(0, self.size - 1, QUANTILE_COARSE)
 
 
-def quantile_scores(below: list[int], above: list[int], q: float) -> tuple[list[int], int]:
+def quantile_grid(lo: float, hi: float, integer: bool) -> QuantileGrid:
+    """The public grid of a quantile of a column with bounds [lo, hi]."""
+    size = (QUANTILE_COARSE - 1) * QUANTILE_SUBDIVISIONS + 1
+    if integer and hi - lo + 1 <= size:
+        return QuantileGrid(float(lo), 1.0, int(hi - lo) + 1)
+    return QuantileGrid(float(lo), (hi - lo) / (size - 1), size)
+
+
+def spread(first: int, last: int, n: int) -> np.ndarray:
+    """Every integer of [first, last] if there are at most n, else n of them evenly spread, both ends included."""
+    if last - first + 1 <= n:
+        return np.arange(first, last + 1, dtype=np.int64)
+    return np.unique(np.round(np.linspace(first, last, n)).astype(np.int64))
+
+
+@dataclass(frozen=True)
+class PositionCounts:
+    """Exact row counts of one group at the grid's position codes (private: only ever handed to mechanisms)."""
+
+    codes: np.ndarray  # int64, in any order, possibly repeated
+    counts: np.ndarray  # int64, rows at each code
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+    def below(self, codes: np.ndarray) -> np.ndarray:
+        """Rows whose code is below each of the given (ascending) codes."""
+        at = np.searchsorted(codes, self.codes, side="right")  # rows with code c are below every given code > c
+        per = np.bincount(at, weights=self.counts, minlength=len(codes) + 1)
+        return np.rint(np.cumsum(per[: len(codes)])).astype(np.int64)
+
+
+def quantile_scores(below: np.ndarray, above: np.ndarray, q: float) -> tuple[list[int], int]:
     """Integer scores |(1-q)·#below(c) - q·#above(c)| per candidate (lower is better), with sensitivity per row.
 
     Adding or removing one row changes #below or #above of each candidate by at most one, so each score moves by
@@ -372,8 +425,22 @@ def quantile_scores(below: list[int], above: list[int], q: float) -> tuple[list[
     """
     num = round(q * QUANTILE_DENOMINATOR)
     den = QUANTILE_DENOMINATOR
-    scores = [abs((den - num) * b - num * a) for b, a in zip(below, above, strict=True)]
-    return scores, max(num, den - num)
+    b, a = np.asarray(below, dtype=np.int64), np.asarray(above, dtype=np.int64)
+    return np.abs((den - num) * b - num * a).tolist(), max(num, den - num)
+
+
+def position_scores(counts: PositionCounts, positions: np.ndarray, q: float) -> list[int]:
+    """The rank scores of the given (ascending) grid positions: rows strictly below and strictly above each."""
+    codes = np.empty(2 * len(positions), dtype=np.int64)
+    codes[0::2], codes[1::2] = 2 * positions + 1, 2 * positions + 2
+    below = counts.below(codes)
+    return quantile_scores(below[0::2], counts.total - below[1::2], q)[0]
+
+
+@lru_cache(maxsize=256)
+def _noisy_min(scale: float) -> dp.Measurement:
+    space = dp.vector_domain(dp.atom_domain(T="i64")), dp.linf_distance(T="i64", monotonic=False)
+    return dp.m.make_noisy_max(*space, dp.max_divergence(), scale=scale, negate=True)
 
 
 def release_quantile_index(scores: list[int], d_in: int, epsilon: float) -> tuple[int, float]:
@@ -397,8 +464,107 @@ def _calibrated_noisy_min(d_in: int, epsilon: float) -> tuple[dp.Measurement, fl
     return meas, scale
 
 
+def release_quantile_bins(counts: list[int], k: int, epsilon: float) -> IntegerRelease:
+    """The interval's ladder of bin counts with discrete Laplace noise: every row is in exactly one bin, so one
+    unit moves the vector by at most k in L1 (a histogram, calibrated as any other)."""
+    return release_integers(counts, k, epsilon)
+
+
+def quantile_epsilons(epsilon: float) -> tuple[float, float, float]:
+    """The quantile's ε split between its centre, interval and point (summing to ε)."""
+    centre, interval = epsilon * QUANTILE_SHARES[0], epsilon * QUANTILE_SHARES[1]
+    return centre, interval, epsilon - centre - interval
+
+
+def ladder(centre: int, size: int) -> np.ndarray:
+    """The interval's cuts: positions centre ± 2^i within the grid (position 0, which no row is below, left out),
+    ascending and distinct. They depend on the released centre and public values only."""
+    offsets = 1 << np.arange(max(size - 1, 1).bit_length() + 1, dtype=np.int64)
+    cuts = np.concatenate([centre - offsets, [centre], centre + offsets])
+    return np.unique(cuts[(cuts >= 1) & (cuts <= size - 1)])
+
+
+def _log_mgf(t: np.ndarray, scale: float) -> np.ndarray:
+    """log E[e^(tX)] for discrete Laplace noise X of `scale` (P(X = x) ∝ e^(-|x|/scale)), |t| < 1/scale."""
+    p = math.exp(-1.0 / scale)
+    return 2 * math.log1p(-p) - np.log1p(-p * np.exp(t)) - np.log1p(-p * np.exp(-t))
+
+
+@lru_cache(maxsize=256)
+def interval_errors(scale: float, q: float, n_cuts: int, alpha: float) -> tuple[float, ...]:
+    """Per cut i of a ladder of n_cuts, a bound E_i on the noise Z_i = (1-q)·ΣX(bins below) - q·ΣX(bins above)
+    of the cut's noisy rank balance (i+1 bins below it, n_cuts - i above, X discrete Laplace of `scale`), such
+    that |Z_i| ≤ E_i for every cut at once with probability ≥ 1 - alpha.
+
+    Chernoff: P(Z_i ≥ E) ≤ exp(K_i(λ) - λE) for every 0 < λ < 1/(max(q, 1-q)·scale), K_i the log moment
+    generating function of Z_i (exact for discrete Laplace), and likewise for -Z_i; a union bound over the
+    2·n_cuts tails gives E_i = min over λ of (K_i(λ) - ln(alpha / (2·n_cuts))) / λ. The minimum is taken over a
+    grid of λ, which can only make E_i larger.
+    """
+    if n_cuts == 0:
+        return ()
+    lam = np.linspace(0.001, 0.999, 1000) / (max(q, 1 - q) * scale)
+    below, above = _log_mgf((1 - q) * lam, scale), _log_mgf(q * lam, scale)
+    i = np.arange(n_cuts, dtype=np.float64)[:, None]
+    log_mgf = (i + 1) * below + (n_cuts - i) * above  # one row per cut, one column per λ
+    return tuple(np.min((log_mgf - math.log(alpha / (2 * n_cuts))) / lam, axis=1).tolist())
+
+
+@dataclass(frozen=True)
+class QuantileRelease:
+    """One group's released quantile: the point, and the noisy ladder from which its interval follows at any
+    alpha (post-processing of DP outputs and public values only)."""
+
+    value: float
+    cuts: np.ndarray  # grid positions of the ladder's cuts
+    bins: np.ndarray  # noisy row counts of the n_cuts + 1 bins
+    bin_scale: float
+    q: float
+    grid: QuantileGrid
+
+    def interval(self, alpha: float) -> tuple[int, int]:
+        """Grid positions [low, high] that hold the true quantile with probability ≥ 1 - alpha.
+
+        With n rows, B(c) rows below position c and A(c) = n - B(c) at or above it, the quantile (interpolated
+        between order statistics ⌊q(n-1)⌋ and ⌈q(n-1)⌉) is at least c when (1-q)·B(c) - q·A(c) + q ≤ 0, and at most
+        c when it is ≥ 1. A cut is an end when its noisy balance passes that test with E_i to spare; else the
+        bounds of the column are the ends."""
+        errors = np.asarray(interval_errors(self.bin_scale, self.q, len(self.cuts), alpha))
+        below = np.cumsum(self.bins)[:-1]
+        balance = (1 - self.q) * below - self.q * (self.bins.sum() - below)
+        lows = np.flatnonzero(balance + self.q + errors <= 0)
+        highs = np.flatnonzero(balance + self.q - errors >= 1)
+        low = int(self.cuts[lows[-1]]) if lows.size else 0
+        high = int(self.cuts[highs[0]]) if highs.size else self.grid.size - 1
+        return min(low, high), max(low, high)  # crossed only where the bound failed (probability ≤ alpha)
+
+    def value_interval(self, alpha: float) -> tuple[float, float]:
+        low, high = self.interval(alpha)
+        return float(self.grid.value(low)), float(self.grid.value(high))
+
+
+def release_quantile(
+    counts: PositionCounts, grid: QuantileGrid, q: float, d_in: int, k: int, epsilon: float, alpha: float
+) -> QuantileRelease:
+    """One group's quantile at level q in three measurements costing `epsilon` in all (see above): d_in is the L∞
+    sensitivity of the rank scores (quantile_sensitivity), k the L1 sensitivity of the ladder's counts, alpha the
+    level of the interval that bounds the point's candidates."""
+    eps_centre, eps_interval, eps_point = quantile_epsilons(epsilon)
+    coarse = grid.coarse()
+    centre = int(coarse[release_quantile_index(position_scores(counts, coarse, q), d_in, eps_centre)[0]])
+    cuts = ladder(centre, grid.size)
+    below = counts.below(2 * cuts + 1)  # rows below each cut
+    exact = np.diff(np.concatenate([[0], below, [counts.total]]))
+    noisy = release_quantile_bins(exact.tolist(), k, eps_interval)
+    release = QuantileRelease(0.0, cuts, np.asarray(noisy.values, dtype=np.int64), noisy.scale, q, grid)
+    low, high = release.interval(alpha)
+    positions = spread(low, high, QUANTILE_POINT_CANDIDATES)
+    point = int(positions[release_quantile_index(position_scores(counts, positions, q), d_in, eps_point)[0]])
+    return QuantileRelease(float(grid.value(point)), cuts, release.bins, noisy.scale, q, grid)
+
+
 def quantile_rank_error(scale: float, n_candidates: int, q: float, alpha: float) -> float:
-    """With probability ≥ 1-alpha the released candidate's rank is within this many rows of the target rank.
+    """With probability ≥ 1-alpha the released candidate's rank is within this many rows of the best candidate's.
 
     A candidate whose score is worse than the best by g wins only if its noise beats the best one's by g,
     which happens with probability at most 1/(1+e^(g/scale)); a union bound over candidates gives
@@ -407,3 +573,8 @@ def quantile_rank_error(scale: float, n_candidates: int, q: float, alpha: float)
     num = round(q * QUANTILE_DENOMINATOR)
     step = min(num, QUANTILE_DENOMINATOR - num)
     return scale * math.log(n_candidates / alpha) / step
+
+
+def quantile_point_rank_error(d_in: int, epsilon_point: float, q: float, alpha: float) -> float:
+    """The rank error (rows, at 1-alpha) of a quantile's value among the candidates of its last selection."""
+    return quantile_rank_error(2 * d_in / epsilon_point, QUANTILE_POINT_CANDIDATES, q, alpha)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from policies.mechanisms import quantile_scores
 from policies.schema import Column
 
@@ -40,7 +42,7 @@ def sum_of_squares_sensitivity(k: int, column: Column) -> int:
 
 def quantile_sensitivity(k: int, q: float) -> int:
     """L∞ change of the quantile score vector when k rows change (score weights per row from quantile_scores)."""
-    _, per_row = quantile_scores([0], [0], q)
+    _, per_row = quantile_scores(np.zeros(1), np.zeros(1), q)
     return k * per_row
 
 

@@ -34,6 +34,7 @@ QUERIES = [
     "SELECT COUNT(DISTINCT patient_id) FROM visits",
     "SELECT VARIANCE(income), STDDEV(age) FROM visits",
     "SELECT region, MEDIAN(length_of_stay) FROM visits GROUP BY region",
+    "SELECT QUANTILE_CONT(income, 0.9) AS p90 FROM visits",
     "SELECT diagnosis, COUNT(*) FROM visits GROUP BY diagnosis",
     "SELECT date_trunc('month', visit_day) AS month, COUNT(*) FROM visits GROUP BY month",
     "SELECT CASE WHEN age < 18 THEN 'child' WHEN age < 65 THEN 'adult' ELSE 'senior' END AS band, AVG(income) "

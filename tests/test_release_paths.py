@@ -19,8 +19,9 @@ from gateway.engines.base import EngineError
 from gateway.engines.duckdb import DuckDBEngine
 from gateway.sql import compile as comp
 from gateway.sql import release
-from gateway.sql.plan import Kind, plan_query
+from gateway.sql.plan import Kind, Measurement, Plan, plan_query
 from gateway.sql.price import price
+from policies import mechanisms as mech
 from policies.schema import parse_policy
 
 POLICY = parse_policy(yaml.safe_load(POLICY_YAML))
@@ -50,11 +51,19 @@ def _post_process(sql: str, rng: np.random.Generator, via_engine: bool, monkeypa
     n = len(groups)
     # Small and negative noisy values: means over no rows (NaN), clamped counts, noise-dominated flags.
     noisy = {m: rng.integers(-3, 50, n).astype(np.float64) for m in comp.plain_measurements(plan)}
-    quantiles = {m: (rng.uniform(0, 110, n), 1.0) for m in plan.measurements if m.kind == Kind.QUANTILE}
+    quantiles = {m: [_quantile(plan, m, rng) for _ in groups] for m in plan.measurements if m.kind == Kind.QUANTILE}
     with monkeypatch.context() as patch:
         if via_engine:
             patch.setattr(release, "_projection", lambda _plan: None)
         return release._post_process(plan, pricing, groups, noisy, quantiles, [])
+
+
+def _quantile(plan: Plan, m: Measurement, rng: np.random.Generator) -> mech.QuantileRelease:
+    """A released quantile with a random value and random noisy ladder counts around a random centre."""
+    grid = comp.quantile_grid(plan, m)
+    cuts = mech.ladder(int(rng.integers(0, grid.size)), grid.size)
+    bins = rng.integers(-3, 50, len(cuts) + 1)
+    return mech.QuantileRelease(float(rng.uniform(grid.lo, grid.hi)), cuts, bins, 5.0, m.q, grid)
 
 
 def _same(a: Any, b: Any) -> bool:

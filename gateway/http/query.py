@@ -83,7 +83,8 @@ class QueryResponse(BaseModel):
         default=None,
         description="per cell, like rows: flags computed from DP outputs and public parameters only; "
         "'noise_dominated' when the interval's half-width exceeds the value's magnitude, the value is null for "
-        "want of rows, or a quantile's group has a noisy row count below the quantile's public threshold",
+        "want of rows, or a quantile's interval is its column's whole bounds or its group has a noisy row count "
+        "below the quantile's public threshold",
     )
 
 

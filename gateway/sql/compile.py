@@ -180,19 +180,19 @@ def empty_result(plan: Plan) -> list[tuple[Any, ...]]:
     return rows
 
 
-def quantile_grid(plan: Plan, m: Measurement) -> list[float]:
+def quantile_grid(plan: Plan, m: Measurement) -> mech.QuantileGrid:
     col = plan.policy.columns[m.column]
     assert col.bounds is not None, "the planner allows quantiles of bounded columns only"
     lo, hi = (float(b) for b in col.bounds)
-    return mech.quantile_candidates(lo, hi, integer=col.type is ColumnType.INT)
+    return mech.quantile_grid(lo, hi, integer=col.type is ColumnType.INT)
 
 
 def quantile_query(plan: Plan, m: Measurement, *, empty: bool = False) -> exp.Select:
-    """Per group, row counts at each of the 2·|C|+1 positions relative to the public candidate grid: code 2j+1 is
-    exactly on candidate j, code 2j+2 strictly between candidates j and j+1 (a NULL value has no code)."""
-    candidates = quantile_grid(plan, m)
-    lo = float(plan.policy.columns[m.column].bounds[0])  # type: ignore[index]
-    step = candidates[1] - candidates[0]
+    """Per group, row counts at each of the 2·|P|+1 codes relative to the public grid of positions P: code 2j+1 is
+    exactly on position j, code 2j+2 strictly between positions j and j+1 (a NULL value has no code). Only the
+    codes that some row has come back (at most one per distinct value)."""
+    grid = quantile_grid(plan, m)
+    lo, step = grid.lo, grid.step
 
     def double(v: float) -> exp.Expr:
         return exp.Cast(this=exp.Literal.number(repr(float(v))), to=exp.DataType.build("DOUBLE"))

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from sqlglot import exp
 
 from gateway.engines.base import Engine, EngineError
@@ -19,6 +20,7 @@ from gateway.sql import compile as comp
 from gateway.sql.plan import Aggregate, Kind, Measurement, Plan
 from gateway.sql.price import _COUNT_KINDS, Pricing, measurement_unit
 from policies import mechanisms as mech
+from policies import sensitivity as sens
 from policies.errors import InvalidRequest, QueryRejected
 from policies.sqltypes import SqlType, canonical
 
@@ -106,22 +108,45 @@ def bind_check(plan: Plan, engine: Engine) -> None:
         ) from None
 
 
-def _quantile_codes(
+def _quantile_counts(
     plan: Plan, m: Measurement, engine: Engine, groups: list[tuple[Any, ...]], empty: bool = False
-) -> tuple[list[float], dict[tuple[Any, ...], np.ndarray]]:
-    """Per group, row counts at each of the 2·|C|+1 positions relative to the candidate grid."""
+) -> dict[tuple[Any, ...], mech.PositionCounts]:
+    """Per released group, the exact row counts at the quantile's position codes (`comp.quantile_query`), read as
+    Arrow columns: the statement returns a row per occupied code, which may be many, so nothing here loops over
+    rows in Python (only over the distinct key combinations)."""
+    none = mech.PositionCounts(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+    if empty or not groups:  # an empty table has no codes
+        return {g: none for g in groups}
     quantiles = [q for q in plan.measurements if q.kind == Kind.QUANTILE]
-    statement = _statements(plan)[1 + quantiles.index(m)]  # after the plain measurements, one per quantile
-    candidates = comp.quantile_grid(plan, m)
-    n_codes = 2 * len(candidates) + 1
-    hist = {g: np.zeros(n_codes, dtype=np.int64) for g in groups}
+    table = engine.arrow(_statements(plan)[1 + quantiles.index(m)])  # after the plain statement, one per quantile
     nk = len(plan.keys)
-    for row in [] if empty else engine.rows(statement):  # an empty table has no codes
-        g = _group(plan, row[:nk])
-        if g in hist and row[nk] is not None:  # a NULL value has no code (and is filtered out of the count)
-            c = min(max(int(row[nk]), 0), n_codes - 1)
-            hist[g][c] += int(row[nk + 1])
-    return candidates, hist
+    n_codes = 2 * comp.quantile_grid(plan, m).size + 1
+    # A NULL value's code is NULL and its count 0 (the count filters NULLs out), so any code will do for it.
+    codes = np.clip(pc.fill_null(table.column(nk), 0).to_numpy(), 0, n_codes - 1).astype(np.int64)
+    counts = pc.fill_null(table.column(nk + 1), 0).to_numpy().astype(np.int64)
+    if nk == 0:
+        return {(): mech.PositionCounts(codes, counts)}
+    # A dense id per distinct key combination, then each combination's group from one representative row.
+    ids = np.zeros(table.num_rows, dtype=np.int64)
+    for i in range(nk):
+        encoded = pc.dictionary_encode(table.column(i).combine_chunks())
+        column = pc.fill_null(encoded.indices, len(encoded.dictionary)).to_numpy().astype(np.int64)
+        combined = pa.array(ids * (len(encoded.dictionary) + 1) + column)
+        ids = pc.dictionary_encode(combined).indices.to_numpy().astype(np.int64)
+    some = np.zeros(int(ids.max()) + 1 if len(ids) else 0, dtype=np.int64)
+    some[ids] = np.arange(len(ids))  # a row of each id (whichever write wins: they have the same keys)
+    keys = [table.column(i).take(pa.array(some)).to_pylist() for i in range(nk)]
+    position = {g: j for j, g in enumerate(groups)}
+    of_id = np.asarray([position.get(_group(plan, row), -1) for row in zip(*keys, strict=True)], dtype=np.int64)
+    group_of_row = of_id[ids] if len(ids) else ids
+    order = np.argsort(group_of_row, kind="stable")
+    ordered = group_of_row[order]
+    starts = np.searchsorted(ordered, np.arange(len(groups)), side="left")
+    ends = np.searchsorted(ordered, np.arange(len(groups)), side="right")
+    return {
+        g: mech.PositionCounts(codes[order[s:e]], counts[order[s:e]])
+        for g, s, e in zip(groups, starts, ends, strict=True)
+    }
 
 
 def execute(plan: Plan, pricing: Pricing, engine: Engine, *, default_input: bool = False) -> Release:
@@ -180,24 +205,19 @@ def execute(plan: Plan, pricing: Pricing, engine: Engine, *, default_input: bool
         release = pricing.release(m, values)
         noisy[m] = np.asarray(release.values, dtype=np.float64) * measurement_unit(plan, m)
 
-    quantiles: dict[Measurement, tuple[np.ndarray, float]] = {}
+    quantiles: dict[Measurement, list[mech.QuantileRelease]] = {}
+    bins_d_in = sens.count_sensitivity(plan.policy.max_rows_per_unit)  # the interval's ladder is a histogram
     for m in plan.measurements:
         if m.kind != Kind.QUANTILE:
             continue
-        candidates, hist = _quantile_codes(plan, m, engine, groups, empty=default_input)
-        picks = []
-        scale = pricing.scale(m)
-        for g in groups:
-            h = hist[g]
-            cum = np.cumsum(h)
-            total = int(cum[-1])
-            on = np.arange(1, len(h), 2)  # codes of the candidates
-            below = (cum[on] - h[on]).tolist()
-            above = (total - cum[on]).tolist()
-            scores, _ = mech.quantile_scores(below, above, m.q)
-            idx, scale = mech.release_quantile_index(scores, pricing.d_in[m], pricing.epsilon(m))
-            picks.append(candidates[idx])
-        quantiles[m] = (np.asarray(picks, dtype=np.float64), scale)
+        grid = comp.quantile_grid(plan, m)
+        counts = _quantile_counts(plan, m, engine, groups, empty=default_input)
+        quantiles[m] = [
+            mech.release_quantile(
+                counts[g], grid, m.q, pricing.d_in[m], bins_d_in, _quantile_epsilon(pricing, m), pricing.alpha
+            )
+            for g in groups
+        ]
 
     return _post_process(plan, pricing, groups, noisy, quantiles, notes)
 
@@ -226,13 +246,13 @@ def _aggregate(
     pricing: Pricing,
     a: Aggregate,
     noisy: dict[Measurement, np.ndarray],
-    quantiles: dict[Measurement, tuple[np.ndarray, float]],
+    quantiles: dict[Measurement, list[mech.QuantileRelease]],
     alpha: float | None,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Point value and (1 - alpha) interval of one aggregate per group (the value alone with alpha None)."""
     ms = a.measurements
     if a.kind == Kind.QUANTILE:
-        return quantiles[ms[0]][0], None, None
+        return _quantile(quantiles[ms[0]], alpha)
     if len(ms) == 1:
         v = noisy[ms[0]]
         lo, hi = (None, None) if alpha is None else _interval(plan, pricing, ms[0], v, alpha)
@@ -269,6 +289,24 @@ def _aggregate(
     if a.kind in {Kind.STD, Kind.STD_POP}:
         return np.sqrt(var_pop), np.sqrt(v_lo), np.sqrt(v_hi)
     return var_pop, v_lo, v_hi
+
+
+def _quantile_epsilon(pricing: Pricing, m: Measurement) -> float:
+    """The pure ε of a quantile's release (its share of the request; under zCDP the ε with ε²/2 = its ρ), split
+    between its three measurements."""
+    return pricing.epsilon(m)
+
+
+def _quantile(
+    releases: list[mech.QuantileRelease], alpha: float | None
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Released quantile values per group and, at a given alpha, their intervals (post-processing of each group's
+    noisy ladder)."""
+    values = np.asarray([r.value for r in releases], dtype=np.float64)
+    if alpha is None:
+        return values, None, None
+    ends = np.asarray([r.value_interval(alpha) for r in releases], dtype=np.float64).reshape(-1, 2)
+    return values, ends[:, 0], ends[:, 1]
 
 
 def _mean_interval(
@@ -460,7 +498,7 @@ def _post_process(
     pricing: Pricing,
     groups: list[tuple[Any, ...]],
     noisy: dict[Measurement, np.ndarray],
-    quantiles: dict[Measurement, tuple[np.ndarray, float]],
+    quantiles: dict[Measurement, list[mech.QuantileRelease]],
     notes: list[str],
 ) -> Release:
     alpha = pricing.alpha
@@ -485,15 +523,13 @@ def _post_process(
     col_intervals: list[tuple[np.ndarray, np.ndarray] | None] = []
     for e in plan.output_exprs:
         used = [by_alias[c.name] for c in e.find_all(exp.Column) if c.name in by_alias]
-        ms = {m for a in used for m in a.measurements}
-        if not used or any(m.kind == Kind.QUANTILE for m in ms):
+        if not used:
             col_intervals.append(None)
             continue
         env: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for a in used:  # a union bound over the column's aggregates
             _, lo, hi = _aggregate(plan, pricing, a, noisy, quantiles, alpha / len(used))
-            # Only quantile aggregates have no interval, and any quantile measurement was skipped above.
-            assert lo is not None and hi is not None, a
+            assert lo is not None and hi is not None, a  # every aggregate has an interval at a given alpha
             env[a.alias] = (lo, hi)
         col_intervals.append(_interval_eval(e, env))
 
@@ -504,7 +540,7 @@ def _post_process(
     ]
     rows, intervals, flags = [], [], []
     n_out = len(plan.output_names)
-    thin = _thin_quantile_groups(plan, pricing, noisy, len(groups))
+    thin = _thin_quantile_groups(plan, pricing, noisy, quantiles, len(groups))
     for r in out:
         idx = int(r[n_out])
         row = [_py(v) for v in r[:n_out]]
@@ -521,12 +557,10 @@ def _post_process(
     for m in plan.measurements:
         entry = pricing.entry(m)
         if m.kind == Kind.QUANTILE:
-            entry["rank_error"] = mech.quantile_rank_error(
-                pricing.scale(m),
-                len(comp.quantile_grid(plan, m)),
-                m.q,
-                alpha,
-            )
+            centre, interval, point = mech.quantile_epsilons(_quantile_epsilon(pricing, m))
+            entry["epsilon_split"] = {"centre": centre, "interval": interval, "point": point}
+            entry["rank_error"] = mech.quantile_point_rank_error(pricing.d_in[m], point, m.q, alpha)
+            entry["grid_step"] = comp.quantile_grid(plan, m).step
         else:
             entry["half_width"] = pricing.half_width(m, alpha) * measurement_unit(plan, m)
         measurements.append(entry)
@@ -539,8 +573,10 @@ def _post_process(
         )
     if any(m.kind == Kind.QUANTILE for m in plan.measurements):
         notes.append(
-            "quantiles are chosen from a public grid by OpenDP's report-noisy-max; their accuracy is a "
-            "rank error (rows) given under measurements, not a value interval"
+            "each quantile is three OpenDP measurements: report-noisy-max picks a centre among 1,024 positions, "
+            "noisy counts of a ladder of bins around it give the interval (which holds the true quantile at "
+            "1-alpha), and report-noisy-max picks the value among up to 1,024 positions spread over that interval; "
+            "rank_error under measurements is the value's rank error (rows) among those positions"
         )
     return Release(
         columns=list(plan.output_names),
@@ -568,7 +604,8 @@ def _flags(value: Any, interval: list[float] | None, thin: bool) -> list[str]:
     """A released cell's flags, from DP outputs and public parameters only: noise-dominated when its interval's
     half-width (on the wider side) exceeds its magnitude (always, for a released zero: its noise's half-width is
     positive even where the interval is clamped to [0, 0]), when it has an interval but no value (a mean over a noisy
-    count below one), or when it is a quantile of a group whose noisy row count is below its public threshold."""
+    count below one), or when it is a quantile whose interval is its column's whole bounds or whose group's noisy row
+    count is below its public threshold."""
     if thin:
         return [NOISE_DOMINATED]
     if interval is None:
@@ -582,15 +619,22 @@ def _flags(value: Any, interval: list[float] | None, thin: bool) -> list[str]:
 def quantile_min_rows(plan: Plan, pricing: Pricing, m: Measurement) -> float:
     """Public number of rows below which a noisy quantile says little: its rank error (rows, at the release's
     alpha) exceeds the rows on the nearer side of the quantile."""
-    rank = mech.quantile_rank_error(pricing.scale(m), len(comp.quantile_grid(plan, m)), m.q, pricing.alpha)
+    _, _, point = mech.quantile_epsilons(_quantile_epsilon(pricing, m))
+    rank = mech.quantile_point_rank_error(pricing.d_in[m], point, m.q, pricing.alpha)
     return float(rank) / min(m.q, 1.0 - m.q)
 
 
 def _thin_quantile_groups(
-    plan: Plan, pricing: Pricing, noisy: dict[Measurement, np.ndarray], n_groups: int
+    plan: Plan,
+    pricing: Pricing,
+    noisy: dict[Measurement, np.ndarray],
+    quantiles: dict[Measurement, list[mech.QuantileRelease]],
+    n_groups: int,
 ) -> list[np.ndarray | None]:
-    """Per output column that uses a quantile, whether each group's noisy row count (the query's COUNT of the
-    quantile's column, else its COUNT(*)) is below the quantile's public threshold; None where not applicable."""
+    """Per output column that uses a quantile, whether each group's quantile says nothing: its interval (at the
+    release's alpha) is the column's whole bounds, or its noisy row count (the query's COUNT of the quantile's
+    column, else its COUNT(*), when the query has one) is below the quantile's public threshold; None where no
+    quantile is used."""
     by_alias = {a.alias: a for a in plan.aggregates}
     out: list[np.ndarray | None] = []
     for e in plan.output_exprs:
@@ -600,10 +644,12 @@ def _thin_quantile_groups(
             if a is None or a.kind != Kind.QUANTILE:
                 continue
             (m,) = a.measurements
+            last = comp.quantile_grid(plan, m).size - 1
+            spans = [r.interval(pricing.alpha) == (0, last) for r in quantiles[m]]
+            below = np.asarray(spans, dtype=bool).reshape(n_groups)
             count = noisy.get(Measurement(Kind.COUNT, a.column), noisy.get(Measurement(Kind.COUNT_STAR)))
-            if count is None:
-                continue
-            below = np.broadcast_to(count < quantile_min_rows(plan, pricing, m), (n_groups,))
+            if count is not None:
+                below = below | np.broadcast_to(count < quantile_min_rows(plan, pricing, m), (n_groups,))
             thin = below if thin is None else thin | below
         out.append(thin)
     return out

@@ -9,10 +9,10 @@ exactly that unit.
 
 For each mechanism the test plans a real query with the planner and prices it with `gateway.sql.price.price`, then
 runs the executor once on D and once on D′ with the mechanism layer wrapped by a recorder: what it records is
-exactly what the executor hands to OpenDP (the exact integer vectors, quantile scores or key counts, with the d_in
-and ε it calibrated). Those inputs are then fed many times to the real mechanism functions
-(`policies.mechanisms.release_integers`, `select_keys`, `release_quantile_index`), so the audit follows the code's
-sensitivities and ε split instead of re-deriving them.
+exactly what the executor hands to OpenDP (the exact integer vectors, a quantile's exact position counts or key
+counts, with the d_in and ε it calibrated). Those inputs are then fed many times to the real mechanism functions
+(`policies.mechanisms.release_integers`, `select_keys`, `release_quantile` and its stages), so the audit follows the
+code's sensitivities and ε split instead of re-deriving them.
 
 The release cache plays no part: the cache belongs to the service layer, and this audit calls the executor and the
 mechanism layer directly, below it; every draw is a fresh OpenDP sample. To keep the audit fast, integer releases
@@ -64,7 +64,8 @@ K = 4
 CONFIDENCE = 0.99
 N_DRAWS = 20_000  # per side, for scalar and short-vector releases
 N_VECTOR_DRAWS = 10_000  # per side, for the 12-group release
-N_QUANTILE_DRAWS = 10_000  # per side; one OpenDP call per draw
+N_QUANTILE_DRAWS = 10_000  # per side; one OpenDP call per draw (three for a whole quantile release)
+N_PILOT = 2_000  # per side: draws of a whole quantile release, once to choose the event of its audit, once for it
 KEY_BATCH = 1_000  # copies of the audited key per select_keys call
 
 POLICY = parse_policy(
@@ -230,7 +231,7 @@ def mechanism_inputs(plan: Plan, pricing: Pricing, catalog: DuckDBEngine) -> Mec
         mp.setattr(mech, "release_integers", _recording(inputs.integers, mech.release_integers))
         mp.setattr(mech, "release_gaussian_integers", _recording(inputs.gaussians, mech.release_gaussian_integers))
         mp.setattr(mech, "select_keys", _recording(inputs.selections, mech.select_keys))
-        mp.setattr(mech, "release_quantile_index", _recording(inputs.quantiles, mech.release_quantile_index))
+        mp.setattr(mech, "release_quantile", _recording(inputs.quantiles, mech.release_quantile))
         execute(plan, pricing, catalog)
     return inputs
 
@@ -393,31 +394,91 @@ def _quantile_hits(scores: list[int], d_in: int, epsilon: float, event: set[int]
     )
 
 
+def _noisy_min_bound(scores_d: list[int], scores_d_prime: list[int], d_in: int, epsilon: float) -> float:
+    """Lower bound on ε of report-noisy-min as calibrated for `epsilon`, in the event that the exact output
+    distributions say is most telling."""
+    scale = 2 * d_in / epsilon  # how release_quantile_index calibrates (public)
+    event = set(
+        best_event(
+            _noisy_min_probabilities(scores_d, scale),
+            _noisy_min_probabilities(scores_d_prime, scale),
+            N_QUANTILE_DRAWS,
+            N_QUANTILE_DRAWS,
+            CONFIDENCE,
+        )
+    )
+    return bound(
+        _quantile_hits(scores_d, d_in, epsilon, event, N_QUANTILE_DRAWS),
+        _quantile_hits(scores_d_prime, d_in, epsilon, event, N_QUANTILE_DRAWS),
+    )
+
+
+def _ladder_bins(counts: mech.PositionCounts, cuts: np.ndarray) -> list[int]:
+    """The exact bin counts of a ladder, as release_quantile computes them."""
+    below = counts.below(2 * cuts + 1)
+    return np.diff(np.concatenate([[0], below, [counts.total]])).tolist()
+
+
+def _released_values(call: dict[str, Any], n: int) -> np.ndarray:
+    return np.asarray([mech.release_quantile(**call).value for _ in range(n)])
+
+
 def test_quantile(neighbours: Neighbours) -> None:
-    """Report-noisy-min over the public candidate grid; the worst unit adds k rows at the top of the grid."""
+    """A quantile's three measurements (centre, interval ladder, point); the worst unit adds k rows at the top of
+    the grid. Each stage's input moves by at most its calibrated sensitivity wherever the earlier stages may have
+    landed; each stage's mechanism, as calibrated for ε = 1, is audited against 1 with a control at half its scale;
+    the shares sum to the request's ε; and the whole release (its value) is audited against the request's ε."""
     plan, pricing, on_d, on_d_prime = _audited(neighbours, "SELECT MEDIAN(score) FROM audit", 1.0)
     ((call_d,), (call_d_prime,)) = on_d.quantiles, on_d_prime.quantiles
-    scores_d, d_in, eps = call_d["scores"], call_d["d_in"], call_d["epsilon"]
-    scores_d_prime, d_in_b, eps_b = call_d_prime["scores"], call_d_prime["d_in"], call_d_prime["epsilon"]
+    counts_d, counts_d_prime = call_d["counts"], call_d_prime["counts"]
+    calibration = {name: v for name, v in call_d.items() if name != "counts"}
+    assert calibration == {name: v for name, v in call_d_prime.items() if name != "counts"}  # public
     (m,) = plan.measurements
-    assert (d_in, eps) == (d_in_b, eps_b) == (pricing.d_in[m], _per(pricing))
-    assert max(abs(a - b) for a, b in zip(scores_d, scores_d_prime, strict=True)) <= d_in  # L∞ sensitivity
-    for claimed_eps, expect_within in ((eps, True), (2 * eps, False)):
-        scale = 2 * d_in / claimed_eps  # how release_quantile_index calibrates (public)
-        event = set(
-            best_event(
-                _noisy_min_probabilities(scores_d, scale),
-                _noisy_min_probabilities(scores_d_prime, scale),
-                N_QUANTILE_DRAWS,
-                N_QUANTILE_DRAWS,
-                CONFIDENCE,
-            )
+    grid, q, d_in, k = calibration["grid"], calibration["q"], calibration["d_in"], calibration["k"]
+    assert (d_in, k, calibration["epsilon"]) == (pricing.d_in[m], K, _per(pricing))
+    assert sum(mech.quantile_epsilons(calibration["epsilon"])) == pytest.approx(pricing.cost.epsilon)
+
+    # Sensitivities: rank scores of every position (L∞), the ladder's bins around every possible centre (L1).
+    every = np.arange(grid.size)
+    scores_d, scores_d_prime = (mech.position_scores(c, every, q) for c in (counts_d, counts_d_prime))
+    assert max(abs(a - b) for a, b in zip(scores_d, scores_d_prime, strict=True)) <= d_in
+    ladders = {int(c): mech.ladder(int(c), grid.size) for c in every}
+    distance = {
+        c: sum(
+            abs(a - b) for a, b in zip(_ladder_bins(counts_d, cuts), _ladder_bins(counts_d_prime, cuts), strict=True)
         )
-        lower = bound(
-            _quantile_hits(scores_d, d_in, claimed_eps, event, N_QUANTILE_DRAWS),
-            _quantile_hits(scores_d_prime, d_in, claimed_eps, event, N_QUANTILE_DRAWS),
-        )
-        assert (lower <= _per(pricing)) is expect_within, (claimed_eps, sorted(event), lower)
+        for c, cuts in ladders.items()
+    }
+    assert max(distance.values()) <= k
+
+    # Centre: report-noisy-min over the coarse positions.
+    coarse = grid.coarse()
+    centre_d, centre_d_prime = (mech.position_scores(c, coarse, q) for c in (counts_d, counts_d_prime))
+    assert _noisy_min_bound(centre_d, centre_d_prime, d_in, 1.0) <= 1.0
+    assert _noisy_min_bound(centre_d, centre_d_prime, d_in, 2.0) > 1.0
+    # Interval: the ladder around the centre where the two datasets' bins differ most.
+    cuts = ladders[max(distance, key=lambda c: distance[c])]
+    bins_d, bins_d_prime = _ladder_bins(counts_d, cuts), _ladder_bins(counts_d_prime, cuts)
+    assert bound(*integer_hits(bins_d, bins_d_prime, k, 1.0, N_DRAWS)) <= 1.0
+    assert bound(*integer_hits(bins_d, bins_d_prime, k, 2.0, N_DRAWS)) > 1.0
+    # Point: report-noisy-min over the positions of an interval around the median (where the worst unit's rows
+    # move some scores up and others down; a window on one side only would see every score move alike).
+    window = mech.spread(grid.size // 5, grid.size - 1 - grid.size // 5, mech.QUANTILE_POINT_CANDIDATES)
+    point_d, point_d_prime = (mech.position_scores(c, window, q) for c in (counts_d, counts_d_prime))
+    assert _noisy_min_bound(point_d, point_d_prime, d_in, 1.0) <= 1.0
+    assert _noisy_min_bound(point_d, point_d_prime, d_in, 2.0) > 1.0
+
+    # The whole release at the request's ε: the event (a set of released values) is chosen from pilot draws that
+    # the bound does not use.
+    pilot_d, pilot_d_prime = _released_values(call_d, N_PILOT), _released_values(call_d_prime, N_PILOT)
+    values = np.unique(np.concatenate([pilot_d, pilot_d_prime]))
+    freq = [np.asarray([(p == v).mean() for v in values]) + 1e-9 for p in (pilot_d, pilot_d_prime)]
+    event = values[best_event(freq[0], freq[1], N_PILOT, N_PILOT, CONFIDENCE)]
+    whole = bound(
+        np.isin(_released_values(call_d, N_PILOT), event),
+        np.isin(_released_values(call_d_prime, N_PILOT), event),
+    )
+    assert whole <= pricing.cost.epsilon, (whole, event)
 
 
 def _key_draws(
