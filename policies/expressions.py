@@ -190,7 +190,7 @@ _OPENING = {TokenType.L_PAREN, TokenType.L_BRACKET, TokenType.L_BRACE}
 _CLOSING = {TokenType.R_PAREN, TokenType.R_BRACKET, TokenType.R_BRACE}
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=4)  # the spans of one refusal read the same text; a text may be 100,000 characters long
 def _tokens(sql: str) -> tuple[tuple[TokenType, int, int], ...]:
     """(type, start, end exclusive) of each token of the text, or nothing if it does not tokenize."""
     try:

@@ -196,3 +196,14 @@ def test_a_column_named_like_a_dialect_keyword_is_still_a_column() -> None:
         "SELECT SUM(contribution_bounds_per_group) FROM visits WHERE contribution_bounds_per_group > 1",
     ):
         assert plan_query(sql, lambda name: policy).aggregates
+
+
+def test_output_names_of_earlier_items_are_usable_later_in_the_select_list() -> None:
+    plan = _plan("SELECT COUNT(*) AS n, n * 2 AS twice, SUM(income) / n AS mean FROM visits")
+    assert _aggregates(plan) == [(Kind.COUNT_STAR, "", 0.0), (Kind.SUM, "income", 0.0)]
+    assert [o.sql() for o in plan.output_exprs] == ['"a0"', '"a0" * 2', '"a1" / "a0"']
+    early = _refusal("SELECT n * 2, COUNT(*) AS n FROM visits")
+    assert early.reason == "unknown_column" and "before the item that defines it" in early.message
+    assert early.details["highlight"] == "n"
+    # A column of the same name keeps its meaning.
+    assert _refusal("SELECT COUNT(*) AS age, age FROM visits").reason == "non_aggregated_column"

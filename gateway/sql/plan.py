@@ -481,6 +481,16 @@ class _Planner:
                 raise reject("subqueries are not allowed", "subquery", n, self.sql)
             if isinstance(n, exp.Column):
                 name = n.name.lower()
+                outputs = {i.alias.lower() for i in self.select.expressions if isinstance(i, exp.Alias)}
+                if not n.table and name in outputs and not self.policy.names_column(name):
+                    raise reject(
+                        f"the output name {name!r} is used before the item that defines it",
+                        "unknown_column",
+                        n,
+                        self.sql,
+                        hint="an output name can be used by the SELECT items after it, HAVING and ORDER BY; "
+                        "move this item after it, or repeat its expression",
+                    )
                 check_column(n, self.policy, self.sql, labeling=False)
                 raise reject(
                     f"column {name!r} must be aggregated or be a GROUP BY key",
