@@ -17,7 +17,7 @@ from gateway.service import Bastion, Context
 from gateway.settings import Settings
 from gateway.sql.plan import Kind, Measurement, plan_query
 from gateway.sql.price import DISCRETE_GAUSSIAN, DISCRETE_LAPLACE, measurement_unit, price
-from gateway.stores.ledger import Ledger
+from gateway.stores.ledger import Ledger, LedgerBehind
 from policies import mechanisms as mech
 from policies.accountant import (
     RHO_UNIT,
@@ -326,5 +326,34 @@ def test_zcdp_queries_until_the_budget_is_spent(zcdp_workspace: Workspace) -> No
         assert budget["accounting"] == "zcdp"
         assert budget["spent"]["rho"] == pytest.approx(answered * rho)
         assert budget["remaining"]["rho"] < rho
+    finally:
+        bastion.close()
+
+
+def test_a_lost_rho_ledger_is_refused_until_reconciled(zcdp_workspace: Workspace) -> None:
+    """Gaussian charges carry no ε: the ledger's ρ is checked against the audit log's and re-charged from it."""
+    settings = Settings.load(str(zcdp_workspace.settings.workspace))
+    bastion = Bastion(settings)
+    try:
+        principal = bastion.authenticate(zcdp_workspace.tokens["analyst"])
+        for i in range(3):  # one request (and request id) each
+            bastion.query(Context(principal), f"SELECT COUNT(*) AS n FROM visits WHERE age < {111 + i}", epsilon=0.5)
+        spent = bastion.ledger.spent("alice", "visits")
+    finally:
+        bastion.close()
+    assert spent.epsilon == 0.0 and spent.rho == pytest.approx(3 * 0.125)
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(settings.ledger) + suffix).unlink(missing_ok=True)
+    bastion = Bastion(settings)
+    try:
+        with pytest.raises(LedgerBehind, match=r"log ε=0, δ=0, ρ=0\.375"):
+            bastion.check_consistency()
+        added = bastion.reconcile_ledger()
+        assert sum(c.rho_units for c in added) == math.ceil(0.125 * RHO_UNIT) * 3
+        assert bastion.ledger.spent("alice", "visits").rho == pytest.approx(spent.rho)
+        assert {c["accounting"] for c in bastion.ledger.history()} == {"zcdp"}
+        ctx = Context(bastion.authenticate(zcdp_workspace.tokens["analyst"]))
+        bastion.query(ctx, "SELECT COUNT(*) AS n FROM visits", epsilon=0.5)  # spend goes on under zCDP
+        assert bastion.ledger.spent("alice", "visits").rho == pytest.approx(4 * 0.125)
     finally:
         bastion.close()
