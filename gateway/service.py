@@ -674,6 +674,7 @@ class Bastion:
                 phase="refused",
             )
             raise
+        cost = charge.cost  # as charged: a pure cost on a zCDP dataset with its ρ, which the log must show too
         budget = {"budget_before": charge.principal_before.as_dict(), "budget_after": charge.principal_after.as_dict()}
         admitted = self._event(
             ctx,

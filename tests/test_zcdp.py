@@ -14,6 +14,7 @@ import opendp.prelude as dp
 import pytest
 import yaml
 
+from audit.record import Event
 from gateway.cli.main import print_dry_run
 from gateway.service import Bastion, Context
 from gateway.settings import Settings
@@ -364,22 +365,35 @@ def test_a_lost_rho_ledger_is_refused_until_reconciled(zcdp_workspace: Workspace
         principal = bastion.authenticate(zcdp_workspace.tokens["analyst"])
         for i in range(3):  # one request (and request id) each
             bastion.query(Context(principal), f"SELECT COUNT(*) AS n FROM visits WHERE age < {111 + i}", epsilon=0.5)
+        # A pure ε-DP release (as LF statistics are) on the zCDP dataset: charged, and logged, as ρ = ε²/2.
+        policy = bastion.engine.datasets()["visits"][0]
+        pure = bastion.run_private(
+            Context(principal),
+            policy=policy,
+            event=Event.LF_STATS,
+            request={},
+            cost=PrivacyLoss(0.5),
+            key=None,
+            compute=lambda: {"released": True},
+            kind="lf_stats",
+        )
+        assert pure["rho_spent"] == 0.125 and pure["epsilon_spent"] == 0.5
         spent = bastion.ledger.spent("alice", "visits")
     finally:
         bastion.close()
-    assert spent.epsilon == 0.0 and spent.rho == pytest.approx(3 * 0.125)
+    assert spent.epsilon == 0.5 and spent.rho == pytest.approx(4 * 0.125)
     for suffix in ("", "-wal", "-shm"):
         Path(str(settings.ledger) + suffix).unlink(missing_ok=True)
     bastion = Bastion(settings)
     try:
-        with pytest.raises(LedgerBehind, match=r"log ε=0, δ=0, ρ=0\.375"):
+        with pytest.raises(LedgerBehind, match=r"log ε=0\.5, δ=0, ρ=0\.5\)"):
             bastion.check_consistency()
         added = bastion.reconcile_ledger()
-        assert sum(c.rho_units for c in added) == math.ceil(0.125 * RHO_UNIT) * 3
+        assert sum(c.rho_units for c in added) == math.ceil(0.125 * RHO_UNIT) * 4
         assert bastion.ledger.spent("alice", "visits").rho == pytest.approx(spent.rho)
         assert {c["accounting"] for c in bastion.ledger.history()} == {"zcdp"}
         ctx = Context(bastion.authenticate(zcdp_workspace.tokens["analyst"]))
         bastion.query(ctx, "SELECT COUNT(*) AS n FROM visits", epsilon=0.5)  # spend goes on under zCDP
-        assert bastion.ledger.spent("alice", "visits").rho == pytest.approx(4 * 0.125)
+        assert bastion.ledger.spent("alice", "visits").rho == pytest.approx(5 * 0.125)
     finally:
         bastion.close()

@@ -105,6 +105,8 @@ class LedgerBehind(LedgerUnavailable):
 class Charge:
     """The outcome of a successful charge: what was spent before and after, for the principal and dataset.
 
+    `cost` is the cost as charged: under zCDP with the ρ that a pure cost was converted to.
+
     `id` is the charge's row (None when nothing was recorded: a zero cost). `claimed` are unrecorded charges of
     earlier requests that this transaction took over: they must be recorded in the audit log with this one.
     """
@@ -311,7 +313,8 @@ class Ledger:
 
         Under zCDP (`accounting`) the caps are on ρ and δ (see `caps`), and the cost's pure ε counts as ε²/2."""
         ce, cd = cost.units(round_up=True)
-        cr = PrivacyLoss(0.0, 0.0, self.charged_rho(cost, accounting)).rho_units(round_up=True)
+        charged = PrivacyLoss(cost.epsilon, cost.delta, self.charged_rho(cost, accounting))
+        cr = charged.rho_units(round_up=True)
         pe_cap, pd_cap, pr_cap = self.caps(per_principal, accounting)
         te_cap, td_cap, tr_cap = self.caps(total, accounting)
         other = Accounting.PURE if accounting is Accounting.ZCDP else Accounting.ZCDP
@@ -381,7 +384,7 @@ class Ledger:
         except sqlite3.Error as exc:
             raise LedgerUnavailable(f"the budget ledger cannot be written: {exc}") from exc
         return Charge(
-            cost=cost,
+            cost=charged,
             principal_before=PrivacyLoss.from_units(pe, pd, pr),
             principal_after=PrivacyLoss.from_units(pe + ce, pd + cd, pr + cr),
             dataset_after=PrivacyLoss.from_units(te + ce, td + cd, tr + cr),
