@@ -311,6 +311,7 @@ class LoggedCharge:
     dataset: str
     epsilon: float
     delta: float
+    rho: float = 0.0  # a charge in ρ (zCDP accounting)
 
 
 def charges(
@@ -332,6 +333,7 @@ def charges(
         if (lo is not None and time < lo) or (hi is not None and time >= hi):
             continue
         eps, delta = _number(cost.get("epsilon", 0.0)), _number(cost.get("delta", 0.0))
+        rho = _number(cost.get("rho", 0.0))
         if eps is None or delta is None:
             continue
         request_id = record.get("request_id")
@@ -348,6 +350,7 @@ def charges(
             str(record.get("dataset")),
             eps,
             delta,
+            rho or 0.0,
         )
 
 

@@ -141,6 +141,10 @@ class Client:
                     "epsilon_remaining": b["remaining"]["epsilon"],
                     "delta_spent": b["spent"]["delta"],
                     "delta_remaining": b["remaining"]["delta"],
+                    # zCDP accounting caps ρ (None on a dataset with pure ε accounting)
+                    "accounting": b.get("accounting", "pure"),
+                    "rho_spent": b["spent"].get("rho"),
+                    "rho_remaining": b["remaining"].get("rho"),
                 }
                 for b in rows
             ]

@@ -37,6 +37,7 @@ from gateway.stores.tokens import Principal, TokenStore
 from policies.accountant import (
     DELTA_UNIT,
     EPS_UNIT,
+    RHO_UNIT,
     Accounting,
     PrivacyLoss,
     conversion_delta,
@@ -93,7 +94,7 @@ ORPHAN_CHARGE = Event.ORPHAN_CHARGE
 ANONYMOUS = {"principal": None, "role": None, "token_id": None}  # the actor of a refusal before authentication
 # The event name of each grant's action: a denial is recorded under the same name as the allowed action.
 GRANT_EVENTS = {Grant.QUERY: Event.QUERY, Grant.SYNTH: Event.SYNTH, Grant.LABELING: Event.LF_STATS}
-Expected = dict[tuple[str, str], tuple[int, int]]  # (principal, dataset) → (ε units, δ units)
+Expected = dict[tuple[str, str], tuple[int, int, int]]  # (principal, dataset) → (ε units, δ units, ρ units)
 
 
 class InternalError(GatewayError):
@@ -150,10 +151,14 @@ def _costs_under_both(
     return out
 
 
-def _logged_units(charge: report.LoggedCharge) -> tuple[int, int]:
-    """A logged charge in ledger units, rounded to nearest: never above what the ledger charged for it (the
-    ledger rounds the same cost up), and exact for an orphan record (which states ledger units)."""
-    return (max(math.ceil(charge.epsilon * EPS_UNIT - 0.5), 0), max(math.ceil(charge.delta * DELTA_UNIT - 0.5), 0))
+def _logged_units(charge: report.LoggedCharge) -> tuple[int, int, int]:
+    """A logged charge in ledger units (ε, δ, ρ), rounded to nearest: never above what the ledger charged for it
+    (the ledger rounds the same cost up), and exact for an orphan record (which states ledger units)."""
+    return (
+        max(math.ceil(charge.epsilon * EPS_UNIT - 0.5), 0),
+        max(math.ceil(charge.delta * DELTA_UNIT - 0.5), 0),
+        max(math.ceil(charge.rho * RHO_UNIT - 0.5), 0),
+    )
 
 
 def _json_safe(value: Any) -> Any:
@@ -348,9 +353,9 @@ class Bastion:
     def _expected(logged: Iterable[report.LoggedCharge]) -> Expected:
         expected: Expected = {}
         for c in logged:
-            e, d = _logged_units(c)
-            have_e, have_d = expected.get((c.principal, c.dataset), (0, 0))
-            expected[(c.principal, c.dataset)] = (have_e + e, have_d + d)
+            units = _logged_units(c)
+            have = expected.get((c.principal, c.dataset), (0, 0, 0))
+            expected[(c.principal, c.dataset)] = (have[0] + units[0], have[1] + units[1], have[2] + units[2])
         return expected
 
     def check_consistency(self) -> None:
@@ -373,7 +378,15 @@ class Bastion:
                 *logged.values(),
                 *(
                     report.LoggedCharge(
-                        -1, "", c.request_id, ORPHAN_CHARGE, c.principal, c.dataset, c.cost.epsilon, c.cost.delta
+                        -1,
+                        "",
+                        c.request_id,
+                        ORPHAN_CHARGE,
+                        c.principal,
+                        c.dataset,
+                        c.cost.epsilon,
+                        c.cost.delta,
+                        c.cost.rho,
                     )
                     for c in orphans
                 ),
@@ -381,17 +394,17 @@ class Bastion:
         )
         have = self.ledger.totals()
         behind = [
-            (key, have.get(key, (0, 0)), want)
+            (key, have.get(key, (0, 0, 0)), want)
             for key, want in sorted(expected.items())
-            if have.get(key, (0, 0))[0] < want[0] or have.get(key, (0, 0))[1] < want[1]
+            if any(got < wanted for got, wanted in zip(have.get(key, (0, 0, 0)), want, strict=True))
         ]
         if behind:
             raise LedgerBehind(self._behind_message(behind))
 
-    def _behind_message(self, behind: list[tuple[tuple[str, str], tuple[int, int], tuple[int, int]]]) -> str:
-        def loss(units: tuple[int, int]) -> str:
+    def _behind_message(self, behind: list[tuple[tuple[str, str], tuple[int, int, int], tuple[int, int, int]]]) -> str:
+        def loss(units: tuple[int, int, int]) -> str:
             spent = PrivacyLoss.from_units(*units)
-            return f"ε={spent.epsilon:.6g}, δ={spent.delta:.3g}"
+            return f"ε={spent.epsilon:.6g}, δ={spent.delta:.3g}" + (f", ρ={spent.rho:.6g}" if spent.rho else "")
 
         pairs = "; ".join(f"{p!r} on {d!r}: ledger {loss(got)}, log {loss(want)}" for (p, d), got, want in behind[:5])
         more = f" and {len(behind) - 5} more" if len(behind) > 5 else ""
@@ -417,6 +430,7 @@ class Bastion:
                 max(math.ceil(c.delta * DELTA_UNIT), 0),
                 key,
                 "reconciled",
+                max(math.ceil(c.rho * RHO_UNIT), 0),
             )
             for key, c in logged.items()
         ]
@@ -437,6 +451,11 @@ class Bastion:
                     "charges": len(cs),
                     "epsilon": PrivacyLoss.from_units(sum(c.eps_units for c in cs), 0).epsilon,
                     "delta": PrivacyLoss.from_units(0, sum(c.delta_units for c in cs)).delta,
+                    **(
+                        {"rho": PrivacyLoss.from_units(0, 0, sum(c.rho_units for c in cs)).rho}
+                        if any(c.rho_units for c in cs)
+                        else {}
+                    ),
                 }
                 for (p, d), cs in sorted(summary.items())
             ],
@@ -655,6 +674,7 @@ class Bastion:
                 phase="refused",
             )
             raise
+        cost = charge.cost  # as charged: a pure cost on a zCDP dataset with its ρ, which the log must show too
         budget = {"budget_before": charge.principal_before.as_dict(), "budget_after": charge.principal_after.as_dict()}
         admitted = self._event(
             ctx,

@@ -164,10 +164,27 @@ def release_gaussian_integers(values: list[int], d_in: float, rho: float) -> Int
     return IntegerRelease(values=list(noisy), scale=scale, epsilon=0.0, rho=rho)
 
 
+# Above this scale a discrete Gaussian's half-width is bounded through the continuous Gaussian's instead of OpenDP's
+# discrete accuracy functions, whose time grows linearly with the scale (about 25 s for the inverse at 1e6, and a
+# SUM's scale in fixed-point units is easily 1e8).
+DISCRETE_ACCURACY_MAX_SCALE = 1_000.0
+
+
+def _gaussian_accuracy(scale: float, alpha: float) -> float:
+    if scale <= DISCRETE_ACCURACY_MAX_SCALE:
+        return float(dp.discrete_gaussian_scale_to_accuracy(scale, alpha))
+    # Canonne, Kamath and Steinke (2020), Prop. 25: for X ~ N_Z(0, σ²) and integer m ≥ 1,
+    # P[X ≥ m] ≤ P[N(0, σ²) ≥ m − 1]. So with a = OpenDP's continuous half-width, P[|X| ≥ ⌈a⌉ + 1] ≤ alpha and
+    # [v − ⌈a⌉, v + ⌈a⌉] already covers; one more unit keeps it at least OpenDP's discrete figure (1,961 at 1,000).
+    return float(math.ceil(dp.gaussian_scale_to_accuracy(scale, alpha)) + 1)
+
+
 @lru_cache(maxsize=1024)
 def gaussian_accuracy(scale: float, alpha: float) -> float:
-    """Half-width of the (1 - alpha) interval of discrete Gaussian noise at `scale` (OpenDP's accuracy function)."""
-    return float(dp.discrete_gaussian_scale_to_accuracy(scale, alpha))
+    """Half-width of the (1 - alpha) interval of discrete Gaussian noise at `scale`: OpenDP's
+    `discrete_gaussian_scale_to_accuracy` up to DISCRETE_ACCURACY_MAX_SCALE, above it a bound through OpenDP's
+    continuous `gaussian_scale_to_accuracy` (public values only, so computed once per (scale, alpha))."""
+    return _gaussian_accuracy(scale, alpha)
 
 
 def rho_for_accuracy(d_in: float, accuracy: float, alpha: float) -> float:
@@ -179,13 +196,19 @@ def rho_for_accuracy(d_in: float, accuracy: float, alpha: float) -> float:
 
 @lru_cache(maxsize=256)
 def _gaussian_scale_for_accuracy(accuracy: float, alpha: float) -> float:
-    """The largest scale whose OpenDP half-width (`gaussian_accuracy`) is at most `accuracy`. OpenDP's inverse
-    gives the scale at which the target is the exact boundary, where the (integer) half-width is one more, so
-    the scale is bisected down to the largest one that meets the target."""
+    """The largest scale whose half-width (`gaussian_accuracy`) is at most `accuracy`. Within the discrete range,
+    OpenDP's inverse gives the scale at which the target is the exact boundary, where the (integer) half-width is
+    one more, so the scale is bisected down to the largest one that meets the target; above it, the inverse of the
+    continuous bound."""
 
     def meets(scale: float) -> bool:
-        return float(dp.discrete_gaussian_scale_to_accuracy(scale, alpha)) <= accuracy
+        return _gaussian_accuracy(scale, alpha) <= accuracy
 
+    if accuracy > _gaussian_accuracy(DISCRETE_ACCURACY_MAX_SCALE, alpha):
+        scale = float(dp.accuracy_to_gaussian_scale(float(math.floor(accuracy) - 1), alpha))
+        while not meets(scale):  # float round-off at the ceiling only
+            scale *= 1 - 1e-12
+        return scale
     hi = float(dp.accuracy_to_discrete_gaussian_scale(accuracy, alpha))
     if meets(hi):
         return hi

@@ -145,8 +145,8 @@ def test_running_totals_follow_every_change_of_the_charges(tmp_path: Path) -> No
     assert ledger.spent("b", "d").epsilon == pytest.approx(0.1)
     with sqlite3.connect(path) as con:
         held = {
-            (p, d): (e, dl)
-            for p, d, e, dl in con.execute("SELECT principal, dataset, eps_units, delta_units FROM spent")
+            (p, d): (e, dl, r)
+            for p, d, e, dl, r in con.execute("SELECT principal, dataset, eps_units, delta_units, rho_units FROM spent")
         }
     assert held == ledger.totals()  # the running totals against the charges, summed
     with sqlite3.connect(path) as con:  # totals edited behind the triggers' back are rebuilt on the next open

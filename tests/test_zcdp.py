@@ -9,15 +9,18 @@ import multiprocessing as mp
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import opendp.prelude as dp
 import pytest
 import yaml
 
+from audit.record import Event
+from gateway.cli.main import print_dry_run
 from gateway.service import Bastion, Context
 from gateway.settings import Settings
 from gateway.sql.plan import Kind, Measurement, plan_query
 from gateway.sql.price import DISCRETE_GAUSSIAN, DISCRETE_LAPLACE, measurement_unit, price
-from gateway.stores.ledger import Ledger
+from gateway.stores.ledger import Ledger, LedgerBehind
 from policies import mechanisms as mech
 from policies.accountant import (
     RHO_UNIT,
@@ -222,6 +225,25 @@ def test_gaussian_pricing_uses_l2_sensitivities_and_opendp_accuracy() -> None:
     assert price(plan, epsilon=1.0, accuracy=None, alpha=0.05, delta=None).entry(star)["mechanism"] == DISCRETE_LAPLACE
 
 
+@pytest.mark.parametrize("scale", [1_000.5, 1_500.0, 4_000.0])
+def test_half_widths_above_the_discrete_range_bound_the_discrete_gaussian(scale: float) -> None:
+    ours = mech.gaussian_accuracy(scale, 0.05)
+    exact = float(dp.discrete_gaussian_scale_to_accuracy(scale, 0.05))  # OpenDP's, slow at large scales
+    assert exact <= ours <= exact + 3
+    # Coverage from the discrete Gaussian's own probabilities: P[|X| > half-width] ≤ alpha.
+    x = np.arange(-int(40 * scale), int(40 * scale) + 1, dtype=np.float64)
+    pmf = np.exp(-(x**2) / (2 * scale**2))
+    pmf /= pmf.sum()
+    assert pmf[np.abs(x) > ours].sum() <= 0.05
+
+
+def test_wide_sum_targets_are_priced_without_walking_the_discrete_distribution() -> None:
+    d_in = 10 * 500_000 / 0.01  # k = 10 rows of incomes up to 500,000 in cents
+    rho = mech.rho_for_accuracy(d_in, 1e8, 0.05)  # ±1,000,000 in cents
+    scale = mech.gaussian_scale_for(d_in, rho)
+    assert 1e8 - 3 <= mech.gaussian_accuracy(scale, 0.05) <= 1e8
+
+
 @pytest.mark.parametrize("accounting", list(Accounting))
 def test_allocation_meets_every_target_and_costs_less_than_an_equal_split(accounting: Accounting) -> None:
     plan = _plan("SELECT COUNT(*) AS n, SUM(amount) AS total, COUNT(amount) AS c FROM t")
@@ -293,7 +315,7 @@ def zcdp_workspace(tmp_path: Path, demo_source: tuple[Path, Path]) -> Workspace:
     return build_workspace(tmp_path, [(path, data)], ROLES)
 
 
-def test_zcdp_queries_until_the_budget_is_spent(zcdp_workspace: Workspace) -> None:
+def test_zcdp_queries_until_the_budget_is_spent(zcdp_workspace: Workspace, capsys: pytest.CaptureFixture[str]) -> None:
     bastion = Bastion(Settings.load(str(zcdp_workspace.settings.workspace)))
     try:
         ctx = Context(bastion.authenticate(zcdp_workspace.tokens["analyst"]))
@@ -308,6 +330,11 @@ def test_zcdp_queries_until_the_budget_is_spent(zcdp_workspace: Workspace) -> No
         assert costs["pure"]["epsilon"] == pytest.approx(mech.epsilon_for_accuracy(10, 100.0, 0.05))
         assert dry["measurements"][0]["mechanism"] == DISCRETE_GAUSSIAN
         assert dry["accuracy"]["n"] == pytest.approx(100.0, rel=1e-3)
+        print_dry_run(dry)
+        shown = " ".join(capsys.readouterr().out.split())
+        assert f"would cost ρ={rho:.4g}, δ=0 (zcdp accounting)" in shown
+        assert f"under pure ε accounting: ε={costs['pure']['epsilon']:.4g}" in shown
+        assert f"worth ε={costs['zcdp']['epsilon_equivalent']:.4g}, δ=5e-07" in shown
         answered = 0
         expected = math.floor(rho_cap(10.0, 1e-6) * RHO_UNIT) // math.ceil(rho * RHO_UNIT)
         while True:
@@ -326,5 +353,47 @@ def test_zcdp_queries_until_the_budget_is_spent(zcdp_workspace: Workspace) -> No
         assert budget["accounting"] == "zcdp"
         assert budget["spent"]["rho"] == pytest.approx(answered * rho)
         assert budget["remaining"]["rho"] < rho
+    finally:
+        bastion.close()
+
+
+def test_a_lost_rho_ledger_is_refused_until_reconciled(zcdp_workspace: Workspace) -> None:
+    """Gaussian charges carry no ε: the ledger's ρ is checked against the audit log's and re-charged from it."""
+    settings = Settings.load(str(zcdp_workspace.settings.workspace))
+    bastion = Bastion(settings)
+    try:
+        principal = bastion.authenticate(zcdp_workspace.tokens["analyst"])
+        for i in range(3):  # one request (and request id) each
+            bastion.query(Context(principal), f"SELECT COUNT(*) AS n FROM visits WHERE age < {111 + i}", epsilon=0.5)
+        # A pure ε-DP release (as LF statistics are) on the zCDP dataset: charged, and logged, as ρ = ε²/2.
+        policy = bastion.engine.datasets()["visits"][0]
+        pure = bastion.run_private(
+            Context(principal),
+            policy=policy,
+            event=Event.LF_STATS,
+            request={},
+            cost=PrivacyLoss(0.5),
+            key=None,
+            compute=lambda: {"released": True},
+            kind="lf_stats",
+        )
+        assert pure["rho_spent"] == 0.125 and pure["epsilon_spent"] == 0.5
+        spent = bastion.ledger.spent("alice", "visits")
+    finally:
+        bastion.close()
+    assert spent.epsilon == 0.5 and spent.rho == pytest.approx(4 * 0.125)
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(settings.ledger) + suffix).unlink(missing_ok=True)
+    bastion = Bastion(settings)
+    try:
+        with pytest.raises(LedgerBehind, match=r"log ε=0\.5, δ=0, ρ=0\.5\)"):
+            bastion.check_consistency()
+        added = bastion.reconcile_ledger()
+        assert sum(c.rho_units for c in added) == math.ceil(0.125 * RHO_UNIT) * 4
+        assert bastion.ledger.spent("alice", "visits").rho == pytest.approx(spent.rho)
+        assert {c["accounting"] for c in bastion.ledger.history()} == {"zcdp"}
+        ctx = Context(bastion.authenticate(zcdp_workspace.tokens["analyst"]))
+        bastion.query(ctx, "SELECT COUNT(*) AS n FROM visits", epsilon=0.5)  # spend goes on under zCDP
+        assert bastion.ledger.spent("alice", "visits").rho == pytest.approx(5 * 0.125)
     finally:
         bastion.close()

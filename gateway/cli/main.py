@@ -405,11 +405,12 @@ def ledger_reconcile(workspace: Workspace = None) -> None:
     totals: dict[tuple[str, str], list[Any]] = {}
     for c in added:
         totals.setdefault((c.principal, c.dataset), []).append(c)
-    table = Table("principal", "dataset", "charges", "ε re-charged", "δ re-charged")
+    table = Table("principal", "dataset", "charges", "ε re-charged", "δ re-charged", "ρ re-charged")
     for (principal, dataset), charges in sorted(totals.items()):
         eps = sum(c.cost.epsilon for c in charges)
         delta = sum(c.cost.delta for c in charges)
-        table.add_row(principal, dataset, str(len(charges)), f"{eps:.6g}", f"{delta:.3g}")
+        rho = sum(c.cost.rho for c in charges)
+        table.add_row(principal, dataset, str(len(charges)), f"{eps:.6g}", f"{delta:.3g}", f"{rho:.6g}")
     console.print(table)
     console.print(f"re-charged {len(added)} charge(s) from the audit log; the gateway can start")
 

@@ -105,6 +105,8 @@ class LedgerBehind(LedgerUnavailable):
 class Charge:
     """The outcome of a successful charge: what was spent before and after, for the principal and dataset.
 
+    `cost` is the cost as charged: under zCDP with the ρ that a pure cost was converted to.
+
     `id` is the charge's row (None when nothing was recorded: a zero cost). `claimed` are unrecorded charges of
     earlier requests that this transaction took over: they must be recorded in the audit log with this one.
     """
@@ -311,7 +313,8 @@ class Ledger:
 
         Under zCDP (`accounting`) the caps are on ρ and δ (see `caps`), and the cost's pure ε counts as ε²/2."""
         ce, cd = cost.units(round_up=True)
-        cr = PrivacyLoss(0.0, 0.0, self.charged_rho(cost, accounting)).rho_units(round_up=True)
+        charged = PrivacyLoss(cost.epsilon, cost.delta, self.charged_rho(cost, accounting))
+        cr = charged.rho_units(round_up=True)
         pe_cap, pd_cap, pr_cap = self.caps(per_principal, accounting)
         te_cap, td_cap, tr_cap = self.caps(total, accounting)
         other = Accounting.PURE if accounting is Accounting.ZCDP else Accounting.ZCDP
@@ -381,7 +384,7 @@ class Ledger:
         except sqlite3.Error as exc:
             raise LedgerUnavailable(f"the budget ledger cannot be written: {exc}") from exc
         return Charge(
-            cost=cost,
+            cost=charged,
             principal_before=PrivacyLoss.from_units(pe, pd, pr),
             principal_after=PrivacyLoss.from_units(pe + ce, pd + cd, pr + cr),
             dataset_after=PrivacyLoss.from_units(te + ce, td + cd, tr + cr),
@@ -465,25 +468,24 @@ class Ledger:
 
     # --- consistency with the audit log -------------------------------------------------------------------
 
-    def totals(self) -> dict[tuple[str, str], tuple[int, int]]:
-        """Spent units (ε, δ) per (principal, dataset)."""
+    def totals(self) -> dict[tuple[str, str], tuple[int, int, int]]:
+        """Spent units (ε, δ, ρ) per (principal, dataset)."""
         try:
             with self._connections.get() as con:
-                rows = con.execute(
-                    "SELECT principal, dataset, SUM(eps_units), SUM(delta_units) FROM charges GROUP BY 1, 2"
-                ).fetchall()
+                rows = con.execute(_SUMS).fetchall()
         except sqlite3.Error as exc:
             raise LedgerUnavailable(f"the budget ledger cannot be read: {exc}") from exc
-        return {(str(p), str(d)): (int(e), int(dl)) for p, d, e, dl in rows}
+        return {(str(p), str(d)): (int(e), int(dl), int(r)) for p, d, e, dl, r in rows}
 
     def recharge(
-        self, charges: Iterable[LedgerCharge], expected: Mapping[tuple[str, str], tuple[int, int]]
+        self, charges: Iterable[LedgerCharge], expected: Mapping[tuple[str, str], tuple[int, int, int]]
     ) -> list[LedgerCharge]:
         """Bring the ledger up to what the audit log shows, in one transaction; never removes anything.
 
         Each of `charges` (from the log) whose request id the ledger does not hold is charged again, as audited
         (its record is in the log); then every (principal, dataset) still below `expected` gets one charge of
         the difference. Caps are not checked: this re-records spend that happened. Returns what was added.
+        A charge in ρ is recorded under zCDP accounting, and so is any charge on a dataset that has one.
         """
         added: list[LedgerCharge] = []
         try:
@@ -491,20 +493,22 @@ class Ledger:
                 con.execute("BEGIN IMMEDIATE")
                 try:
                     held = {str(r[0]) for r in con.execute("SELECT DISTINCT request_id FROM charges")}
-                    for c in charges:
-                        if c.request_id in held or not (c.eps_units or c.delta_units):
-                            continue
-                        added.append(self._insert(con, c))
-                        held.add(c.request_id)
-                    have = {
-                        (str(p), str(d)): (int(e), int(dl))
-                        for p, d, e, dl in con.execute(
-                            "SELECT principal, dataset, SUM(eps_units), SUM(delta_units) FROM charges GROUP BY 1, 2"
+                    charges = list(charges)
+                    zcdp = {c.dataset for c in charges if c.rho_units} | {
+                        str(r[0])
+                        for r in con.execute(
+                            "SELECT DISTINCT dataset FROM charges WHERE accounting = ?", (Accounting.ZCDP.value,)
                         )
                     }
-                    for (principal, dataset), (want_e, want_d) in sorted(expected.items()):
-                        got_e, got_d = have.get((principal, dataset), (0, 0))
-                        if got_e < want_e or got_d < want_d:
+                    for c in charges:
+                        if c.request_id in held or not (c.eps_units or c.delta_units or c.rho_units):
+                            continue
+                        added.append(self._insert(con, c, c.dataset in zcdp))
+                        held.add(c.request_id)
+                    have = {(str(p), str(d)): (int(e), int(dl), int(r)) for p, d, e, dl, r in con.execute(_SUMS)}
+                    for (principal, dataset), (want_e, want_d, want_r) in sorted(expected.items()):
+                        got_e, got_d, got_r = have.get((principal, dataset), (0, 0, 0))
+                        if got_e < want_e or got_d < want_d or got_r < want_r:
                             top_up = LedgerCharge(
                                 None,
                                 time.time(),
@@ -514,8 +518,9 @@ class Ledger:
                                 max(want_d - got_d, 0),
                                 f"reconcile-{uuid.uuid4().hex}",
                                 "reconcile",
+                                max(want_r - got_r, 0),
                             )
-                            added.append(self._insert(con, top_up))
+                            added.append(self._insert(con, top_up, dataset in zcdp or want_r > got_r))
                     con.execute("COMMIT")
                 except BaseException:
                     con.execute("ROLLBACK")
@@ -525,13 +530,27 @@ class Ledger:
         return added
 
     @staticmethod
-    def _insert(con: sqlite3.Connection, c: LedgerCharge) -> LedgerCharge:
+    def _insert(con: sqlite3.Connection, c: LedgerCharge, zcdp: bool) -> LedgerCharge:
+        accounting = Accounting.ZCDP if zcdp else Accounting.PURE
         row_id = con.execute(
-            "INSERT INTO charges (ts, principal, dataset, eps_units, delta_units, request_id, kind, audited)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (c.ts, c.principal, c.dataset, c.eps_units, c.delta_units, c.request_id, c.kind, AUDITED),
+            "INSERT INTO charges (ts, principal, dataset, eps_units, delta_units, request_id, kind, audited,"
+            " rho_units, accounting) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                c.ts,
+                c.principal,
+                c.dataset,
+                c.eps_units,
+                c.delta_units,
+                c.request_id,
+                c.kind,
+                AUDITED,
+                c.rho_units,
+                accounting.value,
+            ),
         ).lastrowid
-        return LedgerCharge(row_id, c.ts, c.principal, c.dataset, c.eps_units, c.delta_units, c.request_id, c.kind)
+        return LedgerCharge(
+            row_id, c.ts, c.principal, c.dataset, c.eps_units, c.delta_units, c.request_id, c.kind, c.rho_units
+        )
 
     # --- reading ------------------------------------------------------------------------------------------
 

@@ -33,7 +33,8 @@ control's key counts sit at that calibration's own threshold, the worst case for
 
 Gaussian releases (zCDP accounting) are audited at the (ε, δ) that OpenDP converts their ρ to at one fixed δ, with
 the event on the sum of the differing coordinates beyond D's exact values (the likelihood ratio's direction) and
-its offset fixed from the exact discrete Gaussian distributions; their control has half the scale (4ρ).
+its offset fixed from the exact discrete Gaussian distributions; their control has half the scale (4ρ). The Gaussian
+threshold of key selection under zCDP is audited the same way, on the event that the key is released.
 
 Each bound holds with probability 99% when the mechanism is as private as claimed; because the confidence is split
 between the two sides, a correct mechanism fails an audit far less often than 1 time in 100.
@@ -683,5 +684,33 @@ def test_gaussian_distinct_units_grouped_is_calibrated_for_root_k(neighbours: Ne
     sql = "SELECT slot, COUNT(DISTINCT uid) FROM audit GROUP BY slot"
     pricing, claimed, calibrated, control = audit_gaussian(neighbours, sql, N_VECTOR_DRAWS)
     assert set(pricing.l2.values()) == {K**0.5}
+    assert calibrated <= claimed, (calibrated, claimed)
+    assert control > claimed, (control, claimed)
+
+
+def test_gaussian_key_selection(neighbours: Neighbours) -> None:
+    """Key selection under zCDP: OpenDP's Gaussian threshold at the selection's ρ is (ε(ρ, δ′), δ′ + δ)-DP for the
+    selection's δ and any δ′. The audited key's count sits below the threshold by the offset that makes 'the key
+    is released' the most telling event for that scale (fixed from the exact distributions), k rows fewer on D′."""
+    plan = plan_query(TAG_SQL, _resolve)
+    pricing = price(plan, epsilon=TAG_EPSILON, accuracy=None, alpha=0.05, delta=None, accounting=Accounting.ZCDP)
+    (call,) = mechanism_inputs(plan, pricing, neighbours.d).selections
+    call.pop("counts")
+    k, eps_sel, delta = call.pop("k"), call.pop("epsilon"), call.pop("delta")
+    options = call  # the public candidate count and ρ, passed on as the executor passed them
+    rho = options["rho"]
+    assert (k, eps_sel, delta, rho) == (K, 0.0, pricing.selection_delta, pricing.selection_rho) and rho > 0
+    claimed = zcdp_epsilon(rho, GAUSSIAN_AUDIT_DELTA)
+
+    def audit(rho_run: float, n: int) -> float:
+        scale, threshold = mech.threshold_for(k, 0.0, delta, rho_run)
+        t = _gaussian_tail_offset(scale, np.asarray([k]), n, GAUSSIAN_AUDIT_DELTA + delta)
+        run = {**options, "rho": rho_run}
+        on_d = _key_released({"common": 10_000, "x": threshold - t}, "x", k, 0.0, delta, n, run)
+        on_d_prime = _key_released({"common": 10_000, "x": threshold - t - k}, "x", k, 0.0, delta, n, run)
+        return bound(on_d, on_d_prime, GAUSSIAN_AUDIT_DELTA + delta)
+
+    # The control's event is rarer on D′ (a deeper tail), so it gets more draws to be told apart reliably.
+    calibrated, control = audit(rho, N_DRAWS), audit(4 * rho, 4 * N_DRAWS)
     assert calibrated <= claimed, (calibrated, claimed)
     assert control > claimed, (control, claimed)
