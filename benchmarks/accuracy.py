@@ -504,6 +504,29 @@ def _num(x: float | None, digits: int = 4) -> str:
     return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:,.0f}"
 
 
+def summary(results: dict[str, Any]) -> list[str]:
+    """The short table (the README's): median absolute error per query, ε and tool; keys kept of private keys."""
+    tools = [t for t in TOOLS if t == "bastion" or t in results["peers"]]
+    lines = [
+        "| query | ε | " + " | ".join(TOOL_TITLES[t] for t in tools) + " |",
+        "|---|---|" + "---|" * len(tools),
+    ]
+    for q in QUERIES:
+        for eps in results["config"]["epsilons"]:
+            cells = []
+            for tool in tools:
+                cell = results["figures"][q.name].get(tool, {}).get(f"{eps:g}")
+                if cell is None or cell["status"] != "ok":
+                    cells.append("–" if cell is None else cell["status"])
+                    continue
+                text = _num(cell["median_error"])
+                if q.kind is Kind.PRIVATE_KEYS:
+                    text += f" ({cell['keys_kept']:.1f} of {cell['keys_total']} keys)"
+                cells.append(text)
+            lines.append(f"| {q.workload.title} | {eps:g} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(results: dict[str, Any]) -> str:
     f = results["facts"]
     cfg = results["config"]
@@ -522,7 +545,10 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"- {TOOL_TITLES[name]}: {tool['status']} {state}".rstrip())
     if results["peers"]:
         lines.append("")
+    lines += ["Median absolute error (private keys: and the keys kept, mean per release):", ""]
+    lines += summary(results)
     lines += [
+        "",
         "| query | ε | tool | median error | p95 error | half-width | coverage | keys kept | ms/release |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
