@@ -62,3 +62,16 @@ def test_far_above_the_threshold_the_interval_is_the_usual_one() -> None:
     lo, hi = mech.selected_count_interval(v, scale, threshold, ALPHA)
     hw = mech.integer_accuracy(scale, ALPHA)
     assert np.all(np.abs((v - lo) - hw) <= 2) and np.all(np.abs((hi - v) - hw) <= 2), (v - lo, hi - v, hw)
+
+
+def test_default_delta_runs_out_with_epsilon() -> None:
+    """A private-key request without δ spends the δ cap's share that its ε is of the ε cap (δ and ε run out
+    together), not a fixed tenth of the δ cap (which allowed ten such queries whatever ε was left)."""
+    from gateway.sql.price import default_delta
+
+    assert default_delta(1e-5, 0.1, 10.0) == pytest.approx(1e-7)
+    assert default_delta(1e-5, 1.0, 10.0) == pytest.approx(1e-6)
+    assert default_delta(1e-5, 20.0, 10.0) == pytest.approx(1e-5)  # never above the cap
+    # Queries at ε = 0.1 against (ε, δ) = (10, 1e-5): a hundred fit in δ as in ε.
+    spent = sum(default_delta(1e-5, 0.1, 10.0) for _ in range(100))
+    assert spent <= 1e-5 * (1 + 1e-9)

@@ -184,3 +184,21 @@ def test_a_cache_that_cannot_be_written_does_not_turn_a_release_into_an_error(
             headers=workspace.headers("analyst"),
         )
     assert r.status_code == 200 and r.json()["epsilon_spent"] == 0.5
+
+
+def test_private_key_queries_are_not_rationed_by_delta(workspace: Workspace) -> None:
+    """Twelve private-key queries at ε = 0.2 (ε cap 10) all run: each spends the δ cap's share its ε is of the ε
+    cap, where a fixed tenth of the δ cap refused the eleventh whatever ε was left."""
+    with workspace.app() as c:
+        h = workspace.headers("analyst")
+        before = next(b for b in c.get("/v1/budget", headers=h).json() if b["dataset"] == "visits")
+        cap_eps = before["spent"]["epsilon"] + before["remaining"]["epsilon"]
+        cap_delta = before["spent"]["delta"] + before["remaining"]["delta"]
+        for i in range(12):
+            sql = f"SELECT diagnosis, COUNT(*) FROM visits WHERE age > {i} GROUP BY diagnosis"
+            dry = c.post("/v1/query", json={"sql": sql, "epsilon": 0.2, "dry_run": True}, headers=h).json()
+            assert dry["delta"] == pytest.approx(cap_delta * 0.2 / cap_eps)  # the dry run shows the δ
+            r = c.post("/v1/query", json={"sql": sql, "epsilon": 0.2}, headers=h)
+            assert r.status_code == 200, (i, r.text)
+        after = next(b for b in c.get("/v1/budget", headers=h).json() if b["dataset"] == "visits")
+    assert after["spent"]["delta"] == pytest.approx(12 * cap_delta * 0.2 / cap_eps, rel=1e-6)

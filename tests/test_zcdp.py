@@ -289,7 +289,8 @@ def test_zcdp_key_selection_is_the_gaussian_threshold() -> None:
     pricing = price(plan, epsilon=1.0, accuracy=None, alpha=0.05, delta=None)
     assert pricing.accounting is Accounting.ZCDP
     assert pricing.selection_rho == 0.25 and pricing.selection_epsilon == 0.0
-    assert pricing.selection_delta == pytest.approx(1e-6 / 2 / 10)  # a tenth of the δ left for key selection
+    # the δ left for key selection, in the proportion of the request's ρ to the ρ cap
+    assert pricing.selection_delta == pytest.approx(1e-6 / 2 * min(1.0, pricing.cost.rho / rho_cap(10.0, 1e-6)))
     scale, threshold = mech.threshold_for(5, 0.0, pricing.selection_delta, pricing.selection_rho)
     meas = dp.m.make_gaussian_threshold(
         dp.map_domain(dp.atom_domain(T=str), dp.atom_domain(T="i64")),

@@ -29,7 +29,11 @@ class QueryRequest(BaseModel):
         "as before and further targets only add what they need",
     )
     alpha: Number | None = Field(default=None, description="1 - confidence level, in [1e-9, 1) (default 0.05)")
-    delta: Number | None = Field(default=None, description="δ for private key selection, 1e-30 to 0.1")
+    delta: Number | None = Field(
+        default=None,
+        description="δ for private key selection, 1e-30 to 0.1 [default: your per-principal δ in the proportion of "
+        "this request's ε (ρ under zCDP) to your per-principal ε (ρ)]",
+    )
     dry_run: bool = Field(default=False, description="report cost and accuracy without spending")
 
 

@@ -32,9 +32,11 @@ from policies.accountant import (
     check_delta,
     check_epsilon,
     pure_to_rho,
+    rho_cap,
     selection_delta_cap,
 )
 from policies.errors import InvalidRequest
+from policies.schema import Budget
 
 _COUNT_KINDS = {Kind.COUNT_STAR, Kind.COUNT, Kind.COUNT_DISTINCT_UNIT}
 
@@ -182,15 +184,13 @@ def price(
     from_selection = plan.needs_key_selection and not zcdp and Measurement(Kind.COUNT_STAR) in d_in
     separate_selection = plan.needs_key_selection and not from_selection
     shares = len(plan.measurements) + (1 if separate_selection else 0)
-    sel_delta = 0.0
-    if plan.needs_key_selection:
-        budget_delta = selection_delta_cap(plan.policy.budget.per_principal.delta, accounting)
-        sel_delta = delta if delta is not None else budget_delta / 10
-        if sel_delta <= 0:
-            raise InvalidRequest(
-                "a GROUP BY key has no public domain in the policy, so its keys must be selected privately, "
-                "which needs δ > 0; declare a domain for the key column or give the policy a δ budget"
-            )
+    cap = plan.policy.budget.per_principal
+    budget_delta = selection_delta_cap(cap.delta, accounting)
+    if plan.needs_key_selection and delta is None and budget_delta <= 0:
+        raise InvalidRequest(
+            "a GROUP BY key has no public domain in the policy, so its keys must be selected privately, "
+            "which needs δ > 0; declare a domain for the key column or give the policy a δ budget"
+        )
     if (epsilon is None) == (accuracy is None):
         raise InvalidRequest("give exactly one of epsilon or accuracy")
     if epsilon is not None:
@@ -229,6 +229,9 @@ def price(
                 f"[{lo:g}, {hi:g}]; ask for a looser or tighter target"
             )
     sel_budget = sel if plan.needs_key_selection else 0.0
+    sel_delta = 0.0
+    if plan.needs_key_selection:
+        sel_delta = delta if delta is not None else default_delta(budget_delta, total, _cap_total(cap, accounting))
     return Pricing(
         cost=PrivacyLoss(0.0, sel_delta, total) if zcdp else PrivacyLoss(total, sel_delta),
         budget=budget,
@@ -241,6 +244,19 @@ def price(
         selection_rho=sel_budget if zcdp else 0.0,
         counts_from_selection=from_selection,
     )
+
+
+def default_delta(delta_cap: float, spent: float, spend_cap: float) -> float:
+    """A private-key request's δ when it gives none: the δ cap's share that its ε (ρ under zCDP) is of the ε (ρ)
+    cap, so that δ and ε run out together and a budget is spent on ε, not rationed by a fixed δ per query."""
+    if spend_cap <= 0:
+        return delta_cap
+    return delta_cap * min(1.0, spent / spend_cap)
+
+
+def _cap_total(cap: Budget, accounting: Accounting) -> float:
+    """The per-principal ε cap, or under zCDP the ρ cap it converts to."""
+    return rho_cap(cap.epsilon, cap.delta) if accounting is Accounting.ZCDP else cap.epsilon
 
 
 def _accuracy_targets(plan: Plan, accuracy: float | dict[str, float]) -> list[tuple[str, float]]:
