@@ -3,6 +3,7 @@ the selection."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from scipy.stats import binom
 
 from policies import mechanisms as mech
+from tests.conftest import Workspace
 
 K, EPSILON, DELTA, ALPHA = 5, 0.5, 1e-7, 0.05
 DRAWS = 4_000
@@ -75,3 +77,47 @@ def test_default_delta_runs_out_with_epsilon() -> None:
     # Queries at ε = 0.1 against (ε, δ) = (10, 1e-5): a hundred fit in δ as in ε.
     spent = sum(default_delta(1e-5, 0.1, 10.0) for _ in range(100))
     assert spent <= 1e-5 * (1 + 1e-9)
+
+
+def test_group_keys_alone_public_are_free_and_private_are_selected(workspace: Workspace) -> None:
+    """SELECT key ... GROUP BY key (or SELECT DISTINCT key): keys of a declared domain are all released, cost
+    nothing and read no row; keys without one go through the threshold at the request's ε and δ, and no count is
+    released with them."""
+    from audit.log import AuditLog
+
+    with workspace.app() as c:
+        h = workspace.headers("analyst")
+        public = c.post("/v1/query", json={"sql": "SELECT DISTINCT region FROM visits", "epsilon": 1.0}, headers=h)
+        assert public.status_code == 200, public.text
+        body = public.json()
+        assert sorted(r[0] for r in body["rows"]) == ["central", "east", "north", "south", "west"]
+        assert body["epsilon_spent"] == 0.0 and body["measurements"] == []
+        private = c.post(
+            "/v1/query", json={"sql": "SELECT diagnosis FROM visits GROUP BY diagnosis", "epsilon": 1.0}, headers=h
+        )
+        assert private.status_code == 200, private.text
+        pbody = private.json()
+        assert pbody["columns"] == ["diagnosis"] and all(len(r) == 1 for r in pbody["rows"])
+        assert pbody["epsilon_spent"] == 1.0 and pbody["delta"] > 0
+        budget = next(b for b in c.get("/v1/budget", headers=h).json() if b["dataset"] == "visits")
+    assert budget["spent"]["epsilon"] == pytest.approx(1.0)
+    records = AuditLog(workspace.settings.audit_dir).records()
+    audited = [r for r in records if r.get("event") == "query" and "DISTINCT region" in json.dumps(r)]
+    assert {r.get("phase") for r in audited} >= {"released"}, audited  # the free answer is audited too
+
+
+def test_public_keys_alone_read_no_row(workspace: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.engines.duckdb import DuckDBEngine
+
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError("a query of public keys alone read private rows")
+
+    monkeypatch.setattr(DuckDBEngine, "rows", refuse)
+    with workspace.app() as c:
+        r = c.post(
+            "/v1/query",
+            json={"sql": "SELECT region, sex FROM visits GROUP BY region, sex", "epsilon": 1.0},
+            headers=workspace.headers("analyst"),
+        )
+    assert r.status_code == 200, r.text
+    assert len(r.json()["rows"]) == 5 * 3

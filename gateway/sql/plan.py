@@ -558,13 +558,20 @@ class _Planner:
         read_spellings(select)
         self.unknown_columns()
         if select.args.get("distinct"):
-            raise reject(
-                "SELECT DISTINCT would return raw values",
-                "distinct_select",
-                select.args["distinct"],
-                self.sql,
-                hint="use GROUP BY with an aggregate such as COUNT(*)",
-            )
+            aggregated = any(isinstance(n, exp.AggFunc) for e in select.expressions for n in e.walk())
+            if aggregated or select.args.get("group") or select.args["distinct"].args.get("on"):
+                raise reject(
+                    "SELECT DISTINCT over aggregates or groups is not supported",
+                    "distinct_select",
+                    select.args["distinct"],
+                    self.sql,
+                    hint="drop DISTINCT: the groups of a GROUP BY are distinct already",
+                )
+            # SELECT DISTINCT a, b is the keys of GROUP BY a, b: released like any group keys (below).
+            self.select = select = select.copy()
+            select.set("distinct", None)
+            ordinals = [exp.Literal.number(i + 1) for i in range(len(select.expressions))]
+            select.set("group", exp.Group(expressions=ordinals))
         windows = select.args.get("windows")
         window_node = select.args.get("qualify") or (windows[0] if windows else None)
         if window_node is not None:
@@ -610,7 +617,7 @@ class _Planner:
                 order_exprs.append(
                     exp.Ordered(this=new, desc=o.args.get("desc"), nulls_first=o.args.get("nulls_first"))
                 )
-        if not self.aggregates:
+        if not self.aggregates and not self.keys:
             raise reject(
                 "the query has no aggregate",
                 "raw_rows",

@@ -195,9 +195,10 @@ def price(
         raise InvalidRequest("give exactly one of epsilon or accuracy")
     if epsilon is not None:
         epsilon = check_epsilon(epsilon)
-        total = pure_to_rho(epsilon) if zcdp else epsilon
+        # A query of public keys alone (GROUP BY keys of declared domains, no aggregate) measures nothing: free.
+        total = 0.0 if shares == 0 else pure_to_rho(epsilon) if zcdp else epsilon
         budget = {m: total / shares for m in plan.measurements}
-        sel = total / shares
+        sel = total / shares if shares else 0.0
     else:
         need: dict[Measurement, float] = {}
         for name, target in _accuracy_targets(plan, accuracy):  # type: ignore[arg-type]

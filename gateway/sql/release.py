@@ -159,7 +159,9 @@ def execute(plan: Plan, pricing: Pricing, engine: Engine, *, default_input: bool
     exact: dict[tuple[Any, ...], tuple[int, ...]] = {}
     selecting = plan.needs_key_selection
     width = nk + len(plain) + 1
-    rows = comp.empty_result(plan) if default_input else engine.rows(_statements(plan)[0])
+    # Public keys alone (declared domains, nothing measured) need no private row: the engine is not asked.
+    public_only = not plan.measurements and not selecting
+    rows = comp.empty_result(plan) if default_input or public_only else engine.rows(_statements(plan)[0])
     for row in rows:
         key = (_PADDED, row[width]) if selecting and row[width] >= 0 else _group(plan, row[:nk])
         exact[key] = tuple(int(v) for v in row[nk:width])
