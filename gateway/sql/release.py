@@ -575,9 +575,9 @@ def _post_process(
         )
     if any(m.kind == Kind.QUANTILE for m in plan.measurements):
         notes.append(
-            "each quantile is three OpenDP measurements: report-noisy-max picks a centre among 1,024 positions, "
+            "each quantile is three OpenDP measurements: report-noisy-max picks a centre among up to 1,024 positions, "
             "noisy counts of a ladder of bins around it give the interval (which holds the true quantile at "
-            "1-alpha), and report-noisy-max picks the value among up to 1,024 positions spread over that interval; "
+            "1-alpha), and report-noisy-max picks the value among up to 256 positions spread over that interval; "
             "rank_error under measurements is the value's rank error (rows) among those positions"
         )
     return Release(
