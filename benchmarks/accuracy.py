@@ -1,6 +1,6 @@
 """Accuracy per ε: Bastion against SmartNoise SQL and OpenDP's Polars context on one generated table.
 
-    .venv/bin/python -m benchmarks.accuracy                       # ~40 min: 200,000 rows, 100 releases, both peers
+    .venv/bin/python -m benchmarks.accuracy                       # ~15 min: 200,000 rows, 100 releases, both peers
     .venv/bin/python -m benchmarks.accuracy --quick               # seconds: 20,000 rows, 10 releases, no peers
     .venv/bin/python -m benchmarks.accuracy --quick --peers opendp
 
@@ -12,7 +12,8 @@ and by each peer in its own virtual environment (`accuracy_smartnoise_runner.py`
 which import nothing of Bastion), with the same privacy unit (5 rows per person), bounds, ε per query and δ for
 key selection. Per query, tool and ε: median and p95 absolute error (over releases, and over keys for grouped
 queries: kept keys only), the median reported 95% half-width and the empirical coverage of the reported interval,
-the keys kept (private keys) and the time per release. Then the targets, each met or not met.
+the keys kept (private keys) and the time per release. Then the targets, each met, met within sampling error
+(see `worse_share`) or not met.
 
 Writes `<out>/accuracy.json` and `<out>/accuracy.md`; with --update-results also the accuracy section of
 `benchmarks/RESULTS.md`.
