@@ -1,6 +1,6 @@
 """Accuracy per ε: Bastion against SmartNoise SQL and OpenDP's Polars context on one generated table.
 
-    .venv/bin/python -m benchmarks.accuracy                       # ~40 min: 200,000 rows, 100 releases, both peers
+    .venv/bin/python -m benchmarks.accuracy                       # ~15 min: 200,000 rows, 100 releases, both peers
     .venv/bin/python -m benchmarks.accuracy --quick               # seconds: 20,000 rows, 10 releases, no peers
     .venv/bin/python -m benchmarks.accuracy --quick --peers opendp
 
@@ -12,7 +12,8 @@ and by each peer in its own virtual environment (`accuracy_smartnoise_runner.py`
 which import nothing of Bastion), with the same privacy unit (5 rows per person), bounds, ε per query and δ for
 key selection. Per query, tool and ε: median and p95 absolute error (over releases, and over keys for grouped
 queries: kept keys only), the median reported 95% half-width and the empirical coverage of the reported interval,
-the keys kept (private keys) and the time per release. Then the targets, each met or not met.
+the keys kept (private keys) and the time per release. Then the targets, each met, met within sampling error
+(see `worse_share`) or not met.
 
 Writes `<out>/accuracy.json` and `<out>/accuracy.md`; with --update-results also the accuracy section of
 `benchmarks/RESULTS.md`.
@@ -40,8 +41,7 @@ from benchmarks.run import HERE, SMARTNOISE_REQUIREMENTS, duckdb_engine, ensure_
 from benchmarks.workloads import SMARTNOISE_TABLE, Workload
 from gateway.service import Bastion, Context
 from gateway.settings import Settings
-from policies.errors import BudgetExhausted
-from policies.schema import PolicyError, load_policy
+from policies.schema import load_policy
 
 EPSILONS = (1.0, 0.1)
 ALPHA = 0.05
@@ -53,11 +53,6 @@ OPENDP_REQUIREMENTS = ["opendp[polars]==0.16.0", "pyarrow"]
 RUNNERS = {"smartnoise": HERE / "accuracy_smartnoise_runner.py", "opendp": HERE / "accuracy_opendp_runner.py"}
 # A public upper bound on the rows of any group, for OpenDP's float sums (the population the table is drawn from).
 OPENDP_MAX_LENGTH = 10_000_000
-# The analyst of the budget figure: COUNT(*) queries at this 95% accuracy until (ε, δ) is spent, per accounting.
-BUDGET_ANALYST = (10.0, 1e-6)
-BUDGET_ACCURACY = 50.0
-BUDGET_MAX_QUERIES = 100_000
-ACCOUNTINGS = ("pure", "zcdp")
 # Bastion's median error counts as worse than a peer's only if it is larger in at least this share of bootstrap
 # resamples of both tools' errors (a one-sided test at 2.5%), so two equal mechanisms fail it about 1 time in 40.
 WORSE_SHARE = 0.975
@@ -234,53 +229,6 @@ def _bastion_interval(q: Query, rows: list[list[Any]], intervals: list[list[Any]
     if q.by:
         return {str(row[0]): _as_interval(iv[1]) for row, iv in zip(rows, intervals, strict=True)}
     return _as_interval(intervals[0][0])
-
-
-def budget_queries(opts: Options, source: Path) -> dict[str, dict[str, Any]]:
-    """How many COUNT(*) queries at ±BUDGET_ACCURACY (95%) an analyst with the budget BUDGET_ANALYST runs before
-    the budget is exhausted, under each accounting a policy may choose (a fresh dataset and budget for each); an
-    accounting this branch's policies do not know is reported as unsupported."""
-    out: dict[str, dict[str, Any]] = {}
-    for accounting in ACCOUNTINGS:
-        ws = opts.work / f"budget_{accounting}"
-        if ws.exists():
-            shutil.rmtree(ws)
-        settings = Settings(workspace=ws)
-        settings.save()
-        dataset = f"{data.DATASET}_{accounting}"
-        policy_path = opts.work / f"budget_{accounting}.yaml"
-        policy_path.write_text(
-            accuracy_data.policy_yaml(dataset, BUDGET_ANALYST, None if accounting == "pure" else accounting)
-        )
-        try:
-            policy = load_policy(policy_path)
-        except PolicyError as exc:
-            out[accounting] = {"status": "unsupported", "reason": str(exc).splitlines()[0][:200]}
-            continue
-        bastion = Bastion(settings, read_only=False)
-        try:
-            bastion.engine.register(policy, source)
-            _, principal = bastion.tokens.create("budget", "analyst")
-            answers: list[dict[str, Any]] = []
-            while len(answers) < BUDGET_MAX_QUERIES:
-                sql = f"SELECT COUNT(*) AS n_{len(answers)} FROM {dataset}"
-                try:
-                    answers.append(bastion.query(Context(principal, source="benchmark"), sql, accuracy=BUDGET_ACCURACY))
-                except BudgetExhausted:
-                    break
-        finally:
-            bastion.close()
-        widths = [(a["intervals"][0][0][1] - a["intervals"][0][0][0]) / 2 for a in answers]
-        out[accounting] = {
-            "status": "ok",
-            "queries": len(answers),
-            # what one query is charged: ε, or ρ under zCDP (the answer's "rho" where this branch reports it)
-            "charged_per_query": {k: answers[0][k] for k in ("epsilon", "rho") if answers and answers[0].get(k)},
-            "half_width_max": max(widths) if widths else None,
-            "spent": answers[-1]["budget"]["spent"] if answers else None,
-        }
-        opts.log(f"  budget ({accounting}): {len(answers)} COUNT(*) queries at ±{BUDGET_ACCURACY:g}")
-    return out
 
 
 # --- the peers, each in its own environment -------------------------------------------------------------
@@ -584,20 +532,6 @@ def markdown(results: dict[str, Any]) -> str:
             f"OpenDP Polars's times are of releasing a resolved measurement; resolving a query (its calibration, a "
             f"binary search over the noise scale) took {min(resolve):.1f}-{max(resolve):.1f} s once per query and ε.",
         ]
-    eps, delta = BUDGET_ANALYST
-    lines += [
-        "",
-        f"### What a budget buys: COUNT(*) queries at ±{BUDGET_ACCURACY:g} (95%) with ε = {eps:g}, δ = {delta:g}",
-        "",
-        "| accounting | queries before the budget is exhausted | charged per query | largest half-width |",
-        "|---|---|---|---|",
-    ]
-    for accounting, b in results["budget"].items():
-        if b["status"] != "ok":
-            lines.append(f"| {accounting} | {b['status']}: {b['reason']} | | |")
-        else:
-            charged = ", ".join(f"{'ρ' if k == 'rho' else 'ε'} = {_num(v)}" for k, v in b["charged_per_query"].items())
-            lines.append(f"| {accounting} | {b['queries']} | {charged} | {_num(b['half_width_max'])} |")
     lines += ["", "### Accuracy targets", "", "| query | ε | target | status | figures |", "|---|---|---|---|---|"]
     for t in results["targets"]:
         lines.append(f"| {t['query']} | {t['epsilon']:g} | {t['target']} | {t['status']} | {t['detail']} |")
@@ -614,7 +548,6 @@ def run(opts: Options) -> dict[str, Any]:
     source, policy = accuracy_data.write(opts.work / "data", opts.rows)
     opts.log(f"== {opts.rows:,} rows, {opts.reps} releases per query and ε {list(opts.epsilons)}")
     facts, exact, bastion_releases = run_bastion(opts, source, policy)
-    budget = budget_queries(opts, source)
     releases: dict[str, dict[str, dict[float, Releases]]] = {"bastion": bastion_releases}
     peers: dict[str, dict[str, Any]] = {}
     for peer in opts.peers:  # one after the other, so that their times are not taken on a shared CPU
@@ -657,7 +590,6 @@ def run(opts: Options) -> dict[str, Any]:
         "exact": exact,
         "peers": peers,
         "figures": figures,
-        "budget": budget,
     }
     results["targets"] = targets(figures, opts.epsilons)
     results["elapsed_s"] = time.time() - started

@@ -27,20 +27,15 @@ PRODUCT_SKEW = 1.5  # product i (1-based) is drawn with probability ∝ i ** -PR
 SEED = 20261216
 
 
-def policy_yaml(
-    dataset: str = DATASET, budget: tuple[float, float] = (BUDGET_EPSILON, BUDGET_DELTA), accounting: str | None = None
-) -> str:
-    """The table's policy: a budget large enough for every release of the benchmark unless `budget` is given (the
-    same per principal and in total); `accounting` (e.g. zcdp) if not the default."""
-    eps, delta = budget
+def policy_yaml() -> str:
+    """The table's policy, with a budget large enough for every release of the benchmark."""
     return f"""\
-dataset: {dataset}
+dataset: {DATASET}
 privacy_unit: {UNIT}
 max_rows_per_unit: {MAX_ROWS_PER_UNIT}
-{f"accounting: {accounting}" if accounting else ""}
 budget:
-  per_principal: {{epsilon: {eps}, delta: {delta}}}
-  total: {{epsilon: {eps}, delta: {delta}}}
+  per_principal: {{epsilon: {BUDGET_EPSILON}, delta: {BUDGET_DELTA}}}
+  total: {{epsilon: {BUDGET_EPSILON}, delta: {BUDGET_DELTA}}}
 columns:
   {UNIT}: {{type: int, usage: hidden}}
   region:  {{type: category, domain: [{", ".join(REGIONS)}]}}

@@ -86,18 +86,6 @@ def test_accuracy_benchmark_measures_every_query_and_checks_its_targets(tmp_path
                 assert cell["half_width"] > 0 and 0 <= cell["coverage"] <= 1, (q.name, eps)
             if q.by:
                 assert cell["spurious"] == 0 and 0 < cell["keys_kept"] <= cell["keys_total"], (q.name, eps)
-    # the budget figure: queries at ±50 until (ε = 10, δ = 1e-6) is spent, each charged what it reports
-    pure = results["budget"]["pure"]
-    per_query = pure["charged_per_query"]["epsilon"]
-    assert pure["status"] == "ok" and pure["queries"] == int(10.0 / per_query + 1e-9)
-    assert pure["spent"]["epsilon"] == pytest.approx(pure["queries"] * per_query)
-    assert 0 < pure["half_width_max"] <= accuracy.BUDGET_ACCURACY + 1e-9
-    zcdp = results["budget"]["zcdp"]
-    assert zcdp["status"] in {"ok", "unsupported"}  # unsupported: a branch without zCDP accounting
-    if zcdp["status"] == "ok":
-        rho = zcdp["charged_per_query"]["rho"]
-        assert zcdp["spent"]["rho"] == pytest.approx(zcdp["queries"] * rho, rel=1e-6)
-        assert 0 < zcdp["half_width_max"] <= accuracy.BUDGET_ACCURACY + 1e-9
     statuses = {(t["query"], t["target"]): t["status"] for t in results["targets"]}
     assert statuses[("count", "median error ≤ best peer's")] == "not measured"  # no peer ran
     assert statuses[("median", "error < half grid step")] in {"met", "not met"}
