@@ -67,7 +67,9 @@ def test_fixed_cost_breakdown_prints_every_phase(tmp_path: Path, capsys: pytest.
 
 def test_accuracy_benchmark_measures_every_query_and_checks_its_targets(tmp_path: Path) -> None:
     reps, epsilons = 5, (1.0, 0.1)
-    opts = accuracy.parse_args(["--quick", "--reps", str(reps), "--work", str(tmp_path / "w"), "--out", str(tmp_path)])
+    opts = accuracy.parse_args(
+        ["--quick", "--reps", "2", "--bastion-reps", str(reps), "--work", str(tmp_path / "w"), "--out", str(tmp_path)]
+    )
     opts.log = lambda _: None
     assert opts.peers == () and opts.rows == 20_000 and opts.epsilons == epsilons
     accuracy.run(opts)
