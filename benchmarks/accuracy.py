@@ -6,13 +6,13 @@
 
 The table (`benchmarks.accuracy_data`: ~50,000 persons, at most 5 rows each, so it is already bounded and every tool
 reads the same rows) is registered with Bastion, whose pre-bounded table then holds exactly those rows; the exact
-answers are the queries' plain SQL (`Workload.raw_sql`) run by DuckDB on that table. Each query is released
-`--bastion-reps` times (default 10 × `reps`) at each ε by Bastion in process (`Bastion.query`, a distinct SQL text
-each time so none is cached), and `reps` times by each peer in its own virtual environment
-(`accuracy_smartnoise_runner.py`, `accuracy_opendp_runner.py`, which import nothing of Bastion), with the same
-privacy unit (5 rows per person), bounds, ε per query and δ for key selection. Per query, tool and ε: median and p95 absolute error (over releases, and over keys for grouped
-queries: kept keys only), the median reported 95% half-width and the empirical coverage of the reported interval,
-the keys kept (private keys) and the time per release. Then the targets, each met, met within sampling error
+answers are the queries' plain SQL (`Workload.raw_sql`) run by DuckDB on that table. Each query is released `--bastion-
+reps` times (default 10 × `reps`) at each ε by Bastion in process (`Bastion.query`, a distinct SQL text each time so
+none is cached), and `reps` times by each peer in its own virtual environment (`accuracy_smartnoise_runner.py`,
+`accuracy_opendp_runner.py`, which import nothing of Bastion), with the same privacy unit (5 rows per person), bounds, ε
+per query and δ for key selection. Per query, tool and ε: median and p95 absolute error (over releases, and over keys
+for grouped queries: kept keys only), the median reported 95% half-width and the empirical coverage of the reported
+interval, the keys kept (private keys) and the time per release. Then the targets, each met, met within sampling error
 (see `worse_share`) or not met.
 
 Writes `<out>/accuracy.json` and `<out>/accuracy.md`; with --update-results also the accuracy section of
