@@ -209,12 +209,19 @@ def _gaussian_scale_for_accuracy(accuracy: float, alpha: float) -> float:
         while not meets(scale):  # float round-off at the ceiling only
             scale *= 1 - 1e-12
         return scale
+    if accuracy < 1:
+        # OpenDP's discrete half-widths are whole units, never below 1: no scale reaches a target under one unit.
+        raise MechanismError("an accuracy below one unit of the measurement cannot be reached by discrete noise")
     hi = float(dp.accuracy_to_discrete_gaussian_scale(accuracy, alpha))
     if meets(hi):
         return hi
     lo = hi / 2
-    while not meets(lo):
+    for _ in range(200):  # bounded: every target of at least one unit is met at some positive scale
+        if meets(lo):
+            break
         lo /= 2
+    else:
+        raise MechanismError(f"no discrete Gaussian scale has a half-width of at most {accuracy:g}")
     for _ in range(60):
         mid = (lo + hi) / 2
         if mid in (lo, hi):

@@ -23,6 +23,7 @@ from gateway.sql.price import DISCRETE_GAUSSIAN, DISCRETE_LAPLACE, measurement_u
 from gateway.stores.ledger import Ledger, LedgerBehind
 from policies import mechanisms as mech
 from policies.accountant import (
+    MIN_EPSILON,
     RHO_UNIT,
     Accounting,
     PrivacyLoss,
@@ -398,3 +399,82 @@ def test_a_lost_rho_ledger_is_refused_until_reconciled(zcdp_workspace: Workspace
         assert bastion.ledger.spent("alice", "visits").rho == pytest.approx(5 * 0.125)
     finally:
         bastion.close()
+
+
+# --- found by the red-team pass: public parameters that failed after the charge, or never returned ---------------
+
+
+def _priced_within(seconds: float, **kwargs: Any) -> Any:
+    """price(**kwargs) in a thread, failing the test if it does not return in time (it once looped forever)."""
+    import threading
+
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = price(**kwargs)
+        except Exception as exc:  # noqa: BLE001 - the test looks at what was raised
+            out["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"price() did not return within {seconds} s"
+    return out
+
+
+@pytest.mark.parametrize("target", [0.5, 0.99, 1e-9])
+def test_a_target_below_one_unit_is_refused_at_once_under_zcdp(target: float) -> None:
+    plan = _plan("SELECT COUNT(*) AS n FROM t")
+    out = _priced_within(
+        20, plan=plan, epsilon=None, accuracy=target, alpha=0.05, delta=None, accounting=Accounting.ZCDP
+    )
+    assert isinstance(out.get("error"), InvalidRequest), out
+
+
+@pytest.mark.parametrize("accounting", [Accounting.PURE, Accounting.ZCDP])
+def test_no_measurement_runs_below_the_least_epsilon(accounting: Accounting) -> None:
+    """A very loose target (and the untargeted measurements next to it) gets at least the least ε (ρ) a request
+    may spend, not an ε of 1e-300 whose noise is no number."""
+    plan = _plan("SELECT COUNT(*) AS n, SUM(amount) AS s, MEDIAN(amount) AS m FROM t")
+    pricing = price(plan, epsilon=None, accuracy={"n": 300, "s": 1e300}, alpha=0.05, delta=None, accounting=accounting)
+    least = pure_to_rho(MIN_EPSILON) if accounting is Accounting.ZCDP else MIN_EPSILON
+    assert min(pricing.budget.values()) >= least
+    assert all(math.isfinite(pricing.scale(m)) and pricing.scale(m) > 0 for m in plan.measurements)
+
+
+def test_a_delta_key_selection_cannot_reach_is_refused_before_the_charge(workspace: Workspace) -> None:
+    sql = "SELECT diagnosis, COUNT(*) AS n FROM visits GROUP BY diagnosis"
+    with workspace.app() as c:
+        h = workspace.headers("analyst")
+        r = c.post("/v1/query", json={"sql": sql, "epsilon": 0.05, "delta": 1e-30}, headers=h)
+        budget = next(b for b in c.get("/v1/budget", headers=h).json() if b["dataset"] == "visits")
+    assert r.status_code == 400 and "delta" in r.json()["error"]["message"], r.text
+    assert budget["spent"]["epsilon"] == 0 and budget["spent"]["delta"] == 0
+
+
+def test_answers_to_extreme_public_parameters_are_never_a_5xx(zcdp_workspace: Workspace) -> None:
+    """The red-team's requests: each is answered or refused with a 4xx, and a refusal charges nothing."""
+    requests = [
+        {"sql": "SELECT COUNT(*) AS n FROM visits", "accuracy": 0.5, "dry_run": True},
+        {"sql": "SELECT COUNT(*) AS n FROM visits", "accuracy": 0.9},
+        {"sql": "SELECT COUNT(*) AS n, SUM(income) AS s FROM visits", "accuracy": {"n": 20, "s": 1e300}},
+        {
+            "sql": "SELECT COUNT(*) AS n, SUM(income) AS s FROM visits",
+            "accuracy": {"n": 20, "s": 1e300},
+            "dry_run": True,
+        },
+        {
+            "sql": "SELECT COUNT(*) AS n, MEDIAN(age) AS m, SUM(age) AS s FROM visits",
+            "accuracy": {"n": 300, "s": 1e300},
+        },
+        {"sql": "SELECT diagnosis, COUNT(*) AS n FROM visits GROUP BY diagnosis", "epsilon": 0.001},
+    ]
+    with zcdp_workspace.app() as c:
+        h = zcdp_workspace.headers("analyst")
+        for body in requests:
+            before = c.get("/v1/budget", headers=h).json()
+            r = c.post("/v1/query", json=body, headers=h)
+            assert r.status_code < 500, (body, r.status_code, r.text)
+            if r.status_code >= 400:
+                assert c.get("/v1/budget", headers=h).json() == before, body

@@ -217,8 +217,11 @@ def price(
             except Exception:  # noqa: BLE001 - OpenDP refuses targets it cannot reach; the target is public
                 b = math.inf
             need[m] = max(need.get(m, 0.0), b)
-        floor = min(need.values())
-        budget = {m: need.get(m, floor) for m in plan.measurements}
+        # No measurement gets less than the smallest ε (ρ) a request may spend: a very loose target (or an
+        # untargeted measurement next to one) would otherwise run at an ε of 1e-300, whose noise is no number.
+        least = pure_to_rho(MIN_EPSILON) if zcdp else MIN_EPSILON
+        floor = max(min(need.values()), least)
+        budget = {m: max(need.get(m, floor), least) for m in plan.measurements}
         sel = budget[Measurement(Kind.COUNT_STAR)] if from_selection else floor
         total = math.fsum(budget.values()) + (sel if separate_selection else 0.0)
         lo, hi = (pure_to_rho(MIN_EPSILON), pure_to_rho(MAX_EPSILON)) if zcdp else (MIN_EPSILON, MAX_EPSILON)
@@ -233,6 +236,15 @@ def price(
     sel_delta = 0.0
     if plan.needs_key_selection:
         sel_delta = delta if delta is not None else default_delta(budget_delta, total, _cap_total(cap, accounting))
+        try:  # the threshold is found now, before anything is charged (public parameters only)
+            mech.threshold_for(
+                plan.policy.max_rows_per_unit, 0.0 if zcdp else sel_budget, sel_delta, sel_budget if zcdp else 0.0
+            )
+        except mech.MechanismError:
+            raise InvalidRequest(
+                f"private key selection cannot reach δ = {sel_delta:g} at this ε (OpenDP's threshold map stops "
+                f"short of it); give a larger delta, e.g. {MIN_DEFAULT_DELTA:g} or more"
+            ) from None
     return Pricing(
         cost=PrivacyLoss(0.0, sel_delta, total) if zcdp else PrivacyLoss(total, sel_delta),
         budget=budget,
@@ -247,12 +259,16 @@ def price(
     )
 
 
+# The least δ a request's default gives key selection: OpenDP's threshold maps reach δ down to about 1e-14 only.
+MIN_DEFAULT_DELTA = 1e-12
+
+
 def default_delta(delta_cap: float, spent: float, spend_cap: float) -> float:
     """A private-key request's δ when it gives none: the δ cap's share that its ε (ρ under zCDP) is of the ε (ρ)
-    cap, so that δ and ε run out together and a budget is spent on ε, not rationed by a fixed δ per query."""
-    if spend_cap <= 0:
-        return delta_cap
-    return delta_cap * min(1.0, spent / spend_cap)
+    cap, so that δ and ε run out together and a budget is spent on ε, not rationed by a fixed δ per query; never
+    below MIN_DEFAULT_DELTA (nor above the cap)."""
+    share = delta_cap if spend_cap <= 0 else delta_cap * min(1.0, spent / spend_cap)
+    return min(delta_cap, max(share, MIN_DEFAULT_DELTA))
 
 
 def _cap_total(cap: Budget, accounting: Accounting) -> float:
