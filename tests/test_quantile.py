@@ -14,7 +14,6 @@ import yaml
 from scipy.stats import binom
 
 from gateway.engines.duckdb import DuckDBEngine
-from gateway.sql import compile as comp
 from gateway.sql.plan import Kind, plan_query
 from gateway.sql.price import price
 from gateway.sql.release import execute
@@ -75,25 +74,27 @@ def test_intervals_cover_and_values_are_within_their_rank_error(shapes: DuckDBEn
     pricing = price(plan, epsilon=2.0, accuracy=None, alpha=ALPHA, delta=None)
     truth = _truth(shapes)
     quantiles = [m for m in plan.measurements if m.kind == Kind.QUANTILE]
-    grid = comp.quantile_grid(plan, quantiles[0])
-    # The exact position counts of each group, as the engine gives them (what release_quantile scores).
-    recorded: list[mech.PositionCounts] = []
-    real = mech.release_quantile
+    # Each group's value stage as the executor calls it: the grid of its candidates and the exact counts of the
+    # second pass at that grid's codes (what release_quantile_point scores).
+    recorded: list[tuple[mech.QuantileGrid, mech.PositionCounts]] = []
+    real = mech.release_quantile_point
 
-    def record(counts: mech.PositionCounts, *args: object, **kwargs: object) -> mech.QuantileRelease:
-        recorded.append(counts)
-        return real(counts, *args, **kwargs)  # type: ignore[arg-type]
+    def record(
+        release: mech.QuantileRelease, fine: mech.PositionCounts, *args: object, **kwargs: object
+    ) -> mech.QuantileRelease:
+        recorded.append((release.fine_grid(ALPHA), fine))
+        return real(release, fine, *args, **kwargs)  # type: ignore[arg-type]
 
     covered: dict[tuple[str, str], int] = dict.fromkeys(truth, 0)
     within: dict[tuple[str, str], int] = dict.fromkeys(truth, 0)
     errors: dict[tuple[str, str], list[float]] = {key: [] for key in truth}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mech, "release_quantile", record)
+        mp.setattr(mech, "release_quantile_point", record)
         for _ in range(RELEASES):
             recorded.clear()
             release = execute(plan, pricing, shapes)
             groups = plan.declared_groups() or []
-            counts = dict(zip([(m, g) for m in quantiles for g in groups], recorded, strict=True))  # call order
+            points = dict(zip([(m, g) for m in quantiles for g in groups], recorded, strict=True))  # call order
             entries = {e["measurement"]: e for e in release.measurements}
             for row, cells in zip(release.rows, release.intervals, strict=True):
                 shape = row[0]
@@ -106,11 +107,11 @@ def test_intervals_cover_and_values_are_within_their_rank_error(shapes: DuckDBEn
                     covered[key] += lo <= truth[key] <= hi
                     errors[key].append(abs(value - truth[key]))
                     # Rank error: the value's score against the best position it was chosen from.
-                    low = int(round((lo - grid.lo) / grid.step))
-                    high = int(round((hi - grid.lo) / grid.step))
-                    positions = mech.spread(low, high, mech.QUANTILE_POINT_CANDIDATES)
-                    scores = np.asarray(mech.position_scores(counts[(m, (shape,))], positions, m.q))
-                    chosen = int(np.flatnonzero(positions == int(round((value - grid.lo) / grid.step)))[0])
+                    fine, counts = points[(m, (shape,))]
+                    assert (fine.value(0), fine.value(fine.size - 1)) == pytest.approx((lo, hi))
+                    positions = np.arange(fine.size)
+                    scores = np.asarray(mech.position_scores(counts, positions, m.q))
+                    chosen = int(np.argmin(np.abs(fine.value(positions) - value)))
                     num = round(m.q * mech.QUANTILE_DENOMINATOR)
                     per_row = min(num, mech.QUANTILE_DENOMINATOR - num)
                     gap_rows = (scores[chosen] - scores.min()) / per_row
