@@ -14,6 +14,7 @@ import yaml
 from scipy.stats import binom
 
 from gateway.engines.duckdb import DuckDBEngine
+from gateway.sql import release
 from gateway.sql.plan import Kind, plan_query
 from gateway.sql.price import price
 from gateway.sql.release import execute
@@ -123,3 +124,43 @@ def test_intervals_cover_and_values_are_within_their_rank_error(shapes: DuckDBEn
     coarse_step = 1000 / 1023
     assert np.median(errors[("dense", "med")]) < coarse_step / 10, np.median(errors[("dense", "med")])
     assert np.median(errors[("ties", "med")]) < 1.0  # integers with many ties: the true median's own atom
+
+
+def test_second_pass_counts_are_exact_outside_and_inside_each_groups_interval(shapes: DuckDBEngine) -> None:
+    """One second statement for every group, each with its own grid: every position's rows below and above, read
+    from the statement's codes, are those of the bounded rows (the rows outside a group's interval included)."""
+    plan = plan_query(SQL, lambda n: shapes.policy(n)[0])
+    m = next(m for m in plan.measurements if m.kind == Kind.QUANTILE)
+    grids = {
+        ("dense",): mech.QuantileGrid(30.0, 5.0 / 1023, 1024),
+        ("ties",): mech.QuantileGrid(10.0, 1.0, 11, integer=True),
+        ("sparse",): mech.QuantileGrid(400.0, 0.37, 7),
+    }
+    counts = release._fine_counts(plan, m, shapes, list(grids.items()))
+    rows = shapes.connect().execute("SELECT shape, v FROM bounded_shapes WHERE v IS NOT NULL").fetchall()
+    for group, grid in grids.items():
+        values = np.asarray([v for shape, v in rows if shape == group[0]], dtype=np.float64)
+        positions = np.arange(grid.size)
+        at = grid.value(positions)
+        below = (values[None, :] < at[:, None] - 1e-9).sum(axis=1)
+        above = (values[None, :] > at[:, None] + 1e-9).sum(axis=1)
+        expected = mech.quantile_scores(below, above, m.q)[0]
+        assert mech.position_scores(counts[group], positions, m.q) == expected, group
+        assert counts[group].total == len(values)
+
+
+def test_the_default_input_release_does_not_touch_the_engine(shapes: DuckDBEngine) -> None:
+    """The fallback runs both passes on the empty input: no statement reaches the engine, and every group still has
+    a value within the column's bounds and an interval."""
+
+    class NoEngine:
+        def __getattr__(self, name: str) -> object:
+            raise AssertionError(f"the engine was asked for {name}")
+
+    plan = plan_query(SQL, lambda n: shapes.policy(n)[0])
+    pricing = price(plan, epsilon=1.0, accuracy=None, alpha=ALPHA, delta=None)
+    answer = execute(plan, pricing, NoEngine(), default_input=True)  # type: ignore[arg-type]
+    assert sorted(row[0] for row in answer.rows) == sorted(["dense", "ties", "sparse"])
+    for row, cells in zip(answer.rows, answer.intervals, strict=True):
+        for value, cell in zip(row[1:], cells[1:], strict=True):
+            assert cell is not None and 0 <= cell[0] <= value <= cell[1] <= 1000
