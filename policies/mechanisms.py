@@ -13,7 +13,9 @@ mechanisms are linear in d_in, which is what makes user-level accounting over gr
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from statistics import NormalDist
@@ -383,24 +385,32 @@ def selected_count_interval(
 #                positions, every row in exactly one bin: L1 sensitivity k); a cut is a proven lower (upper) end
 #                when the noisy counts below and above it, less a bound on their noise that holds for every cut at
 #                once with probability 1 - alpha, say that the quantile cannot lie below (above) it;
-#   3. point:    report-noisy-min over at most 256 positions evenly spread over that interval (all of them when
-#                fewer), so the rounding step shrinks with the interval, i.e. with the noise, down to the grid's.
+#   3. point:    report-noisy-min over at most 1,024 positions evenly spread over that interval's values (a grid of
+#                its own, `QuantileRelease.fine_grid`), counted by a second engine pass: the interval is a DP output,
+#                so its positions are public, and the rows outside it fall in the codes 0 (below the first
+#                position) and 2·size (above the last), so every position's rank score is exact. The rounding
+#                step shrinks with the interval, i.e. with the noise.
+# Stages 1 and 2 are `release_quantile_interval`, stage 3 `release_quantile_point`; `release_quantile` composes
+# them for one group given a way to count its rows at a grid.
 
 QUANTILE_DENOMINATOR = 1000
-QUANTILE_COARSE = 1024  # positions of the centre's selection (the single grid of earlier releases)
-QUANTILE_SUBDIVISIONS = 16  # grid positions per coarse step: 16,369 positions over a float column's bounds
-QUANTILE_POINT_CANDIDATES = 256  # positions of the point's selection, spread over the interval
+QUANTILE_COARSE = 1024  # positions of the centre's selection
+QUANTILE_SUBDIVISIONS = 1  # grid positions per coarse step of the first pass (the ladder's resolution)
+QUANTILE_POINT_CANDIDATES = 1024  # positions of the point's selection, spread over the interval (second pass)
 QUANTILE_SHARES = (0.1, 0.2, 0.7)  # of the quantile's ε: centre, interval, point
 
 
 @dataclass(frozen=True)
 class QuantileGrid:
-    """The public positions lo + j·step, 0 ≤ j < size, from a column's bounds: every integer of a narrow integer
-    column, else evenly spaced positions whose every QUANTILE_SUBDIVISIONS-th is the coarse grid of the centre."""
+    """The positions lo + j·step, 0 ≤ j < size: from a column's bounds (public), every integer of a narrow integer
+    column, else evenly spaced positions whose every QUANTILE_SUBDIVISIONS-th is the coarse grid of the centre; or
+    over a released interval (a DP output), the positions of the point's selection. `integer`: every integer from
+    lo (an integer) on."""
 
     lo: float
     step: float
     size: int
+    integer: bool = False
 
     def value(self, j: np.ndarray | int) -> np.ndarray:
         return self.lo + np.asarray(j, dtype=np.float64) * self.step
@@ -418,7 +428,7 @@ def quantile_grid(lo: float, hi: float, integer: bool) -> QuantileGrid:
     """The public grid of a quantile of a column with bounds [lo, hi]."""
     size = (QUANTILE_COARSE - 1) * QUANTILE_SUBDIVISIONS + 1
     if integer and hi - lo + 1 <= size:
-        return QuantileGrid(float(lo), 1.0, int(hi - lo) + 1)
+        return QuantileGrid(float(lo), 1.0, int(hi - lo) + 1, integer=True)
     return QuantileGrid(float(lo), (hi - lo) / (size - 1), size)
 
 
@@ -572,25 +582,63 @@ class QuantileRelease:
         low, high = self.interval(alpha)
         return float(self.grid.value(low)), float(self.grid.value(high))
 
+    def fine_grid(self, alpha: float) -> QuantileGrid:
+        """The positions of the value's selection: at most QUANTILE_POINT_CANDIDATES evenly spaced over the interval
+        at alpha, both ends included (every integer of it where the grid is of integers and they are few enough).
+        Post-processing of the ladder: public once the ladder is released."""
+        low, high = self.interval(alpha)
+        lo, hi = (float(v) for v in self.grid.value(np.asarray([low, high])))
+        if self.grid.integer and high - low < QUANTILE_POINT_CANDIDATES:
+            return QuantileGrid(lo, 1.0, high - low + 1, integer=True)
+        if high == low:
+            return QuantileGrid(lo, self.grid.step, 1)
+        return QuantileGrid(lo, (hi - lo) / (QUANTILE_POINT_CANDIDATES - 1), QUANTILE_POINT_CANDIDATES)
 
-def release_quantile(
-    counts: PositionCounts, grid: QuantileGrid, q: float, d_in: int, k: int, epsilon: float, alpha: float
+
+def release_quantile_interval(
+    counts: PositionCounts, grid: QuantileGrid, q: float, d_in: int, k: int, epsilon: float
 ) -> QuantileRelease:
-    """One group's quantile at level q in three measurements costing `epsilon` in all (see above): d_in is the L∞
-    sensitivity of the rank scores (quantile_sensitivity), k the L1 sensitivity of the ladder's counts, alpha the
-    level of the interval that bounds the point's candidates."""
-    eps_centre, eps_interval, eps_point = quantile_epsilons(epsilon)
+    """Stages 1 and 2 of one group's quantile (see above) from its counts at the grid's codes: the centre, then the
+    noisy ladder around it, at their shares of `epsilon` (the quantile's whole ε). Its value is not yet chosen
+    (NaN); d_in is the L∞ sensitivity of the rank scores (quantile_sensitivity), k the L1 sensitivity of the
+    ladder's counts."""
+    eps_centre, eps_interval, _ = quantile_epsilons(epsilon)
     coarse = grid.coarse()
     centre = int(coarse[release_quantile_index(position_scores(counts, coarse, q), d_in, eps_centre)[0]])
     cuts = ladder(centre, grid.size)
     below = counts.below(2 * cuts + 1)  # rows below each cut
     exact = np.diff(np.concatenate([[0], below, [counts.total]]))
     noisy = release_quantile_bins(exact.tolist(), k, eps_interval)
-    release = QuantileRelease(0.0, cuts, np.asarray(noisy.values, dtype=np.int64), noisy.scale, q, grid)
-    low, high = release.interval(alpha)
-    positions = spread(low, high, QUANTILE_POINT_CANDIDATES)
-    point = int(positions[release_quantile_index(position_scores(counts, positions, q), d_in, eps_point)[0]])
-    return QuantileRelease(float(grid.value(point)), cuts, release.bins, noisy.scale, q, grid)
+    return QuantileRelease(math.nan, cuts, np.asarray(noisy.values, dtype=np.int64), noisy.scale, q, grid)
+
+
+def release_quantile_point(
+    release: QuantileRelease, fine: PositionCounts, d_in: int, epsilon: float, alpha: float
+) -> QuantileRelease:
+    """Stage 3: the value, by report-noisy-min over every position of `release.fine_grid(alpha)`, from the group's
+    exact counts at that grid's codes (`fine`, the second pass), at the point's share of `epsilon`."""
+    _, _, eps_point = quantile_epsilons(epsilon)
+    points = release.fine_grid(alpha)
+    scores = position_scores(fine, np.arange(points.size, dtype=np.int64), release.q)
+    point = release_quantile_index(scores, d_in, eps_point)[0]
+    return dataclasses.replace(release, value=float(points.value(point)))
+
+
+def release_quantile(
+    counts: PositionCounts,
+    grid: QuantileGrid,
+    q: float,
+    d_in: int,
+    k: int,
+    epsilon: float,
+    alpha: float,
+    fine: Callable[[QuantileGrid], PositionCounts],
+) -> QuantileRelease:
+    """One group's quantile at level q in three measurements costing `epsilon` in all (see above); `fine` counts
+    the group's rows at the codes of a grid (the second pass), alpha is the level of the interval that bounds the
+    point's candidates."""
+    release = release_quantile_interval(counts, grid, q, d_in, k, epsilon)
+    return release_quantile_point(release, fine(release.fine_grid(alpha)), d_in, epsilon, alpha)
 
 
 def quantile_rank_error(scale: float, n_candidates: int, q: float, alpha: float) -> float:

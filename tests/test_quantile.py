@@ -14,7 +14,7 @@ import yaml
 from scipy.stats import binom
 
 from gateway.engines.duckdb import DuckDBEngine
-from gateway.sql import compile as comp
+from gateway.sql import release
 from gateway.sql.plan import Kind, plan_query
 from gateway.sql.price import price
 from gateway.sql.release import execute
@@ -75,25 +75,27 @@ def test_intervals_cover_and_values_are_within_their_rank_error(shapes: DuckDBEn
     pricing = price(plan, epsilon=2.0, accuracy=None, alpha=ALPHA, delta=None)
     truth = _truth(shapes)
     quantiles = [m for m in plan.measurements if m.kind == Kind.QUANTILE]
-    grid = comp.quantile_grid(plan, quantiles[0])
-    # The exact position counts of each group, as the engine gives them (what release_quantile scores).
-    recorded: list[mech.PositionCounts] = []
-    real = mech.release_quantile
+    # Each group's value stage as the executor calls it: the grid of its candidates and the exact counts of the
+    # second pass at that grid's codes (what release_quantile_point scores).
+    recorded: list[tuple[mech.QuantileGrid, mech.PositionCounts]] = []
+    real = mech.release_quantile_point
 
-    def record(counts: mech.PositionCounts, *args: object, **kwargs: object) -> mech.QuantileRelease:
-        recorded.append(counts)
-        return real(counts, *args, **kwargs)  # type: ignore[arg-type]
+    def record(
+        release: mech.QuantileRelease, fine: mech.PositionCounts, *args: object, **kwargs: object
+    ) -> mech.QuantileRelease:
+        recorded.append((release.fine_grid(ALPHA), fine))
+        return real(release, fine, *args, **kwargs)  # type: ignore[arg-type]
 
     covered: dict[tuple[str, str], int] = dict.fromkeys(truth, 0)
     within: dict[tuple[str, str], int] = dict.fromkeys(truth, 0)
     errors: dict[tuple[str, str], list[float]] = {key: [] for key in truth}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mech, "release_quantile", record)
+        mp.setattr(mech, "release_quantile_point", record)
         for _ in range(RELEASES):
             recorded.clear()
             release = execute(plan, pricing, shapes)
             groups = plan.declared_groups() or []
-            counts = dict(zip([(m, g) for m in quantiles for g in groups], recorded, strict=True))  # call order
+            points = dict(zip([(m, g) for m in quantiles for g in groups], recorded, strict=True))  # call order
             entries = {e["measurement"]: e for e in release.measurements}
             for row, cells in zip(release.rows, release.intervals, strict=True):
                 shape = row[0]
@@ -106,11 +108,11 @@ def test_intervals_cover_and_values_are_within_their_rank_error(shapes: DuckDBEn
                     covered[key] += lo <= truth[key] <= hi
                     errors[key].append(abs(value - truth[key]))
                     # Rank error: the value's score against the best position it was chosen from.
-                    low = int(round((lo - grid.lo) / grid.step))
-                    high = int(round((hi - grid.lo) / grid.step))
-                    positions = mech.spread(low, high, mech.QUANTILE_POINT_CANDIDATES)
-                    scores = np.asarray(mech.position_scores(counts[(m, (shape,))], positions, m.q))
-                    chosen = int(np.flatnonzero(positions == int(round((value - grid.lo) / grid.step)))[0])
+                    fine, counts = points[(m, (shape,))]
+                    assert (fine.value(0), fine.value(fine.size - 1)) == pytest.approx((lo, hi))
+                    positions = np.arange(fine.size)
+                    scores = np.asarray(mech.position_scores(counts, positions, m.q))
+                    chosen = int(np.argmin(np.abs(fine.value(positions) - value)))
                     num = round(m.q * mech.QUANTILE_DENOMINATOR)
                     per_row = min(num, mech.QUANTILE_DENOMINATOR - num)
                     gap_rows = (scores[chosen] - scores.min()) / per_row
@@ -122,3 +124,43 @@ def test_intervals_cover_and_values_are_within_their_rank_error(shapes: DuckDBEn
     coarse_step = 1000 / 1023
     assert np.median(errors[("dense", "med")]) < coarse_step / 10, np.median(errors[("dense", "med")])
     assert np.median(errors[("ties", "med")]) < 1.0  # integers with many ties: the true median's own atom
+
+
+def test_second_pass_counts_are_exact_outside_and_inside_each_groups_interval(shapes: DuckDBEngine) -> None:
+    """One second statement for every group, each with its own grid: every position's rows below and above, read
+    from the statement's codes, are those of the bounded rows (the rows outside a group's interval included)."""
+    plan = plan_query(SQL, lambda n: shapes.policy(n)[0])
+    m = next(m for m in plan.measurements if m.kind == Kind.QUANTILE)
+    grids = {
+        ("dense",): mech.QuantileGrid(30.0, 5.0 / 1023, 1024),
+        ("ties",): mech.QuantileGrid(10.0, 1.0, 11, integer=True),
+        ("sparse",): mech.QuantileGrid(400.0, 0.37, 7),
+    }
+    counts = release._fine_counts(plan, m, shapes, list(grids.items()))
+    rows = shapes.connect().execute("SELECT shape, v FROM bounded_shapes WHERE v IS NOT NULL").fetchall()
+    for group, grid in grids.items():
+        values = np.asarray([v for shape, v in rows if shape == group[0]], dtype=np.float64)
+        positions = np.arange(grid.size)
+        at = grid.value(positions)
+        below = (values[None, :] < at[:, None] - 1e-9).sum(axis=1)
+        above = (values[None, :] > at[:, None] + 1e-9).sum(axis=1)
+        expected = mech.quantile_scores(below, above, m.q)[0]
+        assert mech.position_scores(counts[group], positions, m.q) == expected, group
+        assert counts[group].total == len(values)
+
+
+def test_the_default_input_release_does_not_touch_the_engine(shapes: DuckDBEngine) -> None:
+    """The fallback runs both passes on the empty input: no statement reaches the engine, and every group still has
+    a value within the column's bounds and an interval."""
+
+    class NoEngine:
+        def __getattr__(self, name: str) -> object:
+            raise AssertionError(f"the engine was asked for {name}")
+
+    plan = plan_query(SQL, lambda n: shapes.policy(n)[0])
+    pricing = price(plan, epsilon=1.0, accuracy=None, alpha=ALPHA, delta=None)
+    answer = execute(plan, pricing, NoEngine(), default_input=True)  # type: ignore[arg-type]
+    assert sorted(row[0] for row in answer.rows) == sorted(["dense", "ties", "sparse"])
+    for row, cells in zip(answer.rows, answer.intervals, strict=True):
+        for value, cell in zip(row[1:], cells[1:], strict=True):
+            assert cell is not None and 0 <= cell[0] <= value <= cell[1] <= 1000

@@ -187,38 +187,123 @@ def quantile_grid(plan: Plan, m: Measurement) -> mech.QuantileGrid:
     return mech.quantile_grid(lo, hi, integer=col.type is ColumnType.INT)
 
 
+def _double(v: float) -> exp.Expr:
+    return exp.Cast(this=exp.Literal.number(repr(float(v))), to=exp.DataType.build("DOUBLE"))
+
+
+def _position_code(column: str, lo: exp.Expr, step: exp.Expr, top: exp.Expr | None = None) -> exp.Expr:
+    """A value's code relative to the positions lo + j·step, with t = (value - lo) / step: CEIL(t) + FLOOR(t) + 1,
+    i.e. 2j+1 exactly on position j (t = j) and 2j+2 strictly between positions j and j+1 (monotone in the value).
+    With `top` (2·size), every value below position 0 has code 0 and every value above position size - 1 has code
+    `top`."""
+
+    def t() -> exp.Expr:
+        value = exp.Cast(this=_col(column), to=exp.DataType.build("DOUBLE"))
+        return exp.Paren(
+            this=exp.Div(this=exp.Paren(this=exp.Sub(this=value, expression=lo.copy())), expression=step.copy())
+        )
+
+    code = exp.Add(
+        this=exp.Add(this=exp.Ceil(this=t()), expression=exp.Floor(this=t())), expression=exp.Literal.number(1)
+    )
+    if top is None:
+        return code
+    last = exp.Paren(
+        this=exp.Sub(this=exp.Div(this=top.copy(), expression=exp.Literal.number(2)), expression=exp.Literal.number(1))
+    )
+    return exp.Case(
+        ifs=[
+            exp.If(this=exp.LT(this=t(), expression=exp.Literal.number(0)), true=exp.Literal.number(0)),
+            exp.If(this=exp.GT(this=t(), expression=last), true=top.copy()),
+        ],
+        default=code,
+    )
+
+
+def _present(m: Measurement) -> exp.Expr:
+    return exp.Not(this=exp.Is(this=_col(m.column), expression=exp.Null()))
+
+
 def quantile_query(plan: Plan, m: Measurement, *, empty: bool = False) -> exp.Select:
     """Per group, row counts at each of the 2·|P|+1 codes relative to the public grid of positions P: code 2j+1 is
     exactly on position j, code 2j+2 strictly between positions j and j+1 (a NULL value has no code). Only the
     codes that some row has come back (at most one per distinct value)."""
     grid = quantile_grid(plan, m)
-    lo, step = grid.lo, grid.step
-
-    def double(v: float) -> exp.Expr:
-        return exp.Cast(this=exp.Literal.number(repr(float(v))), to=exp.DataType.build("DOUBLE"))
-
-    def t() -> exp.Expr:
-        value = exp.Cast(this=_col(m.column), to=exp.DataType.build("DOUBLE"))
-        return exp.Paren(
-            this=exp.Div(this=exp.Paren(this=exp.Sub(this=value, expression=double(lo))), expression=double(step))
-        )
-
-    on_grid = exp.Case(
-        ifs=[exp.If(this=exp.EQ(this=t(), expression=exp.Floor(this=t())), true=exp.Literal.number(1))],
-        default=exp.Literal.number(2),
-    )
     code = exp.Cast(
-        this=exp.Add(this=exp.Mul(this=exp.Literal.number(2), expression=exp.Floor(this=t())), expression=on_grid),
-        to=exp.DataType.build("BIGINT"),
+        this=_position_code(m.column, _double(grid.lo), _double(grid.step)), to=exp.DataType.build("BIGINT")
     )
-    present = exp.Not(this=exp.Is(this=_col(m.column), expression=exp.Null()))
     return grouped(
-        plan, [Measure(exp.Count(this=exp.Star()), ROWS, False)], extra_where=present, extra_group=code, empty=empty
+        plan, [Measure(exp.Count(this=exp.Star()), ROWS, False)], extra_where=_present(m), extra_group=code, empty=empty
     )
+
+
+FINE = "__fine"  # the second pass's table of released intervals, one row per group
+FINE_LO, FINE_STEP, FINE_TOP = "__lo", "__step", "__top"
+
+
+def _key_literal(value: Any, plan: Plan, i: int) -> exp.Expr:
+    """A released group's key value as a literal of the key's SQL type (as `_key` casts the key)."""
+    if value is None:
+        node: exp.Expr = exp.Null()
+    elif isinstance(value, bool):
+        node = exp.Boolean(this=value)
+    elif isinstance(value, int | float):
+        node = exp.Literal.number(repr(value) if isinstance(value, float) else value)
+    else:
+        node = exp.Literal.string(value.isoformat() if hasattr(value, "isoformat") else str(value))
+    return exp.Cast(this=node, to=exp.DataType.build(sql_type_name(plan.keys[i].typed.type)))
+
+
+def quantile_fine_query(
+    plan: Plan, m: Measurement, fine: list[tuple[tuple[Any, ...], mech.QuantileGrid]] | None = None
+) -> exp.Select:
+    """The second pass of a quantile: per released group, row counts at the codes of that group's own positions
+    (`fine`: each group with the grid of its value's selection, a DP output), every row below the first position
+    in code 0 and every row above the last in code 2·size, so at most 2·size + 1 rows per group come back.
+
+    Without keys the grid's numbers are literals; with keys each group's (lo, step, 2·size) is a row of a VALUES
+    table joined on the keys (IS NOT DISTINCT FROM, so a NULL key is a group too) and the rows of groups not
+    released find no match. The condition stays an aggregate FILTER. Without `fine` it is the statement's shape
+    (one placeholder group), which binds as the real one does: what the binder sees depends on the query alone."""
+    placeholder = mech.QuantileGrid(0.0, 1.0, 1)
+    entries = fine if fine is not None else [(tuple(None for _ in plan.keys), placeholder)]
+    counted = [Measure(exp.Count(this=exp.Star()), ROWS, False)]
+    lo: exp.Expr
+    step: exp.Expr
+    top: exp.Expr
+    if not plan.keys:
+        ((_, grid),) = entries
+        lo, step, top = _double(grid.lo), _double(grid.step), exp.Literal.number(2 * grid.size)
+    else:
+        lo, step = exp.column(FINE_LO, table=FINE, quoted=True), exp.column(FINE_STEP, table=FINE, quoted=True)
+        top = exp.column(FINE_TOP, table=FINE, quoted=True)
+    code = exp.Cast(this=_position_code(m.column, lo, step, top), to=exp.DataType.build("BIGINT"))
+    query = grouped(plan, counted, extra_where=_present(m), extra_group=code)
+    if not plan.keys:
+        return query
+    names = [f"__k{i}" for i in range(len(plan.keys))]
+    rows = [
+        exp.Tuple(
+            expressions=[
+                *(_key_literal(v, plan, i) for i, v in enumerate(group)),
+                _double(grid.lo),
+                _double(grid.step),
+                exp.Cast(this=exp.Literal.number(2 * grid.size), to=exp.DataType.build("BIGINT")),
+            ]
+        )
+        for group, grid in entries
+    ]
+    table = exp.values(rows, alias=FINE, columns=[*names, FINE_LO, FINE_STEP, FINE_TOP])
+    on = [
+        exp.NullSafeEQ(this=_key(plan, i), expression=exp.column(name, table=FINE, quoted=True))
+        for i, name in enumerate(names)
+    ]
+    return query.join(table, on=exp.and_(*on), join_type="INNER")
 
 
 def statements(plan: Plan, *, empty: bool = False) -> list[exp.Query]:
-    """Every statement the plan runs, in order: the plain measurements, then one per quantile."""
+    """Every statement of the plan's first pass, in order: the plain measurements, then one per quantile. (Each
+    quantile's second pass, `quantile_fine_query`, is built once its intervals are released.)"""
     out: list[exp.Query] = [measurement_query(plan, empty=empty)]
     out += [quantile_query(plan, m, empty=empty) for m in plan.measurements if m.kind == Kind.QUANTILE]
     return out

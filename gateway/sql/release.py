@@ -80,8 +80,9 @@ def bind_check(plan: Plan, engine: Engine) -> None:
     table), so that an error an engine's binder finds — which depends on the schema and the query only — is a 400
     before the charge instead of a failure after it. An engine may keep what it analysed for the run."""
     refuse_backtracking(engine, plan.row_trees)
+    fine = [comp.quantile_fine_query(plan, m) for m in plan.measurements if m.kind == Kind.QUANTILE]
     try:
-        for statement in _statements(plan):  # the statements the release runs (binding reads no row)
+        for statement in [*_statements(plan), *fine]:  # the statements the release runs (binding reads no row)
             engine.check(statement)
     except EngineError as exc:
         raise QueryRejected(
@@ -111,16 +112,42 @@ def bind_check(plan: Plan, engine: Engine) -> None:
 def _quantile_counts(
     plan: Plan, m: Measurement, engine: Engine, groups: list[tuple[Any, ...]], empty: bool = False
 ) -> dict[tuple[Any, ...], mech.PositionCounts]:
-    """Per released group, the exact row counts at the quantile's position codes (`comp.quantile_query`), read as
-    Arrow columns: the statement returns a row per occupied code, which may be many, so nothing here loops over
-    rows in Python (only over the distinct key combinations)."""
-    none = mech.PositionCounts(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+    """Per released group, the exact row counts at the quantile's position codes (`comp.quantile_query`)."""
     if empty or not groups:  # an empty table has no codes
-        return {g: none for g in groups}
+        return _no_codes(groups)
     quantiles = [q for q in plan.measurements if q.kind == Kind.QUANTILE]
     table = engine.arrow(_statements(plan)[1 + quantiles.index(m)])  # after the plain statement, one per quantile
+    return _counts_by_group(plan, table, groups, 2 * comp.quantile_grid(plan, m).size + 1)
+
+
+def _fine_counts(
+    plan: Plan,
+    m: Measurement,
+    engine: Engine,
+    fine: list[tuple[tuple[Any, ...], mech.QuantileGrid]],
+    empty: bool = False,
+) -> dict[tuple[Any, ...], mech.PositionCounts]:
+    """The second pass: per released group, the exact row counts at the codes of its own grid of the value's
+    selection (`comp.quantile_fine_query`, one statement for every group)."""
+    groups = [g for g, _ in fine]
+    if empty or not groups:
+        return _no_codes(groups)
+    table = engine.arrow(comp.quantile_fine_query(plan, m, fine))
+    return _counts_by_group(plan, table, groups, 2 * max(grid.size for _, grid in fine) + 1)
+
+
+def _no_codes(groups: list[tuple[Any, ...]]) -> dict[tuple[Any, ...], mech.PositionCounts]:
+    none = mech.PositionCounts(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+    return {g: none for g in groups}
+
+
+def _counts_by_group(
+    plan: Plan, table: pa.Table, groups: list[tuple[Any, ...]], n_codes: int
+) -> dict[tuple[Any, ...], mech.PositionCounts]:
+    """A quantile statement's result (keys, code, count) as each released group's counts, read as Arrow columns:
+    the statement returns a row per occupied code, which may be many, so nothing here loops over rows in Python
+    (only over the distinct key combinations)."""
     nk = len(plan.keys)
-    n_codes = 2 * comp.quantile_grid(plan, m).size + 1
     # A NULL value's code is NULL and its count 0 (the count filters NULLs out), so any code will do for it.
     codes = np.clip(pc.fill_null(table.column(nk), 0).to_numpy(), 0, n_codes - 1).astype(np.int64)
     counts = pc.fill_null(table.column(nk + 1), 0).to_numpy().astype(np.int64)
@@ -212,13 +239,20 @@ def execute(plan: Plan, pricing: Pricing, engine: Engine, *, default_input: bool
     for m in plan.measurements:
         if m.kind != Kind.QUANTILE:
             continue
-        grid = comp.quantile_grid(plan, m)
+        grid, d_in, epsilon = comp.quantile_grid(plan, m), pricing.d_in[m], _quantile_epsilon(pricing, m)
         counts = _quantile_counts(plan, m, engine, groups, empty=default_input)
+        ladders = [mech.release_quantile_interval(counts[g], grid, m.q, d_in, bins_d_in, epsilon) for g in groups]
+        # The second pass, over each group's released interval (post-processing of its ladder).
+        fine = _fine_counts(
+            plan,
+            m,
+            engine,
+            [(g, r.fine_grid(pricing.alpha)) for g, r in zip(groups, ladders, strict=True)],
+            empty=default_input,
+        )
         quantiles[m] = [
-            mech.release_quantile(
-                counts[g], grid, m.q, pricing.d_in[m], bins_d_in, _quantile_epsilon(pricing, m), pricing.alpha
-            )
-            for g in groups
+            mech.release_quantile_point(r, fine[g], d_in, epsilon, pricing.alpha)
+            for g, r in zip(groups, ladders, strict=True)
         ]
 
     return _post_process(plan, pricing, groups, noisy, quantiles, notes)
@@ -577,7 +611,8 @@ def _post_process(
         notes.append(
             "each quantile is three OpenDP measurements: report-noisy-max picks a centre among up to 1,024 positions, "
             "noisy counts of a ladder of bins around it give the interval (which holds the true quantile at "
-            "1-alpha), and report-noisy-max picks the value among up to 256 positions spread over that interval; "
+            "1-alpha), and report-noisy-max picks the value among up to 1,024 positions spread over that interval "
+            "(counted by a second pass over the rows); "
             "rank_error under measurements is the value's rank error (rows) among those positions"
         )
     return Release(

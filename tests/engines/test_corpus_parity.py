@@ -2,8 +2,10 @@
 
 The same generated table is registered on DuckDB and on Spark with the same bounding key; every corpus query is
 planned once, bound on each engine (the verdict a caller would get before the charge), and, where both accept it,
-every compiled statement's rows are compared after the canonical conversion the release applies. The rows are the
-exact inputs of the mechanisms: if they agree, so does every released distribution.
+every compiled statement's rows are compared after the canonical conversion the release applies, and so are those of
+each quantile's second statement (at a grid per group over the middle of the column's bounds, every group of the
+first statement joined with its own row). The rows are the exact inputs of the mechanisms: if they agree, so does
+every released distribution.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import yaml
 from gateway.demo import POLICY_YAML
 from gateway.engines.base import Engine
 from gateway.sql import compile as comp
-from gateway.sql.plan import Plan, plan_query
-from gateway.sql.release import bind_check
+from gateway.sql.plan import Kind, Plan, plan_query
+from gateway.sql.release import _group, bind_check
+from policies import mechanisms as mech
 from policies.errors import GatewayError, QueryRejected
 from policies.schema import Policy, parse_policy
 from policies.sqltypes import SqlType, canonical
@@ -75,4 +78,15 @@ def test_same_verdict_and_same_exact_measurements(sql: str, engines: tuple[Engin
         assert _canonical_rows(plan, spark.rows(statement), nk) == _canonical_rows(plan, duck.rows(statement), nk), (
             i,
             statement.sql(dialect="spark"),
+        )
+    quantiles = [m for m in plan.measurements if m.kind == Kind.QUANTILE]
+    for m, first in zip(quantiles, statements[1:], strict=True):
+        grid = comp.quantile_grid(plan, m)
+        width = grid.hi - grid.lo
+        fine = mech.QuantileGrid(grid.lo + width / 4, width / 2 / 1023, 1024)
+        groups = sorted({_group(plan, row[:nk]) for row in duck.rows(first)}, key=repr)
+        second = comp.quantile_fine_query(plan, m, [(g, fine) for g in groups])
+        assert _canonical_rows(plan, spark.rows(second), nk) == _canonical_rows(plan, duck.rows(second), nk), (
+            m.label,
+            second.sql(dialect="spark"),
         )

@@ -53,6 +53,7 @@ import pandas as pd
 import pytest
 
 from gateway.engines.duckdb import DuckDBEngine
+from gateway.sql import release
 from gateway.sql.plan import Measurement, Plan, plan_query
 from gateway.sql.price import Pricing, price
 from gateway.sql.release import execute
@@ -204,7 +205,8 @@ class MechanismInputs:
 
     integers: list[dict[str, Any]] = field(default_factory=list)
     selections: list[dict[str, Any]] = field(default_factory=list)
-    quantiles: list[dict[str, Any]] = field(default_factory=list)
+    quantiles: list[dict[str, Any]] = field(default_factory=list)  # stages 1 and 2 (release_quantile_interval)
+    points: list[dict[str, Any]] = field(default_factory=list)  # stage 3 (release_quantile_point)
     gaussians: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -232,7 +234,8 @@ def mechanism_inputs(plan: Plan, pricing: Pricing, catalog: DuckDBEngine) -> Mec
         mp.setattr(mech, "release_integers", _recording(inputs.integers, mech.release_integers))
         mp.setattr(mech, "release_gaussian_integers", _recording(inputs.gaussians, mech.release_gaussian_integers))
         mp.setattr(mech, "select_keys", _recording(inputs.selections, mech.select_keys))
-        mp.setattr(mech, "release_quantile", _recording(inputs.quantiles, mech.release_quantile))
+        mp.setattr(mech, "release_quantile_interval", _recording(inputs.quantiles, mech.release_quantile_interval))
+        mp.setattr(mech, "release_quantile_point", _recording(inputs.points, mech.release_quantile_point))
         execute(plan, pricing, catalog)
     return inputs
 
@@ -378,14 +381,25 @@ def _noisy_min_probabilities(scores: list[int], scale: float, grid: int = 200_00
     """Exact output distribution of OpenDP's noisy min (permute-and-flip: exponential noise of `scale`).
 
     Candidate i wins when -score_i + E_i is the largest, E_j ~ Exp(scale) independent; P(i) is the integral of
-    the density of -score_i + E_i times the distribution functions of all the others. Used only to choose events.
+    the density of -score_i + E_i times the distribution functions of all the others. Candidates of equal score
+    win equally often, so the integral is taken once per distinct score (with the others' distribution functions
+    raised to their multiplicities). Used only to choose events.
     """
-    u = -np.asarray(scores, dtype=np.float64)
+    u, inverse, multiplicity = np.unique(-np.asarray(scores, dtype=np.float64), return_inverse=True, return_counts=True)
     t = np.linspace(u.min(), u.max() + 50 * scale, grid)
     below = t[None, :] - u[:, None]
     cdf = np.where(below >= 0, -np.expm1(-np.maximum(below, 0) / scale), 0.0)
     density = np.where(below >= 0, np.exp(-np.maximum(below, 0) / scale) / scale, 0.0)
-    probs = np.array([np.trapezoid(density[i] * np.prod(np.delete(cdf, i, axis=0), axis=0), t) for i in range(len(u))])
+    powered = cdf ** multiplicity[:, None]
+    each = np.array(
+        [
+            np.trapezoid(
+                density[i] * cdf[i] ** (multiplicity[i] - 1) * np.prod(np.delete(powered, i, axis=0), axis=0), t
+            )
+            for i in range(len(u))
+        ]
+    )
+    probs = each[inverse]
     return probs / probs.sum()
 
 
@@ -395,24 +409,23 @@ def _quantile_hits(scores: list[int], d_in: int, epsilon: float, event: set[int]
     )
 
 
-def _noisy_min_bound(
-    scores_d: list[int], scores_d_prime: list[int], d_in: int, epsilon: float, n: int = N_QUANTILE_DRAWS
-) -> float:
+def _noisy_min_bound(scores_d: list[int], scores_d_prime: list[int], d_in: int, epsilon: float) -> float:
     """Lower bound on ε of report-noisy-min as calibrated for `epsilon`, in the event that the exact output
-    distributions say is most telling, from n draws per side."""
+    distributions say is most telling. ε-DP bounds the ratio both ways, so the event may favour either dataset:
+    the direction is the one whose chosen event has the larger exact ratio (fixed before any draw)."""
     scale = 2 * d_in / epsilon  # how release_quantile_index calibrates (public)
-    event = set(
-        best_event(
-            _noisy_min_probabilities(scores_d, scale),
-            _noisy_min_probabilities(scores_d_prime, scale),
-            n,
-            n,
-            CONFIDENCE,
-        )
-    )
+    p_d, p_d_prime = _noisy_min_probabilities(scores_d, scale), _noisy_min_probabilities(scores_d_prime, scale)
+    ways: list[tuple[float, set[int], list[int], list[int]]] = []
+    for (pa, sa), (pb, sb) in (
+        ((p_d, scores_d), (p_d_prime, scores_d_prime)),
+        ((p_d_prime, scores_d_prime), (p_d, scores_d)),
+    ):
+        chosen = best_event(pa, pb, N_QUANTILE_DRAWS, N_QUANTILE_DRAWS, CONFIDENCE)
+        ways.append((float(np.log(pa[chosen].sum() / pb[chosen].sum())), set(chosen), sa, sb))
+    _, event, scores_a, scores_b = max(ways, key=lambda way: way[0])
     return bound(
-        _quantile_hits(scores_d, d_in, epsilon, event, n),
-        _quantile_hits(scores_d_prime, d_in, epsilon, event, n),
+        _quantile_hits(scores_a, d_in, epsilon, event, N_QUANTILE_DRAWS),
+        _quantile_hits(scores_b, d_in, epsilon, event, N_QUANTILE_DRAWS),
     )
 
 
@@ -433,23 +446,43 @@ def _ladder_bins(counts: mech.PositionCounts, cuts: np.ndarray) -> list[int]:
     return np.diff(np.concatenate([[0], below, [counts.total]])).tolist()
 
 
-def _released_values(call: dict[str, Any], n: int) -> np.ndarray:
-    return np.asarray([mech.release_quantile(**call).value for _ in range(n)])
+def _released_values(
+    call: dict[str, Any], fine: Callable[[mech.QuantileGrid], mech.PositionCounts], n: int
+) -> np.ndarray:
+    return np.asarray([mech.release_quantile(**call, fine=fine).value for _ in range(n)])
+
+
+def _second_pass(plan: Plan, catalog: DuckDBEngine) -> Callable[[mech.QuantileGrid], mech.PositionCounts]:
+    """The executor's second pass of the plan's one ungrouped quantile on `catalog`, at any grid (memoised: the
+    grids a release can ask for are few, and the counts at one grid never change)."""
+    (m,) = plan.measurements
+    seen: dict[mech.QuantileGrid, mech.PositionCounts] = {}
+
+    def fine(grid: mech.QuantileGrid) -> mech.PositionCounts:
+        if grid not in seen:
+            seen[grid] = release._fine_counts(plan, m, catalog, [((), grid)])[()]
+        return seen[grid]
+
+    return fine
 
 
 def test_quantile(neighbours: Neighbours) -> None:
     """A quantile's three measurements (centre, interval ladder, point); the worst unit adds k rows at the top of
     the grid. Each stage's input moves by at most its calibrated sensitivity wherever the earlier stages may have
     landed; each stage's mechanism, as calibrated for ε = 1, is audited against 1 with a control at half its scale;
-    the shares sum to the request's ε; and the whole release (its value) is audited against the request's ε."""
+    the shares sum to the request's ε; and the whole release (its value, the second pass run on each dataset at the
+    interval each draw released) is audited against the request's ε."""
     plan, pricing, on_d, on_d_prime = _audited(neighbours, "SELECT MEDIAN(score) FROM audit", 1.0)
     ((call_d,), (call_d_prime,)) = on_d.quantiles, on_d_prime.quantiles
+    ((point_d,), (point_d_prime,)) = on_d.points, on_d_prime.points
     counts_d, counts_d_prime = call_d["counts"], call_d_prime["counts"]
     calibration = {name: v for name, v in call_d.items() if name != "counts"}
     assert calibration == {name: v for name, v in call_d_prime.items() if name != "counts"}  # public
     (m,) = plan.measurements
     grid, q, d_in, k = calibration["grid"], calibration["q"], calibration["d_in"], calibration["k"]
     assert (d_in, k, calibration["epsilon"]) == (pricing.d_in[m], K, _per(pricing))
+    assert (point_d["d_in"], point_d["epsilon"], point_d["alpha"]) == (d_in, calibration["epsilon"], pricing.alpha)
+    assert (point_d_prime["d_in"], point_d_prime["epsilon"]) == (d_in, calibration["epsilon"])
     assert sum(mech.quantile_epsilons(calibration["epsilon"])) == pytest.approx(pricing.cost.epsilon)
 
     # Sensitivities: rank scores of every position (L∞), the ladder's bins around every possible centre (L1).
@@ -480,22 +513,36 @@ def test_quantile(neighbours: Neighbours) -> None:
     bins_d, bins_d_prime = _ladder_bins(counts_d, cuts), _ladder_bins(counts_d_prime, cuts)
     assert bound(*integer_hits(bins_d, bins_d_prime, k, 1.0, N_DRAWS)) <= 1.0
     assert bound(*integer_hits(bins_d, bins_d_prime, k, 2.0, N_DRAWS)) > 1.0
-    # Point: report-noisy-min over the positions of an interval around the median (where the worst unit's rows
-    # move some scores up and others down; a window on one side only would see every score move alike).
-    window = mech.spread(grid.size // 5, grid.size - 1 - grid.size // 5, mech.QUANTILE_POINT_CANDIDATES)
-    point_d, point_d_prime = (mech.position_scores(c, window, q) for c in (counts_d, counts_d_prime))
-    assert _noisy_min_bound(point_d, point_d_prime, d_in, 1.0) <= 1.0
-    _assert_tight_control(point_d, d_in)  # the same uniform shifts as the centre's: the same control
+    # Point: report-noisy-min over the positions of a second pass, counted by the executor's own statement on each
+    # dataset: 1,024 positions (most between two integers, where no row is) spread over an interval around the
+    # median (where the worst unit's rows move some scores up and others down; a window on one side only would see
+    # every score move alike), and the executor's own grid of the interval it released.
+    window = mech.QuantileGrid(grid.lo + 4, 12 / (mech.QUANTILE_POINT_CANDIDATES - 1), mech.QUANTILE_POINT_CANDIDATES)
+    fine_d, fine_d_prime = _second_pass(plan, neighbours.d), _second_pass(plan, neighbours.d_prime)
+    positions = np.arange(window.size)
+    for points in (window, point_d["release"].fine_grid(pricing.alpha)):
+        on = np.arange(points.size)
+        a, b = (mech.position_scores(f(points), on, q) for f in (fine_d, fine_d_prime))
+        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= d_in
+    window_d, window_d_prime = (mech.position_scores(f(window), positions, q) for f in (fine_d, fine_d_prime))
+    assert len(set(window_d)) > 2  # the window holds positions on both sides of the median, on and between values
+    assert _noisy_min_bound(window_d, window_d_prime, d_in, 1.0) <= 1.0
+    assert _noisy_min_bound(window_d, window_d_prime, d_in, 2.0) > 1.0
 
     # The whole release at the request's ε: the event (a set of released values) is chosen from pilot draws that
     # the bound does not use.
-    pilot_d, pilot_d_prime = _released_values(call_d, N_PILOT), _released_values(call_d_prime, N_PILOT)
+    whole_d = {**calibration, "counts": counts_d, "alpha": pricing.alpha}
+    whole_d_prime = {**calibration, "counts": counts_d_prime, "alpha": pricing.alpha}
+    pilot_d, pilot_d_prime = (
+        _released_values(whole_d, fine_d, N_PILOT),
+        _released_values(whole_d_prime, fine_d_prime, N_PILOT),
+    )
     values = np.unique(np.concatenate([pilot_d, pilot_d_prime]))
     freq = [np.asarray([(p == v).mean() for v in values]) + 1e-9 for p in (pilot_d, pilot_d_prime)]
     event = values[best_event(freq[0], freq[1], N_PILOT, N_PILOT, CONFIDENCE)]
     whole = bound(
-        np.isin(_released_values(call_d, N_PILOT), event),
-        np.isin(_released_values(call_d_prime, N_PILOT), event),
+        np.isin(_released_values(whole_d, fine_d, N_PILOT), event),
+        np.isin(_released_values(whole_d_prime, fine_d_prime, N_PILOT), event),
     )
     assert whole <= pricing.cost.epsilon, (whole, event)
 
