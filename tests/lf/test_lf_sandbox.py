@@ -110,9 +110,11 @@ def test_misbehaving_python_lfs_are_contained_and_the_gateway_keeps_serving(
         if r.get("event") == "lf_stats" and r.get("phase") == "released"
     ]
     fallbacks = [r for r in released if r.get("reason") == "fallback"]
-    # The hog is stopped by the memory cap or, allocating slowly, by the per-row time limit on every row.
+    # The hog is stopped by the memory cap or, allocating slowly, by the per-row time limit on every row; on a
+    # loaded machine the allocation can also fail where the worker cannot report it, and the worker dies
+    # (LFSandboxFailed): contained all the same, the gateway serving and nothing quoted.
     assert [r.get("error") for r in fallbacks][0] == "LFSandboxTimedOut"
-    assert [r.get("error") for r in fallbacks][1] in {"LFSandboxOutOfMemory", "LFSandboxTimedOut"}
+    assert [r.get("error") for r in fallbacks][1] in {"LFSandboxOutOfMemory", "LFSandboxTimedOut", "LFSandboxFailed"}
     out, err = capfd.readouterr()
     for text in (caplog.text, out, err):
         assert hostile_lfs.SECRET_MARKER not in text and "Traceback" not in text
