@@ -20,6 +20,7 @@ from gateway.sql.price import price
 from gateway.sql.release import execute
 from policies import mechanisms as mech
 from policies.schema import parse_policy
+from tests.conftest import Workspace
 
 K = 2
 ALPHA = 0.1  # a large alpha, so that misses are frequent enough for the tolerance to mean something
@@ -164,3 +165,19 @@ def test_the_default_input_release_does_not_touch_the_engine(shapes: DuckDBEngin
     for row, cells in zip(answer.rows, answer.intervals, strict=True):
         for value, cell in zip(row[1:], cells[1:], strict=True):
             assert cell is not None and 0 <= cell[0] <= value <= cell[1] <= 1000
+
+
+def test_non_finite_public_keys_do_not_break_the_second_pass(workspace: Workspace) -> None:
+    """A key expression that is ±inf or NaN on some groups (EXP of a large number, SQRT of a negative one): the
+    second pass's literals for those keys are valid SQL, so the answer is no fallback release after the charge."""
+    from audit.log import AuditLog
+
+    with workspace.app() as c:
+        for sql in (
+            "SELECT EXP(age * 10) AS k, MEDIAN(income) AS m FROM visits GROUP BY k",
+            "SELECT SQRT(age - 50) AS k, MEDIAN(income) AS m FROM visits GROUP BY k",
+        ):
+            r = c.post("/v1/query", json={"sql": sql, "epsilon": 1.0}, headers=workspace.headers("analyst"))
+            assert r.status_code == 200, r.text
+    fallbacks = [r for r in AuditLog(workspace.settings.audit_dir).records() if r.get("reason") == "fallback"]
+    assert fallbacks == []

@@ -247,6 +247,9 @@ def _key_literal(value: Any, plan: Plan, i: int) -> exp.Expr:
         node: exp.Expr = exp.Null()
     elif isinstance(value, bool):
         node = exp.Boolean(this=value)
+    elif isinstance(value, float) and not math.isfinite(value):
+        # inf, -inf and NaN have no numeric literal (a bare `inf` binds as a column): their text, cast below
+        node = exp.Literal.string("NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity")
     elif isinstance(value, int | float):
         node = exp.Literal.number(repr(value) if isinstance(value, float) else value)
     else:
