@@ -5,6 +5,7 @@ the value always lies within the interval, and a dense column's value is far fin
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -181,3 +182,53 @@ def test_non_finite_public_keys_do_not_break_the_second_pass(workspace: Workspac
             assert r.status_code == 200, r.text
     fallbacks = [r for r in AuditLog(workspace.settings.audit_dir).records() if r.get("reason") == "fallback"]
     assert fallbacks == []
+
+
+def _ladder_release(density: float, point_scale: float, integer: bool = False) -> mech.QuantileRelease:
+    """A ladder around the middle of a grid whose noisy bins hold `density` rows per grid position (every bin), so
+    that the interval at alpha is some cuts wide; the point's noise scale is given (score units)."""
+    grid = mech.quantile_grid(0.0, 1000.0 if not integer else 500.0, integer)
+    centre = grid.size // 2
+    cuts = mech.ladder(centre, grid.size)
+    edges = np.concatenate([[0], cuts, [grid.size - 1]])
+    bins = np.rint(np.maximum(np.diff(edges), 1) * density).astype(np.int64)
+    return mech.QuantileRelease(math.nan, cuts, bins, 1.0, 0.5, grid, point_scale)
+
+
+@pytest.mark.parametrize("integer", [False, True])
+@pytest.mark.parametrize("density", [0.5, 40.0, 600.0, 1e6])
+@pytest.mark.parametrize("point_scale", [2_000.0, 7_000.0, 70_000.0])
+def test_value_positions_are_about_a_noise_scale_apart_in_rank(
+    density: float, point_scale: float, integer: bool
+) -> None:
+    """The value's positions are QUANTILE_POINT_SPACING noise scales apart in rank at the ladder's density (never
+    closer; farther only where QUANTILE_POINT_CANDIDATES caps them), at least QUANTILE_POINT_MIN_CANDIDATES, and
+    spread over exactly the interval (on a grid of integers: its every integer where they are no more)."""
+    r = _ladder_release(density, point_scale, integer)
+    low, high = r.interval(ALPHA)
+    assert high > low
+    fine = r.fine_grid(ALPHA)
+    assert fine.value(0) == pytest.approx(r.grid.value(low))
+    assert fine.value(fine.size - 1) == pytest.approx(r.grid.value(high))
+    assert fine.size <= mech.QUANTILE_POINT_CANDIDATES
+    assert fine.size >= min(mech.QUANTILE_POINT_MIN_CANDIDATES, high - low + 1)
+    rows_apart = fine.step / r.grid.step * density  # rank distance between neighbouring positions
+    wanted = mech.QUANTILE_POINT_SPACING * point_scale / mech.QUANTILE_DENOMINATOR
+    if mech.QUANTILE_POINT_MIN_CANDIDATES < fine.size < mech.QUANTILE_POINT_CANDIDATES and not integer:
+        assert wanted * 0.9 <= rows_apart <= wanted * 1.000001, (rows_apart, wanted)
+    if fine.size == mech.QUANTILE_POINT_CANDIDATES and not fine.integer:
+        assert rows_apart > wanted * (fine.size - 2) / (fine.size - 1)  # capped: as close as the cap allows
+    if fine.size == mech.QUANTILE_POINT_MIN_CANDIDATES:
+        assert rows_apart <= wanted * 1.000001
+    if integer and high - low < fine.size:
+        assert fine.integer and fine.step == 1.0 and float(fine.lo).is_integer()
+
+
+def test_value_positions_follow_the_noise() -> None:
+    """Less noise (a smaller point scale) or denser rows give more positions; a release without a point scale
+    (made before the scale was kept) keeps QUANTILE_POINT_CANDIDATES."""
+    sizes = [_ladder_release(600.0, s).fine_grid(ALPHA).size for s in (70_000.0, 7_000.0, 2_000.0)]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+    sparse, dense = (_ladder_release(d, 7_000.0).fine_grid(ALPHA).size for d in (5.0, 600.0))
+    assert sparse < dense
+    assert _ladder_release(600.0, math.nan).fine_grid(ALPHA).size == mech.QUANTILE_POINT_CANDIDATES
