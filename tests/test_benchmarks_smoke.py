@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -95,6 +96,50 @@ def test_accuracy_benchmark_measures_every_query_and_checks_its_targets(tmp_path
     for q in accuracy.QUERIES:
         assert f"| {q.workload.title} | 0.1 | Bastion |" in markdown
     assert "### Accuracy targets" in markdown
+
+    # --rejudge reads the run's figures and judges them again without releasing anything
+    again = tmp_path / "again"
+    accuracy.main(["--rejudge", str(tmp_path / "accuracy.json"), "--out", str(again)])
+    rejudged = json.loads((again / "accuracy.json").read_text())
+    assert rejudged["targets"] == results["targets"] and rejudged["figures"] == results["figures"]
+    assert (again / "accuracy.md").read_text() == markdown
+
+
+def test_the_worse_verdict_is_corrected_for_the_runs_comparisons() -> None:
+    """With n comparisons in a run, Bastion is judged worse only from a bootstrap share of 1 - 0.025 / n: a share
+    that one comparison alone would judge "not met" is sampling error among twelve."""
+    q = next(q for q in accuracy.QUERIES if q.kind is accuracy.Kind.COUNT)
+    rng = np.random.default_rng(3)
+    exact = 1000.0
+
+    def cell(errors: np.ndarray) -> dict[str, object]:
+        rel = accuracy.Releases(
+            values=list(exact + errors), intervals=[None] * len(errors), times_s=[0.01] * len(errors)
+        )  # type: ignore[arg-type]
+        return accuracy.summarize(q, exact, rel)
+
+    # Bastion's errors a little larger than the peer's: larger in about 99% of resamples
+    bastion, peer = cell(rng.laplace(0, 10.6, 1000)), cell(rng.laplace(0, 10.0, 100) * 0.76)
+    share = accuracy.worse_share(bastion["errors"], peer["errors"])  # type: ignore[arg-type]
+    assert 0.975 < share < 1 - 0.025 / 12, share
+
+    def verdict(n_epsilons: int) -> str:
+        """The count's verdict in a run that compares it at n_epsilons values of ε (and nothing else)."""
+        epsilons = tuple(float(e + 1) for e in range(n_epsilons))
+        figures: dict[str, dict[str, dict[str, Any]]] = {x.name: {"bastion": {}} for x in accuracy.QUERIES}
+        figures[q.name] = {
+            "bastion": {f"{e:g}": bastion for e in epsilons},
+            "opendp": {f"{e:g}": peer for e in epsilons},
+        }
+        assert accuracy.worse_share_needed(figures, epsilons) == pytest.approx(1 - 0.025 / n_epsilons)
+        statuses = {
+            t["status"] for t in accuracy.targets(figures, epsilons) if t["query"] == q.name and "median" in t["target"]
+        }
+        assert len(statuses) == 1
+        return statuses.pop()
+
+    assert verdict(1) == "not met"  # one comparison: judged at 2.5%
+    assert verdict(12) == "met within sampling error"  # one of twelve: at 2.5% / 12
 
 
 def test_accuracy_targets_catch_a_more_accurate_peer() -> None:
