@@ -41,7 +41,7 @@ _DATASET_LOCK = 0x42A50002
 _SCHEMA_LOCK = 0x42A50003
 _OWNER = re.compile(r"[0-9a-f]{32}")
 CONNECT_TIMEOUT = 5  # seconds to reach the server before a request gets 503
-POOL_TIMEOUT = 10.0  # seconds to wait for a pooled connection
+POOL_TIMEOUT = 5.0  # seconds a request waits for a pooled connection (then 503)
 
 # Versioned schema: each version is applied once, in order, and recorded in bastion_schema.
 MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
@@ -159,8 +159,22 @@ def _ahead(conninfo: str, version: int) -> str:
 
 
 def _pool(conninfo: str, name: str, max_size: int) -> ConnectionPool[Any]:
-    """A pool whose first connection also checks the schema version (StoreNotMigrated when it is not ours)."""
-    pool: ConnectionPool[Any] = ConnectionPool(
+    """A pool on a store whose schema is the version this code needs (StoreNotMigrated if not; LedgerUnavailable,
+    at once, if the server cannot be reached)."""
+    try:
+        with _connect(conninfo) as con:
+            version = schema_version(con)
+    except psycopg.Error as exc:
+        raise LedgerUnavailable(f"the store {describe(conninfo)} cannot be reached: {exc}") from exc
+    if version > SCHEMA_VERSION:
+        raise StoreNotMigrated(_ahead(conninfo, version))
+    if version < SCHEMA_VERSION:
+        raise StoreNotMigrated(
+            f"the store {describe(conninfo)} has schema version {version} and this gateway needs "
+            f"{SCHEMA_VERSION}: run 'bastion store migrate --store <the same address>' (or with BASTION_STORE set) "
+            "once, then start the gateway again"
+        )
+    return ConnectionPool(
         conninfo,
         min_size=1,
         max_size=max_size,
@@ -168,25 +182,8 @@ def _pool(conninfo: str, name: str, max_size: int) -> ConnectionPool[Any]:
         timeout=POOL_TIMEOUT,
         check=ConnectionPool.check_connection,
         name=name,
-        open=False,
+        open=True,
     )
-    try:
-        pool.open(wait=True, timeout=POOL_TIMEOUT)
-        with pool.connection() as con:
-            version = schema_version(con)
-    except psycopg.Error as exc:
-        pool.close()
-        raise LedgerUnavailable(f"the store {describe(conninfo)} cannot be reached: {exc}") from exc
-    if version != SCHEMA_VERSION:
-        pool.close()
-        if version > SCHEMA_VERSION:
-            raise StoreNotMigrated(_ahead(conninfo, version))
-        raise StoreNotMigrated(
-            f"the store {describe(conninfo)} has schema version {version} and this gateway needs "
-            f"{SCHEMA_VERSION}: run 'bastion store migrate --store <the same address>' (or with BASTION_STORE set) "
-            "once, then start the gateway again"
-        )
-    return pool
 
 
 class PgLedger:

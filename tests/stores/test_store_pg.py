@@ -1,0 +1,100 @@
+"""The PostgreSQL store through the gateway and the CLI: `bastion store migrate` (idempotent), a gateway that
+refuses an unmigrated store, an unreachable server (LedgerUnavailable: 503, nothing released, no refund), and a
+gateway answering from the shared ledger and cache."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import psycopg
+import pytest
+
+from audit.log import AuditLog
+from gateway.http.app import create_app
+from gateway.stores.ledger import Ledger
+from gateway.stores.pg import SCHEMA_VERSION, PgLedger, StoreNotMigrated
+from policies.errors import LedgerUnavailable
+from tests.conftest import BIN, AppClient, Workspace, free_port
+from tests.stores.conftest import PgServer
+
+SQL = "SELECT COUNT(*) AS n FROM visits WHERE age >= 30"
+
+
+def _bastion(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "BASTION_WORKSPACE": "", "BASTION_STORE": "", "COLUMNS": "400", **env},
+    )
+
+
+def test_store_migrate_twice_is_a_no_op(pg_database: str) -> None:
+    first = _bastion("store", "migrate", "--store", pg_database)
+    assert first.returncode == 0, first.stderr
+    assert f"from schema version 0 to {SCHEMA_VERSION}" in first.stdout
+    second = _bastion("store", "migrate", BASTION_STORE=pg_database)
+    assert second.returncode == 0, second.stderr
+    assert "nothing to do" in second.stdout
+    with psycopg.connect(pg_database) as con:
+        assert con.execute("SELECT version FROM bastion_schema").fetchall() == [(SCHEMA_VERSION,)]
+    PgLedger(pg_database).close()  # opens: the schema is the one it needs
+
+
+def test_store_migrate_needs_a_postgresql_store() -> None:
+    out = _bastion("store", "migrate")
+    assert out.returncode == 2 and "need no migration" in " ".join(out.stderr.split())
+
+
+def test_a_gateway_refuses_an_unmigrated_store(workspace: Workspace, pg_database: str) -> None:
+    with pytest.raises(StoreNotMigrated) as info:
+        create_app(workspace.settings.model_copy(update={"store": pg_database}))
+    assert "bastion store migrate" in info.value.message and "schema version 0" in info.value.message
+    out = _bastion(
+        "serve", "--port", str(free_port()), "--workspace", str(workspace.settings.workspace), "--store", pg_database
+    )
+    assert out.returncode == 1, out.stdout + out.stderr
+    message = " ".join(out.stderr.split())
+    assert "bastion store migrate" in message
+    assert "@" in message and "t_" in message  # names the database, never a password
+
+
+def test_an_unreachable_server_is_ledger_unavailable() -> None:
+    with pytest.raises(LedgerUnavailable) as info:
+        PgLedger(f"postgresql://bastion:secret@127.0.0.1:{free_port()}/nowhere")
+    assert info.value.status == 503 and "cannot be reached" in info.value.message
+    assert "secret" not in info.value.message
+
+
+def test_a_gateway_on_the_shared_store(workspace: Workspace, pg_server: PgServer, pg_store: str) -> None:
+    """Two gateways on one PostgreSQL store share the spend and the cached answers, and the workspace's SQLite
+    ledger is not used; the store going away answers 503 and releases nothing."""
+    settings = workspace.settings.model_copy(update={"store": pg_store})
+    analyst = workspace.headers("analyst")
+    with AppClient(create_app(settings)) as one, AppClient(create_app(settings)) as two:
+        first = one.post("/v1/query", json={"sql": SQL, "epsilon": 0.5}, headers=analyst)
+        assert first.status_code == 200, first.text
+        repeat = two.post("/v1/query", json={"sql": SQL, "epsilon": 0.5}, headers=analyst)
+        assert repeat.status_code == 200 and repeat.json()["cached"] is True
+        assert repeat.json()["rows"] == first.json()["rows"]
+        other = two.post("/v1/query", json={"sql": SQL + " AND age < 90", "epsilon": 0.25}, headers=analyst)
+        assert other.status_code == 200, other.text
+        budget = one.get("/v1/budget", headers=analyst).json()
+        assert next(b for b in budget if b["dataset"] == "visits")["spent"]["epsilon"] == pytest.approx(0.75)
+        assert Ledger(settings.ledger).history() == []  # the workspace's SQLite ledger is not used
+        shared = PgLedger(pg_store)
+        assert [(h["principal"], h["epsilon"], h["audited"]) for h in shared.history()] == [
+            ("alice", 0.5, True),
+            ("alice", 0.25, True),
+        ]
+        shared.close()
+
+        pg_server.drop_database(pg_store.rsplit("/", 1)[1])  # the store goes away under the running gateway
+        released = len([r for r in AuditLog(settings.audit_dir).records() if r.get("phase") == "released"])
+        gone = one.post("/v1/query", json={"sql": SQL + " AND age < 80", "epsilon": 0.25}, headers=analyst)
+        assert gone.status_code == 503, gone.text
+        assert gone.json()["error"]["code"] == "ledger_unavailable" and "rows" not in gone.text
+        after = [r for r in AuditLog(settings.audit_dir).records() if r.get("phase") == "released"]
+        assert len(after) == released  # nothing released
