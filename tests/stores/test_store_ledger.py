@@ -143,36 +143,39 @@ def test_recharge_adds_what_the_log_shows_and_never_removes(open_ledger: Opener)
 
 
 def _race(address: str, principal: str, go: Any, out: Any) -> None:
+    """Charge ε=0.01 again and again until the dataset's total refuses; report how many charges were admitted."""
     ledger = open_ledger_at(address)
     ledger.owner()
-    go.wait(60)
+    go.wait(120)  # all eight ready: the charges overlap
+    admitted = 0
     try:
-        _charge(ledger, principal, 0.5, f"race-{principal}", per=Budget(epsilon=1.0, delta=0))
-        out.put((principal, "ok"))
-    except BudgetExhausted:
-        out.put((principal, "refused"))
+        for i in range(1_000):
+            _charge(ledger, principal, 0.01, f"race-{principal}-{i}", per=Budget(epsilon=10.0, delta=0))
+            admitted += 1
+    except BudgetExhausted as exc:
+        out.put((principal, admitted, exc.details["scope"]))
     except Exception as exc:  # noqa: BLE001 - reported to the test
-        out.put((principal, repr(exc)))
+        out.put((principal, admitted, repr(exc)))
     finally:
         ledger.close()
 
 
 def test_racing_processes_admit_exactly_what_fits(open_ledger: Opener, store_address: str) -> None:
-    """Eight processes on their own connections charge ε=0.5 at once against a dataset total of 1.5: exactly
-    three pass, and the total spent is the sum of the admitted charges."""
+    """Eight processes on their own connections charge ε=0.01 at once, over and over, against a dataset total of
+    1.5: exactly 150 charges pass in all, and the total spent is the sum of the admitted charges."""
     open_ledger()  # the schema exists before the race (SQLite makes it on open)
     ctx = mp.get_context("spawn")
-    go, out = ctx.Event(), ctx.Queue()
+    go, out = ctx.Barrier(8), ctx.Queue()
     procs = [ctx.Process(target=_race, args=(store_address, f"p{i}", go, out)) for i in range(8)]
     for p in procs:
         p.start()
-    go.set()
-    results = dict(out.get(timeout=120) for _ in procs)
+    results = [out.get(timeout=300) for _ in procs]
     for p in procs:
         p.join(60)
-    assert sorted(results.values()) == ["ok"] * 3 + ["refused"] * 5, results
-    admitted = {p for p, r in results.items() if r == "ok"}
+    assert {scope for _, _, scope in results} == {"dataset"}, results
+    assert sum(n for _, n, _ in results) == 150
     ledger = open_ledger()
-    assert {h["principal"] for h in ledger.history()} == admitted
+    assert len(ledger.history()) == 150
+    assert {(p, "d"): (n * 10**10, 0, 0) for p, n, _ in results if n} == ledger.totals()
     assert ledger.spent_total("d").epsilon == pytest.approx(1.5)
-    assert sum(e for e, _, _ in ledger.totals().values()) == 3 * 5 * 10**11
+    assert sum(ledger.spent(p, "d").epsilon for p, _, _ in results) == pytest.approx(1.5)
