@@ -98,3 +98,37 @@ def test_a_gateway_on_the_shared_store(workspace: Workspace, pg_server: PgServer
         assert gone.json()["error"]["code"] == "ledger_unavailable" and "rows" not in gone.text
         after = [r for r in AuditLog(settings.audit_dir).records() if r.get("phase") == "released"]
         assert len(after) == released  # nothing released
+
+
+def _query_then_die(workspace: str, store: str, token: str) -> None:
+    from gateway.service import Bastion, Context
+    from gateway.settings import Settings
+
+    def die(self: AuditLog, event: dict) -> dict:
+        os._exit(17)  # killed between the charge and its "admitted" record
+
+    AuditLog.append = die  # type: ignore[method-assign]
+    bastion = Bastion(Settings.load(workspace, store=store))
+    bastion.query(Context(bastion.authenticate(token)), SQL, epsilon=2.0)
+
+
+def test_the_charge_of_a_killed_gateway_is_recorded_by_the_next_start(workspace: Workspace, pg_store: str) -> None:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    args = (str(workspace.settings.workspace), pg_store, workspace.tokens["analyst"])
+    p = ctx.Process(target=_query_then_die, args=args)
+    p.start()
+    p.join(120)
+    assert p.exitcode == 17
+    settings = workspace.settings.model_copy(update={"store": pg_store})
+    with AppClient(create_app(settings)) as c:  # start-up finds the dead process's pending charge
+        spend = c.get("/v1/audit/spend", headers=workspace.headers("auditor")).json()
+    orphans = [r for r in AuditLog(settings.audit_dir).records() if r["event"] == "orphan_charge"]
+    assert [(o["actor"]["principal"], o["cost"]["epsilon"]) for o in orphans] == [("alice", 2.0)]
+    assert spend["datasets"]["visits"]["principals"] == {"alice": {"epsilon": 2.0, "delta": 0.0}}
+    ledger = PgLedger(pg_store)
+    try:
+        assert [(h["epsilon"], h["audited"]) for h in ledger.history()] == [(2.0, True)]  # charged, not refunded
+    finally:
+        ledger.close()
