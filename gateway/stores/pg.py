@@ -325,11 +325,13 @@ class PgLedger:
 
     # --- audit state --------------------------------------------------------------------------------------
 
-    def _set_state(self, ids: Iterable[int | None], state: int, only: int | None = None) -> None:
+    def _set_state(self, ids: Iterable[int | None], state: int, only: int | None = None, *, sync: bool = True) -> None:
         known = [int(i) for i in ids if i is not None]
         if not known:
             return
-        with self._con("written") as con:
+        with self._con("written") as con, con.transaction():
+            if not sync:
+                con.execute("SET LOCAL synchronous_commit TO OFF")
             if only is None:
                 con.execute("UPDATE ledger_charges SET audited = %s WHERE id = ANY(%s)", (state, known))
             else:
@@ -338,7 +340,9 @@ class PgLedger:
                 )
 
     def mark_audited(self, ids: Iterable[int | None]) -> None:
-        self._set_state(ids, AUDITED)
+        """As on SQLite, committed without waiting for the disk: a mark lost in a crash leaves the charge pending,
+        and the start-up check then finds its record in the log and marks it again."""
+        self._set_state(ids, AUDITED, sync=False)
 
     def mark_unrecorded(self, ids: Iterable[int | None]) -> None:
         self._set_state(ids, UNRECORDED, only=PENDING)
