@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from typing import Any
 
 import psycopg
 import pytest
@@ -132,3 +133,46 @@ def test_the_charge_of_a_killed_gateway_is_recorded_by_the_next_start(workspace:
         assert [(h["epsilon"], h["audited"]) for h in ledger.history()] == [(2.0, True)]  # charged, not refunded
     finally:
         ledger.close()
+
+
+def _query_in_process(workspace: str, store: str, token: str, age: int, out: Any) -> None:
+    from gateway.service import Bastion, Context
+    from gateway.settings import Settings
+    from policies.errors import BudgetExhausted
+
+    bastion = Bastion(Settings.load(workspace, store=store))
+    try:
+        bastion.query(
+            Context(bastion.authenticate(token), source="proc"),
+            f"SELECT COUNT(*) FROM visits WHERE age > {age}",
+            epsilon=3.0,
+        )
+        out.put("ok")
+    except BudgetExhausted:
+        out.put("refused")
+    finally:
+        bastion.close()
+
+
+def test_gateway_processes_on_one_store_never_overspend(workspace: Workspace, pg_store: str) -> None:
+    """Six gateway processes query at once through one PostgreSQL store: the analyst's ε=10 fits three charges of
+    3, and the log of every process agrees with the shared ledger."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    ws, token = str(workspace.settings.workspace), workspace.tokens["analyst"]
+    procs = [ctx.Process(target=_query_in_process, args=(ws, pg_store, token, age, out)) for age in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+    assert sorted(out.get(timeout=5) for _ in procs) == ["ok"] * 3 + ["refused"] * 3
+    ledger = PgLedger(pg_store)
+    try:
+        assert ledger.spent("alice", "visits").epsilon == pytest.approx(9.0)
+        assert all(h["audited"] for h in ledger.history())
+    finally:
+        ledger.close()
+    released = [r for r in AuditLog(workspace.settings.audit_dir).records() if r.get("phase") == "released"]
+    assert len(released) == 3
