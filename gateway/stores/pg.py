@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -41,6 +42,7 @@ _DATASET_LOCK = 0x42A50002
 _SCHEMA_LOCK = 0x42A50003
 _OWNER = re.compile(r"[0-9a-f]{32}")
 CONNECT_TIMEOUT = 5  # seconds to reach the server before a request gets 503
+OWNER_CHECK_SECONDS = 1.0  # how often the owner lock's connection is checked
 POOL_TIMEOUT = 5.0  # seconds a request waits for a pooled connection (then 503)
 
 # Versioned schema: each version is applied once, in order, and recorded in bastion_schema.
@@ -193,7 +195,9 @@ class PgLedger:
         self.conninfo = conninfo
         self.location = describe(conninfo)
         self._pool = _pool(conninfo, "bastion-ledger", max_connections)
-        self._owner: tuple[int, str, psycopg.Connection[Any]] | None = None
+        # (pid, owner id, the connection holding its lock, when that connection was last seen alive)
+        self._owner: tuple[int, str, psycopg.Connection[Any], float] | None = None
+        self._owner_guard = threading.Lock()
 
     @contextlib.contextmanager
     def _con(self, doing: str) -> Iterator[psycopg.Connection[Any]]:
@@ -210,17 +214,32 @@ class PgLedger:
         return int(owner[:8], 16) - 2**31  # an int4
 
     def owner(self) -> str:
-        """This process's owner id, holding its advisory lock on a connection of its own from the first call on."""
-        if self._owner is not None and self._owner[0] == os.getpid() and not self._owner[2].closed:
-            return self._owner[1]
-        owner = uuid.uuid4().hex
-        try:
-            con = _connect(self.conninfo)
-            con.execute("SELECT pg_advisory_lock(%s, %s)", (_OWNER_LOCK, self._owner_key(owner)))
-        except psycopg.Error as exc:
-            raise LedgerUnavailable(f"the budget ledger's owner lock cannot be taken: {exc}") from exc
-        self._owner = (os.getpid(), owner, con)
-        return owner
+        """This process's owner id, holding its advisory lock on a connection of its own from the first call on.
+
+        The connection is checked at most once a second (a server restart ends it, and the lock with it): a lost
+        one is replaced by a new owner id and lock, so later charges are again known to belong to a live process.
+        """
+        with self._owner_guard:
+            if self._owner is not None and self._owner[0] == os.getpid():
+                _, owner, con, checked = self._owner
+                now = time.monotonic()
+                if now - checked < OWNER_CHECK_SECONDS and not con.closed:
+                    return owner
+                try:
+                    con.execute("SELECT 1")
+                    self._owner = (os.getpid(), owner, con, now)
+                    return owner
+                except psycopg.Error:
+                    with contextlib.suppress(psycopg.Error):
+                        con.close()
+            owner = uuid.uuid4().hex
+            try:
+                con = _connect(self.conninfo)
+                con.execute("SELECT pg_advisory_lock(%s, %s)", (_OWNER_LOCK, self._owner_key(owner)))
+            except psycopg.Error as exc:
+                raise LedgerUnavailable(f"the budget ledger's owner lock cannot be taken: {exc}") from exc
+            self._owner = (os.getpid(), owner, con, time.monotonic())
+            return owner
 
     def _alive(self, owner: str | None) -> bool:
         """Whether the process that made a charge as `owner` still holds its lock (on any host)."""

@@ -15,7 +15,9 @@ from audit.log import AuditLog
 from gateway.http.app import create_app
 from gateway.stores.ledger import Ledger
 from gateway.stores.pg import SCHEMA_VERSION, PgLedger, StoreNotMigrated
+from policies.accountant import PrivacyLoss
 from policies.errors import LedgerUnavailable
+from policies.schema import Budget
 from tests.conftest import BIN, AppClient, Workspace, free_port
 from tests.stores.conftest import PgServer
 
@@ -176,3 +178,32 @@ def test_gateway_processes_on_one_store_never_overspend(workspace: Workspace, pg
         ledger.close()
     released = [r for r in AuditLog(workspace.settings.audit_dir).records() if r.get("phase") == "released"]
     assert len(released) == 3
+
+
+def test_a_lost_owner_lock_is_taken_again_under_a_new_owner(pg_store: str) -> None:
+    """A server restart (here: the owner lock's connection terminated) ends the lock; within a second the ledger
+    notices and takes a new owner id and lock, so its later pending charges are not taken for a dead process's."""
+    import time
+
+    from gateway.stores.pg import _OWNER_LOCK, OWNER_CHECK_SECONDS
+
+    ledger, other = PgLedger(pg_store), PgLedger(pg_store)
+    try:
+        first = ledger.owner()
+        with psycopg.connect(pg_store, autocommit=True) as admin:
+            ended = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND classid::bigint = %s",
+                (_OWNER_LOCK,),
+            ).fetchall()
+        assert ended == [(True,)]
+        time.sleep(OWNER_CHECK_SECONDS + 0.2)
+        budget = Budget(epsilon=1.0, delta=0)
+        ledger.charge(
+            principal="a", dataset="d", cost=PrivacyLoss(0.1), per_principal=budget, total=budget, request_id="r"
+        )
+        assert ledger.owner() != first
+        assert other.claim_stale() == ()  # the pending charge's owner is alive
+    finally:
+        ledger.close()
+        other.close()
