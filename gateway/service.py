@@ -31,8 +31,9 @@ from gateway.settings import Settings
 from gateway.sql.plan import Plan, plan_query
 from gateway.sql.price import Pricing, dry_run_accuracy, price
 from gateway.sql.release import Release, bind_check, execute
-from gateway.stores.cache import ReleaseCache, cache_key
-from gateway.stores.ledger import Ledger, LedgerBehind, LedgerCharge
+from gateway.stores.base import open_cache, open_ledger
+from gateway.stores.cache import cache_key
+from gateway.stores.ledger import LedgerBehind, LedgerCharge
 from gateway.stores.tokens import Principal, TokenStore
 from policies.accountant import (
     DELTA_UNIT,
@@ -180,9 +181,17 @@ class Bastion:
     def __init__(self, settings: Settings, *, read_only: bool = True) -> None:
         self.settings = settings
         self.engine = open_engine(settings, read_only=read_only)
-        settings.workspace.mkdir(parents=True, exist_ok=True)
-        self.ledger = Ledger(settings.ledger)
-        self.cache = ReleaseCache(settings.cache)
+        try:
+            settings.workspace.mkdir(parents=True, exist_ok=True)
+            self.ledger = open_ledger(settings)
+            try:
+                self.cache = open_cache(settings)
+            except BaseException:
+                self.ledger.close()
+                raise
+        except BaseException:
+            self.engine.close()
+            raise
         self.tokens = TokenStore(settings.tokens)
         self.audit_log = AuditLog(settings.audit_dir, key_dir=settings.keys_dir)
         self._plans: dict[str, tuple[Policy, Plan]] = {}  # SQL text → (the policy it was planned under, plan)
@@ -206,6 +215,7 @@ class Bastion:
                 log.error("counts of refusals before authentication could not be recorded: %s", exc)
         self.engine.close()
         self.ledger.close()
+        self.cache.close()
         closer = getattr(self.audit_log, "close", None)
         if closer is not None:
             try:
@@ -409,7 +419,7 @@ class Bastion:
         pairs = "; ".join(f"{p!r} on {d!r}: ledger {loss(got)}, log {loss(want)}" for (p, d), got, want in behind[:5])
         more = f" and {len(behind) - 5} more" if len(behind) > 5 else ""
         return (
-            f"the budget ledger {self.settings.ledger} is behind the audit log {self.audit_log.directory}: it shows "
+            f"the budget ledger {self.ledger.location} is behind the audit log {self.audit_log.directory}: it shows "
             f"less privacy spend than the log for {len(behind)} principal/dataset pair(s) ({pairs}{more}). It was "
             "deleted or restored from an older copy, and serving on it would let spent budget be spent again. "
             "Run 'bastion ledger reconcile' on this host to re-charge the missing spend from the log (nothing is "
@@ -443,7 +453,7 @@ class Bastion:
             Event.LEDGER_RECONCILED,
             decision="allowed",
             reason="ok",
-            request={"ledger": str(self.settings.ledger)},
+            request={"ledger": self.ledger.location},
             recharged=[
                 {
                     "principal": p,

@@ -49,6 +49,10 @@ class Settings(BaseModel):
     # default): the client address is the TCP peer's, so no client can pick the address its refusals count against.
     trusted_proxies: list[str] = Field(default_factory=list)
     limits: Limits = Field(default_factory=Limits)
+    # Where the ledger and the release cache live: None (the default) for SQLite files in the workspace, or a
+    # PostgreSQL address (postgresql://...) shared by replicas. From --store or BASTION_STORE; never saved in
+    # settings.json (the address may carry a password).
+    store: str | None = Field(default_factory=lambda: os.environ.get("BASTION_STORE") or None)
 
     # --- layout -------------------------------------------------------------------------------------------
     @property
@@ -103,7 +107,7 @@ class Settings(BaseModel):
 
     def save(self) -> None:
         self.workspace.mkdir(parents=True, exist_ok=True)
-        self.settings_file.write_text(self.model_dump_json(indent=2))
+        self.settings_file.write_text(self.model_dump_json(indent=2, exclude={"store"}))
 
     @classmethod
     def load(cls, workspace: str | Path | None = None, **overrides: object) -> Settings:
@@ -112,6 +116,7 @@ class Settings(BaseModel):
         f = ws / "settings.json"
         if f.exists():
             data = json.loads(f.read_text())
+        data.pop("store", None)  # from the environment or the command line only
         data.update({k: v for k, v in overrides.items() if v is not None})
         data["workspace"] = ws
         return cls.model_validate(data)

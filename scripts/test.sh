@@ -5,6 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 bash scripts/browser.sh
 bash scripts/java.sh
+bash scripts/postgres.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy gateway policies synth labeling_functions audit tests benchmarks

@@ -18,6 +18,7 @@ from gateway.cli.lf import lf_app
 from gateway.cli.synth import synth_app
 from gateway.cli.terminal import (
     AsJson,
+    Store,
     Token,
     Url,
     Workspace,
@@ -40,8 +41,10 @@ if TYPE_CHECKING:
 app = typer_app("Bastion: privacy-preserving data exploration gateway.")
 token_app = typer_app(help="Bearer tokens (admin, on the gateway host).")
 ledger_app = typer_app(help="The privacy-budget ledger (admin, on the gateway host).")
+store_app = typer_app(help="The shared store of the ledger and release cache (PostgreSQL, for several replicas).")
 app.add_typer(token_app, name="token")
 app.add_typer(ledger_app, name="ledger")
+app.add_typer(store_app, name="store")
 app.add_typer(audit_app, name="audit")
 app.add_typer(synth_app, name="synth")
 app.add_typer(lf_app, name="lf")
@@ -124,6 +127,7 @@ def register(
     policy: Annotated[Path, typer.Argument(help="policy YAML file")],
     source: Annotated[Path | None, typer.Option(help="Parquet or CSV file [default: the policy's source]")] = None,
     engine: EngineOption = None,
+    store: Store = None,
     workspace: Workspace = None,
 ) -> None:
     """Register a dataset: load its source into the private engine and build the pre-bounded table."""
@@ -139,7 +143,7 @@ def register(
             fail("the policy has no 'source'; pass --source")
         if not src.is_absolute() and pol.source and source is None:
             src = policy.parent / src
-        bastion = _admin(workspace)
+        bastion = _admin(workspace, store=store)
         try:
             version = bastion.engine.register(pol, src)
             bastion.settings.policies_dir.mkdir(parents=True, exist_ok=True)
@@ -214,15 +218,18 @@ def serve(
             "client address is the connection's)",
         ),
     ] = None,
+    store: Store = None,
     workspace: Workspace = None,
 ) -> None:
     """Run the gateway on the workspace."""
-    settings = _settings(workspace, host=host, port=port, trusted_proxies=trusted_proxy or None)
+    settings = _settings(workspace, host=host, port=port, trusted_proxies=trusted_proxy or None, store=store)
     if not settings.database.exists():
         fail(f"no private database in {settings.workspace}: run 'bastion demo' or 'bastion register' first")
     if workers > 1:
         _checked_app(settings).state.bastion.close()  # fail here, once, rather than in every worker
         os.environ["BASTION_WORKSPACE"] = str(settings.workspace.resolve())
+        if settings.store:
+            os.environ["BASTION_STORE"] = settings.store  # the workers read it (it is never saved in the workspace)
         _run_server(
             "gateway.http.app:app_from_environment",
             settings,
@@ -258,6 +265,7 @@ def demo(
     rows: Annotated[int, typer.Option(help="rows of the generated visits table")] = 500_000,
     serve_: Annotated[bool, typer.Option("--serve/--no-serve", help="start the gateway")] = True,
     engine: EngineOption = None,
+    store: Store = None,
     workspace: Workspace = None,
 ) -> None:
     """Create (or reuse) the demo workspace here: generated hospital visits, its policy, tokens; then serve."""
@@ -267,14 +275,14 @@ def demo(
     from policies.schema import load_policy
 
     _choose_engine(workspace, engine)
-    settings = Settings.load(workspace, host=host, port=port)
+    settings = Settings.load(workspace, host=host, port=port, store=store)
     tokens_file = settings.workspace / "demo-tokens.json"
     if not _has_datasets(settings) or not tokens_file.exists():
         console.print(f"creating the demo workspace in {settings.workspace} ({rows:,} visits)...")
         settings.save()
         data, policy_path = write_demo(settings.private_dir / "source", n_rows=rows)
         os.chmod(settings.private_dir, 0o700)
-        bastion = _admin(settings.workspace)
+        bastion = _admin(settings.workspace, store=store)
         try:
             version = bastion.engine.register(load_policy(policy_path), data)
             settings.policies_dir.mkdir(parents=True, exist_ok=True)
@@ -297,7 +305,7 @@ def demo(
         with os.fdopen(fd, "w") as f:
             json.dump(made, f, indent=2)
     else:
-        settings = Settings.load(settings.workspace, host=host, port=port)
+        settings = Settings.load(settings.workspace, host=host, port=port, store=store)
         settings.save()
         console.print(f"reusing the demo workspace in {settings.workspace}")
     made = json.loads(tokens_file.read_text())
@@ -359,21 +367,21 @@ def _activation_hint() -> str | None:
 # --- the ledger -------------------------------------------------------------------------------------------
 
 
-def _ledger_bastion(workspace: Path | None) -> Any:
+def _ledger_bastion(workspace: Path | None, store: str | None) -> Any:
     from gateway.service import Bastion
 
-    settings = _settings(workspace)
+    settings = _settings(workspace, store=store)
     if not settings.workspace.is_dir():
         fail(f"no workspace at {settings.workspace} (use --workspace or BASTION_WORKSPACE)")
     return Bastion(settings)
 
 
 @ledger_app.command("check")
-def ledger_check(workspace: Workspace = None) -> None:
+def ledger_check(store: Store = None, workspace: Workspace = None) -> None:
     """Check the ledger against the audit log, as the gateway does at start-up (orphan charges get recorded)."""
     from policies.errors import GatewayError
 
-    bastion = _ledger_bastion(workspace)
+    bastion = _ledger_bastion(workspace, store)
     try:
         bastion.check_consistency()
     except GatewayError as exc:
@@ -384,7 +392,7 @@ def ledger_check(workspace: Workspace = None) -> None:
 
 
 @ledger_app.command("reconcile")
-def ledger_reconcile(workspace: Workspace = None) -> None:
+def ledger_reconcile(store: Store = None, workspace: Workspace = None) -> None:
     """Re-charge the ledger from the audit log where it is behind (deleted, or restored from an older copy).
 
     Every charge the log shows and the ledger lacks is charged again; nothing is ever refunded. The action is
@@ -392,7 +400,7 @@ def ledger_reconcile(workspace: Workspace = None) -> None:
     """
     from policies.errors import GatewayError
 
-    bastion = _ledger_bastion(workspace)
+    bastion = _ledger_bastion(workspace, store)
     try:
         added = bastion.reconcile_ledger()
     except GatewayError as exc:
@@ -413,6 +421,32 @@ def ledger_reconcile(workspace: Workspace = None) -> None:
         table.add_row(principal, dataset, str(len(charges)), f"{eps:.6g}", f"{delta:.3g}", f"{rho:.6g}")
     console.print(table)
     console.print(f"re-charged {len(added)} charge(s) from the audit log; the gateway can start")
+
+
+@store_app.command("migrate")
+def store_migrate(store: Store = None) -> None:
+    """Create or upgrade the PostgreSQL store's schema (the ledger and release cache). Safe to run again: versions
+    already applied are skipped. Run it once before the first `bastion serve --store ...`, and after upgrading."""
+    from gateway.stores.base import is_postgresql
+
+    if not is_postgresql(store):
+        fail(
+            "give the PostgreSQL store to migrate: --store postgresql://user@host/db or BASTION_STORE (the "
+            "default SQLite ledger and cache in the workspace need no migration)",
+            2,
+        )
+    from gateway.stores.pg import describe, migrate
+    from policies.errors import GatewayError
+
+    assert store is not None
+    try:
+        before, after = migrate(store)
+    except GatewayError as exc:
+        fail(str(exc))
+    if before == after:
+        console.print(f"the store {describe(store)} is at schema version {after}; nothing to do", highlight=False)
+    else:
+        console.print(f"migrated the store {describe(store)} from schema version {before} to {after}", highlight=False)
 
 
 # --- client commands --------------------------------------------------------------------------------------

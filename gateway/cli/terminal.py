@@ -41,6 +41,16 @@ Workspace = Annotated[
         "--workspace", "-w", help=f"workspace directory [default: ./{DEFAULT_WORKSPACE}]", envvar="BASTION_WORKSPACE"
     ),
 ]
+Store = Annotated[
+    str | None,
+    typer.Option(
+        "--store",
+        envvar="BASTION_STORE",
+        metavar="postgresql://...",
+        help="where the ledger and release cache live: a PostgreSQL address that replicas share "
+        "[default: SQLite files in the workspace]",
+    ),
+]
 Url = Annotated[str, typer.Option("--url", envvar="BASTION_URL", help="gateway URL")]
 Token = Annotated[str | None, typer.Option("--token", envvar="BASTION_TOKEN", help="bearer token")]
 AsJson = Annotated[bool, typer.Option("--json", help="print the raw JSON answer (for scripts)")]

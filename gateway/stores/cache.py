@@ -47,3 +47,6 @@ class ReleaseCache:
                 "INSERT OR IGNORE INTO releases (key, principal, created, response) VALUES (?, ?, ?, ?)",
                 (key, principal, time.time(), json.dumps(response)),
             )
+
+    def close(self) -> None:
+        """Nothing to release: each thread's connection closes with the thread."""

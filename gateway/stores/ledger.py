@@ -146,9 +146,51 @@ class LedgerCharge:
         )
 
 
+def admit(
+    dataset: str,
+    cost: PrivacyLoss,
+    units: tuple[int, int, int],
+    principal_spent: tuple[int, int, int],
+    dataset_spent: tuple[int, int, int],
+    principal_caps: tuple[int, int, int | None],
+    dataset_caps: tuple[int, int, int | None],
+) -> None:
+    """Raise BudgetExhausted unless a charge of `units` (ε, δ, ρ) fits both caps (see `Ledger.caps`), given what
+    the principal and the dataset have spent (every store checks a charge with this, under its lock)."""
+    ce, cd, cr = units
+    pe, pd, pr = principal_spent
+    te, td, tr = dataset_spent
+    pe_cap, pd_cap, pr_cap = principal_caps
+    te_cap, td_cap, tr_cap = dataset_caps
+    if pr_cap is not None:
+        if pr + cr > pr_cap or pd + cd > pd_cap:
+            left = PrivacyLoss.from_units(0, max(pd_cap - pd, 0), max(pr_cap - pr, 0))
+            raise BudgetExhausted(
+                f"this request costs ρ={cr / RHO_UNIT:.6g}, δ={cost.delta:.3g} but your budget on "
+                f"{dataset!r} has ρ={left.rho:.6g}, δ={left.delta:.3g} left",
+                scope="principal",
+                remaining={**left.as_dict(), "rho": left.rho},
+            )
+    elif pe + ce > pe_cap or pd + cd > pd_cap:
+        left = PrivacyLoss.from_units(max(pe_cap - pe, 0), max(pd_cap - pd, 0))
+        raise BudgetExhausted(
+            f"this request costs ε={cost.epsilon:.6g}, δ={cost.delta:.3g} but your budget on "
+            f"{dataset!r} has ε={left.epsilon:.6g}, δ={left.delta:.3g} left",
+            scope="principal",
+            remaining=left.as_dict(),
+        )
+    over_rho = tr_cap is not None and tr + cr > tr_cap
+    if over_rho or (tr_cap is None and te + ce > te_cap) or td + cd > td_cap:
+        raise BudgetExhausted(
+            f"this request would exceed the total privacy budget of dataset {dataset!r}",
+            scope="dataset",
+        )
+
+
 class Ledger:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.location = str(self.path)  # what messages and records name the ledger by
         self.owners_dir = self.path.with_name(self.path.name + ".owners")
         self._connections = ThreadConnections(self._connect)
         self._owner: tuple[int, str, int] | None = None  # (pid, owner id, fd of its held lock file)
@@ -335,29 +377,15 @@ class Ledger:
                             "(register the data as a new dataset to start a new budget)",
                             scope="dataset",
                         )
-                    if pr_cap is not None:
-                        if pr + cr > pr_cap or pd + cd > pd_cap:
-                            left = PrivacyLoss.from_units(0, max(pd_cap - pd, 0), max(pr_cap - pr, 0))
-                            raise BudgetExhausted(
-                                f"this request costs ρ={cr / RHO_UNIT:.6g}, δ={cost.delta:.3g} but your budget on "
-                                f"{dataset!r} has ρ={left.rho:.6g}, δ={left.delta:.3g} left",
-                                scope="principal",
-                                remaining={**left.as_dict(), "rho": left.rho},
-                            )
-                    elif pe + ce > pe_cap or pd + cd > pd_cap:
-                        left = PrivacyLoss.from_units(max(pe_cap - pe, 0), max(pd_cap - pd, 0))
-                        raise BudgetExhausted(
-                            f"this request costs ε={cost.epsilon:.6g}, δ={cost.delta:.3g} but your budget on "
-                            f"{dataset!r} has ε={left.epsilon:.6g}, δ={left.delta:.3g} left",
-                            scope="principal",
-                            remaining=left.as_dict(),
-                        )
-                    over_rho = tr_cap is not None and tr + cr > tr_cap
-                    if over_rho or (tr_cap is None and te + ce > te_cap) or td + cd > td_cap:
-                        raise BudgetExhausted(
-                            f"this request would exceed the total privacy budget of dataset {dataset!r}",
-                            scope="dataset",
-                        )
+                    admit(
+                        dataset,
+                        cost,
+                        (ce, cd, cr),
+                        (pe, pd, pr),
+                        (te, td, tr),
+                        (pe_cap, pd_cap, pr_cap),
+                        (te_cap, td_cap, tr_cap),
+                    )
                     if ce or cd or cr:
                         charge_id = con.execute(
                             "INSERT INTO charges (ts, principal, dataset, eps_units, delta_units, request_id, kind,"

@@ -1,0 +1,93 @@
+"""The store interfaces the gateway uses, whichever store holds them: SQLite files in the workspace (one host, the
+default) or a PostgreSQL database (`--store postgresql://...` or BASTION_STORE, shared by replicas on many hosts).
+
+`open_ledger` and `open_cache` pick the implementation from the settings."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+from policies.accountant import Accounting, PrivacyLoss
+from policies.schema import Budget
+
+if TYPE_CHECKING:
+    from gateway.settings import Settings
+    from gateway.stores.ledger import Charge, LedgerCharge
+
+
+class LedgerStore(Protocol):
+    """Durable privacy budgets (see gateway/stores/ledger.py for the guarantees every implementation keeps)."""
+
+    location: str
+
+    def owner(self) -> str: ...
+
+    def close(self) -> None: ...
+
+    def charge(
+        self,
+        *,
+        principal: str,
+        dataset: str,
+        cost: PrivacyLoss,
+        per_principal: Budget,
+        total: Budget,
+        request_id: str,
+        kind: str = "query",
+        accounting: Accounting = Accounting.PURE,
+    ) -> Charge: ...
+
+    def mark_audited(self, ids: Iterable[int | None]) -> None: ...
+
+    def mark_unrecorded(self, ids: Iterable[int | None]) -> None: ...
+
+    def claim_unrecorded(self) -> tuple[LedgerCharge, ...]: ...
+
+    def claim_stale(self) -> tuple[LedgerCharge, ...]: ...
+
+    def totals(self) -> dict[tuple[str, str], tuple[int, int, int]]: ...
+
+    def recharge(
+        self, charges: Iterable[LedgerCharge], expected: Mapping[tuple[str, str], tuple[int, int, int]]
+    ) -> list[LedgerCharge]: ...
+
+    def spent(self, principal: str, dataset: str) -> PrivacyLoss: ...
+
+    def spent_total(self, dataset: str) -> PrivacyLoss: ...
+
+    def history(self, dataset: str | None = None) -> list[dict[str, object]]: ...
+
+
+class CacheStore(Protocol):
+    """Released answers per principal: the first stored answer for a key wins."""
+
+    def get(self, key: str) -> dict[str, Any] | None: ...
+
+    def put(self, key: str, principal: str, response: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def is_postgresql(store: str | None) -> bool:
+    return bool(store) and str(store).startswith(("postgresql://", "postgres://"))
+
+
+def open_ledger(settings: Settings) -> LedgerStore:
+    if is_postgresql(settings.store):
+        from gateway.stores.pg import PgLedger
+
+        return PgLedger(str(settings.store))
+    from gateway.stores.ledger import Ledger
+
+    return Ledger(settings.ledger)
+
+
+def open_cache(settings: Settings) -> CacheStore:
+    if is_postgresql(settings.store):
+        from gateway.stores.pg import PgReleaseCache
+
+        return PgReleaseCache(str(settings.store))
+    from gateway.stores.cache import ReleaseCache
+
+    return ReleaseCache(settings.cache)

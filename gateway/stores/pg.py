@@ -1,0 +1,526 @@
+"""The ledger and the release cache in PostgreSQL, shared by gateway replicas on several hosts (psycopg 3, a
+connection pool per store).
+
+The schema is versioned: `migrate` (run by `bastion store migrate`) applies the missing versions in one transaction
+and records each in `bastion_schema`; a store whose schema is behind (or ahead of) this code refuses to open.
+
+The ledger keeps the SQLite ledger's guarantees (gateway/stores/ledger.py) across hosts:
+
+- a charge is one transaction that first takes a transaction-level advisory lock on its dataset, then reads the
+  running totals of the principal and of the dataset (`ledger_spent`, kept in the same transaction as every charge,
+  never a sum over the history), checks both caps and records the charge: two replicas cannot both pass when only
+  one fits. Units are exact integers (BIGINT per charge, NUMERIC totals); nothing is ever refunded.
+- owner liveness: each ledger holds a session-level advisory lock keyed by its owner id on a connection of its
+  own, for as long as it lives; a pending charge whose owner's lock can be taken belongs to a dead process (the
+  server releases a session's locks when its connection ends, whichever host it was on).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import ConnectionPool
+
+from gateway.stores.ledger import AUDITED, PENDING, UNRECORDED, Charge, Ledger, LedgerCharge, admit
+from policies.accountant import Accounting, PrivacyLoss
+from policies.errors import BudgetExhausted, LedgerUnavailable
+from policies.schema import Budget
+
+# Advisory lock classes (the first of the two int4 keys), so that Bastion's locks never meet another program's.
+_OWNER_LOCK = 0x42A50001
+_DATASET_LOCK = 0x42A50002
+_SCHEMA_LOCK = 0x42A50003
+_OWNER = re.compile(r"[0-9a-f]{32}")
+CONNECT_TIMEOUT = 5  # seconds to reach the server before a request gets 503
+OWNER_CHECK_SECONDS = 1.0  # how often the owner lock's connection is checked
+POOL_TIMEOUT = 5.0  # seconds a request waits for a pooled connection (then 503)
+
+# Versioned schema: each version is applied once, in order, and recorded in bastion_schema.
+MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (
+        1,
+        (
+            """CREATE TABLE ledger_charges (
+                id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                ts          DOUBLE PRECISION NOT NULL,
+                principal   TEXT     NOT NULL,
+                dataset     TEXT     NOT NULL,
+                eps_units   BIGINT   NOT NULL CHECK (eps_units >= 0),
+                delta_units BIGINT   NOT NULL CHECK (delta_units >= 0),
+                rho_units   BIGINT   NOT NULL DEFAULT 0 CHECK (rho_units >= 0),
+                request_id  TEXT     NOT NULL,
+                kind        TEXT     NOT NULL,
+                audited     SMALLINT NOT NULL,
+                owner       TEXT,
+                accounting  TEXT     NOT NULL DEFAULT 'pure'
+            )""",
+            "CREATE INDEX ledger_charges_pd ON ledger_charges (principal, dataset)",
+            "CREATE INDEX ledger_charges_audited ON ledger_charges (audited) WHERE audited <> 1",
+            "CREATE INDEX ledger_charges_accounting ON ledger_charges (dataset, accounting)",
+            "CREATE INDEX ledger_charges_request ON ledger_charges (request_id)",
+            """CREATE TABLE ledger_spent (
+                principal   TEXT NOT NULL,
+                dataset     TEXT NOT NULL,
+                eps_units   NUMERIC(40, 0) NOT NULL,
+                delta_units NUMERIC(40, 0) NOT NULL,
+                rho_units   NUMERIC(40, 0) NOT NULL,
+                PRIMARY KEY (principal, dataset)
+            )""",
+            "CREATE INDEX ledger_spent_d ON ledger_spent (dataset)",
+            """CREATE TABLE release_cache (
+                key       TEXT PRIMARY KEY,
+                principal TEXT NOT NULL,
+                created   DOUBLE PRECISION NOT NULL,
+                response  TEXT NOT NULL
+            )""",
+        ),
+    ),
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+_ROW = "id, ts, principal, dataset, eps_units, delta_units, request_id, kind, rho_units"
+_SUMS = "SELECT principal, dataset, SUM(eps_units), SUM(delta_units), SUM(rho_units) FROM ledger_charges GROUP BY 1, 2"
+_ADD_SPENT = """INSERT INTO ledger_spent (principal, dataset, eps_units, delta_units, rho_units)
+    VALUES (%s, %s, %s, %s, %s)
+    ON CONFLICT (principal, dataset) DO UPDATE SET
+        eps_units = ledger_spent.eps_units + EXCLUDED.eps_units,
+        delta_units = ledger_spent.delta_units + EXCLUDED.delta_units,
+        rho_units = ledger_spent.rho_units + EXCLUDED.rho_units"""
+
+
+class StoreNotMigrated(LedgerUnavailable):
+    """The PostgreSQL store's schema is not the version this gateway needs."""
+
+    code = "store_not_migrated"
+
+
+def describe(conninfo: str) -> str:
+    """The store as messages name it: database, user, host and port, never the password."""
+    try:
+        params = conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError:
+        return "a PostgreSQL store (its address does not parse)"
+    host = params.get("host") or "localhost"
+    port = params.get("port") or 5432
+    user = f"{params['user']}@" if params.get("user") else ""
+    return f"postgresql://{user}{host}:{port}/{params.get('dbname') or ''}"
+
+
+def _connect(conninfo: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
+
+
+def schema_version(con: psycopg.Connection[Any]) -> int:
+    """The highest applied schema version (0: none, or not a Bastion store yet)."""
+    row = con.execute("SELECT to_regclass('bastion_schema') IS NOT NULL").fetchone()
+    if not row or not row[0]:
+        return 0
+    got = con.execute("SELECT COALESCE(MAX(version), 0) FROM bastion_schema").fetchone()
+    return int(got[0]) if got else 0
+
+
+def migrate(conninfo: str) -> tuple[int, int]:
+    """Apply the missing schema versions in one transaction (idempotent; concurrent runs wait for each other).
+    Returns the version before and after."""
+    try:
+        with _connect(conninfo) as con, con.transaction():
+            con.execute("SELECT pg_advisory_xact_lock(%s, 0)", (_SCHEMA_LOCK,))
+            con.execute(
+                "CREATE TABLE IF NOT EXISTS bastion_schema (version INTEGER PRIMARY KEY, "
+                "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+            )
+            before = schema_version(con)
+            if before > SCHEMA_VERSION:
+                raise StoreNotMigrated(_ahead(conninfo, before))
+            for version, statements in MIGRATIONS:
+                if version <= before:
+                    continue
+                for statement in statements:
+                    con.execute(statement)  # fixed DDL text of this module
+                con.execute("INSERT INTO bastion_schema (version) VALUES (%s)", (version,))
+            return before, SCHEMA_VERSION
+    except psycopg.Error as exc:
+        raise LedgerUnavailable(f"the store {describe(conninfo)} cannot be migrated: {exc}") from exc
+
+
+def _ahead(conninfo: str, version: int) -> str:
+    return (
+        f"the store {describe(conninfo)} has schema version {version}, newer than this gateway's "
+        f"{SCHEMA_VERSION}: upgrade Bastion on this host"
+    )
+
+
+def _pool(conninfo: str, name: str, max_size: int) -> ConnectionPool[Any]:
+    """A pool on a store whose schema is the version this code needs (StoreNotMigrated if not; LedgerUnavailable,
+    at once, if the server cannot be reached)."""
+    try:
+        with _connect(conninfo) as con:
+            version = schema_version(con)
+    except psycopg.Error as exc:
+        raise LedgerUnavailable(f"the store {describe(conninfo)} cannot be reached: {exc}") from exc
+    if version > SCHEMA_VERSION:
+        raise StoreNotMigrated(_ahead(conninfo, version))
+    if version < SCHEMA_VERSION:
+        raise StoreNotMigrated(
+            f"the store {describe(conninfo)} has schema version {version} and this gateway needs "
+            f"{SCHEMA_VERSION}: run 'bastion store migrate --store <the same address>' (or with BASTION_STORE set) "
+            "once, then start the gateway again"
+        )
+    return ConnectionPool(
+        conninfo,
+        min_size=1,
+        max_size=max_size,
+        kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT},
+        timeout=POOL_TIMEOUT,
+        check=ConnectionPool.check_connection,
+        name=name,
+        open=True,
+    )
+
+
+class PgLedger:
+    """The budget ledger in PostgreSQL (same interface and guarantees as gateway.stores.ledger.Ledger)."""
+
+    def __init__(self, conninfo: str, *, max_connections: int = 8) -> None:
+        self.conninfo = conninfo
+        self.location = describe(conninfo)
+        self._pool = _pool(conninfo, "bastion-ledger", max_connections)
+        # (pid, owner id, the connection holding its lock, when that connection was last seen alive)
+        self._owner: tuple[int, str, psycopg.Connection[Any], float] | None = None
+        self._owner_guard = threading.Lock()
+
+    @contextlib.contextmanager
+    def _con(self, doing: str) -> Iterator[psycopg.Connection[Any]]:
+        try:
+            with self._pool.connection() as con:
+                yield con
+        except psycopg.Error as exc:
+            raise LedgerUnavailable(f"the budget ledger ({self.location}) cannot be {doing}: {exc}") from exc
+
+    # --- the owner lock -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _owner_key(owner: str) -> int:
+        return int(owner[:8], 16) - 2**31  # an int4
+
+    def owner(self) -> str:
+        """This process's owner id, holding its advisory lock on a connection of its own from the first call on.
+
+        The connection is checked at most once a second (a server restart ends it, and the lock with it): a lost
+        one is replaced by a new owner id and lock, so later charges are again known to belong to a live process.
+        """
+        with self._owner_guard:
+            if self._owner is not None and self._owner[0] == os.getpid():
+                _, owner, con, checked = self._owner
+                now = time.monotonic()
+                if now - checked < OWNER_CHECK_SECONDS and not con.closed:
+                    return owner
+                try:
+                    con.execute("SELECT 1")
+                    self._owner = (os.getpid(), owner, con, now)
+                    return owner
+                except psycopg.Error:
+                    with contextlib.suppress(psycopg.Error):
+                        con.close()
+            owner = uuid.uuid4().hex
+            try:
+                con = _connect(self.conninfo)
+                con.execute("SELECT pg_advisory_lock(%s, %s)", (_OWNER_LOCK, self._owner_key(owner)))
+            except psycopg.Error as exc:
+                raise LedgerUnavailable(f"the budget ledger's owner lock cannot be taken: {exc}") from exc
+            self._owner = (os.getpid(), owner, con, time.monotonic())
+            return owner
+
+    def _alive(self, owner: str | None) -> bool:
+        """Whether the process that made a charge as `owner` still holds its lock (on any host)."""
+        if owner is None or not _OWNER.fullmatch(owner):
+            return False
+        if self._owner is not None and self._owner[0] == os.getpid() and self._owner[1] == owner:
+            return True
+        key = (_OWNER_LOCK, self._owner_key(owner))
+        with self._con("read") as con:
+            row = con.execute("SELECT pg_try_advisory_lock(%s, %s)", key).fetchone()
+            if row and row[0]:
+                con.execute("SELECT pg_advisory_unlock(%s, %s)", key)
+                return False
+        return True
+
+    def close(self) -> None:
+        """Release this process's owner lock (its pending charges, if any, then count as orphans) and the pool."""
+        if self._owner is not None and self._owner[0] == os.getpid():
+            with contextlib.suppress(psycopg.Error):
+                self._owner[2].close()
+        self._owner = None
+        self._pool.close()
+
+    # --- charging -----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _sum(con: psycopg.Connection[Any], where: str, args: tuple[str, ...]) -> tuple[int, int, int]:
+        row = con.execute(
+            "SELECT COALESCE(SUM(eps_units), 0), COALESCE(SUM(delta_units), 0), COALESCE(SUM(rho_units), 0) "
+            f"FROM ledger_spent WHERE {where}",  # `where`: one of this module's fixed conditions
+            args,
+        ).fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1]), int(row[2])
+
+    def charge(
+        self,
+        *,
+        principal: str,
+        dataset: str,
+        cost: PrivacyLoss,
+        per_principal: Budget,
+        total: Budget,
+        request_id: str,
+        kind: str = "query",
+        accounting: Accounting = Accounting.PURE,
+    ) -> Charge:
+        """As `Ledger.charge`: the dataset's advisory lock makes the check and the record one step across hosts."""
+        ce, cd = cost.units(round_up=True)
+        charged = PrivacyLoss(cost.epsilon, cost.delta, Ledger.charged_rho(cost, accounting))
+        cr = charged.rho_units(round_up=True)
+        principal_caps = Ledger.caps(per_principal, accounting)
+        dataset_caps = Ledger.caps(total, accounting)
+        other = Accounting.PURE if accounting is Accounting.ZCDP else Accounting.ZCDP
+        owner = self.owner()
+        charge_id: int | None = None
+        with self._con("written") as con, con.transaction():
+            con.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_DATASET_LOCK, dataset))
+            pe, pd, pr = self._sum(con, "principal = %s AND dataset = %s", (principal, dataset))
+            te, td, tr = self._sum(con, "dataset = %s", (dataset,))
+            if con.execute(
+                "SELECT 1 FROM ledger_charges WHERE dataset = %s AND accounting = %s LIMIT 1", (dataset, other.value)
+            ).fetchone():
+                raise BudgetExhausted(
+                    f"the spend on dataset {dataset!r} was accounted as {other.value}, and its policy now says "
+                    f"{accounting.value}: spend under one accounting cannot go on under the other "
+                    "(register the data as a new dataset to start a new budget)",
+                    scope="dataset",
+                )
+            admit(dataset, cost, (ce, cd, cr), (pe, pd, pr), (te, td, tr), principal_caps, dataset_caps)
+            if ce or cd or cr:
+                row = con.execute(
+                    "INSERT INTO ledger_charges (ts, principal, dataset, eps_units, delta_units, request_id, kind, "
+                    "audited, owner, rho_units, accounting) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                    "RETURNING id",
+                    (time.time(), principal, dataset, ce, cd, request_id, kind, PENDING, owner, cr, accounting.value),
+                ).fetchone()
+                assert row is not None
+                charge_id = int(row[0])
+                con.execute(_ADD_SPENT, (principal, dataset, ce, cd, cr))
+            claimed = self._claim(con, owner, "audited = %s", (UNRECORDED,))
+        return Charge(
+            cost=charged,
+            principal_before=PrivacyLoss.from_units(pe, pd, pr),
+            principal_after=PrivacyLoss.from_units(pe + ce, pd + cd, pr + cr),
+            dataset_after=PrivacyLoss.from_units(te + ce, td + cd, tr + cr),
+            id=charge_id,
+            claimed=claimed,
+        )
+
+    @staticmethod
+    def _claim(
+        con: psycopg.Connection[Any], owner: str, where: str, args: tuple[object, ...]
+    ) -> tuple[LedgerCharge, ...]:
+        # Two claimers never both get a row: the second UPDATE waits for the first's row locks, then re-checks
+        # `where` against the committed row and skips it.
+        rows = con.execute(
+            f"UPDATE ledger_charges SET audited = %s, owner = %s WHERE {where} RETURNING {_ROW}",
+            (PENDING, owner, *args),
+        ).fetchall()
+        return tuple(sorted((LedgerCharge.of(r) for r in rows), key=lambda c: c.id or 0))
+
+    # --- audit state --------------------------------------------------------------------------------------
+
+    def _set_state(self, ids: Iterable[int | None], state: int, only: int | None = None, *, sync: bool = True) -> None:
+        known = [int(i) for i in ids if i is not None]
+        if not known:
+            return
+        with self._con("written") as con, con.transaction():
+            if not sync:
+                con.execute("SET LOCAL synchronous_commit TO OFF")
+            if only is None:
+                con.execute("UPDATE ledger_charges SET audited = %s WHERE id = ANY(%s)", (state, known))
+            else:
+                con.execute(
+                    "UPDATE ledger_charges SET audited = %s WHERE id = ANY(%s) AND audited = %s", (state, known, only)
+                )
+
+    def mark_audited(self, ids: Iterable[int | None]) -> None:
+        """As on SQLite, committed without waiting for the disk: a mark lost in a crash leaves the charge pending,
+        and the start-up check then finds its record in the log and marks it again."""
+        self._set_state(ids, AUDITED, sync=False)
+
+    def mark_unrecorded(self, ids: Iterable[int | None]) -> None:
+        self._set_state(ids, UNRECORDED, only=PENDING)
+
+    def claim_unrecorded(self) -> tuple[LedgerCharge, ...]:
+        return self._claim_where("audited = %s", (UNRECORDED,))
+
+    def claim_stale(self) -> tuple[LedgerCharge, ...]:
+        """Take over every unrecorded charge and every pending charge whose process is gone (start-up)."""
+        with self._con("read") as con:
+            owners = [
+                r[0] for r in con.execute("SELECT DISTINCT owner FROM ledger_charges WHERE audited = %s", (PENDING,))
+            ]
+        dead = [o for o in owners if not self._alive(o)]
+        claimed = list(self.claim_unrecorded())
+        for o in dead:
+            if o is None:
+                claimed += self._claim_where("audited = %s AND owner IS NULL", (PENDING,))
+            else:
+                claimed += self._claim_where("audited = %s AND owner = %s", (PENDING, o))
+        return tuple(sorted(claimed, key=lambda c: c.id or 0))
+
+    def _claim_where(self, where: str, args: tuple[object, ...]) -> tuple[LedgerCharge, ...]:
+        owner = self.owner()
+        with self._con("written") as con, con.transaction():
+            return self._claim(con, owner, where, args)
+
+    # --- consistency with the audit log -------------------------------------------------------------------
+
+    def totals(self) -> dict[tuple[str, str], tuple[int, int, int]]:
+        """Spent units (ε, δ, ρ) per (principal, dataset), summed over the charges themselves."""
+        with self._con("read") as con:
+            rows = con.execute(_SUMS).fetchall()
+        return {(str(p), str(d)): (int(e), int(dl), int(r)) for p, d, e, dl, r in rows}
+
+    def recharge(
+        self, charges: Iterable[LedgerCharge], expected: Mapping[tuple[str, str], tuple[int, int, int]]
+    ) -> list[LedgerCharge]:
+        """As `Ledger.recharge`, holding the advisory lock of every dataset it charges (in one order)."""
+        charges = list(charges)
+        added: list[LedgerCharge] = []
+        with self._con("written") as con, con.transaction():
+            for dataset in sorted({c.dataset for c in charges} | {d for _, d in expected}):
+                con.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_DATASET_LOCK, dataset))
+            held = {str(r[0]) for r in con.execute("SELECT DISTINCT request_id FROM ledger_charges")}
+            zcdp = {c.dataset for c in charges if c.rho_units} | {
+                str(r[0])
+                for r in con.execute(
+                    "SELECT DISTINCT dataset FROM ledger_charges WHERE accounting = %s", (Accounting.ZCDP.value,)
+                )
+            }
+            for c in charges:
+                if c.request_id in held or not (c.eps_units or c.delta_units or c.rho_units):
+                    continue
+                added.append(self._insert(con, c, c.dataset in zcdp))
+                held.add(c.request_id)
+            have = {(str(p), str(d)): (int(e), int(dl), int(r)) for p, d, e, dl, r in con.execute(_SUMS)}
+            for (principal, dataset), (want_e, want_d, want_r) in sorted(expected.items()):
+                got_e, got_d, got_r = have.get((principal, dataset), (0, 0, 0))
+                if got_e < want_e or got_d < want_d or got_r < want_r:
+                    top_up = LedgerCharge(
+                        None,
+                        time.time(),
+                        principal,
+                        dataset,
+                        max(want_e - got_e, 0),
+                        max(want_d - got_d, 0),
+                        f"reconcile-{uuid.uuid4().hex}",
+                        "reconcile",
+                        max(want_r - got_r, 0),
+                    )
+                    added.append(self._insert(con, top_up, dataset in zcdp or want_r > got_r))
+        return added
+
+    @staticmethod
+    def _insert(con: psycopg.Connection[Any], c: LedgerCharge, zcdp: bool) -> LedgerCharge:
+        accounting = Accounting.ZCDP if zcdp else Accounting.PURE
+        row = con.execute(
+            "INSERT INTO ledger_charges (ts, principal, dataset, eps_units, delta_units, request_id, kind, audited, "
+            "rho_units, accounting) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+            (
+                c.ts,
+                c.principal,
+                c.dataset,
+                c.eps_units,
+                c.delta_units,
+                c.request_id,
+                c.kind,
+                AUDITED,
+                c.rho_units,
+                accounting.value,
+            ),
+        ).fetchone()
+        assert row is not None
+        con.execute(_ADD_SPENT, (c.principal, c.dataset, c.eps_units, c.delta_units, c.rho_units))
+        return LedgerCharge(
+            int(row[0]), c.ts, c.principal, c.dataset, c.eps_units, c.delta_units, c.request_id, c.kind, c.rho_units
+        )
+
+    # --- reading ------------------------------------------------------------------------------------------
+
+    def spent(self, principal: str, dataset: str) -> PrivacyLoss:
+        with self._con("read") as con:
+            return PrivacyLoss.from_units(*self._sum(con, "principal = %s AND dataset = %s", (principal, dataset)))
+
+    def spent_total(self, dataset: str) -> PrivacyLoss:
+        with self._con("read") as con:
+            return PrivacyLoss.from_units(*self._sum(con, "dataset = %s", (dataset,)))
+
+    def history(self, dataset: str | None = None) -> list[dict[str, object]]:
+        """Every charge in order (for the auditor's privacy-spend report)."""
+        columns = "ts, principal, dataset, eps_units, delta_units, request_id, kind, audited, rho_units, accounting"
+        with self._con("read") as con:
+            if dataset is None:
+                rows = con.execute(f"SELECT {columns} FROM ledger_charges ORDER BY id").fetchall()
+            else:
+                rows = con.execute(
+                    f"SELECT {columns} FROM ledger_charges WHERE dataset = %s ORDER BY id", (dataset,)
+                ).fetchall()
+        return [
+            {
+                "ts": r[0],
+                "principal": r[1],
+                "dataset": r[2],
+                **PrivacyLoss.from_units(r[3], r[4]).as_dict(),
+                **({"rho": PrivacyLoss.from_units(0, 0, r[8]).rho} if r[8] else {}),
+                "accounting": r[9],
+                "request_id": r[5],
+                "kind": r[6],
+                "audited": r[7] == AUDITED,
+            }
+            for r in rows
+        ]
+
+
+class PgReleaseCache:
+    """Released answers per principal in PostgreSQL (same interface as gateway.stores.cache.ReleaseCache)."""
+
+    def __init__(self, conninfo: str, *, max_connections: int = 4) -> None:
+        self.location = describe(conninfo)
+        self._pool = _pool(conninfo, "bastion-cache", max_connections)
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        try:
+            with self._pool.connection() as con:
+                row = con.execute("SELECT response FROM release_cache WHERE key = %s", (key,)).fetchone()
+        except psycopg.Error as exc:
+            # Fail closed: without the cache a repeat cannot be told from a new request.
+            raise LedgerUnavailable(f"the release cache ({self.location}) cannot be read: {exc}") from exc
+        return json.loads(row[0]) if row else None
+
+    def put(self, key: str, principal: str, response: dict[str, Any]) -> None:
+        # The first stored answer wins, so concurrent identical requests converge on one released answer.
+        with self._pool.connection() as con:
+            con.execute(
+                "INSERT INTO release_cache (key, principal, created, response) VALUES (%s, %s, %s, %s) "
+                "ON CONFLICT (key) DO NOTHING",
+                (key, principal, time.time(), json.dumps(response)),
+            )
+
+    def close(self) -> None:
+        self._pool.close()

@@ -1,0 +1,159 @@
+"""A real PostgreSQL server for the store tests: Debian's server binaries, a cluster made by `initdb` in a temporary
+directory owned by a non-root system user (the server refuses to run as root), on a free loopback port, stopped at
+the end of the session. Each test gets a database of its own.
+
+Without the binaries (scripts/postgres.sh installs them) the PostgreSQL tests fail when CI is set, and are skipped
+with the reason otherwise."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from gateway.stores.base import LedgerStore
+from gateway.stores.ledger import Ledger
+from gateway.stores.pg import PgLedger, migrate
+from tests.conftest import free_port
+
+SERVER_USER = "bastion-pg"  # the system user that owns and runs the test cluster when the tests run as root
+DB_USER = "bastion"
+
+
+def server_bindir() -> Path | None:
+    """The directory of PostgreSQL's initdb and pg_ctl (the newest Debian version first), or None."""
+    for bindir in sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True):
+        if (bindir / "initdb").exists() and (bindir / "pg_ctl").exists():
+            return bindir
+    found = shutil.which("initdb")
+    return Path(found).parent if found and shutil.which("pg_ctl") else None
+
+
+@dataclass
+class PgServer:
+    host: str
+    port: int
+
+    def url(self, dbname: str) -> str:
+        return f"postgresql://{DB_USER}@{self.host}:{self.port}/{dbname}"
+
+    def create_database(self) -> str:
+        name = f"t_{uuid.uuid4().hex[:16]}"
+        with psycopg.connect(self.url("postgres"), autocommit=True) as con:
+            con.execute(f'CREATE DATABASE "{name}"')
+        return name
+
+    def drop_database(self, name: str) -> None:
+        with psycopg.connect(self.url("postgres"), autocommit=True) as con:
+            con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _server_user() -> dict[str, Any]:
+    """subprocess arguments that run the server as a non-root system user (made if missing) when we are root."""
+    if os.geteuid() != 0:
+        return {}
+    try:
+        entry = pwd.getpwnam(SERVER_USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SERVER_USER],
+            check=True,
+            capture_output=True,
+        )
+        entry = pwd.getpwnam(SERVER_USER)
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    bindir = server_bindir()
+    if bindir is None:
+        reason = "PostgreSQL's server binaries (initdb, pg_ctl) are missing: run scripts/postgres.sh"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    run_as = _server_user()
+    root = Path(tempfile.mkdtemp(prefix="bastion-pg-"))  # not under pytest's tmp dirs, which only root may enter
+    if run_as:
+        os.chown(root, run_as["user"], run_as["group"])
+    data, logfile = root / "data", root / "server.log"
+    initdb = [str(bindir / "initdb"), "-D", str(data), "-U", DB_USER, "--auth=trust", "-E", "UTF8", "--no-sync"]
+    subprocess.run(initdb, check=True, capture_output=True, cwd=root, **run_as)
+    port = free_port()
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300"
+    pg_ctl = [str(bindir / "pg_ctl"), "-D", str(data)]
+    started = subprocess.run(
+        [*pg_ctl, "-l", str(logfile), "-w", "-t", "60", "-o", options, "start"],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        **run_as,
+    )
+    if started.returncode != 0:
+        log = logfile.read_text() if logfile.exists() else ""
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.fail(f"the PostgreSQL test server did not start: {started.stderr}\n{log}")
+    try:
+        yield PgServer("127.0.0.1", port)
+    finally:
+        subprocess.run([*pg_ctl, "-m", "immediate", "-w", "stop"], capture_output=True, cwd=root, **run_as)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_database(pg_server: PgServer) -> Iterator[str]:
+    """The address of an empty database of this test's own (no schema: `bastion store migrate` not run)."""
+    name = pg_server.create_database()
+    try:
+        yield pg_server.url(name)
+    finally:
+        pg_server.drop_database(name)
+
+
+@pytest.fixture
+def pg_store(pg_database: str) -> str:
+    """The address of a migrated database of this test's own."""
+    migrate(pg_database)
+    return pg_database
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def store_address(store_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a ledger of the parametrized kind lives: a SQLite file or a migrated PostgreSQL database."""
+    if store_kind == "postgresql":
+        return str(request.getfixturevalue("pg_store"))
+    return str(tmp_path / "ledger.sqlite")
+
+
+def open_ledger_at(address: str) -> LedgerStore:
+    return PgLedger(address) if address.startswith("postgresql://") else Ledger(address)
+
+
+@pytest.fixture
+def open_ledger(store_address: str) -> Iterator[Callable[[], LedgerStore]]:
+    """Opens ledgers on the parametrized store (each one a process's own), closing them at the end."""
+    opened: list[LedgerStore] = []
+
+    def make() -> LedgerStore:
+        ledger = open_ledger_at(store_address)
+        opened.append(ledger)
+        return ledger
+
+    yield make
+    for ledger in opened:
+        ledger.close()
