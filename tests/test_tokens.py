@@ -6,10 +6,12 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import multiprocessing
 import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from typer.testing import CliRunner
 
@@ -17,7 +19,7 @@ from audit.log import AuditLog
 from gateway.cli.main import app as cli
 from gateway.stores.tokens import TOUCH_SECONDS, SqliteTokenStore, open_tokens, parse_duration
 from policies.errors import InvalidRequest
-from tests.conftest import Workspace
+from tests.conftest import Workspace, gateways
 
 COUNT = {"sql": "SELECT COUNT(*) FROM visits", "epsilon": 0.1}
 
@@ -270,3 +272,34 @@ def test_a_workspace_with_tokens_json_keeps_working_through_the_gateway(workspac
         assert c.post("/v1/query", json=COUNT, headers=workspace.headers("analyst")).status_code == 200
         assert c.get("/v1/budget", headers=workspace.headers("auditor")).status_code == 401
     assert not settings.tokens.exists()
+
+
+def _open_store(json_path: str) -> int:
+    store = open_tokens(json_path)
+    try:
+        return len(store.list())
+    finally:
+        store.close()
+
+
+def test_two_processes_opening_an_old_workspace_at_once_import_it_once(tmp_path: Path) -> None:
+    old = {
+        f"{i:08x}": {"name": f"p{i}", "role": "analyst", "hash": f"{i:064x}", "created": "2026-01-01T00:00:00+00:00"}
+        for i in range(200)
+    }
+    path = tmp_path / "tokens.json"
+    path.write_text(json.dumps(old))
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        counts = pool.map(_open_store, [str(path)] * 2)
+    assert counts == [200, 200] and not path.exists()
+
+
+def test_a_token_revoked_on_the_host_is_refused_by_every_serving_process(workspace: Workspace) -> None:
+    token = _cli(workspace, "token", "create", "--role", "analyst", "--name", "frank").strip()
+    with gateways(2, "--workspace", str(workspace.settings.workspace)) as urls:
+        for url in urls:
+            assert httpx.get(f"{url}/v1/budget", headers=_bearer(token), timeout=30).status_code == 200
+        _cli(workspace, "token", "revoke", _token_id(token))
+        revoked_at = time.monotonic()
+        codes = [httpx.get(f"{url}/v1/budget", headers=_bearer(token), timeout=30).status_code for url in urls]
+        assert codes == [401, 401] and time.monotonic() - revoked_at < 1.0

@@ -12,6 +12,7 @@ or an error; the secret is printed once, at creation or rotation, and its hash i
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -240,7 +241,7 @@ class SqliteTokenStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            if legacy.exists():
+            with contextlib.suppress(FileNotFoundError):  # another process imported and renamed it meanwhile
                 os.replace(legacy, legacy.with_name(legacy.name + ".migrated"))
 
     @staticmethod
