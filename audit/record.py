@@ -41,6 +41,8 @@ class Event(enum.StrEnum):
     LEDGER_RECONCILED = "ledger_reconciled"
     DATASET_REGISTERED = "dataset_registered"
     TOKEN_CREATED = "token_created"
+    TOKEN_REVOKED = "token_revoked"
+    TOKEN_ROTATED = "token_rotated"
     KEY_GENERATED = "key_generated"
     KEY_ROTATED = "key_rotated"
     LOG_REPAIRED = "log_repaired"

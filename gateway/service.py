@@ -34,7 +34,7 @@ from gateway.sql.release import Release, bind_check, execute
 from gateway.stores.base import open_cache, open_ledger
 from gateway.stores.cache import cache_key
 from gateway.stores.ledger import LedgerBehind, LedgerCharge
-from gateway.stores.tokens import Principal, TokenStore
+from gateway.stores.tokens import ANONYMOUS_NAME, Principal, TokenRefused, TokenStore, open_tokens
 from policies.accountant import (
     DELTA_UNIT,
     EPS_UNIT,
@@ -92,7 +92,10 @@ class _Flight:
 
 
 ORPHAN_CHARGE = Event.ORPHAN_CHARGE
-ANONYMOUS = {"principal": None, "role": None, "token_id": None}  # the actor of a refusal before authentication
+# The actor of a refusal before authentication (no token, or one that does not work); the CLI's admin actions on
+# the gateway host are the only records made without a caller that carry ADMIN.
+ANONYMOUS = {"principal": ANONYMOUS_NAME, "role": None, "token_id": None}
+ADMIN = {"principal": "admin", "role": "admin", "token_id": None}
 # The event name of each grant's action: a denial is recorded under the same name as the allowed action.
 GRANT_EVENTS = {Grant.QUERY: Event.QUERY, Grant.SYNTH: Event.SYNTH, Grant.LABELING: Event.LF_STATS}
 Expected = dict[tuple[str, str], tuple[int, int, int]]  # (principal, dataset) → (ε units, δ units, ρ units)
@@ -192,7 +195,7 @@ class Bastion:
         except BaseException:
             self.engine.close()
             raise
-        self.tokens = TokenStore(settings.tokens)
+        self.tokens: TokenStore = open_tokens(settings.tokens)
         self.audit_log = AuditLog(settings.audit_dir, key_dir=settings.keys_dir)
         self._plans: dict[str, tuple[Policy, Plan]] = {}  # SQL text → (the policy it was planned under, plan)
         # Charges this process could not mark in the ledger: unrecorded (orphans due) and audited.
@@ -216,6 +219,7 @@ class Bastion:
         self.engine.close()
         self.ledger.close()
         self.cache.close()
+        self.tokens.close()
         closer = getattr(self.audit_log, "close", None)
         if closer is not None:
             try:
@@ -233,7 +237,7 @@ class Bastion:
     def _event(ctx: Context | None, event: str, fields: dict[str, Any]) -> dict[str, Any]:
         record: dict[str, Any] = {
             "event": event,
-            "actor": ctx.principal.as_actor() if ctx else {"principal": "admin", "role": "admin", "token_id": None},
+            "actor": ctx.principal.as_actor() if ctx else dict(ADMIN),
             "source": ctx.source if ctx else "cli",
             "request_id": ctx.request_id if ctx else uuid.uuid4().hex,
         }
@@ -498,13 +502,17 @@ class Bastion:
     ) -> None:
         """Audit a refusal made before the caller was authenticated: the first of its source's window in full
         (with `request_fields`), later ones counted into the window's aggregate record (see `gateway.refusals`)."""
-        if not self.refusals.note(source, error.code):
+        # A token with the right secret that no longer works (revoked, rotated, expired) is named by its
+        # principal and id (never its secret or hash), with the reason token_revoked, token_rotated or
+        # token_expired; any other refusal is anonymous.
+        reason = error.reason if isinstance(error, TokenRefused) else error.code
+        if not self.refusals.note(source, reason):
             return
         fields: dict[str, Any] = {
-            "actor": dict(ANONYMOUS),
+            "actor": error.principal.as_actor() if isinstance(error, TokenRefused) else dict(ANONYMOUS),
             "request": {"path": path, **request_fields},
             "decision": "denied",
-            "reason": error.code,
+            "reason": reason,
             "source": source,
             "request_id": request_id,
         }

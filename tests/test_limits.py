@@ -109,6 +109,6 @@ def test_a_malformed_body_without_a_token_is_refused_and_counted(workspace: Work
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request"
     records = AuditLog(workspace.settings.audit_dir).records()
     assert [(rec["event"], rec["reason"], rec["actor"]["principal"]) for rec in records] == [
-        ("authentication", "invalid_request", None)
+        ("authentication", "invalid_request", "anonymous")
     ]
     assert records[0]["request_id"] == r.headers["x-request-id"]

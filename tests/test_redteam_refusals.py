@@ -75,7 +75,7 @@ def test_malformed_json_without_a_valid_token_is_counted_as_a_refusal_before_aut
         r = _post(c, workspace, "/v1/query", b'{"sql":', role=None)
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request"
     refused = [rec for rec in AuditLog(workspace.settings.audit_dir).records() if rec["event"] == "authentication"]
-    assert [(rec["actor"]["principal"], rec["reason"]) for rec in refused] == [(None, "invalid_request")]
+    assert [(rec["actor"]["principal"], rec["reason"]) for rec in refused] == [("anonymous", "invalid_request")]
 
 
 def test_a_body_that_is_not_utf8_is_an_audited_invalid_request(workspace: Workspace) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -166,22 +167,37 @@ def register(
 @token_app.command("create")
 def token_create(
     role: Annotated[str, typer.Option(help="analyst, lf_author, auditor or admin")],
-    name: Annotated[str, typer.Option(help="principal name, e.g. alice")],
+    name: Annotated[str, typer.Option(help="principal name, e.g. alice ('anonymous' is reserved)")],
+    expires: Annotated[
+        str | None,
+        typer.Option(help="lifetime: a whole number and s, m, h or d, e.g. 30d [default: no expiry]"),
+    ] = None,
     workspace: Workspace = None,
 ) -> None:
     """Create a bearer token. It is printed once; only its hash is stored."""
     from audit.record import Event
+    from gateway.stores.tokens import iso, parse_duration
     from policies.errors import GatewayError
 
+    try:
+        lifetime = parse_duration(expires) if expires is not None else None
+    except GatewayError as exc:
+        fail(str(exc))
     bastion = _admin(workspace)
     try:
-        token, principal = bastion.tokens.create(name, role)
+        token, principal = bastion.tokens.create(name, role, lifetime)
+        record = bastion.tokens.get(principal.token_id)
         bastion.audit(
             None,
             Event.TOKEN_CREATED,
             decision="allowed",
             reason="ok",
-            request={"name": name, "role": role, "token_id": principal.token_id},
+            request={
+                "name": name,
+                "role": role,
+                "token_id": principal.token_id,
+                "expires": iso(record.expires) if record else None,
+            },
         )
     except GatewayError as exc:
         fail(str(exc))
@@ -190,15 +206,97 @@ def token_create(
     typer.echo(token)
 
 
+@token_app.command("revoke")
+def token_revoke(
+    token: Annotated[str, typer.Argument(help="a token id, or a principal name that has one token in use")],
+    workspace: Workspace = None,
+) -> None:
+    """Revoke a token: every gateway process of the workspace refuses it (401) within a second."""
+    from audit.record import Event
+    from policies.errors import GatewayError
+
+    bastion = _admin(workspace)
+    try:
+        record = bastion.tokens.revoke(bastion.tokens.find(token).token_id)
+        bastion.audit(
+            None,
+            Event.TOKEN_REVOKED,
+            decision="allowed",
+            reason="ok",
+            request={"name": record.name, "role": record.role, "token_id": record.token_id},
+        )
+    except GatewayError as exc:
+        fail(str(exc))
+    finally:
+        bastion.close()
+    console.print(f"revoked token {record.token_id} of {record.name} ({record.role})")
+
+
+@token_app.command("rotate")
+def token_rotate(
+    token: Annotated[str, typer.Argument(help="a token id, or a principal name that has one token in use")],
+    workspace: Workspace = None,
+) -> None:
+    """Replace a token by a new one for the same principal, role and expiry. The old one stops working at once;
+    the new one is printed once."""
+    from audit.record import Event
+    from policies.errors import GatewayError
+
+    bastion = _admin(workspace)
+    try:
+        new_token, old, principal = bastion.tokens.rotate(bastion.tokens.find(token).token_id)
+        bastion.audit(
+            None,
+            Event.TOKEN_ROTATED,
+            decision="allowed",
+            reason="ok",
+            request={
+                "name": old.name,
+                "role": old.role,
+                "token_id": old.token_id,
+                "new_token_id": principal.token_id,
+            },
+        )
+    except GatewayError as exc:
+        fail(str(exc))
+    finally:
+        bastion.close()
+    typer.echo(new_token)
+
+
 @token_app.command("list")
-def token_list(workspace: Workspace = None) -> None:
-    """List tokens (ids, names, roles; never secrets)."""
-    from gateway.stores.tokens import TokenStore
+def token_list(
+    as_json: AsJson = False,
+    workspace: Workspace = None,
+) -> None:
+    """List tokens: id, name, role, state, created, expires, last used (written at most once a minute per
+    gateway process), revoked; never secrets."""
+    from gateway.stores.tokens import open_tokens
 
     settings = _settings(workspace)
-    table = Table("token id", "name", "role", "created")
-    for t in TokenStore(settings.tokens).list():
-        table.add_row(t["token_id"], t["name"], t["role"], t["created"])
+    store = open_tokens(settings.tokens)
+    try:
+        records = store.list()
+    finally:
+        store.close()
+    now = time.time()
+    if as_json:
+        typer.echo(json.dumps([{**r.public(), "state": r.state(now)} for r in records], indent=2))
+        return
+    table = Table("token id", "name", "role", "state", "created", "expires", "last used", "revoked")
+    for r in records:
+        t = r.public()
+        state = r.state(now) + (f" → {r.replaced_by}" if r.replaced_by else "")
+        table.add_row(
+            r.token_id,
+            r.name,
+            r.role,
+            state,
+            t["created"],
+            t["expires"] or "never",
+            t["last_used"] or "-",
+            t["revoked"] or "-",
+        )
     console.print(table)
 
 

@@ -359,7 +359,8 @@ def _web_context(request: Request, bastion: Bastion) -> Context:
         principal = sessions.principal(request.cookies.get(COOKIE))
         if principal is None:
             raise Unauthorized("your session has ended: sign in again")
-        return principal
+        # The token the session was opened with must still work: revoking or rotating it ends the session.
+        return bastion.tokens.active(principal.token_id)
 
     return authenticated(request, bastion, session)
 

@@ -49,7 +49,7 @@ REQUEST_CONFIG = ConfigDict(extra="forbid", strict=True)
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "invalid request or rejected SQL (with line, column, highlight)"},
-    401: {"model": ErrorResponse, "description": "missing or invalid bearer token"},
+    401: {"model": ErrorResponse, "description": "missing or invalid bearer token, or one revoked, rotated or expired"},
     403: {"model": ErrorResponse, "description": "role or column not granted"},
     404: {"model": ErrorResponse, "description": "unknown dataset"},
     413: {"model": ErrorResponse, "description": "payload_too_large: the body is over the declared limit"},

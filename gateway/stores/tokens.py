@@ -1,21 +1,44 @@
-"""Bearer tokens: created on the gateway host, stored only as SHA-256 hashes, compared in constant time."""
+"""Bearer tokens: created on the gateway host, stored only as SHA-256 hashes, compared in constant time.
+
+`TokenStore` is the interface every implementation keeps (each method is one statement or one short transaction
+of a relational store); `SqliteTokenStore` is the embedded one, a SQLite file beside the workspace's other stores,
+shared by every gateway process of the workspace. A token's state (revoked, expired, rotated) is read from the
+store on every request, never cached, so a revocation made by one process is refused by all of them at once.
+Only the last-used time is written lazily: at most once per `TOUCH_SECONDS` per token and process.
+
+A token is `bst_<id>_<secret>`. Only the id (8 hex digits, not secret) ever appears in the audit log, the list
+or an error; the secret is printed once, at creation or rotation, and its hash is stored.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-import fcntl
 import hashlib
 import hmac
 import json
+import logging
 import os
+import re
 import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-from policies.errors import InvalidRequest, Unauthorized
+from policies.errors import InvalidRequest, NotFound, Unauthorized
 
 ROLES = ("analyst", "lf_author", "auditor", "admin")
 PREFIX = "bst"
+ANONYMOUS_NAME = "anonymous"  # the principal of a request without a valid token; no token may take the name
+TOUCH_SECONDS = 60.0  # a token's last-used time is written at most this often per gateway process
+DURATION = re.compile(r"(\d+)([smhd])")
+UNITS = {"s": 1, "m": 60, "h": 3_600, "d": 86_400}
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -28,52 +51,308 @@ class Principal:
         return {"principal": self.name, "role": self.role, "token_id": self.token_id}
 
 
+@dataclass(frozen=True)
+class TokenRecord:
+    """A stored token, without anything from which its secret could be recovered or a token forged."""
+
+    token_id: str
+    name: str
+    role: str
+    created: float  # POSIX seconds
+    expires: float | None = None
+    revoked: float | None = None
+    last_used: float | None = None
+    replaced_by: str | None = None  # the token id a rotation issued in its place
+
+    @property
+    def principal(self) -> Principal:
+        return Principal(self.name, self.role, self.token_id)
+
+    def state(self, now: float) -> str:
+        if self.revoked is not None:
+            return "rotated" if self.replaced_by else "revoked"
+        if self.expires is not None and now >= self.expires:
+            return "expired"
+        return "active"
+
+    def public(self) -> dict[str, str | None]:
+        """The record as text for listings (times in ISO 8601 UTC)."""
+        return {
+            "token_id": self.token_id,
+            "name": self.name,
+            "role": self.role,
+            "created": iso(self.created),
+            "expires": iso(self.expires),
+            "last_used": iso(self.last_used),
+            "revoked": iso(self.revoked),
+            "replaced_by": self.replaced_by,
+        }
+
+
+class TokenRefused(Unauthorized):
+    """A token whose secret is right but which no longer works (revoked, rotated or expired): a 401 like any bad
+    token, recorded with the token's principal and id so the refusal can be traced."""
+
+    def __init__(self, message: str, principal: Principal, reason: str) -> None:
+        super().__init__(message)
+        self.principal = principal
+        self.reason = reason
+
+
+def iso(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat(timespec="seconds")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of a duration such as `90s`, `15m`, `12h`, `30d` (a positive whole number and one unit)."""
+    match = DURATION.fullmatch(text.strip())
+    if match is None or int(match.group(1)) == 0:
+        raise InvalidRequest(f"invalid duration {text!r}: a positive whole number and a unit s, m, h or d, e.g. 30d")
+    return float(int(match.group(1)) * UNITS[match.group(2)])
+
+
 def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-class TokenStore:
-    def __init__(self, path: str | Path) -> None:
+def _check_new(name: str, role: str) -> None:
+    if role not in ROLES:
+        raise InvalidRequest(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
+    if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise InvalidRequest("a principal name is letters, digits, '-', '_' or '.'")
+    if name == ANONYMOUS_NAME:
+        raise InvalidRequest(f"{ANONYMOUS_NAME!r} is reserved: the audit log records requests without a token under it")
+
+
+def _new_secret() -> tuple[str, str]:
+    return secrets.token_hex(4), secrets.token_urlsafe(32)
+
+
+class TokenStore(Protocol):
+    """What the gateway needs of a token store. Every method maps onto one SQL statement (or, for `rotate`, one
+    transaction of two), so an implementation on a shared database keeps the same semantics."""
+
+    def create(self, name: str, role: str, expires_in: float | None = None) -> tuple[str, Principal]:
+        """INSERT a new token; the full token is returned once and never stored."""
+        ...
+
+    def get(self, token_id: str) -> TokenRecord | None:
+        """SELECT one token by id."""
+        ...
+
+    def get_by_hash(self, secret_hash: str) -> TokenRecord | None:
+        """SELECT one token by the hash of its secret."""
+        ...
+
+    def revoke(self, token_id: str) -> TokenRecord:
+        """UPDATE the token as revoked now (NotFound if unknown; revoking twice keeps the first time)."""
+        ...
+
+    def rotate(self, token_id: str) -> tuple[str, TokenRecord, Principal]:
+        """One transaction: INSERT a new token for the same principal, role and expiry, and UPDATE the old one as
+        revoked and replaced by it. Returns the new full token, the old record and the new principal."""
+        ...
+
+    def touch(self, token_id: str, when: float) -> None:
+        """UPDATE the last-used time (only forward)."""
+        ...
+
+    def list(self) -> list[TokenRecord]:
+        """SELECT every token, oldest first."""
+        ...
+
+    def authenticate(self, token: str | None) -> Principal:
+        """The principal of a working token, else Unauthorized (TokenRefused for a right secret that no longer
+        works)."""
+        ...
+
+    def active(self, token_id: str) -> Principal:
+        """The principal of token `token_id` if it still works (for sessions opened with it), else Unauthorized."""
+        ...
+
+    def find(self, name_or_id: str) -> TokenRecord:
+        """The token with this id, else the one token of this principal that is not revoked (NotFound/ambiguous)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tokens (
+    token_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    role TEXT NOT NULL,
+    hash TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL,
+    expires REAL,
+    revoked REAL,
+    last_used REAL,
+    replaced_by TEXT
+);
+CREATE INDEX IF NOT EXISTS tokens_name ON tokens (name);
+"""
+COLUMNS = "token_id, name, role, created, expires, revoked, last_used, replaced_by"
+
+
+class SqliteTokenStore:
+    """Tokens in a SQLite file (WAL, so readers in other processes never wait for a writer). An older workspace's
+    `tokens.json` is imported on first open, each token with its hash, name, role and creation time (the JSON file
+    is then renamed `tokens.json.migrated`, kept for the record)."""
+
+    def __init__(self, path: str | Path, *, legacy: str | Path | None = None, clock: Callable[[], float] = time.time):
         self.path = Path(path)
-        self._cached: tuple[tuple[int, int, int], dict[str, dict[str, str]]] | None = None
-
-    def _read(self) -> dict[str, dict[str, str]]:
-        """The token file, re-read only when it changed (tokens are created by another process)."""
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return {}
-        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if self._cached is None or self._cached[0] != stamp:
-            self._cached = (stamp, json.loads(self.path.read_text() or "{}"))
-        return self._cached[1]
-
-    def create(self, name: str, role: str) -> tuple[str, Principal]:
-        """Create a token; the secret is returned once and never stored."""
-        if role not in ROLES:
-            raise InvalidRequest(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
-        if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-            raise InvalidRequest("a principal name is letters, digits, '-', '_' or '.'")
-        token_id = secrets.token_hex(4)
-        secret = secrets.token_urlsafe(32)
+        self.legacy = Path(legacy) if legacy is not None else None
+        self.clock = clock
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            tokens = dict(self._read())
-            tokens[token_id] = {
-                "name": name,
-                "role": role,
-                "hash": _hash(secret),
-                "created": dt.datetime.now(dt.UTC).isoformat(),
-            }
-            tmp = self.path.with_suffix(".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(tokens, f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+        fresh = not self.path.exists()
+        self._db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+        if fresh:
+            os.chmod(self.path, 0o600)
+        self._lock = threading.Lock()
+        self._touched: dict[str, float] = {}  # token id → when this process last wrote its last-used time
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+        if self.legacy is not None and self.legacy.exists():
+            self._migrate(self.legacy)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _migrate(self, legacy: Path) -> None:
+        """Import a tokens.json in one transaction; INSERT OR IGNORE makes a repeat (a crash before the rename,
+        two processes opening at once) change nothing."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if legacy.exists():
+                    entries = json.loads(legacy.read_text() or "{}")
+                    for token_id, entry in entries.items():
+                        created = dt.datetime.fromisoformat(entry["created"]).timestamp()
+                        self._db.execute(
+                            "INSERT OR IGNORE INTO tokens (token_id, name, role, hash, created) VALUES (?, ?, ?, ?, ?)",
+                            (token_id, entry["name"], entry["role"], entry["hash"], created),
+                        )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            with contextlib.suppress(FileNotFoundError):  # another process imported and renamed it meanwhile
+                os.replace(legacy, legacy.with_name(legacy.name + ".migrated"))
+
+    @staticmethod
+    def _record(row: tuple[object, ...] | None) -> TokenRecord | None:
+        return None if row is None else TokenRecord(*row)  # type: ignore[arg-type]
+
+    def _one(self, where: str, value: str) -> TokenRecord | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {COLUMNS} FROM tokens WHERE {where} = ?", (value,)).fetchone()
+        return self._record(row)
+
+    def create(self, name: str, role: str, expires_in: float | None = None) -> tuple[str, Principal]:
+        _check_new(name, role)
+        token_id, secret = _new_secret()
+        now = self.clock()
+        expires = now + expires_in if expires_in is not None else None
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO tokens (token_id, name, role, hash, created, expires) VALUES (?, ?, ?, ?, ?, ?)",
+                (token_id, name, role, _hash(secret), now, expires),
+            )
         return f"{PREFIX}_{token_id}_{secret}", Principal(name, role, token_id)
+
+    def get(self, token_id: str) -> TokenRecord | None:
+        return self._one("token_id", token_id)
+
+    def get_by_hash(self, secret_hash: str) -> TokenRecord | None:
+        return self._one("hash", secret_hash)
+
+    def revoke(self, token_id: str) -> TokenRecord:
+        with self._lock:
+            self._db.execute(
+                "UPDATE tokens SET revoked = ? WHERE token_id = ? AND revoked IS NULL", (self.clock(), token_id)
+            )
+        record = self.get(token_id)
+        if record is None:
+            raise NotFound(f"no token {token_id!r}")
+        return record
+
+    def rotate(self, token_id: str) -> tuple[str, TokenRecord, Principal]:
+        new_id, secret = _new_secret()
+        now = self.clock()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute(f"SELECT {COLUMNS} FROM tokens WHERE token_id = ?", (token_id,)).fetchone()
+                old = self._record(row)
+                if old is None:
+                    raise NotFound(f"no token {token_id!r}")
+                if old.revoked is not None:
+                    raise InvalidRequest(f"token {token_id} is {old.state(now)}; only a token not revoked is rotated")
+                self._db.execute(
+                    "INSERT INTO tokens (token_id, name, role, hash, created, expires) VALUES (?, ?, ?, ?, ?, ?)",
+                    (new_id, old.name, old.role, _hash(secret), now, old.expires),
+                )
+                self._db.execute(
+                    "UPDATE tokens SET revoked = ?, replaced_by = ? WHERE token_id = ?", (now, new_id, token_id)
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return f"{PREFIX}_{new_id}_{secret}", old, Principal(old.name, old.role, new_id)
+
+    def touch(self, token_id: str, when: float) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE tokens SET last_used = ? WHERE token_id = ? AND (last_used IS NULL OR last_used < ?)",
+                (when, token_id, when),
+            )
+
+    def list(self) -> list[TokenRecord]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {COLUMNS} FROM tokens ORDER BY created, token_id").fetchall()
+        return [TokenRecord(*row) for row in rows]
+
+    def find(self, name_or_id: str) -> TokenRecord:
+        record = self.get(name_or_id)
+        if record is not None:
+            return record
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {COLUMNS} FROM tokens WHERE name = ? AND revoked IS NULL ORDER BY created", (name_or_id,)
+            ).fetchall()
+        if not rows:
+            raise NotFound(f"no token with id {name_or_id!r} and no token of principal {name_or_id!r} in use")
+        if len(rows) > 1:
+            ids = ", ".join(row[0] for row in rows)
+            raise InvalidRequest(f"principal {name_or_id!r} has {len(rows)} tokens ({ids}); name one by its id")
+        return TokenRecord(*rows[0])
+
+    def _working(self, record: TokenRecord) -> Principal:
+        now = self.clock()
+        state = record.state(now)
+        if state != "active":
+            raise TokenRefused(f"token {record.token_id} is {state}", record.principal, f"token_{state}")
+        self._note_use(record.token_id, now)
+        return record.principal
+
+    def _note_use(self, token_id: str, now: float) -> None:
+        """Write the last-used time if this process has not written it for `TOUCH_SECONDS` (never fails a
+        request: a failed write is tried again on the next use)."""
+        last = self._touched.get(token_id)
+        if last is not None and now - last < TOUCH_SECONDS:
+            return
+        self._touched[token_id] = now
+        try:
+            self.touch(token_id, now)
+        except sqlite3.Error as exc:
+            self._touched.pop(token_id, None)
+            log.warning("last-used time of token %s not written: %s", token_id, exc)
 
     def authenticate(self, token: str | None) -> Principal:
         if not token:
@@ -82,15 +361,24 @@ class TokenStore:
         if len(parts) != 3 or parts[0] != PREFIX:
             raise Unauthorized("invalid token")
         _, token_id, secret = parts
-        entry = self._read().get(token_id)
+        with self._lock:
+            row = self._db.execute(f"SELECT {COLUMNS}, hash FROM tokens WHERE token_id = ?", (token_id,)).fetchone()
+        record = self._record(row[:-1]) if row is not None else None
+        stored = str(row[-1]) if row is not None else None
         # Compare against a dummy hash when the id is unknown, so timing does not tell ids apart.
-        expected = entry["hash"] if entry else _hash("")
-        if not hmac.compare_digest(expected, _hash(secret)) or entry is None:
+        if not hmac.compare_digest(stored or _hash(""), _hash(secret)) or record is None:
             raise Unauthorized("invalid token")
-        return Principal(entry["name"], entry["role"], token_id)
+        return self._working(record)
 
-    def list(self) -> list[dict[str, str]]:
-        return [
-            {"token_id": k, "name": v["name"], "role": v["role"], "created": v["created"]}
-            for k, v in self._read().items()
-        ]
+    def active(self, token_id: str) -> Principal:
+        record = self.get(token_id)
+        if record is None:
+            raise Unauthorized("invalid token")
+        return self._working(record)
+
+
+def open_tokens(json_path: str | Path, *, clock: Callable[[], float] = time.time) -> SqliteTokenStore:
+    """The workspace's token store: `tokens.sqlite` beside `json_path` (the workspace's `tokens.json`, imported
+    on first open if present)."""
+    json_path = Path(json_path)
+    return SqliteTokenStore(json_path.with_name("tokens.sqlite"), legacy=json_path, clock=clock)
