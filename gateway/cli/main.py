@@ -305,7 +305,7 @@ def serve(
     host: Annotated[str | None, typer.Option(help="interface to listen on [default: 127.0.0.1]")] = None,
     port: Annotated[int | None, typer.Option(help="port [default: 8000]")] = None,
     workers: Annotated[
-        int, typer.Option(min=1, help="worker processes (they share the ledger, cache and audit log)")
+        int, typer.Option(min=1, help="worker processes (they share the ledger, cache, tokens and audit log)")
     ] = 1,
     access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="log every HTTP request")] = True,
     trusted_proxy: Annotated[
