@@ -249,6 +249,8 @@ class SpendPoint:
     delta: float
     cumulative_epsilon: float
     cumulative_delta: float
+    rho: float = 0.0  # charged in ρ (zCDP accounting)
+    cumulative_rho: float = 0.0
 
 
 @dataclass
@@ -261,6 +263,12 @@ class DatasetSpend:
     remaining_epsilon: float | None = None
     remaining_delta: float | None = None
     over_cap: bool = False
+    # Under zCDP accounting (caps with "accounting": "zcdp") the ledger caps ρ and the δ key selection may spend,
+    # and over_cap is judged on those: ε charged is then each request's nominal ε, whose sum is no cap's measure.
+    accounting: str = "pure"
+    rho: float = 0.0
+    cap_rho: float | None = None
+    remaining_rho: float | None = None
     principals: dict[str, dict[str, float]] = field(default_factory=dict)
     principals_over_cap: list[str] = field(default_factory=list)
 
@@ -371,37 +379,44 @@ def privacy_spend(
     since: dt.datetime | str | None = None,
     until: dt.datetime | str | None = None,
 ) -> SpendReport:
-    """ε and δ charged per principal per dataset over time, and per dataset in total.
+    """ε, δ and ρ charged per principal per dataset over time, and per dataset in total.
 
     `source` is a log directory or an iterable of records. A charge is a record with ``decision == "allowed"``
     and a ``cost`` holding ``epsilon`` and/or ``delta``; it is counted once per ``request_id`` (see `charges`).
     Costs add up by basic composition, as charged. `caps` maps a dataset to ``{"epsilon": .., "delta": ..}``
     (its total budget), optionally with ``"per_principal": {"epsilon": .., "delta": ..}``; totals report what
-    remains and who went over.
+    remains and who went over. A dataset under zCDP accounting has caps with ``"accounting": "zcdp"`` and ``"rho"``
+    (the ρ cap; ``"delta"`` is then the δ key selection may spend, and the same keys under ``per_principal``): its
+    over-cap verdicts are in ρ and δ, as the ledger's.
     """
     records = charge_records(source) if isinstance(source, str | Path) else source
     series: dict[tuple[str, str], list[SpendPoint]] = defaultdict(list)
-    costs: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
+    costs: dict[str, dict[str, list[tuple[float, float, float]]]] = defaultdict(lambda: defaultdict(list))
     count = 0
     for c in charges(records, since=since, until=until):
-        if c.epsilon == 0 and c.delta == 0:  # a cached answer or a dry run: allowed, but nothing was spent
+        if c.epsilon == 0 and c.delta == 0 and c.rho == 0:  # a cached answer or a dry run: nothing was spent
             continue
-        costs[c.dataset][c.principal].append((c.epsilon, c.delta))
+        costs[c.dataset][c.principal].append((c.epsilon, c.delta, c.rho))
         points = series[(c.principal, c.dataset)]
         cum_eps = (points[-1].cumulative_epsilon if points else 0.0) + c.epsilon
         cum_delta = (points[-1].cumulative_delta if points else 0.0) + c.delta
-        points.append(SpendPoint(c.seq, c.time, c.request_id, c.event, c.epsilon, c.delta, cum_eps, cum_delta))
+        cum_rho = (points[-1].cumulative_rho if points else 0.0) + c.rho
+        points.append(
+            SpendPoint(c.seq, c.time, c.request_id, c.event, c.epsilon, c.delta, cum_eps, cum_delta, c.rho, cum_rho)
+        )
         count += 1
     datasets: dict[str, DatasetSpend] = {}
     for name, by_principal in costs.items():
         spend = datasets[name] = DatasetSpend(name)
         for principal, mine in by_principal.items():
             spend.principals[principal] = {
-                "epsilon": math.fsum(e for e, _ in mine),
-                "delta": math.fsum(d for _, d in mine),
+                "epsilon": math.fsum(e for e, _, _ in mine),
+                "delta": math.fsum(d for _, d, _ in mine),
+                "rho": math.fsum(r for _, _, r in mine),
             }
-        spend.epsilon = math.fsum(e for mine in by_principal.values() for e, _ in mine)
-        spend.delta = math.fsum(d for mine in by_principal.values() for _, d in mine)
+        spend.epsilon = math.fsum(e for mine in by_principal.values() for e, _, _ in mine)
+        spend.delta = math.fsum(d for mine in by_principal.values() for _, d, _ in mine)
+        spend.rho = math.fsum(r for mine in by_principal.values() for _, _, r in mine)
     for name, cap in (caps or {}).items():
         spend = datasets.setdefault(name, DatasetSpend(name))
         spend.cap_epsilon, spend.cap_delta = _number(cap.get("epsilon")), _number(cap.get("delta"))
@@ -409,11 +424,18 @@ def privacy_spend(
             spend.remaining_epsilon = spend.cap_epsilon - spend.epsilon
         if spend.cap_delta is not None:
             spend.remaining_delta = spend.cap_delta - spend.delta
-        spend.over_cap = _over(spend.epsilon, spend.cap_epsilon) or _over(spend.delta, spend.cap_delta)
+        zcdp = cap.get("accounting") == "zcdp"
+        if zcdp:
+            spend.accounting = "zcdp"
+            spend.cap_rho = _number(cap.get("rho"))
+            if spend.cap_rho is not None:
+                spend.remaining_rho = spend.cap_rho - spend.rho
+        loss = "rho" if zcdp else "epsilon"
+        spend.over_cap = _over(getattr(spend, loss), _number(cap.get(loss))) or _over(spend.delta, spend.cap_delta)
         per = cap.get("per_principal")
         if isinstance(per, Mapping):
-            pe, pd = _number(per.get("epsilon")), _number(per.get("delta"))
+            pl, pd = _number(per.get(loss)), _number(per.get("delta"))
             spend.principals_over_cap = sorted(
-                p for p, used in spend.principals.items() if _over(used["epsilon"], pe) or _over(used["delta"], pd)
+                p for p, used in spend.principals.items() if _over(used[loss], pl) or _over(used["delta"], pd)
             )
     return SpendReport(dict(series), datasets, count)

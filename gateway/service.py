@@ -44,6 +44,7 @@ from policies.accountant import (
     conversion_delta,
     rho_cap,
     selection_delta_cap,
+    spend_caps,
     zcdp_epsilon,
 )
 from policies.errors import (
@@ -990,6 +991,6 @@ class Bastion:
     def budget_caps(self) -> dict[str, dict[str, Any]]:
         """Each dataset's total budget with its per-principal cap, as `audit.report.privacy_spend` takes them."""
         return {
-            name: {**policy.budget.total.model_dump(), "per_principal": policy.budget.per_principal.model_dump()}
+            name: spend_caps(policy.budget.total, policy.budget.per_principal, policy.accounting)
             for name, (policy, _) in self.engine.datasets().items()
         }

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
+from typing import Any
 
 # Ledger arithmetic is exact: ε and ρ are kept in units of 1e-12 and δ in units of 1e-18, charges rounded up and
 # caps rounded down, so float rounding can never let a principal spend more than the cap.
@@ -203,3 +204,16 @@ def check_alpha(value: object) -> float:
     if v is None or not MIN_ALPHA <= v < 1:
         raise InvalidRequest(f"alpha (1 - confidence) must be a number in [{MIN_ALPHA:g}, 1), got {_shown(value)}")
     return v
+
+
+def spend_caps(budget_total: Any, per_principal: Any, accounting: Accounting) -> dict[str, Any]:
+    """A dataset's caps as the auditor's spend report takes them (`audit.report.privacy_spend`): the declared
+    (ε, δ) total with its per-principal cap; under zCDP also the ρ caps the ledger converts them to, and as
+    "delta" the part of δ that key selection may spend (what the ledger caps)."""
+    caps: dict[str, Any] = {**budget_total.model_dump(), "per_principal": per_principal.model_dump()}
+    if accounting is Accounting.ZCDP:
+        for part, budget in ((caps, budget_total), (caps["per_principal"], per_principal)):
+            part["rho"] = rho_cap(budget.epsilon, budget.delta)
+            part["delta"] = selection_delta_cap(budget.delta, accounting)
+        caps["accounting"] = "zcdp"
+    return caps

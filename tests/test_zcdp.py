@@ -14,6 +14,7 @@ import opendp.prelude as dp
 import pytest
 import yaml
 
+from audit import report
 from audit.record import Event
 from gateway.cli.main import print_dry_run
 from gateway.service import Bastion, Context
@@ -340,6 +341,7 @@ def test_zcdp_queries_until_the_budget_is_spent(zcdp_workspace: Workspace, capsy
         answered = 0
         expected = math.floor(rho_cap(10.0, 1e-6) * RHO_UNIT) // math.ceil(rho * RHO_UNIT)
         while True:
+            ctx = Context(bastion.authenticate(zcdp_workspace.tokens["analyst"]))  # one request each, as over HTTP
             try:
                 answer = bastion.query(ctx, f"{sql} -- {answered}", accuracy={"n": 100.0})
             except BudgetExhausted:
@@ -355,6 +357,23 @@ def test_zcdp_queries_until_the_budget_is_spent(zcdp_workspace: Workspace, capsy
         assert budget["accounting"] == "zcdp"
         assert budget["spent"]["rho"] == pytest.approx(answered * rho)
         assert budget["remaining"]["rho"] < rho
+        # The auditor's spend report, from the log alone, shows the same ρ and judges the caps in ρ as the ledger.
+        caps = bastion.budget_caps()["visits"]
+        policy = bastion.engine.datasets()["visits"][0]
+        assert caps["accounting"] == "zcdp"
+        assert caps["per_principal"]["rho"] == rho_cap(10.0, 1e-6)
+        assert caps["rho"] == rho_cap(policy.budget.total.epsilon, policy.budget.total.delta)
+        spend = report.privacy_spend(zcdp_workspace.settings.audit_dir, {"visits": caps})
+        visits = spend.datasets["visits"]
+        assert visits.accounting == "zcdp" and visits.epsilon == 0.0
+        assert visits.rho == pytest.approx(answered * rho) == visits.principals["alice"]["rho"]
+        assert visits.remaining_rho == pytest.approx(caps["rho"] - answered * rho)
+        assert not visits.over_cap and visits.principals_over_cap == []  # ε was never the measure
+        assert spend.series[("alice", "visits")][-1].cumulative_rho == pytest.approx(answered * rho)
+        tighter = {**caps, "per_principal": {**caps["per_principal"], "rho": (answered - 1) * rho}}
+        assert report.privacy_spend(zcdp_workspace.settings.audit_dir, {"visits": tighter}).datasets[
+            "visits"
+        ].principals_over_cap == ["alice"]
     finally:
         bastion.close()
 

@@ -282,10 +282,9 @@ def _caps(settings: Any) -> dict[str, dict[str, Any]]:
                 policies.append(load_policy(path))
             except PolicyError:
                 continue
-    return {
-        p.dataset: {**p.budget.total.model_dump(), "per_principal": p.budget.per_principal.model_dump()}
-        for p in policies
-    }
+    from policies.accountant import spend_caps
+
+    return {p.dataset: spend_caps(p.budget.total, p.budget.per_principal, p.accounting) for p in policies}
 
 
 @audit_app.command("spend")
@@ -296,7 +295,8 @@ def spend(
     dataset: Dataset = None,
     format: Annotated[str, typer.Option("--format", help="table or json")] = "table",
 ) -> None:
-    """Privacy spend (ε, δ) per principal and dataset, and per dataset against its caps, from the log."""
+    """Privacy spend (ε, δ, and ρ under zCDP) per principal and dataset, and per dataset against its caps (ρ and δ
+    under zCDP, as the ledger caps them), from the log."""
     from audit import report
 
     if format not in ("table", "json"):
@@ -314,25 +314,30 @@ def spend(
     if format == "json":
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return
-    totals = Table("dataset", "ε spent", "ε cap", "δ spent", "δ cap", "over cap", "principals over their cap")
+    totals = Table(
+        "dataset", "ε spent", "ε cap", "ρ spent", "ρ cap", "δ spent", "δ cap", "over cap", "principals over their cap"
+    )
     for name, d in sorted(result.datasets.items()):
         totals.add_row(
             name,
             f"{d.epsilon:.6g}",
-            _g(d.cap_epsilon),
+            "– (zCDP: ρ)" if d.accounting == "zcdp" else _g(d.cap_epsilon),
+            f"{d.rho:.6g}" if d.accounting == "zcdp" or d.rho else "–",
+            _g(d.cap_rho),
             f"{d.delta:.3g}",
             _g(d.cap_delta),
             "YES" if d.over_cap else "no",
             ", ".join(d.principals_over_cap),
         )
     console.print(totals)
-    per = Table("principal", "dataset", "charges", "ε", "δ", "first", "last")
+    per = Table("principal", "dataset", "charges", "ε", "ρ", "δ", "first", "last")
     for (principal, name), points in sorted(result.series.items()):
         per.add_row(
             principal,
             name,
             str(len(points)),
             f"{points[-1].cumulative_epsilon:.6g}",
+            f"{points[-1].cumulative_rho:.6g}",
             f"{points[-1].cumulative_delta:.3g}",
             points[0].time,
             points[-1].time,
