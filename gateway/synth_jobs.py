@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 
 from audit.record import Event
 from gateway.service import Bastion, Context
+from gateway.sql.price import default_delta
 from gateway.stores.cache import cache_key
 from gateway.stores.tokens import Principal
 from policies.accountant import PrivacyLoss, check_delta, check_epsilon
@@ -292,8 +293,9 @@ class SynthJobs:
                 epsilon = check_epsilon(epsilon)
                 if delta is not None and delta != 0:
                     delta = check_delta(delta)
-                if delta is None:
-                    delta = policy.budget.per_principal.delta / 10
+                if delta is None:  # as a query's: the δ cap's share that this ε is of the ε cap
+                    cap = policy.budget.per_principal
+                    delta = default_delta(cap.delta, epsilon, cap.epsilon)
                 alloc = check_calibration(policy, epsilon, delta)
                 allocation = alloc.to_json()
                 cost = PrivacyLoss(epsilon, alloc.delta_spent)

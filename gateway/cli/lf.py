@@ -110,9 +110,11 @@ def stats(
     else:
         print_summary(raw)
     b = raw["budget"]
+    rho = f", ρ={raw['rho_spent']:.4g}" if raw.get("rho_spent") else ""
+    rho_left = f", ρ={b['remaining']['rho']:.4g}" if b["remaining"].get("rho") is not None else ""
     console.print(
-        f"spent ε={raw['epsilon_spent']:.4g}{' (cached)' if raw['cached'] else ''}; remaining on "
-        f"{b['dataset']}: ε={b['remaining']['epsilon']:.4g}"
+        f"spent ε={raw['epsilon_spent']:.4g}{rho}{' (cached)' if raw['cached'] else ''}; remaining on "
+        f"{b['dataset']}: ε={b['remaining']['epsilon']:.4g}{rho_left}"
     )
 
 

@@ -12,6 +12,7 @@ import pandas as pd
 
 from audit.log import AuditLog
 from gateway.client import Client
+from gateway.sql.price import default_delta
 from tests.conftest import ROLES, Workspace, build_workspace
 from tests.synth.helpers import USABLE, private_rows, proxy_frame, variant_workspace, wait
 
@@ -96,6 +97,9 @@ def test_proxy_charges_its_epsilon_once_and_repeat_is_free(workspace: Workspace)
         again = c.post("/v1/synth", json=body, headers=h).json()
         other_seed = c.post("/v1/synth", json={**body, "seed": 2}, headers=h).json()
         budget = next(b for b in c.get("/v1/budget", headers=h).json() if b["dataset"] == "visits")
+        # no δ given: the δ cap's share that ε is of the ε cap, as for a query
+        limit = budget["limit"]
+        assert math.isclose(first["delta"], default_delta(limit["delta"], 0.5, limit["epsilon"]))
         a = proxy_frame(c, h, first["job_id"])
         b = proxy_frame(c, h, again["job_id"])
         wait(c, h, other_seed["job_id"])
