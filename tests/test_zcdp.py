@@ -497,3 +497,20 @@ def test_answers_to_extreme_public_parameters_are_never_a_5xx(zcdp_workspace: Wo
             assert r.status_code < 500, (body, r.status_code, r.text)
             if r.status_code >= 400:
                 assert c.get("/v1/budget", headers=h).json() == before, body
+
+
+@pytest.mark.parametrize("epsilon", [400.0, 1000.0])
+def test_a_dry_run_at_a_large_epsilon_shows_no_finite_zcdp_equivalent(workspace: Workspace, epsilon: float) -> None:
+    """Under pure accounting a dry run also prices the query under zCDP: at a large ε OpenDP's conversion of its ρ
+    overflows, which is 'no finite ε' (null), not a 500."""
+    with workspace.app() as c:
+        h = workspace.headers("analyst")
+        r = c.post(
+            "/v1/query",
+            json={"sql": "SELECT COUNT(*) AS n FROM visits", "epsilon": epsilon, "dry_run": True},
+            headers=h,
+        )
+    assert r.status_code == 200, r.text
+    costs = r.json()["costs"]
+    assert costs["pure"]["epsilon"] == epsilon
+    assert costs["zcdp"]["rho"] == pytest.approx(epsilon**2 / 2) and costs["zcdp"]["epsilon_equivalent"] is None
