@@ -92,8 +92,13 @@ def zcdp_epsilon(rho: float, delta: float) -> float:
         return 0.0
     if delta <= 0:
         return math.inf
+    from opendp.mod import OpenDPException
+
     curve = _unit_gaussian().map(math.sqrt(2 * rho))  # type: ignore[attr-defined]
-    return float(curve.epsilon(delta))
+    try:
+        return float(curve.epsilon(delta))
+    except OpenDPException:  # OpenDP's conversion overflows for a large ρ: no finite ε
+        return math.inf
 
 
 @lru_cache(maxsize=1024)
