@@ -414,19 +414,14 @@ def demo(
                 reason="ok",
                 request={"source": str(data), "version": version},
             )
-            made = {}
-            for role, name in (("analyst", "alice"), ("lf_author", "lena"), ("auditor", "otto")):
-                token, _ = bastion.tokens.create(name, role)
-                made[role] = {"name": name, "token": token}
+            _demo_tokens(bastion.tokens, tokens_file)
         finally:
             bastion.close()
-        fd = os.open(tokens_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(made, f, indent=2)
     else:
         settings = Settings.load(settings.workspace, host=host, port=port, store=store)
         settings.save()
         console.print(f"reusing the demo workspace in {settings.workspace}")
+        _reuse_demo_tokens(settings, tokens_file)
     made = json.loads(tokens_file.read_text())
     url = f"http://{settings.host}:{settings.port}"
     console.print("\n[bold]Tokens[/] (also in " + str(tokens_file) + ", readable only by you):")
@@ -462,6 +457,38 @@ def demo(
         served = _checked_app(settings)
         console.print(f"\nserving on {url} (Ctrl-C to stop)")
         _run_server(served, settings, log_level="warning")
+
+
+def _demo_tokens(tokens: Any, tokens_file: Path) -> None:
+    """Create the demo's tokens in `tokens` and write them to `tokens_file`, readable only by its owner."""
+    made = {}
+    for role, name in (("analyst", "alice"), ("lf_author", "lena"), ("auditor", "otto")):
+        token, _ = tokens.create(name, role)
+        made[role] = {"name": name, "token": token}
+    fd = os.open(tokens_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(made, f, indent=2)
+
+
+def _reuse_demo_tokens(settings: Any, tokens_file: Path) -> None:
+    """Keep the demo's tokens if the store the demo now runs on holds them all (whatever their state); else (the
+    demo was made on the other store: tokens follow the ledger's store) create them in this one."""
+    import hashlib
+
+    from gateway.stores.base import open_token_store
+    from policies.errors import GatewayError
+
+    secrets = [str(entry["token"]).split("_", 2)[-1] for entry in json.loads(tokens_file.read_text()).values()]
+    try:
+        tokens = open_token_store(settings)
+        try:
+            if any(tokens.get_by_hash(hashlib.sha256(secret.encode()).hexdigest()) is None for secret in secrets):
+                console.print("the demo's tokens are not in this store: creating them there")
+                _demo_tokens(tokens, tokens_file)
+        finally:
+            tokens.close()
+    except GatewayError as exc:
+        fail(str(exc))
 
 
 def _activation_hint() -> str | None:

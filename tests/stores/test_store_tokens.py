@@ -293,3 +293,31 @@ def test_a_rotation_waits_for_one_in_progress_and_then_refuses(pg_store: str) ->
         assert outcome == ["refused"] and len(store.list()) == 1
     finally:
         store.close()
+
+
+def test_a_demo_moved_to_the_store_gets_its_tokens_there(tmp_path: Path, pg_store: str) -> None:
+    """`bastion demo` made on SQLite and run again with --store: its tokens file names tokens the store knows (made
+    there once), and the SQLite tokens stay as they were."""
+    from gateway.stores.tokens import open_tokens
+
+    ws = tmp_path / "demo"
+    demo = ["demo", "--no-serve", "--rows", "2000", "--workspace", str(ws)]
+    _cli(*demo)
+    made = json.loads((ws / "demo-tokens.json").read_text())
+    _cli(*demo, "--store", pg_store)
+    moved = json.loads((ws / "demo-tokens.json").read_text())
+    assert {r: t["name"] for r, t in moved.items()} == {r: t["name"] for r, t in made.items()}
+    assert all(moved[r]["token"] != made[r]["token"] for r in made)
+    _cli(*demo, "--store", pg_store)
+    assert json.loads((ws / "demo-tokens.json").read_text()) == moved  # known to the store: kept
+    shared, local = PgTokenStore(pg_store), open_tokens(ws / "tokens.json")
+    try:
+        for role, entry in moved.items():
+            assert shared.authenticate(entry["token"]).role == role
+            with pytest.raises(Unauthorized):
+                local.authenticate(entry["token"])
+            assert local.authenticate(made[role]["token"]).role == role
+        assert len(shared.list()) == 3
+    finally:
+        shared.close()
+        local.close()
