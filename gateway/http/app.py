@@ -100,10 +100,14 @@ def create_app(settings: Settings, bastion: Bastion | None = None) -> FastAPI:
     def audit_invalid(request: Request, error: GatewayError, problems: list[str]) -> GatewayError:
         """Record an invalid request before its 400: with the caller's identity when its bearer token is valid
         (the body is read before the route's token check, so that check may not have run), else as a refusal
-        before authentication, counted with its source. The error to answer (503 if the log cannot be written)."""
+        before authentication, counted with its source. The error to answer (503 if the log cannot be written,
+        or the token store cannot be read)."""
         ctx = getattr(request.state, CONTEXT, None)
         if not isinstance(ctx, Context):
-            ctx = caller_if_any(request, core)
+            try:
+                ctx = caller_if_any(request, core)
+            except GatewayError as unavailable:  # the token store (PostgreSQL) cannot be reached
+                return unavailable
         try:
             if ctx is not None:
                 core.audit(

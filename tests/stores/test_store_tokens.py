@@ -23,6 +23,7 @@ from gateway.stores.pg_tokens import PgTokenStore
 from gateway.stores.tokens import TOUCH_SECONDS, TokenRefused, TokenStore
 from policies.errors import InvalidRequest, NotFound, Unauthorized
 from tests.conftest import Workspace
+from tests.stores.conftest import PgServer
 
 Opener = Callable[[Callable[[], float]], TokenStore]
 COUNT = {"sql": "SELECT COUNT(*) FROM visits", "epsilon": 0.1}
@@ -321,3 +322,19 @@ def test_a_demo_moved_to_the_store_gets_its_tokens_there(tmp_path: Path, pg_stor
     finally:
         shared.close()
         local.close()
+
+
+def test_a_token_store_out_of_reach_answers_503(pg_workspace: Workspace, pg_server: PgServer, pg_store: str) -> None:
+    """The store going away under a running gateway: a token cannot be checked, so the answer is 503 (never a
+    pass, never a 500), an invalid body included."""
+    analyst = pg_workspace.headers("analyst")
+    with pg_workspace.app() as c:
+        assert c.get("/v1/budget", headers=analyst).status_code == 200
+        pg_server.drop_database(pg_store.rsplit("/", 1)[1])
+        for r in (
+            c.get("/v1/budget", headers=analyst),
+            c.post("/v1/query", json={"sql": 5, "epsilon": "x"}, headers=analyst),
+            c.post("/v1/query", content=b"{not json", headers={**analyst, "Content-Type": "application/json"}),
+        ):
+            assert r.status_code == 503, r.text
+            assert r.json()["error"]["code"] == "ledger_unavailable" and "token store" in r.json()["error"]["message"]
