@@ -1,10 +1,12 @@
-"""What a token check costs on the hot path, and how soon a revocation is seen by another store over the same file.
+"""What a token check costs on the hot path, and how soon a revocation is seen by another store on the same data.
 
-    .venv/bin/python benchmarks/token_bench.py [--tokens 1000] [--checks 20000] [--threads 4]
+    .venv/bin/python benchmarks/token_bench.py [--tokens 1000] [--checks 20000] [--threads 4] [--store postgresql://...]
 
 Prints the latency of `authenticate` (p50, p99 in µs) from one thread and from `--threads` threads sharing one
 store (as a gateway process's request threads do), and the time from `revoke` on one store to the first refusal by a
-second store opened on the same SQLite file (as a second gateway process would).
+second store opened on the same SQLite file (as a second gateway process would). With `--store` it measures that
+PostgreSQL database instead, which must be migrated (`bastion store migrate`) and gets the benchmark's tokens
+(principals `p0`, `p1`, ...) added to its table.
 """
 
 from __future__ import annotations
@@ -16,10 +18,18 @@ import threading
 import time
 from pathlib import Path
 
-from gateway.stores.tokens import SqliteTokenStore, TokenRefused
+from gateway.stores.tokens import SqliteTokenStore, TokenRefused, TokenStore
 
 
-def _latencies(store: SqliteTokenStore, tokens: list[str], checks: int) -> list[float]:
+def _open(store: str | None, path: Path) -> TokenStore:
+    if store:
+        from gateway.stores.pg_tokens import PgTokenStore
+
+        return PgTokenStore(store)
+    return SqliteTokenStore(path)
+
+
+def _latencies(store: TokenStore, tokens: list[str], checks: int) -> list[float]:
     out = []
     for i in range(checks):
         token = tokens[i % len(tokens)]
@@ -38,10 +48,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1_000)
     ap.add_argument("--checks", type=int, default=20_000)
     ap.add_argument("--threads", type=int, default=4)
+    ap.add_argument("--store", help="a migrated PostgreSQL database (default: a SQLite file in a temporary directory)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "tokens.sqlite"
-        store = SqliteTokenStore(path)
+        store = _open(args.store, path)
+        print(f"store: {'PostgreSQL' if args.store else 'SQLite'}")
         tokens = [store.create(f"p{i}", "analyst")[0] for i in range(args.tokens)]
         one = _latencies(store, tokens, args.checks)
         print(
@@ -64,7 +76,7 @@ def main() -> None:
             f"authenticate, {args.threads} threads: p50 {_pct(merged, 0.5):.1f} µs, p99 {_pct(merged, 0.99):.1f} µs, "
             f"{len(merged) / wall:,.0f} checks/s"
         )
-        other = SqliteTokenStore(path)
+        other = _open(args.store, path)
         seen = []
         for token in tokens[:20]:
             other.authenticate(token)

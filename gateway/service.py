@@ -31,10 +31,10 @@ from gateway.settings import Settings
 from gateway.sql.plan import Plan, plan_query
 from gateway.sql.price import Pricing, dry_run_accuracy, price
 from gateway.sql.release import Release, bind_check, execute
-from gateway.stores.base import open_cache, open_ledger
+from gateway.stores.base import open_cache, open_ledger, open_token_store
 from gateway.stores.cache import cache_key
 from gateway.stores.ledger import LedgerBehind, LedgerCharge
-from gateway.stores.tokens import ANONYMOUS_NAME, Principal, TokenRefused, TokenStore, open_tokens
+from gateway.stores.tokens import ANONYMOUS_NAME, Principal, TokenRefused, TokenStore
 from policies.accountant import (
     DELTA_UNIT,
     EPS_UNIT,
@@ -190,13 +190,17 @@ class Bastion:
             self.ledger = open_ledger(settings)
             try:
                 self.cache = open_cache(settings)
+                try:
+                    self.tokens: TokenStore = open_token_store(settings)
+                except BaseException:
+                    self.cache.close()
+                    raise
             except BaseException:
                 self.ledger.close()
                 raise
         except BaseException:
             self.engine.close()
             raise
-        self.tokens: TokenStore = open_tokens(settings.tokens)
         self.audit_log = AuditLog(settings.audit_dir, key_dir=settings.keys_dir)
         self._plans: dict[str, tuple[Policy, Plan]] = {}  # SQL text → (the policy it was planned under, plan)
         # Charges this process could not mark in the ledger: unrecorded (orphans due) and audited.

@@ -42,7 +42,9 @@ if TYPE_CHECKING:
 app = typer_app("Bastion: privacy-preserving data exploration gateway.")
 token_app = typer_app(help="Bearer tokens (admin, on the gateway host).")
 ledger_app = typer_app(help="The privacy-budget ledger (admin, on the gateway host).")
-store_app = typer_app(help="The shared store of the ledger and release cache (PostgreSQL, for several replicas).")
+store_app = typer_app(
+    help="The shared store of the ledger, release cache and tokens (PostgreSQL, for several replicas)."
+)
 app.add_typer(token_app, name="token")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(store_app, name="store")
@@ -164,6 +166,17 @@ def register(
     console.print(f"registered [bold]{pol.dataset}[/] version {version}")
 
 
+def _token_admin(workspace: Path | None, store: str | None) -> Any:
+    """The workspace's gateway for a token command: its tokens on the store the ledger is on (PostgreSQL when
+    `store` is a PostgreSQL address), or a clean exit naming why the store cannot be opened."""
+    from policies.errors import GatewayError
+
+    try:
+        return _admin(workspace, store=store)
+    except GatewayError as exc:
+        fail(str(exc))
+
+
 @token_app.command("create")
 def token_create(
     role: Annotated[str, typer.Option(help="analyst, lf_author, auditor or admin")],
@@ -172,6 +185,7 @@ def token_create(
         str | None,
         typer.Option(help="lifetime: a whole number and s, m, h or d, e.g. 30d [default: no expiry]"),
     ] = None,
+    store: Store = None,
     workspace: Workspace = None,
 ) -> None:
     """Create a bearer token. It is printed once; only its hash is stored."""
@@ -183,7 +197,7 @@ def token_create(
         lifetime = parse_duration(expires) if expires is not None else None
     except GatewayError as exc:
         fail(str(exc))
-    bastion = _admin(workspace)
+    bastion = _token_admin(workspace, store)
     try:
         token, principal = bastion.tokens.create(name, role, lifetime)
         record = bastion.tokens.get(principal.token_id)
@@ -209,13 +223,15 @@ def token_create(
 @token_app.command("revoke")
 def token_revoke(
     token: Annotated[str, typer.Argument(help="a token id, or a principal name that has one token in use")],
+    store: Store = None,
     workspace: Workspace = None,
 ) -> None:
-    """Revoke a token: every gateway process of the workspace refuses it (401) within a second."""
+    """Revoke a token: every gateway process of the workspace (every replica, on a PostgreSQL store) refuses it
+    (401) within a second."""
     from audit.record import Event
     from policies.errors import GatewayError
 
-    bastion = _admin(workspace)
+    bastion = _token_admin(workspace, store)
     try:
         record = bastion.tokens.revoke(bastion.tokens.find(token).token_id)
         bastion.audit(
@@ -235,6 +251,7 @@ def token_revoke(
 @token_app.command("rotate")
 def token_rotate(
     token: Annotated[str, typer.Argument(help="a token id, or a principal name that has one token in use")],
+    store: Store = None,
     workspace: Workspace = None,
 ) -> None:
     """Replace a token by a new one for the same principal, role and expiry. The old one stops working at once;
@@ -242,7 +259,7 @@ def token_rotate(
     from audit.record import Event
     from policies.errors import GatewayError
 
-    bastion = _admin(workspace)
+    bastion = _token_admin(workspace, store)
     try:
         new_token, old, principal = bastion.tokens.rotate(bastion.tokens.find(token).token_id)
         bastion.audit(
@@ -267,18 +284,22 @@ def token_rotate(
 @token_app.command("list")
 def token_list(
     as_json: AsJson = False,
+    store: Store = None,
     workspace: Workspace = None,
 ) -> None:
     """List tokens: id, name, role, state, created, expires, last used (written at most once a minute per
     gateway process), revoked; never secrets."""
-    from gateway.stores.tokens import open_tokens
+    from gateway.stores.base import open_token_store
+    from policies.errors import GatewayError
 
-    settings = _settings(workspace)
-    store = open_tokens(settings.tokens)
     try:
-        records = store.list()
-    finally:
-        store.close()
+        tokens = open_token_store(_settings(workspace, store=store))
+        try:
+            records = tokens.list()
+        finally:
+            tokens.close()
+    except GatewayError as exc:
+        fail(str(exc))
     now = time.time()
     if as_json:
         typer.echo(json.dumps([{**r.public(), "state": r.state(now)} for r in records], indent=2))
@@ -393,19 +414,14 @@ def demo(
                 reason="ok",
                 request={"source": str(data), "version": version},
             )
-            made = {}
-            for role, name in (("analyst", "alice"), ("lf_author", "lena"), ("auditor", "otto")):
-                token, _ = bastion.tokens.create(name, role)
-                made[role] = {"name": name, "token": token}
+            _demo_tokens(bastion.tokens, tokens_file)
         finally:
             bastion.close()
-        fd = os.open(tokens_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(made, f, indent=2)
     else:
         settings = Settings.load(settings.workspace, host=host, port=port, store=store)
         settings.save()
         console.print(f"reusing the demo workspace in {settings.workspace}")
+        _reuse_demo_tokens(settings, tokens_file)
     made = json.loads(tokens_file.read_text())
     url = f"http://{settings.host}:{settings.port}"
     console.print("\n[bold]Tokens[/] (also in " + str(tokens_file) + ", readable only by you):")
@@ -441,6 +457,38 @@ def demo(
         served = _checked_app(settings)
         console.print(f"\nserving on {url} (Ctrl-C to stop)")
         _run_server(served, settings, log_level="warning")
+
+
+def _demo_tokens(tokens: Any, tokens_file: Path) -> None:
+    """Create the demo's tokens in `tokens` and write them to `tokens_file`, readable only by its owner."""
+    made = {}
+    for role, name in (("analyst", "alice"), ("lf_author", "lena"), ("auditor", "otto")):
+        token, _ = tokens.create(name, role)
+        made[role] = {"name": name, "token": token}
+    fd = os.open(tokens_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(made, f, indent=2)
+
+
+def _reuse_demo_tokens(settings: Any, tokens_file: Path) -> None:
+    """Keep the demo's tokens if the store the demo now runs on holds them all (whatever their state); else (the
+    demo was made on the other store: tokens follow the ledger's store) create them in this one."""
+    import hashlib
+
+    from gateway.stores.base import open_token_store
+    from policies.errors import GatewayError
+
+    secrets = [str(entry["token"]).split("_", 2)[-1] for entry in json.loads(tokens_file.read_text()).values()]
+    try:
+        tokens = open_token_store(settings)
+        try:
+            if any(tokens.get_by_hash(hashlib.sha256(secret.encode()).hexdigest()) is None for secret in secrets):
+                console.print("the demo's tokens are not in this store: creating them there")
+                _demo_tokens(tokens, tokens_file)
+        finally:
+            tokens.close()
+    except GatewayError as exc:
+        fail(str(exc))
 
 
 def _activation_hint() -> str | None:
@@ -523,8 +571,9 @@ def ledger_reconcile(store: Store = None, workspace: Workspace = None) -> None:
 
 @store_app.command("migrate")
 def store_migrate(store: Store = None) -> None:
-    """Create or upgrade the PostgreSQL store's schema (the ledger and release cache). Safe to run again: versions
-    already applied are skipped. Run it once before the first `bastion serve --store ...`, and after upgrading."""
+    """Create or upgrade the PostgreSQL store's schema (the ledger, release cache and tokens). Safe to run again:
+    versions already applied are skipped. Run it once before the first `bastion serve --store ...`, and after
+    upgrading."""
     from gateway.stores.base import is_postgresql
 
     if not is_postgresql(store):

@@ -47,7 +47,7 @@ Store = Annotated[
         "--store",
         envvar="BASTION_STORE",
         metavar="postgresql://...",
-        help="where the ledger and release cache live: a PostgreSQL address that replicas share "
+        help="where the ledger, release cache and tokens live: a PostgreSQL address that replicas share "
         "[default: SQLite files in the workspace]",
     ),
 ]

@@ -1,7 +1,8 @@
 """The store interfaces the gateway uses, whichever store holds them: SQLite files in the workspace (one host, the
 default) or a PostgreSQL database (`--store postgresql://...` or BASTION_STORE, shared by replicas on many hosts).
 
-`open_ledger` and `open_cache` pick the implementation from the settings."""
+`open_ledger`, `open_cache` and `open_token_store` pick the implementation from the settings (tokens follow the
+ledger: on PostgreSQL when `Settings.store` is a PostgreSQL address, else `tokens.sqlite` in the workspace)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from policies.schema import Budget
 if TYPE_CHECKING:
     from gateway.settings import Settings
     from gateway.stores.ledger import Charge, LedgerCharge
+    from gateway.stores.tokens import TokenStore
 
 
 class LedgerStore(Protocol):
@@ -91,3 +93,13 @@ def open_cache(settings: Settings) -> CacheStore:
     from gateway.stores.cache import ReleaseCache
 
     return ReleaseCache(settings.cache)
+
+
+def open_token_store(settings: Settings) -> TokenStore:
+    if is_postgresql(settings.store):
+        from gateway.stores.pg_tokens import PgTokenStore
+
+        return PgTokenStore(str(settings.store))
+    from gateway.stores.tokens import open_tokens
+
+    return open_tokens(settings.tokens)

@@ -1,5 +1,5 @@
 """The ledger and the release cache in PostgreSQL, shared by gateway replicas on several hosts (psycopg 3, a
-connection pool per store).
+connection pool per store). The schema also holds the tokens' table, used by gateway/stores/pg_tokens.py.
 
 The schema is versioned: `migrate` (run by `bastion store migrate`) applies the missing versions in one transaction
 and records each in `bastion_schema`; a store whose schema is behind (or ahead of) this code refuses to open.
@@ -83,6 +83,24 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
                 created   DOUBLE PRECISION NOT NULL,
                 response  TEXT NOT NULL
             )""",
+        ),
+    ),
+    (
+        2,
+        (
+            # Bearer tokens (gateway/stores/pg_tokens.py): the SHA-256 hash of each secret, never the secret.
+            """CREATE TABLE tokens (
+                token_id    TEXT PRIMARY KEY,
+                name        TEXT NOT NULL,
+                role        TEXT NOT NULL,
+                hash        TEXT NOT NULL UNIQUE,
+                created     DOUBLE PRECISION NOT NULL,
+                expires     DOUBLE PRECISION,
+                revoked     DOUBLE PRECISION,
+                last_used   DOUBLE PRECISION,
+                replaced_by TEXT
+            )""",
+            "CREATE INDEX tokens_name ON tokens (name)",
         ),
     ),
 )

@@ -1,10 +1,12 @@
 """Bearer tokens: created on the gateway host, stored only as SHA-256 hashes, compared in constant time.
 
 `TokenStore` is the interface every implementation keeps (each method is one statement or one short transaction
-of a relational store); `SqliteTokenStore` is the embedded one, a SQLite file beside the workspace's other stores,
-shared by every gateway process of the workspace. A token's state (revoked, expired, rotated) is read from the
-store on every request, never cached, so a revocation made by one process is refused by all of them at once.
-Only the last-used time is written lazily: at most once per `TOUCH_SECONDS` per token and process.
+of a relational store); `TokenChecks` is what they share above their statements. `SqliteTokenStore` is the
+embedded one, a SQLite file beside the workspace's other stores, shared by every gateway process of the workspace;
+`PgTokenStore` (gateway/stores/pg_tokens.py) keeps the same table in the PostgreSQL store, shared by replicas on
+several hosts. A token's state (revoked, expired, rotated) is read from the store on every request, never
+cached, so a revocation made by one process is refused by all of them at once. Only the last-used time is written
+lazily: at most once per `TOUCH_SECONDS` per token and process.
 
 A token is `bst_<id>_<secret>`. Only the id (8 hex digits, not secret) ever appears in the audit log, the list
 or an error; the secret is printed once, at creation or rotation, and its hash is stored.
@@ -24,6 +26,7 @@ import secrets
 import sqlite3
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,6 +182,83 @@ class TokenStore(Protocol):
     def close(self) -> None: ...
 
 
+class TokenChecks(ABC):
+    """What every token store does the same way on top of its statements: parse and check a presented token
+    (compared in constant time), refuse one that no longer works, find a token by id or principal, and write the
+    last-used time lazily. A subclass gives the statements."""
+
+    clock: Callable[[], float]
+    _touched: dict[str, float]  # token id → when this process last wrote its last-used time
+    _write_errors: tuple[type[Exception], ...]  # a failed last-used write of these kinds never fails a request
+
+    @abstractmethod
+    def get(self, token_id: str) -> TokenRecord | None: ...
+
+    @abstractmethod
+    def touch(self, token_id: str, when: float) -> None: ...
+
+    @abstractmethod
+    def _with_hash(self, token_id: str) -> tuple[TokenRecord, str] | None:
+        """SELECT one token by id with the stored hash of its secret."""
+
+    @abstractmethod
+    def _in_use(self, name: str) -> list[TokenRecord]:
+        """SELECT the tokens of principal `name` that are not revoked, oldest first."""
+
+    def find(self, name_or_id: str) -> TokenRecord:
+        record = self.get(name_or_id)
+        if record is not None:
+            return record
+        records = self._in_use(name_or_id)
+        if not records:
+            raise NotFound(f"no token with id {name_or_id!r} and no token of principal {name_or_id!r} in use")
+        if len(records) > 1:
+            ids = ", ".join(r.token_id for r in records)
+            raise InvalidRequest(f"principal {name_or_id!r} has {len(records)} tokens ({ids}); name one by its id")
+        return records[0]
+
+    def _working(self, record: TokenRecord) -> Principal:
+        now = self.clock()
+        state = record.state(now)
+        if state != "active":
+            raise TokenRefused(f"token {record.token_id} is {state}", record.principal, f"token_{state}")
+        self._note_use(record.token_id, now)
+        return record.principal
+
+    def _note_use(self, token_id: str, now: float) -> None:
+        """Write the last-used time if this process has not written it for `TOUCH_SECONDS` (never fails a
+        request: a failed write is tried again on the next use)."""
+        last = self._touched.get(token_id)
+        if last is not None and now - last < TOUCH_SECONDS:
+            return
+        self._touched[token_id] = now
+        try:
+            self.touch(token_id, now)
+        except self._write_errors as exc:
+            self._touched.pop(token_id, None)
+            log.warning("last-used time of token %s not written: %s", token_id, exc)
+
+    def authenticate(self, token: str | None) -> Principal:
+        if not token:
+            raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
+        parts = token.split("_", 2)
+        if len(parts) != 3 or parts[0] != PREFIX:
+            raise Unauthorized("invalid token")
+        _, token_id, secret = parts
+        found = self._with_hash(token_id)
+        record, stored = found if found is not None else (None, None)
+        # Compare against a dummy hash when the id is unknown, so timing does not tell ids apart.
+        if not hmac.compare_digest(stored or _hash(""), _hash(secret)) or record is None:
+            raise Unauthorized("invalid token")
+        return self._working(record)
+
+    def active(self, token_id: str) -> Principal:
+        record = self.get(token_id)
+        if record is None:
+            raise Unauthorized("invalid token")
+        return self._working(record)
+
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens (
     token_id TEXT PRIMARY KEY,
@@ -196,7 +276,7 @@ CREATE INDEX IF NOT EXISTS tokens_name ON tokens (name);
 COLUMNS = "token_id, name, role, created, expires, revoked, last_used, replaced_by"
 
 
-class SqliteTokenStore:
+class SqliteTokenStore(TokenChecks):
     """Tokens in a SQLite file (WAL, so readers in other processes never wait for a writer). An older workspace's
     `tokens.json` is imported on first open, each token with its hash, name, role and creation time (the JSON file
     is then renamed `tokens.json.migrated`, kept for the record)."""
@@ -205,13 +285,14 @@ class SqliteTokenStore:
         self.path = Path(path)
         self.legacy = Path(legacy) if legacy is not None else None
         self.clock = clock
+        self._write_errors = (sqlite3.Error,)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fresh = not self.path.exists()
         self._db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
         if fresh:
             os.chmod(self.path, 0o600)
         self._lock = threading.Lock()
-        self._touched: dict[str, float] = {}  # token id → when this process last wrote its last-used time
+        self._touched = {}
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -252,6 +333,18 @@ class SqliteTokenStore:
         with self._lock:
             row = self._db.execute(f"SELECT {COLUMNS} FROM tokens WHERE {where} = ?", (value,)).fetchone()
         return self._record(row)
+
+    def _with_hash(self, token_id: str) -> tuple[TokenRecord, str] | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {COLUMNS}, hash FROM tokens WHERE token_id = ?", (token_id,)).fetchone()
+        return None if row is None else (TokenRecord(*row[:-1]), str(row[-1]))
+
+    def _in_use(self, name: str) -> list[TokenRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {COLUMNS} FROM tokens WHERE name = ? AND revoked IS NULL ORDER BY created", (name,)
+            ).fetchall()
+        return [TokenRecord(*row) for row in rows]
 
     def create(self, name: str, role: str, expires_in: float | None = None) -> tuple[str, Principal]:
         _check_new(name, role)
@@ -317,64 +410,6 @@ class SqliteTokenStore:
         with self._lock:
             rows = self._db.execute(f"SELECT {COLUMNS} FROM tokens ORDER BY created, token_id").fetchall()
         return [TokenRecord(*row) for row in rows]
-
-    def find(self, name_or_id: str) -> TokenRecord:
-        record = self.get(name_or_id)
-        if record is not None:
-            return record
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT {COLUMNS} FROM tokens WHERE name = ? AND revoked IS NULL ORDER BY created", (name_or_id,)
-            ).fetchall()
-        if not rows:
-            raise NotFound(f"no token with id {name_or_id!r} and no token of principal {name_or_id!r} in use")
-        if len(rows) > 1:
-            ids = ", ".join(row[0] for row in rows)
-            raise InvalidRequest(f"principal {name_or_id!r} has {len(rows)} tokens ({ids}); name one by its id")
-        return TokenRecord(*rows[0])
-
-    def _working(self, record: TokenRecord) -> Principal:
-        now = self.clock()
-        state = record.state(now)
-        if state != "active":
-            raise TokenRefused(f"token {record.token_id} is {state}", record.principal, f"token_{state}")
-        self._note_use(record.token_id, now)
-        return record.principal
-
-    def _note_use(self, token_id: str, now: float) -> None:
-        """Write the last-used time if this process has not written it for `TOUCH_SECONDS` (never fails a
-        request: a failed write is tried again on the next use)."""
-        last = self._touched.get(token_id)
-        if last is not None and now - last < TOUCH_SECONDS:
-            return
-        self._touched[token_id] = now
-        try:
-            self.touch(token_id, now)
-        except sqlite3.Error as exc:
-            self._touched.pop(token_id, None)
-            log.warning("last-used time of token %s not written: %s", token_id, exc)
-
-    def authenticate(self, token: str | None) -> Principal:
-        if not token:
-            raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
-        parts = token.split("_", 2)
-        if len(parts) != 3 or parts[0] != PREFIX:
-            raise Unauthorized("invalid token")
-        _, token_id, secret = parts
-        with self._lock:
-            row = self._db.execute(f"SELECT {COLUMNS}, hash FROM tokens WHERE token_id = ?", (token_id,)).fetchone()
-        record = self._record(row[:-1]) if row is not None else None
-        stored = str(row[-1]) if row is not None else None
-        # Compare against a dummy hash when the id is unknown, so timing does not tell ids apart.
-        if not hmac.compare_digest(stored or _hash(""), _hash(secret)) or record is None:
-            raise Unauthorized("invalid token")
-        return self._working(record)
-
-    def active(self, token_id: str) -> Principal:
-        record = self.get(token_id)
-        if record is None:
-            raise Unauthorized("invalid token")
-        return self._working(record)
 
 
 def open_tokens(json_path: str | Path, *, clock: Callable[[], float] = time.time) -> SqliteTokenStore:

@@ -24,7 +24,9 @@ import pytest
 from gateway.stores.base import LedgerStore
 from gateway.stores.ledger import Ledger
 from gateway.stores.pg import PgLedger, migrate
-from tests.conftest import free_port
+from gateway.stores.pg_tokens import PgTokenStore
+from gateway.stores.tokens import SqliteTokenStore, TokenStore
+from tests.conftest import ROLES, Workspace, free_port
 
 SERVER_USER = "bastion-pg"  # the system user that owns and runs the test cluster when the tests run as root
 DB_USER = "bastion"
@@ -157,3 +159,35 @@ def open_ledger(store_address: str) -> Iterator[Callable[[], LedgerStore]]:
     yield make
     for ledger in opened:
         ledger.close()
+
+
+@pytest.fixture
+def pg_workspace(workspace: Workspace, pg_store: str) -> Workspace:
+    """The workspace on a migrated PostgreSQL store of its own, with one token per role made in that store."""
+    tokens = PgTokenStore(pg_store)
+    try:
+        made = {role: tokens.create(name, role)[0] for role, name in ROLES.items()}
+    finally:
+        tokens.close()
+    return Workspace(workspace.settings.model_copy(update={"store": pg_store}), made)
+
+
+def open_tokens_at(address: str, clock: Callable[[], float]) -> TokenStore:
+    if address.startswith("postgresql://"):
+        return PgTokenStore(address, clock=clock)
+    return SqliteTokenStore(Path(address).with_name("tokens.sqlite"), clock=clock)
+
+
+@pytest.fixture
+def open_token_store(store_address: str) -> Iterator[Callable[[Callable[[], float]], TokenStore]]:
+    """Opens token stores on the parametrized store (each one a process's own, with its clock), closing them."""
+    opened: list[TokenStore] = []
+
+    def make(clock: Callable[[], float]) -> TokenStore:
+        store = open_tokens_at(store_address, clock)
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        store.close()

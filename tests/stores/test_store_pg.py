@@ -14,7 +14,7 @@ import pytest
 from audit.log import AuditLog
 from gateway.http.app import create_app
 from gateway.stores.ledger import Ledger
-from gateway.stores.pg import SCHEMA_VERSION, PgLedger, StoreNotMigrated
+from gateway.stores.pg import MIGRATIONS, SCHEMA_VERSION, PgLedger, StoreNotMigrated
 from policies.accountant import PrivacyLoss
 from policies.errors import LedgerUnavailable
 from policies.schema import Budget
@@ -42,7 +42,8 @@ def test_store_migrate_twice_is_a_no_op(pg_database: str) -> None:
     assert second.returncode == 0, second.stderr
     assert "nothing to do" in second.stdout
     with psycopg.connect(pg_database) as con:
-        assert con.execute("SELECT version FROM bastion_schema").fetchall() == [(SCHEMA_VERSION,)]
+        versions = con.execute("SELECT version FROM bastion_schema ORDER BY version").fetchall()
+        assert versions == [(v,) for v, _ in MIGRATIONS] and versions[-1] == (SCHEMA_VERSION,)
     PgLedger(pg_database).close()  # opens: the schema is the one it needs
 
 
@@ -71,11 +72,11 @@ def test_an_unreachable_server_is_ledger_unavailable() -> None:
     assert "secret" not in info.value.message
 
 
-def test_a_gateway_on_the_shared_store(workspace: Workspace, pg_server: PgServer, pg_store: str) -> None:
+def test_a_gateway_on_the_shared_store(pg_workspace: Workspace, pg_server: PgServer, pg_store: str) -> None:
     """Two gateways on one PostgreSQL store share the spend and the cached answers, and the workspace's SQLite
     ledger is not used; the store going away answers 503 and releases nothing."""
-    settings = workspace.settings.model_copy(update={"store": pg_store})
-    analyst = workspace.headers("analyst")
+    settings = pg_workspace.settings
+    analyst = pg_workspace.headers("analyst")
     with AppClient(create_app(settings)) as one, AppClient(create_app(settings)) as two:
         first = one.post("/v1/query", json={"sql": SQL, "epsilon": 0.5}, headers=analyst)
         assert first.status_code == 200, first.text
@@ -115,18 +116,18 @@ def _query_then_die(workspace: str, store: str, token: str) -> None:
     bastion.query(Context(bastion.authenticate(token)), SQL, epsilon=2.0)
 
 
-def test_the_charge_of_a_killed_gateway_is_recorded_by_the_next_start(workspace: Workspace, pg_store: str) -> None:
+def test_the_charge_of_a_killed_gateway_is_recorded_by_the_next_start(pg_workspace: Workspace, pg_store: str) -> None:
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    args = (str(workspace.settings.workspace), pg_store, workspace.tokens["analyst"])
+    args = (str(pg_workspace.settings.workspace), pg_store, pg_workspace.tokens["analyst"])
     p = ctx.Process(target=_query_then_die, args=args)
     p.start()
     p.join(120)
     assert p.exitcode == 17
-    settings = workspace.settings.model_copy(update={"store": pg_store})
+    settings = pg_workspace.settings
     with AppClient(create_app(settings)) as c:  # start-up finds the dead process's pending charge
-        spend = c.get("/v1/audit/spend", headers=workspace.headers("auditor")).json()
+        spend = c.get("/v1/audit/spend", headers=pg_workspace.headers("auditor")).json()
     orphans = [r for r in AuditLog(settings.audit_dir).records() if r["event"] == "orphan_charge"]
     assert [(o["actor"]["principal"], o["cost"]["epsilon"]) for o in orphans] == [("alice", 2.0)]
     assert spend["datasets"]["visits"]["principals"] == {"alice": {"epsilon": 2.0, "delta": 0.0}}
@@ -156,14 +157,14 @@ def _query_in_process(workspace: str, store: str, token: str, age: int, out: Any
         bastion.close()
 
 
-def test_gateway_processes_on_one_store_never_overspend(workspace: Workspace, pg_store: str) -> None:
+def test_gateway_processes_on_one_store_never_overspend(pg_workspace: Workspace, pg_store: str) -> None:
     """Six gateway processes query at once through one PostgreSQL store: the analyst's ε=10 fits three charges of
     3, and the log of every process agrees with the shared ledger."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    ws, token = str(workspace.settings.workspace), workspace.tokens["analyst"]
+    ws, token = str(pg_workspace.settings.workspace), pg_workspace.tokens["analyst"]
     procs = [ctx.Process(target=_query_in_process, args=(ws, pg_store, token, age, out)) for age in range(6)]
     for p in procs:
         p.start()
@@ -176,7 +177,7 @@ def test_gateway_processes_on_one_store_never_overspend(workspace: Workspace, pg
         assert all(h["audited"] for h in ledger.history())
     finally:
         ledger.close()
-    released = [r for r in AuditLog(workspace.settings.audit_dir).records() if r.get("phase") == "released"]
+    released = [r for r in AuditLog(pg_workspace.settings.audit_dir).records() if r.get("phase") == "released"]
     assert len(released) == 3
 
 
@@ -207,3 +208,36 @@ def test_a_lost_owner_lock_is_taken_again_under_a_new_owner(pg_store: str) -> No
     finally:
         ledger.close()
         other.close()
+
+
+def test_a_store_at_schema_version_1_is_upgraded_keeping_its_spend(
+    pg_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store migrated before the tokens' table (version 1) is refused until `migrate` adds it (version 2); the
+    upgrade keeps the spend."""
+    import gateway.stores.pg as pg
+    from gateway.stores.pg_tokens import PgTokenStore
+
+    monkeypatch.setattr(pg, "MIGRATIONS", pg.MIGRATIONS[:1])
+    monkeypatch.setattr(pg, "SCHEMA_VERSION", 1)
+    assert pg.migrate(pg_database) == (0, 1)
+    ledger = PgLedger(pg_database)
+    budget = Budget(epsilon=1.0, delta=0)
+    try:
+        ledger.charge(
+            principal="a", dataset="d", cost=PrivacyLoss(0.25), per_principal=budget, total=budget, request_id="r"
+        )
+    finally:
+        ledger.close()
+    monkeypatch.undo()
+    with pytest.raises(StoreNotMigrated, match="schema version 1"):
+        PgTokenStore(pg_database)
+    assert pg.migrate(pg_database) == (1, SCHEMA_VERSION)
+    ledger, tokens = PgLedger(pg_database), PgTokenStore(pg_database)
+    try:
+        assert ledger.spent("a", "d").epsilon == pytest.approx(0.25)
+        token, principal = tokens.create("alice", "analyst")
+        assert tokens.authenticate(token) == principal
+    finally:
+        ledger.close()
+        tokens.close()

@@ -1,0 +1,134 @@
+"""Bearer tokens in the PostgreSQL store, shared by gateway replicas on several hosts.
+
+The same table and semantics as `SqliteTokenStore` (gateway/stores/tokens.py): only the SHA-256 hash of each
+secret is stored; each method is one statement, `rotate` one transaction; a token's state is read on every
+request, never cached, so a token revoked through any replica is refused by all of them at once. The table is
+created by schema version 2 (`bastion store migrate`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+
+from gateway.stores.pg import _pool, describe
+from gateway.stores.tokens import (
+    COLUMNS,
+    PREFIX,
+    Principal,
+    TokenChecks,
+    TokenRecord,
+    _check_new,
+    _hash,
+    _new_secret,
+)
+from policies.errors import InvalidRequest, LedgerUnavailable, NotFound
+
+
+class PgTokenStore(TokenChecks):
+    """Tokens in the PostgreSQL store (a pool of its own). A server that cannot be reached makes a request 503
+    `ledger_unavailable`, never a pass; a last-used write that fails is logged and tried again on the next use."""
+
+    def __init__(self, conninfo: str, *, clock: Callable[[], float] = time.time, max_connections: int = 4) -> None:
+        self.location = describe(conninfo)
+        self.clock = clock
+        self._touched = {}
+        self._write_errors = (LedgerUnavailable,)
+        self._pool = _pool(conninfo, "bastion-tokens", max_connections)
+
+    def close(self) -> None:
+        self._pool.close()
+
+    @contextlib.contextmanager
+    def _con(self, doing: str) -> Iterator[psycopg.Connection[Any]]:
+        try:
+            with self._pool.connection() as con:
+                yield con
+        except psycopg.Error as exc:
+            raise LedgerUnavailable(f"the token store ({self.location}) cannot be {doing}: {exc}") from exc
+
+    @staticmethod
+    def _record(row: tuple[Any, ...] | None) -> TokenRecord | None:
+        return None if row is None else TokenRecord(*row)
+
+    def create(self, name: str, role: str, expires_in: float | None = None) -> tuple[str, Principal]:
+        _check_new(name, role)
+        token_id, secret = _new_secret()
+        now = self.clock()
+        expires = now + expires_in if expires_in is not None else None
+        with self._con("written") as con:
+            con.execute(
+                "INSERT INTO tokens (token_id, name, role, hash, created, expires) VALUES (%s, %s, %s, %s, %s, %s)",
+                (token_id, name, role, _hash(secret), now, expires),
+            )
+        return f"{PREFIX}_{token_id}_{secret}", Principal(name, role, token_id)
+
+    def get(self, token_id: str) -> TokenRecord | None:
+        with self._con("read") as con:
+            row = con.execute(f"SELECT {COLUMNS} FROM tokens WHERE token_id = %s", (token_id,)).fetchone()
+        return self._record(row)
+
+    def get_by_hash(self, secret_hash: str) -> TokenRecord | None:
+        with self._con("read") as con:
+            row = con.execute(f"SELECT {COLUMNS} FROM tokens WHERE hash = %s", (secret_hash,)).fetchone()
+        return self._record(row)
+
+    def _with_hash(self, token_id: str) -> tuple[TokenRecord, str] | None:
+        with self._con("read") as con:
+            row = con.execute(f"SELECT {COLUMNS}, hash FROM tokens WHERE token_id = %s", (token_id,)).fetchone()
+        return None if row is None else (TokenRecord(*row[:-1]), str(row[-1]))
+
+    def _in_use(self, name: str) -> list[TokenRecord]:
+        with self._con("read") as con:
+            rows = con.execute(
+                f"SELECT {COLUMNS} FROM tokens WHERE name = %s AND revoked IS NULL ORDER BY created, token_id",
+                (name,),
+            ).fetchall()
+        return [TokenRecord(*row) for row in rows]
+
+    def revoke(self, token_id: str) -> TokenRecord:
+        # One statement: a second revocation keeps the first time.
+        with self._con("written") as con:
+            row = con.execute(
+                f"UPDATE tokens SET revoked = COALESCE(revoked, %s) WHERE token_id = %s RETURNING {COLUMNS}",
+                (self.clock(), token_id),
+            ).fetchone()
+        record = self._record(row)
+        if record is None:
+            raise NotFound(f"no token {token_id!r}")
+        return record
+
+    def rotate(self, token_id: str) -> tuple[str, TokenRecord, Principal]:
+        new_id, secret = _new_secret()
+        now = self.clock()
+        with self._con("written") as con, con.transaction():
+            # FOR UPDATE: of two rotations of one token, the second waits, then finds it revoked.
+            old = self._record(
+                con.execute(f"SELECT {COLUMNS} FROM tokens WHERE token_id = %s FOR UPDATE", (token_id,)).fetchone()
+            )
+            if old is None:
+                raise NotFound(f"no token {token_id!r}")
+            if old.revoked is not None:
+                raise InvalidRequest(f"token {token_id} is {old.state(now)}; only a token not revoked is rotated")
+            con.execute(
+                "INSERT INTO tokens (token_id, name, role, hash, created, expires) VALUES (%s, %s, %s, %s, %s, %s)",
+                (new_id, old.name, old.role, _hash(secret), now, old.expires),
+            )
+            con.execute("UPDATE tokens SET revoked = %s, replaced_by = %s WHERE token_id = %s", (now, new_id, token_id))
+        return f"{PREFIX}_{new_id}_{secret}", old, Principal(old.name, old.role, new_id)
+
+    def touch(self, token_id: str, when: float) -> None:
+        with self._con("written") as con:
+            con.execute(
+                "UPDATE tokens SET last_used = %s WHERE token_id = %s AND (last_used IS NULL OR last_used < %s)",
+                (when, token_id, when),
+            )
+
+    def list(self) -> list[TokenRecord]:
+        with self._con("read") as con:
+            rows = con.execute(f"SELECT {COLUMNS} FROM tokens ORDER BY created, token_id").fetchall()
+        return [TokenRecord(*row) for row in rows]
