@@ -158,7 +158,7 @@ def test_a_charge_of_a_killed_process_is_recorded_at_start_up(workspace: Workspa
         live.close()
     orphans = [r for r in _records(workspace) if r["event"] == "orphan_charge"]
     assert [(o["actor"]["principal"], o["cost"]["epsilon"]) for o in orphans] == [("alice", 2.0)]
-    assert spend["datasets"]["visits"]["principals"] == {"alice": {"epsilon": 2.0, "delta": 0.0}}
+    assert spend["datasets"]["visits"]["principals"] == {"alice": {"epsilon": 2.0, "delta": 0.0, "rho": 0.0}}
     # Started again: alice's charge is not recorded twice; bob's is recorded now that its process is gone.
     with workspace.app():
         pass

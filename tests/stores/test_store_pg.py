@@ -130,7 +130,7 @@ def test_the_charge_of_a_killed_gateway_is_recorded_by_the_next_start(pg_workspa
         spend = c.get("/v1/audit/spend", headers=pg_workspace.headers("auditor")).json()
     orphans = [r for r in AuditLog(settings.audit_dir).records() if r["event"] == "orphan_charge"]
     assert [(o["actor"]["principal"], o["cost"]["epsilon"]) for o in orphans] == [("alice", 2.0)]
-    assert spend["datasets"]["visits"]["principals"] == {"alice": {"epsilon": 2.0, "delta": 0.0}}
+    assert spend["datasets"]["visits"]["principals"] == {"alice": {"epsilon": 2.0, "delta": 0.0, "rho": 0.0}}
     ledger = PgLedger(pg_store)
     try:
         assert [(h["epsilon"], h["audited"]) for h in ledger.history()] == [(2.0, True)]  # charged, not refunded
