@@ -26,7 +26,7 @@ import re
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,6 +185,46 @@ def admit(
             f"this request would exceed the total privacy budget of dataset {dataset!r}",
             scope="dataset",
         )
+
+
+def recharge_in(
+    charges: Iterable[LedgerCharge],
+    expected: Mapping[tuple[str, str], tuple[int, int, int]],
+    *,
+    held: set[str],
+    zcdp: set[str],
+    insert: Callable[[LedgerCharge, bool], LedgerCharge],
+    sums: Callable[[], Mapping[tuple[str, str], tuple[int, int, int]]],
+) -> list[LedgerCharge]:
+    """The body of `recharge` inside a store's transaction (every store's: one reconciliation rule).
+
+    `held` is the request ids the ledger holds, `zcdp` the datasets it charges under zCDP, `insert(charge, zcdp)`
+    records one charge and `sums()` reads the spent units per (principal, dataset) as `totals` does."""
+    added: list[LedgerCharge] = []
+    charges = list(charges)
+    zcdp = zcdp | {c.dataset for c in charges if c.rho_units}
+    for c in charges:
+        if c.request_id in held or not (c.eps_units or c.delta_units or c.rho_units):
+            continue
+        added.append(insert(c, c.dataset in zcdp))
+        held.add(c.request_id)
+    have = sums()
+    for (principal, dataset), (want_e, want_d, want_r) in sorted(expected.items()):
+        got_e, got_d, got_r = have.get((principal, dataset), (0, 0, 0))
+        if got_e < want_e or got_d < want_d or got_r < want_r:
+            top_up = LedgerCharge(
+                None,
+                time.time(),
+                principal,
+                dataset,
+                max(want_e - got_e, 0),
+                max(want_d - got_d, 0),
+                f"reconcile-{uuid.uuid4().hex}",
+                "reconcile",
+                max(want_r - got_r, 0),
+            )
+            added.append(insert(top_up, dataset in zcdp or want_r > got_r))
+    return added
 
 
 class Ledger:
@@ -515,40 +555,25 @@ class Ledger:
         the difference. Caps are not checked: this re-records spend that happened. Returns what was added.
         A charge in ρ is recorded under zCDP accounting, and so is any charge on a dataset that has one.
         """
-        added: list[LedgerCharge] = []
         try:
             with self._connections.get() as con:
                 con.execute("BEGIN IMMEDIATE")
                 try:
-                    held = {str(r[0]) for r in con.execute("SELECT DISTINCT request_id FROM charges")}
-                    charges = list(charges)
-                    zcdp = {c.dataset for c in charges if c.rho_units} | {
-                        str(r[0])
-                        for r in con.execute(
-                            "SELECT DISTINCT dataset FROM charges WHERE accounting = ?", (Accounting.ZCDP.value,)
-                        )
-                    }
-                    for c in charges:
-                        if c.request_id in held or not (c.eps_units or c.delta_units or c.rho_units):
-                            continue
-                        added.append(self._insert(con, c, c.dataset in zcdp))
-                        held.add(c.request_id)
-                    have = {(str(p), str(d)): (int(e), int(dl), int(r)) for p, d, e, dl, r in con.execute(_SUMS)}
-                    for (principal, dataset), (want_e, want_d, want_r) in sorted(expected.items()):
-                        got_e, got_d, got_r = have.get((principal, dataset), (0, 0, 0))
-                        if got_e < want_e or got_d < want_d or got_r < want_r:
-                            top_up = LedgerCharge(
-                                None,
-                                time.time(),
-                                principal,
-                                dataset,
-                                max(want_e - got_e, 0),
-                                max(want_d - got_d, 0),
-                                f"reconcile-{uuid.uuid4().hex}",
-                                "reconcile",
-                                max(want_r - got_r, 0),
+                    added = recharge_in(
+                        charges,
+                        expected,
+                        held={str(r[0]) for r in con.execute("SELECT DISTINCT request_id FROM charges")},
+                        zcdp={
+                            str(r[0])
+                            for r in con.execute(
+                                "SELECT DISTINCT dataset FROM charges WHERE accounting = ?", (Accounting.ZCDP.value,)
                             )
-                            added.append(self._insert(con, top_up, dataset in zcdp or want_r > got_r))
+                        },
+                        insert=lambda c, zcdp: self._insert(con, c, zcdp),
+                        sums=lambda: {
+                            (str(p), str(d)): (int(e), int(dl), int(r)) for p, d, e, dl, r in con.execute(_SUMS)
+                        },
+                    )
                     con.execute("COMMIT")
                 except BaseException:
                     con.execute("ROLLBACK")

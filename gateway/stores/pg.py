@@ -31,7 +31,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
-from gateway.stores.ledger import AUDITED, PENDING, UNRECORDED, Charge, Ledger, LedgerCharge, admit
+from gateway.stores.ledger import AUDITED, PENDING, UNRECORDED, Charge, Ledger, LedgerCharge, admit, recharge_in
 from policies.accountant import Accounting, PrivacyLoss
 from policies.errors import BudgetExhausted, LedgerUnavailable
 from policies.schema import Budget
@@ -178,6 +178,17 @@ def _ahead(conninfo: str, version: int) -> str:
     )
 
 
+@contextlib.contextmanager
+def borrow(pool: ConnectionPool[Any], what: str, doing: str) -> Iterator[psycopg.Connection[Any]]:
+    """A connection of `pool` for one unit of work; a server that cannot be reached or fails the work makes it
+    LedgerUnavailable (503, fail closed), saying that `what` cannot be `doing` ("read", "written")."""
+    try:
+        with pool.connection() as con:
+            yield con
+    except psycopg.Error as exc:
+        raise LedgerUnavailable(f"{what} cannot be {doing}: {exc}") from exc
+
+
 def _pool(conninfo: str, name: str, max_size: int) -> ConnectionPool[Any]:
     """A pool on a store whose schema is the version this code needs (StoreNotMigrated if not; LedgerUnavailable,
     at once, if the server cannot be reached)."""
@@ -217,13 +228,8 @@ class PgLedger:
         self._owner: tuple[int, str, psycopg.Connection[Any], float] | None = None
         self._owner_guard = threading.Lock()
 
-    @contextlib.contextmanager
-    def _con(self, doing: str) -> Iterator[psycopg.Connection[Any]]:
-        try:
-            with self._pool.connection() as con:
-                yield con
-        except psycopg.Error as exc:
-            raise LedgerUnavailable(f"the budget ledger ({self.location}) cannot be {doing}: {exc}") from exc
+    def _con(self, doing: str) -> contextlib.AbstractContextManager[psycopg.Connection[Any]]:
+        return borrow(self._pool, f"the budget ledger ({self.location})", doing)
 
     # --- the owner lock -----------------------------------------------------------------------------------
 
@@ -420,39 +426,22 @@ class PgLedger:
     ) -> list[LedgerCharge]:
         """As `Ledger.recharge`, holding the advisory lock of every dataset it charges (in one order)."""
         charges = list(charges)
-        added: list[LedgerCharge] = []
         with self._con("written") as con, con.transaction():
             for dataset in sorted({c.dataset for c in charges} | {d for _, d in expected}):
                 con.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_DATASET_LOCK, dataset))
-            held = {str(r[0]) for r in con.execute("SELECT DISTINCT request_id FROM ledger_charges")}
-            zcdp = {c.dataset for c in charges if c.rho_units} | {
-                str(r[0])
-                for r in con.execute(
-                    "SELECT DISTINCT dataset FROM ledger_charges WHERE accounting = %s", (Accounting.ZCDP.value,)
-                )
-            }
-            for c in charges:
-                if c.request_id in held or not (c.eps_units or c.delta_units or c.rho_units):
-                    continue
-                added.append(self._insert(con, c, c.dataset in zcdp))
-                held.add(c.request_id)
-            have = {(str(p), str(d)): (int(e), int(dl), int(r)) for p, d, e, dl, r in con.execute(_SUMS)}
-            for (principal, dataset), (want_e, want_d, want_r) in sorted(expected.items()):
-                got_e, got_d, got_r = have.get((principal, dataset), (0, 0, 0))
-                if got_e < want_e or got_d < want_d or got_r < want_r:
-                    top_up = LedgerCharge(
-                        None,
-                        time.time(),
-                        principal,
-                        dataset,
-                        max(want_e - got_e, 0),
-                        max(want_d - got_d, 0),
-                        f"reconcile-{uuid.uuid4().hex}",
-                        "reconcile",
-                        max(want_r - got_r, 0),
+            return recharge_in(
+                charges,
+                expected,
+                held={str(r[0]) for r in con.execute("SELECT DISTINCT request_id FROM ledger_charges")},
+                zcdp={
+                    str(r[0])
+                    for r in con.execute(
+                        "SELECT DISTINCT dataset FROM ledger_charges WHERE accounting = %s", (Accounting.ZCDP.value,)
                     )
-                    added.append(self._insert(con, top_up, dataset in zcdp or want_r > got_r))
-        return added
+                },
+                insert=lambda c, zcdp: self._insert(con, c, zcdp),
+                sums=lambda: {(str(p), str(d)): (int(e), int(dl), int(r)) for p, d, e, dl, r in con.execute(_SUMS)},
+            )
 
     @staticmethod
     def _insert(con: psycopg.Connection[Any], c: LedgerCharge, zcdp: bool) -> LedgerCharge:
@@ -523,12 +512,9 @@ class PgReleaseCache:
         self._pool = _pool(conninfo, "bastion-cache", max_connections)
 
     def get(self, key: str) -> dict[str, Any] | None:
-        try:
-            with self._pool.connection() as con:
-                row = con.execute("SELECT response FROM release_cache WHERE key = %s", (key,)).fetchone()
-        except psycopg.Error as exc:
-            # Fail closed: without the cache a repeat cannot be told from a new request.
-            raise LedgerUnavailable(f"the release cache ({self.location}) cannot be read: {exc}") from exc
+        # Fail closed: without the cache a repeat cannot be told from a new request.
+        with borrow(self._pool, f"the release cache ({self.location})", "read") as con:
+            row = con.execute("SELECT response FROM release_cache WHERE key = %s", (key,)).fetchone()
         return json.loads(row[0]) if row else None
 
     def put(self, key: str, principal: str, response: dict[str, Any]) -> None:
