@@ -6,14 +6,5 @@ if command -v java >/dev/null 2>&1; then
     major=$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1)
     [ "${major:-0}" -ge 17 ] && exit 0
 fi
-if ! command -v apt-get >/dev/null 2>&1; then
-    echo "java.sh: no apt-get here; install Java 17 (e.g. OpenJDK 17) to use the Spark engine" >&2
-    exit 1
-fi
-SUDO=""
-if [ "$(id -u)" != 0 ]; then
-    SUDO="sudo"
-fi
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -q
-$SUDO apt-get install -y -q openjdk-17-jre-headless
+exec bash "$(dirname "$0")/debian_package.sh" java.sh "Java 17 (e.g. OpenJDK 17) to use the Spark engine" \
+    openjdk-17-jre-headless

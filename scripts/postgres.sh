@@ -9,14 +9,5 @@ done
 if command -v initdb >/dev/null 2>&1 && command -v pg_ctl >/dev/null 2>&1; then
     exit 0
 fi
-if ! command -v apt-get >/dev/null 2>&1; then
-    echo "postgres.sh: no apt-get here; install the PostgreSQL server (initdb, pg_ctl) to test the PostgreSQL store" >&2
-    exit 1
-fi
-SUDO=""
-if [ "$(id -u)" != 0 ]; then
-    SUDO="sudo"
-fi
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -q
-$SUDO apt-get install -y -q postgresql
+exec bash "$(dirname "$0")/debian_package.sh" postgres.sh \
+    "the PostgreSQL server (initdb, pg_ctl) to test the PostgreSQL store" postgresql
