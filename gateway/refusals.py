@@ -1,15 +1,22 @@
 """Refusals made before a caller is authenticated (a bad token, a body over the size limit, a throttled source),
-counted per source address and time window so that nobody can grow the audit log without bound.
+counted per source and time window so that nobody can grow the audit log without bound.
+
+A source is an IPv4 address, or the /64 network of an IPv6 address (one host is commonly given a whole /64, so
+counting each of its addresses apart would let it step around the limit); an IPv4-mapped IPv6 address is its IPv4
+address. Anything else (a test client's name) is taken as it is.
 
 The first refusal of a source in its window is recorded in full; later ones are only counted, and each closed
-window that counted any becomes one aggregate record (source, window start and end, count, reasons). Once a
-source has been refused `threshold` times in its window, it is refused with 429 until the window ends, without
-its token being looked at. At most `max_sources` windows are open at once; past that the oldest is closed early.
+window that counted any becomes one aggregate record (source, window start and end, count, reasons, and the ids of
+the tokens it counted: a revoked, rotated or expired token presented again is named with how often, never only
+counted). Once a source has been refused `threshold` times in its window, it is refused with 429 until the window
+ends, without its token being looked at. At most `max_sources` windows are open at once; past that the oldest is
+closed early.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import threading
 import time
 from collections import Counter
@@ -25,6 +32,7 @@ class Window:
     end: float
     refusals: int = 1  # every refusal in the window, the first (recorded in full) included
     counted: Counter[str] = field(default_factory=Counter)  # reasons of the refusals recorded only as a count
+    tokens: Counter[str] = field(default_factory=Counter)  # ids of the known tokens among them (not working any more)
 
     def aggregate(self, closed_at: float) -> dict[str, Any]:
         """The fields of the window's aggregate record."""
@@ -34,7 +42,21 @@ class Window:
             "window_end": _iso(min(closed_at, self.end)),
             "count": sum(self.counted.values()),
             "reasons": dict(sorted(self.counted.items())),
+            **({"tokens": dict(sorted(self.tokens.items()))} if self.tokens else {}),
         }
+
+
+def source_key(address: str) -> str:
+    """The source a refusal is counted under: an IPv4 address, the /64 network of an IPv6 address."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def _iso(ts: float) -> str:
@@ -54,17 +76,21 @@ class RefusalWindows:
     def blocked(self, source: str) -> bool:
         """Whether `source` has used up its refusals in its current window."""
         with self._lock:
-            window = self._current(source, self._clock())
+            window = self._current(source_key(source), self._clock())
             return window is not None and window.refusals >= self.threshold
 
-    def note(self, source: str, reason: str) -> bool:
-        """Count one refusal of `source`; True if it is the first of its window (to be recorded in full)."""
+    def note(self, source: str, reason: str, token_id: str | None = None) -> bool:
+        """Count one refusal of `source` (of known token `token_id`, if any); True if it is the first of its window
+        (to be recorded in full)."""
+        source = source_key(source)
         with self._lock:
             now = self._clock()
             window = self._current(source, now)
             if window is not None:
                 window.refusals += 1
                 window.counted[reason] += 1
+                if token_id is not None:
+                    window.tokens[token_id] += 1
                 return False
             while len(self._open) >= self.max_sources:
                 self._close(next(iter(self._open.values())), now)

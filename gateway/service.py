@@ -511,7 +511,8 @@ class Bastion:
         # principal and id (never its secret or hash), with the reason token_revoked, token_rotated or
         # token_expired; any other refusal is anonymous.
         reason = error.reason if isinstance(error, TokenRefused) else error.code
-        if not self.refusals.note(source, reason):
+        token_id = error.principal.token_id if isinstance(error, TokenRefused) else None
+        if not self.refusals.note(source, reason, token_id):
             return
         fields: dict[str, Any] = {
             "actor": error.principal.as_actor() if isinstance(error, TokenRefused) else dict(ANONYMOUS),

@@ -69,6 +69,42 @@ def test_windows_are_per_source_and_bounded_in_number() -> None:
     assert windows.drain() == []
 
 
+def test_an_ipv6_host_is_one_source_and_mapped_ipv4_is_its_address() -> None:
+    windows = RefusalWindows(60, 2, 100, clock=Clock())
+    # Two addresses of one /64 share a window (a host holds a whole /64): the second is only counted, the third
+    # over the limit; another /64 is another source.
+    assert windows.note("2001:db8:1:2::1", "unauthorized")
+    assert not windows.note("2001:db8:1:2:ffff::9", "unauthorized")
+    assert windows.blocked("2001:db8:1:2:aaaa::1") and not windows.blocked("2001:db8:1:3::1")
+    assert windows.note("::ffff:192.0.2.7", "unauthorized") and not windows.note("192.0.2.7", "unauthorized")
+    assert windows.blocked("::ffff:192.0.2.7") and windows.blocked("192.0.2.7")
+    assert not windows.blocked("192.0.2.8")
+    assert {w["source"] for w in windows.drain()} == {"2001:db8:1:2::/64", "192.0.2.7"}
+
+
+def test_a_dead_token_presented_again_is_named_in_the_aggregate(workspace: Workspace) -> None:
+    """A revoked token used again and again in one window is not lost in an anonymous count: the aggregate
+    record names its id with how often it was presented."""
+    settings = workspace.settings.model_copy(update={"limits": Limits(max_refusals=10, refusal_window_seconds=60)})
+    clock = Clock()
+    with TestClient(create_app(settings)) as c:
+        bastion = c.app.state.bastion  # type: ignore[attr-defined]
+        bastion.refusals = RefusalWindows(60, 10, 100, clock=clock)
+        token, principal = bastion.tokens.create("mallory", "analyst")
+        bastion.tokens.revoke(principal.token_id)
+        headers = {"Authorization": f"Bearer {token}"}
+        statuses = [c.post("/v1/query", json=COUNT, headers=headers).status_code for _ in range(4)]
+        c.post("/v1/query", json=COUNT, headers={"Authorization": "Bearer bst_nope_nope"})
+        clock.now += 61
+        assert c.post("/v1/query", json=COUNT, headers=workspace.headers("analyst")).status_code == 200
+    assert statuses == [401] * 4
+    auth = [r for r in AuditLog(settings.audit_dir).records() if r["event"] == "authentication"]
+    first, aggregate = auth
+    assert first["reason"] == "token_revoked" and first["actor"]["token_id"] == principal.token_id
+    assert aggregate["reasons"] == {"token_revoked": 3, "unauthorized": 1}
+    assert aggregate["tokens"] == {principal.token_id: 3}
+
+
 def test_long_request_texts_are_stored_as_prefix_digest_and_length(workspace: Workspace) -> None:
     sql = "SELECT COUNT(*) FROM visits WHERE " + " AND ".join(["age > 1"] * 5000)
     with workspace.app() as c:

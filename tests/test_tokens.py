@@ -154,7 +154,11 @@ def test_rotation_replaces_the_secret_and_ends_sessions(workspace: Workspace) ->
 
 
 def test_a_name_with_several_tokens_in_use_must_be_named_by_id(workspace: Workspace) -> None:
-    _cli(workspace, "token", "create", "--role", "analyst", "--name", "alice")
+    refused = CliRunner().invoke(
+        cli, ["token", "create", "--role", "analyst", "--name", "alice", "-w", str(workspace.settings.workspace)]
+    )
+    assert refused.exit_code != 0 and "--add" in refused.output  # alice has a token in use: only on purpose
+    _cli(workspace, "token", "create", "--role", "analyst", "--name", "alice", "--add")
     result = CliRunner().invoke(cli, ["token", "revoke", "alice", "-w", str(workspace.settings.workspace)])
     assert result.exit_code != 0 and "2 tokens" in result.output
     result = CliRunner().invoke(cli, ["token", "revoke", "nobody", "-w", str(workspace.settings.workspace)])

@@ -180,15 +180,24 @@ def _token_admin(workspace: Path | None, store: str | None) -> Any:
 @token_app.command("create")
 def token_create(
     role: Annotated[str, typer.Option(help="analyst, lf_author, auditor or admin")],
-    name: Annotated[str, typer.Option(help="principal name, e.g. alice ('anonymous' is reserved)")],
+    name: Annotated[str, typer.Option(help="principal name, e.g. alice ('anonymous' and 'bastion' are reserved)")],
     expires: Annotated[
         str | None,
         typer.Option(help="lifetime: a whole number and s, m, h or d, e.g. 30d [default: no expiry]"),
     ] = None,
+    add: Annotated[
+        bool,
+        typer.Option(
+            "--add",
+            help="give a principal that already has a token in use another one (same role; they share its budget, "
+            "cached answers and jobs)",
+        ),
+    ] = False,
     store: Store = None,
     workspace: Workspace = None,
 ) -> None:
-    """Create a bearer token. It is printed once; only its hash is stored."""
+    """Create a bearer token. It is printed once; only its hash is stored. A name whose tokens are in use is refused
+    unless --add, and a principal keeps one role."""
     from audit.record import Event
     from gateway.stores.tokens import iso, parse_duration
     from policies.errors import GatewayError
@@ -199,7 +208,7 @@ def token_create(
         fail(str(exc))
     bastion = _token_admin(workspace, store)
     try:
-        token, principal = bastion.tokens.create(name, role, lifetime)
+        token, principal = bastion.tokens.issue(name, role, lifetime, add=add)
         record = bastion.tokens.get(principal.token_id)
         bastion.audit(
             None,
@@ -463,7 +472,7 @@ def _demo_tokens(tokens: Any, tokens_file: Path) -> None:
     """Create the demo's tokens in `tokens` and write them to `tokens_file`, readable only by its owner."""
     made = {}
     for role, name in (("analyst", "alice"), ("lf_author", "lena"), ("auditor", "otto")):
-        token, _ = tokens.create(name, role)
+        token, _ = tokens.issue(name, role, add=True)
         made[role] = {"name": name, "token": token}
     fd = os.open(tokens_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

@@ -36,6 +36,9 @@ from policies.typecheck import Checked, Checker
 MAX_DECLARED_GROUPS = 100_000
 # Largest number of bins of a binned key over a bounded column (FLOOR(col / w) ...) released as public keys.
 MAX_BINS = 1_000
+# Quantiles one query may release: each is a search of its own over the column's range (a ladder of noisy counts and
+# a selection among up to 1,024 value positions), so a query of many would tie a worker up for long.
+MAX_QUANTILES = 8
 
 
 class Kind(StrEnum):
@@ -331,11 +334,11 @@ class _Planner:
         if name in _VARIANCE_FUNCS:
             return self._register(_VARIANCE_FUNCS[name], self._numeric_column(arg, node, name.upper()))
         if name == "Median":
-            return self._register(Kind.QUANTILE, self._numeric_column(arg, node, "MEDIAN"), 0.5)
+            return self._register(Kind.QUANTILE, self._numeric_column(arg, node, "MEDIAN"), 0.5, node)
         if name in _QUANTILE_FUNCS:
             q_node = node.args.get("quantile") or node.args.get("expression")
             return self._register(
-                Kind.QUANTILE, self._numeric_column(arg, node, "a quantile"), self._quantile_q(q_node, node)
+                Kind.QUANTILE, self._numeric_column(arg, node, "a quantile"), self._quantile_q(q_node, node), node
             )
         raise reject(
             f"aggregate {func_name(node).upper()}() is not supported",
@@ -351,10 +354,19 @@ class _Planner:
         if type(inner).__name__ not in {"PercentileCont", "PercentileDisc"} or not isinstance(order, exp.Order):
             raise reject("unsupported WITHIN GROUP aggregate", "unsupported_aggregate", node, self.sql)
         col = self._numeric_column(order.expressions[0].this, node, "PERCENTILE_CONT")
-        return self._register(Kind.QUANTILE, col, self._quantile_q(inner.this, node))
+        return self._register(Kind.QUANTILE, col, self._quantile_q(inner.this, node), node)
 
-    def _register(self, kind: Kind, column: str, q: float = 0.0) -> Aggregate:
+    def _register(self, kind: Kind, column: str, q: float = 0.0, node: exp.Expr | None = None) -> Aggregate:
         key = (kind, column, q)
+        if kind == Kind.QUANTILE and key not in self.aggregates:
+            if sum(a.kind == Kind.QUANTILE for a in self.aggregates.values()) >= MAX_QUANTILES:
+                raise reject(
+                    f"at most {MAX_QUANTILES} distinct quantiles (MEDIAN, PERCENTILE_CONT, ...) per query",
+                    "too_many_quantiles",
+                    node,
+                    self.sql,
+                    hint="split the quantiles over several queries",
+                )
         if key not in self.aggregates:
             self.aggregates[key] = Aggregate(f"a{len(self.aggregates)}", kind, column, q)
         return self.aggregates[key]

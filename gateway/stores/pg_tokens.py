@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
 
-from gateway.stores.pg import _pool, describe
+from gateway.stores.pg import _pool, borrow, describe
 from gateway.stores.tokens import (
     COLUMNS,
     PREFIX,
@@ -25,8 +25,9 @@ from gateway.stores.tokens import (
     _check_new,
     _hash,
     _new_secret,
+    _rotatable,
 )
-from policies.errors import InvalidRequest, LedgerUnavailable, NotFound
+from policies.errors import LedgerUnavailable, NotFound
 
 
 class PgTokenStore(TokenChecks):
@@ -43,17 +44,8 @@ class PgTokenStore(TokenChecks):
     def close(self) -> None:
         self._pool.close()
 
-    @contextlib.contextmanager
-    def _con(self, doing: str) -> Iterator[psycopg.Connection[Any]]:
-        try:
-            with self._pool.connection() as con:
-                yield con
-        except psycopg.Error as exc:
-            raise LedgerUnavailable(f"the token store ({self.location}) cannot be {doing}: {exc}") from exc
-
-    @staticmethod
-    def _record(row: tuple[Any, ...] | None) -> TokenRecord | None:
-        return None if row is None else TokenRecord(*row)
+    def _con(self, doing: str) -> contextlib.AbstractContextManager[psycopg.Connection[Any]]:
+        return borrow(self._pool, f"the token store ({self.location})", doing)
 
     def create(self, name: str, role: str, expires_in: float | None = None) -> tuple[str, Principal]:
         _check_new(name, role)
@@ -70,12 +62,12 @@ class PgTokenStore(TokenChecks):
     def get(self, token_id: str) -> TokenRecord | None:
         with self._con("read") as con:
             row = con.execute(f"SELECT {COLUMNS} FROM tokens WHERE token_id = %s", (token_id,)).fetchone()
-        return self._record(row)
+        return TokenRecord.of(row)
 
     def get_by_hash(self, secret_hash: str) -> TokenRecord | None:
         with self._con("read") as con:
             row = con.execute(f"SELECT {COLUMNS} FROM tokens WHERE hash = %s", (secret_hash,)).fetchone()
-        return self._record(row)
+        return TokenRecord.of(row)
 
     def _with_hash(self, token_id: str) -> tuple[TokenRecord, str] | None:
         with self._con("read") as con:
@@ -97,7 +89,7 @@ class PgTokenStore(TokenChecks):
                 f"UPDATE tokens SET revoked = COALESCE(revoked, %s) WHERE token_id = %s RETURNING {COLUMNS}",
                 (self.clock(), token_id),
             ).fetchone()
-        record = self._record(row)
+        record = TokenRecord.of(row)
         if record is None:
             raise NotFound(f"no token {token_id!r}")
         return record
@@ -107,13 +99,8 @@ class PgTokenStore(TokenChecks):
         now = self.clock()
         with self._con("written") as con, con.transaction():
             # FOR UPDATE: of two rotations of one token, the second waits, then finds it revoked.
-            old = self._record(
-                con.execute(f"SELECT {COLUMNS} FROM tokens WHERE token_id = %s FOR UPDATE", (token_id,)).fetchone()
-            )
-            if old is None:
-                raise NotFound(f"no token {token_id!r}")
-            if old.revoked is not None:
-                raise InvalidRequest(f"token {token_id} is {old.state(now)}; only a token not revoked is rotated")
+            row = con.execute(f"SELECT {COLUMNS} FROM tokens WHERE token_id = %s FOR UPDATE", (token_id,)).fetchone()
+            old = _rotatable(TokenRecord.of(row), token_id, now)
             con.execute(
                 "INSERT INTO tokens (token_id, name, role, hash, created, expires) VALUES (%s, %s, %s, %s, %s, %s)",
                 (new_id, old.name, old.role, _hash(secret), now, old.expires),

@@ -27,16 +27,20 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from policies.errors import InvalidRequest, NotFound, Unauthorized
 
 ROLES = ("analyst", "lf_author", "auditor", "admin")
 PREFIX = "bst"
 ANONYMOUS_NAME = "anonymous"  # the principal of a request without a valid token; no token may take the name
+# Names no token may take, compared without regard to case: the principal of requests without a valid token, and
+# the gateway's own (the actor of system records).
+RESERVED_NAMES = frozenset({ANONYMOUS_NAME, "bastion"})
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # ASCII only: no look-alike of another principal's name
 TOUCH_SECONDS = 60.0  # a token's last-used time is written at most this often per gateway process
 DURATION = re.compile(r"(\d+)([smhd])")
 UNITS = {"s": 1, "m": 60, "h": 3_600, "d": 86_400}
@@ -66,6 +70,11 @@ class TokenRecord:
     revoked: float | None = None
     last_used: float | None = None
     replaced_by: str | None = None  # the token id a rotation issued in its place
+
+    @classmethod
+    def of(cls, row: tuple[object, ...] | Sequence[Any] | None) -> TokenRecord | None:
+        """The record of a row selected as `COLUMNS` (None for no row)."""
+        return None if row is None else cls(*row)
 
     @property
     def principal(self) -> Principal:
@@ -123,10 +132,28 @@ def _hash(secret: str) -> str:
 def _check_new(name: str, role: str) -> None:
     if role not in ROLES:
         raise InvalidRequest(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
-    if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise InvalidRequest("a principal name is letters, digits, '-', '_' or '.'")
-    if name == ANONYMOUS_NAME:
-        raise InvalidRequest(f"{ANONYMOUS_NAME!r} is reserved: the audit log records requests without a token under it")
+    if not NAME.fullmatch(name):
+        raise InvalidRequest(
+            "a principal name is 1 to 64 ASCII letters, digits, '-', '_' or '.', starting with a letter or digit"
+        )
+    if name.lower() in RESERVED_NAMES:
+        raise InvalidRequest(
+            f"{name!r} is reserved: the audit log records requests without a token as {ANONYMOUS_NAME!r} and the "
+            "gateway's own records as 'bastion'"
+        )
+
+
+def _rotatable(old: TokenRecord | None, token_id: str, now: float) -> TokenRecord:
+    """The token to rotate, if it may be: it exists, is not revoked and has not expired (a rotation keeps the expiry,
+    so rotating an expired token would issue one that is dead on arrival)."""
+    if old is None:
+        raise NotFound(f"no token {token_id!r}")
+    state = old.state(now)
+    if state != "active":
+        advice = f": create a new one with 'bastion token create --name {old.name} --role {old.role} --add'"
+        message = f"token {token_id} is {state}; only an active token is rotated"
+        raise InvalidRequest(message + advice * (state == "expired"))
+    return old
 
 
 def _new_secret() -> tuple[str, str]:
@@ -175,6 +202,12 @@ class TokenStore(Protocol):
         """The principal of token `token_id` if it still works (for sessions opened with it), else Unauthorized."""
         ...
 
+    def issue(
+        self, name: str, role: str, expires_in: float | None = None, *, add: bool = False
+    ) -> tuple[str, Principal]:
+        """`create` for an administrator: refuses a second role for a name, and a name in use unless `add`."""
+        ...
+
     def find(self, name_or_id: str) -> TokenRecord:
         """The token with this id, else the one token of this principal that is not revoked (NotFound/ambiguous)."""
         ...
@@ -204,6 +237,32 @@ class TokenChecks(ABC):
     @abstractmethod
     def _in_use(self, name: str) -> list[TokenRecord]:
         """SELECT the tokens of principal `name` that are not revoked, oldest first."""
+
+    @abstractmethod
+    def create(self, name: str, role: str, expires_in: float | None = None) -> tuple[str, Principal]: ...
+
+    def issue(
+        self, name: str, role: str, expires_in: float | None = None, *, add: bool = False
+    ) -> tuple[str, Principal]:
+        """Create a token for an administrator: a principal has one role, and every token of a name shares its
+        budget, cached answers and jobs, so a name whose tokens are in use is taken only on purpose (`add`), and
+        never with another role."""
+        _check_new(name, role)
+        in_use = self._in_use(name)
+        roles = {r.role for r in in_use}
+        if roles - {role}:
+            raise InvalidRequest(
+                f"principal {name!r} has tokens in use with role {', '.join(sorted(roles))}; a principal has one "
+                f"role: revoke its tokens first ('bastion token revoke'), or choose another name"
+            )
+        if in_use and not add:
+            ids = ", ".join(r.token_id for r in in_use)
+            raise InvalidRequest(
+                f"principal {name!r} already has {len(in_use)} token(s) in use ({ids}), which share one budget, "
+                "its cached answers and jobs: pass --add to give it another token, 'bastion token rotate' to replace "
+                "one, or choose another name"
+            )
+        return self.create(name, role, expires_in)
 
     def find(self, name_or_id: str) -> TokenRecord:
         record = self.get(name_or_id)
@@ -325,14 +384,10 @@ class SqliteTokenStore(TokenChecks):
             with contextlib.suppress(FileNotFoundError):  # another process imported and renamed it meanwhile
                 os.replace(legacy, legacy.with_name(legacy.name + ".migrated"))
 
-    @staticmethod
-    def _record(row: tuple[object, ...] | None) -> TokenRecord | None:
-        return None if row is None else TokenRecord(*row)  # type: ignore[arg-type]
-
     def _one(self, where: str, value: str) -> TokenRecord | None:
         with self._lock:
             row = self._db.execute(f"SELECT {COLUMNS} FROM tokens WHERE {where} = ?", (value,)).fetchone()
-        return self._record(row)
+        return TokenRecord.of(row)
 
     def _with_hash(self, token_id: str) -> tuple[TokenRecord, str] | None:
         with self._lock:
@@ -381,11 +436,7 @@ class SqliteTokenStore(TokenChecks):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 row = self._db.execute(f"SELECT {COLUMNS} FROM tokens WHERE token_id = ?", (token_id,)).fetchone()
-                old = self._record(row)
-                if old is None:
-                    raise NotFound(f"no token {token_id!r}")
-                if old.revoked is not None:
-                    raise InvalidRequest(f"token {token_id} is {old.state(now)}; only a token not revoked is rotated")
+                old = _rotatable(TokenRecord.of(row), token_id, now)
                 self._db.execute(
                     "INSERT INTO tokens (token_id, name, role, hash, created, expires) VALUES (?, ?, ?, ?, ?, ?)",
                     (new_id, old.name, old.role, _hash(secret), now, old.expires),

@@ -126,6 +126,35 @@ def test_rotate_issues_a_new_token_and_ends_the_old(open_token_store: Opener) ->
     with pytest.raises(NotFound):
         store.rotate("00000000")
     assert len(store.list()) == 2
+    clock.now += 3_600  # past the expiry: a rotation would issue a token dead on arrival
+    with pytest.raises(InvalidRequest, match="expired.*create a new one"):
+        store.rotate(new.token_id)
+    assert len(store.list()) == 2
+
+
+def test_names_are_ascii_and_reserved_names_are_refused_in_any_case(open_token_store: Opener) -> None:
+    store = open_token_store(Clock())
+    for name in ("Anonymous", "ANONYMOUS", "bastion", "Bastion", "аnonymous", "alice\u200b", "", "-x", "a b", "x" * 65):
+        with pytest.raises(InvalidRequest):
+            store.issue(name, "analyst")
+    assert store.list() == []
+    _, principal = store.issue("Alice.Smith-2", "analyst")
+    assert principal.name == "Alice.Smith-2"
+
+
+def test_issue_refuses_a_name_in_use_unless_added_and_never_a_second_role(open_token_store: Opener) -> None:
+    store = open_token_store(Clock())
+    _, first = store.issue("carol", "analyst")
+    with pytest.raises(InvalidRequest, match="already has 1 token.*--add"):
+        store.issue("carol", "analyst")
+    with pytest.raises(InvalidRequest, match="one role"):
+        store.issue("carol", "admin", add=True)
+    _, second = store.issue("carol", "analyst", add=True)
+    assert second.name == "carol" and second.token_id != first.token_id
+    for p in (first, second):
+        store.revoke(p.token_id)
+    _, again = store.issue("carol", "auditor")  # no token of the name in use: a new start, any role
+    assert again.role == "auditor"
 
 
 def test_of_two_rotations_of_one_token_at_once_exactly_one_wins(open_token_store: Opener) -> None:
