@@ -22,7 +22,8 @@ from policies.schema import Column
 
 
 def count_sensitivity(k: int) -> int:
-    """COUNT(*) or COUNT(col) over any grouping: one unit adds or removes at most k rows in all."""
+    """COUNT(*), COUNT(col) or COUNT(DISTINCT col) (col not the unit) over any grouping: one unit adds or removes
+    at most k rows in all, so at most k counted rows or distinct values."""
     return k
 
 
@@ -47,7 +48,7 @@ def quantile_sensitivity(k: int, q: float) -> int:
 
 
 def count_l2(k: int) -> int:
-    """COUNT(*) or COUNT(col): k rows in one group is the worst case, L2 = k."""
+    """COUNT(*), COUNT(col), COUNT(DISTINCT col): k rows (k new values) in one group is the worst case, L2 = k."""
     return k
 
 

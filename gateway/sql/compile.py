@@ -57,6 +57,8 @@ def _call(plan: Plan, m: Measurement) -> tuple[exp.Expr, bool]:
             return exp.Count(this=exp.Star()), False
         case Kind.COUNT:
             return exp.Count(this=_col(m.column)), False
+        case Kind.COUNT_DISTINCT:
+            return exp.Count(this=exp.Distinct(expressions=[_col(m.column)])), False
         case Kind.COUNT_DISTINCT_UNIT:
             unit = plan.policy.unit_column
             assert unit is not None, "the planner allows COUNT(DISTINCT unit) only with a unit column"

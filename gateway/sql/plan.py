@@ -47,6 +47,7 @@ class Kind(StrEnum):
     COUNT_STAR = "count_star"
     COUNT = "count"
     COUNT_DISTINCT_UNIT = "count_distinct_unit"
+    COUNT_DISTINCT = "count_distinct"  # of a column other than the unit
     SUM = "sum"
     SUMSQ = "sumsq"  # a measurement only: the sum of squares behind VARIANCE and STDDEV
     AVG = "avg"
@@ -93,7 +94,7 @@ _VARIANCE_FUNCS = {
 class Measurement:
     """One primitive noisy measurement per group: a count, a fixed-point sum, or a quantile selection."""
 
-    kind: Kind  # COUNT_STAR, COUNT, COUNT_DISTINCT_UNIT, SUM, SUMSQ or QUANTILE
+    kind: Kind  # COUNT_STAR, COUNT, COUNT_DISTINCT_UNIT, COUNT_DISTINCT, SUM, SUMSQ or QUANTILE
     column: str = ""
     q: float = 0.0
 
@@ -119,8 +120,8 @@ class Aggregate:
         match self.kind:
             case Kind.COUNT_STAR | Kind.COUNT_DISTINCT_UNIT:
                 return (Measurement(self.kind),)
-            case Kind.COUNT:
-                return (Measurement(Kind.COUNT, c),)
+            case Kind.COUNT | Kind.COUNT_DISTINCT:
+                return (Measurement(self.kind, c),)
             case Kind.SUM:
                 return (Measurement(Kind.SUM, c),)
             case Kind.AVG:
@@ -305,13 +306,17 @@ class _Planner:
                 unit = self.policy.unit_column
                 if len(cols) == 1 and isinstance(cols[0], exp.Column) and unit and cols[0].name.lower() == unit:
                     kind, col = Kind.COUNT_DISTINCT_UNIT, ""
+                elif len(cols) == 1 and isinstance(cols[0], exp.Column):
+                    # The distinct values of another column: one unit's k rows add or remove at most k of them
+                    # (in all groups together), so it is priced as a count.
+                    kind, col = Kind.COUNT_DISTINCT, check_column(cols[0], self.policy, self.sql, labeling=False)
                 else:
                     raise reject(
-                        "COUNT(DISTINCT ...) is allowed on the privacy-unit column only",
+                        "COUNT(DISTINCT ...) takes one column",
                         "count_distinct",
                         node,
                         self.sql,
-                        hint=f"use COUNT(DISTINCT {unit})" if unit else None,
+                        hint="count the distinct values of one column, e.g. COUNT(DISTINCT col)",
                     )
             elif isinstance(arg, exp.Column) and not arg.table and arg.name.lower() == self.policy.unit_column:
                 # COUNT(unit): the rows whose unit is present, a count like any other (one unit moves it by k).
@@ -320,7 +325,7 @@ class _Planner:
                 kind, col = Kind.COUNT, check_column(arg, self.policy, self.sql, labeling=False)
             else:
                 raise reject(
-                    "COUNT takes *, a column or DISTINCT of the privacy unit",
+                    "COUNT takes *, a column or DISTINCT of a column",
                     "aggregate_argument",
                     node,
                     self.sql,

@@ -38,7 +38,7 @@ from policies.accountant import (
 from policies.errors import InvalidRequest
 from policies.schema import Budget
 
-_COUNT_KINDS = {Kind.COUNT_STAR, Kind.COUNT, Kind.COUNT_DISTINCT_UNIT}
+_COUNT_KINDS = {Kind.COUNT_STAR, Kind.COUNT, Kind.COUNT_DISTINCT_UNIT, Kind.COUNT_DISTINCT}
 
 DISCRETE_LAPLACE = "discrete_laplace"
 DISCRETE_GAUSSIAN = "discrete_gaussian"
@@ -125,7 +125,7 @@ def _d_in(plan: Plan, m: Measurement) -> int:
     k = plan.policy.max_rows_per_unit
     grouped = bool(plan.keys)
     match m.kind:
-        case Kind.COUNT_STAR | Kind.COUNT:
+        case Kind.COUNT_STAR | Kind.COUNT | Kind.COUNT_DISTINCT:
             return sens.count_sensitivity(k)
         case Kind.COUNT_DISTINCT_UNIT:
             return sens.distinct_unit_sensitivity(k, grouped)
@@ -141,7 +141,7 @@ def _d_in(plan: Plan, m: Measurement) -> int:
 def _l2(plan: Plan, m: Measurement) -> float:
     k = plan.policy.max_rows_per_unit
     match m.kind:
-        case Kind.COUNT_STAR | Kind.COUNT:
+        case Kind.COUNT_STAR | Kind.COUNT | Kind.COUNT_DISTINCT:
             return sens.count_l2(k)
         case Kind.COUNT_DISTINCT_UNIT:
             return sens.distinct_unit_l2(k, bool(plan.keys))

@@ -328,6 +328,16 @@ def test_count_distinct_unit_grouped(neighbours: Neighbours) -> None:
     assert control > _per(pricing), control
 
 
+def test_count_distinct_column_grouped(neighbours: Neighbours) -> None:
+    """COUNT(DISTINCT col) of a column other than the unit, priced as a count (k): the worst unit brings the value
+    'e' that nobody else has into each of its k groups of `slot`, one more distinct value in each, L1 = k."""
+    sql = "SELECT slot, COUNT(DISTINCT kind) FROM audit GROUP BY slot"
+    pricing, calibrated, control = audit_single_measurement(neighbours, sql, 1.0, N_VECTOR_DRAWS)
+    assert set(pricing.d_in.values()) == {K}
+    assert calibrated <= _per(pricing), calibrated
+    assert control > _per(pricing), control
+
+
 def test_sum_with_negative_lower_bound(neighbours: Neighbours) -> None:
     """k rows at -100 with bounds [-100, 50]: the sensitivity must follow the bound of largest magnitude."""
     pricing, calibrated, control = audit_single_measurement(neighbours, "SELECT SUM(amount) FROM audit", 1.0)
