@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import sqlite3
+import uuid
 from pathlib import Path
 
 import pytest
@@ -84,16 +85,35 @@ def test_caps_are_exact_and_total_cap_applies(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "l.sqlite")
     per, total = Budget(epsilon=1.0, delta=0), Budget(epsilon=1.5, delta=0)
     for _ in range(10):
-        ledger.charge(principal="a", dataset="d", cost=PrivacyLoss(0.1), per_principal=per, total=total, request_id="r")
+        ledger.charge(
+            principal="a",
+            dataset="d",
+            cost=PrivacyLoss(0.1),
+            per_principal=per,
+            total=total,
+            request_id=uuid.uuid4().hex,
+        )
     with pytest.raises(BudgetExhausted) as info:
         ledger.charge(
-            principal="a", dataset="d", cost=PrivacyLoss(1e-9), per_principal=per, total=total, request_id="r"
+            principal="a",
+            dataset="d",
+            cost=PrivacyLoss(1e-9),
+            per_principal=per,
+            total=total,
+            request_id=uuid.uuid4().hex,
         )
     assert info.value.details["scope"] == "principal"
-    ledger.charge(principal="b", dataset="d", cost=PrivacyLoss(0.5), per_principal=per, total=total, request_id="r")
+    ledger.charge(
+        principal="b", dataset="d", cost=PrivacyLoss(0.5), per_principal=per, total=total, request_id=uuid.uuid4().hex
+    )
     with pytest.raises(BudgetExhausted) as info:
         ledger.charge(
-            principal="c", dataset="d", cost=PrivacyLoss(0.01), per_principal=per, total=total, request_id="r"
+            principal="c",
+            dataset="d",
+            cost=PrivacyLoss(0.01),
+            per_principal=per,
+            total=total,
+            request_id=uuid.uuid4().hex,
         )
     assert info.value.details["scope"] == "dataset"
     assert ledger.spent_total("d").epsilon == pytest.approx(1.5)
@@ -106,7 +126,7 @@ def _charge(ledger: Ledger, principal: str, eps: float, per: float = 1.0, total:
         cost=PrivacyLoss(eps),
         per_principal=Budget(epsilon=per, delta=0),
         total=Budget(epsilon=total, delta=0),
-        request_id="r",
+        request_id=uuid.uuid4().hex,
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,7 @@ def _zcharge(ledger: Ledger, cost: PrivacyLoss, principal: str = "a", dataset: s
         cost=cost,
         per_principal=PER,
         total=TOTAL,
-        request_id="r",
+        request_id=uuid.uuid4().hex,
         accounting=Accounting.ZCDP,
     )
 
@@ -149,13 +150,22 @@ def test_pure_costs_count_as_half_their_square_under_zcdp(tmp_path: Path) -> Non
 
 def test_spend_cannot_go_on_under_the_other_accounting(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "l.sqlite")
-    ledger.charge(principal="a", dataset="p", cost=PrivacyLoss(1.0), per_principal=PER, total=TOTAL, request_id="r")
+    ledger.charge(
+        principal="a", dataset="p", cost=PrivacyLoss(1.0), per_principal=PER, total=TOTAL, request_id=uuid.uuid4().hex
+    )
     with pytest.raises(BudgetExhausted, match="accounted as pure") as info:
         _zcharge(ledger, PrivacyLoss(0.0, 0.0, 0.01), principal="b", dataset="p")
     assert info.value.details["scope"] == "dataset"
     _zcharge(ledger, PrivacyLoss(0.0, 0.0, 0.01), dataset="z")
     with pytest.raises(BudgetExhausted, match="accounted as zcdp"):
-        ledger.charge(principal="a", dataset="z", cost=PrivacyLoss(0.1), per_principal=PER, total=TOTAL, request_id="r")
+        ledger.charge(
+            principal="a",
+            dataset="z",
+            cost=PrivacyLoss(0.1),
+            per_principal=PER,
+            total=TOTAL,
+            request_id=uuid.uuid4().hex,
+        )
 
 
 def _charge_in_process(path: str, out: Any) -> None:

@@ -1,9 +1,12 @@
 """Durable privacy budgets: per (principal, dataset) and per dataset, in SQLite.
 
 A charge is one `BEGIN IMMEDIATE` transaction: it reads what was spent, checks both caps and records the charge,
-so two processes can never both pass when only one fits. Charges are never refunded. What was spent is read from
-`spent`, running totals per (principal, dataset) that triggers on `charges` keep in the same transaction as every
-change of a charge (whichever code makes it), so a charge costs the same however long the history is.
+so two processes can never both pass when only one fits. Charges are never refunded. A charge is idempotent on
+its request id: the same charge again under an id the ledger holds is that charge (not a second), another one is
+refused (`replayed`); the PostgreSQL store relies on this to retry a charge whose connection was lost. What was
+spent is read from `spent`, running totals per (principal, dataset) that triggers on `charges` keep in the same
+transaction as every change of a charge (whichever code makes it), so a charge costs the same however long the
+history is.
 
 Under a policy's `accounting: zcdp` a charge is checked in ρ (and δ) against the caps converted from the policy's
 (ε, δ) by `policies.accountant.rho_cap`; every charge records the accounting it was made under, and a dataset's
@@ -68,6 +71,7 @@ _MIGRATIONS = (
 _INDEXES = (
     "CREATE INDEX IF NOT EXISTS charges_audited ON charges(audited)",
     "CREATE INDEX IF NOT EXISTS charges_accounting ON charges(dataset, accounting)",
+    "CREATE INDEX IF NOT EXISTS charges_request ON charges(request_id)",
 )
 # Running totals of `charges`, maintained by triggers (created, and filled from the charges, in one transaction).
 _UPSERT_NEW = """
@@ -185,6 +189,43 @@ def admit(
             f"this request would exceed the total privacy budget of dataset {dataset!r}",
             scope="dataset",
         )
+
+
+def replayed(
+    found: tuple[Any, ...] | None,
+    request_id: str,
+    principal: str,
+    dataset: str,
+    units: tuple[int, int, int],
+    charged: PrivacyLoss,
+    principal_spent: tuple[int, int, int],
+    dataset_spent: tuple[int, int, int],
+) -> Charge | None:
+    """A charge is idempotent on its request id: `found` is the row (id, principal, dataset, ε, δ, ρ units) the ledger
+    already holds under `request_id` (None: none), read under the store's lock. The same charge again (a retry whose
+    first attempt committed but whose answer was lost) is that charge, not a second one; a different one under the
+    same id is refused, nothing charged. Spent totals already include it."""
+    if found is None:
+        return None
+    row_id, p, d, e, dl, r = found
+    if (str(p), str(d), (int(e), int(dl), int(r or 0))) != (principal, dataset, units):
+        raise InvalidRequest(f"request id {request_id!r} was charged for another request; nothing was charged")
+    ce, cd, cr = units
+    pe, pd, pr = principal_spent
+    te, td, tr = dataset_spent
+    return Charge(
+        cost=charged,
+        principal_before=PrivacyLoss.from_units(pe - ce, pd - cd, pr - cr),
+        principal_after=PrivacyLoss.from_units(pe, pd, pr),
+        dataset_after=PrivacyLoss.from_units(te, td, tr),
+        id=int(row_id),
+    )
+
+
+_BY_REQUEST = (
+    "SELECT id, principal, dataset, eps_units, delta_units, rho_units FROM charges "
+    "WHERE request_id = ? AND kind <> 'reconcile' ORDER BY id LIMIT 1"
+)
 
 
 def recharge_in(
@@ -408,6 +449,19 @@ class Ledger:
                 try:
                     pe, pd, pr = self._sum(con, "principal = ? AND dataset = ?", (principal, dataset))
                     te, td, tr = self._sum(con, "dataset = ?", (dataset,))
+                    again = replayed(
+                        con.execute(_BY_REQUEST, (request_id,)).fetchone(),
+                        request_id,
+                        principal,
+                        dataset,
+                        (ce, cd, cr),
+                        charged,
+                        (pe, pd, pr),
+                        (te, td, tr),
+                    )
+                    if again is not None:
+                        con.execute("COMMIT")
+                        return again
                     if con.execute(
                         "SELECT 1 FROM charges WHERE dataset = ? AND accounting = ? LIMIT 1", (dataset, other.value)
                     ).fetchone():

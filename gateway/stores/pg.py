@@ -29,9 +29,19 @@ from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
-from gateway.stores.ledger import AUDITED, PENDING, UNRECORDED, Charge, Ledger, LedgerCharge, admit, recharge_in
+from gateway.stores.ledger import (
+    AUDITED,
+    PENDING,
+    UNRECORDED,
+    Charge,
+    Ledger,
+    LedgerCharge,
+    admit,
+    recharge_in,
+    replayed,
+)
 from policies.accountant import Accounting, PrivacyLoss
 from policies.errors import BudgetExhausted, LedgerUnavailable
 from policies.schema import Budget
@@ -107,6 +117,13 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 _ROW = "id, ts, principal, dataset, eps_units, delta_units, request_id, kind, rho_units"
+_BY_REQUEST = (
+    "SELECT id, principal, dataset, eps_units, delta_units, rho_units FROM ledger_charges "
+    "WHERE request_id = %s AND kind <> 'reconcile' ORDER BY id LIMIT 1"
+)
+# A charge whose transaction fails with a lost connection is tried once more: if its COMMIT did reach the server
+# (the answer was lost), the retry finds the charge under its request id instead of charging twice.
+CHARGE_ATTEMPTS = 2
 _SUMS = "SELECT principal, dataset, SUM(eps_units), SUM(delta_units), SUM(rho_units) FROM ledger_charges GROUP BY 1, 2"
 _ADD_SPENT = """INSERT INTO ledger_spent (principal, dataset, eps_units, delta_units, rho_units)
     VALUES (%s, %s, %s, %s, %s)
@@ -317,6 +334,43 @@ class PgLedger:
         cr = charged.rho_units(round_up=True)
         principal_caps = Ledger.caps(per_principal, accounting)
         dataset_caps = Ledger.caps(total, accounting)
+        for attempt in range(1, CHARGE_ATTEMPTS + 1):
+            try:
+                return self._charge_once(
+                    principal,
+                    dataset,
+                    cost,
+                    (ce, cd, cr),
+                    charged,
+                    principal_caps,
+                    dataset_caps,
+                    request_id,
+                    kind,
+                    accounting,
+                )
+            except LedgerUnavailable as exc:
+                # Only a connection lost during the work is tried again; a server that cannot be reached at all
+                # (the pool's wait ran out) answers 503 at once.
+                cause = exc.__cause__
+                lost = isinstance(cause, psycopg.OperationalError) and not isinstance(cause, PoolTimeout)
+                if attempt == CHARGE_ATTEMPTS or not lost:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _charge_once(
+        self,
+        principal: str,
+        dataset: str,
+        cost: PrivacyLoss,
+        units: tuple[int, int, int],
+        charged: PrivacyLoss,
+        principal_caps: tuple[int, int, int | None],
+        dataset_caps: tuple[int, int, int | None],
+        request_id: str,
+        kind: str,
+        accounting: Accounting,
+    ) -> Charge:
+        ce, cd, cr = units
         other = Accounting.PURE if accounting is Accounting.ZCDP else Accounting.ZCDP
         owner = self.owner()
         charge_id: int | None = None
@@ -324,6 +378,18 @@ class PgLedger:
             con.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_DATASET_LOCK, dataset))
             pe, pd, pr = self._sum(con, "principal = %s AND dataset = %s", (principal, dataset))
             te, td, tr = self._sum(con, "dataset = %s", (dataset,))
+            again = replayed(
+                con.execute(_BY_REQUEST, (request_id,)).fetchone(),
+                request_id,
+                principal,
+                dataset,
+                units,
+                charged,
+                (pe, pd, pr),
+                (te, td, tr),
+            )
+            if again is not None:
+                return again
             if con.execute(
                 "SELECT 1 FROM ledger_charges WHERE dataset = %s AND accounting = %s LIMIT 1", (dataset, other.value)
             ).fetchone():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 from gateway.stores.base import LedgerStore
 from gateway.stores.ledger import LedgerCharge
 from policies.accountant import Accounting, PrivacyLoss
-from policies.errors import BudgetExhausted
+from policies.errors import BudgetExhausted, InvalidRequest
 from policies.schema import Budget
 from tests.stores.conftest import open_ledger_at
 
@@ -21,7 +22,8 @@ Opener = Callable[[], LedgerStore]
 PER, TOTAL = Budget(epsilon=1.0, delta=0), Budget(epsilon=1.5, delta=0)
 
 
-def _charge(ledger: LedgerStore, principal: str, eps: float, request_id: str = "r", **kw: Any) -> Any:
+def _charge(ledger: LedgerStore, principal: str, eps: float, request_id: str | None = None, **kw: Any) -> Any:
+    request_id = request_id or uuid.uuid4().hex  # every request has an id of its own
     return ledger.charge(
         principal=principal,
         dataset="d",
@@ -95,6 +97,21 @@ def test_an_unrecorded_charge_is_claimed_once_by_the_next_charge_of_another_ledg
         ("third", False),
     ]
     assert two.spent_total("d").epsilon == pytest.approx(0.4)  # nothing refunded
+
+
+def test_a_charge_is_idempotent_on_its_request_id(open_ledger: Opener) -> None:
+    """The same charge again under one request id (a retry whose first answer was lost) is the first charge, seen
+    by every ledger of the store; another cost under that id is refused and nothing is charged."""
+    one, two = open_ledger(), open_ledger()
+    first = _charge(one, "a", 0.25, "once")
+    again = _charge(two, "a", 0.25, "once")
+    assert again.id == first.id and again.principal_after == first.principal_after
+    assert again.principal_before == first.principal_before and again.claimed == ()
+    assert one.totals() == {("a", "d"): (25 * 10**10, 0, 0)} and len(one.history()) == 1
+    for principal, eps in (("a", 0.5), ("b", 0.25)):
+        with pytest.raises(InvalidRequest, match="another request"):
+            _charge(one, principal, eps, "once")
+    assert one.totals() == {("a", "d"): (25 * 10**10, 0, 0)} and len(two.history()) == 1
 
 
 def _charge_and_die(address: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import uuid
 from typing import Any
 
 import psycopg
@@ -201,7 +202,12 @@ def test_a_lost_owner_lock_is_taken_again_under_a_new_owner(pg_store: str) -> No
         time.sleep(OWNER_CHECK_SECONDS + 0.2)
         budget = Budget(epsilon=1.0, delta=0)
         ledger.charge(
-            principal="a", dataset="d", cost=PrivacyLoss(0.1), per_principal=budget, total=budget, request_id="r"
+            principal="a",
+            dataset="d",
+            cost=PrivacyLoss(0.1),
+            per_principal=budget,
+            total=budget,
+            request_id=uuid.uuid4().hex,
         )
         assert ledger.owner() != first
         assert other.claim_stale() == ()  # the pending charge's owner is alive
@@ -225,7 +231,12 @@ def test_a_store_at_schema_version_1_is_upgraded_keeping_its_spend(
     budget = Budget(epsilon=1.0, delta=0)
     try:
         ledger.charge(
-            principal="a", dataset="d", cost=PrivacyLoss(0.25), per_principal=budget, total=budget, request_id="r"
+            principal="a",
+            dataset="d",
+            cost=PrivacyLoss(0.25),
+            per_principal=budget,
+            total=budget,
+            request_id=uuid.uuid4().hex,
         )
     finally:
         ledger.close()
@@ -241,3 +252,46 @@ def test_a_store_at_schema_version_1_is_upgraded_keeping_its_spend(
     finally:
         ledger.close()
         tokens.close()
+
+
+@pytest.mark.parametrize("committed", [True, False])
+def test_a_charge_whose_connection_is_lost_is_tried_once_more_and_charged_once(
+    pg_store: str, monkeypatch: pytest.MonkeyPatch, committed: bool
+) -> None:
+    """A connection lost during a charge leaves its outcome unknown to the gateway: the charge is tried once more,
+    and the request id makes the retry find a charge that did commit instead of charging twice."""
+    from psycopg_pool import PoolTimeout
+
+    ledger = PgLedger(pg_store)
+    real = PgLedger._charge_once
+    calls: list[int] = []
+
+    def flaky(self: PgLedger, *args: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            if committed:
+                real(self, *args)  # the COMMIT reached the server; its answer did not reach us
+            raise LedgerUnavailable("the budget ledger cannot be written") from psycopg.OperationalError("lost")
+        return real(self, *args)
+
+    budget = Budget(epsilon=1.0, delta=0)
+    charge: dict[str, Any] = dict(
+        principal="a", dataset="d", cost=PrivacyLoss(0.25), per_principal=budget, total=budget
+    )
+    try:
+        monkeypatch.setattr(PgLedger, "_charge_once", flaky)
+        done = ledger.charge(**charge, request_id="lost-answer")
+        assert len(calls) == 2 and done.id is not None
+        assert ledger.totals() == {("a", "d"): (25 * 10**10, 0, 0)} and len(ledger.history()) == 1
+
+        def unreachable(self: PgLedger, *args: Any) -> Any:
+            calls.append(1)
+            raise LedgerUnavailable("the budget ledger cannot be written") from PoolTimeout("no connection")
+
+        calls.clear()
+        monkeypatch.setattr(PgLedger, "_charge_once", unreachable)
+        with pytest.raises(LedgerUnavailable):
+            ledger.charge(**charge, request_id="unreachable")
+        assert len(calls) == 1  # a server that cannot be reached is not waited for twice
+    finally:
+        ledger.close()
