@@ -46,21 +46,32 @@ class Window:
         }
 
 
+def _iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat()
+
+
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052: an IPv4 host's address behind a NAT64 gateway
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # RFC 4291 (deprecated) IPv4-compatible addresses, :: and ::1 aside
+NOT_AN_ADDRESS = "not-an-address"  # the one source of every text that is no IP address (from a trusted proxy)
+
+
 def source_key(address: str) -> str:
-    """The source a refusal is counted under: an IPv4 address, the /64 network of an IPv6 address."""
+    """The source a refusal is counted under: an IPv4 address (also when written inside an IPv6 address: mapped,
+    NAT64, IPv4-compatible), else the /64 network of an IPv6 address (loopback apart); any text that is no address
+    at all counts as one source, so a proxy's odd headers cannot open a window each."""
     try:
-        ip = ipaddress.ip_address(address)
+        ip = ipaddress.ip_address(address.split("%", 1)[0])  # an IPv6 zone (fe80::1%eth0) names no other host
     except ValueError:
-        return address
+        return NOT_AN_ADDRESS
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return str(ip.ipv4_mapped)
+        if ip in _NAT64 or (ip in _IPV4_COMPATIBLE and int(ip) > 1):
+            return str(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        if ip.is_loopback:
+            return str(ip)
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)
-
-
-def _iso(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat()
 
 
 class RefusalWindows:

@@ -184,6 +184,28 @@ def test_non_finite_public_keys_do_not_break_the_second_pass(workspace: Workspac
     assert fallbacks == []
 
 
+def test_quantile_searches_are_bounded(workspace: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Quantiles × groups is bounded: over declared groups beyond the bound the query is refused before the charge;
+    over selected keys the quantiles go to the groups with the largest noisy counts, and the answer says so."""
+    from gateway.sql.plan import MAX_QUANTILE_SEARCHES
+
+    analyst = workspace.headers("analyst")
+    with workspace.app() as c:
+        before = c.get("/v1/budget", headers=analyst).json()
+        many = "SELECT visit_day, MEDIAN(income) FROM visits GROUP BY visit_day"
+        r = c.post("/v1/query", json={"sql": many, "epsilon": 1.0}, headers=analyst)
+        assert r.status_code == 400 and r.json()["error"]["reason"] == "too_many_quantile_groups", r.text
+        assert c.get("/v1/budget", headers=analyst).json() == before  # nothing charged
+        monkeypatch.setattr(release, "MAX_QUANTILE_SEARCHES", 4)
+        sql = "SELECT diagnosis, COUNT(*) AS n, MEDIAN(income), QUANTILE_CONT(age, 0.9) FROM visits GROUP BY diagnosis"
+        r = c.post("/v1/query", json={"sql": sql, "epsilon": 4.0}, headers=analyst)
+        assert r.status_code == 200, r.text
+        body = r.json()
+    assert len(body["rows"]) == 2  # 4 searches for 2 quantiles
+    assert any("groups were left out" in note for note in body.get("notes", [])), body
+    assert MAX_QUANTILE_SEARCHES >= 1_000
+
+
 def _ladder_release(density: float, point_scale: float, integer: bool = False) -> mech.QuantileRelease:
     """A ladder around the middle of a grid whose noisy bins hold `density` rows per grid position (every bin), so
     that the interval at alpha is some cuts wide; the point's noise scale is given (score units)."""

@@ -12,7 +12,7 @@ from audit.log import AuditLog
 from audit.record import TEXT_PREFIX_BYTES, bound_texts
 from audit.verify import verify_log
 from gateway.http.app import create_app
-from gateway.refusals import RefusalWindows
+from gateway.refusals import NOT_AN_ADDRESS, RefusalWindows
 from gateway.settings import Limits
 from tests.conftest import Workspace
 
@@ -49,7 +49,8 @@ def test_failed_authentications_are_counted_per_window_then_throttled(workspace:
     auth = [r for r in records if r["event"] == "authentication"]
     first, aggregate = auth
     assert first["reason"] == "unauthorized" and first["request"]["path"] == "/v1/query"
-    assert aggregate["reason"] == "aggregate" and aggregate["source"] == "testclient"
+    # The test client's address is the text "testclient": no IP address, counted as the one such source.
+    assert aggregate["reason"] == "aggregate" and aggregate["source"] == NOT_AN_ADDRESS
     assert aggregate["count"] == 4 and aggregate["reasons"] == {"too_many_requests": 2, "unauthorized": 2}
     assert aggregate["window_start"] < aggregate["window_end"]
     assert records.index(aggregate) < min(i for i, r in enumerate(records) if r["event"] == "query")
@@ -59,13 +60,14 @@ def test_failed_authentications_are_counted_per_window_then_throttled(workspace:
 def test_windows_are_per_source_and_bounded_in_number() -> None:
     clock = Clock()
     windows = RefusalWindows(60, 2, 2, clock=clock)
-    assert windows.note("a", "unauthorized") and not windows.note("a", "unauthorized")
-    assert windows.blocked("a") and not windows.blocked("b")
-    assert windows.note("b", "unauthorized") and windows.note("c", "unauthorized")  # "a" closed early
-    assert [w["source"] for w in windows.closed()] == ["a"]
-    assert not windows.blocked("a")
+    assert windows.note("192.0.2.1", "unauthorized") and not windows.note("192.0.2.1", "unauthorized")
+    assert windows.blocked("192.0.2.1") and not windows.blocked("192.0.2.2")
+    # The third source closes the oldest window (192.0.2.1) early.
+    assert windows.note("192.0.2.2", "unauthorized") and windows.note("192.0.2.3", "unauthorized")
+    assert [w["source"] for w in windows.closed()] == ["192.0.2.1"]
+    assert not windows.blocked("192.0.2.1")
     clock.now += 60
-    assert windows.closed() == []  # "b" and "c" counted nothing beyond their first refusal
+    assert windows.closed() == []  # "192.0.2.2" and "192.0.2.3" counted nothing beyond their first refusal
     assert windows.drain() == []
 
 
@@ -79,7 +81,16 @@ def test_an_ipv6_host_is_one_source_and_mapped_ipv4_is_its_address() -> None:
     assert windows.note("::ffff:192.0.2.7", "unauthorized") and not windows.note("192.0.2.7", "unauthorized")
     assert windows.blocked("::ffff:192.0.2.7") and windows.blocked("192.0.2.7")
     assert not windows.blocked("192.0.2.8")
-    assert {w["source"] for w in windows.drain()} == {"2001:db8:1:2::/64", "192.0.2.7"}
+    # IPv4 written inside IPv6 (NAT64, IPv4-compatible) is that IPv4 host; loopback is itself; text that is no
+    # address (a proxy's odd header, with or without a zone) is one source for all.
+    assert windows.note("64:ff9b::8.8.8.8", "unauthorized") and not windows.note("8.8.8.8", "unauthorized")
+    assert windows.note("::9.9.9.9", "unauthorized") and not windows.blocked("9.9.9.10")
+    assert windows.note("::1", "unauthorized") and not windows.blocked("::2")
+    assert windows.note("garbage1", "unauthorized") and not windows.note("garbage2", "unauthorized")
+    assert windows.blocked("whatever")
+    assert windows.note("fe80::1%eth0", "unauthorized") and not windows.note("fe80::2", "unauthorized")  # zone dropped
+    sources = {w["source"] for w in windows.drain()}
+    assert {"2001:db8:1:2::/64", "192.0.2.7", "8.8.8.8", NOT_AN_ADDRESS} <= sources
 
 
 def test_a_dead_token_presented_again_is_named_in_the_aggregate(workspace: Workspace) -> None:

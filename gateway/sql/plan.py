@@ -39,6 +39,10 @@ MAX_BINS = 1_000
 # Quantiles one query may release: each is a search of its own over the column's range (a ladder of noisy counts and
 # a selection among up to 1,024 value positions), so a query of many would tie a worker up for long.
 MAX_QUANTILES = 8
+# Quantile searches (quantiles × groups) one query may run, for the same reason: a query over declared groups beyond
+# it is refused before the charge; over selected keys, the quantiles go to this many of the groups with the largest
+# noisy counts (post-processing of the selection), and the answer says so.
+MAX_QUANTILE_SEARCHES = 1_000
 
 
 class Kind(StrEnum):
@@ -305,6 +309,8 @@ class _Planner:
                 cols = arg.expressions
                 unit = self.policy.unit_column
                 if len(cols) == 1 and isinstance(cols[0], exp.Column) and unit and cols[0].name.lower() == unit:
+                    if cols[0].table and cols[0].table.lower() != self.policy.dataset:
+                        raise reject(f"unknown table qualifier {cols[0].table!r}", "unknown_table", cols[0], self.sql)
                     kind, col = Kind.COUNT_DISTINCT_UNIT, ""
                 elif len(cols) == 1 and isinstance(cols[0], exp.Column):
                     # The distinct values of another column: one unit's k rows add or remove at most k of them
@@ -570,6 +576,22 @@ class _Planner:
             first = min(unknown, key=lambda c: span(c, self.sql)[0] or 0)
             check_column(first, self.policy, self.sql, labeling=False)
 
+    def quantile_searches(self, measurements: list[Measurement]) -> None:
+        """Refuse quantiles over more declared groups than `MAX_QUANTILE_SEARCHES` allows (a public fact)."""
+        quantiles = sum(m.kind == Kind.QUANTILE for m in measurements)
+        if not quantiles or any(k.domain is None for _, k in self.keys):
+            return
+        groups = math.prod(len(k.domain or ()) for _, k in self.keys)
+        if quantiles * groups > MAX_QUANTILE_SEARCHES:
+            raise reject(
+                f"{quantiles} quantile(s) over {groups:,} groups is {quantiles * groups:,} quantile searches; at most "
+                f"{MAX_QUANTILE_SEARCHES:,} per query",
+                "too_many_quantile_groups",
+                self.select.args.get("group"),
+                self.sql,
+                hint="group by coarser keys, restrict the keys with WHERE, or ask fewer quantiles per query",
+            )
+
     def plan(self) -> Plan:
         select = self.select
         read_spellings(select)
@@ -683,6 +705,7 @@ class _Planner:
             post = post.offset(bounds["offset"])
         aggregates = list(self.aggregates.values())
         measurements = sorted({m for a in aggregates for m in a.measurements})
+        self.quantile_searches(measurements)
         return Plan(
             dataset=self.policy.dataset,
             policy=self.policy,

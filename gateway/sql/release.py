@@ -17,7 +17,7 @@ from sqlglot import exp
 from gateway.engines.base import Engine, EngineError
 from gateway.engines.public import PublicError, public_rows
 from gateway.sql import compile as comp
-from gateway.sql.plan import Aggregate, Kind, Measurement, Plan
+from gateway.sql.plan import MAX_QUANTILE_SEARCHES, Aggregate, Kind, Measurement, Plan
 from gateway.sql.price import _COUNT_KINDS, Pricing, measurement_unit
 from policies import mechanisms as mech
 from policies import sensitivity as sens
@@ -221,6 +221,18 @@ def execute(plan: Plan, pricing: Pricing, engine: Engine, *, default_input: bool
             notes.append(
                 "COUNT(*) of each selected group is the threshold's own noisy count (no second measurement); its "
                 "interval allows for the selection (a count just above the threshold may be far lower)"
+            )
+        n_quantiles = sum(m.kind == Kind.QUANTILE for m in plan.measurements)
+        if n_quantiles and len(groups) * n_quantiles > MAX_QUANTILE_SEARCHES:
+            # Bounded work: the quantiles go to the groups with the largest noisy counts (post-processing).
+            top = max(MAX_QUANTILE_SEARCHES // n_quantiles, 1)
+            dropped = len(groups) - top
+            largest = sorted(groups, key=lambda g: (-kept[g], [str(v) for v in g]))[:top]
+            groups = sorted(largest, key=lambda g: [str(v) for v in g])
+            notes.append(
+                f"{dropped:,} selected groups were left out: {n_quantiles} quantile(s) are computed for at most "
+                f"{MAX_QUANTILE_SEARCHES:,} group searches per query, so for the {top:,} groups with the largest "
+                "noisy counts"
             )
     zero = tuple(0 for _ in range(len(plain) + 1))
 

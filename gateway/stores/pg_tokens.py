@@ -29,6 +29,8 @@ from gateway.stores.tokens import (
 )
 from policies.errors import LedgerUnavailable, NotFound
 
+_NAME_LOCK = 0x42A50010  # advisory lock class of token names (beside pg.py's ledger locks)
+
 
 class PgTokenStore(TokenChecks):
     """Tokens in the PostgreSQL store (a pool of its own). A server that cannot be reached makes a request 503
@@ -53,6 +55,29 @@ class PgTokenStore(TokenChecks):
         now = self.clock()
         expires = now + expires_in if expires_in is not None else None
         with self._con("written") as con:
+            con.execute(
+                "INSERT INTO tokens (token_id, name, role, hash, created, expires) VALUES (%s, %s, %s, %s, %s, %s)",
+                (token_id, name, role, _hash(secret), now, expires),
+            )
+        return f"{PREFIX}_{token_id}_{secret}", Principal(name, role, token_id)
+
+    def _create_checked(
+        self,
+        name: str,
+        role: str,
+        expires_in: float | None,
+        check: Callable[[list[TokenRecord]], None],
+    ) -> tuple[str, Principal]:
+        token_id, secret = _new_secret()
+        now = self.clock()
+        expires = now + expires_in if expires_in is not None else None
+        with self._con("written") as con, con.transaction():
+            # One name (in any case) at a time across every host: a second check waits for the first's insert.
+            con.execute("SELECT pg_advisory_xact_lock(%s, hashtext(lower(%s)))", (_NAME_LOCK, name))
+            rows = con.execute(
+                f"SELECT {COLUMNS} FROM tokens WHERE lower(name) = lower(%s) ORDER BY created", (name,)
+            ).fetchall()
+            check([TokenRecord(*row) for row in rows])
             con.execute(
                 "INSERT INTO tokens (token_id, name, role, hash, created, expires) VALUES (%s, %s, %s, %s, %s, %s)",
                 (token_id, name, role, _hash(secret), now, expires),

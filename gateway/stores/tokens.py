@@ -40,7 +40,9 @@ ANONYMOUS_NAME = "anonymous"  # the principal of a request without a valid token
 # Names no token may take, compared without regard to case: the principal of requests without a valid token, and
 # the gateway's own (the actor of system records).
 RESERVED_NAMES = frozenset({ANONYMOUS_NAME, "bastion"})
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # ASCII only: no look-alike of another principal's name
+# ASCII letters and digits, with '.', '-', '_' inside: no Unicode look-alike of another name, no trailing mark.
+NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9])?")
+MAX_LIFETIME_DAYS = 36_500  # the longest expiry a token may be given
 TOUCH_SECONDS = 60.0  # a token's last-used time is written at most this often per gateway process
 DURATION = re.compile(r"(\d+)([smhd])")
 UNITS = {"s": 1, "m": 60, "h": 3_600, "d": 86_400}
@@ -118,11 +120,15 @@ def iso(seconds: float | None) -> str | None:
 
 
 def parse_duration(text: str) -> float:
-    """Seconds of a duration such as `90s`, `15m`, `12h`, `30d` (a positive whole number and one unit)."""
+    """Seconds of a duration such as `90s`, `15m`, `12h`, `30d` (a positive whole number and one unit, at most
+    `MAX_LIFETIME_DAYS` days: a time every store and client can represent)."""
     match = DURATION.fullmatch(text.strip())
     if match is None or int(match.group(1)) == 0:
         raise InvalidRequest(f"invalid duration {text!r}: a positive whole number and a unit s, m, h or d, e.g. 30d")
-    return float(int(match.group(1)) * UNITS[match.group(2)])
+    seconds = int(match.group(1)) * UNITS[match.group(2)]
+    if seconds > MAX_LIFETIME_DAYS * UNITS["d"]:
+        raise InvalidRequest(f"duration {text!r} is too long: at most {MAX_LIFETIME_DAYS}d (100 years)")
+    return float(seconds)
 
 
 def _hash(secret: str) -> str:
@@ -134,12 +140,36 @@ def _check_new(name: str, role: str) -> None:
         raise InvalidRequest(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
     if not NAME.fullmatch(name):
         raise InvalidRequest(
-            "a principal name is 1 to 64 ASCII letters, digits, '-', '_' or '.', starting with a letter or digit"
+            "a principal name is 1 to 64 ASCII letters, digits, '-', '_' or '.', starting and ending with a letter "
+            "or digit"
         )
     if name.lower() in RESERVED_NAMES:
         raise InvalidRequest(
             f"{name!r} is reserved: the audit log records requests without a token as {ANONYMOUS_NAME!r} and the "
             "gateway's own records as 'bastion'"
+        )
+
+
+def _may_take(name: str, role: str, same: list[TokenRecord], add: bool) -> None:
+    """Refuse to create a token for `name` given the tokens `same` whose names equal it without regard to case."""
+    other = sorted({r.name for r in same} - {name})
+    if other:
+        raise InvalidRequest(
+            f"principal name {name!r} differs from {', '.join(map(repr, other))} only in case: choose another name"
+        )
+    in_use = [r for r in same if r.revoked is None]
+    roles = {r.role for r in in_use}
+    if roles - {role}:
+        raise InvalidRequest(
+            f"principal {name!r} has tokens in use with role {', '.join(sorted(roles))}; a principal has one "
+            "role: revoke its tokens first ('bastion token revoke'), or choose another name"
+        )
+    if in_use and not add:
+        ids = ", ".join(r.token_id for r in in_use)
+        raise InvalidRequest(
+            f"principal {name!r} already has {len(in_use)} token(s) in use ({ids}), which share one budget, "
+            "its cached answers and jobs: pass --add to give it another token, 'bastion token rotate' to replace "
+            "one, or choose another name"
         )
 
 
@@ -245,24 +275,22 @@ class TokenChecks(ABC):
         self, name: str, role: str, expires_in: float | None = None, *, add: bool = False
     ) -> tuple[str, Principal]:
         """Create a token for an administrator: a principal has one role, and every token of a name shares its
-        budget, cached answers and jobs, so a name whose tokens are in use is taken only on purpose (`add`), and
-        never with another role."""
+        budget, cached answers and jobs, so a name whose tokens are in use is taken only on purpose (`add`), never
+        with another role, and never a name that differs from another principal's only in case. The check and the
+        insert are one transaction (`_create_checked`), so two concurrent runs cannot both pass it."""
         _check_new(name, role)
-        in_use = self._in_use(name)
-        roles = {r.role for r in in_use}
-        if roles - {role}:
-            raise InvalidRequest(
-                f"principal {name!r} has tokens in use with role {', '.join(sorted(roles))}; a principal has one "
-                f"role: revoke its tokens first ('bastion token revoke'), or choose another name"
-            )
-        if in_use and not add:
-            ids = ", ".join(r.token_id for r in in_use)
-            raise InvalidRequest(
-                f"principal {name!r} already has {len(in_use)} token(s) in use ({ids}), which share one budget, "
-                "its cached answers and jobs: pass --add to give it another token, 'bastion token rotate' to replace "
-                "one, or choose another name"
-            )
-        return self.create(name, role, expires_in)
+        return self._create_checked(name, role, expires_in, lambda same: _may_take(name, role, same, add))
+
+    @abstractmethod
+    def _create_checked(
+        self,
+        name: str,
+        role: str,
+        expires_in: float | None,
+        check: Callable[[list[TokenRecord]], None],
+    ) -> tuple[str, Principal]:
+        """In one transaction that serialises with every other: SELECT the tokens whose name equals `name` without
+        regard to case, call `check` on them (it raises to refuse), then INSERT the new token as `create` does."""
 
     def find(self, name_or_id: str) -> TokenRecord:
         record = self.get(name_or_id)
@@ -411,6 +439,33 @@ class SqliteTokenStore(TokenChecks):
                 "INSERT INTO tokens (token_id, name, role, hash, created, expires) VALUES (?, ?, ?, ?, ?, ?)",
                 (token_id, name, role, _hash(secret), now, expires),
             )
+        return f"{PREFIX}_{token_id}_{secret}", Principal(name, role, token_id)
+
+    def _create_checked(
+        self,
+        name: str,
+        role: str,
+        expires_in: float | None,
+        check: Callable[[list[TokenRecord]], None],
+    ) -> tuple[str, Principal]:
+        token_id, secret = _new_secret()
+        now = self.clock()
+        expires = now + expires_in if expires_in is not None else None
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")  # the write lock first: another process's check waits for this one
+            try:
+                rows = self._db.execute(
+                    f"SELECT {COLUMNS} FROM tokens WHERE lower(name) = lower(?) ORDER BY created", (name,)
+                ).fetchall()
+                check([TokenRecord(*row) for row in rows])
+                self._db.execute(
+                    "INSERT INTO tokens (token_id, name, role, hash, created, expires) VALUES (?, ?, ?, ?, ?, ?)",
+                    (token_id, name, role, _hash(secret), now, expires),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
         return f"{PREFIX}_{token_id}_{secret}", Principal(name, role, token_id)
 
     def get(self, token_id: str) -> TokenRecord | None:

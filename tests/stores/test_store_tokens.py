@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing as mp
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -23,7 +25,7 @@ from gateway.stores.pg_tokens import PgTokenStore
 from gateway.stores.tokens import TOUCH_SECONDS, TokenRefused, TokenStore
 from policies.errors import InvalidRequest, NotFound, Unauthorized
 from tests.conftest import Workspace
-from tests.stores.conftest import PgServer
+from tests.stores.conftest import PgServer, open_tokens_at
 
 Opener = Callable[[Callable[[], float]], TokenStore]
 COUNT = {"sql": "SELECT COUNT(*) FROM visits", "epsilon": 0.1}
@@ -134,12 +136,48 @@ def test_rotate_issues_a_new_token_and_ends_the_old(open_token_store: Opener) ->
 
 def test_names_are_ascii_and_reserved_names_are_refused_in_any_case(open_token_store: Opener) -> None:
     store = open_token_store(Clock())
-    for name in ("Anonymous", "ANONYMOUS", "bastion", "Bastion", "аnonymous", "alice\u200b", "", "-x", "a b", "x" * 65):
+    bad = ("Anonymous", "ANONYMOUS", "bastion", "Bastion", "аnonymous", "alice\u200b", "", "-x", "a b", "x" * 65)
+    for name in (*bad, "alice.", "bastion.", "a_"):
         with pytest.raises(InvalidRequest):
             store.issue(name, "analyst")
     assert store.list() == []
     _, principal = store.issue("Alice.Smith-2", "analyst")
     assert principal.name == "Alice.Smith-2"
+    for other in ("alice.smith-2", "ALICE.SMITH-2"):  # one principal per name whatever the case, even with --add
+        with pytest.raises(InvalidRequest, match="only in case"):
+            store.issue(other, "analyst", add=True)
+    store.revoke(principal.token_id)
+    with pytest.raises(InvalidRequest, match="only in case"):
+        store.issue("alice.smith-2", "analyst")  # a revoked name's budget and history are still its own
+    assert [r.name for r in store.list()] == ["Alice.Smith-2"]
+
+
+def _issue_in_process(address: str, role: str, results: Any) -> None:
+    store = open_tokens_at(address, time.time)
+    try:
+        store.issue("racer", role)
+        results.put("ok")
+    except InvalidRequest:
+        results.put("refused")
+
+
+def test_concurrent_issues_of_one_name_give_it_one_token(store_address: str) -> None:
+    """Two administrators creating one name at once (processes, as two `bastion token create` runs): the check
+    and the insert are one transaction, so one wins and the other is refused."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_issue_in_process, args=(store_address, role, results)) for role in ROLES_RACING]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    outcomes = sorted(results.get(timeout=10) for _ in procs)
+    assert outcomes == ["ok"] + ["refused"] * (len(procs) - 1)
+    records = open_tokens_at(store_address, time.time).list()
+    assert len(records) == 1 and records[0].name == "racer"
+
+
+ROLES_RACING = ("analyst", "auditor", "analyst", "admin")
 
 
 def test_issue_refuses_a_name_in_use_unless_added_and_never_a_second_role(open_token_store: Opener) -> None:
