@@ -22,9 +22,9 @@ from gateway.stores.tokens import (
     Principal,
     TokenChecks,
     TokenRecord,
-    _check_new,
     _hash,
     _new_secret,
+    _new_token,
     _rotatable,
 )
 from policies.errors import LedgerUnavailable, NotFound
@@ -49,18 +49,6 @@ class PgTokenStore(TokenChecks):
     def _con(self, doing: str) -> contextlib.AbstractContextManager[psycopg.Connection[Any]]:
         return borrow(self._pool, f"the token store ({self.location})", doing)
 
-    def create(self, name: str, role: str, expires_in: float | None = None) -> tuple[str, Principal]:
-        _check_new(name, role)
-        token_id, secret = _new_secret()
-        now = self.clock()
-        expires = now + expires_in if expires_in is not None else None
-        with self._con("written") as con:
-            con.execute(
-                "INSERT INTO tokens (token_id, name, role, hash, created, expires) VALUES (%s, %s, %s, %s, %s, %s)",
-                (token_id, name, role, _hash(secret), now, expires),
-            )
-        return f"{PREFIX}_{token_id}_{secret}", Principal(name, role, token_id)
-
     def _create_checked(
         self,
         name: str,
@@ -68,9 +56,7 @@ class PgTokenStore(TokenChecks):
         expires_in: float | None,
         check: Callable[[list[TokenRecord]], None],
     ) -> tuple[str, Principal]:
-        token_id, secret = _new_secret()
-        now = self.clock()
-        expires = now + expires_in if expires_in is not None else None
+        token_id, secret, now, expires = _new_token(self.clock, expires_in)
         with self._con("written") as con, con.transaction():
             # One name (in any case) at a time across every host: a second check waits for the first's insert.
             con.execute("SELECT pg_advisory_xact_lock(%s, hashtext(lower(%s)))", (_NAME_LOCK, name))

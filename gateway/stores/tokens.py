@@ -190,6 +190,13 @@ def _new_secret() -> tuple[str, str]:
     return secrets.token_hex(4), secrets.token_urlsafe(32)
 
 
+def _new_token(clock: Callable[[], float], expires_in: float | None) -> tuple[str, str, float, float | None]:
+    """A new token's id, secret, creation time and expiry (None: none)."""
+    token_id, secret = _new_secret()
+    now = clock()
+    return token_id, secret, now, (now + expires_in if expires_in is not None else None)
+
+
 class TokenStore(Protocol):
     """What the gateway needs of a token store. Every method maps onto one SQL statement (or, for `rotate`, one
     transaction of two), so an implementation on a shared database keeps the same semantics."""
@@ -268,8 +275,9 @@ class TokenChecks(ABC):
     def _in_use(self, name: str) -> list[TokenRecord]:
         """SELECT the tokens of principal `name` that are not revoked, oldest first."""
 
-    @abstractmethod
-    def create(self, name: str, role: str, expires_in: float | None = None) -> tuple[str, Principal]: ...
+    def create(self, name: str, role: str, expires_in: float | None = None) -> tuple[str, Principal]:
+        _check_new(name, role)
+        return self._create_checked(name, role, expires_in, lambda same: None)
 
     def issue(
         self, name: str, role: str, expires_in: float | None = None, *, add: bool = False
@@ -429,18 +437,6 @@ class SqliteTokenStore(TokenChecks):
             ).fetchall()
         return [TokenRecord(*row) for row in rows]
 
-    def create(self, name: str, role: str, expires_in: float | None = None) -> tuple[str, Principal]:
-        _check_new(name, role)
-        token_id, secret = _new_secret()
-        now = self.clock()
-        expires = now + expires_in if expires_in is not None else None
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO tokens (token_id, name, role, hash, created, expires) VALUES (?, ?, ?, ?, ?, ?)",
-                (token_id, name, role, _hash(secret), now, expires),
-            )
-        return f"{PREFIX}_{token_id}_{secret}", Principal(name, role, token_id)
-
     def _create_checked(
         self,
         name: str,
@@ -448,9 +444,7 @@ class SqliteTokenStore(TokenChecks):
         expires_in: float | None,
         check: Callable[[list[TokenRecord]], None],
     ) -> tuple[str, Principal]:
-        token_id, secret = _new_secret()
-        now = self.clock()
-        expires = now + expires_in if expires_in is not None else None
+        token_id, secret, now, expires = _new_token(self.clock, expires_in)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")  # the write lock first: another process's check waits for this one
             try:
