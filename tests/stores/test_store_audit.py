@@ -25,11 +25,10 @@ from audit.log import AuditLog
 from audit.merkle import leaf_hash
 from audit.record import seal
 from audit.verify import verify_log
-from gateway.http.app import create_app
 from gateway.stores.base import AuditStore
 from gateway.stores.pg import PgLedger
 from gateway.stores.pg_audit import PgAuditLog
-from tests.conftest import BIN, AppClient, Workspace
+from tests.conftest import BIN, Workspace
 
 SQL = "SELECT COUNT(*) AS n FROM visits WHERE age >= 30"
 Opener = Callable[..., AuditStore]
@@ -295,7 +294,8 @@ def test_audit_commands_on_the_postgresql_log(pg_workspace: Workspace, pg_store:
     settings = pg_workspace.settings
     ws = ["--workspace", str(settings.workspace), "--store", pg_store]
     with pg_workspace.app() as c:
-        assert c.post("/v1/query", json={"sql": SQL, "epsilon": 0.5}, headers=pg_workspace.headers("analyst")).is_success
+        answer = c.post("/v1/query", json={"sql": SQL, "epsilon": 0.5}, headers=pg_workspace.headers("analyst"))
+        assert answer.status_code == 200, answer.text
     anchor = _bastion("audit", "export-checkpoint", str(tmp_path / "anchor"), *ws)
     assert anchor.returncode == 0, anchor.stderr
     checked = _bastion("audit", "verify", *ws, "--trusted-checkpoint", str(next((tmp_path / "anchor").iterdir())))
