@@ -354,7 +354,7 @@ class PgAuditLog:
     def _exclusive(self, fn: Callable[[psycopg.Connection[Any], _Head], _T]) -> _T:
         """Run `fn(con, head)` in one transaction holding the head row's lock; write the head back and commit."""
         try:
-            with self._connection("written") as con, con.transaction():
+            with self._connection("written") as con, con.pipeline(), con.transaction():
                 row = con.execute(
                     "SELECT size, last_leaf, last_time, frontier, ckpt_size, ckpt_epoch, key_id "
                     "FROM audit_head WHERE id = 1 FOR UPDATE"
