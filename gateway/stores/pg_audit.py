@@ -265,9 +265,12 @@ class PgAuditLog:
 
     def close(self, *, seal: bool = True) -> None:
         """Checkpoint records not yet covered by one (unless `seal` is false: a log opened only to be read), then
-        release the pool and the snapshot directory."""
+        release the pool and the snapshot directory. In a forked child that never used the log, the pool is the
+        parent's: it is left alone."""
+        if self._pid != os.getpid():
+            return
         try:
-            if seal and self._pid == os.getpid() and not self._pool.closed:
+            if seal and not self._pool.closed:
 
                 def seal_tail(con: psycopg.Connection[Any], head: _Head) -> None:
                     if head.frontier.size > head.ckpt_size:

@@ -29,6 +29,7 @@ from gateway.stores.base import AuditStore
 from gateway.stores.pg import PgLedger
 from gateway.stores.pg_audit import PgAuditLog
 from tests.conftest import BIN, Workspace
+from tests.stores.conftest import pg_records as pg_records_of
 
 SQL = "SELECT COUNT(*) AS n FROM visits WHERE age >= 30"
 Opener = Callable[..., AuditStore]
@@ -308,6 +309,21 @@ def test_audit_commands_on_the_postgresql_log(pg_workspace: Workspace, pg_store:
     assert [json.loads(line)["phase"] for line in events.stdout.splitlines()] == ["admitted", "released"]
     spend = _bastion("audit", "spend", *ws, "--format", "json")
     assert json.loads(spend.stdout)["datasets"]["visits"]["principals"]["alice"]["epsilon"] == pytest.approx(0.5)
+    checkpointed = _bastion("audit", "checkpoint", *ws)
+    assert checkpointed.returncode == 0, checkpointed.stderr
+    rotated = _bastion("audit", "rotate-key", *ws)
+    assert rotated.returncode == 0 and "signing key rotated" in rotated.stdout, rotated.stderr
+    after = _bastion("audit", "verify", *ws, "--json")
+    assert after.returncode == 0, after.stdout + after.stderr
+    assert json.loads(after.stdout)["verdict"] == "OK"
+    log = PgAuditLog(pg_store, key_dir=settings.keys_dir)
+    try:
+        latest = log.latest_checkpoint()
+        assert latest is not None and latest.key_id == keys.load_signer(settings.keys_dir).key_id  # the new key
+    finally:
+        log.close(seal=False)
+    events_now = [r["event"] for r in pg_records_of(pg_store, settings.keys_dir)]
+    assert {"checkpoint_requested", "checkpoint_exported", "key_rotated"} <= set(events_now)
     assert not (settings.audit_dir / "audit.jsonl").exists()
 
     with psycopg.connect(pg_store, autocommit=True) as con:
