@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,6 +46,7 @@ from audit.merkle import Frontier, leaf_hash
 from audit.record import Event, parse_time, prepare, seal, utc_now
 from audit.verify import verify_log
 from gateway.stores.pg import _pool, describe
+from policies.errors import LedgerUnavailable
 
 __all__ = ["PgAuditLog"]
 
@@ -64,7 +65,6 @@ class _Head:
     ckpt_size: int
     ckpt_epoch: float | None  # when the interval to the next checkpoint started (None: no record yet)
     key_id: str | None  # the id of the key the log is signed with (None: nothing signed yet)
-    checkpoints: list[Checkpoint] = field(default_factory=list)  # signed in this transaction
 
 
 class _Pending:
@@ -118,7 +118,10 @@ class PgAuditLog:
 
     def _check_pid(self) -> None:
         if self._pid != os.getpid():
-            self._reset()
+            try:
+                self._reset()
+            except LedgerUnavailable as exc:
+                raise AuditWriteError(str(exc)) from exc
 
     # ------------------------------------------------------------------ public API
 
@@ -448,7 +451,6 @@ class PgAuditLog:
         )
         head.ckpt_size = cp.tree_size
         head.ckpt_epoch = parse_time(cp.time).timestamp()
-        head.checkpoints.append(cp)
         return cp
 
     # ------------------------------------------------------------------ reading
