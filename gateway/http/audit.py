@@ -47,7 +47,7 @@ from gateway.http.dependencies import (
 from gateway.http.sessions import SessionStore
 from gateway.service import Bastion, Context
 from gateway.stores.tokens import Principal
-from policies.errors import Forbidden, GatewayError, InvalidRequest, NotFound, Unauthorized
+from policies.errors import AuditUnavailable, Forbidden, GatewayError, InvalidRequest, NotFound, Unauthorized
 
 COOKIE = "bastion_audit"
 PAGE_SIZE = 100
@@ -157,11 +157,12 @@ def _records(directory: Path) -> list[dict[str, Any]]:
 
 
 def _snapshot(bastion: Bastion) -> Path:
-    """The log as a directory in the file format (on PostgreSQL, a fresh export of the shared log)."""
+    """The log as a directory in the file format (on PostgreSQL, a fresh export of the shared log); a log out of
+    reach is 503 `audit_unavailable`."""
     try:
         return bastion.audit_log.snapshot()
     except AuditError as exc:
-        raise AuditLogUnreadable(str(exc)) from None
+        raise AuditUnavailable(f"the audit log cannot be read: {exc}") from None
 
 
 def _verify(bastion: Bastion, directory: Path | None = None) -> VerifyReport:

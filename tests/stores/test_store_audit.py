@@ -330,3 +330,18 @@ def test_audit_commands_on_the_postgresql_log(pg_workspace: Workspace, pg_store:
         con.execute("UPDATE audit_records SET body = body || '\\x20'::bytea WHERE seq = 1")
     broken = _bastion("audit", "verify", *ws)
     assert broken.returncode == 1 and "position 1" in broken.stderr, broken.stdout + broken.stderr
+
+
+def test_an_auditor_read_of_a_log_out_of_reach_is_503(pg_workspace: Workspace, pg_store: str) -> None:
+    """The read is recorded, then the log cannot be exported (its checkpoints' table is gone): 503, not a verdict."""
+    with pg_workspace.app() as c:
+        with psycopg.connect(pg_store, autocommit=True) as con:
+            con.execute("ALTER TABLE audit_checkpoints RENAME TO audit_checkpoints_away")
+        try:
+            r = c.get("/v1/audit/events", headers=pg_workspace.headers("auditor"))
+        finally:
+            with psycopg.connect(pg_store, autocommit=True) as con:
+                con.execute("ALTER TABLE audit_checkpoints_away RENAME TO audit_checkpoints")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "audit_unavailable", r.text
+    reads = [e for e in pg_records_of(pg_store, pg_workspace.settings.keys_dir) if e["event"] == "audit_read"]
+    assert [(e["request"]["action"], e["decision"]) for e in reads] == [("events", "allowed")]  # recorded first
