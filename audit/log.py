@@ -91,6 +91,7 @@ class AuditLog:
             raise ValueError("checkpoint_every must be >= 1 and checkpoint_interval > 0")
         self.checkpoint_every = checkpoint_every
         self.checkpoint_interval = checkpoint_interval
+        self.location = str(self.directory)
         self.path = self.directory / storage.LOG
         self.checkpoints_path = self.directory / storage.CHECKPOINTS
         self.lock_path = self.directory / storage.LOCK
@@ -135,6 +136,42 @@ class AuditLog:
         """Verify the whole log against its checkpoints and the keyring in `key_dir` (see `audit.verify`)."""
         report = verify_log(self.directory, keys.Keyring.load(self.key_dir))
         return report.ok, report.message
+
+    def snapshot(self) -> Path:
+        """The directory readers of `audit.report` and `audit.verify` work on: the log's own."""
+        return self.directory
+
+    def export(self, dest: str | Path, *, durable: bool = True) -> Path:
+        """Copy the log's records and checkpoints, as of one snapshot, into the directory `dest` (replacing its
+        ``audit.jsonl`` and ``checkpoints.jsonl``). Returns dest."""
+        dest = Path(dest)
+        if dest.resolve() == self.directory.resolve():
+            raise ValueError("cannot export a log onto itself")
+        dest.mkdir(parents=True, exist_ok=True)
+        snap = storage.snapshot(self.directory)
+        for name, size in ((storage.LOG, snap.log_size), (storage.CHECKPOINTS, snap.checkpoints_size)):
+            tmp = dest / f".{name}.{os.getpid()}.tmp"
+            try:
+                with open(tmp, "wb") as out:
+                    if size:
+                        with open(self.directory / name, "rb") as src:
+                            remaining = size
+                            while remaining:
+                                chunk = src.read(min(1 << 22, remaining))
+                                if not chunk:
+                                    break
+                                out.write(chunk)
+                                remaining -= len(chunk)
+                    if durable:
+                        out.flush()
+                        os.fsync(out.fileno())
+                os.replace(tmp, dest / name)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+        if durable:
+            storage.fsync_dir(dest)
+        return dest
 
     def checkpoint(self) -> Checkpoint:
         """Sign and durably store a checkpoint of the log as it is now, and return it."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from audit import report
-from audit.log import AuditLog, AuditWriteError
+from audit.errors import AuditWriteError
 from audit.record import Event, bound_texts, parse_time
 from gateway.engines import open_engine
 from gateway.refusals import RefusalWindows
@@ -31,7 +31,7 @@ from gateway.settings import Settings
 from gateway.sql.plan import Plan, plan_query
 from gateway.sql.price import Pricing, dry_run_accuracy, price
 from gateway.sql.release import Release, bind_check, execute
-from gateway.stores.base import open_cache, open_ledger, open_token_store
+from gateway.stores.base import AuditStore, open_audit_log, open_cache, open_ledger, open_token_store
 from gateway.stores.cache import cache_key
 from gateway.stores.ledger import LedgerBehind, LedgerCharge
 from gateway.stores.tokens import ANONYMOUS_NAME, Principal, TokenRefused, TokenStore
@@ -192,6 +192,11 @@ class Bastion:
                 self.cache = open_cache(settings)
                 try:
                     self.tokens: TokenStore = open_token_store(settings)
+                    try:
+                        self.audit_log: AuditStore = open_audit_log(settings)
+                    except BaseException:
+                        self.tokens.close()
+                        raise
                 except BaseException:
                     self.cache.close()
                     raise
@@ -201,7 +206,6 @@ class Bastion:
         except BaseException:
             self.engine.close()
             raise
-        self.audit_log = AuditLog(settings.audit_dir, key_dir=settings.keys_dir)
         self._plans: dict[str, tuple[Policy, Plan]] = {}  # SQL text → (the policy it was planned under, plan)
         # Charges this process could not mark in the ledger: unrecorded (orphans due) and audited.
         self._state = threading.Lock()
@@ -225,12 +229,10 @@ class Bastion:
         self.ledger.close()
         self.cache.close()
         self.tokens.close()
-        closer = getattr(self.audit_log, "close", None)
-        if closer is not None:
-            try:
-                closer()
-            except AuditWriteError as exc:
-                log.error("audit log could not be closed cleanly: %s", exc)
+        try:
+            self.audit_log.close()
+        except AuditWriteError as exc:
+            log.error("audit log could not be closed cleanly: %s", exc)
 
     # --- audit --------------------------------------------------------------------------------------------
 
@@ -361,9 +363,9 @@ class Bastion:
         try:
             return {
                 c.request_id or f"seq-{c.seq}": c
-                for c in report.charges(report.charge_records(self.audit_log.directory))
+                for c in report.charges(report.charge_records(self.audit_log.snapshot()))
             }
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, AuditWriteError) as exc:
             raise AuditUnavailable(
                 f"the audit log cannot be read to check the budget ledger against it: {exc}"
             ) from None
@@ -428,7 +430,7 @@ class Bastion:
         pairs = "; ".join(f"{p!r} on {d!r}: ledger {loss(got)}, log {loss(want)}" for (p, d), got, want in behind[:5])
         more = f" and {len(behind) - 5} more" if len(behind) > 5 else ""
         return (
-            f"the budget ledger {self.ledger.location} is behind the audit log {self.audit_log.directory}: it shows "
+            f"the budget ledger {self.ledger.location} is behind the audit log {self.audit_log.location}: it shows "
             f"less privacy spend than the log for {len(behind)} principal/dataset pair(s) ({pairs}{more}). It was "
             "deleted or restored from an older copy, and serving on it would let spent budget be spent again. "
             "Run 'bastion ledger reconcile' on this host to re-charge the missing spend from the log (nothing is "

@@ -1,21 +1,26 @@
 """`bastion audit ...`: verify, keys, checkpoints, events and privacy spend of the workspace's audit log.
 
+The log is the workspace's `audit/` directory, or the PostgreSQL store's log with `--store` (or BASTION_STORE).
 Admin commands (keygen, rotate-key, checkpoint, export-checkpoint) act on the host workspace directly and are
-recorded in the log. Reading commands (verify, events, spend) only read: they work on a copy of a workspace
-and on a log that cannot be written, and recompute everything from the files and the public keys.
+recorded in the log. Reading commands (verify, events, spend, export) only read: they work on a copy of a workspace
+and on a log that cannot be written, and recompute everything from the files and the public keys; a PostgreSQL log
+is first exported in the file format, and the same verifier checks the copy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from gateway.cli.terminal import Workspace, console, err, fail, typer_app
+from gateway.cli.terminal import Store, Workspace, console, err, fail, typer_app
 
 audit_app = typer_app(help="The tamper-evident audit log.")
 
@@ -30,19 +35,60 @@ Actor = Annotated[str | None, typer.Option(help="principal")]
 Dataset = Annotated[str | None, typer.Option(help="dataset")]
 
 
-def _settings(workspace: Path | None) -> Any:
+def _settings(workspace: Path | None, store: str | None = None) -> Any:
     from gateway.settings import Settings
 
-    settings = Settings.load(workspace)
+    settings = Settings.load(workspace, **({"store": store} if store else {}))
     if not settings.workspace.is_dir():
         fail(f"no workspace at {settings.workspace} (use --workspace or BASTION_WORKSPACE)")
     return settings
 
 
-def _log(settings: Any) -> Any:
-    from audit.log import AuditLog
+def _open(settings: Any) -> Any:
+    """The workspace's audit log (on the PostgreSQL store when the settings name one), or a clean exit."""
+    from gateway.stores.base import open_audit_log
+    from policies.errors import GatewayError
 
-    return AuditLog(settings.audit_dir, key_dir=settings.keys_dir)
+    try:
+        return open_audit_log(settings)
+    except GatewayError as exc:
+        fail(str(exc))
+
+
+@contextlib.contextmanager
+def _log(settings: Any) -> Iterator[Any]:
+    """The audit log for writing, closed (and its new records checkpointed) at the end."""
+    from audit.errors import AuditError
+
+    log = _open(settings)
+    try:
+        yield log
+    finally:
+        try:
+            log.close()
+        except AuditError as exc:
+            err.print(f"the audit log could not be closed cleanly: {exc}", highlight=False)
+
+
+@contextlib.contextmanager
+def _readable(settings: Any) -> Iterator[Path]:
+    """A directory in the file format holding the log, for reading only: the workspace's `audit/`, or a temporary
+    export of the PostgreSQL store's log (nothing is written to the store)."""
+    from audit.errors import AuditError
+    from gateway.stores.base import is_postgresql
+
+    if not is_postgresql(settings.store):
+        yield settings.audit_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="bastion-audit-") as tmp:
+        log = _open(settings)
+        try:
+            directory = log.export(tmp, durable=False)
+        except (AuditError, OSError) as exc:
+            fail(f"the audit log cannot be exported: {exc}")
+        finally:
+            _close_reader(log)
+        yield directory
 
 
 def _record(log: Any, event: str, **fields: Any) -> None:
@@ -69,6 +115,7 @@ def _record(log: Any, event: str, **fields: Any) -> None:
 @audit_app.command("verify")
 def verify(
     workspace: Workspace = None,
+    store: Store = None,
     keyring: Annotated[
         Path | None,
         typer.Option(
@@ -82,6 +129,10 @@ def verify(
             help="a checkpoint kept outside the workspace (export-checkpoint): the log must extend it",
         ),
     ] = None,
+    log_dir: Annotated[
+        Path | None,
+        typer.Option("--log-dir", help="verify this log directory (made by 'bastion audit export') instead"),
+    ] = None,
     strict: Annotated[bool, typer.Option("--strict", help="also parse every record and check it is canonical")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the full report as JSON")] = False,
 ) -> None:
@@ -89,11 +140,12 @@ def verify(
     from audit.errors import AuditKeyError
     from audit.verify import verdict, verify_log
 
-    settings = _settings(workspace)
-    try:
-        report = verify_log(settings.audit_dir, keyring or settings.keys_dir, trusted_checkpoint, strict=strict)
-    except (AuditKeyError, OSError, ValueError) as exc:
-        fail(f"cannot verify: {exc}", 2)
+    settings = _settings(workspace, store)
+    with contextlib.nullcontext(log_dir) if log_dir is not None else _readable(settings) as directory:
+        try:
+            report = verify_log(directory, keyring or settings.keys_dir, trusted_checkpoint, strict=strict)
+        except (AuditKeyError, OSError, ValueError) as exc:
+            fail(f"cannot verify: {exc}", 2)
     if as_json:
         typer.echo(json.dumps({**report.to_dict(), "verdict": verdict(report)}, indent=2))
     if report.ok:
@@ -112,51 +164,49 @@ def verify(
 
 
 @audit_app.command("keygen")
-def keygen(workspace: Workspace = None) -> None:
+def keygen(workspace: Workspace = None, store: Store = None) -> None:
     """Create the checkpoint-signing key of the workspace (refuses to replace one: use rotate-key)."""
     from audit import keys
     from audit.record import Event
 
-    settings = _settings(workspace)
+    settings = _settings(workspace, store)
     try:
         key_id = keys.keygen(settings.keys_dir)
     except FileExistsError:
         fail(f"{settings.keys_dir} already has a signing key; use 'bastion audit rotate-key' to replace it")
-    _record(_log(settings), Event.KEY_GENERATED, key_id=key_id)
+    with _log(settings) as log:
+        _record(log, Event.KEY_GENERATED, key_id=key_id)
     console.print(f"signing key {key_id} created in {settings.keys_dir}", highlight=False)
 
 
 @audit_app.command("rotate-key")
-def rotate_key(workspace: Workspace = None) -> None:
-    """Replace the signing key: recorded in the log, sealed by the old key and then by the new one."""
+def rotate_key(workspace: Workspace = None, store: Store = None) -> None:
+    """Replace the signing key: recorded in the log, sealed by the old key and then by the new one. On a
+    PostgreSQL store, copy the key directory to every other replica afterwards (they refuse to append until then)."""
     from audit.errors import AuditError
 
-    settings = _settings(workspace)
-    log = _log(settings)
-    try:
-        old, new = log.rotate_key(actor=ADMIN)
-    except AuditError as exc:
-        fail(f"cannot rotate the key: {exc}")
-    finally:
-        log.close()
+    settings = _settings(workspace, store)
+    with _log(settings) as log:
+        try:
+            old, new = log.rotate_key(actor=ADMIN)
+        except AuditError as exc:
+            fail(f"cannot rotate the key: {exc}")
     console.print(f"signing key rotated: {old} -> {new} (old public key kept in the keyring)", highlight=False)
 
 
 @audit_app.command("checkpoint")
-def checkpoint(workspace: Workspace = None) -> None:
+def checkpoint(workspace: Workspace = None, store: Store = None) -> None:
     """Sign a checkpoint of the log now."""
     from audit.errors import AuditError
     from audit.record import Event
 
-    settings = _settings(workspace)
-    log = _log(settings)
-    _record(log, Event.CHECKPOINT_REQUESTED)
-    try:
-        cp = log.checkpoint()
-    except AuditError as exc:
-        fail(f"cannot checkpoint: {exc}")
-    finally:
-        log.close()
+    settings = _settings(workspace, store)
+    with _log(settings) as log:
+        _record(log, Event.CHECKPOINT_REQUESTED)
+        try:
+            cp = log.checkpoint()
+        except AuditError as exc:
+            fail(f"cannot checkpoint: {exc}")
     console.print(
         f"checkpoint: {cp.tree_size} records, root {cp.root_hash}, key {cp.key_id}, {cp.time}", highlight=False
     )
@@ -166,32 +216,68 @@ def checkpoint(workspace: Workspace = None) -> None:
 def export_checkpoint(
     dest: Annotated[Path, typer.Argument(help="file or directory outside the workspace (another volume or host)")],
     workspace: Workspace = None,
+    store: Store = None,
 ) -> None:
     """Write the latest checkpoint (signing one that covers every record) outside the workspace: the anchor
-    for 'verify --trusted-checkpoint'."""
+    for 'verify --trusted-checkpoint'. Keep it off the database host too when the log is on PostgreSQL."""
     from audit.errors import AuditError
     from audit.record import Event
 
-    settings = _settings(workspace)
+    settings = _settings(workspace, store)
     ws = settings.workspace.resolve()
     target = dest.resolve()
     if target == ws or ws in target.parents:
         fail(f"{dest} is inside the workspace {settings.workspace}; keep the anchor elsewhere")
-    log = _log(settings)
-    _record(log, Event.CHECKPOINT_EXPORTED, request={"dest": str(target)})
-    try:
-        written = log.export_checkpoint(target)
-    except AuditError as exc:
-        fail(str(exc))
-    finally:
-        log.close()
+    with _log(settings) as log:
+        _record(log, Event.CHECKPOINT_EXPORTED, request={"dest": str(target)})
+        try:
+            written = log.export_checkpoint(target)
+        except AuditError as exc:
+            fail(str(exc))
     cp = json.loads(written.read_text())
     console.print(f"checkpoint of {cp['tree_size']} records written to {written}", highlight=False)
+
+
+@audit_app.command("export")
+def export(
+    to: Annotated[
+        Path, typer.Option("--to", help="directory to write audit.jsonl and checkpoints.jsonl in (replaced if there)")
+    ],
+    workspace: Workspace = None,
+    store: Store = None,
+) -> None:
+    """Copy the log, as of one moment, into a directory in the file format (audit/SCHEMA.md), e.g. to keep it or
+    verify it off the database host: 'bastion audit verify --log-dir DIR --keyring ...'."""
+    from audit.errors import AuditError
+
+    settings = _settings(workspace, store)
+    if to.resolve() == settings.audit_dir.resolve():
+        fail(f"{to} is the workspace's own log directory")
+    log = _open(settings)
+    try:
+        written = log.export(to)
+    except (AuditError, OSError, ValueError) as exc:
+        fail(f"the audit log cannot be exported: {exc}")
+    finally:
+        _close_reader(log)
+    from audit import storage
+
+    lines = sum(1 for _ in open(written / storage.LOG, "rb"))
+    console.print(f"{lines} records and their checkpoints written to {written}", highlight=False)
+
+
+def _close_reader(log: Any) -> None:
+    """Release a log opened only to read it: a PostgreSQL log is not checkpointed on the way out."""
+    from gateway.stores.pg_audit import PgAuditLog
+
+    if isinstance(log, PgAuditLog):
+        log.close(seal=False)
 
 
 @audit_app.command("events")
 def events(
     workspace: Workspace = None,
+    store: Store = None,
     since: Since = None,
     until: Until = None,
     actor: Actor = None,
@@ -215,21 +301,22 @@ def events(
             check_event_name(event)
         except ValueError as exc:
             fail(f"--event: {exc}", 2)
-    settings = _settings(workspace)
-    try:
-        found = report.query_events(
-            settings.audit_dir,
-            since=since,
-            until=until,
-            actor=actor,
-            dataset=dataset,
-            event=event,
-            decision=decision,
-            limit=limit,
-            offset=offset,
-        )
-    except ValueError as exc:
-        fail(f"{exc}")
+    settings = _settings(workspace, store)
+    with _readable(settings) as directory:
+        try:
+            found = report.query_events(
+                directory,
+                since=since,
+                until=until,
+                actor=actor,
+                dataset=dataset,
+                event=event,
+                decision=decision,
+                limit=limit,
+                offset=offset,
+            )
+        except ValueError as exc:
+            fail(f"{exc}")
     if format == "jsonl":
         sys.stdout.write(report.to_jsonl(found))
         return
@@ -290,6 +377,7 @@ def _caps(settings: Any) -> dict[str, dict[str, Any]]:
 @audit_app.command("spend")
 def spend(
     workspace: Workspace = None,
+    store: Store = None,
     since: Since = None,
     until: Until = None,
     dataset: Dataset = None,
@@ -302,15 +390,16 @@ def spend(
     if format not in ("table", "json"):
         fail("--format is table or json", 2)
     _check_times(since=since, until=until)
-    settings = _settings(workspace)
+    settings = _settings(workspace, store)
     caps = _caps(settings)
     if dataset is not None:
         caps = {k: v for k, v in caps.items() if k == dataset}
-    try:
-        records = report.query_events(settings.audit_dir, dataset=dataset, decision="allowed")
-        result = report.privacy_spend(records, caps, since=since, until=until)
-    except ValueError as exc:
-        fail(str(exc))
+    with _readable(settings) as directory:
+        try:
+            records = report.query_events(directory, dataset=dataset, decision="allowed")
+            result = report.privacy_spend(records, caps, since=since, until=until)
+        except ValueError as exc:
+            fail(str(exc))
     if format == "json":
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return

@@ -47,8 +47,8 @@ Store = Annotated[
         "--store",
         envvar="BASTION_STORE",
         metavar="postgresql://...",
-        help="where the ledger, release cache and tokens live: a PostgreSQL address that replicas share "
-        "[default: SQLite files in the workspace]",
+        help="where the ledger, release cache, tokens and audit log live: a PostgreSQL address that replicas share "
+        "[default: SQLite files and the audit/ directory in the workspace]",
     ),
 ]
 Url = Annotated[str, typer.Option("--url", envvar="BASTION_URL", help="gateway URL")]

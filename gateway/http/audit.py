@@ -47,7 +47,7 @@ from gateway.http.dependencies import (
 from gateway.http.sessions import SessionStore
 from gateway.service import Bastion, Context
 from gateway.stores.tokens import Principal
-from policies.errors import Forbidden, GatewayError, InvalidRequest, NotFound, Unauthorized
+from policies.errors import AuditUnavailable, Forbidden, GatewayError, InvalidRequest, NotFound, Unauthorized
 
 COOKIE = "bastion_audit"
 PAGE_SIZE = 100
@@ -156,16 +156,26 @@ def _records(directory: Path) -> list[dict[str, Any]]:
         raise AuditLogUnreadable(str(exc)) from None
 
 
-def _verify(bastion: Bastion) -> VerifyReport:
+def _snapshot(bastion: Bastion) -> Path:
+    """The log as a directory in the file format (on PostgreSQL, a fresh export of the shared log); a log out of
+    reach is 503 `audit_unavailable`."""
+    try:
+        return bastion.audit_log.snapshot()
+    except AuditError as exc:
+        raise AuditUnavailable(f"the audit log cannot be read: {exc}") from None
+
+
+def _verify(bastion: Bastion, directory: Path | None = None) -> VerifyReport:
+    """Verify the log (the given snapshot of it, else a new one) with the gateway's keyring."""
     log = bastion.audit_log
     try:
-        return verify_log(log.directory, Keyring.load(log.key_dir))
+        return verify_log(directory or log.snapshot(), Keyring.load(log.key_dir))
     except (AuditError, OSError) as exc:
         return VerifyReport(ok=False, status="error", message=f"cannot verify: {exc}")
 
 
 def _checkpoints(bastion: Bastion) -> list[Checkpoint]:
-    directory = bastion.audit_log.directory
+    directory = _snapshot(bastion)
     size = storage.snapshot(directory).checkpoints_size
     entries, _ = ckpt.read_lines(directory / storage.CHECKPOINTS, size)
     return [e for _, e in entries if isinstance(e, Checkpoint)]
@@ -198,7 +208,7 @@ def list_events(
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> dict[str, Any]:
     bastion.audit_access(ctx, "events", **filters.as_dict(), limit=limit, offset=offset)
-    events = _events(bastion.audit_log.directory, filters, limit=limit, offset=offset)
+    events = _events(_snapshot(bastion), filters, limit=limit, offset=offset)
     return {
         "events": events,
         "offset": offset,
@@ -210,9 +220,8 @@ def list_events(
 @api.get("/events/{seq}", summary="One record with its inclusion proof against the latest checkpoint (auditor)")
 def get_event(seq: int, ctx: Ctx, bastion: Core) -> dict[str, Any]:
     bastion.audit_access(ctx, "event", seq=seq)
-    log = bastion.audit_log
     try:
-        proof = report.get_event(log.directory, seq, _keyring(bastion))
+        proof = report.get_event(_snapshot(bastion), seq, _keyring(bastion))
     except LookupError as exc:
         raise NotFound(str(exc), seq=seq) from None
     except ValueError as exc:
@@ -227,7 +236,7 @@ def export(ctx: Ctx, bastion: Core, filters: EventFilters, format: Literal["json
 
 
 def _export(bastion: Bastion, filters: Filters, format: str) -> Response:
-    events = _events(bastion.audit_log.directory, filters)
+    events = _events(_snapshot(bastion), filters)
     body, media = (
         (report.to_csv(events), "text/csv") if format == "csv" else (report.to_jsonl(events), "application/x-ndjson")
     )
@@ -247,7 +256,7 @@ def spend(ctx: Ctx, bastion: Core, filters: EventFilters) -> dict[str, Any]:
 
 def _spend(bastion: Bastion, filters: Filters) -> report.SpendReport:
     filters = filters.checked()
-    directory = bastion.audit_log.directory
+    directory = _snapshot(bastion)
     if filters.actor or filters.dataset:
         records = _events(directory, Filters(actor=filters.actor, dataset=filters.dataset), decision="allowed")
     else:
@@ -305,7 +314,7 @@ def consistency(
     if older.tree_size > newer.tree_size:
         raise InvalidRequest("old must not be larger than new")
     try:
-        proof = report.consistency_proof(bastion.audit_log.directory, older, newer)
+        proof = report.consistency_proof(_snapshot(bastion), older, newer)
     except ValueError as exc:
         raise AuditLogUnreadable(f"no consistency proof: {exc}") from None
     return {"old": _checkpoint_view(bastion, older), "new": _checkpoint_view(bastion, newer), "proof": proof}
@@ -473,8 +482,11 @@ def dashboard(
         filters = raw.checked()
     except GatewayError as exc:
         return _error_page(request, exc)
-    directory = bastion.audit_log.directory
-    result = _verify(bastion)
+    try:
+        directory = _snapshot(bastion)
+    except GatewayError as exc:
+        return _error_page(request, exc)
+    result = _verify(bastion, directory)
     events: list[dict[str, Any]] = []
     errors: list[str] = []
     total = 0
@@ -551,9 +563,8 @@ def web_event(seq: int, request: Request, bastion: Annotated[Bastion, Depends(ge
     try:
         ctx = _web_context(request, bastion)
         bastion.audit_access(ctx, "web_event", seq=seq)
-        log = bastion.audit_log
         try:
-            proof = report.get_event(log.directory, seq, _keyring(bastion))
+            proof = report.get_event(_snapshot(bastion), seq, _keyring(bastion))
         except LookupError as exc:
             raise NotFound(str(exc)) from None
         except ValueError as exc:

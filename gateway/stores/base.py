@@ -1,18 +1,21 @@
 """The store interfaces the gateway uses, whichever store holds them: SQLite files in the workspace (one host, the
 default) or a PostgreSQL database (`--store postgresql://...` or BASTION_STORE, shared by replicas on many hosts).
 
-`open_ledger`, `open_cache` and `open_token_store` pick the implementation from the settings (tokens follow the
-ledger: on PostgreSQL when `Settings.store` is a PostgreSQL address, else `tokens.sqlite` in the workspace)."""
+`open_ledger`, `open_cache`, `open_token_store` and `open_audit_log` pick the implementation from the settings
+(tokens and the audit log follow the ledger: on PostgreSQL when `Settings.store` is a PostgreSQL address, else
+`tokens.sqlite` and the `audit/` directory in the workspace)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from policies.accountant import Accounting, PrivacyLoss
 from policies.schema import Budget
 
 if TYPE_CHECKING:
+    from audit.checkpoint import Checkpoint
     from gateway.settings import Settings
     from gateway.stores.ledger import Charge, LedgerCharge
     from gateway.stores.tokens import TokenStore
@@ -71,6 +74,38 @@ class CacheStore(Protocol):
     def close(self) -> None: ...
 
 
+class AuditStore(Protocol):
+    """The tamper-evident audit log (audit/log.py for the file log; gateway/stores/pg_audit.py on PostgreSQL).
+
+    Writes raise `audit.errors.AuditWriteError` when the record is not durable (the caller fails closed). Readers of
+    `audit.report` and `audit.verify` work on `snapshot()`, a directory in the file format."""
+
+    location: str
+    key_dir: Path
+
+    def append(self, event: dict[str, Any]) -> dict[str, Any]: ...
+
+    def append_many(self, events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]: ...
+
+    def records(self) -> list[dict[str, Any]]: ...
+
+    def verify(self) -> tuple[bool, str]: ...
+
+    def checkpoint(self) -> Checkpoint: ...
+
+    def latest_checkpoint(self) -> Checkpoint | None: ...
+
+    def export_checkpoint(self, dest: str | Path) -> Path: ...
+
+    def rotate_key(self, actor: dict[str, Any] | None = None) -> tuple[str, str]: ...
+
+    def export(self, dest: str | Path, *, durable: bool = True) -> Path: ...
+
+    def snapshot(self) -> Path: ...
+
+    def close(self) -> None: ...
+
+
 def is_postgresql(store: str | None) -> bool:
     return bool(store) and str(store).startswith(("postgresql://", "postgres://"))
 
@@ -103,3 +138,15 @@ def open_token_store(settings: Settings) -> TokenStore:
     from gateway.stores.tokens import open_tokens
 
     return open_tokens(settings.tokens)
+
+
+def open_audit_log(settings: Settings) -> AuditStore:
+    """The audit log: in the PostgreSQL store (one log for all replicas), else the workspace's `audit/` directory.
+    The signing key is read from the workspace's key directory either way."""
+    if is_postgresql(settings.store):
+        from gateway.stores.pg_audit import PgAuditLog
+
+        return PgAuditLog(str(settings.store), key_dir=settings.keys_dir)
+    from audit.log import AuditLog
+
+    return AuditLog(settings.audit_dir, key_dir=settings.keys_dir)

@@ -1,5 +1,6 @@
 """The ledger and the release cache in PostgreSQL, shared by gateway replicas on several hosts (psycopg 3, a
-connection pool per store). The schema also holds the tokens' table, used by gateway/stores/pg_tokens.py.
+connection pool per store). The schema also holds the tokens' table, used by gateway/stores/pg_tokens.py, and the
+audit log's tables, used by gateway/stores/pg_audit.py.
 
 The schema is versioned: `migrate` (run by `bastion store migrate`) applies the missing versions in one transaction
 and records each in `bastion_schema`; a store whose schema is behind (or ahead of) this code refuses to open.
@@ -111,6 +112,33 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
                 replaced_by TEXT
             )""",
             "CREATE INDEX tokens_name ON tokens (name)",
+        ),
+    ),
+    (
+        3,
+        (
+            # The audit log of every replica (gateway/stores/pg_audit.py): the exact canonical bytes of each record,
+            # the signed checkpoints, and one head row that appends lock (size, last leaf hash, Merkle frontier).
+            """CREATE TABLE audit_records (
+                seq  BIGINT PRIMARY KEY CHECK (seq >= 0),
+                body BYTEA NOT NULL
+            )""",
+            """CREATE TABLE audit_checkpoints (
+                id        BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                tree_size BIGINT NOT NULL CHECK (tree_size >= 0),
+                body      BYTEA NOT NULL
+            )""",
+            """CREATE TABLE audit_head (
+                id         SMALLINT PRIMARY KEY CHECK (id = 1),
+                size       BIGINT NOT NULL,
+                last_leaf  TEXT NOT NULL,
+                last_time  TEXT,
+                frontier   BYTEA[] NOT NULL,
+                ckpt_size  BIGINT NOT NULL,
+                ckpt_epoch DOUBLE PRECISION,
+                key_id     TEXT
+            )""",
+            "INSERT INTO audit_head (id, size, last_leaf, frontier, ckpt_size) VALUES (1, 0, repeat('0', 64), '{}', 0)",
         ),
     ),
 )

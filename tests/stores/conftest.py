@@ -24,6 +24,7 @@ import pytest
 from gateway.stores.base import LedgerStore
 from gateway.stores.ledger import Ledger
 from gateway.stores.pg import PgLedger, migrate
+from gateway.stores.pg_audit import PgAuditLog
 from gateway.stores.pg_tokens import PgTokenStore
 from gateway.stores.tokens import SqliteTokenStore, TokenStore
 from tests.conftest import ROLES, Workspace, free_port
@@ -191,3 +192,12 @@ def open_token_store(store_address: str) -> Iterator[Callable[[Callable[[], floa
     yield make
     for store in opened:
         store.close()
+
+
+def pg_records(address: str, key_dir: Path) -> list[dict[str, Any]]:
+    """Every record of the PostgreSQL store's audit log (read only: nothing is checkpointed on the way out)."""
+    log = PgAuditLog(address, key_dir=key_dir)
+    try:
+        return log.records()
+    finally:
+        log.close(seal=False)

@@ -12,15 +12,15 @@ from typing import Any
 import psycopg
 import pytest
 
-from audit.log import AuditLog
 from gateway.http.app import create_app
 from gateway.stores.ledger import Ledger
 from gateway.stores.pg import MIGRATIONS, SCHEMA_VERSION, PgLedger, StoreNotMigrated
+from gateway.stores.pg_audit import PgAuditLog
 from policies.accountant import PrivacyLoss
 from policies.errors import LedgerUnavailable
 from policies.schema import Budget
 from tests.conftest import BIN, AppClient, Workspace, free_port
-from tests.stores.conftest import PgServer
+from tests.stores.conftest import PgServer, pg_records
 
 SQL = "SELECT COUNT(*) AS n FROM visits WHERE age >= 30"
 
@@ -96,23 +96,24 @@ def test_a_gateway_on_the_shared_store(pg_workspace: Workspace, pg_server: PgSer
         ]
         shared.close()
 
+        released = [r for r in pg_records(pg_store, settings.keys_dir) if r.get("phase") == "released"]
+        assert len(released) == 3  # one log for both gateways, in the store
+        assert not (settings.audit_dir / "audit.jsonl").exists()
+
         pg_server.drop_database(pg_store.rsplit("/", 1)[1])  # the store goes away under the running gateway
-        released = len([r for r in AuditLog(settings.audit_dir).records() if r.get("phase") == "released"])
         gone = one.post("/v1/query", json={"sql": SQL + " AND age < 80", "epsilon": 0.25}, headers=analyst)
         assert gone.status_code == 503, gone.text
         assert gone.json()["error"]["code"] == "ledger_unavailable" and "rows" not in gone.text
-        after = [r for r in AuditLog(settings.audit_dir).records() if r.get("phase") == "released"]
-        assert len(after) == released  # nothing released
 
 
 def _query_then_die(workspace: str, store: str, token: str) -> None:
     from gateway.service import Bastion, Context
     from gateway.settings import Settings
 
-    def die(self: AuditLog, event: dict) -> dict:
+    def die(self: PgAuditLog, event: dict) -> dict:
         os._exit(17)  # killed between the charge and its "admitted" record
 
-    AuditLog.append = die  # type: ignore[method-assign]
+    PgAuditLog.append = die  # type: ignore[method-assign]
     bastion = Bastion(Settings.load(workspace, store=store))
     bastion.query(Context(bastion.authenticate(token)), SQL, epsilon=2.0)
 
@@ -129,7 +130,7 @@ def test_the_charge_of_a_killed_gateway_is_recorded_by_the_next_start(pg_workspa
     settings = pg_workspace.settings
     with AppClient(create_app(settings)) as c:  # start-up finds the dead process's pending charge
         spend = c.get("/v1/audit/spend", headers=pg_workspace.headers("auditor")).json()
-    orphans = [r for r in AuditLog(settings.audit_dir).records() if r["event"] == "orphan_charge"]
+    orphans = [r for r in pg_records(pg_store, settings.keys_dir) if r["event"] == "orphan_charge"]
     assert [(o["actor"]["principal"], o["cost"]["epsilon"]) for o in orphans] == [("alice", 2.0)]
     assert spend["datasets"]["visits"]["principals"] == {"alice": {"epsilon": 2.0, "delta": 0.0, "rho": 0.0}}
     ledger = PgLedger(pg_store)
@@ -160,7 +161,7 @@ def _query_in_process(workspace: str, store: str, token: str, age: int, out: Any
 
 def test_gateway_processes_on_one_store_never_overspend(pg_workspace: Workspace, pg_store: str) -> None:
     """Six gateway processes query at once through one PostgreSQL store: the analyst's ε=10 fits three charges of
-    3, and the log of every process agrees with the shared ledger."""
+    3, and the one log of all of them, in the store, agrees with the shared ledger."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -178,8 +179,14 @@ def test_gateway_processes_on_one_store_never_overspend(pg_workspace: Workspace,
         assert all(h["audited"] for h in ledger.history())
     finally:
         ledger.close()
-    released = [r for r in AuditLog(pg_workspace.settings.audit_dir).records() if r.get("phase") == "released"]
-    assert len(released) == 3
+    released = [r for r in pg_records(pg_store, pg_workspace.settings.keys_dir) if r.get("phase") == "released"]
+    assert len(released) == 3  # one log for every process
+    shared = PgAuditLog(pg_store, key_dir=pg_workspace.settings.keys_dir)
+    try:
+        ok, message = shared.verify()  # the six processes' records make one chain
+        assert ok, message
+    finally:
+        shared.close(seal=False)
 
 
 def test_a_lost_owner_lock_is_taken_again_under_a_new_owner(pg_store: str) -> None:

@@ -19,13 +19,12 @@ import psycopg
 import pytest
 from typer.testing import CliRunner
 
-from audit.log import AuditLog
 from gateway.cli.main import app as cli
 from gateway.stores.pg_tokens import PgTokenStore
 from gateway.stores.tokens import TOUCH_SECONDS, TokenRefused, TokenStore
 from policies.errors import InvalidRequest, NotFound, Unauthorized
 from tests.conftest import Workspace
-from tests.stores.conftest import PgServer, open_tokens_at
+from tests.stores.conftest import PgServer, open_tokens_at, pg_records
 
 Opener = Callable[[Callable[[], float]], TokenStore]
 COUNT = {"sql": "SELECT COUNT(*) FROM visits", "epsilon": 0.1}
@@ -279,7 +278,7 @@ def _cli(*args: str) -> str:
 
 
 def test_a_token_revoked_through_one_gateway_is_refused_by_another_within_a_second(
-    pg_workspace: Workspace, workspace: Workspace
+    pg_workspace: Workspace, workspace: Workspace, pg_store: str
 ) -> None:
     token = pg_workspace.tokens["analyst"]
     bearer = {"Authorization": f"Bearer {token}"}
@@ -299,7 +298,7 @@ def test_a_token_revoked_through_one_gateway_is_refused_by_another_within_a_seco
         assert two.get("/v1/budget", headers=pg_workspace.headers("auditor")).status_code == 200  # others work
     refusals = [
         r
-        for r in AuditLog(pg_workspace.settings.audit_dir).records()
+        for r in pg_records(pg_store, pg_workspace.settings.keys_dir)
         if r["event"] == "authentication" and r.get("reason") == "token_revoked"
     ]
     assert refusals and refusals[0]["actor"]["token_id"] == _id(token)
@@ -326,7 +325,7 @@ def test_the_token_commands_act_on_the_store_given(pg_workspace: Workspace, pg_s
         assert c.post("/v1/query", json=COUNT, headers=bearer).status_code == 401
     states = {t["token_id"]: t["state"] for t in json.loads(_cli("token", "list", "--json", "--store", pg_store, *ws))}
     assert states[_id(token)] == "rotated" and states[_id(new)] == "revoked"
-    events = [r["event"] for r in AuditLog(pg_workspace.settings.audit_dir).records()]
+    events = [r["event"] for r in pg_records(pg_store, pg_workspace.settings.keys_dir)]
     assert {"token_created", "token_rotated", "token_revoked"} <= set(events)
     store = PgTokenStore(pg_store)
     try:
