@@ -19,6 +19,7 @@ from gateway.cli.lf import lf_app
 from gateway.cli.synth import synth_app
 from gateway.cli.terminal import (
     AsJson,
+    SharedDir,
     Store,
     Token,
     Url,
@@ -338,10 +339,13 @@ def serve(
         ),
     ] = None,
     store: Store = None,
+    shared_dir: SharedDir = None,
     workspace: Workspace = None,
 ) -> None:
     """Run the gateway on the workspace."""
-    settings = _settings(workspace, host=host, port=port, trusted_proxies=trusted_proxy or None, store=store)
+    settings = _settings(
+        workspace, host=host, port=port, trusted_proxies=trusted_proxy or None, store=store, shared_dir=shared_dir
+    )
     if not settings.database.exists():
         fail(f"no private database in {settings.workspace}: run 'bastion demo' or 'bastion register' first")
     if workers > 1:
@@ -349,6 +353,8 @@ def serve(
         os.environ["BASTION_WORKSPACE"] = str(settings.workspace.resolve())
         if settings.store:
             os.environ["BASTION_STORE"] = settings.store  # the workers read it (it is never saved in the workspace)
+        if settings.shared_dir is not None:
+            os.environ["BASTION_SHARED_DIR"] = str(settings.shared_dir.resolve())
         _run_server(
             "gateway.http.app:app_from_environment",
             settings,
@@ -385,6 +391,7 @@ def demo(
     serve_: Annotated[bool, typer.Option("--serve/--no-serve", help="start the gateway")] = True,
     engine: EngineOption = None,
     store: Store = None,
+    shared_dir: SharedDir = None,
     workspace: Workspace = None,
 ) -> None:
     """Create (or reuse) the demo workspace here: generated hospital visits, its policy, tokens; then serve."""
@@ -394,7 +401,7 @@ def demo(
     from policies.schema import load_policy
 
     _choose_engine(workspace, engine)
-    settings = Settings.load(workspace, host=host, port=port, store=store)
+    settings = Settings.load(workspace, host=host, port=port, store=store, shared_dir=shared_dir)
     tokens_file = settings.workspace / "demo-tokens.json"
     if not _has_datasets(settings) or not tokens_file.exists():
         console.print(f"creating the demo workspace in {settings.workspace} ({rows:,} visits)...")
@@ -418,7 +425,7 @@ def demo(
         finally:
             bastion.close()
     else:
-        settings = Settings.load(settings.workspace, host=host, port=port, store=store)
+        settings = Settings.load(settings.workspace, host=host, port=port, store=store, shared_dir=shared_dir)
         settings.save()
         console.print(f"reusing the demo workspace in {settings.workspace}")
         _reuse_demo_tokens(settings, tokens_file)

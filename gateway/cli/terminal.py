@@ -51,6 +51,16 @@ Store = Annotated[
         "[default: SQLite files in the workspace]",
     ),
 ]
+SharedDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--shared-dir",
+        envvar="BASTION_SHARED_DIR",
+        metavar="PATH",
+        help="a directory every replica mounts, for synthetic proxies, their DP models and reports and labeling "
+        "functions' label outputs (derived from private rows: mode 0700) [default: the workspace's own paths]",
+    ),
+]
 Url = Annotated[str, typer.Option("--url", envvar="BASTION_URL", help="gateway URL")]
 Token = Annotated[str | None, typer.Option("--token", envvar="BASTION_TOKEN", help="bearer token")]
 AsJson = Annotated[bool, typer.Option("--json", help="print the raw JSON answer (for scripts)")]

@@ -21,6 +21,8 @@ def get_jobs(request: Request, bastion: Core) -> SynthJobs:
     with _create_lock:
         jobs = getattr(state, "synth_jobs", None)
         if jobs is None or jobs.bastion is not bastion:
+            if jobs is not None:
+                jobs.close()
             jobs = SynthJobs(bastion)
             state.synth_jobs = jobs
             jobs.resume()

@@ -1,8 +1,9 @@
 """The store interfaces the gateway uses, whichever store holds them: SQLite files in the workspace (one host, the
 default) or a PostgreSQL database (`--store postgresql://...` or BASTION_STORE, shared by replicas on many hosts).
 
-`open_ledger`, `open_cache` and `open_token_store` pick the implementation from the settings (tokens follow the
-ledger: on PostgreSQL when `Settings.store` is a PostgreSQL address, else `tokens.sqlite` in the workspace)."""
+`open_ledger`, `open_cache`, `open_token_store` and `open_job_store` pick the implementation from the settings (tokens
+and synthesis job records follow the ledger: on PostgreSQL when `Settings.store` is a PostgreSQL address, else
+`tokens.sqlite` and job.json files in the workspace or the shared directory)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from policies.schema import Budget
 
 if TYPE_CHECKING:
     from gateway.settings import Settings
+    from gateway.stores.jobs import JobStore
     from gateway.stores.ledger import Charge, LedgerCharge
     from gateway.stores.tokens import TokenStore
 
@@ -103,3 +105,13 @@ def open_token_store(settings: Settings) -> TokenStore:
     from gateway.stores.tokens import open_tokens
 
     return open_tokens(settings.tokens)
+
+
+def open_job_store(settings: Settings) -> JobStore:
+    if is_postgresql(settings.store):
+        from gateway.stores.pg_jobs import PgJobStore
+
+        return PgJobStore(str(settings.store))
+    from gateway.stores.jobs import FileJobStore
+
+    return FileJobStore(settings.synth_jobs_dir)
