@@ -169,8 +169,6 @@ class SynthJobs:
     def __init__(self, bastion: Bastion) -> None:
         self.bastion = bastion
         settings = bastion.settings
-        if settings.shared_dir is not None:
-            settings.shared_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.root = settings.synth_jobs_dir
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = open_job_store(settings)
