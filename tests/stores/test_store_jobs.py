@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import io
 import multiprocessing as mp
+import os
 import shutil
 import stat
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -26,10 +28,11 @@ from gateway.settings import Settings
 from gateway.stores import pg
 from gateway.stores.base import open_job_store
 from gateway.stores.pg_jobs import PgJobStore
+from gateway.stores.pg_tokens import PgTokenStore
 from gateway.synth_jobs import SynthJobs
-from tests.conftest import AppClient, Workspace
+from tests.conftest import BIN, AppClient, Workspace
 from tests.lf.test_lf_api import LFS
-from tests.synth.helpers import wait
+from tests.synth.helpers import variant_workspace, wait
 
 BODY = {"dataset": "visits", "rows": 200, "method": "dpcopula_direct"}
 
@@ -308,3 +311,83 @@ def test_a_version_missing_below_the_highest_is_applied_by_migrate(pg_store: str
     PgJobStore(pg_store).close()
     with psycopg.connect(pg_store) as con:
         assert con.execute("SELECT to_regclass('tokens') IS NOT NULL").fetchone() == (True,)
+
+
+def _bastion(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "BASTION_WORKSPACE": "", "BASTION_STORE": "", "BASTION_SHARED_DIR": "", "COLUMNS": "400"},
+    )
+
+
+def test_the_host_commands_approve_a_job_on_the_shared_store(
+    tmp_path: Path, demo_source: tuple[Path, Path], pg_store: str
+) -> None:
+    """`bastion synth pending` and `approve` with the gateway's --store and --shared-dir act on the shared jobs."""
+    ws = variant_workspace(
+        tmp_path / "optin", demo_source, [("synthesis: {mode: dp}", "synthesis: {mode: non_dp_allowed}")]
+    )
+    tokens = PgTokenStore(pg_store)
+    try:
+        token, _ = tokens.create("alice", "analyst")
+    finally:
+        tokens.close()
+    shared = tmp_path / "shared"
+    settings = ws.settings.model_copy(update={"store": pg_store, "shared_dir": shared})
+    h = {"Authorization": f"Bearer {token}"}
+    where = ("-w", str(settings.workspace))
+    with AppClient(create_app(settings)) as c:
+        body = {"dataset": "visits", "rows": 5_000, "seed": 4, "method": "sdv_gaussian_copula"}
+        job_id = c.post("/v1/synth", json=body, headers=h).json()["job_id"]
+        alone = _bastion("synth", "pending", *where)  # the workspace's own files: not the shared jobs
+        assert alone.returncode == 0 and job_id not in alone.stdout, alone.stderr
+        pending = _bastion("synth", "pending", "--store", pg_store, "--shared-dir", str(shared), *where)
+        assert pending.returncode == 0 and job_id in pending.stdout, pending.stderr
+        approved = _bastion("synth", "approve", job_id, "--store", pg_store, "--shared-dir", str(shared), *where)
+        assert approved.returncode == 0, approved.stderr
+        assert wait(c, h, job_id)["status"] == "done"
+    assert (shared / "synth" / "jobs" / job_id / "proxy.parquet").exists()
+
+
+def test_a_runner_that_loses_its_lease_stops_and_the_job_is_taken_again(
+    pg_workspace: Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lease's connection ends while the DP model is measured (a server restart, say): the runner stores
+    nothing, the job is not failed, and the next look at it takes the lease again and runs it under its charge."""
+    import synth
+
+    store = pg_workspace.settings.store
+    assert store is not None
+    original = synth.measure
+    calls: list[int] = []
+
+    def measure_and_lose_the_lease(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            with psycopg.connect(store, autocommit=True) as admin:
+                ended = admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                    "AND classid::bigint = %s",
+                    (pg._JOB_RUN_LOCK,),
+                ).fetchall()
+            assert ended == [(True,)]
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(synth, "measure", measure_and_lose_the_lease)
+    settings = pg_workspace.settings.model_copy(update={"shared_dir": tmp_path / "shared"})
+    h = pg_workspace.headers("analyst")
+    with AppClient(create_app(settings)) as c:
+        job_id = _submit(c, h, 0.5).json()["job_id"]
+        deadline = time.monotonic() + 30
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        job = c.get(f"/v1/synth/{job_id}", headers=h).json()  # takes the job again
+        assert job["status"] in ("queued", "running"), job
+        done = wait(c, h, job_id, timeout=60)
+        assert done["status"] == "done", done
+        assert _spent(c, h) == pytest.approx(0.5)
+    assert len(calls) == 2  # the first measurement was never stored, so never released: it is made anew
