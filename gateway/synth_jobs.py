@@ -49,7 +49,7 @@ from gateway.sql.price import default_delta
 from gateway.stores import jobs as job_files
 from gateway.stores.base import open_job_store
 from gateway.stores.cache import cache_key
-from gateway.stores.jobs import Lease
+from gateway.stores.jobs import Lease, LeaseLost
 from gateway.stores.tokens import Principal
 from policies.accountant import PrivacyLoss, check_delta, check_epsilon
 from policies.errors import Conflict, Forbidden, GatewayError, InvalidRequest, NotFound
@@ -98,11 +98,6 @@ class TooManyJobs(GatewayError):
 RETRY_SECONDS = 2.0  # a job another process holds is tried again after this long (on a status read or a listing)
 
 
-class LeaseLost(Exception):
-    """This process's lease on a job ended while it ran it (its store connection was lost): it stops, and the
-    process that takes the job next goes on from what was stored."""
-
-
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat()
 
@@ -127,7 +122,8 @@ def _keep_first(path: Path, payload: Any) -> Any:
 def _restrict(directory: Path) -> None:
     """Mode 0700 for `directory` and the directories in it, 0600 for its files: they derive from private rows."""
     for path in (directory, *directory.rglob("*")):
-        os.chmod(path, 0o700 if path.is_dir() else 0o600)
+        with contextlib.suppress(FileNotFoundError):  # a temporary file renamed meanwhile
+            os.chmod(path, 0o700 if path.is_dir() else 0o600)
 
 
 def _file_digest(path: Path) -> str:
@@ -209,7 +205,7 @@ class SynthJobs:
 
     def _save(self, job: dict[str, Any]) -> None:
         job["updated"] = _now()
-        self.store.save(job)
+        self.store.save(job, self._leases.get(job["job_id"]))  # a runner writes only while its lease holds
 
     def _owned(self, ctx: Context, job_id: str, event: Event = Event.SYNTH_ACCESS) -> dict[str, Any]:
         """The caller's own job; another principal's is refused (audited under `event`) as if it did not exist."""

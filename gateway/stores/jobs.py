@@ -36,6 +36,12 @@ FAILED_BYTES = 4096  # preallocated: the failure state fits in it (the error mes
 UNFINISHED = ("queued", "approved", "running")
 
 
+class LeaseLost(BaseException):
+    """A process's lease on a job ended while it ran the job (its store connection was lost): the run stops, and
+    the process that takes the job next goes on from what was stored. A BaseException, so that no handler of the
+    run's own failures (which fall back or fail the job) takes it for one."""
+
+
 class Lease(Protocol):
     """The right to run one job, held by one process until `release` (or its process's end)."""
 
@@ -55,7 +61,10 @@ class JobStore(Protocol):
         """The record with a recorded failure applied over it, or None if there is no such job."""
         ...
 
-    def save(self, job: dict[str, Any]) -> None: ...
+    def save(self, job: dict[str, Any], lease: Lease | None = None) -> None:
+        """Write the record; with `lease`, only while it holds (LeaseLost if not), so that a runner that lost its
+        lease never overwrites what the next runner wrote."""
+        ...
 
     def fail(self, job_id: str, failure: dict[str, Any]) -> bool:
         """Record `failure` over the job's record; whether it was recorded durably."""
@@ -178,8 +187,8 @@ class FileJobStore:
             return None
         return _apply(job, read_in_place(self._dir(job_id) / FAILED_FILE))
 
-    def save(self, job: dict[str, Any]) -> None:
-        write_json(self._dir(job["job_id"]) / "job.json", job)
+    def save(self, job: dict[str, Any], lease: Lease | None = None) -> None:
+        write_json(self._dir(job["job_id"]) / "job.json", job)  # an flock lease holds while its process lives
 
     def fail(self, job_id: str, failure: dict[str, Any]) -> bool:
         """The reserved file overwritten in place (no new space needed), then job.json if it can be rewritten."""

@@ -22,7 +22,7 @@ from typing import Any
 
 import psycopg
 
-from gateway.stores.jobs import UNFINISHED, Lease, _apply
+from gateway.stores.jobs import UNFINISHED, Lease, LeaseLost, _apply
 from gateway.stores.pg import _JOB_ADMIT_LOCK, _JOB_RUN_LOCK, _connect, _pool, describe
 from policies.errors import LedgerUnavailable
 
@@ -87,12 +87,19 @@ class PgJobStore:
             row = con.execute(f"SELECT {_COLUMNS} FROM synth_jobs WHERE job_id = %s", (job_id,)).fetchone()
         return None if row is None else self._job(row)
 
-    def save(self, job: dict[str, Any]) -> None:
+    def save(self, job: dict[str, Any], lease: Lease | None = None) -> None:
+        """With `lease`, on the lease's own connection: a write made through the session that holds the job's
+        lock cannot land after that lock is gone (and another runner may hold it)."""
+        args = (str(job["status"]), _dump(job), job["job_id"])
+        statement = "UPDATE synth_jobs SET status = %s, record = %s WHERE job_id = %s"
+        if isinstance(lease, _PgLease):
+            try:
+                lease.con.execute(statement, args)
+            except psycopg.Error:
+                raise LeaseLost(job["job_id"]) from None
+            return
         with self._con("written") as con:
-            con.execute(
-                "UPDATE synth_jobs SET status = %s, record = %s WHERE job_id = %s",
-                (str(job["status"]), _dump(job), job["job_id"]),
-            )
+            con.execute(statement, args)
 
     def fail(self, job_id: str, failure: dict[str, Any]) -> bool:
         """The failure and the record's new state in one statement (False, logged, if the store cannot be
