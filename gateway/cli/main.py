@@ -44,7 +44,8 @@ app = typer_app("Bastion: privacy-preserving data exploration gateway.")
 token_app = typer_app(help="Bearer tokens (admin, on the gateway host).")
 ledger_app = typer_app(help="The privacy-budget ledger (admin, on the gateway host).")
 store_app = typer_app(
-    help="The shared store of the ledger, release cache and tokens (PostgreSQL, for several replicas)."
+    help="The shared store of the ledger, release cache, tokens and synthesis job records (PostgreSQL, for several "
+    "replicas)."
 )
 app.add_typer(token_app, name="token")
 app.add_typer(ledger_app, name="ledger")
@@ -578,7 +579,7 @@ def ledger_reconcile(store: Store = None, workspace: Workspace = None) -> None:
 
 @store_app.command("migrate")
 def store_migrate(store: Store = None) -> None:
-    """Create or upgrade the PostgreSQL store's schema (the ledger, release cache and tokens). Safe to run again:
+    """Create or upgrade the PostgreSQL store's schema (ledger, cache, tokens, job records). Safe to run again:
     versions already applied are skipped. Run it once before the first `bastion serve --store ...`, and after
     upgrading."""
     from gateway.stores.base import is_postgresql

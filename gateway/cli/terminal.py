@@ -47,8 +47,8 @@ Store = Annotated[
         "--store",
         envvar="BASTION_STORE",
         metavar="postgresql://...",
-        help="where the ledger, release cache and tokens live: a PostgreSQL address that replicas share "
-        "[default: SQLite files in the workspace]",
+        help="where the ledger, release cache, tokens and synthesis job records live: a PostgreSQL address that "
+        "replicas share [default: SQLite files in the workspace]",
     ),
 ]
 SharedDir = Annotated[
