@@ -20,6 +20,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from audit import report
@@ -181,12 +182,21 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def shared_directory(path: Path) -> None:
+    """Make the shared directory (mode 0700) if it is missing; warn if others may enter an existing one."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.stat().st_mode & 0o077:
+        log.warning("the shared directory %s is open to other users: it holds outputs derived from private rows", path)
+
+
 class Bastion:
     def __init__(self, settings: Settings, *, read_only: bool = True) -> None:
         self.settings = settings
         self.engine = open_engine(settings, read_only=read_only)
         try:
             settings.workspace.mkdir(parents=True, exist_ok=True)
+            if settings.shared_dir is not None:
+                shared_directory(settings.shared_dir)
             self.ledger = open_ledger(settings)
             try:
                 self.cache = open_cache(settings)

@@ -14,6 +14,11 @@ from policies.accountant import DEFAULT_ALPHA
 DEFAULT_WORKSPACE = "bastion-workspace"
 
 
+def _path_from_env(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
 class Limits(BaseModel):
     """Declared limits on what one request may ask of the gateway (README, "Limits"). Every one is checked before
     anything is charged or planned; the expression depth and node count of SQL are fixed by the planner."""
@@ -53,6 +58,11 @@ class Settings(BaseModel):
     # PostgreSQL address (postgresql://...) shared by replicas. From --store or BASTION_STORE; never saved in
     # settings.json (the address may carry a password).
     store: str | None = Field(default_factory=lambda: os.environ.get("BASTION_STORE") or None)
+    # Where the files that replicas must all reach go (synthetic proxies, their DP models and reports, labeling
+    # functions' label outputs): None (the default) for the workspace's own paths, or a directory every replica
+    # mounts (mode 0700; it holds outputs derived from private rows). From --shared-dir or BASTION_SHARED_DIR, like
+    # `store`: never saved in settings.json, so each host names its own mount point.
+    shared_dir: Path | None = Field(default_factory=lambda: _path_from_env("BASTION_SHARED_DIR"))
 
     # --- layout -------------------------------------------------------------------------------------------
     @property
@@ -98,8 +108,13 @@ class Settings(BaseModel):
 
     @property
     def outputs_dir(self) -> Path:
-        """Private outputs for downstream jobs (never served to a person)."""
-        return self.private_dir / "outputs"
+        """Private outputs for downstream jobs (never served to a person): labeling functions' label files."""
+        return self.shared_dir / "outputs" if self.shared_dir is not None else self.private_dir / "outputs"
+
+    @property
+    def synth_jobs_dir(self) -> Path:
+        """Synthetic-proxy job directories (DP model, proxy, report; job.json on the file store)."""
+        return (self.shared_dir if self.shared_dir is not None else self.workspace) / "synth" / "jobs"
 
     @property
     def settings_file(self) -> Path:
@@ -107,7 +122,7 @@ class Settings(BaseModel):
 
     def save(self) -> None:
         self.workspace.mkdir(parents=True, exist_ok=True)
-        self.settings_file.write_text(self.model_dump_json(indent=2, exclude={"store"}))
+        self.settings_file.write_text(self.model_dump_json(indent=2, exclude={"store", "shared_dir"}))
 
     @classmethod
     def load(cls, workspace: str | Path | None = None, **overrides: object) -> Settings:
@@ -117,6 +132,7 @@ class Settings(BaseModel):
         if f.exists():
             data = json.loads(f.read_text())
         data.pop("store", None)  # from the environment or the command line only
+        data.pop("shared_dir", None)
         data.update({k: v for k, v in overrides.items() if v is not None})
         data["workspace"] = ws
         return cls.model_validate(data)

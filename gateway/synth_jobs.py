@@ -6,17 +6,22 @@ the job record is written → audit "released" (of the job id). Only then does a
 DP model and build the proxy; a request over budget is refused before anything runs. Completion, a withheld
 non-DP proxy, each download, each report read and each approval are audited too.
 
-Job records live in `<workspace>/synth/jobs/<id>/` (job.json, the DP model, the proxy, its report), written
-atomically. After a crash, unfinished jobs resume under their original charge: the DP model, once measured, is
-stored and reused, so resuming never measures twice what was released; measurements lost in a crash were never
-released. A job is run by whichever process holds the lock file of its directory.
+A job's files live in `<id>/` under `Settings.synth_jobs_dir` (`<workspace>/synth/jobs`, or `synth/jobs` in the
+shared directory that replicas mount): the DP model, the proxy, its report, written atomically, mode 0600 in
+directories of mode 0700. Its record (its state) is in the job store (gateway/stores/jobs.py): job.json in the same
+directory by default, or the PostgreSQL store's table that every replica reads. After a crash, unfinished jobs
+resume under their original charge: the DP model, once measured, is stored and reused (the first model stored
+wins: a second runner's is discarded unused), so resuming never measures twice what was released; measurements lost
+in a crash were never released. A job is run by whichever process holds its lease from the job store (the lock
+file of its directory, or an advisory lock on PostgreSQL, which ends with its process on any host).
 
-A principal may have at most `Settings.synth_jobs_per_principal` unfinished jobs (queued, approved or running);
-another request is refused before the charge with 429 `too_many_jobs` (an identical repeat, answered from the
-cache, is not a new job). A job's failure is durable even on a full disk: each job directory holds a small
-preallocated file (`failed`) that the failure handler overwrites in place, which needs no new space; failing
-that, the gateway keeps the failure in memory. A job read with a filled `failed` file is failed, whatever
-job.json says, so it is not resumed at the next start.
+A principal may have at most `Settings.synth_jobs_per_principal` unfinished jobs (queued, approved or running),
+counted under the job store's admission lock among every process using the store; another request is refused
+before the charge with 429 `too_many_jobs` (an identical repeat, answered from the cache, is not a new job). A
+job's failure is durable even on a full disk: on the file store each job directory holds a small preallocated file
+(`failed`) that the failure handler overwrites in place, which needs no new space (on PostgreSQL, the record's
+`failure` column); failing that, the gateway keeps the failure in memory. A job read with a recorded failure is
+failed, whatever its record says, so it is not resumed at the next start.
 """
 
 from __future__ import annotations
@@ -24,8 +29,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import enum
-import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -43,7 +46,10 @@ import pyarrow.parquet as pq
 from audit.record import Event
 from gateway.service import Bastion, Context
 from gateway.sql.price import default_delta
+from gateway.stores import jobs as job_files
+from gateway.stores.base import open_job_store
 from gateway.stores.cache import cache_key
+from gateway.stores.jobs import Lease, LeaseLost
 from gateway.stores.tokens import Principal
 from policies.accountant import PrivacyLoss, check_delta, check_epsilon
 from policies.errors import Conflict, Forbidden, GatewayError, InvalidRequest, NotFound
@@ -89,8 +95,7 @@ class TooManyJobs(GatewayError):
     code = "too_many_jobs"
 
 
-FAILED_FILE = "failed"
-FAILED_BYTES = 4096  # preallocated: the failure state fits in it (the error message is cut to fit)
+RETRY_SECONDS = 2.0  # a job another process holds is tried again after this long (on a status read or a listing)
 
 
 def _now() -> str:
@@ -98,55 +103,27 @@ def _now() -> str:
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=1, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    job_files.write_json(path, payload)
 
 
-def _reserve(path: Path) -> None:
-    """A file of FAILED_BYTES blanks whose blocks are allocated now, to be overwritten in place later."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+def _keep_first(path: Path, payload: Any) -> Any:
+    """Store `payload` at `path` unless something is there already: None if stored, else what is there."""
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.new")
+    _write_json(tmp, payload)
     try:
-        os.write(fd, b" " * FAILED_BYTES)
-        with contextlib.suppress(OSError):  # not every file system supports it; the blanks are written anyway
-            os.posix_fallocate(fd, 0, FAILED_BYTES)
-        os.fsync(fd)
+        os.link(tmp, path)  # fails if `path` exists, atomically (on a network file system too)
+    except FileExistsError:
+        return json.loads(path.read_text())
     finally:
-        os.close(fd)
-
-
-def _write_in_place(path: Path, state: dict[str, Any] | None) -> None:
-    """`state` as JSON over the reserved file, in place (no new blocks), padded to its size (None: blanks)."""
-    data = json.dumps(state).encode() if state is not None else b""
-    if len(data) > FAILED_BYTES:
-        raise ValueError("the failure state does not fit its reserved file")
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data + b" " * (FAILED_BYTES - len(data)), 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _read_in_place(path: Path) -> dict[str, Any] | None:
-    try:
-        text = path.read_bytes().strip()
-    except FileNotFoundError:
-        return None
-    if not text:
-        return None
-    with contextlib.suppress(json.JSONDecodeError):
-        state = json.loads(text)
-        return state if isinstance(state, dict) else None
+        tmp.unlink(missing_ok=True)
     return None
+
+
+def _restrict(directory: Path) -> None:
+    """Mode 0700 for `directory` and the directories in it, 0600 for its files: they derive from private rows."""
+    for path in (directory, *directory.rglob("*")):
+        with contextlib.suppress(FileNotFoundError):  # a temporary file renamed meanwhile
+            os.chmod(path, 0o700 if path.is_dir() else 0o600)
 
 
 def _file_digest(path: Path) -> str:
@@ -187,12 +164,23 @@ class SynthJobs:
 
     def __init__(self, bastion: Bastion) -> None:
         self.bastion = bastion
-        self.root = bastion.settings.workspace / "synth" / "jobs"
+        settings = bastion.settings
+        self.root = settings.synth_jobs_dir
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.store = open_job_store(settings)
+        if self.store.location != str(self.root) and settings.shared_dir is None:
+            log.warning(
+                "synthesis job records are in the shared store but their files in this workspace: give every "
+                "replica the same --shared-dir (BASTION_SHARED_DIR) so that each one can serve every job"
+            )
         self._threads: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
-        self._admit = threading.Lock()  # one admission at a time: the per-principal job count stays exact
         self._failed: dict[str, dict[str, Any]] = {}  # failures that could not be written at all (disk full)
+        self._tried: dict[str, float] = {}  # when a job held by another process was last tried
+        self._leases: dict[str, Lease] = {}  # the jobs this process runs now
+
+    def close(self) -> None:
+        self.store.close()
 
     # --- records ------------------------------------------------------------------------------------------
 
@@ -202,20 +190,22 @@ class SynthJobs:
         return self.root / job_id
 
     def read(self, job_id: str) -> dict[str, Any]:
-        """The job's record, with a failure recorded in place (or in memory) over whatever job.json says."""
-        path = self._dir(job_id) / "job.json"
-        try:
-            job = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise JobNotFound(f"no synthesis job {job_id!r}") from None
-        failure = self._failed.get(job_id) or _read_in_place(self._dir(job_id) / FAILED_FILE)
+        """The job's record, with a failure recorded in the store (or in memory) over whatever the record says."""
+        self._dir(job_id)  # a well-formed id, or JobNotFound
+        job = self.store.read(job_id)
+        if job is None:
+            raise JobNotFound(f"no synthesis job {job_id!r}")
+        return self._in_memory(job)
+
+    def _in_memory(self, job: dict[str, Any]) -> dict[str, Any]:
+        failure = self._failed.get(job["job_id"])
         if failure is not None and job["status"] in (*ACTIVE, JobStatus.FAILED):
             job.update(failure)
         return job
 
     def _save(self, job: dict[str, Any]) -> None:
         job["updated"] = _now()
-        _write_json(self._dir(job["job_id"]) / "job.json", job)
+        self.store.save(job, self._leases.get(job["job_id"]))  # a runner writes only while its lease holds
 
     def _owned(self, ctx: Context, job_id: str, event: Event = Event.SYNTH_ACCESS) -> dict[str, Any]:
         """The caller's own job; another principal's is refused (audited under `event`) as if it did not exist."""
@@ -237,11 +227,7 @@ class SynthJobs:
         return {k: job.get(k) for k in PUBLIC_FIELDS}
 
     def all_jobs(self) -> list[dict[str, Any]]:
-        jobs = []
-        for d in sorted(self.root.iterdir()) if self.root.exists() else []:
-            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError, GatewayError):
-                jobs.append(self.read(d.name))
-        return sorted(jobs, key=lambda j: j["created"])
+        return [self._in_memory(j) for j in self.store.all()]
 
     # --- submission ---------------------------------------------------------------------------------------
 
@@ -305,7 +291,7 @@ class SynthJobs:
         key = cache_key(
             Event.SYNTH, ctx.principal.name, dataset, version, policy.fingerprint(), method, epsilon, delta, rows, seed
         )
-        with self._admit:  # counting unfinished jobs and creating one are one step
+        with self.store.admission(ctx.principal.name):  # counting unfinished jobs and creating one are one step
             limit = self.bastion.settings.synth_jobs_per_principal
             if self.bastion.cache.get(key) is None and self._unfinished(ctx.principal.name) >= limit:
                 self.bastion.audit(
@@ -347,8 +333,7 @@ class SynthJobs:
                     "request_id": ctx.request_id,
                 }
                 self._dir(job_id).mkdir(parents=True, mode=0o700)
-                _reserve(self._dir(job_id) / FAILED_FILE)
-                self._save(job)
+                self.store.create(job)
                 return {
                     "job_id": job_id,
                     "dataset": dataset,
@@ -375,8 +360,7 @@ class SynthJobs:
                 job.update(status=status, error=None, progress=0.0, stage="")
                 self._save(job)
                 self._failed.pop(job["job_id"], None)
-                with contextlib.suppress(FileNotFoundError):
-                    _write_in_place(self._dir(job["job_id"]) / FAILED_FILE, None)
+                self.store.clear_failure(job["job_id"])
             self._maybe_start(job)
             return {
                 **self.public(self.read(job["job_id"])),
@@ -387,7 +371,7 @@ class SynthJobs:
             }
 
     def _unfinished(self, principal: str) -> int:
-        return sum(1 for j in self.all_jobs() if j["principal"]["principal"] == principal and j["status"] in ACTIVE)
+        return sum(1 for job_id in self.store.unfinished(principal) if job_id not in self._failed)
 
     # --- running ------------------------------------------------------------------------------------------
 
@@ -403,6 +387,8 @@ class SynthJobs:
             t = self._threads.get(job["job_id"])
             if t is not None and t.is_alive():
                 return
+            if time.monotonic() - self._tried.get(job["job_id"], -RETRY_SECONDS) < RETRY_SECONDS:
+                return  # another process held it a moment ago
             t = threading.Thread(
                 target=self._run_locked, args=(job["job_id"],), daemon=True, name=f"synth-{job['job_id'][:8]}"
             )
@@ -410,50 +396,61 @@ class SynthJobs:
             t.start()
 
     def _run_locked(self, job_id: str) -> None:
-        lock_path = self._dir(job_id) / "lock"
-        with open(lock_path, "a") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return  # another process runs it
-            job = self.read(job_id)
-            if job["status"] not in ACTIVE:
-                return
-            try:
-                self._run(job)
-            except Exception as exc:
-                # Only the class: a message or traceback could quote a value from the rows.
-                log.error("synthesis job %s failed (%s)", job_id, type(exc).__name__)
-                message = exc.message if isinstance(exc, GatewayError) else f"internal error ({type(exc).__name__})"
-                job = self._fail(job_id, message + "; the charge stands")
-                with contextlib.suppress(GatewayError, OSError):
-                    self.bastion.audit(
-                        self._context(job),
-                        Event.SYNTH,
-                        dataset=job["dataset"],
-                        request={"job_id": job_id},
-                        decision="error",
-                        reason="synthesis_failed",
-                        phase="failed",
-                        non_dp=job["non_dp"],
-                    )
-
-    def _fail(self, job_id: str, error: str) -> dict[str, Any]:
-        """Record the job as failed, durably even on a full disk: job.json if it can be written, and in any case
-        the reserved file overwritten in place; in memory if neither can be written."""
-        failure = {"status": JobStatus.FAILED.value, "error": error[:2000], "updated": _now()}
-        job = {**self.read(job_id), **failure}
-        with contextlib.suppress(OSError, ValueError):
-            _write_in_place(self._dir(job_id) / FAILED_FILE, failure)
-            self._failed.pop(job_id, None)
-        if _read_in_place(self._dir(job_id) / FAILED_FILE) != failure:
-            self._failed[job_id] = failure
         try:
-            _write_json(self._dir(job_id) / "job.json", job)
-        except OSError as exc:
-            kind = "the disk is full" if exc.errno == errno.ENOSPC else type(exc).__name__
-            log.error("synthesis job %s: its record could not be rewritten (%s); its failure is kept", job_id, kind)
-        return job
+            with self.store.claim(job_id) as lease:
+                if lease is None:
+                    self._tried[job_id] = time.monotonic()  # another process runs it
+                    return
+                self._tried.pop(job_id, None)
+                self._leases[job_id] = lease
+                try:
+                    self._run_claimed(job_id)
+                finally:
+                    self._leases.pop(job_id, None)
+        except GatewayError as exc:  # the store cannot be reached: the job stays as it is, to be tried again
+            self._tried[job_id] = time.monotonic()
+            log.error("synthesis job %s could not be claimed (%s)", job_id, exc.code)
+
+    def _holds(self, job_id: str) -> None:
+        """Go on only while this process's lease on the job holds (LeaseLost if not)."""
+        lease = self._leases.get(job_id)
+        if lease is not None and not lease.held():
+            raise LeaseLost(job_id)
+
+    def _run_claimed(self, job_id: str) -> None:
+        job = self.read(job_id)
+        if job["status"] not in ACTIVE:
+            return
+        try:
+            self._run(job)
+        except LeaseLost:
+            log.warning("synthesis job %s: this process lost its lease on it; another one goes on with it", job_id)
+        except Exception as exc:
+            # Only the class: a message or traceback could quote a value from the rows.
+            log.error("synthesis job %s failed (%s)", job_id, type(exc).__name__)
+            message = exc.message if isinstance(exc, GatewayError) else f"internal error ({type(exc).__name__})"
+            job = self._fail(job, message + "; the charge stands")
+            with contextlib.suppress(GatewayError, OSError):
+                self.bastion.audit(
+                    self._context(job),
+                    Event.SYNTH,
+                    dataset=job["dataset"],
+                    request={"job_id": job_id},
+                    decision="error",
+                    reason="synthesis_failed",
+                    phase="failed",
+                    non_dp=job["non_dp"],
+                )
+
+    def _fail(self, job: dict[str, Any], error: str) -> dict[str, Any]:
+        """Record the job as failed, durably even on a full disk (see the job store's `fail`); in memory if the
+        store cannot keep it."""
+        failure = {"status": JobStatus.FAILED.value, "error": error[:2000], "updated": _now()}
+        if self.store.fail(job["job_id"], failure):
+            self._failed.pop(job["job_id"], None)
+        else:
+            self._failed[job["job_id"]] = failure
+        return {**job, **failure}
 
     @staticmethod
     def _context(job: dict[str, Any]) -> Context:
@@ -523,7 +520,10 @@ class SynthJobs:
                         non_dp=False,
                     )
                     model = measure(EmptyReader(), table, policy, allocation, lambda f, s: progress(f, s, hi=0.3))
-                _write_json(model_path, model.to_json())
+                self._holds(job["job_id"])
+                stored = _keep_first(model_path, model.to_json())
+                if stored is not None:  # another runner stored its model first: that one is the release
+                    model = DPCopulaModel.from_json(stored)
             proxy = dp_proxy(
                 model, job["rows"], job["seed"], job["method"], lambda f, s: progress(f, s, lo=0.3, hi=0.9)
             )
@@ -552,6 +552,7 @@ class SynthJobs:
             }
             if not check["passed"]:
                 _write_json(job_dir / "report.json", {"privacy_check": check})
+                _restrict(job_dir)
                 job.update(
                     status=JobStatus.WITHHELD,
                     progress=1.0,
@@ -572,6 +573,7 @@ class SynthJobs:
                 )
                 return
         progress(0.5, "writing the proxy", lo=0.9)
+        self._holds(job["job_id"])
         self._write_proxy(job, proxy, job_dir)
         report["proxy"] = {
             k: job[k]
@@ -589,6 +591,8 @@ class SynthJobs:
         }
         report["pages"] = render_pages(report, job_dir / "pages", f"Proxy {job['job_id'][:8]} of {job['dataset']}")
         _write_json(job_dir / "report.json", report)
+        _restrict(job_dir)
+        self._holds(job["job_id"])
         # The proxy is ready: record it (with its digest) before anyone can download it.
         self.bastion.audit(
             ctx,
@@ -629,7 +633,8 @@ class SynthJobs:
         table = table.replace_schema_metadata(
             {**(table.schema.metadata or {}), b"bastion.proxy": json.dumps(meta).encode()}
         )
-        tmp = job_dir / "proxy.parquet.tmp"
+        tmp = job_dir / f"proxy.parquet.{uuid.uuid4().hex}.tmp"
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         pq.write_table(table, tmp)
         os.replace(tmp, job_dir / "proxy.parquet")
         job["proxy_digest"] = _file_digest(job_dir / "proxy.parquet")
@@ -643,7 +648,10 @@ class SynthJobs:
         return self.public(job)
 
     def owned_by(self, ctx: Context) -> list[dict[str, Any]]:
-        return [self.public(j) for j in self.all_jobs() if j["principal"]["principal"] == ctx.principal.name]
+        owned = [j for j in self.all_jobs() if j["principal"]["principal"] == ctx.principal.name]
+        for job in owned:
+            self._maybe_start(job)  # an unfinished job whose runner is gone (on any replica) resumes here
+        return [self.public(j) for j in owned]
 
     def _done(self, ctx: Context, job_id: str, event: Event) -> dict[str, Any]:
         """The caller's finished job, for a download or report read; every refusal audited under `event`."""
@@ -668,7 +676,8 @@ class SynthJobs:
         if fmt == "csv":
             path = job_dir / "proxy.csv"
             if not path.exists():
-                tmp = job_dir / "proxy.csv.tmp"
+                tmp = job_dir / f"proxy.csv.{uuid.uuid4().hex}.tmp"
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
                 pq.read_table(job_dir / "proxy.parquet").to_pandas().to_csv(tmp, index=False)
                 os.replace(tmp, path)
         self.bastion.audit(

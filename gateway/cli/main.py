@@ -19,6 +19,7 @@ from gateway.cli.lf import lf_app
 from gateway.cli.synth import synth_app
 from gateway.cli.terminal import (
     AsJson,
+    SharedDir,
     Store,
     Token,
     Url,
@@ -43,7 +44,8 @@ app = typer_app("Bastion: privacy-preserving data exploration gateway.")
 token_app = typer_app(help="Bearer tokens (admin, on the gateway host).")
 ledger_app = typer_app(help="The privacy-budget ledger (admin, on the gateway host).")
 store_app = typer_app(
-    help="The shared store of the ledger, release cache and tokens (PostgreSQL, for several replicas)."
+    help="The shared store of the ledger, release cache, tokens and synthesis job records (PostgreSQL, for several "
+    "replicas)."
 )
 app.add_typer(token_app, name="token")
 app.add_typer(ledger_app, name="ledger")
@@ -347,10 +349,13 @@ def serve(
         ),
     ] = None,
     store: Store = None,
+    shared_dir: SharedDir = None,
     workspace: Workspace = None,
 ) -> None:
     """Run the gateway on the workspace."""
-    settings = _settings(workspace, host=host, port=port, trusted_proxies=trusted_proxy or None, store=store)
+    settings = _settings(
+        workspace, host=host, port=port, trusted_proxies=trusted_proxy or None, store=store, shared_dir=shared_dir
+    )
     if not settings.database.exists():
         fail(f"no private database in {settings.workspace}: run 'bastion demo' or 'bastion register' first")
     if workers > 1:
@@ -358,6 +363,8 @@ def serve(
         os.environ["BASTION_WORKSPACE"] = str(settings.workspace.resolve())
         if settings.store:
             os.environ["BASTION_STORE"] = settings.store  # the workers read it (it is never saved in the workspace)
+        if settings.shared_dir is not None:
+            os.environ["BASTION_SHARED_DIR"] = str(settings.shared_dir.resolve())
         _run_server(
             "gateway.http.app:app_from_environment",
             settings,
@@ -394,6 +401,7 @@ def demo(
     serve_: Annotated[bool, typer.Option("--serve/--no-serve", help="start the gateway")] = True,
     engine: EngineOption = None,
     store: Store = None,
+    shared_dir: SharedDir = None,
     workspace: Workspace = None,
 ) -> None:
     """Create (or reuse) the demo workspace here: generated hospital visits, its policy, tokens; then serve."""
@@ -403,7 +411,7 @@ def demo(
     from policies.schema import load_policy
 
     _choose_engine(workspace, engine)
-    settings = Settings.load(workspace, host=host, port=port, store=store)
+    settings = Settings.load(workspace, host=host, port=port, store=store, shared_dir=shared_dir)
     tokens_file = settings.workspace / "demo-tokens.json"
     if not _has_datasets(settings) or not tokens_file.exists():
         console.print(f"creating the demo workspace in {settings.workspace} ({rows:,} visits)...")
@@ -427,7 +435,7 @@ def demo(
         finally:
             bastion.close()
     else:
-        settings = Settings.load(settings.workspace, host=host, port=port, store=store)
+        settings = Settings.load(settings.workspace, host=host, port=port, store=store, shared_dir=shared_dir)
         settings.save()
         console.print(f"reusing the demo workspace in {settings.workspace}")
         _reuse_demo_tokens(settings, tokens_file)
@@ -580,7 +588,7 @@ def ledger_reconcile(store: Store = None, workspace: Workspace = None) -> None:
 
 @store_app.command("migrate")
 def store_migrate(store: Store = None) -> None:
-    """Create or upgrade the PostgreSQL store's schema (the ledger, release cache and tokens). Safe to run again:
+    """Create or upgrade the PostgreSQL store's schema (ledger, cache, tokens, job records). Safe to run again:
     versions already applied are skipped. Run it once before the first `bastion serve --store ...`, and after
     upgrading."""
     from gateway.stores.base import is_postgresql

@@ -11,6 +11,8 @@ from rich.table import Table
 
 from gateway.cli.terminal import (
     AsJson,
+    SharedDir,
+    Store,
     Token,
     Url,
     Workspace,
@@ -179,19 +181,28 @@ def report(
 # --- admin, on the gateway host ---------------------------------------------------------------------------
 
 
-def _jobs(workspace: Path | None) -> Any:
+def _jobs(workspace: Path | None, store: str | None, shared_dir: Path | None) -> Any:
+    """The gateway and its jobs as `serve` sees them: give the same --store and --shared-dir."""
     from gateway.service import Bastion
     from gateway.settings import Settings
     from gateway.synth_jobs import SynthJobs
+    from policies.errors import GatewayError
 
-    bastion = Bastion(Settings.load(workspace))
-    return bastion, SynthJobs(bastion)
+    try:
+        bastion = Bastion(Settings.load(workspace, store=store, shared_dir=shared_dir))
+    except GatewayError as exc:
+        fail(f"{exc.code}: {exc.message}")
+    try:
+        return bastion, SynthJobs(bastion)
+    except GatewayError as exc:
+        bastion.close()
+        fail(f"{exc.code}: {exc.message}")
 
 
 @synth_app.command("pending")
-def pending(workspace: Workspace = None) -> None:
-    """List non-DP jobs awaiting approval (admin, on the host)."""
-    bastion, jobs = _jobs(workspace)
+def pending(store: Store = None, shared_dir: SharedDir = None, workspace: Workspace = None) -> None:
+    """List non-DP jobs awaiting approval (admin, on the host, or any replica's host with the same --store)."""
+    bastion, jobs = _jobs(workspace, store, shared_dir)
     try:
         table = Table("job", "dataset", "method", "requested by", "rows", "created")
         for j in jobs.all_jobs():
@@ -201,20 +212,22 @@ def pending(workspace: Workspace = None) -> None:
                 )
         console.print(table)
     finally:
+        jobs.close()
         bastion.close()
 
 
 @synth_app.command("approve")
-def approve(job_id: str, workspace: Workspace = None) -> None:
+def approve(job_id: str, store: Store = None, shared_dir: SharedDir = None, workspace: Workspace = None) -> None:
     """Approve a non-DP proxy job (admin, on the host). The approval is audited as non-DP."""
     from policies.errors import GatewayError
 
-    bastion, jobs = _jobs(workspace)
+    bastion, jobs = _jobs(workspace, store, shared_dir)
     try:
         job = jobs.approve(job_id)
     except GatewayError as exc:
         fail(f"{exc.code}: {exc.message}")
     finally:
+        jobs.close()
         bastion.close()
     console.print(
         f"approved job {job['job_id']} ({job['method']}, NOT differentially private) on "

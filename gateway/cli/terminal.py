@@ -47,8 +47,18 @@ Store = Annotated[
         "--store",
         envvar="BASTION_STORE",
         metavar="postgresql://...",
-        help="where the ledger, release cache, tokens and audit log live: a PostgreSQL address that replicas share "
-        "[default: SQLite files and the audit/ directory in the workspace]",
+        help="where the ledger, release cache, tokens, audit log and synthesis job records live: a PostgreSQL "
+        "address that replicas share [default: SQLite files and the audit/ directory in the workspace]",
+    ),
+]
+SharedDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--shared-dir",
+        envvar="BASTION_SHARED_DIR",
+        metavar="PATH",
+        help="a directory every replica mounts, for synthetic proxies, their DP models and reports and labeling "
+        "functions' label outputs (derived from private rows: mode 0700) [default: the workspace's own paths]",
     ),
 ]
 Url = Annotated[str, typer.Option("--url", envvar="BASTION_URL", help="gateway URL")]

@@ -69,6 +69,9 @@ def create_app(settings: Settings, bastion: Bastion | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        jobs = getattr(app.state, "synth_jobs", None)
+        if jobs is not None:
+            jobs.close()
         app.state.bastion.close()
 
     app = FastAPI(

@@ -16,11 +16,13 @@ _create_lock = threading.Lock()
 
 
 def get_jobs(request: Request, bastion: Core) -> SynthJobs:
-    """The app's job manager, created on first use (unfinished jobs of the workspace resume then)."""
+    """The app's job manager, created on first use (unfinished jobs whose runner is gone resume then)."""
     state = request.app.state
     with _create_lock:
         jobs = getattr(state, "synth_jobs", None)
         if jobs is None or jobs.bastion is not bastion:
+            if jobs is not None:
+                jobs.close()
             jobs = SynthJobs(bastion)
             state.synth_jobs = jobs
             jobs.resume()

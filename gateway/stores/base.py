@@ -1,9 +1,10 @@
 """The store interfaces the gateway uses, whichever store holds them: SQLite files in the workspace (one host, the
 default) or a PostgreSQL database (`--store postgresql://...` or BASTION_STORE, shared by replicas on many hosts).
 
-`open_ledger`, `open_cache`, `open_token_store` and `open_audit_log` pick the implementation from the settings
-(tokens and the audit log follow the ledger: on PostgreSQL when `Settings.store` is a PostgreSQL address, else
-`tokens.sqlite` and the `audit/` directory in the workspace)."""
+`open_ledger`, `open_cache`, `open_token_store`, `open_audit_log` and `open_job_store` pick the implementation from
+the settings (tokens, the audit log and synthesis job records follow the ledger: on PostgreSQL when `Settings.store`
+is a PostgreSQL address, else `tokens.sqlite`, the `audit/` directory and job.json files in the workspace or the
+shared directory)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from policies.schema import Budget
 if TYPE_CHECKING:
     from audit.checkpoint import Checkpoint
     from gateway.settings import Settings
+    from gateway.stores.jobs import JobStore
     from gateway.stores.ledger import Charge, LedgerCharge
     from gateway.stores.tokens import TokenStore
 
@@ -150,3 +152,13 @@ def open_audit_log(settings: Settings) -> AuditStore:
     from audit.log import AuditLog
 
     return AuditLog(settings.audit_dir, key_dir=settings.keys_dir)
+
+
+def open_job_store(settings: Settings) -> JobStore:
+    if is_postgresql(settings.store):
+        from gateway.stores.pg_jobs import PgJobStore
+
+        return PgJobStore(str(settings.store))
+    from gateway.stores.jobs import FileJobStore
+
+    return FileJobStore(settings.synth_jobs_dir)

@@ -1,9 +1,11 @@
 """The ledger and the release cache in PostgreSQL, shared by gateway replicas on several hosts (psycopg 3, a
 connection pool per store). The schema also holds the tokens' table, used by gateway/stores/pg_tokens.py, and the
-audit log's tables, used by gateway/stores/pg_audit.py.
+audit log's tables, used by gateway/stores/pg_audit.py, and the synthesis jobs' table, used by
+gateway/stores/pg_jobs.py.
 
 The schema is versioned: `migrate` (run by `bastion store migrate`) applies the missing versions in one transaction
-and records each in `bastion_schema`; a store whose schema is behind (or ahead of) this code refuses to open.
+and records each in `bastion_schema` (by number: every version the store lacks, not only those above its highest);
+a store whose schema is behind (or ahead of) this code refuses to open.
 
 The ledger keeps the SQLite ledger's guarantees (gateway/stores/ledger.py) across hosts:
 
@@ -51,6 +53,8 @@ from policies.schema import Budget
 _OWNER_LOCK = 0x42A50001
 _DATASET_LOCK = 0x42A50002
 _SCHEMA_LOCK = 0x42A50003
+_JOB_ADMIT_LOCK = 0x42A50004  # a principal's synthesis job admissions (gateway/stores/pg_jobs.py)
+_JOB_RUN_LOCK = 0x42A50005  # the lease of the process running a synthesis job
 _OWNER = re.compile(r"[0-9a-f]{32}")
 CONNECT_TIMEOUT = 5  # seconds to reach the server before a request gets 503
 OWNER_CHECK_SECONDS = 1.0  # how often the owner lock's connection is checked
@@ -141,6 +145,23 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             "INSERT INTO audit_head (id, size, last_leaf, frontier, ckpt_size) VALUES (1, 0, repeat('0', 64), '{}', 0)",
         ),
     ),
+    (
+        4,
+        (
+            # Synthetic-proxy job records (gateway/stores/pg_jobs.py): `record` is the job's state as the file
+            # store's job.json holds it; `failure`, when set, is read over it (the file store's `failed` file).
+            """CREATE TABLE synth_jobs (
+                job_id    TEXT PRIMARY KEY,
+                principal TEXT NOT NULL,
+                status    TEXT NOT NULL,
+                created   TEXT NOT NULL,
+                record    TEXT NOT NULL,
+                failure   TEXT
+            )""",
+            "CREATE INDEX synth_jobs_principal ON synth_jobs (principal, status)",
+            "CREATE INDEX synth_jobs_created ON synth_jobs (created)",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -183,13 +204,17 @@ def _connect(conninfo: str) -> psycopg.Connection[Any]:
     return psycopg.connect(conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
 
 
-def schema_version(con: psycopg.Connection[Any]) -> int:
-    """The highest applied schema version (0: none, or not a Bastion store yet)."""
+def applied_versions(con: psycopg.Connection[Any]) -> set[int]:
+    """The schema versions applied to the store (none: not a Bastion store yet)."""
     row = con.execute("SELECT to_regclass('bastion_schema') IS NOT NULL").fetchone()
     if not row or not row[0]:
-        return 0
-    got = con.execute("SELECT COALESCE(MAX(version), 0) FROM bastion_schema").fetchone()
-    return int(got[0]) if got else 0
+        return set()
+    return {int(r[0]) for r in con.execute("SELECT version FROM bastion_schema")}
+
+
+def schema_version(con: psycopg.Connection[Any]) -> int:
+    """The highest applied schema version (0: none, or not a Bastion store yet)."""
+    return max(applied_versions(con), default=0)
 
 
 def migrate(conninfo: str) -> tuple[int, int]:
@@ -202,11 +227,12 @@ def migrate(conninfo: str) -> tuple[int, int]:
                 "CREATE TABLE IF NOT EXISTS bastion_schema (version INTEGER PRIMARY KEY, "
                 "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
             )
-            before = schema_version(con)
+            applied = applied_versions(con)
+            before = max(applied, default=0)
             if before > SCHEMA_VERSION:
                 raise StoreNotMigrated(_ahead(conninfo, before))
             for version, statements in MIGRATIONS:
-                if version <= before:
+                if version in applied:  # by number: a version numbered below one applied earlier is applied too
                     continue
                 for statement in statements:
                     con.execute(statement)  # fixed DDL text of this module
@@ -239,16 +265,22 @@ def _pool(conninfo: str, name: str, max_size: int) -> ConnectionPool[Any]:
     at once, if the server cannot be reached)."""
     try:
         with _connect(conninfo) as con:
-            version = schema_version(con)
+            applied = applied_versions(con)
     except psycopg.Error as exc:
         raise LedgerUnavailable(f"the store {describe(conninfo)} cannot be reached: {exc}") from exc
+    version = max(applied, default=0)
     if version > SCHEMA_VERSION:
         raise StoreNotMigrated(_ahead(conninfo, version))
-    if version < SCHEMA_VERSION:
+    missing = sorted({v for v, _ in MIGRATIONS} - applied)
+    if missing:
+        state = (
+            f"has schema version {version} and this gateway needs {SCHEMA_VERSION}"
+            if version < SCHEMA_VERSION
+            else f"lacks schema version {', '.join(map(str, missing))}"
+        )
         raise StoreNotMigrated(
-            f"the store {describe(conninfo)} has schema version {version} and this gateway needs "
-            f"{SCHEMA_VERSION}: run 'bastion store migrate --store <the same address>' (or with BASTION_STORE set) "
-            "once, then start the gateway again"
+            f"the store {describe(conninfo)} {state}: run 'bastion store migrate --store <the same address>' "
+            "(or with BASTION_STORE set) once, then start the gateway again"
         )
     return ConnectionPool(
         conninfo,

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from audit.log import AuditLog
-from gateway import synth_jobs
 from gateway.service import Bastion
+from gateway.stores import jobs as job_files
 from gateway.synth_jobs import SynthJobs
 from policies.accountant import MAX_DELTA, MAX_EPSILON
 from synth.measure import allocate, epsilon_range, uncalibrated
@@ -139,13 +139,13 @@ def _no_space(*_: Any, **__: Any) -> None:
 
 def test_a_failed_job_stays_failed_when_the_disk_is_full(workspace: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
     runs: list[str] = []
-    write_json = synth_jobs._write_json
+    write_json = job_files.write_json
 
     def fails_on_a_full_disk(self: SynthJobs, job: dict[str, Any]) -> None:
         runs.append(job["job_id"])
         job.update(status="running")
         self._save(job)
-        monkeypatch.setattr(synth_jobs, "_write_json", _no_space)  # from here on, no file can be written anew
+        monkeypatch.setattr(job_files, "write_json", _no_space)  # from here on, no file can be written anew
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(SynthJobs, "_run", fails_on_a_full_disk)
@@ -165,8 +165,8 @@ def test_a_failed_job_stays_failed_when_the_disk_is_full(workspace: Workspace, m
 
     # Not even the reserved file can be written: the failure is kept in memory by the gateway that saw it.
     runs.clear()
-    monkeypatch.setattr(synth_jobs, "_write_json", write_json)
-    monkeypatch.setattr(synth_jobs, "_write_in_place", _no_space)
+    monkeypatch.setattr(job_files, "write_json", write_json)
+    monkeypatch.setattr(job_files, "write_in_place", _no_space)
     with workspace.app() as c:
         other = _post(c, h, 0.3).json()["job_id"]
         assert wait(c, h, other, timeout=30)["status"] == "failed"
