@@ -9,6 +9,7 @@ read here is the log of all three; every read of it goes through `_audit`."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -298,11 +299,14 @@ def test_the_store_stopped_under_three_replicas(tmp_path: Path, pg_cluster: PgCl
     assert _logged_units(records, "alice") == _units(0.5) * len(answered)
 
 
-def _stream(site: Site, i: int, stop: threading.Event, got: list[dict[str, Any]], lock: threading.Lock) -> None:
+def _stream(
+    site: Site, i: int, stop: threading.Event, got: list[dict[str, Any]], lock: threading.Lock, ks: Iterator[int]
+) -> None:
     """Distinct queries to replica `i`, one after another, until `stop` or until the replica is gone."""
     with httpx.Client(headers=site.headers()) as client:
         while not stop.is_set():
-            k = random.randrange(1_000_000)
+            with lock:
+                k = next(ks)
             try:
                 reply = _post(client, site.url(i), _sql(k), 0.01, f"crash-{k}")
             except httpx.ConnectError:
@@ -319,12 +323,13 @@ def test_replicas_killed_mid_request_lose_no_charge(tmp_path: Path, pg_store: st
     it or as an "orphan_charge" by the start-up after the kill; every answer a client received has its "released"
     record; the ledger never shows less spend than the log (on one shared log, exactly as much)."""
     got: list[dict[str, Any]] = []
-    lock = threading.Lock()
+    lock, ks = threading.Lock(), itertools.count(1000)  # every query new: charged, never a cached answer
     with _serving(tmp_path, pg_store) as site:
         for round_ in range(3):
             victim = round_ % 3
             stop = threading.Event()
-            clients = [threading.Thread(target=_stream, args=(site, i, stop, got, lock)) for i in [victim] * 4 + [2]]
+            targets = [victim] * 4 + [(victim + 1) % 3]  # four clients on the victim, one on another replica
+            clients = [threading.Thread(target=_stream, args=(site, i, stop, got, lock, ks)) for i in targets]
             for t in clients:
                 t.start()
             time.sleep(random.uniform(0.8, 1.5))
