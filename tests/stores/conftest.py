@@ -1,6 +1,7 @@
 """A real PostgreSQL server for the store tests: Debian's server binaries, a cluster made by `initdb` in a temporary
 directory owned by a non-root system user (the server refuses to run as root), on a free loopback port, stopped at
-the end of the session. Each test gets a database of its own.
+the end of the session. Each test gets a database of its own; a test that stops and starts the server takes one of
+its own (`pg_cluster`).
 
 Without the binaries (scripts/postgres.sh installs them) the PostgreSQL tests fail when CI is set, and are skipped
 with the reason otherwise."""
