@@ -33,9 +33,9 @@ if TYPE_CHECKING:
 # Only light modules at the top: the client processes of the race import this module.
 BIN = Path(sys.executable).parent / "bastion"
 DEMO_ROWS = 3000
-CAP = 10.0  # the demo policy's per-principal ε on visits
-EPSILON = 2.0  # per query: exactly CAP / EPSILON = 5 queries fit
-FIT = 5
+CAP = 10.0  # the demo policy's per-principal ε on visits (checked below)
+EPSILON = 2.0  # per query
+FIT = round(CAP / EPSILON)  # exactly 5 queries fit, with nothing left over
 QUERIES = 16
 CLIENTS = 8
 
@@ -212,7 +212,10 @@ def test_clients_racing_through_three_replicas_never_overspend(tmp_path: Path, p
     """Eight client processes send sixteen distinct queries at once through three replicas, against a budget that
     fits exactly five: five answers, eleven refusals, the ledger holds exactly the admitted costs, and the log has a
     "released" record for every answer and none for a refusal."""
+    from policies.schema import load_policy
+
     with _serving(tmp_path, pg_store) as site:
+        assert load_policy(site.workspace / "policies" / "visits.yaml").budget.per_principal.epsilon == CAP
         ctx = mp.get_context("spawn")
         go, out = ctx.Barrier(CLIENTS), ctx.Queue()
         jobs = [(site.url(q % 3), _sql(q), f"race-{q}") for q in range(QUERIES)]
@@ -356,23 +359,19 @@ def test_replicas_killed_mid_request_lose_no_charge(tmp_path: Path, pg_store: st
 
 
 def test_a_token_revoked_while_three_replicas_serve(tmp_path: Path, pg_store: str) -> None:
-    """A token revoked with `bastion token revoke --store` is refused (401) by all three replicas within a second."""
+    """A token revoked with `bastion token revoke --store` while three replicas serve it is refused (401) by each of
+    them from the first request after the command returns: its state is read on every request, never cached, so
+    "within a second" is the time of one request."""
     with _serving(tmp_path, pg_store) as site:
         args = ["--store", pg_store, "--workspace", str(site.workspace)]
         token = _bastion("token", "create", "--role", "analyst", "--name", "bob", *args).stdout.strip()
-        bob = {"Authorization": f"Bearer {token}"}
-        with httpx.Client(headers=bob, timeout=30) as client:
+        with httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=30) as client:
             assert [client.get(f"{site.url(i)}/v1/budget").status_code for i in range(3)] == [200] * 3
             _bastion("token", "revoke", "bob", *args)
-            revoked = time.monotonic()
-            refused_after: dict[int, float] = {}
-            while len(refused_after) < 3 and time.monotonic() - revoked < 5:
-                for i in set(range(3)) - set(refused_after):
-                    if client.get(f"{site.url(i)}/v1/budget").status_code == 401:
-                        refused_after[i] = time.monotonic() - revoked
-            reply = client.get(f"{site.url(0)}/v1/budget")
-        assert sorted(refused_after) == [0, 1, 2] and max(refused_after.values()) < 1.0, refused_after
-        assert reply.status_code == 401 and reply.json()["error"]["code"] == "unauthorized"
+            with ThreadPoolExecutor(3) as pool:
+                after = list(pool.map(lambda i: client.get(f"{site.url(i)}/v1/budget"), range(3)))
+        assert [a.status_code for a in after] == [401] * 3
+        assert {a.json()["error"]["code"] for a in after} == {"unauthorized"}
         records = _audit(site)
     assert [r["request"]["name"] for r in records if r["event"] == "token_revoked"] == ["bob"]
     denied = [r for r in records if r.get("reason") == "token_revoked"]
