@@ -38,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -222,8 +222,11 @@ def bastion_command() -> list[str]:
 
 
 @contextlib.contextmanager
-def server(workspace: Path, log_path: Path, workers: int = 1) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """`bastion serve` on 127.0.0.1 and a free port (no access log), until the block ends."""
+def server(
+    workspace: Path, log_path: Path, workers: int = 1, store: str | None = None
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`bastion serve` on 127.0.0.1 and a free port (no access log; on the PostgreSQL `store` if given), until the
+    block ends."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "wb") as log:
@@ -240,6 +243,7 @@ def server(workspace: Path, log_path: Path, workers: int = 1) -> Iterator[tuple[
                 "--workers",
                 str(workers),
                 "--no-access-log",
+                *(["--store", store] if store else []),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -368,12 +372,14 @@ def time_engines(
     return out, floor
 
 
-def throughput(opts: Options, url: str, token: str, fresh: Fresh) -> dict[str, Any]:
-    """Queries per second through HTTP with `clients` concurrent clients, bounded in count and time."""
+def throughput(opts: Options, url: str | Sequence[str], token: str, fresh: Fresh) -> dict[str, Any]:
+    """Queries per second through HTTP with `clients` concurrent clients, bounded in count and time. With several
+    URLs (replicas of one gateway) client i sends to replica i mod their number."""
     w = next(w for w in WORKLOADS if w.name == "count")
-    results: dict[str, Any] = {"workload": w.name, "sql": w.sql(), "clients": opts.clients}
+    urls = [url] if isinstance(url, str) else list(url)
+    results: dict[str, Any] = {"workload": w.name, "sql": w.sql(), "clients": opts.clients, "gateways": len(urls)}
     cached_eps = 0.5
-    with Client(url, token) as c:
+    with Client(urls[0], token) as c:
         c.query_raw(w.sql(), epsilon=cached_eps)  # computed once; every later identical request is cached
 
     for mode in ("cached", "uncached"):
@@ -384,7 +390,7 @@ def throughput(opts: Options, url: str, token: str, fresh: Fresh) -> dict[str, A
         ready = threading.Barrier(opts.clients + 1, timeout=120)
 
         def worker(i: int) -> None:
-            with Client(url, token) as c:
+            with Client(urls[i % len(urls)], token) as c:
                 c.datasets()  # open the connection before the clock starts
                 ready.wait()  # noqa: B023
                 while not halt.is_set() and budget.acquire(blocking=False):  # noqa: B023

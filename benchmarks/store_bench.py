@@ -28,7 +28,7 @@ from policies.schema import Budget
 BUDGET = Budget(epsilon=1e6, delta=1e-3)
 
 
-def _open(address: str) -> LedgerStore:
+def open_ledger(address: str) -> LedgerStore:
     if address.startswith("postgresql://"):
         from gateway.stores.pg import PgLedger
 
@@ -37,7 +37,7 @@ def _open(address: str) -> LedgerStore:
 
 
 def _charges(address: str, dataset: str, principal: str, n: int, go: Any, out: Any) -> None:
-    ledger = _open(address)
+    ledger = open_ledger(address)
     ledger.owner()
     if go is not None:
         go.wait(120)

@@ -59,6 +59,10 @@ _OWNER = re.compile(r"[0-9a-f]{32}")
 CONNECT_TIMEOUT = 5  # seconds to reach the server before a request gets 503
 OWNER_CHECK_SECONDS = 1.0  # how often the owner lock's connection is checked
 POOL_TIMEOUT = 5.0  # seconds a request waits for a pooled connection (then 503)
+# A pool that lost its server retries with an exponential backoff (psycopg_pool: 1 s, 2 s, 4 s, ...), which after a
+# long outage would keep the gateway answering 503 for about as long again once the server is back. Each round of
+# retries ends after this many seconds instead; the next request then starts a new one at once.
+RECONNECT_SECONDS = 5.0
 
 # Versioned schema: each version is applied once, in order, and recorded in bastion_schema.
 MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
@@ -288,6 +292,7 @@ def _pool(conninfo: str, name: str, max_size: int) -> ConnectionPool[Any]:
         max_size=max_size,
         kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT},
         timeout=POOL_TIMEOUT,
+        reconnect_timeout=RECONNECT_SECONDS,
         check=ConnectionPool.check_connection,
         name=name,
         open=True,

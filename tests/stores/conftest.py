@@ -1,12 +1,14 @@
 """A real PostgreSQL server for the store tests: Debian's server binaries, a cluster made by `initdb` in a temporary
 directory owned by a non-root system user (the server refuses to run as root), on a free loopback port, stopped at
-the end of the session. Each test gets a database of its own.
+the end of the session. Each test gets a database of its own; a test that stops and starts the server takes one of
+its own (`pg_cluster`).
 
 Without the binaries (scripts/postgres.sh installs them) the PostgreSQL tests fail when CI is set, and are skipped
 with the reason otherwise."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -77,40 +79,79 @@ def _server_user() -> dict[str, Any]:
     return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PgServer]:
+class PgCluster:
+    """A PostgreSQL cluster of the tests' own: made by `initdb` in a temporary directory (owned by the non-root
+    system user when the tests run as root), on a free loopback port; `stop` and `start` take it down and bring it
+    back on the same port with its data."""
+
+    def __init__(self, bindir: Path) -> None:
+        self.run_as = _server_user()
+        self.root = Path(tempfile.mkdtemp(prefix="bastion-pg-"))  # not under pytest's tmp dirs: only root enters
+        if self.run_as:
+            os.chown(self.root, self.run_as["user"], self.run_as["group"])
+        self.data, self.logfile = self.root / "data", self.root / "server.log"
+        initdb = [str(bindir / "initdb"), "-D", str(self.data), "-U", DB_USER, "--auth=trust", "-E", "UTF8"]
+        subprocess.run([*initdb, "--no-sync"], check=True, capture_output=True, cwd=self.root, **self.run_as)
+        self.server = PgServer("127.0.0.1", free_port())
+        self._pg_ctl = [str(bindir / "pg_ctl"), "-D", str(self.data)]
+
+    def start(self) -> None:
+        options = (
+            f"-p {self.server.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300"
+        )
+        started = subprocess.run(
+            [*self._pg_ctl, "-l", str(self.logfile), "-w", "-t", "60", "-o", options, "start"],
+            capture_output=True,
+            text=True,
+            cwd=self.root,
+            **self.run_as,
+        )
+        if started.returncode != 0:
+            log = self.logfile.read_text() if self.logfile.exists() else ""
+            raise RuntimeError(f"the PostgreSQL test server did not start: {started.stderr}\n{log}")
+
+    def stop(self) -> None:
+        """Stop at once (`-m immediate`: every connection ends, as when the server or its host goes away)."""
+        subprocess.run(
+            [*self._pg_ctl, "-m", "immediate", "-w", "stop"], capture_output=True, cwd=self.root, **self.run_as
+        )
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _cluster() -> Iterator[PgCluster]:
     bindir = server_bindir()
     if bindir is None:
         reason = "PostgreSQL's server binaries (initdb, pg_ctl) are missing: run scripts/postgres.sh"
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
-    run_as = _server_user()
-    root = Path(tempfile.mkdtemp(prefix="bastion-pg-"))  # not under pytest's tmp dirs, which only root may enter
-    if run_as:
-        os.chown(root, run_as["user"], run_as["group"])
-    data, logfile = root / "data", root / "server.log"
-    initdb = [str(bindir / "initdb"), "-D", str(data), "-U", DB_USER, "--auth=trust", "-E", "UTF8", "--no-sync"]
-    subprocess.run(initdb, check=True, capture_output=True, cwd=root, **run_as)
-    port = free_port()
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300"
-    pg_ctl = [str(bindir / "pg_ctl"), "-D", str(data)]
-    started = subprocess.run(
-        [*pg_ctl, "-l", str(logfile), "-w", "-t", "60", "-o", options, "start"],
-        capture_output=True,
-        text=True,
-        cwd=root,
-        **run_as,
-    )
-    if started.returncode != 0:
-        log = logfile.read_text() if logfile.exists() else ""
-        shutil.rmtree(root, ignore_errors=True)
-        pytest.fail(f"the PostgreSQL test server did not start: {started.stderr}\n{log}")
+    cluster = PgCluster(bindir)
     try:
-        yield PgServer("127.0.0.1", port)
+        try:
+            cluster.start()
+        except RuntimeError as exc:
+            pytest.fail(str(exc))
+        yield cluster
     finally:
-        subprocess.run([*pg_ctl, "-m", "immediate", "-w", "stop"], capture_output=True, cwd=root, **run_as)
-        shutil.rmtree(root, ignore_errors=True)
+        cluster.remove()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """The tests' PostgreSQL server, shared by the session (each test makes its databases on it)."""
+    with _cluster() as cluster:
+        yield cluster.server
+
+
+@pytest.fixture
+def pg_cluster() -> Iterator[PgCluster]:
+    """A PostgreSQL server of this test's own, which the test may stop and start again."""
+    with _cluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from policies.accountant import PrivacyLoss
 from policies.errors import LedgerUnavailable
 from policies.schema import Budget
 from tests.conftest import BIN, AppClient, Workspace, free_port
-from tests.stores.conftest import PgServer, pg_records
+from tests.stores.conftest import PgCluster, PgServer, pg_records
 
 SQL = "SELECT COUNT(*) AS n FROM visits WHERE age >= 30"
 
@@ -300,5 +300,31 @@ def test_a_charge_whose_connection_is_lost_is_tried_once_more_and_charged_once(
         with pytest.raises(LedgerUnavailable):
             ledger.charge(**charge, request_id="unreachable")
         assert len(calls) == 1  # a server that cannot be reached is not waited for twice
+    finally:
+        ledger.close()
+
+
+def test_the_first_request_after_a_long_outage_reaches_the_server_again(pg_cluster: PgCluster) -> None:
+    """After 16 s without a server (each request a 503 after POOL_TIMEOUT) the first request once it is back gets a
+    connection: the pool's retries end after RECONNECT_SECONDS and each request starts new ones, where psycopg_pool's
+    own backoff (1, 2, 4, 8, 16 s apart) would have its next try 15 s after the restart."""
+    import time
+
+    from gateway.stores.pg import POOL_TIMEOUT, migrate
+
+    store = pg_cluster.server.url(pg_cluster.server.create_database())
+    migrate(store)
+    ledger = PgLedger(store)
+    try:
+        assert ledger.spent("alice", "visits").epsilon == 0
+        pg_cluster.stop()
+        down = time.monotonic()
+        while time.monotonic() - down < 16:
+            with pytest.raises(LedgerUnavailable):
+                ledger.spent("alice", "visits")
+        pg_cluster.start()
+        back = time.monotonic()
+        assert ledger.spent("alice", "visits").epsilon == 0
+        assert time.monotonic() - back < POOL_TIMEOUT
     finally:
         ledger.close()
