@@ -47,7 +47,8 @@ def fixed_point_unit(max_abs: float, *, integral: bool) -> float:
     1 for an integer expression, whose sums are then exact."""
     if max_abs <= 0:
         return 1.0
-    unit = math.ldexp(1.0, math.frexp(max_abs / 2**31)[1])  # frexp: max_abs / 2**31 = m * 2**e, 0.5 <= m < 1
+    mantissa, exponent = math.frexp(max_abs / 2**31)  # max_abs / 2**31 = m * 2**e, 0.5 <= m < 1
+    unit = math.ldexp(1.0, exponent - 1 if mantissa == 0.5 else exponent)
     return max(unit, 1.0) if integral else unit
 
 

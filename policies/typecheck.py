@@ -906,7 +906,13 @@ class Checker:
             )
             typed = int_range(0, 1) if src.type is SqlType.BOOL else typed
         elif target is SqlType.FLOAT:
-            typed = Typed(SqlType.FLOAT, src.lo, src.hi) if src.type.numeric else FLOAT
+            typed = (
+                Typed(SqlType.FLOAT, src.lo, src.hi)
+                if src.type.numeric
+                else float_range(0, 1)
+                if src.type is SqlType.BOOL
+                else FLOAT
+            )
         elif target is SqlType.TEXT:
             typed = text(src.length if src.type is SqlType.TEXT else _TEXT_OF.get(src.type, 32))
         elif target is SqlType.DATE:
@@ -1223,9 +1229,13 @@ class Checker:
         typed = FLOAT
         if t.lo is not None and t.hi is not None and math.isfinite(t.lo) and math.isfinite(t.hi):
             # Rounding to multiples of s (1, or 10**-digits for negative digits) lands between the multiples of s
-            # at or below the least value and at or above the greatest (finer digits stay within whole numbers).
+            # at or below the least value and at or above the greatest (finer digits stay within whole numbers);
+            # FLOOR and CEIL to whole multiples go one way only.
             step = 10.0**-digits if digits is not None and digits < 0 else 1.0
-            typed = float_range(math.floor(t.lo / step) * step, math.ceil(t.hi / step) * step)
+            whole = digits is None or digits <= 0
+            down = math.ceil if whole and isinstance(n, exp.Ceil) else math.floor
+            up = math.floor if whole and isinstance(n, exp.Floor) else math.ceil
+            typed = float_range(down(t.lo / step) * step, up(t.hi / step) * step)
         return Checked(typed, tree)
 
     def _offset(self, node: exp.Expr | None, what: str, *, least: int | None = None) -> Checked:

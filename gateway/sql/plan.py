@@ -401,6 +401,14 @@ class _Planner:
             )
         if isinstance(culprit, exp.Div):
             reason = "its divisor's range includes 0 (values near 0 make the quotient unbounded)"
+        elif isinstance(culprit, exp.Ln | exp.Log):
+            reason = "its argument's range reaches 0 or below"
+        elif isinstance(culprit, exp.Sqrt):
+            reason = "its argument's range reaches below 0"
+        elif isinstance(culprit, exp.Exp):
+            reason = "its argument's range reaches above 700"
+        elif isinstance(culprit, exp.Pow):
+            reason = "only POWER(x, p) of a literal integer 0 <= p <= 8 is bounded"
         else:
             reason = "the policy's bounds give it no range"
         return reject(
