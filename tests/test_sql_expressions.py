@@ -18,6 +18,7 @@ from gateway.sql.plan import Kind, Measurement, Plan, plan_query
 from gateway.sql.price import measurement_unit, price
 from gateway.sql.release import execute
 from policies import sensitivity as sens
+from policies.accountant import Accounting
 from policies.errors import QueryRejected
 from policies.schema import Policy, parse_policy
 from policies.sqltypes import SqlType
@@ -314,3 +315,22 @@ def test_answers_label_the_expression(shop: DuckDBEngine) -> None:
     labels = {entry["measurement"]: entry["sensitivity"] for entry in release.measurements}
     assert labels == {"sum(age + 1)": K * 111, "count(CASE WHEN kind = 'a' THEN 1 END)": K}
     assert Measurement(Kind.SUM, expression="age + 1") in pricing.d_in
+
+
+def test_zcdp_release_of_an_expression_sum(shop: DuckDBEngine) -> None:
+    """Under zCDP the sum of an expression gets the discrete Gaussian at its L2 sensitivity (= L1, as for a column);
+    over repeated releases its 95% intervals cover the exact sum."""
+    expression = "amount * 2 - 1"
+    plan = _plan(f"SELECT SUM({expression}) FROM shop")
+    pricing = price(plan, epsilon=1.0, accuracy=None, alpha=0.05, delta=None, accounting=Accounting.ZCDP)
+    (m,) = plan.measurements
+    assert pricing.gaussian(m) and pricing.l2[m] == K * 201 * 2**23
+    truth = _truth(shop, f"SUM({expression})")[1]
+    covered = 0
+    for _ in range(200):
+        release = execute(plan, pricing, shop)
+        ((value,),), ((interval,),) = release.rows, release.intervals
+        assert interval is not None and interval[0] <= value <= interval[1]
+        covered += interval[0] <= truth <= interval[1]
+    # binomial(200, 0.95) is below 0.9 with probability < 1e-3
+    assert covered / 200 >= 0.9, covered

@@ -448,6 +448,8 @@ class _Planner:
                 hint="use a quantile instead, e.g. QUANTILE_CONT(col, 0.01) or QUANTILE_CONT(col, 0.99)",
             )
         arg = node.this
+        while isinstance(arg, exp.Paren):  # COUNT((age)) is COUNT(age)
+            arg = arg.this
         if name == "Count":
             if isinstance(arg, exp.Star):
                 kind, col = Kind.COUNT_STAR, ""
