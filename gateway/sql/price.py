@@ -1,8 +1,9 @@
 """Price stage: what a plan costs and how noisy each of its measurements is, decided before any private data is
 read. The plan's primitive measurements are COUNT(*), COUNT(col), COUNT(DISTINCT unit), SUM(col), SUM(col²) (of a
 column, or of a row expression within its propagated range) and one selection per quantile, plus private key
-selection when some GROUP BY key has no public domain (which also costs δ). Under pure accounting, when the query has COUNT(*) the selection's own noisy counts are the COUNT(*)
-release: one measurement instead of a selection share and a count.
+selection when some GROUP BY key has no public domain (which also costs δ). Under pure accounting, when the query
+has COUNT(*) the selection's own noisy counts are the COUNT(*) release: one measurement instead of a selection share
+and a count.
 
 Under pure accounting each measurement gets an ε (discrete Laplace; report-noisy-max for quantiles); under zCDP
 accounting (policies.accountant) a ρ (discrete Gaussian at the measurement's L2 sensitivity; quantiles stay
