@@ -334,3 +334,13 @@ def test_zcdp_release_of_an_expression_sum(shop: DuckDBEngine) -> None:
         covered += interval[0] <= truth <= interval[1]
     # binomial(200, 0.95) is below 0.9 with probability < 1e-3
     assert covered / 200 >= 0.9, covered
+
+
+def test_accuracy_target_of_an_expression_sum() -> None:
+    """An accuracy target (95% half-width in the expression's own unit) prices an expression's SUM like a column's:
+    the ε bought gives a half-width within the target and not far below it."""
+    plan = _plan("SELECT SUM(amount * 2 - 1) AS s FROM shop")
+    pricing = price(plan, epsilon=None, accuracy=5_000.0, alpha=0.05, delta=None)
+    (m,) = plan.measurements
+    half = pricing.half_width(m, 0.05) * measurement_unit(plan, m)
+    assert 0.9 * 5_000 <= half <= 5_000
