@@ -48,6 +48,15 @@ WORKLOADS: list[Workload] = [
         "SELECT region, channel, SUM(amount) AS total FROM {t} GROUP BY region, channel",
     ),
     Workload(
+        "sum_expression",
+        "SUM, AVG of row expressions",
+        "SELECT region, SUM(CASE WHEN age >= 40 THEN amount ELSE 0 END) AS total{v}, AVG(amount / 100) AS avg_h "
+        "FROM {t} GROUP BY region",
+        None,
+        unsupported="SmartNoise SQL refuses aggregates of expressions (\"We don't support aggregation over "
+        'expressions")',
+    ),
+    Workload(
         "quantile",
         "quantile (p90)",
         "SELECT QUANTILE_CONT(amount, 0.9) AS p90{v} FROM {t}",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import itertools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -326,6 +326,8 @@ class RowExpression:
     typed: Typed
     tree: exp.Expr
     columns: frozenset[str]
+    # Every node of the analyst's expression with its type and public range (which sub-expression is unbounded).
+    ranges: tuple[tuple[exp.Expr, Typed], ...] = field(default=(), compare=False, repr=False)
 
     @property
     def sql(self) -> str:
@@ -411,4 +413,4 @@ def check_row_expression(
             sql,
             hint="add it to a date: visit_day + INTERVAL 7 DAY",
         )
-    return RowExpression(got.typed, got.tree, frozenset(columns))
+    return RowExpression(got.typed, got.tree, frozenset(columns), tuple(checker.ranges()))

@@ -41,6 +41,23 @@ def sum_of_squares_sensitivity(k: int, column: Column) -> int:
     return k * math.ceil(column.max_abs**2 / column.fx2_unit - 1e-9)
 
 
+def fixed_point_unit(max_abs: float, *, integral: bool) -> float:
+    """Fixed-point unit of sums of a row expression whose values lie within ±max_abs: the least power of two with
+    max_abs / unit <= 2**31 (one row fits in 31 bits, and dividing by a power of two is exact in DOUBLE); at least
+    1 for an integer expression, whose sums are then exact."""
+    if max_abs <= 0:
+        return 1.0
+    mantissa, exponent = math.frexp(max_abs / 2**31)  # max_abs / 2**31 = m * 2**e, 0.5 <= m < 1
+    unit = math.ldexp(1.0, exponent - 1 if mantissa == 0.5 else exponent)
+    return max(unit, 1.0) if integral else unit
+
+
+def fixed_point_sensitivity(k: int, max_abs: float, unit: float) -> int:
+    """SUM of a row expression in fixed-point units: at most k rows, each at most max_abs / unit in absolute value
+    (the compiled value is clamped to the expression's range before it is rounded); never below one unit."""
+    return k * max(1, math.ceil(max_abs / unit - 1e-9))
+
+
 def quantile_sensitivity(k: int, q: float) -> int:
     """L∞ change of the quantile score vector when k rows change (score weights per row from quantile_scores)."""
     _, per_row = quantile_scores(np.zeros(1), np.zeros(1), q)

@@ -1,6 +1,6 @@
 """The types of Bastion's row and output expressions, with the public facts each value carries.
 
-A value's type comes with what the policy says about its range: an integer or date expression carries the
+A value's type comes with what the policy says about its range: a numeric or date expression carries the
 interval its values lie in (from the policy's bounds, propagated through arithmetic), a text expression the most
 characters it can have (from the policy's `max_length`). These public facts are what lets the compiler prove that
 no row value can make an operation fail (integer overflow, an out-of-range date or substring) and that the work
@@ -10,6 +10,7 @@ per row is bounded by the query text, never by the data.
 from __future__ import annotations
 
 import datetime as dt
+import math
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -44,8 +45,8 @@ class SqlType(StrEnum):
 
 @dataclass(frozen=True)
 class Typed:
-    """A value's type and its public range: [lo, hi] for integers (None: unknown), day ordinals for dates,
-    `length` (characters) for text."""
+    """A value's type and its public range: [lo, hi] for integers and numbers (None: unknown), day ordinals for
+    dates, `length` (characters) for text."""
 
     type: SqlType
     lo: float | None = None
@@ -73,6 +74,13 @@ def int_range(lo: float | None, hi: float | None) -> Typed:
     if lo is None or hi is None or max(abs(lo), abs(hi)) > SAFE_INT:
         return Typed(SqlType.INT)
     return Typed(SqlType.INT, float(lo), float(hi))
+
+
+def float_range(lo: float | None, hi: float | None) -> Typed:
+    """A number in [lo, hi]; unknown when either end is unknown or not finite."""
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return FLOAT
+    return Typed(SqlType.FLOAT, float(lo), float(hi))
 
 
 def text(length: int) -> Typed:
@@ -115,6 +123,8 @@ def unify(a: Typed, b: Typed) -> Typed | None:
             if a.bounded and b.bounded:
                 return int_range(min(a.lo, b.lo), max(a.hi, b.hi))  # type: ignore[type-var]
             return Typed(SqlType.INT)
+        if a.bounded and b.bounded:  # a number next to a number: the hull of both ranges
+            return float_range(min(a.lo, b.lo), max(a.hi, b.hi))  # type: ignore[type-var]
         return FLOAT
     if a.type is not b.type:
         return None

@@ -35,6 +35,7 @@ from policies.sqltypes import (
     SAFE_INT,
     SqlType,
     Typed,
+    float_range,
     int_range,
     text,
     unify,
@@ -321,6 +322,96 @@ def _corners(a: Typed, b: Typed, op: Callable[[float, float], float]) -> Typed:
     return int_range(min(values), max(values))
 
 
+def _float_corners(a: Typed, b: Typed, op: Callable[[float, float], float]) -> Typed:
+    """The range of `a op b` in DOUBLE, for an operation monotone in each operand (+, -, *, and / by a divisor of
+    one sign): its extremes are at the corners. Correctly rounded floating-point operations are monotone too, so
+    the engine's results lie within the corners it computes."""
+    if not (a.bounded and b.bounded):
+        return FLOAT
+    values = [op(float(x), float(y)) for x in (a.lo, a.hi) for y in (b.lo, b.hi)]  # type: ignore[arg-type]
+    return float_range(min(values), max(values))
+
+
+def _quotient(a: Typed, b: Typed) -> Typed:
+    """The range of a / b with b = 0 giving NULL (NULLIF): bounded when the divisor's range excludes 0, or, for an
+    integer divisor, from its pieces below -1 and above 1."""
+    if not (a.bounded and b.bounded):
+        return FLOAT
+    lo, hi = float(b.lo), float(b.hi)  # type: ignore[arg-type]
+    if lo > 0 or hi < 0:
+        pieces = [(lo, hi)]
+    elif b.type is SqlType.INT:
+        pieces = [p for p in ((lo, -1.0), (1.0, hi)) if p[0] <= p[1]]
+    else:
+        return FLOAT
+    if not pieces:  # always 0: always NULL
+        return FLOAT
+    ranges = [_float_corners(a, Typed(SqlType.FLOAT, p, q), lambda x, y: x / y) for p, q in pieces]
+    if not all(r.bounded for r in ranges):
+        return FLOAT
+    return float_range(min(r.lo for r in ranges), max(r.hi for r in ranges))  # type: ignore[type-var]
+
+
+def _literal_number(node: exp.Expr | None) -> float | None:
+    """The value of a finite number literal (possibly negated), or None."""
+    if isinstance(node, exp.Neg):
+        inner = _literal_number(node.this)
+        return None if inner is None else -inner
+    if isinstance(node, exp.Paren):
+        return _literal_number(node.this)
+    if isinstance(node, exp.Literal) and not node.is_string:
+        try:
+            value = float(str(node.this))
+        except (ValueError, OverflowError):
+            return None
+        return value if math.isfinite(value) else None
+    return None
+
+
+def _magnitude(t: Typed) -> Typed:
+    """The range of ABS(x) for x in t's range."""
+    lo, hi = float(t.lo), float(t.hi)  # type: ignore[arg-type]
+    least = lo if lo >= 0 else -hi if hi <= 0 else 0.0
+    return float_range(least, max(abs(lo), abs(hi)))
+
+
+def _power(base: Typed, exponent: int | None) -> Typed:
+    """The range of POWER(x, p) for a literal integer exponent 0 <= p <= 8 (through |x| for an even one); unknown
+    otherwise."""
+    if exponent is None or not 0 <= exponent <= 8 or not base.bounded or base.type not in (SqlType.INT, SqlType.FLOAT):
+        return FLOAT
+    lo, hi = float(base.lo), float(base.hi)  # type: ignore[arg-type]
+    if exponent % 2 == 0:
+        magnitude = _magnitude(base)
+        lo, hi = magnitude.lo, magnitude.hi  # type: ignore[assignment]
+    try:
+        return float_range(lo**exponent, hi**exponent)
+    except OverflowError:
+        return FLOAT
+
+
+def _increasing(n: exp.Expr, t: Typed) -> Typed:
+    """The range of SQRT, CBRT, LN or EXP of x: increasing functions, bounded where x's range is inside their domain
+    (and EXP's result finite)."""
+    if not t.bounded or t.type not in (SqlType.INT, SqlType.FLOAT):
+        return FLOAT
+    lo, hi = float(t.lo), float(t.hi)  # type: ignore[arg-type]
+    if isinstance(n, exp.Sqrt) and lo >= 0:  # correctly rounded in IEEE arithmetic, like + - * /
+        return float_range(math.sqrt(lo), math.sqrt(hi))
+    # The engines' cube roots, logarithms and exponentials may differ from Python's in the last bits: widened.
+    if isinstance(n, exp.Cbrt):
+        return _widened(math.copysign(abs(lo) ** (1 / 3), lo), math.copysign(abs(hi) ** (1 / 3), hi))
+    if isinstance(n, exp.Ln) and lo > 0:
+        return _widened(math.log(lo), math.log(hi))
+    if isinstance(n, exp.Exp) and hi <= 700:
+        return _widened(math.exp(lo), math.exp(hi))
+    return FLOAT
+
+
+def _widened(lo: float, hi: float) -> Typed:
+    return float_range(lo - abs(lo) * 1e-12, hi + abs(hi) * 1e-12)
+
+
 class Checker:
     """Type-checks and compiles one expression. `resolve` types a column reference and gives its compiled form;
     `check_pattern` says why a regular expression is invalid in the engine's syntax (None if valid)."""
@@ -338,6 +429,7 @@ class Checker:
         self.check_pattern = check_pattern
         self.functions = functions
         self.work = 0
+        self.types: dict[int, tuple[exp.Expr, Typed]] = {}
 
     # --- entry points -------------------------------------------------------------------------------------
 
@@ -469,7 +561,16 @@ class Checker:
 
     # --- the checker --------------------------------------------------------------------------------------
 
-    def _check(self, n: exp.Expr) -> Checked:  # noqa: C901 - one dispatch over node kinds
+    def _check(self, n: exp.Expr) -> Checked:
+        got = self._check_node(n)
+        self.types[id(n)] = (n, got.typed)
+        return got
+
+    def ranges(self) -> list[tuple[exp.Expr, Typed]]:
+        """Every node of the expressions checked so far with its type and public range."""
+        return list(self.types.values())
+
+    def _check_node(self, n: exp.Expr) -> Checked:  # noqa: C901 - one dispatch over node kinds
         if isinstance(n, exp.Column):
             if not isinstance(n.this, exp.Identifier):
                 raise reject("* is not allowed here", "raw_rows", n, self.sql)
@@ -491,6 +592,8 @@ class Checker:
                 if t.bounded:
                     return Checked(int_range(-t.hi, -t.lo), exp.Neg(this=inner.tree))  # type: ignore[operator]
                 return Checked(FLOAT, exp.Neg(this=_as_double(inner.tree)))
+            if t.type is SqlType.FLOAT and t.bounded:
+                return Checked(float_range(-t.hi, -t.lo), exp.Neg(this=inner.tree))  # type: ignore[operator]
             return Checked(t if t.type is SqlType.NULL else FLOAT, exp.Neg(this=inner.tree))
         if isinstance(n, exp.Add | exp.Sub):
             return self._add_sub(n)
@@ -501,13 +604,16 @@ class Checker:
             b = self._need(n.expression, SqlType.INT, SqlType.FLOAT, what="the divisor")
             # Real division; a zero divisor gives NULL on every engine (DuckDB would give ±inf or NaN, Spark NULL).
             divisor = exp.Nullif(this=_as_double(b.tree), expression=_as_double(exp.Literal.number(0)))
-            return Checked(FLOAT, exp.Div(this=_as_double(a.tree), expression=divisor))
+            return Checked(_quotient(a.typed, b.typed), exp.Div(this=_as_double(a.tree), expression=divisor))
         if isinstance(n, exp.IntDiv | exp.Mod):
             return self._int_div(n)
         if isinstance(n, exp.Pow):
             a = self._need(n.this, SqlType.INT, SqlType.FLOAT, what="the base")
             b = self._need(n.expression, SqlType.INT, SqlType.FLOAT, what="the exponent")
-            return Checked(FLOAT, exp.Pow(this=_as_double(a.tree), expression=_as_double(b.tree)))
+            return Checked(
+                _power(a.typed, _literal_int(n.expression)),
+                exp.Pow(this=_as_double(a.tree), expression=_as_double(b.tree)),
+            )
         if isinstance(n, exp.BitwiseAnd | exp.BitwiseOr | exp.BitwiseXor):
             a = self._need(n.this, SqlType.INT, what="an operand of a bitwise operator")
             b = self._need(n.expression, SqlType.INT, what="an operand of a bitwise operator")
@@ -573,14 +679,15 @@ class Checker:
         if isinstance(n, exp.Greatest | exp.Least):
             items = [self._check(a) for a in [n.this, *n.expressions]]
             typed = self._unify_all(items, n)
-            literals = [v for v in (_literal_int(a) for a in [n.this, *n.expressions]) if v is not None]
-            if typed.type is SqlType.INT and typed.bounded and literals:
+            literals = [v for v in (_literal_number(a) for a in [n.this, *n.expressions]) if v is not None]
+            if typed.type.numeric and typed.bounded and literals:
                 # Both engines skip NULL arguments, so the result is one of the arguments' values; a literal is never
                 # NULL, so GREATEST is at least (LEAST at most) every literal among them.
+                make = int_range if typed.type is SqlType.INT else float_range
                 if isinstance(n, exp.Greatest):
-                    typed = int_range(max(typed.lo, max(literals)), typed.hi)  # type: ignore[type-var]
+                    typed = make(max(typed.lo, max(literals)), typed.hi)  # type: ignore[type-var]
                 else:
-                    typed = int_range(typed.lo, min(typed.hi, min(literals)))  # type: ignore[type-var]
+                    typed = make(typed.lo, min(typed.hi, min(literals)))  # type: ignore[type-var]
             # NULL arguments are skipped (DuckDB's and Spark's own GREATEST/LEAST): said in the tree, else sqlglot
             # writes DuckDB's as NULL when any argument is.
             tree = n.__class__(this=items[0].tree, expressions=[i.tree for i in items[1:]], ignore_nulls=True)
@@ -642,7 +749,8 @@ class Checker:
             if result.bounded:
                 return Checked(result, n.__class__(this=a.tree, expression=b.tree))
         # Beyond the public integer range (or with a real operand): compute in DOUBLE, which cannot raise.
-        return Checked(FLOAT, n.__class__(this=_as_double(a.tree), expression=_as_double(b.tree)))
+        typed = _float_corners(a.typed, b.typed, op) if SqlType.NULL not in (a.typed.type, b.typed.type) else FLOAT
+        return Checked(typed, n.__class__(this=_as_double(a.tree), expression=_as_double(b.tree)))
 
     def _int_div(self, n: exp.IntDiv | exp.Mod) -> Checked:
         a = self._need(n.this, SqlType.INT, SqlType.FLOAT, what="the dividend")
@@ -798,7 +906,13 @@ class Checker:
             )
             typed = int_range(0, 1) if src.type is SqlType.BOOL else typed
         elif target is SqlType.FLOAT:
-            typed = Typed(SqlType.FLOAT, src.lo, src.hi) if src.type.numeric else FLOAT
+            typed = (
+                Typed(SqlType.FLOAT, src.lo, src.hi)
+                if src.type.numeric
+                else float_range(0, 1)
+                if src.type is SqlType.BOOL
+                else FLOAT
+            )
         elif target is SqlType.TEXT:
             typed = text(src.length if src.type is SqlType.TEXT else _TEXT_OF.get(src.type, 32))
         elif target is SqlType.DATE:
@@ -837,6 +951,8 @@ class Checker:
             )
             if t.type is SqlType.INT and not t.bounded:
                 return Checked(FLOAT, exp.Abs(this=_as_double(inner.tree)))
+            if t.type is SqlType.FLOAT:
+                typed = _magnitude(t) if t.bounded else FLOAT
             return Checked(typed, exp.Abs(this=inner.tree))
         if isinstance(n, exp.Sign):
             inner = self._need(n.this, SqlType.INT, SqlType.FLOAT)
@@ -846,7 +962,9 @@ class Checker:
         if isinstance(n, _UNARY_FLOAT):
             inner = self._need(n.this, SqlType.INT, SqlType.FLOAT)
             value = _as_double(inner.tree)
-            return Checked(FLOAT, n.__class__(this=_positive(value) if isinstance(n, exp.Ln) else value))
+            return Checked(
+                _increasing(n, inner.typed), n.__class__(this=_positive(value) if isinstance(n, exp.Ln) else value)
+            )
         if isinstance(n, exp.Log):
             args = [self._need(a, SqlType.INT, SqlType.FLOAT) for a in (n.this, n.expression) if a is not None]
             trees = [_positive(_as_double(a.tree)) for a in args]
@@ -1110,7 +1228,14 @@ class Checker:
             return Checked(int_range(-reach, reach) if digits is None or digits < 0 else t, tree)
         typed = FLOAT
         if t.lo is not None and t.hi is not None and math.isfinite(t.lo) and math.isfinite(t.hi):
-            typed = Typed(SqlType.FLOAT, math.floor(t.lo) - 1, math.ceil(t.hi) + 1)
+            # Rounding to multiples of s (1, or 10**-digits for negative digits) lands between the multiples of s
+            # at or below the least value and at or above the greatest (finer digits stay within whole numbers);
+            # FLOOR and CEIL to whole multiples go one way only.
+            step = 10.0**-digits if digits is not None and digits < 0 else 1.0
+            whole = digits is None or digits <= 0
+            down = math.ceil if whole and isinstance(n, exp.Ceil) else math.floor
+            up = math.floor if whole and isinstance(n, exp.Floor) else math.ceil
+            typed = float_range(down(t.lo / step) * step, up(t.hi / step) * step)
         return Checked(typed, tree)
 
     def _offset(self, node: exp.Expr | None, what: str, *, least: int | None = None) -> Checked:

@@ -43,6 +43,10 @@ QUERIES = [
     "SELECT region, COUNT(*) AS n FROM visits GROUP BY region HAVING COUNT(*) > 100 ORDER BY n DESC LIMIT 3",
     "SELECT COUNT(*) FROM visits WHERE diagnosis LIKE 'J%' AND (age > 30 OR sex = 'F')",
     "SELECT region, SUM(income) / COUNT(*) AS per_visit FROM visits GROUP BY region",
+    "SELECT sex, SUM(CASE WHEN age >= 65 THEN income ELSE 0 END) AS senior_income, AVG(income / 1000) FROM visits "
+    "GROUP BY sex",
+    "SELECT region, COUNT(CASE WHEN age < 18 THEN 1 END) AS children FROM visits WHERE sex = 'F' GROUP BY region",
+    "SELECT diagnosis, SUM(age + 1), STDDEV(age + 1) FROM visits GROUP BY diagnosis",
 ]
 
 

@@ -7,6 +7,10 @@ What the trees guarantee, whatever the engine:
   work does not depend on how many rows match;
 - sums are of fixed-point integers cast to DECIMAL(38, 0) first, so no engine can overflow or round them (DuckDB
   would widen a BIGINT sum, Spark would not);
+- an aggregate's row expression (SUM(age + 1)) is computed once per row, in a derived table over the bounded
+  table, and its fixed-point integer is its value clamped to its public range, divided by its unit (a power of
+  two) and rounded: whatever floating-point error the engine makes, no row moves a sum by more than the
+  sensitivity;
 - group keys are cast to one SQL type per key type, so a key read from any engine compares equal to the same key of
   a public domain;
 - where keys are selected privately, the groups are padded to the policy's public candidate count inside the
@@ -23,7 +27,7 @@ from typing import Any
 from sqlglot import exp
 
 from gateway.engines.base import bounded
-from gateway.sql.plan import Kind, Measurement, Plan
+from gateway.sql.plan import Kind, Measurement, Plan, RowValue
 from policies import mechanisms as mech
 from policies.schema import ColumnType
 from policies.sqltypes import sql_type_name
@@ -51,7 +55,62 @@ def _exact_sum(column: str) -> exp.Expr:
     return exp.Sum(this=exp.Cast(this=_col(column), to=exp.DataType.build("DECIMAL(38, 0)")))
 
 
+def _value(v: RowValue) -> exp.Column:
+    """A row expression's column in the derived table of the measurement statement."""
+    return _col(f"__{v.name}")
+
+
+def _clamped(v: RowValue) -> exp.Expr:
+    """The expression's value as a DOUBLE within its public range (NULL stays NULL; NaN, above every number on the
+    engines, goes to the top)."""
+    x = exp.Cast(this=_value(v), to=exp.DataType.build("DOUBLE"))
+    return exp.Case(
+        ifs=[
+            exp.If(this=exp.LT(this=x.copy(), expression=_double(v.lo)), true=_double(v.lo)),
+            exp.If(this=exp.GT(this=x.copy(), expression=_double(v.hi)), true=_double(v.hi)),
+        ],
+        default=x,
+    )
+
+
+def _fixed_point(value: exp.Expr, unit: float) -> exp.Expr:
+    """round(value / unit) as a BIGINT; |value| / unit <= 2**31 by the choice of unit, so it always fits."""
+    scaled = exp.Div(this=exp.Paren(this=value), expression=_double(unit))
+    return exp.TryCast(this=exp.Round(this=scaled), to=exp.DataType.build("BIGINT"))
+
+
+def _exact_sum_of(value: exp.Expr) -> exp.Expr:
+    return exp.Sum(this=exp.Cast(this=value, to=exp.DataType.build("DECIMAL(38, 0)")))
+
+
+def _expression_call(plan: Plan, m: Measurement) -> tuple[exp.Expr, bool]:
+    v = plan.row_values[m.expression]
+    match m.kind:
+        case Kind.COUNT:
+            return exp.Count(this=_value(v)), False
+        case Kind.SUM:
+            return _exact_sum_of(_fixed_point(_clamped(v), v.unit)), True
+        case Kind.SUMSQ:
+            square = exp.Mul(this=exp.Paren(this=_clamped(v)), expression=exp.Paren(this=_clamped(v)))
+            return _exact_sum_of(_fixed_point(square, v.unit2)), True
+    raise AssertionError(m.kind)
+
+
+def values_source(plan: Plan) -> exp.Expr:
+    """What the measurement statement reads: the bounded table, with each of the plan's row expressions computed
+    once per row as a column `__e<i>` when it has any."""
+    table = bounded(plan.dataset)
+    if not plan.row_values:
+        return table
+    inner = exp.select(
+        exp.Star(), *[exp.alias_(v.tree.copy(), f"__{v.name}", quoted=True) for v in plan.row_values.values()]
+    ).from_(table)
+    return exp.alias_(exp.Subquery(this=inner), "__rows", quoted=True)
+
+
 def _call(plan: Plan, m: Measurement) -> tuple[exp.Expr, bool]:
+    if m.expression:
+        return _expression_call(plan, m)
     match m.kind:
         case Kind.COUNT_STAR:
             return exp.Count(this=exp.Star()), False
@@ -103,6 +162,7 @@ def grouped(
     extra_where: exp.Expr | None = None,
     extra_group: exp.Expr | None = None,
     empty: bool = False,
+    source: exp.Expr | None = None,
 ) -> exp.Select:
     """The grouped measurement statement. `empty` reads no row at all: the default input of the fallback release
     and the form bound before the charge."""
@@ -117,7 +177,7 @@ def grouped(
         if m.nullable:
             value = exp.Coalesce(this=value, expressions=[exp.Literal.number(0)])
         select.append(exp.alias_(value, m.alias, quoted=True))
-    query = exp.select(*select).from_(bounded(plan.dataset))
+    query = exp.select(*select).from_(source if source is not None else bounded(plan.dataset))
     if empty:
         query = query.where(exp.false())
     if keys:
@@ -149,7 +209,7 @@ def measurement_query(plan: Plan, *, empty: bool = False) -> exp.Query:
     """The statement of the plain measurements; padded to the public candidate count where keys are selected
     privately (a last column `__pad`: -1 for a real group, the pad's index otherwise)."""
     aggregates = measures(plan)
-    query = grouped(plan, aggregates, empty=empty)
+    query = grouped(plan, aggregates, empty=empty, source=values_source(plan))
     if not plan.needs_key_selection:
         return query
     candidates = int(plan.policy.key_candidates)

@@ -18,6 +18,7 @@ from sqlglot import exp
 
 from gateway.engines.public import PublicError, public_rows
 from gateway.sql.parse import dataset_name, drop_qualifiers, parse_select, top_span
+from policies import sensitivity as sens
 from policies.errors import QueryRejected
 from policies.expressions import (
     check_column,
@@ -43,6 +44,8 @@ MAX_QUANTILES = 8
 # it is refused before the charge; over selected keys, the quantiles go to this many of the groups with the largest
 # noisy counts (post-processing of the selection), and the answer says so.
 MAX_QUANTILE_SEARCHES = 1_000
+# Largest magnitude a summed row expression's range may reach: its square must stay finite in DOUBLE (VARIANCE).
+MAX_EXPRESSION_MAGNITUDE = 1e150
 
 
 class Kind(StrEnum):
@@ -96,45 +99,103 @@ _VARIANCE_FUNCS = {
 
 @dataclass(frozen=True, order=True)
 class Measurement:
-    """One primitive noisy measurement per group: a count, a fixed-point sum, or a quantile selection."""
+    """One primitive noisy measurement per group: a count, a fixed-point sum, or a quantile selection; of a column,
+    or of a row expression (`expression`: its normalized SQL, a key of `Plan.row_values`)."""
 
     kind: Kind  # COUNT_STAR, COUNT, COUNT_DISTINCT_UNIT, COUNT_DISTINCT, SUM, SUMSQ or QUANTILE
     column: str = ""
     q: float = 0.0
+    expression: str = ""
 
     @property
     def label(self) -> str:
         if self.kind == Kind.QUANTILE:
             return f"quantile({self.column}, {self.q:g})"
-        return f"{self.kind}({self.column})" if self.column else self.kind
+        argument = self.column or self.expression
+        return f"{self.kind}({argument})" if argument else self.kind
 
 
 @dataclass(frozen=True)
 class Aggregate:
-    """A user-facing aggregate (COUNT, SUM, AVG, VARIANCE, STDDEV, quantile) computed from measurements."""
+    """A user-facing aggregate (COUNT, SUM, AVG, VARIANCE, STDDEV, quantile) computed from measurements, of a
+    column or of a row expression (`expression`, as in Measurement)."""
 
     alias: str  # a0, a1, ... in the released table
     kind: Kind  # any but SUMSQ
     column: str = ""
     q: float = 0.0
+    expression: str = ""
 
     @property
     def measurements(self) -> tuple[Measurement, ...]:
-        c = self.column
+        c, e = self.column, self.expression
         match self.kind:
             case Kind.COUNT_STAR | Kind.COUNT_DISTINCT_UNIT:
                 return (Measurement(self.kind),)
             case Kind.COUNT | Kind.COUNT_DISTINCT:
-                return (Measurement(self.kind, c),)
+                return (Measurement(self.kind, c, expression=e),)
             case Kind.SUM:
-                return (Measurement(Kind.SUM, c),)
+                return (Measurement(Kind.SUM, c, expression=e),)
             case Kind.AVG:
-                return (Measurement(Kind.SUM, c), Measurement(Kind.COUNT, c))
+                return (Measurement(Kind.SUM, c, expression=e), Measurement(Kind.COUNT, c, expression=e))
             case Kind.VAR | Kind.VAR_POP | Kind.STD | Kind.STD_POP:
-                return (Measurement(Kind.SUMSQ, c), Measurement(Kind.SUM, c), Measurement(Kind.COUNT, c))
+                return (
+                    Measurement(Kind.SUMSQ, c, expression=e),
+                    Measurement(Kind.SUM, c, expression=e),
+                    Measurement(Kind.COUNT, c, expression=e),
+                )
             case Kind.QUANTILE:
                 return (Measurement(Kind.QUANTILE, c, self.q),)
         raise AssertionError(self.kind)
+
+
+@dataclass(frozen=True)
+class RowValue:
+    """A row expression an aggregate takes (anything but a bare column): its normalized SQL (the identity of its
+    measurements), its column in the measurement statement (`__<name>`), its total form over the bounded table,
+    and its type with the public range propagated from the policy's bounds. A summed expression is always bounded;
+    a counted one need not be."""
+
+    sql: str
+    name: str  # e0, e1, ...
+    tree: exp.Expr = field(compare=False)
+    typed: Typed = field(compare=False)
+
+    @property
+    def summable(self) -> bool:
+        return self.typed.type.numeric and self.typed.bounded
+
+    @property
+    def lo(self) -> float:
+        assert self.typed.lo is not None, self.sql
+        return float(self.typed.lo)
+
+    @property
+    def hi(self) -> float:
+        assert self.typed.hi is not None, self.sql
+        return float(self.typed.hi)
+
+    @property
+    def max_abs(self) -> float:
+        return max(abs(self.lo), abs(self.hi))
+
+    @property
+    def square_max(self) -> float:
+        return self.max_abs * self.max_abs
+
+    @property
+    def square_min(self) -> float:
+        return 0.0 if self.lo <= 0 <= self.hi else min(self.lo * self.lo, self.hi * self.hi)
+
+    @property
+    def unit(self) -> float:
+        """Fixed-point unit of its sums (`sens.fixed_point_unit`)."""
+        return sens.fixed_point_unit(self.max_abs, integral=self.typed.type is SqlType.INT)
+
+    @property
+    def unit2(self) -> float:
+        """Fixed-point unit of its sums of squares."""
+        return sens.fixed_point_unit(self.square_max, integral=self.typed.type is SqlType.INT)
 
 
 @dataclass(frozen=True)
@@ -216,6 +277,8 @@ class Plan:
     post: exp.Select  # output expressions, HAVING, ORDER BY and LIMIT over the released table "released"
     measurements: list[Measurement] = field(default_factory=list)
     where: exp.Expr | None = None  # the WHERE condition's total form over the bounded table
+    # The row expressions aggregates take, by normalized SQL (SUM(age + 1), COUNT(CASE WHEN ... THEN 1 END), ...).
+    row_values: dict[str, RowValue] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # advice on the query's form (public facts only)
     # The statements the plan runs (`gateway.sql.compile.statements`), built once by the release when first needed:
     # the bind check before the charge and the run after it use the same trees (engines only read them).
@@ -223,8 +286,10 @@ class Plan:
 
     @property
     def row_trees(self) -> list[exp.Expr]:
-        """The row-level expressions the plan evaluates on every bounded row: the WHERE condition and the keys."""
-        return [t for t in [self.where, *(k.tree for k in self.keys)] if t is not None]
+        """The row-level expressions the plan evaluates on every bounded row: the WHERE condition, the keys and the
+        aggregates' row expressions."""
+        trees = [self.where, *(k.tree for k in self.keys), *(v.tree for v in self.row_values.values())]
+        return [t for t in trees if t is not None]
 
     @property
     def needs_key_selection(self) -> bool:
@@ -244,7 +309,8 @@ class _Planner:
         self.select = select
         self.sql = sql
         self.policy = policy
-        self.aggregates: dict[tuple[Kind, str, float], Aggregate] = {}
+        self.aggregates: dict[tuple[Kind, str, float, str], Aggregate] = {}
+        self.row_values: dict[str, RowValue] = {}
         self.keys: list[tuple[exp.Expr, GroupKey]] = []
         self.warnings: list[str] = []
 
@@ -275,6 +341,90 @@ class _Planner:
             )
         return name
 
+    def _summand(self, node: exp.Expr, agg: exp.Expr, what: str) -> tuple[str, str]:
+        """The argument of SUM, AVG, VARIANCE or STDDEV: a bounded numeric column (column, "") or a bounded numeric
+        row expression ("", its normalized SQL)."""
+        inner = node
+        while isinstance(inner, exp.Paren):
+            inner = inner.this
+        if isinstance(inner, exp.Column):
+            return self._numeric_column(inner, agg, what), ""
+        return "", self._row_value(inner, agg, what, summed=True).sql
+
+    def _row_value(self, node: exp.Expr, agg: exp.Expr, what: str, *, summed: bool) -> RowValue:
+        """Type-check an aggregate's row expression and register it. A summed one must be numeric with a range the
+        policy's bounds give it (propagated through the expression); refused otherwise, naming the sub-expression
+        whose range is unknown. Nothing is read or charged here."""
+        checked = check_row_expression(node, self.policy, self.sql)
+        typed = checked.typed
+        if summed:
+            if not typed.type.numeric:
+                raise reject(
+                    f"{what} needs a numeric expression; this one is {typed.type.value}",
+                    "aggregate_argument",
+                    agg,
+                    self.sql,
+                    hint="sum a number, e.g. SUM(CASE WHEN sex = 'F' THEN 1 ELSE 0 END); count rows with "
+                    "COUNT(CASE WHEN ... THEN 1 END)",
+                )
+            if not typed.bounded:
+                raise self._unbounded(checked.ranges, node, agg, what)
+            magnitude = max(abs(typed.lo), abs(typed.hi))  # type: ignore[arg-type]
+            if magnitude > MAX_EXPRESSION_MAGNITUDE:
+                raise reject(
+                    f"{what}: the range of {node.sql(dialect='duckdb')} reaches ±{magnitude:.3g}, beyond the "
+                    f"±{MAX_EXPRESSION_MAGNITUDE:g} Bastion sums",
+                    "unbounded_expression",
+                    node,
+                    self.sql,
+                    hint="scale the expression down (divide it by a literal) and the result back up",
+                )
+        key = node.sql(dialect="duckdb", normalize=True)
+        if key not in self.row_values:
+            self.row_values[key] = RowValue(key, f"e{len(self.row_values)}", checked.tree, typed)
+        return self.row_values[key]
+
+    def _unbounded(
+        self, ranges: tuple[tuple[exp.Expr, Typed], ...], node: exp.Expr, agg: exp.Expr, what: str
+    ) -> QueryRejected:
+        """The refusal of a summed expression without a public range: it names the first (in the text) innermost
+        numeric sub-expression whose range is unknown."""
+        unknown = {id(n) for n, t in ranges if t.type.numeric and not t.bounded}
+        innermost = [
+            n for n, t in ranges if id(n) in unknown and not any(id(d) in unknown for d in n.walk() if d is not n)
+        ]
+        culprit = min(innermost, key=lambda n: span(n, self.sql)[0] or 0) if innermost else node
+        text = culprit.sql(dialect="duckdb")
+        if isinstance(culprit, exp.Column):
+            return reject(
+                f"{what} needs bounds for {culprit.name.lower()!r}, and the policy declares none",
+                "unbounded_column",
+                culprit,
+                self.sql,
+                hint="ask the dataset's admin to declare bounds: [low, high]",
+            )
+        if isinstance(culprit, exp.Div):
+            reason = "its divisor's range includes 0 (values near 0 make the quotient unbounded)"
+        elif isinstance(culprit, exp.Ln | exp.Log):
+            reason = "its argument's range reaches 0 or below"
+        elif isinstance(culprit, exp.Sqrt):
+            reason = "its argument's range reaches below 0"
+        elif isinstance(culprit, exp.Exp):
+            reason = "its argument's range reaches above 700"
+        elif isinstance(culprit, exp.Pow):
+            reason = "only POWER(x, p) of a literal integer 0 <= p <= 8 is bounded"
+        else:
+            reason = "the policy's bounds give it no range"
+        return reject(
+            f"{what} needs a bounded expression: {text} is unbounded, as {reason}",
+            "unbounded_expression",
+            culprit,
+            self.sql,
+            hint="use + - * /, CASE, COALESCE, ABS, LEAST/GREATEST, ROUND, FLOOR, CEIL, CAST, SQRT or POWER by a "
+            "small integer over bounded columns and literals; divide by a literal or by a range without 0 "
+            "(e.g. GREATEST(x, 1)); or clamp with LEAST(GREATEST(x, low), high)",
+        )
+
     def _quantile_q(self, node: exp.Expr | None, agg: exp.Expr) -> float:
         if not isinstance(node, exp.Literal) or node.is_string:
             raise reject("the quantile must be a number literal between 0 and 1", "aggregate_argument", agg, self.sql)
@@ -302,6 +452,8 @@ class _Planner:
                 hint="use a quantile instead, e.g. QUANTILE_CONT(col, 0.01) or QUANTILE_CONT(col, 0.99)",
             )
         arg = node.this
+        while isinstance(arg, exp.Paren):  # COUNT((age)) is COUNT(age)
+            arg = arg.this
         if name == "Count":
             if isinstance(arg, exp.Star):
                 kind, col = Kind.COUNT_STAR, ""
@@ -329,21 +481,21 @@ class _Planner:
                 kind, col = Kind.COUNT, arg.name.lower()
             elif isinstance(arg, exp.Column):
                 kind, col = Kind.COUNT, check_column(arg, self.policy, self.sql, labeling=False)
+            elif arg is None:
+                raise reject("COUNT takes *, a column or an expression", "aggregate_argument", node, self.sql)
             else:
-                raise reject(
-                    "COUNT takes *, a column or DISTINCT of a column",
-                    "aggregate_argument",
-                    node,
-                    self.sql,
-                    hint="filter rows with WHERE instead",
-                )
+                # The rows where a row expression is not NULL (COUNT(CASE WHEN ... THEN 1 END)): a count.
+                value = self._row_value(arg, node, "COUNT", summed=False)
+                return self._register(Kind.COUNT, "", expression=value.sql)
             return self._register(kind, col)
         if name in {"Sum", "Avg"}:
             if isinstance(arg, exp.Distinct):
                 raise reject(f"{name.upper()}(DISTINCT ...) is not allowed", "aggregate_argument", node, self.sql)
-            return self._register(Kind(name.lower()), self._numeric_column(arg, node, name.upper()))
+            col, expression = self._summand(arg, node, name.upper())
+            return self._register(Kind(name.lower()), col, expression=expression)
         if name in _VARIANCE_FUNCS:
-            return self._register(_VARIANCE_FUNCS[name], self._numeric_column(arg, node, name.upper()))
+            col, expression = self._summand(arg, node, name.upper())
+            return self._register(_VARIANCE_FUNCS[name], col, expression=expression)
         if name == "Median":
             return self._register(Kind.QUANTILE, self._numeric_column(arg, node, "MEDIAN"), 0.5, node)
         if name in _QUANTILE_FUNCS:
@@ -367,8 +519,10 @@ class _Planner:
         col = self._numeric_column(order.expressions[0].this, node, "PERCENTILE_CONT")
         return self._register(Kind.QUANTILE, col, self._quantile_q(inner.this, node), node)
 
-    def _register(self, kind: Kind, column: str, q: float = 0.0, node: exp.Expr | None = None) -> Aggregate:
-        key = (kind, column, q)
+    def _register(
+        self, kind: Kind, column: str, q: float = 0.0, node: exp.Expr | None = None, *, expression: str = ""
+    ) -> Aggregate:
+        key = (kind, column, q, expression)
         if kind == Kind.QUANTILE and key not in self.aggregates:
             if sum(a.kind == Kind.QUANTILE for a in self.aggregates.values()) >= MAX_QUANTILES:
                 raise reject(
@@ -379,7 +533,7 @@ class _Planner:
                     hint="split the quantiles over several queries",
                 )
         if key not in self.aggregates:
-            self.aggregates[key] = Aggregate(f"a{len(self.aggregates)}", kind, column, q)
+            self.aggregates[key] = Aggregate(f"a{len(self.aggregates)}", kind, column, q, expression)
         return self.aggregates[key]
 
     # --- group keys ---------------------------------------------------------------------------------------
@@ -718,6 +872,7 @@ class _Planner:
             post=post,
             measurements=measurements,
             warnings=self.warnings,
+            row_values=self.row_values,
         )
 
 

@@ -1,8 +1,9 @@
 """Price stage: what a plan costs and how noisy each of its measurements is, decided before any private data is
-read. The plan's primitive measurements are COUNT(*), COUNT(col), COUNT(DISTINCT unit), SUM(col), SUM(col²) and
-one selection per quantile, plus private key selection when some GROUP BY key has no public domain (which also
-costs δ). Under pure accounting, when the query has COUNT(*) the selection's own noisy counts are the COUNT(*)
-release: one measurement instead of a selection share and a count.
+read. The plan's primitive measurements are COUNT(*), COUNT(col), COUNT(DISTINCT unit), SUM(col), SUM(col²) (of a
+column, or of a row expression within its propagated range) and one selection per quantile, plus private key
+selection when some GROUP BY key has no public domain (which also costs δ). Under pure accounting, when the query
+has COUNT(*) the selection's own noisy counts are the COUNT(*) release: one measurement instead of a selection share
+and a count.
 
 Under pure accounting each measurement gets an ε (discrete Laplace; report-noisy-max for quantiles); under zCDP
 accounting (policies.accountant) a ρ (discrete Gaussian at the measurement's L2 sensitivity; quantiles stay
@@ -129,6 +130,12 @@ def _d_in(plan: Plan, m: Measurement) -> int:
             return sens.count_sensitivity(k)
         case Kind.COUNT_DISTINCT_UNIT:
             return sens.distinct_unit_sensitivity(k, grouped)
+        case Kind.SUM if m.expression:
+            value = plan.row_values[m.expression]
+            return sens.fixed_point_sensitivity(k, value.max_abs, value.unit)
+        case Kind.SUMSQ if m.expression:
+            value = plan.row_values[m.expression]
+            return sens.fixed_point_sensitivity(k, value.square_max, value.unit2)
         case Kind.SUM:
             return sens.sum_sensitivity(k, plan.policy.columns[m.column])
         case Kind.SUMSQ:
@@ -145,6 +152,8 @@ def _l2(plan: Plan, m: Measurement) -> float:
             return sens.count_l2(k)
         case Kind.COUNT_DISTINCT_UNIT:
             return sens.distinct_unit_l2(k, bool(plan.keys))
+        case Kind.SUM | Kind.SUMSQ if m.expression:
+            return _d_in(plan, m)  # k rows of at most max|v| each in one group, as for a column: L2 = L1
         case Kind.SUM:
             return sens.sum_l2(k, plan.policy.columns[m.column])
         case Kind.SUMSQ:
@@ -155,7 +164,11 @@ def _l2(plan: Plan, m: Measurement) -> float:
 
 
 def measurement_unit(plan: Plan, m: Measurement) -> float:
-    """Value of one integer unit of a measurement (fixed-point sums) in the column's own unit."""
+    """Value of one integer unit of a measurement (fixed-point sums) in the column's (expression's) own unit."""
+    if m.expression and m.kind == Kind.SUM:
+        return plan.row_values[m.expression].unit
+    if m.expression and m.kind == Kind.SUMSQ:
+        return plan.row_values[m.expression].unit2
     if m.kind == Kind.SUM:
         return plan.policy.columns[m.column].fx_unit
     if m.kind == Kind.SUMSQ:

@@ -309,16 +309,16 @@ def _aggregate(
         return v, lo, hi
     # a union bound over the aggregate's measurements, where one is needed
     alpha_each = pricing.alpha / len(ms) if alpha is None else alpha / len(ms)
-    blo, bhi = _bounds(plan, a.column)
-    s, c = noisy[Measurement(Kind.SUM, a.column)], noisy[Measurement(Kind.COUNT, a.column)]
+    blo, bhi = _bounds(plan, a)
+    s, c = noisy[_of(a, Kind.SUM)], noisy[_of(a, Kind.COUNT)]
     c_pos = np.maximum(c, 1.0)
     # With (noisily) no rows the mean is undefined: report none rather than an arbitrary bound.
     mean = np.where(c >= 1.0, np.clip(s / c_pos, blo, bhi), np.nan)
     if a.kind == Kind.AVG:
         return (mean, None, None) if alpha is None else (mean, *_mean_interval(plan, pricing, a, s, c, alpha))
-    m_lo, m_hi, c_lo1, c_hi1 = _mean_corners(plan, pricing, a.column, s, c, alpha_each)
-    ss = noisy[Measurement(Kind.SUMSQ, a.column)]
-    ss_lo, ss_hi = _interval(plan, pricing, Measurement(Kind.SUMSQ, a.column), ss, alpha_each)
+    m_lo, m_hi, c_lo1, c_hi1 = _mean_corners(plan, pricing, a, s, c, alpha_each)
+    ss = noisy[_of(a, Kind.SUMSQ)]
+    ss_lo, ss_hi = _interval(plan, pricing, _of(a, Kind.SUMSQ), ss, alpha_each)
     var_max = (bhi - blo) ** 2 / 4
     var_pop = np.where(c >= 1.0, np.clip(ss / c_pos - mean**2, 0.0, var_max), np.nan)
     sq_lo = np.where((m_lo <= 0) & (m_hi >= 0), 0.0, np.minimum(m_lo**2, m_hi**2))
@@ -351,20 +351,29 @@ def _quantile(
     return values, ends[:, 0], ends[:, 1]
 
 
-def _bounds(plan: Plan, column: str) -> tuple[float, float]:
-    bounds = plan.policy.columns[column].bounds
+def _of(a: Aggregate, kind: Kind) -> Measurement:
+    """The measurement of one kind (SUM, SUMSQ, COUNT) behind a mean or variance, of its column or expression."""
+    return Measurement(kind, a.column, expression=a.expression)
+
+
+def _bounds(plan: Plan, a: Aggregate) -> tuple[float, float]:
+    """The public range of a mean's values: its column's bounds, or its expression's propagated range."""
+    if a.expression:
+        value = plan.row_values[a.expression]
+        return value.lo, value.hi
+    bounds = plan.policy.columns[a.column].bounds
     assert bounds is not None, "the planner allows means and variances of bounded columns only"
     return float(bounds[0]), float(bounds[1])
 
 
 def _mean_corners(
-    plan: Plan, pricing: Pricing, column: str, s: np.ndarray, c: np.ndarray, alpha_each: float
+    plan: Plan, pricing: Pricing, a: Aggregate, s: np.ndarray, c: np.ndarray, alpha_each: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The mean's range from the corners of SUM's and COUNT's own intervals, each at alpha_each, clipped to the
     bounds; with the count's interval ends (at least 1) that the variance's interval uses too."""
-    blo, bhi = _bounds(plan, column)
-    s_lo, s_hi = _interval(plan, pricing, Measurement(Kind.SUM, column), s, alpha_each)
-    c_lo, c_hi = _interval(plan, pricing, Measurement(Kind.COUNT, column), c, alpha_each)
+    blo, bhi = _bounds(plan, a)
+    s_lo, s_hi = _interval(plan, pricing, _of(a, Kind.SUM), s, alpha_each)
+    c_lo, c_hi = _interval(plan, pricing, _of(a, Kind.COUNT), c, alpha_each)
     c_lo1, c_hi1 = np.maximum(c_lo, 1.0), np.maximum(c_hi, 1.0)
     corners = np.stack([s_lo / c_lo1, s_lo / c_hi1, s_hi / c_lo1, s_hi / c_hi1])
     return np.clip(corners.min(axis=0), blo, bhi), np.clip(corners.max(axis=0), blo, bhi), c_lo1, c_hi1
@@ -377,10 +386,10 @@ def _mean_interval(
     (`mech.ratio_error_bound`) instead of the corners of the two measurements' own intervals, which spends alpha
     twice and adds the two half-widths. The unknown mean's magnitude is bounded first from those corners at a tenth
     of alpha (a union bound: the interval fails with probability ≤ alpha/10 + 9·alpha/10)."""
-    blo, bhi = _bounds(plan, a.column)
-    m_sum, m_count = Measurement(Kind.SUM, a.column), Measurement(Kind.COUNT, a.column)
+    blo, bhi = _bounds(plan, a)
+    m_sum, m_count = _of(a, Kind.SUM), _of(a, Kind.COUNT)
     first = alpha / 10
-    m_lo, m_hi, _, _ = _mean_corners(plan, pricing, a.column, s, c, first / 2)
+    m_lo, m_hi, _, _ = _mean_corners(plan, pricing, a, s, c, first / 2)
     mean_abs = np.maximum(np.abs(m_lo), np.abs(m_hi))
     z = mech.ratio_error_bound(
         pricing.scale(m_sum),

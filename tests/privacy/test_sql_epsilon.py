@@ -345,6 +345,43 @@ def test_sum_with_negative_lower_bound(neighbours: Neighbours) -> None:
     assert control > _per(pricing), control
 
 
+def test_sum_of_a_case_expression(neighbours: Neighbours) -> None:
+    """SUM(CASE WHEN kind = 'e' THEN amount ELSE 0 END): the expression's range is the hull of its branches,
+    [-100, 50], so each row counts at most 100 (in units of 2**-24); the worst unit's k rows are all of kind 'e' at
+    -100, which D′ has none of: the L1 distance is the sensitivity exactly."""
+    sql = "SELECT SUM(CASE WHEN kind = 'e' THEN amount ELSE 0 END) FROM audit"
+    plan, _ = _priced(sql, 1.0)
+    (value,) = plan.row_values.values()
+    assert (value.lo, value.hi, value.unit) == (-100.0, 50.0, 2.0**-24)
+    pricing, calibrated, control = audit_single_measurement(neighbours, sql, 1.0)
+    assert set(pricing.d_in.values()) == {K * 100 * 2**24}
+    assert calibrated <= _per(pricing), calibrated
+    assert control > _per(pricing), control
+
+
+def test_sum_of_arithmetic(neighbours: Neighbours) -> None:
+    """SUM(amount * 2 - 1): range [-201, 99] from the bounds; the worst unit's k rows sit at -201."""
+    sql = "SELECT SUM(amount * 2 - 1) FROM audit"
+    pricing, calibrated, control = audit_single_measurement(neighbours, sql, 1.0)
+    assert set(pricing.d_in.values()) == {K * 201 * 2**23}
+    assert calibrated <= _per(pricing), calibrated
+    assert control > _per(pricing), control
+
+
+def test_count_of_an_expression(neighbours: Neighbours) -> None:
+    """COUNT(CASE WHEN kind = 'e' THEN 1 END) counts the worst unit's k rows, which D′ does not have."""
+    sql = "SELECT COUNT(CASE WHEN kind = 'e' THEN 1 END) FROM audit"
+    pricing, calibrated, control = audit_single_measurement(neighbours, sql, 1.0)
+    assert set(pricing.d_in.values()) == {K}
+    assert calibrated <= _per(pricing), calibrated
+    assert control > _per(pricing), control
+
+
+def test_avg_of_an_expression(neighbours: Neighbours) -> None:
+    """AVG(amount * 2 - 1) is the SUM and the COUNT of the expression."""
+    audit_composed(neighbours, "SELECT AVG(amount * 2 - 1) FROM audit", 2.0, {"sum", "count"})
+
+
 def test_declared_group_by(neighbours: Neighbours) -> None:
     """A vector release over the public domain of `kind`; the worst unit is all in 'e', empty on D′."""
     sql = "SELECT kind, COUNT(*) FROM audit GROUP BY kind"
