@@ -1,12 +1,11 @@
 """Durable privacy budgets: per (principal, dataset) and per dataset, in SQLite.
 
 A charge is one `BEGIN IMMEDIATE` transaction: it reads what was spent, checks both caps and records the charge,
-so two processes can never both pass when only one fits. Charges are never refunded. A charge is idempotent on
-its request id: the same charge again under an id the ledger holds is that charge (not a second), another one is
-refused (`replayed`); the PostgreSQL store relies on this to retry a charge whose connection was lost. What was
-spent is read from `spent`, running totals per (principal, dataset) that triggers on `charges` keep in the same
-transaction as every change of a charge (whichever code makes it), so a charge costs the same however long the
-history is.
+so two processes can never both pass when only one fits. Charges are never refunded; a second charge under one
+request id is a second charge (only the PostgreSQL store's retry of a charge whose connection was lost looks for
+its own first attempt: `replayed`). What was spent is read from `spent`, running totals per (principal, dataset)
+that triggers on `charges` keep in the same transaction as every change of a charge (whichever code makes it), so
+a charge costs the same however long the history is.
 
 Under a policy's `accounting: zcdp` a charge is checked in ρ (and δ) against the caps converted from the policy's
 (ε, δ) by `policies.accountant.rho_cap`; every charge records the accounting it was made under, and a dataset's
@@ -71,7 +70,6 @@ _MIGRATIONS = (
 _INDEXES = (
     "CREATE INDEX IF NOT EXISTS charges_audited ON charges(audited)",
     "CREATE INDEX IF NOT EXISTS charges_accounting ON charges(dataset, accounting)",
-    "CREATE INDEX IF NOT EXISTS charges_request ON charges(request_id)",
 )
 # Running totals of `charges`, maintained by triggers (created, and filled from the charges, in one transaction).
 _UPSERT_NEW = """
@@ -201,10 +199,10 @@ def replayed(
     principal_spent: tuple[int, int, int],
     dataset_spent: tuple[int, int, int],
 ) -> Charge | None:
-    """A charge is idempotent on its request id: `found` is the row (id, principal, dataset, ε, δ, ρ units) the ledger
-    already holds under `request_id` (None: none), read under the store's lock. The same charge again (a retry whose
-    first attempt committed but whose answer was lost) is that charge, not a second one; a different one under the
-    same id is refused, nothing charged. Spent totals already include it."""
+    """The retry of a charge whose first attempt's outcome is unknown (its connection was lost): `found` is the row
+    (id, principal, dataset, ε, δ, ρ units) the ledger holds under `request_id` written since that first attempt
+    began (None: none), read under the store's lock. The same charge is that charge, not a second one; a different
+    one is refused, nothing charged. Spent totals already include it."""
     if found is None:
         return None
     row_id, p, d, e, dl, r = found
@@ -220,12 +218,6 @@ def replayed(
         dataset_after=PrivacyLoss.from_units(te, td, tr),
         id=int(row_id),
     )
-
-
-_BY_REQUEST = (
-    "SELECT id, principal, dataset, eps_units, delta_units, rho_units FROM charges "
-    "WHERE request_id = ? AND kind <> 'reconcile' ORDER BY id LIMIT 1"
-)
 
 
 def recharge_in(
@@ -449,19 +441,6 @@ class Ledger:
                 try:
                     pe, pd, pr = self._sum(con, "principal = ? AND dataset = ?", (principal, dataset))
                     te, td, tr = self._sum(con, "dataset = ?", (dataset,))
-                    again = replayed(
-                        con.execute(_BY_REQUEST, (request_id,)).fetchone(),
-                        request_id,
-                        principal,
-                        dataset,
-                        (ce, cd, cr),
-                        charged,
-                        (pe, pd, pr),
-                        (te, td, tr),
-                    )
-                    if again is not None:
-                        con.execute("COMMIT")
-                        return again
                     if con.execute(
                         "SELECT 1 FROM charges WHERE dataset = ? AND accounting = ? LIMIT 1", (dataset, other.value)
                     ).fetchone():

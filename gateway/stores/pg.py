@@ -172,10 +172,11 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 _ROW = "id, ts, principal, dataset, eps_units, delta_units, request_id, kind, rho_units"
 _BY_REQUEST = (
     "SELECT id, principal, dataset, eps_units, delta_units, rho_units FROM ledger_charges "
-    "WHERE request_id = %s AND kind <> 'reconcile' ORDER BY id LIMIT 1"
+    "WHERE request_id = %s AND ts >= %s AND kind <> 'reconcile' ORDER BY id LIMIT 1"
 )
 # A charge whose transaction fails with a lost connection is tried once more: if its COMMIT did reach the server
-# (the answer was lost), the retry finds the charge under its request id instead of charging twice.
+# (the answer was lost), the retry finds the charge under its request id, written since the first attempt began,
+# instead of charging twice. (Only the retry looks: a request id used again for another charge is charged again.)
 CHARGE_ATTEMPTS = 2
 _SUMS = "SELECT principal, dataset, SUM(eps_units), SUM(delta_units), SUM(rho_units) FROM ledger_charges GROUP BY 1, 2"
 _ADD_SPENT = """INSERT INTO ledger_spent (principal, dataset, eps_units, delta_units, rho_units)
@@ -399,9 +400,11 @@ class PgLedger:
         cr = charged.rho_units(round_up=True)
         principal_caps = Ledger.caps(per_principal, accounting)
         dataset_caps = Ledger.caps(total, accounting)
+        started = time.time()
         for attempt in range(1, CHARGE_ATTEMPTS + 1):
             try:
                 return self._charge_once(
+                    None if attempt == 1 else started,
                     principal,
                     dataset,
                     cost,
@@ -424,6 +427,7 @@ class PgLedger:
 
     def _charge_once(
         self,
+        retry_since: float | None,
         principal: str,
         dataset: str,
         cost: PrivacyLoss,
@@ -443,8 +447,11 @@ class PgLedger:
             con.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_DATASET_LOCK, dataset))
             pe, pd, pr = self._sum(con, "principal = %s AND dataset = %s", (principal, dataset))
             te, td, tr = self._sum(con, "dataset = %s", (dataset,))
+            found = None
+            if retry_since is not None:
+                found = con.execute(_BY_REQUEST, (request_id, retry_since)).fetchone()
             again = replayed(
-                con.execute(_BY_REQUEST, (request_id,)).fetchone(),
+                found,
                 request_id,
                 principal,
                 dataset,

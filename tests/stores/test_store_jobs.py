@@ -22,6 +22,7 @@ import pandas as pd
 import psycopg
 import pytest
 
+from audit import keys
 from audit.log import AuditLog
 from gateway.http.app import create_app
 from gateway.settings import Settings
@@ -32,6 +33,7 @@ from gateway.stores.pg_tokens import PgTokenStore
 from gateway.synth_jobs import SynthJobs
 from tests.conftest import BIN, AppClient, Workspace
 from tests.lf.test_lf_api import LFS
+from tests.stores.conftest import pg_records
 from tests.synth.helpers import variant_workspace, wait
 
 BODY = {"dataset": "visits", "rows": 200, "method": "dpcopula_direct"}
@@ -48,11 +50,18 @@ class Replicas:
     def headers(self, role: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.tokens[role]}"}
 
+    def records(self) -> list[dict[str, Any]]:
+        """The audit records of both replicas: the one log in the store, or the one host's file log."""
+        if self.store is not None:
+            return pg_records(self.store, self.one.keys_dir)
+        return AuditLog(self.one.audit_dir).records()
+
 
 @pytest.fixture
 def replicas(store_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Replicas:
     """Two replicas' settings with one shared directory: on SQLite, two gateways on one workspace (one host); on
-    PostgreSQL, each its own workspace (the second a copy of the first's registered data, its own audit log)."""
+    PostgreSQL, each its own workspace (the second a copy of the first's registered data and signing key, as the
+    README says to install replicas; the audit log is the store's)."""
     shared = tmp_path / "shared"
     if store_kind == "sqlite":
         ws: Workspace = request.getfixturevalue("workspace")
@@ -61,7 +70,10 @@ def replicas(store_kind: str, request: pytest.FixtureRequest, tmp_path: Path) ->
     ws = request.getfixturevalue("pg_workspace")
     one = ws.settings.model_copy(update={"shared_dir": shared})
     copy = tmp_path / "replica-two"
-    shutil.copytree(one.workspace, copy, ignore=shutil.ignore_patterns("audit", "keys", "sessions"))
+    if not (one.keys_dir / "signing.key").exists():
+        keys.keygen(one.keys_dir)  # `bastion audit keygen`, once, before the keys are copied to every replica
+    shutil.copytree(one.workspace, copy, ignore=shutil.ignore_patterns("audit", "sessions"))
+    assert (copy / "keys").is_dir()  # one signing key for every replica of the one log
     two = one.model_copy(update={"workspace": copy})
     return Replicas(one, two, shared, ws.tokens, one.store)
 
@@ -167,12 +179,7 @@ def test_the_unfinished_job_cap_counts_the_jobs_of_every_replica(
         for job in two.get("/v1/synth", headers=h).json():
             assert wait(one, h, job["job_id"])["status"] == "done"
         assert len(one.get("/v1/synth", headers=h).json()) == 2
-    denials = [
-        r
-        for s in {replicas.one.audit_dir, replicas.two.audit_dir}
-        for r in AuditLog(s).records()
-        if r.get("event") == "synth" and r.get("reason") == "too_many_jobs"
-    ]
+    denials = [r for r in replicas.records() if r.get("event") == "synth" and r.get("reason") == "too_many_jobs"]
     assert len(denials) == 8  # every refusal audited by the replica that refused it
 
 
@@ -230,12 +237,7 @@ def test_a_job_whose_runner_is_killed_is_resumed_by_the_other_replica(
         assert two.get(f"/v1/synth/{job_id}/download", headers=h).status_code == 200
         assert _spent(two, h) == pytest.approx(0.5)  # one charge, the original
     assert measured == [] and model.read_bytes() == stored  # the stored DP model was reused, not measured again
-    completed = [
-        r
-        for s in {replicas.one.audit_dir, replicas.two.audit_dir}
-        for r in AuditLog(s).records()
-        if r.get("event") == "synth" and r.get("phase") == "completed"
-    ]
+    completed = [r for r in replicas.records() if r.get("event") == "synth" and r.get("phase") == "completed"]
     assert len(completed) == 1 and completed[0]["request"]["job_id"] == job_id
 
 
