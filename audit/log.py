@@ -36,6 +36,7 @@ from audit import keys, storage
 from audit.checkpoint import Checkpoint, last_valid, latest
 from audit.checkpoint import export as export_checkpoint
 from audit.errors import AuditError, AuditKeyError, AuditRecordError, AuditWriteError
+from audit.group import GroupCommit
 from audit.merkle import Frontier, leaf_hash
 from audit.record import GENESIS, Event, canonical, parse_time, prepare, seal, utc_now
 from audit.verify import verify_log
@@ -55,16 +56,6 @@ class _Tail:
     frontier: Frontier  # frontier.size == number of records
     last_leaf: str  # hex leaf hash of the last record (the next record's prev_hash)
     torn: tuple[int, bytes] | None = None  # (offset, bytes) of an incomplete final record
-
-
-class _Pending:
-    __slots__ = ("events", "records", "error", "done")
-
-    def __init__(self, events: list[dict[str, Any]]) -> None:
-        self.events = events
-        self.records: list[dict[str, Any]] = []
-        self.error: BaseException | None = None
-        self.done = False
 
 
 class AuditLog:
@@ -100,9 +91,7 @@ class AuditLog:
     def _reset(self) -> None:
         """Forget every descriptor, cache and in-process lock (at creation, and in a forked child)."""
         self._pid = os.getpid()
-        self._cond = threading.Condition(threading.Lock())
-        self._queue: list[_Pending] = []
-        self._leader = False
+        self._group = GroupCommit(self._write_group)
         self._io = threading.Lock()
         self._lock_fd = -1
         self._log_fd = -1
@@ -254,59 +243,23 @@ class AuditLog:
         prepared = [prepare(e) for e in events]
         if self._pid != os.getpid():
             self._reset()
-        item = _Pending(prepared)
-        cond = self._cond
-        with cond:
-            self._queue.append(item)
-            while not item.done:
-                if self._leader:
-                    cond.wait()
-                    continue
-                self._leader = True
-                batch, self._queue = self._queue, []
-                cond.release()
-                try:
-                    self._commit(batch)
-                finally:
-                    cond.acquire()
-                    self._leader = False
-                    cond.notify_all()
-        if item.error is not None:
-            raise item.error
-        return item.records
+        return self._group.submit(prepared)
 
-    def _commit(self, batch: list[_Pending]) -> None:
-        """Write every pending event of `batch` with one write and one fsync; never raises."""
-        try:
+    def _write_group(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Write a group of events with one write and one fsync (`GroupCommit`); return their records."""
 
-            def write(tail: _Tail) -> None:
-                records = self._write_records(tail, [e for item in batch for e in item.events])
-                start = 0
-                for item in batch:
-                    item.records = records[start : start + len(item.events)]
-                    start += len(item.events)
-                try:
-                    self._maybe_checkpoint(tail)
-                except (OSError, AuditError) as exc:
-                    raise AuditWriteError(
-                        f"records {records[0]['seq']}..{records[-1]['seq']} were written but the log could "
-                        f"not be checkpointed: {exc}"
-                    ) from exc
+        def write(tail: _Tail) -> list[dict[str, Any]]:
+            records = self._write_records(tail, events)
+            try:
+                self._maybe_checkpoint(tail)
+            except (OSError, AuditError) as exc:
+                raise AuditWriteError(
+                    f"records {records[0]['seq']}..{records[-1]['seq']} were written but the log could "
+                    f"not be checkpointed: {exc}"
+                ) from exc
+            return records
 
-            self._exclusive(write)
-        except BaseException as exc:  # noqa: BLE001 - every waiting caller must get an answer
-            if isinstance(exc, AuditWriteError):
-                error = exc
-            else:
-                error = AuditWriteError(f"audit log write failed: {exc}")
-                error.__cause__ = exc
-            for item in batch:
-                item.error = error
-            if not isinstance(exc, Exception):
-                raise
-        finally:
-            for item in batch:
-                item.done = True
+        return self._exclusive(write)
 
     def _exclusive(self, fn: Callable[[_Tail], _T]) -> _T:
         """Run `fn(tail)` holding the in-process I/O lock and the exclusive file lock, the tail in sync."""

@@ -42,6 +42,7 @@ from audit import keys, storage
 from audit.checkpoint import Checkpoint
 from audit.checkpoint import export as export_checkpoint
 from audit.errors import AuditKeyError, AuditWriteError
+from audit.group import GroupCommit
 from audit.merkle import Frontier, leaf_hash
 from audit.record import Event, parse_time, prepare, seal, utc_now
 from audit.verify import verify_log
@@ -65,16 +66,6 @@ class _Head:
     ckpt_size: int
     ckpt_epoch: float | None  # when the interval to the next checkpoint started (None: no record yet)
     key_id: str | None  # the id of the key the log is signed with (None: nothing signed yet)
-
-
-class _Pending:
-    __slots__ = ("events", "records", "error", "done")
-
-    def __init__(self, events: list[dict[str, Any]]) -> None:
-        self.events = events
-        self.records: list[dict[str, Any]] = []
-        self.error: BaseException | None = None
-        self.done = False
 
 
 class PgAuditLog:
@@ -110,9 +101,7 @@ class PgAuditLog:
             self._pool = _pool(self.conninfo, "bastion-audit", self._max_connections)
             self._snapshot_dir = None
         self._pid = os.getpid()
-        self._cond = threading.Condition(threading.Lock())
-        self._queue: list[_Pending] = []
-        self._leader = False
+        self._group = GroupCommit(self._write_group)
         self._snapshot_lock = threading.Lock()
         self._signer: keys.Signer | None = None
 
@@ -230,18 +219,16 @@ class PgAuditLog:
         try:
             with self._connection("read") as con, con.transaction():
                 con.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                with open(log_tmp, "wb") as out:
-                    for body in self._stream(con, "SELECT body FROM audit_records ORDER BY seq"):
-                        out.write(body + b"\n")
-                    if durable:
-                        out.flush()
-                        os.fsync(out.fileno())
-                with open(ckpt_tmp, "wb") as out:
-                    for body in self._stream(con, "SELECT body FROM audit_checkpoints ORDER BY id"):
-                        out.write(body + b"\n")
-                    if durable:
-                        out.flush()
-                        os.fsync(out.fileno())
+                for path, query in (
+                    (log_tmp, "SELECT body FROM audit_records ORDER BY seq"),
+                    (ckpt_tmp, "SELECT body FROM audit_checkpoints ORDER BY id"),
+                ):
+                    with open(path, "wb") as out:
+                        for body in self._stream(con, query):
+                            out.write(body + b"\n")
+                        if durable:
+                            out.flush()
+                            os.fsync(out.fileno())
             # The log first: a reader between the two renames sees checkpoints older than the log, never newer.
             os.replace(log_tmp, dest / storage.LOG)
             os.replace(ckpt_tmp, dest / storage.CHECKPOINTS)
@@ -297,54 +284,17 @@ class PgAuditLog:
     def _submit(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         prepared = [prepare(e) for e in events]
         self._check_pid()
-        item = _Pending(prepared)
-        cond = self._cond
-        with cond:
-            self._queue.append(item)
-            while not item.done:
-                if self._leader:
-                    cond.wait()
-                    continue
-                self._leader = True
-                batch, self._queue = self._queue, []
-                cond.release()
-                try:
-                    self._commit(batch)
-                finally:
-                    cond.acquire()
-                    self._leader = False
-                    cond.notify_all()
-        if item.error is not None:
-            raise item.error
-        return item.records
+        return self._group.submit(prepared)
 
-    def _commit(self, batch: list[_Pending]) -> None:
-        """Write every pending event of `batch` in one transaction; never raises (each caller gets the error)."""
-        try:
+    def _write_group(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Write a group of events in one transaction (`GroupCommit`); return their records."""
 
-            def write(con: psycopg.Connection[Any], head: _Head) -> None:
-                records = self._write_records(con, head, [e for item in batch for e in item.events])
-                self._maybe_checkpoint(con, head)
-                start = 0
-                for item in batch:
-                    item.records = records[start : start + len(item.events)]
-                    start += len(item.events)
+        def write(con: psycopg.Connection[Any], head: _Head) -> list[dict[str, Any]]:
+            records = self._write_records(con, head, events)
+            self._maybe_checkpoint(con, head)
+            return records
 
-            self._exclusive(write)
-        except BaseException as exc:  # noqa: BLE001 - every waiting caller must get an answer
-            if isinstance(exc, AuditWriteError):
-                error = exc
-            else:
-                error = AuditWriteError(f"audit log write failed: {exc}")
-                error.__cause__ = exc
-            for item in batch:
-                item.error = error
-                item.records = []
-            if not isinstance(exc, Exception):
-                raise
-        finally:
-            for item in batch:
-                item.done = True
+        return self._exclusive(write)
 
     # ------------------------------------------------------------------ the locked head
 
