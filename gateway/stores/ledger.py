@@ -3,9 +3,9 @@
 A charge is one `BEGIN IMMEDIATE` transaction: it reads what was spent, checks both caps and records the charge,
 so two processes can never both pass when only one fits. Charges are never refunded; a second charge under one
 request id is a second charge (only the PostgreSQL store's retry of a charge whose connection was lost looks for
-its own first attempt: `replayed`). What was spent is read from `spent`, running totals per (principal, dataset)
-that triggers on `charges` keep in the same transaction as every change of a charge (whichever code makes it), so
-a charge costs the same however long the history is.
+its own first attempt: gateway/stores/pg.py). What was spent is read from `spent`, running totals per (principal,
+dataset) that triggers on `charges` keep in the same transaction as every change of a charge (whichever code makes
+it), so a charge costs the same however long the history is.
 
 Under a policy's `accounting: zcdp` a charge is checked in ρ (and δ) against the caps converted from the policy's
 (ε, δ) by `policies.accountant.rho_cap`; every charge records the accounting it was made under, and a dataset's
@@ -187,37 +187,6 @@ def admit(
             f"this request would exceed the total privacy budget of dataset {dataset!r}",
             scope="dataset",
         )
-
-
-def replayed(
-    found: tuple[Any, ...] | None,
-    request_id: str,
-    principal: str,
-    dataset: str,
-    units: tuple[int, int, int],
-    charged: PrivacyLoss,
-    principal_spent: tuple[int, int, int],
-    dataset_spent: tuple[int, int, int],
-) -> Charge | None:
-    """The retry of a charge whose first attempt's outcome is unknown (its connection was lost): `found` is the row
-    (id, principal, dataset, ε, δ, ρ units) the ledger holds under `request_id` written since that first attempt
-    began (None: none), read under the store's lock. The same charge is that charge, not a second one; a different
-    one is refused, nothing charged. Spent totals already include it."""
-    if found is None:
-        return None
-    row_id, p, d, e, dl, r = found
-    if (str(p), str(d), (int(e), int(dl), int(r or 0))) != (principal, dataset, units):
-        raise InvalidRequest(f"request id {request_id!r} was charged for another request; nothing was charged")
-    ce, cd, cr = units
-    pe, pd, pr = principal_spent
-    te, td, tr = dataset_spent
-    return Charge(
-        cost=charged,
-        principal_before=PrivacyLoss.from_units(pe - ce, pd - cd, pr - cr),
-        principal_after=PrivacyLoss.from_units(pe, pd, pr),
-        dataset_after=PrivacyLoss.from_units(te, td, tr),
-        id=int(row_id),
-    )
 
 
 def recharge_in(

@@ -43,10 +43,9 @@ from gateway.stores.ledger import (
     LedgerCharge,
     admit,
     recharge_in,
-    replayed,
 )
 from policies.accountant import Accounting, PrivacyLoss
-from policies.errors import BudgetExhausted, LedgerUnavailable
+from policies.errors import BudgetExhausted, InvalidRequest, LedgerUnavailable
 from policies.schema import Budget
 
 # Advisory lock classes (the first of the two int4 keys), so that Bastion's locks never meet another program's.
@@ -297,6 +296,37 @@ def _pool(conninfo: str, name: str, max_size: int) -> ConnectionPool[Any]:
         check=ConnectionPool.check_connection,
         name=name,
         open=True,
+    )
+
+
+def replayed(
+    found: tuple[Any, ...] | None,
+    request_id: str,
+    principal: str,
+    dataset: str,
+    units: tuple[int, int, int],
+    charged: PrivacyLoss,
+    principal_spent: tuple[int, int, int],
+    dataset_spent: tuple[int, int, int],
+) -> Charge | None:
+    """The retry of a charge whose first attempt's outcome is unknown (its connection was lost): `found` is the row
+    (id, principal, dataset, ε, δ, ρ units) the ledger holds under `request_id` written since that first attempt
+    began (None: none), read under the store's lock. The same charge is that charge, not a second one; a different
+    one is refused, nothing charged. Spent totals already include it."""
+    if found is None:
+        return None
+    row_id, p, d, e, dl, r = found
+    if (str(p), str(d), (int(e), int(dl), int(r or 0))) != (principal, dataset, units):
+        raise InvalidRequest(f"request id {request_id!r} was charged for another request; nothing was charged")
+    ce, cd, cr = units
+    pe, pd, pr = principal_spent
+    te, td, tr = dataset_spent
+    return Charge(
+        cost=charged,
+        principal_before=PrivacyLoss.from_units(pe - ce, pd - cd, pr - cr),
+        principal_after=PrivacyLoss.from_units(pe, pd, pr),
+        dataset_after=PrivacyLoss.from_units(te, td, tr),
+        id=int(row_id),
     )
 
 
