@@ -126,8 +126,9 @@ class AuditLog:
         report = verify_log(self.directory, keys.Keyring.load(self.key_dir))
         return report.ok, report.message
 
-    def snapshot(self) -> Path:
-        """The directory readers of `audit.report` and `audit.verify` work on: the log's own."""
+    def snapshot(self, *, fresh: bool = False) -> Path:
+        """The directory readers of `audit.report` and `audit.verify` work on: the log's own (always as it is now,
+        so `fresh` changes nothing here)."""
         return self.directory
 
     def export(self, dest: str | Path, *, durable: bool = True) -> Path:

@@ -156,11 +156,11 @@ def _records(directory: Path) -> list[dict[str, Any]]:
         raise AuditLogUnreadable(str(exc)) from None
 
 
-def _snapshot(bastion: Bastion) -> Path:
-    """The log as a directory in the file format (on PostgreSQL, a fresh export of the shared log); a log out of
-    reach is 503 `audit_unavailable`."""
+def _snapshot(bastion: Bastion, *, fresh: bool = False) -> Path:
+    """The log as a directory in the file format (on PostgreSQL, a copy of the shared log: brought up to date, or
+    with `fresh` exported whole, as verification needs); a log out of reach is 503 `audit_unavailable`."""
     try:
-        return bastion.audit_log.snapshot()
+        return bastion.audit_log.snapshot(fresh=fresh)
     except AuditError as exc:
         raise AuditUnavailable(f"the audit log cannot be read: {exc}") from None
 
@@ -169,7 +169,7 @@ def _verify(bastion: Bastion, directory: Path | None = None) -> VerifyReport:
     """Verify the log (the given snapshot of it, else a new one) with the gateway's keyring."""
     log = bastion.audit_log
     try:
-        return verify_log(directory or log.snapshot(), Keyring.load(log.key_dir))
+        return verify_log(directory or log.snapshot(fresh=True), Keyring.load(log.key_dir))
     except (AuditError, OSError) as exc:
         return VerifyReport(ok=False, status="error", message=f"cannot verify: {exc}")
 
@@ -483,7 +483,7 @@ def dashboard(
     except GatewayError as exc:
         return _error_page(request, exc)
     try:
-        directory = _snapshot(bastion)
+        directory = _snapshot(bastion, fresh=True)  # the page shows the verdict on the log as it is now
     except GatewayError as exc:
         return _error_page(request, exc)
     result = _verify(bastion, directory)

@@ -80,7 +80,8 @@ class AuditStore(Protocol):
     """The tamper-evident audit log (audit/log.py for the file log; gateway/stores/pg_audit.py on PostgreSQL).
 
     Writes raise `audit.errors.AuditWriteError` when the record is not durable (the caller fails closed). Readers of
-    `audit.report` and `audit.verify` work on `snapshot()`, a directory in the file format."""
+    `audit.report` and `audit.verify` work on `snapshot()`, a directory in the file format (`fresh=True`: as the
+    store holds every record now, for verification; otherwise a copy may be extended from an earlier one)."""
 
     location: str
     key_dir: Path
@@ -103,7 +104,7 @@ class AuditStore(Protocol):
 
     def export(self, dest: str | Path, *, durable: bool = True) -> Path: ...
 
-    def snapshot(self) -> Path: ...
+    def snapshot(self, *, fresh: bool = False) -> Path: ...
 
     def close(self) -> None: ...
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -68,6 +69,21 @@ class _Head:
     key_id: str | None  # the id of the key the log is signed with (None: nothing signed yet)
 
 
+@dataclass
+class _Copy:
+    """What a copy of the log in the file format holds: its records, the last one's bytes, its file's size."""
+
+    records: int = 0
+    last: bytes = b""
+    size: int = 0
+
+    def add(self, out: Any, body: bytes) -> None:
+        out.write(body + b"\n")
+        self.records += 1
+        self.last = body
+        self.size += len(body) + 1
+
+
 class PgAuditLog:
     """The audit log in the PostgreSQL store at `conninfo` (schema version 3 or later, `bastion store migrate`).
 
@@ -93,6 +109,7 @@ class PgAuditLog:
         self._max_connections = max_connections
         self._pool: ConnectionPool[Any] = _pool(conninfo, "bastion-audit", max_connections)
         self._snapshot_dir: Path | None = None
+        self._snapshot_copy: _Copy | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -100,6 +117,7 @@ class PgAuditLog:
         if getattr(self, "_pid", None) not in (None, os.getpid()):
             self._pool = _pool(self.conninfo, "bastion-audit", self._max_connections)
             self._snapshot_dir = None
+            self._snapshot_copy = None
         self._pid = os.getpid()
         self._group = GroupCommit(self._write_group)
         self._snapshot_lock = threading.Lock()
@@ -129,7 +147,7 @@ class PgAuditLog:
 
     def verify(self) -> tuple[bool, str]:
         """Export the log and verify the copy against this host's keyring (the file log's verifier)."""
-        report = verify_log(self.snapshot(), keys.Keyring.load(self.key_dir))
+        report = verify_log(self.snapshot(fresh=True), keys.Keyring.load(self.key_dir))
         return report.ok, report.message
 
     def checkpoint(self) -> Checkpoint:
@@ -214,44 +232,96 @@ class PgAuditLog:
         ``checkpoints.jsonl``, replacing those files), from one consistent snapshot of the database. Returns dest."""
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
+        self._export(dest, durable=durable)
+        return dest
+
+    def _export(self, dest: Path, *, durable: bool) -> _Copy:
         log_tmp = dest / f".{storage.LOG}.{os.getpid()}.{threading.get_ident()}.tmp"
-        ckpt_tmp = dest / f".{storage.CHECKPOINTS}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
             with self._connection("read") as con, con.transaction():
                 con.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                for path, query in (
-                    (log_tmp, "SELECT body FROM audit_records ORDER BY seq"),
-                    (ckpt_tmp, "SELECT body FROM audit_checkpoints ORDER BY id"),
-                ):
-                    with open(path, "wb") as out:
-                        for body in self._stream(con, query):
-                            out.write(body + b"\n")
-                        if durable:
-                            out.flush()
-                            os.fsync(out.fileno())
-            # The log first: a reader between the two renames sees checkpoints older than the log, never newer.
-            os.replace(log_tmp, dest / storage.LOG)
-            os.replace(ckpt_tmp, dest / storage.CHECKPOINTS)
+                copy = _Copy()
+                with open(log_tmp, "wb") as out:
+                    for body in self._stream(con, "SELECT body FROM audit_records ORDER BY seq"):
+                        copy.add(out, body)
+                    if durable:
+                        out.flush()
+                        os.fsync(out.fileno())
+                # The log first: a reader between the two renames sees checkpoints older than the log, never newer.
+                os.replace(log_tmp, dest / storage.LOG)
+                self._write_checkpoints(con, dest, durable=durable)
             if durable:
                 storage.fsync_dir(dest)
         finally:
-            for tmp in (log_tmp, ckpt_tmp):
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
-        return dest
+            with contextlib.suppress(FileNotFoundError):
+                log_tmp.unlink()
+        return copy
 
-    def snapshot(self) -> Path:
-        """A private directory holding a fresh export of the whole log, for the readers of audit.report and
-        audit.verify (re-exported on every call, so that it shows the database as it is now)."""
+    def _write_checkpoints(self, con: psycopg.Connection[Any], dest: Path, *, durable: bool) -> None:
+        tmp = dest / f".{storage.CHECKPOINTS}.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            with open(tmp, "wb") as out:
+                for body in self._stream(con, "SELECT body FROM audit_checkpoints ORDER BY id"):
+                    out.write(body + b"\n")
+                if durable:
+                    out.flush()
+                    os.fsync(out.fileno())
+            os.replace(tmp, dest / storage.CHECKPOINTS)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    def _extend(self, dest: Path, copy: _Copy) -> bool:
+        """Bring the copy in `dest` up to date by appending the records written since it was made, if its last
+        record is still the database's record at that position and its file is as it was left (else False: the
+        caller exports afresh). The checkpoints (about one per thousand records) are rewritten whole."""
+        log_path = dest / storage.LOG
+        try:
+            if os.stat(log_path).st_size != copy.size:
+                return False
+        except FileNotFoundError:
+            return False
+        with self._connection("read") as con, con.transaction():
+            con.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            if copy.records:
+                row = con.execute("SELECT body FROM audit_records WHERE seq = %s", (copy.records - 1,)).fetchone()
+                if row is None or bytes(row[0]) != copy.last:
+                    return False
+            # Readers take sizes under the shared lock (audit.storage.snapshot), so they never see half a record.
+            lock = os.open(dest / storage.LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                with open(log_path, "ab") as out:
+                    query = "SELECT body FROM audit_records WHERE seq >= %s ORDER BY seq"
+                    for body in self._stream(con, query, (copy.records,)):
+                        copy.add(out, body)
+            finally:
+                os.close(lock)
+            self._write_checkpoints(con, dest, durable=False)
+        return True
+
+    def snapshot(self, *, fresh: bool = False) -> Path:
+        """A private directory holding a copy of the whole log in the file format, for the readers of audit.report
+        and audit.verify. The copy of an earlier call is extended with the records appended since (after checking
+        that its last record is still the database's); `fresh` (verification) exports the whole log again, so that
+        it shows every record as the database holds it now."""
         self._check_pid()
         with self._snapshot_lock:
             if self._snapshot_dir is None or not self._snapshot_dir.is_dir():
                 self._snapshot_dir = Path(tempfile.mkdtemp(prefix="bastion-audit-"))
+                self._snapshot_copy = None
             directory = self._snapshot_dir
-        try:
-            return self.export(directory, durable=False)
-        except OSError as exc:
-            raise AuditWriteError(f"the audit log ({self.location}) cannot be copied for reading: {exc}") from exc
+            try:
+                if fresh or self._snapshot_copy is None or not self._extend(directory, self._snapshot_copy):
+                    self._snapshot_copy = None
+                    self._snapshot_copy = self._export(directory, durable=False)
+            except OSError as exc:
+                self._snapshot_copy = None
+                raise AuditWriteError(f"the audit log ({self.location}) cannot be copied for reading: {exc}") from exc
+            except AuditWriteError:
+                self._snapshot_copy = None
+                raise
+        return directory
 
     def close(self, *, seal: bool = True) -> None:
         """Checkpoint records not yet covered by one (unless `seal` is false: a log opened only to be read), then
@@ -272,6 +342,7 @@ class PgAuditLog:
             if self._snapshot_dir is not None:
                 shutil.rmtree(self._snapshot_dir, ignore_errors=True)
                 self._snapshot_dir = None
+                self._snapshot_copy = None
 
     def __enter__(self) -> PgAuditLog:
         return self
@@ -411,10 +482,10 @@ class PgAuditLog:
         return [bytes(r[0]) for r in rows]
 
     @staticmethod
-    def _stream(con: psycopg.Connection[Any], query: str) -> Iterator[bytes]:
+    def _stream(con: psycopg.Connection[Any], query: str, params: tuple[Any, ...] = ()) -> Iterator[bytes]:
         """The first column of `query`'s rows, fetched through a server-side cursor (the log may be large)."""
         with con.cursor(name=f"bastion_audit_{threading.get_ident()}") as cur:
             cur.itersize = _EXPORT_ROWS
-            cur.execute(query)  # fixed text of this module
+            cur.execute(query, params)  # fixed text of this module
             for row in cur:
                 yield bytes(row[0])

@@ -17,6 +17,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from audit import keys
 from audit.checkpoint import Checkpoint
@@ -149,12 +150,60 @@ def test_a_record_changed_through_sql_fails_verification_there(pg_store: str, tm
                 "'\"n\":7', '\"n\":8'), 'UTF8') WHERE seq = 7"
             ).rowcount
         assert changed == 1
-        report = verify_log(log.snapshot(), keys.Keyring.load(tmp_path / "keys"))
+        report = verify_log(log.snapshot(fresh=True), keys.Keyring.load(tmp_path / "keys"))
         assert not report.ok and report.first_bad == 7, report.message
         ok, message = log.verify()
         assert not ok and "position 7" in message
     finally:
         log.close(seal=False)
+
+
+def test_the_readers_copy_is_extended_and_made_again_when_its_tail_changed(pg_store: str, tmp_path: Path) -> None:
+    """Readers' copies (events, spend, the ledger check) grow by the records appended since the last read; a copy
+    whose last record the database no longer holds is exported whole; a verification always exports whole."""
+    log = _pg_log(pg_store, tmp_path, checkpoint_every=5)
+    try:
+        log.append_many([_event(i) for i in range(7)])
+        first = log.snapshot()
+        before = (first / "audit.jsonl").read_bytes()
+        log.append_many([_event(i) for i in range(7, 12)])
+        second = log.snapshot()
+        assert second == first
+        after = (second / "audit.jsonl").read_bytes()
+        assert after.startswith(before) and after.count(b"\n") == 12
+        assert after == _bodies(pg_store)
+        assert (second / "checkpoints.jsonl").read_bytes().count(b"\n") == _count(pg_store, "audit_checkpoints")
+        assert verify_log(second, keys.Keyring.load(tmp_path / "keys")).ok
+        with psycopg.connect(pg_store, autocommit=True) as con:  # the last record changed: the copy starts again
+            con.execute(
+                "UPDATE audit_records SET body = convert_to(replace(convert_from(body, 'UTF8'), "
+                "'\"n\":11', '\"n\":99'), 'UTF8') WHERE seq = 11"
+            )
+        assert (log.snapshot() / "audit.jsonl").read_bytes() == _bodies(pg_store)
+        with psycopg.connect(pg_store, autocommit=True) as con:  # a middle record: only a fresh copy shows it
+            con.execute(
+                "UPDATE audit_records SET body = convert_to(replace(convert_from(body, 'UTF8'), "
+                "'\"n\":3', '\"n\":33'), 'UTF8') WHERE seq = 3"
+            )
+        assert (log.snapshot() / "audit.jsonl").read_bytes() != _bodies(pg_store)
+        assert (log.snapshot(fresh=True) / "audit.jsonl").read_bytes() == _bodies(pg_store)
+        ok, message = log.verify()
+        assert not ok and "position 3" in message
+    finally:
+        log.close(seal=False)
+
+
+def _bodies(conninfo: str) -> bytes:
+    with psycopg.connect(conninfo) as con:
+        return b"".join(bytes(r[0]) + b"\n" for r in con.execute("SELECT body FROM audit_records ORDER BY seq"))
+
+
+def _count(conninfo: str, table: str) -> int:
+    with psycopg.connect(conninfo) as con:
+        query = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))
+        row = con.execute(query).fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 def test_a_trusted_checkpoint_catches_a_rewritten_history(pg_store: str, tmp_path: Path) -> None:
@@ -179,9 +228,9 @@ def test_a_trusted_checkpoint_catches_a_rewritten_history(pg_store: str, tmp_pat
                 prev = leaf_hash(body).hex()
             con.execute("DELETE FROM audit_checkpoints WHERE tree_size > 2")
         ring = keys.Keyring.load(tmp_path / "keys")
-        alone = verify_log(log.snapshot(), ring)
+        alone = verify_log(log.snapshot(fresh=True), ring)
         assert alone.ok, alone.message  # undetectable without an anchor kept elsewhere
-        anchored = verify_log(log.snapshot(), ring, trusted_checkpoint=anchor)
+        anchored = verify_log(log.snapshot(fresh=True), ring, trusted_checkpoint=anchor)
         assert not anchored.ok and "Merkle root differs" in anchored.message
         assert anchored.first_bad == 2  # the records after the last good checkpoint are untrusted
     finally:
