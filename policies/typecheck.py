@@ -657,9 +657,15 @@ class Checker:
             if not isinstance(like, exp.Like | exp.ILike):
                 raise reject("ESCAPE goes with LIKE", "unsupported_expression", n, self.sql)
             escape = self._literal_text(n.expression, "the ESCAPE character")
-            if len(escape) > 1:
-                raise reject("the ESCAPE string must be one character", "bad_argument", n.expression, self.sql)
+            if len(escape.encode()) > 1:
+                # The engines count bytes: a longer escape fails there only when a row reaches the LIKE (data-
+                # dependent), so it is refused here, before the charge.
+                raise reject("the ESCAPE string must be one ASCII character", "bad_argument", n.expression, self.sql)
             inner = self._like(like)
+            if escape:
+                _check_escapes(
+                    self._literal_text(like.expression, "the LIKE pattern"), escape, like.expression, self.sql
+                )
             return Checked(BOOL, exp.Escape(this=inner.tree, expression=exp.Literal.string(escape)))
         if isinstance(n, exp.Like | exp.ILike):
             return self._like(n)
@@ -1314,3 +1320,22 @@ class Checker:
             Typed(SqlType.INTERVAL, min(0, days) - 1, max(0, days) + 1),
             exp.Interval(this=exp.Literal.string(str(count)), unit=exp.var(unit_name)),
         )
+
+
+def _check_escapes(pattern: str, escape: str, node: exp.Expr, sql: str) -> None:
+    """Every escape in a LIKE pattern must be followed by `%`, `_` or the escape itself. An engine checks this only
+    when a value matches up to a dangling escape, so its error would depend on the rows: refused before the charge."""
+    i = 0
+    while i < len(pattern):
+        if pattern[i] == escape:
+            if i + 1 >= len(pattern) or pattern[i + 1] not in ("%", "_", escape):
+                raise reject(
+                    f"in the LIKE pattern, the escape {escape!r} must be followed by '%', '_' or itself",
+                    "bad_argument",
+                    node,
+                    sql,
+                    hint=f"write {escape}% for a literal %, {escape}_ for a literal _, {escape}{escape} for {escape}",
+                )
+            i += 2
+        else:
+            i += 1

@@ -159,3 +159,51 @@ def test_lf_option_flags_take_json_booleans_only(workspace: Workspace, lf: dict[
     assert r.status_code == 400, r.text
     assert "must be true or false" in r.json()["error"]["message"]
     assert Ledger(workspace.settings.ledger).history() == []
+
+
+@pytest.mark.parametrize(
+    "condition",
+    [
+        "diagnosis LIKE 'J!' ESCAPE '!'",  # a pattern that ends in its escape
+        "diagnosis LIKE '!' ESCAPE '!'",
+        "diagnosis LIKE 'J%' ESCAPE '%'",
+        "diagnosis ILIKE 'J_' ESCAPE '_'",
+        "diagnosis LIKE 'J!x%' ESCAPE '!'",  # an escape before an ordinary character
+        "diagnosis LIKE 'x' ESCAPE 'é'",  # one character, two bytes
+        "(CASE WHEN diagnosis = 'Z99.7' THEN 'x' END) LIKE 'x' ESCAPE 'é'",
+    ],
+)
+def test_a_like_escape_the_engine_would_reject_only_on_some_rows_is_refused_before_the_charge(
+    workspace: Workspace, condition: str
+) -> None:
+    """The engines check a LIKE's escape only when a row reaches it: their error, and so the answer (a fallback
+    release after the charge), would depend on whether some unit's row matches. Refused by the query alone."""
+    with workspace.app() as c:
+        r = c.post(
+            "/v1/query",
+            json={"sql": f"SELECT COUNT(*) FROM visits WHERE {condition}", "epsilon": 1},
+            headers=workspace.headers("analyst"),
+        )
+        lf = c.post(
+            "/v1/lf/stats",
+            json={"dataset": "visits", "epsilon": 1, "lfs": [{"name": "esc", "label": "urgent", "when": condition}]},
+            headers=workspace.headers("lf_author"),
+        )
+    for answer in (r, lf):
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"]["reason"] == "bad_argument"
+    assert Ledger(workspace.settings.ledger).history() == []
+
+
+def test_a_well_formed_like_escape_is_answered(workspace: Workspace) -> None:
+    with workspace.app() as c:
+        r = c.post(
+            "/v1/query",
+            json={
+                "sql": "SELECT COUNT(*) FROM visits WHERE diagnosis LIKE 'J!%%' ESCAPE '!' OR diagnosis LIKE 'a!!b'"
+                " ESCAPE '!' OR diagnosis LIKE 'x!_' ESCAPE '!'",
+                "epsilon": 1,
+            },
+            headers=workspace.headers("analyst"),
+        )
+    assert r.status_code == 200, r.text
