@@ -127,6 +127,8 @@ def test_per_unit_columns_get_public_bounds_from_k_and_the_policy(
     assert column.bounds == (lo, hi)
     assert plan.policy.max_rows_per_unit == 1
     assert plan.dataset_policy is POLICY
+    if kind is ColumnType.FLOAT:  # the fixed-point unit of a row expression of that range: one value in 31 bits
+        assert column.fx_unit == sens.fixed_point_unit(max(abs(lo), abs(hi)), integral=False)
 
 
 def test_the_histogram_of_per_unit_counts_has_public_keys_and_is_priced_at_one_row_per_unit() -> None:
@@ -209,6 +211,11 @@ REFUSALS = [
     ),
     ("SELECT COUNT(*) FROM (SELECT uid, SUM(kind) AS s FROM shop GROUP BY uid)", "aggregate_argument", "SUM(kind)"),
     ("SELECT COUNT(*) FROM (SELECT uid, SUM(LN(age)) AS s FROM shop GROUP BY uid)", "unbounded_expression", "LN(age)"),
+    (
+        "SELECT AVG(s) FROM (SELECT uid, SUM(amount * 9e147) AS s FROM shop GROUP BY uid)",  # k times 9e149
+        "unbounded_expression",
+        "SUM(amount * 9e147)",
+    ),
     ("SELECT COUNT(*) FROM (SELECT uid, COUNT(DISTINCT kind) AS s FROM shop GROUP BY uid)", "subquery", None),
     ("SELECT COUNT(*) FROM (SELECT uid, SUM(uid) AS s FROM shop GROUP BY uid)", "privacy_unit_column", "uid"),
     (

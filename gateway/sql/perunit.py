@@ -25,9 +25,10 @@ from sqlglot import exp
 from gateway.engines import recipe
 from gateway.engines.base import bounded
 from gateway.sql.parse import dataset_name, drop_qualifiers
+from policies import sensitivity as sens
 from policies.errors import QueryRejected
 from policies.expressions import check_row_expression, reject
-from policies.schema import MAX_INT_BOUND, Column, ColumnType, Policy
+from policies.schema import MAX_FLOAT_BOUND, MAX_INT_BOUND, PRECISION_RANGE, Column, ColumnType, Policy
 from policies.sqltypes import SqlType, Typed
 
 if TYPE_CHECKING:
@@ -168,10 +169,13 @@ def _range(kind: str, typed: Typed | None, k: int) -> tuple[float, float, bool]:
 
 def _column(lo: float, hi: float, integer: bool) -> Column:
     """The public column of a derived value in [lo, hi]: an int column when it is an integer within ±2**53 (its
-    bounds widened by one when they meet, as a column's bounds must satisfy low < high), else a float column."""
+    bounds widened by one when they meet, as a column's bounds must satisfy low < high), else a float column whose
+    fixed-point unit is that of a row expression of the same range (`sens.fixed_point_unit`)."""
     if integer and max(abs(lo), abs(hi)) <= MAX_INT_BOUND - 1:
         return Column(type=ColumnType.INT, bounds=(int(lo), int(hi) if hi > lo else int(lo) + 1))
-    return Column(type=ColumnType.FLOAT, bounds=(lo, hi if hi > lo else lo + 1.0))
+    hi = hi if hi > lo else lo + 1.0
+    unit = sens.fixed_point_unit(max(abs(lo), abs(hi)), integral=False)
+    return Column(type=ColumnType.FLOAT, bounds=(lo, hi), precision=max(unit, PRECISION_RANGE[0]))
 
 
 def per_unit(subquery: exp.Subquery, sql: str, policy: Policy) -> PerUnit:
@@ -268,6 +272,15 @@ def per_unit(subquery: exp.Subquery, sql: str, policy: Policy) -> PerUnit:
             value = helper._row_value(arg, node, what, summed=True)
             tree, typed = value.tree, value.typed
         lo, hi, integer = _range(kind, typed, k)
+        if max(abs(lo), abs(hi)) > MAX_FLOAT_BOUND:
+            raise reject(
+                f"the per-unit {what} reaches ±{max(abs(lo), abs(hi)):.3g}, beyond the ±{MAX_FLOAT_BOUND:g} Bastion "
+                "sums",
+                "unbounded_expression",
+                node,
+                sql,
+                hint="scale the expression down (divide it by a literal) and the result back up",
+            )
         columns.append(Derived(name, kind, tree, _column(lo, hi, integer)))
     if not columns:
         raise _refuse(
