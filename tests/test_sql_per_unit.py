@@ -375,3 +375,11 @@ def test_answers_are_charged_and_cached_per_inner_query(gateway: Bastion) -> Non
     )
     assert not other["cached"] and other["epsilon_spent"] == pytest.approx(0.5)
     assert _spent(gateway, ctx) == pytest.approx(1.0)
+
+
+def test_a_dataset_whose_unit_is_the_row_has_no_per_unit_form() -> None:
+    rows = POLICY.model_copy(update={"privacy_unit": "row", "max_rows_per_unit": 1})
+    with pytest.raises(QueryRejected) as info:
+        plan_query(f"SELECT n, COUNT(*) FROM {PER_UNIT_COUNT} GROUP BY n", lambda _: rows)
+    assert info.value.reason == "subquery"
+    assert "is the row" in info.value.message

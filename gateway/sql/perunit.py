@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 SUBQUERY = "subquery"  # the reason of every refusal of the subquery's form (as for any other subquery)
 UNITS = "__units"  # the alias of the derived table of per-unit values
-_AGGREGATES = ("COUNT(*), COUNT(x), SUM(x), MIN(x), MAX(x) and AVG(x) of a bounded column or row expression",)
+_AGGREGATES = "COUNT(*), COUNT(x), SUM(x), MIN(x), MAX(x) and AVG(x) of a bounded column or row expression"
 
 
 @dataclass(frozen=True)
@@ -231,7 +231,7 @@ def per_unit(subquery: exp.Subquery, sql: str, policy: Policy) -> PerUnit:
                 "a per-unit subquery selects the unit and named aggregates only",
                 item,
                 sql,
-                hint=f"aggregates per unit: {_AGGREGATES[0]}; e.g. {example}",
+                hint=f"aggregates per unit: {_AGGREGATES}; e.g. {example}",
             )
         if not isinstance(item, exp.Alias):
             raise _refuse(
@@ -258,7 +258,7 @@ def per_unit(subquery: exp.Subquery, sql: str, policy: Policy) -> PerUnit:
                 f"{what}(DISTINCT ...) is not allowed per unit",
                 node,
                 sql,
-                hint=f"aggregates per unit: {_AGGREGATES[0]}",
+                hint=f"aggregates per unit: {_AGGREGATES}",
             )
         tree: exp.Expr | None = None
         typed: Typed | None = None
