@@ -991,7 +991,7 @@ class Bastion:
         bind_check(plan, self.engine)
         if len(self._plans) >= 1024:
             self._plans.clear()
-        self._plans[sql] = (plan.policy, plan)
+        self._plans[sql] = (plan.dataset_policy, plan)
         return plan
 
     # --- auditor access -----------------------------------------------------------------------------------

@@ -123,9 +123,9 @@ def test_a_schema_qualifier_is_the_dataset_itself() -> None:
         ),
         ("SELECT COUNT(*) FROM (SELECT * FROM visits) AS t", "subquery", "(SELECT * FROM visits) AS t"),
         (
-            "SELECT n, COUNT(*) FROM (SELECT patient_id, COUNT(*) AS n FROM visits GROUP BY patient_id) GROUP BY n",
+            "SELECT n, COUNT(*) FROM (SELECT region, COUNT(*) AS n FROM visits GROUP BY region) GROUP BY n",
             "subquery",
-            "(SELECT patient_id, COUNT(*) AS n FROM visits GROUP BY patient_id)",
+            "(SELECT region, COUNT(*) AS n FROM visits GROUP BY region)",
         ),
         (
             "SELECT COUNT(*) FROM visits WHERE age > (SELECT AVG(age) FROM visits)",

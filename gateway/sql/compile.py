@@ -96,15 +96,20 @@ def _expression_call(plan: Plan, m: Measurement) -> tuple[exp.Expr, bool]:
     raise AssertionError(m.kind)
 
 
+def read_table(plan: Plan) -> exp.Expr:
+    """The table a plan's statements read: the bounded table, or a per-unit query's derived table."""
+    return plan.per_unit.table() if plan.per_unit is not None else bounded(plan.dataset)
+
+
 def values_source(plan: Plan) -> exp.Expr:
-    """What the measurement statement reads: the bounded table, with each of the plan's row expressions computed
+    """What the measurement statement reads: the plan's table, with each of the plan's row expressions computed
     once per row as a column `__e<i>` when it has any."""
-    table = bounded(plan.dataset)
+    source = read_table(plan)
     if not plan.row_values:
-        return table
+        return source
     inner = exp.select(
         exp.Star(), *[exp.alias_(v.tree.copy(), f"__{v.name}", quoted=True) for v in plan.row_values.values()]
-    ).from_(table)
+    ).from_(source)
     return exp.alias_(exp.Subquery(this=inner), "__rows", quoted=True)
 
 
@@ -177,7 +182,7 @@ def grouped(
         if m.nullable:
             value = exp.Coalesce(this=value, expressions=[exp.Literal.number(0)])
         select.append(exp.alias_(value, m.alias, quoted=True))
-    query = exp.select(*select).from_(source if source is not None else bounded(plan.dataset))
+    query = exp.select(*select).from_(source if source is not None else read_table(plan))
     if empty:
         query = query.where(exp.false())
     if keys:

@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlglot import exp
 
@@ -32,6 +32,9 @@ from policies.schema import NUMERIC_TYPES, Column, ColumnType, Policy
 from policies.sqltypes import FLOAT, SqlType, Typed, canonical, sql_type_name
 from policies.sqltypes import column_type as column_type_of
 from policies.typecheck import Checked, Checker
+
+if TYPE_CHECKING:
+    from gateway.sql.perunit import PerUnit
 
 # Largest number of groups Bastion enumerates from public domains; larger key spaces go through key selection.
 MAX_DECLARED_GROUPS = 100_000
@@ -283,12 +286,22 @@ class Plan:
     # The statements the plan runs (`gateway.sql.compile.statements`), built once by the release when first needed:
     # the bind check before the charge and the run after it use the same trees (engines only read them).
     compiled: list[exp.Query] | None = field(default=None, repr=False, compare=False)
+    # A query over a per-unit subquery (gateway.sql.perunit): `policy` is then the derived table's, and the
+    # statements read the derived table in place of the bounded table.
+    per_unit: PerUnit | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def dataset_policy(self) -> Policy:
+        """The policy of the dataset the query reads (`policy` but for a per-unit query)."""
+        return self.per_unit.policy if self.per_unit is not None else self.policy
 
     @property
     def row_trees(self) -> list[exp.Expr]:
         """The row-level expressions the plan evaluates on every bounded row: the WHERE condition, the keys and the
-        aggregates' row expressions."""
+        aggregates' row expressions (and a per-unit subquery's)."""
         trees = [self.where, *(k.tree for k in self.keys), *(v.tree for v in self.row_values.values())]
+        if self.per_unit is not None:
+            trees += self.per_unit.trees
         return [t for t in trees if t is not None]
 
     @property
@@ -1092,8 +1105,12 @@ def public_key_domain(expr: exp.Expr, policy: Policy, tree: exp.Expr, typed: Typ
 
 def plan_query(sql: str, resolve: Callable[[str], Policy]) -> Plan:
     """Parse, validate and plan one analyst query. `resolve` maps a dataset name to its policy (or raises)."""
+    from gateway.sql import perunit  # it builds on this module's planner
+
     try:
         select = parse_select(sql)
+        if perunit.source(select) is not None:
+            return perunit.plan(select, sql, resolve)
         name = dataset_name(select, sql)
         policy = resolve(name)
         drop_qualifiers(select, name)

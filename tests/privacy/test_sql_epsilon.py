@@ -419,6 +419,29 @@ def test_avg_two_measurements(neighbours: Neighbours) -> None:
     audit_composed(neighbours, "SELECT AVG(amount) FROM audit", 2.0, {"sum", "count"})
 
 
+def test_per_unit_count_histogram(neighbours: Neighbours) -> None:
+    """`SELECT n, COUNT(*) FROM (SELECT uid, COUNT(*) AS n ... GROUP BY uid) GROUP BY n`: every n in 1..k is a
+    public key; the worst unit is one more unit at n = k (its 3k rows bounded to k), so the derived table moves by
+    one row and the release is calibrated for one row per unit."""
+    sql = "SELECT n, COUNT(*) FROM (SELECT uid, COUNT(*) AS n FROM audit GROUP BY uid) GROUP BY n"
+    plan, pricing, on_d, on_d_prime = _audited(neighbours, sql, 1.0)
+    assert not plan.needs_key_selection and pricing.cost.delta == 0
+    ((va, vb, d_in, eps),) = _integer_inputs(plan, pricing, on_d, on_d_prime).values()
+    assert d_in == 1 and len(va) == K
+    assert [a - b for a, b in zip(va, vb, strict=True)] == [0] * (K - 1) + [1]
+    calibrated = bound(*integer_hits(va, vb, d_in, eps, N_DRAWS))
+    assert calibrated <= pricing.cost.epsilon, calibrated
+    control = bound(*integer_hits(va, vb, d_in, 2 * eps, N_DRAWS))
+    assert control > pricing.cost.epsilon, control
+
+
+def test_per_unit_mean_of_sums(neighbours: Neighbours) -> None:
+    """AVG of a per-unit SUM(amount), in [-100k, 50k]: the worst unit's k rows at -100 are one derived row at
+    -100k, which moves the sum by k·100 and the count by one."""
+    sql = "SELECT AVG(s) FROM (SELECT uid, SUM(amount) AS s FROM audit GROUP BY uid)"
+    audit_composed(neighbours, sql, 2.0, {"sum", "count"})
+
+
 def test_variance_three_measurements(neighbours: Neighbours) -> None:
     """VARIANCE adds the sum of squares (k rows at -100: k·100² up) to SUM and COUNT(col)."""
     audit_composed(neighbours, "SELECT VARIANCE(amount) FROM audit", 3.0, {"sumsq", "sum", "count"})
