@@ -17,6 +17,7 @@ from typing import Any
 from sqlglot import exp
 
 from gateway.engines.public import PublicError, public_rows
+from gateway.sql.groups import PublicGroups, listed_condition, listed_domain, read_public_groups
 from gateway.sql.parse import dataset_name, drop_qualifiers, parse_select, top_span
 from policies import sensitivity as sens
 from policies.errors import QueryRejected
@@ -31,7 +32,7 @@ from policies.expressions import (
 from policies.schema import NUMERIC_TYPES, Column, ColumnType, Policy
 from policies.sqltypes import FLOAT, SqlType, Typed, canonical, sql_type_name
 from policies.sqltypes import column_type as column_type_of
-from policies.typecheck import Checked, Checker
+from policies.typecheck import Checked, Checker, eager_logic
 
 # Largest number of groups Bastion enumerates from public domains; larger key spaces go through key selection.
 MAX_DECLARED_GROUPS = 100_000
@@ -305,10 +306,12 @@ class Plan:
 
 
 class _Planner:
-    def __init__(self, select: exp.Select, sql: str, policy: Policy) -> None:
+    def __init__(self, select: exp.Select, sql: str, policy: Policy, listed: PublicGroups | None = None) -> None:
         self.select = select
         self.sql = sql
         self.policy = policy
+        self.listed = listed  # public group lists the query wrote (gateway/sql/groups.py)
+        self.listed_keys: list[tuple[exp.Expr, list[Any], SqlType]] = []
         self.aggregates: dict[tuple[Kind, str, float, str], Aggregate] = {}
         self.row_values: dict[str, RowValue] = {}
         self.keys: list[tuple[exp.Expr, GroupKey]] = []
@@ -587,13 +590,22 @@ class _Planner:
 
     def key_domains(self) -> None:
         """Fill in the public domain of each key that has one (evaluated on public values only)."""
+        listed = self.listed_domains()
         domains: list[list[Any] | None] = []
-        for expr, key in self.keys:
-            domains.append(public_key_domain(expr, self.policy, key.tree, key.typed))
+        for i, (expr, key) in enumerate(self.keys):
+            domains.append(listed[i] if i in listed else public_key_domain(expr, self.policy, key.tree, key.typed))
         total = 1
         for d in domains:
             total *= len(d) if d is not None else MAX_DECLARED_GROUPS + 1
         declared = total <= MAX_DECLARED_GROUPS
+        if listed and not declared and all(d is not None for d in domains):
+            raise reject(
+                f"the listed groups make {total:,} groups; at most {MAX_DECLARED_GROUPS:,}",
+                "public_groups",
+                self.select.args.get("group"),
+                self.sql,
+                hint="list fewer groups",
+            )
         self.keys = [
             (expr, GroupKey(key.alias, key.tree, d if declared else None, key.typed))
             for (expr, key), d in zip(self.keys, domains, strict=True)
@@ -603,6 +615,40 @@ class _Planner:
                 warning = continuous_key_warning(expr, self.policy)
                 if warning is not None:
                     self.warnings.append(warning)
+
+    def listed_domains(self) -> dict[int, list[Any]]:
+        """The public domain of each key the query lists (its position among the keys: its listed values, typed
+        as the key), and the rows filter of each (`listed_filter`)."""
+        if self.listed is None:
+            return {}
+        out: dict[int, list[Any]] = {}
+        for listed in self.listed.lists:
+            at = next((i for i, (expr, _) in enumerate(self.keys) if expr == listed.key), None)
+            if at is None or at in out:
+                raise reject(
+                    f"the listed column {listed.name!r} must be a GROUP BY key of its own"
+                    if at is None
+                    else "one list of groups per GROUP BY key",
+                    "public_groups",
+                    listed.table,
+                    self.sql,
+                    hint=f"add GROUP BY {listed.name}" if at is None else "list a key's groups once",
+                )
+            key = self.keys[at][1]
+            out[at] = listed_domain(listed, key.typed.type, self.sql)
+            self.listed_keys.append((listed.key, out[at], key.typed.type))
+        return out
+
+    def listed_filter(self, where: exp.Expr | None) -> exp.Expr | None:
+        """The WHERE condition and `key IN (<listed>)` for each listed key, in their total forms, every one
+        evaluated on every row: the rows of unlisted keys are in no released group."""
+        parts = [where] if where is not None else []
+        for key, domain, t in self.listed_keys:
+            condition = listed_condition(key, domain, t)
+            parts.append(check_row_expression(condition, self.policy, self.sql, condition="WHERE").tree)
+        if len(parts) <= 1:
+            return parts[0] if parts else None
+        return eager_logic(parts, conjunction=True)
 
     def match_key(self, node: exp.Expr) -> GroupKey | None:
         for expr, key in self.keys:
@@ -829,6 +875,7 @@ class _Planner:
                     )
                 bounds[clause] = int(value.this)
         self.key_domains()
+        where_tree = self.listed_filter(where_tree)
         compiled = [self.output(o) for o in outputs]
         post = exp.select(
             *[exp.alias_(c.tree, f"o{i}", quoted=True) for i, c in enumerate(compiled)],
@@ -863,7 +910,7 @@ class _Planner:
         return Plan(
             dataset=self.policy.dataset,
             policy=self.policy,
-            normalized_sql=select.sql(dialect="duckdb", normalize=True),
+            normalized_sql=self.listed.normalized_sql if self.listed else select.sql(dialect="duckdb", normalize=True),
             where=where_tree,
             keys=[k for _, k in self.keys],
             aggregates=aggregates,
@@ -1094,10 +1141,11 @@ def plan_query(sql: str, resolve: Callable[[str], Policy]) -> Plan:
     """Parse, validate and plan one analyst query. `resolve` maps a dataset name to its policy (or raises)."""
     try:
         select = parse_select(sql)
+        listed = read_public_groups(select, sql)  # a join listing public groups becomes one SELECT and its lists
         name = dataset_name(select, sql)
         policy = resolve(name)
         drop_qualifiers(select, name)
-        return _Planner(select, sql, policy).plan()
+        return _Planner(select, sql, policy, listed).plan()
     except RecursionError:
         raise QueryRejected(
             "the query is too deeply nested", reason="too_complex", hint="write a flatter expression"
