@@ -29,7 +29,7 @@ from typing import Any
 from sqlglot import exp
 
 from policies.errors import QueryRejected
-from policies.expressions import reject
+from policies.expressions import reject, span
 from policies.sqltypes import SqlType, canonical
 
 # The form named in the hints of refused joins.
@@ -215,8 +215,9 @@ def _unnest(unnest: exp.Unnest, sql: str) -> tuple[str, list[Value]]:
     array = unnest.expressions[0]
     if isinstance(array, exp.Array):
         return name, [_literal(v, sql) for v in array.expressions]
-    if isinstance(array, exp.Anonymous | exp.GenerateSeries) and _generate_array(array) is not None:
-        return name, _generate_array(array) or []
+    generated = _generate_array(array, sql)
+    if generated is not None:
+        return name, generated
     raise reject(
         "UNNEST of a literal array ([1, 2, 3]) or of GENERATE_ARRAY(low, high[, step]) of integer literals",
         _REASON,
@@ -226,8 +227,9 @@ def _unnest(unnest: exp.Unnest, sql: str) -> tuple[str, list[Value]]:
     )
 
 
-def _generate_array(node: exp.Expr) -> list[Value] | None:
-    """GENERATE_ARRAY(low, high[, step]) of integer literals, at most MAX_DECLARED_GROUPS values; None otherwise."""
+def _generate_array(node: exp.Expr, sql: str) -> list[Value] | None:
+    """GENERATE_ARRAY(low, high[, step]) of integer literals (at most MAX_DECLARED_GROUPS values, at least one);
+    None if it is not such a call."""
     from gateway.sql.plan import MAX_DECLARED_GROUPS
 
     if not isinstance(node, exp.Anonymous) or str(node.this).lower() != "generate_array":
@@ -241,8 +243,14 @@ def _generate_array(node: exp.Expr) -> list[Value] | None:
     if step == 0:
         return None
     count = max(0, math.floor((high - low) / step) + 1)
-    if count > MAX_DECLARED_GROUPS:
-        return None
+    if not 0 < count <= MAX_DECLARED_GROUPS:
+        raise reject(
+            f"{node.sql(dialect='duckdb')} lists {count:,} groups; a list has 1 to {MAX_DECLARED_GROUPS:,}",
+            _REASON,
+            node,
+            sql,
+            hint="list fewer groups, or leave the key to private key selection",
+        )
     return [Value("number", str(low + i * step), node) for i in range(count)]
 
 
@@ -388,7 +396,8 @@ def _key_side(join: exp.Join, alias: str | None, column: str, names: set[str], t
             sql,
             hint=f"write ON <column> = {alias + '.' if alias else ''}{column}",
         )
-    left, right = condition.this, condition.expression
+    left: exp.Expr = condition.this
+    right: exp.Expr = condition.expression
 
     def public(node: exp.Expr) -> bool:
         if not isinstance(node, exp.Column) or node.name.lower() != column:
@@ -461,6 +470,12 @@ def _substitute(select: exp.Select, replacements: list[tuple[str | None, str, ex
 # --- typing against the key, the domain and the row filter --------------------------------------------------
 
 
+def values_span(listed: Listed, sql: str) -> tuple[int | None, int | None]:
+    """Where the listed values are in the text: from the first to the last (a GENERATE_ARRAY call, if so listed)."""
+    first, last = span(listed.values[0].node, sql), span(listed.values[-1].node, sql)
+    return first[0], last[1]
+
+
 def listed_domain(listed: Listed, key_type: SqlType, sql: str) -> list[Any]:
     """The listed values typed as the key's type, deduplicated and in the order public domains are kept (a value
     of another type is refused with its span, before anything is charged)."""
@@ -470,11 +485,13 @@ def listed_domain(listed: Listed, key_type: SqlType, sql: str) -> list[Any]:
     for v in listed.values:
         found.add(_typed(v, key_type, sql))
     if len(found) > MAX_DECLARED_GROUPS:
-        raise reject(
+        start, end = values_span(listed, sql)
+        raise QueryRejected(
             f"{len(found):,} listed groups; at most {MAX_DECLARED_GROUPS:,}",
-            _REASON,
-            listed.table,
-            sql,
+            reason=_REASON,
+            sql=sql,
+            start=start,
+            end=end,
             hint="list fewer groups, or leave the key to private key selection",
         )
     return sorted(found, key=lambda v: (str(type(v)), v))

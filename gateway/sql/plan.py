@@ -17,7 +17,7 @@ from typing import Any
 from sqlglot import exp
 
 from gateway.engines.public import PublicError, public_rows
-from gateway.sql.groups import PublicGroups, listed_condition, listed_domain, read_public_groups
+from gateway.sql.groups import PublicGroups, listed_condition, listed_domain, read_public_groups, values_span
 from gateway.sql.parse import dataset_name, drop_qualifiers, parse_select, top_span
 from policies import sensitivity as sens
 from policies.errors import QueryRejected
@@ -598,12 +598,14 @@ class _Planner:
         for d in domains:
             total *= len(d) if d is not None else MAX_DECLARED_GROUPS + 1
         declared = total <= MAX_DECLARED_GROUPS
-        if listed and not declared and all(d is not None for d in domains):
-            raise reject(
+        if listed and self.listed and not declared and all(d is not None for d in domains):
+            start, end = values_span(max(self.listed.lists, key=lambda g: len(g.values)), self.sql)
+            raise QueryRejected(
                 f"the listed groups make {total:,} groups; at most {MAX_DECLARED_GROUPS:,}",
-                "public_groups",
-                self.select.args.get("group"),
-                self.sql,
+                reason="public_groups",
+                sql=self.sql,
+                start=start,
+                end=end,
                 hint="list fewer groups",
             )
         self.keys = [
