@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from sqlglot import exp
@@ -508,12 +509,13 @@ def _typed(v: Value, t: SqlType, sql: str) -> Any:
         )
 
     if t is SqlType.INT:
-        if v.kind != "number":
+        try:
+            number = Decimal(str(v.value)) if v.kind == "number" else None
+        except InvalidOperation:
+            number = None
+        if number is None or not number.is_finite() or number != number.to_integral_value():
             raise mismatch("an integer")
-        number = float(v.value)
-        if not math.isfinite(number) or number != int(number):
-            raise mismatch("an integer")
-        return canonical(int(number) if abs(number) < 2**53 else int(v.value), t)
+        return canonical(int(number), t)
     if t is SqlType.FLOAT:
         if v.kind != "number" or not math.isfinite(float(v.value)):
             raise mismatch("a number")
