@@ -19,7 +19,8 @@ from gateway.engines.duckdb import DuckDBEngine
 from gateway.service import Bastion, Context
 from gateway.settings import Settings
 from gateway.sql import compile as comp
-from gateway.sql.plan import MAX_DECLARED_GROUPS, Plan, plan_query
+from gateway.sql.groups import MAX_LISTED_GROUPS
+from gateway.sql.plan import Plan, plan_query
 from gateway.sql.release import bind_check
 from policies.errors import QueryRejected
 from policies.schema import parse_policy
@@ -267,7 +268,13 @@ REFUSALS = [
         "type_error",
         "'someday'",
     ),
-    # more groups than Bastion enumerates, or none
+    # more groups than Bastion enumerates, more values than a query lists, or none
+    (
+        "SELECT g.x, COUNT(*) FROM visits RIGHT JOIN UNNEST(GENERATE_ARRAY(1, 600)) AS g(x) ON g.x = age RIGHT JOIN "
+        "UNNEST(GENERATE_ARRAY(0, 599)) AS h(y) ON h.y = length_of_stay GROUP BY 1, h.y",
+        "public_groups",
+        "GENERATE_ARRAY(1, 600)",
+    ),
     (
         "SELECT g.x, COUNT(*) FROM visits RIGHT JOIN UNNEST(GENERATE_ARRAY(1, 200000)) AS g(x) ON g.x = age GROUP BY 1",
         "public_groups",
@@ -279,9 +286,9 @@ REFUSALS = [
         "GENERATE_ARRAY(5, 1)",
     ),
     (
-        f"SELECT g.x, COUNT(*) FROM visits RIGHT JOIN (SELECT DISTINCT x FROM UNNEST(GENERATE_ARRAY(0, 400)) AS x) g "
-        f"ON g.x = age RIGHT JOIN (SELECT DISTINCT y FROM UNNEST(GENERATE_ARRAY(1, {MAX_DECLARED_GROUPS // 400})) "
-        "AS y) h ON h.y = length_of_stay GROUP BY g.x, h.y",
+        "SELECT g.x, COUNT(*) FROM visits RIGHT JOIN (SELECT DISTINCT x FROM UNNEST(GENERATE_ARRAY(0, 400)) AS x) g "
+        "ON g.x = age RIGHT JOIN (SELECT DISTINCT y FROM UNNEST(GENERATE_ARRAY(1, 250)) AS y) h ON h.y = "
+        "length_of_stay GROUP BY g.x, h.y",  # 401 × 250 groups: more than MAX_DECLARED_GROUPS
         "public_groups",
         "GENERATE_ARRAY(0, 400)",
     ),
@@ -300,6 +307,14 @@ def test_refusals_have_their_reason_and_span_and_charge_nothing(
     assert (err.status, err.code, err.reason) == (400, "query_rejected", reason), err.message
     assert err.details.get("highlight") == highlight, err.message
     assert _spent(bastion, ctx) == before
+
+
+def test_a_query_lists_up_to_the_limit() -> None:
+    plan = _plan(
+        f"SELECT g.x, COUNT(*) FROM visits RIGHT JOIN UNNEST(GENERATE_ARRAY(1, {MAX_LISTED_GROUPS})) AS g(x) "
+        "ON g.x = FLOOR(income) GROUP BY 1"
+    )
+    assert plan.keys[0].domain == list(range(1, MAX_LISTED_GROUPS + 1))
 
 
 def test_a_refused_join_names_the_public_groups_form() -> None:

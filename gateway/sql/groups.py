@@ -31,7 +31,7 @@ from sqlglot import exp
 
 from policies.errors import QueryRejected
 from policies.expressions import reject, span
-from policies.sqltypes import SqlType, canonical
+from policies.sqltypes import SqlType, canonical, sql_type_name
 
 # The form named in the hints of refused joins.
 PUBLIC_GROUPS_FORM = (
@@ -47,6 +47,11 @@ CROSS_UNNEST_HINT = (
     f"groups): write {PUBLIC_GROUPS_FORM}"
 )
 _REASON = "public_groups"
+# Values one query may list (all its lists together): each is a literal of the row filter every measurement's
+# FILTER repeats, so the size of the generated statements grows with them (1,000 values and three measures compile
+# in under a second; 10,000 take seconds, benchmarks/public_groups.py). Larger key sets are the policy's domains,
+# bins of a bounded column, or private key selection.
+MAX_LISTED_GROUPS = 1_000
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,18 @@ def read_public_groups(select: exp.Select, sql: str) -> PublicGroups | None:
         unqualified = _unqualified(key, names)
         lists.append(Listed(unqualified, column, tuple(values), table))
         replacements.append((table_alias, column, key))
+    written = sum(len(g.values) for g in lists)
+    if written > MAX_LISTED_GROUPS:
+        start, end = values_span(max(lists, key=lambda g: len(g.values)), sql)
+        raise QueryRejected(
+            f"the query lists {written:,} groups; at most {MAX_LISTED_GROUPS:,}",
+            reason=_REASON,
+            sql=sql,
+            start=start,
+            end=end,
+            hint="list fewer groups; for more keys, group by the column itself (its policy domain, bins of a "
+            "bounded column, or private key selection)",
+        )
     select.set("from_" if "from_" in exp.Select.arg_types else "from", exp.From(this=private.copy()))
     select.set("joins", None)
     _substitute(select, replacements)
@@ -229,10 +246,8 @@ def _unnest(unnest: exp.Unnest, sql: str) -> tuple[str, list[Value]]:
 
 
 def _generate_array(node: exp.Expr, sql: str) -> list[Value] | None:
-    """GENERATE_ARRAY(low, high[, step]) of integer literals (at most MAX_DECLARED_GROUPS values, at least one);
+    """GENERATE_ARRAY(low, high[, step]) of integer literals (at most MAX_LISTED_GROUPS values, at least one);
     None if it is not such a call."""
-    from gateway.sql.plan import MAX_DECLARED_GROUPS
-
     if not isinstance(node, exp.Anonymous) or str(node.this).lower() != "generate_array":
         return None
     args = [_integer(a) for a in node.expressions]
@@ -244,9 +259,9 @@ def _generate_array(node: exp.Expr, sql: str) -> list[Value] | None:
     if step == 0:
         return None
     count = max(0, math.floor((high - low) / step) + 1)
-    if not 0 < count <= MAX_DECLARED_GROUPS:
+    if not 0 < count <= MAX_LISTED_GROUPS:
         raise reject(
-            f"{node.sql(dialect='duckdb')} lists {count:,} groups; a list has 1 to {MAX_DECLARED_GROUPS:,}",
+            f"{node.sql(dialect='duckdb')} lists {count:,} groups; a query lists 1 to {MAX_LISTED_GROUPS:,}",
             _REASON,
             node,
             sql,
@@ -480,21 +495,7 @@ def values_span(listed: Listed, sql: str) -> tuple[int | None, int | None]:
 def listed_domain(listed: Listed, key_type: SqlType, sql: str) -> list[Any]:
     """The listed values typed as the key's type, deduplicated and in the order public domains are kept (a value
     of another type is refused with its span, before anything is charged)."""
-    from gateway.sql.plan import MAX_DECLARED_GROUPS
-
-    found: set[Any] = set()
-    for v in listed.values:
-        found.add(_typed(v, key_type, sql))
-    if len(found) > MAX_DECLARED_GROUPS:
-        start, end = values_span(listed, sql)
-        raise QueryRejected(
-            f"{len(found):,} listed groups; at most {MAX_DECLARED_GROUPS:,}",
-            reason=_REASON,
-            sql=sql,
-            start=start,
-            end=end,
-            hint="list fewer groups, or leave the key to private key selection",
-        )
+    found = {_typed(v, key_type, sql) for v in listed.values}
     return sorted(found, key=lambda v: (str(type(v)), v))
 
 
@@ -552,5 +553,12 @@ def value_literal(value: Any, t: SqlType) -> exp.Expr:
 
 
 def listed_condition(key: exp.Expr, domain: list[Any], t: SqlType) -> exp.Expr:
-    """`key IN (v1, v2, ...)`: the rows whose key is listed, as written over the dataset's columns."""
-    return exp.In(this=key.copy(), expressions=[value_literal(v, t) for v in domain])
+    """`CAST(key AS T) IN (CAST(v1 AS T), ...)` over the key's total form: the rows whose key is listed, compared in
+    the one SQL type every engine casts that key to (as the measurement statement groups it). It is built here,
+    not type-checked again: the key is checked and each value typed as the key already (a list is longer than the
+    checker's limit on the size of an expression)."""
+    to = exp.DataType.build(sql_type_name(t))
+    return exp.In(
+        this=exp.Cast(this=key.copy(), to=to.copy()),
+        expressions=[exp.Cast(this=value_literal(v, t), to=to.copy()) for v in domain],
+    )

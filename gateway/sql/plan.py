@@ -311,7 +311,7 @@ class _Planner:
         self.sql = sql
         self.policy = policy
         self.listed = listed  # public group lists the query wrote (gateway/sql/groups.py)
-        self.listed_keys: list[tuple[exp.Expr, list[Any], SqlType]] = []
+        self.listed_keys: list[tuple[GroupKey, list[Any]]] = []
         self.aggregates: dict[tuple[Kind, str, float, str], Aggregate] = {}
         self.row_values: dict[str, RowValue] = {}
         self.keys: list[tuple[exp.Expr, GroupKey]] = []
@@ -638,16 +638,14 @@ class _Planner:
                 )
             key = self.keys[at][1]
             out[at] = listed_domain(listed, key.typed.type, self.sql)
-            self.listed_keys.append((listed.key, out[at], key.typed.type))
+            self.listed_keys.append((key, out[at]))
         return out
 
     def listed_filter(self, where: exp.Expr | None) -> exp.Expr | None:
         """The WHERE condition and `key IN (<listed>)` for each listed key, in their total forms, every one
         evaluated on every row: the rows of unlisted keys are in no released group."""
         parts = [where] if where is not None else []
-        for key, domain, t in self.listed_keys:
-            condition = listed_condition(key, domain, t)
-            parts.append(check_row_expression(condition, self.policy, self.sql, condition="WHERE").tree)
+        parts += [listed_condition(key.tree, domain, key.typed.type) for key, domain in self.listed_keys]
         if len(parts) <= 1:
             return parts[0] if parts else None
         return eager_logic(parts, conjunction=True)
