@@ -16,13 +16,14 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from gateway.demo import POLICY_YAML, write_demo
 from gateway.service import Bastion, Context
 from gateway.settings import Settings
 from gateway.sql import compile as comp
-from gateway.sql.plan import plan_query
+from gateway.sql.plan import Plan, plan_query
 from policies.schema import load_policy, parse_policy
 
 
@@ -33,6 +34,10 @@ def _median(fn: Callable[[], object], runs: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def _generate(plan: Plan) -> list[str]:
+    return [s.sql(dialect="duckdb") for s in comp.statements(plan)]
 
 
 def listed_sql(n: int) -> str:
@@ -67,14 +72,14 @@ def main() -> None:
         ctx = Context(bastion.authenticate(token))
         print(f"{'query':<28} {'plan ms':>9} {'compile ms':>11} {'statement KiB':>14} {'query ms':>9}")
         for label, sql in queries:
-            plan_s = _median(lambda sql=sql: plan_query(sql, lambda _: policy), args.runs)
             plan = plan_query(sql, lambda _: policy)
-            compile_s = _median(lambda plan=plan: [s.sql(dialect="duckdb") for s in comp.statements(plan)], args.runs)
-            size = sum(len(s.sql(dialect="duckdb")) for s in comp.statements(plan)) / 1024
+            epsilons = iter([0.01 + i * 1e-4 for i in range(args.runs)])
+            plan_s = _median(partial(plan_query, sql, lambda _: policy), args.runs)
+            compile_s = _median(partial(_generate, plan), args.runs)
+            size = sum(len(s) for s in _generate(plan)) / 1024
             # A fresh ε each run, so that no answer comes from the release cache (ε is part of its key); all of them
             # together stay far inside the demo's per-principal budget of 10.
-            epsilons = iter(0.01 + i * 1e-4 for i in range(args.runs))
-            query_s = _median(lambda sql=sql, e=epsilons: bastion.query(ctx, sql, epsilon=next(e)), args.runs)
+            query_s = _median(lambda: bastion.query(ctx, sql, epsilon=next(epsilons)), args.runs)  # noqa: B023
             print(f"{label:<28} {plan_s * 1e3:>9.1f} {compile_s * 1e3:>11.1f} {size:>14.1f} {query_s * 1e3:>9.1f}")
         bastion.close()
 
