@@ -116,8 +116,9 @@ def read_public_groups(select: exp.Select, sql: str) -> PublicGroups | None:
         return None
     first = from_.this
     pairs: list[tuple[exp.Expr, exp.Join]] = []  # (public table, the join whose condition relates it)
+    private: exp.Table
     if isinstance(first, exp.Table) and all(_outer(j, "RIGHT") and _public_like(j.this) for j in joins):
-        private, alias = first, first
+        private = first
         pairs = [(j.this, j) for j in joins]
     elif (
         _public_like(first)
@@ -125,17 +126,17 @@ def read_public_groups(select: exp.Select, sql: str) -> PublicGroups | None:
         and _outer(joins[0], "LEFT")
         and all(_outer(j, "RIGHT") and _public_like(j.this) for j in joins[1:])
     ):
-        private, alias = joins[0].this, joins[0].this
+        private = joins[0].this
         pairs = [(first, joins[0])] + [(j.this, j) for j in joins[1:]]
     else:
         return None
-    names = {private.name.lower()} | ({alias.alias.lower()} if alias.alias else set())
+    names = {private.name.lower()} | ({private.alias.lower()} if private.alias else set())
     normalized = select.sql(dialect="duckdb", normalize=True)
     lists: list[Listed] = []
     replacements: list[tuple[str | None, str, exp.Expr]] = []
     for table, join in pairs:
         table_alias, column, values = _listed_values(table, sql)
-        key = _key_side(join, table_alias, column, names, table, sql)
+        key = _key_side(join, table_alias, column, table, sql)
         unqualified = _unqualified(key, names)
         lists.append(Listed(unqualified, column, tuple(values), table))
         replacements.append((table_alias, column, key))
@@ -181,7 +182,7 @@ def _listed_values(table: exp.Expr, sql: str) -> tuple[str | None, str, list[Val
             sql,
             hint=f"write {PUBLIC_GROUPS_FORM}",
         )
-    if isinstance(inner, exp.Union) and not isinstance(inner, exp.Intersect | exp.Except):
+    if isinstance(inner, exp.Union):
         column, values = _union(inner, sql)
         return alias_name, column, values
     if isinstance(inner, exp.Select):
@@ -286,7 +287,7 @@ def _union(union: exp.Union, sql: str) -> tuple[str, list[Value]]:
     stack: list[exp.Expr] = [union]
     while stack:
         node = stack.pop()
-        if isinstance(node, exp.Union) and not isinstance(node, exp.Intersect | exp.Except):
+        if isinstance(node, exp.Union):
             if node.args.get("order") or node.args.get("limit") or node.args.get("offset"):
                 raise _not_a_list(node, sql)
             stack.extend([node.expression, node.this])  # left first
@@ -386,7 +387,7 @@ def _literal(node: exp.Expr, sql: str) -> Value:
 # --- the join condition -----------------------------------------------------------------------------------
 
 
-def _key_side(join: exp.Join, alias: str | None, column: str, names: set[str], table: exp.Expr, sql: str) -> exp.Expr:
+def _key_side(join: exp.Join, alias: str | None, column: str, table: exp.Expr, sql: str) -> exp.Expr:
     """The dataset's side of the join's equality with the listed column."""
     using = join.args.get("using")
     on = join.args.get("on")
@@ -539,17 +540,15 @@ def _typed(v: Value, t: SqlType, sql: str) -> Any:
     raise mismatch(f"a {t.value} key")
 
 
-def value_literal(value: Any, t: SqlType) -> exp.Expr:
-    """A typed domain value as a literal tree the row type-checker reads as the key's type."""
+def _value_literal(value: Any, t: SqlType) -> exp.Expr:
+    """A typed domain value as a literal (a date as its ISO text), cast to the key's SQL type where it is used."""
     if t is SqlType.BOOL:
         return exp.Boolean(this=bool(value))
     if t is SqlType.INT:
         return exp.Literal.number(int(value))
     if t is SqlType.FLOAT:
         return exp.Literal.number(repr(float(value)))
-    if t is SqlType.DATE:
-        return exp.Cast(this=exp.Literal.string(value.isoformat()), to=exp.DataType.build("DATE"))
-    return exp.Literal.string(str(value))
+    return exp.Literal.string(value.isoformat() if t is SqlType.DATE else str(value))
 
 
 def listed_condition(key: exp.Expr, domain: list[Any], t: SqlType) -> exp.Expr:
@@ -560,5 +559,5 @@ def listed_condition(key: exp.Expr, domain: list[Any], t: SqlType) -> exp.Expr:
     to = exp.DataType.build(sql_type_name(t))
     return exp.In(
         this=exp.Cast(this=key.copy(), to=to.copy()),
-        expressions=[exp.Cast(this=value_literal(v, t), to=to.copy()) for v in domain],
+        expressions=[exp.Cast(this=_value_literal(v, t), to=to.copy()) for v in domain],
     )
