@@ -25,13 +25,17 @@ import datetime as dt
 import math
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlglot import exp
 
 from policies.errors import QueryRejected
 from policies.expressions import reject, span
 from policies.sqltypes import SqlType, canonical, sql_type_name
+from policies.typecheck import eager_logic
+
+if TYPE_CHECKING:
+    from gateway.sql.plan import GroupKey
 
 # The form named in the hints of refused joins.
 PUBLIC_GROUPS_FORM = (
@@ -491,6 +495,56 @@ def values_span(listed: Listed, sql: str) -> tuple[int | None, int | None]:
     """Where the listed values are in the text: from the first to the last (a GENERATE_ARRAY call, if so listed)."""
     first, last = span(listed.values[0].node, sql), span(listed.values[-1].node, sql)
     return first[0], last[1]
+
+
+def listed_domains(groups: PublicGroups | None, keys: list[tuple[exp.Expr, SqlType]], sql: str) -> dict[int, list[Any]]:
+    """The public domain of each GROUP BY key the query lists, by the key's position: its listed values, typed as
+    the key. `keys` are the planner's keys as written (after the rewrite) and their types. A list whose column is
+    not a key of its own is refused."""
+    if groups is None:
+        return {}
+    out: dict[int, list[Any]] = {}
+    for listed in groups.lists:
+        at = next((i for i, (expr, _) in enumerate(keys) if expr == listed.key), None)
+        if at is None or at in out:
+            raise reject(
+                f"the listed column {listed.name!r} must be a GROUP BY key of its own"
+                if at is None
+                else "one list of groups per GROUP BY key",
+                _REASON,
+                listed.table,
+                sql,
+                hint=f"add GROUP BY {listed.name}" if at is None else "list a key's groups once",
+            )
+        out[at] = listed_domain(listed, keys[at][1], sql)
+    return out
+
+
+def refuse_listed_total(groups: PublicGroups | None, total: int, limit: int, sql: str) -> None:
+    """Refuse a query whose listed keys make more groups than Bastion enumerates (with the planner's other public
+    domains): listed keys are released as listed or not at all, never selected privately."""
+    if groups is None:
+        return
+    start, end = values_span(max(groups.lists, key=lambda g: len(g.values)), sql)
+    raise QueryRejected(
+        f"the listed groups make {total:,} groups; at most {limit:,}",
+        reason=_REASON,
+        sql=sql,
+        start=start,
+        end=end,
+        hint="list fewer groups",
+    )
+
+
+def listed_filter(where: exp.Expr | None, keys: list[tuple[GroupKey, list[Any]]]) -> exp.Expr | None:
+    """The WHERE condition's total form and `key IN (<listed>)` for each listed key (`keys`: the planner's
+    GroupKey and its listed domain), every one evaluated on every row: the rows of unlisted keys are in no released
+    group. Applied as WHERE is, to the pre-bounded table: it depends on the row alone."""
+    parts = [where] if where is not None else []
+    parts += [listed_condition(key.tree, domain, key.typed.type) for key, domain in keys]
+    if len(parts) <= 1:
+        return parts[0] if parts else None
+    return eager_logic(parts, conjunction=True)
 
 
 def listed_domain(listed: Listed, key_type: SqlType, sql: str) -> list[Any]:

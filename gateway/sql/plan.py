@@ -17,7 +17,7 @@ from typing import Any
 from sqlglot import exp
 
 from gateway.engines.public import PublicError, public_rows
-from gateway.sql.groups import PublicGroups, listed_condition, listed_domain, read_public_groups, values_span
+from gateway.sql.groups import PublicGroups, listed_domains, listed_filter, read_public_groups, refuse_listed_total
 from gateway.sql.parse import dataset_name, drop_qualifiers, parse_select, top_span
 from policies import sensitivity as sens
 from policies.errors import QueryRejected
@@ -32,7 +32,7 @@ from policies.expressions import (
 from policies.schema import NUMERIC_TYPES, Column, ColumnType, Policy
 from policies.sqltypes import FLOAT, SqlType, Typed, canonical, sql_type_name
 from policies.sqltypes import column_type as column_type_of
-from policies.typecheck import Checked, Checker, eager_logic
+from policies.typecheck import Checked, Checker
 
 # Largest number of groups Bastion enumerates from public domains; larger key spaces go through key selection.
 MAX_DECLARED_GROUPS = 100_000
@@ -311,7 +311,7 @@ class _Planner:
         self.sql = sql
         self.policy = policy
         self.listed = listed  # public group lists the query wrote (gateway/sql/groups.py)
-        self.listed_keys: list[tuple[GroupKey, list[Any]]] = []
+        self.listed_domains: dict[int, list[Any]] = {}  # by key position
         self.aggregates: dict[tuple[Kind, str, float, str], Aggregate] = {}
         self.row_values: dict[str, RowValue] = {}
         self.keys: list[tuple[exp.Expr, GroupKey]] = []
@@ -590,7 +590,7 @@ class _Planner:
 
     def key_domains(self) -> None:
         """Fill in the public domain of each key that has one (evaluated on public values only)."""
-        listed = self.listed_domains()
+        listed = self.listed_domains = listed_domains(self.listed, [(e, k.typed.type) for e, k in self.keys], self.sql)
         domains: list[list[Any] | None] = []
         for i, (expr, key) in enumerate(self.keys):
             domains.append(listed[i] if i in listed else public_key_domain(expr, self.policy, key.tree, key.typed))
@@ -598,16 +598,8 @@ class _Planner:
         for d in domains:
             total *= len(d) if d is not None else MAX_DECLARED_GROUPS + 1
         declared = total <= MAX_DECLARED_GROUPS
-        if listed and self.listed and not declared and all(d is not None for d in domains):
-            start, end = values_span(max(self.listed.lists, key=lambda g: len(g.values)), self.sql)
-            raise QueryRejected(
-                f"the listed groups make {total:,} groups; at most {MAX_DECLARED_GROUPS:,}",
-                reason="public_groups",
-                sql=self.sql,
-                start=start,
-                end=end,
-                hint="list fewer groups",
-            )
+        if not declared and all(d is not None for d in domains):
+            refuse_listed_total(self.listed, total, MAX_DECLARED_GROUPS, self.sql)  # listed keys are never selected
         self.keys = [
             (expr, GroupKey(key.alias, key.tree, d if declared else None, key.typed))
             for (expr, key), d in zip(self.keys, domains, strict=True)
@@ -617,38 +609,6 @@ class _Planner:
                 warning = continuous_key_warning(expr, self.policy)
                 if warning is not None:
                     self.warnings.append(warning)
-
-    def listed_domains(self) -> dict[int, list[Any]]:
-        """The public domain of each key the query lists (its position among the keys: its listed values, typed
-        as the key), and the rows filter of each (`listed_filter`)."""
-        if self.listed is None:
-            return {}
-        out: dict[int, list[Any]] = {}
-        for listed in self.listed.lists:
-            at = next((i for i, (expr, _) in enumerate(self.keys) if expr == listed.key), None)
-            if at is None or at in out:
-                raise reject(
-                    f"the listed column {listed.name!r} must be a GROUP BY key of its own"
-                    if at is None
-                    else "one list of groups per GROUP BY key",
-                    "public_groups",
-                    listed.table,
-                    self.sql,
-                    hint=f"add GROUP BY {listed.name}" if at is None else "list a key's groups once",
-                )
-            key = self.keys[at][1]
-            out[at] = listed_domain(listed, key.typed.type, self.sql)
-            self.listed_keys.append((key, out[at]))
-        return out
-
-    def listed_filter(self, where: exp.Expr | None) -> exp.Expr | None:
-        """The WHERE condition and `key IN (<listed>)` for each listed key, in their total forms, every one
-        evaluated on every row: the rows of unlisted keys are in no released group."""
-        parts = [where] if where is not None else []
-        parts += [listed_condition(key.tree, domain, key.typed.type) for key, domain in self.listed_keys]
-        if len(parts) <= 1:
-            return parts[0] if parts else None
-        return eager_logic(parts, conjunction=True)
 
     def match_key(self, node: exp.Expr) -> GroupKey | None:
         for expr, key in self.keys:
@@ -875,7 +835,7 @@ class _Planner:
                     )
                 bounds[clause] = int(value.this)
         self.key_domains()
-        where_tree = self.listed_filter(where_tree)
+        where_tree = listed_filter(where_tree, [(self.keys[i][1], d) for i, d in self.listed_domains.items()])
         compiled = [self.output(o) for o in outputs]
         post = exp.select(
             *[exp.alias_(c.tree, f"o{i}", quoted=True) for i, c in enumerate(compiled)],
