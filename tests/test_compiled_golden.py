@@ -47,6 +47,9 @@ QUERIES = [
     "GROUP BY sex",
     "SELECT region, COUNT(CASE WHEN age < 18 THEN 1 END) AS children FROM visits WHERE sex = 'F' GROUP BY region",
     "SELECT diagnosis, SUM(age + 1), STDDEV(age + 1) FROM visits GROUP BY diagnosis",
+    # a public group list written in the query: the rows filtered to the listed keys, as WHERE is (a FILTER)
+    "SELECT g.region, COUNT(*) AS n FROM visits v RIGHT OUTER JOIN (SELECT DISTINCT region FROM UNNEST(['north', "
+    "'mars']) AS region) g ON v.region = g.region WHERE age >= 65 GROUP BY g.region",
 ]
 
 

@@ -1,5 +1,6 @@
 """Parse stage: one analyst statement with sqlglot, refused unless it is one SELECT over one registered dataset
-(no joins, subqueries, table functions or catalogs). The text is never executed; later stages work on the tree.
+(no joins but a list of public groups, `gateway/sql/groups.py`; no subqueries, table functions or catalogs). The
+text is never executed; later stages work on the tree.
 
 Spellings of other dialects are read here into the tree the planner knows: `SELECT TOP n` (SQL Server,
 SmartNoise SQL) becomes `LIMIT n`, a table alias or the dataset's own name as a column qualifier is dropped, and
@@ -15,6 +16,7 @@ from sqlglot.dialects.duckdb import DuckDB
 from sqlglot.errors import TokenError
 from sqlglot.tokens import Token, TokenType
 
+from gateway.sql.groups import join_hint
 from policies.errors import QueryRejected
 from policies.expressions import balanced, parse_statements, reject, span
 
@@ -259,8 +261,7 @@ def dataset_name(select: exp.Select, sql: str) -> str:
             sql=sql,
             start=start,
             end=end,
-            hint="query one dataset at a time; to release a fixed list of groups, group by a column with a public "
-            "domain or a CASE over it",
+            hint=join_hint(joined[0]),
         )
     from_ = select.args.get("from_") or select.args.get("from")
     if from_ is None:

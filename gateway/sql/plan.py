@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from sqlglot import exp
 
 from gateway.engines.public import PublicError, public_rows
+from gateway.sql.groups import PublicGroups, listed_domains, listed_filter, read_public_groups, refuse_listed_total
 from gateway.sql.parse import dataset_name, drop_qualifiers, parse_select, top_span
 from policies import sensitivity as sens
 from policies.errors import QueryRejected
@@ -318,10 +319,12 @@ class Plan:
 
 
 class _Planner:
-    def __init__(self, select: exp.Select, sql: str, policy: Policy) -> None:
+    def __init__(self, select: exp.Select, sql: str, policy: Policy, listed: PublicGroups | None = None) -> None:
         self.select = select
         self.sql = sql
         self.policy = policy
+        self.listed = listed  # public group lists the query wrote (gateway/sql/groups.py)
+        self.listed_domains: dict[int, list[Any]] = {}  # by key position
         self.aggregates: dict[tuple[Kind, str, float, str], Aggregate] = {}
         self.row_values: dict[str, RowValue] = {}
         self.keys: list[tuple[exp.Expr, GroupKey]] = []
@@ -600,13 +603,16 @@ class _Planner:
 
     def key_domains(self) -> None:
         """Fill in the public domain of each key that has one (evaluated on public values only)."""
+        listed = self.listed_domains = listed_domains(self.listed, [(e, k.typed.type) for e, k in self.keys], self.sql)
         domains: list[list[Any] | None] = []
-        for expr, key in self.keys:
-            domains.append(public_key_domain(expr, self.policy, key.tree, key.typed))
+        for i, (expr, key) in enumerate(self.keys):
+            domains.append(listed[i] if i in listed else public_key_domain(expr, self.policy, key.tree, key.typed))
         total = 1
         for d in domains:
             total *= len(d) if d is not None else MAX_DECLARED_GROUPS + 1
         declared = total <= MAX_DECLARED_GROUPS
+        if not declared and all(d is not None for d in domains):
+            refuse_listed_total(self.listed, total, MAX_DECLARED_GROUPS, self.sql)  # listed keys are never selected
         self.keys = [
             (expr, GroupKey(key.alias, key.tree, d if declared else None, key.typed))
             for (expr, key), d in zip(self.keys, domains, strict=True)
@@ -842,6 +848,7 @@ class _Planner:
                     )
                 bounds[clause] = int(value.this)
         self.key_domains()
+        where_tree = listed_filter(where_tree, [(self.keys[i][1], d) for i, d in self.listed_domains.items()])
         compiled = [self.output(o) for o in outputs]
         post = exp.select(
             *[exp.alias_(c.tree, f"o{i}", quoted=True) for i, c in enumerate(compiled)],
@@ -876,7 +883,7 @@ class _Planner:
         return Plan(
             dataset=self.policy.dataset,
             policy=self.policy,
-            normalized_sql=select.sql(dialect="duckdb", normalize=True),
+            normalized_sql=self.listed.normalized_sql if self.listed else select.sql(dialect="duckdb", normalize=True),
             where=where_tree,
             keys=[k for _, k in self.keys],
             aggregates=aggregates,
@@ -1111,10 +1118,11 @@ def plan_query(sql: str, resolve: Callable[[str], Policy]) -> Plan:
         select = parse_select(sql)
         if perunit.source(select) is not None:
             return perunit.plan(select, sql, resolve)
+        listed = read_public_groups(select, sql)  # a join listing public groups becomes one SELECT and its lists
         name = dataset_name(select, sql)
         policy = resolve(name)
         drop_qualifiers(select, name)
-        return _Planner(select, sql, policy).plan()
+        return _Planner(select, sql, policy, listed).plan()
     except RecursionError:
         raise QueryRejected(
             "the query is too deeply nested", reason="too_complex", hint="write a flatter expression"

@@ -395,6 +395,25 @@ def test_declared_group_by(neighbours: Neighbours) -> None:
     assert control > pricing.cost.epsilon, control
 
 
+def test_listed_public_groups(neighbours: Neighbours) -> None:
+    """Keys the query lists (ZetaSQL's public-groups join) over `tag`, which has no public domain: a vector release
+    over exactly the listed keys, 'absent' empty on both sides, no key selection and no δ; the worst unit is all in
+    'edge' (k more rows there on D), and the rows of unlisted tags are filtered out before the release."""
+    sql = (
+        "SELECT g.t, COUNT(*) FROM audit RIGHT OUTER JOIN "
+        "(SELECT DISTINCT t FROM UNNEST(['edge', 'common', 'absent']) AS t) g ON tag = g.t GROUP BY g.t"
+    )
+    plan, pricing, on_d, on_d_prime = _audited(neighbours, sql, 1.0)
+    assert not plan.needs_key_selection and plan.declared_groups() == [("absent",), ("common",), ("edge",)]
+    assert pricing.cost.delta == 0.0 and not on_d.selections and not on_d_prime.selections
+    ((va, vb, d_in, eps),) = _integer_inputs(plan, pricing, on_d, on_d_prime).values()
+    assert va[0] == vb[0] == 0 and va[2] - vb[2] == K and va[1] == vb[1] > 0
+    calibrated = bound(*integer_hits(va, vb, d_in, eps, N_DRAWS))
+    assert calibrated <= pricing.cost.epsilon, calibrated
+    control = bound(*integer_hits(va, vb, d_in, 2 * eps, N_DRAWS))
+    assert control > pricing.cost.epsilon, control
+
+
 def audit_composed(neighbours: Neighbours, sql: str, epsilon: float, kinds: set[str]) -> None:
     """A request of several measurements, each with an equal share of ε: each on its own, then the joint event
     of all of them against the request's ε, calibrated and with half the scale."""
