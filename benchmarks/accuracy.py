@@ -3,6 +3,7 @@
     .venv/bin/python -m benchmarks.accuracy                       # ~15 min: 200,000 rows, 100 releases, both peers
     .venv/bin/python -m benchmarks.accuracy --quick               # seconds: 20,000 rows, 10 releases, no peers
     .venv/bin/python -m benchmarks.accuracy --quick --peers opendp
+    .venv/bin/python -m benchmarks.accuracy --queries median median_value --peers opendp   # the medians, full size
 
 The table (`benchmarks.accuracy_data`: ~50,000 persons, at most 5 rows each, so it is already bounded and every tool
 reads the same rows) is registered with Bastion, whose pre-bounded table then holds exactly those rows; the exact
@@ -12,7 +13,9 @@ none is cached), and `reps` times by each peer in its own virtual environment (`
 `accuracy_opendp_runner.py`, which import nothing of Bastion), with the same privacy unit (5 rows per person), bounds, ε
 per query and δ for key selection. Per query, tool and ε: median and p95 absolute error (over releases, and over keys
 for grouped queries: kept keys only), the median reported 95% half-width and the empirical coverage of the reported
-interval, the keys kept (private keys) and the time per release. Then the targets, each met, met within sampling error
+interval, the keys kept (private keys) and the time per release. "MEDIAN, value only" is the same SQL released by
+Bastion with `quantile_interval` false (the value only, by one selection at the whole ε, no interval), compared
+with the peers' releases of MEDIAN (which they run once). Then the targets, each met, met within sampling error
 (see `worse_share` and FAMILY_ALPHA) or not met.
 
 Writes `<out>/accuracy.json` and `<out>/accuracy.md`; with --update-results also the accuracy section of
@@ -78,6 +81,10 @@ class Query:
     workload: Workload
     column: str | None = None
     by: str | None = None
+    # Bastion's request option quantile_interval false: the value only, by one selection at the whole ε. The peers
+    # do not run such a row again: it is compared with their figures of `peers_of` (the same SQL).
+    value_only: bool = False
+    peers_of: str | None = None
 
     @property
     def name(self) -> str:
@@ -135,7 +142,21 @@ QUERIES: list[Query] = [
         ),
         column=SCORE,
     ),
+    Query(
+        Kind.MEDIAN,
+        Workload(
+            "median_value",
+            f"MEDIAN({SCORE}), value only",
+            f"SELECT MEDIAN({SCORE}) AS median{{v}} FROM {{t}}",
+            None,
+            unsupported="SmartNoise SQL has no private quantile",
+        ),
+        column=SCORE,
+        value_only=True,
+        peers_of="median",
+    ),
 ]
+QUERY_NAMES = tuple(q.name for q in QUERIES)
 
 # One release: a number, or {key: number} for a grouped query; its intervals alike (None where none is reported).
 Value = float | dict[str, float]
@@ -161,6 +182,7 @@ class Options:
     # that a verdict turns on the peers' sampling error alone (and the AVG interval's p95 on 1,000 errors, not 100).
     bastion_reps: int = 1_000
     epsilons: tuple[float, ...] = EPSILONS
+    queries: tuple[str, ...] = QUERY_NAMES
     peers: tuple[str, ...] = PEERS
     smartnoise_venv: Path = HERE / ".venv-smartnoise"
     opendp_venv: Path = HERE / ".venv-opendp-polars"
@@ -199,7 +221,7 @@ def run_bastion(opts: Options, source: Path, policy: Path) -> tuple[dict[str, An
             raise RuntimeError(f"the pre-bounded table has {exact['count']} rows, the source {n_rows}: not the same")
         facts = {"rows": int(n_rows), "units": int(n_units), "source": str(source)}
         variant = 0
-        for q in QUERIES:
+        for q in selected(opts):
             releases[q.name] = {}
             for eps in opts.epsilons:
                 r = Releases()
@@ -208,7 +230,9 @@ def run_bastion(opts: Options, source: Path, policy: Path) -> tuple[dict[str, An
                     variant += 1
                     ctx = Context(principal, source="benchmark")
                     t = time.perf_counter()
-                    answer = bastion.query(ctx, q.workload.sql(variant), epsilon=eps, delta=delta)
+                    answer = bastion.query(
+                        ctx, q.workload.sql(variant), epsilon=eps, delta=delta, quantile_interval=not q.value_only
+                    )
                     r.times_s.append(time.perf_counter() - t)
                     if answer["cached"]:
                         raise RuntimeError(f"a release was answered from the cache: {q.workload.sql(variant)}")
@@ -220,6 +244,19 @@ def run_bastion(opts: Options, source: Path, policy: Path) -> tuple[dict[str, An
     finally:
         bastion.close()
     return facts, exact, releases
+
+
+def selected(opts: Options) -> list[Query]:
+    """The queries this run releases (--queries), in their order; a value-only row brings the peers' row it is
+    compared with."""
+    return [q for q in QUERIES if q.name in opts.queries]
+
+
+def _peer_queries(opts: Options) -> list[Query]:
+    """The queries the peers release: the selected ones that are not Bastion-only modes, and those that a
+    selected value-only row is compared with."""
+    wanted = {q.peers_of or q.name for q in selected(opts)}
+    return [q for q in QUERIES if q.name in wanted and not q.value_only]
 
 
 def _bastion_value(q: Query, rows: list[list[Any]]) -> Value:
@@ -248,7 +285,7 @@ def peer_spec(peer: str, opts: Options, source: Path) -> dict[str, Any]:
     if peer == "smartnoise":
         queries = [
             {"name": q.name, "kind": q.kind.value, "sql": q.workload.smartnoise_sql(), "by": q.by}
-            for q in QUERIES
+            for q in _peer_queries(opts)
             if q.workload.smartnoise is not None
         ]
         return {**common, "metadata": accuracy_data.smartnoise_metadata(SMARTNOISE_TABLE), "queries": queries}
@@ -263,7 +300,7 @@ def peer_spec(peer: str, opts: Options, source: Path) -> dict[str, Any]:
             "by": q.by,
             **({"candidates": candidates} if q.kind is Kind.MEDIAN else {}),
         }
-        for q in QUERIES
+        for q in _peer_queries(opts)
     ]
     return {
         **common,
@@ -393,6 +430,7 @@ def worse_share_needed(figures: dict[str, dict[str, dict[str, Any]]], epsilons: 
     n = sum(
         1
         for q in QUERIES
+        if q.name in figures
         for eps in epsilons
         if figures[q.name].get("bastion", {}).get(f"{eps:g}", {}).get("status") == "ok"
         and _peers_ok(figures[q.name], f"{eps:g}")
@@ -407,6 +445,8 @@ def targets(figures: dict[str, dict[str, dict[str, Any]]], epsilons: tuple[float
     needed = worse_share_needed(figures, epsilons)
     half_step = (high - low) / (QUANTILE_GRID_POINTS - 1) / 2
     for q in QUERIES:
+        if q.name not in figures:
+            continue
         for eps in epsilons:
             key = f"{eps:g}"
             cells = figures[q.name]
@@ -489,6 +529,8 @@ def summary(results: dict[str, Any]) -> list[str]:
         "|---|---|" + "---|" * len(tools),
     ]
     for q in QUERIES:
+        if q.name not in results["figures"]:
+            continue
         for eps in results["config"]["epsilons"]:
             cells = []
             for tool in tools:
@@ -531,6 +573,8 @@ def markdown(results: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for q in QUERIES:
+        if q.name not in results["figures"]:
+            continue
         for eps in cfg["epsilons"]:
             for tool in TOOLS:
                 cell = results["figures"][q.name].get(tool, {}).get(f"{eps:g}")
@@ -589,11 +633,12 @@ def run(opts: Options) -> dict[str, Any]:
         peers[peer], releases[peer] = finish_peer(proc, state)
         opts.log(f"  {TOOL_TITLES[peer]}: {peers[peer]['status']} {peers[peer].get('reason', '')}".rstrip())
     figures: dict[str, dict[str, dict[str, Any]]] = {}
-    for q in QUERIES:
+    for q in selected(opts):
         figures[q.name] = {}
         for tool, by_query in releases.items():
-            if q.name in by_query:
-                figures[q.name][tool] = {f"{e:g}": summarize(q, exact[q.name], r) for e, r in by_query[q.name].items()}
+            name = q.name if tool == "bastion" else q.peers_of or q.name  # a value-only row: the peers' same SQL
+            if name in by_query:
+                figures[q.name][tool] = {f"{e:g}": summarize(q, exact[name], r) for e, r in by_query[name].items()}
     results: dict[str, Any] = {
         "machine": machine(),
         "config": {
@@ -601,6 +646,7 @@ def run(opts: Options) -> dict[str, Any]:
             "reps": opts.reps,
             "bastion_reps": opts.bastion_reps,
             "epsilons": list(opts.epsilons),
+            "queries": list(opts.queries),
             "delta": data.QUERY_DELTA,
             "alpha": ALPHA,
             "max_rows_per_unit": data.MAX_ROWS_PER_UNIT,
@@ -615,8 +661,9 @@ def run(opts: Options) -> dict[str, Any]:
                 "title": q.workload.title,
                 "sql": q.workload.sql(),
                 "smartnoise_sql": q.workload.smartnoise_sql(),
+                **({"quantile_interval": False} if q.value_only else {}),
             }
-            for q in QUERIES
+            for q in selected(opts)
         ],
         "exact": exact,
         "peers": peers,
@@ -647,6 +694,13 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--reps", type=int, help="releases per query, peer and ε (default 100; 10 with --quick)")
     p.add_argument("--bastion-reps", type=int, help="Bastion's releases per query and ε (default 10 × --reps)")
     p.add_argument("--epsilons", type=float, nargs="+", default=list(EPSILONS))
+    p.add_argument(
+        "--queries",
+        nargs="+",
+        choices=QUERY_NAMES,
+        default=list(QUERY_NAMES),
+        help="the queries to release (default: all); e.g. --queries median median_value",
+    )
     p.add_argument("--quick", action="store_true", help="a small table, few releases and no peers unless --peers")
     p.add_argument("--peers", nargs="*", choices=PEERS, help="peers to run (default: both; none with --quick)")
     p.add_argument("--smartnoise-venv", type=Path, default=HERE / ".venv-smartnoise")
@@ -669,6 +723,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         reps=a.reps or (10 if a.quick else 100),
         bastion_reps=a.bastion_reps or 10 * (a.reps or (10 if a.quick else 100)),
         epsilons=tuple(a.epsilons),
+        queries=tuple(a.queries),
         peers=tuple(peers),
         smartnoise_venv=a.smartnoise_venv,
         opendp_venv=a.opendp_venv,

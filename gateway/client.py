@@ -159,7 +159,9 @@ class Client:
         alpha: float | None = None,
         delta: float | None = None,
         dry_run: bool = False,
+        quantile_interval: bool = True,
     ) -> QueryResult:
+        """The JSON answer of POST /v1/query; `quantile_interval=False` releases quantiles' values only."""
         body = {
             "sql": sql,
             "epsilon": epsilon,
@@ -167,6 +169,7 @@ class Client:
             "alpha": alpha,
             "delta": delta,
             "dry_run": dry_run,
+            "quantile_interval": None if quantile_interval else False,
         }
         return QueryResult(self._json("POST", "/v1/query", json={k: v for k, v in body.items() if v is not None}))
 

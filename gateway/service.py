@@ -865,6 +865,7 @@ class Bastion:
         alpha: float | None = None,
         delta: float | None = None,
         dry_run: bool = False,
+        quantile_interval: bool = True,
     ) -> dict[str, Any]:
         alpha = self.settings.default_alpha if alpha is None else alpha
         request = {
@@ -874,6 +875,7 @@ class Bastion:
             "alpha": alpha,
             "delta": delta,
             "dry_run": dry_run,
+            **({} if quantile_interval else {"quantile_interval": False}),
         }
         resolved: dict[str, tuple[Policy, str]] = {}
 
@@ -884,7 +886,9 @@ class Bastion:
         try:
             self._check_length(sql)
             plan = self._plan(sql, resolve)
-            pricing = price(plan, epsilon=epsilon, accuracy=accuracy, alpha=alpha, delta=delta)
+            pricing = price(
+                plan, epsilon=epsilon, accuracy=accuracy, alpha=alpha, delta=delta, quantile_interval=quantile_interval
+            )
         except GatewayError as exc:
             if not resolved and exc.code in {"forbidden", "dataset_not_found"}:
                 raise  # already audited by authorize
@@ -909,6 +913,7 @@ class Bastion:
             accuracy,
             alpha,
             pricing.cost.delta,
+            *(() if quantile_interval else ("value-only quantiles",)),
         )
         summary = {
             "dataset": plan.dataset,

@@ -396,6 +396,11 @@ def selected_count_interval(
 #                positions one row apart).
 # Stages 1 and 2 are `release_quantile_interval`, stage 3 `release_quantile_point`; `release_quantile` composes
 # them for one group given a way to count its rows at a grid.
+#
+# A request may instead ask for the value only (no interval): one measurement, report-noisy-min at the quantile's
+# whole ε over a fine public grid of the column's bounds (`quantile_value_grid`: every integer of an integer column
+# with at most QUANTILE_VALUE_POSITIONS + 1 of them, else that many steps), counted by one engine pass. It is the
+# mechanism of OpenDP's own quantile (one selection over fixed candidates); `release_quantile_value`.
 
 QUANTILE_DENOMINATOR = 1000
 QUANTILE_COARSE = 1024  # positions of the centre's selection
@@ -404,6 +409,11 @@ QUANTILE_POINT_CANDIDATES = 1024  # at most this many positions of the point's s
 QUANTILE_POINT_SPACING = 1.25  # rank distance between them, in noise scales of the point's selection
 QUANTILE_POINT_MIN_CANDIDATES = 16  # at least this many (where the interval holds more than one value)
 QUANTILE_SHARES = (0.02, 0.18, 0.8)  # of the quantile's ε: centre, interval, point
+QUANTILE_VALUE_POSITIONS = 1 << 17  # grid steps of a value-only quantile's selection (131,073 positions)
+# Candidates (positions × groups) of one value-only quantile at most, which bounds its noise sampling (OpenDP draws
+# about a million exact exponential samples a second): with more groups each gets fewer positions, never fewer
+# than QUANTILE_COARSE steps.
+QUANTILE_VALUE_CANDIDATES = 1 << 21
 
 
 @dataclass(frozen=True)
@@ -436,6 +446,22 @@ def quantile_grid(lo: float, hi: float, integer: bool) -> QuantileGrid:
     if integer and hi - lo + 1 <= size:
         return QuantileGrid(float(lo), 1.0, int(hi - lo) + 1, integer=True)
     return QuantileGrid(float(lo), (hi - lo) / (size - 1), size)
+
+
+def quantile_value_steps(n_groups: int) -> int:
+    """Grid steps of a value-only quantile's selection for a query releasing n_groups groups (a public number:
+    declared groups, or the keys a private selection kept)."""
+    share = QUANTILE_VALUE_CANDIDATES // max(n_groups, 1)
+    return min(max(share, QUANTILE_COARSE), QUANTILE_VALUE_POSITIONS)
+
+
+def quantile_value_grid(lo: float, hi: float, integer: bool, n_groups: int = 1) -> QuantileGrid:
+    """The public grid of a value-only quantile of a column with bounds [lo, hi]: every integer of an integer column
+    with at most `quantile_value_steps` + 1 of them, else that many steps, both bounds included."""
+    steps = quantile_value_steps(n_groups)
+    if integer and hi - lo <= steps:
+        return QuantileGrid(float(lo), 1.0, int(hi - lo) + 1, integer=True)
+    return QuantileGrid(float(lo), (hi - lo) / steps, steps + 1)
 
 
 def spread(first: int, last: int, n: int) -> np.ndarray:
@@ -568,6 +594,7 @@ class QuantileRelease:
     q: float
     grid: QuantileGrid
     point_scale: float = math.nan  # noise scale of the point's selection (score units): public
+    has_interval: bool = True  # False for a value-only release (no ladder: `cuts` and `bins` are empty)
 
     def interval(self, alpha: float) -> tuple[int, int]:
         """Grid positions [low, high] that hold the true quantile with probability ≥ 1 - alpha.
@@ -575,7 +602,9 @@ class QuantileRelease:
         With n rows, B(c) rows below position c and A(c) = n - B(c) at or above it, the quantile (interpolated
         between order statistics ⌊q(n-1)⌋ and ⌈q(n-1)⌉) is at least c when (1-q)·B(c) - q·A(c) + q ≤ 0, and at most
         c when it is ≥ 1. A cut is an end when its noisy balance passes that test with E_i to spare; else the
-        bounds of the column are the ends."""
+        bounds of the column are the ends (always, for a value-only release, which has no ladder)."""
+        if not self.has_interval:
+            return 0, self.grid.size - 1
         errors = np.asarray(interval_errors(self.bin_scale, self.q, len(self.cuts), alpha))
         below = np.cumsum(self.bins)[:-1]
         balance = (1 - self.q) * below - self.q * (self.bins.sum() - below)
@@ -672,6 +701,17 @@ def release_quantile(
     return release_quantile_point(release, fine(release.fine_grid(alpha)), d_in, epsilon, alpha)
 
 
+def release_quantile_value(
+    counts: PositionCounts, grid: QuantileGrid, q: float, d_in: int, epsilon: float
+) -> QuantileRelease:
+    """A value-only quantile: one report-noisy-min at the whole `epsilon` over every position of `grid` (public:
+    `quantile_value_grid`), from the group's exact counts at that grid's codes. No ladder, so no interval."""
+    scores = position_scores(counts, np.arange(grid.size, dtype=np.int64), q)
+    point, scale = release_quantile_index(scores, d_in, epsilon)
+    none = np.zeros(0, dtype=np.int64)
+    return QuantileRelease(float(grid.value(point)), none, none, math.nan, q, grid, scale, has_interval=False)
+
+
 def quantile_rank_error(scale: float, n_candidates: int, q: float, alpha: float) -> float:
     """With probability ≥ 1-alpha the released candidate's rank is within this many rows of the best candidate's.
 
@@ -684,6 +724,9 @@ def quantile_rank_error(scale: float, n_candidates: int, q: float, alpha: float)
     return scale * math.log(n_candidates / alpha) / step
 
 
-def quantile_point_rank_error(d_in: int, epsilon_point: float, q: float, alpha: float) -> float:
-    """The rank error (rows, at 1-alpha) of a quantile's value among the candidates of its last selection."""
-    return quantile_rank_error(2 * d_in / epsilon_point, QUANTILE_POINT_CANDIDATES, q, alpha)
+def quantile_point_rank_error(
+    d_in: int, epsilon_point: float, q: float, alpha: float, n_candidates: int = QUANTILE_POINT_CANDIDATES
+) -> float:
+    """The rank error (rows, at 1-alpha) of a quantile's value among the candidates of its last selection (at most
+    QUANTILE_POINT_CANDIDATES of them; a value-only quantile's: its grid's size)."""
+    return quantile_rank_error(2 * d_in / epsilon_point, n_candidates, q, alpha)

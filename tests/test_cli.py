@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -48,6 +49,13 @@ def test_demo_query_budget_and_client(served: tuple[Path, str]) -> None:
     bad = _run("query", "SELECT * FROM visits", "--epsilon", "1", cwd=cwd, env=env)
     assert bad.returncode == 1 and "query_rejected" in bad.stderr
     assert bad.stderr.startswith("error: query_rejected: ") and len(bad.stderr.strip().splitlines()) == 1
+    # Value only: the quantile's cell has no interval; the JSON answer says which mode ran.
+    median = "SELECT MEDIAN(age) AS m FROM visits"
+    value = _run("query", median, "--epsilon", "0.5", "--no-quantile-interval", "--json", cwd=cwd, env=env)
+    assert value.returncode == 0, value.stderr
+    answer = json.loads(value.stdout)
+    assert answer["intervals"] == [[None]] and answer["measurements"][0]["quantile_interval"] is False
+    assert answer["measurements"][0]["candidates"] == 111 and answer["epsilon_spent"] == pytest.approx(0.5)
     # No ε and no accuracy: refused before anything is sent, nothing spent.
     unsaid = _run("query", sql, cwd=cwd, env=env)
     assert unsaid.returncode == 2 and "--epsilon" in unsaid.stderr and "--accuracy" in unsaid.stderr
@@ -57,9 +65,12 @@ def test_demo_query_budget_and_client(served: tuple[Path, str]) -> None:
         again = client.query(sql, epsilon=1)
         assert list(frame.columns[:3]) == ["region", "visits", "visits_low"]
         assert again.attrs["cached"] and frame.equals(again)
+        valued = client.query_raw(median, epsilon=0.5, quantile_interval=False).raw
+        assert valued["cached"] and valued["rows"] == answer["rows"]  # the CLI's value-only answer, from the cache
+        assert client.query_raw(median, epsilon=0.5, dry_run=True).raw["measurements"][0]["quantile_interval"]
         budget = client.budget()
         # The CLI already released this answer to bob: the client gets it from the cache at no cost.
-        assert frame.attrs["cached"] and budget.loc[0, "epsilon_spent"] == pytest.approx(1.0)
+        assert frame.attrs["cached"] and budget.loc[0, "epsilon_spent"] == pytest.approx(1.5)  # and 0.5 value-only
         with pytest.raises(BastionError) as info:
             client.query("SELECT COUNT(*) FROM visits", epsilon=100)
         assert info.value.code == "budget_exhausted"

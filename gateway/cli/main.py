@@ -730,6 +730,14 @@ def query(
     alpha: Annotated[float | None, typer.Option(help="1 - confidence level [default: 0.05]")] = None,
     delta: Annotated[float | None, typer.Option(help="δ for private key selection")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="show cost and accuracy without spending")] = False,
+    quantile_interval: Annotated[
+        bool,
+        typer.Option(
+            "--quantile-interval/--no-quantile-interval",
+            help="--no-quantile-interval: release each quantile's value only, spending its whole ε on one selection "
+            "(more accurate), with no interval",
+        ),
+    ] = True,
     as_json: AsJson = False,
     url: Url = "http://127.0.0.1:8000",
     token: Token = None,
@@ -752,7 +760,15 @@ def query(
             2,
         )
     with gateway_client(url, token) as c:
-        raw = c.query_raw(sql, epsilon=epsilon, accuracy=wanted, alpha=alpha, delta=delta, dry_run=dry_run).raw
+        raw = c.query_raw(
+            sql,
+            epsilon=epsilon,
+            accuracy=wanted,
+            alpha=alpha,
+            delta=delta,
+            dry_run=dry_run,
+            quantile_interval=quantile_interval,
+        ).raw
     if as_json:
         print_json(raw)
         return

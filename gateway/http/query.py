@@ -35,6 +35,11 @@ class QueryRequest(BaseModel):
         "this request's ε (ρ under zCDP) to your per-principal ε (ρ)]",
     )
     dry_run: bool = Field(default=False, description="report cost and accuracy without spending")
+    quantile_interval: bool = Field(
+        default=True,
+        description="false: release each quantile's value only, by one selection spending the quantile's whole "
+        "epsilon (more accurate), with no interval (its cell is null); true (default): the value with its interval",
+    )
 
 
 class Budget(BaseModel):
@@ -110,6 +115,7 @@ def run_query(body: QueryRequest, ctx: Ctx, bastion: Core) -> Response:
         alpha=body.alpha,
         delta=body.delta,
         dry_run=body.dry_run,
+        quantile_interval=body.quantile_interval,
     )
     # The answer is built by Bastion in the documented shape; encode it directly instead of re-validating it.
     return Response(json.dumps(answer, separators=(",", ":"), allow_nan=False), media_type="application/json")

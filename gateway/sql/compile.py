@@ -254,6 +254,14 @@ def quantile_grid(plan: Plan, m: Measurement) -> mech.QuantileGrid:
     return mech.quantile_grid(lo, hi, integer=col.type is ColumnType.INT)
 
 
+def quantile_value_grid(plan: Plan, m: Measurement, n_groups: int) -> mech.QuantileGrid:
+    """The grid of a value-only quantile released for n_groups groups (public: bounds and group count)."""
+    col = plan.policy.columns[m.column]
+    assert col.bounds is not None, "the planner allows quantiles of bounded columns only"
+    lo, hi = (float(b) for b in col.bounds)
+    return mech.quantile_value_grid(lo, hi, col.type is ColumnType.INT, n_groups)
+
+
 def _double(v: float) -> exp.Expr:
     return exp.Cast(this=exp.Literal.number(repr(float(v))), to=exp.DataType.build("DOUBLE"))
 
@@ -291,11 +299,14 @@ def _present(m: Measurement) -> exp.Expr:
     return exp.Not(this=exp.Is(this=_col(m.column), expression=exp.Null()))
 
 
-def quantile_query(plan: Plan, m: Measurement, *, empty: bool = False) -> exp.Select:
-    """Per group, row counts at each of the 2·|P|+1 codes relative to the public grid of positions P: code 2j+1 is
-    exactly on position j, code 2j+2 strictly between positions j and j+1 (a NULL value has no code). Only the
-    codes that some row has come back (at most one per distinct value)."""
-    grid = quantile_grid(plan, m)
+def quantile_query(
+    plan: Plan, m: Measurement, *, empty: bool = False, grid: mech.QuantileGrid | None = None
+) -> exp.Select:
+    """Per group, row counts at each of the 2·|P|+1 codes relative to the public grid of positions P (the plan's
+    `quantile_grid`, or a given public one): code 2j+1 is exactly on position j, code 2j+2 strictly between
+    positions j and j+1 (a NULL value has no code). Only the codes that some row has come back (at most one per
+    distinct value)."""
+    grid = quantile_grid(plan, m) if grid is None else grid
     code = exp.Cast(
         this=_position_code(m.column, _double(grid.lo), _double(grid.step)), to=exp.DataType.build("BIGINT")
     )

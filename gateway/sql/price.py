@@ -65,6 +65,8 @@ class Pricing:
     # Where keys are selected privately (pure accounting) and the query has COUNT(*), the selection's own noisy
     # counts are released as COUNT(*): one measurement at the selection's ε instead of two shares.
     counts_from_selection: bool = False
+    # False: each quantile is released as its value only, by one selection at its whole ε (no interval).
+    quantile_interval: bool = True
 
     @property
     def zcdp(self) -> bool:
@@ -119,6 +121,8 @@ class Pricing:
         if self.zcdp:
             out["rho"] = self.budget[m]
         out["sensitivity"] = self.l2[m] if self.gaussian(m) else self.d_in[m]
+        if m.kind == Kind.QUANTILE:
+            out["quantile_interval"] = self.quantile_interval
         return out
 
 
@@ -184,9 +188,11 @@ def price(
     alpha: float,
     delta: float | None,
     accounting: Accounting | None = None,
+    quantile_interval: bool = True,
 ) -> Pricing:
     """Decide the ε (ρ under zCDP) of each measurement, from a total ε or from accuracy targets of output columns.
-    `accounting` defaults to the policy's (a dry run prices both)."""
+    `accounting` defaults to the policy's (a dry run prices both). `quantile_interval` False releases each quantile's
+    value only, by one selection at the quantile's whole ε (its cost is the same either way)."""
     accounting = plan.policy.accounting if accounting is None else accounting
     zcdp = accounting is Accounting.ZCDP
     alpha = check_alpha(alpha)
@@ -269,6 +275,7 @@ def price(
         accounting=accounting,
         selection_rho=sel_budget if zcdp else 0.0,
         counts_from_selection=from_selection,
+        quantile_interval=quantile_interval,
     )
 
 

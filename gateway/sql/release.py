@@ -110,11 +110,20 @@ def bind_check(plan: Plan, engine: Engine) -> None:
 
 
 def _quantile_counts(
-    plan: Plan, m: Measurement, engine: Engine, groups: list[tuple[Any, ...]], empty: bool = False
+    plan: Plan,
+    m: Measurement,
+    engine: Engine,
+    groups: list[tuple[Any, ...]],
+    empty: bool = False,
+    grid: mech.QuantileGrid | None = None,
 ) -> dict[tuple[Any, ...], mech.PositionCounts]:
-    """Per released group, the exact row counts at the quantile's position codes (`comp.quantile_query`)."""
+    """Per released group, the exact row counts at the quantile's position codes (`comp.quantile_query`), of the
+    plan's grid or of a given public one (a value-only quantile's)."""
     if empty or not groups:  # an empty table has no codes
         return _no_codes(groups)
+    if grid is not None:
+        table = engine.arrow(comp.quantile_query(plan, m, grid=grid))
+        return _counts_by_group(plan, table, groups, 2 * grid.size + 1)
     quantiles = [q for q in plan.measurements if q.kind == Kind.QUANTILE]
     table = engine.arrow(_statements(plan)[1 + quantiles.index(m)])  # after the plain statement, one per quantile
     return _counts_by_group(plan, table, groups, 2 * comp.quantile_grid(plan, m).size + 1)
@@ -252,6 +261,13 @@ def execute(plan: Plan, pricing: Pricing, engine: Engine, *, default_input: bool
         if m.kind != Kind.QUANTILE:
             continue
         grid, d_in, epsilon = comp.quantile_grid(plan, m), pricing.d_in[m], _quantile_epsilon(pricing, m)
+        if not pricing.quantile_interval:
+            # The value only: one selection at the whole ε over a fine grid of the bounds (public: the bounds and
+            # the number of released groups), counted by one pass.
+            grid = comp.quantile_value_grid(plan, m, len(groups))
+            counts = _quantile_counts(plan, m, engine, groups, empty=default_input, grid=grid)
+            quantiles[m] = [mech.release_quantile_value(counts[g], grid, m.q, d_in, epsilon) for g in groups]
+            continue
         counts = _quantile_counts(plan, m, engine, groups, empty=default_input)
         ladders = [mech.release_quantile_interval(counts[g], grid, m.q, d_in, bins_d_in, epsilon) for g in groups]
         # The second pass, over each group's released interval (post-processing of its ladder).
@@ -347,6 +363,9 @@ def _quantile(
     values = np.asarray([r.value for r in releases], dtype=np.float64)
     if alpha is None:
         return values, None, None
+    if not all(r.has_interval for r in releases):  # value-only: no interval (a null cell)
+        none = np.full(len(releases), np.nan)
+        return values, none, none
     ends = np.asarray([r.value_interval(alpha) for r in releases], dtype=np.float64).reshape(-1, 2)
     return values, ends[:, 0], ends[:, 1]
 
@@ -622,7 +641,17 @@ def _post_process(
     measurements = []
     for m in plan.measurements:
         entry = pricing.entry(m)
-        if m.kind == Kind.QUANTILE:
+        if m.kind == Kind.QUANTILE and not pricing.quantile_interval:
+            grid = comp.quantile_value_grid(plan, m, len(groups))
+            entry["epsilon_split"] = {"point": _quantile_epsilon(pricing, m)}
+            entry["rank_error"] = _value_rank_error(plan, pricing, m, len(groups))
+            entry["grid_step"] = grid.step
+            entry["candidates"] = grid.size
+            entry["interval"] = (
+                "none: quantile_interval was false, so the whole ε went to one selection of the value among "
+                "candidates spread over the column's bounds, and nothing measured an interval"
+            )
+        elif m.kind == Kind.QUANTILE:
             centre, interval, point = mech.quantile_epsilons(_quantile_epsilon(pricing, m))
             entry["epsilon_split"] = {"centre": centre, "interval": interval, "point": point}
             entry["rank_error"] = mech.quantile_point_rank_error(pricing.d_in[m], point, m.q, alpha)
@@ -637,7 +666,14 @@ def _post_process(
         notes.append(
             "add COUNT(*) to the query to have the quantiles of groups with too few rows flagged 'noise_dominated'"
         )
-    if any(m.kind == Kind.QUANTILE for m in plan.measurements):
+    if any(m.kind == Kind.QUANTILE for m in plan.measurements) and not pricing.quantile_interval:
+        notes.append(
+            "each quantile is one OpenDP measurement (quantile_interval false): report-noisy-max at the quantile's "
+            "whole ε picks the value among candidates spread over the column's bounds (every integer of a narrow "
+            "integer column); no interval is released (its cell is null); rank_error under measurements is the "
+            "value's rank error (rows) among those candidates"
+        )
+    elif any(m.kind == Kind.QUANTILE for m in plan.measurements):
         notes.append(
             "each quantile is three OpenDP measurements: report-noisy-max picks a centre among up to 1,024 positions, "
             "noisy counts of a ladder of bins around it give the interval (which holds the true quantile at "
@@ -683,9 +719,17 @@ def _flags(value: Any, interval: list[float] | None, thin: bool) -> list[str]:
     return [NOISE_DOMINATED] if value == 0 or max(hi - value, value - lo) > abs(value) else []
 
 
-def quantile_min_rows(plan: Plan, pricing: Pricing, m: Measurement) -> float:
+def _value_rank_error(plan: Plan, pricing: Pricing, m: Measurement, n_groups: int) -> float:
+    """A value-only quantile's rank error (rows, at the release's alpha) among its grid's candidates."""
+    size = comp.quantile_value_grid(plan, m, n_groups).size
+    return mech.quantile_point_rank_error(pricing.d_in[m], _quantile_epsilon(pricing, m), m.q, pricing.alpha, size)
+
+
+def quantile_min_rows(plan: Plan, pricing: Pricing, m: Measurement, n_groups: int = 1) -> float:
     """Public number of rows below which a noisy quantile says little: its rank error (rows, at the release's
     alpha) exceeds the rows on the nearer side of the quantile."""
+    if not pricing.quantile_interval:
+        return _value_rank_error(plan, pricing, m, n_groups) / min(m.q, 1.0 - m.q)
     _, _, point = mech.quantile_epsilons(_quantile_epsilon(pricing, m))
     rank = mech.quantile_point_rank_error(pricing.d_in[m], point, m.q, pricing.alpha)
     return float(rank) / min(m.q, 1.0 - m.q)
@@ -712,11 +756,13 @@ def _thin_quantile_groups(
                 continue
             (m,) = a.measurements
             last = comp.quantile_grid(plan, m).size - 1
-            spans = [r.interval(pricing.alpha) == (0, last) for r in quantiles[m]]
+            # (a value-only quantile has no interval: only its group's count can show it thin)
+            spans = [r.has_interval and r.interval(pricing.alpha) == (0, last) for r in quantiles[m]]
             below = np.asarray(spans, dtype=bool).reshape(n_groups)
             count = noisy.get(Measurement(Kind.COUNT, a.column), noisy.get(Measurement(Kind.COUNT_STAR)))
             if count is not None:
-                below = below | np.broadcast_to(count < quantile_min_rows(plan, pricing, m), (n_groups,))
+                threshold = quantile_min_rows(plan, pricing, m, n_groups)
+                below = below | np.broadcast_to(count < threshold, (n_groups,))
             thin = below if thin is None else thin | below
         out.append(thin)
     return out

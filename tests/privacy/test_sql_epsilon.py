@@ -106,9 +106,13 @@ def _per(pricing: Pricing) -> float:
     return per
 
 
-def _priced(sql: str, epsilon: float, delta: float | None = None) -> tuple[Plan, Pricing]:
+def _priced(
+    sql: str, epsilon: float, delta: float | None = None, quantile_interval: bool = True
+) -> tuple[Plan, Pricing]:
     plan = plan_query(sql, _resolve)
-    return plan, price(plan, epsilon=epsilon, accuracy=None, alpha=0.05, delta=delta)
+    return plan, price(
+        plan, epsilon=epsilon, accuracy=None, alpha=0.05, delta=delta, quantile_interval=quantile_interval
+    )
 
 
 # --- neighbouring datasets --------------------------------------------------------------------------------------
@@ -207,6 +211,7 @@ class MechanismInputs:
     selections: list[dict[str, Any]] = field(default_factory=list)
     quantiles: list[dict[str, Any]] = field(default_factory=list)  # stages 1 and 2 (release_quantile_interval)
     points: list[dict[str, Any]] = field(default_factory=list)  # stage 3 (release_quantile_point)
+    values: list[dict[str, Any]] = field(default_factory=list)  # value-only quantiles (release_quantile_value)
     gaussians: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -236,14 +241,15 @@ def mechanism_inputs(plan: Plan, pricing: Pricing, catalog: DuckDBEngine) -> Mec
         mp.setattr(mech, "select_keys", _recording(inputs.selections, mech.select_keys))
         mp.setattr(mech, "release_quantile_interval", _recording(inputs.quantiles, mech.release_quantile_interval))
         mp.setattr(mech, "release_quantile_point", _recording(inputs.points, mech.release_quantile_point))
+        mp.setattr(mech, "release_quantile_value", _recording(inputs.values, mech.release_quantile_value))
         execute(plan, pricing, catalog)
     return inputs
 
 
 def _audited(
-    neighbours: Neighbours, sql: str, epsilon: float
+    neighbours: Neighbours, sql: str, epsilon: float, quantile_interval: bool = True
 ) -> tuple[Plan, Pricing, MechanismInputs, MechanismInputs]:
-    plan, pricing = _priced(sql, epsilon)
+    plan, pricing = _priced(sql, epsilon, quantile_interval=quantile_interval)
     on_d = mechanism_inputs(plan, pricing, neighbours.d)
     on_d_prime = mechanism_inputs(plan, pricing, neighbours.d_prime)
     return plan, pricing, on_d, on_d_prime
@@ -634,6 +640,44 @@ def test_quantile(neighbours: Neighbours) -> None:
         np.isin(_released_values(whole_d_prime, fine_d_prime, N_PILOT), event),
     )
     assert whole <= pricing.cost.epsilon, (whole, event)
+
+
+def test_value_only_quantile(neighbours: Neighbours) -> None:
+    """A value-only quantile (quantile_interval false) is one measurement: report-noisy-min at the request's whole ε
+    over every integer of `score`'s bounds (public), from the exact counts of the executor's one pass on each
+    dataset. Its scores move by at most d_in; the release (which is that one selection) is audited against the
+    request's ε in the event that the exact output distributions say is most telling, and is caught with half its
+    noise; no stage of the three-stage quantile runs."""
+    plan, pricing, on_d, on_d_prime = _audited(neighbours, "SELECT MEDIAN(score) FROM audit", 1.0, False)
+    assert not (on_d.quantiles or on_d.points or on_d_prime.quantiles or on_d_prime.points)
+    ((call_d,), (call_d_prime,)) = on_d.values, on_d_prime.values
+    calibration = {name: v for name, v in call_d.items() if name != "counts"}
+    assert calibration == {name: v for name, v in call_d_prime.items() if name != "counts"}  # public
+    (m,) = plan.measurements
+    grid, q, d_in, epsilon = calibration["grid"], calibration["q"], calibration["d_in"], calibration["epsilon"]
+    assert (d_in, epsilon) == (pricing.d_in[m], pricing.cost.epsilon) == (pricing.d_in[m], 1.0)  # all of it
+    assert grid == mech.QuantileGrid(0.0, 1.0, 21, integer=True)  # every integer of the bounds [0, 20]
+    every = np.arange(grid.size)
+    scores_d, scores_d_prime = (mech.position_scores(c["counts"], every, q) for c in (call_d, call_d_prime))
+    assert max(abs(a - b) for a, b in zip(scores_d, scores_d_prime, strict=True)) <= d_in
+    assert len(set(scores_d)) > 2
+    # The whole release, drawn through the executor's own function, in the event fixed before any draw from the
+    # exact output distributions (either direction: the one with the larger exact ratio).
+    scale = 2 * d_in / epsilon
+    p_d, p_d_prime = _noisy_min_probabilities(scores_d, scale), _noisy_min_probabilities(scores_d_prime, scale)
+    ways = []
+    for (pa, a), (pb, b) in (((p_d, call_d), (p_d_prime, call_d_prime)), ((p_d_prime, call_d_prime), (p_d, call_d))):
+        chosen = best_event(pa, pb, N_QUANTILE_DRAWS, N_QUANTILE_DRAWS, CONFIDENCE)
+        ways.append((float(np.log(pa[chosen].sum() / pb[chosen].sum())), chosen, a, b))
+    _, chosen, first, second = max(ways, key=lambda way: way[0])
+    event = grid.value(np.asarray(chosen))
+
+    def hits(call: dict[str, Any], eps: float) -> np.ndarray:
+        args = {**call, "epsilon": eps}
+        return np.isin([mech.release_quantile_value(**args).value for _ in range(N_QUANTILE_DRAWS)], event)
+
+    assert bound(hits(first, epsilon), hits(second, epsilon)) <= pricing.cost.epsilon
+    _assert_tight_control(scores_d, d_in)
 
 
 def _key_draws(
