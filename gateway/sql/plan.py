@@ -1116,9 +1116,9 @@ def plan_query(sql: str, resolve: Callable[[str], Policy]) -> Plan:
 
     try:
         select = parse_select(sql)
-        if perunit.source(select) is not None:
-            return perunit.plan(select, sql, resolve)
         listed = read_public_groups(select, sql)  # a join listing public groups becomes one SELECT and its lists
+        if perunit.source(select) is not None:  # a list of public groups may itself be the FROM's subquery
+            return perunit.plan(select, sql, resolve)
         name = dataset_name(select, sql)
         policy = resolve(name)
         drop_qualifiers(select, name)
