@@ -77,6 +77,13 @@ def test_demo_query_budget_and_client(served: tuple[Path, str]) -> None:
 
     verify = _run("audit", "verify", cwd=cwd)
     assert verify.returncode == 0, verify.stdout + verify.stderr
+    # The demo's tokens are recorded when made, as `bastion token create` records its own.
+    events = _run("audit", "events", "--event", "token_created", "--format", "jsonl", cwd=cwd)
+    assert events.returncode == 0, events.stderr
+    made = json.loads((cwd / "bastion-workspace" / "demo-tokens.json").read_text())
+    recorded = {(e["request"]["name"], e["request"]["token_id"]) for e in map(json.loads, events.stdout.splitlines())}
+    expected = {(t["name"], t["token"].split("_", 2)[1]) for t in made.values()}
+    assert recorded == expected | {("bob", token.split("_")[1])}
 
 
 def test_register_refuses_an_unsafe_policy(tmp_path: Path) -> None:

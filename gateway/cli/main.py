@@ -179,6 +179,37 @@ def _token_admin(workspace: Path | None, store: str | None) -> Any:
         fail(str(exc))
 
 
+def _token_event(bastion: Any, event: str, request: dict[str, Any]) -> None:
+    """Write the audit record of a token change; called by the token store inside the change's transaction, so
+    a change whose record cannot be written (AuditUnavailable) is rolled back and never takes effect."""
+    from policies.errors import AuditUnavailable
+
+    try:
+        bastion.audit(None, event, decision="allowed", reason="ok", request=request)
+    except AuditUnavailable as exc:
+        why = f" ({exc.__context__})" if exc.__context__ is not None else ""
+        raise AuditUnavailable(f"the audit log cannot be written{why}; the token was not changed") from exc
+
+
+def _issue_token(bastion: Any, name: str, role: str, lifetime: float | None = None, *, add: bool = False) -> str:
+    """Issue a token with its `token_created` record written before the token is committed."""
+    from audit.record import Event
+    from gateway.stores.tokens import iso
+
+    token, _ = bastion.tokens.issue(
+        name,
+        role,
+        lifetime,
+        add=add,
+        record=lambda r: _token_event(
+            bastion,
+            Event.TOKEN_CREATED,
+            {"name": r.name, "role": r.role, "token_id": r.token_id, "expires": iso(r.expires)},
+        ),
+    )
+    return str(token)
+
+
 @token_app.command("create")
 def token_create(
     role: Annotated[str, typer.Option(help="analyst, lf_author, auditor or admin")],
@@ -200,8 +231,7 @@ def token_create(
 ) -> None:
     """Create a bearer token. It is printed once; only its hash is stored. A name whose tokens are in use is refused
     unless --add, and a principal keeps one role."""
-    from audit.record import Event
-    from gateway.stores.tokens import iso, parse_duration
+    from gateway.stores.tokens import parse_duration
     from policies.errors import GatewayError
 
     try:
@@ -210,20 +240,7 @@ def token_create(
         fail(str(exc))
     bastion = _token_admin(workspace, store)
     try:
-        token, principal = bastion.tokens.issue(name, role, lifetime, add=add)
-        record = bastion.tokens.get(principal.token_id)
-        bastion.audit(
-            None,
-            Event.TOKEN_CREATED,
-            decision="allowed",
-            reason="ok",
-            request={
-                "name": name,
-                "role": role,
-                "token_id": principal.token_id,
-                "expires": iso(record.expires) if record else None,
-            },
-        )
+        token = _issue_token(bastion, name, role, lifetime, add=add)
     except GatewayError as exc:
         fail(str(exc))
     finally:
@@ -244,13 +261,11 @@ def token_revoke(
 
     bastion = _token_admin(workspace, store)
     try:
-        record = bastion.tokens.revoke(bastion.tokens.find(token).token_id)
-        bastion.audit(
-            None,
-            Event.TOKEN_REVOKED,
-            decision="allowed",
-            reason="ok",
-            request={"name": record.name, "role": record.role, "token_id": record.token_id},
+        record = bastion.tokens.revoke(
+            bastion.tokens.find(token).token_id,
+            record=lambda r: _token_event(
+                bastion, Event.TOKEN_REVOKED, {"name": r.name, "role": r.role, "token_id": r.token_id}
+            ),
         )
     except GatewayError as exc:
         fail(str(exc))
@@ -272,18 +287,13 @@ def token_rotate(
 
     bastion = _token_admin(workspace, store)
     try:
-        new_token, old, principal = bastion.tokens.rotate(bastion.tokens.find(token).token_id)
-        bastion.audit(
-            None,
-            Event.TOKEN_ROTATED,
-            decision="allowed",
-            reason="ok",
-            request={
-                "name": old.name,
-                "role": old.role,
-                "token_id": old.token_id,
-                "new_token_id": principal.token_id,
-            },
+        new_token, _, _ = bastion.tokens.rotate(
+            bastion.tokens.find(token).token_id,
+            record=lambda old: _token_event(
+                bastion,
+                Event.TOKEN_ROTATED,
+                {"name": old.name, "role": old.role, "token_id": old.token_id, "new_token_id": old.replaced_by},
+            ),
         )
     except GatewayError as exc:
         fail(str(exc))
@@ -431,7 +441,7 @@ def demo(
                 reason="ok",
                 request={"source": str(data), "version": version},
             )
-            _demo_tokens(bastion.tokens, tokens_file)
+            _demo_tokens(bastion, tokens_file)
         finally:
             bastion.close()
     else:
@@ -476,12 +486,12 @@ def demo(
         _run_server(served, settings, log_level="warning")
 
 
-def _demo_tokens(tokens: Any, tokens_file: Path) -> None:
-    """Create the demo's tokens in `tokens` and write them to `tokens_file`, readable only by its owner."""
+def _demo_tokens(bastion: Any, tokens_file: Path) -> None:
+    """Create the demo's tokens in the store of `bastion` (each with its `token_created` record, as `bastion token
+    create` makes them) and write them to `tokens_file`, readable only by its owner."""
     made = {}
     for role, name in (("analyst", "alice"), ("lf_author", "lena"), ("auditor", "otto")):
-        token, _ = tokens.issue(name, role, add=True)
-        made[role] = {"name": name, "token": token}
+        made[role] = {"name": name, "token": _issue_token(bastion, name, role, add=True)}
     fd = os.open(tokens_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(made, f, indent=2)
@@ -499,11 +509,16 @@ def _reuse_demo_tokens(settings: Any, tokens_file: Path) -> None:
     try:
         tokens = open_token_store(settings)
         try:
-            if any(tokens.get_by_hash(hashlib.sha256(secret.encode()).hexdigest()) is None for secret in secrets):
-                console.print("the demo's tokens are not in this store: creating them there")
-                _demo_tokens(tokens, tokens_file)
+            missing = any(tokens.get_by_hash(hashlib.sha256(s.encode()).hexdigest()) is None for s in secrets)
         finally:
             tokens.close()
+        if missing:
+            console.print("the demo's tokens are not in this store: creating them there")
+            bastion = _admin(settings.workspace, store=settings.store)
+            try:
+                _demo_tokens(bastion, tokens_file)
+            finally:
+                bastion.close()
     except GatewayError as exc:
         fail(str(exc))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import psycopg
@@ -20,14 +21,16 @@ from gateway.stores.tokens import (
     COLUMNS,
     PREFIX,
     Principal,
+    Record,
     TokenChecks,
     TokenRecord,
     _hash,
     _new_secret,
     _new_token,
+    _revoked,
     _rotatable,
 )
-from policies.errors import LedgerUnavailable, NotFound
+from policies.errors import LedgerUnavailable
 
 _NAME_LOCK = 0x42A50010  # advisory lock class of token names (beside pg.py's ledger locks)
 
@@ -55,6 +58,7 @@ class PgTokenStore(TokenChecks):
         role: str,
         expires_in: float | None,
         check: Callable[[list[TokenRecord]], None],
+        record: Record | None,
     ) -> tuple[str, Principal]:
         token_id, secret, now, expires = _new_token(self.clock, expires_in)
         with self._con("written") as con, con.transaction():
@@ -68,6 +72,8 @@ class PgTokenStore(TokenChecks):
                 "INSERT INTO tokens (token_id, name, role, hash, created, expires) VALUES (%s, %s, %s, %s, %s, %s)",
                 (token_id, name, role, _hash(secret), now, expires),
             )
+            if record is not None:
+                record(TokenRecord(token_id, name, role, now, expires))
         return f"{PREFIX}_{token_id}_{secret}", Principal(name, role, token_id)
 
     def get(self, token_id: str) -> TokenRecord | None:
@@ -93,19 +99,19 @@ class PgTokenStore(TokenChecks):
             ).fetchall()
         return [TokenRecord(*row) for row in rows]
 
-    def revoke(self, token_id: str) -> TokenRecord:
-        # One statement: a second revocation keeps the first time.
-        with self._con("written") as con:
+    def revoke(self, token_id: str, *, record: Record | None = None) -> TokenRecord:
+        # One statement (a second revocation keeps the first time), and the record before it commits.
+        with self._con("written") as con, con.transaction():
             row = con.execute(
                 f"UPDATE tokens SET revoked = COALESCE(revoked, %s) WHERE token_id = %s RETURNING {COLUMNS}",
                 (self.clock(), token_id),
             ).fetchone()
-        record = TokenRecord.of(row)
-        if record is None:
-            raise NotFound(f"no token {token_id!r}")
-        return record
+            revoked = _revoked(TokenRecord.of(row), token_id)
+            if record is not None:
+                record(revoked)
+        return revoked
 
-    def rotate(self, token_id: str) -> tuple[str, TokenRecord, Principal]:
+    def rotate(self, token_id: str, *, record: Record | None = None) -> tuple[str, TokenRecord, Principal]:
         new_id, secret = _new_secret()
         now = self.clock()
         with self._con("written") as con, con.transaction():
@@ -117,6 +123,8 @@ class PgTokenStore(TokenChecks):
                 (new_id, old.name, old.role, _hash(secret), now, old.expires),
             )
             con.execute("UPDATE tokens SET revoked = %s, replaced_by = %s WHERE token_id = %s", (now, new_id, token_id))
+            if record is not None:
+                record(replace(old, revoked=now, replaced_by=new_id))
         return f"{PREFIX}_{new_id}_{secret}", old, Principal(old.name, old.role, new_id)
 
     def touch(self, token_id: str, when: float) -> None:

@@ -28,7 +28,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -186,6 +186,13 @@ def _rotatable(old: TokenRecord | None, token_id: str, now: float) -> TokenRecor
     return old
 
 
+def _revoked(row: TokenRecord | None, token_id: str) -> TokenRecord:
+    """The token a revocation leaves (NotFound if there is none)."""
+    if row is None:
+        raise NotFound(f"no token {token_id!r}")
+    return row
+
+
 def _new_secret() -> tuple[str, str]:
     return secrets.token_hex(4), secrets.token_urlsafe(32)
 
@@ -195,6 +202,13 @@ def _new_token(clock: Callable[[], float], expires_in: float | None) -> tuple[st
     token_id, secret = _new_secret()
     now = clock()
     return token_id, secret, now, (now + expires_in if expires_in is not None else None)
+
+
+Record = Callable[[TokenRecord], None]
+"""Called by an administrator's token change inside its transaction, after the change's checks and before it
+commits, with the token as it will be: the audit log's record of the change is written there. If it raises, the
+change is rolled back and never takes effect; so a change is never made without its record (a record without its
+change is left only if the store fails at the commit itself, and `token list` shows what holds)."""
 
 
 class TokenStore(Protocol):
@@ -213,13 +227,15 @@ class TokenStore(Protocol):
         """SELECT one token by the hash of its secret."""
         ...
 
-    def revoke(self, token_id: str) -> TokenRecord:
-        """UPDATE the token as revoked now (NotFound if unknown; revoking twice keeps the first time)."""
+    def revoke(self, token_id: str, *, record: Record | None = None) -> TokenRecord:
+        """UPDATE the token as revoked now (NotFound if unknown; revoking twice keeps the first time). `record` is
+        called with the revoked token in the same transaction, before it commits (see `Record`)."""
         ...
 
-    def rotate(self, token_id: str) -> tuple[str, TokenRecord, Principal]:
+    def rotate(self, token_id: str, *, record: Record | None = None) -> tuple[str, TokenRecord, Principal]:
         """One transaction: INSERT a new token for the same principal, role and expiry, and UPDATE the old one as
-        revoked and replaced by it. Returns the new full token, the old record and the new principal."""
+        revoked and replaced by it. Returns the new full token, the old record and the new principal. `record` is
+        called with the old token (as revoked, `replaced_by` the new id) before the transaction commits."""
         ...
 
     def touch(self, token_id: str, when: float) -> None:
@@ -240,9 +256,16 @@ class TokenStore(Protocol):
         ...
 
     def issue(
-        self, name: str, role: str, expires_in: float | None = None, *, add: bool = False
+        self,
+        name: str,
+        role: str,
+        expires_in: float | None = None,
+        *,
+        add: bool = False,
+        record: Record | None = None,
     ) -> tuple[str, Principal]:
-        """`create` for an administrator: refuses a second role for a name, and a name in use unless `add`."""
+        """`create` for an administrator: refuses a second role for a name, and a name in use unless `add`.
+        `record` is called with the new token in the same transaction, before it commits (see `Record`)."""
         ...
 
     def find(self, name_or_id: str) -> TokenRecord:
@@ -277,17 +300,23 @@ class TokenChecks(ABC):
 
     def create(self, name: str, role: str, expires_in: float | None = None) -> tuple[str, Principal]:
         _check_new(name, role)
-        return self._create_checked(name, role, expires_in, lambda same: None)
+        return self._create_checked(name, role, expires_in, lambda same: None, None)
 
     def issue(
-        self, name: str, role: str, expires_in: float | None = None, *, add: bool = False
+        self,
+        name: str,
+        role: str,
+        expires_in: float | None = None,
+        *,
+        add: bool = False,
+        record: Record | None = None,
     ) -> tuple[str, Principal]:
         """Create a token for an administrator: a principal has one role, and every token of a name shares its
         budget, cached answers and jobs, so a name whose tokens are in use is taken only on purpose (`add`), never
         with another role, and never a name that differs from another principal's only in case. The check and the
         insert are one transaction (`_create_checked`), so two concurrent runs cannot both pass it."""
         _check_new(name, role)
-        return self._create_checked(name, role, expires_in, lambda same: _may_take(name, role, same, add))
+        return self._create_checked(name, role, expires_in, lambda same: _may_take(name, role, same, add), record)
 
     @abstractmethod
     def _create_checked(
@@ -296,9 +325,11 @@ class TokenChecks(ABC):
         role: str,
         expires_in: float | None,
         check: Callable[[list[TokenRecord]], None],
+        record: Record | None,
     ) -> tuple[str, Principal]:
         """In one transaction that serialises with every other: SELECT the tokens whose name equals `name` without
-        regard to case, call `check` on them (it raises to refuse), then INSERT the new token as `create` does."""
+        regard to case, call `check` on them (it raises to refuse), INSERT the new token as `create` does, and call
+        `record` on it before committing."""
 
     def find(self, name_or_id: str) -> TokenRecord:
         record = self.get(name_or_id)
@@ -443,6 +474,7 @@ class SqliteTokenStore(TokenChecks):
         role: str,
         expires_in: float | None,
         check: Callable[[list[TokenRecord]], None],
+        record: Record | None,
     ) -> tuple[str, Principal]:
         token_id, secret, now, expires = _new_token(self.clock, expires_in)
         with self._lock:
@@ -456,6 +488,8 @@ class SqliteTokenStore(TokenChecks):
                     "INSERT INTO tokens (token_id, name, role, hash, created, expires) VALUES (?, ?, ?, ?, ?, ?)",
                     (token_id, name, role, _hash(secret), now, expires),
                 )
+                if record is not None:
+                    record(TokenRecord(token_id, name, role, now, expires))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -468,17 +502,24 @@ class SqliteTokenStore(TokenChecks):
     def get_by_hash(self, secret_hash: str) -> TokenRecord | None:
         return self._one("hash", secret_hash)
 
-    def revoke(self, token_id: str) -> TokenRecord:
+    def revoke(self, token_id: str, *, record: Record | None = None) -> TokenRecord:
         with self._lock:
-            self._db.execute(
-                "UPDATE tokens SET revoked = ? WHERE token_id = ? AND revoked IS NULL", (self.clock(), token_id)
-            )
-        record = self.get(token_id)
-        if record is None:
-            raise NotFound(f"no token {token_id!r}")
-        return record
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "UPDATE tokens SET revoked = ? WHERE token_id = ? AND revoked IS NULL", (self.clock(), token_id)
+                )
+                row = self._db.execute(f"SELECT {COLUMNS} FROM tokens WHERE token_id = ?", (token_id,)).fetchone()
+                revoked = _revoked(TokenRecord.of(row), token_id)
+                if record is not None:
+                    record(revoked)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return revoked
 
-    def rotate(self, token_id: str) -> tuple[str, TokenRecord, Principal]:
+    def rotate(self, token_id: str, *, record: Record | None = None) -> tuple[str, TokenRecord, Principal]:
         new_id, secret = _new_secret()
         now = self.clock()
         with self._lock:
@@ -493,6 +534,8 @@ class SqliteTokenStore(TokenChecks):
                 self._db.execute(
                     "UPDATE tokens SET revoked = ?, replaced_by = ? WHERE token_id = ?", (now, new_id, token_id)
                 )
+                if record is not None:
+                    record(replace(old, revoked=now, replaced_by=new_id))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")

@@ -133,6 +133,48 @@ def test_rotate_issues_a_new_token_and_ends_the_old(open_token_store: Opener) ->
     assert len(store.list()) == 2
 
 
+class RecordFailed(Exception):
+    pass
+
+
+def test_a_change_whose_record_fails_is_rolled_back(open_token_store: Opener) -> None:
+    """An administrator's change calls `record` inside its transaction: if the record cannot be written, the token
+    is not created, revoked or rotated; when it can, it sees the token as the change leaves it."""
+    clock = Clock()
+    store, other = open_token_store(clock), open_token_store(clock)
+    seen: list[Any] = []
+
+    def fail(record: Any) -> None:
+        seen.append(record)
+        raise RecordFailed("the audit log refused the record")
+
+    with pytest.raises(RecordFailed):
+        store.issue("nora", "analyst", 60, record=fail)
+    assert seen[-1].name == "nora" and seen[-1].expires == T0 + 60 and other.list() == []
+    token, principal = store.issue("nora", "analyst", 60, record=seen.append)
+    assert seen[-1].token_id == principal.token_id and other.authenticate(token) == principal
+
+    clock.now += 5
+    with pytest.raises(RecordFailed):
+        store.rotate(principal.token_id, record=fail)
+    assert seen[-1].token_id == principal.token_id and seen[-1].revoked == T0 + 5 and seen[-1].replaced_by
+    assert other.authenticate(token) == principal and len(other.list()) == 1  # neither the new token nor the change
+
+    with pytest.raises(RecordFailed):
+        store.revoke(principal.token_id, record=fail)
+    assert seen[-1].revoked == T0 + 5 and other.authenticate(token) == principal
+    with pytest.raises(NotFound):
+        store.revoke("00000000", record=fail)
+    assert seen[-1].token_id == principal.token_id  # nothing recorded for a token that does not exist
+
+    new_token, old, new = store.rotate(principal.token_id, record=seen.append)
+    assert seen[-1].replaced_by == new.token_id == _id(new_token) and old.token_id == principal.token_id
+    revoked = store.revoke(new.token_id, record=seen.append)
+    assert seen[-1] == revoked and revoked.revoked == T0 + 5
+    with pytest.raises(TokenRefused):
+        other.authenticate(new_token)
+
+
 def test_names_are_ascii_and_reserved_names_are_refused_in_any_case(open_token_store: Opener) -> None:
     store = open_token_store(Clock())
     bad = ("Anonymous", "ANONYMOUS", "bastion", "Bastion", "аnonymous", "alice\u200b", "", "-x", "a b", "x" * 65)
@@ -388,6 +430,10 @@ def test_a_demo_moved_to_the_store_gets_its_tokens_there(tmp_path: Path, pg_stor
     finally:
         shared.close()
         local.close()
+    created = [r["request"] for r in pg_records(pg_store, ws / "keys") if r["event"] == "token_created"]
+    assert sorted((c["name"], c["token_id"]) for c in created) == sorted(
+        (t["name"], _id(t["token"])) for t in moved.values()
+    )  # the tokens made on the store are recorded in its log, as `bastion token create` records them
 
 
 def test_a_token_store_out_of_reach_answers_503(pg_workspace: Workspace, pg_server: PgServer, pg_store: str) -> None:
@@ -404,3 +450,27 @@ def test_a_token_store_out_of_reach_answers_503(pg_workspace: Workspace, pg_serv
         ):
             assert r.status_code == 503, r.text
             assert r.json()["error"]["code"] == "ledger_unavailable" and "token store" in r.json()["error"]["message"]
+
+
+def test_token_commands_on_a_host_whose_log_refuses_writes_change_nothing(
+    pg_workspace: Workspace, pg_store: str, tmp_path: Path
+) -> None:
+    """A host with another signing key cannot append to the shared log: its token commands fail, and the tokens
+    on the store stay as they were (a change is never made without its record)."""
+    with pg_workspace.app() as c:  # the log's first records, signed with the workspace's key
+        assert c.post("/v1/query", json=COUNT, headers=pg_workspace.headers("analyst")).status_code == 200
+    stray = ["--store", pg_store, "--workspace", str(tmp_path / "stray-host")]
+    before = json.loads(_cli("token", "list", "--json", *stray))
+    analyst = _id(pg_workspace.tokens["analyst"])
+    for args in (
+        ["token", "create", "--role", "analyst", "--name", "mallory"],
+        ["token", "revoke", analyst],
+        ["token", "rotate", analyst],
+    ):
+        result = CliRunner().invoke(cli, [*args, *stray])
+        assert result.exit_code != 0 and "key" in result.output, result.output
+    assert json.loads(_cli("token", "list", "--json", *stray)) == before
+    with pg_workspace.app() as c:
+        assert c.get("/v1/budget", headers=pg_workspace.headers("analyst")).status_code == 200
+    events = [r["event"] for r in pg_records(pg_store, pg_workspace.settings.keys_dir)]
+    assert not {"token_created", "token_revoked", "token_rotated"} & set(events)
