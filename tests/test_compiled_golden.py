@@ -50,6 +50,10 @@ QUERIES = [
     # a public group list written in the query: the rows filtered to the listed keys, as WHERE is (a FILTER)
     "SELECT g.region, COUNT(*) AS n FROM visits v RIGHT OUTER JOIN (SELECT DISTINCT region FROM UNNEST(['north', "
     "'mars']) AS region) g ON v.region = g.region WHERE age >= 65 GROUP BY g.region",
+    # per-unit subqueries: the inner query groups the bounded rows by the unit, the outer one is planned over it
+    "SELECT n, COUNT(*) AS patients FROM (SELECT patient_id, COUNT(*) AS n FROM visits GROUP BY patient_id) GROUP BY n",
+    "SELECT AVG(total) AS mean_total, SUM(stays) FROM (SELECT patient_id, SUM(income) AS total, MAX(length_of_stay) "
+    "AS stays FROM visits WHERE age >= 18 GROUP BY patient_id) WHERE total > 1000",
 ]
 
 
