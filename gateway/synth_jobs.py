@@ -95,6 +95,7 @@ class TooManyJobs(GatewayError):
     code = "too_many_jobs"
 
 
+SWEEP_SECONDS = 15.0  # a serving gateway looks for unfinished jobs that no process runs this often
 RETRY_SECONDS = 2.0  # a job another process holds is tried again after this long (on a status read or a listing)
 
 
@@ -162,7 +163,9 @@ PUBLIC_FIELDS = (
 class SynthJobs:
     """Synthetic-proxy jobs of one gateway (one per app, created on first use)."""
 
-    def __init__(self, bastion: Bastion) -> None:
+    def __init__(self, bastion: Bastion, *, sweep: float | None = None) -> None:
+        """`sweep`: every this many seconds, resume the unfinished jobs no process runs (a serving gateway's
+        manager does, so a job whose runner died on any replica goes on without anybody looking at it)."""
         self.bastion = bastion
         settings = bastion.settings
         self.root = settings.synth_jobs_dir
@@ -178,8 +181,23 @@ class SynthJobs:
         self._failed: dict[str, dict[str, Any]] = {}  # failures that could not be written at all (disk full)
         self._tried: dict[str, float] = {}  # when a job held by another process was last tried
         self._leases: dict[str, Lease] = {}  # the jobs this process runs now
+        self._closing = threading.Event()
+        self._sweeper: threading.Thread | None = None
+        if sweep is not None:
+            self._sweeper = threading.Thread(target=self._sweep, args=(sweep,), daemon=True, name="synth-sweep")
+            self._sweeper.start()
+
+    def _sweep(self, every: float) -> None:
+        while not self._closing.wait(every):
+            try:
+                self.resume()
+            except Exception as exc:  # noqa: BLE001 - a store out of reach now: tried again at the next sweep
+                log.warning("synthesis jobs could not be swept for unfinished ones (%s)", type(exc).__name__)
 
     def close(self) -> None:
+        self._closing.set()
+        if self._sweeper is not None:
+            self._sweeper.join(timeout=30)
         self.store.close()
 
     # --- records ------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from gateway.http.lf import router as lf_router
 from gateway.http.limits import BodyLimits
 from gateway.http.query import router as query_router
 from gateway.http.sessions import SessionStore
+from gateway.http.synth import jobs_of
 from gateway.http.synth import router as synth_router
 from gateway.service import Bastion, Context
 from gateway.settings import Settings
@@ -68,6 +69,10 @@ def create_app(settings: Settings, bastion: Bastion | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            jobs_of(app.state, app.state.bastion)  # unfinished synthesis jobs go on without a request
+        except GatewayError as exc:  # the job store out of reach: serve, and try again on the first synth request
+            log.error("synthesis jobs not resumed at start (%s)", exc.code)
         yield
         jobs = getattr(app.state, "synth_jobs", None)
         if jobs is not None:

@@ -10,23 +10,27 @@ from fastapi.responses import FileResponse, HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.http.dependencies import ERRORS, REQUEST_CONFIG, Core, Ctx, ErrorResponse, Number
-from gateway.synth_jobs import MAX_ROWS, SynthJobs
+from gateway.synth_jobs import MAX_ROWS, SWEEP_SECONDS, SynthJobs
 
 _create_lock = threading.Lock()
 
 
-def get_jobs(request: Request, bastion: Core) -> SynthJobs:
-    """The app's job manager, created on first use (unfinished jobs whose runner is gone resume then)."""
-    state = request.app.state
+def jobs_of(state: Any, bastion: Core) -> SynthJobs:
+    """The app's job manager, made when the app starts serving or on first use: unfinished jobs whose runner is
+    gone resume then, and its sweep resumes those of runners that die later (on any replica) every SWEEP_SECONDS."""
     with _create_lock:
         jobs = getattr(state, "synth_jobs", None)
         if jobs is None or jobs.bastion is not bastion:
             if jobs is not None:
                 jobs.close()
-            jobs = SynthJobs(bastion)
+            jobs = SynthJobs(bastion, sweep=SWEEP_SECONDS)
             state.synth_jobs = jobs
             jobs.resume()
     return jobs
+
+
+def get_jobs(request: Request, bastion: Core) -> SynthJobs:
+    return jobs_of(request.app.state, bastion)
 
 
 Jobs = Annotated[SynthJobs, Depends(get_jobs)]

@@ -241,6 +241,39 @@ def test_a_job_whose_runner_is_killed_is_resumed_by_the_other_replica(
     assert len(completed) == 1 and completed[0]["request"]["job_id"] == job_id
 
 
+def test_a_serving_replica_resumes_a_dead_runners_job_without_a_request(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replica two serves before replica one's runner dies: its sweep takes the job up with nobody asking."""
+    import gateway.http.synth as http_synth
+
+    monkeypatch.setattr(http_synth, "SWEEP_SECONDS", 0.5)
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    with AppClient(create_app(replicas.two)):  # serving, and asked nothing below
+        p = ctx.Process(
+            target=_submit_then_die, args=(replicas.one.model_dump_json(), replicas.tokens["analyst"], out), daemon=True
+        )
+        p.start()
+        try:
+            got = {out.get(timeout=180), out.get(timeout=180)}
+        finally:
+            p.kill()
+            p.join(30)
+        got.discard("measured")
+        (job_id,) = got
+        store = open_job_store(replicas.two)
+        try:
+            deadline = time.monotonic() + 90
+            while (store.read(job_id) or {}).get("status") != "done":
+                assert time.monotonic() < deadline, store.read(job_id)
+                time.sleep(0.2)
+        finally:
+            store.close()
+    completed = [r for r in replicas.records() if r.get("event") == "synth" and r.get("phase") == "completed"]
+    assert len(completed) == 1 and completed[0]["request"]["job_id"] == job_id
+
+
 def test_a_failed_job_stays_failed_for_every_replica(replicas: Replicas, monkeypatch: pytest.MonkeyPatch) -> None:
     runs: list[str] = []
 
