@@ -439,6 +439,23 @@ class SynthJobs:
         job = self.read(job_id)
         if job["status"] not in ACTIVE:
             return
+        if job["status"] == JobStatus.RUNNING:
+            # Its runner stopped midway (died, or lost its lease): this process takes it over, on the record.
+            try:
+                self.bastion.audit(
+                    self._context(job),
+                    Event.SYNTH,
+                    dataset=job["dataset"],
+                    request={"job_id": job_id, "stage": job.get("stage") or None},
+                    decision="allowed",
+                    reason="resumed",
+                    phase="resumed",
+                    non_dp=job["non_dp"],
+                )
+            except GatewayError as exc:  # the log cannot be written: not taken over now, tried again later
+                self._tried[job_id] = time.monotonic()
+                log.error("synthesis job %s not resumed: its record could not be written (%s)", job_id, exc.code)
+                return
         try:
             self._run(job)
         except LeaseLost:

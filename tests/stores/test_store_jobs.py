@@ -272,6 +272,9 @@ def test_a_serving_replica_resumes_a_dead_runners_job_without_a_request(
             store.close()
     completed = [r for r in replicas.records() if r.get("event") == "synth" and r.get("phase") == "completed"]
     assert len(completed) == 1 and completed[0]["request"]["job_id"] == job_id
+    resumed = [r for r in replicas.records() if r.get("event") == "synth" and r.get("phase") == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["request"]["job_id"] == job_id  # the takeover is on the record
+    assert resumed[0]["actor"]["principal"] == completed[0]["actor"]["principal"]
 
 
 def test_a_failed_job_stays_failed_for_every_replica(replicas: Replicas, monkeypatch: pytest.MonkeyPatch) -> None:
