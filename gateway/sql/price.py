@@ -304,7 +304,13 @@ def _accuracy_targets(plan: Plan, accuracy: float | dict[str, float]) -> list[tu
             raise InvalidRequest('accuracy as an object names one or more output columns, e.g. {"visits": 50}')
         pairs = list(accuracy.items())
     else:
-        name = next((n for n, e in zip(plan.output_names, plan.output_exprs, strict=True) if _agg_of(plan, e)), "")
+        name = next((n for n, e in zip(plan.output_names, plan.output_exprs, strict=True) if _agg_of(plan, e)), None)
+        if name is None:
+            raise InvalidRequest(
+                "an accuracy target is set on a COUNT or SUM output column, and this query has none (it releases "
+                "group keys or values computed from aggregates only), so there is no target to derive ε from. "
+                "Give epsilon instead; a dry run with epsilon shows what it costs"
+            )
         pairs = [(name, accuracy)]
     out = []
     for name, target in pairs:
