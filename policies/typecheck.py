@@ -511,6 +511,8 @@ class Checker:
             )
         if got.type.numeric and SqlType.TEXT in wanted:
             return "use CAST(x AS VARCHAR) to make text of a number"
+        if got.type is SqlType.FLOAT and wanted == (SqlType.INT,):
+            return "a real number is not an integer: use CAST(x AS BIGINT) to round it to one"
         return None
 
     def _literal_text(self, node: exp.Expr | None, what: str) -> str:
@@ -1231,7 +1233,10 @@ class Checker:
             if not t.bounded:
                 return Checked(FLOAT, n.__class__(this=_as_double(inner.tree), decimals=tree.args.get("decimals")))
             reach = (t.max_abs or 0.0) * 10 + 10  # rounding to tens and beyond can move a value up to one unit
-            return Checked(int_range(-reach, reach) if digits is None or digits < 0 else t, tree)
+            # An integer stays an integer in the engine too: DuckDB's FLOOR and CEIL of an integer are DOUBLE, which
+            # an operator taking integers only (| & ^) would fail to bind after the checker had typed it INT.
+            whole_number = exp.Cast(this=tree, to=exp.DataType.build("BIGINT"))
+            return Checked(int_range(-reach, reach) if digits is None or digits < 0 else t, whole_number)
         typed = FLOAT
         if t.lo is not None and t.hi is not None and math.isfinite(t.lo) and math.isfinite(t.hi):
             # Rounding to multiples of s (1, or 10**-digits for negative digits) lands between the multiples of s

@@ -78,6 +78,43 @@ def test_accuracy_target_derives_epsilon_and_meets_it(workspace: Workspace) -> N
     assert body["epsilon_spent"] == body["epsilon"] > 0
 
 
+def test_accuracy_on_a_query_without_count_or_sum_says_to_give_epsilon(workspace: Workspace) -> None:
+    """A number as accuracy targets the first COUNT or SUM output column; group keys alone (SELECT DISTINCT, GROUP BY
+    without an aggregate), other aggregates and values computed from aggregates have none: the refusal says so and
+    what to give instead (it named an output column '' before), for a dry run too, and nothing is charged."""
+    with workspace.app() as c:
+        h = workspace.headers("analyst")
+        for sql in (
+            "SELECT DISTINCT diagnosis FROM visits",
+            "SELECT region FROM visits GROUP BY region",
+            "SELECT SUM(income) / COUNT(*) AS mean FROM visits",
+            "SELECT region, AVG(age) AS mean_age FROM visits GROUP BY region",
+        ):
+            for dry_run in (False, True):
+                r = c.post("/v1/query", json={"sql": sql, "accuracy": 50, "dry_run": dry_run}, headers=h)
+                assert r.status_code == 400, (sql, r.text)
+                err = r.json()["error"]
+                assert err["code"] == "invalid_request", err
+                assert "COUNT or SUM" in err["message"] and "Give epsilon instead" in err["message"], err
+                assert "''" not in err["message"], err
+        budget = c.get("/v1/budget", headers=h).json()
+        # the alternative it names answers
+        answered = c.post("/v1/query", json={"sql": "SELECT DISTINCT diagnosis FROM visits", "epsilon": 1}, headers=h)
+    assert all(b["spent"]["epsilon"] == 0.0 and b["spent"]["delta"] == 0.0 for b in budget)
+    assert answered.status_code == 200 and answered.json()["epsilon_spent"] == 1.0
+
+
+def test_accuracy_as_a_number_targets_the_first_count_or_sum_column(workspace: Workspace) -> None:
+    """An AVG before the COUNT is not the target (it was, and was refused as not a COUNT or SUM)."""
+    sql = "SELECT sex, AVG(age) AS mean_age, COUNT(*) AS n FROM visits GROUP BY sex"
+    with workspace.app() as c:
+        r = c.post("/v1/query", json={"sql": sql, "accuracy": 50}, headers=workspace.headers("analyst"))
+    assert r.status_code == 200, r.text
+    for cells in r.json()["intervals"]:
+        lo, hi = cells[2]
+        assert math.isclose((hi - lo) / 2, 50.0, rel_tol=1e-6) or lo == 0.0
+
+
 def test_rejected_sql_points_at_the_span(workspace: Workspace) -> None:
     with workspace.app() as c:
         r = c.post(

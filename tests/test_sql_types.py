@@ -206,3 +206,35 @@ def test_over_http_a_type_error_is_a_400_with_its_position(workspace: Workspace)
     assert (err["line"], err["column"], err["highlight"]) == (3, 8, "sex > 2")
     assert "cannot compare text with integer" in err["message"]
     assert all(b["spent"]["epsilon"] == 0.0 for b in budget)
+
+
+def test_rounding_an_integer_stays_an_integer_on_the_engine(gateway: tuple[Bastion, Context]) -> None:
+    """FLOOR and CEIL of an integer column are typed as integers, and so run as integers: DuckDB's own FLOOR of an
+    integer is a DOUBLE, which a bitwise operator (integers only) failed to bind after the checker had accepted it
+    (a 400 engine_rejected with no span). Each of these binds, answers and is charged."""
+    bastion, ctx = gateway
+    for sql in (
+        "SELECT COUNT(FLOOR(age) | 3) FROM visits",
+        "SELECT COUNT(CEIL(length_of_stay) & 1) FROM visits",
+        "SELECT COUNT(ROUND(age, -1) | 2), COUNT(TRUNC(age) | 1) FROM visits",
+        "SELECT FLOOR(age) & 64 AS old, COUNT(*) FROM visits GROUP BY old",
+        "SELECT SUM(FLOOR(age)), AVG(CEIL(length_of_stay)) FROM visits",
+    ):
+        before = _spent(bastion, ctx)["visits"][0]
+        body = bastion.query(ctx, sql, epsilon=0.01)
+        assert body["rows"] and body["epsilon_spent"] == 0.01, sql
+        assert math.isclose(_spent(bastion, ctx)["visits"][0], before + 0.01), sql
+
+
+def test_a_bitwise_operator_on_a_double_is_a_type_error_with_its_span(gateway: tuple[Bastion, Context]) -> None:
+    """FLOOR of a real number is a real number (DOUBLE on the engines): `|` takes integers, so the checker refuses
+    it before the charge, pointing at the operand, and says how to make it an integer."""
+    bastion, ctx = gateway
+    before = _spent(bastion, ctx)
+    with pytest.raises(QueryRejected) as info:
+        bastion.query(ctx, "SELECT COUNT(FLOOR(age / 2) | 3) FROM visits", epsilon=0.5)
+    err = info.value
+    assert (err.status, err.reason) == (400, "type_error"), err.message
+    assert err.details.get("highlight") == "FLOOR(age / 2)", err.message
+    assert "integer" in err.message
+    assert _spent(bastion, ctx) == before

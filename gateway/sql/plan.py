@@ -254,6 +254,7 @@ _OUTPUT_NODES = (
     exp.Round,
     exp.Trunc,
     exp.Sqrt,
+    exp.Cbrt,
     exp.Ln,
     exp.Log,
     exp.Exp,
@@ -264,7 +265,7 @@ _OUTPUT_NODES = (
     exp.Ordered,
 )
 OUTPUT_FUNCTIONS = (
-    "abs, sign, floor, ceil, round, trunc, sqrt, ln, log, exp, power, greatest, least, CASE, IF, "
+    "abs, sign, floor, ceil, round, trunc, sqrt, cbrt, ln, log, exp, power, greatest, least, CASE, IF, "
     "COALESCE, NULLIF, CAST, arithmetic and comparisons"
 )
 

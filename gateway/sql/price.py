@@ -222,7 +222,7 @@ def price(
         need: dict[Measurement, float] = {}
         for name, target in _accuracy_targets(plan, accuracy):  # type: ignore[arg-type]
             agg = single_aggregate(plan, name)
-            if agg is None or agg.kind not in _COUNT_KINDS | {Kind.SUM}:
+            if agg is None or not _targetable(agg):
                 raise InvalidRequest(
                     f"an accuracy target can be set for a COUNT or SUM output column; {name!r} is not one. "
                     "Give epsilon instead, or use a dry run to see the accuracy an epsilon buys"
@@ -297,14 +297,20 @@ def _cap_total(cap: Budget, accounting: Accounting) -> float:
 
 
 def _accuracy_targets(plan: Plan, accuracy: float | dict[str, float]) -> list[tuple[str, float]]:
-    """The (output column, 95% half-width) pairs of an accuracy request: a number targets the first noisy output
-    column; an object names one or more output columns."""
+    """The (output column, 95% half-width) pairs of an accuracy request: a number targets the first COUNT or SUM
+    output column (as the README says); an object names one or more output columns."""
     if isinstance(accuracy, dict):
         if not accuracy:
             raise InvalidRequest('accuracy as an object names one or more output columns, e.g. {"visits": 50}')
         pairs = list(accuracy.items())
     else:
-        name = next((n for n, e in zip(plan.output_names, plan.output_exprs, strict=True) if _agg_of(plan, e)), "")
+        name = next((n for n in plan.output_names if _targetable(single_aggregate(plan, n))), None)
+        if name is None:
+            raise InvalidRequest(
+                "a number as accuracy is the target half-width of the first COUNT or SUM output column, and this "
+                "query has none (its columns are group keys, other aggregates or arithmetic on aggregates), so there "
+                "is no target to derive ε from. Give epsilon instead; a dry run with epsilon shows what it costs"
+            )
         pairs = [(name, accuracy)]
     out = []
     for name, target in pairs:
@@ -314,6 +320,11 @@ def _accuracy_targets(plan: Plan, accuracy: float | dict[str, float]) -> list[tu
             raise InvalidRequest(f"no output column named {name!r}")
         out.append((name, float(target)))
     return out
+
+
+def _targetable(agg: Aggregate | None) -> bool:
+    """An output column that is one COUNT or SUM: the columns an accuracy target can be set for."""
+    return agg is not None and agg.kind in _COUNT_KINDS | {Kind.SUM}
 
 
 def _agg_of(plan: Plan, e: exp.Expr) -> Aggregate | None:
