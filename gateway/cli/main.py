@@ -150,7 +150,7 @@ def register(
             src = policy.parent / src
         bastion = _admin(workspace, store=store)
         try:
-            version = bastion.engine.register(pol, src)
+            version = bastion.engine.register(pol, src, base=policy.parent)
             bastion.settings.policies_dir.mkdir(parents=True, exist_ok=True)
             (bastion.settings.policies_dir / f"{pol.dataset}.yaml").write_text(policy.read_text())
             bastion.audit(
