@@ -27,6 +27,7 @@ from audit import report
 from audit.errors import AuditWriteError
 from audit.record import Event, bound_texts, parse_time
 from gateway.engines import open_engine
+from gateway.engines.kind import EngineKind
 from gateway.refusals import RefusalWindows
 from gateway.settings import Settings
 from gateway.sql.plan import Plan, plan_query
@@ -1048,7 +1049,8 @@ class Bastion:
         hit = self._plans.get(sql)
         if hit is not None and resolve(hit[1].dataset) is hit[0]:
             return hit[1]
-        plan = plan_query(sql, resolve)
+        public = self.engine.public_table if self.engine.kind is EngineKind.DUCKDB else None
+        plan = plan_query(sql, resolve, public)
         bind_check(plan, self.engine)
         if len(self._plans) >= 1024:
             self._plans.clear()
