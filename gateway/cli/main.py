@@ -426,7 +426,8 @@ def demo(
     if not _has_datasets(settings) or not tokens_file.exists():
         console.print(f"creating the demo workspace in {settings.workspace} ({rows:,} visits)...")
         settings.save()
-        data, policy_path = write_demo(settings.private_dir / "source", n_rows=rows)
+        public_tables = settings.engine is EngineKind.DUCKDB  # public tables run on DuckDB only for now
+        data, policy_path = write_demo(settings.private_dir / "source", n_rows=rows, public_tables=public_tables)
         os.chmod(settings.private_dir, 0o700)
         bastion = _admin(settings.workspace, store=store)
         try:
