@@ -190,8 +190,6 @@ def plan(select: exp.Select, sql: str, resolve: Callable[[str], Policy], public:
     first = tables[0] if tables else "<public table>"
     key0 = policy.public_tables[first].unique_key if tables else None
     allowed = form(name, first, key0 or "<key>")
-    if public is None:
-        raise _refuse(DUCKDB_ONLY, joins[0], sql, hint="query the dataset without a join on this engine")
     if len(joins) > 1:
         raise _refuse(
             "one join per query: the dataset with one of its public tables", joins[1], sql, hint=f"write {allowed}"
@@ -257,6 +255,8 @@ def plan(select: exp.Select, sql: str, resolve: Callable[[str], Policy], public:
     check_column(exp.column(private_key), policy, sql, labeling=False)  # usable, not the unit, not hidden
     _check_types(policy.columns[private_key], spec.columns[public_key], private_key, public_key, condition, sql)
     names = _derived_names(policy, spec.columns, table)
+    if public is None:
+        raise _refuse(DUCKDB_ONLY, join, sql, hint="query the dataset without a join on this engine")
     read = public(name, table)
     domains: dict[str, list[Any]] = {}
     for column in spec.columns:
