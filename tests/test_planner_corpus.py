@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import yaml
-
-import pyarrow as pa
 
 from gateway.demo import DEMO_POLICY_YAML, diagnosis_chapters
 from gateway.sql import plan as planner
