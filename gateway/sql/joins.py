@@ -31,12 +31,13 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 from sqlglot import exp
+from sqlglot.tokens import TokenType
 
 from gateway.engines import recipe
 from gateway.engines.base import bounded
 from gateway.sql.parse import dataset_name, drop_qualifiers
 from policies.errors import QueryRejected
-from policies.expressions import check_column, reject, span
+from policies.expressions import balanced, check_column, reject, span
 from policies.schema import MAX_ENUMERABLE_DOMAIN, NUMERIC_TYPES, Column, ColumnType, Policy, public_table_name
 from policies.sqltypes import column_type
 
@@ -155,11 +156,25 @@ def applies(select: exp.Select) -> bool:
 
 
 def _join_span(join: exp.Join, sql: str) -> tuple[int | None, int | None]:
-    from gateway.sql.parse import _join_span as parse_span
+    """The text of a join from its first keyword (after the comma of `FROM a, b`) to its end: from the end of what
+    precedes it (the FROM's table, or the join before)."""
+    from gateway.sql.parse import _tokenize
 
     select = join.parent
     assert isinstance(select, exp.Select)
-    return parse_span(select, join, sql)
+    joins = list(select.args.get("joins") or [])
+    from_ = select.args.get("from_") or select.args.get("from")
+    assert from_ is not None  # `applies` checked it
+    before = joins[joins.index(join) - 1] if join in joins and joins.index(join) > 0 else from_.this
+    start, end = span(join, sql)
+    previous = span(before, sql)[1]
+    tokens = _tokenize(sql)
+    if start is None or end is None or previous is None or tokens is None:
+        return start, end
+    after = [t for t in tokens if previous <= t.start < start and t.token_type is not TokenType.COMMA]
+    if after:
+        start = after[0].start
+    return balanced(sql, start, end)
 
 
 def _refuse(message: str, join: exp.Join, sql: str, hint: str, node: exp.Expr | None = None) -> QueryRejected:
@@ -268,7 +283,8 @@ def plan(select: exp.Select, sql: str, resolve: Callable[[str], Policy], public:
         policy, table, "LEFT" if side == "LEFT" else "INNER", private_key, public_key, multiplicity, names, domains
     )
     outer = select.copy()
-    _rewrite_columns(outer, policy, spec.columns, names, private_names, public_names, sql)
+    using = _using(join)
+    _rewrite_columns(outer, policy, spec.columns, names, private_names, public_names, sql, using)
     outer.set("joins", None)
     drop_qualifiers(outer, name)
     planned = _Planner(outer, sql, found.derived_policy()).plan()
@@ -379,9 +395,11 @@ def _rewrite_columns(
     private: set[str],
     public: set[str],
     sql: str,
+    using: list[str],
 ) -> None:
     """Columns of the public table (qualified by its name or alias, or unqualified and not a dataset column) become
-    the joined table's columns, keeping their place in the text; an unqualified name of both tables is ambiguous."""
+    the joined table's columns, keeping their place in the text; an unqualified name of both tables is ambiguous,
+    but for the USING column, which is the dataset's."""
     aliases = {i.alias.lower() for i in select.expressions if isinstance(i, exp.Alias)}
     for col in list(select.find_all(exp.Column)):
         if not isinstance(col.this, exp.Identifier):
@@ -390,7 +408,7 @@ def _rewrite_columns(
         if table and table in public:
             if name not in public_cols:
                 raise reject(f"the public table has no column {name!r}", "unknown_column", col, sql)
-        elif table or name not in public_cols:
+        elif table or name not in public_cols or name in using:
             continue
         elif name in policy.columns and policy.names_column(name):
             raise reject(
