@@ -189,6 +189,7 @@ def test_using_and_unqualified_columns() -> None:
         ),
         ("SELECT COUNT(*) FROM shop s JOIN shop t ON s.dx = t.dx", "join", "JOIN shop t ON s.dx = t.dx"),
         ("SELECT COUNT(*) FROM shop s JOIN visits v ON s.dx = v.dx", "unknown_table", "visits v"),
+        ("SELECT COUNT(*) FROM shop s JOIN chapters c ON c.code = s.uid", "privacy_unit_column", "s.uid"),
         ("SELECT c.nope, COUNT(*) FROM shop s JOIN chapters c ON s.dx = c.code GROUP BY 1", "unknown_column", "c.nope"),
     ],
 )

@@ -238,7 +238,7 @@ def plan(select: exp.Select, sql: str, resolve: Callable[[str], Policy], public:
         raise _refuse("the two tables need different names", join, sql, hint="give them aliases: FROM d JOIN t")
     keys = [*([spec.unique_key] if spec.unique_key else []), *spec.max_multiplicity]
     allowed = form(name, table, keys[0])
-    private_key, public_key, condition = _condition(
+    private_key, public_key, condition, private_node = _condition(
         join, sql, policy, spec.columns, private_names, public_names, allowed
     )
     multiplicity = spec.multiplicity(public_key)
@@ -252,7 +252,8 @@ def plan(select: exp.Select, sql: str, resolve: Callable[[str], Policy], public:
             hint=f"join on {declared}: {allowed}",
             node=condition,
         )
-    check_column(exp.column(private_key), policy, sql, labeling=False)  # usable, not the unit, not hidden
+    # Usable, not the unit, not hidden: refused at the join column's place in the text.
+    check_column(_unqualified(private_node, private_key), policy, sql, labeling=False)
     _check_types(policy.columns[private_key], spec.columns[public_key], private_key, public_key, condition, sql)
     names = _derived_names(policy, spec.columns, table)
     read = public(name, table)
@@ -307,8 +308,9 @@ def _condition(
     private: set[str],
     public: set[str],
     allowed: str,
-) -> tuple[str, str, exp.Expr]:
-    """The join columns (private, public) of `ON a.x = b.y` or `USING (k)`, and the condition's node."""
+) -> tuple[str, str, exp.Expr, exp.Expr]:
+    """The join columns (private, public) of `ON a.x = b.y` or `USING (k)`, the condition's node and the private
+    column's (the join itself for USING)."""
     using = _using(join)
     if using:
         if len(using) != 1:
@@ -318,7 +320,7 @@ def _condition(
             raise _refuse(
                 f"USING ({column}) needs a column of that name in both tables", join, sql, hint=f"write {allowed}"
             )
-        return column, column, join
+        return column, column, join, join
     on: exp.Expr = join.args.get("on") or join
     inner = on
     while isinstance(inner, exp.Paren):
@@ -347,8 +349,17 @@ def _condition(
         raise reject(f"the public table has no column {public_key!r}", "unknown_column", theirs, sql)
     private_key = mine.name.lower()
     if not policy.names_column(private_key):
-        check_column(exp.column(private_key), policy, sql, labeling=False)
-    return private_key, public_key, on
+        check_column(_unqualified(mine, private_key), policy, sql, labeling=False)
+    return private_key, public_key, on, mine
+
+
+def _unqualified(node: exp.Expr, name: str) -> exp.Column:
+    """The dataset's column `name` as an unqualified reference placed where `node` is in the text."""
+    identifier = exp.to_identifier(name)
+    positions = [n.meta for n in node.walk() if n.meta and "start" in n.meta]
+    if positions:
+        identifier.meta.update(start=min(m["start"] for m in positions), end=max(m["end"] for m in positions))
+    return exp.Column(this=identifier)
 
 
 def _check_types(mine: Column, theirs: Column, private_key: str, public_key: str, node: exp.Expr, sql: str) -> None:
