@@ -34,6 +34,7 @@ class Event(enum.StrEnum):
     SYNTH_DOWNLOAD = "synth_download"
     SYNTH_REPORT = "synth_report"
     LF_STATS = "lf_stats"
+    PUBLIC_READ = "public_read"
     AUDIT_READ = "audit_read"
     AUTHENTICATION = "authentication"
     INVALID_REQUEST = "invalid_request"

@@ -125,6 +125,10 @@ class Client:
     def datasets(self) -> list[dict[str, Any]]:
         return self._json("GET", "/v1/datasets")
 
+    def public_table(self, dataset: str, table: str, *, offset: int = 0, limit: int = 1_000) -> dict[str, Any]:
+        """One page of a dataset's public table: columns, rows, total and next_offset (null on the last page)."""
+        return self._json("GET", f"/v1/datasets/{dataset}/public/{table}", params={"offset": offset, "limit": limit})
+
     def budget_raw(self) -> list[dict[str, Any]]:
         """Your spend, limit and remaining budget per dataset (the JSON answer of GET /v1/budget)."""
         return self._json("GET", "/v1/budget")

@@ -1,4 +1,5 @@
-"""The demo "production" dataset: hospital visits, generated with a fixed seed.
+"""The demo "production" dataset: hospital visits, generated with a fixed seed, and its public lookup table
+`diagnosis_chapters` (each diagnosis code of the demo with its ICD-10 chapter), which queries may join.
 
 Patients have several visits each; age, sex, region and income belong to the patient, the rest to the visit.
 Planted structure (so that DP answers and synthetic proxies have something to find): income rises with age
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 REGIONS = ["north", "south", "east", "west", "central"]
@@ -91,6 +93,42 @@ synthesis: {mode: dp}
 labels: {gold_column: triage_label, classes: [urgent, routine]}
 """
 
+# The public table of the demo: every diagnosis code the visits use, with its ICD-10 chapter (public knowledge).
+CHAPTERS = {
+    "A": "Infectious and parasitic diseases",
+    "B": "Infectious and parasitic diseases",
+    "E": "Endocrine, nutritional and metabolic diseases",
+    "F": "Mental and behavioural disorders",
+    "H": "Diseases of the eye and adnexa",
+    "I": "Diseases of the circulatory system",
+    "J": "Diseases of the respiratory system",
+    "K": "Diseases of the digestive system",
+    "L": "Diseases of the skin and subcutaneous tissue",
+    "M": "Diseases of the musculoskeletal system",
+    "N": "Diseases of the genitourinary system",
+    "R": "Symptoms, signs and abnormal findings",
+    "S": "Injury and poisoning",
+    "T": "Injury and poisoning",
+    "Z": "Factors influencing health status",
+}
+PUBLIC_TABLES_YAML = """\
+public_tables:
+  diagnosis_chapters:             # public lookup table: GET /v1/datasets/visits/public/diagnosis_chapters
+    source: diagnosis_chapters.csv
+    unique_key: code
+    columns:
+      code:    {type: category}
+      chapter: {type: category}   # its values are public group keys (from the table itself)
+"""
+# The demo's policy as `bastion demo` registers it on DuckDB: the visits and their public table.
+DEMO_POLICY_YAML = POLICY_YAML + PUBLIC_TABLES_YAML
+
+
+def diagnosis_chapters() -> pa.Table:
+    """The demo's public table: each diagnosis code of the demo and its chapter, sorted by code."""
+    codes = sorted({*URGENT_DX, *ROUTINE_DX})
+    return pa.table({"code": codes, "chapter": [CHAPTERS[c[0]] for c in codes]})
+
 
 EXAMPLE_LFS_YAML = """\
 # Labeling functions for the demo visits table: `bastion lf stats lfs.yaml --dataset visits --epsilon 1`
@@ -161,13 +199,18 @@ def generate_visits(n_rows: int = 500_000, seed: int = 7) -> pa.Table:
     )
 
 
-def write_demo(directory: Path, n_rows: int = 500_000, seed: int = 7) -> tuple[Path, Path]:
-    """Write the demo Parquet file and its policy; return (data path, policy path)."""
+def write_demo(
+    directory: Path, n_rows: int = 500_000, seed: int = 7, *, public_tables: bool = True
+) -> tuple[Path, Path]:
+    """Write the demo Parquet file and its policy, with the public table `diagnosis_chapters` beside them unless
+    `public_tables` is false (an engine without public tables); return (data path, policy path)."""
     directory.mkdir(parents=True, exist_ok=True)
     data = directory / "visits.parquet"
     pq.write_table(generate_visits(n_rows, seed), data)
     policy = directory / "visits.yaml"
-    policy.write_text(POLICY_YAML)
+    if public_tables:
+        pacsv.write_csv(diagnosis_chapters(), directory / "diagnosis_chapters.csv")
+    policy.write_text(DEMO_POLICY_YAML if public_tables else POLICY_YAML)
     return data, policy
 
 

@@ -27,6 +27,7 @@ from audit import report
 from audit.errors import AuditWriteError
 from audit.record import Event, bound_texts, parse_time
 from gateway.engines import open_engine
+from gateway.engines.kind import EngineKind
 from gateway.refusals import RefusalWindows
 from gateway.settings import Settings
 from gateway.sql.plan import Plan, plan_query
@@ -54,6 +55,7 @@ from policies.errors import (
     Forbidden,
     GatewayError,
     LedgerUnavailable,
+    PublicTableNotFound,
     QueryRejected,
     TooManyRequests,
 )
@@ -99,6 +101,10 @@ ORPHAN_CHARGE = Event.ORPHAN_CHARGE
 ANONYMOUS = {"principal": ANONYMOUS_NAME, "role": None, "token_id": None}
 ADMIN = {"principal": "admin", "role": "admin", "token_id": None}
 # The event name of each grant's action: a denial is recorded under the same name as the allowed action.
+# Rows of a public table one read returns at most (`GET /v1/datasets/{dataset}/public/{table}`); further pages by
+# `offset`.
+PUBLIC_PAGE_ROWS = 1_000
+MAX_PUBLIC_PAGE_ROWS = 10_000
 GRANT_EVENTS = {Grant.QUERY: Event.QUERY, Grant.SYNTH: Event.SYNTH, Grant.LABELING: Event.LF_STATS}
 Expected = dict[tuple[str, str], tuple[int, int, int]]  # (principal, dataset) → (ε units, δ units, ρ units)
 
@@ -179,6 +185,15 @@ def _json_safe(value: Any) -> Any:
         return {k: _json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_json_safe(v) for v in value]
+    return value
+
+
+def _json_value(value: Any) -> Any:
+    """A public table's cell as JSON holds it: dates as ISO 8601 text, a non-finite float as null."""
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     return value
 
 
@@ -546,13 +561,7 @@ class Bastion:
         """The dataset's policy and version if the caller's role has `grant`; otherwise a denial audited under
         `event` (the action's own event name; by default the grant's)."""
         event = event or GRANT_EVENTS[grant]
-        try:
-            policy, version = self.engine.policy(dataset)
-        except GatewayError as exc:
-            self.audit(ctx, event, dataset=dataset, request=request, decision="denied", reason=exc.code)
-            if isinstance(exc, DatasetNotFound):
-                raise self._dataset_not_found(ctx, dataset, exc) from None
-            raise
+        policy, version = self._registered(ctx, dataset, event, request)
         if grant not in policy.grants(ctx.principal.role):
             self.audit(ctx, event, dataset=dataset, request=request, decision="denied", reason="forbidden")
             raise Forbidden(
@@ -560,6 +569,17 @@ class Bastion:
                 dataset=dataset,
             )
         return policy, version
+
+    def _registered(self, ctx: Context, dataset: str, event: Event, request: dict[str, Any]) -> tuple[Policy, str]:
+        """The dataset's policy and version, or its refusal audited under `event` (an unknown name with the nearest
+        name the caller may use)."""
+        try:
+            return self.engine.policy(dataset)
+        except GatewayError as exc:
+            self.audit(ctx, event, dataset=dataset, request=request, decision="denied", reason=exc.code)
+            if isinstance(exc, DatasetNotFound):
+                raise self._dataset_not_found(ctx, dataset, exc) from None
+            raise
 
     def _dataset_not_found(self, ctx: Context, dataset: str, exc: DatasetNotFound) -> DatasetNotFound:
         """`exc` with the nearest name among the datasets the caller is granted (never another dataset's name)."""
@@ -580,6 +600,42 @@ class Bastion:
             if grants:
                 out.append({**policy.public_schema(), "version": version, "grants": sorted(g.value for g in grants)})
         return out
+
+    def public_table(
+        self, ctx: Context, dataset: str, table: str, *, offset: int = 0, limit: int | None = None
+    ) -> dict[str, Any]:
+        """Rows of a dataset's public table, one page, to any principal with a grant on the dataset; recorded as
+        `public_read` before the rows leave (a refusal too); never charged: the rows are public."""
+        limit = PUBLIC_PAGE_ROWS if limit is None else limit
+        request = {"table": table, "offset": offset, "limit": limit}
+        event = Event.PUBLIC_READ
+        policy, _ = self._registered(ctx, dataset, event, request)
+        if not policy.grants(ctx.principal.role):
+            self.audit(ctx, event, dataset=dataset, request=request, decision="denied", reason="forbidden")
+            raise Forbidden(f"role {ctx.principal.role!r} has no grant on dataset {dataset!r}", dataset=dataset)
+        if table not in policy.public_tables:
+            self.audit(ctx, event, dataset=dataset, request=request, decision="denied", reason=PublicTableNotFound.code)
+            names = ", ".join(sorted(policy.public_tables)) or "none"
+            raise PublicTableNotFound(
+                f"dataset {dataset!r} has no public table {table!r}",
+                dataset=dataset,
+                hint=f"its public tables: {names} (GET /v1/datasets lists them)",
+            )
+        self.audit(ctx, event, dataset=dataset, request=request, decision="allowed", reason="ok")
+        rows = self.engine.public_table(dataset, table)
+        page = rows.slice(offset, limit).to_pylist()
+        columns = list(policy.public_tables[table].columns)
+        end = offset + len(page)
+        return {
+            "dataset": dataset,
+            "table": table,
+            "columns": columns,
+            "rows": [[_json_value(r[c]) for c in columns] for r in page],
+            "offset": offset,
+            "limit": limit,
+            "total": rows.num_rows,
+            "next_offset": end if end < rows.num_rows else None,
+        }
 
     def budget_status(self, principal: str, policy: Policy) -> dict[str, Any]:
         """A principal's spend on a dataset against its cap. Under zCDP the cap is on ρ (converted from the declared
@@ -992,7 +1048,8 @@ class Bastion:
         hit = self._plans.get(sql)
         if hit is not None and resolve(hit[1].dataset) is hit[0]:
             return hit[1]
-        plan = plan_query(sql, resolve)
+        public = self.engine.public_table if self.engine.kind is EngineKind.DUCKDB else None
+        plan = plan_query(sql, resolve, public)
         bind_check(plan, self.engine)
         if len(self._plans) >= 1024:
             self._plans.clear()

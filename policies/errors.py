@@ -82,6 +82,10 @@ class DatasetNotFound(NotFound):
     code = "dataset_not_found"
 
 
+class PublicTableNotFound(NotFound):
+    code = "public_table_not_found"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     code = "payload_too_large"

@@ -40,6 +40,17 @@ def bounded_table(dataset: str) -> str:
     return f"bounded_{dataset}"
 
 
+def public_table_name(dataset: str, table: str) -> str:
+    """Name of a dataset's public table in the engine: `public_<dataset>__<table>`. No analyst names it (the
+    compiled SQL does), and it cannot be a bounded table's name."""
+    return f"public_{dataset}__{table}"
+
+
+# Largest multiplicity a public table may declare for a join key: each private row joins at most this many rows,
+# and every sensitivity of a join on that key is multiplied by it.
+MAX_MULTIPLICITY = 1_000
+
+
 class PolicyError(ValueError):
     """A policy file is missing, malformed or unsafe."""
 
@@ -253,6 +264,68 @@ class Labels(_Strict):
         return v
 
 
+class PublicTable(_Strict):
+    """A public lookup table of a dataset (diagnosis codes to chapters, regions to countries): no privacy unit, no
+    budget; any principal granted on the dataset may read its rows, and queries may join the private table with it.
+
+    - `source`: its CSV or Parquet file, relative to the policy file (as the dataset's own source) unless absolute.
+    - `columns`: its columns and their types, as the dataset's (values are converted and clamped the same way).
+      A category, int or bool column without a declared domain takes the table's own distinct values as its
+      public domain of group keys.
+    - `unique_key`: a column whose values are unique (checked when the table is loaded): a join on it leaves every
+      sensitivity as it is.
+    - `max_multiplicity`: for other join columns, the most rows one value may have (checked when loaded): a join on
+      such a column multiplies every sensitivity by it.
+    """
+
+    source: str
+    columns: dict[str, Column]
+    unique_key: str | None = None
+    max_multiplicity: dict[str, int] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> PublicTable:
+        if not self.columns:
+            raise ValueError("a public table needs columns")
+        for name, col in self.columns.items():
+            if not name.isidentifier() or name.lower() != name or name.startswith("__"):
+                raise ValueError(f"column name {name!r} must be a lower-case identifier not starting with __")
+            if col.usage is not Usage.QUERY:
+                raise ValueError(f"column {name!r}: every column of a public table is public (usage: query)")
+        if self.unique_key is None and not self.max_multiplicity:
+            raise ValueError(
+                "a public table needs a unique_key (a column whose values are unique) or a max_multiplicity per "
+                "join column: joins are priced from them"
+            )
+        if self.unique_key is not None and self.unique_key not in self.columns:
+            raise ValueError(f"unique_key {self.unique_key!r} is not a column of the table")
+        for name, m in self.max_multiplicity.items():
+            if name not in self.columns:
+                raise ValueError(f"max_multiplicity names {name!r}, not a column of the table")
+            if name == self.unique_key:
+                raise ValueError(f"{name!r} is the unique key: its multiplicity is 1")
+            if not 1 <= m <= MAX_MULTIPLICITY:
+                raise ValueError(f"max_multiplicity of {name!r} must be between 1 and {MAX_MULTIPLICITY}")
+        return self
+
+    def multiplicity(self, column: str) -> int | None:
+        """How many rows of the table one value of `column` may match: 1 for the unique key, the declared
+        multiplicity, or None if a join on it is not allowed."""
+        if column == self.unique_key:
+            return 1
+        return self.max_multiplicity.get(column)
+
+    def public_schema(self) -> dict[str, Any]:
+        return {
+            "columns": {
+                name: {k: v for k, v in col.model_dump(mode="json").items() if v is not None}
+                for name, col in self.columns.items()
+            },
+            "unique_key": self.unique_key,
+            "max_multiplicity": dict(self.max_multiplicity),
+        }
+
+
 class Policy(_Strict):
     dataset: str = Field(pattern=r"^[a-z_][a-z0-9_]{0,62}$")
     source: str | None = None
@@ -268,9 +341,16 @@ class Policy(_Strict):
     key_candidates: int = Field(default=1_000, ge=1, le=100_000)
     # How spend is accounted (policies.accountant): pure ε (default) or ρ-zCDP with Gaussian noise.
     accounting: Accounting = Accounting.PURE
+    # Public lookup tables (no unit, no budget) the private table may be joined with: name → table.
+    public_tables: dict[str, PublicTable] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check(self) -> Policy:
+        for name in self.public_tables:
+            if not name.isidentifier() or name.lower() != name or name.startswith("__") or len(name) > 63:
+                raise ValueError(f"public table name {name!r} must be a lower-case identifier not starting with __")
+            if name == self.dataset:
+                raise ValueError(f"public table {name!r} has the dataset's own name")
         if self.accounting is Accounting.ZCDP and not (
             self.budget.per_principal.delta > 0 and self.budget.total.delta > 0
         ):
@@ -327,6 +407,8 @@ class Policy(_Strict):
         content = self.model_dump(mode="json")
         if self.accounting is Accounting.PURE:
             del content["accounting"]  # the fingerprints of policies from before the option stay as they were
+        if not self.public_tables:
+            del content["public_tables"]  # likewise for policies without public tables
         payload = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -345,6 +427,7 @@ class Policy(_Strict):
             "labels": self.labels.model_dump(mode="json") if self.labels else None,
             "synthesis": self.synthesis.model_dump(mode="json"),
             "accounting": self.accounting.value,
+            "public_tables": {name: t.public_schema() for name, t in self.public_tables.items()},
         }
 
 

@@ -9,21 +9,23 @@ and read the diff.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pytest
 import yaml
 
-from gateway.demo import POLICY_YAML
+from gateway.demo import DEMO_POLICY_YAML, diagnosis_chapters
 from gateway.engines.duckdb import DuckDBEngine
 from gateway.sql import compile as comp
-from gateway.sql.plan import plan_query
+from gateway.sql import plan as planner
 from policies.errors import DatasetNotFound
 from policies.schema import Policy, parse_policy
 
 FIXTURE = Path(__file__).parent / "fixtures" / "compiled" / "visits.yaml"
-POLICY = parse_policy(yaml.safe_load(POLICY_YAML))
+POLICY = parse_policy(yaml.safe_load(DEMO_POLICY_YAML))  # the demo's visits and its public diagnosis_chapters
 DIALECTS = ("duckdb", "spark")
 
 QUERIES = [
@@ -54,7 +56,21 @@ QUERIES = [
     "SELECT n, COUNT(*) AS patients FROM (SELECT patient_id, COUNT(*) AS n FROM visits GROUP BY patient_id) GROUP BY n",
     "SELECT AVG(total) AS mean_total, SUM(stays) FROM (SELECT patient_id, SUM(income) AS total, MAX(length_of_stay) "
     "AS stays FROM visits WHERE age >= 18 GROUP BY patient_id) WHERE total > 1000",
+    # joins with a public table: the bounded table (at most k rows per unit) joined on the public key, then measured
+    "SELECT c.chapter, COUNT(*) AS n FROM visits v JOIN diagnosis_chapters c ON v.diagnosis = c.code WHERE v.age >= 65 "
+    "GROUP BY c.chapter",
+    "SELECT c.chapter, AVG(v.income), SUM(CASE WHEN c.chapter LIKE 'Injury%' THEN v.length_of_stay ELSE 0 END) AS "
+    "injury_days FROM visits v LEFT JOIN diagnosis_chapters c ON c.code = v.diagnosis GROUP BY c.chapter",
 ]
+
+
+def _public(dataset: str, table: str) -> pa.Table:
+    assert (dataset, table) == ("visits", "diagnosis_chapters")
+    return diagnosis_chapters()
+
+
+def plan_query(sql: str, resolve: Callable[[str], Policy]) -> planner.Plan:
+    return planner.plan_query(sql, resolve, _public)
 
 
 def _resolve(name: str) -> Policy:
@@ -85,14 +101,15 @@ def test_golden_fixture_matches_generated_sql() -> None:
 
 @pytest.mark.parametrize("sql", QUERIES)
 def test_compiled_statements_read_only_the_bounded_table(sql: str) -> None:
-    """Whatever the dialect, a compiled statement reads the dataset's bounded table and nothing else."""
+    """Whatever the dialect, a compiled statement reads the dataset's bounded table (and a joined public table) and
+    nothing else."""
     import sqlglot
     from sqlglot import exp
 
     for dialect in DIALECTS:
         for text in generate(sql)[dialect]:
             tables = {t.name for t in sqlglot.parse_one(text, read=dialect).find_all(exp.Table) if t.name}
-            assert tables <= {"bounded_visits", "g"}, (dialect, tables)
+            assert tables <= {"bounded_visits", "g", "public_visits__diagnosis_chapters"}, (dialect, tables)
 
 
 @pytest.mark.parametrize("sql", [*QUERIES, "SELECT diagnosis, region, AVG(age) FROM visits GROUP BY 1, 2"])

@@ -46,8 +46,11 @@ class BacktrackingEngine:
     def frame(self, name: str, table: pa.Table) -> contextlib.AbstractContextManager[exp.Table]:
         raise AssertionError("bind_check reads no rows")
 
-    def register(self, policy: Policy, source: Path) -> str:
+    def register(self, policy: Policy, source: Path, *, base: Path | None = None) -> str:
         raise AssertionError("bind_check registers nothing")
+
+    def public_table(self, dataset: str, table: str) -> pa.Table:
+        raise AssertionError("bind_check reads no public table")
 
     def datasets(self) -> dict[str, tuple[Policy, str]]:
         raise AssertionError("bind_check needs no catalog")

@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import yaml
 
-from gateway.demo import POLICY_YAML
-from gateway.sql.plan import plan_query
+from gateway.demo import DEMO_POLICY_YAML, diagnosis_chapters
+from gateway.sql import plan as planner
 from policies.errors import DatasetNotFound, GatewayError, QueryRejected
 from policies.schema import Policy, load_policy, parse_policy
 
 CORPUS = yaml.safe_load((Path(__file__).parent / "fixtures" / "queries.yaml").read_text())
-POLICY = parse_policy(yaml.safe_load(POLICY_YAML))
+POLICY = parse_policy(yaml.safe_load(DEMO_POLICY_YAML))  # the demo's visits and its public diagnosis_chapters
 PUMS = load_policy(Path(__file__).parent / "data" / "pums.yaml")  # SmartNoise SQL's PUMS test table, unit `pid`
+
+
+def public(dataset: str, table: str) -> pa.Table:
+    """The demo's public table, as the engine returns it."""
+    assert (dataset, table) == ("visits", "diagnosis_chapters")
+    return diagnosis_chapters()
+
+
+def plan_query(sql: str, resolve: Callable[[str], Policy]) -> planner.Plan:
+    return planner.plan_query(sql, resolve, public)
 
 
 def resolve(name: str) -> Policy:

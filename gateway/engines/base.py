@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
+import pyarrow as pa
 from sqlglot import exp
 
 from gateway.engines.kind import EngineKind
@@ -37,8 +38,13 @@ class Engine(Reader, Protocol):
     # backtracks, a crafted pattern's running time would depend on the rows: such patterns are refused.
     regex: bool
 
-    def register(self, policy: Policy, source: Path) -> str:
-        """Load `source`, build the dataset's pre-bounded table, record the policy; return the new version."""
+    def register(self, policy: Policy, source: Path, *, base: Path | None = None) -> str:
+        """Load `source`, build the dataset's pre-bounded table and its public tables (sources relative to `base`,
+        by default the source's directory), record the policy; return the new version."""
+        ...
+
+    def public_table(self, dataset: str, table: str) -> pa.Table:
+        """A public table's rows, its declared columns in a fixed order (PublicTableNotFound if there is none)."""
         ...
 
     def datasets(self) -> dict[str, tuple[Policy, str]]:

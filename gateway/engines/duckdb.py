@@ -30,8 +30,8 @@ from sqlglot import exp
 
 from gateway.engines import recipe
 from gateway.engines.base import CatalogError, EngineError, EngineKind, registrable
-from policies.errors import DatasetNotFound
-from policies.schema import Policy, bounded_table, parse_policy
+from policies.errors import DatasetNotFound, PublicTableNotFound
+from policies.schema import Policy, PublicTable, bounded_table, parse_policy, public_table_name
 
 _META = "__bastion_datasets"
 _BATCH = 100_000  # rows per batch of converted values streamed through the digest
@@ -91,6 +91,20 @@ def _diagnose(con: duckdb.DuckDBPyConnection, policy: Policy, reader: exp.Expr, 
     return f"cannot build the bounded table: {_first_line(exc)}"
 
 
+def _check_source(
+    con: duckdb.DuckDBPyConnection, reader: exp.Expr, path: Path, declared: list[str], *, what: str = ""
+) -> None:
+    """Refuse a source that cannot be read or lacks a declared column (`what` prefixes the message)."""
+    try:
+        described = con.execute(f"DESCRIBE {exp.select(exp.Star()).from_(reader.copy()).sql(dialect='duckdb')}")
+        available = {r[0].lower() for r in described.fetchall()}
+    except duckdb.Error as exc:
+        raise CatalogError(f"{what}cannot read {path.name}: {_first_line(exc)}") from None
+    missing = [c for c in declared if c not in available]
+    if missing:
+        raise CatalogError(f"{what}the source has no column(s) {missing} declared in the policy")
+
+
 class DuckDBEngine:
     """The private database. The gateway opens it read-only; registration is an admin action."""
 
@@ -110,6 +124,9 @@ class DuckDBEngine:
         # Statements that bound without error on the current schema: binding depends on the statement and the
         # schema only, and the schema changes only by `register` (which clears this) or in a new connection.
         self._bound: set[str] = set()
+        # Public tables' rows as read (immutable Arrow tables), by (dataset, table, version): planning a join reads
+        # the table's values for its group keys.
+        self._public_rows: dict[tuple[str, str, str], pa.Table] = {}
 
     # --- connection ---------------------------------------------------------------------------------------
 
@@ -144,23 +161,17 @@ class DuckDBEngine:
 
     # --- registration -------------------------------------------------------------------------------------
 
-    def register(self, policy: Policy, source: str | Path) -> str:
-        """Load `source` and build the pre-bounded table; return the new dataset version."""
+    def register(self, policy: Policy, source: str | Path, *, base: Path | None = None) -> str:
+        """Load `source` and build the pre-bounded table, and the policy's public tables (their sources relative to
+        `base`, by default the source's directory); return the new dataset version."""
         src = registrable(source, read_only=self.read_only)
         con = self.connect()
         with _without_type_pushdown(con):
-            return self._register(con, policy, src)
+            return self._register(con, policy, src, base if base is not None else src.parent)
 
-    def _register(self, con: duckdb.DuckDBPyConnection, policy: Policy, src: Path) -> str:
+    def _register(self, con: duckdb.DuckDBPyConnection, policy: Policy, src: Path, base: Path) -> str:
         reader = _reader(src)
-        try:
-            described = con.execute(f"DESCRIBE {exp.select(exp.Star()).from_(reader.copy()).sql(dialect='duckdb')}")
-            available = {r[0].lower() for r in described.fetchall()}
-        except duckdb.Error as exc:
-            raise CatalogError(f"cannot read {src.name}: {_first_line(exc)}") from None
-        missing = [c for c in policy.columns if c not in available]
-        if missing:
-            raise CatalogError(f"the source has no column(s) {missing} declared in the policy")
+        _check_source(con, reader, src, list(policy.columns))
         table = exp.table_(bounded_table(policy.dataset), quoted=True)
         # One cursor streams the converted values; the writer digests them batch by batch (recipe.with_digests)
         # and builds the table and its metadata row in one transaction.
@@ -176,8 +187,14 @@ class DuckDBEngine:
             built = recipe.ranked_query(policy, source, exp.Window(this=exp.RowNumber()))
             writer.execute("BEGIN TRANSACTION")
             writer.execute(exp.Create(this=table, kind="TABLE", replace=True, expression=built).sql(dialect="duckdb"))
+            for name, public in policy.public_tables.items():
+                self._public(writer, policy.dataset, name, public, recipe.public_source(public.source, base))
             version = self._record(writer, policy, src)
             writer.execute("COMMIT")
+        except CatalogError:
+            with contextlib.suppress(duckdb.Error):
+                writer.execute("ROLLBACK")
+            raise
         except duckdb.Error as exc:
             with contextlib.suppress(duckdb.Error):
                 writer.execute("ROLLBACK")
@@ -188,6 +205,35 @@ class DuckDBEngine:
         self._policies.pop(policy.dataset, None)
         self._bound.clear()
         return version
+
+    @staticmethod
+    def _public(con: duckdb.DuckDBPyConnection, dataset: str, name: str, table: PublicTable, path: Path) -> None:
+        """Build a public table `public_<dataset>__<name>` from its source, its values converted as a dataset's,
+        and check its declared unique key and multiplicities (refused with the column and the count otherwise)."""
+        what = f"public table {name!r}"
+        if not path.exists():
+            raise CatalogError(f"{what}: source file not found: {path}")
+        reader = _reader(path)
+        _check_source(con, reader, path, list(table.columns), what=f"{what}: ")
+        target = exp.table_(public_table_name(dataset, name), quoted=True)
+        try:
+            con.execute(
+                exp.Create(this=target, kind="TABLE", replace=True, expression=recipe.public_values(table, reader)).sql(
+                    dialect="duckdb"
+                )
+            )
+        except duckdb.Error as exc:
+            failure = _first_line(exc)
+            raise CatalogError(f"{what}: cannot convert {path.name} to the declared types: {failure}") from None
+        declared = {**({table.unique_key: 1} if table.unique_key else {}), **table.max_multiplicity}
+        for column, bound in declared.items():
+            row = con.execute(recipe.multiplicity_query(target, column).sql(dialect="duckdb")).fetchone()
+            most = int(row[0]) if row and row[0] is not None else 0
+            if most > bound:
+                declared_as = "its unique_key" if column == table.unique_key else f"max_multiplicity {bound}"
+                raise CatalogError(
+                    f"{what}: column {column!r} is declared {declared_as}, but a value of it has {most} rows"
+                )
 
     @staticmethod
     def _record(con: duckdb.DuckDBPyConnection, policy: Policy, src: Path) -> str:
@@ -230,6 +276,26 @@ class DuckDBEngine:
             out[name] = (parse_policy(json.loads(policy_json), origin=name), version)
         self._policies = out
         return out
+
+    def public_table(self, dataset: str, table: str) -> pa.Table:
+        """A public table's rows (its declared columns, in a fixed order). Public data: no charge, no noise."""
+        policy, version = self.policy(dataset)
+        public = policy.public_tables.get(table)
+        if public is None:
+            raise PublicTableNotFound(f"dataset {dataset!r} has no public table {table!r}", dataset=dataset)
+        key = (dataset, table, version)  # a table changes only with a new registration, which is a new version
+        found = self._public_rows.get(key)
+        if found is not None:
+            return found
+        query = recipe.public_rows_query(exp.table_(public_table_name(dataset, table), quoted=True), public)
+        try:
+            found = self._cursor().sql(query.sql(dialect=self.dialect)).to_arrow_table()
+        except duckdb.Error as exc:
+            raise EngineError(type(exc).__name__) from None
+        if len(self._public_rows) >= 64:
+            self._public_rows.clear()
+        self._public_rows[key] = found
+        return found
 
     def policy(self, dataset: str) -> tuple[Policy, str]:
         if dataset not in self._policies:

@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 from sqlglot import exp
 
 from policies.reader import ROW_ID
-from policies.schema import NUMERIC_TYPES, Column, ColumnType, Policy, Usage
+from policies.schema import NUMERIC_TYPES, Column, ColumnType, Policy, PublicTable, Usage
 from policies.typecheck import within_calendar
 
 DIGEST = "__digest"  # the column the digest is computed into, never kept
@@ -205,3 +205,41 @@ def with_digests(
             yield pa.RecordBatch.from_arrays([*b.columns, digests(key, b, columns)], schema=out_schema)
 
     return pa.RecordBatchReader.from_batches(out_schema, gen())
+
+
+def public_source(source: str, base: Path) -> Path:
+    """A public table's source file: absolute, or relative to `base` (the policy file's directory)."""
+    path = Path(source)
+    return path if path.is_absolute() else base / path
+
+
+def public_values(table: PublicTable, source: exp.Expr) -> exp.Select:
+    """A public table's rows as its engine table holds them: every declared column converted to its type as a
+    dataset's (`converted`, clamped to its bounds, cut to its max_length), with the fixed-point copies of summed
+    columns, so a join exposes them exactly as a dataset column."""
+    converted_values = exp.select(
+        *[exp.alias_(converted(n, c), n, quoted=True) for n, c in table.columns.items()]
+    ).from_(source)
+    outs = [o for n, c in table.columns.items() for o in outputs(n, c)]
+    return exp.select(*outs).from_(exp.alias_(exp.Subquery(this=converted_values), "v"))
+
+
+def multiplicity_query(engine_table: exp.Table, column: str) -> exp.Select:
+    """The largest number of rows one non-NULL value of `column` has in a public table (NULL on an empty table)."""
+    per_value = (
+        exp.select(exp.alias_(exp.Count(this=exp.Star()), "n", quoted=True))
+        .from_(engine_table)
+        .where(exp.Not(this=exp.Is(this=_col(column), expression=exp.Null())))
+        .group_by(_col(column))
+    )
+    return exp.select(exp.Max(this=_col("n"))).from_(exp.alias_(exp.Subquery(this=per_value), "m"))
+
+
+def public_rows_query(engine_table: exp.Table, table: PublicTable) -> exp.Select:
+    """A public table's declared columns, in a fixed order (all columns, NULLs last): what readers are shown."""
+    columns = list(table.columns)
+    return (
+        exp.select(*[_col(c) for c in columns])
+        .from_(engine_table)
+        .order_by(*[exp.Ordered(this=_col(c), nulls_first=False) for c in columns])
+    )

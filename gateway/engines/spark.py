@@ -46,7 +46,7 @@ from sqlglot import exp
 
 from gateway.engines import recipe
 from gateway.engines.base import CatalogError, EngineError, EngineKind, registrable
-from policies.errors import DatasetNotFound
+from policies.errors import DatasetNotFound, PublicTableNotFound
 from policies.schema import Policy, bounded_table, parse_policy
 
 if TYPE_CHECKING:
@@ -182,6 +182,14 @@ class SparkEngine:
             self._load()
             return dict(self._policies)
 
+    def public_table(self, dataset: str, table: str) -> pa.Table:
+        """No dataset registered on Spark has public tables (registration refuses them)."""
+        self.policy(dataset)
+        raise PublicTableNotFound(
+            f"dataset {dataset!r} has no public table {table!r} (public tables run on DuckDB only for now)",
+            dataset=dataset,
+        )
+
     def policy(self, dataset: str) -> tuple[Policy, str]:
         found = self.datasets().get(dataset)
         if found is None:
@@ -201,8 +209,13 @@ class SparkEngine:
             return spark.read.option("header", "true").option("sep", sep).csv(str(source))
         raise CatalogError(f"unsupported source format {source.name!r}: use Parquet or CSV")
 
-    def register(self, policy: Policy, source: str | Path) -> str:
+    def register(self, policy: Policy, source: str | Path, *, base: Path | None = None) -> str:
         src = registrable(source, read_only=self.read_only)
+        if policy.public_tables:
+            raise CatalogError(
+                f"{policy.dataset!r} declares public tables: public tables and joins with them run on DuckDB only "
+                "for now; register it on the DuckDB engine"
+            )
         try:
             return self._register(policy, src)
         except CatalogError:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.http.dependencies import ERRORS, REQUEST_CONFIG, Core, Ctx, Number
+from gateway.service import MAX_PUBLIC_PAGE_ROWS, PUBLIC_PAGE_ROWS
 
 
 class QueryRequest(BaseModel):
@@ -103,6 +104,35 @@ router = APIRouter(prefix="/v1", responses=ERRORS)
 @router.get("/datasets", summary="Datasets you may use, with their public schema (never a count)")
 def list_datasets(ctx: Ctx, bastion: Core) -> list[dict[str, Any]]:
     return bastion.datasets(ctx)
+
+
+class PublicRows(BaseModel):
+    dataset: str
+    table: str
+    columns: list[str]
+    rows: list[list[Any]] = Field(description="one page of the table's rows, in a fixed order (sorted by its columns)")
+    offset: int
+    limit: int
+    total: int = Field(description="rows in the table (public: the table is)")
+    next_offset: int | None = Field(description="offset of the next page, null on the last page")
+
+
+@router.get(
+    "/datasets/{dataset}/public/{table}",
+    response_model=PublicRows,
+    summary="Rows of a public table of a dataset (public data: audited as public_read, never charged)",
+)
+def public_rows(
+    dataset: str,
+    table: str,
+    ctx: Ctx,
+    bastion: Core,
+    offset: Annotated[int, Query(ge=0, description="first row of the page")] = 0,
+    limit: Annotated[
+        int, Query(ge=1, le=MAX_PUBLIC_PAGE_ROWS, description=f"rows per page, at most {MAX_PUBLIC_PAGE_ROWS:,}")
+    ] = PUBLIC_PAGE_ROWS,
+) -> dict[str, Any]:
+    return bastion.public_table(ctx, dataset, table, offset=offset, limit=limit)
 
 
 @router.post("/query", response_model=QueryResponse, summary="Differentially private answer to one SQL query")

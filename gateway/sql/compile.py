@@ -97,8 +97,11 @@ def _expression_call(plan: Plan, m: Measurement) -> tuple[exp.Expr, bool]:
 
 
 def read_table(plan: Plan) -> exp.Expr:
-    """The table a plan's statements read: the bounded table, or a per-unit query's derived table."""
-    return plan.per_unit.table() if plan.per_unit is not None else bounded(plan.dataset)
+    """The table a plan's statements read: the bounded table, a per-unit query's derived table, or the bounded
+    table joined with a public table."""
+    if plan.per_unit is not None:
+        return plan.per_unit.table()
+    return plan.join.table_tree() if plan.join is not None else bounded(plan.dataset)
 
 
 def values_source(plan: Plan) -> exp.Expr:

@@ -48,6 +48,7 @@ import importlib
 import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -185,9 +186,8 @@ class Neighbours:
     threshold: int
 
 
-@pytest.fixture(scope="module")
-def neighbours(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Neighbours]:
-    root = tmp_path_factory.mktemp("neighbours")
+def _register_neighbours(root: Path, policy: Policy) -> Iterator[Neighbours]:
+    """D and D′ registered under `policy` in `root` with one bounding key, closed when the caller is done."""
     threshold = _edge_threshold()
     d_prime_rows = _d_prime_rows(threshold)
     d_rows = pd.concat([d_prime_rows, _worst_unit_rows()], ignore_index=True)  # appended: other rows keep positions
@@ -195,11 +195,16 @@ def neighbours(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Neighbours]
     for name, rows in (("d", d_rows), ("d_prime", d_prime_rows)):
         rows.to_csv(root / f"{name}.csv", index=False)
         cat = DuckDBEngine(root / f"{name}.duckdb", root / "bounding.key", read_only=False)
-        cat.register(POLICY, root / f"{name}.csv")
+        cat.register(policy, root / f"{name}.csv")
         catalogs.append(cat)
     yield Neighbours(catalogs[0], catalogs[1], threshold)
     for cat in catalogs:
         cat.close()
+
+
+@pytest.fixture(scope="module")
+def neighbours(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Neighbours]:
+    yield from _register_neighbours(tmp_path_factory.mktemp("neighbours"), POLICY)
 
 
 # --- what the executor hands to the mechanism layer -------------------------------------------------------------
@@ -958,3 +963,76 @@ def test_gaussian_key_selection_counts(neighbours: Neighbours) -> None:
     calibrated, control = audit(rho, N_DRAWS), audit(4 * rho, 4 * N_DRAWS)
     assert calibrated <= claimed, (calibrated, claimed)
     assert control > claimed, (control, claimed)
+
+
+# --- joins with a public table ----------------------------------------------------------------------------------
+
+MULTIPLICITY = 2
+# The public table `slots`: every slot twice (multiplicity 2), in one of three groups g* and one of two groups h*.
+SLOTS = pd.DataFrame(
+    {
+        "slot": [s for s in range(3 * K) for _ in range(MULTIPLICITY)],
+        "grp": [g for s in range(3 * K) for g in (f"g{s % 3}", f"h{s % 2}")],
+    }
+)
+JOINED_POLICY = parse_policy(
+    {
+        **POLICY.model_dump(mode="json"),
+        "public_tables": {
+            "slots": {
+                "source": "slots.csv",
+                "columns": {"slot": {"type": "int", "bounds": [0, 3 * K - 1]}, "grp": {"type": "category"}},
+                "max_multiplicity": {"slot": MULTIPLICITY},
+            }
+        },
+    }
+)
+
+
+@pytest.fixture(scope="module")
+def joined_neighbours(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Neighbours]:
+    """The same neighbouring datasets with the public table `slots`: the worst unit's k kept rows sit in k different
+    slots, each of which joins 2 rows, so it has 2k joined rows (each at amount -100) that D′ does not have."""
+    root = tmp_path_factory.mktemp("joined")
+    SLOTS.to_csv(root / "slots.csv", index=False)
+    yield from _register_neighbours(root, JOINED_POLICY)
+
+
+def _audited_join(
+    neighbours: Neighbours, sql: str, epsilon: float
+) -> tuple[Plan, Pricing, MechanismInputs, MechanismInputs]:
+    plan = plan_query(sql, lambda name: JOINED_POLICY, neighbours.d.public_table)
+    pricing = price(plan, epsilon=epsilon, accuracy=None, alpha=0.05, delta=None)
+    return (
+        plan,
+        pricing,
+        mechanism_inputs(plan, pricing, neighbours.d),
+        mechanism_inputs(plan, pricing, neighbours.d_prime),
+    )
+
+
+def test_joined_grouped_count(joined_neighbours: Neighbours) -> None:
+    """COUNT(*) grouped by a public column of a joined table of multiplicity 2: the keys are the table's five groups
+    (no key selection, no δ), the sensitivity 2k, and the worst unit's 2k joined rows make the L1 distance 2k."""
+    sql = "SELECT s.grp, COUNT(*) FROM audit a JOIN slots s ON a.slot = s.slot GROUP BY s.grp"
+    plan, pricing, on_d, on_d_prime = _audited_join(joined_neighbours, sql, 1.0)
+    assert not plan.needs_key_selection and plan.declared_groups() == [(g,) for g in ("g0", "g1", "g2", "h0", "h1")]
+    assert pricing.cost.delta == 0.0 and not on_d.selections
+    ((va, vb, d_in, eps),) = _integer_inputs(plan, pricing, on_d, on_d_prime).values()
+    assert d_in == MULTIPLICITY * K and sum(va) - sum(vb) == MULTIPLICITY * K  # the bound is met exactly
+    calibrated = bound(*integer_hits(va, vb, d_in, eps, N_VECTOR_DRAWS))
+    assert calibrated <= pricing.cost.epsilon, calibrated
+    control = bound(*integer_hits(va, vb, d_in, 2 * eps, N_VECTOR_DRAWS))
+    assert control > pricing.cost.epsilon, control
+
+
+def test_joined_sum(joined_neighbours: Neighbours) -> None:
+    """SUM(amount) over the join: 2k joined rows of the worst unit at -100 (in fixed-point units of 0.01)."""
+    sql = "SELECT SUM(a.amount) FROM audit a JOIN slots s ON a.slot = s.slot"
+    plan, pricing, on_d, on_d_prime = _audited_join(joined_neighbours, sql, 1.0)
+    ((va, vb, d_in, eps),) = _integer_inputs(plan, pricing, on_d, on_d_prime).values()
+    assert d_in == MULTIPLICITY * K * 100 * 100 and abs(va[0] - vb[0]) == d_in
+    calibrated = bound(*integer_hits(va, vb, d_in, eps, N_DRAWS))
+    assert calibrated <= pricing.cost.epsilon, calibrated
+    control = bound(*integer_hits(va, vb, d_in, 2 * eps, N_DRAWS))
+    assert control > pricing.cost.epsilon, control
