@@ -219,3 +219,15 @@ def test_the_demo_policy_declares_the_public_table_and_the_plain_one_does_not() 
     assert parse_policy(yaml.safe_load(POLICY_YAML)).public_tables == {}
     codes = diagnosis_chapters().column("code").to_pylist()
     assert len(set(codes)) == len(codes)
+
+
+def test_spark_refuses_public_tables_before_starting_a_session(tmp_path: Path) -> None:
+    from gateway.engines.kind import EngineKind
+    from gateway.engines.spark import SparkEngine
+    from gateway.settings import Settings
+
+    (tmp_path / "s.csv").write_text("uid,dx,x\n1,A1,1\n")
+    engine = SparkEngine(Settings(workspace=tmp_path / "ws", engine=EngineKind.SPARK), read_only=False)
+    with pytest.raises(CatalogError, match="public tables and joins with them run on DuckDB only for now"):
+        engine.register(parse_policy(_policy({"chapters": TABLE})), tmp_path / "s.csv")
+    assert engine._session is None

@@ -157,6 +157,11 @@ def test_using_and_unqualified_columns() -> None:
     assert plan.declared_groups() == [("x",), ("y",)]
     both = _plan("SELECT region_code, COUNT(*) FROM shop JOIN regions USING (region_code) GROUP BY region_code")
     assert both.declared_groups() == [("r1",), ("r2",), ("r3",)]
+    qualified = _plan(
+        "SELECT r.region_code, COUNT(*) FROM shop s JOIN regions r ON s.region_code = r.region_code GROUP BY 1"
+    )
+    assert qualified.output_names[0] == "region_code" and qualified.declared_groups() == [("r1",), ("r2",), ("r3",)]
+    assert "regions__region_code" in qualified.policy.columns  # the public column, beside the dataset's
     with pytest.raises(QueryRejected) as info:
         _plan("SELECT region_code, COUNT(*) FROM shop s JOIN regions r ON s.region_code = r.region_code GROUP BY 1")
     assert info.value.reason == "ambiguous_column" and info.value.details["column"] == 8

@@ -237,6 +237,8 @@ def plan(select: exp.Select, sql: str, resolve: Callable[[str], Policy], public:
             sql,
             hint=f"join one of its public tables: {allowed}" if tables else "query one dataset at a time",
         )
+    if public is None:
+        raise _refuse(DUCKDB_ONLY, join, sql, hint="query the dataset without a join on this engine")
     if table not in policy.public_tables:
         listed = ", ".join(tables) if tables else "none"
         raise reject(
@@ -270,8 +272,6 @@ def plan(select: exp.Select, sql: str, resolve: Callable[[str], Policy], public:
     check_column(exp.column(private_key), policy, sql, labeling=False)  # usable, not the unit, not hidden
     _check_types(policy.columns[private_key], spec.columns[public_key], private_key, public_key, condition, sql)
     names = _derived_names(policy, spec.columns, table)
-    if public is None:
-        raise _refuse(DUCKDB_ONLY, join, sql, hint="query the dataset without a join on this engine")
     read = public(name, table)
     domains: dict[str, list[Any]] = {}
     for column in spec.columns:
@@ -382,9 +382,15 @@ def _check_types(mine: Column, theirs: Column, private_key: str, public_key: str
 
 
 def _derived_names(policy: Policy, public_cols: dict[str, Column], table: str) -> dict[str, str]:
-    """Each public column's name in the joined table: its own, or `<table>__<column>` if the dataset has one of
-    that name."""
-    return {c: (f"{table}__{c}" if c in policy.columns else c) for c in public_cols}
+    """Each public column's name in the joined table: its own, or `<table>__<column>` (with more underscores while
+    that is taken) if the dataset has a column of that name."""
+    out: dict[str, str] = {}
+    for c in public_cols:
+        name, sep = c, "__"
+        while name in policy.columns or name in out.values() or (name != c and name in public_cols):
+            name, sep = f"{table}{sep}{c}", sep + "_"
+        out[c] = name
+    return out
 
 
 def _rewrite_columns(
@@ -424,4 +430,7 @@ def _rewrite_columns(
         identifier = exp.to_identifier(names[name])
         if start is not None and end is not None:
             identifier.meta.update(start=start, end=end - 1)
-        col.replace(exp.Column(this=identifier))
+        new: exp.Expr = exp.Column(this=identifier)
+        if names[name] != name and col.parent is select and col.arg_key == "expressions":
+            new = exp.alias_(new, name)  # a selected column keeps its own name as the output's
+        col.replace(new)

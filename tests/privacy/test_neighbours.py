@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from audit.log import AuditLog
-from gateway.demo import POLICY_YAML, generate_visits
+from gateway.demo import DEMO_POLICY_YAML, diagnosis_chapters, generate_visits
 from tests.conftest import ROLES, Workspace, build_workspace
 
 UNIT = 999_999
@@ -94,7 +95,8 @@ def neighbours(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, Wor
     root = tmp_path_factory.mktemp("neighbours")
     base = generate_visits(6_000, seed=23)
     policy = root / "visits.yaml"
-    policy.write_text(POLICY_YAML)
+    policy.write_text(DEMO_POLICY_YAML)  # with the public table, so that the corpus's joins run on both
+    pacsv.write_csv(diagnosis_chapters(), root / "diagnosis_chapters.csv")
     with_unit = root / "d.parquet"
     without = root / "d_prime.parquet"
     pq.write_table(pa.concat_tables([base, _worst_case_unit(base)]), with_unit)
