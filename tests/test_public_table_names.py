@@ -69,10 +69,11 @@ def test_a_dataset_cannot_replace_another_datasets_public_table(tmp_path: Path) 
     engine = DuckDBEngine(tmp_path / "db.duckdb", tmp_path / "key", read_only=False)
     try:
         registered = []
-        for dataset, table, source, key in [
+        declarations: list[tuple[str, str, str, dict[str, Any]]] = [
             ("shop", "x__t", "u.csv", {"unique_key": "g"}),
             ("shop__x", "t", "d.csv", {"max_multiplicity": {"g": 1000}}),
-        ]:
+        ]
+        for dataset, table, source, key in declarations:
             try:
                 policy = parse_policy(_policy(dataset, table, source, key))
             except PolicyError:
