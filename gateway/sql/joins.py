@@ -31,13 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 from sqlglot import exp
-from sqlglot.tokens import TokenType
 
 from gateway.engines import recipe
 from gateway.engines.base import bounded
-from gateway.sql.parse import dataset_name, drop_qualifiers
+from gateway.sql.parse import dataset_name, drop_qualifiers, join_span
 from policies.errors import QueryRejected
-from policies.expressions import balanced, check_column, reject, span
+from policies.expressions import check_column, reject, span
 from policies.schema import MAX_ENUMERABLE_DOMAIN, NUMERIC_TYPES, Column, ColumnType, Policy, public_table_name
 from policies.sqltypes import column_type
 
@@ -156,25 +155,9 @@ def applies(select: exp.Select) -> bool:
 
 
 def _join_span(join: exp.Join, sql: str) -> tuple[int | None, int | None]:
-    """The text of a join from its first keyword (after the comma of `FROM a, b`) to its end: from the end of what
-    precedes it (the FROM's table, or the join before)."""
-    from gateway.sql.parse import _tokenize
-
     select = join.parent
     assert isinstance(select, exp.Select)
-    joins = list(select.args.get("joins") or [])
-    from_ = select.args.get("from_") or select.args.get("from")
-    assert from_ is not None  # `applies` checked it
-    before = joins[joins.index(join) - 1] if join in joins and joins.index(join) > 0 else from_.this
-    start, end = span(join, sql)
-    previous = span(before, sql)[1]
-    tokens = _tokenize(sql)
-    if start is None or end is None or previous is None or tokens is None:
-        return start, end
-    after = [t for t in tokens if previous <= t.start < start and t.token_type is not TokenType.COMMA]
-    if after:
-        start = after[0].start
-    return balanced(sql, start, end)
+    return join_span(select, join, sql)
 
 
 def _refuse(message: str, join: exp.Join, sql: str, hint: str, node: exp.Expr | None = None) -> QueryRejected:

@@ -227,12 +227,16 @@ def top_span(select: exp.Select) -> tuple[int, int] | None:
     return (int(found[0]), int(found[1])) if found else None
 
 
-def _join_span(select: exp.Select, join: exp.Expr, sql: str) -> tuple[int | None, int | None]:
+def join_span(select: exp.Select, join: exp.Expr, sql: str) -> tuple[int | None, int | None]:
     """The text of a join from its first keyword (`JOIN`, `CROSS JOIN`, ...; after the comma of `FROM a, b`) to
-    its end: the tree records the positions of the joined names and values only."""
+    its end: the tree records the positions of the joined names and values only. A later join starts after the
+    join before it."""
     start, end = span(join, sql)
     from_ = select.args.get("from_") or select.args.get("from")
-    previous = span(from_.this, sql)[1] if from_ is not None else None
+    joins = list(select.args.get("joins") or [])
+    at = next((i for i, j in enumerate(joins) if j is join), 0)
+    before = joins[at - 1] if at > 0 else from_.this if from_ is not None else None
+    previous = span(before, sql)[1] if before is not None else None
     tokens = _tokenize(sql)
     if start is None or end is None or previous is None or tokens is None:
         return start, end
@@ -254,7 +258,7 @@ def dataset_name(select: exp.Select, sql: str) -> str:
         )
     joined = select.args.get("joins") or select.args.get("laterals")
     if joined:
-        start, end = _join_span(select, joined[0], sql)
+        start, end = join_span(select, joined[0], sql)
         raise QueryRejected(
             "joins are not allowed",
             reason="join",
