@@ -38,7 +38,7 @@ from gateway.sql.parse import dataset_name, drop_qualifiers, join_span
 from policies.errors import QueryRejected
 from policies.expressions import check_column, reject, span
 from policies.schema import MAX_ENUMERABLE_DOMAIN, NUMERIC_TYPES, Column, ColumnType, Policy, public_table_name
-from policies.sqltypes import column_type
+from policies.sqltypes import SqlType, column_type
 
 if TYPE_CHECKING:
     from gateway.sql.plan import Plan
@@ -352,9 +352,25 @@ def _condition(
 
 
 def _check_types(mine: Column, theirs: Column, private_key: str, public_key: str, node: exp.Expr, sql: str) -> None:
-    a, b = column_type(mine).type, column_type(theirs).type
-    if a == b or (mine.type in NUMERIC_TYPES and theirs.type in NUMERIC_TYPES):
+    a, b = column_type(mine), column_type(theirs)
+    if a.type == b.type:
         return
+    if mine.type in NUMERIC_TYPES and theirs.type in NUMERIC_TYPES:
+        # An int is compared with a float as a double: beyond ±2**53 distinct ints can be one double, and one private
+        # row would join several rows of a key checked unique as ints. Within ±2**53 (a bounded int range, see
+        # `int_range`) every int is exactly one double.
+        whole = a if a.type is SqlType.INT else b
+        if whole.bounded:
+            return
+        raise reject(
+            f"the join columns differ in type: {private_key} is {mine.type.value}, {public_key} is "
+            f"{theirs.type.value}, and the int's values are not known to lie within ±2**53, where a number compares "
+            "with exactly one int",
+            "type_error",
+            node,
+            sql,
+            hint="join columns of the same type, or declare bounds for the int column",
+        )
     raise reject(
         f"the join columns differ in type: {private_key} is {mine.type.value}, {public_key} is {theirs.type.value}",
         "type_error",
