@@ -561,13 +561,7 @@ class Bastion:
         """The dataset's policy and version if the caller's role has `grant`; otherwise a denial audited under
         `event` (the action's own event name; by default the grant's)."""
         event = event or GRANT_EVENTS[grant]
-        try:
-            policy, version = self.engine.policy(dataset)
-        except GatewayError as exc:
-            self.audit(ctx, event, dataset=dataset, request=request, decision="denied", reason=exc.code)
-            if isinstance(exc, DatasetNotFound):
-                raise self._dataset_not_found(ctx, dataset, exc) from None
-            raise
+        policy, version = self._registered(ctx, dataset, event, request)
         if grant not in policy.grants(ctx.principal.role):
             self.audit(ctx, event, dataset=dataset, request=request, decision="denied", reason="forbidden")
             raise Forbidden(
@@ -575,6 +569,17 @@ class Bastion:
                 dataset=dataset,
             )
         return policy, version
+
+    def _registered(self, ctx: Context, dataset: str, event: Event, request: dict[str, Any]) -> tuple[Policy, str]:
+        """The dataset's policy and version, or its refusal audited under `event` (an unknown name with the nearest
+        name the caller may use)."""
+        try:
+            return self.engine.policy(dataset)
+        except GatewayError as exc:
+            self.audit(ctx, event, dataset=dataset, request=request, decision="denied", reason=exc.code)
+            if isinstance(exc, DatasetNotFound):
+                raise self._dataset_not_found(ctx, dataset, exc) from None
+            raise
 
     def _dataset_not_found(self, ctx: Context, dataset: str, exc: DatasetNotFound) -> DatasetNotFound:
         """`exc` with the nearest name among the datasets the caller is granted (never another dataset's name)."""
@@ -604,13 +609,7 @@ class Bastion:
         limit = PUBLIC_PAGE_ROWS if limit is None else limit
         request = {"table": table, "offset": offset, "limit": limit}
         event = Event.PUBLIC_READ
-        try:
-            policy, _ = self.engine.policy(dataset)
-        except GatewayError as exc:
-            self.audit(ctx, event, dataset=dataset, request=request, decision="denied", reason=exc.code)
-            if isinstance(exc, DatasetNotFound):
-                raise self._dataset_not_found(ctx, dataset, exc) from None
-            raise
+        policy, _ = self._registered(ctx, dataset, event, request)
         if not policy.grants(ctx.principal.role):
             self.audit(ctx, event, dataset=dataset, request=request, decision="denied", reason="forbidden")
             raise Forbidden(f"role {ctx.principal.role!r} has no grant on dataset {dataset!r}", dataset=dataset)

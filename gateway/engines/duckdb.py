@@ -91,6 +91,20 @@ def _diagnose(con: duckdb.DuckDBPyConnection, policy: Policy, reader: exp.Expr, 
     return f"cannot build the bounded table: {_first_line(exc)}"
 
 
+def _check_source(
+    con: duckdb.DuckDBPyConnection, reader: exp.Expr, path: Path, declared: list[str], *, what: str = ""
+) -> None:
+    """Refuse a source that cannot be read or lacks a declared column (`what` prefixes the message)."""
+    try:
+        described = con.execute(f"DESCRIBE {exp.select(exp.Star()).from_(reader.copy()).sql(dialect='duckdb')}")
+        available = {r[0].lower() for r in described.fetchall()}
+    except duckdb.Error as exc:
+        raise CatalogError(f"{what}cannot read {path.name}: {_first_line(exc)}") from None
+    missing = [c for c in declared if c not in available]
+    if missing:
+        raise CatalogError(f"{what}the source has no column(s) {missing} declared in the policy")
+
+
 class DuckDBEngine:
     """The private database. The gateway opens it read-only; registration is an admin action."""
 
@@ -154,14 +168,7 @@ class DuckDBEngine:
 
     def _register(self, con: duckdb.DuckDBPyConnection, policy: Policy, src: Path, base: Path) -> str:
         reader = _reader(src)
-        try:
-            described = con.execute(f"DESCRIBE {exp.select(exp.Star()).from_(reader.copy()).sql(dialect='duckdb')}")
-            available = {r[0].lower() for r in described.fetchall()}
-        except duckdb.Error as exc:
-            raise CatalogError(f"cannot read {src.name}: {_first_line(exc)}") from None
-        missing = [c for c in policy.columns if c not in available]
-        if missing:
-            raise CatalogError(f"the source has no column(s) {missing} declared in the policy")
+        _check_source(con, reader, src, list(policy.columns))
         table = exp.table_(bounded_table(policy.dataset), quoted=True)
         # One cursor streams the converted values; the writer digests them batch by batch (recipe.with_digests)
         # and builds the table and its metadata row in one transaction.
@@ -204,14 +211,7 @@ class DuckDBEngine:
         if not path.exists():
             raise CatalogError(f"{what}: source file not found: {path}")
         reader = _reader(path)
-        try:
-            described = con.execute(f"DESCRIBE {exp.select(exp.Star()).from_(reader.copy()).sql(dialect='duckdb')}")
-            available = {r[0].lower() for r in described.fetchall()}
-        except duckdb.Error as exc:
-            raise CatalogError(f"{what}: cannot read {path.name}: {_first_line(exc)}") from None
-        missing = [c for c in table.columns if c not in available]
-        if missing:
-            raise CatalogError(f"{what}: the source has no column(s) {missing} declared in the policy")
+        _check_source(con, reader, path, list(table.columns), what=f"{what}: ")
         target = exp.table_(public_table_name(dataset, name), quoted=True)
         try:
             con.execute(

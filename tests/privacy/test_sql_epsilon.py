@@ -46,6 +46,7 @@ import importlib
 import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -183,9 +184,8 @@ class Neighbours:
     threshold: int
 
 
-@pytest.fixture(scope="module")
-def neighbours(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Neighbours]:
-    root = tmp_path_factory.mktemp("neighbours")
+def _register_neighbours(root: Path, policy: Policy) -> Iterator[Neighbours]:
+    """D and D′ registered under `policy` in `root` with one bounding key, closed when the caller is done."""
     threshold = _edge_threshold()
     d_prime_rows = _d_prime_rows(threshold)
     d_rows = pd.concat([d_prime_rows, _worst_unit_rows()], ignore_index=True)  # appended: other rows keep positions
@@ -193,11 +193,16 @@ def neighbours(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Neighbours]
     for name, rows in (("d", d_rows), ("d_prime", d_prime_rows)):
         rows.to_csv(root / f"{name}.csv", index=False)
         cat = DuckDBEngine(root / f"{name}.duckdb", root / "bounding.key", read_only=False)
-        cat.register(POLICY, root / f"{name}.csv")
+        cat.register(policy, root / f"{name}.csv")
         catalogs.append(cat)
     yield Neighbours(catalogs[0], catalogs[1], threshold)
     for cat in catalogs:
         cat.close()
+
+
+@pytest.fixture(scope="module")
+def neighbours(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Neighbours]:
+    yield from _register_neighbours(tmp_path_factory.mktemp("neighbours"), POLICY)
 
 
 # --- what the executor hands to the mechanism layer -------------------------------------------------------------
@@ -945,19 +950,8 @@ def joined_neighbours(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Neig
     """The same neighbouring datasets with the public table `slots`: the worst unit's k kept rows sit in k different
     slots, each of which joins 2 rows, so it has 2k joined rows (each at amount -100) that D′ does not have."""
     root = tmp_path_factory.mktemp("joined")
-    threshold = _edge_threshold()
-    d_prime_rows = _d_prime_rows(threshold)
-    d_rows = pd.concat([d_prime_rows, _worst_unit_rows()], ignore_index=True)
     SLOTS.to_csv(root / "slots.csv", index=False)
-    catalogs = []
-    for name, rows in (("d", d_rows), ("d_prime", d_prime_rows)):
-        rows.to_csv(root / f"{name}.csv", index=False)
-        cat = DuckDBEngine(root / f"{name}.duckdb", root / "bounding.key", read_only=False)
-        cat.register(JOINED_POLICY, root / f"{name}.csv")
-        catalogs.append(cat)
-    yield Neighbours(catalogs[0], catalogs[1], threshold)
-    for cat in catalogs:
-        cat.close()
+    yield from _register_neighbours(root, JOINED_POLICY)
 
 
 def _audited_join(
