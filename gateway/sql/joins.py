@@ -212,6 +212,24 @@ def plan(select: exp.Select, sql: str, resolve: Callable[[str], Policy], public:
         raise _refuse(
             f"{' '.join(x for x in (side, kind) if x)} JOIN is not supported", join, sql, hint=f"write {allowed}"
         )
+    method = str(join.args.get("method") or "").upper()
+    if method:  # NATURAL, ASOF, POSITIONAL: another pairing than the ON's equality, which is what would run
+        raise _refuse(
+            f"{method} joins are not supported: only the equality join of ON (or USING) runs",
+            join,
+            sql,
+            hint=f"write {allowed}",
+        )
+    for table_node in (private, target):
+        alias = table_node.args.get("alias")
+        if isinstance(alias, exp.TableAlias) and alias.columns:  # renames the table's columns by position
+            raise reject(
+                "column lists in a table's alias are not supported in a join: the columns keep their names",
+                REASON,
+                table_node,
+                sql,
+                hint=f"write {allowed}",
+            )
     table = target.name.lower()
     if table == name or target.catalog or target.db:
         raise _refuse(
