@@ -231,3 +231,31 @@ def test_spark_refuses_public_tables_before_starting_a_session(tmp_path: Path) -
     with pytest.raises(CatalogError, match="public tables and joins with them run on DuckDB only for now"):
         engine.register(parse_policy(_policy({"chapters": TABLE})), tmp_path / "s.csv")
     assert engine._session is None
+
+
+def test_the_cli_lists_public_tables_and_shows_their_rows(
+    workspace: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    import gateway.cli.terminal as terminal
+    from gateway.cli.main import app
+
+    token = workspace.tokens["analyst"]
+    with workspace.app() as c:
+        monkeypatch.setattr(
+            terminal, "make_client", lambda url, tok: Client("http://testserver", tok, transport=c._transport)
+        )
+        runner = CliRunner()
+        listed = runner.invoke(app, ["datasets", "--token", token])
+        assert listed.exit_code == 0, listed.output
+        assert "public table diagnosis_chapters" in listed.output and "unique" in listed.output
+        shown = runner.invoke(
+            app, ["public-table", "visits", "diagnosis_chapters", "--limit", "2", "--json", "--token", token]
+        )
+        assert shown.exit_code == 0, shown.output
+    import json
+
+    page = json.loads(shown.output)
+    first = diagnosis_chapters().to_pylist()[:2]
+    assert page["rows"] == [[r["code"], r["chapter"]] for r in first] and page["next_offset"] == 2

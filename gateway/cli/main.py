@@ -862,8 +862,40 @@ def datasets(as_json: AsJson = False, url: Url = "http://127.0.0.1:8000", token:
     for d in found:
         cols = [{"column": name, **spec} for name, spec in (d.get("columns") or {}).items()]
         print_records(cols, title=f"{d['dataset']}: columns")
+        for name, public in (d.get("public_tables") or {}).items():
+            multiplicity = public.get("max_multiplicity") or {}
+            rows = [
+                {
+                    "column": column,
+                    **spec,
+                    "join key": "unique" if column == public.get("unique_key") else multiplicity.get(column),
+                }
+                for column, spec in (public.get("columns") or {}).items()
+            ]
+            print_records(rows, title=f"{d['dataset']}: public table {name} (rows: bastion public-table)")
     if not found:
         console.print("no dataset grants your role anything")
+
+
+@app.command("public-table")
+def public_table(
+    dataset: Annotated[str, typer.Argument(help="dataset name")],
+    table: Annotated[str, typer.Argument(help="one of its public tables (bastion datasets lists them)")],
+    offset: Annotated[int, typer.Option(min=0, help="first row")] = 0,
+    limit: Annotated[int, typer.Option(min=1, max=10_000, help="rows to show")] = 1_000,
+    as_json: AsJson = False,
+    url: Url = "http://127.0.0.1:8000",
+    token: Token = None,
+) -> None:
+    """Show rows of a dataset's public table (public data: audited, never charged)."""
+    with gateway_client(url, token) as c:
+        page = c.public_table(dataset, table, offset=offset, limit=limit)
+    if as_json:
+        print_json(page)
+        return
+    records = [dict(zip(page["columns"], row, strict=True)) for row in page["rows"]]
+    title = f"{dataset}.{table}: rows {offset + 1}-{offset + len(records)} of {page['total']}"
+    print_records(records, columns=page["columns"], title=title)
 
 
 def main() -> None:

@@ -124,6 +124,9 @@ class DuckDBEngine:
         # Statements that bound without error on the current schema: binding depends on the statement and the
         # schema only, and the schema changes only by `register` (which clears this) or in a new connection.
         self._bound: set[str] = set()
+        # Public tables' rows as read (immutable Arrow tables), by (dataset, table, version): planning a join reads
+        # the table's values for its group keys.
+        self._public_rows: dict[tuple[str, str, str], pa.Table] = {}
 
     # --- connection ---------------------------------------------------------------------------------------
 
@@ -276,15 +279,23 @@ class DuckDBEngine:
 
     def public_table(self, dataset: str, table: str) -> pa.Table:
         """A public table's rows (its declared columns, in a fixed order). Public data: no charge, no noise."""
-        policy, _ = self.policy(dataset)
+        policy, version = self.policy(dataset)
         public = policy.public_tables.get(table)
         if public is None:
             raise PublicTableNotFound(f"dataset {dataset!r} has no public table {table!r}", dataset=dataset)
+        key = (dataset, table, version)  # a table changes only with a new registration, which is a new version
+        found = self._public_rows.get(key)
+        if found is not None:
+            return found
         query = recipe.public_rows_query(exp.table_(public_table_name(dataset, table), quoted=True), public)
         try:
-            return self._cursor().sql(query.sql(dialect=self.dialect)).to_arrow_table()
+            found = self._cursor().sql(query.sql(dialect=self.dialect)).to_arrow_table()
         except duckdb.Error as exc:
             raise EngineError(type(exc).__name__) from None
+        if len(self._public_rows) >= 64:
+            self._public_rows.clear()
+        self._public_rows[key] = found
+        return found
 
     def policy(self, dataset: str) -> tuple[Policy, str]:
         if dataset not in self._policies:
