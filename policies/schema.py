@@ -42,7 +42,8 @@ def bounded_table(dataset: str) -> str:
 
 def public_table_name(dataset: str, table: str) -> str:
     """Name of a dataset's public table in the engine: `public_<dataset>__<table>`. No analyst names it (the
-    compiled SQL does), and it cannot be a bounded table's name."""
+    compiled SQL does), and it cannot be a bounded table's name. One-to-one, as a table's name neither starts with
+    `_` nor holds `__` (the policy checks): its last `__` splits it back."""
     return f"public_{dataset}__{table}"
 
 
@@ -347,8 +348,14 @@ class Policy(_Strict):
     @model_validator(mode="after")
     def _check(self) -> Policy:
         for name in self.public_tables:
-            if not name.isidentifier() or name.lower() != name or name.startswith("__") or len(name) > 63:
-                raise ValueError(f"public table name {name!r} must be a lower-case identifier not starting with __")
+            # No leading `_` and no `__` inside: `public_<dataset>__<table>` then names one (dataset, table) only,
+            # so no dataset's registration can replace another's public table (checked against other rows).
+            if not name.isidentifier() or name.lower() != name or name.startswith("_") or "__" in name:
+                raise ValueError(
+                    f"public table name {name!r} must be a lower-case identifier, not starting with _ and without __"
+                )
+            if len(name) > 63:
+                raise ValueError(f"public table name {name!r} is longer than 63 characters")
             if name == self.dataset:
                 raise ValueError(f"public table {name!r} has the dataset's own name")
         if self.accounting is Accounting.ZCDP and not (

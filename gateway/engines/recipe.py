@@ -102,7 +102,14 @@ def converted(name: str, col: Column) -> exp.Expr:
         )
         if col.bounds is None:  # the privacy unit, the gold column or a declared domain: kept, never summed
             if t is ColumnType.INT:
-                return _cast(src, "BIGINT", try_=True)
+                whole = _cast(src, "BIGINT", try_=True)
+                values = _int_domain(col)
+                if values is None:
+                    return whole
+                # Typed as lying within its domain's [min, max] (policies.sqltypes.column_type), which integer
+                # arithmetic relies on: a value beyond that range is missing, so none can overflow after the charge.
+                inside = exp.Between(this=whole.copy(), low=_int(min(values)), high=_int(max(values)))
+                return _null_if(exp.Not(this=exp.Paren(this=inside)), whole)
             return _null_if(missing, _unsigned_zero(number))
         lo, hi = (_double(b) for b in col.bounds)
         # Clamp as a double (NaN is missing; ±inf and out-of-range values go to a bound), then convert: an int's
@@ -125,6 +132,17 @@ def converted(name: str, col: Column) -> exp.Expr:
     if col.max_length is None:
         return text
     return exp.Left(this=text, expression=exp.Literal.number(int(col.max_length)))
+
+
+def _int(value: int) -> exp.Expr:
+    return _cast(exp.Literal.number(int(value)), "BIGINT")
+
+
+def _int_domain(col: Column) -> list[int] | None:
+    """The int values of an int column's declared domain (None if it has none, or one that is not all ints)."""
+    if col.domain is None or not all(isinstance(v, int) and not isinstance(v, bool) for v in col.domain):
+        return None
+    return [int(v) for v in col.domain]
 
 
 def summed(col: Column) -> bool:

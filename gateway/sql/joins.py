@@ -38,7 +38,7 @@ from gateway.sql.parse import dataset_name, drop_qualifiers, join_span
 from policies.errors import QueryRejected
 from policies.expressions import check_column, reject, span
 from policies.schema import MAX_ENUMERABLE_DOMAIN, NUMERIC_TYPES, Column, ColumnType, Policy, public_table_name
-from policies.sqltypes import column_type
+from policies.sqltypes import SqlType, column_type
 
 if TYPE_CHECKING:
     from gateway.sql.plan import Plan
@@ -212,6 +212,24 @@ def plan(select: exp.Select, sql: str, resolve: Callable[[str], Policy], public:
         raise _refuse(
             f"{' '.join(x for x in (side, kind) if x)} JOIN is not supported", join, sql, hint=f"write {allowed}"
         )
+    method = str(join.args.get("method") or "").upper()
+    if method:  # NATURAL, ASOF, POSITIONAL: another pairing than the ON's equality, which is what would run
+        raise _refuse(
+            f"{method} joins are not supported: only the equality join of ON (or USING) runs",
+            join,
+            sql,
+            hint=f"write {allowed}",
+        )
+    for table_node in (private, target):
+        alias = table_node.args.get("alias")
+        if isinstance(alias, exp.TableAlias) and alias.columns:  # renames the table's columns by position
+            raise reject(
+                "column lists in a table's alias are not supported in a join: the columns keep their names",
+                REASON,
+                table_node,
+                sql,
+                hint=f"write {allowed}",
+            )
     table = target.name.lower()
     if table == name or target.catalog or target.db:
         raise _refuse(
@@ -363,9 +381,25 @@ def _unqualified(node: exp.Expr, name: str) -> exp.Column:
 
 
 def _check_types(mine: Column, theirs: Column, private_key: str, public_key: str, node: exp.Expr, sql: str) -> None:
-    a, b = column_type(mine).type, column_type(theirs).type
-    if a == b or (mine.type in NUMERIC_TYPES and theirs.type in NUMERIC_TYPES):
+    a, b = column_type(mine), column_type(theirs)
+    if a.type == b.type:
         return
+    if mine.type in NUMERIC_TYPES and theirs.type in NUMERIC_TYPES:
+        # An int is compared with a float as a double: beyond ±2**53 distinct ints can be one double, and one private
+        # row would join several rows of a key checked unique as ints. Within ±2**53 (a bounded int range, see
+        # `int_range`) every int is exactly one double.
+        whole = a if a.type is SqlType.INT else b
+        if whole.bounded:
+            return
+        raise reject(
+            f"the join columns differ in type: {private_key} is {mine.type.value}, {public_key} is "
+            f"{theirs.type.value}, and the int's values are not known to lie within ±2**53, where a number compares "
+            "with exactly one int",
+            "type_error",
+            node,
+            sql,
+            hint="join columns of the same type, or declare bounds for the int column",
+        )
     raise reject(
         f"the join columns differ in type: {private_key} is {mine.type.value}, {public_key} is {theirs.type.value}",
         "type_error",
