@@ -141,6 +141,11 @@ def test_a_public_table_is_loaded_converted_and_clamped(tmp_path: Path) -> None:
         ),
         (TABLE, pd.DataFrame({"code": ["A1"], "w": [1]}), "the source has no column(s) ['chapter']"),
         ({**TABLE, "source": "missing.csv"}, pd.DataFrame({"code": ["A1"]}), "source file not found"),
+        (
+            {**TABLE, "source": "./s.csv"},
+            pd.DataFrame({"code": ["A1"]}),
+            "its source is the dataset's own private source 's.csv'",
+        ),
     ],
 )
 def test_a_public_table_that_breaks_its_declaration_is_refused_and_nothing_registered(

@@ -188,7 +188,13 @@ class DuckDBEngine:
             writer.execute("BEGIN TRANSACTION")
             writer.execute(exp.Create(this=table, kind="TABLE", replace=True, expression=built).sql(dialect="duckdb"))
             for name, public in policy.public_tables.items():
-                self._public(writer, policy.dataset, name, public, recipe.public_source(public.source, base))
+                path = recipe.public_source(public.source, base)
+                if path.exists() and path.resolve() == src.resolve():
+                    raise CatalogError(
+                        f"public table {name!r}: its source is the dataset's own private source {src.name!r}; a "
+                        "public table's rows are served to every granted role, so its source must be a public file"
+                    )
+                self._public(writer, policy.dataset, name, public, path)
             version = self._record(writer, policy, src)
             writer.execute("COMMIT")
         except CatalogError:
