@@ -34,6 +34,8 @@ class Event(enum.StrEnum):
     SYNTH_DOWNLOAD = "synth_download"
     SYNTH_REPORT = "synth_report"
     LF_STATS = "lf_stats"
+    EVALUATE = "evaluate"
+    PREDICTIONS_ADDED = "predictions_added"
     AUDIT_READ = "audit_read"
     AUTHENTICATION = "authentication"
     INVALID_REQUEST = "invalid_request"

@@ -99,7 +99,12 @@ ORPHAN_CHARGE = Event.ORPHAN_CHARGE
 ANONYMOUS = {"principal": ANONYMOUS_NAME, "role": None, "token_id": None}
 ADMIN = {"principal": "admin", "role": "admin", "token_id": None}
 # The event name of each grant's action: a denial is recorded under the same name as the allowed action.
-GRANT_EVENTS = {Grant.QUERY: Event.QUERY, Grant.SYNTH: Event.SYNTH, Grant.LABELING: Event.LF_STATS}
+GRANT_EVENTS = {
+    Grant.QUERY: Event.QUERY,
+    Grant.SYNTH: Event.SYNTH,
+    Grant.LABELING: Event.LF_STATS,
+    Grant.EVALUATE: Event.EVALUATE,
+}
 Expected = dict[tuple[str, str], tuple[int, int, int]]  # (principal, dataset) → (ε units, δ units, ρ units)
 
 

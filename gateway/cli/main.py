@@ -16,6 +16,7 @@ from rich.table import Table
 
 from gateway.cli.audit import audit_app
 from gateway.cli.lf import lf_app
+from gateway.cli.predictions import predictions_app
 from gateway.cli.synth import synth_app
 from gateway.cli.terminal import (
     AsJson,
@@ -53,6 +54,7 @@ app.add_typer(store_app, name="store")
 app.add_typer(audit_app, name="audit")
 app.add_typer(synth_app, name="synth")
 app.add_typer(lf_app, name="lf")
+app.add_typer(predictions_app, name="predictions")
 
 
 def _version(value: bool) -> None:
