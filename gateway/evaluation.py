@@ -57,6 +57,7 @@ MAX_SLICES = 8
 MAX_SLICE_CHARS = 2_000
 MAX_SLICE_VALUES = 1_000
 MAX_CELLS = 200_000  # released counts per request
+JOINT_GROUPS = 50_000  # most groups one statement counts several slices in (their value counts multiplied)
 NOISE_DOMINATED = 0.5  # a metric interval wider than this is flagged
 ALL_ROWS = "all"  # the one slice of a request without slices, and its one value
 _FRAME = "__bastion_predictions"
@@ -321,18 +322,19 @@ def precheck(plan: EvaluationPlan, reader: Reader) -> None:
         reader.check(exp.select(exp.alias_(tree.copy(), "s", quoted=True)).from_(bounded(plan.policy.dataset)))
 
 
-def statement(plan: EvaluationPlan, s: Slice, frame: exp.Table) -> exp.Select:
-    """SELECT slice value, gold, predicted, COUNT(*) over the bounded rows joined with one model's predictions."""
+def statement(plan: EvaluationPlan, slices: tuple[Slice, ...], frame: exp.Table) -> exp.Select:
+    """SELECT every slice's value, gold, predicted, COUNT(*) over the bounded rows joined with one model's
+    predictions, grouped by all of them together (one join for several slices)."""
     policy = plan.policy
     assert policy.row_key is not None
-    key = s.tree.copy() if s.tree is not None else exp.Literal.string(ALL_ROWS)
+    keys = [_qualify(s.tree) if s.tree is not None else exp.Literal.string(ALL_ROWS) for s in slices]
     gold = exp.column(plan.gold_column, "b", quoted=True)
     label = exp.column(LABEL, "p", quoted=True)
     classes = [exp.Literal.string(c) for c in plan.classes]
     on = exp.EQ(this=exp.column(policy.row_key, "b", quoted=True), expression=exp.column(KEY, "p", quoted=True))
     return (
         exp.select(
-            exp.alias_(key, "s", quoted=True),
+            *[exp.alias_(key, f"s{i}", quoted=True) for i, key in enumerate(keys)],
             exp.alias_(gold.copy(), "g", quoted=True),
             exp.alias_(label.copy(), "l", quoted=True),
             exp.alias_(exp.Count(this=exp.Star()), "n", quoted=True),
@@ -340,7 +342,7 @@ def statement(plan: EvaluationPlan, s: Slice, frame: exp.Table) -> exp.Select:
         .from_(exp.alias_(bounded(policy.dataset), "b"))
         .join(exp.alias_(frame, "p"), on=on)
         .where(exp.In(this=gold.copy(), expressions=[c.copy() for c in classes]))
-        .group_by(key.copy(), gold.copy(), label.copy())
+        .group_by(*[key.copy() for key in keys], gold.copy(), label.copy())
     )
 
 
@@ -352,24 +354,47 @@ def _qualify(tree: exp.Expr) -> exp.Expr:
     return out
 
 
+def _batches(plan: EvaluationPlan) -> list[tuple[int, ...]]:
+    """The slices grouped together in one statement: consecutive slices while the product of their public value
+    counts (times C²) stays within JOINT_GROUPS (a public bound on the groups a statement returns)."""
+    batches: list[list[int]] = []
+    size = 0
+    for i, s in enumerate(plan.slices):
+        if batches and size * len(s.values) <= JOINT_GROUPS:
+            batches[-1].append(i)
+            size *= len(s.values)
+        else:
+            batches.append([i])
+            size = len(s.values) * plan.matrix_cells
+    return [tuple(b) for b in batches]
+
+
 def exact_counts(plan: EvaluationPlan, reader: Reader, store: PredictionsStore) -> list[int]:
-    """The exact vector (models × slices × values × gold × predicted), computed on the engine."""
+    """The exact vector (models × slices × values × gold × predicted), computed on the engine: per model, one
+    statement per batch of slices (`_batches`), whose groups are summed into each slice's matrices."""
     c = len(plan.classes)
-    gold_index = {g: i for i, g in enumerate(plan.classes)}
+    class_index = {g: i for i, g in enumerate(plan.classes)}
+    starts, offset = [], 0
+    for s in plan.slices:
+        starts.append(offset)
+        offset += len(s.values) * c * c
+    indexes = [{v: i for i, v in enumerate(s.values)} for s in plan.slices]
     out = [0] * plan.cells
-    offset = 0
-    for model in plan.models:
+    for m, model in enumerate(plan.models):
+        base = m * offset
         table = store.load(plan.policy.dataset, model.model)
         with reader.frame(_FRAME, table) as frame:
-            for s in plan.slices:
-                qualified = Slice(s.name, _qualify(s.tree), s.typed, s.values) if s.tree is not None else s
-                index = {v: i for i, v in enumerate(s.values)}
-                for value, gold, predicted, n in reader.rows(statement(plan, qualified, frame)):
-                    v = value if s.typed is None else canonical(value, s.typed.type)
-                    if v not in index or gold not in gold_index or predicted not in gold_index:
+            for batch in _batches(plan):
+                for row in reader.rows(statement(plan, tuple(plan.slices[i] for i in batch), frame)):
+                    *values, gold, predicted, n = row
+                    if gold not in class_index or predicted not in class_index:
                         continue
-                    out[offset + index[v] * c * c + gold_index[gold] * c + gold_index[predicted]] += int(n)
-                offset += len(s.values) * c * c
+                    cell = class_index[gold] * c + class_index[predicted]
+                    for i, value in zip(batch, values, strict=True):
+                        typed = plan.slices[i].typed
+                        v = value if typed is None else canonical(value, typed.type)
+                        if v in indexes[i]:
+                            out[base + starts[i] + indexes[i][v] * c * c + cell] += int(n)
     return out
 
 
