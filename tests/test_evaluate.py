@@ -4,6 +4,7 @@ computation, and the counts' and metrics' intervals against the truth at their p
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -344,3 +345,49 @@ def test_the_model_card_of_an_evaluation(ws: Workspace) -> None:
         ("denied", "not_found"),
         ("denied", "not_found"),
     ]
+
+
+def test_attach_while_serving_then_evaluate_and_list_from_the_cli(
+    ws: Workspace, evaluation_source: tuple[Path, Path, Path]
+) -> None:
+    from tests.conftest import gateways
+
+    workspace = str(ws.settings.workspace)
+
+    def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN), *args],
+            env={**os.environ, "BASTION_WORKSPACE": workspace, **env},
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+
+    with gateways(1, "--workspace", workspace) as (url,):
+        added = run("predictions", "add", "visits", str(evaluation_source[2]), "--model", "late")
+        assert added.returncode == 0, added.stderr  # the serving gateway holds the database read-only: no conflict
+        client = {"BASTION_URL": url, "BASTION_TOKEN": ws.tokens["analyst"]}
+        out = run(
+            "evaluate",
+            "visits",
+            "--model",
+            "late",
+            "--model",
+            "triage-v3",
+            "--slice",
+            "sex",
+            "--epsilon",
+            "0.5",
+            "--json",
+            **client,
+        )
+        assert out.returncode == 0, out.stderr
+        answer = json.loads(out.stdout)
+        table = run("evaluate", "visits", "--model", "late", "--slice", SENIOR, "--epsilon", "0.5", **client)
+        models = run("models", "--json", **client)
+        refused = run("evaluate", "visits", "--model", "late", "--slice", "triage_label", "--epsilon", "1", **client)
+    assert [m["model"] for m in answer["models"]] == ["late", "triage-v3"] and answer["epsilon_spent"] == 0.5
+    assert table.returncode == 0 and "senior" in table.stdout and "remaining on visits" in table.stdout
+    assert [m["model"] for m in json.loads(models.stdout)[0]["models"]] == ["copy", "late", "triage-v3"]
+    assert refused.returncode == 1 and "labeling functions only" in refused.stderr
