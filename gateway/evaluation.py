@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from sqlglot import exp
 
 from audit.record import Event
@@ -51,7 +52,7 @@ from policies.accountant import PrivacyLoss, check_alpha, check_epsilon
 from policies.errors import GatewayError, InvalidRequest, NotFound, QueryRejected
 from policies.expressions import check_row_expression, parse_statements, reject
 from policies.mechanisms import epsilon_for_accuracy, integer_accuracy, release_integers
-from policies.reader import Reader
+from policies.reader import EngineError, Reader
 from policies.schema import Grant, Policy
 from policies.sqltypes import SqlType, Typed, canonical
 
@@ -322,10 +323,23 @@ def _check_calibration(plan: EvaluationPlan) -> None:
         )
 
 
-def precheck(plan: EvaluationPlan, reader: Reader) -> None:
-    """Schema-only checks before the charge: every slice binds over the bounded table (no row is read)."""
-    for tree in [s.tree for s in plan.slices if s.tree is not None]:
-        reader.check(exp.select(exp.alias_(tree.copy(), "s", quoted=True)).from_(bounded(plan.policy.dataset)))
+def precheck(plan: EvaluationPlan, reader: Reader, store: PredictionsStore) -> None:
+    """Bind every statement the evaluation will run, over an empty table of each model's predictions (the stored
+    file's schema), without reading a row: an error the binder finds is a 400 before the charge."""
+    try:
+        for model in plan.models:
+            empty = store.schema(plan.policy.dataset, model.model).empty_table()
+            with reader.frame(_FRAME, empty) as frame:
+                for batch in _batches(plan):
+                    reader.check(statement(plan, tuple(plan.slices[i] for i in batch), frame))
+    except EngineError as exc:
+        raise QueryRejected(
+            f"the engine cannot compile this evaluation: {exc.message}",
+            reason="engine_rejected",
+            hint="simplify the slice expressions or cast their arguments",
+        ) from None
+    except (OSError, pa.ArrowException):
+        raise InvalidRequest("the predictions of a model cannot be read; attach them again") from None
 
 
 def statement(plan: EvaluationPlan, slices: tuple[Slice, ...], frame: exp.Table) -> exp.Select:
@@ -531,7 +545,7 @@ def evaluate(bastion: Bastion, ctx: Context, request: dict[str, Any]) -> dict[st
     try:
         plan = plan_evaluation(bastion, policy, version, request)
         refuse_backtracking(bastion.engine, [s.tree for s in plan.slices if s.tree is not None])
-        precheck(plan, bastion.engine)
+        precheck(plan, bastion.engine, PredictionsStore(bastion.settings.predictions_dir))
     except GatewayError as exc:
         bastion.audit(
             ctx,

@@ -391,3 +391,25 @@ def test_attach_while_serving_then_evaluate_and_list_from_the_cli(
     assert table.returncode == 0 and "senior" in table.stdout and "remaining on visits" in table.stdout
     assert [m["model"] for m in json.loads(models.stdout)[0]["models"]] == ["copy", "late", "triage-v3"]
     assert refused.returncode == 1 and "labeling functions only" in refused.stderr
+
+
+def test_a_failure_after_the_charge_releases_the_default_input(ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gateway.evaluation as evaluation
+
+    body = {"dataset": "visits", "model": "triage-v3", "slices": ["sex"], "epsilon": 0.5}
+    with ws.app() as c:
+        good = c.post("/v1/evaluate", json=body, headers=ws.headers("analyst")).json()
+
+        def broken(*args: object) -> list[int]:
+            raise OSError("the predictions file went away")
+
+        monkeypatch.setattr(evaluation, "exact_counts", broken)
+        r = c.post("/v1/evaluate", json={**body, "epsilon": 0.6}, headers=ws.headers("analyst"))
+    assert r.status_code == 200
+    failed = r.json()
+    assert [(m["model"], m["value"]) for m in failed["confusion"]] == [
+        (m["model"], m["value"]) for m in good["confusion"]
+    ]
+    assert len(failed["metrics"]) == len(good["metrics"]) and failed["epsilon_spent"] == 0.6
+    released = [r for r in _records(ws) if r.get("phase") == "released"]
+    assert [(r["reason"], r.get("error")) for r in released] == [("ok", None), ("fallback", "OSError")]
