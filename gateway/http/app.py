@@ -1,5 +1,5 @@
 """HTTP layer (FastAPI): the app, its middleware and error handlers. Routes live in one module per capability
-(query, audit, lf, synth); each parses the request, calls one Bastion method, renders the result."""
+(query, audit, lf, synth, evaluate); each parses the request, calls one Bastion method, renders the result."""
 
 from __future__ import annotations
 
