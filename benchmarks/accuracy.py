@@ -4,6 +4,7 @@
     .venv/bin/python -m benchmarks.accuracy --quick               # seconds: 20,000 rows, 10 releases, no peers
     .venv/bin/python -m benchmarks.accuracy --quick --peers opendp
     .venv/bin/python -m benchmarks.accuracy --queries median median_value --peers opendp   # the medians, full size
+    .venv/bin/python -m benchmarks.accuracy --queries private_keys --peers --accounting zcdp   # Bastion under zCDP
 
 The table (`benchmarks.accuracy_data`: ~50,000 persons, at most 5 rows each, so it is already bounded and every tool
 reads the same rows) is registered with Bastion, whose pre-bounded table then holds exactly those rows; the exact
@@ -18,6 +19,12 @@ Bastion with `quantile_interval` false (the value only, by one selection at the 
 with the peers' releases of MEDIAN (which they run once). Then the targets, each met, met within sampling error
 (see `worse_share` and FAMILY_ALPHA) or not met.
 
+With `--accounting zcdp` Bastion's dataset uses zCDP accounting and each release is asked for at the ρ that makes it
+as private as the peers' at the same ε (`bastion_request`): the largest ρ whose OpenDP conversion at δ/2 is within ε,
+δ = the peers' key-selection δ, with the other δ/2 for Bastion's key selection, so a private-key release is (ε, δ)-DP
+as the peers' thresholds are (and any other release (ε, δ/2)-DP); the peers run as before. Its report is written to
+`accuracy_zcdp.json` and `accuracy_zcdp.md`.
+
 Writes `<out>/accuracy.json` and `<out>/accuracy.md`; with --update-results also the accuracy section of
 `benchmarks/RESULTS.md`. `--rejudge <out>/accuracy.json` judges an earlier run's figures again with this code's
 rules (no release) and rewrites the same files.
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -45,6 +53,7 @@ from benchmarks.run import HERE, SMARTNOISE_REQUIREMENTS, duckdb_engine, ensure_
 from benchmarks.workloads import SMARTNOISE_TABLE, Workload
 from gateway.service import Bastion, Context
 from gateway.settings import Settings
+from policies.accountant import Accounting, conversion_delta, rho_cap
 from policies.schema import load_policy
 
 EPSILONS = (1.0, 0.1)
@@ -191,10 +200,26 @@ class Options:
     update_results: bool = False
     rejudge: Path | None = None
     command: str | None = None
+    accounting: Accounting = Accounting.PURE
     log: Callable[[str], None] = print
 
 
 # --- Bastion in process ---------------------------------------------------------------------------------
+
+
+def bastion_request(accounting: Accounting, epsilon: float, private_keys: bool) -> tuple[float, float | None, float]:
+    """The `epsilon` and `delta` of a Bastion request that is as private as the peers' releases at `epsilon`, and
+    the ρ it costs (0 under pure accounting).
+
+    Pure: ε itself, and the peers' δ (`data.QUERY_DELTA`) for key selection. zCDP: the largest ρ whose OpenDP
+    conversion at δ/2 is within ε (`rho_cap`, as a policy's cap is converted), asked for as the ε with ε²/2 = ρ, and
+    the other δ/2 for key selection: a private-key release is then (ε, δ)-DP as the peers' thresholds are, and any
+    other (ε, δ/2)-DP."""
+    if accounting is Accounting.PURE:
+        return epsilon, data.QUERY_DELTA if private_keys else None, 0.0
+    rho = rho_cap(epsilon, data.QUERY_DELTA)
+    selection = data.QUERY_DELTA - conversion_delta(data.QUERY_DELTA)
+    return math.sqrt(2 * rho), selection if private_keys else None, rho
 
 
 def run_bastion(opts: Options, source: Path, policy: Path) -> tuple[dict[str, Any], dict[str, Value], dict]:
@@ -225,13 +250,15 @@ def run_bastion(opts: Options, source: Path, policy: Path) -> tuple[dict[str, An
             releases[q.name] = {}
             for eps in opts.epsilons:
                 r = Releases()
-                delta = data.QUERY_DELTA if q.workload.private_keys else None
+                asked, delta, rho = bastion_request(opts.accounting, eps, q.workload.private_keys)
+                if rho:
+                    r.extra["rho"] = rho
                 for _ in range(opts.bastion_reps):
                     variant += 1
                     ctx = Context(principal, source="benchmark")
                     t = time.perf_counter()
                     answer = bastion.query(
-                        ctx, q.workload.sql(variant), epsilon=eps, delta=delta, quantile_interval=not q.value_only
+                        ctx, q.workload.sql(variant), epsilon=asked, delta=delta, quantile_interval=not q.value_only
                     )
                     r.times_s.append(time.perf_counter() - t)
                     if answer["cached"]:
@@ -239,6 +266,8 @@ def run_bastion(opts: Options, source: Path, policy: Path) -> tuple[dict[str, An
                     r.values.append(_bastion_value(q, answer["rows"]))
                     r.intervals.append(_bastion_interval(q, answer["rows"], answer["intervals"]))
                     facts["epsilon_spent"] = answer["budget"]["spent"]["epsilon"]
+                    if rho:
+                        facts["rho_spent"] = answer["budget"]["spent"]["rho"]
                 releases[q.name][eps] = r
                 opts.log(f"  bastion {q.name:<14} ε={eps:<4} {np.median(r.times_s) * 1e3:.1f} ms/release")
     finally:
@@ -549,8 +578,9 @@ def summary(results: dict[str, Any]) -> list[str]:
 def markdown(results: dict[str, Any]) -> str:
     f = results["facts"]
     cfg = results["config"]
+    zcdp = cfg.get("accounting") == Accounting.ZCDP.value
     lines = [
-        "## Accuracy per ε",
+        "## Accuracy per ε" + (" (Bastion under zCDP accounting)" if zcdp else ""),
         "",
         f"`{cfg['command']}` on {results['finished_at']}: {f['rows']:,} rows of {f['units']:,} persons (at most "
         f"{data.MAX_ROWS_PER_UNIT} rows each, the same bounded rows for every tool), {cfg['reps']} releases per query, "
@@ -560,6 +590,16 @@ def markdown(results: dict[str, Any]) -> str:
         f"reported interval held the exact answer. Time: median per release.",
         "",
     ]
+    if zcdp:
+        lines[-1:-1] = [
+            "",
+            f"Bastion's dataset uses zCDP accounting: each release at ε is asked for at the largest ρ whose OpenDP "
+            f"conversion at δ/2 is within ε (δ = {cfg['delta']:g}, the peers' key-selection δ), with the other δ/2 "
+            f"for its key selection, so a private-key release is (ε, δ)-DP as the peers' thresholds are (any other "
+            f"(ε, δ/2)-DP). ρ per release: "
+            + ", ".join(f"{rho:.4g} at ε = {eps}" for eps, rho in cfg.get("rho", {}).items())
+            + ".",
+        ]
     for name, tool in results["peers"].items():
         state = tool.get("version") or tool.get("reason", "")
         lines.append(f"- {TOOL_TITLES[name]}: {tool['status']} {state}".rstrip())
@@ -619,7 +659,7 @@ def run(opts: Options) -> dict[str, Any]:
     started = time.time()
     opts.work.mkdir(parents=True, exist_ok=True)
     opts.out.mkdir(parents=True, exist_ok=True)
-    source, policy = accuracy_data.write(opts.work / "data", opts.rows)
+    source, policy = accuracy_data.write(opts.work / "data", opts.rows, accounting=opts.accounting.value)
     opts.log(f"== {opts.rows:,} rows, {opts.reps} releases per query and ε {list(opts.epsilons)}")
     facts, exact, bastion_releases = run_bastion(opts, source, policy)
     releases: dict[str, dict[str, dict[float, Releases]]] = {"bastion": bastion_releases}
@@ -653,6 +693,12 @@ def run(opts: Options) -> dict[str, Any]:
             "score_bounds": list(accuracy_data.SCORE_BOUNDS),
             "peers": list(opts.peers),
             "command": opts.command,
+            "accounting": opts.accounting.value,
+            **(
+                {"rho": {f"{e:g}": bastion_request(opts.accounting, e, False)[2] for e in opts.epsilons}}
+                if opts.accounting is Accounting.ZCDP
+                else {}
+            ),
         },
         "facts": facts,
         "queries": [
@@ -678,14 +724,20 @@ def run(opts: Options) -> dict[str, Any]:
 def write_report(results: dict[str, Any], opts: Options) -> dict[str, Any]:
     """Write the run's JSON and Markdown (and RESULTS.md's accuracy section with --update-results)."""
     opts.out.mkdir(parents=True, exist_ok=True)
-    (opts.out / "accuracy.json").write_text(json.dumps(results, indent=2))
+    stem = report_stem(results["config"].get("accounting", Accounting.PURE.value))
+    (opts.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     text = markdown(results)
-    (opts.out / "accuracy.md").write_text(text)
+    (opts.out / f"{stem}.md").write_text(text)
     if opts.update_results:
         path = HERE / "RESULTS.md"
         path.write_text(report.with_accuracy_section(path.read_text() if path.exists() else "", text))
     opts.log(text)
     return results
+
+
+def report_stem(accounting: str) -> str:
+    """The name of a run's report files: `accuracy`, or `accuracy_zcdp` for a run under zCDP accounting."""
+    return "accuracy" if accounting == Accounting.PURE.value else f"accuracy_{accounting}"
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -709,6 +761,13 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--update-results", action="store_true", help="write the accuracy section of RESULTS.md")
     p.add_argument(
+        "--accounting",
+        choices=[a.value for a in Accounting],
+        default=Accounting.PURE.value,
+        help="Bastion's accounting (default pure): zcdp releases each query at the ρ whose (ε, δ) conversion is the "
+        "peers' ε and δ, and writes accuracy_zcdp.json / .md",
+    )
+    p.add_argument(
         "--rejudge",
         type=Path,
         metavar="JSON",
@@ -716,6 +775,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
         " (in --out), without releasing anything",
     )
     a = p.parse_args(argv)
+    if a.update_results and a.accounting != Accounting.PURE.value:
+        p.error("--update-results writes the pure-ε accuracy section of RESULTS.md; a zCDP run's report is its own")
     args = sys.argv[1:] if argv is None else argv
     peers = a.peers if a.peers is not None else ([] if a.quick else list(PEERS))
     return Options(
@@ -732,6 +793,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         update_results=a.update_results,
         rejudge=a.rejudge,
         command=" ".join([".venv/bin/python -m benchmarks.accuracy", *args]),
+        accounting=Accounting(a.accounting),
     )
 
 

@@ -27,12 +27,14 @@ PRODUCT_SKEW = 1.5  # product i (1-based) is drawn with probability ∝ i ** -PR
 SEED = 20261216
 
 
-def policy_yaml() -> str:
-    """The table's policy, with a budget large enough for every release of the benchmark."""
+def policy_yaml(accounting: str = "pure") -> str:
+    """The table's policy, with a budget large enough for every release of the benchmark, under `accounting`
+    ("pure" or "zcdp")."""
     return f"""\
 dataset: {DATASET}
 privacy_unit: {UNIT}
 max_rows_per_unit: {MAX_ROWS_PER_UNIT}
+accounting: {accounting}
 budget:
   per_principal: {{epsilon: {BUDGET_EPSILON}, delta: {BUDGET_DELTA}}}
   total: {{epsilon: {BUDGET_EPSILON}, delta: {BUDGET_DELTA}}}
@@ -93,8 +95,8 @@ def generate(n_rows: int, seed: int = SEED) -> pa.Table:
     )
 
 
-def write(directory: Path, n_rows: int, seed: int = SEED) -> tuple[Path, Path]:
-    """Write the table and its policy into `directory` (the table reused if already there)."""
+def write(directory: Path, n_rows: int, seed: int = SEED, accounting: str = "pure") -> tuple[Path, Path]:
+    """Write the table and its policy (under `accounting`) into `directory` (the table reused if already there)."""
     directory.mkdir(parents=True, exist_ok=True)
     source = directory / f"accuracy_{n_rows}_{seed}.parquet"
     if not source.exists():
@@ -102,5 +104,5 @@ def write(directory: Path, n_rows: int, seed: int = SEED) -> tuple[Path, Path]:
         pq.write_table(generate(n_rows, seed), tmp)
         tmp.replace(source)
     policy = directory / "accuracy.yaml"
-    policy.write_text(policy_yaml())
+    policy.write_text(policy_yaml(accounting))
     return source, policy

@@ -22,6 +22,7 @@ from statistics import NormalDist
 
 import numpy as np
 import opendp.prelude as dp
+from scipy.special import log_ndtr
 
 dp.enable_features("contrib")
 
@@ -350,7 +351,6 @@ def selected_count_interval(
     """
     v = np.asarray(values, dtype=np.float64)
     cut = math.log(alpha / 2)
-    span = float(integer_accuracy(scale, alpha / 2)) + 2.0
 
     def upper_tail_ok(c: np.ndarray) -> np.ndarray:  # P(V ≥ v | kept; c) > alpha/2: increasing in c
         return _log_tail(v - c, scale) - _log_tail(threshold - c, scale) > cut
@@ -359,20 +359,95 @@ def selected_count_interval(
         p_above = np.exp(_log_tail(v + 1 - c, scale) - _log_tail(threshold - c, scale))
         return np.log(np.maximum(1.0 - p_above, 1e-300)) > cut
 
-    # Lower end: the smallest c in [0, v] with upper_tail_ok (true at c = v: P(X ≥ 0 | X ≥ T - v) ≥ 1/2).
+    span = float(integer_accuracy(scale, alpha / 2)) + 2.0
+    return _conditioned_interval(v, span, upper_tail_ok, lower_tail_ok)
+
+
+def _conditioned_interval(
+    v: np.ndarray,
+    span: float,
+    upper_tail_ok: Callable[[np.ndarray], np.ndarray],
+    lower_tail_ok: Callable[[np.ndarray], np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The integer counts c ≥ 0 at which neither conditional tail of the released v is below alpha / 2, as
+    [low, high]: `upper_tail_ok` (P(V ≥ v | kept; c) > alpha/2) is increasing in c and true at c = v, so the low end
+    is bisected in [0, v]; `lower_tail_ok` (P(V ≤ v | kept; c) > alpha/2) is decreasing in c and false beyond
+    v + span, so the high end is bisected in [v, v + span] (v itself where it is already false at v, which only
+    widens the interval)."""
     lo, hi = np.zeros_like(v), v.copy()
     while np.any(hi - lo > 0):
         mid = np.floor((lo + hi) / 2)
         ok = upper_tail_ok(mid)
         hi, lo = np.where(ok, mid, hi), np.where(ok, lo, mid + 1)
     low = hi
-    # Upper end: the largest c in [v, v + span] with lower_tail_ok (true at c = v, false beyond v + span).
     lo, hi = v.copy(), v + span
     while np.any(hi - lo > 0):
         mid = np.ceil((lo + hi) / 2)
         ok = lower_tail_ok(mid)
         lo, hi = np.where(ok, mid, lo), np.where(ok, hi, mid - 1)
     return low, lo
+
+
+# The exact table of a discrete Gaussian's tails reaches this many scales beyond the threshold: a tail there is
+# below e^-800 of the tail at the threshold, so clipping beyond it changes no comparison with alpha / 2.
+GAUSSIAN_TAIL_REACH = 40
+
+
+@lru_cache(maxsize=32)
+def _discrete_gaussian_log_tails(scale: float, reach: int) -> np.ndarray:
+    """log P(X ≥ x) at x = -reach..reach, for X discrete Gaussian of `scale` (P(X = x) ∝ e^(-x²/2σ²)), summed
+    exactly over that range (the mass outside it is below e^-800 of the total)."""
+    x = np.arange(-reach, reach + 1, dtype=np.float64)
+    tails = np.logaddexp.accumulate((-(x * x) / (2 * scale * scale))[::-1])[::-1]
+    return np.asarray(tails - tails[0], dtype=np.float64)
+
+
+def _gaussian_log_tail_bounds(x: np.ndarray, scale: float, reach: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lower and upper bounds on log P(X ≥ x) at integers x, X discrete Gaussian of `scale`.
+
+    Up to DISCRETE_ACCURACY_MAX_SCALE both are the exact value from a table over [-reach, reach] (beyond reach the
+    upper bound is the table's last value and the lower bound -inf). Above it, where the table would be long, they
+    are the continuous Gaussian's: P(N ≥ x) ≤ P(X ≥ x) ≤ P(N ≥ x - 1), N ~ N(0, σ²). The upper bound is Canonne,
+    Kamath and Steinke (2020), Prop. 25 for x ≥ 1; the lower bound holds for x ≥ 1 because the sum of the density
+    over the integers from x on is at least its integral from x on (it decreases there), and the discrete
+    normaliser exceeds the continuous one by a factor 1 + 2·e^(-2π²σ²) at most, which is 1 in double precision at
+    these scales; both extend to x ≤ 0 by symmetry (P(X ≥ x) = 1 - P(X ≥ 1 - x))."""
+    x = np.asarray(x, dtype=np.float64)
+    if scale <= DISCRETE_ACCURACY_MAX_SCALE:
+        table = _discrete_gaussian_log_tails(scale, reach)
+        exact = table[np.clip(x, -reach, reach).astype(np.int64) + reach]
+        return np.where(x > reach, -np.inf, exact), exact
+    return log_ndtr(-x / scale), log_ndtr(-(x - 1) / scale)
+
+
+def selected_gaussian_count_interval(
+    values: np.ndarray, scale: float, threshold: int, alpha: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """`selected_count_interval` for OpenDP's Gaussian threshold (zCDP): a (1 - alpha) confidence interval for the
+    true count c of each kept key given that it was kept, from its released value v ≥ threshold (discrete Gaussian
+    noise of `scale`, kept where the noisy count is at least the threshold) and public parameters only.
+
+    The interval holds every c ≥ 0 at which neither conditional tail of v is below alpha / 2, each tail taken at its
+    upper bound where the tails are bounded rather than exact (`_gaussian_log_tail_bounds`, above a scale of 1,000),
+    so the interval holds at least the counts the exact tails would keep and covers at least as often. The discrete
+    Gaussian is log-concave, so both conditional tails are monotone in c (so are the bounds: the continuous
+    Gaussian is log-concave too) and each end is bisected over integers."""
+    v = np.asarray(values, dtype=np.float64)
+    cut = math.log(alpha / 2)
+    reach = int(threshold) + math.ceil(GAUSSIAN_TAIL_REACH * scale) + 2
+
+    def tail(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return _gaussian_log_tail_bounds(x, scale, reach)
+
+    def upper_tail_ok(c: np.ndarray) -> np.ndarray:  # an upper bound of P(V ≥ v | kept; c) > alpha/2
+        return tail(v - c)[1] - tail(threshold - c)[0] > cut
+
+    def lower_tail_ok(c: np.ndarray) -> np.ndarray:  # an upper bound of P(V ≤ v | kept; c) > alpha/2
+        p_above = np.exp(tail(v + 1 - c)[0] - tail(threshold - c)[1])
+        return np.log(np.maximum(1.0 - p_above, 1e-300)) > cut
+
+    span = float(gaussian_accuracy(scale, alpha / 2)) + 2.0
+    return _conditioned_interval(v, span, upper_tail_ok, lower_tail_ok)
 
 
 # --- quantiles ------------------------------------------------------------------------------------------

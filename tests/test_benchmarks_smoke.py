@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from benchmarks import accuracy, fixed_cost, report
+from benchmarks import accuracy, data, fixed_cost, report
 from benchmarks.run import ENGINES, Options, run
 from benchmarks.workloads import WORKLOADS
 
@@ -103,6 +103,40 @@ def test_accuracy_benchmark_measures_every_query_and_checks_its_targets(tmp_path
     rejudged = json.loads((again / "accuracy.json").read_text())
     assert rejudged["targets"] == results["targets"] and rejudged["figures"] == results["figures"]
     assert (again / "accuracy.md").read_text() == markdown
+
+
+def test_accuracy_benchmark_under_zcdp_releases_at_the_peers_epsilon_and_delta(tmp_path: Path) -> None:
+    """--accounting zcdp: Bastion's dataset is zCDP, each release is asked for at the ρ whose OpenDP conversion at
+    δ/2 is the peers' ε (key selection gets the other δ/2), the ledger is charged exactly that ρ, and the report goes
+    to its own files."""
+    from policies.accountant import zcdp_epsilon
+
+    reps, epsilons = 3, (1.0, 0.1)
+    opts = accuracy.parse_args(
+        ["--quick", "--bastion-reps", str(reps), "--queries", "count", "private_keys", "--accounting", "zcdp"]
+        + ["--work", str(tmp_path / "w"), "--out", str(tmp_path)]
+    )
+    opts.log = lambda _: None
+    accuracy.run(opts)
+    assert not (tmp_path / "accuracy.json").exists()
+    results = json.loads((tmp_path / "accuracy_zcdp.json").read_text())
+    assert results["config"]["accounting"] == "zcdp"
+    rhos = results["config"]["rho"]
+    for eps in epsilons:
+        asked, delta, rho = accuracy.bastion_request(opts.accounting, eps, private_keys=True)
+        assert rhos[f"{eps:g}"] == rho and asked**2 / 2 == pytest.approx(rho, rel=1e-12)
+        assert zcdp_epsilon(rho, data.QUERY_DELTA / 2) <= eps * (1 + 1e-9) and delta == data.QUERY_DELTA / 2
+        assert zcdp_epsilon(rho * 1.01, data.QUERY_DELTA / 2) > eps  # the largest such ρ, not a loose one
+        for name in ("count", "private_keys"):
+            cell = results["figures"][name]["bastion"][f"{eps:g}"]
+            assert cell["status"] == "ok" and cell["releases"] == reps and cell["rho"] == rho
+            assert 0 <= cell["coverage"] <= 1 and cell["half_width"] > 0
+    # every release charged: reps × Σρ per query
+    assert results["facts"]["rho_spent"] == pytest.approx(reps * 2 * sum(rhos.values()), rel=1e-9)
+    markdown = (tmp_path / "accuracy_zcdp.md").read_text()
+    assert markdown.startswith("## Accuracy per ε (Bastion under zCDP accounting)") and "ρ per release" in markdown
+    with pytest.raises(SystemExit):
+        accuracy.parse_args(["--accounting", "zcdp", "--update-results"])
 
 
 def test_the_worse_verdict_is_corrected_for_the_runs_comparisons() -> None:

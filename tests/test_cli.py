@@ -90,3 +90,19 @@ def test_register_refuses_an_unsafe_policy(tmp_path: Path) -> None:
     bad = Path(__file__).parent / "fixtures" / "policies" / "sum_without_bounds.yaml"
     out = _run("register", str(bad), "--source", str(bad), cwd=tmp_path)
     assert out.returncode == 1 and "needs bounds" in out.stderr
+
+
+def test_answers_are_printed_as_text_not_as_rich_markup(capsys: pytest.CaptureFixture[str]) -> None:
+    """A released key or a column alias holding rich markup (`[/x]` would end the command with a MarkupError after
+    the answer was paid for; `[red]f` would show as `f`) is printed as it is."""
+    from gateway.cli.main import print_answer
+
+    raw = {
+        "columns": ["[red]k", "n"],
+        "rows": [["[/x]", 3], ["[red]f", 4]],
+        "intervals": [[None, [1, 5]], [None, [2, 6]]],
+        "alpha": 0.05,
+    }
+    print_answer(raw)
+    out = capsys.readouterr().out
+    assert "[/x]" in out and "[red]f" in out and "[red]k" in out

@@ -1,5 +1,5 @@
-"""Keys selected privately: the threshold's own noisy counts released as COUNT(*), with intervals that allow for
-the selection."""
+"""Keys selected privately: the threshold's own noisy counts (Laplace under pure ε, Gaussian under zCDP) released as
+COUNT(*), with intervals that allow for the selection."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 import pytest
-from scipy.stats import binom
+from scipy.stats import binom, norm
 
 from policies import mechanisms as mech
 from tests.conftest import Workspace
@@ -64,6 +64,74 @@ def test_far_above_the_threshold_the_interval_is_the_usual_one() -> None:
     lo, hi = mech.selected_count_interval(v, scale, threshold, ALPHA)
     hw = mech.integer_accuracy(scale, ALPHA)
     assert np.all(np.abs((v - lo) - hw) <= 2) and np.all(np.abs((hi - v) - hw) <= 2), (v - lo, hi - v, hw)
+
+
+# Under zCDP the threshold is OpenDP's Gaussian one: a scale within OpenDP's exact discrete tails (ρ = 0.5, scale 5)
+# and one above DISCRETE_ACCURACY_MAX_SCALE, where the interval uses the continuous Gaussian's bounds on them.
+GAUSSIAN_RHOS = {"exact": 0.5, "bounded": 5.6e-6}
+
+
+def _gaussian_kept_values(count: int, n: int, rho: float) -> np.ndarray:
+    """Released values of one key of true `count` over draws where the Gaussian threshold kept it."""
+    out: list[int] = []
+    while len(out) < n:
+        selection = mech.select_keys({f"k{i}": count for i in range(1_000)}, K, 0.0, DELTA, candidates=1_000, rho=rho)
+        out += [int(v) for v in selection.kept.values()]
+    return np.asarray(out[:n], dtype=np.float64)
+
+
+@pytest.mark.parametrize(
+    ("tails", "offset"),
+    [("exact", -2.5), ("exact", -1.0), ("exact", 0.0), ("exact", 1.0), ("exact", 4.0)]
+    + [("bounded", -2.0), ("bounded", 0.0), ("bounded", 4.0)],
+)
+def test_selected_gaussian_count_intervals_cover_given_selection(tails: str, offset: float) -> None:
+    """The Gaussian threshold's kept counts (zCDP): for a true count `offset` noise scales from the threshold, the
+    interval covers it in ≥ 1 - alpha of the releases where the key is kept."""
+    rho = GAUSSIAN_RHOS[tails]
+    scale, threshold = mech.threshold_for(K, 0.0, DELTA, rho)
+    assert (scale > mech.DISCRETE_ACCURACY_MAX_SCALE) == (tails == "bounded")
+    count = threshold + round(offset * scale)
+    values = _gaussian_kept_values(count, DRAWS, rho)
+    lo, hi = mech.selected_gaussian_count_interval(values, scale, threshold, ALPHA)
+    assert np.all(lo <= values) and np.all(values <= hi)
+    assert np.all(lo >= 0)
+    covered = float(np.mean((lo <= count) & (count <= hi)))
+    assert covered >= _min_coverage(len(values)), (offset, covered, len(values))
+
+
+@pytest.mark.parametrize("tails", ["exact", "bounded"])
+def test_the_unadjusted_gaussian_interval_undercovers_near_the_threshold(tails: str) -> None:
+    """Control: v ± the usual discrete Gaussian half-width covers a count two scales below the threshold far less
+    often than 1 - alpha among kept draws."""
+    rho = GAUSSIAN_RHOS[tails]
+    scale, threshold = mech.threshold_for(K, 0.0, DELTA, rho)
+    values = _gaussian_kept_values(threshold - round(2 * scale), DRAWS, rho)
+    hw = mech.gaussian_accuracy(scale, ALPHA)
+    covered = float(np.mean(np.abs(values - (threshold - round(2 * scale))) <= hw))
+    assert covered < _min_coverage(len(values)), covered
+
+
+@pytest.mark.parametrize("tails", ["exact", "bounded"])
+def test_far_above_the_gaussian_threshold_the_interval_is_the_usual_one(tails: str) -> None:
+    scale, threshold = mech.threshold_for(K, 0.0, DELTA, GAUSSIAN_RHOS[tails])
+    v = np.asarray([threshold + 100 * scale, 1e9])
+    lo, hi = mech.selected_gaussian_count_interval(v, scale, threshold, ALPHA)
+    hw = mech.gaussian_accuracy(scale, ALPHA)
+    assert np.all(np.abs((v - lo) - hw) <= 2) and np.all(np.abs((hi - v) - hw) <= 2), (v - lo, hi - v, hw)
+
+
+def test_gaussian_tail_bounds_hold_the_exact_tails() -> None:
+    """Above a scale of 1,000 the interval uses bounds on the discrete Gaussian's tails; at a scale where the exact
+    table is still computed (and the continuous bounds apply as well), they hold the exact value."""
+    scale, reach = 1_000.0, 60_000
+    x = np.asarray([-30_000, -2_500, -1, 0, 1, 7, 999, 1_000, 2_500, 9_000, 30_000], dtype=np.float64)
+    exact, same = mech._gaussian_log_tail_bounds(x, scale, reach)
+    assert np.array_equal(exact, same)
+    lower, upper = np.log(norm.sf(x / scale)), np.log(norm.sf((x - 1) / scale))
+    assert np.all(lower <= exact + 1e-9) and np.all(exact <= upper + 1e-9), (lower, exact, upper)
+    bounded_lower, bounded_upper = mech._gaussian_log_tail_bounds(x, scale * (1 + 1e-9), reach)
+    assert np.all(bounded_lower <= exact + 1e-6) and np.all(exact <= bounded_upper + 1e-6)
 
 
 def test_default_delta_runs_out_with_epsilon() -> None:

@@ -297,10 +297,12 @@ def test_targets_on_columns_that_cannot_have_one_are_refused_by_name() -> None:
 
 
 def test_zcdp_key_selection_is_the_gaussian_threshold() -> None:
+    """A private-key COUNT(*) under zCDP is the Gaussian threshold's own noisy counts: the whole ρ goes to it."""
     plan = _plan("SELECT tag, COUNT(*) AS n FROM t GROUP BY tag", _policy("zcdp"))
     pricing = price(plan, epsilon=1.0, accuracy=None, alpha=0.05, delta=None)
-    assert pricing.accounting is Accounting.ZCDP
-    assert pricing.selection_rho == 0.25 and pricing.selection_epsilon == 0.0
+    assert pricing.accounting is Accounting.ZCDP and pricing.counts_from_selection
+    assert pricing.selection_rho == 0.5 == pricing.budget[Measurement(Kind.COUNT_STAR)]
+    assert pricing.selection_epsilon == 0.0
     # the δ left for key selection, in the proportion of the request's ρ to the ρ cap
     assert pricing.selection_delta == pytest.approx(1e-6 / 2 * min(1.0, pricing.cost.rho / rho_cap(10.0, 1e-6)))
     scale, threshold = mech.threshold_for(5, 0.0, pricing.selection_delta, pricing.selection_rho)
@@ -311,8 +313,29 @@ def test_zcdp_key_selection_is_the_gaussian_threshold() -> None:
         threshold=threshold,
     )
     rho, delta = meas.map((5, 5, 5))
-    assert rho <= 0.25 * (1 + 1e-9) and delta <= pricing.selection_delta
+    assert rho <= 0.5 * (1 + 1e-9) and delta <= pricing.selection_delta
     assert pricing.cost == PrivacyLoss(0.0, pricing.selection_delta, 0.5)
+    # The threshold's scale is a COUNT(*)'s at that ρ, so the counts it releases are that count's release.
+    assert scale == pricing.scale(Measurement(Kind.COUNT_STAR))
+
+
+@pytest.mark.parametrize(
+    ("sql", "shares", "from_selection"),
+    [
+        ("SELECT tag, COUNT(*) AS n, SUM(amount) AS s FROM t GROUP BY tag", 2, True),  # selection + count, sum
+        ("SELECT tag, SUM(amount) AS s FROM t GROUP BY tag", 2, False),  # selection, sum
+        ("SELECT tag, COUNT(amount) AS n FROM t GROUP BY tag", 2, False),  # COUNT(col) is not the keys' count
+    ],
+)
+def test_zcdp_key_selection_keeps_the_split_where_other_measurements_need_it(
+    sql: str, shares: int, from_selection: bool
+) -> None:
+    plan = _plan(sql, _policy("zcdp"))
+    pricing = price(plan, epsilon=1.0, accuracy=None, alpha=0.05, delta=None)
+    assert pricing.counts_from_selection is from_selection
+    assert pricing.selection_rho == pytest.approx(0.5 / shares)
+    assert all(b == pytest.approx(0.5 / shares) for b in pricing.budget.values())
+    assert pricing.cost.rho == pytest.approx(0.5)
 
 
 # --- on the real stack ----------------------------------------------------------------------------------------
@@ -326,6 +349,56 @@ def zcdp_workspace(tmp_path: Path, demo_source: tuple[Path, Path]) -> Workspace:
     path = tmp_path / "visits_zcdp.yaml"
     path.write_text(yaml.safe_dump(raw))
     return build_workspace(tmp_path, [(path, data)], ROLES)
+
+
+def test_zcdp_private_key_counts_are_charged_as_planned(
+    zcdp_workspace: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A private-key COUNT(*) under zCDP on the real stack: the dry run shows one Gaussian measurement at the whole ρ
+    and what it is worth in (ε, δ); the release charges exactly that ρ and δ, makes no second count (the Gaussian
+    threshold's counts are the answer), says so, gives intervals that hold the released values, and is logged and
+    cached at that cost."""
+    from audit.log import AuditLog
+
+    def second_count(*_: object, **__: object) -> None:
+        raise AssertionError("a second Gaussian count was measured")
+
+    monkeypatch.setattr(mech, "release_gaussian_integers", second_count)
+    sql = "SELECT diagnosis, COUNT(*) AS n FROM visits GROUP BY diagnosis"
+    with zcdp_workspace.app() as c:
+        h = zcdp_workspace.headers("analyst")
+        dry = c.post("/v1/query", json={"sql": sql, "epsilon": 1.0, "dry_run": True}, headers=h).json()
+        assert dry["accounting"] == "zcdp" and dry["rho"] == 0.5 and dry["epsilon"] == 0.0 and dry["delta"] > 0
+        (m,) = dry["measurements"]
+        assert m["mechanism"] == DISCRETE_GAUSSIAN and m["rho"] == 0.5 and m["sensitivity"] == 10
+        assert dry["key_selection"] is True
+        limit = next(b for b in c.get("/v1/budget", headers=h).json() if b["dataset"] == "visits")["limit"]
+        d_conv = conversion_delta(limit["delta"])
+        zc = dry["costs"]["zcdp"]
+        assert zc["rho"] == 0.5 and zc["delta"] == dry["delta"]
+        assert zc["epsilon_equivalent"] == pytest.approx(zcdp_epsilon(0.5, d_conv))
+        assert zc["delta_equivalent"] == pytest.approx(d_conv + dry["delta"])
+        assert dry["costs"]["pure"]["epsilon"] == 1.0  # one measurement at the whole ε under pure accounting too
+
+        answer = c.post("/v1/query", json={"sql": sql, "epsilon": 1.0}, headers=h).json()
+        assert answer["rho_spent"] == dry["rho"] and answer["delta"] == dry["delta"]
+        assert answer["epsilon_spent"] == 0.0 and not answer["cached"]
+        assert [{k: v for k, v in e.items() if k != "half_width"} for e in answer["measurements"]] == [m]
+        notes = " ".join(answer["notes"])
+        assert "Gaussian threshold" in notes and "threshold's own noisy count" in notes
+        assert answer["rows"]
+        for (_, n), (_, interval) in zip(answer["rows"], answer["intervals"], strict=True):
+            assert 0 <= interval[0] <= n <= interval[1]
+        spent = next(b for b in c.get("/v1/budget", headers=h).json() if b["dataset"] == "visits")["spent"]
+        assert spent["rho"] == pytest.approx(0.5) and spent["delta"] == pytest.approx(dry["delta"])
+
+        again = c.post("/v1/query", json={"sql": sql, "epsilon": 1.0}, headers=h).json()
+        assert again["cached"] and again["rows"] == answer["rows"]
+        assert next(b for b in c.get("/v1/budget", headers=h).json() if b["dataset"] == "visits")["spent"] == spent
+    records = AuditLog(zcdp_workspace.settings.audit_dir).records()
+    released = [r for r in records if r.get("event") == "query" and r.get("phase") == "released"]
+    charged = [r["cost"] for r in released if r["cost"].get("rho")]  # the dry run and the cached answer cost 0
+    assert len(released) == 3 and charged == [{"epsilon": 0.0, "delta": dry["delta"], "rho": 0.5}], released
 
 
 def test_zcdp_queries_until_the_budget_is_spent(zcdp_workspace: Workspace, capsys: pytest.CaptureFixture[str]) -> None:

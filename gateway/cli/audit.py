@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
-from gateway.cli.terminal import Store, Workspace, console, err, fail, typer_app
+from gateway.cli.terminal import DataTable, Store, Workspace, console, err, fail, typer_app
 
 audit_app = typer_app(help="The tamper-evident audit log.")
 
@@ -323,7 +322,7 @@ def events(
     if format == "csv":
         sys.stdout.write(report.to_csv(found))
         return
-    table = Table("seq", "time", "event", "principal", "role", "dataset", "decision", "reason", "phase", "ε")
+    table = DataTable("seq", "time", "event", "principal", "role", "dataset", "decision", "reason", "phase", "ε")
     for r in found:
         actor_, cost = r.get("actor"), r.get("cost")
         actor_ = actor_ if isinstance(actor_, dict) else {}
@@ -403,7 +402,7 @@ def spend(
     if format == "json":
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return
-    totals = Table(
+    totals = DataTable(
         "dataset", "ε spent", "ε cap", "ρ spent", "ρ cap", "δ spent", "δ cap", "over cap", "principals over their cap"
     )
     for name, d in sorted(result.datasets.items()):
@@ -419,7 +418,7 @@ def spend(
             ", ".join(d.principals_over_cap),
         )
     console.print(totals)
-    per = Table("principal", "dataset", "charges", "ε", "ρ", "δ", "first", "last")
+    per = DataTable("principal", "dataset", "charges", "ε", "ρ", "δ", "first", "last")
     for (principal, name), points in sorted(result.series.items()):
         per.add_row(
             principal,

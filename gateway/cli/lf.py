@@ -6,9 +6,19 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
-from gateway.cli.terminal import AsJson, Token, Url, console, err, fail, gateway_client, print_json, typer_app
+from gateway.cli.terminal import (
+    AsJson,
+    DataTable,
+    Token,
+    Url,
+    console,
+    err,
+    fail,
+    gateway_client,
+    print_json,
+    typer_app,
+)
 
 lf_app = typer_app(help="Labeling functions: DP coverage, overlap, conflict and accuracy.")
 
@@ -43,7 +53,7 @@ def print_summary(raw: dict[str, Any]) -> None:
     headers = ["LF", "Polarity", "Coverage", "Overlaps", "Conflicts"]
     if has_gold:
         headers += ["Correct", "Incorrect", "Emp. Acc."]
-    table = Table(*headers, title=f"{raw['dataset']}: {1 - raw['alpha']:.0%} intervals")
+    table = DataTable(*headers, title=f"{raw['dataset']}: {1 - raw['alpha']:.0%} intervals")
     for lf in raw["lfs"]:
         row = [lf["name"], ", ".join(lf["polarity"])]
         row += [_cell(lf[k]["value"], lf[k]["interval"]) for k in ("coverage", "overlaps", "conflicts")]
@@ -123,7 +133,7 @@ def registry(url: Url = "http://127.0.0.1:8000", token: Token = None) -> None:
     """List the registered (reviewed) Python labeling functions and the columns each reads."""
     with gateway_client(url, token) as c:
         entries = c.lf_registry()
-    table = Table("name", "dataset", "labels", "columns", "description")
+    table = DataTable("name", "dataset", "labels", "columns", "description")
     for e in entries:
         table.add_row(e["name"], e["dataset"], ", ".join(e["labels"]), ", ".join(e["columns"]), e["description"])
     console.print(table)

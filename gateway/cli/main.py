@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
 
 from gateway.cli.audit import audit_app
 from gateway.cli.evaluate import evaluate as evaluate_command
@@ -22,6 +21,7 @@ from gateway.cli.predictions import predictions_app
 from gateway.cli.synth import synth_app
 from gateway.cli.terminal import (
     AsJson,
+    DataTable,
     SharedDir,
     Store,
     Token,
@@ -331,7 +331,7 @@ def token_list(
     if as_json:
         typer.echo(json.dumps([{**r.public(), "state": r.state(now)} for r in records], indent=2))
         return
-    table = Table("token id", "name", "role", "state", "created", "expires", "last used", "revoked")
+    table = DataTable("token id", "name", "role", "state", "created", "expires", "last used", "revoked")
     for r in records:
         t = r.public()
         state = r.state(now) + (f" → {r.replaced_by}" if r.replaced_by else "")
@@ -597,7 +597,7 @@ def ledger_reconcile(store: Store = None, workspace: Workspace = None) -> None:
     totals: dict[tuple[str, str], list[Any]] = {}
     for c in added:
         totals.setdefault((c.principal, c.dataset), []).append(c)
-    table = Table("principal", "dataset", "charges", "ε re-charged", "δ re-charged", "ρ re-charged")
+    table = DataTable("principal", "dataset", "charges", "ε re-charged", "δ re-charged", "ρ re-charged")
     for (principal, dataset), charges in sorted(totals.items()):
         eps = sum(c.cost.epsilon for c in charges)
         delta = sum(c.cost.delta for c in charges)
@@ -671,7 +671,7 @@ def print_answer(raw: dict[str, Any]) -> None:
     for j, c in enumerate(columns):
         headers += [c, f"{c} {level}"] if j in noisy else [c]
     show_flags = row_flags is not None and any(row_flags)
-    table = Table(*headers, *(["flags"] if show_flags else []))
+    table = DataTable(*headers, *(["flags"] if show_flags else []))
     for i, row in enumerate(rows):
         cells = []
         for j, value in enumerate(row):
@@ -821,7 +821,7 @@ def budget(as_json: AsJson = False, url: Url = "http://127.0.0.1:8000", token: T
         return
     zcdp = any(b.get("accounting") == "zcdp" for b in rows)
     rho_headers = ("ρ spent", "ρ limit", "ρ remaining") if zcdp else ()
-    table = Table("dataset", "ε spent", "ε limit", "ε remaining", "δ spent", "δ limit", "δ remaining", *rho_headers)
+    table = DataTable("dataset", "ε spent", "ε limit", "ε remaining", "δ spent", "δ limit", "δ remaining", *rho_headers)
     for b in rows:
         spent, limit, left = b["spent"], b["limit"], b["remaining"]
         rho_cells = [f"{x['rho']:.4g}" if "rho" in x else "" for x in (spent, limit, left)] if zcdp else []
@@ -852,7 +852,7 @@ def datasets(as_json: AsJson = False, url: Url = "http://127.0.0.1:8000", token:
     if as_json:
         print_json(found)
         return
-    table = Table("dataset", "version", "privacy unit", "rows per unit", "your grants", "budget per principal")
+    table = DataTable("dataset", "version", "privacy unit", "rows per unit", "your grants", "budget per principal")
     for d in found:
         per = (d.get("budget") or {}).get("per_principal") or {}
         table.add_row(

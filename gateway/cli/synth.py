@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from gateway.cli.terminal import (
     AsJson,
+    DataTable,
     SharedDir,
     Store,
     Token,
@@ -96,7 +96,7 @@ def status(job_id: str, as_json: AsJson = False, url: Url = "http://127.0.0.1:80
     if as_json:
         print_json(job)
         return
-    table = Table("field", "value", show_header=False)
+    table = DataTable("field", "value", show_header=False)
     for key, value in job.items():
         if isinstance(value, float) and key == "progress":
             table.add_row(key, f"{value:.0%}")
@@ -154,13 +154,13 @@ def report(
         print_json(r)
         return
     console.print(f"reference: {r['reference']}")
-    table = Table("column", "TVComplement", "bins inside the noise interval")
+    table = DataTable("column", "TVComplement", "bins inside the noise interval")
     for name, col in r["columns"].items():
         inside = col.get("proxy_within_interval")
         table.add_row(name, f"{col['tv_complement']:.3f}", "" if inside is None else f"{inside:.0%}")
     console.print(table)
     if r.get("pairs"):
-        pairs = Table("pair", "DP ρ", "proxy ρ", "similarity")
+        pairs = DataTable("pair", "DP ρ", "proxy ρ", "similarity")
         for p in r["pairs"]:
             pairs.add_row(
                 " × ".join(p["columns"]),
@@ -204,7 +204,7 @@ def pending(store: Store = None, shared_dir: SharedDir = None, workspace: Worksp
     """List non-DP jobs awaiting approval (admin, on the host, or any replica's host with the same --store)."""
     bastion, jobs = _jobs(workspace, store, shared_dir)
     try:
-        table = Table("job", "dataset", "method", "requested by", "rows", "created")
+        table = DataTable("job", "dataset", "method", "requested by", "rows", "created")
         for j in jobs.all_jobs():
             if j["status"] == "awaiting_approval":
                 table.add_row(

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
-from rich.table import Table
+from rich.console import Console, RenderableType
+from rich.table import Column, Table
+from rich.text import Text
 
 if TYPE_CHECKING:
     from gateway.client import Client
@@ -27,6 +28,20 @@ DEFAULT_WORKSPACE = "bastion-workspace"
 # Wide when piped, so tables are not truncated in logs and scripts.
 console = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+
+class DataTable(Table):
+    """A table whose header, title and cell strings are shown as they are, never read as rich markup: they hold
+    names and values from answers (a released group key, a slice, a column alias), and `[red]x` or `[/x]` in one
+    would be shown as something else or end the command with a markup error after the answer was paid for."""
+
+    def __init__(self, *headers: str, title: str | None = None, **kwargs: Any) -> None:
+        super().__init__(
+            *(Column(header=Text(h)) for h in headers), title=None if title is None else Text(title), **kwargs
+        )
+
+    def add_row(self, *renderables: RenderableType | None, **kwargs: Any) -> None:
+        super().add_row(*(Text(r) if isinstance(r, str) else r for r in renderables), **kwargs)
 
 
 def typer_app(help: str) -> typer.Typer:
@@ -133,7 +148,7 @@ def print_records(records: Sequence[dict[str, Any]], columns: Sequence[str] | No
         for r in records:
             seen.update(dict.fromkeys(r))
         columns = list(seen)
-    table = Table(*columns, title=title or None)
+    table = DataTable(*columns, title=title or None)
     for r in records:
         table.add_row(*(fmt(r.get(c)) for c in columns))
     console.print(table)

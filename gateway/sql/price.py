@@ -1,9 +1,9 @@
 """Price stage: what a plan costs and how noisy each of its measurements is, decided before any private data is
 read. The plan's primitive measurements are COUNT(*), COUNT(col), COUNT(DISTINCT unit), SUM(col), SUM(col²) (of a
 column, or of a row expression within its propagated range) and one selection per quantile, plus private key
-selection when some GROUP BY key has no public domain (which also costs δ). Under pure accounting, when the query
-has COUNT(*) the selection's own noisy counts are the COUNT(*) release: one measurement instead of a selection share
-and a count.
+selection when some GROUP BY key has no public domain (which also costs δ). When the query has COUNT(*), the
+selection's own noisy counts are the COUNT(*) release (the Laplace threshold's under pure accounting, the Gaussian
+threshold's under zCDP): one measurement instead of a selection share and a count.
 
 Under pure accounting each measurement gets an ε (discrete Laplace; report-noisy-max for quantiles); under zCDP
 accounting (policies.accountant) a ρ (discrete Gaussian at the measurement's L2 sensitivity; quantiles stay
@@ -62,8 +62,8 @@ class Pricing:
     l2: dict[Measurement, float]
     accounting: Accounting = Accounting.PURE
     selection_rho: float = 0.0
-    # Where keys are selected privately (pure accounting) and the query has COUNT(*), the selection's own noisy
-    # counts are released as COUNT(*): one measurement at the selection's ε instead of two shares.
+    # Where keys are selected privately and the query has COUNT(*), the selection's own noisy counts are released
+    # as COUNT(*): one measurement at the selection's ε (ρ under zCDP) instead of two shares.
     counts_from_selection: bool = False
     # False: each quantile is released as its value only, by one selection at its whole ε (no interval).
     quantile_interval: bool = True
@@ -200,7 +200,7 @@ def price(
         delta = check_delta(delta)  # refused when out of range even if no key selection would spend it
     d_in = {m: _d_in(plan, m) for m in plan.measurements}
     l2 = {m: _l2(plan, m) for m in plan.measurements}
-    from_selection = plan.needs_key_selection and not zcdp and Measurement(Kind.COUNT_STAR) in d_in
+    from_selection = plan.needs_key_selection and Measurement(Kind.COUNT_STAR) in d_in
     separate_selection = plan.needs_key_selection and not from_selection
     shares = len(plan.measurements) + (1 if separate_selection else 0)
     cap = plan.policy.budget.per_principal

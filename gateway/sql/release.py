@@ -248,7 +248,8 @@ def execute(plan: Plan, pricing: Pricing, engine: Engine, *, default_input: bool
     noisy: dict[Measurement, np.ndarray] = {}
     for i, m in enumerate(plain):
         if threshold_counts is not None and m.kind == Kind.COUNT_STAR:
-            # The selection's noisy counts are a COUNT(*) release at the selection's ε (the same scale k/ε).
+            # The selection's noisy counts are a COUNT(*) release at the selection's ε or ρ (the same scale as a
+            # count's: k/ε for the Laplace threshold, k/√(2ρ) for the Gaussian one).
             noisy[m] = np.asarray([threshold_counts[g] for g in groups], dtype=np.float64)
             continue
         values = [exact.get(g, zero)[i + 1] for g in groups]
@@ -293,10 +294,12 @@ def _interval(
     plan: Plan, pricing: Pricing, m: Measurement, value: np.ndarray, alpha: float
 ) -> tuple[np.ndarray, np.ndarray]:
     if pricing.counts_from_selection and m.kind == Kind.COUNT_STAR:
-        _, threshold = mech.threshold_for(
-            plan.policy.max_rows_per_unit, pricing.selection_epsilon, pricing.selection_delta
+        scale, threshold = mech.threshold_for(
+            plan.policy.max_rows_per_unit, pricing.selection_epsilon, pricing.selection_delta, pricing.selection_rho
         )
-        return mech.selected_count_interval(value, pricing.scale(m), threshold, alpha)
+        if pricing.zcdp:
+            return mech.selected_gaussian_count_interval(value, scale, threshold, alpha)
+        return mech.selected_count_interval(value, scale, threshold, alpha)
     hw = pricing.half_width(m, alpha) * measurement_unit(plan, m)
     lo, hi = value - hw, value + hw
     if m.kind in _COUNT_KINDS or m.kind == Kind.SUMSQ:

@@ -34,7 +34,9 @@ control's key counts sit at that calibration's own threshold, the worst case for
 Gaussian releases (zCDP accounting) are audited at the (ε, δ) that OpenDP converts their ρ to at one fixed δ, with
 the event on the sum of the differing coordinates beyond D's exact values (the likelihood ratio's direction) and
 its offset fixed from the exact discrete Gaussian distributions; their control has half the scale (4ρ). The Gaussian
-threshold of key selection under zCDP is audited the same way, on the event that the key is released.
+threshold of key selection under zCDP is audited the same way, on the event that the key is released, and so are
+the counts it releases as a private-key COUNT(*) (one release at the request's whole ρ), on the event that the key
+is released with a count beyond an offset above D's.
 
 Each bound holds with probability 99% when the mechanism is as private as claimed; because the confidence is split
 between the two sides, a correct mechanism fails an audit far less often than 1 time in 100.
@@ -911,6 +913,48 @@ def test_gaussian_key_selection(neighbours: Neighbours) -> None:
         return bound(on_d, on_d_prime, GAUSSIAN_AUDIT_DELTA + delta)
 
     # The control's event is rarer on D′ (a deeper tail), so it gets more draws to be told apart reliably.
+    calibrated, control = audit(rho, N_DRAWS), audit(4 * rho, 4 * N_DRAWS)
+    assert calibrated <= claimed, (calibrated, claimed)
+    assert control > claimed, (control, claimed)
+
+
+def test_gaussian_key_selection_counts(neighbours: Neighbours) -> None:
+    """Under zCDP a private-key COUNT(*) is the Gaussian threshold's own noisy counts: one OpenDP release at the
+    request's whole ρ, audited on the counts it releases. The executor's real key counts (the undeclared key at D's
+    count, k rows fewer on D′) are drawn through `select_keys` as it calls it, and the event is 'the key is released
+    with a count of at least D's count plus an offset' (the offset fixed from the exact discrete Gaussian
+    distributions for that scale, and high enough that the event lies where the key is always released, so it tests
+    the counts rather than the selection), against (ε(ρ, δ′), δ′ + δ) for the request's ρ and δ; the control runs
+    at half the scale (4ρ, its own threshold and offset)."""
+    plan = plan_query(TAG_SQL, _resolve)
+    pricing = price(plan, epsilon=TAG_EPSILON, accuracy=None, alpha=0.05, delta=None, accounting=Accounting.ZCDP)
+    assert plan.needs_key_selection and pricing.counts_from_selection
+    on_d = mechanism_inputs(plan, pricing, neighbours.d)
+    on_d_prime = mechanism_inputs(plan, pricing, neighbours.d_prime)
+    assert not (on_d.gaussians or on_d_prime.gaussians or on_d.integers or on_d_prime.integers)  # no second count
+    ((call_d,), (call_d_prime,)) = on_d.selections, on_d_prime.selections
+    counts_d, counts_d_prime = call_d.pop("counts"), call_d_prime.pop("counts")
+    assert call_d == call_d_prime  # the calibration is public: the same on both
+    k, eps_sel, delta = call_d.pop("k"), call_d.pop("epsilon"), call_d.pop("delta")
+    options = call_d  # the public candidate count and ρ, passed on as the executor passed them
+    rho = options["rho"]
+    assert (k, eps_sel, delta) == (K, 0.0, pricing.selection_delta)
+    assert rho == pricing.selection_rho == pricing.cost.rho == TAG_EPSILON**2 / 2  # the whole request's ρ
+    t = neighbours.threshold
+    (label_d,) = [key for key, v in counts_d.items() if v == t]
+    (label_d_prime,) = [key for key, v in counts_d_prime.items() if v == t - K]
+    audit_delta = GAUSSIAN_AUDIT_DELTA + pricing.cost.delta
+    claimed = zcdp_epsilon(pricing.cost.rho, GAUSSIAN_AUDIT_DELTA)
+
+    def audit(rho_run: float, n: int) -> float:
+        scale, threshold = mech.threshold_for(k, 0.0, delta, rho_run)
+        cut = t + _gaussian_tail_offset(scale, np.asarray([k]), n, audit_delta)
+        assert cut >= threshold  # released whenever in the event: the event is on the released count
+        run = {**options, "rho": rho_run}
+        on_d = _key_draws(counts_d, label_d, k, 0.0, delta, n, run) >= cut
+        on_d_prime = _key_draws(counts_d_prime, label_d_prime, k, 0.0, delta, n, run) >= cut
+        return bound(on_d, on_d_prime, audit_delta)
+
     calibrated, control = audit(rho, N_DRAWS), audit(4 * rho, 4 * N_DRAWS)
     assert calibrated <= claimed, (calibrated, claimed)
     assert control > claimed, (control, claimed)
