@@ -413,3 +413,18 @@ def test_a_failure_after_the_charge_releases_the_default_input(ws: Workspace, mo
     assert len(failed["metrics"]) == len(good["metrics"]) and failed["epsilon_spent"] == 0.6
     released = [r for r in _records(ws) if r.get("phase") == "released"]
     assert [(r["reason"], r.get("error")) for r in released] == [("ok", None), ("fallback", "OSError")]
+
+
+def test_the_cli_table_shows_slice_values_as_text(capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.cli.evaluate import print_evaluation
+
+    metric = {"model": "m[/x]", "slice": "CASE WHEN sex = 'F' THEN '[red]f' END", "value": "[/x]", "metric": "accuracy"}
+    raw = {
+        "dataset": "visits",
+        "dataset_version": "1-ab",
+        "alpha": 0.05,
+        "metrics": [{**metric, "class": None, "estimate": 0.5, "low": 0.25, "high": 0.75, "noise_dominated": False}],
+    }
+    print_evaluation(raw)
+    out = capsys.readouterr().out
+    assert "[/x]" in out and "[red]f" in out

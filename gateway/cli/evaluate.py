@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
-from gateway.cli.terminal import AsJson, Token, Url, console, fail, gateway_client, print_json
+from gateway.cli.terminal import AsJson, DataTable, Token, Url, console, fail, gateway_client, print_json
 
 
 def _interval(m: dict[str, Any]) -> str:
@@ -18,7 +17,7 @@ def _interval(m: dict[str, Any]) -> str:
 
 def print_evaluation(raw: dict[str, Any]) -> None:
     title = f"{raw['dataset']} (version {raw['dataset_version']}): {1 - raw['alpha']:.0%} intervals"
-    table = Table("model", "slice", "value", "metric", "class", "estimate [low, high]", title=title)
+    table = DataTable("model", "slice", "value", "metric", "class", "estimate [low, high]", title=title)
     for m in raw.get("metrics") or []:
         table.add_row(m["model"], m["slice"], str(m["value"]), m["metric"], m["class"] or "", _interval(m))
     console.print(table)
@@ -87,6 +86,7 @@ def evaluate(
         f"spent ε={raw['epsilon_spent']:.4g}{' (cached)' if raw['cached'] else ''}; remaining on {raw['dataset']}: "
         f"ε={left['epsilon']:.4g}",
         highlight=False,
+        markup=False,
     )
 
 
@@ -97,7 +97,7 @@ def models(as_json: AsJson = False, url: Url = "http://127.0.0.1:8000", token: T
     if as_json:
         print_json(raw)
         return
-    table = Table("dataset", "model", "attached to version", "current", "attached at")
+    table = DataTable("dataset", "model", "attached to version", "current", "attached at")
     for d in raw:
         for m in d["models"]:
             table.add_row(
