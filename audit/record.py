@@ -35,6 +35,8 @@ class Event(enum.StrEnum):
     SYNTH_REPORT = "synth_report"
     LF_STATS = "lf_stats"
     PUBLIC_READ = "public_read"
+    EVALUATE = "evaluate"
+    PREDICTIONS_ADDED = "predictions_added"
     AUDIT_READ = "audit_read"
     AUTHENTICATION = "authentication"
     INVALID_REQUEST = "invalid_request"

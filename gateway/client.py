@@ -278,6 +278,59 @@ class Client:
 
         return summary_frame(self.lf_stats_raw(dataset, lfs, **kwargs))
 
+    # --- model evaluation -----------------------------------------------------------------------------------
+
+    def evaluate_raw(
+        self,
+        dataset: str,
+        model: str | list[str],
+        *,
+        slices: list[str] | None = None,
+        metrics: list[str] | None = None,
+        per_class: bool = True,
+        epsilon: float | None = None,
+        accuracy: float | None = None,
+        alpha: float | None = None,
+        dry_run: bool = False,
+    ) -> dict[str, Any]:
+        """The JSON answer of POST /v1/evaluate (`model` a name, or a list of names to compare in one release)."""
+        body: dict[str, Any] = {
+            "dataset": dataset,
+            **({"models": list(model)} if isinstance(model, list) else {"model": model}),
+            "slices": slices or [],
+            "metrics": metrics,
+            "per_class": per_class,
+            "epsilon": epsilon,
+            "accuracy": accuracy,
+            "alpha": alpha,
+            "dry_run": dry_run,
+        }
+        return self._json("POST", "/v1/evaluate", json={k: v for k, v in body.items() if v is not None})
+
+    def evaluate(self, dataset: str, model: str | list[str], **kwargs: Any) -> pd.DataFrame:
+        """DP evaluation as a DataFrame: one row per model × slice value × metric (and class), with its value and
+        interval (`low`, `high`); the full answer (confusion matrices, cost) in `.attrs`."""
+        import pandas as pd
+
+        raw = self.evaluate_raw(dataset, model, **kwargs)
+        columns = ["model", "slice", "slice_value", "metric", "class", "value", "low", "high", "noise_dominated"]
+        rows = [
+            [m["model"], m["slice"], m["value"], m["metric"], m["class"], m["estimate"], m["low"], m["high"]]
+            + [m["noise_dominated"]]
+            for m in raw.get("metrics") or []
+        ]
+        frame = pd.DataFrame(rows, columns=columns)
+        frame.attrs.update(raw)
+        return frame
+
+    def evaluation_card(self, evaluation_id: str, format: str = "html") -> str:
+        """The DP model card of one of your evaluations (its `query_id`), as HTML or Markdown."""
+        return self.request("GET", f"/v1/evaluate/{evaluation_id}/card", params={"format": format}).text
+
+    def models(self) -> list[dict[str, Any]]:
+        """The models whose predictions are attached, per dataset you may evaluate on (GET /v1/models)."""
+        return self._json("GET", "/v1/models")
+
     # --- audit log (auditor role) ---------------------------------------------------------------------------
 
     @staticmethod

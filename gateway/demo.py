@@ -220,3 +220,47 @@ def write_examples(directory: Path) -> Path:
     lfs = directory / "lfs.yaml"
     lfs.write_text(EXAMPLE_LFS_YAML)
     return lfs
+
+
+# The demo visits with a row identity (visit_id) and the evaluate grant, for evaluating a model's predictions.
+EVALUATION_POLICY_YAML = (
+    POLICY_YAML.replace(
+        "  patient_id:     {type: int, usage: hidden}\n",
+        "  patient_id:     {type: int, usage: hidden}\n  visit_id:       {type: int, usage: hidden}\n",
+    ).replace("  analyst: [query, synth]\n", "  analyst: [query, synth, evaluate]\n")
+    + "row_key: visit_id\n"
+)
+
+
+def example_predictions(visits: pa.Table, seed: int = 3, *, flip: float = 0.1) -> pa.Table:
+    """A deliberately imperfect triage model's predictions for `visits` (which has visit_id): urgent for an urgent
+    diagnosis family or a stay of 8 days or more, with a fraction `flip` of its labels flipped at random; its
+    score is a noisy confidence in urgent."""
+    rng = np.random.default_rng(seed)
+    dx = visits["diagnosis"].to_numpy(zero_copy_only=False)
+    los = visits["length_of_stay"].to_numpy()
+    urgent = np.isin(dx, URGENT_DX) | (los >= 8)
+    urgent = np.where(rng.random(len(urgent)) < flip, ~urgent, urgent)
+    score = np.clip(np.where(urgent, 0.75, 0.25) + rng.normal(0, 0.15, len(urgent)), 0.0, 1.0)
+    return pa.table(
+        {
+            "visit_id": visits["visit_id"],
+            "label": pa.array(np.where(urgent, "urgent", "routine"), pa.string()),
+            "score": pa.array(score, pa.float64()),
+        }
+    )
+
+
+def write_evaluation_demo(directory: Path, n_rows: int = 500_000, seed: int = 7) -> tuple[Path, Path, Path]:
+    """The demo visits with a visit_id, their policy (row_key: visit_id) and an example model's predictions;
+    returns (data path, policy path, predictions path)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    visits = generate_visits(n_rows, seed)
+    visits = visits.append_column("visit_id", pa.array(np.arange(1, visits.num_rows + 1) * 7 + 1_000_000, pa.int64()))
+    data = directory / "visits.parquet"
+    pq.write_table(visits, data)
+    policy = directory / "visits.yaml"
+    policy.write_text(EVALUATION_POLICY_YAML)
+    predictions = directory / "triage-v3.parquet"
+    pq.write_table(example_predictions(visits), predictions)
+    return data, policy, predictions

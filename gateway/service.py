@@ -105,7 +105,12 @@ ADMIN = {"principal": "admin", "role": "admin", "token_id": None}
 # `offset`.
 PUBLIC_PAGE_ROWS = 1_000
 MAX_PUBLIC_PAGE_ROWS = 10_000
-GRANT_EVENTS = {Grant.QUERY: Event.QUERY, Grant.SYNTH: Event.SYNTH, Grant.LABELING: Event.LF_STATS}
+GRANT_EVENTS = {
+    Grant.QUERY: Event.QUERY,
+    Grant.SYNTH: Event.SYNTH,
+    Grant.LABELING: Event.LF_STATS,
+    Grant.EVALUATE: Event.EVALUATE,
+}
 Expected = dict[tuple[str, str], tuple[int, int, int]]  # (principal, dataset) → (ε units, δ units, ρ units)
 
 

@@ -79,6 +79,11 @@ class Settings(BaseModel):
         return self.spark_warehouse or self.private_dir / "warehouse"
 
     @property
+    def predictions_dir(self) -> Path:
+        """Attached model predictions (private like the rows they belong to), one Parquet file per dataset and model."""
+        return self.private_dir / "predictions"
+
+    @property
     def bounding_key(self) -> Path:
         return self.private_dir / "bounding.key"
 

@@ -52,6 +52,15 @@ def public_table_name(dataset: str, table: str) -> str:
 MAX_MULTIPLICITY = 1_000
 
 
+def row_keys_table(dataset: str) -> str:
+    """Name of the table of every source row's key (the policy's `row_key`, converted) in the private database: the
+    keys predictions may be attached to (the bounded table keeps only the rows bounding kept)."""
+    return f"__bastion_rowkeys_{dataset}"
+
+
+ROW_KEY = "__key"  # the row-keys table's one column
+
+
 class PolicyError(ValueError):
     """A policy file is missing, malformed or unsafe."""
 
@@ -76,9 +85,11 @@ class Grant(StrEnum):
     QUERY = "query"
     SYNTH = "synth"
     LABELING = "labeling"
+    EVALUATE = "evaluate"  # DP evaluation of attached model predictions against the gold labels
 
 
 NUMERIC_TYPES = {ColumnType.INT, ColumnType.FLOAT, ColumnType.DECIMAL}
+ROW_KEY_TYPES = {ColumnType.INT, ColumnType.CATEGORY, ColumnType.TEXT}
 
 
 class _Strict(BaseModel):
@@ -337,6 +348,9 @@ class Policy(_Strict):
     roles: dict[Literal["analyst", "lf_author", "auditor", "admin"], list[Grant]] = Field(default_factory=dict)
     synthesis: Synthesis = Synthesis()
     labels: Labels | None = None
+    # The column that identifies a row of the dataset (unique in the source, checked at registration): model
+    # predictions are attached by it (`bastion predictions add`). Kept in the bounded table, never released.
+    row_key: str | None = None
     # Key selection processes at least this many candidate keys (padded), so its time does not depend on how many
     # distinct private keys there are up to this many (see policies.mechanisms.select_keys).
     key_candidates: int = Field(default=1_000, ge=1, le=100_000)
@@ -382,6 +396,17 @@ class Policy(_Strict):
                 raise ValueError(f"labels.gold_column {self.labels.gold_column!r} is not a column")
             if gold.usage is Usage.QUERY:
                 raise ValueError("the gold-label column must be usage: labeling or hidden")
+        if self.row_key is not None:
+            key = self.columns.get(self.row_key)
+            if key is None:
+                raise ValueError(f"row_key {self.row_key!r} is not a column of the policy")
+            if key.type not in ROW_KEY_TYPES:
+                raise ValueError(
+                    f"row_key {self.row_key!r} must be an int, category or text column (it is {key.type.value})"
+                )
+            gold_name = self.labels.gold_column if self.labels is not None else None
+            if self.row_key == gold_name:
+                raise ValueError("row_key cannot be the gold-label column")
         return self
 
     # --- helpers used by planners ---------------------------------------------------------------------
@@ -416,6 +441,8 @@ class Policy(_Strict):
             del content["accounting"]  # the fingerprints of policies from before the option stay as they were
         if not self.public_tables:
             del content["public_tables"]  # likewise for policies without public tables
+        if self.row_key is None:
+            del content["row_key"]  # likewise
         payload = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -432,6 +459,7 @@ class Policy(_Strict):
             },
             "budget": self.budget.model_dump(mode="json"),
             "labels": self.labels.model_dump(mode="json") if self.labels else None,
+            **({"row_key": self.row_key} if self.row_key is not None else {}),
             "synthesis": self.synthesis.model_dump(mode="json"),
             "accounting": self.accounting.value,
             "public_tables": {name: t.public_schema() for name, t in self.public_tables.items()},

@@ -14,7 +14,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from gateway.cli.audit import audit_app
+from gateway.cli.evaluate import evaluate as evaluate_command
+from gateway.cli.evaluate import models as models_command
 from gateway.cli.lf import lf_app
+from gateway.cli.predictions import predictions_app
 from gateway.cli.synth import synth_app
 from gateway.cli.terminal import (
     AsJson,
@@ -53,6 +56,9 @@ app.add_typer(store_app, name="store")
 app.add_typer(audit_app, name="audit")
 app.add_typer(synth_app, name="synth")
 app.add_typer(lf_app, name="lf")
+app.add_typer(predictions_app, name="predictions")
+app.command("evaluate")(evaluate_command)
+app.command("models")(models_command)
 
 
 def _version(value: bool) -> None:

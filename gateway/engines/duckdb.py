@@ -31,7 +31,7 @@ from sqlglot import exp
 from gateway.engines import recipe
 from gateway.engines.base import CatalogError, EngineError, EngineKind, registrable
 from policies.errors import DatasetNotFound, PublicTableNotFound
-from policies.schema import Policy, PublicTable, bounded_table, parse_policy, public_table_name
+from policies.schema import ROW_KEY, Policy, PublicTable, bounded_table, parse_policy, public_table_name, row_keys_table
 
 _META = "__bastion_datasets"
 _BATCH = 100_000  # rows per batch of converted values streamed through the digest
@@ -195,6 +195,10 @@ class DuckDBEngine:
                         "public table's rows are served to every granted role, so its source must be a public file"
                     )
                 self._public(writer, policy.dataset, name, public, path)
+            problem = self._row_keys(writer, policy, reader)
+            if problem is not None:
+                writer.execute("ROLLBACK")
+                raise CatalogError(f"registering {policy.dataset!r} failed: {problem}")
             version = self._record(writer, policy, src)
             writer.execute("COMMIT")
         except CatalogError:
@@ -240,6 +244,27 @@ class DuckDBEngine:
                 raise CatalogError(
                     f"{what}: column {column!r} is declared {declared_as}, but a value of it has {most} rows"
                 )
+
+    @staticmethod
+    def _row_keys(con: duckdb.DuckDBPyConnection, policy: Policy, reader: exp.Expr) -> str | None:
+        """Store every source row's key (if the policy names a `row_key`) and say why they are no row identity if
+        they are not (some missing or repeated); None if they are, or there is no row key."""
+        table = exp.table_(row_keys_table(policy.dataset), quoted=True)
+        if policy.row_key is None:
+            con.execute(exp.Drop(tables=[table], kind="TABLE", exists=True).sql(dialect="duckdb"))
+            return None
+        keys = recipe.row_keys_query(policy, reader.copy())
+        con.execute(exp.Create(this=table, kind="TABLE", replace=True, expression=keys).sql(dialect="duckdb"))
+        key = exp.column(ROW_KEY, quoted=True)
+        counts = exp.select(
+            exp.Count(this=exp.Star()),
+            exp.Count(this=exp.Distinct(expressions=[key.copy()])),
+            exp.Count(this=key.copy()),
+        ).from_(table)
+        row = con.execute(counts.sql(dialect="duckdb")).fetchone()
+        assert row is not None
+        problem = recipe.row_key_problem(int(row[0]), int(row[1]), int(row[2]))
+        return None if problem is None else f"row_key {policy.row_key!r} is not a row identity: {problem}"
 
     @staticmethod
     def _record(con: duckdb.DuckDBPyConnection, policy: Policy, src: Path) -> str:

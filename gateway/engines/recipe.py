@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 from sqlglot import exp
 
 from policies.reader import ROW_ID
-from policies.schema import NUMERIC_TYPES, Column, ColumnType, Policy, PublicTable, Usage
+from policies.schema import NUMERIC_TYPES, ROW_KEY, Column, ColumnType, Policy, PublicTable, Usage
 from policies.typecheck import within_calendar
 
 DIGEST = "__digest"  # the column the digest is computed into, never kept
@@ -82,12 +82,13 @@ def bounding_key(path: Path) -> bytes:
 
 
 def kept_columns(policy: Policy) -> list[str]:
-    """The policy columns the bounded table keeps: all but hidden ones, except the unit and the gold column."""
+    """The policy columns the bounded table keeps: all but hidden ones, except the unit, the gold column and the
+    row key (which predictions are joined on)."""
     gold = policy.labels.gold_column if policy.labels is not None else None
     return [
         name
         for name, col in policy.columns.items()
-        if col.usage is not Usage.HIDDEN or name == gold or name == policy.privacy_unit
+        if col.usage is not Usage.HIDDEN or name in {gold, policy.privacy_unit, policy.row_key}
     ]
 
 
@@ -167,6 +168,22 @@ def values_query(policy: Policy, source: exp.Expr) -> exp.Select:
     """SELECT the converted kept values FROM the source (a table or table function tree)."""
     cols = policy.columns
     return exp.select(*[exp.alias_(converted(n, cols[n]), n, quoted=True) for n in kept_columns(policy)]).from_(source)
+
+
+def row_keys_query(policy: Policy, source: exp.Expr) -> exp.Select:
+    """SELECT every source row's converted row key AS ROW_KEY (the policy must name a `row_key`)."""
+    assert policy.row_key is not None
+    key = converted(policy.row_key, policy.columns[policy.row_key])
+    return exp.select(exp.alias_(key, ROW_KEY, quoted=True)).from_(source)
+
+
+def row_key_problem(count: int, distinct: int, present: int) -> str | None:
+    """Why a column of `count` values, `present` of them readable and `distinct` distinct, is no row key."""
+    if present < count:
+        return f"{count - present:,} row(s) have no readable key"
+    if distinct < count:
+        return f"{count - distinct:,} key(s) repeat an earlier row's"
+    return None
 
 
 def ranked_query(policy: Policy, values: exp.Expr, row_id: exp.Expr) -> exp.Select:

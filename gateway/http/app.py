@@ -1,5 +1,5 @@
 """HTTP layer (FastAPI): the app, its middleware and error handlers. Routes live in one module per capability
-(query, audit, lf, synth); each parses the request, calls one Bastion method, renders the result."""
+(query, audit, lf, synth, evaluate); each parses the request, calls one Bastion method, renders the result."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from gateway.http.dependencies import CONTEXT, REQUEST_ID, caller_if_any, correl
 from gateway.http.docs import router as docs_router
 from gateway.http.docs import static_files
 from gateway.http.errors import http_error, validation_error, validation_problems
+from gateway.http.evaluate import router as evaluate_router
 from gateway.http.headers import SecurityHeaders, security_headers
 from gateway.http.lf import router as lf_router
 from gateway.http.limits import BodyLimits
@@ -163,7 +164,7 @@ def create_app(settings: Settings, bastion: Bastion | None = None) -> FastAPI:
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    for r in (docs_router, query_router, synth_router, lf_router, audit_router):
+    for r in (docs_router, query_router, synth_router, lf_router, evaluate_router, audit_router):
         app.include_router(r)
     app.mount("/static", static_files(), name="static")
 
