@@ -1,4 +1,5 @@
-"""Edge cases of model evaluation found by attacking it: the public bound on the groups one statement counts."""
+"""Edge cases of model evaluation found by attacking it: the public bound on the groups one statement counts and the
+CLI's rendering of slice texts and values."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 import pytest
 import yaml
 
+from gateway.cli.evaluate import print_evaluation
 from gateway.demo import EVALUATION_POLICY_YAML
 from gateway.evaluation import JOINT_GROUPS, EvaluationPlan, _batches, plan_slice
 from policies.schema import parse_policy
@@ -39,3 +41,20 @@ def test_batches_stay_within_the_public_group_bound(texts: list[str]) -> None:
     for batch in batches:
         groups = plan.matrix_cells * math.prod(len(plan.slices[i].values) + 1 for i in batch)
         assert len(batch) == 1 or groups <= JOINT_GROUPS, (batch, groups)
+
+
+def test_cli_table_shows_slice_texts_and_values_as_given(capsys: pytest.CaptureFixture[str]) -> None:
+    """Rich markup in a slice or its value is text: it neither crashes the table (after the charge) nor vanishes."""
+    metric = {"metric": "accuracy", "class": None, "estimate": 0.5, "low": 0.4, "high": 0.6, "noise_dominated": False}
+    raw = {
+        "dataset": "visits",
+        "dataset_version": "1-x",
+        "alpha": 0.05,
+        "metrics": [
+            {"model": "m", "slice": "CASE WHEN sex = 'F' THEN '[/x]' ELSE 'b' END", "value": "[/x]", **metric},
+            {"model": "m", "slice": "CASE WHEN sex = 'F' THEN '[red]f' ELSE 'b' END", "value": "[red]f", **metric},
+        ],
+    }
+    print_evaluation(raw)
+    out = capsys.readouterr().out
+    assert "[/x]" in out and "[red]f" in out

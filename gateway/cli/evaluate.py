@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from gateway.cli.terminal import AsJson, Token, Url, console, fail, gateway_client, print_json
 
@@ -20,7 +21,8 @@ def print_evaluation(raw: dict[str, Any]) -> None:
     title = f"{raw['dataset']} (version {raw['dataset_version']}): {1 - raw['alpha']:.0%} intervals"
     table = Table("model", "slice", "value", "metric", "class", "estimate [low, high]", title=title)
     for m in raw.get("metrics") or []:
-        table.add_row(m["model"], m["slice"], str(m["value"]), m["metric"], m["class"] or "", _interval(m))
+        cells = [m["model"], m["slice"], str(m["value"]), m["metric"], m["class"] or "", _interval(m)]
+        table.add_row(*[Text(cell) for cell in cells])  # as text: a slice or a value may look like rich markup
     console.print(table)
 
 
