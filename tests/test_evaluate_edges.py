@@ -1,17 +1,22 @@
-"""Edge cases of model evaluation found by attacking it: the public bound on the groups one statement counts and the
-CLI's rendering of slice texts and values."""
+"""Edge cases of model evaluation found by attacking it: the public bound on the groups one statement counts, the
+CLI's rendering of slice texts and values, and what the audit log (which auditors read) says of an attachment."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import yaml
 
+from audit.log import AuditLog
 from gateway.cli.evaluate import print_evaluation
-from gateway.demo import EVALUATION_POLICY_YAML
+from gateway.demo import EVALUATION_POLICY_YAML, write_evaluation_demo
 from gateway.evaluation import JOINT_GROUPS, EvaluationPlan, _batches, plan_slice
+from gateway.predictions import attach
+from gateway.service import Bastion
 from policies.schema import parse_policy
+from tests.conftest import ROLES, build_workspace
 
 POLICY = parse_policy(yaml.safe_load(EVALUATION_POLICY_YAML))
 WIDE = ["age", "date_trunc('month', visit_day)", "length_of_stay", "region", "sex"]
@@ -58,3 +63,24 @@ def test_cli_table_shows_slice_texts_and_values_as_given(capsys: pytest.CaptureF
     print_evaluation(raw)
     out = capsys.readouterr().out
     assert "[/x]" in out and "[red]f" in out
+
+
+def test_attachment_record_carries_no_count_or_digest_of_private_rows(tmp_path: Path) -> None:
+    """The audit log is read by auditors over HTTP: an exact count of predictions (one per row) or a digest of the
+    file would tell them what no DP release does (two neighbouring datasets differ in it)."""
+    data, policy, predictions = write_evaluation_demo(tmp_path / "demo", n_rows=500, seed=2)
+    ws = build_workspace(tmp_path, [(policy, data)], ROLES)
+    bastion = Bastion(ws.settings)
+    try:
+        meta = attach(bastion, "visits", "triage-v3", predictions)
+    finally:
+        bastion.close()
+    assert meta.rows == 500  # the admin on the host still sees it (`bastion predictions list`)
+    (record,) = [r for r in AuditLog(ws.settings.audit_dir).records() if r["event"] == "predictions_added"]
+    assert record["request"]["model"] == "triage-v3"
+    assert record["request"]["attachment"] == meta.attachment
+    assert "rows" not in record["request"] and "digest" not in record["request"]
+    with ws.app() as c:
+        events = c.get("/v1/audit/events", params={"event": "predictions_added"}, headers=ws.headers("auditor"))
+    assert events.status_code == 200
+    assert "500" not in str(events.json()["events"][0]["request"]) and meta.digest not in events.text
