@@ -319,6 +319,10 @@ class Client:
         frame.attrs.update(raw)
         return frame
 
+    def evaluation_card(self, evaluation_id: str, format: str = "html") -> str:
+        """The DP model card of one of your evaluations (its `query_id`), as HTML or Markdown."""
+        return self.request("GET", f"/v1/evaluate/{evaluation_id}/card", params={"format": format}).text
+
     def models(self) -> list[dict[str, Any]]:
         """The models whose predictions are attached, per dataset you may evaluate on (GET /v1/models)."""
         return self._json("GET", "/v1/models")

@@ -28,11 +28,17 @@ bounds, which contains the mean's range over the box). A metric whose interval i
 from __future__ import annotations
 
 import datetime as dt
+import json
+import logging
 import math
+import os
+import secrets
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from sqlglot import exp
 
 from audit.record import Event
@@ -43,14 +49,15 @@ from gateway.sql.plan import continuous_key_warning, public_key_domain
 from gateway.sql.release import refuse_backtracking
 from gateway.stores.cache import cache_key
 from policies.accountant import PrivacyLoss, check_alpha, check_epsilon
-from policies.errors import GatewayError, InvalidRequest, QueryRejected
+from policies.errors import GatewayError, InvalidRequest, NotFound, QueryRejected
 from policies.expressions import check_row_expression, parse_statements, reject
 from policies.mechanisms import epsilon_for_accuracy, integer_accuracy, release_integers
-from policies.reader import Reader
+from policies.reader import EngineError, Reader
 from policies.schema import Grant, Policy
 from policies.sqltypes import SqlType, Typed, canonical
 
 EVENT = Event.EVALUATE
+log = logging.getLogger("bastion")
 METRICS = ("accuracy", "precision", "recall", "f1")
 MAX_MODELS = 8
 MAX_SLICES = 8
@@ -316,10 +323,23 @@ def _check_calibration(plan: EvaluationPlan) -> None:
         )
 
 
-def precheck(plan: EvaluationPlan, reader: Reader) -> None:
-    """Schema-only checks before the charge: every slice binds over the bounded table (no row is read)."""
-    for tree in [s.tree for s in plan.slices if s.tree is not None]:
-        reader.check(exp.select(exp.alias_(tree.copy(), "s", quoted=True)).from_(bounded(plan.policy.dataset)))
+def precheck(plan: EvaluationPlan, reader: Reader, store: PredictionsStore) -> None:
+    """Bind every statement the evaluation will run, over an empty table of each model's predictions (the stored
+    file's schema), without reading a row: an error the binder finds is a 400 before the charge."""
+    try:
+        for model in plan.models:
+            empty = store.schema(plan.policy.dataset, model.model).empty_table()
+            with reader.frame(_FRAME, empty) as frame:
+                for batch in _batches(plan):
+                    reader.check(statement(plan, tuple(plan.slices[i] for i in batch), frame))
+    except EngineError as exc:
+        raise QueryRejected(
+            f"the engine cannot compile this evaluation: {exc.message}",
+            reason="engine_rejected",
+            hint="simplify the slice expressions or cast their arguments",
+        ) from None
+    except (OSError, pa.ArrowException):
+        raise InvalidRequest("the predictions of a model cannot be read; attach them again") from None
 
 
 def statement(plan: EvaluationPlan, slices: tuple[Slice, ...], frame: exp.Table) -> exp.Select:
@@ -527,7 +547,7 @@ def evaluate(bastion: Bastion, ctx: Context, request: dict[str, Any]) -> dict[st
     try:
         plan = plan_evaluation(bastion, policy, version, request)
         refuse_backtracking(bastion.engine, [s.tree for s in plan.slices if s.tree is not None])
-        precheck(plan, bastion.engine)
+        precheck(plan, bastion.engine, PredictionsStore(bastion.settings.predictions_dir))
     except GatewayError as exc:
         bastion.audit(
             ctx,
@@ -547,7 +567,7 @@ def evaluate(bastion: Bastion, ctx: Context, request: dict[str, Any]) -> dict[st
     def fallback() -> dict[str, Any]:
         return release(plan, [0] * plan.cells)  # the same release over the default input, an empty table
 
-    return bastion.run_private(
+    answer = bastion.run_private(
         ctx,
         policy=policy,
         event=EVENT,
@@ -559,6 +579,64 @@ def evaluate(bastion: Bastion, ctx: Context, request: dict[str, Any]) -> dict[st
         dry_run=plan.dry_run() if bool(request.get("dry_run", False)) else None,
         kind=EVENT,
     )
+    if not answer.get("dry_run"):
+        try:
+            EvaluationStore(bastion.settings.outputs_dir / "evaluations").put(ctx.principal.name, answer)
+        except OSError as exc:  # the answer is released and audited; only its card will be missing
+            log.error(
+                "request %s: the evaluation could not be kept for its card (%s)", ctx.request_id, type(exc).__name__
+            )
+    return answer
+
+
+class EvaluationStore:
+    """Released evaluation answers by id (the request id), with the principal they were released to: what a model
+    card is made from. They are DP outputs, kept as files written whole and renamed into place."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _path(self, evaluation_id: str) -> Path | None:
+        return self.root / f"{evaluation_id}.json" if evaluation_id.isalnum() and len(evaluation_id) <= 64 else None
+
+    def put(self, principal: str, answer: dict[str, Any]) -> None:
+        path = self._path(str(answer["query_id"]))
+        if path is None:
+            return
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            temp.write_text(json.dumps({"principal": principal, "answer": answer}))
+            os.replace(temp, path)
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def get(self, principal: str, evaluation_id: str) -> dict[str, Any] | None:
+        """The answer released to `principal` under that id; None for any other principal's or an unknown id."""
+        path = self._path(evaluation_id)
+        if path is None or not path.is_file():
+            return None
+        try:
+            kept = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(kept, dict) or kept.get("principal") != principal:
+            return None
+        answer = kept.get("answer")
+        return answer if isinstance(answer, dict) else None
+
+
+def released_evaluation(bastion: Bastion, ctx: Context, evaluation_id: str, view: str) -> dict[str, Any]:
+    """An evaluation released to the caller, for its model card (`view`: html or markdown); audited. Another
+    principal's evaluation is not found, as an unknown id is (its existence is not confirmed)."""
+    request = {"evaluation": evaluation_id, "card": view}
+    answer = EvaluationStore(bastion.settings.outputs_dir / "evaluations").get(ctx.principal.name, evaluation_id)
+    if answer is None:
+        bastion.audit(ctx, EVENT, request=request, decision="denied", reason="not_found")
+        raise NotFound(f"no evaluation {evaluation_id!r} of yours; its id is the query_id of POST /v1/evaluate")
+    bastion.authorize(ctx, str(answer.get("dataset")), Grant.EVALUATE, request)  # the grant still holds
+    bastion.audit(ctx, EVENT, dataset=answer.get("dataset"), request=request, decision="allowed", reason="card")
+    return answer
 
 
 def models_listing(bastion: Bastion, ctx: Context) -> list[dict[str, Any]]:

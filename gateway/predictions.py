@@ -112,6 +112,11 @@ class PredictionsStore:
         path = self.path(dataset, model)
         return read_metadata(path) if path.exists() else None
 
+    def schema(self, dataset: str, model: str) -> pa.Schema:
+        """The stored predictions' (key, label) schema, read from the file's footer (no rows)."""
+        schema = pq.read_schema(self.path(dataset, model))
+        return pa.schema([schema.field(KEY), schema.field(LABEL)])
+
     def load(self, dataset: str, model: str) -> pa.Table:
         """The stored predictions (key, label) of an attachment."""
         return pq.read_table(self.path(dataset, model), columns=[KEY, LABEL])

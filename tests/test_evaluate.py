@@ -4,6 +4,7 @@ computation, and the counts' and metrics' intervals against the truth at their p
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -301,3 +302,114 @@ def test_client_and_cli(ws: Workspace) -> None:
         [str(BIN), "evaluate", "--help"], capture_output=True, text=True, check=True, env={**os.environ}
     ).stdout
     assert "--slice" in out and "--model" in out
+
+
+def test_the_model_card_of_an_evaluation(ws: Workspace) -> None:
+    hostile = "CASE WHEN sex = 'F' THEN '<script>x</script>' ELSE 'b' END"
+    body = {"dataset": "visits", "models": ["triage-v3", "copy"], "slices": ["sex", hostile], "epsilon": 0.2}
+    with ws.app() as c:
+        answer = c.post("/v1/evaluate", json=body, headers=ws.headers("analyst")).json()
+        dry = c.post("/v1/evaluate", json={**body, "dry_run": True}, headers=ws.headers("analyst")).json()
+        spent = _spent(c, ws)
+        html = c.get(f"/v1/evaluate/{answer['query_id']}/card", headers=ws.headers("analyst"))
+        md = c.get(f"/v1/evaluate/{answer['query_id']}/card?format=markdown", headers=ws.headers("analyst"))
+        other = c.get(f"/v1/evaluate/{answer['query_id']}/card", headers=ws.headers("admin"))
+        unknown = c.get("/v1/evaluate/0123abcd/card", headers=ws.headers("analyst"))
+        of_dry_run = c.get(f"/v1/evaluate/{dry['query_id']}/card", headers=ws.headers("analyst"))
+        assert _spent(c, ws) == spent == 0.2  # a card costs nothing
+    assert html.status_code == 200 and html.headers["content-type"].startswith("text/html")
+    csp = html.headers["content-security-policy"]
+    assert csp.startswith("default-src 'none'; style-src 'nonce-") and "script-src" not in csp
+    page = html.text
+    assert "<script>" not in page and "&lt;script&gt;" in page and "src=" not in page and "href=" not in page
+    assert page.count("<svg") == 2 and page.count("<circle") <= 2 * (3 + 2)
+    assert "triage-v3" in page and answer["dataset_version"] in page and "Privacy cost" in page
+    noisy = [m for m in answer["metrics"] if m["noise_dominated"]]
+    assert noisy and page.count("noise-dominated") >= len(noisy)  # ε = 0.2 leaves sex = X noise-dominated
+    assert md.status_code == 200 and md.headers["content-type"].startswith("text/markdown")
+    text = md.text
+    assert text.startswith("# Model card: triage-v3, copy on visits")
+    for heading in ("## Metrics (95% intervals)", "## Privacy cost", "## Caveats"):
+        assert heading in text
+    assert f"ε = {answer['epsilon']:g}" in text and "Small slices" in text
+    assert len([line for line in text.splitlines() if line.startswith("| triage-v3 |")]) == len(
+        [m for m in answer["metrics"] if m["model"] == "triage-v3"]
+    )
+    for refused in (other, unknown, of_dry_run):
+        assert refused.status_code == 404 and refused.json()["error"]["code"] == "not_found"
+    cards = [r for r in _records(ws) if isinstance(r.get("request"), dict) and "card" in r["request"]]
+    assert [(r["decision"], r["reason"]) for r in cards] == [
+        ("allowed", "card"),
+        ("allowed", "card"),
+        ("denied", "not_found"),
+        ("denied", "not_found"),
+        ("denied", "not_found"),
+    ]
+
+
+def test_attach_while_serving_then_evaluate_and_list_from_the_cli(
+    ws: Workspace, evaluation_source: tuple[Path, Path, Path]
+) -> None:
+    from tests.conftest import gateways
+
+    workspace = str(ws.settings.workspace)
+
+    def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN), *args],
+            env={**os.environ, "BASTION_WORKSPACE": workspace, **env},
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+
+    with gateways(1, "--workspace", workspace) as (url,):
+        added = run("predictions", "add", "visits", str(evaluation_source[2]), "--model", "late")
+        assert added.returncode == 0, added.stderr  # the serving gateway holds the database read-only: no conflict
+        client = {"BASTION_URL": url, "BASTION_TOKEN": ws.tokens["analyst"]}
+        out = run(
+            "evaluate",
+            "visits",
+            "--model",
+            "late",
+            "--model",
+            "triage-v3",
+            "--slice",
+            "sex",
+            "--epsilon",
+            "0.5",
+            "--json",
+            **client,
+        )
+        assert out.returncode == 0, out.stderr
+        answer = json.loads(out.stdout)
+        table = run("evaluate", "visits", "--model", "late", "--slice", SENIOR, "--epsilon", "0.5", **client)
+        models = run("models", "--json", **client)
+        refused = run("evaluate", "visits", "--model", "late", "--slice", "triage_label", "--epsilon", "1", **client)
+    assert [m["model"] for m in answer["models"]] == ["late", "triage-v3"] and answer["epsilon_spent"] == 0.5
+    assert table.returncode == 0 and "senior" in table.stdout and "remaining on visits" in table.stdout
+    assert [m["model"] for m in json.loads(models.stdout)[0]["models"]] == ["copy", "late", "triage-v3"]
+    assert refused.returncode == 1 and "labeling functions only" in refused.stderr
+
+
+def test_a_failure_after_the_charge_releases_the_default_input(ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gateway.evaluation as evaluation
+
+    body = {"dataset": "visits", "model": "triage-v3", "slices": ["sex"], "epsilon": 0.5}
+    with ws.app() as c:
+        good = c.post("/v1/evaluate", json=body, headers=ws.headers("analyst")).json()
+
+        def broken(*args: object) -> list[int]:
+            raise OSError("the predictions file went away")
+
+        monkeypatch.setattr(evaluation, "exact_counts", broken)
+        r = c.post("/v1/evaluate", json={**body, "epsilon": 0.6}, headers=ws.headers("analyst"))
+    assert r.status_code == 200
+    failed = r.json()
+    assert [(m["model"], m["value"]) for m in failed["confusion"]] == [
+        (m["model"], m["value"]) for m in good["confusion"]
+    ]
+    assert len(failed["metrics"]) == len(good["metrics"]) and failed["epsilon_spent"] == 0.6
+    released = [r for r in _records(ws) if r.get("phase") == "released"]
+    assert [(r["reason"], r.get("error")) for r in released] == [("ok", None), ("fallback", "OSError")]

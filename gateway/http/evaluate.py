@@ -1,18 +1,24 @@
 """HTTP routes for DP model evaluation (the core they call is `gateway.evaluation`).
 
-POST /v1/evaluate   per slice value and model: a DP confusion matrix (gold × predicted) and accuracy, precision,
-                    recall, F1 with intervals; charged, audited and cached like queries
-GET  /v1/models     the models whose predictions are attached, per dataset you may evaluate on
+POST /v1/evaluate              per slice value and model: a DP confusion matrix (gold × predicted) and accuracy,
+                               precision, recall, F1 with intervals; charged, audited and cached like queries
+GET  /v1/evaluate/{id}/card    the DP model card of one of your evaluations (HTML, or ?format=markdown)
+GET  /v1/models                the models whose predictions are attached, per dataset you may evaluate on
 """
 
 from __future__ import annotations
 
-from typing import Any
+import secrets
+from pathlib import Path
+from typing import Any, Literal
 
+import jinja2
 from fastapi import APIRouter
+from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
 
-from gateway.evaluation import evaluate, models_listing
+from gateway.card import card, markdown
+from gateway.evaluation import evaluate, models_listing, released_evaluation
 from gateway.http.dependencies import ERRORS, REQUEST_CONFIG, Core, Ctx, Number
 
 
@@ -49,3 +55,32 @@ def post_evaluate(body: EvaluateRequest, ctx: Ctx, bastion: Core) -> dict[str, A
 @router.get("/v1/models", summary="Models whose predictions are attached, per dataset you may evaluate on")
 def get_models(ctx: Ctx, bastion: Core) -> list[dict[str, Any]]:
     return models_listing(bastion, ctx)
+
+
+_templates = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+    autoescape=jinja2.select_autoescape(["html", "svg"]),
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+
+@router.get(
+    "/v1/evaluate/{evaluation_id}/card",
+    summary="The DP model card of one of your evaluations (HTML, or Markdown with format=markdown)",
+    response_class=HTMLResponse,
+    responses={200: {"content": {"text/html": {}, "text/markdown": {}}}},
+)
+def get_card(evaluation_id: str, ctx: Ctx, bastion: Core, format: Literal["html", "markdown"] = "html") -> Response:
+    answer = released_evaluation(bastion, ctx, evaluation_id, format)
+    if format == "markdown":
+        return PlainTextResponse(markdown(answer), media_type="text/markdown; charset=utf-8")
+    nonce = secrets.token_urlsafe(16)
+    html = _templates.get_template("model_card.html").render(nonce=nonce, card=card(answer))
+    return HTMLResponse(
+        html,
+        headers={
+            "Content-Security-Policy": f"default-src 'none'; style-src 'nonce-{nonce}'; frame-ancestors 'none'; "
+            "base-uri 'none'; form-action 'none'"
+        },
+    )

@@ -164,6 +164,8 @@ def _shape(answer: Any) -> Any:
         return {k: _shape(v) for k, v in answer.items() if k not in {"query_id", "dataset_version", "attachment"}}
     if isinstance(answer, list):
         return [_shape(v) for v in answer]
+    if answer is None or isinstance(answer, int | float) and not isinstance(answer, bool):
+        return "number"  # a metric of noisy counts whose denominator came out ≤ 0 is null: post-processing of noise
     return type(answer).__name__
 
 
