@@ -1,5 +1,6 @@
 """Edge cases of model evaluation found by attacking it: the public bound on the groups one statement counts, the
-CLI's rendering of slice texts and values, and what the audit log (which auditors read) says of an attachment."""
+CLI's and the Markdown model card's rendering of slice texts and values, and what the audit log (which auditors
+read) says of an attachment."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import yaml
 
 from audit.log import AuditLog
+from gateway.card import markdown
 from gateway.cli.evaluate import print_evaluation
 from gateway.demo import EVALUATION_POLICY_YAML, write_evaluation_demo
 from gateway.evaluation import JOINT_GROUPS, EvaluationPlan, _batches, plan_slice
@@ -84,3 +86,36 @@ def test_attachment_record_carries_no_count_or_digest_of_private_rows(tmp_path: 
         events = c.get("/v1/audit/events", params={"event": "predictions_added"}, headers=ws.headers("auditor"))
     assert events.status_code == 200
     assert "500" not in str(events.json()["events"][0]["request"]) and meta.digest not in events.text
+
+
+def test_markdown_card_keeps_slice_texts_and_values_as_text() -> None:
+    """A Markdown card is rendered by tools that pass inline HTML and follow links: a slice text or value ending
+    its code span or carrying a tag or a link stays text there."""
+    from markdown_it import MarkdownIt
+
+    sl = "CASE WHEN sex = 'F' THEN '<img src=x onerror=alert(1)>' ELSE '`x` [y](javascript:alert(2))' END"
+    values = ["<img src=x onerror=alert(1)>", "`x` [y](javascript:alert(2))"]
+    half = 3.0
+    answer = {
+        "query_id": "abc",
+        "dataset": "visits",
+        "dataset_version": "1-x",
+        "models": [{"model": "m", "attached_at": "2026-01-01T00:00:00+00:00"}],
+        "slices": [{"slice": sl, "values": values}],
+        "classes": ["urgent", "routine"],
+        "alpha": 0.05,
+        "epsilon": 1.0,
+        "sensitivity": 10,
+        "scale": 10.0,
+        "count_half_width": half,
+        "metrics_requested": ["accuracy"],
+        "confusion": [{"model": "m", "slice": sl, "value": v, "counts": [[1, 0], [0, 1]]} for v in values],
+        "metrics": [
+            {"model": "m", "slice": sl, "value": v, "metric": "accuracy", "class": None, "estimate": 0.5}
+            | {"low": 0.0, "high": 1.0, "noise_dominated": True}
+            for v in values
+        ],
+    }
+    html = MarkdownIt("commonmark", {"html": True}).enable("table").render(markdown(answer))
+    assert "<img" not in html and "<a " not in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html  # shown, as text
