@@ -10,7 +10,9 @@ and `markdown` renders as Markdown.
 
 from __future__ import annotations
 
+import html
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,14 +157,27 @@ def card(answer: dict[str, Any]) -> dict[str, Any]:
 
 
 def _cell(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    """Text for Markdown prose or a table cell, shown as it is by a renderer that passes inline HTML: HTML's
+    special characters as entities; backslash, backtick, brackets and the pipe escaped; on one line."""
+    out = html.escape(" ".join(str(text).splitlines()), quote=False)
+    for ch in "\\`[]|":
+        out = out.replace(ch, "\\" + ch)
+    return out
+
+
+def _code(text: Any) -> str:
+    """Text as a Markdown code span (where HTML is not interpreted), delimited by more backticks than any run
+    inside it so that nothing in it ends the span; on one line."""
+    one = " ".join(str(text).splitlines())
+    fence = "`" * (max((len(run) for run in re.findall("`+", one)), default=0) + 1)
+    return f"{fence} {one} {fence}"
 
 
 def markdown(answer: dict[str, Any]) -> str:
     """The card as Markdown (the plot as a table of the plotted metric's intervals)."""
     c = card(answer)
     models = ", ".join(f"`{m['model']}` (attached {m['attached_at']})" for m in c["models"])
-    slices = "; ".join(f"`{_cell(s['slice'])}` ({len(s['values'])} values)" for s in c["slices"])
+    slices = "; ".join(f"{_code(s['slice'])} ({len(s['values'])} values)" for s in c["slices"])
     lines = [
         f"# Model card: {', '.join(m['model'] for m in c['models'])} on {c['dataset']}",
         "",

@@ -64,7 +64,7 @@ MAX_SLICES = 8
 MAX_SLICE_CHARS = 2_000
 MAX_SLICE_VALUES = 1_000
 MAX_CELLS = 200_000  # released counts per request
-JOINT_GROUPS = 50_000  # most groups one statement counts several slices in (their value counts multiplied)
+JOINT_GROUPS = 50_000  # most groups one statement counts several slices in (their value counts plus one, multiplied)
 NOISE_DOMINATED = 0.5  # a metric interval wider than this is flagged
 ALL_ROWS = "all"  # the one slice of a request without slices, and its one value
 _FRAME = "__bastion_predictions"
@@ -376,16 +376,18 @@ def _qualify(tree: exp.Expr) -> exp.Expr:
 
 def _batches(plan: EvaluationPlan) -> list[tuple[int, ...]]:
     """The slices grouped together in one statement: consecutive slices while the product of their public value
-    counts (times C²) stays within JOINT_GROUPS (a public bound on the groups a statement returns)."""
+    counts plus one (a missing value is a group too), times C², stays within JOINT_GROUPS (a public bound on the
+    groups a statement returns; a slice with no public value still has its group of missing values)."""
     batches: list[list[int]] = []
     size = 0
     for i, s in enumerate(plan.slices):
-        if batches and size * len(s.values) <= JOINT_GROUPS:
+        groups = len(s.values) + 1
+        if batches and size * groups <= JOINT_GROUPS:
             batches[-1].append(i)
-            size *= len(s.values)
+            size *= groups
         else:
             batches.append([i])
-            size = len(s.values) * plan.matrix_cells
+            size = groups * plan.matrix_cells
     return [tuple(b) for b in batches]
 
 

@@ -298,10 +298,9 @@ def attach(bastion: Bastion, dataset: str, model: str, file: Path, *, replace: b
             decision="allowed",
             reason="ok",
             request={
+                # no row count or digest: auditors read this record, and both are derived from private rows
                 "model": model,
                 "file": str(file),
-                "rows": meta.rows,
-                "digest": digest,
                 "dataset_version": version,
                 "attachment": meta.attachment,
                 "replaced": target.exists(),

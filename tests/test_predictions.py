@@ -108,8 +108,7 @@ def test_attach_stores_audits_and_lists(ws: Workspace, evaluation_source: tuple[
     assert not [p for p in stored.root.rglob("*") if p.name.endswith(".tmp")]
     (record,) = [r for r in AuditLog(ws.settings.audit_dir).records() if r["event"] == "predictions_added"]
     assert record["dataset"] == "visits" and record["actor"]["role"] == "admin"
-    assert record["request"]["model"] == "triage-v3" and record["request"]["rows"] == N_ROWS
-    assert record["request"]["digest"] == meta.digest
+    assert record["request"]["model"] == "triage-v3" and record["request"]["attachment"] == meta.attachment
     listed = subprocess.run(
         [str(BIN), "predictions", "list", "--json"],
         env=_env(ws),

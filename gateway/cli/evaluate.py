@@ -19,7 +19,8 @@ def print_evaluation(raw: dict[str, Any]) -> None:
     title = f"{raw['dataset']} (version {raw['dataset_version']}): {1 - raw['alpha']:.0%} intervals"
     table = DataTable("model", "slice", "value", "metric", "class", "estimate [low, high]", title=title)
     for m in raw.get("metrics") or []:
-        table.add_row(m["model"], m["slice"], str(m["value"]), m["metric"], m["class"] or "", _interval(m))
+        cells = [m["model"], m["slice"], str(m["value"]), m["metric"], m["class"] or "", _interval(m)]
+        table.add_row(*cells)  # DataTable: shown as text (a slice or a value may look like rich markup)
     console.print(table)
 
 
