@@ -267,7 +267,12 @@ def per_unit(subquery: exp.Subquery, sql: str, policy: Policy) -> PerUnit:
         elif isinstance(node, exp.Count):
             if arg is None:
                 raise reject("COUNT takes *, a column or an expression", "aggregate_argument", node, sql)
-            tree = check_row_expression(arg, policy, sql).tree
+            if isinstance(arg, exp.Column) and not arg.table and arg.name.lower() == unit:
+                # COUNT(unit): the unit's rows whose unit is not NULL (all of them in a group of a unit), [0, k]
+                # like COUNT(x); its value is never released, only aggregated over the units.
+                tree = exp.column(unit, quoted=True)
+            else:
+                tree = check_row_expression(arg, policy, sql).tree
         else:
             value = helper._row_value(arg, node, what, summed=True)
             tree, typed = value.tree, value.typed
