@@ -257,12 +257,12 @@ def _generate_array(node: exp.Expr, sql: str) -> list[Value] | None:
     None if it is not such a call."""
     if not isinstance(node, exp.Anonymous) or str(node.this).lower() != "generate_array":
         return None
-    args = [_integer(a) for a in node.expressions]
-    if not 2 <= len(args) <= 3 or any(a is None for a in args):
+    found = [_integer(a) for a in node.expressions]
+    args = [a for a in found if a is not None]
+    if not 2 <= len(args) == len(found) <= 3:
         return None
     low, high = args[0], args[1]
     step = args[2] if len(args) == 3 else 1
-    assert low is not None and high is not None and step is not None
     beyond = next((a for a, v in zip(node.expressions, args, strict=True) if not _in_bigint(v)), None)
     if beyond is not None:
         raise reject(
