@@ -290,7 +290,7 @@ def check_column(col: exp.Column, policy: Policy, sql: str, *, labeling: bool) -
             "privacy_unit_column",
             col,
             sql,
-            hint=f"the only use of {name!r} is COUNT(DISTINCT {name})",
+            hint=f"{name!r} can only be counted: COUNT({name}) (its rows) or COUNT(DISTINCT {name}) (the units)",
         )
     if spec.usage is Usage.LABELING and not labeling:
         raise reject(

@@ -64,6 +64,8 @@ def test_corpus_covers_every_rejection_class() -> None:
         "system_catalog",
         "unbounded_expression",
         "aggregate_argument",
+        "sampling",
+        "alias_columns",
     }
     assert required <= reasons
     assert len(CORPUS) >= 280

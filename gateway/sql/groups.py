@@ -51,6 +51,8 @@ CROSS_UNNEST_HINT = (
     f"groups): write {PUBLIC_GROUPS_FORM}"
 )
 _REASON = "public_groups"
+# The integers every engine's BIGINT holds: an integer key is compared with its listed values as BIGINTs.
+BIGINT_MIN, BIGINT_MAX = -(2**63), 2**63 - 1
 # Values one query may list (all its lists together): each is a literal of the row filter every measurement's
 # FILTER repeats, so the size of the generated statements grows with them (1,000 values and three measures compile
 # in under a second; 10,000 take seconds, benchmarks/public_groups.py). Larger key sets are the policy's domains,
@@ -255,12 +257,21 @@ def _generate_array(node: exp.Expr, sql: str) -> list[Value] | None:
     None if it is not such a call."""
     if not isinstance(node, exp.Anonymous) or str(node.this).lower() != "generate_array":
         return None
-    args = [_integer(a) for a in node.expressions]
-    if not 2 <= len(args) <= 3 or any(a is None for a in args):
+    found = [_integer(a) for a in node.expressions]
+    args = [a for a in found if a is not None]
+    if not 2 <= len(args) == len(found) <= 3:
         return None
     low, high = args[0], args[1]
     step = args[2] if len(args) == 3 else 1
-    assert low is not None and high is not None and step is not None
+    beyond = next((a for a, v in zip(node.expressions, args, strict=True) if not _in_bigint(v)), None)
+    if beyond is not None:
+        raise reject(
+            f"GENERATE_ARRAY takes BIGINT arguments; {_shown(beyond)} is beyond [{BIGINT_MIN:,}, {BIGINT_MAX:,}]",
+            "type_error",
+            beyond,
+            sql,
+            hint="list integers within the BIGINT range",
+        )
     if step == 0:
         return None
     count = max(0, math.floor((high - low) / step) + 1)
@@ -276,13 +287,19 @@ def _generate_array(node: exp.Expr, sql: str) -> list[Value] | None:
 
 
 def _integer(node: exp.Expr) -> int | None:
+    """An integer literal's value (ASCII digits, any sign), None for anything else. Its magnitude is not checked
+    here (GENERATE_ARRAY does that): at most 20 digits are converted, so no text is too long for `int`."""
     negative = False
     while isinstance(node, exp.Neg | exp.Paren):
         negative ^= isinstance(node, exp.Neg)
         node = node.this
-    if isinstance(node, exp.Literal) and not node.is_string and str(node.this).isdigit():
-        return -int(node.this) if negative else int(node.this)
-    return None
+    if not isinstance(node, exp.Literal) or node.is_string:
+        return None
+    digits = str(node.this).lstrip("0") or "0"
+    if not (digits.isascii() and digits.isdigit()):
+        return None
+    value = int(digits) if len(digits) <= 20 else 10**20  # any value beyond BIGINT stands for all of them
+    return -value if negative else value
 
 
 def _union(union: exp.Union, sql: str) -> tuple[str, list[Value]]:
@@ -554,13 +571,36 @@ def listed_domain(listed: Listed, key_type: SqlType, sql: str) -> list[Any]:
     return sorted(found, key=lambda v: (str(type(v)), v))
 
 
+def _in_bigint(value: int | Decimal) -> bool:
+    return BIGINT_MIN <= value <= BIGINT_MAX
+
+
+def _value_span(node: exp.Expr, sql: str) -> tuple[int | None, int | None]:
+    """Where a listed value is in the text: a `DATE '...'` literal from its keyword and a negative number from its
+    sign (the tree places the quoted text and the digits only), anything else as `span` finds it."""
+    inner = node
+    while isinstance(inner, exp.Paren):
+        inner = inner.this
+    if isinstance(inner, exp.Cast | exp.Neg) and isinstance(inner.this, exp.Literal):
+        start, end = span(inner.this, sql)
+        if start is not None:
+            before = sql[:start].rstrip()
+            word = "DATE" if isinstance(inner, exp.Cast) else "-"
+            if before[-len(word) :].upper() == word:
+                start = len(before) - len(word)
+        return start, end
+    return span(node, sql)
+
+
 def _typed(v: Value, t: SqlType, sql: str) -> Any:
     def mismatch(what: str) -> QueryRejected:
-        return reject(
-            f"the listed group {v.node.sql(dialect='duckdb')} is not {what}, the type of the key it is compared with",
-            "type_error",
-            v.node,
-            sql,
+        start, end = _value_span(v.node, sql)
+        return QueryRejected(
+            f"the listed group {_shown(v.node)} is not {what}, the type of the key it is compared with",
+            reason="type_error",
+            sql=sql,
+            start=start,
+            end=end,
             hint="list values of the key's type",
         )
 
@@ -569,7 +609,13 @@ def _typed(v: Value, t: SqlType, sql: str) -> Any:
             number = Decimal(str(v.value)) if v.kind == "number" else None
         except InvalidOperation:
             number = None
-        if number is None or not number.is_finite() or number != number.to_integral_value():
+        if number is None or not number.is_finite():
+            raise mismatch("an integer")
+        # The range first: the engine casts every listed value to BIGINT (after the charge, where an error would
+        # fail the release), and an integer too large for that is also too large to convert cheaply (1e999999).
+        if not _in_bigint(number):
+            raise mismatch(f"a BIGINT (an integer in [{BIGINT_MIN:,}, {BIGINT_MAX:,}])")
+        if number != number.to_integral_value():
             raise mismatch("an integer")
         return canonical(int(number), t)
     if t is SqlType.FLOAT:
@@ -592,6 +638,12 @@ def _typed(v: Value, t: SqlType, sql: str) -> Any:
             raise mismatch("a boolean")
         return bool(v.value)
     raise mismatch(f"a {t.value} key")
+
+
+def _shown(node: exp.Expr) -> str:
+    """A listed value as the message quotes it: at most 40 characters of it."""
+    text = node.sql(dialect="duckdb")
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 def _value_literal(value: Any, t: SqlType) -> exp.Expr:

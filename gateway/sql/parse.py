@@ -73,6 +73,17 @@ def parse_select(sql: str) -> exp.Select:
         raise reject(message, reason, stmt, sql, hint="Bastion answers one aggregate SELECT over one dataset")
     if not isinstance(stmt, exp.Select):
         raise reject(f"{type(stmt).__name__} statements are not allowed", "unsupported_statement", stmt, sql)
+    sample = stmt.find(exp.TableSample)
+    if sample is not None:
+        start, end = _sample_span(sql, sample)
+        raise QueryRejected(
+            "sampling (TABLESAMPLE, USING SAMPLE) is not supported",
+            reason="sampling",
+            sql=sql,
+            start=start,
+            end=end,
+            hint=SAMPLING_HINT,
+        )
     if top is not None:
         if stmt.args.get("limit") is not None:
             raise QueryRejected(
@@ -86,6 +97,60 @@ def parse_select(sql: str) -> exp.Select:
         stmt.set("limit", exp.Limit(expression=exp.Literal.number(top.rows)))
         stmt.meta["top"] = (top.start, top.end)
     return stmt
+
+
+SAMPLING_HINT = (
+    "remove it and query the whole dataset: a DP answer is already noisy, and a random sample would need "
+    "privacy amplification by subsampling in the accounting, which Bastion does not do (it would charge the full "
+    "ε for a noisier answer); ask for a smaller ε instead"
+)
+# Tokens a sampling clause is made of after its keyword: `10%`, `10 PERCENT (bernoulli)`, `reservoir(50 ROWS)`,
+# `SYSTEM (5) REPEATABLE (3)`.
+_SAMPLE_TOKENS = {
+    TokenType.NUMBER,
+    TokenType.PERCENT,
+    TokenType.MOD,
+    TokenType.ROWS,
+    TokenType.VAR,
+    TokenType.COMMA,
+    TokenType.L_PAREN,
+    TokenType.R_PAREN,
+}
+
+_SAMPLE_WORDS = {"SYSTEM", "BERNOULLI", "RESERVOIR", "REPEATABLE", "BLOCK"}
+
+
+def _sample_span(sql: str, sample: exp.TableSample) -> tuple[int | None, int | None]:
+    """The text of a sampling clause, from `TABLESAMPLE` or `USING SAMPLE` to its end (the tree places only its
+    numbers); where the keyword cannot be found, what `span` finds."""
+    tokens = _tokenize(sql)
+    at, _ = span(sample, sql)
+    if tokens is None or at is None:
+        return span(sample, sql)
+    starts = [
+        i
+        for i, t in enumerate(tokens[:-1])
+        if t.start < at
+        and (
+            t.token_type is TokenType.TABLE_SAMPLE
+            or (t.token_type is TokenType.USING and tokens[i + 1].text.upper() == "SAMPLE")
+        )
+    ]
+    if not starts:
+        return span(sample, sql)
+    first = starts[-1]
+    i = first + (1 if tokens[first].token_type is TokenType.TABLE_SAMPLE else 2)
+    depth, last = 0, i - 1
+    while i < len(tokens) and tokens[i].token_type in _SAMPLE_TOKENS:
+        kind = tokens[i].token_type
+        if kind is TokenType.R_PAREN and depth == 0:
+            break  # the parenthesis around the FROM item, not the clause's
+        if kind is TokenType.VAR and depth == 0 and tokens[i].text.upper() not in _SAMPLE_WORDS:
+            break  # an alias, say
+        depth += (kind is TokenType.L_PAREN) - (kind is TokenType.R_PAREN)
+        last = i
+        i += 1
+    return tokens[first].start, tokens[last].end + 1
 
 
 _BOUNDS_ARGUMENTS = {"contribution_bounds_per_group", "contribution_bounds_per_row"}
@@ -281,8 +346,7 @@ def dataset_name(select: exp.Select, sql: str) -> str:
             sql,
             hint="query a registered dataset by name (GET /v1/datasets lists them)",
         )
-    if source.args.get("sample"):
-        raise reject("TABLESAMPLE is not allowed", "sampling", source, sql)
+    refuse_alias_columns(source, sql, inside="the dataset's own column names")
     name = source.name.lower()
     db = (source.db or "").lower()
     if db in _SYSTEM_SCHEMAS or source.catalog or name.startswith(_SYSTEM_PREFIXES) or name in _SYSTEM_SCHEMAS:
@@ -303,6 +367,33 @@ def dataset_name(select: exp.Select, sql: str) -> str:
             hint=f"write FROM {name} (GET /v1/datasets lists the datasets)",
         )
     return name
+
+
+def refuse_alias_columns(source: exp.Expr, sql: str, *, inside: str) -> None:
+    """Refuse a column list on the alias of what a query reads FROM (`FROM visits AS v(a, b)`, `FROM (SELECT ...)
+    AS t(n, x)`): it would rename the columns by position, which Bastion does not do, so the query would read
+    other columns than it names. `inside` says how to name them instead. An Oracle-style `FROM visits SAMPLE (10)`
+    reads as an alias `SAMPLE` with a column list, and is refused as the sampling it means."""
+    alias = source.args.get("alias")
+    if not isinstance(alias, exp.TableAlias) or not alias.columns:
+        return
+    start, end = span(alias, sql)
+    if start is not None:
+        before = sql[:start].rstrip()
+        if before[-2:].upper() == "AS" and (len(before) == 2 or not before[-3].isalnum()):
+            start = len(before) - 2
+    if alias.name.upper() == "SAMPLE":
+        raise QueryRejected(
+            "sampling is not supported", reason="sampling", sql=sql, start=start, end=end, hint=SAMPLING_HINT
+        )
+    raise QueryRejected(
+        "a column list on the alias of a FROM item is not supported (it would rename the columns by position)",
+        reason="alias_columns",
+        sql=sql,
+        start=start,
+        end=end,
+        hint=f"drop the column list and use {inside}",
+    )
 
 
 def drop_qualifiers(select: exp.Select, dataset: str) -> None:

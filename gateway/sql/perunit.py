@@ -24,7 +24,7 @@ from sqlglot import exp
 
 from gateway.engines import recipe
 from gateway.engines.base import bounded
-from gateway.sql.parse import dataset_name, drop_qualifiers
+from gateway.sql.parse import dataset_name, drop_qualifiers, refuse_alias_columns
 from policies import sensitivity as sens
 from policies.errors import QueryRejected
 from policies.expressions import check_row_expression, reject
@@ -267,7 +267,12 @@ def per_unit(subquery: exp.Subquery, sql: str, policy: Policy) -> PerUnit:
         elif isinstance(node, exp.Count):
             if arg is None:
                 raise reject("COUNT takes *, a column or an expression", "aggregate_argument", node, sql)
-            tree = check_row_expression(arg, policy, sql).tree
+            if isinstance(arg, exp.Column) and not arg.table and arg.name.lower() == unit:
+                # COUNT(unit): the unit's rows whose unit is not NULL (all of them in a group of a unit), [0, k]
+                # like COUNT(x); its value is never released, only aggregated over the units.
+                tree = exp.column(unit, quoted=True)
+            else:
+                tree = check_row_expression(arg, policy, sql).tree
         else:
             value = helper._row_value(arg, node, what, summed=True)
             tree, typed = value.tree, value.typed
@@ -340,10 +345,14 @@ def plan(select: exp.Select, sql: str, resolve: Callable[[str], Policy]) -> Plan
     outer = select.copy()
     placeholder = exp.Table(this=exp.to_identifier(name))
     if subquery.args.get("alias") is not None:
-        placeholder.set("alias", subquery.args["alias"].copy())
+        alias = subquery.args["alias"].copy()
+        alias.set("columns", None)  # a column list is refused below, with the subquery's hint
+        placeholder.set("alias", alias)
     (outer.args.get("from_") or outer.args["from"]).set("this", placeholder)
     dataset_name(outer, sql)  # the outer query's own joins and CTEs are refused as in any query
     policy = resolve(name)
+    unit = policy.unit_column or "<unit>"
+    refuse_alias_columns(subquery, sql, inside=f"the names the subquery gives its columns: {_example(unit, name)}")
     drop_qualifiers(inner, name)
     found = per_unit(subquery, sql, policy)
     drop_qualifiers(outer, name)

@@ -207,8 +207,14 @@ def execute(plan: Plan, pricing: Pricing, engine: Engine, *, default_input: bool
     groups = plan.declared_groups()
     threshold_counts: dict[tuple[Any, ...], int] | None = None
     if groups is None:
+        # The candidates are the groups with at least one counted row (after WHERE, a listed key's filter and the
+        # contribution bound): the statement groups every bounded row, so a key whose rows all fail the condition
+        # (or are of unlisted keys) is there with a count of 0, and offering it would release it with probability
+        # up to δ. The statement's padded groups count 0 too: select_keys pads the candidates to their public
+        # number itself.
+        counted = [g for g, values in exact.items() if values[0] > 0]
         # Opaque labels for OpenDP (never released): the group's position, cheaper than serialising its values.
-        by_label = {str(i): g for i, g in enumerate(exact)}
+        by_label = {str(i): g for i, g in enumerate(counted)}
         selection = mech.select_keys(
             {j: exact[g][0] for j, g in by_label.items()},
             plan.policy.max_rows_per_unit,
@@ -218,7 +224,7 @@ def execute(plan: Plan, pricing: Pricing, engine: Engine, *, default_input: bool
             rho=pricing.selection_rho,
         )
         kept = {by_label[j]: int(v) for j, v in selection.kept.items()}
-        groups = sorted((g for g in kept if not (len(g) == 2 and g[0] is _PADDED)), key=lambda g: [str(v) for v in g])
+        groups = sorted(kept, key=lambda g: [str(v) for v in g])
         cost = f"ρ={pricing.selection_rho:.4g}" if pricing.zcdp else f"ε={pricing.selection_epsilon:.4g}"
         notes.append(
             f"group keys without a public domain were selected with OpenDP's "
