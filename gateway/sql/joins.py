@@ -34,7 +34,7 @@ from sqlglot import exp
 
 from gateway.engines import recipe
 from gateway.engines.base import bounded
-from gateway.sql.parse import dataset_name, drop_qualifiers, join_span
+from gateway.sql.parse import dataset_name, drop_qualifiers, join_span, refuse_alias_columns
 from policies.errors import QueryRejected
 from policies.expressions import check_column, reject, span
 from policies.schema import MAX_ENUMERABLE_DOMAIN, NUMERIC_TYPES, Column, ColumnType, Policy, public_table_name
@@ -220,16 +220,8 @@ def plan(select: exp.Select, sql: str, resolve: Callable[[str], Policy], public:
             sql,
             hint=f"write {allowed}",
         )
-    for table_node in (private, target):
-        alias = table_node.args.get("alias")
-        if isinstance(alias, exp.TableAlias) and alias.columns:  # renames the table's columns by position
-            raise reject(
-                "column lists in a table's alias are not supported in a join: the columns keep their names",
-                REASON,
-                table_node,
-                sql,
-                hint=f"write {allowed}",
-            )
+    for table_node in (private, target):  # a column list renames the table's columns by position
+        refuse_alias_columns(table_node, sql, inside="the table's own column names, qualified by its alias")
     table = target.name.lower()
     if table == name or target.catalog or target.db:
         raise _refuse(
