@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.demo import POLICY_YAML
 from gateway.engines.kind import EngineKind
 from tests.conftest import ROLES, Workspace, build_workspace
 from tests.privacy.test_neighbours import corpus, fallbacks
@@ -18,7 +19,9 @@ pytestmark = pytest.mark.spark
 @pytest.fixture(scope="module")
 def spark_ws(tmp_path_factory: pytest.TempPathFactory, demo_source: tuple[Path, Path]) -> Workspace:
     root = tmp_path_factory.mktemp("spark-gateway")
-    data, policy = demo_source
+    data, _ = demo_source
+    policy = root / "visits.yaml"  # the demo's policy without its public table: Spark has no public tables yet
+    policy.write_text(POLICY_YAML)
     return build_workspace(root, [(policy, data)], ROLES, engine=EngineKind.SPARK)
 
 
