@@ -107,7 +107,7 @@ def card(answer: dict[str, Any]) -> dict[str, Any]:
     ]
     epsilon = float(answer["epsilon"])
     return {
-        "id": answer.get("query_id"),
+        "id": answer.get("evaluation_id"),
         "dataset": answer["dataset"],
         "dataset_version": answer["dataset_version"],
         "models": answer["models"],

@@ -28,11 +28,13 @@ bounds, which contains the mean's range over the box). A metric whose interval i
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import math
 import os
 import secrets
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -561,11 +563,13 @@ def evaluate(bastion: Bastion, ctx: Context, request: dict[str, Any]) -> dict[st
     key = cache_key(EVENT, ctx.principal.name, policy.dataset, version, policy.fingerprint(), plan.normalized())
     store = PredictionsStore(bastion.settings.predictions_dir)
 
+    # The release's id is the request id of the request that makes it: a cached repeat carries the same id, so its
+    # card is the stored card of that one release.
     def compute() -> dict[str, Any]:
-        return release(plan, exact_counts(plan, bastion.engine, store))
+        return {**release(plan, exact_counts(plan, bastion.engine, store)), "evaluation_id": ctx.request_id}
 
-    def fallback() -> dict[str, Any]:
-        return release(plan, [0] * plan.cells)  # the same release over the default input, an empty table
+    def fallback() -> dict[str, Any]:  # the same release over the default input, an empty table
+        return {**release(plan, [0] * plan.cells), "evaluation_id": ctx.request_id}
 
     answer = bastion.run_private(
         ctx,
@@ -581,7 +585,7 @@ def evaluate(bastion: Bastion, ctx: Context, request: dict[str, Any]) -> dict[st
     )
     if not answer.get("dry_run"):
         try:
-            EvaluationStore(bastion.settings.outputs_dir / "evaluations").put(ctx.principal.name, answer)
+            evaluation_store(bastion).put(ctx.principal.name, answer)
         except OSError as exc:  # the answer is released and audited; only its card will be missing
             log.error(
                 "request %s: the evaluation could not be kept for its card (%s)", ctx.request_id, type(exc).__name__
@@ -589,31 +593,69 @@ def evaluate(bastion: Bastion, ctx: Context, request: dict[str, Any]) -> dict[st
     return answer
 
 
+PER_REPLY = ("cached", "dry_run", "epsilon_spent", "delta_spent", "rho_spent", "query_id", "budget")
+_store_lock = threading.Lock()
+
+
 class EvaluationStore:
-    """Released evaluation answers by id (the request id), with the principal they were released to: what a model
-    card is made from. They are DP outputs, kept as files written whole and renamed into place."""
+    """Released evaluations by id, per principal: what a model card is made from. They are DP outputs, kept as files
+    written whole and renamed into place, one per release (`<root>/<principal digest>/<evaluation_id>.json`): a
+    cached repeat carries the evaluation_id of the release it repeats and writes nothing. A principal keeps at most
+    `max_count` evaluations and `max_bytes` bytes of them: storing a new one evicts that principal's oldest beyond
+    either (the newest is always kept)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, max_count: int, max_bytes: int) -> None:
         self.root = root
+        self.max_count = max_count
+        self.max_bytes = max_bytes
 
-    def _path(self, evaluation_id: str) -> Path | None:
-        return self.root / f"{evaluation_id}.json" if evaluation_id.isalnum() and len(evaluation_id) <= 64 else None
+    def _directory(self, principal: str) -> Path:
+        return self.root / hashlib.sha256(principal.encode()).hexdigest()[:32]
 
-    def put(self, principal: str, answer: dict[str, Any]) -> None:
-        path = self._path(str(answer["query_id"]))
+    def _path(self, principal: str, evaluation_id: str) -> Path | None:
+        if not (evaluation_id.isascii() and evaluation_id.isalnum() and len(evaluation_id) <= 64):
+            return None
+        return self._directory(principal) / f"{evaluation_id}.json"
+
+    def put(self, principal: str, answer: dict[str, Any]) -> bool:
+        """Keep a released answer for its card unless its release is kept already; True if a file was written."""
+        path = self._path(principal, str(answer.get("evaluation_id")))
         if path is None:
-            return
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            temp.write_text(json.dumps({"principal": principal, "answer": answer}))
-            os.replace(temp, path)
-        finally:
-            temp.unlink(missing_ok=True)
+            return False
+        with _store_lock:
+            if path.is_file():
+                return False
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            kept = {k: v for k, v in answer.items() if k not in PER_REPLY}
+            temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+            try:
+                temp.write_text(json.dumps({"principal": principal, "answer": kept}))
+                os.replace(temp, path)
+            finally:
+                temp.unlink(missing_ok=True)
+            self._evict(path)
+        return True
+
+    def _evict(self, newest: Path) -> None:
+        """Remove the principal's oldest evaluations while more than the caps are kept, never `newest`."""
+        count, size, older = 0, 0, []
+        for file in newest.parent.glob("*.json"):
+            try:
+                stat = file.stat()
+            except FileNotFoundError:
+                continue
+            count, size = count + 1, size + stat.st_size
+            if file != newest:
+                older.append((stat.st_mtime_ns, file.name, stat.st_size, file))
+        for _, _, bytes_, file in sorted(older):
+            if count <= self.max_count and size <= self.max_bytes:
+                break
+            file.unlink(missing_ok=True)
+            count, size = count - 1, size - bytes_
 
     def get(self, principal: str, evaluation_id: str) -> dict[str, Any] | None:
         """The answer released to `principal` under that id; None for any other principal's or an unknown id."""
-        path = self._path(evaluation_id)
+        path = self._path(principal, evaluation_id)
         if path is None or not path.is_file():
             return None
         try:
@@ -626,14 +668,24 @@ class EvaluationStore:
         return answer if isinstance(answer, dict) else None
 
 
+def evaluation_store(bastion: Bastion) -> EvaluationStore:
+    limits = bastion.settings.limits
+    return EvaluationStore(
+        bastion.settings.outputs_dir / "evaluations", limits.max_stored_evaluations, limits.max_stored_evaluation_bytes
+    )
+
+
 def released_evaluation(bastion: Bastion, ctx: Context, evaluation_id: str, view: str) -> dict[str, Any]:
     """An evaluation released to the caller, for its model card (`view`: html or markdown); audited. Another
     principal's evaluation is not found, as an unknown id is (its existence is not confirmed)."""
     request = {"evaluation": evaluation_id, "card": view}
-    answer = EvaluationStore(bastion.settings.outputs_dir / "evaluations").get(ctx.principal.name, evaluation_id)
+    answer = evaluation_store(bastion).get(ctx.principal.name, evaluation_id)
     if answer is None:
         bastion.audit(ctx, EVENT, request=request, decision="denied", reason="not_found")
-        raise NotFound(f"no evaluation {evaluation_id!r} of yours; its id is the query_id of POST /v1/evaluate")
+        raise NotFound(
+            f"no evaluation {evaluation_id!r} of yours; its id is the evaluation_id of POST /v1/evaluate's answer "
+            "(an evaluation beyond the stored ones' limit is evicted, the oldest first)"
+        )
     bastion.authorize(ctx, str(answer.get("dataset")), Grant.EVALUATE, request)  # the grant still holds
     bastion.audit(ctx, EVENT, dataset=answer.get("dataset"), request=request, decision="allowed", reason="card")
     return answer

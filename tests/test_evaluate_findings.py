@@ -1,0 +1,116 @@
+"""Findings of an adversarial review of model evaluation, each reproduced: free repeats that filled the disk with
+copies of one release, a card that did not say what its guarantee is conditional on, a predictions file replaced
+between the plan and the count, slices that release nothing, and error texts that named the wrong thing."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from audit.log import AuditLog
+from gateway.demo import write_evaluation_demo
+from gateway.predictions import attach
+from gateway.service import Bastion
+from tests.conftest import ROLES, AppClient, Workspace, build_workspace
+
+N_ROWS = 1_500
+BODY = {"dataset": "visits", "models": ["triage-v3", "copy"], "slices": ["sex", "region"], "epsilon": 0.5}
+
+
+@pytest.fixture(scope="module")
+def evaluation_source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    return write_evaluation_demo(tmp_path_factory.mktemp("evaluation"), n_rows=N_ROWS, seed=11)
+
+
+def _workspace(tmp_path: Path, source: tuple[Path, Path, Path], **limits: int) -> Workspace:
+    data, policy, predictions = source
+    workspace = build_workspace(tmp_path, [(policy, data)], ROLES)
+    if limits:
+        settings = workspace.settings.model_copy(update={"limits": workspace.settings.limits.model_copy(update=limits)})
+        settings.save()
+        workspace = Workspace(settings, workspace.tokens)
+    bastion = Bastion(workspace.settings)
+    try:
+        attach(bastion, "visits", "triage-v3", predictions)
+        attach(bastion, "visits", "copy", predictions)
+    finally:
+        bastion.close()
+    return workspace
+
+
+@pytest.fixture
+def ws(tmp_path: Path, evaluation_source: tuple[Path, Path, Path]) -> Workspace:
+    return _workspace(tmp_path, evaluation_source)
+
+
+def _stored(ws: Workspace) -> list[Path]:
+    return sorted((ws.settings.outputs_dir / "evaluations").rglob("*.json"))
+
+
+def _spent(c: AppClient, ws: Workspace) -> float:
+    return sum(b["spent"]["epsilon"] for b in c.get("/v1/budget", headers=ws.headers("analyst")).json())
+
+
+def _records(ws: Workspace) -> list[dict[str, Any]]:
+    return [r for r in AuditLog(ws.settings.audit_dir).records() if r["event"] == "evaluate"]
+
+
+# --- F2: a release is stored once, whatever the number of free repeats; at most a declared number per principal --
+
+
+def test_identical_requests_store_one_release_and_every_reply_has_its_card(ws: Workspace) -> None:
+    with ws.app() as c:
+        replies = [c.post("/v1/evaluate", json=BODY, headers=ws.headers("analyst")).json() for _ in range(6)]
+        assert math.isclose(_spent(c, ws), 0.5)
+        cards = [
+            c.get(
+                f"/v1/evaluate/{r['evaluation_id']}/card", params={"format": "markdown"}, headers=ws.headers("analyst")
+            )
+            for r in replies
+        ]
+    assert [r["cached"] for r in replies] == [False] + [True] * 5
+    assert len({r["query_id"] for r in replies}) == 6  # each reply is its own request ...
+    assert {r["evaluation_id"] for r in replies} == {replies[0]["query_id"]}  # ... of one release
+    assert len(_stored(ws)) == 1
+    assert all(x.status_code == 200 for x in cards) and len({x.text for x in cards}) == 1
+    assert f"`{replies[0]['query_id']}`" in cards[0].text
+
+
+def test_a_new_release_beyond_the_cap_evicts_the_oldest(
+    tmp_path: Path, evaluation_source: tuple[Path, Path, Path]
+) -> None:
+    ws = _workspace(tmp_path, evaluation_source, max_stored_evaluations=2)
+    bastion = Bastion(ws.settings)
+    try:
+        bob = {"Authorization": f"Bearer {bastion.tokens.create('bob', 'analyst')[0]}"}
+    finally:
+        bastion.close()
+    with ws.app() as c:
+        ids = [
+            c.post("/v1/evaluate", json={**BODY, "epsilon": eps}, headers=ws.headers("analyst")).json()["evaluation_id"]
+            for eps in (0.1, 0.2, 0.3)
+        ]
+        status = [c.get(f"/v1/evaluate/{i}/card", headers=ws.headers("analyst")).status_code for i in ids]
+        # another principal's evaluations have their own cap: bob's do not evict alice's
+        assert c.post("/v1/evaluate", json={**BODY, "epsilon": 0.4}, headers=bob).status_code == 200
+        after = [c.get(f"/v1/evaluate/{i}/card", headers=ws.headers("analyst")).status_code for i in ids]
+    assert status == after == [404, 200, 200]
+    assert len(_stored(ws)) == 3
+
+
+def test_the_byte_cap_evicts_the_oldest_and_keeps_the_newest(tmp_path: Path) -> None:
+    from gateway.evaluation import EvaluationStore
+
+    store = EvaluationStore(tmp_path, max_count=10, max_bytes=2_500)
+    answers = [{"evaluation_id": f"e{i}", "dataset": "visits", "blob": "x" * 1_000, "query_id": "q"} for i in range(4)]
+    assert [store.put("alice", a) for a in answers] == [True] * 4
+    assert not store.put("alice", {**answers[3], "query_id": "another reply"})  # the same release: not written again
+    assert [store.get("alice", f"e{i}") is not None for i in range(4)] == [False, False, True, True]
+    assert store.get("alice", "e3") == {"evaluation_id": "e3", "dataset": "visits", "blob": "x" * 1_000}
+    assert store.get("bob", "e3") is None and store.get("alice", "../e3") is None
+    big = EvaluationStore(tmp_path, max_count=10, max_bytes=100)  # one evaluation over the cap is still kept
+    assert big.put("alice", {**answers[0], "evaluation_id": "e9"}) and big.get("alice", "e9") is not None
+    assert big.get("alice", "e3") is None
