@@ -5,16 +5,19 @@ between the plan and the count, slices that release nothing, and error texts tha
 from __future__ import annotations
 
 import math
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from audit.log import AuditLog
+from gateway.card import card, markdown
 from gateway.demo import write_evaluation_demo
 from gateway.predictions import attach
 from gateway.service import Bastion
-from tests.conftest import ROLES, AppClient, Workspace, build_workspace
+from tests.conftest import BIN, ROLES, AppClient, Workspace, build_workspace
 
 N_ROWS = 1_500
 BODY = {"dataset": "visits", "models": ["triage-v3", "copy"], "slices": ["sex", "region"], "epsilon": 0.5}
@@ -114,3 +117,33 @@ def test_the_byte_cap_evicts_the_oldest_and_keeps_the_newest(tmp_path: Path) -> 
     big = EvaluationStore(tmp_path, max_count=10, max_bytes=100)  # one evaluation over the cap is still kept
     assert big.put("alice", {**answers[0], "evaluation_id": "e9"}) and big.get("alice", "e9") is not None
     assert big.get("alice", "e3") is None
+
+
+# --- F3: the guarantee is conditional on the predictions ----------------------------------------------------------
+
+
+def test_the_card_says_the_guarantee_is_given_the_predictions(ws: Workspace) -> None:
+    with ws.app() as c:
+        answer = c.post("/v1/evaluate", json=BODY, headers=ws.headers("analyst")).json()
+        page = c.get(f"/v1/evaluate/{answer['evaluation_id']}/card", headers=ws.headers("analyst")).text
+    scope = card(answer)["privacy"]["scope"]
+    for words in ("given the predictions", "fitted on these rows", "separate access", "DP training", "synthetic"):
+        assert words in scope
+    assert scope in page
+    assert " ".join(scope.split()) in " ".join(markdown(answer).split())
+
+
+def test_predictions_add_prints_the_reminder(tmp_path: Path, evaluation_source: tuple[Path, Path, Path]) -> None:
+    data, policy, predictions = evaluation_source
+    ws = build_workspace(tmp_path, [(policy, data)], ROLES)
+    out = subprocess.run(
+        [str(BIN), "predictions", "add", "visits", str(predictions), "--model", "m1"],
+        env={**os.environ, "BASTION_WORKSPACE": str(ws.settings.workspace)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())
+    assert "attached m1" in text and "given these predictions" in text and "must itself be" in text
