@@ -406,7 +406,7 @@ def exact_counts(plan: EvaluationPlan, reader: Reader, store: PredictionsStore) 
     out = [0] * plan.cells
     for m, model in enumerate(plan.models):
         base = m * offset
-        table = store.load(plan.policy.dataset, model.model)
+        table = store.load(plan.policy.dataset, model.model, model.attachment)  # the planned attachment or raise
         with reader.frame(_FRAME, table) as frame:
             for batch in _batches(plan):
                 for row in reader.rows(statement(plan, tuple(plan.slices[i] for i in batch), frame)):

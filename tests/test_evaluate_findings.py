@@ -4,18 +4,20 @@ between the plan and the count, slices that release nothing, and error texts tha
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 
 from audit.log import AuditLog
 from gateway.card import card, markdown
 from gateway.demo import write_evaluation_demo
-from gateway.predictions import attach
+from gateway.predictions import PredictionsStore, StalePredictions, attach
 from gateway.service import Bastion
 from tests.conftest import BIN, ROLES, AppClient, Workspace, build_workspace
 
@@ -147,3 +149,41 @@ def test_predictions_add_prints_the_reminder(tmp_path: Path, evaluation_source: 
     assert out.returncode == 0, out.stderr
     text = " ".join(out.stdout.split())
     assert "attached m1" in text and "given these predictions" in text and "must itself be" in text
+
+
+# --- F7: the predictions replaced between the plan and the count -------------------------------------------------
+
+
+def test_predictions_replaced_mid_request_are_not_counted_as_the_planned_attachment(
+    ws: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gateway.evaluation as evaluation
+
+    path = PredictionsStore(ws.settings.predictions_dir).path("visits", "triage-v3")
+    planned = evaluation.precheck
+
+    def replace_after_planning(*args: Any) -> None:
+        planned(*args)
+        # an admin's `predictions add --replace` lands now: a whole new file with a new attachment id
+        table = pq.read_table(path)
+        meta = json.loads(table.schema.metadata[b"bastion"])
+        replaced = table.replace_schema_metadata({b"bastion": json.dumps({**meta, "attachment": "f" * 16})})
+        temp = path.with_name(".replacement.tmp")
+        pq.write_table(replaced, temp)
+        os.replace(temp, path)
+
+    monkeypatch.setattr(evaluation, "precheck", replace_after_planning)
+    body = {"dataset": "visits", "model": "triage-v3", "slices": ["sex"], "epsilon": 0.5}
+    with ws.app() as c:
+        r = c.post("/v1/evaluate", json=body, headers=ws.headers("analyst"))
+    assert r.status_code == 200 and r.json()["epsilon_spent"] == 0.5  # charged: the release stands, status 200
+    (released,) = [x for x in _records(ws) if x.get("phase") == "released"]
+    assert released["reason"] == "fallback" and released["error"] == "StalePredictions"
+
+
+def test_load_reads_the_planned_attachment_only(ws: Workspace) -> None:
+    store = PredictionsStore(ws.settings.predictions_dir)
+    meta = store.get("visits", "copy")
+    assert meta is not None and store.load("visits", "copy", meta.attachment).num_rows == N_ROWS
+    with pytest.raises(StalePredictions):
+        store.load("visits", "copy", "0" * 16)
