@@ -47,15 +47,15 @@ from audit.record import Event
 from gateway.engines.base import bounded
 from gateway.predictions import KEY, LABEL, Attachment, PredictionsStore, check_model_name
 from gateway.service import Bastion, Context
-from gateway.sql.plan import continuous_key_warning, public_key_domain
+from gateway.sql.plan import bin_count, binning, public_key_domain, suggested_bin
 from gateway.sql.release import refuse_backtracking
 from gateway.stores.cache import cache_key
-from policies.accountant import PrivacyLoss, check_alpha, check_epsilon
+from policies.accountant import MAX_EPSILON, MIN_EPSILON, PrivacyLoss, check_alpha, check_epsilon
 from policies.errors import GatewayError, InvalidRequest, NotFound, QueryRejected
 from policies.expressions import check_row_expression, parse_statements, reject
 from policies.mechanisms import epsilon_for_accuracy, integer_accuracy, release_integers
 from policies.reader import EngineError, Reader
-from policies.schema import Grant, Policy
+from policies.schema import NUMERIC_TYPES, Grant, Policy
 from policies.sqltypes import SqlType, Typed, canonical
 
 EVENT = Event.EVALUATE
@@ -127,15 +127,23 @@ def plan_slice(text: Any, policy: Policy) -> Slice:
         raise reject("a slice needs an expression of a column", "constant_group_key", node, text)
     domain = public_key_domain(node, policy, checked.tree, checked.typed)
     if domain is None:
-        advice = continuous_key_warning(node, policy)
         raise reject(
             "a slice needs a public set of values (a column with a declared domain, a bounded int or date with few "
             "values, a binned bounded column, or a CASE over them)",
             "no_public_domain",
             node,
             text,
-            hint=advice
-            or "use a CASE expression with a few branches, e.g. CASE WHEN age >= 65 THEN 'senior' ELSE 'adult' END",
+            hint=_slice_advice(node, policy),
+        )
+    if not domain:
+        raise reject(
+            "the slice has no public value: every row's value would be missing (NULL), so the release would count "
+            "no row in it",
+            "empty_slice",
+            node,
+            text,
+            hint="check the expression's conditions against the columns' public domains and bounds, e.g. CASE WHEN "
+            "age >= 65 THEN 'senior' ELSE 'adult' END",
         )
     if len(domain) > MAX_SLICE_VALUES:
         raise reject(
@@ -146,6 +154,36 @@ def plan_slice(text: Any, policy: Policy) -> Slice:
             hint="bin it more coarsely, or use a CASE expression with a few branches",
         )
     return Slice(text, checked.tree, checked.typed, tuple(domain))
+
+
+def _slice_advice(node: exp.Expr, policy: Policy) -> str:
+    """How to give a slice a public set of values: bin a bounded numeric column, widen a bin, or use a CASE."""
+    case = "or a CASE expression with a few branches, e.g. CASE WHEN age >= 65 THEN 'senior' ELSE 'adult' END"
+    bins = binning(node)
+    if bins is not None:
+        spec = policy.columns.get(bins.column)
+        n = None if spec is None else bin_count(spec, bins.width)
+        if n is not None and n > MAX_SLICE_VALUES:
+            return (
+                f"this slice has {n:,} bins over the bounds of {bins.column!r}, more than {MAX_SLICE_VALUES:,}: "
+                f"use a wider bin, {case}"
+            )
+    if isinstance(node, exp.Column):
+        name = node.name.lower()
+        spec = policy.columns.get(name)
+        if spec is not None and spec.type in NUMERIC_TYPES:
+            binned = suggested_bin(name, spec)
+            if binned is None:
+                return (
+                    f"a slice on {name!r} would have a value per distinct value of a numeric column, which is not "
+                    f"public: slice by a column with a public domain, ask for bounds on {name!r} to bin it, {case}"
+                )
+            return (
+                f"a slice on {name!r} would have a value per distinct value of a numeric column, which is not "
+                f"public: bin it instead, e.g. {binned} (a slice's bins follow from the column's public bounds), "
+                f"{case}"
+            )
+    return f"use a column with a declared domain, a binned bounded column, {case}"
 
 
 def _json_value(value: Any) -> Any:
@@ -302,14 +340,41 @@ def plan_evaluation(bastion: Bastion, policy: Policy, version: str, request: dic
     if accuracy is not None:
         if not isinstance(accuracy, int | float) or not math.isfinite(accuracy) or accuracy <= 0:
             raise InvalidRequest("accuracy must be a positive number (the half-width of each count's interval)")
-        try:
-            epsilon = epsilon_for_accuracy(plan.sensitivity, float(accuracy), plan.alpha)
-        except Exception:  # noqa: BLE001 - OpenDP refuses parameters out of its range
-            raise InvalidRequest(f"accuracy={accuracy:g} cannot be calibrated; choose a larger one") from None
+        epsilon = _epsilon_for_accuracy(plan, float(accuracy))
     epsilon = check_epsilon(epsilon)
     plan = EvaluationPlan(policy, version, models, slices, plan.metrics, plan.per_class, float(epsilon), plan.alpha)
     _check_calibration(plan)
     return plan
+
+
+def _epsilon_for_accuracy(plan: EvaluationPlan, accuracy: float) -> float:
+    """The ε at which each count's half-width is `accuracy`, or a 400 naming the accuracy and the range of
+    accuracies this request can have (those of ε at the ends of its allowed range)."""
+    try:
+        epsilon = epsilon_for_accuracy(plan.sensitivity, accuracy, plan.alpha)
+    except Exception:  # noqa: BLE001 - OpenDP refuses parameters out of its range
+        epsilon = math.nan
+    if MIN_EPSILON <= epsilon <= MAX_EPSILON:
+        return epsilon
+    finest = integer_accuracy(plan.sensitivity / MAX_EPSILON, plan.alpha)
+    coarsest = integer_accuracy(plan.sensitivity / MIN_EPSILON, plan.alpha)
+    allowed = (
+        f"ε from {MIN_EPSILON:g} to {MAX_EPSILON:g} gives this request (sensitivity {plan.sensitivity}, "
+        f"alpha={plan.alpha:g}) a half-width from {finest:.4g} to {coarsest:.4g}"
+    )
+    if epsilon > MAX_EPSILON or (math.isnan(epsilon) and accuracy < finest):
+        raise InvalidRequest(
+            f"accuracy={accuracy:g} is too small: it would need ε above the allowed range ({allowed}); ask for a "
+            "larger accuracy",
+            field="accuracy",
+        )
+    if epsilon < MIN_EPSILON or accuracy > coarsest:
+        raise InvalidRequest(
+            f"accuracy={accuracy:g} is too large: it would need ε below the allowed range ({allowed}); ask for a "
+            "smaller accuracy",
+            field="accuracy",
+        )
+    raise InvalidRequest(f"accuracy={accuracy:g} cannot be calibrated ({allowed})", field="accuracy")
 
 
 def _check_calibration(plan: EvaluationPlan) -> None:

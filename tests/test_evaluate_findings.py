@@ -187,3 +187,49 @@ def test_load_reads_the_planned_attachment_only(ws: Workspace) -> None:
     assert meta is not None and store.load("visits", "copy", meta.attachment).num_rows == N_ROWS
     with pytest.raises(StalePredictions):
         store.load("visits", "copy", "0" * 16)
+
+
+# --- F8: slices that release nothing, error texts -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["NULLIF(sex, sex)", "CASE WHEN age > 200 THEN 'a' END"])
+def test_a_slice_with_no_public_value_is_refused_before_the_charge(ws: Workspace, text: str) -> None:
+    with ws.app() as c:
+        r = c.post(
+            "/v1/evaluate",
+            json={"dataset": "visits", "model": "triage-v3", "slices": ["sex", text], "epsilon": 1.0},
+            headers=ws.headers("analyst"),
+        )
+        assert _spent(c, ws) == 0.0
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["reason"] == "empty_slice", error
+    assert error["column"] == 1 and text.startswith(error["highlight"]) and len(error["highlight"]) > len(text) // 2
+    assert "no public value" in error["message"] and error["hint"]
+
+
+def test_an_accuracy_too_small_names_the_accuracy(ws: Workspace) -> None:
+    with ws.app() as c:
+        small = c.post(
+            "/v1/evaluate",
+            json={"dataset": "visits", "model": "triage-v3", "accuracy": 1e-9},
+            headers=ws.headers("analyst"),
+        ).json()["error"]
+        large = c.post(
+            "/v1/evaluate",
+            json={"dataset": "visits", "model": "triage-v3", "accuracy": 1e12},
+            headers=ws.headers("analyst"),
+        ).json()["error"]
+    assert "accuracy=1e-09 is too small" in small["message"] and "epsilon" not in small["message"]
+    assert "ε" in small["message"] and small["field"] == "accuracy"
+    assert "accuracy=1e+12 is too large" in large["message"]
+
+
+def test_a_continuous_slice_is_refused_with_advice_for_slices(ws: Workspace) -> None:
+    with ws.app() as c:
+        error = c.post(
+            "/v1/evaluate",
+            json={"dataset": "visits", "model": "triage-v3", "slices": ["income"], "epsilon": 1.0},
+            headers=ws.headers("analyst"),
+        ).json()["error"]
+    assert "GROUP BY" not in error["hint"] and "key selection" not in error["hint"]
+    assert "FLOOR(income / " in error["hint"] and "slice" in error["hint"]
