@@ -233,3 +233,31 @@ def test_a_continuous_slice_is_refused_with_advice_for_slices(ws: Workspace) -> 
         ).json()["error"]
     assert "GROUP BY" not in error["hint"] and "key selection" not in error["hint"]
     assert "FLOOR(income / " in error["hint"] and "slice" in error["hint"]
+
+
+# --- the card from the CLI ----------------------------------------------------------------------------------------
+
+
+def test_the_card_from_the_cli(ws: Workspace, tmp_path: Path) -> None:
+    from tests.conftest import gateways
+
+    workspace = str(ws.settings.workspace)
+    with gateways(1, "--workspace", workspace) as (url,):
+        env = {**os.environ, "BASTION_URL": url, "BASTION_TOKEN": ws.tokens["analyst"]}
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([str(BIN), *args], env=env, capture_output=True, text=True, timeout=300, check=False)
+
+        table = run("evaluate", "visits", "--model", "triage-v3", "--slice", "sex", "--epsilon", "0.5")
+        answer = json.loads(
+            run("evaluate", "visits", "--model", "triage-v3", "--slice", "sex", "--epsilon", "0.5", "--json").stdout
+        )
+        md = run("evaluation-card", answer["evaluation_id"], "--format", "markdown")
+        out = tmp_path / "card.html"
+        html = run("evaluation-card", answer["evaluation_id"], "--out", str(out))
+        missing = run("evaluation-card", "0123abcd")
+    assert table.returncode == 0 and f"bastion evaluation-card {answer['evaluation_id']}" in table.stdout
+    assert answer["cached"]
+    assert md.returncode == 0 and md.stdout.startswith("# Model card: triage-v3 on visits")
+    assert html.returncode == 0 and out.read_text().startswith("<!doctype html>") and str(out) in html.stdout
+    assert missing.returncode == 1 and "not_found" in missing.stderr
