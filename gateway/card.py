@@ -16,6 +16,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+SCOPE = (
+    "This guarantee covers the evaluation release given the predictions: its sensitivity assumes that the "
+    "predictions of other rows do not depend on any one unit. Predictions of a model fitted on these rows carry "
+    "whatever the fit leaked about them, which this card does not account for: fitting the model was a separate "
+    "access to the private rows that must itself be differentially private and accounted for (train on a "
+    "synthetic proxy, or with DP training)."
+)
 SMALL = 10.0  # a slice value whose released total is below this many count half-widths is flagged small
 COLOURS = ["#1f5fbf", "#c2571a", "#1a7f37", "#8e3fb5", "#9a6700", "#b42318", "#0b7285", "#5b6475"]
 WIDTH, HEIGHT, LEFT, RIGHT, TOP, BOTTOM = 640, 260, 48, 16, 16, 56
@@ -107,7 +114,7 @@ def card(answer: dict[str, Any]) -> dict[str, Any]:
     ]
     epsilon = float(answer["epsilon"])
     return {
-        "id": answer.get("query_id"),
+        "id": answer.get("evaluation_id"),
         "dataset": answer["dataset"],
         "dataset_version": answer["dataset_version"],
         "models": answer["models"],
@@ -134,6 +141,7 @@ def card(answer: dict[str, Any]) -> dict[str, Any]:
                 f"predictions, changes the probability of any output of this card by at most a factor "
                 f"e^ε = {math.exp(epsilon):.3g}. Everything shown is computed from that one release."
             ),
+            "scope": SCOPE,
         },
         "caveats": [
             f"Each count is within ±{h:,.1f} of the truth with probability {1 - float(answer['alpha']):.0%}; a "
@@ -197,7 +205,7 @@ def markdown(answer: dict[str, Any]) -> str:
             f"| {_cell(r['model'])} | {_cell(r['slice'])} | {_cell(r['value'])} | {_cell(r['label'])} | "
             f"{r['shown']} | {flag} |"
         )
-    lines += ["", "## Privacy cost", "", c["privacy"]["meaning"], ""]
+    lines += ["", "## Privacy cost", "", c["privacy"]["meaning"], "", c["privacy"]["scope"], ""]
     lines += [
         f"- ε = {c['privacy']['epsilon']:g}, δ = 0; sensitivity {c['privacy']['sensitivity']}, noise scale "
         f"{c['privacy']['scale']:.4g}; each count ±{c['privacy']['count_half_width']:,.1f}",

@@ -324,7 +324,7 @@ class Client:
         return frame
 
     def evaluation_card(self, evaluation_id: str, format: str = "html") -> str:
-        """The DP model card of one of your evaluations (its `query_id`), as HTML or Markdown."""
+        """The DP model card of one of your evaluations (its answer's `evaluation_id`), as HTML or Markdown."""
         return self.request("GET", f"/v1/evaluate/{evaluation_id}/card", params={"format": format}).text
 
     def models(self) -> list[dict[str, Any]]:

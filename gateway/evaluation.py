@@ -28,11 +28,13 @@ bounds, which contains the mean's range over the box). A metric whose interval i
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import math
 import os
 import secrets
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,15 +47,15 @@ from audit.record import Event
 from gateway.engines.base import bounded
 from gateway.predictions import KEY, LABEL, Attachment, PredictionsStore, check_model_name
 from gateway.service import Bastion, Context
-from gateway.sql.plan import continuous_key_warning, public_key_domain
+from gateway.sql.plan import bin_count, binning, public_key_domain, suggested_bin
 from gateway.sql.release import refuse_backtracking
 from gateway.stores.cache import cache_key
-from policies.accountant import PrivacyLoss, check_alpha, check_epsilon
+from policies.accountant import MAX_EPSILON, MIN_EPSILON, PrivacyLoss, check_alpha, check_epsilon
 from policies.errors import GatewayError, InvalidRequest, NotFound, QueryRejected
 from policies.expressions import check_row_expression, parse_statements, reject
 from policies.mechanisms import epsilon_for_accuracy, integer_accuracy, release_integers
 from policies.reader import EngineError, Reader
-from policies.schema import Grant, Policy
+from policies.schema import NUMERIC_TYPES, Grant, Policy
 from policies.sqltypes import SqlType, Typed, canonical
 
 EVENT = Event.EVALUATE
@@ -125,15 +127,23 @@ def plan_slice(text: Any, policy: Policy) -> Slice:
         raise reject("a slice needs an expression of a column", "constant_group_key", node, text)
     domain = public_key_domain(node, policy, checked.tree, checked.typed)
     if domain is None:
-        advice = continuous_key_warning(node, policy)
         raise reject(
             "a slice needs a public set of values (a column with a declared domain, a bounded int or date with few "
             "values, a binned bounded column, or a CASE over them)",
             "no_public_domain",
             node,
             text,
-            hint=advice
-            or "use a CASE expression with a few branches, e.g. CASE WHEN age >= 65 THEN 'senior' ELSE 'adult' END",
+            hint=_slice_advice(node, policy),
+        )
+    if not domain:
+        raise reject(
+            "the slice has no public value: every row's value would be missing (NULL), so the release would count "
+            "no row in it",
+            "empty_slice",
+            node,
+            text,
+            hint="check the expression's conditions against the columns' public domains and bounds, e.g. CASE WHEN "
+            "age >= 65 THEN 'senior' ELSE 'adult' END",
         )
     if len(domain) > MAX_SLICE_VALUES:
         raise reject(
@@ -144,6 +154,36 @@ def plan_slice(text: Any, policy: Policy) -> Slice:
             hint="bin it more coarsely, or use a CASE expression with a few branches",
         )
     return Slice(text, checked.tree, checked.typed, tuple(domain))
+
+
+def _slice_advice(node: exp.Expr, policy: Policy) -> str:
+    """How to give a slice a public set of values: bin a bounded numeric column, widen a bin, or use a CASE."""
+    case = "or a CASE expression with a few branches, e.g. CASE WHEN age >= 65 THEN 'senior' ELSE 'adult' END"
+    bins = binning(node)
+    if bins is not None:
+        spec = policy.columns.get(bins.column)
+        n = None if spec is None else bin_count(spec, bins.width)
+        if n is not None and n > MAX_SLICE_VALUES:
+            return (
+                f"this slice has {n:,} bins over the bounds of {bins.column!r}, more than {MAX_SLICE_VALUES:,}: "
+                f"use a wider bin, {case}"
+            )
+    if isinstance(node, exp.Column):
+        name = node.name.lower()
+        spec = policy.columns.get(name)
+        if spec is not None and spec.type in NUMERIC_TYPES:
+            binned = suggested_bin(name, spec)
+            if binned is None:
+                return (
+                    f"a slice on {name!r} would have a value per distinct value of a numeric column, which is not "
+                    f"public: slice by a column with a public domain, ask for bounds on {name!r} to bin it, {case}"
+                )
+            return (
+                f"a slice on {name!r} would have a value per distinct value of a numeric column, which is not "
+                f"public: bin it instead, e.g. {binned} (a slice's bins follow from the column's public bounds), "
+                f"{case}"
+            )
+    return f"use a column with a declared domain, a binned bounded column, {case}"
 
 
 def _json_value(value: Any) -> Any:
@@ -300,14 +340,41 @@ def plan_evaluation(bastion: Bastion, policy: Policy, version: str, request: dic
     if accuracy is not None:
         if not isinstance(accuracy, int | float) or not math.isfinite(accuracy) or accuracy <= 0:
             raise InvalidRequest("accuracy must be a positive number (the half-width of each count's interval)")
-        try:
-            epsilon = epsilon_for_accuracy(plan.sensitivity, float(accuracy), plan.alpha)
-        except Exception:  # noqa: BLE001 - OpenDP refuses parameters out of its range
-            raise InvalidRequest(f"accuracy={accuracy:g} cannot be calibrated; choose a larger one") from None
+        epsilon = _epsilon_for_accuracy(plan, float(accuracy))
     epsilon = check_epsilon(epsilon)
     plan = EvaluationPlan(policy, version, models, slices, plan.metrics, plan.per_class, float(epsilon), plan.alpha)
     _check_calibration(plan)
     return plan
+
+
+def _epsilon_for_accuracy(plan: EvaluationPlan, accuracy: float) -> float:
+    """The ε at which each count's half-width is `accuracy`, or a 400 naming the accuracy and the range of
+    accuracies this request can have (those of ε at the ends of its allowed range)."""
+    try:
+        epsilon = epsilon_for_accuracy(plan.sensitivity, accuracy, plan.alpha)
+    except Exception:  # noqa: BLE001 - OpenDP refuses parameters out of its range
+        epsilon = math.nan
+    if MIN_EPSILON <= epsilon <= MAX_EPSILON:
+        return epsilon
+    finest = integer_accuracy(plan.sensitivity / MAX_EPSILON, plan.alpha)
+    coarsest = integer_accuracy(plan.sensitivity / MIN_EPSILON, plan.alpha)
+    allowed = (
+        f"ε from {MIN_EPSILON:g} to {MAX_EPSILON:g} gives this request (sensitivity {plan.sensitivity}, "
+        f"alpha={plan.alpha:g}) a half-width from {finest:.4g} to {coarsest:.4g}"
+    )
+    if epsilon > MAX_EPSILON or (math.isnan(epsilon) and accuracy < finest):
+        raise InvalidRequest(
+            f"accuracy={accuracy:g} is too small: it would need ε above the allowed range ({allowed}); ask for a "
+            "larger accuracy",
+            field="accuracy",
+        )
+    if epsilon < MIN_EPSILON or accuracy > coarsest:
+        raise InvalidRequest(
+            f"accuracy={accuracy:g} is too large: it would need ε below the allowed range ({allowed}); ask for a "
+            "smaller accuracy",
+            field="accuracy",
+        )
+    raise InvalidRequest(f"accuracy={accuracy:g} cannot be calibrated ({allowed})", field="accuracy")
 
 
 def _check_calibration(plan: EvaluationPlan) -> None:
@@ -404,7 +471,7 @@ def exact_counts(plan: EvaluationPlan, reader: Reader, store: PredictionsStore) 
     out = [0] * plan.cells
     for m, model in enumerate(plan.models):
         base = m * offset
-        table = store.load(plan.policy.dataset, model.model)
+        table = store.load(plan.policy.dataset, model.model, model.attachment)  # the planned attachment or raise
         with reader.frame(_FRAME, table) as frame:
             for batch in _batches(plan):
                 for row in reader.rows(statement(plan, tuple(plan.slices[i] for i in batch), frame)):
@@ -561,11 +628,13 @@ def evaluate(bastion: Bastion, ctx: Context, request: dict[str, Any]) -> dict[st
     key = cache_key(EVENT, ctx.principal.name, policy.dataset, version, policy.fingerprint(), plan.normalized())
     store = PredictionsStore(bastion.settings.predictions_dir)
 
+    # The release's id is the request id of the request that makes it: a cached repeat carries the same id, so its
+    # card is the stored card of that one release.
     def compute() -> dict[str, Any]:
-        return release(plan, exact_counts(plan, bastion.engine, store))
+        return {**release(plan, exact_counts(plan, bastion.engine, store)), "evaluation_id": ctx.request_id}
 
-    def fallback() -> dict[str, Any]:
-        return release(plan, [0] * plan.cells)  # the same release over the default input, an empty table
+    def fallback() -> dict[str, Any]:  # the same release over the default input, an empty table
+        return {**release(plan, [0] * plan.cells), "evaluation_id": ctx.request_id}
 
     answer = bastion.run_private(
         ctx,
@@ -581,7 +650,7 @@ def evaluate(bastion: Bastion, ctx: Context, request: dict[str, Any]) -> dict[st
     )
     if not answer.get("dry_run"):
         try:
-            EvaluationStore(bastion.settings.outputs_dir / "evaluations").put(ctx.principal.name, answer)
+            evaluation_store(bastion).put(ctx.principal.name, answer)
         except OSError as exc:  # the answer is released and audited; only its card will be missing
             log.error(
                 "request %s: the evaluation could not be kept for its card (%s)", ctx.request_id, type(exc).__name__
@@ -589,31 +658,69 @@ def evaluate(bastion: Bastion, ctx: Context, request: dict[str, Any]) -> dict[st
     return answer
 
 
+PER_REPLY = ("cached", "dry_run", "epsilon_spent", "delta_spent", "rho_spent", "query_id", "budget")
+_store_lock = threading.Lock()
+
+
 class EvaluationStore:
-    """Released evaluation answers by id (the request id), with the principal they were released to: what a model
-    card is made from. They are DP outputs, kept as files written whole and renamed into place."""
+    """Released evaluations by id, per principal: what a model card is made from. They are DP outputs, kept as files
+    written whole and renamed into place, one per release (`<root>/<principal digest>/<evaluation_id>.json`): a
+    cached repeat carries the evaluation_id of the release it repeats and writes nothing. A principal keeps at most
+    `max_count` evaluations and `max_bytes` bytes of them: storing a new one evicts that principal's oldest beyond
+    either (the newest is always kept)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, max_count: int, max_bytes: int) -> None:
         self.root = root
+        self.max_count = max_count
+        self.max_bytes = max_bytes
 
-    def _path(self, evaluation_id: str) -> Path | None:
-        return self.root / f"{evaluation_id}.json" if evaluation_id.isalnum() and len(evaluation_id) <= 64 else None
+    def _directory(self, principal: str) -> Path:
+        return self.root / hashlib.sha256(principal.encode()).hexdigest()[:32]
 
-    def put(self, principal: str, answer: dict[str, Any]) -> None:
-        path = self._path(str(answer["query_id"]))
+    def _path(self, principal: str, evaluation_id: str) -> Path | None:
+        if not (evaluation_id.isascii() and evaluation_id.isalnum() and len(evaluation_id) <= 64):
+            return None
+        return self._directory(principal) / f"{evaluation_id}.json"
+
+    def put(self, principal: str, answer: dict[str, Any]) -> bool:
+        """Keep a released answer for its card unless its release is kept already; True if a file was written."""
+        path = self._path(principal, str(answer.get("evaluation_id")))
         if path is None:
-            return
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            temp.write_text(json.dumps({"principal": principal, "answer": answer}))
-            os.replace(temp, path)
-        finally:
-            temp.unlink(missing_ok=True)
+            return False
+        with _store_lock:
+            if path.is_file():
+                return False
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            kept = {k: v for k, v in answer.items() if k not in PER_REPLY}
+            temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+            try:
+                temp.write_text(json.dumps({"principal": principal, "answer": kept}))
+                os.replace(temp, path)
+            finally:
+                temp.unlink(missing_ok=True)
+            self._evict(path)
+        return True
+
+    def _evict(self, newest: Path) -> None:
+        """Remove the principal's oldest evaluations while more than the caps are kept, never `newest`."""
+        count, size, older = 0, 0, []
+        for file in newest.parent.glob("*.json"):
+            try:
+                stat = file.stat()
+            except FileNotFoundError:
+                continue
+            count, size = count + 1, size + stat.st_size
+            if file != newest:
+                older.append((stat.st_mtime_ns, file.name, stat.st_size, file))
+        for _, _, bytes_, file in sorted(older):
+            if count <= self.max_count and size <= self.max_bytes:
+                break
+            file.unlink(missing_ok=True)
+            count, size = count - 1, size - bytes_
 
     def get(self, principal: str, evaluation_id: str) -> dict[str, Any] | None:
         """The answer released to `principal` under that id; None for any other principal's or an unknown id."""
-        path = self._path(evaluation_id)
+        path = self._path(principal, evaluation_id)
         if path is None or not path.is_file():
             return None
         try:
@@ -626,14 +733,24 @@ class EvaluationStore:
         return answer if isinstance(answer, dict) else None
 
 
+def evaluation_store(bastion: Bastion) -> EvaluationStore:
+    limits = bastion.settings.limits
+    return EvaluationStore(
+        bastion.settings.outputs_dir / "evaluations", limits.max_stored_evaluations, limits.max_stored_evaluation_bytes
+    )
+
+
 def released_evaluation(bastion: Bastion, ctx: Context, evaluation_id: str, view: str) -> dict[str, Any]:
     """An evaluation released to the caller, for its model card (`view`: html or markdown); audited. Another
     principal's evaluation is not found, as an unknown id is (its existence is not confirmed)."""
     request = {"evaluation": evaluation_id, "card": view}
-    answer = EvaluationStore(bastion.settings.outputs_dir / "evaluations").get(ctx.principal.name, evaluation_id)
+    answer = evaluation_store(bastion).get(ctx.principal.name, evaluation_id)
     if answer is None:
         bastion.audit(ctx, EVENT, request=request, decision="denied", reason="not_found")
-        raise NotFound(f"no evaluation {evaluation_id!r} of yours; its id is the query_id of POST /v1/evaluate")
+        raise NotFound(
+            f"no evaluation {evaluation_id!r} of yours; its id is the evaluation_id of POST /v1/evaluate's answer "
+            "(an evaluation beyond the stored ones' limit is evicted, the oldest first)"
+        )
     bastion.authorize(ctx, str(answer.get("dataset")), Grant.EVALUATE, request)  # the grant still holds
     bastion.audit(ctx, EVENT, dataset=answer.get("dataset"), request=request, decision="allowed", reason="card")
     return answer

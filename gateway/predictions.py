@@ -7,7 +7,8 @@ dataset, not repeated; every label a class; every score in [0, 1]) against the t
 that registration stores, and kept as one Parquet file per dataset and model in the workspace's private
 directory, written to a temporary file and renamed into place after its `predictions_added` audit record is
 durable. A file on disk is therefore whole or absent, which makes attaching safe while a gateway serves (it reads
-the file when an evaluation runs, and the cache key of an evaluation names the attachment).
+the file when an evaluation runs, and the cache key of an evaluation names the attachment; a file replaced
+between an evaluation's plan and its count is detected by its attachment id and not counted as the planned one).
 
 Only `POST /v1/evaluate` reads predictions, through `gateway.evaluation`; what a caller may learn about an
 attachment is public: the model's name, the dataset version it was attached to, when, and a random attachment id.
@@ -45,6 +46,11 @@ LABEL = "__pred_label"
 SCORE = "__pred_score"
 _FRAME = "__bastion_predictions_input"
 _META = b"bastion"
+
+
+class StalePredictions(Exception):
+    """The predictions file of a model was replaced after an evaluation recorded its attachment id (an error after
+    the charge: the evaluation's answer is then the release over the default input)."""
 
 
 class PredictionsError(GatewayError):
@@ -117,9 +123,17 @@ class PredictionsStore:
         schema = pq.read_schema(self.path(dataset, model))
         return pa.schema([schema.field(KEY), schema.field(LABEL)])
 
-    def load(self, dataset: str, model: str) -> pa.Table:
-        """The stored predictions (key, label) of an attachment."""
-        return pq.read_table(self.path(dataset, model), columns=[KEY, LABEL])
+    def load(self, dataset: str, model: str, attachment: str) -> pa.Table:
+        """The stored predictions (key, label) of `attachment`, read through one open file (a file renamed into place
+        meanwhile does not change what is read), or StalePredictions if the file there now is another attachment's
+        (replaced since the caller read its metadata)."""
+        with open(self.path(dataset, model), "rb") as f:
+            table = pq.read_table(f, columns=[KEY, LABEL])
+        raw = (table.schema.metadata or {}).get(_META)
+        found = json.loads(raw).get("attachment") if raw is not None else None
+        if found != attachment:
+            raise StalePredictions(f"{dataset}/{model}: the file is attachment {found}, not {attachment}")
+        return table
 
 
 def read_metadata(path: Path) -> Attachment | None:

@@ -21,7 +21,8 @@ def _path_from_env(name: str) -> Path | None:
 
 class Limits(BaseModel):
     """Declared limits on what one request may ask of the gateway (README, "Limits"). Every one is checked before
-    anything is charged or planned; the expression depth and node count of SQL are fixed by the planner."""
+    anything is charged or planned; the expression depth and node count of SQL are fixed by the planner. The
+    `max_stored_evaluation*` limits bound what the gateway keeps per principal for model cards instead."""
 
     max_body_bytes: int = Field(
         default=1_048_576, ge=1_024, description="bytes of one request body, from Content-Length and while read"
@@ -38,6 +39,14 @@ class Limits(BaseModel):
         default=20, ge=1, description="refusals before authentication per source and window; then 429"
     )
     max_sources: int = Field(default=10_000, ge=1, description="sources whose refusal window is kept open at once")
+    max_stored_evaluations: int = Field(
+        default=100, ge=1, description="evaluations kept for their model cards per principal; then the oldest evicted"
+    )
+    max_stored_evaluation_bytes: int = Field(
+        default=268_435_456,
+        ge=1_048_576,
+        description="bytes of the evaluations kept for their model cards per principal; then the oldest evicted",
+    )
 
 
 class Settings(BaseModel):

@@ -104,7 +104,7 @@ def test_attach_stores_audits_and_lists(ws: Workspace, evaluation_source: tuple[
     stored = PredictionsStore(ws.settings.predictions_dir)
     (meta,) = stored.attachments()
     assert (meta.dataset, meta.model, meta.rows) == ("visits", "triage-v3", N_ROWS)
-    assert stored.load("visits", "triage-v3").num_rows == N_ROWS
+    assert stored.load("visits", "triage-v3", meta.attachment).num_rows == N_ROWS
     assert not [p for p in stored.root.rglob("*") if p.name.endswith(".tmp")]
     (record,) = [r for r in AuditLog(ws.settings.audit_dir).records() if r["event"] == "predictions_added"]
     assert record["dataset"] == "visits" and record["actor"]["role"] == "admin"

@@ -1,8 +1,10 @@
-"""`bastion evaluate` and `bastion models`: DP evaluation of attached model predictions (client commands)."""
+"""`bastion evaluate`, `bastion evaluation-card` and `bastion models`: DP evaluation of attached model predictions
+(client commands)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -89,6 +91,36 @@ def evaluate(
         highlight=False,
         markup=False,
     )
+    console.print(
+        f"model card: bastion evaluation-card {raw['evaluation_id']} (--format markdown, --out FILE)",
+        highlight=False,
+        markup=False,
+    )
+
+
+def evaluation_card(
+    evaluation_id: Annotated[str, typer.Argument(help="the evaluation_id of an evaluation's answer")],
+    format: Annotated[
+        Literal["html", "markdown"], typer.Option("--format", help="html (a page, plot as inline SVG) or markdown")
+    ] = "html",
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="write the card to this file [default: standard output]")
+    ] = None,
+    url: Url = "http://127.0.0.1:8000",
+    token: Token = None,
+) -> None:
+    """The DP model card of one of your evaluations (GET /v1/evaluate/{id}/card): metrics with intervals by slice,
+    the privacy cost and what it means, caveats. Post-processing of the stored release: costs nothing."""
+    with gateway_client(url, token) as c:
+        text = c.evaluation_card(evaluation_id, format)
+    if out is None:
+        typer.echo(text, nl=not text.endswith("\n"))
+        return
+    try:
+        out.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        fail(f"cannot write {out}: {exc.strerror or exc}")
+    console.print(f"wrote the model card ({format}) to {out}", highlight=False, markup=False)
 
 
 def models(as_json: AsJson = False, url: Url = "http://127.0.0.1:8000", token: Token = None) -> None:

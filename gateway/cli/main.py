@@ -15,6 +15,7 @@ import typer
 
 from gateway.cli.audit import audit_app
 from gateway.cli.evaluate import evaluate as evaluate_command
+from gateway.cli.evaluate import evaluation_card as evaluation_card_command
 from gateway.cli.evaluate import models as models_command
 from gateway.cli.lf import lf_app
 from gateway.cli.predictions import predictions_app
@@ -58,6 +59,7 @@ app.add_typer(synth_app, name="synth")
 app.add_typer(lf_app, name="lf")
 app.add_typer(predictions_app, name="predictions")
 app.command("evaluate")(evaluate_command)
+app.command("evaluation-card")(evaluation_card_command)
 app.command("models")(models_command)
 
 

@@ -9,6 +9,12 @@ import typer
 
 from gateway.cli.terminal import AsJson, Workspace, console, fail, print_json, print_records, typer_app
 
+REMINDER = (
+    "Reminder: an evaluation's DP guarantee holds given these predictions. If the model was fitted on this "
+    "dataset's rows, its predictions carry whatever the fit leaked: that training is a separate access to the "
+    "private rows that must itself be DP and accounted for (train on a synthetic proxy, or with DP training)."
+)
+
 predictions_app = typer_app(help="Model predictions attached to datasets, for DP evaluation (admin, on the host).")
 
 
@@ -23,7 +29,8 @@ def predictions_add(
     """Attach a model's predictions to the dataset's current version: one row per dataset row, keyed by the policy's
     row_key, with a predicted label among its labels.classes and an optional score in [0, 1]. Validated, stored in
     the workspace (a file written whole and renamed into place) and audited (predictions_added). Safe while the
-    gateway serves; DuckDB workspaces only."""
+    gateway serves; DuckDB workspaces only. An evaluation's guarantee holds given the predictions: a model fitted on
+    the dataset's rows must itself have been trained with DP (or on a synthetic proxy), accounted for separately."""
     from gateway.predictions import attach
     from gateway.service import Bastion
     from gateway.settings import Settings
@@ -43,6 +50,7 @@ def predictions_add(
         f"attached [bold]{meta.model}[/] to {meta.dataset} version {meta.dataset_version}: "
         f"{meta.rows:,} predictions (sha256 {meta.digest[:16]}…)"
     )
+    console.print(REMINDER, highlight=False, markup=False)
 
 
 @predictions_app.command("list")

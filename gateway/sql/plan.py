@@ -1069,14 +1069,23 @@ def continuous_key_warning(expr: exp.Expr, policy: Policy) -> str | None:
         f"GROUP BY {name} groups by every distinct value of a numeric column without a public key set: most groups "
         "hold a few units and private key selection (which costs δ) releases few or none of them."
     )
-    if spec.bounds is None:
+    binned = suggested_bin(name, spec)
+    if binned is None:
         return advice + f" Group by a column with a public domain, or ask for bounds on {name!r} to bin it"
-    width = _nice_width(float(spec.bounds[1]) - float(spec.bounds[0]))
-    shown = f"{width:g}" if width < 1 else f"{int(width)}"
     return (
-        advice + f" Bin it instead, e.g. GROUP BY FLOOR({name} / {shown}) * {shown}: bins of a bounded column follow "
+        advice + f" Bin it instead, e.g. GROUP BY {binned}: bins of a bounded column follow "
         f"from the policy's bounds, so all of them (at most {MAX_BINS:,}) are released as public keys, without δ"
     )
+
+
+def suggested_bin(name: str, spec: Column) -> str | None:
+    """A binning of a bounded numeric column into about 50 bins of a round width (`FLOOR(col / w) * w`), or None
+    for a column without bounds."""
+    if spec.bounds is None:
+        return None
+    width = _nice_width(float(spec.bounds[1]) - float(spec.bounds[0]))
+    shown = f"{width:g}" if width < 1 else f"{int(width)}"
+    return f"FLOOR({name} / {shown}) * {shown}"
 
 
 def public_key_domain(expr: exp.Expr, policy: Policy, tree: exp.Expr, typed: Typed) -> list[Any] | None:
