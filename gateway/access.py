@@ -211,7 +211,7 @@ def load_consent(bastion: Bastion, policy: Policy, *, base: Path | None = None, 
         os.replace(temp, target)
     finally:
         temp.unlink(missing_ok=True)
-    return table.num_rows
+    return int(table.num_rows)
 
 
 def consent_source(bastion: Bastion, dataset: str) -> Path | None:
@@ -475,11 +475,11 @@ def _own(
     """The caller's own request (with the access grant still held), or a refusal recorded under `event`: another
     principal's request is answered as an unknown one."""
     req = AccessStore.get(con, request_id)
-    fields = {"request": {"action": action}, "access_request": request_id[:64]}
+    asked: dict[str, Any] = {"action": action}
     if req is None or req.requester != ctx.principal.name:
-        bastion.audit(ctx, event, decision="denied", reason="not_found", **fields)
+        bastion.audit(ctx, event, decision="denied", reason="not_found", request=asked, access_request=request_id[:64])
         raise NotFound(f"no access request {request_id[:64]!r} of yours")
-    bastion.authorize(ctx, req.dataset, Grant.ACCESS, fields["request"], event)
+    bastion.authorize(ctx, req.dataset, Grant.ACCESS, asked, event)
     return req
 
 

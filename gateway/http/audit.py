@@ -472,7 +472,8 @@ def dashboard(
     event: Text = None,
     decision: Text = None,
 ) -> HTMLResponse:
-    """Verification status, privacy-spend chart and the event list (newest first) with a filter form."""
+    """Verification status, privacy-spend chart, consented accesses and the event list (newest first) with a
+    filter form."""
     if not _signed_in(request):
         return _login_page(request)
     raw = Filters(since, until, actor, dataset, event, decision)
@@ -500,8 +501,10 @@ def dashboard(
     charts: list[dict[str, Any]] = []
     totals: list[dict[str, Any]] = []
     choices: dict[str, list[str]] = {"actor": [], "dataset": [], "event": []}
+    accesses: list[report.AccessSummary] = []
     try:
         records = list(report.read_records(directory))
+        accesses = report.access_summary(records)
         caps = bastion.budget_caps()
         spent = report.privacy_spend(records, caps)
         charts = spend_charts(spent, caps)
@@ -531,6 +534,7 @@ def dashboard(
         errors=errors,
         charts=charts,
         totals=totals,
+        accesses=accesses,
         link=lambda **extra: "?" + urlencode({**query, **{k: v for k, v in extra.items() if v is not None}}),
         export=lambda fmt: "/audit/export?" + urlencode({**query, "format": fmt}),
     )
