@@ -99,12 +99,11 @@ def _unit_value(value: Any, kind: ColumnType, max_length: int | None) -> int | s
     if kind is ColumnType.INT:
         if isinstance(value, bool):
             return None
-        if isinstance(value, int):
-            return value
         try:
-            return int(str(value).strip())
+            number = value if isinstance(value, int) else int(str(value).strip())
         except ValueError:
             return None
+        return number if -(2**63) <= number < 2**63 else None  # a BIGINT, as the bounded table holds it
     text = str(value)
     return text[:max_length] if max_length is not None else text
 
