@@ -170,30 +170,48 @@ def convert_consent(policy: Policy, table: pa.Table) -> tuple[pa.Table, int]:
     return out, table.num_rows - out.num_rows
 
 
-def load_consent(bastion: Bastion, policy: Policy, *, base: Path | None = None, source: Path | None = None) -> int:
-    """Convert the policy's consent source (or `source`) and put it in place for `policy.dataset`, audited as
-    `consent_loaded` first; a dataset without consent in its policy has any earlier consent removed. Returns the
-    number of consent rows kept (admin-facing; the record has no count)."""
-    target = consent_path(bastion, policy.dataset)
+@dataclass(frozen=True)
+class PreparedConsent:
+    """A policy's consent, read and converted, not yet in place (None `table`: the policy declares no consent)."""
+
+    dataset: str
+    source: Path | None
+    table: pa.Table | None
+
+
+def prepare_consent(policy: Policy, *, base: Path | None = None, source: Path | None = None) -> PreparedConsent:
+    """Read and convert the policy's consent source (or `source`; a relative path is relative to `base`, the policy
+    file's directory), or AccessError naming the problem. Registration calls it before it changes anything."""
     if policy.consent is None:
+        return PreparedConsent(policy.dataset, None, None)
+    if source is None:
+        path = Path(policy.consent.source)
+        source = path if path.is_absolute() or base is None else base / path
+    source = source.resolve()
+    if not source.exists():
+        raise AccessError(f"consent source not found: {source}")
+    table, _ = convert_consent(policy, _read_source(source))
+    return PreparedConsent(policy.dataset, source, table)
+
+
+def store_consent(bastion: Bastion, prepared: PreparedConsent) -> int:
+    """Put prepared consent in place, audited as `consent_loaded` first (a dataset whose policy declares no consent
+    has any earlier consent removed). Returns the number of consent rows kept (admin-facing; the record has none)."""
+    target = consent_path(bastion, prepared.dataset)
+    if prepared.table is None:
         if target.exists():
             bastion.audit(
                 None,
                 Event.CONSENT_LOADED,
-                dataset=policy.dataset,
+                dataset=prepared.dataset,
                 decision="allowed",
                 reason="removed",
                 request={"source": None},
             )
             target.unlink()
         return 0
-    if source is None:
-        path = Path(policy.consent.source)
-        source = path if path.is_absolute() or base is None else base / path
-    source = source.resolve()
-    table, _ = convert_consent(policy, _read_source(source))
-    meta = {"source": str(source), "loaded_at": _iso(_now())}
-    table = table.replace_schema_metadata({_META: json.dumps(meta).encode()})
+    meta = {"source": str(prepared.source), "loaded_at": _iso(_now())}
+    table = prepared.table.replace_schema_metadata({_META: json.dumps(meta).encode()})
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
     try:
@@ -202,15 +220,20 @@ def load_consent(bastion: Bastion, policy: Policy, *, base: Path | None = None, 
         bastion.audit(
             None,
             Event.CONSENT_LOADED,
-            dataset=policy.dataset,
+            dataset=prepared.dataset,
             decision="allowed",
             reason="ok",
-            request={"source": str(source), "replaced": target.exists()},  # no count: derived from private rows
+            request={"source": str(prepared.source), "replaced": target.exists()},  # no count: from private rows
         )
         os.replace(temp, target)
     finally:
         temp.unlink(missing_ok=True)
     return int(table.num_rows)
+
+
+def load_consent(bastion: Bastion, policy: Policy, *, base: Path | None = None, source: Path | None = None) -> int:
+    """`prepare_consent` then `store_consent`."""
+    return store_consent(bastion, prepare_consent(policy, base=base, source=source))
 
 
 def consent_source(bastion: Bastion, dataset: str) -> Path | None:

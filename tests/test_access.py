@@ -25,6 +25,7 @@ from audit.log import AuditLog
 from gateway import access
 from gateway.demo import DEMO_ACCESS_POLICY_YAML, write_access_demo
 from gateway.service import Bastion
+from gateway.settings import Settings
 from policies.errors import Conflict, Forbidden
 from policies.schema import PolicyError, load_policy, parse_policy
 from tests.conftest import BIN, AppClient, Workspace, build_workspace, gateways
@@ -342,3 +343,66 @@ def test_the_auditor_page_lists_accesses_in_headless_chromium(
         finally:
             browser.close()
     assert shot.stat().st_size > 5_000
+
+
+def test_registration_loads_consent_and_refuses_a_bad_consent_source_first(
+    tmp_path: Path, source: tuple[Path, Path, list[int]]
+) -> None:
+    data, policy, consenting = source
+    local = tmp_path / "src"
+    local.mkdir()
+    shutil.copy(policy.parent / "diagnosis_chapters.csv", local / "diagnosis_chapters.csv")
+    (local / "visits.yaml").write_text(policy.read_text())
+    pacsv.write_csv(pa.table({"patient_id": [1], "scope": ["triage_debugging"]}), local / "consent.csv")  # no expiry
+    env = {**os.environ, "BASTION_WORKSPACE": str(tmp_path / "ws")}
+
+    def register() -> subprocess.CompletedProcess[str]:
+        args = [str(BIN), "register", str(local / "visits.yaml"), "--source", str(data)]
+        return subprocess.run(args, env=env, capture_output=True, text=True, check=False)
+
+    refused = register()
+    assert refused.returncode == 1 and "expires_at" in refused.stderr
+    assert not (tmp_path / "ws" / "private" / "private.duckdb").exists()  # nothing registered
+    shutil.copy(policy.parent / "consent.csv", local / "consent.csv")
+    done = register()
+    assert done.returncode == 0, done.stderr
+    ws = Workspace(Settings.load(tmp_path / "ws"), {})
+    (loaded,) = _records(ws, "consent_loaded")
+    assert loaded["request"]["source"] == str((local / "consent.csv").resolve())
+    bastion = Bastion(ws.settings)
+    try:
+        now = access._now()
+        assert access.consented_units(bastion, "visits", "triage_debugging", [str(u) for u in consenting], now) == [
+            str(u) for u in consenting
+        ]
+    finally:
+        bastion.close()
+
+
+def test_concurrent_reads_never_release_more_than_the_cap(ws: Workspace, units: dict[str, int]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gateway.service import Context
+    from gateway.stores.tokens import Principal
+
+    with ws.app() as c:
+        rid = _request(c, ws, [units["consenting"]]).json()["id"]
+    _host(ws, "approve", rid, rows=3, hours=1, approver="root")
+    bastion = Bastion(ws.settings)
+    try:
+        alice = bastion.authenticate(ws.tokens["analyst"])
+        assert isinstance(alice, Principal)
+
+        def read(_: int) -> int:
+            try:
+                return len(access.read_rows(bastion, Context(alice), rid)["rows"])
+            except access.AccessClosed:
+                return 0
+
+        with ThreadPoolExecutor(4) as pool:
+            released = list(pool.map(read, range(8)))
+    finally:
+        bastion.close()
+    assert sum(released) == 3
+    reads = _records(ws, "access_read")
+    assert sum(r.get("rows_released", 0) for r in reads) == 3 and len(reads) == 8

@@ -147,7 +147,7 @@ def register(
     """Register a dataset: load its source into the private engine and build the pre-bounded table (and its
     consent to debug access, if the policy declares where it lives)."""
     from audit.record import Event
-    from gateway.access import load_consent
+    from gateway.access import prepare_consent, store_consent
     from policies.errors import GatewayError
     from policies.schema import PolicyError, load_policy
 
@@ -159,6 +159,7 @@ def register(
             fail("the policy has no 'source'; pass --source")
         if not src.is_absolute() and pol.source and source is None:
             src = policy.parent / src
+        consent = prepare_consent(pol, base=policy.parent)  # a bad consent source is refused before any change
         bastion = _admin(workspace, store=store)
         try:
             version = bastion.engine.register(pol, src, base=policy.parent)
@@ -172,7 +173,7 @@ def register(
                 reason="ok",
                 request={"source": str(src), "version": version, "policy": pol.fingerprint()},
             )
-            load_consent(bastion, pol, base=policy.parent)
+            store_consent(bastion, consent)
         finally:
             bastion.close()
     except (PolicyError, GatewayError) as exc:
