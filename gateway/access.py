@@ -505,8 +505,11 @@ def _own(
     return req
 
 
-def _expire(bastion: Bastion, con: sqlite3.Connection, req: AccessRequest, now: dt.datetime) -> None:
-    """Mark an approved request past its expiry as expired, recorded once (`access_expired`)."""
+def _expire(
+    bastion: Bastion, con: sqlite3.Connection, req: AccessRequest, now: dt.datetime, ctx: Context | None = None
+) -> None:
+    """Mark an approved request past its expiry as expired, recorded once (`access_expired`), from where it was
+    noticed: the requester's read (`ctx`) or a command on the host."""
     if req.status == "approved" and req.past_expiry(now):
         req.status = "expired"
         AccessStore.update(con, req, "status")
@@ -514,6 +517,7 @@ def _expire(bastion: Bastion, con: sqlite3.Connection, req: AccessRequest, now: 
             None,
             Event.ACCESS_EXPIRED,
             actor={"principal": req.requester, "role": req.role, "token_id": None},
+            source=ctx.source if ctx is not None else "cli",
             dataset=req.dataset,
             decision="allowed",
             reason="expired",
@@ -527,7 +531,7 @@ def request_status(bastion: Bastion, ctx: Context, request_id: str) -> dict[str,
     """The caller's own request: its status, expiry and rows left; audited `access_status`."""
     with open_store(bastion).transaction() as con:
         req = _own(bastion, ctx, con, request_id, Event.ACCESS_STATUS, "status")
-        _expire(bastion, con, req, _now())
+        _expire(bastion, con, req, _now(), ctx)
         bastion.audit(
             ctx,
             Event.ACCESS_STATUS,
@@ -567,7 +571,7 @@ def read_rows(bastion: Bastion, ctx: Context, request_id: str) -> dict[str, Any]
     with open_store(bastion).transaction() as con:
         req = _own(bastion, ctx, con, request_id, event, "rows")
         now = _now()
-        _expire(bastion, con, req, now)
+        _expire(bastion, con, req, now, ctx)
         fields = {"dataset": req.dataset, "access_request": req.id, "request": {"action": "rows"}}
         left = req.rows_left or 0
         if req.status != "approved" or left == 0:

@@ -378,6 +378,10 @@ class Client:
         """Matching records as canonical JSON Lines or CSV text."""
         return self.request("GET", "/v1/audit/export", params={**self._filters(filters), "format": format}).text
 
+    def audit_access(self) -> list[dict[str, Any]]:
+        """Consented row accesses as the log tells them (auditor): purpose, requester, approver, rows released."""
+        return self._json("GET", "/v1/audit/access")
+
     def audit_spend(self, **filters: Any) -> dict[str, Any]:
         """Privacy spend per principal and dataset over time, totals against the caps (filters: since, until,
         actor, dataset)."""

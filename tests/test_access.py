@@ -294,12 +294,23 @@ def test_the_auditor_page_lists_accesses(ws: Workspace, units: dict[str, int]) -
         c.get(f"/v1/access/requests/{rid}/rows", headers=ws.headers("analyst"))  # refused: the cap is used up
         page = c.get("/audit", headers=ws.headers("auditor")).text
         filtered = c.get("/v1/audit/events", params={"event": "access_read"}, headers=ws.headers("auditor"))
+        listed = c.get("/v1/audit/access", headers=ws.headers("auditor"))
+        refused = c.get("/v1/audit/access", headers=ws.headers("analyst"))
     row = _access_row(page)
     for cell in (rid, "alice", PURPOSE, "triage_debugging", "approved", "root"):
         assert cell in row
     assert re.search(r'class="num rows-released"[^>]*>4<', row)
     assert "1 reads" in row
     assert filtered.status_code == 200 and len(filtered.json()["events"]) == 2
+    (summary,) = listed.json()
+    assert (summary["access_request"], summary["requester"], summary["approver"]) == (rid, "alice", "root")
+    assert (summary["purpose"], summary["rows_released"], summary["reads"], summary["refused_reads"]) == (
+        PURPOSE,
+        4,
+        1,
+        1,
+    )
+    assert refused.status_code == 403
 
 
 @pytest.fixture

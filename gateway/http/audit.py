@@ -17,7 +17,7 @@ import datetime as dt
 import json
 import math
 import secrets
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypedDict, cast
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -265,6 +265,15 @@ def _spend(bastion: Bastion, filters: Filters) -> report.SpendReport:
     if filters.dataset:
         caps = {k: v for k, v in caps.items() if k == filters.dataset}
     return report.privacy_spend(records, caps, since=filters.since, until=filters.until)
+
+
+@api.get("/access", summary="Consented row accesses: purpose, requester, approver, rows released (auditor)")
+def access_summary(ctx: Ctx, bastion: Core) -> list[dict[str, Any]]:
+    bastion.audit_access(ctx, "access")
+    try:
+        return [asdict(a) for a in report.access_summary(_records(_snapshot(bastion)))]
+    except ValueError as exc:
+        raise AuditLogUnreadable(str(exc)) from None
 
 
 @api.get("/verify", summary="Verify the whole log against its checkpoints and public keys (auditor)")
