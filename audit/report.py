@@ -439,3 +439,84 @@ def privacy_spend(
                 p for p, used in spend.principals.items() if _over(used[loss], pl) or _over(used["delta"], pd)
             )
     return SpendReport(dict(series), datasets, count)
+
+
+ACCESS_EVENTS = (
+    "access_requested",
+    "access_approved",
+    "access_denied",
+    "access_revoked",
+    "access_expired",
+    "access_read",
+)
+
+
+@dataclass
+class AccessSummary:
+    """One consented access request as the log tells it: who asked for which units and why, who decided, and how
+    many rows its reads released."""
+
+    access_request: str
+    dataset: str | None
+    requester: str | None
+    units: list[Any]
+    purpose: str | None
+    scope: str | None
+    requested_at: str | None
+    status: str = "pending"
+    approver: str | None = None
+    decided_at: str | None = None
+    max_rows: int | None = None
+    expires_at: str | None = None
+    reads: int = 0
+    rows_released: int = 0
+    refused_reads: int = 0
+    refusals: list[str] = field(default_factory=list)  # refused decisions (e.g. self_approval by an approver)
+
+
+def access_summary(records: Iterable[Mapping[str, Any]]) -> list[AccessSummary]:
+    """Every access request the records show, newest first (records without a request id, such as a read of an
+    unknown request, are left out: they are in the event list)."""
+    found: dict[str, AccessSummary] = {}
+    for r in records:
+        event, rid = r.get("event"), r.get("access_request")
+        if event not in ACCESS_EVENTS or not isinstance(rid, str):
+            continue
+        raw = r.get("request")
+        request: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
+        actor = principal_of(r)
+        allowed = r.get("decision") == "allowed"
+        if event == "access_requested":
+            if allowed:
+                found[rid] = AccessSummary(
+                    rid,
+                    r.get("dataset"),
+                    actor,
+                    list(request.get("units") or []),
+                    request.get("purpose"),
+                    request.get("scope"),
+                    r.get("time"),
+                )
+            continue
+        entry = found.get(rid)
+        if entry is None:
+            continue
+        if not allowed:
+            if event == "access_read":
+                entry.refused_reads += 1
+            else:
+                entry.refusals.append(f"{event} by {actor}: {r.get('reason')}")
+            continue
+        if event == "access_approved":
+            entry.status, entry.approver, entry.decided_at = "approved", actor, r.get("time")
+            entry.max_rows, entry.expires_at = request.get("max_rows"), request.get("expires_at")
+        elif event == "access_denied":
+            entry.status, entry.approver, entry.decided_at = "denied", actor, r.get("time")
+        elif event == "access_revoked":
+            entry.status = f"revoked by {actor}"
+        elif event == "access_expired":
+            entry.status = "expired"
+        elif event == "access_read":
+            entry.reads += 1
+            entry.rows_released += int(r.get("rows_released") or 0)
+    return sorted(found.values(), key=lambda e: e.requested_at or "", reverse=True)

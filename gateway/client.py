@@ -331,6 +331,34 @@ class Client:
         """The models whose predictions are attached, per dataset you may evaluate on (GET /v1/models)."""
         return self._json("GET", "/v1/models")
 
+    # --- consented debug access -------------------------------------------------------------------------
+
+    def access_request(
+        self, dataset: str, units: list[int | str], purpose: str, *, scope: str | None = None
+    ) -> dict[str, Any]:
+        """File a request for rows of `units` (pending until an admin approves it on the gateway host)."""
+        body: dict[str, Any] = {"dataset": dataset, "units": units, "purpose": purpose}
+        if scope is not None:
+            body["scope"] = scope
+        return self._json("POST", "/v1/access/requests", json=body)
+
+    def access_status(self, request_id: str) -> dict[str, Any]:
+        """Your access request's status, expiry and rows left."""
+        return self._json("GET", f"/v1/access/requests/{request_id}")
+
+    def access_rows_raw(self, request_id: str) -> dict[str, Any]:
+        """The JSON answer of GET /v1/access/requests/{id}/rows (each call counts its rows against the cap)."""
+        return self._json("GET", f"/v1/access/requests/{request_id}/rows")
+
+    def access_rows(self, request_id: str) -> pd.DataFrame:
+        """The rows of your approved request's consented units, as a DataFrame (the answer in `frame.attrs`)."""
+        import pandas as pd
+
+        raw = self.access_rows_raw(request_id)
+        frame = pd.DataFrame(raw["rows"], columns=raw["columns"])
+        frame.attrs.update({k: v for k, v in raw.items() if k != "rows"})
+        return frame
+
     # --- audit log (auditor role) ---------------------------------------------------------------------------
 
     @staticmethod
@@ -349,6 +377,10 @@ class Client:
     def audit_export(self, format: str = "jsonl", **filters: Any) -> str:
         """Matching records as canonical JSON Lines or CSV text."""
         return self.request("GET", "/v1/audit/export", params={**self._filters(filters), "format": format}).text
+
+    def audit_access(self) -> list[dict[str, Any]]:
+        """Consented row accesses as the log tells them (auditor): purpose, requester, approver, rows released."""
+        return self._json("GET", "/v1/audit/access")
 
     def audit_spend(self, **filters: Any) -> dict[str, Any]:
         """Privacy spend per principal and dataset over time, totals against the caps (filters: since, until,

@@ -264,3 +264,51 @@ def write_evaluation_demo(directory: Path, n_rows: int = 500_000, seed: int = 7)
     predictions = directory / "triage-v3.parquet"
     pq.write_table(example_predictions(visits), predictions)
     return data, policy, predictions
+
+
+# Where the demo patients' consent to debug access lives (`bastion access request`), and the one scope they consent to.
+CONSENT_YAML = """\
+consent:                          # patients' consent to debug access (bastion access request --units ...)
+  source: consent.csv
+  unit: patient_id
+  scope: scope
+  expires: expires_at
+  scopes: [triage_debugging]
+"""
+# The demo's policy as `bastion demo` registers it on DuckDB: the visits with a row identity (visit_id) for model
+# evaluation, their public table, and consent; the analyst may query, synthesise, evaluate and request access.
+DEMO_ACCESS_POLICY_YAML = (
+    EVALUATION_POLICY_YAML.replace(
+        "  analyst: [query, synth, evaluate]\n", "  analyst: [query, synth, evaluate, access]\n"
+    )
+    + PUBLIC_TABLES_YAML
+    + CONSENT_YAML
+)
+CONSENTING = 5  # patients with a valid consent in the demo
+EXPIRED_CONSENTS = 1  # and one whose consent has ended
+
+
+def example_consent(visits: pa.Table, *, consenting: int = CONSENTING, expired: int = EXPIRED_CONSENTS) -> pa.Table:
+    """Consent records for the demo: the first `consenting` patients consent to triage debugging until the end of
+    2030; the next `expired` patients' consent ended in 2020 (so it gives no rows)."""
+    patients = sorted(set(visits["patient_id"].to_pylist()))[: consenting + expired]
+    ends = ["2030-12-31T23:59:59Z"] * consenting + ["2020-01-01T00:00:00Z"] * expired
+    return pa.table(
+        {
+            "patient_id": pa.array(patients[: len(ends)], pa.int64()),
+            "scope": pa.array(["triage_debugging"] * len(ends), pa.string()),
+            "expires_at": pa.array(ends[: len(patients)], pa.string()),
+        }
+    )
+
+
+def write_access_demo(directory: Path, n_rows: int = 500_000, seed: int = 7) -> tuple[Path, Path, Path, list[int]]:
+    """The DuckDB demo: the visits with a visit_id, an example model's predictions, the public table and consent
+    records beside them, and the policy naming them all; returns (data path, policy path, predictions path, the
+    patients with a valid consent)."""
+    data, policy, predictions = write_evaluation_demo(directory, n_rows=n_rows, seed=seed)
+    policy.write_text(DEMO_ACCESS_POLICY_YAML)
+    pacsv.write_csv(diagnosis_chapters(), directory / "diagnosis_chapters.csv")
+    consent = example_consent(pq.read_table(data, columns=["patient_id"]))
+    pacsv.write_csv(consent, directory / "consent.csv")
+    return data, policy, predictions, consent["patient_id"].to_pylist()[:CONSENTING]

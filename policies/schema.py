@@ -11,6 +11,7 @@ import datetime as dt
 import hashlib
 import json
 import math
+import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -86,6 +87,7 @@ class Grant(StrEnum):
     SYNTH = "synth"
     LABELING = "labeling"
     EVALUATE = "evaluate"  # DP evaluation of attached model predictions against the gold labels
+    ACCESS = "access"  # file requests to read consented units' rows (not DP: approved on the host, audited per read)
 
 
 NUMERIC_TYPES = {ColumnType.INT, ColumnType.FLOAT, ColumnType.DECIMAL}
@@ -276,6 +278,38 @@ class Labels(_Strict):
         return v
 
 
+SCOPE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class Consent(_Strict):
+    """Where the consent of the dataset's units to debug access lives (`gateway.access`): a CSV or Parquet file with
+    one row per consent, loaded at registration (and by `bastion consent reload`) into the workspace's private
+    directory, never readable through any query path.
+
+    - `source`: the file, relative to the policy file unless absolute.
+    - `unit`, `scope`, `expires`: its columns holding the privacy unit's value, the scope consented to, and when
+      the consent ends (ISO 8601 date or time; a time without a zone is UTC). A row whose unit, scope or expiry
+      cannot be read, or whose scope is not declared, is no consent.
+    - `scopes`: the scopes a request may name (public strings); the first is the default.
+    """
+
+    source: str
+    unit: str
+    scope: str = "scope"
+    expires: str = "expires"
+    scopes: list[str] = Field(min_length=1)
+
+    @field_validator("scopes")
+    @classmethod
+    def _scopes(cls, v: list[str]) -> list[str]:
+        for s in v:
+            if not re.match(SCOPE, s):
+                raise ValueError(f"scope {s!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        if len(set(v)) != len(v):
+            raise ValueError("consent.scopes repeats a scope")
+        return v
+
+
 class PublicTable(_Strict):
     """A public lookup table of a dataset (diagnosis codes to chapters, regions to countries): no privacy unit, no
     budget; any principal granted on the dataset may read its rows, and queries may join the private table with it.
@@ -358,9 +392,13 @@ class Policy(_Strict):
     accounting: Accounting = Accounting.PURE
     # Public lookup tables (no unit, no budget) the private table may be joined with: name → table.
     public_tables: dict[str, PublicTable] = Field(default_factory=dict)
+    # Where the units' consent to debug access lives (`bastion access`); none: no access requests on the dataset.
+    consent: Consent | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Policy:
+        if self.consent is not None and self.privacy_unit == "row":
+            raise ValueError("consent needs a privacy unit column (consent is given per unit); privacy_unit is 'row'")
         for name in self.public_tables:
             # No leading `_` and no `__` inside: `public_<dataset>__<table>` then names one (dataset, table) only,
             # so no dataset's registration can replace another's public table (checked against other rows).
@@ -443,6 +481,8 @@ class Policy(_Strict):
             del content["public_tables"]  # likewise for policies without public tables
         if self.row_key is None:
             del content["row_key"]  # likewise
+        if self.consent is None:
+            del content["consent"]  # likewise
         payload = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -463,6 +503,8 @@ class Policy(_Strict):
             "synthesis": self.synthesis.model_dump(mode="json"),
             "accounting": self.accounting.value,
             "public_tables": {name: t.public_schema() for name, t in self.public_tables.items()},
+            # The scopes an access request may name (the consent source and its columns are the admin's).
+            **({"consent": {"scopes": list(self.consent.scopes)}} if self.consent is not None else {}),
         }
 
 

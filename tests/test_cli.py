@@ -106,3 +106,37 @@ def test_answers_are_printed_as_text_not_as_rich_markup(capsys: pytest.CaptureFi
     print_answer(raw)
     out = capsys.readouterr().out
     assert "[/x]" in out and "[red]f" in out and "[red]k" in out
+
+
+def test_demo_prints_evaluation_and_access_examples_that_work(tmp_path: Path) -> None:
+    """The demo attaches an example model and consent records; its printed evaluation and access commands run as
+    printed (the access example names units with consent, whose rows come back after approval on the host)."""
+    import re
+    import shlex
+
+    made = _run("demo", "--no-serve", "--rows", "20000", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    printed = made.stdout.splitlines()
+    evaluate = next(line.strip() for line in printed if line.strip().startswith("bastion evaluate "))
+    request = next(line.strip() for line in printed if line.strip().startswith("bastion access request "))
+    units = [int(u) for u in re.search(r"--units ([\d,]+)", request).group(1).split(",")]  # type: ignore[union-attr]
+    assert "bastion access list && bastion access approve ID --rows 20 --hours 1" in made.stdout
+    analyst = json.loads((tmp_path / "bastion-workspace" / "demo-tokens.json").read_text())["analyst"]["token"]
+    with gateways(1, cwd=tmp_path) as (url,):
+        env = {"BASTION_URL": url, "BASTION_TOKEN": analyst}
+        models = _run("models", "--json", cwd=tmp_path, env=env)
+        assert models.returncode == 0, models.stderr
+        assert "triage-v3" in models.stdout
+        evaluated = _run(*shlex.split(evaluate)[1:], cwd=tmp_path, env=env)
+        assert evaluated.returncode == 0, evaluated.stderr
+        assert "triage-v3" in evaluated.stdout and "senior" in evaluated.stdout
+        filed = _run(*shlex.split(request)[1:], "--json", cwd=tmp_path, env=env)
+        assert filed.returncode == 0, filed.stderr
+        rid = json.loads(filed.stdout)["id"]
+        approved = _run("access", "approve", rid, "--rows", "20", "--hours", "1", "--as", "admin-on-call", cwd=tmp_path)
+        assert approved.returncode == 0, approved.stderr
+        rows = _run("access", "rows", rid, "--json", cwd=tmp_path, env=env)
+        assert rows.returncode == 0, rows.stderr
+        answer = json.loads(rows.stdout)
+        assert answer["rows"] and {r[0] for r in answer["rows"]} <= set(units)
+        assert len({r[0] for r in answer["rows"]}) == len(units)  # every printed unit has consent and rows

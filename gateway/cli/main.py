@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from gateway.cli.access import access_app, consent_app
 from gateway.cli.audit import audit_app
 from gateway.cli.evaluate import evaluate as evaluate_command
 from gateway.cli.evaluate import evaluation_card as evaluation_card_command
@@ -58,6 +59,8 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(synth_app, name="synth")
 app.add_typer(lf_app, name="lf")
 app.add_typer(predictions_app, name="predictions")
+app.add_typer(access_app, name="access")
+app.add_typer(consent_app, name="consent")
 app.command("evaluate")(evaluate_command)
 app.command("evaluation-card")(evaluation_card_command)
 app.command("models")(models_command)
@@ -143,8 +146,10 @@ def register(
     store: Store = None,
     workspace: Workspace = None,
 ) -> None:
-    """Register a dataset: load its source into the private engine and build the pre-bounded table."""
+    """Register a dataset: load its source into the private engine and build the pre-bounded table (and its
+    consent to debug access, if the policy declares where it lives)."""
     from audit.record import Event
+    from gateway.access import prepare_consent, store_consent
     from policies.errors import GatewayError
     from policies.schema import PolicyError, load_policy
 
@@ -156,6 +161,7 @@ def register(
             fail("the policy has no 'source'; pass --source")
         if not src.is_absolute() and pol.source and source is None:
             src = policy.parent / src
+        consent = prepare_consent(pol, base=policy.parent)  # a bad consent source is refused before any change
         bastion = _admin(workspace, store=store)
         try:
             version = bastion.engine.register(pol, src, base=policy.parent)
@@ -169,6 +175,7 @@ def register(
                 reason="ok",
                 request={"source": str(src), "version": version, "policy": pol.fingerprint()},
             )
+            store_consent(bastion, consent)
         finally:
             bastion.close()
     except (PolicyError, GatewayError) as exc:
@@ -422,9 +429,12 @@ def demo(
     shared_dir: SharedDir = None,
     workspace: Workspace = None,
 ) -> None:
-    """Create (or reuse) the demo workspace here: generated hospital visits, its policy, tokens; then serve."""
+    """Create (or reuse) the demo workspace here: generated hospital visits, its policy, tokens, an example model's
+    predictions and a few patients' consent to debug access (DuckDB); then serve."""
     from audit.record import Event
-    from gateway.demo import write_demo, write_examples
+    from gateway.access import load_consent
+    from gateway.demo import write_access_demo, write_demo, write_examples
+    from gateway.predictions import attach
     from gateway.settings import Settings
     from policies.schema import load_policy
 
@@ -434,12 +444,18 @@ def demo(
     if not _has_datasets(settings) or not tokens_file.exists():
         console.print(f"creating the demo workspace in {settings.workspace} ({rows:,} visits)...")
         settings.save()
-        public_tables = settings.engine is EngineKind.DUCKDB  # public tables run on DuckDB only for now
-        data, policy_path = write_demo(settings.private_dir / "source", n_rows=rows, public_tables=public_tables)
+        # Public tables, predictions and consent run on DuckDB only for now.
+        duckdb = settings.engine is EngineKind.DUCKDB
+        predictions = None
+        if duckdb:
+            data, policy_path, predictions, _ = write_access_demo(settings.private_dir / "source", n_rows=rows)
+        else:
+            data, policy_path = write_demo(settings.private_dir / "source", n_rows=rows, public_tables=False)
         os.chmod(settings.private_dir, 0o700)
         bastion = _admin(settings.workspace, store=store)
         try:
-            version = bastion.engine.register(load_policy(policy_path), data)
+            policy = load_policy(policy_path)
+            version = bastion.engine.register(policy, data)
             settings.policies_dir.mkdir(parents=True, exist_ok=True)
             (settings.policies_dir / "visits.yaml").write_text(policy_path.read_text())
             bastion.audit(
@@ -450,6 +466,9 @@ def demo(
                 reason="ok",
                 request={"source": str(data), "version": version},
             )
+            load_consent(bastion, policy, base=policy_path.parent)
+            if predictions is not None:
+                attach(bastion, "visits", "triage-v3", predictions)
             _demo_tokens(bastion, tokens_file)
         finally:
             bastion.close()
@@ -487,12 +506,38 @@ def demo(
         f"  BASTION_URL={url} BASTION_TOKEN={made['lf_author']['token']} "
         f"bastion lf stats {lfs} --dataset visits --epsilon 1"
     )
+    consenting = _demo_consenting(settings)
+    if consenting:
+        console.print("\n[bold]Evaluate the example model[/] (triage-v3, attached to visits; as the analyst):")
+        senior = "CASE WHEN age >= 65 THEN 'senior' ELSE 'adult' END"
+        typer.echo("  bastion models")
+        typer.echo(f'  bastion evaluate visits --model triage-v3 --slice "{senior}" --slice sex --epsilon 1')
+        units = ",".join(str(u) for u in consenting[:2])
+        console.print("\n[bold]Consented debug access[/] (raw rows, not DP; every step audited):", highlight=False)
+        typer.echo(f'  bastion access request --dataset visits --units {units} --purpose "ticket 8812: wrong triage"')
+        typer.echo("  then, on this host (the approver must not be the requester):")
+        typer.echo("  bastion access list && bastion access approve ID --rows 20 --hours 1")
+        typer.echo("  and as the analyst: bastion access rows ID")
     console.print("\n[bold]As the auditor[/]:", highlight=False)
     typer.echo(f"  open {url}/audit and paste the auditor token; on this host: bastion audit verify")
     if serve_:
         served = _checked_app(settings)
         console.print(f"\nserving on {url} (Ctrl-C to stop)")
         _run_server(served, settings, log_level="warning")
+
+
+def _demo_consenting(settings: Any) -> list[int]:
+    """The demo patients whose consent to debug access holds (from the demo's consent file), if it has one."""
+    import datetime as dt
+
+    import pyarrow.csv as pacsv
+
+    path = settings.private_dir / "source" / "consent.csv"
+    if not path.exists():
+        return []
+    now = dt.datetime.now(dt.UTC)
+    rows = pacsv.read_csv(path).to_pylist()
+    return [int(r["patient_id"]) for r in rows if dt.datetime.fromisoformat(str(r["expires_at"])) > now]
 
 
 def _demo_tokens(bastion: Any, tokens_file: Path) -> None:

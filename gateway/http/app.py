@@ -1,5 +1,5 @@
 """HTTP layer (FastAPI): the app, its middleware and error handlers. Routes live in one module per capability
-(query, audit, lf, synth, evaluate); each parses the request, calls one Bastion method, renders the result."""
+(query, audit, lf, synth, evaluate, access); each parses the request, calls one Bastion method, renders the result."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from audit.record import Event
+from gateway.http.access import router as access_router
 from gateway.http.audit import router as audit_router
 from gateway.http.dependencies import CONTEXT, REQUEST_ID, caller_if_any, correlation_id, request_id, source_of
 from gateway.http.docs import router as docs_router
@@ -164,7 +165,7 @@ def create_app(settings: Settings, bastion: Bastion | None = None) -> FastAPI:
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    for r in (docs_router, query_router, synth_router, lf_router, evaluate_router, audit_router):
+    for r in (docs_router, query_router, synth_router, lf_router, evaluate_router, access_router, audit_router):
         app.include_router(r)
     app.mount("/static", static_files(), name="static")
 

@@ -17,7 +17,7 @@ import datetime as dt
 import json
 import math
 import secrets
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypedDict, cast
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -267,6 +267,15 @@ def _spend(bastion: Bastion, filters: Filters) -> report.SpendReport:
     return report.privacy_spend(records, caps, since=filters.since, until=filters.until)
 
 
+@api.get("/access", summary="Consented row accesses: purpose, requester, approver, rows released (auditor)")
+def access_summary(ctx: Ctx, bastion: Core) -> list[dict[str, Any]]:
+    bastion.audit_access(ctx, "access")
+    try:
+        return [asdict(a) for a in report.access_summary(_records(_snapshot(bastion)))]
+    except ValueError as exc:
+        raise AuditLogUnreadable(str(exc)) from None
+
+
 @api.get("/verify", summary="Verify the whole log against its checkpoints and public keys (auditor)")
 def verify(ctx: Ctx, bastion: Core) -> dict[str, Any]:
     bastion.audit_access(ctx, "verify")
@@ -472,7 +481,8 @@ def dashboard(
     event: Text = None,
     decision: Text = None,
 ) -> HTMLResponse:
-    """Verification status, privacy-spend chart and the event list (newest first) with a filter form."""
+    """Verification status, privacy-spend chart, consented accesses and the event list (newest first) with a
+    filter form."""
     if not _signed_in(request):
         return _login_page(request)
     raw = Filters(since, until, actor, dataset, event, decision)
@@ -500,8 +510,10 @@ def dashboard(
     charts: list[dict[str, Any]] = []
     totals: list[dict[str, Any]] = []
     choices: dict[str, list[str]] = {"actor": [], "dataset": [], "event": []}
+    accesses: list[report.AccessSummary] = []
     try:
         records = list(report.read_records(directory))
+        accesses = report.access_summary(records)
         caps = bastion.budget_caps()
         spent = report.privacy_spend(records, caps)
         charts = spend_charts(spent, caps)
@@ -531,6 +543,7 @@ def dashboard(
         errors=errors,
         charts=charts,
         totals=totals,
+        accesses=accesses,
         link=lambda **extra: "?" + urlencode({**query, **{k: v for k, v in extra.items() if v is not None}}),
         export=lambda fmt: "/audit/export?" + urlencode({**query, "format": fmt}),
     )
