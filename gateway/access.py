@@ -42,13 +42,13 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from sqlglot import exp
 
 from audit.record import Event
 from gateway.engines.base import bounded
 from gateway.service import Bastion, Context
+from gateway.tablefiles import TableFileError, read_table_file
 from policies.errors import Conflict, Forbidden, GatewayError, InvalidRequest, NotFound
 from policies.reader import ROW_ID
 from policies.schema import ColumnType, Grant, Policy, Usage
@@ -125,18 +125,10 @@ def _expiry(value: Any) -> dt.datetime | None:
 
 
 def _read_source(path: Path) -> pa.Table:
-    suffix = "".join(path.suffixes).lower()
     try:
-        if suffix.endswith(".parquet"):
-            return pq.read_table(path)
-        if suffix.endswith((".csv", ".csv.gz")):
-            with pacsv.open_csv(path) as reader:
-                names = reader.schema.names
-            options = pacsv.ConvertOptions(column_types=dict.fromkeys(names, pa.string()), strings_can_be_null=True)
-            return pacsv.read_csv(path, convert_options=options)
-    except (OSError, pa.ArrowException) as exc:
-        raise AccessError(f"cannot read the consent source {path}: {exc}") from None
-    raise AccessError(f"unsupported consent source {path.name!r}: use Parquet or CSV")
+        return read_table_file(path)
+    except TableFileError as exc:
+        raise AccessError(f"the consent source: {exc}") from None
 
 
 def convert_consent(policy: Policy, table: pa.Table) -> tuple[pa.Table, int]:

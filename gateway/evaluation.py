@@ -51,7 +51,7 @@ from gateway.sql.plan import bin_count, binning, public_key_domain, suggested_bi
 from gateway.sql.release import refuse_backtracking
 from gateway.stores.cache import cache_key
 from policies.accountant import MAX_EPSILON, MIN_EPSILON, PrivacyLoss, check_alpha, check_epsilon
-from policies.errors import GatewayError, InvalidRequest, NotFound, QueryRejected
+from policies.errors import InvalidRequest, NotFound, QueryRejected
 from policies.expressions import check_row_expression, parse_statements, reject
 from policies.mechanisms import epsilon_for_accuracy, integer_accuracy, release_integers
 from policies.reader import EngineError, Reader
@@ -611,20 +611,10 @@ def evaluate(bastion: Bastion, ctx: Context, request: dict[str, Any]) -> dict[st
         if isinstance(request.get(name), float) and not math.isfinite(request[name]):
             request[name] = str(request[name])
     policy, version = bastion.authorize(ctx, str(request.get("dataset")), Grant.EVALUATE, request)
-    try:
+    with bastion.denials_audited(ctx, EVENT, policy.dataset, request):
         plan = plan_evaluation(bastion, policy, version, request)
         refuse_backtracking(bastion.engine, [s.tree for s in plan.slices if s.tree is not None])
         precheck(plan, bastion.engine, PredictionsStore(bastion.settings.predictions_dir))
-    except GatewayError as exc:
-        bastion.audit(
-            ctx,
-            EVENT,
-            dataset=policy.dataset,
-            request=request,
-            decision="denied",
-            reason=getattr(exc, "reason", exc.code),
-        )
-        raise
     key = cache_key(EVENT, ctx.principal.name, policy.dataset, version, policy.fingerprint(), plan.normalized())
     store = PredictionsStore(bastion.settings.predictions_dir)
 

@@ -18,7 +18,6 @@ from gateway.stores.cache import cache_key
 from labeling_functions.analysis import compute_lf_stats, compute_lf_stats_default, plan_lf_stats, precheck
 from labeling_functions.registry import REGISTRY, Registry
 from labeling_functions.sandbox import Progress, SandboxLimits
-from policies.errors import GatewayError
 from policies.schema import Grant
 
 EVENT = Event.LF_STATS
@@ -42,7 +41,7 @@ def lf_stats(
         if isinstance(request.get(name), float) and not math.isfinite(request[name]):
             request[name] = str(request[name])
     policy, version = bastion.authorize(ctx, request["dataset"], Grant.LABELING, request)
-    try:
+    with bastion.denials_audited(ctx, EVENT, policy.dataset, request):
         plan = plan_lf_stats(
             policy,
             lfs=request.get("lfs", []),
@@ -54,16 +53,6 @@ def lf_stats(
         )
         refuse_backtracking(bastion.engine, [lf.tree for lf in plan.declarative])
         precheck(plan, bastion.engine)
-    except GatewayError as exc:
-        bastion.audit(
-            ctx,
-            EVENT,
-            dataset=policy.dataset,
-            request=request,
-            decision="denied",
-            reason=getattr(exc, "reason", exc.code),
-        )
-        raise
     key = cache_key(EVENT, ctx.principal.name, policy.dataset, version, policy.fingerprint(), plan.normalized())
     outputs = bastion.settings.outputs_dir
 

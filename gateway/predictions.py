@@ -29,7 +29,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from sqlglot import exp
 
@@ -37,6 +36,7 @@ from audit.record import Event
 from gateway.engines import recipe
 from gateway.engines.kind import EngineKind
 from gateway.service import Bastion
+from gateway.tablefiles import TableFileError, read_table_file
 from policies.errors import GatewayError, InvalidRequest
 from policies.schema import ROW_KEY, Policy, row_keys_table
 
@@ -146,18 +146,10 @@ def read_metadata(path: Path) -> Attachment | None:
 
 def _read_file(path: Path) -> pa.Table:
     """The file's table: Parquet as typed, CSV with every field as text (converted like the dataset's source)."""
-    suffix = "".join(path.suffixes).lower()
     try:
-        if suffix.endswith(".parquet"):
-            return pq.read_table(path)
-        if suffix.endswith((".csv", ".csv.gz")):
-            with pacsv.open_csv(path) as reader:
-                names = reader.schema.names
-            options = pacsv.ConvertOptions(column_types=dict.fromkeys(names, pa.string()), strings_can_be_null=True)
-            return pacsv.read_csv(path, convert_options=options)
-    except (OSError, pa.ArrowException) as exc:
-        raise PredictionsError(f"cannot read {path.name}: {exc}") from None
-    raise PredictionsError(f"unsupported predictions format {path.name!r}: use Parquet or CSV")
+        return read_table_file(path)
+    except TableFileError as exc:
+        raise PredictionsError(f"the predictions file: {exc}") from None
 
 
 def _policy_for_predictions(policy: Policy) -> tuple[str, list[str]]:

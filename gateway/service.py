@@ -10,6 +10,7 @@ shows less spend than the log (deleted, or restored from an older copy) until `r
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import difflib
 import hashlib
@@ -18,7 +19,7 @@ import logging
 import math
 import threading
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -269,6 +270,17 @@ class Bastion:
     def audit(self, ctx: Context | None, event: str, **fields: Any) -> dict[str, Any]:
         """Append one record durably, or raise AuditUnavailable (the caller must release nothing)."""
         return self._append([self._event(ctx, event, fields)])[-1]
+
+    @contextlib.contextmanager
+    def denials_audited(self, ctx: Context, event: str, dataset: str, request: dict[str, Any]) -> Iterator[None]:
+        """Record a refusal raised inside the block (planning and checks before any charge) as the request's denied
+        record, under its reason, and raise it on."""
+        try:
+            yield
+        except GatewayError as exc:
+            reason = getattr(exc, "reason", exc.code)
+            self.audit(ctx, event, dataset=dataset, request=request, decision="denied", reason=reason)
+            raise
 
     @staticmethod
     def _event(ctx: Context | None, event: str, fields: dict[str, Any]) -> dict[str, Any]:
