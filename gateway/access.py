@@ -49,6 +49,7 @@ from sqlglot import exp
 from audit.record import Event
 from gateway.engines.base import bounded
 from gateway.service import Bastion, Context
+from gateway.stores.tokens import NAME
 from policies.errors import Conflict, Forbidden, GatewayError, InvalidRequest, NotFound
 from policies.reader import ROW_ID
 from policies.schema import ColumnType, Grant, Policy, Usage
@@ -630,11 +631,22 @@ def _admin_actor(name: str) -> dict[str, Any]:
     return {"principal": name, "role": "admin", "token_id": None}
 
 
+def _check_approver(name: str) -> None:
+    """An approver's name is spelled like a principal's (ASCII letters, digits, '.', '_', '-'): no Unicode
+    look-alike or invisible character can make the requester's own name pass for someone else's."""
+    if not NAME.fullmatch(name):
+        raise AccessError(
+            f"approver name {name[:64]!r} must be 1 to 64 ASCII letters, digits, '-', '_' or '.', starting and "
+            "ending with a letter or digit, like a principal name (--as NAME)"
+        )
+
+
 @contextlib.contextmanager
 def _pending_change(
     bastion: Bastion, request_id: str, approver: str, event: Event, states: set[str]
 ) -> Iterator[tuple[sqlite3.Connection, AccessRequest]]:
     """The request in one of `states`, in a transaction (a refusal is recorded under `event` and raised)."""
+    _check_approver(approver)
     store = open_store(bastion)
     with store.transaction() as con:  # a grant past its expiry is recorded expired first, whatever follows
         found = AccessStore.get(con, request_id)
@@ -660,14 +672,14 @@ def _pending_change(
 
 def approve(bastion: Bastion, request_id: str, *, rows: int, hours: float, approver: str) -> AccessRequest:
     """Approve a pending request for at most `rows` rows over `hours` hours; refused (and recorded) if `approver`
-    is its requester. Audited `access_approved` before the change commits."""
+    is its requester in any case. Audited `access_approved` before the change commits."""
     if not 1 <= rows <= MAX_ROWS:
         raise AccessError(f"--rows must be between 1 and {MAX_ROWS:,}")
     if not 0 < hours <= MAX_HOURS:
         raise AccessError(f"--hours must be more than 0 and at most {MAX_HOURS}")
     event = Event.ACCESS_APPROVED
     with _pending_change(bastion, request_id, approver, event, {"pending"}) as (con, req):
-        if approver == req.requester:
+        if approver.lower() == req.requester.lower():  # principal names differ by more than case
             bastion.audit(
                 None,
                 event,
