@@ -52,7 +52,7 @@ from gateway.service import Bastion, Context
 from gateway.stores.tokens import NAME
 from policies.errors import Conflict, Forbidden, GatewayError, InvalidRequest, NotFound
 from policies.reader import ROW_ID
-from policies.schema import ColumnType, Grant, Policy, Usage
+from policies.schema import Column, ColumnType, Grant, Policy, Usage
 
 MAX_UNITS = 100  # units one request may name
 MAX_PURPOSE = 1_000  # characters of a purpose
@@ -92,9 +92,8 @@ def consent_path(bastion: Bastion, dataset: str) -> Path:
     return bastion.settings.private_dir / "consent" / f"{dataset}.parquet"
 
 
-def _unit_value(value: Any, kind: ColumnType, max_length: int | None) -> int | str | None:
-    """A unit's value as the bounded table holds it (an int for an int unit, else text cut to its max_length), or
-    None if it cannot be read so."""
+def _parsed_unit(value: Any, kind: ColumnType) -> int | str | None:
+    """A unit's value as its column's type reads it (an int for an int unit, else text), or None if it cannot be."""
     if value is None:
         return None
     if kind is ColumnType.INT:
@@ -105,8 +104,25 @@ def _unit_value(value: Any, kind: ColumnType, max_length: int | None) -> int | s
         except ValueError:
             return None
         return number if -(2**63) <= number < 2**63 else None  # a BIGINT, as the bounded table holds it
-    text = str(value)
-    return text[:max_length] if max_length is not None else text
+    return str(value)
+
+
+def _shared(value: int | str, col: Column) -> str | None:
+    """Why the bounded table may hold other units' rows under `value` (None: only this unit's): it clamps an int
+    unit's values to its bounds and cuts a text or category unit's values to its max_length, so a value at a bound,
+    or of max_length characters, may stand for several units (a consent for one of them covers none of the rest)."""
+    if isinstance(value, int) and col.bounds is not None and not col.bounds[0] < value < col.bounds[1]:
+        return f"values at or beyond the bounds {list(col.bounds)} are clamped to them, with other units' values"
+    if isinstance(value, str) and col.max_length is not None and len(value) >= col.max_length:
+        return f"values of max_length ({col.max_length}) characters or more are cut to it, with other units' values"
+    return None
+
+
+def _unit_value(value: Any, col: Column) -> int | str | None:
+    """A unit's value as the bounded table holds it, or None if it cannot be read so or if the bounded table may
+    hold other units' rows under it (`_shared`)."""
+    parsed = _parsed_unit(value, col.type)
+    return None if parsed is None or _shared(parsed, col) is not None else parsed
 
 
 def _expiry(value: Any) -> dt.datetime | None:
@@ -153,7 +169,7 @@ def convert_consent(policy: Policy, table: pa.Table) -> tuple[pa.Table, int]:
     declared = set(consent.scopes)
     kept: dict[str, list[Any]] = {"unit": [], "scope": [], "expires": []}
     for unit, scope, end in zip(units, scopes, ends, strict=True):
-        value = _unit_value(unit, unit_col.type, unit_col.max_length)
+        value = _unit_value(unit, unit_col)
         moment = _expiry(end)
         scope_text = None if scope is None else str(scope).strip()
         if value is None or moment is None or scope_text not in declared:
@@ -426,10 +442,16 @@ def _units(policy: Policy, units: Any) -> list[str]:
     for u in units:
         if isinstance(u, bool) or not isinstance(u, int | str):
             raise InvalidRequest("each unit must be a number or a string", field="units")
-        value = _unit_value(u, col.type, col.max_length)
+        value = _parsed_unit(u, col.type)
         if value is None:
             raise InvalidRequest(
                 f"unit {str(u)[:40]!r} is not a value of the {col.type.value} column {policy.privacy_unit!r}",
+                field="units",
+            )
+        shared = _shared(value, col)
+        if shared is not None:
+            raise InvalidRequest(
+                f"unit {str(u)[:40]!r} cannot be requested: in the {policy.privacy_unit!r} column {shared}",
                 field="units",
             )
         if str(value) not in out:

@@ -261,6 +261,17 @@ def test_denied_and_revoked_requests_give_no_rows(ws: Workspace, units: dict[str
     assert [r["access_request"] for r in _records(ws, "access_revoked")] == [revoked]
 
 
+@pytest.mark.parametrize("name", ["Alice", "ALICE", "alice\u200b", "\u0430lice", "\uff41\uff4c\uff49\uff43\uff45"])
+def test_the_requester_cannot_approve_under_a_look_alike_name(ws: Workspace, units: dict[str, int], name: str) -> None:
+    with ws.app() as c:
+        rid = _request(c, ws, [units["consenting"]]).json()["id"]
+    with pytest.raises((Forbidden, access.AccessError)):
+        _host(ws, "approve", rid, rows=5, hours=1, approver=name)
+    with ws.app() as c:
+        assert c.get(f"/v1/access/requests/{rid}", headers=ws.headers("analyst")).json()["status"] == "pending"
+    assert not [r for r in _records(ws, "access_approved") if r["decision"] == "allowed"]
+
+
 def _cli(ws: Workspace, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "BASTION_WORKSPACE": str(ws.settings.workspace)}
     return subprocess.run([str(BIN), "access", *args], env=env, capture_output=True, text=True, check=False)
