@@ -291,6 +291,20 @@ def test_host_commands_refuse_the_requester_and_record_the_approver(ws: Workspac
     assert approved["request"]["max_rows"] == 5 and approved["request"]["requester"] == "alice"
 
 
+def test_the_host_listing_shows_control_characters_of_a_purpose_as_escapes(
+    ws: Workspace, units: dict[str, int]
+) -> None:
+    # A requester's purpose must not drive the approver's terminal: clear it, recolour it, rewrite a line (\r) or
+    # reorder it (a bidi override).
+    purpose = "ticket 1 \x1b[2J\x1b]52;c;cm0gLXJm\x07\x9b31m\rapproved by root\u202e"
+    with ws.app() as c:
+        assert _request(c, ws, [units["consenting"]], purpose=purpose).status_code == 200
+    listed = _cli(ws, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert not {"\x1b", "\x07", "\x9b", "\r", "\u202e"} & set(listed.stdout)
+    assert "\\x1b[2J" in listed.stdout and "\\u202e" in listed.stdout
+
+
 def _access_row(html: str) -> str:
     found = re.search(r'<tr class="access" data-request="[^"]+">(.*?)</tr>', html, re.S)
     assert found is not None
@@ -322,6 +336,19 @@ def test_the_auditor_page_lists_accesses(ws: Workspace, units: dict[str, int]) -
         1,
     )
     assert refused.status_code == 403
+
+
+def test_the_auditor_summary_tells_another_principals_probe_from_the_requesters_refused_read(
+    ws: Workspace, units: dict[str, int]
+) -> None:
+    with ws.app() as c:
+        rid = _request(c, ws, [units["consenting"]]).json()["id"]
+        bob = {"Authorization": f"Bearer {ws.tokens['bob']}"}
+        assert c.get(f"/v1/access/requests/{rid}/rows", headers=bob).status_code == 404
+        assert c.get(f"/v1/access/requests/{rid}/rows", headers=ws.headers("analyst")).status_code == 403  # pending
+        (summary,) = c.get("/v1/audit/access", headers=ws.headers("auditor")).json()
+    assert summary["refused_reads"] == 1  # alice's own, refused as pending
+    assert summary["refusals"] == ["access_read by bob: not_found"]
 
 
 @pytest.fixture
