@@ -138,7 +138,10 @@ def _expiry(value: Any) -> dt.datetime | None:
             moment = dt.datetime.fromisoformat(str(value).strip())
         except ValueError:
             return None
-    return moment.replace(tzinfo=dt.UTC) if moment.tzinfo is None else moment.astimezone(dt.UTC)
+    try:
+        return moment.replace(tzinfo=dt.UTC) if moment.tzinfo is None else moment.astimezone(dt.UTC)
+    except OverflowError:  # in UTC, before year 1 or after 9999: no consent (the row is dropped, not the load)
+        return None
 
 
 def _read_source(path: Path) -> pa.Table:

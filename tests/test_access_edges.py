@@ -95,3 +95,16 @@ def test_consent_needs_an_int_category_or_text_unit() -> None:
         with pytest.raises(PolicyError, match="int, category or text"):
             parse_policy(_policy(kind))
     parse_policy(_policy({"type": "category"}))
+
+
+def test_a_consent_expiry_beyond_the_calendar_in_utc_is_no_consent_not_a_crash() -> None:
+    policy = parse_policy(_policy({"type": "int", "usage": "hidden"}))
+    source = pa.table(
+        {
+            "unit": ["1", "2", "3"],
+            "scope": ["d", "d", "d"],
+            "expires": ["9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+01:00", "2099-01-01"],
+        }
+    )
+    kept, dropped = access.convert_consent(policy, source)
+    assert kept["unit"].to_pylist() == ["3"] and dropped == 2
