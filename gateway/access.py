@@ -600,16 +600,22 @@ def read_rows(bastion: Bastion, ctx: Context, request_id: str) -> dict[str, Any]
         _expire(bastion, con, req, now, ctx)
         fields = {"dataset": req.dataset, "access_request": req.id, "request": {"action": "rows"}}
         left = req.rows_left or 0
-        if req.status != "approved" or left == 0:
-            reason = req.status if req.status != "approved" else "row_cap"
+        policy, _ = bastion.engine.policy(req.dataset)
+        if req.status != "approved":
+            reason: str | None = req.status
+        elif policy.consent is None or policy.unit_column is None:  # registered again since: a public fact
+            reason = "no_consent"
+        else:
+            reason = "row_cap" if left == 0 else None
+        if reason is not None:
             bastion.audit(ctx, event, decision="denied", reason=reason, **fields)
             why = {
                 "pending": "it is not approved yet (an admin approves it on the gateway host)",
                 "row_cap": f"its {req.max_rows} rows are all released",
+                "no_consent": f"dataset {req.dataset!r} declares no consent now (its policy was registered again)",
             }.get(reason, f"it is {reason}")
             refusal = AccessClosed(f"access request {req.id} gives no rows: {why}", reason=reason)
         else:
-            policy, _ = bastion.engine.policy(req.dataset)
             assert policy.unit_column is not None
             unit_type = policy.columns[policy.unit_column].type
             eligible = consented_units(bastion, req.dataset, req.scope, req.units, now)

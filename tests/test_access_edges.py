@@ -108,3 +108,23 @@ def test_a_consent_expiry_beyond_the_calendar_in_utc_is_no_consent_not_a_crash()
     )
     kept, dropped = access.convert_consent(policy, source)
     assert kept["unit"].to_pylist() == ["3"] and dropped == 2
+
+
+def test_a_grant_on_a_dataset_registered_again_without_consent_gives_no_rows_and_no_5xx(tmp_path: Path) -> None:
+    ws = _workspace(tmp_path, {"type": "int", "usage": "hidden"}, [1, 2, 3], [1, 2])
+    with ws.app() as c:
+        body = {"dataset": "t", "units": [1], "purpose": "ticket 1"}
+        rid = c.post("/v1/access/requests", json=body, headers=ws.headers("analyst")).json()["id"]
+    _host(ws, "approve", rid, rows=10, hours=1, approver="root")
+    for changed in ({"privacy_unit": "row", "max_rows_per_unit": 1}, {}):  # no unit column, or no consent only
+        raw = {k: v for k, v in _policy({"type": "int", "usage": "hidden"}).items() if k != "consent"}
+        bastion = Bastion(ws.settings, read_only=False)
+        try:
+            policy = parse_policy({**raw, **changed})
+            bastion.engine.register(policy, tmp_path / "src" / "t.parquet")
+            access.store_consent(bastion, access.prepare_consent(policy))
+        finally:
+            bastion.close()
+        with ws.app() as c:
+            read = c.get(f"/v1/access/requests/{rid}/rows", headers=ws.headers("analyst"))
+        assert read.status_code == 403 and read.json()["error"]["reason"] == "no_consent"
