@@ -722,7 +722,7 @@ def approve(bastion: Bastion, request_id: str, *, rows: int, hours: float, appro
             )
             raise Forbidden(
                 f"{approver!r} filed access request {req.id}: its approver must be someone else "
-                "(--as NAME names the approver; by default the OS user)"
+                "(--as NAME names the approver; by default the OS account)"
             )
         now = _now()
         req.status, req.approver, req.decided_at = "approved", approver, _iso(now)

@@ -305,6 +305,22 @@ def test_the_host_listing_shows_control_characters_of_a_purpose_as_escapes(
     assert "\\x1b[2J" in listed.stdout and "\\u202e" in listed.stdout
 
 
+def test_the_default_approver_is_the_os_account_not_the_user_environment_variable(
+    ws: Workspace, units: dict[str, int]
+) -> None:
+    import pwd
+
+    with ws.app() as c:
+        rid = _request(c, ws, [units["consenting"]]).json()["id"]
+    env = {**os.environ, "BASTION_WORKSPACE": str(ws.settings.workspace), "USER": "carol", "LOGNAME": "carol"}
+    done = subprocess.run(
+        [str(BIN), "access", "approve", rid, "--rows", "5", "--hours", "1"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    (approved,) = [r for r in _records(ws, "access_approved") if r["decision"] == "allowed"]
+    assert approved["actor"]["principal"] == pwd.getpwuid(os.getuid()).pw_name != "carol"
+
+
 def _access_row(html: str) -> str:
     found = re.search(r'<tr class="access" data-request="[^"]+">(.*?)</tr>', html, re.S)
     assert found is not None
