@@ -471,7 +471,8 @@ class AccessSummary:
     reads: int = 0
     rows_released: int = 0
     refused_reads: int = 0
-    refusals: list[str] = field(default_factory=list)  # refused decisions (e.g. self_approval by an approver)
+    # refused decisions (e.g. self_approval by an approver) and other principals' reads of the request's id
+    refusals: list[str] = field(default_factory=list)
 
 
 def access_summary(records: Iterable[Mapping[str, Any]]) -> list[AccessSummary]:
@@ -502,8 +503,8 @@ def access_summary(records: Iterable[Mapping[str, Any]]) -> list[AccessSummary]:
         if entry is None:
             continue
         if not allowed:
-            if event == "access_read":
-                entry.refused_reads += 1
+            if event == "access_read" and actor == entry.requester:
+                entry.refused_reads += 1  # another principal's read of the id is a probe, listed as a refusal
             else:
                 entry.refusals.append(f"{event} by {actor}: {r.get('reason')}")
             continue

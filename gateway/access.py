@@ -48,10 +48,11 @@ from sqlglot import exp
 from audit.record import Event
 from gateway.engines.base import bounded
 from gateway.service import Bastion, Context
+from gateway.stores.tokens import NAME
 from gateway.tablefiles import TableFileError, read_table_file
 from policies.errors import Conflict, Forbidden, GatewayError, InvalidRequest, NotFound
 from policies.reader import ROW_ID
-from policies.schema import ColumnType, Grant, Policy, Usage
+from policies.schema import Column, ColumnType, Grant, Policy, Usage
 
 MAX_UNITS = 100  # units one request may name
 MAX_PURPOSE = 1_000  # characters of a purpose
@@ -91,9 +92,8 @@ def consent_path(bastion: Bastion, dataset: str) -> Path:
     return bastion.settings.private_dir / "consent" / f"{dataset}.parquet"
 
 
-def _unit_value(value: Any, kind: ColumnType, max_length: int | None) -> int | str | None:
-    """A unit's value as the bounded table holds it (an int for an int unit, else text cut to its max_length), or
-    None if it cannot be read so."""
+def _parsed_unit(value: Any, kind: ColumnType) -> int | str | None:
+    """A unit's value as its column's type reads it (an int for an int unit, else text), or None if it cannot be."""
     if value is None:
         return None
     if kind is ColumnType.INT:
@@ -104,8 +104,25 @@ def _unit_value(value: Any, kind: ColumnType, max_length: int | None) -> int | s
         except ValueError:
             return None
         return number if -(2**63) <= number < 2**63 else None  # a BIGINT, as the bounded table holds it
-    text = str(value)
-    return text[:max_length] if max_length is not None else text
+    return str(value)
+
+
+def _shared(value: int | str, col: Column) -> str | None:
+    """Why the bounded table may hold other units' rows under `value` (None: only this unit's): it clamps an int
+    unit's values to its bounds and cuts a text or category unit's values to its max_length, so a value at a bound,
+    or of max_length characters, may stand for several units (a consent for one of them covers none of the rest)."""
+    if isinstance(value, int) and col.bounds is not None and not col.bounds[0] < value < col.bounds[1]:
+        return f"values at or beyond the bounds {list(col.bounds)} are clamped to them, with other units' values"
+    if isinstance(value, str) and col.max_length is not None and len(value) >= col.max_length:
+        return f"values of max_length ({col.max_length}) characters or more are cut to it, with other units' values"
+    return None
+
+
+def _unit_value(value: Any, col: Column) -> int | str | None:
+    """A unit's value as the bounded table holds it, or None if it cannot be read so or if the bounded table may
+    hold other units' rows under it (`_shared`)."""
+    parsed = _parsed_unit(value, col.type)
+    return None if parsed is None or _shared(parsed, col) is not None else parsed
 
 
 def _expiry(value: Any) -> dt.datetime | None:
@@ -121,7 +138,10 @@ def _expiry(value: Any) -> dt.datetime | None:
             moment = dt.datetime.fromisoformat(str(value).strip())
         except ValueError:
             return None
-    return moment.replace(tzinfo=dt.UTC) if moment.tzinfo is None else moment.astimezone(dt.UTC)
+    try:
+        return moment.replace(tzinfo=dt.UTC) if moment.tzinfo is None else moment.astimezone(dt.UTC)
+    except OverflowError:  # in UTC, before year 1 or after 9999: no consent (the row is dropped, not the load)
+        return None
 
 
 def _read_source(path: Path) -> pa.Table:
@@ -144,7 +164,7 @@ def convert_consent(policy: Policy, table: pa.Table) -> tuple[pa.Table, int]:
     declared = set(consent.scopes)
     kept: dict[str, list[Any]] = {"unit": [], "scope": [], "expires": []}
     for unit, scope, end in zip(units, scopes, ends, strict=True):
-        value = _unit_value(unit, unit_col.type, unit_col.max_length)
+        value = _unit_value(unit, unit_col)
         moment = _expiry(end)
         scope_text = None if scope is None else str(scope).strip()
         if value is None or moment is None or scope_text not in declared:
@@ -417,10 +437,16 @@ def _units(policy: Policy, units: Any) -> list[str]:
     for u in units:
         if isinstance(u, bool) or not isinstance(u, int | str):
             raise InvalidRequest("each unit must be a number or a string", field="units")
-        value = _unit_value(u, col.type, col.max_length)
+        value = _parsed_unit(u, col.type)
         if value is None:
             raise InvalidRequest(
                 f"unit {str(u)[:40]!r} is not a value of the {col.type.value} column {policy.privacy_unit!r}",
+                field="units",
+            )
+        shared = _shared(value, col)
+        if shared is not None:
+            raise InvalidRequest(
+                f"unit {str(u)[:40]!r} cannot be requested: in the {policy.privacy_unit!r} column {shared}",
                 field="units",
             )
         if str(value) not in out:
@@ -566,16 +592,22 @@ def read_rows(bastion: Bastion, ctx: Context, request_id: str) -> dict[str, Any]
         _expire(bastion, con, req, now, ctx)
         fields = {"dataset": req.dataset, "access_request": req.id, "request": {"action": "rows"}}
         left = req.rows_left or 0
-        if req.status != "approved" or left == 0:
-            reason = req.status if req.status != "approved" else "row_cap"
+        policy, _ = bastion.engine.policy(req.dataset)
+        if req.status != "approved":
+            reason: str | None = req.status
+        elif policy.consent is None or policy.unit_column is None:  # registered again since: a public fact
+            reason = "no_consent"
+        else:
+            reason = "row_cap" if left == 0 else None
+        if reason is not None:
             bastion.audit(ctx, event, decision="denied", reason=reason, **fields)
             why = {
                 "pending": "it is not approved yet (an admin approves it on the gateway host)",
                 "row_cap": f"its {req.max_rows} rows are all released",
+                "no_consent": f"dataset {req.dataset!r} declares no consent now (its policy was registered again)",
             }.get(reason, f"it is {reason}")
             refusal = AccessClosed(f"access request {req.id} gives no rows: {why}", reason=reason)
         else:
-            policy, _ = bastion.engine.policy(req.dataset)
             assert policy.unit_column is not None
             unit_type = policy.columns[policy.unit_column].type
             eligible = consented_units(bastion, req.dataset, req.scope, req.units, now)
@@ -622,11 +654,22 @@ def _admin_actor(name: str) -> dict[str, Any]:
     return {"principal": name, "role": "admin", "token_id": None}
 
 
+def _check_approver(name: str) -> None:
+    """An approver's name is spelled like a principal's (ASCII letters, digits, '.', '_', '-'): no Unicode
+    look-alike or invisible character can make the requester's own name pass for someone else's."""
+    if not NAME.fullmatch(name):
+        raise AccessError(
+            f"approver name {name[:64]!r} must be 1 to 64 ASCII letters, digits, '-', '_' or '.', starting and "
+            "ending with a letter or digit, like a principal name (--as NAME)"
+        )
+
+
 @contextlib.contextmanager
 def _pending_change(
     bastion: Bastion, request_id: str, approver: str, event: Event, states: set[str]
 ) -> Iterator[tuple[sqlite3.Connection, AccessRequest]]:
     """The request in one of `states`, in a transaction (a refusal is recorded under `event` and raised)."""
+    _check_approver(approver)
     store = open_store(bastion)
     with store.transaction() as con:  # a grant past its expiry is recorded expired first, whatever follows
         found = AccessStore.get(con, request_id)
@@ -652,14 +695,14 @@ def _pending_change(
 
 def approve(bastion: Bastion, request_id: str, *, rows: int, hours: float, approver: str) -> AccessRequest:
     """Approve a pending request for at most `rows` rows over `hours` hours; refused (and recorded) if `approver`
-    is its requester. Audited `access_approved` before the change commits."""
+    is its requester in any case. Audited `access_approved` before the change commits."""
     if not 1 <= rows <= MAX_ROWS:
         raise AccessError(f"--rows must be between 1 and {MAX_ROWS:,}")
     if not 0 < hours <= MAX_HOURS:
         raise AccessError(f"--hours must be more than 0 and at most {MAX_HOURS}")
     event = Event.ACCESS_APPROVED
     with _pending_change(bastion, request_id, approver, event, {"pending"}) as (con, req):
-        if approver == req.requester:
+        if approver.lower() == req.requester.lower():  # principal names differ by more than case
             bastion.audit(
                 None,
                 event,
@@ -671,7 +714,7 @@ def approve(bastion: Bastion, request_id: str, *, rows: int, hours: float, appro
             )
             raise Forbidden(
                 f"{approver!r} filed access request {req.id}: its approver must be someone else "
-                "(--as NAME names the approver; by default the OS user)"
+                "(--as NAME names the approver; by default the OS account)"
             )
         now = _now()
         req.status, req.approver, req.decided_at = "approved", approver, _iso(now)

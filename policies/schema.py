@@ -92,6 +92,7 @@ class Grant(StrEnum):
 
 NUMERIC_TYPES = {ColumnType.INT, ColumnType.FLOAT, ColumnType.DECIMAL}
 ROW_KEY_TYPES = {ColumnType.INT, ColumnType.CATEGORY, ColumnType.TEXT}
+CONSENT_UNIT_TYPES = ROW_KEY_TYPES  # the privacy unit of a dataset with consent (`gateway.access`)
 
 
 class _Strict(BaseModel):
@@ -425,6 +426,12 @@ class Policy(_Strict):
                 raise ValueError(
                     f"privacy_unit {self.privacy_unit!r} is not a column of the policy; "
                     "name one of its columns, or use 'row'"
+                )
+            kind = self.columns[self.privacy_unit].type
+            if self.consent is not None and kind not in CONSENT_UNIT_TYPES:
+                raise ValueError(
+                    f"consent needs a privacy unit of type int, category or text (requests and consent records name "
+                    f"its values); {self.privacy_unit!r} is {kind.value}"
                 )
         elif self.max_rows_per_unit != 1:
             raise ValueError("privacy_unit: row implies max_rows_per_unit: 1")

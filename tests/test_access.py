@@ -261,6 +261,17 @@ def test_denied_and_revoked_requests_give_no_rows(ws: Workspace, units: dict[str
     assert [r["access_request"] for r in _records(ws, "access_revoked")] == [revoked]
 
 
+@pytest.mark.parametrize("name", ["Alice", "ALICE", "alice\u200b", "\u0430lice", "\uff41\uff4c\uff49\uff43\uff45"])
+def test_the_requester_cannot_approve_under_a_look_alike_name(ws: Workspace, units: dict[str, int], name: str) -> None:
+    with ws.app() as c:
+        rid = _request(c, ws, [units["consenting"]]).json()["id"]
+    with pytest.raises((Forbidden, access.AccessError)):
+        _host(ws, "approve", rid, rows=5, hours=1, approver=name)
+    with ws.app() as c:
+        assert c.get(f"/v1/access/requests/{rid}", headers=ws.headers("analyst")).json()["status"] == "pending"
+    assert not [r for r in _records(ws, "access_approved") if r["decision"] == "allowed"]
+
+
 def _cli(ws: Workspace, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "BASTION_WORKSPACE": str(ws.settings.workspace)}
     return subprocess.run([str(BIN), "access", *args], env=env, capture_output=True, text=True, check=False)
@@ -278,6 +289,36 @@ def test_host_commands_refuse_the_requester_and_record_the_approver(ws: Workspac
     (approved,) = [r for r in _records(ws, "access_approved") if r["decision"] == "allowed"]
     assert approved["actor"] == {"principal": "carol", "role": "admin", "token_id": None}
     assert approved["request"]["max_rows"] == 5 and approved["request"]["requester"] == "alice"
+
+
+def test_the_host_listing_shows_control_characters_of_a_purpose_as_escapes(
+    ws: Workspace, units: dict[str, int]
+) -> None:
+    # A requester's purpose must not drive the approver's terminal: clear it, recolour it, rewrite a line (\r) or
+    # reorder it (a bidi override).
+    purpose = "ticket 1 \x1b[2J\x1b]52;c;cm0gLXJm\x07\x9b31m\rapproved by root\u202e"
+    with ws.app() as c:
+        assert _request(c, ws, [units["consenting"]], purpose=purpose).status_code == 200
+    listed = _cli(ws, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert not {"\x1b", "\x07", "\x9b", "\r", "\u202e"} & set(listed.stdout)
+    assert "\\x1b[2J" in listed.stdout and "\\u202e" in listed.stdout
+
+
+def test_the_default_approver_is_the_os_account_not_the_user_environment_variable(
+    ws: Workspace, units: dict[str, int]
+) -> None:
+    import pwd
+
+    with ws.app() as c:
+        rid = _request(c, ws, [units["consenting"]]).json()["id"]
+    env = {**os.environ, "BASTION_WORKSPACE": str(ws.settings.workspace), "USER": "carol", "LOGNAME": "carol"}
+    done = subprocess.run(
+        [str(BIN), "access", "approve", rid, "--rows", "5", "--hours", "1"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    (approved,) = [r for r in _records(ws, "access_approved") if r["decision"] == "allowed"]
+    assert approved["actor"]["principal"] == pwd.getpwuid(os.getuid()).pw_name != "carol"
 
 
 def _access_row(html: str) -> str:
@@ -311,6 +352,19 @@ def test_the_auditor_page_lists_accesses(ws: Workspace, units: dict[str, int]) -
         1,
     )
     assert refused.status_code == 403
+
+
+def test_the_auditor_summary_tells_another_principals_probe_from_the_requesters_refused_read(
+    ws: Workspace, units: dict[str, int]
+) -> None:
+    with ws.app() as c:
+        rid = _request(c, ws, [units["consenting"]]).json()["id"]
+        bob = {"Authorization": f"Bearer {ws.tokens['bob']}"}
+        assert c.get(f"/v1/access/requests/{rid}/rows", headers=bob).status_code == 404
+        assert c.get(f"/v1/access/requests/{rid}/rows", headers=ws.headers("analyst")).status_code == 403  # pending
+        (summary,) = c.get("/v1/audit/access", headers=ws.headers("auditor")).json()
+    assert summary["refused_reads"] == 1  # alice's own, refused as pending
+    assert summary["refusals"] == ["access_read by bob: not_found"]
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any
 
 import typer
@@ -29,7 +30,9 @@ consent_app = typer_app(help="The units' consent to debug access (admin, on the 
 
 AsAdmin = Annotated[
     str | None,
-    typer.Option("--as", help="the approving admin's name, recorded in the audit log [default: the OS user]"),
+    typer.Option(
+        "--as", help="the approving admin's name, recorded in the audit log [default: the OS account running this]"
+    ),
 ]
 
 
@@ -122,10 +125,19 @@ def _host(workspace: Any) -> Any:
         fail(str(exc))
 
 
-def _approver(name: str | None) -> str:
+def _os_user() -> str:
+    """The account the command runs as, from its user id (getpass.getuser() would believe $USER or $LOGNAME)."""
     import getpass
+    import pwd
 
-    who = name if name is not None else getpass.getuser()
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:  # a user id without an account (a container): its environment is all there is
+        return getpass.getuser()
+
+
+def _approver(name: str | None) -> str:
+    who = name if name is not None else _os_user()
     if not who.strip():
         fail("--as needs a name", 2)
     return who.strip()
@@ -153,7 +165,7 @@ def access_approve(
     workspace: Workspace = None,
 ) -> None:
     """Approve a pending request for at most --rows rows over --hours hours (admin, on the host). The approver
-    (--as, or the OS user) must not be the requester. Audited (access_approved)."""
+    (--as, or the OS account) must not be the requester. Audited (access_approved)."""
     req = _decision("approve", request_id, workspace, rows=rows, hours=hours, approver=_approver(as_))
     console.print(
         f"approved {req.id} of {req.requester} on {req.dataset}: at most {req.max_rows} rows until {req.expires_at}",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import unicodedata
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
@@ -30,18 +31,38 @@ console = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
+BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def visible(text: str) -> str:
+    """`text` with its control characters (but newline and tab) and bidi controls written as escapes (`\\x1b`,
+    `\\u202e`): a value from a caller or a row (a purpose, a group key) cannot move the cursor, clear or retitle
+    the terminal, write its clipboard or reorder what is shown beside it."""
+    if text.isprintable():
+        return text
+    return "".join(
+        (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+        if (unicodedata.category(ch) == "Cc" and ch not in "\n\t") or ch in BIDI_CONTROLS
+        else ch
+        for ch in text
+    )
+
+
 class DataTable(Table):
     """A table whose header, title and cell strings are shown as they are, never read as rich markup: they hold
     names and values from answers (a released group key, a slice, a column alias), and `[red]x` or `[/x]` in one
-    would be shown as something else or end the command with a markup error after the answer was paid for."""
+    would be shown as something else or end the command with a markup error after the answer was paid for. Control
+    characters in them are shown as escapes (`visible`)."""
 
     def __init__(self, *headers: str, title: str | None = None, **kwargs: Any) -> None:
         super().__init__(
-            *(Column(header=Text(h)) for h in headers), title=None if title is None else Text(title), **kwargs
+            *(Column(header=Text(visible(h))) for h in headers),
+            title=None if title is None else Text(visible(title)),
+            **kwargs,
         )
 
     def add_row(self, *renderables: RenderableType | None, **kwargs: Any) -> None:
-        super().add_row(*(Text(r) if isinstance(r, str) else r for r in renderables), **kwargs)
+        super().add_row(*(Text(visible(r)) if isinstance(r, str) else r for r in renderables), **kwargs)
 
 
 def typer_app(help: str) -> typer.Typer:
@@ -90,7 +111,7 @@ def fail(message: str, code: int = 1) -> NoReturn:
     """End the command with `error: <message>` on one line of stderr and exit status `code`."""
     from rich.markup import escape
 
-    err.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(visible(one_line(message)))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
