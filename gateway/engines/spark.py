@@ -200,7 +200,6 @@ class SparkEngine:
     # --- versions (one per registration: appends run on DuckDB only) ---------------------------------------
 
     def append(self, dataset: str, source: Path) -> tuple[Version, bool]:
-        self.policy(dataset)
         raise CatalogError(
             "appends run on the DuckDB engine only: this workspace keeps its rows on Spark, where a dataset has one "
             "version per registration (register it again, with the gateways stopped, to replace its rows)"
