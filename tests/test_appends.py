@@ -27,7 +27,7 @@ from gateway.service import Bastion
 from gateway.settings import Settings
 from policies.errors import VersionNotFound, VersionRetired
 from policies.schema import parse_policy
-from tests.conftest import BIN, AppClient, gateways
+from tests.conftest import BIN, AppClient, Workspace, gateways
 
 K = 2
 POLICY_YAML = f"""
@@ -363,3 +363,35 @@ def test_spark_refuses_appends(tmp_path: Path) -> None:
     settings = Settings(workspace=tmp_path / "ws")
     with pytest.raises(Exception, match="appends run on the DuckDB engine only"):
         SparkEngine(settings).append("feed", tmp_path / "b.csv")
+
+
+@pytest.fixture
+def workspace_demo(tmp_path: Path, demo_source: tuple[Path, Path]) -> Workspace:
+    from tests.conftest import ROLES, build_workspace
+
+    data, policy = demo_source
+    return build_workspace(tmp_path, [(policy, data)], ROLES)
+
+
+def test_lf_stats_read_the_pinned_version_and_say_which(workspace_demo: Workspace, tmp_path: Path) -> None:
+    from gateway.demo import write_demo
+    from tests.lf.test_lf_api import LFS
+
+    ws = workspace_demo
+    batch, _ = write_demo(tmp_path / "batch", n_rows=3000, seed=99)
+    body = {"dataset": "visits", "lfs": LFS, "epsilon": 1.0}
+    headers = ws.headers("lf_author")
+    with ws.app() as client:
+        bastion: Bastion = client.app.state.bastion
+        v1 = bastion.engine.policy("visits")[1]
+        v2, added = bastion.engine.append("visits", batch)
+        assert added
+        latest = client.post("/v1/lf/stats", json=body, headers=headers).json()
+        pinned = client.post("/v1/lf/stats", json={**body, "version": v1}, headers=headers).json()
+        unknown = client.post("/v1/lf/stats", json={**body, "version": "77-00000000"}, headers=headers)
+        records = [r for r in bastion.audit_log.records() if r.get("event") == "lf_stats"]
+    assert latest["version"] == v2.version and pinned["version"] == v1
+    assert not latest["cached"] and not pinned["cached"]  # two versions, two releases
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "version_not_found"
+    admitted = [r["version"] for r in records if r.get("phase") == "admitted"]
+    assert admitted == [v2.version, v1]

@@ -479,7 +479,7 @@ class DuckDBEngine:
         version, serial, at, rows = (meta.get(c) for c in ("version", "serial", "registered_at", "source_rows"))
         when = at.replace(tzinfo=dt.UTC, microsecond=0).isoformat() if at is not None else ""
         found = Version(
-            version=version,
+            version=str(version),
             serial=int(serial) if serial is not None else 1,
             time=when,
             rows=rows_class(int(rows)) if rows is not None else "unknown",

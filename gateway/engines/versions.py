@@ -24,6 +24,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 MANIFEST = "manifest.json"
 
@@ -40,7 +41,7 @@ class Version:
     file: str | None = None  # None: the registration, held in the private database
     batch: str | None = None  # keyed digest of the appended file (admin-only; never shown)
 
-    def public(self) -> dict[str, object]:
+    def public(self) -> dict[str, Any]:
         return {"version": self.version, "time": self.time, "rows": self.rows, "retired": self.retired}
 
 
