@@ -561,8 +561,11 @@ def evaluate(bastion: Bastion, ctx: Context, request: dict[str, Any]) -> dict[st
     key = cache_key(EVENT, ctx.principal.name, policy.dataset, version, policy.fingerprint(), plan.normalized())
     store = PredictionsStore(bastion.settings.predictions_dir)
 
+    # Every statement reads the version the predictions were checked against, whatever is appended meanwhile.
+    version, reader = bastion.reading(ctx, policy.dataset, version, EVENT, request)
+
     def compute() -> dict[str, Any]:
-        return release(plan, exact_counts(plan, bastion.engine, store))
+        return release(plan, exact_counts(plan, reader, store))
 
     def fallback() -> dict[str, Any]:
         return release(plan, [0] * plan.cells)  # the same release over the default input, an empty table
@@ -578,6 +581,7 @@ def evaluate(bastion: Bastion, ctx: Context, request: dict[str, Any]) -> dict[st
         fallback=fallback,
         dry_run=plan.dry_run() if bool(request.get("dry_run", False)) else None,
         kind=EVENT,
+        version=version,
     )
     if not answer.get("dry_run"):
         try:

@@ -968,6 +968,7 @@ class Bastion:
             "delta": delta,
             "dry_run": dry_run,
             **({} if quantile_interval else {"quantile_interval": False}),
+            **({"version": version} if version is not None else {}),
         }
         resolved: dict[str, tuple[Policy, str]] = {}
 

@@ -286,8 +286,8 @@ def test_versions_in_the_api_pinning_cache_retire_and_audit(workspace: tuple[Set
     released = [r for r in records if r.get("phase") in {"admitted", "released"}]
     assert released and all(r["version"] in {v1[0]["version"], v2.version} for r in released)
     assert {r["version"] for r in released if r["reason"] == "cached"} == {v1[0]["version"]}
-    denied = [r["reason"] for r in records if r["decision"] == "denied"]
-    assert denied == ["version_retired", "version_not_found"]
+    denied = [(r["reason"], r["request"]["version"]) for r in records if r["decision"] == "denied"]
+    assert denied == [("version_retired", v1[0]["version"]), ("version_not_found", "99-00000000")]
 
 
 def bastion_cli(*args: str, settings: Settings) -> subprocess.CompletedProcess[str]:
