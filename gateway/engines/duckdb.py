@@ -338,6 +338,7 @@ class DuckDBEngine:
             name = f"{serial}-{secrets.token_hex(4)}"
             partial = folder / f"{serial}.partial.duckdb"
             count = self._build(policy, src, manifest.newest, partial)
+            os.chmod(partial, 0o600)  # private rows, as the private database
             fsync_file(partial)
             os.replace(partial, folder / f"{name}.duckdb")
             fsync_file(folder)
@@ -518,22 +519,27 @@ class DuckDBEngine:
         return _Pinned(self, {d: self.version(d, v) for d, v in pins.items()})
 
     def _versioned(self, query: exp.Query, pins: dict[str, Version]) -> exp.Query:
-        """`query` with each bounded (and row-key) table read at its pinned version, else its latest."""
-        found = [t for t in query.find_all(exp.Table) if _versioned_dataset(t) is not None]
-        if not found:
-            return query
-        out = query.copy()
-        for table in list(out.find_all(exp.Table)):
+        """`query` with each bounded (and row-key) table read at its pinned version, else its latest (the query
+        itself when every such table is read at a registration, which the private database holds)."""
+        located: dict[str, exp.Table] = {}
+        for table in query.find_all(exp.Table):
             dataset = _versioned_dataset(table)
-            if dataset is None:
+            if dataset is None or table.name in located:
                 continue
             try:
                 version = pins.get(dataset) or self.manifest(dataset).latest
             except DatasetNotFound:
                 continue  # not a dataset's table: left for the binder to refuse
-            located = self._table(dataset, version, table.name)
-            for part in ("db", "catalog"):
-                table.set(part, located.args.get(part))
+            if version.file is not None:
+                located[table.name] = self._table(dataset, version, table.name)
+        if not located:
+            return query
+        out = query.copy()
+        for table in list(out.find_all(exp.Table)):
+            found = located.get(table.name) if _versioned_dataset(table) is not None else None
+            if found is not None:
+                for part in ("db", "catalog"):
+                    table.set(part, found.args[part].copy())
         return out
 
     # --- lookups ------------------------------------------------------------------------------------------
