@@ -259,6 +259,7 @@ class SynthJobs:
         seed: int | None = None,
         method: str | None = None,
         delta: float | None = None,
+        version: str | None = None,
     ) -> dict[str, Any]:
         from synth import DEFAULT_METHOD, METHODS, NON_DP_METHODS
         from synth.measure import check_calibration
@@ -272,8 +273,10 @@ class SynthJobs:
             "method": method,
             "delta": delta,
             "non_dp": method in NON_DP_METHODS,
+            **({"version": version} if version is not None else {}),
         }
-        policy, version = self.bastion.authorize(ctx, dataset, Grant.SYNTH, request)
+        policy, _ = self.bastion.authorize(ctx, dataset, Grant.SYNTH, request)
+        version, _ = self.bastion.reading(ctx, dataset, version, Event.SYNTH, request)
         non_dp = method in NON_DP_METHODS
         try:
             if method not in METHODS:

@@ -395,3 +395,28 @@ def test_lf_stats_read_the_pinned_version_and_say_which(workspace_demo: Workspac
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "version_not_found"
     admitted = [r["version"] for r in records if r.get("phase") == "admitted"]
     assert admitted == [v2.version, v1]
+
+
+def test_a_synthesis_job_reads_the_version_it_was_admitted_at(workspace_demo: Workspace, tmp_path: Path) -> None:
+    from gateway.demo import write_demo
+    from tests.synth.helpers import wait
+
+    ws = workspace_demo
+    batch, _ = write_demo(tmp_path / "batch", n_rows=3000, seed=98)
+    headers = ws.headers("analyst")
+    body = {"dataset": "visits", "epsilon": 1.0, "rows": 200, "seed": 3}
+    with ws.app() as client:
+        bastion: Bastion = client.app.state.bastion
+        v1 = bastion.engine.policy("visits")[1]
+        v2, _ = bastion.engine.append("visits", batch)
+        pinned = client.post("/v1/synth", json={**body, "version": v1}, headers=headers).json()
+        jobs = [wait(client, headers, pinned["job_id"])]  # one unfinished job per principal
+        latest = client.post("/v1/synth", json=body, headers=headers).json()
+        jobs.append(wait(client, headers, latest["job_id"]))
+        assert (pinned["dataset_version"], latest["dataset_version"]) == (v1, v2.version)
+        bastion.engine.retire("visits", v1)
+        refused = client.post("/v1/synth", json={**body, "seed": 4, "version": v1}, headers=headers)
+        records = [r for r in bastion.audit_log.records() if r.get("event") == "synth"]
+    assert [j["status"] for j in jobs] == ["done", "done"]
+    assert refused.status_code == 410 and refused.json()["error"]["code"] == "version_retired"
+    assert [r["version"] for r in records if r.get("phase") == "admitted"] == [v1, v2.version]
