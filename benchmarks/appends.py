@@ -75,11 +75,12 @@ def main() -> None:
         sizes = [bastion.engine.at({"visits": v}).rows(count)[0][0] for v in (first, last)]  # synthetic rows
         print(f"bounded rows: registration {sizes[0]:,}, last version {sizes[1]:,}")
         print(f"{'query':<18} {'registration ms':>16} {'last version ms':>16}")
+
+        def timed(sql: str, version: str) -> float:
+            return _median(lambda: bastion.query(ctx, sql, epsilon=next(epsilons), version=version), args.runs)
+
         for label, sql in QUERIES:
-            times = [
-                _median(lambda v=v, sql=sql: bastion.query(ctx, sql, epsilon=next(epsilons), version=v), args.runs)
-                for v in (first, last)
-            ]
+            times = [timed(sql, v) for v in (first, last)]
             print(f"{label:<18} {times[0] * 1e3:>16.1f} {times[1] * 1e3:>16.1f}")
         bastion.close()
 
