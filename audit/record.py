@@ -51,6 +51,8 @@ class Event(enum.StrEnum):
     ORPHAN_CHARGE = "orphan_charge"
     LEDGER_RECONCILED = "ledger_reconciled"
     DATASET_REGISTERED = "dataset_registered"
+    DATASET_APPENDED = "dataset_appended"
+    VERSION_RETIRED = "version_retired"
     TOKEN_CREATED = "token_created"
     TOKEN_REVOKED = "token_revoked"
     TOKEN_ROTATED = "token_rotated"

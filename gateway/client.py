@@ -125,6 +125,10 @@ class Client:
     def datasets(self) -> list[dict[str, Any]]:
         return self._json("GET", "/v1/datasets")
 
+    def versions(self, dataset: str) -> list[dict[str, Any]]:
+        """The dataset's versions, oldest first: version, time, row-count class, retired."""
+        return self._json("GET", f"/v1/datasets/{dataset}/versions")
+
     def public_table(self, dataset: str, table: str, *, offset: int = 0, limit: int = 1_000) -> dict[str, Any]:
         """One page of a dataset's public table: columns, rows, total and next_offset (null on the last page)."""
         return self._json("GET", f"/v1/datasets/{dataset}/public/{table}", params={"offset": offset, "limit": limit})
@@ -164,8 +168,10 @@ class Client:
         delta: float | None = None,
         dry_run: bool = False,
         quantile_interval: bool = True,
+        version: str | None = None,
     ) -> QueryResult:
-        """The JSON answer of POST /v1/query; `quantile_interval=False` releases quantiles' values only."""
+        """The JSON answer of POST /v1/query; `quantile_interval=False` releases quantiles' values only; `version`
+        pins the dataset version read (default: the latest; the answer's `version` says which it read)."""
         body = {
             "sql": sql,
             "epsilon": epsilon,
@@ -174,6 +180,7 @@ class Client:
             "delta": delta,
             "dry_run": dry_run,
             "quantile_interval": None if quantile_interval else False,
+            "version": version,
         }
         return QueryResult(self._json("POST", "/v1/query", json={k: v for k, v in body.items() if v is not None}))
 
@@ -195,9 +202,19 @@ class Client:
         seed: int | None = None,
         method: str | None = None,
         delta: float | None = None,
+        version: str | None = None,
     ) -> dict[str, Any]:
-        """Start a proxy job (the ε is charged now; an identical earlier request is returned at no cost)."""
-        body = {"dataset": dataset, "epsilon": epsilon, "rows": rows, "seed": seed, "method": method, "delta": delta}
+        """Start a proxy job (the ε is charged now; an identical earlier request is returned at no cost); `version`
+        pins the dataset version it reads (default: the latest at submission)."""
+        body = {
+            "dataset": dataset,
+            "epsilon": epsilon,
+            "rows": rows,
+            "seed": seed,
+            "method": method,
+            "delta": delta,
+            "version": version,
+        }
         return self._json("POST", "/v1/synth", json={k: v for k, v in body.items() if v is not None})
 
     def synth_status(self, job_id: str) -> dict[str, Any]:

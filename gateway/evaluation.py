@@ -618,10 +618,13 @@ def evaluate(bastion: Bastion, ctx: Context, request: dict[str, Any]) -> dict[st
     key = cache_key(EVENT, ctx.principal.name, policy.dataset, version, policy.fingerprint(), plan.normalized())
     store = PredictionsStore(bastion.settings.predictions_dir)
 
-    # The release's id is the request id of the request that makes it: a cached repeat carries the same id, so its
-    # card is the stored card of that one release.
+    # Every statement reads the version the predictions were checked against, whatever is appended meanwhile. The
+    # release's id is the request id of the request that makes it: a cached repeat carries the same id, so its card
+    # is the stored card of that one release.
+    version, reader = bastion.reading(ctx, policy.dataset, version, EVENT, request)
+
     def compute() -> dict[str, Any]:
-        return {**release(plan, exact_counts(plan, bastion.engine, store)), "evaluation_id": ctx.request_id}
+        return {**release(plan, exact_counts(plan, reader, store)), "evaluation_id": ctx.request_id}
 
     def fallback() -> dict[str, Any]:  # the same release over the default input, an empty table
         return {**release(plan, [0] * plan.cells), "evaluation_id": ctx.request_id}
@@ -637,6 +640,7 @@ def evaluate(bastion: Bastion, ctx: Context, request: dict[str, Any]) -> dict[st
         fallback=fallback,
         dry_run=plan.dry_run() if bool(request.get("dry_run", False)) else None,
         kind=EVENT,
+        version=version,
     )
     if not answer.get("dry_run"):
         try:

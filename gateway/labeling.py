@@ -53,14 +53,16 @@ def lf_stats(
         )
         refuse_backtracking(bastion.engine, [lf.tree for lf in plan.declarative])
         precheck(plan, bastion.engine)
+    version, reader = bastion.reading(ctx, policy.dataset, request.get("version"), EVENT, request)
     key = cache_key(EVENT, ctx.principal.name, policy.dataset, version, policy.fingerprint(), plan.normalized())
     outputs = bastion.settings.outputs_dir
 
     def compute() -> dict[str, Any]:
-        return compute_lf_stats(plan, bastion.engine, limits=limits, outputs_dir=outputs, progress=progress)
+        stats = compute_lf_stats(plan, reader, limits=limits, outputs_dir=outputs, progress=progress)
+        return {**stats, "version": version}
 
     def fallback() -> dict[str, Any]:
-        return compute_lf_stats_default(plan, outputs_dir=outputs)
+        return {**compute_lf_stats_default(plan, outputs_dir=outputs), "version": version}
 
     return bastion.run_private(
         ctx,
@@ -71,8 +73,9 @@ def lf_stats(
         key=key,
         compute=compute,
         fallback=fallback,
-        dry_run=plan.dry_run() if bool(request.get("dry_run", False)) else None,
+        dry_run={**plan.dry_run(), "version": version} if bool(request.get("dry_run", False)) else None,
         kind=EVENT,
+        version=version,
     )
 
 

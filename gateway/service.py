@@ -28,6 +28,7 @@ from audit import report
 from audit.errors import AuditWriteError
 from audit.record import Event, bound_texts, parse_time
 from gateway.engines import open_engine
+from gateway.engines.base import Engine
 from gateway.engines.kind import EngineKind
 from gateway.refusals import RefusalWindows
 from gateway.settings import Settings
@@ -59,6 +60,8 @@ from policies.errors import (
     PublicTableNotFound,
     QueryRejected,
     TooManyRequests,
+    VersionNotFound,
+    VersionRetired,
 )
 from policies.schema import Grant, Policy
 
@@ -618,6 +621,30 @@ class Bastion:
                 out.append({**policy.public_schema(), "version": version, "grants": sorted(g.value for g in grants)})
         return out
 
+    def versions(self, ctx: Context, dataset: str) -> list[dict[str, Any]]:
+        """A dataset's versions (public: counters, times and row-count classes) to any principal with a grant on
+        it; an unknown dataset or one without a grant is refused as `GET /v1/datasets` would hide it."""
+        try:
+            policy, _ = self.engine.policy(dataset)
+        except DatasetNotFound as exc:
+            raise self._dataset_not_found(ctx, dataset, exc) from None
+        if not policy.grants(ctx.principal.role):
+            raise Forbidden(f"role {ctx.principal.role!r} has no grant on dataset {dataset!r}", dataset=dataset)
+        return [v.public() for v in self.engine.versions(dataset)]
+
+    def reading(
+        self, ctx: Context, dataset: str, version: str | None, event: str, request: dict[str, Any]
+    ) -> tuple[str, Engine]:
+        """The version a request reads (`version`, or the latest now) and the engine pinned to it, so that every
+        statement of the request reads that one version; a version the dataset lacks or retired is refused here,
+        before any charge, and audited under `event`."""
+        try:
+            chosen = self.engine.version(dataset, version)
+            return chosen.version, self.engine.at({dataset: chosen.version})
+        except (VersionNotFound, VersionRetired) as exc:
+            self.audit(ctx, event, dataset=dataset, request=request, decision="denied", reason=exc.code)
+            raise
+
     def public_table(
         self, ctx: Context, dataset: str, table: str, *, offset: int = 0, limit: int | None = None
     ) -> dict[str, Any]:
@@ -705,6 +732,7 @@ class Bastion:
         fallback: Callable[[], dict[str, Any]] | None = None,
         dry_run: dict[str, Any] | None = None,
         kind: str = "query",
+        version: str | None = None,
     ) -> dict[str, Any]:
         """Charge, audit, compute and release one answer; the one path by which private rows reach anybody.
 
@@ -719,7 +747,9 @@ class Bastion:
         reason "fallback" with the error's class. If there is no fallback, or it fails too, the answer is the
         fixed InternalError. Only error classes are logged, never messages: engine messages quote row values.
         """
-        base = {"dataset": policy.dataset, "request": request}
+        base: dict[str, Any] = {"dataset": policy.dataset, "request": request}
+        if version is not None:
+            base["version"] = version  # every record of the access names the version it read
         if key is None or dry_run is not None:
             return self._answer(ctx, policy, event, base, cost, key, compute, fallback, dry_run, kind, None)
         while True:
@@ -939,6 +969,7 @@ class Bastion:
         delta: float | None = None,
         dry_run: bool = False,
         quantile_interval: bool = True,
+        version: str | None = None,
     ) -> dict[str, Any]:
         alpha = self.settings.default_alpha if alpha is None else alpha
         request = {
@@ -949,6 +980,7 @@ class Bastion:
             "delta": delta,
             "dry_run": dry_run,
             **({} if quantile_interval else {"quantile_interval": False}),
+            **({"version": version} if version is not None else {}),
         }
         resolved: dict[str, tuple[Policy, str]] = {}
 
@@ -974,7 +1006,8 @@ class Bastion:
                 reason=getattr(exc, "reason", exc.code),
             )
             raise
-        policy, version = resolved[plan.dataset]
+        policy, _ = resolved[plan.dataset]
+        version, reader = self.reading(ctx, plan.dataset, version, Event.QUERY, request)
         key = cache_key(
             "query",
             ctx.principal.name,
@@ -990,6 +1023,7 @@ class Bastion:
         )
         summary = {
             "dataset": plan.dataset,
+            "version": version,
             "alpha": alpha,
             "accounting": pricing.accounting.value,
             "epsilon": pricing.cost.epsilon,
@@ -1027,7 +1061,7 @@ class Bastion:
             }
 
         def compute() -> dict[str, Any]:
-            return answer(execute(plan, pricing, self.engine))
+            return answer(execute(plan, pricing, reader))
 
         def fallback() -> dict[str, Any]:
             return answer(self._default_release(plan, pricing))
@@ -1042,6 +1076,7 @@ class Bastion:
             compute=compute,
             fallback=fallback,
             dry_run=dry,
+            version=version,
         )
 
     def _check_length(self, sql: str) -> None:

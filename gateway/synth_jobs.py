@@ -52,7 +52,7 @@ from gateway.stores.cache import cache_key
 from gateway.stores.jobs import Lease, LeaseLost
 from gateway.stores.tokens import Principal
 from policies.accountant import PrivacyLoss, check_delta, check_epsilon
-from policies.errors import Conflict, Forbidden, GatewayError, InvalidRequest, NotFound
+from policies.errors import Conflict, Forbidden, GatewayError, InvalidRequest, NotFound, VersionNotFound, VersionRetired
 from policies.reader import EmptyReader
 from policies.schema import Grant, bounded_table
 
@@ -259,6 +259,7 @@ class SynthJobs:
         seed: int | None = None,
         method: str | None = None,
         delta: float | None = None,
+        version: str | None = None,
     ) -> dict[str, Any]:
         from synth import DEFAULT_METHOD, METHODS, NON_DP_METHODS
         from synth.measure import check_calibration
@@ -272,8 +273,10 @@ class SynthJobs:
             "method": method,
             "delta": delta,
             "non_dp": method in NON_DP_METHODS,
+            **({"version": version} if version is not None else {}),
         }
-        policy, version = self.bastion.authorize(ctx, dataset, Grant.SYNTH, request)
+        policy, _ = self.bastion.authorize(ctx, dataset, Grant.SYNTH, request)
+        version, _ = self.bastion.reading(ctx, dataset, version, Event.SYNTH, request)
         non_dp = method in NON_DP_METHODS
         try:
             if method not in METHODS:
@@ -370,6 +373,7 @@ class SynthJobs:
                 key=key,
                 compute=compute,
                 kind=Event.SYNTH,
+                version=version,
             )
             job = self.read(answer["job_id"])
             if answer["cached"] and job["status"] == JobStatus.FAILED:
@@ -521,9 +525,16 @@ class SynthJobs:
 
         job.update(status=JobStatus.RUNNING, error=None)
         self._save(job)
-        policy, version = self.bastion.engine.policy(job["dataset"])
-        if version != job["dataset_version"] or policy.fingerprint() != job["policy_fingerprint"]:
+        policy, _ = self.bastion.engine.policy(job["dataset"])
+        if policy.fingerprint() != job["policy_fingerprint"]:
             raise Conflict("the dataset or its policy changed since the request was admitted")
+        try:  # the job reads the version it was admitted at, whatever was appended since
+            reader = self.bastion.engine.at({job["dataset"]: job["dataset_version"]})
+        except (VersionNotFound, VersionRetired):
+            raise Conflict(
+                f"version {job['dataset_version']} of the dataset, which the request was admitted at, was retired or "
+                "replaced by a new registration"
+            ) from None
         table = bounded_table(job["dataset"])
         ctx = self._context(job)
         if not job["non_dp"]:
@@ -533,7 +544,7 @@ class SynthJobs:
             else:
                 allocation = allocate(policy, job["epsilon"], job["delta_requested"])
                 try:
-                    model = measure(self.bastion.engine, table, policy, allocation, lambda f, s: progress(f, s, hi=0.3))
+                    model = measure(reader, table, policy, allocation, lambda f, s: progress(f, s, hi=0.3))
                 except Exception as exc:  # noqa: BLE001 - the failure must not show: measure a default input
                     # Whether reading the rows failed could depend on them; the same mechanisms run on an empty
                     # table instead (read by no engine: it has no groups), and the job goes on as usual (the audit
@@ -569,7 +580,7 @@ class SynthJobs:
         else:
             schema = proxy_schema(policy)
             proxy, private = non_dp_proxy(
-                self.bastion.engine,
+                reader,
                 table,
                 policy,
                 schema,
@@ -579,7 +590,7 @@ class SynthJobs:
             )
             progress(0.0, "disclosure check", lo=0.8)
             md = sdv_metadata(schema.columns).to_dict()["tables"]["proxy"]
-            check = check_release(self.bastion.engine, table, private, proxy, schema.columns, md, job["seed"])
+            check = check_release(reader, table, private, proxy, schema.columns, md, job["seed"])
             report = {
                 **non_dp_fidelity(schema.columns, private, proxy),
                 "privacy_check": check,

@@ -86,6 +86,19 @@ class PublicTableNotFound(NotFound):
     code = "public_table_not_found"
 
 
+class VersionNotFound(NotFound):
+    """A pinned version that the dataset never had (GET /v1/datasets/{d}/versions lists its versions)."""
+
+    code = "version_not_found"
+
+
+class VersionRetired(GatewayError):
+    """A pinned version that an admin retired: it is no longer read (a later version is)."""
+
+    status = 410
+    code = "version_retired"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     code = "payload_too_large"

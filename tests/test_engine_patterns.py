@@ -14,7 +14,9 @@ import yaml
 from sqlglot import exp
 
 from gateway.demo import POLICY_YAML
+from gateway.engines.base import Engine
 from gateway.engines.kind import EngineKind
+from gateway.engines.versions import Version
 from gateway.sql import compile as comp
 from gateway.sql.plan import plan_query
 from gateway.sql.release import bind_check
@@ -57,6 +59,21 @@ class BacktrackingEngine:
 
     def policy(self, dataset: str) -> tuple[Policy, str]:
         raise AssertionError("bind_check needs no catalog")
+
+    def append(self, dataset: str, source: Path) -> tuple[Version, bool]:
+        raise AssertionError("bind_check appends nothing")
+
+    def retire(self, dataset: str, version: str) -> Version:
+        raise AssertionError("bind_check retires nothing")
+
+    def versions(self, dataset: str) -> list[Version]:
+        raise AssertionError("bind_check needs no versions")
+
+    def version(self, dataset: str, version: str | None) -> Version:
+        raise AssertionError("bind_check needs no versions")
+
+    def at(self, pins: dict[str, str]) -> Engine:
+        raise AssertionError("bind_check needs no versions")
 
     def close(self) -> None:
         pass

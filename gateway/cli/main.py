@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 app = typer_app("Bastion: privacy-preserving data exploration gateway.")
 token_app = typer_app(help="Bearer tokens (admin, on the gateway host).")
 ledger_app = typer_app(help="The privacy-budget ledger (admin, on the gateway host).")
+version_app = typer_app(help="A dataset's versions: one per registration and per append (admin, on the gateway host).")
 store_app = typer_app(
     help="The shared store of the ledger, release cache, tokens and synthesis job records (PostgreSQL, for several "
     "replicas)."
@@ -55,6 +56,7 @@ store_app = typer_app(
 app.add_typer(token_app, name="token")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(store_app, name="store")
+app.add_typer(version_app, name="version")
 app.add_typer(audit_app, name="audit")
 app.add_typer(synth_app, name="synth")
 app.add_typer(lf_app, name="lf")
@@ -181,6 +183,100 @@ def register(
     except (PolicyError, GatewayError) as exc:
         fail(str(exc))
     console.print(f"registered [bold]{pol.dataset}[/] version {version}")
+
+
+@app.command()
+def append(
+    dataset: Annotated[str, typer.Argument(help="a registered dataset")],
+    source: Annotated[Path, typer.Argument(help="Parquet or CSV file with the columns the policy declares")],
+    store: Store = None,
+    workspace: Workspace = None,
+) -> None:
+    """Add a batch of rows as the dataset's new version while gateways keep serving (DuckDB engine). Each unit
+    keeps at most max_rows_per_unit rows over all versions together; rows kept before stay kept. Rerunning an
+    append that was interrupted completes it; rerunning one that completed adds nothing."""
+    from audit.record import Event
+    from gateway.service import Bastion
+    from policies.errors import GatewayError
+
+    try:
+        bastion = Bastion(_settings(workspace, store=store), read_only=True)  # readers keep the database open
+        try:
+            version, added = bastion.engine.append(dataset, source)
+            if added:
+                bastion.audit(
+                    None,
+                    Event.DATASET_APPENDED,
+                    dataset=dataset,
+                    decision="allowed",
+                    reason="ok",
+                    request={"source": str(source), "version": version.version, "rows": version.rows},
+                )
+        finally:
+            bastion.close()
+    except GatewayError as exc:
+        fail(str(exc))
+    if not added:
+        console.print(
+            f"{source} was appended to [bold]{dataset}[/] already, as version {version.version}: nothing added"
+        )
+        return
+    console.print(f"appended to [bold]{dataset}[/]: version {version.version} ({version.rows} rows in the batch)")
+
+
+@version_app.command("list")
+def version_list(
+    dataset: Annotated[str, typer.Argument(help="a registered dataset")],
+    as_json: AsJson = False,
+    workspace: Workspace = None,
+) -> None:
+    """A dataset's versions, oldest first: version, time, the class of the batch's row count, retired or not."""
+    from gateway.engines import open_engine
+    from policies.errors import GatewayError
+
+    engine = open_engine(_settings(workspace), read_only=True)
+    try:
+        rows = [v.public() for v in engine.versions(dataset)]
+    except GatewayError as exc:
+        fail(str(exc))
+    finally:
+        engine.close()
+    if as_json:
+        print_json(rows)
+        return
+    print_records(rows, ["version", "time", "rows", "retired"])
+
+
+@version_app.command("retire")
+def version_retire(
+    dataset: Annotated[str, typer.Argument(help="a registered dataset")],
+    version: Annotated[str, typer.Argument(help="the version to retire (bastion version list shows them)")],
+    store: Store = None,
+    workspace: Workspace = None,
+) -> None:
+    """Retire a version: a request pinned to it is refused from now on (version_retired); its rows stay in later
+    versions. The last version not retired cannot be retired."""
+    from audit.record import Event
+    from gateway.service import Bastion
+    from policies.errors import GatewayError
+
+    try:
+        bastion = Bastion(_settings(workspace, store=store), read_only=True)
+        try:
+            bastion.engine.retire(dataset, version)
+            bastion.audit(
+                None,
+                Event.VERSION_RETIRED,
+                dataset=dataset,
+                decision="allowed",
+                reason="ok",
+                request={"version": version},
+            )
+        finally:
+            bastion.close()
+    except GatewayError as exc:
+        fail(str(exc))
+    console.print(f"retired version {version} of [bold]{dataset}[/]")
 
 
 def _token_admin(workspace: Path | None, store: str | None) -> Any:

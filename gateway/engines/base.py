@@ -14,6 +14,7 @@ import pyarrow as pa
 from sqlglot import exp
 
 from gateway.engines.kind import EngineKind
+from gateway.engines.versions import Version
 from policies.errors import GatewayError
 from policies.reader import ROW_ID, EngineError, Reader
 from policies.schema import Policy
@@ -47,11 +48,34 @@ class Engine(Reader, Protocol):
         """A public table's rows, its declared columns in a fixed order (PublicTableNotFound if there is none)."""
         ...
 
-    def datasets(self) -> dict[str, tuple[Policy, str]]:
-        """All registered datasets: name → (policy, version)."""
+    def append(self, dataset: str, source: Path) -> tuple[Version, bool]:
+        """Add a batch as the dataset's new version while readers keep reading; return it and whether it is new
+        (False: this file was appended already, and that version is returned)."""
         ...
 
-    def policy(self, dataset: str) -> tuple[Policy, str]: ...
+    def retire(self, dataset: str, version: str) -> Version:
+        """Refuse the version to readers from now on (VersionNotFound if there is none)."""
+        ...
+
+    def versions(self, dataset: str) -> list[Version]:
+        """The dataset's versions, oldest first (the registration, then every append)."""
+        ...
+
+    def version(self, dataset: str, version: str | None) -> Version:
+        """The version a request reads: `version` (VersionNotFound, VersionRetired) or, if None, the latest."""
+        ...
+
+    def at(self, pins: dict[str, str]) -> Engine:
+        """This engine with each dataset in `pins` read at that version (checked as by `version`)."""
+        ...
+
+    def datasets(self) -> dict[str, tuple[Policy, str]]:
+        """All registered datasets: name → (policy, latest version)."""
+        ...
+
+    def policy(self, dataset: str) -> tuple[Policy, str]:
+        """The dataset's policy and latest version (DatasetNotFound if it has none)."""
+        ...
 
     def close(self) -> None: ...
 

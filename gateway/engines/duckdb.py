@@ -29,8 +29,9 @@ import pyarrow as pa
 from sqlglot import exp
 
 from gateway.engines import recipe
-from gateway.engines.base import CatalogError, EngineError, EngineKind, registrable
-from policies.errors import DatasetNotFound, PublicTableNotFound
+from gateway.engines.base import ROW_ID, CatalogError, Engine, EngineError, EngineKind, registrable
+from gateway.engines.versions import Manifest, Version, VersionStore, fsync_file, now, rows_class
+from policies.errors import DatasetNotFound, PublicTableNotFound, VersionNotFound, VersionRetired
 from policies.schema import ROW_KEY, Policy, PublicTable, bounded_table, parse_policy, public_table_name, row_keys_table
 
 _META = "__bastion_datasets"
@@ -127,6 +128,10 @@ class DuckDBEngine:
         # Public tables' rows as read (immutable Arrow tables), by (dataset, table, version): planning a join reads
         # the table's values for its group keys.
         self._public_rows: dict[tuple[str, str, str], pa.Table] = {}
+        # Appended versions: their files beside the private database, attached read-only when first read.
+        self.versions_store = VersionStore(self.db_path.with_name(f"{self.db_path.name}.versions"))
+        self._attached: dict[str, str] = {}  # version file → its catalog name in this connection
+        self._registrations: dict[str, Version] = {}
 
     # --- connection ---------------------------------------------------------------------------------------
 
@@ -155,6 +160,8 @@ class DuckDBEngine:
         with self._lock:
             self._generation += 1
             self._bound.clear()
+            self._attached.clear()
+            self._registrations.clear()
             if self._con is not None:
                 self._con.close()
                 self._con = None
@@ -166,10 +173,17 @@ class DuckDBEngine:
         `base`, by default the source's directory); return the new dataset version."""
         src = registrable(source, read_only=self.read_only)
         con = self.connect()
-        with _without_type_pushdown(con):
-            return self._register(con, policy, src, base if base is not None else src.parent)
+        with self.versions_store.locked(policy.dataset):
+            # The serial goes on from the appended versions of the registration it replaces, which are then dropped.
+            published = self.versions_store.load(policy.dataset)
+            floor = published.newest.serial if published is not None else 0
+            with _without_type_pushdown(con):
+                version = self._register(con, policy, src, base if base is not None else src.parent, floor)
+        self.versions_store.discard(policy.dataset)
+        self._registrations.pop(policy.dataset, None)
+        return version
 
-    def _register(self, con: duckdb.DuckDBPyConnection, policy: Policy, src: Path, base: Path) -> str:
+    def _register(self, con: duckdb.DuckDBPyConnection, policy: Policy, src: Path, base: Path, floor: int) -> str:
         reader = _reader(src)
         _check_source(con, reader, src, list(policy.columns))
         table = exp.table_(bounded_table(policy.dataset), quoted=True)
@@ -199,7 +213,7 @@ class DuckDBEngine:
             if problem is not None:
                 writer.execute("ROLLBACK")
                 raise CatalogError(f"registering {policy.dataset!r} failed: {problem}")
-            version = self._record(writer, policy, src)
+            version = self._record(writer, policy, src, floor, self._count(con, reader))
             writer.execute("COMMIT")
         except CatalogError:
             with contextlib.suppress(duckdb.Error):
@@ -267,21 +281,31 @@ class DuckDBEngine:
         return None if problem is None else f"row_key {policy.row_key!r} is not a row identity: {problem}"
 
     @staticmethod
-    def _record(con: duckdb.DuckDBPyConnection, policy: Policy, src: Path) -> str:
-        """Write the dataset's metadata row and return its new version: the registration's serial number and a
-        random suffix (so a version never repeats, also in a rebuilt database), never anything derived from data."""
+    def _count(con: duckdb.DuckDBPyConnection, reader: exp.Expr) -> int:
+        """The number of rows of a source (for its version's row-count class)."""
+        ((count,),) = con.execute(
+            exp.select(exp.Count(this=exp.Star())).from_(reader.copy()).sql(dialect="duckdb")
+        ).fetchall()
+        return int(count)
+
+    @staticmethod
+    def _record(con: duckdb.DuckDBPyConnection, policy: Policy, src: Path, floor: int, rows: int) -> str:
+        """Write the dataset's metadata row and return its new version: the registration's serial number (after
+        `floor`, the last serial of the versions it replaces) and a random suffix (so a version never repeats, also
+        in a rebuilt database), never anything derived from data. `rows` is the source's row count."""
         con.execute(
             f"CREATE TABLE IF NOT EXISTS {_META} (name VARCHAR PRIMARY KEY, version VARCHAR, "
             "policy_json VARCHAR, source VARCHAR, registered_at TIMESTAMP, serial BIGINT)"
         )
         con.execute(f"ALTER TABLE {_META} ADD COLUMN IF NOT EXISTS serial BIGINT")  # databases from before serials
+        con.execute(f"ALTER TABLE {_META} ADD COLUMN IF NOT EXISTS source_rows BIGINT")  # ... and before appends
         row = con.execute(f"SELECT COALESCE(max(serial), 0) FROM {_META} WHERE name = ?", [policy.dataset]).fetchone()
-        serial = int(row[0] if row else 0) + 1
+        serial = max(int(row[0] if row else 0), floor) + 1
         version = f"{serial}-{secrets.token_hex(4)}"
         con.execute(f"DELETE FROM {_META} WHERE name = ?", [policy.dataset])
         con.execute(
-            f"INSERT INTO {_META} (name, version, policy_json, source, registered_at, serial) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO {_META} (name, version, policy_json, source, registered_at, serial, source_rows) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
             [
                 policy.dataset,
                 version,
@@ -289,14 +313,244 @@ class DuckDBEngine:
                 str(src),
                 dt.datetime.now(dt.UTC).replace(tzinfo=None),
                 serial,
+                rows,
             ],
         )
         return version
 
+    # --- versions -----------------------------------------------------------------------------------------
+
+    def append(self, dataset: str, source: str | Path) -> tuple[Version, bool]:
+        """Add a batch (Parquet or CSV, the policy's columns) as a new version, while readers go on reading; return
+        it, and False if this very file was appended already (its version is returned, nothing is added). The
+        private database is only read: the version is a file of its own, visible once the manifest lists it."""
+        src = registrable(source, read_only=False)
+        policy, _ = self.policy(dataset)
+        batch = recipe.file_digest(recipe.bounding_key(self.key_path), src)
+        store = self.versions_store
+        with store.locked(dataset) as folder:
+            manifest = self.manifest(dataset)
+            done = next((v for v in manifest.versions if v.batch == batch), None)
+            if done is not None:
+                return done, False
+            store.sweep(dataset, manifest)  # what an append that crashed left
+            serial = manifest.newest.serial + 1
+            name = f"{serial}-{secrets.token_hex(4)}"
+            partial = folder / f"{serial}.partial.duckdb"
+            count = self._build(policy, src, manifest.newest, partial)
+            os.chmod(partial, 0o600)  # private rows, as the private database
+            fsync_file(partial)
+            os.replace(partial, folder / f"{name}.duckdb")
+            fsync_file(folder)
+            version = Version(name, serial, now(), rows_class(count), file=f"{name}.duckdb", batch=batch)
+            store.publish(dataset, manifest.with_version(version))
+        return version, True
+
+    def _build(self, policy: Policy, src: Path, previous: Version, target: Path) -> int:
+        """Write `target`: the bounded table (and row keys) of `previous` with the batch's kept rows added; return
+        the batch's row count."""
+        con = self.connect()
+        reader = _reader(src)
+        _check_source(con, reader, src, list(policy.columns))
+        kept = self._table(policy.dataset, previous, bounded_table(policy.dataset))
+        catalog = f"__append_{policy.dataset}"
+        con.execute(
+            exp.Attach(
+                this=exp.alias_(exp.Literal.string(str(target)), catalog),
+                expressions=[exp.AttachOption(this=exp.var("READ_ONLY"), expression=exp.false())],
+            ).sql(dialect="duckdb")
+        )
+        writer, streaming = con.cursor(), con.cursor()
+        try:
+            with _without_type_pushdown(con):
+                count = self._count(con, reader)
+                source: exp.Expr = exp.Subquery(this=recipe.values_query(policy, reader))
+                if policy.unit_column is not None:
+                    query = recipe.values_query(policy, reader).sql(dialect="duckdb")
+                    stream = streaming.sql(query).to_arrow_reader(_BATCH)
+                    assert stream is not None, "a SELECT always has a result"
+                    key = recipe.bounding_key(self.key_path)
+                    digested = recipe.with_digests(key, stream, stream.schema, recipe.kept_columns(policy))
+                    writer.register(_VALUES, digested)
+                    source = exp.table_(_VALUES, quoted=True)
+                last = exp.select(
+                    exp.Coalesce(this=exp.Max(this=exp.column(ROW_ID)), expressions=[exp.Literal.number(0)])
+                )
+                ((offset,),) = writer.execute(last.from_(kept.copy()).sql(dialect="duckdb")).fetchall()
+                # The batch's kept rows are numbered after the rows kept before, so every ROW_ID stays unique.
+                row_id = exp.Add(this=exp.Window(this=exp.RowNumber()), expression=exp.Literal.number(int(offset)))
+                added = recipe.ranked_query(policy, source, row_id, kept=kept.copy())
+                union = exp.union(exp.select(exp.Star()).from_(kept.copy()), added, distinct=False)
+                table = exp.table_(bounded_table(policy.dataset), db="main", catalog=catalog, quoted=True)
+                writer.execute(exp.Create(this=table, kind="TABLE", expression=union).sql(dialect="duckdb"))
+                if policy.row_key is not None:
+                    problem = self._appended_keys(writer, policy, previous, reader, catalog)
+                    if problem is not None:
+                        raise CatalogError(f"appending to {policy.dataset!r} failed: {problem}")
+        except duckdb.Error as exc:
+            failure = _diagnose(con, policy, reader, exc)
+            raise CatalogError(f"appending to {policy.dataset!r} failed: {failure}") from None
+        finally:
+            writer.close()
+            streaming.close()
+            con.execute(exp.Detach(this=exp.to_identifier(catalog, quoted=True)).sql(dialect="duckdb"))
+        return count
+
+    def _appended_keys(
+        self, con: duckdb.DuckDBPyConnection, policy: Policy, previous: Version, reader: exp.Expr, catalog: str
+    ) -> str | None:
+        """Write the row keys of `previous` and the batch into `catalog`; why they are no row identity, if not."""
+        earlier = self._table(policy.dataset, previous, row_keys_table(policy.dataset))
+        keys = exp.union(
+            exp.select(exp.Star()).from_(earlier), recipe.row_keys_query(policy, reader.copy()), distinct=False
+        )
+        table = exp.table_(row_keys_table(policy.dataset), db="main", catalog=catalog, quoted=True)
+        con.execute(exp.Create(this=table, kind="TABLE", expression=keys).sql(dialect="duckdb"))
+        key = exp.column(ROW_KEY, quoted=True)
+        counts = exp.select(
+            exp.Count(this=exp.Star()),
+            exp.Count(this=exp.Distinct(expressions=[key.copy()])),
+            exp.Count(this=key.copy()),
+        ).from_(table)
+        row = con.execute(counts.sql(dialect="duckdb")).fetchone()
+        assert row is not None
+        problem = recipe.row_key_problem(int(row[0]), int(row[1]), int(row[2]))
+        return None if problem is None else f"row_key {policy.row_key!r} is not a row identity: {problem}"
+
+    def retire(self, dataset: str, version: str) -> Version:
+        """Retire a version: pinning it is refused from now on. The last version that is not retired cannot be."""
+        self.policy(dataset)
+        with self.versions_store.locked(dataset):
+            manifest = self.manifest(dataset)
+            found = manifest.find(version)
+            if found is None:
+                raise VersionNotFound(f"dataset {dataset!r} has no version {version!r}", dataset=dataset)
+            if not found.retired:
+                if manifest.latest.version == version and sum(not v.retired for v in manifest.versions) == 1:
+                    raise CatalogError(f"version {version!r} is the only version of {dataset!r} not retired")
+                manifest = manifest.retiring(version)
+                self.versions_store.publish(dataset, manifest)
+        out = manifest.find(version)
+        assert out is not None
+        return out
+
+    def manifest(self, dataset: str) -> Manifest:
+        """The dataset's versions: its registration and the appends published since (DatasetNotFound if none)."""
+        base = self._registration(dataset)
+        published = self.versions_store.load(dataset)
+        if published is None or published.base != base.version:
+            return Manifest(base=base.version, versions=(base,))  # none yet, or those of a replaced registration
+        return published
+
+    def versions(self, dataset: str) -> list[Version]:
+        return list(self.manifest(dataset).versions)
+
+    def version(self, dataset: str, version: str | None) -> Version:
+        """The version a request reads: `version` if the dataset has it and it is not retired, else the latest."""
+        manifest = self.manifest(dataset)
+        if version is None:
+            return manifest.latest
+        found = manifest.find(version)
+        if found is None:
+            raise VersionNotFound(
+                f"dataset {dataset!r} has no version {version!r}",
+                dataset=dataset,
+                hint=f"GET /v1/datasets/{dataset}/versions lists its versions",
+            )
+        if found.retired:
+            raise VersionRetired(
+                f"version {version!r} of dataset {dataset!r} is retired; the latest is {manifest.latest.version!r}",
+                dataset=dataset,
+                hint="pin a later version, or none to read the latest",
+            )
+        return found
+
+    def _registration(self, dataset: str) -> Version:
+        found = self._registrations.get(dataset)
+        if found is not None:
+            return found
+        self._registered(dataset)  # DatasetNotFound if there is none
+        con = self.connect()
+        # Every column by name: databases from before serials or appends lack some.
+        cursor = con.execute(f"SELECT * FROM {_META} WHERE name = ?", [dataset])
+        names = [d[0] for d in cursor.description or []]
+        found_row = cursor.fetchall()
+        assert found_row, "a registered dataset has its row"
+        meta = dict(zip(names, found_row[0], strict=True))
+        version, serial, at, rows = (meta.get(c) for c in ("version", "serial", "registered_at", "source_rows"))
+        when = at.replace(tzinfo=dt.UTC, microsecond=0).isoformat() if at is not None else ""
+        found = Version(
+            version=str(version),
+            serial=int(serial) if serial is not None else 1,
+            time=when,
+            rows=rows_class(int(rows)) if rows is not None else "unknown",
+        )
+        self._registrations[dataset] = found
+        return found
+
+    def _table(self, dataset: str, version: Version, name: str) -> exp.Table:
+        """The table `name` of a dataset as of `version` (its version file attached read-only when first read)."""
+        if version.file is None:
+            return exp.table_(name, quoted=True)
+        path = str(self.versions_store.folder(dataset) / version.file)
+        with self._lock:
+            catalog = self._attached.get(path)
+        if catalog is None:
+            catalog = self._attach(path)
+        return exp.table_(name, db="main", catalog=catalog, quoted=True)
+
+    def _attach(self, path: str) -> str:
+        con = self.connect()
+        with self._lock:
+            catalog = self._attached.get(path)
+            if catalog is not None:
+                return catalog
+            catalog = f"__version_{len(self._attached)}"
+            attach = exp.Attach(
+                this=exp.alias_(exp.Literal.string(path), catalog),
+                expressions=[exp.AttachOption(this=exp.var("READ_ONLY"))],
+            )
+            con.execute(attach.sql(dialect="duckdb"))
+            self._attached[path] = catalog
+            return catalog
+
+    def at(self, pins: dict[str, str]) -> Engine:
+        """This engine reading the pinned version of each dataset in `pins` (the latest of any other)."""
+        return _Pinned(self, {d: self.version(d, v) for d, v in pins.items()})
+
+    def _versioned(self, query: exp.Query, pins: dict[str, Version]) -> exp.Query:
+        """`query` with each bounded (and row-key) table read at its pinned version, else its latest (the query
+        itself when every such table is read at a registration, which the private database holds)."""
+        located: dict[str, exp.Table] = {}
+        for table in query.find_all(exp.Table):
+            dataset = _versioned_dataset(table)
+            if dataset is None or table.name in located:
+                continue
+            try:
+                version = pins.get(dataset) or self.manifest(dataset).latest
+            except DatasetNotFound:
+                continue  # not a dataset's table: left for the binder to refuse
+            if version.file is not None:
+                located[table.name] = self._table(dataset, version, table.name)
+        if not located:
+            return query
+        out = query.copy()
+        for table in list(out.find_all(exp.Table)):
+            found = located.get(table.name) if _versioned_dataset(table) is not None else None
+            if found is not None:
+                for part in ("db", "catalog"):
+                    table.set(part, found.args[part].copy())
+        return out
+
     # --- lookups ------------------------------------------------------------------------------------------
 
     def datasets(self) -> dict[str, tuple[Policy, str]]:
-        """All registered datasets: name → (policy, version)."""
+        """All registered datasets: name → (policy, latest version)."""
+        registered = self._load()
+        return {name: (policy, self.manifest(name).latest.version) for name, (policy, _) in registered.items()}
+
+    def _load(self) -> dict[str, tuple[Policy, str]]:
+        """The registrations: name → (policy, the registration's version), read anew."""
         con = self.connect()
         try:
             rows = con.execute(f"SELECT name, version, policy_json FROM {_META} ORDER BY name").fetchall()
@@ -306,7 +560,16 @@ class DuckDBEngine:
         for name, version, policy_json in rows:
             out[name] = (parse_policy(json.loads(policy_json), origin=name), version)
         self._policies = out
+        self._registrations.clear()
         return out
+
+    def _registered(self, dataset: str) -> Policy:
+        if dataset not in self._policies:
+            self._load()
+        try:
+            return self._policies[dataset][0]
+        except KeyError:
+            raise DatasetNotFound(f"no dataset named {dataset!r}", dataset=dataset) from None
 
     def public_table(self, dataset: str, table: str) -> pa.Table:
         """A public table's rows (its declared columns, in a fixed order). Public data: no charge, no noise."""
@@ -329,20 +592,17 @@ class DuckDBEngine:
         return found
 
     def policy(self, dataset: str) -> tuple[Policy, str]:
-        if dataset not in self._policies:
-            self.datasets()
-        try:
-            return self._policies[dataset]
-        except KeyError:
-            raise DatasetNotFound(f"no dataset named {dataset!r}", dataset=dataset) from None
+        """The dataset's policy and its latest version."""
+        policy = self._registered(dataset)
+        return policy, self.manifest(dataset).latest.version
 
     # --- statements ---------------------------------------------------------------------------------------
 
-    def _sql(self, query: exp.Query) -> str:
-        return _native_sums(query).sql(dialect=self.dialect)
+    def _sql(self, query: exp.Query, pins: dict[str, Version] | None = None) -> str:
+        return _native_sums(self._versioned(query, pins or {})).sql(dialect=self.dialect)
 
-    def check(self, query: exp.Query) -> None:
-        sql = self._sql(query)
+    def check(self, query: exp.Query, pins: dict[str, Version] | None = None) -> None:
+        sql = self._sql(query, pins)
         if sql in self._bound:
             return
         try:
@@ -353,15 +613,15 @@ class DuckDBEngine:
             self._bound.clear()
         self._bound.add(sql)
 
-    def rows(self, query: exp.Query) -> list[tuple[Any, ...]]:
+    def rows(self, query: exp.Query, pins: dict[str, Version] | None = None) -> list[tuple[Any, ...]]:
         try:
-            return [tuple(_python(v) for v in r) for r in self._cursor().execute(self._sql(query)).fetchall()]
+            return [tuple(_python(v) for v in r) for r in self._cursor().execute(self._sql(query, pins)).fetchall()]
         except duckdb.Error as exc:
             raise EngineError(type(exc).__name__) from None
 
-    def arrow(self, query: exp.Query) -> pa.Table:
+    def arrow(self, query: exp.Query, pins: dict[str, Version] | None = None) -> pa.Table:
         try:
-            return self._cursor().sql(self._sql(query)).to_arrow_table()
+            return self._cursor().sql(self._sql(query, pins)).to_arrow_table()
         except duckdb.Error as exc:
             raise EngineError(type(exc).__name__) from None
 
@@ -373,6 +633,72 @@ class DuckDBEngine:
             yield exp.table_(name, quoted=True)
         finally:
             cur.unregister(name)
+
+
+def _versioned_dataset(table: exp.Table) -> str | None:
+    """The dataset whose bounded or row-key table `table` names (unqualified), or None."""
+    if table.args.get("db") or table.args.get("catalog"):
+        return None
+    for prefix in (bounded_table(""), row_keys_table("")):
+        if table.name.startswith(prefix) and len(table.name) > len(prefix):
+            return table.name[len(prefix) :]
+    return None
+
+
+class _Pinned:
+    """A DuckDB engine reading pinned versions: every statement of one request reads the same version."""
+
+    def __init__(self, engine: DuckDBEngine, pins: dict[str, Version]) -> None:
+        self.engine = engine
+        self.pins = pins
+        self.kind = engine.kind
+        self.dialect = engine.dialect
+        self.regex = engine.regex
+
+    def rows(self, query: exp.Query) -> list[tuple[Any, ...]]:
+        return self.engine.rows(query, self.pins)
+
+    def arrow(self, query: exp.Query) -> pa.Table:
+        return self.engine.arrow(query, self.pins)
+
+    def check(self, query: exp.Query) -> None:
+        self.engine.check(query, self.pins)
+
+    def frame(self, name: str, table: pa.Table) -> contextlib.AbstractContextManager[exp.Table]:
+        return self.engine.frame(name, table)
+
+    def register(self, policy: Policy, source: Path, *, base: Path | None = None) -> str:
+        raise CatalogError("a pinned reader registers nothing")
+
+    def append(self, dataset: str, source: str | Path) -> tuple[Version, bool]:
+        raise CatalogError("a pinned reader appends nothing")
+
+    def retire(self, dataset: str, version: str) -> Version:
+        raise CatalogError("a pinned reader retires nothing")
+
+    def public_table(self, dataset: str, table: str) -> pa.Table:
+        return self.engine.public_table(dataset, table)
+
+    def datasets(self) -> dict[str, tuple[Policy, str]]:
+        return self.engine.datasets()
+
+    def policy(self, dataset: str) -> tuple[Policy, str]:
+        policy, latest = self.engine.policy(dataset)
+        pinned = self.pins.get(dataset)
+        return policy, pinned.version if pinned is not None else latest
+
+    def versions(self, dataset: str) -> list[Version]:
+        return self.engine.versions(dataset)
+
+    def version(self, dataset: str, version: str | None) -> Version:
+        pinned = self.pins.get(dataset)
+        return self.engine.version(dataset, version or (pinned.version if pinned is not None else None))
+
+    def at(self, pins: dict[str, str]) -> Engine:
+        return self.engine.at({**{d: v.version for d, v in self.pins.items()}, **pins})
+
+    def close(self) -> None:
+        return None
 
 
 def _is_exact_cast(node: exp.Expr) -> bool:

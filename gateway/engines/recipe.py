@@ -35,6 +35,8 @@ from policies.typecheck import within_calendar
 
 DIGEST = "__digest"  # the column the digest is computed into, never kept
 TAKE = "__take"  # the row's rank within its unit
+PRIOR = "__prior"  # an appended row's unit's rows kept by earlier versions
+PRIOR_UNIT = "__prior_unit"
 
 
 def _col(name: str) -> exp.Column:
@@ -186,10 +188,14 @@ def row_key_problem(count: int, distinct: int, present: int) -> str | None:
     return None
 
 
-def ranked_query(policy: Policy, values: exp.Expr, row_id: exp.Expr) -> exp.Select:
+def ranked_query(policy: Policy, values: exp.Expr, row_id: exp.Expr, *, kept: exp.Expr | None = None) -> exp.Select:
     """Over a table of converted values with their digest: the bounded table's columns of the rows ranked within k
     in their unit (all rows when the unit is the row), and `row_id`, the engine's expression of a unique BIGINT
-    per kept row, as ROW_ID (the identity labeling functions' per-row outputs are keyed by; never released)."""
+    per kept row, as ROW_ID (the identity labeling functions' per-row outputs are keyed by; never released).
+
+    `kept`, for an appended batch, is the bounded table of the version it is appended to: a unit with j rows kept
+    there keeps at most k - j of the batch's rows (those ranked lowest), so the bound holds over all versions
+    together and the rows kept before stay kept. (A missing unit is one unit, as in the partition.)"""
     cols = policy.columns
     select = [out for n in kept_columns(policy) for out in outputs(n, cols[n])]
     select.append(exp.alias_(row_id, ROW_ID, quoted=True))
@@ -201,11 +207,35 @@ def ranked_query(policy: Policy, values: exp.Expr, row_id: exp.Expr) -> exp.Sele
         partition_by=[_col(unit)],
         order=exp.Order(expressions=[exp.Ordered(this=_col(DIGEST))]),
     )
+    bound: exp.Expr = exp.Literal.number(int(policy.max_rows_per_unit))
     inner = exp.select(exp.Star(), exp.alias_(rank, TAKE, quoted=True)).from_(values)
+    if kept is not None:
+        earlier = (
+            exp.select(exp.alias_(_col(unit), PRIOR_UNIT, quoted=True), exp.alias_(exp.Count(this=exp.Star()), PRIOR))
+            .from_(kept)
+            .group_by(_col(unit))
+        )
+        prior = exp.Coalesce(this=exp.column(PRIOR, "p", quoted=True), expressions=[exp.Literal.number(0)])
+        inner = (
+            exp.select(
+                exp.Column(this=exp.Star(), table=exp.to_identifier("v")),
+                exp.alias_(rank, TAKE, quoted=True),
+                exp.alias_(prior, PRIOR, quoted=True),
+            )
+            .from_(exp.alias_(values, "v"))
+            .join(
+                exp.alias_(exp.Subquery(this=earlier), "p"),
+                on=exp.NullSafeEQ(
+                    this=exp.column(unit, "v", quoted=True), expression=exp.column(PRIOR_UNIT, "p", quoted=True)
+                ),
+                join_type="left",
+            )
+        )
+        bound = exp.Sub(this=bound, expression=_col(PRIOR))
     return (
         exp.select(*select)
         .from_(exp.alias_(exp.Subquery(this=inner), "ranked"))
-        .where(exp.LTE(this=_col(TAKE), expression=exp.Literal.number(int(policy.max_rows_per_unit))))
+        .where(exp.LTE(this=_col(TAKE), expression=bound))
     )
 
 
@@ -240,6 +270,16 @@ def with_digests(
             yield pa.RecordBatch.from_arrays([*b.columns, digests(key, b, columns)], schema=out_schema)
 
     return pa.RecordBatchReader.from_batches(out_schema, gen())
+
+
+def file_digest(key: bytes, path: Path) -> str:
+    """HMAC-SHA256 of a file's bytes under the bounding key: how an append recognises a batch it already added.
+    Kept beside the private data for the admin; never shown to a caller, never a version."""
+    mac = hmac.new(key, digestmod=hashlib.sha256)
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            mac.update(chunk)
+    return mac.hexdigest()
 
 
 def public_source(source: str, base: Path) -> Path:

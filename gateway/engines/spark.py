@@ -45,8 +45,9 @@ import pyarrow as pa
 from sqlglot import exp
 
 from gateway.engines import recipe
-from gateway.engines.base import CatalogError, EngineError, EngineKind, registrable
-from policies.errors import DatasetNotFound, PublicTableNotFound
+from gateway.engines.base import CatalogError, Engine, EngineError, EngineKind, registrable
+from gateway.engines.versions import Version
+from policies.errors import DatasetNotFound, PublicTableNotFound, VersionNotFound
 from policies.schema import Policy, bounded_table, parse_policy
 
 if TYPE_CHECKING:
@@ -195,6 +196,39 @@ class SparkEngine:
         if found is None:
             raise DatasetNotFound(f"no dataset named {dataset!r}", dataset=dataset)
         return found
+
+    # --- versions (one per registration: appends run on DuckDB only) ---------------------------------------
+
+    def append(self, dataset: str, source: Path) -> tuple[Version, bool]:
+        raise CatalogError(
+            "appends run on the DuckDB engine only: this workspace keeps its rows on Spark, where a dataset has one "
+            "version per registration (register it again, with the gateways stopped, to replace its rows)"
+        )
+
+    def retire(self, dataset: str, version: str) -> Version:
+        self.version(dataset, version)
+        raise CatalogError("on the Spark engine a dataset has one version, which cannot be retired")
+
+    def versions(self, dataset: str) -> list[Version]:
+        _, version = self.policy(dataset)
+        entry = self._load().get(dataset, {})
+        serial = int(entry.get("serial", 0)) or 1
+        return [Version(version=version, serial=serial, time=str(entry.get("registered_at", "")), rows="unknown")]
+
+    def version(self, dataset: str, version: str | None) -> Version:
+        (only,) = self.versions(dataset)
+        if version is not None and version != only.version:
+            raise VersionNotFound(
+                f"dataset {dataset!r} has no version {version!r}",
+                dataset=dataset,
+                hint=f"GET /v1/datasets/{dataset}/versions lists its versions",
+            )
+        return only
+
+    def at(self, pins: dict[str, str]) -> Engine:
+        for dataset, version in pins.items():
+            self.version(dataset, version)
+        return self
 
     # --- registration -------------------------------------------------------------------------------------
 

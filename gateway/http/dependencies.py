@@ -51,7 +51,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "invalid request or rejected SQL (with line, column, highlight)"},
     401: {"model": ErrorResponse, "description": "missing or invalid bearer token, or one revoked, rotated or expired"},
     403: {"model": ErrorResponse, "description": "role or column not granted"},
-    404: {"model": ErrorResponse, "description": "unknown dataset"},
+    404: {"model": ErrorResponse, "description": "unknown dataset, or a version the dataset never had"},
+    410: {"model": ErrorResponse, "description": "version_retired: the pinned dataset version was retired"},
     413: {"model": ErrorResponse, "description": "payload_too_large: the body is over the declared limit"},
     429: {
         "model": ErrorResponse,

@@ -63,6 +63,11 @@ class LFStatsRequest(BaseModel):
         "vote patterns and release summaries of its labels",
     )
     dry_run: bool = Field(default=False, description="report cost and half-widths without spending")
+    version: str | None = Field(
+        default=None,
+        max_length=64,
+        description="the dataset version to run on (GET /v1/datasets/{dataset}/versions); default: the latest",
+    )
 
 
 # The server's log (uvicorn's, which `bastion serve` shows at INFO): long Python LF runs report how far they are.

@@ -41,6 +41,12 @@ class QueryRequest(BaseModel):
         description="false: release each quantile's value only, by one selection spending the quantile's whole "
         "epsilon (more accurate), with no interval (its cell is null); true (default): the value with its interval",
     )
+    version: str | None = Field(
+        default=None,
+        max_length=64,
+        description="the dataset version to read (GET /v1/datasets/{dataset}/versions lists them); default: the "
+        "latest. A retired version is refused (410 version_retired)",
+    )
 
 
 class Budget(BaseModel):
@@ -58,6 +64,7 @@ class QueryResponse(BaseModel):
     model_config = ConfigDict(extra="allow")
     query_id: str
     dataset: str
+    version: str = Field(description="the dataset version this answer read (every statement of it read that one)")
     columns: list[str]
     rows: list[list[Any]] | None = None
     intervals: list[list[list[float] | None]] | None = Field(
@@ -106,6 +113,22 @@ def list_datasets(ctx: Ctx, bastion: Core) -> list[dict[str, Any]]:
     return bastion.datasets(ctx)
 
 
+class DatasetVersion(BaseModel):
+    version: str = Field(description="the version's serial (registration and appends counted) and a random suffix")
+    time: str = Field(description="when it was made (UTC, ISO 8601)")
+    rows: str = Field(description="the power-of-ten class of the batch's row count as the admin supplied it")
+    retired: bool = Field(description="retired versions are refused to requests that pin them")
+
+
+@router.get(
+    "/datasets/{dataset}/versions",
+    response_model=list[DatasetVersion],
+    summary="A dataset's versions, oldest first (one per registration and per append)",
+)
+def list_versions(dataset: str, ctx: Ctx, bastion: Core) -> list[dict[str, Any]]:
+    return bastion.versions(ctx, dataset)
+
+
 class PublicRows(BaseModel):
     dataset: str
     table: str
@@ -146,6 +169,7 @@ def run_query(body: QueryRequest, ctx: Ctx, bastion: Core) -> Response:
         delta=body.delta,
         dry_run=body.dry_run,
         quantile_interval=body.quantile_interval,
+        version=body.version,
     )
     # The answer is built by Bastion in the documented shape; encode it directly instead of re-validating it.
     return Response(json.dumps(answer, separators=(",", ":"), allow_nan=False), media_type="application/json")

@@ -53,6 +53,12 @@ class SynthRequest(BaseModel):
         default=None,
         description="δ for key selection of columns without a public domain [default: a tenth of your per-principal δ]",
     )
+    version: str | None = Field(
+        default=None,
+        max_length=64,
+        description="the dataset version to synthesise from (GET /v1/datasets/{dataset}/versions); default: the "
+        "latest at submission. The job reads that version whenever it runs",
+    )
 
 
 class SynthJob(BaseModel):
@@ -96,7 +102,14 @@ SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {
 )
 def submit(body: SynthRequest, ctx: Ctx, jobs: Jobs) -> dict[str, Any]:
     return jobs.submit(
-        ctx, body.dataset, epsilon=body.epsilon, rows=body.rows, seed=body.seed, method=body.method, delta=body.delta
+        ctx,
+        body.dataset,
+        epsilon=body.epsilon,
+        rows=body.rows,
+        seed=body.seed,
+        method=body.method,
+        delta=body.delta,
+        version=body.version,
     )
 
 
