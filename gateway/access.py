@@ -772,6 +772,31 @@ def revoke(bastion: Bastion, request_id: str, *, approver: str) -> AccessRequest
     return req
 
 
+def end_requests_of(bastion: Bastion, requester: str) -> int:
+    """End every pending or approved request filed by `requester`, each audited `access_revoked` (reason
+    `new_owner`): called when the name is given to a new owner (a token created for a name with no token in use),
+    so that whoever is given a name later never reads what its previous owner was granted. Returns how many."""
+    ended = 0
+    with open_store(bastion).transaction() as con:
+        for req in [AccessRequest.from_row(r) for r in con.execute(_SELECT_ALL).fetchall()]:
+            if req.requester != requester or req.status not in {"pending", "approved"}:
+                continue
+            req.status = "revoked"
+            AccessStore.update(con, req, "status")
+            bastion.audit(
+                None,
+                Event.ACCESS_REVOKED,
+                dataset=req.dataset,
+                decision="allowed",
+                reason="new_owner",
+                access_request=req.id,
+                request={"requester": req.requester},
+                rows_released=req.rows_released,
+            )
+            ended += 1
+    return ended
+
+
 def listing(bastion: Bastion, dataset: str | None = None) -> list[AccessRequest]:
     """Every request (of `dataset`), oldest first, for the admin on the host; past-expiry grants shown expired."""
     now = _now()

@@ -471,3 +471,33 @@ def test_concurrent_reads_never_release_more_than_the_cap(ws: Workspace, units: 
     assert sum(released) == 3
     reads = _records(ws, "access_read")
     assert sum(r.get("rows_released", 0) for r in reads) == 3 and len(reads) == 8
+
+
+def test_a_name_given_to_a_new_owner_does_not_inherit_its_grants(ws: Workspace, units: dict[str, int]) -> None:
+    """alice's tokens are revoked and the name is given to someone else (`token create` of a name with no token in
+    use): her approved and pending requests end then (audited `access_revoked`, reason `new_owner`), so the new
+    alice reads nothing; another token of a name in use (`--add`) ends nothing."""
+    from gateway.cli.main import _issue_token
+
+    with ws.app() as c:
+        approved = _request(c, ws, [units["consenting"]]).json()["id"]
+        pending = _request(c, ws, [units["consenting"]]).json()["id"]
+        _host(ws, "approve", approved, rows=10, hours=1, approver="root")
+        bastion = Bastion(ws.settings)
+        try:
+            extra = _issue_token(bastion, "alice", "analyst", add=True)  # the same owner: nothing ends
+            assert c.get(
+                f"/v1/access/requests/{approved}/rows", headers={"Authorization": f"Bearer {extra}"}
+            ).is_success
+            for record in bastion.tokens.list():
+                if record.name == "alice" and record.revoked is None:
+                    bastion.tokens.revoke(record.token_id)
+            new_owner = _issue_token(bastion, "alice", "analyst")
+        finally:
+            bastion.close()
+        headers = {"Authorization": f"Bearer {new_owner}"}
+        for rid in (approved, pending):
+            r = c.get(f"/v1/access/requests/{rid}/rows", headers=headers)
+            assert r.status_code == 403 and r.json()["error"]["reason"] == "revoked"
+    ended = [(r["access_request"], r["reason"]) for r in _records(ws, "access_revoked")]
+    assert sorted(ended) == sorted([(approved, "new_owner"), (pending, "new_owner")])

@@ -307,17 +307,18 @@ def _issue_token(bastion: Any, name: str, role: str, lifetime: float | None = No
     from audit.record import Event
     from gateway.stores.tokens import iso
 
-    token, _ = bastion.tokens.issue(
-        name,
-        role,
-        lifetime,
-        add=add,
-        record=lambda r: _token_event(
+    def record(r: Any) -> None:
+        _token_event(
             bastion,
             Event.TOKEN_CREATED,
             {"name": r.name, "role": r.role, "token_id": r.token_id, "expires": iso(r.expires)},
-        ),
-    )
+        )
+        if not add:  # the name's new owner: what its previous owner was granted ends before the token exists
+            from gateway.access import end_requests_of
+
+            end_requests_of(bastion, r.name)
+
+    token, _ = bastion.tokens.issue(name, role, lifetime, add=add, record=record)
     return str(token)
 
 
