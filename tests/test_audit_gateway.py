@@ -307,6 +307,7 @@ AUDIT_ROUTES = [
     ("GET", "/v1/audit/export", {"format": "csv"}),
     ("GET", "/v1/audit/spend", {}),
     ("GET", "/v1/audit/verify", {}),
+    ("GET", "/v1/audit/access", {}),
     ("GET", "/v1/audit/checkpoints/latest", {}),
     ("POST", "/v1/audit/checkpoints", {}),
     ("GET", "/v1/audit/checkpoints/consistency", {"old": 0}),
