@@ -269,16 +269,7 @@ class DuckDBEngine:
             return None
         keys = recipe.row_keys_query(policy, reader.copy())
         con.execute(exp.Create(this=table, kind="TABLE", replace=True, expression=keys).sql(dialect="duckdb"))
-        key = exp.column(ROW_KEY, quoted=True)
-        counts = exp.select(
-            exp.Count(this=exp.Star()),
-            exp.Count(this=exp.Distinct(expressions=[key.copy()])),
-            exp.Count(this=key.copy()),
-        ).from_(table)
-        row = con.execute(counts.sql(dialect="duckdb")).fetchone()
-        assert row is not None
-        problem = recipe.row_key_problem(int(row[0]), int(row[1]), int(row[2]))
-        return None if problem is None else f"row_key {policy.row_key!r} is not a row identity: {problem}"
+        return _row_key_problem(con, policy, table)
 
     @staticmethod
     def _count(con: duckdb.DuckDBPyConnection, reader: exp.Expr) -> int:
@@ -406,16 +397,7 @@ class DuckDBEngine:
         )
         table = exp.table_(row_keys_table(policy.dataset), db="main", catalog=catalog, quoted=True)
         con.execute(exp.Create(this=table, kind="TABLE", expression=keys).sql(dialect="duckdb"))
-        key = exp.column(ROW_KEY, quoted=True)
-        counts = exp.select(
-            exp.Count(this=exp.Star()),
-            exp.Count(this=exp.Distinct(expressions=[key.copy()])),
-            exp.Count(this=key.copy()),
-        ).from_(table)
-        row = con.execute(counts.sql(dialect="duckdb")).fetchone()
-        assert row is not None
-        problem = recipe.row_key_problem(int(row[0]), int(row[1]), int(row[2]))
-        return None if problem is None else f"row_key {policy.row_key!r} is not a row identity: {problem}"
+        return _row_key_problem(con, policy, table)
 
     def retire(self, dataset: str, version: str) -> Version:
         """Retire a version: pinning it is refused from now on. The last version that is not retired cannot be."""
@@ -726,3 +708,17 @@ def _python(value: Any) -> Any:
     if isinstance(value, decimal.Decimal):
         return int(value) if value == value.to_integral_value() else float(value)
     return value
+
+
+def _row_key_problem(con: duckdb.DuckDBPyConnection, policy: Policy, table: exp.Table) -> str | None:
+    """Why the keys stored in `table` are no row identity of the dataset (some missing or repeated), or None."""
+    key = exp.column(ROW_KEY, quoted=True)
+    counts = exp.select(
+        exp.Count(this=exp.Star()),
+        exp.Count(this=exp.Distinct(expressions=[key.copy()])),
+        exp.Count(this=key.copy()),
+    ).from_(table)
+    row = con.execute(counts.sql(dialect="duckdb")).fetchone()
+    assert row is not None
+    problem = recipe.row_key_problem(int(row[0]), int(row[1]), int(row[2]))
+    return None if problem is None else f"row_key {policy.row_key!r} is not a row identity: {problem}"
