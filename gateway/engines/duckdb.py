@@ -47,9 +47,20 @@ def _reader(source: Path) -> exp.Expr:
         return exp.Table(this=exp.Anonymous(this="read_parquet", expressions=[path]))
     if suffix.endswith((".csv", ".csv.gz", ".tsv")):
         # Every field as text, converted by the policy's types: no value can fail the read, and a row's values do
-        # not depend on the types DuckDB would infer from the other rows.
-        options = [exp.EQ(this=exp.column(o), expression=exp.true()) for o in ("header", "auto_detect", "all_varchar")]
-        return exp.Table(this=exp.Anonymous(this="read_csv", expressions=[path, *options]))
+        # not depend on the types DuckDB would infer from the other rows. Nor on the dialect it would infer: the
+        # sniffer picks quote, escape, comment and leading rows to skip from the file's contents, so one unit's odd
+        # line (an opening quote that never closes) could switch the whole file to no quoting and change every
+        # other unit's values. They are fixed (RFC 4180, a tab for .tsv); a file that does not parse so is refused.
+        flags = [exp.EQ(this=exp.column(o), expression=exp.true()) for o in ("header", "auto_detect", "all_varchar")]
+        dialect = {
+            "delim": "\t" if suffix.endswith(".tsv") else ",",
+            "quote": '"',
+            "escape": '"',
+            "comment": "",
+        }
+        fixed = [exp.EQ(this=exp.column(o), expression=exp.Literal.string(v)) for o, v in dialect.items()]
+        fixed.append(exp.EQ(this=exp.column("skip"), expression=exp.Literal.number(0)))
+        return exp.Table(this=exp.Anonymous(this="read_csv", expressions=[path, *flags, *fixed]))
     raise CatalogError(f"unsupported source format {source.name!r}: use Parquet or CSV")
 
 
