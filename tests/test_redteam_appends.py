@@ -35,7 +35,7 @@ roles: {{analyst: [query]}}
 TARGET = 5
 
 
-def bounded_rows(engine: DuckDBEngine) -> Counter[tuple[Any, ...]]:
+def bounded_rows(engine: Any) -> Counter[tuple[Any, ...]]:
     query = exp.select("uid", "city", "value").from_(exp.table_("bounded_feed", quoted=True))
     return Counter(engine.rows(query))
 
@@ -111,3 +111,50 @@ def test_the_same_at_registration(tmp_path: Path) -> None:
     neighbour = feed(tmp_path / "neighbour", batches, with_target=False)
     assert not isinstance(neighbour, str), neighbour
     assert isinstance(full, str) or others(full) == others(neighbour)
+
+
+def test_a_unit_at_k_gains_nothing_from_later_batches_whatever_form_its_id_takes(tmp_path: Path) -> None:
+    """The target has k rows at registration, then appears again: duplicate rows in a CSV batch, its id as ` 5`,
+    `5.0` and `05` text in a Parquet batch with its columns reordered and an extra column, and as a float in
+    another. Every form converts to the same unit, which keeps its k rows; the other units' rows are the same
+    with and without the target, version by version."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def build(root: Path, with_target: bool) -> list[Counter[tuple[Any, ...]]]:
+        root.mkdir()
+        (root / "key").write_text("ef" * 32)
+        reg = [(u, "Paris" if u % 2 else "Lyon", u % 1000) for u in range(1, 501) if u != TARGET]
+        b1 = [(u, "Lyon", 7) for u in range(501, 700)]
+        b2: list[tuple[Any, str, int]] = [(str(u), "Paris", 3) for u in range(700, 790)]
+        b3: list[tuple[Any, str, int]] = [(float(u), "Nice", 10) for u in range(790, 880)]
+        if with_target:
+            reg += [(TARGET, "Paris", 1000), (TARGET, "Paris", 999)]
+            b1 += [(TARGET, "Nice", 1000)] * 3
+            b2 += [(" 5", "Nice", 1000), ("5.0", "Nice", 1000), ("05", "Nice", 1000)]
+            b3 += [(5.0, "Nice", 1000)]
+        (root / "reg.csv").write_text("uid,city,value\n" + "".join(f"{u},{c},{v}\n" for u, c, v in reg))
+        (root / "b1.csv").write_text("uid,city,value\n" + "".join(f"{u},{c},{v}\n" for u, c, v in b1))
+        columns = {"value": [r[2] for r in b2], "uid": [r[0] for r in b2], "city": [r[1] for r in b2]}
+        pq.write_table(pa.table({**columns, "extra": ["x"] * len(b2)}), root / "b2.parquet")
+        pq.write_table(
+            pa.table({"uid": [r[0] for r in b3], "city": [r[1] for r in b3], "value": [float(r[2]) for r in b3]}),
+            root / "b3.parquet",
+        )
+        engine = DuckDBEngine(root / "db.duckdb", root / "key", read_only=False)
+        try:
+            engine.register(POLICY, root / "reg.csv")
+            for name in ("b1.csv", "b2.parquet", "b3.parquet"):
+                engine.append("feed", root / name)
+            return [bounded_rows(engine.at({"feed": v.version})) for v in engine.versions("feed")]
+        finally:
+            engine.close()
+
+    full = build(tmp_path / "full", True)
+    neighbour = build(tmp_path / "neighbour", False)
+    assert len(full) == len(neighbour) == 4
+    for with_target, without in zip(full, neighbour, strict=True):
+        assert others(with_target) == others(without) == without
+        assert Counter({r: n for r, n in with_target.items() if r[0] == TARGET}) == Counter(
+            {(TARGET, "Paris", 1000): 1, (TARGET, "Paris", 999): 1}
+        )
