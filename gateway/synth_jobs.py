@@ -528,12 +528,13 @@ class SynthJobs:
         policy, _ = self.bastion.engine.policy(job["dataset"])
         if policy.fingerprint() != job["policy_fingerprint"]:
             raise Conflict("the dataset or its policy changed since the request was admitted")
-        try:  # the job reads the version it was admitted at, whatever was appended since
-            reader = self.bastion.engine.at({job["dataset"]: job["dataset_version"]})
+        # The job reads the version it was admitted at (and charged for), whatever was appended or retired since.
+        try:
+            reader = self.bastion.engine.at({job["dataset"]: job["dataset_version"]}, retired=True)
         except (VersionNotFound, VersionRetired):
             raise Conflict(
-                f"version {job['dataset_version']} of the dataset, which the request was admitted at, was retired or "
-                "replaced by a new registration"
+                f"version {job['dataset_version']} of the dataset, which the request was admitted at, was replaced "
+                "by a new registration"
             ) from None
         table = bounded_table(job["dataset"])
         ctx = self._context(job)

@@ -72,7 +72,7 @@ class BacktrackingEngine:
     def version(self, dataset: str, version: str | None) -> Version:
         raise AssertionError("bind_check needs no versions")
 
-    def at(self, pins: dict[str, str]) -> Engine:
+    def at(self, pins: dict[str, str], *, retired: bool = False) -> Engine:
         raise AssertionError("bind_check needs no versions")
 
     def close(self) -> None:

@@ -158,3 +158,43 @@ def test_a_unit_at_k_gains_nothing_from_later_batches_whatever_form_its_id_takes
         assert Counter({r: n for r, n in with_target.items() if r[0] == TARGET}) == Counter(
             {(TARGET, "Paris", 1000): 1, (TARGET, "Paris", 999): 1}
         )
+
+
+@pytest.fixture
+def demo_workspace(tmp_path: Path, demo_source: tuple[Path, Path]) -> Any:
+    from tests.conftest import ROLES, build_workspace
+
+    data, policy = demo_source
+    return build_workspace(tmp_path, [(policy, data)], ROLES)
+
+
+def test_a_synthesis_job_admitted_before_its_version_is_retired_still_reads_it(
+    demo_workspace: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job is charged at admission; retiring its version afterwards (an admin's act: its rows stay in the later
+    versions, and its file is kept) failed the job with "the charge stands", a refusal after the charge. The job
+    reads the version it was admitted at, retired since or not; only a version a new registration dropped fails."""
+    from gateway.demo import write_demo
+    from gateway.http.synth import jobs_of
+    from gateway.synth_jobs import SynthJobs
+    from tests.synth.helpers import wait
+
+    ws = demo_workspace
+    batch, _ = write_demo(tmp_path / "batch", n_rows=2000, seed=97)
+    headers = ws.headers("analyst")
+    with ws.app() as client:
+        bastion = client.app.state.bastion
+        v1 = bastion.engine.policy("visits")[1]
+        bastion.engine.append("visits", batch)
+        monkeypatch.setattr(SynthJobs, "_maybe_start", lambda self, job: None)  # admitted, not started yet
+        body = {"dataset": "visits", "epsilon": 1.0, "rows": 100, "seed": 5, "version": v1}
+        admitted = client.post("/v1/synth", json=body, headers=headers)
+        assert admitted.status_code == 200 and admitted.json()["status"] == "queued", admitted.text
+        spent = client.get("/v1/budget", headers=headers).json()
+        bastion.engine.retire("visits", v1)
+        monkeypatch.undo()
+        jobs_of(client.app.state, bastion).resume()
+        job = wait(client, headers, admitted.json()["job_id"])
+        assert job["status"] == "done", job.get("error")
+        assert job["dataset_version"] == v1
+        assert client.get("/v1/budget", headers=headers).json() == spent  # charged once, at admission

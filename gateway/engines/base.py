@@ -65,8 +65,9 @@ class Engine(Reader, Protocol):
         """The version a request reads: `version` (VersionNotFound, VersionRetired) or, if None, the latest."""
         ...
 
-    def at(self, pins: dict[str, str]) -> Engine:
-        """This engine with each dataset in `pins` read at that version (checked as by `version`)."""
+    def at(self, pins: dict[str, str], *, retired: bool = False) -> Engine:
+        """This engine with each dataset in `pins` read at that version (checked as by `version`; with `retired`, a
+        retired version is read too: for work admitted, and charged, before it was retired)."""
         ...
 
     def datasets(self) -> dict[str, tuple[Policy, str]]:

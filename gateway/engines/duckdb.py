@@ -507,9 +507,17 @@ class DuckDBEngine:
             self._attached[path] = catalog
             return catalog
 
-    def at(self, pins: dict[str, str]) -> Engine:
-        """This engine reading the pinned version of each dataset in `pins` (the latest of any other)."""
-        return _Pinned(self, {d: self.version(d, v) for d, v in pins.items()})
+    def at(self, pins: dict[str, str], *, retired: bool = False) -> Engine:
+        """This engine reading the pinned version of each dataset in `pins` (the latest of any other); `retired`:
+        a retired version too (its file is kept), for work admitted and charged before it was retired."""
+        return _Pinned(self, {d: self._pinned(d, v, retired=retired) for d, v in pins.items()})
+
+    def _pinned(self, dataset: str, version: str, *, retired: bool) -> Version:
+        if retired:
+            found = self.manifest(dataset).find(version)
+            if found is not None:
+                return found
+        return self.version(dataset, version)
 
     def _versioned(self, query: exp.Query, pins: dict[str, Version]) -> exp.Query:
         """`query` with each bounded (and row-key) table read at its pinned version, else its latest (the query
@@ -687,8 +695,8 @@ class _Pinned:
         pinned = self.pins.get(dataset)
         return self.engine.version(dataset, version or (pinned.version if pinned is not None else None))
 
-    def at(self, pins: dict[str, str]) -> Engine:
-        return self.engine.at({**{d: v.version for d, v in self.pins.items()}, **pins})
+    def at(self, pins: dict[str, str], *, retired: bool = False) -> Engine:
+        return self.engine.at({**{d: v.version for d, v in self.pins.items()}, **pins}, retired=retired)
 
     def close(self) -> None:
         return None

@@ -225,8 +225,8 @@ class SparkEngine:
             )
         return only
 
-    def at(self, pins: dict[str, str]) -> Engine:
-        for dataset, version in pins.items():
+    def at(self, pins: dict[str, str], *, retired: bool = False) -> Engine:
+        for dataset, version in pins.items():  # its one version is never retired
             self.version(dataset, version)
         return self
 
