@@ -625,10 +625,14 @@ def read_rows(bastion: Bastion, ctx: Context, request_id: str) -> dict[str, Any]
                 .order_by(unit.copy(), exp.column(ROW_ID, quoted=True))
                 .limit(left)
             )
-            rows = [[_json(v) for v in r] for r in bastion.engine.rows(query)]
+            # One version, the latest now, named in the read's record (as every other access's record does).
+            version = bastion.engine.version(req.dataset, None).version
+            rows = [[_json(v) for v in r] for r in bastion.engine.at({req.dataset: version}).rows(query)]
             req.rows_released += len(rows)
             AccessStore.update(con, req, "rows_released")
-            bastion.audit(ctx, event, decision="allowed", reason="ok", rows_released=len(rows), **fields)
+            bastion.audit(
+                ctx, event, decision="allowed", reason="ok", rows_released=len(rows), version=version, **fields
+            )
             return {
                 "id": req.id,
                 "dataset": req.dataset,

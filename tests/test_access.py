@@ -501,3 +501,27 @@ def test_a_name_given_to_a_new_owner_does_not_inherit_its_grants(ws: Workspace, 
             assert r.status_code == 403 and r.json()["error"]["reason"] == "revoked"
     ended = [(r["access_request"], r["reason"]) for r in _records(ws, "access_revoked")]
     assert sorted(ended) == sorted([(approved, "new_owner"), (pending, "new_owner")])
+
+
+def test_a_read_after_an_append_reads_one_version_and_its_record_names_it(
+    ws: Workspace, units: dict[str, int], source: tuple[Path, Path, list[int]], tmp_path: Path
+) -> None:
+    """Consented rows are read at one version, the latest when the read is admitted, and the read's record says
+    which (as every other access's record does)."""
+    data, _, _ = source
+    table = pq.read_table(data).slice(0, 20)
+    table = table.set_column(table.schema.get_field_index("visit_id"), "visit_id", pa.array(range(10**9, 10**9 + 20)))
+    batch = tmp_path / "batch.parquet"
+    pq.write_table(table, batch)
+    with ws.app() as c:
+        bastion: Bastion = c.app.state.bastion
+        first = bastion.engine.policy("visits")[1]
+        rid = _request(c, ws, [units["consenting"]]).json()["id"]
+        _host(ws, "approve", rid, rows=1_000, hours=1, approver="root")
+        before = c.get(f"/v1/access/requests/{rid}/rows", headers=ws.headers("analyst")).json()
+        appended, added = bastion.engine.append("visits", batch)
+        assert added
+        after = c.get(f"/v1/access/requests/{rid}/rows", headers=ws.headers("analyst")).json()
+    assert before["rows"] and all(r in after["rows"] for r in before["rows"])  # rows kept stay kept
+    reads = [r for r in _records(ws, "access_read") if r["decision"] == "allowed"]
+    assert [r["version"] for r in reads] == [first, appended.version]
