@@ -428,3 +428,30 @@ def test_the_cli_table_shows_slice_values_as_text(capsys: pytest.CaptureFixture[
     print_evaluation(raw)
     out = capsys.readouterr().out
     assert "[/x]" in out and "[red]f" in out
+
+
+def test_after_an_append_stale_predictions_are_refused_before_the_charge_and_attached_again_read_the_new_version(
+    ws: Workspace, evaluation_source: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    import pyarrow as pa
+
+    data, _, predictions = evaluation_source
+    table = pq.read_table(data).slice(0, 50)
+    keys = pa.array(range(10**9, 10**9 + 50), type=table.schema.field("visit_id").type)
+    batch = tmp_path / "batch.parquet"
+    pq.write_table(table.set_column(table.schema.get_field_index("visit_id"), "visit_id", keys), batch)
+    body = {"dataset": "visits", "model": "triage-v3", "epsilon": 1.0}
+    with ws.app() as c:
+        bastion: Bastion = c.app.state.bastion
+        appended, _ = bastion.engine.append("visits", batch)
+        refused = c.post("/v1/evaluate", json=body, headers=ws.headers("analyst"))
+        assert refused.status_code == 400 and refused.json()["error"]["reason"] == "stale_predictions"
+        assert _spent(c, ws) == 0.0
+        attach(bastion, "visits", "triage-v3", predictions, replace=True)
+        answer = c.post("/v1/evaluate", json=body, headers=ws.headers("analyst"))
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["dataset_version"] == appended.version
+    records = _records(ws)
+    # the refusal is recorded (under the error's code: the record does not carry the error's reason)
+    assert [r["reason"] for r in records if r["decision"] == "denied"] == ["invalid_request"]
+    assert {r["version"] for r in records if r.get("phase") in {"admitted", "released"}} == {appended.version}
