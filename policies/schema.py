@@ -520,7 +520,9 @@ class Policy(_Strict):
             if name == self.dataset or name in self.public_tables:
                 raise ValueError(f"private table {name!r} has the name of the dataset or of one of its public tables")
             if self.privacy_unit == "row":
-                raise ValueError("private_tables need a privacy unit column shared by every table; privacy_unit is 'row'")
+                raise ValueError(
+                    "private_tables need a privacy unit column shared by every table; privacy_unit is 'row'"
+                )
             unit = self.columns.get(self.privacy_unit)
             mine = table.columns[table.unit_column]
             if unit is not None and unit.type != mine.type:

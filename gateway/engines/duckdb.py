@@ -205,9 +205,7 @@ class DuckDBEngine:
             self._bound_table(con, writer, policy, reader, table)
             for private, (sub, sub_reader) in privates.items():
                 try:
-                    self._bound_table(
-                        con, writer, sub, sub_reader, exp.table_(bounded_table(sub.dataset), quoted=True)
-                    )
+                    self._bound_table(con, writer, sub, sub_reader, exp.table_(bounded_table(sub.dataset), quoted=True))
                 except duckdb.Error as exc:
                     failure = _diagnose(con, sub, sub_reader, exc)
                     raise CatalogError(
@@ -243,7 +241,11 @@ class DuckDBEngine:
         return version
 
     def _bound_table(
-        self, con: duckdb.DuckDBPyConnection, writer: duckdb.DuckDBPyConnection, policy: Policy, reader: exp.Expr,
+        self,
+        con: duckdb.DuckDBPyConnection,
+        writer: duckdb.DuckDBPyConnection,
+        policy: Policy,
+        reader: exp.Expr,
         table: exp.Table,
     ) -> None:
         """Build one bounded table from a source, inside the writer's transaction: the converted values streamed

@@ -184,6 +184,10 @@ def plan(select: exp.Select, sql: str, resolve: Callable[[str], Policy], public:
     bare.set("joins", None)
     name = dataset_name(bare, sql)  # the FROM's own refusals (catalogs, schemas, sampling), as in any query
     policy = resolve(name)
+    if policy.private_tables:  # a dataset of several private tables: its joins are planned there
+        from gateway.sql import privatejoins
+
+        return privatejoins.plan(select, sql, resolve, public, resolved=(name, policy))
     tables = sorted(policy.public_tables)
     first = tables[0] if tables else "<public table>"
     key0 = policy.public_tables[first].unique_key if tables else None
