@@ -449,6 +449,9 @@ class Policy(_Strict):
     consent: Consent | None = None
     # Further private tables of the same unit (visits, labs): name → table, read as `<dataset>.<table>`.
     private_tables: dict[str, PrivateTable] = Field(default_factory=dict)
+    # A join of private tables whose product of bounds exceeds this keeps at most this many joined rows per unit
+    # (chosen by a hash of their values) and is priced at it; None: every join is priced at the product.
+    max_joined_rows_per_unit: int | None = Field(default=None, ge=1, le=10_000)
 
     @model_validator(mode="after")
     def _check(self) -> Policy:
@@ -596,6 +599,8 @@ class Policy(_Strict):
             del content["consent"]  # likewise
         if not self.private_tables:
             del content["private_tables"]  # likewise
+        if self.max_joined_rows_per_unit is None:
+            del content["max_joined_rows_per_unit"]  # likewise
         payload = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -617,7 +622,10 @@ class Policy(_Strict):
             "accounting": self.accounting.value,
             "public_tables": {name: t.public_schema() for name, t in self.public_tables.items()},
             **(
-                {"private_tables": {name: t.public_schema() for name, t in self.private_tables.items()}}
+                {
+                    "private_tables": {name: t.public_schema() for name, t in self.private_tables.items()},
+                    "max_joined_rows_per_unit": self.max_joined_rows_per_unit,
+                }
                 if self.private_tables
                 else {}
             ),

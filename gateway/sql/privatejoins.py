@@ -105,10 +105,24 @@ class PrivateJoin:
     domains: dict[str, list[Any]] = field(compare=False, default_factory=dict)  # joined public column → values
 
     @property
-    def rows_per_unit(self) -> int:
+    def product(self) -> int:
+        """The most joined rows one unit may have: the product of the private sides' bounds and the multiplicity."""
         return prod(s.policy.max_rows_per_unit for s in self.sides if s.policy is not None) * prod(
             s.multiplicity for s in self.sides
         )
+
+    @property
+    def truncated(self) -> int | None:
+        """The bound the joined rows are truncated to (the policy's `max_joined_rows_per_unit`, when the product
+        of a join of several private tables exceeds it), or None: priced at the product."""
+        cap = self.policy.max_joined_rows_per_unit
+        several = sum(1 for s in self.sides if not s.public) > 1
+        return cap if several and cap is not None and cap < self.product else None
+
+    @property
+    def rows_per_unit(self) -> int:
+        truncated = self.truncated
+        return truncated if truncated is not None else self.product
 
     def derived_policy(self) -> Policy:
         """The joined table as a dataset: every side's columns under their derived names, the first side's unit as
@@ -184,7 +198,43 @@ class PrivateJoin:
                 on=on,
                 join_type="LEFT" if side.kind == "LEFT" else "INNER",
             )
+        if self.truncated is not None:
+            query = self._truncate(query, self.truncated)
         return exp.alias_(exp.Subquery(this=query), public_joins.JOINED, quoted=True)
+
+    def _truncate(self, joined: exp.Select, bound: int) -> exp.Select:
+        """At most `bound` joined rows per unit (Tumult's truncation): those ranked lowest within their unit by the
+        MD5 of their values, then by the values themselves. The rank is a function of the row's values only (not of
+        row ids or the engine's order), so a unit's kept rows depend on that unit's rows alone; rows that tie are
+        equal in every released column."""
+        first = self.sides[0]
+        assert first.policy is not None and first.policy.unit_column is not None
+        values: list[str] = list(recipe.kept_columns(first.policy))
+        for side in self.sides[1:]:
+            kept = list(side.columns) if side.policy is None else recipe.kept_columns(side.policy)
+            values += [side.derived[c] for c in kept if c != side.unit]
+        text = [
+            exp.Coalesce(
+                this=exp.Cast(this=exp.column(c, "j", quoted=True), to=exp.DataType.build("VARCHAR")),
+                expressions=[exp.Literal.string("-")],
+            )
+            for c in values
+        ]
+        digest = exp.MD5(this=exp.ConcatWs(expressions=[exp.Literal.string("|"), *text]))
+        order = [exp.Ordered(this=digest), *[exp.Ordered(this=exp.column(c, "j", quoted=True)) for c in values]]
+        rank = exp.Window(
+            this=exp.RowNumber(),
+            partition_by=[exp.column(first.policy.unit_column, "j", quoted=True)],
+            order=exp.Order(expressions=order),
+        )
+        ranked = exp.select(
+            exp.Column(this=exp.Star(), table=exp.to_identifier("j")), exp.alias_(rank, recipe.TAKE, quoted=True)
+        ).from_(exp.alias_(exp.Subquery(this=joined), "j"))
+        return (
+            exp.select(exp.Star())
+            .from_(exp.alias_(exp.Subquery(this=ranked), "r"))
+            .where(exp.LTE(this=exp.column(recipe.TAKE, quoted=True), expression=exp.Literal.number(bound)))
+        )
 
     def note(self) -> str:
         private = [s for s in self.sides if not s.public]
@@ -196,6 +246,12 @@ class PrivateJoin:
             bounds += f" × {public[0].table} (multiplicity {public[0].multiplicity})"
         if len(self.sides) == 1:
             return f"reads the private table {self.sides[0].table!r}: at most {self.rows_per_unit} rows per unit"
+        if self.truncated is not None:
+            return (
+                f"joined on the privacy unit: each unit has at most {bounds} = {self.product} joined rows, truncated "
+                f"to {self.truncated} per unit (the policy's max_joined_rows_per_unit; kept by a hash of their "
+                f"values, the others dropped), and every sensitivity is priced at {self.truncated} rows per unit"
+            )
         return (
             f"joined on the privacy unit: each unit has at most {bounds} = {self.rows_per_unit} joined rows, and "
             f"every sensitivity is priced at {self.rows_per_unit} rows per unit"
