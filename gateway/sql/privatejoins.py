@@ -381,7 +381,7 @@ def _side(
     allowed: str,
 ) -> Side:
     db, name = (table.db or "").lower(), table.name.lower()
-    names = frozenset({name, *([table.alias.lower()] if table.alias else [])})
+    names = frozenset({table.alias.lower() if table.alias else name})  # an aliased table is named by its alias
     alias = f"t{index}"
     if table.catalog or db in _SYSTEM_SCHEMAS:
         raise reject("system catalogs are not allowed", "system_catalog", table, sql)
@@ -501,7 +501,18 @@ def _conditions(
             if i == new:
                 (i, ci), (j, cj) = (j, cj), (i, ci)
             pairs.append((i, ci.name.lower(), j, cj.name.lower(), term))
+    if side.public and len(pairs) != 1:
+        assert side.table is not None
+        raise _refuse(
+            "a public table joins on one equality of a private column with its key",
+            select,
+            join,
+            sql,
+            hint=public_joins.form(policy.dataset, side.table, policy.public_tables[side.table].unique_key or "<key>"),
+        )
     for i, ci, j, cj, node in pairs:
+        if side.public and sides[i].unit == ci:  # the unit is no join column for a public table
+            check_column(_unqualified(node, ci), sides[i].policy or policy, sql, labeling=False)
         for k, c in ((i, ci), (j, cj)):
             if c not in sides[k].columns:
                 raise reject(f"{sides[k].table or policy.dataset} has no column {c!r}", "unknown_column", node, sql)
@@ -516,14 +527,6 @@ def _conditions(
     if side.public:
         assert side.table is not None
         lookup = policy.public_tables[side.table]
-        if len(pairs) != 1:
-            raise _refuse(
-                "a public table joins on one equality of a private column with its key",
-                select,
-                join,
-                sql,
-                hint=public_joins.form(policy.dataset, side.table, lookup.unique_key or "<key>"),
-            )
         i, ci, j, cj, node = pairs[0]
         multiplicity = lookup.multiplicity(cj)
         if multiplicity is None:
@@ -535,8 +538,6 @@ def _conditions(
                 hint=public_joins.form(policy.dataset, side.table, lookup.unique_key or "<key>"),
                 node=node,
             )
-        if sides[i].unit == ci:
-            check_column(_unqualified(node, ci), sides[i].policy or policy, sql, labeling=False)
         sides[new] = replace(side, multiplicity=multiplicity)
     else:
         if not any(ci == sides[i].unit and cj == side.unit for i, ci, _, cj, _ in pairs):
