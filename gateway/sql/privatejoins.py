@@ -35,7 +35,7 @@ from gateway.engines import recipe
 from gateway.engines.base import bounded
 from gateway.sql import joins as public_joins
 from gateway.sql.parse import _SYSTEM_SCHEMAS, join_span, refuse_alias_columns
-from policies.errors import QueryRejected
+from policies.errors import DatasetNotFound, QueryRejected
 from policies.expressions import check_column, reject, span
 from policies.schema import MAX_ENUMERABLE_DOMAIN, Column, Policy, Usage, public_table_name
 
@@ -292,7 +292,19 @@ def plan(
     refuse_alias_columns(first, sql, inside="the table's own column names, qualified by its alias")
     if first.catalog or (first.db or "").lower() in _SYSTEM_SCHEMAS:
         raise reject("system catalogs are not allowed", "system_catalog", first, sql)
-    name, policy = resolved if resolved is not None else (_dataset_of(first), resolve(_dataset_of(first)))
+    if resolved is None:
+        try:
+            resolved = (_dataset_of(first), resolve(_dataset_of(first)))
+        except DatasetNotFound:  # `schema.table` of no dataset: refused as any unknown schema
+            raise reject(
+                f"no schema {_dataset_of(first)!r}: a table is read as <dataset>, <dataset>.<dataset> or "
+                "<dataset>.<private table>",
+                "unknown_schema",
+                first,
+                sql,
+                hint="GET /v1/datasets lists the datasets and their tables",
+            ) from None
+    name, policy = resolved
     allowed = form(name, policy)
     joins: list[exp.Join] = list(select.args.get("joins") or [])
     sides: list[Side] = []
@@ -410,7 +422,7 @@ def _side(
     raise reject(
         f"{table.sql()} is not a table of dataset {dataset!r} (its private tables: {tables}; its public tables: "
         f"{public})",
-        "unknown_table",
+        "unknown_schema" if join is None else "unknown_table",
         table,
         sql,
         hint=f"write {allowed}",
