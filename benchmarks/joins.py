@@ -22,7 +22,7 @@ from gateway.demo import write_demo, write_hospital
 from gateway.service import Bastion, Context
 from gateway.settings import Settings
 from gateway.sql import compile as comp
-from gateway.sql.plan import plan_query
+from gateway.sql.plan import Plan, plan_query
 from policies.schema import Policy, load_policy
 
 QUERIES = [
@@ -90,7 +90,7 @@ def main() -> None:
         for label, sql in [*QUERIES, *HOSPITAL]:
             policy, _ = engine.policy("hospital" if "hospital" in sql else "visits")
 
-            def planned(sql: str = sql, policy: Policy = policy) -> object:
+            def planned(sql: str = sql, policy: Policy = policy) -> Plan:
                 return plan_query(sql, lambda _: policy, engine.public_table)
 
             statement = comp.measurement_query(planned())
