@@ -300,9 +300,9 @@ class Plan:
     @property
     def dataset_policy(self) -> Policy:
         """The policy of the dataset the query reads (`policy` but for a per-unit or joined query)."""
-        if self.per_unit is not None:
-            return self.per_unit.policy
-        return self.join.policy if self.join is not None else self.policy
+        if self.join is not None:  # a join's (also under a per-unit subquery): the dataset's own policy
+            return self.join.policy
+        return self.per_unit.policy if self.per_unit is not None else self.policy
 
     @property
     def row_trees(self) -> list[exp.Expr]:
@@ -1140,7 +1140,7 @@ def plan_query(sql: str, resolve: Callable[[str], Policy], public: PublicReader 
         if listed is None and joins.applies(select):  # a join with a public table of the dataset
             return joins.plan(select, sql, resolve, public)
         if perunit.source(select) is not None:  # a list of public groups may itself be the FROM's subquery
-            return perunit.plan(select, sql, resolve)
+            return perunit.plan(select, sql, resolve, public)
         name = dataset_name(select, sql)
         policy = resolve(name)
         drop_qualifiers(select, name)

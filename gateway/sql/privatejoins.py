@@ -25,6 +25,7 @@ more than one public table; two sides with the same name.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from math import prod
 from typing import TYPE_CHECKING, Any
@@ -275,17 +276,15 @@ def _dataset_of(table: exp.Table) -> str:
     return (table.db or table.name).lower()
 
 
-def plan(
+def prepare(
     select: exp.Select,
     sql: str,
-    resolve: Any,
+    resolve: Callable[[str], Policy],
     public: PublicReader | None,
     resolved: tuple[str, Policy] | None = None,
-) -> Plan:
-    """Validate the tables and joins against the dataset's policy and plan the query over the joined table.
-    Nothing is charged here; a joined public table's rows are read for the domains of its columns."""
-    from gateway.sql.plan import _Planner
-
+) -> tuple[PrivateJoin, exp.Select]:
+    """Validate the tables and joins against the dataset's policy: the join, and the SELECT rewritten over the
+    joined table (every column reference unqualified, under its name there; FROM the dataset's name)."""
     from_ = select.args.get("from_") or select.args["from"]
     first = from_.this
     assert isinstance(first, exp.Table)
@@ -342,6 +341,21 @@ def plan(
     _rewrite_columns(outer, sides, sql)
     outer.set("joins", None)
     outer.set("from_" if "from_" in select.args else "from", exp.From(this=exp.table_(name)))
+    return found, outer
+
+
+def plan(
+    select: exp.Select,
+    sql: str,
+    resolve: Callable[[str], Policy],
+    public: PublicReader | None,
+    resolved: tuple[str, Policy] | None = None,
+) -> Plan:
+    """Validate the tables and joins against the dataset's policy and plan the query over the joined table.
+    Nothing is charged here; a joined public table's rows are read for the domains of its columns."""
+    from gateway.sql.plan import _Planner
+
+    found, outer = prepare(select, sql, resolve, public, resolved)
     planned = _Planner(outer, sql, found.derived_policy()).plan()
     planned.join = found
     planned.normalized_sql = select.sql(dialect="duckdb", normalize=True)
