@@ -109,3 +109,91 @@ def test_corpus_through_the_gateway(gateway: Bastion, index: int) -> None:
     assert body["dataset"] == "hospital"
     assert _spent(gateway, ctx) == pytest.approx(before + 0.1)
     assert body["rows"] and all(len(r) == len(body["columns"]) for r in body["rows"])
+
+
+def test_an_append_adds_to_the_dataset_table_and_joins_read_it_with_the_private_tables(tmp_path: Path) -> None:
+    """Appends go to the dataset's own table; a join at the new version reads it with the private tables as
+    registered (a LEFT join keeps each new patient, who has no visits, as one row)."""
+    import pyarrow.parquet as pq
+
+    from gateway.demo import generate_hospital
+    from gateway.engines.duckdb import DuckDBEngine
+    from gateway.sql.compile import statements
+
+    data, policy_path = write_hospital(tmp_path / "src", n_patients=300)
+    engine = DuckDBEngine(tmp_path / "p.duckdb", tmp_path / "key", read_only=False)
+    try:
+        first = engine.register(parse_policy(yaml.safe_load(policy_path.read_text())), data)
+        batch = generate_hospital(50, seed=5)["patients"]
+        batch = batch.set_column(0, "patient_id", pa.array([i + 500_000 for i in range(50)], pa.int64()))
+        pq.write_table(batch, tmp_path / "batch.parquet")
+        version, added = engine.append("hospital", tmp_path / "batch.parquet")
+        assert added
+        sql = "SELECT COUNT(*) FROM hospital p LEFT JOIN hospital.visits v ON p.patient_id = v.patient_id"
+        plan = planner.plan_query(sql, lambda _: engine.policy("hospital")[0], engine.public_table)
+        (statement,) = statements(plan)
+        before = engine.at({"hospital": first}).rows(statement)[0][0]
+        after = engine.at({"hospital": version.version}).rows(statement)[0][0]
+        assert after - before == 50
+    finally:
+        engine.close()
+
+
+def test_each_private_table_is_bounded_at_registration(tmp_path: Path) -> None:
+    import sqlglot
+
+    from gateway.engines.duckdb import DuckDBEngine
+
+    data, policy_path = write_hospital(tmp_path / "src", n_patients=1_000)
+    engine = DuckDBEngine(tmp_path / "p.duckdb", tmp_path / "key", read_only=False)
+    try:
+        engine.register(parse_policy(yaml.safe_load(policy_path.read_text())), data)
+        for table, k in (("visits", 8), ("labs", 12)):
+            most = sqlglot.parse_one(
+                f'SELECT MAX(n), SUM(n) FROM (SELECT COUNT(*) AS n FROM "bounded_hospital__{table}" GROUP BY '
+                "patient_id) AS t",
+                dialect="duckdb",
+            )
+            assert isinstance(most, sqlglot.exp.Query)
+            ((largest, total),) = engine.rows(most)
+            assert largest == k  # the demo has patients beyond every bound: bounded to exactly k
+            assert total > 1_000
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (lambda raw: raw["private_tables"]["visits"].update(unit_column="nope"), "unit_column"),
+        (
+            lambda raw: raw["private_tables"]["visits"]["columns"]["patient_id"].update(type="category"),
+            "unit column",
+        ),
+        (lambda raw: raw["private_tables"].update(diagnosis_chapters=raw["private_tables"]["visits"]), "the name of"),
+        (lambda raw: raw["private_tables"].update(bad__name=raw["private_tables"]["visits"]), "without __"),
+        (lambda raw: raw["private_tables"]["labs"].update(foreign_keys={"visit_id": "wards.id"}), "no other private"),
+        (lambda raw: raw["private_tables"]["labs"].update(foreign_keys={"visit_id": "visits.nope"}), "no column"),
+        (lambda raw: raw["private_tables"]["labs"].update(foreign_keys={"test": "visits.visit_id"}), "differ in type"),
+        (lambda raw: raw.update(privacy_unit="row", max_rows_per_unit=1), "privacy unit column"),
+    ],
+)
+def test_unsafe_private_tables_are_refused(change: Any, problem: str) -> None:
+    from policies.schema import PolicyError
+
+    raw = yaml.safe_load(HOSPITAL_POLICY_YAML)
+    change(raw)
+    with pytest.raises(PolicyError, match=problem):
+        parse_policy(raw)
+
+
+def test_a_policy_without_private_tables_keeps_its_fingerprint() -> None:
+    import hashlib
+    import json
+
+    plain = POLICY.model_copy(update={"private_tables": {}})
+    content = plain.model_dump(mode="json")
+    for unset in ("accounting", "row_key", "consent", "private_tables", "max_joined_rows_per_unit"):
+        del content[unset]
+    expected = hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    assert plain.fingerprint() == expected != POLICY.fingerprint()

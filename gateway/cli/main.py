@@ -1045,6 +1045,17 @@ def datasets(as_json: AsJson = False, url: Url = "http://127.0.0.1:8000", token:
                 for column, spec in (public.get("columns") or {}).items()
             ]
             print_records(rows, title=f"{d['dataset']}: public table {name} (rows: bastion public-table)")
+        for name, private in (d.get("private_tables") or {}).items():
+            keys = private.get("foreign_keys") or {}
+            rows = [
+                {"column": column, **spec, "references": keys.get(column)}
+                for column, spec in (private.get("columns") or {}).items()
+            ]
+            title = (
+                f"{d['dataset']}.{name}: private table, unit {private.get('unit_column')}, at most "
+                f"{private.get('max_rows_per_unit')} rows per unit (joined on the unit)"
+            )
+            print_records(rows, title=title)
     if not found:
         console.print("no dataset grants your role anything")
 
