@@ -197,3 +197,16 @@ def test_a_policy_without_private_tables_keeps_its_fingerprint() -> None:
         del content[unset]
     expected = hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
     assert plain.fingerprint() == expected != POLICY.fingerprint()
+
+
+def test_spark_refuses_private_tables_before_starting_a_session(tmp_path: Path) -> None:
+    from gateway.engines.base import CatalogError
+    from gateway.engines.kind import EngineKind
+    from gateway.engines.spark import SparkEngine
+    from gateway.settings import Settings
+
+    data, _ = write_hospital(tmp_path / "src", n_patients=50)
+    engine = SparkEngine(Settings(workspace=tmp_path / "ws", engine=EngineKind.SPARK), read_only=False)
+    with pytest.raises(CatalogError, match="several private tables and their joins run on DuckDB only"):
+        engine.register(POLICY, data)
+    assert engine._session is None
