@@ -13,9 +13,10 @@ too): then a row of one unit joins rows of the same unit only, so one unit has a
 (for a LEFT join too: an unmatched row is one row), and the rows of every other unit are the same on two
 neighbouring datasets. The query is planned as a query over the joined table with the product of the sides' bounds
 (times a joined public table's multiplicity m) as its rows per unit: every sensitivity follows from that, and the
-plan's warning says the figure. Pricing at the product is exact (no row is dropped, so no bias); re-bounding after
-the join (Tumult's truncation) is cheaper only when the product is large and the joined rows per unit are few, and
-it biases every sum towards the units with few rows, so Bastion prices at the product.
+plan's warning says the figure. Pricing at the product is exact (no row is dropped, so no bias) and is the default.
+A policy may set `max_joined_rows_per_unit: K`: a join of several private tables whose product exceeds K then keeps
+at most K joined rows per unit (Tumult's truncation), ranked by the MD5 of their values (a function of the unit's own
+rows only), and is priced at K: less noise, but the dropped rows bias counts and sums downwards.
 
 Refused before any charge, with the span and the allowed form: a join whose ON lacks the units' equality, or holds
 an OR, a non-equality or a column of a hidden usage; CROSS, FULL and RIGHT joins of private tables; NATURAL and
@@ -78,7 +79,7 @@ class Side:
     """One table of the FROM: the dataset's own (`table` None), a private table, or a public table."""
 
     alias: str  # its name in the joined tree
-    names: frozenset[str]  # the names the query calls it by (its name, its alias)
+    names: frozenset[str]  # the name the query calls it by (its alias, else its name)
     table: str | None  # the private or public table's name (None: the dataset's own)
     policy: Policy | None  # its policy as a dataset (private sides), None for the public side
     columns: dict[str, Column]
@@ -259,16 +260,12 @@ class PrivateJoin:
         )
 
 
-def _span_of(select: exp.Select, join: exp.Expr, sql: str) -> tuple[int | None, int | None]:
-    return join_span(select, join, sql)
-
-
 def _refuse(
     message: str, select: exp.Select, join: exp.Expr, sql: str, hint: str, node: exp.Expr | None = None
 ) -> QueryRejected:
     if node is not None:
         return reject(message, REASON, node, sql, hint=hint)
-    start, end = _span_of(select, join, sql)
+    start, end = join_span(select, join, sql)
     return QueryRejected(message, reason=REASON, sql=sql, start=start, end=end, hint=hint)
 
 
