@@ -298,7 +298,7 @@ def prepare(
                 "unknown_schema",
                 first,
                 sql,
-                hint="GET /v1/datasets lists the datasets and their tables",
+                hint=f"write FROM {first.name.lower()} (GET /v1/datasets lists the datasets and their private tables)",
             ) from None
     name, policy = resolved
     allowed = form(name, policy)
