@@ -563,7 +563,7 @@ class DuckDBEngine:
         located: dict[str, exp.Table] = {}
         for table in query.find_all(exp.Table):
             dataset = _versioned_dataset(table)
-            if dataset is None or table.name in located:
+            if dataset is None or table.name in located or self._private_table(dataset):
                 continue
             try:
                 version = pins.get(dataset) or self.manifest(dataset).latest
@@ -580,6 +580,13 @@ class DuckDBEngine:
                 for part in ("db", "catalog"):
                     table.set(part, found.args[part].copy())
         return out
+
+    def _private_table(self, name: str) -> bool:
+        """Whether `name` is `<dataset>__<table>` of a registered dataset's private table: read as registered (appends
+        add to the dataset's own table only), without looking up a dataset of that name."""
+        dataset, sep, table = name.rpartition("__")
+        found = self._policies.get(dataset) if sep else None
+        return found is not None and table in found[0].private_tables
 
     # --- lookups ------------------------------------------------------------------------------------------
 
