@@ -312,3 +312,124 @@ def write_access_demo(directory: Path, n_rows: int = 500_000, seed: int = 7) -> 
     consent = example_consent(pq.read_table(data, columns=["patient_id"]))
     pacsv.write_csv(consent, directory / "consent.csv")
     return data, policy, predictions, consent["patient_id"].to_pylist()[:CONSENTING]
+
+
+# A small hospital: a second demo dataset of several private tables of one unit (the patient), joined on it.
+HOSPITAL_POLICY_YAML = """\
+dataset: hospital                 # its own table: one row per patient (read as FROM hospital)
+source: patients.parquet
+privacy_unit: patient_id
+max_rows_per_unit: 1
+budget:
+  per_principal: {epsilon: 10.0, delta: 1.0e-6}
+  total: {epsilon: 100.0, delta: 1.0e-5}
+columns:
+  patient_id: {type: int, usage: hidden}
+  age:        {type: int, bounds: [0, 110]}
+  sex:        {type: category, domain: [F, M, X]}
+  region:     {type: category, domain: [north, south, east, west, central]}
+  income:     {type: decimal, bounds: [0, 500000], precision: 0.01}
+private_tables:                   # read as FROM hospital.visits, FROM hospital.labs; joined on patient_id
+  visits:
+    source: hospital_visits.parquet
+    unit_column: patient_id
+    max_rows_per_unit: 8
+    foreign_keys: {patient_id: hospital.patient_id}
+    columns:
+      patient_id: {type: int, usage: hidden}
+      visit_id:   {type: int, bounds: [0, 100000000]}
+      diagnosis:  {type: category}
+      urgent:     {type: bool}
+      length_of_stay: {type: int, bounds: [0, 60]}
+  labs:
+    source: hospital_labs.parquet
+    unit_column: patient_id
+    max_rows_per_unit: 12
+    foreign_keys: {visit_id: visits.visit_id}
+    columns:
+      patient_id: {type: int, usage: hidden}
+      visit_id:   {type: int, bounds: [0, 100000000]}
+      test:       {type: category, domain: [glucose, creatinine, hemoglobin, crp]}
+      value:      {type: float, bounds: [0, 300], precision: 0.01}
+public_tables:
+  diagnosis_chapters:
+    source: diagnosis_chapters.csv
+    unique_key: code
+    columns:
+      code:    {type: category}
+      chapter: {type: category}
+roles:
+  analyst: [query]
+"""
+
+LAB_TESTS = {"glucose": (95.0, 20.0), "creatinine": (1.0, 0.3), "hemoglobin": (14.0, 1.5), "crp": (8.0, 10.0)}
+
+
+def generate_hospital(n_patients: int = 20_000, seed: int = 11) -> dict[str, pa.Table]:
+    """The hospital's private tables, deterministic for a seed: `patients` (one row per patient), `visits` (Poisson
+    many per patient, a diagnosis code and an urgent flag; some patients have more than the policy's bound) and
+    `labs` (Poisson many per visit)."""
+    rng = np.random.default_rng(seed)
+    ids = np.arange(n_patients, dtype=np.int64) + 1_000
+    age = np.clip(rng.gamma(4.0, 11.0, n_patients), 0, 105).astype(np.int64)
+    sex = np.asarray(SEXES, dtype=object)[rng.choice(len(SEXES), n_patients, p=[0.51, 0.47, 0.02])]
+    region = np.asarray(REGIONS, dtype=object)[rng.choice(len(REGIONS), n_patients, p=[0.22, 0.25, 0.18, 0.15, 0.2])]
+    income = np.clip(8_000 + 1_100 * age + rng.normal(0, 12_000, n_patients), 0, 480_000).round(2)
+    patients = pa.table(
+        {
+            "patient_id": pa.array(ids, pa.int64()),
+            "age": pa.array(age, pa.int64()),
+            "sex": pa.array(sex, pa.string()),
+            "region": pa.array(region, pa.string()),
+            "income": pa.array(income, pa.float64()),
+        }
+    )
+    per_patient = rng.poisson(1.0 + age / 25.0)
+    owner = np.repeat(np.arange(n_patients), per_patient)
+    n_visits = len(owner)
+    urgent = rng.random(n_visits) < np.clip(0.1 + age[owner] / 250.0, 0, 0.6)
+    dx = np.where(
+        urgent,
+        np.asarray(URGENT_DX, dtype=object)[rng.integers(0, len(URGENT_DX), n_visits)],
+        np.asarray(ROUTINE_DX, dtype=object)[rng.integers(0, len(ROUTINE_DX), n_visits)],
+    )
+    visit_ids = np.arange(n_visits, dtype=np.int64) + 1
+    visits = pa.table(
+        {
+            "patient_id": pa.array(ids[owner], pa.int64()),
+            "visit_id": pa.array(visit_ids, pa.int64()),
+            "diagnosis": pa.array(dx, pa.string()),
+            "urgent": pa.array(urgent, pa.bool_()),
+            "length_of_stay": pa.array(np.clip(rng.poisson(0.5 + urgent * 4.0), 0, 60), pa.int64()),
+        }
+    )
+    per_visit = rng.poisson(np.where(urgent, 2.5, 0.8))
+    of_visit = np.repeat(np.arange(n_visits), per_visit)
+    names = list(LAB_TESTS)
+    test = rng.integers(0, len(names), len(of_visit))
+    means = np.array([LAB_TESTS[n][0] for n in names])[test] * np.where(urgent[of_visit], 1.3, 1.0)
+    spread = np.array([LAB_TESTS[n][1] for n in names])[test]
+    labs = pa.table(
+        {
+            "patient_id": pa.array(ids[owner[of_visit]], pa.int64()),
+            "visit_id": pa.array(visit_ids[of_visit], pa.int64()),
+            "test": pa.array(np.asarray(names, dtype=object)[test], pa.string()),
+            "value": pa.array(np.clip(rng.normal(means, spread), 0, 300).round(2), pa.float64()),
+        }
+    )
+    return {"patients": patients, "visits": visits, "labs": labs}
+
+
+def write_hospital(directory: Path, n_patients: int = 20_000, seed: int = 11) -> tuple[Path, Path]:
+    """Write the hospital's tables (Parquet), its public diagnosis chapters (CSV) and its policy; return (the
+    patients' data path, the policy path)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tables = generate_hospital(n_patients, seed)
+    data = directory / "patients.parquet"
+    pq.write_table(tables["patients"], data)
+    pq.write_table(tables["visits"], directory / "hospital_visits.parquet")
+    pq.write_table(tables["labs"], directory / "hospital_labs.parquet")
+    pacsv.write_csv(diagnosis_chapters(), directory / "diagnosis_chapters.csv")
+    policy = directory / "hospital.yaml"
+    policy.write_text(HOSPITAL_POLICY_YAML)
+    return data, policy

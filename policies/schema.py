@@ -373,6 +373,58 @@ class PublicTable(_Strict):
         }
 
 
+def private_table_name(dataset: str, table: str) -> str:
+    """The name a dataset's further private table has as a dataset of its own (its bounded table is
+    `bounded_<dataset>__<table>`): one-to-one for table names without `__` (the policy checks)."""
+    return f"{dataset}__{table}"
+
+
+class PrivateTable(_Strict):
+    """A further private table of a dataset (visits and labs beside patients): the same privacy unit, its own
+    source, columns and bound, bounded at registration as the dataset's own table (at most `max_rows_per_unit` rows
+    per unit, kept by the keyed digest). Queries read it as `<dataset>.<table>`, alone or joined with the dataset's
+    other private tables on the unit (`gateway.sql.privatejoins`); one budget covers every table of the dataset.
+
+    - `source`: its CSV or Parquet file, relative to the policy file unless absolute.
+    - `unit_column`: its column holding the dataset's privacy unit (same type as the dataset's unit column).
+    - `columns`, `max_rows_per_unit`: as the dataset's.
+    - `foreign_keys`: column → `<table>.<column>` of another private table (or of the dataset's own, named by the
+      dataset's name): documentation of the schema, and the columns a join may add to the unit's equality.
+    """
+
+    source: str
+    unit_column: str
+    columns: dict[str, Column]
+    max_rows_per_unit: int = Field(ge=1, le=10_000)
+    foreign_keys: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> PrivateTable:
+        for name in self.columns:
+            if not name.isidentifier() or name.lower() != name or name.startswith("__"):
+                raise ValueError(f"column name {name!r} must be a lower-case identifier not starting with __")
+        if self.unit_column not in self.columns:
+            raise ValueError(f"unit_column {self.unit_column!r} is not a column of the table")
+        for name, target in self.foreign_keys.items():
+            if name not in self.columns:
+                raise ValueError(f"foreign_keys names {name!r}, not a column of the table")
+            if target.count(".") != 1 or not all(part.isidentifier() for part in target.split(".")):
+                raise ValueError(f"foreign key {name!r} must name <table>.<column>, not {target!r}")
+        return self
+
+    def public_schema(self) -> dict[str, Any]:
+        return {
+            "unit_column": self.unit_column,
+            "max_rows_per_unit": self.max_rows_per_unit,
+            "columns": {
+                name: {k: v for k, v in col.model_dump(mode="json").items() if v is not None}
+                for name, col in self.columns.items()
+                if col.usage is not Usage.HIDDEN
+            },
+            "foreign_keys": dict(self.foreign_keys),
+        }
+
+
 class Policy(_Strict):
     dataset: str = Field(pattern=r"^[a-z_][a-z0-9_]{0,62}$")
     source: str | None = None
@@ -395,6 +447,11 @@ class Policy(_Strict):
     public_tables: dict[str, PublicTable] = Field(default_factory=dict)
     # Where the units' consent to debug access lives (`bastion access`); none: no access requests on the dataset.
     consent: Consent | None = None
+    # Further private tables of the same unit (visits, labs): name → table, read as `<dataset>.<table>`.
+    private_tables: dict[str, PrivateTable] = Field(default_factory=dict)
+    # A join of private tables whose product of bounds exceeds this keeps at most this many joined rows per unit
+    # (chosen by a hash of their values) and is priced at it; None: every join is priced at the product.
+    max_joined_rows_per_unit: int | None = Field(default=None, ge=1, le=10_000)
 
     @model_validator(mode="after")
     def _check(self) -> Policy:
@@ -411,6 +468,7 @@ class Policy(_Strict):
                 raise ValueError(f"public table name {name!r} is longer than 63 characters")
             if name == self.dataset:
                 raise ValueError(f"public table {name!r} has the dataset's own name")
+        self._check_private_tables()
         if self.accounting is Accounting.ZCDP and not (
             self.budget.per_principal.delta > 0 and self.budget.total.delta > 0
         ):
@@ -454,6 +512,55 @@ class Policy(_Strict):
                 raise ValueError("row_key cannot be the gold-label column")
         return self
 
+    def _check_private_tables(self) -> None:
+        for name, table in self.private_tables.items():
+            if not name.isidentifier() or name.lower() != name or name.startswith("_") or "__" in name:
+                raise ValueError(
+                    f"private table name {name!r} must be a lower-case identifier, not starting with _ and without __"
+                )
+            if len(private_table_name(self.dataset, name)) > 63:
+                raise ValueError(f"private table name {name!r}: <dataset>__<table> is longer than 63 characters")
+            if name == self.dataset or name in self.public_tables:
+                raise ValueError(f"private table {name!r} has the name of the dataset or of one of its public tables")
+            if self.privacy_unit == "row":
+                raise ValueError(
+                    "private_tables need a privacy unit column shared by every table; privacy_unit is 'row'"
+                )
+            unit = self.columns.get(self.privacy_unit)
+            mine = table.columns[table.unit_column]
+            if unit is not None and unit.type != mine.type:
+                raise ValueError(
+                    f"private table {name!r}: its unit column {table.unit_column!r} is {mine.type.value}, the "
+                    f"dataset's {self.privacy_unit!r} is {unit.type.value}"
+                )
+            for column, target in table.foreign_keys.items():
+                other, other_column = target.split(".")
+                columns = self.columns if other == self.dataset else None
+                if other in self.private_tables:
+                    columns = self.private_tables[other].columns
+                if columns is None or other == name:
+                    raise ValueError(f"private table {name!r}: foreign key {column!r} names no other private table")
+                if other_column not in columns:
+                    raise ValueError(f"private table {name!r}: foreign key {column!r} names no column {target!r}")
+                if columns[other_column].type != table.columns[column].type:
+                    raise ValueError(f"private table {name!r}: foreign key {column!r} and {target!r} differ in type")
+
+    def private_policy(self, table: str) -> Policy:
+        """A private table as a dataset of its own (`<dataset>__<table>`): its columns, unit and bound, the dataset's
+        budget and roles; what its bounded table is built from and a query over it alone is planned with."""
+        spec = self.private_tables[table]
+        return Policy(
+            dataset=private_table_name(self.dataset, table),
+            source=spec.source,
+            privacy_unit=spec.unit_column,
+            max_rows_per_unit=spec.max_rows_per_unit,
+            budget=self.budget,
+            columns=spec.columns,
+            roles=self.roles,
+            key_candidates=self.key_candidates,
+            accounting=self.accounting,
+        )
+
     # --- helpers used by planners ---------------------------------------------------------------------
 
     @property
@@ -490,6 +597,10 @@ class Policy(_Strict):
             del content["row_key"]  # likewise
         if self.consent is None:
             del content["consent"]  # likewise
+        if not self.private_tables:
+            del content["private_tables"]  # likewise
+        if self.max_joined_rows_per_unit is None:
+            del content["max_joined_rows_per_unit"]  # likewise
         payload = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -510,6 +621,14 @@ class Policy(_Strict):
             "synthesis": self.synthesis.model_dump(mode="json"),
             "accounting": self.accounting.value,
             "public_tables": {name: t.public_schema() for name, t in self.public_tables.items()},
+            **(
+                {
+                    "private_tables": {name: t.public_schema() for name, t in self.private_tables.items()},
+                    "max_joined_rows_per_unit": self.max_joined_rows_per_unit,
+                }
+                if self.private_tables
+                else {}
+            ),
             # The scopes an access request may name (the consent source and its columns are the admin's).
             **({"consent": {"scopes": list(self.consent.scopes)}} if self.consent is not None else {}),
         }

@@ -70,10 +70,21 @@ def test_demo_query_budget_and_client(served: tuple[Path, str]) -> None:
         assert client.query_raw(median, epsilon=0.5, dry_run=True).raw["measurements"][0]["quantile_interval"]
         budget = client.budget()
         # The CLI already released this answer to bob: the client gets it from the cache at no cost.
-        assert frame.attrs["cached"] and budget.loc[0, "epsilon_spent"] == pytest.approx(1.5)  # and 0.5 value-only
+        spent = budget.set_index("dataset").loc["visits", "epsilon_spent"]  # the demo has the hospital too
+        assert frame.attrs["cached"] and spent == pytest.approx(1.5)  # and 0.5 value-only
         with pytest.raises(BastionError) as info:
             client.query("SELECT COUNT(*) FROM visits", epsilon=100)
         assert info.value.code == "budget_exhausted"
+
+    # The demo's hospital: private tables joined on the patient, with the public chapters.
+    joined = (
+        "SELECT c.chapter, AVG(l.value) AS mean_value FROM hospital.labs l JOIN hospital.visits v "
+        "ON l.patient_id = v.patient_id AND l.visit_id = v.visit_id JOIN diagnosis_chapters c "
+        "ON v.diagnosis = c.code WHERE l.test = 'crp' GROUP BY c.chapter"
+    )
+    out = _run("query", joined, "--epsilon", "1", cwd=cwd, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "Diseases of the circulatory system" in out.stdout and "remaining on hospital" in out.stdout
 
     verify = _run("audit", "verify", cwd=cwd)
     assert verify.returncode == 0, verify.stdout + verify.stderr

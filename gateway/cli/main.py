@@ -527,10 +527,11 @@ def demo(
     workspace: Workspace = None,
 ) -> None:
     """Create (or reuse) the demo workspace here: generated hospital visits, its policy, tokens, an example model's
-    predictions and a few patients' consent to debug access (DuckDB); then serve."""
+    predictions, a few patients' consent to debug access and a small hospital of patients, visits and labs joined
+    on the patient (DuckDB); then serve."""
     from audit.record import Event
     from gateway.access import load_consent
-    from gateway.demo import write_access_demo, write_demo, write_examples
+    from gateway.demo import write_access_demo, write_demo, write_examples, write_hospital
     from gateway.predictions import attach
     from gateway.settings import Settings
     from policies.schema import load_policy
@@ -566,6 +567,20 @@ def demo(
             load_consent(bastion, policy, base=policy_path.parent)
             if predictions is not None:
                 attach(bastion, "visits", "triage-v3", predictions)
+            if duckdb:  # the hospital: patients, visits and labs, private tables joined on the patient
+                hospital_data, hospital_path = write_hospital(
+                    settings.private_dir / "source" / "hospital", n_patients=max(rows // 25, 200)
+                )
+                hospital_version = bastion.engine.register(load_policy(hospital_path), hospital_data)
+                (settings.policies_dir / "hospital.yaml").write_text(hospital_path.read_text())
+                bastion.audit(
+                    None,
+                    Event.DATASET_REGISTERED,
+                    dataset="hospital",
+                    decision="allowed",
+                    reason="ok",
+                    request={"source": str(hospital_data), "version": hospital_version},
+                )
             _demo_tokens(bastion, tokens_file)
         finally:
             bastion.close()
@@ -596,6 +611,13 @@ def demo(
         f"  python -c \"from gateway.client import Client; print(Client('{url}', '{analyst}').query("
         f"'SELECT sex, COUNT(*) AS n FROM visits GROUP BY sex', epsilon=0.5))\""
     )
+    if settings.engine is EngineKind.DUCKDB:
+        joined = (
+            "SELECT c.chapter, AVG(l.value) AS mean_value FROM hospital.labs l JOIN hospital.visits v "
+            "ON l.patient_id = v.patient_id AND l.visit_id = v.visit_id JOIN diagnosis_chapters c "
+            "ON v.diagnosis = c.code WHERE l.test = 'crp' GROUP BY c.chapter"
+        )
+        typer.echo(f'  bastion query "{joined}" --epsilon 1')
     typer.echo(f"  API docs: {url}/docs")
     lfs = write_examples(settings.workspace / "examples")
     console.print("\n[bold]As the labeling-function author[/]:", highlight=False)
@@ -1023,6 +1045,17 @@ def datasets(as_json: AsJson = False, url: Url = "http://127.0.0.1:8000", token:
                 for column, spec in (public.get("columns") or {}).items()
             ]
             print_records(rows, title=f"{d['dataset']}: public table {name} (rows: bastion public-table)")
+        for name, private in (d.get("private_tables") or {}).items():
+            keys = private.get("foreign_keys") or {}
+            rows = [
+                {"column": column, **spec, "references": keys.get(column)}
+                for column, spec in (private.get("columns") or {}).items()
+            ]
+            title = (
+                f"{d['dataset']}.{name}: private table, unit {private.get('unit_column')}, at most "
+                f"{private.get('max_rows_per_unit')} rows per unit (joined on the unit)"
+            )
+            print_records(rows, title=title)
     if not found:
         console.print("no dataset grants your role anything")
 

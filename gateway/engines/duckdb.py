@@ -32,7 +32,16 @@ from gateway.engines import recipe
 from gateway.engines.base import ROW_ID, CatalogError, Engine, EngineError, EngineKind, registrable
 from gateway.engines.versions import Manifest, Version, VersionStore, fsync_file, now, rows_class
 from policies.errors import DatasetNotFound, PublicTableNotFound, VersionNotFound, VersionRetired
-from policies.schema import ROW_KEY, Policy, PublicTable, bounded_table, parse_policy, public_table_name, row_keys_table
+from policies.schema import (
+    ROW_KEY,
+    Policy,
+    PublicTable,
+    bounded_table,
+    parse_policy,
+    private_table_name,
+    public_table_name,
+    row_keys_table,
+)
 
 _META = "__bastion_datasets"
 _BATCH = 100_000  # rows per batch of converted values streamed through the digest
@@ -200,18 +209,19 @@ class DuckDBEngine:
         table = exp.table_(bounded_table(policy.dataset), quoted=True)
         # One cursor streams the converted values; the writer digests them batch by batch (recipe.with_digests)
         # and builds the table and its metadata row in one transaction.
+        privates = self._private_sources(con, policy, base)
         writer = con.cursor()
         try:
-            source: exp.Expr = exp.Subquery(this=recipe.values_query(policy, reader))
-            if policy.unit_column is not None:
-                stream = con.sql(recipe.values_query(policy, reader).sql(dialect="duckdb")).to_arrow_reader(_BATCH)
-                assert stream is not None, "a SELECT always has a result"
-                key = recipe.bounding_key(self.key_path)
-                writer.register(_VALUES, recipe.with_digests(key, stream, stream.schema, recipe.kept_columns(policy)))
-                source = exp.table_(_VALUES, quoted=True)
-            built = recipe.ranked_query(policy, source, exp.Window(this=exp.RowNumber()))
             writer.execute("BEGIN TRANSACTION")
-            writer.execute(exp.Create(this=table, kind="TABLE", replace=True, expression=built).sql(dialect="duckdb"))
+            self._bound_table(con, writer, policy, reader, table)
+            for private, (sub, sub_reader) in privates.items():
+                try:
+                    self._bound_table(con, writer, sub, sub_reader, exp.table_(bounded_table(sub.dataset), quoted=True))
+                except duckdb.Error as exc:
+                    failure = _diagnose(con, sub, sub_reader, exc)
+                    raise CatalogError(
+                        f"registering {policy.dataset!r} failed: private table {private!r}: {failure}"
+                    ) from None
             for name, public in policy.public_tables.items():
                 path = recipe.public_source(public.source, base)
                 if path.exists() and path.resolve() == src.resolve():
@@ -240,6 +250,53 @@ class DuckDBEngine:
         self._policies.pop(policy.dataset, None)
         self._bound.clear()
         return version
+
+    def _bound_table(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        writer: duckdb.DuckDBPyConnection,
+        policy: Policy,
+        reader: exp.Expr,
+        table: exp.Table,
+    ) -> None:
+        """Build one bounded table from a source, inside the writer's transaction: the converted values streamed
+        through the keyed digest, at most k rows per unit kept (`recipe.ranked_query`)."""
+        source: exp.Expr = exp.Subquery(this=recipe.values_query(policy, reader))
+        if policy.unit_column is not None:
+            stream = con.sql(recipe.values_query(policy, reader).sql(dialect="duckdb")).to_arrow_reader(_BATCH)
+            assert stream is not None, "a SELECT always has a result"
+            key = recipe.bounding_key(self.key_path)
+            writer.register(_VALUES, recipe.with_digests(key, stream, stream.schema, recipe.kept_columns(policy)))
+            source = exp.table_(_VALUES, quoted=True)
+        built = recipe.ranked_query(policy, source, exp.Window(this=exp.RowNumber()))
+        writer.execute(exp.Create(this=table, kind="TABLE", replace=True, expression=built).sql(dialect="duckdb"))
+
+    def _private_sources(
+        self, con: duckdb.DuckDBPyConnection, policy: Policy, base: Path
+    ) -> dict[str, tuple[Policy, exp.Expr]]:
+        """Each further private table's policy and source reader, checked before anything is written: its source
+        exists and has the declared columns, and its engine name is no registered dataset's (nor the reverse)."""
+        registered = self._load()
+        for name, (other, _) in registered.items():
+            if name == policy.dataset:
+                continue
+            clash = [t for t in policy.private_tables if private_table_name(policy.dataset, t) == name]
+            clash += [t for t in other.private_tables if private_table_name(name, t) == policy.dataset]
+            if clash:
+                raise CatalogError(
+                    f"registering {policy.dataset!r} failed: its private table {clash[0]!r} and the dataset "
+                    f"{name!r} would have the same bounded table; rename one"
+                )
+        out: dict[str, tuple[Policy, exp.Expr]] = {}
+        for name in policy.private_tables:
+            sub = policy.private_policy(name)
+            path = recipe.public_source(policy.private_tables[name].source, base)
+            if not path.exists():
+                raise CatalogError(f"private table {name!r}: source file not found: {path}")
+            reader = _reader(path)
+            _check_source(con, reader, path, list(sub.columns), what=f"private table {name!r}: ")
+            out[name] = (sub, reader)
+        return out
 
     @staticmethod
     def _public(con: duckdb.DuckDBPyConnection, dataset: str, name: str, table: PublicTable, path: Path) -> None:
@@ -525,7 +582,7 @@ class DuckDBEngine:
         located: dict[str, exp.Table] = {}
         for table in query.find_all(exp.Table):
             dataset = _versioned_dataset(table)
-            if dataset is None or table.name in located:
+            if dataset is None or table.name in located or self._private_table(dataset):
                 continue
             try:
                 version = pins.get(dataset) or self.manifest(dataset).latest
@@ -542,6 +599,13 @@ class DuckDBEngine:
                 for part in ("db", "catalog"):
                     table.set(part, found.args[part].copy())
         return out
+
+    def _private_table(self, name: str) -> bool:
+        """Whether `name` is `<dataset>__<table>` of a registered dataset's private table: read as registered (appends
+        add to the dataset's own table only), without looking up a dataset of that name."""
+        dataset, sep, table = name.rpartition("__")
+        found = self._policies.get(dataset) if sep else None
+        return found is not None and table in found[0].private_tables
 
     # --- lookups ------------------------------------------------------------------------------------------
 

@@ -245,6 +245,11 @@ class SparkEngine:
 
     def register(self, policy: Policy, source: str | Path, *, base: Path | None = None) -> str:
         src = registrable(source, read_only=self.read_only)
+        if policy.private_tables:
+            raise CatalogError(
+                f"{policy.dataset!r} declares private tables ({', '.join(sorted(policy.private_tables))}): datasets of "
+                "several private tables and their joins run on DuckDB only for now; register it on the DuckDB engine"
+            )
         if policy.public_tables:
             raise CatalogError(
                 f"{policy.dataset!r} declares public tables: public tables and joins with them run on DuckDB only "

@@ -19,8 +19,9 @@ private rows that match it (an empty group counts 0, where SQL's RIGHT JOIN woul
 
 Refused before any charge, with the span and the allowed form: joins on a public column that is neither the unique
 key nor has a multiplicity, FULL and CROSS joins, the dataset joined with itself or with anything that is not one
-of its public tables (joins of two private tables are not supported yet), a condition other than one equality of
-two columns, more than one join, and join columns whose types differ (`type_error`).
+of its public tables (a dataset that declares private tables plans its joins in `gateway.sql.privatejoins`, joins of
+its private tables on the unit included), a condition other than one equality of two columns, more than one join,
+and join columns whose types differ (`type_error`).
 """
 
 from __future__ import annotations
@@ -184,6 +185,10 @@ def plan(select: exp.Select, sql: str, resolve: Callable[[str], Policy], public:
     bare.set("joins", None)
     name = dataset_name(bare, sql)  # the FROM's own refusals (catalogs, schemas, sampling), as in any query
     policy = resolve(name)
+    if policy.private_tables:  # a dataset of several private tables: its joins are planned there
+        from gateway.sql import privatejoins
+
+        return privatejoins.plan(select, sql, resolve, public, resolved=(name, policy))
     tables = sorted(policy.public_tables)
     first = tables[0] if tables else "<public table>"
     key0 = policy.public_tables[first].unique_key if tables else None
@@ -235,8 +240,8 @@ def plan(select: exp.Select, sql: str, resolve: Callable[[str], Policy], public:
     if table not in policy.public_tables:
         listed = ", ".join(tables) if tables else "none"
         raise reject(
-            f"{target.name!r} is not a public table of dataset {name!r} (its public tables: {listed}); joins of "
-            "private tables are not supported yet",
+            f"{target.name!r} is not a public table of dataset {name!r} (its public tables: {listed}); it declares "
+            "no private tables to join on the unit",
             "unknown_table",
             target,
             sql,

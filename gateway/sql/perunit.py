@@ -17,7 +17,7 @@ every summed column has), and the outer statements read it in place of the bound
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from sqlglot import exp
@@ -32,6 +32,7 @@ from policies.schema import MAX_FLOAT_BOUND, MAX_INT_BOUND, PRECISION_RANGE, Col
 from policies.sqltypes import SqlType, Typed
 
 if TYPE_CHECKING:
+    from gateway.sql.joins import PublicReader
     from gateway.sql.plan import Plan
 
 SUBQUERY = "subquery"  # the reason of every refusal of the subquery's form (as for any other subquery)
@@ -59,6 +60,9 @@ class PerUnit:
     unit: str
     columns: tuple[Derived, ...]
     where: exp.Expr | None = field(compare=False)
+    # The table the subquery reads when it is not the bounded table: a join of private tables on the unit
+    # (gateway.sql.privatejoins), whose joined policy is then `policy`.
+    source: exp.Expr | None = field(default=None, compare=False)
 
     @property
     def trees(self) -> list[exp.Expr]:
@@ -80,7 +84,8 @@ class PerUnit:
         items: list[exp.Expr] = [exp.alias_(unit.copy(), self.unit, quoted=True)]
         for d in self.columns:
             items.append(exp.alias_(_value(d, self.where), d.name, quoted=True))
-        grouped = exp.select(*items).from_(bounded(self.policy.dataset)).group_by(unit.copy())
+        read = self.source.copy() if self.source is not None else bounded(self.policy.dataset)
+        grouped = exp.select(*items).from_(read).group_by(unit.copy())
         if self.where is not None:
             grouped = grouped.having(
                 exp.GT(this=_filtered(exp.Count(this=exp.Star()), self.where), expression=exp.Literal.number(0))
@@ -317,10 +322,11 @@ def check_outer_unit(select: exp.Select, unit: str, sql: str) -> None:
         )
 
 
-def plan(select: exp.Select, sql: str, resolve: Callable[[str], Policy]) -> Plan:
+def plan(select: exp.Select, sql: str, resolve: Callable[[str], Policy], public: PublicReader | None = None) -> Plan:
     """Plan a query over a per-unit subquery: the subquery's form checked against the dataset's policy, then the
     outer query planned over the derived table (its columns' public bounds, at most one row per unit). The plan's
     normalized SQL, the identity of its release in the cache, is the whole query's, inner query included."""
+    from gateway.sql import privatejoins
     from gateway.sql.plan import _Planner
 
     subquery = source(select)
@@ -333,6 +339,11 @@ def plan(select: exp.Select, sql: str, resolve: Callable[[str], Policy]) -> Plan
             sql,
             hint="aggregate each unit's rows in one SELECT ... GROUP BY <unit>",
         )
+    joined = None
+    if privatejoins.applies(inner):  # a private table, or a join of private tables on the unit, as its table
+        joined, inner = privatejoins.prepare(inner, sql, resolve, public)
+        subquery = subquery.copy()
+        subquery.set("this", inner)
     nested = source(inner)
     if nested is not None:
         raise _refuse(
@@ -350,14 +361,19 @@ def plan(select: exp.Select, sql: str, resolve: Callable[[str], Policy]) -> Plan
         placeholder.set("alias", alias)
     (outer.args.get("from_") or outer.args["from"]).set("this", placeholder)
     dataset_name(outer, sql)  # the outer query's own joins and CTEs are refused as in any query
-    policy = resolve(name)
+    policy = joined.derived_policy() if joined is not None else resolve(name)
     unit = policy.unit_column or "<unit>"
     refuse_alias_columns(subquery, sql, inside=f"the names the subquery gives its columns: {_example(unit, name)}")
     drop_qualifiers(inner, name)
     found = per_unit(subquery, sql, policy)
+    if joined is not None:
+        found = replace(found, source=joined.table_tree())
     drop_qualifiers(outer, name)
     check_outer_unit(outer, found.unit, sql)
     planned = _Planner(outer, sql, found.derived_policy()).plan()
     planned.per_unit = found
+    planned.join = joined
+    if joined is not None:
+        planned.warnings.append(joined.note())
     planned.normalized_sql = select.sql(dialect="duckdb", normalize=True)
     return planned

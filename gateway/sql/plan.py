@@ -37,6 +37,7 @@ from policies.typecheck import Checked, Checker
 if TYPE_CHECKING:
     from gateway.sql.joins import PublicJoin, PublicReader
     from gateway.sql.perunit import PerUnit
+    from gateway.sql.privatejoins import PrivateJoin
 
 # Largest number of groups Bastion enumerates from public domains; larger key spaces go through key selection.
 MAX_DECLARED_GROUPS = 100_000
@@ -294,14 +295,14 @@ class Plan:
     per_unit: PerUnit | None = field(default=None, repr=False, compare=False)
     # A query joining the dataset with a public table (gateway.sql.joins): `policy` is then the joined table's (k·m
     # rows per unit), and the statements read the joined table in place of the bounded table.
-    join: PublicJoin | None = field(default=None, repr=False, compare=False)
+    join: PublicJoin | PrivateJoin | None = field(default=None, repr=False, compare=False)
 
     @property
     def dataset_policy(self) -> Policy:
         """The policy of the dataset the query reads (`policy` but for a per-unit or joined query)."""
-        if self.per_unit is not None:
-            return self.per_unit.policy
-        return self.join.policy if self.join is not None else self.policy
+        if self.join is not None:  # a join's (also under a per-unit subquery): the dataset's own policy
+            return self.join.policy
+        return self.per_unit.policy if self.per_unit is not None else self.policy
 
     @property
     def row_trees(self) -> list[exp.Expr]:
@@ -1129,15 +1130,17 @@ def public_key_domain(expr: exp.Expr, policy: Policy, tree: exp.Expr, typed: Typ
 def plan_query(sql: str, resolve: Callable[[str], Policy], public: PublicReader | None = None) -> Plan:
     """Parse, validate and plan one analyst query. `resolve` maps a dataset name to its policy (or raises);
     `public` reads a dataset's public table (None: an engine without public tables, where joins are refused)."""
-    from gateway.sql import joins, perunit  # they build on this module's planner
+    from gateway.sql import joins, perunit, privatejoins  # they build on this module's planner
 
     try:
         select = parse_select(sql)
         listed = read_public_groups(select, sql)  # a join listing public groups becomes one SELECT and its lists
+        if listed is None and privatejoins.applies(select):  # reads a further private table, <dataset>.<table>
+            return privatejoins.plan(select, sql, resolve, public)
         if listed is None and joins.applies(select):  # a join with a public table of the dataset
             return joins.plan(select, sql, resolve, public)
         if perunit.source(select) is not None:  # a list of public groups may itself be the FROM's subquery
-            return perunit.plan(select, sql, resolve)
+            return perunit.plan(select, sql, resolve, public)
         name = dataset_name(select, sql)
         policy = resolve(name)
         drop_qualifiers(select, name)
