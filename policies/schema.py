@@ -263,6 +263,26 @@ class Budgets(_Strict):
         return self
 
 
+class Monitoring(_Strict):
+    """DP data monitoring of every version (gateway.monitoring): `epsilon` is charged per version's report to the
+    reserved principal `bastion:monitoring`, which may spend at most `cap` on the dataset (and counts against the
+    dataset's total budget); `alert_rate` bounds the chance that a report on an unchanged feed raises any alert;
+    numeric and date columns are histogrammed in `bins` equal bins over their bounds."""
+
+    epsilon: float = Field(gt=0)
+    cap: Budget
+    alert_rate: float = Field(default=0.01, gt=0, lt=1)
+    bins: int = Field(default=10, ge=2, le=100)
+
+    @model_validator(mode="after")
+    def _check(self) -> Monitoring:
+        if not math.isfinite(self.epsilon):
+            raise ValueError("monitoring.epsilon must be finite")
+        if self.epsilon > self.cap.epsilon:
+            raise ValueError("monitoring.epsilon (per version) cannot exceed monitoring.cap")
+        return self
+
+
 class Synthesis(_Strict):
     mode: Literal["dp", "non_dp_allowed"] = "dp"
 
@@ -395,9 +415,13 @@ class Policy(_Strict):
     public_tables: dict[str, PublicTable] = Field(default_factory=dict)
     # Where the units' consent to debug access lives (`bastion access`); none: no access requests on the dataset.
     consent: Consent | None = None
+    # DP data monitoring of each version (a report per registration and append); none: versions are not monitored.
+    monitoring: Monitoring | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Policy:
+        if self.monitoring is not None and self.monitoring.cap.epsilon > self.budget.total.epsilon:
+            raise ValueError("monitoring.cap cannot exceed the total budget (monitoring counts against it)")
         if self.consent is not None and self.privacy_unit == "row":
             raise ValueError("consent needs a privacy unit column (consent is given per unit); privacy_unit is 'row'")
         for name in self.public_tables:
@@ -490,6 +514,8 @@ class Policy(_Strict):
             del content["row_key"]  # likewise
         if self.consent is None:
             del content["consent"]  # likewise
+        if self.monitoring is None:
+            del content["monitoring"]  # likewise
         payload = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -512,6 +538,7 @@ class Policy(_Strict):
             "public_tables": {name: t.public_schema() for name, t in self.public_tables.items()},
             # The scopes an access request may name (the consent source and its columns are the admin's).
             **({"consent": {"scopes": list(self.consent.scopes)}} if self.consent is not None else {}),
+            **({"monitoring": self.monitoring.model_dump(mode="json")} if self.monitoring is not None else {}),
         }
 
 
