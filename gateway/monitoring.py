@@ -357,3 +357,63 @@ def read_report(store: ReportStore, dataset: str, version: str) -> dict[str, Any
             hint="reports are made for versions registered or appended while the policy declares monitoring",
         )
     return found
+
+
+def report_for(bastion: Bastion, ctx: Any, dataset: str, version: str) -> dict[str, Any]:
+    """A version's report to a principal whose role has the `query` grant on the dataset (it is a DP release,
+    readable like a query answer; a retired version's report too). Refusals and reads are audited."""
+    from policies.errors import VersionNotFound
+    from policies.schema import Grant
+
+    request = {"action": "read", "version": version}
+    bastion.authorize(ctx, dataset, Grant.QUERY, request, event=Event.MONITORING_REPORT)
+    if version not in {v.version for v in bastion.engine.versions(dataset)}:
+        bastion.audit(
+            ctx,
+            Event.MONITORING_REPORT,
+            dataset=dataset,
+            request=request,
+            decision="denied",
+            reason="version_not_found",
+        )
+        raise VersionNotFound(
+            f"dataset {dataset!r} has no version {version!r}",
+            dataset=dataset,
+            hint=f"GET /v1/datasets/{dataset}/versions lists its versions",
+        )
+    try:
+        found = read_report(ReportStore.of(bastion.settings), dataset, version)
+    except ReportNotFound as exc:
+        bastion.audit(
+            ctx, Event.MONITORING_REPORT, dataset=dataset, request=request, decision="denied", reason=exc.code
+        )
+        raise
+    bastion.audit(
+        ctx,
+        Event.MONITORING_REPORT,
+        dataset=dataset,
+        request={**request, "report_id": found["report_id"]},
+        decision="allowed",
+        reason="ok",
+    )
+    return found
+
+
+def chart(column: dict[str, Any], width: int = 360, bar: int = 16) -> dict[str, Any]:
+    """A column's cells as horizontal bars (SVG geometry, computed here so the template only draws)."""
+    cells = column["cells"]
+    top = max([c["share"] + c["half_width"] for c in cells] + [1e-9])
+    rows = []
+    for i, c in enumerate(cells):
+        y = i * (bar + 4)
+        rows.append(
+            {
+                **c,
+                "y": y,
+                "w": round(width * c["share"] / top, 1),
+                "lo": round(width * max(0.0, c["share"] - c["half_width"]) / top, 1),
+                "hi": round(width * min(1.0, c["share"] + c["half_width"]) / top, 1),
+                "text": f"{_pct(c['share'])} ± {_pct(c['half_width'])}",
+            }
+        )
+    return {"name": column["name"], "type": column["type"], "rows": rows, "height": len(cells) * (bar + 4), "bar": bar}

@@ -152,6 +152,8 @@ def register(
     consent to debug access, if the policy declares where it lives)."""
     from audit.record import Event
     from gateway.access import prepare_consent, store_consent
+    from gateway.cli.monitoring import show_report
+    from gateway.monitoring import monitor_version
     from policies.errors import GatewayError
     from policies.schema import PolicyError, load_policy
 
@@ -178,11 +180,13 @@ def register(
                 request={"source": str(src), "version": version, "policy": pol.fingerprint()},
             )
             store_consent(bastion, consent)
+            report = monitor_version(bastion, pol.dataset, version, src)
         finally:
             bastion.close()
     except (PolicyError, GatewayError) as exc:
         fail(str(exc))
     console.print(f"registered [bold]{pol.dataset}[/] version {version}")
+    show_report(report)
 
 
 @app.command()
@@ -194,11 +198,15 @@ def append(
 ) -> None:
     """Add a batch of rows as the dataset's new version while gateways keep serving (DuckDB engine). Each unit
     keeps at most max_rows_per_unit rows over all versions together; rows kept before stay kept. Rerunning an
-    append that was interrupted completes it; rerunning one that completed adds nothing."""
+    append that was interrupted completes it; rerunning one that completed adds nothing. If the policy declares
+    monitoring, the new version's DP monitoring report (charged to the monitoring budget) is shown, with its alerts."""
     from audit.record import Event
+    from gateway.cli.monitoring import show_report
+    from gateway.monitoring import monitor_version
     from gateway.service import Bastion
     from policies.errors import GatewayError
 
+    report: dict[str, Any] | None = None
     try:
         bastion = Bastion(_settings(workspace, store=store), read_only=True)  # readers keep the database open
         try:
@@ -212,6 +220,7 @@ def append(
                     reason="ok",
                     request={"source": str(source), "version": version.version, "rows": version.rows},
                 )
+                report = monitor_version(bastion, dataset, version.version, source)
         finally:
             bastion.close()
     except GatewayError as exc:
@@ -222,6 +231,7 @@ def append(
         )
         return
     console.print(f"appended to [bold]{dataset}[/]: version {version.version} ({version.rows} rows in the batch)")
+    show_report(report)
 
 
 @version_app.command("list")

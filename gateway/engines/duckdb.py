@@ -414,7 +414,9 @@ class DuckDBEngine:
                     stream = streaming.sql(values.sql(dialect="duckdb")).to_arrow_reader(_BATCH)
                     assert stream is not None, "a SELECT always has a result"
                     key = recipe.bounding_key(self.key_path)
-                    writer.register(_VALUES, recipe.with_digests(key, stream, stream.schema, recipe.kept_columns(policy)))
+                    writer.register(
+                        _VALUES, recipe.with_digests(key, stream, stream.schema, recipe.kept_columns(policy))
+                    )
                     rows = exp.table_(_VALUES, quoted=True)
                 kept = None if previous is None else self._table(dataset, previous, bounded_table(dataset))
                 ranked = recipe.ranked_query(policy, rows, exp.Null(), kept=kept, columns=names)

@@ -152,12 +152,12 @@ def cell_of(m: Monitored, bins: int) -> exp.Expr:
             )
         else:
             raw = _try(src, "DOUBLE")
-            missing = exp.Or(
-                this=exp.Is(this=raw.copy(), expression=exp.Null()), expression=exp.IsNan(this=raw.copy())
-            )
+            missing = exp.Or(this=exp.Is(this=raw.copy(), expression=exp.Null()), expression=exp.IsNan(this=raw.copy()))
             low, high = _double(float(lo)), _double(float(hi))
             position = exp.Div(
-                this=exp.Mul(this=exp.Paren(this=exp.Sub(this=raw.copy(), expression=low.copy())), expression=_double(bins)),
+                this=exp.Mul(
+                    this=exp.Paren(this=exp.Sub(this=raw.copy(), expression=low.copy())), expression=_double(bins)
+                ),
                 expression=_double(float(hi) - float(lo)),
             )
         index = exp.Least(
