@@ -540,7 +540,8 @@ def demo(
     predictions and a few patients' consent to debug access (DuckDB); then serve."""
     from audit.record import Event
     from gateway.access import load_consent
-    from gateway.demo import write_access_demo, write_demo, write_examples
+    from gateway.demo import write_access_demo, write_demo, write_examples, write_next_batch
+    from gateway.monitoring import monitor_version
     from gateway.predictions import attach
     from gateway.settings import Settings
     from policies.schema import load_policy
@@ -574,6 +575,9 @@ def demo(
                 request={"source": str(data), "version": version},
             )
             load_consent(bastion, policy, base=policy_path.parent)
+            if duckdb:  # the registration's monitoring report (the baseline of the next batch's), and that batch
+                monitor_version(bastion, "visits", version, data)
+                write_next_batch(settings.workspace / "examples", data, max(1_000, rows // 5))
             if predictions is not None:
                 attach(bastion, "visits", "triage-v3", predictions)
             _demo_tokens(bastion, tokens_file)
@@ -613,6 +617,10 @@ def demo(
         f"  BASTION_URL={url} BASTION_TOKEN={made['lf_author']['token']} "
         f"bastion lf stats {lfs} --dataset visits --epsilon 1"
     )
+    batch = settings.workspace / "examples" / "visits-batch-2.parquet"
+    if batch.exists():
+        console.print("\n[bold]Append the next batch[/] (on this host; a new version and its monitoring alerts):")
+        typer.echo(f"  bastion append visits {batch}")
     consenting = _demo_consenting(settings)
     if consenting:
         console.print("\n[bold]Evaluate the example model[/] (triage-v3, attached to visits; as the analyst):")
