@@ -1,0 +1,208 @@
+"""DP data monitoring: a report per version, its alerts, its accounting and audit, the report endpoint and the
+demo's next batch.
+
+The feed: a registration and appended batches of the same distribution, then a batch whose region shifts north and
+a tenth of whose incomes lie above the upper bound: exactly those two alerts. On unchanged batches the false-alert
+rate is measured over many reports and checked against the declared rate (a binomial upper quantile)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from scipy.stats import binom
+
+from gateway.demo import write_access_demo, write_next_batch
+from gateway.engines.monitor import monitored
+from gateway.monitoring import PRINCIPAL, ReportStore, build_report, monitor_version, release, sensitivity
+from gateway.service import Bastion
+from policies.accountant import PrivacyLoss
+from policies.schema import load_policy, parse_policy
+from tests.conftest import ROLES, Workspace, build_workspace
+
+EPSILON = 1.0
+ALERT_RATE = 0.01
+POLICY = f"""\
+dataset: feed
+privacy_unit: pid
+max_rows_per_unit: 2
+budget:
+  per_principal: {{epsilon: 5.0}}
+  total: {{epsilon: 50.0}}
+columns:
+  pid: {{type: int, usage: hidden}}
+  region: {{type: category, domain: [north, south, east, west]}}
+  income: {{type: decimal, bounds: [0, 100000]}}
+  day: {{type: date, bounds: [2020-01-01, 2020-12-31]}}
+  note: {{type: category}}
+roles:
+  analyst: [query]
+  lf_author: [labeling]
+monitoring: {{epsilon: {EPSILON}, cap: {{epsilon: 4.0}}, alert_rate: {ALERT_RATE}}}
+"""
+REGIONS = ["north", "south", "east", "west"]
+
+
+def batch(index: int, n: int, *, shift: bool = False, broken: bool = False, seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    income = rng.uniform(0, 90_000, n)
+    if broken:
+        income[rng.random(n) < 0.1] = 150_000.0
+    p = [0.55, 0.15, 0.15, 0.15] if shift else [0.25] * 4
+    return pa.table(
+        {
+            "pid": np.arange(n) // 2 + index * 10**6,
+            "region": rng.choice(REGIONS, n, p=p),
+            "income": income,
+            "day": np.datetime64("2020-01-01") + rng.integers(0, 366, n).astype("timedelta64[D]"),
+            "note": rng.choice(["a", "b"], n),
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def feed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, list[dict[str, Any]]]:
+    root = tmp_path_factory.mktemp("feed")
+    (root / "feed.yaml").write_text(POLICY)
+    pq.write_table(batch(0, 4_000, seed=1), root / "b0.parquet")
+    ws = build_workspace(root, [(root / "feed.yaml", root / "b0.parquet")], ROLES)
+    reports = []
+    bastion = Bastion(ws.settings)
+    try:
+        first = bastion.engine.versions("feed")[0].version
+        reports.append(monitor_version(bastion, "feed", first, root / "b0.parquet"))
+        for i, (shift, broken) in enumerate([(False, False), (True, True), (False, False), (False, False)], start=1):
+            pq.write_table(batch(i, 4_000, shift=shift, broken=broken, seed=10 + i), root / f"b{i}.parquet")
+            version, added = bastion.engine.append("feed", root / f"b{i}.parquet")
+            assert added
+            reports.append(monitor_version(bastion, "feed", version.version, root / f"b{i}.parquet"))
+    finally:
+        bastion.close()
+    return ws, [r for r in reports if r is not None]
+
+
+def test_the_shifted_and_broken_batch_gives_exactly_two_alerts(feed: tuple[Workspace, list[dict[str, Any]]]) -> None:
+    _, reports = feed
+    registration, unchanged, changed = reports[:3]
+    assert registration["baseline"] is None and registration["alerts"] == []
+    assert unchanged["baseline"] == registration["version"] and unchanged["alerts"] == []
+    assert changed["baseline"] == unchanged["version"]
+    assert sorted((a["column"], a["kind"]) for a in changed["alerts"]) == [("income", "above"), ("region", "drift")]
+    messages = {a["kind"]: a["message"] for a in changed["alerts"]}
+    assert messages["drift"].startswith("region: north is now the most frequent value (")
+    assert "of income values were clamped at the upper bound 100,000" in messages["above"]
+    above = next(a for a in changed["alerts"] if a["kind"] == "above")
+    # A tenth of the rows were above the bound; the share is within a few noise scales of it.
+    scale = changed["scale"]
+    assert abs(above["share"] - 0.1) < 0.02 + 6 * scale / 4_000
+
+
+def test_accounting_audit_and_a_spent_cap(feed: tuple[Workspace, list[dict[str, Any]]]) -> None:
+    ws, reports = feed
+    # Cap 4 at ε 1 per report: four reports made, the fifth (the last append) skipped, its version still there.
+    assert [r["status"] for r in reports] == ["ok"] * 4 + ["skipped"]
+    assert reports[-1]["reason"] == "budget_exhausted"
+    bastion = Bastion(ws.settings)
+    try:
+        assert bastion.ledger.spent(PRINCIPAL, "feed") == PrivacyLoss(4 * EPSILON)
+        assert bastion.ledger.spent_total("feed").epsilon == pytest.approx(4 * EPSILON)
+        assert len(bastion.engine.versions("feed")) == 5
+        records = [r for r in bastion.audit_log.records() if r.get("event") == "monitoring_report"]
+    finally:
+        bastion.close()
+    released = [r for r in records if r.get("phase") == "released"]
+    assert [r["request"]["report_id"] for r in released] == [r["report_id"] for r in reports[:4]]
+    assert all(r["cost"]["epsilon"] == EPSILON and r["version"] == r["request"]["version"] for r in released)
+    assert [r["reason"] for r in records if r.get("decision") == "denied"] == ["budget_exhausted"]
+
+
+def test_one_release_of_the_claimed_sensitivity() -> None:
+    policy = parse_policy(__import__("yaml").safe_load(POLICY))
+    columns = monitored(policy, 10)
+    assert [m.name for m in columns] == ["region", "income", "day", "note"]
+    assert sensitivity(policy, columns) == 2 * 4
+    noisy, scale = release(policy, [0] * sum(len(m.cells) for m in columns))
+    assert scale == pytest.approx(8 / EPSILON)
+
+
+def _same_distribution_counts(rng: np.random.Generator, n: int, columns: list[Any]) -> list[int]:
+    out: list[int] = []
+    for m in columns:
+        p = np.full(len(m.cells), 1.0)
+        p[0] = 0.2  # a few missing values; other flags rare
+        out += rng.multinomial(n, p / p.sum()).tolist()
+    return out
+
+
+def test_false_alert_rate_on_unchanged_batches() -> None:
+    """Reports on pairs of batches drawn from one distribution (exact counts from a multinomial, each released by
+    OpenDP at the declared ε): the share of reports with any alert is at most the declared rate, up to a binomial
+    0.999 upper quantile over the runs."""
+    policy = parse_policy(__import__("yaml").safe_load(POLICY))
+    columns = monitored(policy, 10)
+    rng = np.random.default_rng(5)
+    runs, alerted = 300, 0
+    for i in range(runs):
+        base_noisy, s0 = release(policy, _same_distribution_counts(rng, 3_000, columns))
+        base = build_report(policy, "1-a", base_noisy, scale=s0, baseline=None, report_id=f"b{i}")
+        noisy, s1 = release(policy, _same_distribution_counts(rng, 3_000, columns))
+        report = build_report(policy, "2-b", noisy, scale=s1, baseline=base, report_id=f"r{i}")
+        alerted += bool(report["alerts"])
+    assert alerted <= binom.ppf(0.999, runs, ALERT_RATE), alerted
+
+
+def test_report_endpoint_grants_and_refusals(feed: tuple[Workspace, list[dict[str, Any]]]) -> None:
+    ws, reports = feed
+    changed = reports[2]
+    url = f"/v1/datasets/feed/versions/{changed['version']}/report"
+    with ws.app() as c:
+        ok = c.get(url, headers=ws.headers("analyst"))
+        assert ok.status_code == 200 and ok.json()["report_id"] == changed["report_id"]
+        assert len(ok.json()["alerts"]) == 2
+        page = c.get(url + "?format=html", headers=ws.headers("analyst"))
+        assert page.status_code == 200 and "<svg" in page.text and "north is now the most frequent" in page.text
+        assert c.get(url, headers=ws.headers("lf_author")).status_code == 403
+        assert c.get(url).status_code == 401
+        missing = c.get("/v1/datasets/feed/versions/9-nothere/report", headers=ws.headers("analyst"))
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "version_not_found"
+        skipped = c.get(f"/v1/datasets/feed/versions/{reports[-1]['version']}/report", headers=ws.headers("analyst"))
+        assert skipped.json()["status"] == "skipped"
+        schema = c.get("/openapi.json").json()
+        assert "/v1/datasets/{dataset}/versions/{version}/report" in schema["paths"]
+    bastion = Bastion(ws.settings)
+    try:
+        reads = [
+            r
+            for r in bastion.audit_log.records()
+            if r.get("event") == "monitoring_report" and r.get("request", {}).get("action") == "read"
+        ]
+    finally:
+        bastion.close()
+    assert {r["decision"] for r in reads} == {"allowed", "denied"}
+    assert any(r.get("request", {}).get("report_id") == changed["report_id"] for r in reads)
+
+
+def test_the_demo_batch_gives_exactly_two_alerts(tmp_path: Path) -> None:
+    data, policy_path, _, _ = write_access_demo(tmp_path / "source", n_rows=30_000)
+    ws = build_workspace(tmp_path, [], ROLES)
+    bastion = Bastion(ws.settings, read_only=False)
+    try:
+        version = bastion.engine.register(load_policy(policy_path), data)
+        assert monitor_version(bastion, "visits", version, data)["alerts"] == []  # type: ignore[index]
+    finally:
+        bastion.close()
+    path = write_next_batch(tmp_path / "examples", data, 6_000)
+    assert "batch" in path.name
+    bastion = Bastion(ws.settings)
+    try:
+        appended, _ = bastion.engine.append("visits", path)
+        report = monitor_version(bastion, "visits", appended.version, path)
+    finally:
+        bastion.close()
+    assert report is not None
+    assert sorted((a["column"], a["kind"]) for a in report["alerts"]) == [("income", "above"), ("region", "drift")]
+    assert ReportStore.of(ws.settings).get("visits", appended.version) == report
