@@ -206,3 +206,33 @@ def test_the_demo_batch_gives_exactly_two_alerts(tmp_path: Path) -> None:
     assert report is not None
     assert sorted((a["column"], a["kind"]) for a in report["alerts"]) == [("income", "above"), ("region", "drift")]
     assert ReportStore.of(ws.settings).get("visits", appended.version) == report
+
+
+@pytest.mark.slow
+def test_the_report_page_in_headless_chromium(feed: tuple[Workspace, list[dict[str, Any]]], tmp_path: Path) -> None:
+    """The report page of the changed batch in a real Chromium against a real `bastion serve`: one chart per
+    monitored column, the two alerts, and nothing fetched from elsewhere (the CSP lets nothing load)."""
+    from tests.conftest import gateways
+    from tests.test_auditor_web import BROWSER_ARGS, CHROMIUM, _chromium_or_skip
+
+    _chromium_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    ws, reports = feed
+    changed = reports[2]
+    with gateways(1, "--workspace", str(ws.settings.workspace)) as (url,), sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+        try:
+            context = browser.new_context(extra_http_headers={"Authorization": f"Bearer {ws.tokens['analyst']}"})
+            page = context.new_page()
+            requests: list[str] = []
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(f"{url}/v1/datasets/feed/versions/{changed['version']}/report?format=html")
+            assert page.locator("section.column svg").count() == 4
+            assert page.locator("#column-income svg rect").count() == len(changed["columns"][1]["cells"])
+            alerts = page.locator("#alerts li.alert").all_inner_texts()
+            assert sorted(alerts) == sorted(a["message"] for a in changed["alerts"])
+            assert all(r.startswith(url) for r in requests)
+            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        finally:
+            browser.close()
