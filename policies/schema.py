@@ -420,8 +420,14 @@ class Policy(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> Policy:
-        if self.monitoring is not None and self.monitoring.cap.epsilon > self.budget.total.epsilon:
-            raise ValueError("monitoring.cap cannot exceed the total budget (monitoring counts against it)")
+        if self.monitoring is not None and (
+            self.monitoring.cap.epsilon > self.budget.per_principal.epsilon
+            or self.monitoring.cap.delta > self.budget.per_principal.delta
+        ):
+            raise ValueError(
+                "monitoring.cap cannot exceed budget.per_principal: monitoring is one principal of the dataset "
+                "(bastion:monitoring), and its spend counts against the total budget like any principal's"
+            )
         if self.consent is not None and self.privacy_unit == "row":
             raise ValueError("consent needs a privacy unit column (consent is given per unit); privacy_unit is 'row'")
         for name in self.public_tables:

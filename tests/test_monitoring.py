@@ -236,3 +236,47 @@ def test_the_report_page_in_headless_chromium(feed: tuple[Workspace, list[dict[s
             page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
         finally:
             browser.close()
+
+
+def test_policy_refuses_a_monitoring_budget_beyond_its_caps() -> None:
+    import yaml
+
+    from policies.schema import PolicyError
+
+    raw = yaml.safe_load(POLICY)
+    for monitoring, problem in (
+        ({"epsilon": 5.0, "cap": {"epsilon": 4.0}}, "cannot exceed monitoring.cap"),
+        ({"epsilon": 1.0, "cap": {"epsilon": 6.0}}, "cannot exceed budget.per_principal"),
+        ({"epsilon": 1.0, "cap": {"epsilon": 4.0}, "alert_rate": 0}, "alert_rate"),
+    ):
+        with pytest.raises(PolicyError, match=problem):
+            parse_policy({**raw, "monitoring": monitoring})
+
+
+def test_register_and_append_show_the_report(tmp_path: Path) -> None:
+    """`bastion register` and `bastion append` as the admin runs them: the report's table and alerts at the end;
+    a rerun of a completed append adds nothing and makes no second report."""
+    import subprocess
+
+    from tests.conftest import BIN
+
+    def run(*args: str) -> str:
+        done = subprocess.run([str(BIN), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    (tmp_path / "feed.yaml").write_text(POLICY)
+    for i, (shift, broken) in enumerate([(False, False), (False, False), (True, True)]):
+        pq.write_table(batch(i, 4_000, shift=shift, broken=broken, seed=20 + i), tmp_path / f"b{i}.parquet")
+    first = run("register", "feed.yaml", "--source", "b0.parquet")
+    assert "monitoring report" in first and "no baseline (first report)" in first
+    assert "no alerts (0 tests" in first
+    second = run("append", "feed", "b1.parquet")
+    assert "appended to feed" in second and "no alerts (" in second and "alert:" not in second
+    third = run("append", "feed", "b2.parquet")
+    alerts = [line for line in third.splitlines() if line.startswith("alert: ")]
+    assert len(alerts) == 2, third
+    assert any("region: north is now the most frequent value" in a for a in alerts)
+    assert any("of income values were clamped at the upper bound 100,000" in a for a in alerts)
+    again = run("append", "feed", "b2.parquet")
+    assert "nothing added" in again and "monitoring report" not in again

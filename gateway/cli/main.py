@@ -202,7 +202,7 @@ def append(
     monitoring, the new version's DP monitoring report (charged to the monitoring budget) is shown, with its alerts."""
     from audit.record import Event
     from gateway.cli.monitoring import show_report
-    from gateway.monitoring import monitor_version
+    from gateway.monitoring import ReportStore, monitor_version
     from gateway.service import Bastion
     from policies.errors import GatewayError
 
@@ -220,7 +220,8 @@ def append(
                     reason="ok",
                     request={"source": str(source), "version": version.version, "rows": version.rows},
                 )
-                report = monitor_version(bastion, dataset, version.version, source)
+            if added or ReportStore.of(bastion.settings).get(dataset, version.version) is None:
+                report = monitor_version(bastion, dataset, version.version, source)  # a crashed rerun's report too
         finally:
             bastion.close()
     except GatewayError as exc:
@@ -229,6 +230,7 @@ def append(
         console.print(
             f"{source} was appended to [bold]{dataset}[/] already, as version {version.version}: nothing added"
         )
+        show_report(report)
         return
     console.print(f"appended to [bold]{dataset}[/]: version {version.version} ({version.rows} rows in the batch)")
     show_report(report)

@@ -29,11 +29,8 @@ def show_report(report: dict[str, Any] | None) -> None:
                 row[name] = f"{_pct(cell['share'])} ± {_pct(cell['half_width'])}"
         rows.append(row)
     baseline = f"against version {report['baseline']}" if report["baseline"] else "no baseline (first report)"
-    print_records(
-        rows,
-        columns=["column", "missing", "clamped low", "clamped high", "outside"],
-        title=f"monitoring report {report['report_id']} (ε {report['epsilon']}, {baseline})",
-    )
+    console.print(f"monitoring report {report['report_id']} (ε {report['epsilon']}, {baseline})", highlight=False)
+    print_records(rows, columns=["column", "missing", "clamped low", "clamped high", "outside"])
     if not report["alerts"]:
         console.print(f"no alerts ({report['tests']} tests, false-alert rate at most {report['alert_rate']})")
     for alert in report["alerts"]:

@@ -32,8 +32,8 @@ dataset: mon
 privacy_unit: pid
 max_rows_per_unit: {K}
 budget:
-  per_principal: {{epsilon: 10.0}}
-  total: {{epsilon: 100.0}}
+  per_principal: {{epsilon: 100.0}}
+  total: {{epsilon: 1000.0}}
 columns:
   pid: {{type: int, usage: hidden}}
   region: {{type: category, domain: [north, south]}}
