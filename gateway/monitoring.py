@@ -298,6 +298,8 @@ def monitor_version(bastion: Bastion, dataset: str, version: str, source: Path) 
         size = sum(len(m.cells) for m in monitored(policy, mon.bins))
         return compute([0] * size)
 
+    if not hasattr(engine, "profile"):  # monitoring reads batches on DuckDB only (as appends): refused uncharged
+        return _skipped(store, report_id, dataset, version, "unsupported_engine")
     try:
         report = bastion.run_private(
             ctx,
@@ -312,22 +314,27 @@ def monitor_version(bastion: Bastion, dataset: str, version: str, source: Path) 
             version=version,
         )
     except GatewayError as exc:
-        skipped = {
-            "report_id": report_id,
-            "dataset": dataset,
-            "version": version,
-            "status": "skipped",
-            "reason": exc.code,
-            "time": now(),
-            "epsilon": 0.0,
-            "alerts": [],
-        }
-        with contextlib.suppress(OSError):
-            store.put(skipped)
-        return skipped
+        return _skipped(store, report_id, dataset, version, exc.code)
     kept = {k: report[k] for k in (*build_keys(), "tests", "alerts") if k in report}
     store.put(kept)
     return kept
+
+
+def _skipped(store: ReportStore, report_id: str, dataset: str, version: str, reason: str) -> dict[str, Any]:
+    """The report of a version that was not monitored (nothing charged, nothing read), stored so readers see why."""
+    skipped = {
+        "report_id": report_id,
+        "dataset": dataset,
+        "version": version,
+        "status": "skipped",
+        "reason": reason,
+        "time": now(),
+        "epsilon": 0.0,
+        "alerts": [],
+    }
+    with contextlib.suppress(OSError):
+        store.put(skipped)
+    return skipped
 
 
 def build_keys() -> tuple[str, ...]:
