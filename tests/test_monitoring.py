@@ -280,3 +280,27 @@ def test_register_and_append_show_the_report(tmp_path: Path) -> None:
     assert any("of income values were clamped at the upper bound 100,000" in a for a in alerts)
     again = run("append", "feed", "b2.parquet")
     assert "nothing added" in again and "monitoring report" not in again
+
+
+def test_bastion_demo_prints_the_append_that_gives_two_alerts(tmp_path: Path) -> None:
+    """`bastion demo` as a new user runs it (small data): the printed `bastion append` command, run as printed,
+    makes a version and prints exactly two alerts."""
+    import shlex
+    import subprocess
+
+    from tests.conftest import BIN
+
+    def run(*args: str) -> str:
+        done = subprocess.run([str(BIN), *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    made = run("demo", "--no-serve", "--rows", "20000")
+    command = next(line.strip() for line in made.splitlines() if line.strip().startswith("bastion append "))
+    assert "batch" in command
+    appended = run(*shlex.split(command)[1:])
+    assert "appended to visits: version 2-" in appended
+    alerts = [line for line in appended.splitlines() if line.startswith("alert: ")]
+    assert len(alerts) == 2, appended
+    assert any(a.startswith("alert: region: north is now the most frequent value") for a in alerts)
+    assert any("of income values were clamped at the upper bound 500,000" in a for a in alerts)

@@ -579,7 +579,7 @@ def demo(
             load_consent(bastion, policy, base=policy_path.parent)
             if duckdb:  # the registration's monitoring report (the baseline of the next batch's), and that batch
                 monitor_version(bastion, "visits", version, data)
-                write_next_batch(settings.workspace / "examples", data, max(1_000, rows // 5))
+                write_next_batch(settings.workspace / "examples", data, max(10_000, rows // 5))
             if predictions is not None:
                 attach(bastion, "visits", "triage-v3", predictions)
             _demo_tokens(bastion, tokens_file)
