@@ -52,6 +52,7 @@ class Event(enum.StrEnum):
     LEDGER_RECONCILED = "ledger_reconciled"
     DATASET_REGISTERED = "dataset_registered"
     DATASET_APPENDED = "dataset_appended"
+    MONITORING_REPORT = "monitoring_report"
     VERSION_RETIRED = "version_retired"
     TOKEN_CREATED = "token_created"
     TOKEN_REVOKED = "token_revoked"

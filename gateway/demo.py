@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -266,6 +267,10 @@ def write_evaluation_demo(directory: Path, n_rows: int = 500_000, seed: int = 7)
     return data, policy, predictions
 
 
+# The demo reports every version's DP data monitoring (a report per registration and append, see README).
+MONITORING_YAML = """\
+monitoring: {epsilon: 1.0, cap: {epsilon: 10.0}}   # DP data monitoring: ε per version's report, at most 10 in all
+"""
 # Where the demo patients' consent to debug access lives (`bastion access request`), and the one scope they consent to.
 CONSENT_YAML = """\
 consent:                          # patients' consent to debug access (bastion access request --units ...)
@@ -283,6 +288,7 @@ DEMO_ACCESS_POLICY_YAML = (
     )
     + PUBLIC_TABLES_YAML
     + CONSENT_YAML
+    + MONITORING_YAML
 )
 CONSENTING = 5  # patients with a valid consent in the demo
 EXPIRED_CONSENTS = 1  # and one whose consent has ended
@@ -433,3 +439,32 @@ def write_hospital(directory: Path, n_patients: int = 20_000, seed: int = 11) ->
     policy = directory / "hospital.yaml"
     policy.write_text(HOSPITAL_POLICY_YAML)
     return data, policy
+
+
+def next_batch(visits: pa.Table, n_rows: int, seed: int = 29) -> pa.Table:
+    """The demo's next batch of visits, new patients only, with two changes a monitor should report: most patients
+    now live in the north (region's distribution shifts), and a fifth of the visits carry an income above the
+    policy's upper bound 500,000 (the bound breaks). Everything else is drawn as the registered visits were."""
+    batch = generate_visits(n_rows, seed)
+    rng = np.random.default_rng(seed)
+    first_patient = int(pc.max(visits["patient_id"]).as_py()) + 1
+    first_visit = int(pc.max(visits["visit_id"]).as_py()) + 7
+    patients = batch["patient_id"].to_numpy() - 100_000 + first_patient
+    owners = np.unique(patients, return_inverse=True)[1]
+    region_p = rng.choice(len(REGIONS), owners.max() + 1, p=[0.55, 0.12, 0.11, 0.1, 0.12])
+    income = batch["income"].to_numpy().copy()
+    income[rng.random(len(income)) < 0.2] = 650_000.0
+    columns = {name: batch[name] for name in batch.column_names}
+    columns["patient_id"] = pa.array(patients, pa.int64())
+    columns["region"] = pa.array(np.asarray(REGIONS, dtype=object)[region_p[owners]], pa.string())
+    columns["income"] = pa.array(income, pa.float64())
+    columns["visit_id"] = pa.array(first_visit + np.arange(len(income)) * 7, pa.int64())
+    return pa.table(columns).select(visits.column_names)
+
+
+def write_next_batch(directory: Path, data: Path, n_rows: int) -> Path:
+    """Write the demo's next batch (`next_batch`) as `visits-batch-2.parquet` in `directory`; return its path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "visits-batch-2.parquet"
+    pq.write_table(next_batch(pq.read_table(data), n_rows), path)
+    return path

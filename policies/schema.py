@@ -263,6 +263,26 @@ class Budgets(_Strict):
         return self
 
 
+class Monitoring(_Strict):
+    """DP data monitoring of every version (gateway.monitoring): `epsilon` is charged per version's report to the
+    reserved principal `bastion:monitoring`, which may spend at most `cap` on the dataset (and counts against the
+    dataset's total budget); `alert_rate` bounds the chance that a report on an unchanged feed raises any alert;
+    numeric and date columns are histogrammed in `bins` equal bins over their bounds."""
+
+    epsilon: float = Field(gt=0)
+    cap: Budget
+    alert_rate: float = Field(default=0.01, gt=0, lt=1)
+    bins: int = Field(default=10, ge=2, le=100)
+
+    @model_validator(mode="after")
+    def _check(self) -> Monitoring:
+        if not math.isfinite(self.epsilon):
+            raise ValueError("monitoring.epsilon must be finite")
+        if self.epsilon > self.cap.epsilon:
+            raise ValueError("monitoring.epsilon (per version) cannot exceed monitoring.cap")
+        return self
+
+
 class Synthesis(_Strict):
     mode: Literal["dp", "non_dp_allowed"] = "dp"
 
@@ -452,9 +472,19 @@ class Policy(_Strict):
     # A join of private tables whose product of bounds exceeds this keeps at most this many joined rows per unit
     # (chosen by a hash of their values) and is priced at it; None: every join is priced at the product.
     max_joined_rows_per_unit: int | None = Field(default=None, ge=1, le=10_000)
+    # DP data monitoring of each version (a report per registration and append); none: versions are not monitored.
+    monitoring: Monitoring | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Policy:
+        if self.monitoring is not None and (
+            self.monitoring.cap.epsilon > self.budget.per_principal.epsilon
+            or self.monitoring.cap.delta > self.budget.per_principal.delta
+        ):
+            raise ValueError(
+                "monitoring.cap cannot exceed budget.per_principal: monitoring is one principal of the dataset "
+                "(bastion:monitoring), and its spend counts against the total budget like any principal's"
+            )
         if self.consent is not None and self.privacy_unit == "row":
             raise ValueError("consent needs a privacy unit column (consent is given per unit); privacy_unit is 'row'")
         for name in self.public_tables:
@@ -601,6 +631,8 @@ class Policy(_Strict):
             del content["private_tables"]  # likewise
         if self.max_joined_rows_per_unit is None:
             del content["max_joined_rows_per_unit"]  # likewise
+        if self.monitoring is None:
+            del content["monitoring"]  # likewise
         payload = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -631,6 +663,7 @@ class Policy(_Strict):
             ),
             # The scopes an access request may name (the consent source and its columns are the admin's).
             **({"consent": {"scopes": list(self.consent.scopes)}} if self.consent is not None else {}),
+            **({"monitoring": self.monitoring.model_dump(mode="json")} if self.monitoring is not None else {}),
         }
 
 

@@ -152,6 +152,8 @@ def register(
     consent to debug access, if the policy declares where it lives)."""
     from audit.record import Event
     from gateway.access import prepare_consent, store_consent
+    from gateway.cli.monitoring import show_report
+    from gateway.monitoring import monitor_version
     from policies.errors import GatewayError
     from policies.schema import PolicyError, load_policy
 
@@ -178,11 +180,13 @@ def register(
                 request={"source": str(src), "version": version, "policy": pol.fingerprint()},
             )
             store_consent(bastion, consent)
+            report = monitor_version(bastion, pol.dataset, version, src)
         finally:
             bastion.close()
     except (PolicyError, GatewayError) as exc:
         fail(str(exc))
     console.print(f"registered [bold]{pol.dataset}[/] version {version}")
+    show_report(report)
 
 
 @app.command()
@@ -194,11 +198,15 @@ def append(
 ) -> None:
     """Add a batch of rows as the dataset's new version while gateways keep serving (DuckDB engine). Each unit
     keeps at most max_rows_per_unit rows over all versions together; rows kept before stay kept. Rerunning an
-    append that was interrupted completes it; rerunning one that completed adds nothing."""
+    append that was interrupted completes it; rerunning one that completed adds nothing. If the policy declares
+    monitoring, the new version's DP monitoring report (charged to the monitoring budget) is shown, with its alerts."""
     from audit.record import Event
+    from gateway.cli.monitoring import show_report
+    from gateway.monitoring import ReportStore, monitor_version
     from gateway.service import Bastion
     from policies.errors import GatewayError
 
+    report: dict[str, Any] | None = None
     try:
         bastion = Bastion(_settings(workspace, store=store), read_only=True)  # readers keep the database open
         try:
@@ -212,6 +220,8 @@ def append(
                     reason="ok",
                     request={"source": str(source), "version": version.version, "rows": version.rows},
                 )
+            if added or ReportStore.of(bastion.settings).get(dataset, version.version) is None:
+                report = monitor_version(bastion, dataset, version.version, source)  # a crashed rerun's report too
         finally:
             bastion.close()
     except GatewayError as exc:
@@ -220,8 +230,10 @@ def append(
         console.print(
             f"{source} was appended to [bold]{dataset}[/] already, as version {version.version}: nothing added"
         )
+        show_report(report)
         return
     console.print(f"appended to [bold]{dataset}[/]: version {version.version} ({version.rows} rows in the batch)")
+    show_report(report)
 
 
 @version_app.command("list")
@@ -531,7 +543,8 @@ def demo(
     on the patient (DuckDB); then serve."""
     from audit.record import Event
     from gateway.access import load_consent
-    from gateway.demo import write_access_demo, write_demo, write_examples, write_hospital
+    from gateway.demo import write_access_demo, write_demo, write_examples, write_hospital, write_next_batch
+    from gateway.monitoring import monitor_version
     from gateway.predictions import attach
     from gateway.settings import Settings
     from policies.schema import load_policy
@@ -565,6 +578,9 @@ def demo(
                 request={"source": str(data), "version": version},
             )
             load_consent(bastion, policy, base=policy_path.parent)
+            if duckdb:  # the registration's monitoring report (the baseline of the next batch's), and that batch
+                monitor_version(bastion, "visits", version, data)
+                write_next_batch(settings.workspace / "examples", data, max(10_000, rows // 5))
             if predictions is not None:
                 attach(bastion, "visits", "triage-v3", predictions)
             if duckdb:  # the hospital: patients, visits and labs, private tables joined on the patient
@@ -625,6 +641,10 @@ def demo(
         f"  BASTION_URL={url} BASTION_TOKEN={made['lf_author']['token']} "
         f"bastion lf stats {lfs} --dataset visits --epsilon 1"
     )
+    batch = settings.workspace / "examples" / "visits-batch-2.parquet"
+    if batch.exists():
+        console.print("\n[bold]Append the next batch[/] (on this host; a new version and its monitoring alerts):")
+        typer.echo(f"  bastion append visits {batch}")
     consenting = _demo_consenting(settings)
     if consenting:
         console.print("\n[bold]Evaluate the example model[/] (triage-v3, attached to visits; as the analyst):")

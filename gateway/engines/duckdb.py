@@ -455,6 +455,48 @@ class DuckDBEngine:
             con.execute(exp.Detach(this=exp.to_identifier(catalog, quoted=True)).sql(dialect="duckdb"))
         return count
 
+    def profile(self, dataset: str, source: str | Path, version: str, bins: int) -> list[int]:
+        """The exact monitoring counts of `version`'s batch (gateway.engines.monitor): the rows of `source` that
+        `version` kept (ranked as its append ranked them, after the version before it), each in one cell per
+        monitored column. Private: only a DP release of these may leave (gateway.monitoring)."""
+        from gateway.engines import monitor
+
+        src = registrable(source, read_only=False)
+        policy, _ = self.policy(dataset)
+        versions = self.manifest(dataset).versions
+        index = next((i for i, v in enumerate(versions) if v.version == version), None)
+        if index is None:
+            raise VersionNotFound(f"dataset {dataset!r} has no version {version!r}", dataset=dataset)
+        previous = versions[index - 1] if index > 0 else None
+        columns = monitor.monitored(policy, bins)
+        names = [monitor.cell_column(m.name) for m in columns]
+        con = self.connect()
+        reader = _reader(src)
+        _check_source(con, reader, src, list(policy.columns))
+        values = recipe.values_query(policy, reader).select(*monitor.cells_select(columns, bins))
+        streaming, writer = con.cursor(), con.cursor()
+        try:
+            with _without_type_pushdown(con):
+                rows: exp.Expr = exp.Subquery(this=values)
+                if policy.unit_column is not None:
+                    stream = streaming.sql(values.sql(dialect="duckdb")).to_arrow_reader(_BATCH)
+                    assert stream is not None, "a SELECT always has a result"
+                    key = recipe.bounding_key(self.key_path)
+                    writer.register(
+                        _VALUES, recipe.with_digests(key, stream, stream.schema, recipe.kept_columns(policy))
+                    )
+                    rows = exp.table_(_VALUES, quoted=True)
+                kept = None if previous is None else self._table(dataset, previous, bounded_table(dataset))
+                ranked = recipe.ranked_query(policy, rows, exp.Null(), kept=kept, columns=names)
+                query = monitor.counts_query(columns, exp.alias_(exp.Subquery(this=ranked), "kept"))
+                (found,) = writer.execute(query.sql(dialect="duckdb")).fetchall()
+        except duckdb.Error as exc:
+            raise EngineError(type(exc).__name__) from None
+        finally:
+            writer.close()
+            streaming.close()
+        return [int(v or 0) for v in found]
+
     def _appended_keys(
         self, con: duckdb.DuckDBPyConnection, policy: Policy, previous: Version, reader: exp.Expr, catalog: str
     ) -> str | None:

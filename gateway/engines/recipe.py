@@ -188,17 +188,31 @@ def row_key_problem(count: int, distinct: int, present: int) -> str | None:
     return None
 
 
-def ranked_query(policy: Policy, values: exp.Expr, row_id: exp.Expr, *, kept: exp.Expr | None = None) -> exp.Select:
+def ranked_query(
+    policy: Policy,
+    values: exp.Expr,
+    row_id: exp.Expr,
+    *,
+    kept: exp.Expr | None = None,
+    columns: list[str] | None = None,
+) -> exp.Select:
     """Over a table of converted values with their digest: the bounded table's columns of the rows ranked within k
     in their unit (all rows when the unit is the row), and `row_id`, the engine's expression of a unique BIGINT
     per kept row, as ROW_ID (the identity labeling functions' per-row outputs are keyed by; never released).
 
     `kept`, for an appended batch, is the bounded table of the version it is appended to: a unit with j rows kept
     there keeps at most k - j of the batch's rows (those ranked lowest), so the bound holds over all versions
-    together and the rows kept before stay kept. (A missing unit is one unit, as in the partition.)"""
+    together and the rows kept before stay kept. (A missing unit is one unit, as in the partition.)
+
+    `columns`, if given, are selected (by name, from `values`) instead of the bounded table's columns and ROW_ID:
+    the same rows, other columns of them (monitoring reads the kept rows' cells this way)."""
     cols = policy.columns
-    select = [out for n in kept_columns(policy) for out in outputs(n, cols[n])]
-    select.append(exp.alias_(row_id, ROW_ID, quoted=True))
+    select: list[exp.Expr]
+    if columns is None:
+        select = [out for n in kept_columns(policy) for out in outputs(n, cols[n])]
+        select.append(exp.alias_(row_id, ROW_ID, quoted=True))
+    else:
+        select = [_col(c) for c in columns]
     unit = policy.unit_column
     if unit is None:
         return exp.select(*select).from_(values)

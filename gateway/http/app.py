@@ -27,6 +27,7 @@ from gateway.http.evaluate import router as evaluate_router
 from gateway.http.headers import SecurityHeaders, security_headers
 from gateway.http.lf import router as lf_router
 from gateway.http.limits import BodyLimits
+from gateway.http.monitoring import router as monitoring_router
 from gateway.http.query import router as query_router
 from gateway.http.sessions import SessionStore
 from gateway.http.synth import jobs_of
@@ -165,7 +166,16 @@ def create_app(settings: Settings, bastion: Bastion | None = None) -> FastAPI:
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    for r in (docs_router, query_router, synth_router, lf_router, evaluate_router, access_router, audit_router):
+    for r in (
+        docs_router,
+        query_router,
+        synth_router,
+        lf_router,
+        evaluate_router,
+        access_router,
+        audit_router,
+        monitoring_router,
+    ):
         app.include_router(r)
     app.mount("/static", static_files(), name="static")
 
