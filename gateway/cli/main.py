@@ -190,17 +190,21 @@ def append(
     dataset: Annotated[str, typer.Argument(help="a registered dataset")],
     source: Annotated[Path, typer.Argument(help="Parquet or CSV file with the columns the policy declares")],
     store: Store = None,
+    shared_dir: SharedDir = None,
     workspace: Workspace = None,
 ) -> None:
     """Add a batch of rows as the dataset's new version while gateways keep serving (DuckDB engine). Each unit
     keeps at most max_rows_per_unit rows over all versions together; rows kept before stay kept. Rerunning an
-    append that was interrupted completes it; rerunning one that completed adds nothing."""
+    append that was interrupted completes it; rerunning one that completed adds nothing. Then the LF sets that follow
+    the dataset are recomputed at the versions they missed (each charged to its author, up to the author's cap)."""
     from audit.record import Event
+    from gateway.cli.lf import follow_lf_sets
     from gateway.service import Bastion
     from policies.errors import GatewayError
 
     try:
-        bastion = Bastion(_settings(workspace, store=store), read_only=True)  # readers keep the database open
+        settings = _settings(workspace, store=store, shared_dir=shared_dir)
+        bastion = Bastion(settings, read_only=True)  # readers keep the database open
         try:
             version, added = bastion.engine.append(dataset, source)
             if added:
@@ -212,6 +216,7 @@ def append(
                     reason="ok",
                     request={"source": str(source), "version": version.version, "rows": version.rows},
                 )
+            followed = follow_lf_sets(bastion, dataset)  # LF sets that follow the dataset, at the new version
         finally:
             bastion.close()
     except GatewayError as exc:
@@ -220,8 +225,10 @@ def append(
         console.print(
             f"{source} was appended to [bold]{dataset}[/] already, as version {version.version}: nothing added"
         )
-        return
-    console.print(f"appended to [bold]{dataset}[/]: version {version.version} ({version.rows} rows in the batch)")
+    else:
+        console.print(f"appended to [bold]{dataset}[/]: version {version.version} ({version.rows} rows in the batch)")
+    for line in followed:
+        console.print(line)
 
 
 @version_app.command("list")
