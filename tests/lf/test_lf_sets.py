@@ -5,6 +5,7 @@ false-alert rate."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -191,6 +192,15 @@ def test_two_gateway_processes_catching_up_at_once_charge_each_version_once(tmp_
                     lambda u: httpx.get(f"{u}/v1/lf/sets/{s['id']}", headers=headers, timeout=120).json(), urls * 2
                 )
             )
+        # The CLI shows the same set (and lists it) through a gateway.
+        cli = [str(BIN), "lf", "sets"]
+        auth = ["--url", urls[0], "--token", ws.tokens["lf_author"]]
+        shown = subprocess.run([*cli, "show", s["id"], "--json", *auth], capture_output=True, text=True, check=True)
+        listed = subprocess.run([*cli, "list", *auth], capture_output=True, text=True, check=True)
+        table = subprocess.run([*cli, "show", s["id"], *auth], capture_output=True, text=True, check=True)
+    assert json.loads(shown.stdout)["history"] == answers[0]["history"]
+    assert s["id"] in listed.stdout and "triage" in listed.stdout
+    assert "(first version)" in table.stdout and table.stdout.count("computed") == 3
     assert all(a["history"] == answers[0]["history"] for a in answers)
     assert [e["version"] for e in answers[0]["history"]][1:] == versions
     charges = set_charges(ws.settings, s["id"])
