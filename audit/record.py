@@ -34,6 +34,7 @@ class Event(enum.StrEnum):
     SYNTH_DOWNLOAD = "synth_download"
     SYNTH_REPORT = "synth_report"
     LF_STATS = "lf_stats"
+    LF_SET = "lf_set"  # an LF set saved, deleted, or refused to another principal
     PUBLIC_READ = "public_read"
     EVALUATE = "evaluate"
     PREDICTIONS_ADDED = "predictions_added"

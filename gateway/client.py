@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import httpx
 
@@ -294,6 +295,42 @@ class Client:
         from labeling_functions.report import summary_frame
 
         return summary_frame(self.lf_stats_raw(dataset, lfs, **kwargs))
+
+    def lf_set_save(
+        self,
+        name: str,
+        dataset: str,
+        lfs: list[dict[str, Any]] | None = None,
+        *,
+        python_lfs: list[str] | None = None,
+        epsilon: float,
+        cap: float,
+        alert_rate: float | None = None,
+    ) -> dict[str, Any]:
+        """Save an LF set (POST /v1/lf/sets): computed now at the latest version, then at every new version, charged
+        to you until `cap`; the answer is the set with its history."""
+        body = {
+            "name": name,
+            "dataset": dataset,
+            "lfs": lfs or [],
+            "python_lfs": python_lfs or [],
+            "epsilon": epsilon,
+            "cap": cap,
+            "alert_rate": alert_rate,
+        }
+        return self._json("POST", "/v1/lf/sets", json={k: v for k, v in body.items() if v is not None})
+
+    def lf_sets(self) -> list[dict[str, Any]]:
+        """Your LF sets (GET /v1/lf/sets)."""
+        return self._json("GET", "/v1/lf/sets")
+
+    def lf_set(self, set_id: str) -> dict[str, Any]:
+        """One of your LF sets with its history per version and the changes beyond noise (GET /v1/lf/sets/{id})."""
+        return self._json("GET", f"/v1/lf/sets/{quote(set_id, safe='')}")
+
+    def lf_set_delete(self, set_id: str) -> dict[str, Any]:
+        """Stop following and remove one of your LF sets (DELETE /v1/lf/sets/{id})."""
+        return self._json("DELETE", f"/v1/lf/sets/{quote(set_id, safe='')}")
 
     # --- model evaluation -----------------------------------------------------------------------------------
 

@@ -137,3 +137,136 @@ def registry(url: Url = "http://127.0.0.1:8000", token: Token = None) -> None:
     for e in entries:
         table.add_row(e["name"], e["dataset"], ", ".join(e["labels"]), ", ".join(e["columns"]), e["description"])
     console.print(table)
+
+
+# --- LF sets that follow the data ------------------------------------------------------------------------------
+
+sets_app = typer_app(help="LF sets that follow the data: recomputed at every new version, charged to you, up to a cap.")
+lf_app.add_typer(sets_app, name="sets")
+
+
+def follow_lf_sets(bastion: Any, dataset: str) -> list[str]:
+    """After an append: recompute the LF sets that follow `dataset` at the versions they missed; one line each (a
+    failure is a line too: the append is published either way, and the next gateway start or GET catches up)."""
+    from gateway.lfsets import catch_up
+    from policies.errors import GatewayError
+
+    try:
+        done = catch_up(bastion, dataset=dataset)
+    except GatewayError as exc:
+        return [f"LF sets not recomputed now ({exc.code}): a gateway catches them up at start or on GET"]
+    return [
+        f"LF set {d['id']} ({d['name']}): version {d['version']} {d['status']}"
+        + (f", {len(d['changes'])} change(s) beyond noise" if d["changes"] else "")
+        for d in done
+    ]
+
+
+def print_set(raw: dict[str, Any]) -> None:
+    state = "following" if raw["following"] else f"stopped ({raw['stopped']})"
+    console.print(
+        f"[bold]{raw['name']}[/] ({raw['id']}) on {raw['dataset']}: {state}; ε={raw['epsilon']:g} per version, "
+        f"spent {raw['epsilon_spent']:g} of the cap {raw['cap']:g}; false-alert rate ≤ {raw['alert_rate']:g} per "
+        "comparison of two versions"
+    )
+    table = DataTable("version", "status", "ε spent", "changes beyond noise")
+    for e in raw["history"]:
+        changes = "; ".join(
+            f"{c['lf']} {c['statistic']} {c['direction']} ({c['before']['value']:.3f} → {c['after']['value']:.3f})"
+            for c in e.get("changes", [])
+        )
+        if e["status"] != "computed":
+            changes = e.get("reason", "")
+        elif "compared_with" not in e:
+            changes = "(first version)"
+        table.add_row(e["version"], e["status"], f"{e.get('epsilon_spent', 0.0):.4g}", changes or "none")
+    console.print(table)
+
+
+@sets_app.command("save")
+def sets_save(
+    lf_file: Annotated[Path, typer.Argument(help="YAML/JSON file: a list of LFs or {lfs: [...], python_lfs: [...]}")],
+    dataset: Annotated[str, typer.Option(help="dataset name")],
+    name: Annotated[str, typer.Option(help="your name for the set")],
+    epsilon: Annotated[float, typer.Option(help="privacy loss of the statistics at each version")],
+    cap: Annotated[float, typer.Option(help="the most ε the set may spend in total")],
+    alert_rate: Annotated[
+        float | None, typer.Option(help="false-alert rate per comparison of two versions [default: 0.05]")
+    ] = None,
+    python: Annotated[list[str] | None, typer.Option("--python", help="registered Python LF (repeatable)")] = None,
+    as_json: AsJson = False,
+    url: Url = "http://127.0.0.1:8000",
+    token: Token = None,
+) -> None:
+    """Save an LF set on a dataset: computed now at the latest version, then at every new version (charged to you,
+    until the cap); each version reports the statistics that changed beyond noise."""
+    try:
+        lfs, python_lfs = read_lf_file(lf_file)
+    except ValueError as exc:
+        fail(str(exc))
+    with gateway_client(url, token) as c, err.status("computing the set at the latest version..."):
+        raw = c.lf_set_save(
+            name,
+            dataset,
+            lfs,
+            python_lfs=python_lfs + list(python or []),
+            epsilon=epsilon,
+            cap=cap,
+            alert_rate=alert_rate,
+        )
+    if as_json:
+        print_json(raw)
+        return
+    print_set(raw)
+
+
+@sets_app.command("list")
+def sets_list(as_json: AsJson = False, url: Url = "http://127.0.0.1:8000", token: Token = None) -> None:
+    """Your LF sets."""
+    with gateway_client(url, token) as c:
+        rows = c.lf_sets()
+    if as_json:
+        print_json(rows)
+        return
+    table = DataTable("id", "name", "dataset", "following", "versions", "ε spent", "cap", "latest changes")
+    for r in rows:
+        following = "yes" if r["following"] else f"no ({r['stopped']})"
+        table.add_row(
+            r["id"],
+            r["name"],
+            r["dataset"],
+            following,
+            str(r["versions"]),
+            f"{r['epsilon_spent']:.4g}",
+            f"{r['cap']:g}",
+            str(r["changes"]),
+        )
+    console.print(table)
+
+
+@sets_app.command("show")
+def sets_show(
+    set_id: Annotated[str, typer.Argument(help="the set's id (bastion lf sets list)")],
+    as_json: AsJson = False,
+    url: Url = "http://127.0.0.1:8000",
+    token: Token = None,
+) -> None:
+    """One of your LF sets: statistics per version and the changes beyond noise (missed versions computed first)."""
+    with gateway_client(url, token) as c:
+        raw = c.lf_set(set_id)
+    if as_json:
+        print_json(raw)
+        return
+    print_set(raw)
+
+
+@sets_app.command("delete")
+def sets_delete(
+    set_id: Annotated[str, typer.Argument(help="the set's id (bastion lf sets list)")],
+    url: Url = "http://127.0.0.1:8000",
+    token: Token = None,
+) -> None:
+    """Stop following: remove one of your LF sets (its accesses stay in the audit log)."""
+    with gateway_client(url, token) as c:
+        c.lf_set_delete(set_id)
+    console.print(f"LF set {set_id} deleted")

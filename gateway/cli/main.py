@@ -194,13 +194,17 @@ def append(
     dataset: Annotated[str, typer.Argument(help="a registered dataset")],
     source: Annotated[Path, typer.Argument(help="Parquet or CSV file with the columns the policy declares")],
     store: Store = None,
+    shared_dir: SharedDir = None,
     workspace: Workspace = None,
 ) -> None:
     """Add a batch of rows as the dataset's new version while gateways keep serving (DuckDB engine). Each unit
     keeps at most max_rows_per_unit rows over all versions together; rows kept before stay kept. Rerunning an
     append that was interrupted completes it; rerunning one that completed adds nothing. If the policy declares
-    monitoring, the new version's DP monitoring report (charged to the monitoring budget) is shown, with its alerts."""
+    monitoring, the new version's DP monitoring report (charged to the monitoring budget) is shown, with its alerts.
+    Then the LF sets that follow the dataset are recomputed at the versions they missed (each charged to its author,
+    up to the author's cap)."""
     from audit.record import Event
+    from gateway.cli.lf import follow_lf_sets
     from gateway.cli.monitoring import show_report
     from gateway.monitoring import ReportStore, monitor_version
     from gateway.service import Bastion
@@ -208,7 +212,8 @@ def append(
 
     report: dict[str, Any] | None = None
     try:
-        bastion = Bastion(_settings(workspace, store=store), read_only=True)  # readers keep the database open
+        settings = _settings(workspace, store=store, shared_dir=shared_dir)
+        bastion = Bastion(settings, read_only=True)  # readers keep the database open
         try:
             version, added = bastion.engine.append(dataset, source)
             if added:
@@ -222,6 +227,7 @@ def append(
                 )
             if added or ReportStore.of(bastion.settings).get(dataset, version.version) is None:
                 report = monitor_version(bastion, dataset, version.version, source)  # a crashed rerun's report too
+            followed = follow_lf_sets(bastion, dataset)  # LF sets that follow the dataset, at the new version
         finally:
             bastion.close()
     except GatewayError as exc:
@@ -230,10 +236,11 @@ def append(
         console.print(
             f"{source} was appended to [bold]{dataset}[/] already, as version {version.version}: nothing added"
         )
-        show_report(report)
-        return
-    console.print(f"appended to [bold]{dataset}[/]: version {version.version} ({version.rows} rows in the batch)")
+    else:
+        console.print(f"appended to [bold]{dataset}[/]: version {version.version} ({version.rows} rows in the batch)")
     show_report(report)
+    for line in followed:
+        console.print(line)
 
 
 @version_app.command("list")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,6 +27,8 @@ from gateway.http.errors import http_error, validation_error, validation_problem
 from gateway.http.evaluate import router as evaluate_router
 from gateway.http.headers import SecurityHeaders, security_headers
 from gateway.http.lf import router as lf_router
+from gateway.http.lfsets import catch_up_quietly
+from gateway.http.lfsets import router as lfsets_router
 from gateway.http.limits import BodyLimits
 from gateway.http.monitoring import router as monitoring_router
 from gateway.http.query import router as query_router
@@ -76,7 +79,11 @@ def create_app(settings: Settings, bastion: Bastion | None = None) -> FastAPI:
             jobs_of(app.state, app.state.bastion)  # unfinished synthesis jobs go on without a request
         except GatewayError as exc:  # the job store out of reach: serve, and try again on the first synth request
             log.error("synthesis jobs not resumed at start (%s)", exc.code)
+        # LF sets catch up on the versions published while no gateway ran (once per set and version over replicas).
+        following = threading.Thread(target=catch_up_quietly, args=(app.state.bastion,), name="bastion-lf-sets")
+        following.start()
         yield
+        following.join()
         jobs = getattr(app.state, "synth_jobs", None)
         if jobs is not None:
             jobs.close()
@@ -166,16 +173,8 @@ def create_app(settings: Settings, bastion: Bastion | None = None) -> FastAPI:
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    for r in (
-        docs_router,
-        query_router,
-        synth_router,
-        lf_router,
-        evaluate_router,
-        access_router,
-        audit_router,
-        monitoring_router,
-    ):
+    routers = (docs_router, query_router, synth_router, lf_router, lfsets_router, evaluate_router, access_router)
+    for r in (*routers, audit_router, monitoring_router):
         app.include_router(r)
     app.mount("/static", static_files(), name="static")
 
