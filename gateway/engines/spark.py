@@ -245,6 +245,11 @@ class SparkEngine:
 
     def register(self, policy: Policy, source: str | Path, *, base: Path | None = None) -> str:
         src = registrable(source, read_only=self.read_only)
+        if policy.period is not None:
+            raise CatalogError(
+                f"{policy.dataset!r} declares a period (a time-partitioned privacy unit): periods run on DuckDB only; "
+                "register it on the DuckDB engine, or remove `period` from its policy"
+            )
         if policy.public_tables:
             raise CatalogError(
                 f"{policy.dataset!r} declares public tables: public tables and joins with them run on DuckDB only "
