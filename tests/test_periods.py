@@ -19,7 +19,6 @@ from gateway.sql.compile import statements
 from gateway.sql.periods import period_filter, periods_read
 from gateway.sql.plan import plan_query
 from gateway.stores.ledger import Ledger
-
 from policies.schema import PolicyError, parse_policy
 from tests.conftest import ROLES, build_workspace
 
