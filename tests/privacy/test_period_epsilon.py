@@ -11,7 +11,6 @@ gives the same exact input (the filter reads June only), so the release has the 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
