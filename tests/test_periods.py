@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +151,7 @@ def test_no_where_reads_every_period_and_the_filter_holds_on_exactly_the_charged
 # --- bounding per (unit, period) ------------------------------------------------------------------------------------
 
 
-def _csv(path: Path, rows: list[tuple[int, str | None, int]]) -> Path:
+def _csv(path: Path, rows: Sequence[tuple[int, str | None, int]]) -> Path:
     path.write_text("patient_id,day,value\n" + "".join(f"{u},{d or ''},{v}\n" for u, d, v in rows))
     return path
 
@@ -161,7 +162,7 @@ def _kept(engine: DuckDBEngine) -> list[tuple[int, dt.date, int]]:
 
 
 def test_bounding_keeps_k_rows_per_unit_and_period_at_registration_and_every_append(tmp_path: Path) -> None:
-    first = [(1, f"2024-01-{d:02d}", d) for d in (3, 4, 5)] + [(1, f"2024-02-{d:02d}", d) for d in (3, 4, 5)]
+    first: list[tuple[int, str | None, int]] = [(1, f"2024-{m:02d}-{d:02d}", d) for m in (1, 2) for d in (3, 4, 5)]
     first += [(2, "2024-01-09", 50), (3, None, 7)]  # a row without a period is never kept
     admin = DuckDBEngine(tmp_path / "db.duckdb", tmp_path / "key", read_only=False)
     admin.register(POLICY, _csv(tmp_path / "b0.csv", first))
@@ -204,7 +205,8 @@ def neighbours(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """D′ and D = D′ plus unit 999's rows in January only (one unit-period), under one bounding key."""
     root = tmp_path_factory.mktemp("period-neighbours")
     engines = []
-    for name, extra in (("d", [(999, "2024-01-15", 100), (999, "2024-01-16", 100)]), ("d_prime", [])):
+    unit: list[tuple[int, str | None, int]] = [(999, "2024-01-15", 100), (999, "2024-01-16", 100)]
+    for name, extra in (("d", unit), ("d_prime", [])):
         admin = DuckDBEngine(root / f"{name}.duckdb", root / "key", read_only=False)
         admin.register(POLICY, _csv(root / f"{name}.csv", _base_rows() + extra))
         engines.append(admin)
