@@ -286,9 +286,16 @@ def test_a_filtered_query_charges_only_its_periods_and_an_unfiltered_one_all(wor
         assert _totals(ws) == before
         assert _query(client, ws, "SELECT COUNT(*) FROM visits WHERE day < '2024-02-01'").status_code == 200
         budget = client.get("/v1/budget", headers=ws.headers("analyst"))
+    # A gateway starting on this ledger finds it consistent with the log (one record, one row per period charged).
+    with ws.app() as client:
+        assert client.get("/v1/budget", headers=ws.headers("analyst")).status_code == 200
     records = [json.loads(line) for p in sorted((ws.settings.workspace / "audit").glob("*.jsonl")) for line in p.open()]
     admitted = [r for r in records if r.get("phase") == "admitted"]
     assert [r["periods"] for r in admitted][:2] == [["2024-06"], MONTHS]
+    refusals = [r for r in records if r.get("phase") == "refused"]
+    assert [r["periods"] for r in refusals] == [["2024-05", "2024-06"]]
+    released = [r for r in records if r.get("phase") == "released" and r.get("reason") == "ok"]
+    assert all("periods" in r for r in released) and len(released) == 5
     assert budget.status_code == 200
     (status,) = [b for b in budget.json() if b["dataset"] == "visits"]
     assert status["periods"]["2024-06"]["remaining"]["epsilon"] == pytest.approx(0.0)
