@@ -34,8 +34,9 @@ RAW: dict[str, Any] = {
         "day": {"type": "date", "bounds": ["2024-01-01", "2024-06-30"]},
         "value": {"type": "int", "bounds": [0, 100]},
     },
-    "roles": {"analyst": ["query", "labeling"]},
+    "roles": {"analyst": ["query"], "lf_author": ["labeling"]},
     "period": {"column": "day", "every": "month"},
+    "labels": {"classes": ["high", "low"]},
 }
 POLICY = parse_policy(RAW)
 MONTHS = ["2024-01", "2024-02", "2024-03", "2024-04", "2024-05", "2024-06"]
@@ -301,3 +302,17 @@ def test_a_filtered_query_charges_only_its_periods_and_an_unfiltered_one_all(wor
     assert status["periods"]["2024-06"]["remaining"]["epsilon"] == pytest.approx(0.0)
     assert status["periods"]["2024-01"]["spent"]["epsilon"] == pytest.approx(0.5)
     assert status["remaining"]["epsilon"] == pytest.approx(0.0)  # the most spent period's
+
+
+def test_another_path_that_reads_private_rows_is_charged_every_period(workspace: Any) -> None:
+    ws = workspace
+    lfs = [
+        {"name": "big", "label": "high", "when": "value > 50"},
+        {"name": "small", "label": "low", "when": "value < 10"},
+    ]
+    with ws.app() as client:
+        answer = client.post(
+            "/v1/lf/stats", json={"dataset": "visits", "lfs": lfs, "epsilon": 0.5}, headers=ws.headers("lf_author")
+        )
+        assert answer.status_code == 200, answer.text
+    assert _totals(ws) == {f"visits@{m}": 50 * 10**10 for m in MONTHS}
