@@ -281,7 +281,7 @@ class Bastion:
         try:
             yield
         except GatewayError as exc:
-            reason = getattr(exc, "reason", exc.code)
+            reason = getattr(exc, "reason", None) or exc.details.get("reason") or exc.code  # a detail names it too
             self.audit(ctx, event, dataset=dataset, request=request, decision="denied", reason=reason)
             raise
 
