@@ -59,6 +59,22 @@ class SynthRequest(BaseModel):
         description="the dataset version to synthesise from (GET /v1/datasets/{dataset}/versions); default: the "
         "latest at submission. The job reads that version whenever it runs",
     )
+    table: str | None = Field(
+        default=None,
+        max_length=64,
+        description="a private table of a dataset of several tables (its `private_tables`; the dataset's own table "
+        "by its name): a proxy of that table, each proxy row standing for one of its bounded rows (joined with "
+        "`join`), measured at its max_rows_per_unit. Default: the dataset's own table",
+    )
+    join: str | None = Field(
+        default=None,
+        max_length=64,
+        description="a public table of the dataset joined on its unique key (with join_on): adds its columns, "
+        "sensitivity unchanged; a table without a unique key is refused",
+    )
+    join_on: str | None = Field(
+        default=None, max_length=64, description="the column of `table` matched with the public table's unique key"
+    )
 
 
 class SynthJob(BaseModel):
@@ -76,6 +92,11 @@ class SynthJob(BaseModel):
     seed: int
     dataset_version: str
     policy_fingerprint: str
+    tables: dict[str, Any] | None = Field(
+        default=None,
+        description="the private table (and joined public table) the proxy is of, its FROM, its rows per unit (the "
+        "sensitivity's k) and columns; null for the dataset's own table",
+    )
 
 
 router = APIRouter(prefix="/v1/synth", tags=["synthetic proxies"], responses=ERRORS)
@@ -110,6 +131,9 @@ def submit(body: SynthRequest, ctx: Ctx, jobs: Jobs) -> dict[str, Any]:
         method=body.method,
         delta=body.delta,
         version=body.version,
+        table=body.table,
+        join=body.join,
+        join_on=body.join_on,
     )
 
 
