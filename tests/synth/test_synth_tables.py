@@ -65,7 +65,7 @@ def test_a_proxy_of_visits_with_the_chapters_joined(hospital: Workspace, monkeyp
     h = hospital.headers("analyst")
     with hospital.app() as c:
         before = _spent(c, h)
-        body = {"dataset": "hospital", "epsilon": 2.0, "rows": 400, "seed": 7, **VISITS_WITH_CHAPTERS}
+        body: dict[str, Any] = {"dataset": "hospital", "epsilon": 2.0, "rows": 400, "seed": 7, **VISITS_WITH_CHAPTERS}
         r = c.post("/v1/synth", json=body, headers=h)
         assert r.status_code == 200, r.text
         job = r.json()
@@ -245,7 +245,7 @@ def test_lf_counts_over_joined_columns_move_by_at_most_k(neighbours: tuple[DuckD
 
 def test_lf_stats_over_visits_with_chapters_through_the_gateway(hospital: Workspace) -> None:
     h = hospital.headers("analyst")
-    body = {
+    body: dict[str, Any] = {
         "dataset": "hospital",
         "epsilon": 1.0,
         "lfs": [
