@@ -288,3 +288,33 @@ def test_the_proxy_record_names_its_tables(hospital: Workspace) -> None:
         report = c.get(f"/v1/synth/{job['job_id']}/report", headers=h).json()
     assert report["proxy"]["tables"]["from"].startswith("hospital.visits AS a INNER JOIN diagnosis_chapters")
     assert Path(hospital.settings.synth_jobs_dir / job["job_id"] / "proxy.parquet").exists()
+
+
+def test_a_joined_proxy_whose_measurement_fails_releases_the_default_input(
+    hospital: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the charge a joined proxy completes with the same status and shape, measured over the empty input."""
+    import synth
+    from policies.reader import EmptyReader
+
+    real = synth.measure
+    given: list[Any] = []
+
+    def failing(reader: Any, table: Any, *args: Any, **kwargs: Any) -> Any:
+        given.append(table)
+        if not isinstance(reader, EmptyReader):
+            raise RuntimeError("Conversion Error: could not convert 'I21' to INT32")
+        return real(reader, table, *args, **kwargs)
+
+    monkeypatch.setattr(synth, "measure", failing)
+    h = hospital.headers("analyst")
+    body = {"dataset": "hospital", "epsilon": 1.5, "rows": 50, "seed": 1, "method": "dpcopula_direct"}
+    with hospital.app() as c:
+        r = c.post("/v1/synth", json={**body, **VISITS_WITH_CHAPTERS}, headers=h)
+        assert r.status_code == 200, r.text
+        job = wait(c, h, r.json()["job_id"])
+        assert job["status"] == "done", job
+        frame = proxy_frame(c, h, job["job_id"])
+    assert len(frame) == 50 and set(frame.columns) == set(job["tables"]["columns"]) - {"patient_id"}
+    assert len(given) == 2 and given[0] == given[1]  # both runs read the joined FROM source, not a table name
+    assert "__joined" in given[0].sql()
