@@ -318,3 +318,26 @@ def test_a_joined_proxy_whose_measurement_fails_releases_the_default_input(
     assert len(frame) == 50 and set(frame.columns) == set(job["tables"]["columns"]) - {"patient_id"}
     assert len(given) == 2 and given[0] == given[1]  # both runs read the joined FROM source, not a table name
     assert "__joined" in given[0].sql()
+
+
+def test_gold_labels_apply_to_the_dataset_own_table_only() -> None:
+    """Over the dataset's own table joined with a public table the policy's gold column is measured; over a private
+    table the classes stay and the gold goes (the gold column is not among its columns)."""
+    from gateway.demo import DEMO_POLICY_YAML
+
+    visits = parse_policy(yaml.safe_load(DEMO_POLICY_YAML))
+    source = resolve_source(
+        visits, public=_public, what="labeling functions", **{**VISITS_WITH_CHAPTERS, "table": "visits"}
+    )
+    assert source is not None and source.rows_per_unit == visits.max_rows_per_unit
+    lfs = [{"name": "circulatory", "label": "urgent", "when": "chapter LIKE '%irculatory%'"}]
+    own = plan_lf_stats(with_classes(source, visits), lfs=lfs, epsilon=1.0, alpha=0.05, source=source.tree)
+    assert own.has_gold and own.summary()["gold_column"] == "triage_label"
+    assert [m.name for m in own.measurements] == ["rows", "lf", "gold"]
+    hospital = parse_policy(yaml.safe_load(POLICY_YAML))
+    private = resolve_source(hospital, table="visits", public=_public, what="labeling functions")
+    assert private is not None
+    lfs = [{"name": "long", "label": "urgent", "when": "length_of_stay > 2"}]
+    plan = plan_lf_stats(with_classes(private, hospital), lfs=lfs, epsilon=1.0, alpha=0.05, source=private.tree)
+    assert not plan.has_gold and plan.classes == ["routine", "urgent"]
+    assert [m.name for m in plan.measurements] == ["rows", "lf"]  # no gold measurement, no ε spent on it
