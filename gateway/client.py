@@ -207,10 +207,12 @@ class Client:
         table: str | None = None,
         join: str | None = None,
         join_on: str | None = None,
+        join_private: str | None = None,
     ) -> dict[str, Any]:
         """Start a proxy job (the ε is charged now; an identical earlier request is returned at no cost); `version`
         pins the dataset version it reads (default: the latest at submission). `table` makes it a proxy of a private
-        table of a dataset of several tables, `join`/`join_on` joins a public table on its unique key to it."""
+        table of a dataset of several tables, `join_private` joins another private table to it on the unit,
+        `join`/`join_on` a public table on its unique key."""
         body = {
             "dataset": dataset,
             "epsilon": epsilon,
@@ -222,6 +224,7 @@ class Client:
             "table": table,
             "join": join,
             "join_on": join_on,
+            "join_private": join_private,
         }
         return self._json("POST", "/v1/synth", json={k: v for k, v in body.items() if v is not None})
 
@@ -252,6 +255,7 @@ class Client:
         table: str | None = None,
         join: str | None = None,
         join_on: str | None = None,
+        join_private: str | None = None,
     ) -> pd.DataFrame:
         """A synthetic proxy of `dataset` (or of its private `table`, with the public table `join` joined on
         `join_on`) as a DataFrame (waits for the job); job metadata in `.attrs`."""
@@ -268,6 +272,7 @@ class Client:
             table=table,
             join=join,
             join_on=join_on,
+            join_private=join_private,
         )
         deadline = time.monotonic() + timeout
         while job["status"] not in ("done", "failed", "withheld"):

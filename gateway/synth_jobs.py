@@ -273,15 +273,21 @@ class SynthJobs:
         table: str | None = None,
         join: str | None = None,
         join_on: str | None = None,
+        join_private: str | None = None,
     ) -> dict[str, Any]:
-        """Admit a proxy job. `table` (a private table of a dataset of several tables), `join` and `join_on` (a
-        public table of the dataset joined on its unique key, matched with the column `join_on`) choose the rows
-        the proxy is of (`gateway.tablesources`); by default the dataset's own table."""
+        """Admit a proxy job. `table` (a private table of a dataset of several tables), `join_private` (another
+        private table joined with it on the unit), `join` and `join_on` (a public table of the dataset joined on its
+        unique key, matched with the column `join_on`) choose the rows the proxy is of (`gateway.tablesources`);
+        by default the dataset's own table."""
         from synth import DEFAULT_METHOD, METHODS, NON_DP_METHODS
         from synth.measure import check_calibration
 
         method = method or DEFAULT_METHOD
-        chosen = {k: v for k, v in (("table", table), ("join", join), ("join_on", join_on)) if v is not None}
+        chosen = {
+            k: v
+            for k, v in (("table", table), ("join", join), ("join_on", join_on), ("join_private", join_private))
+            if v is not None
+        }
         request = {
             "dataset": dataset,
             "epsilon": epsilon,
@@ -441,6 +447,7 @@ class SynthJobs:
             table=chosen.get("table"),
             join=chosen.get("join"),
             join_on=chosen.get("join_on"),
+            join_private=chosen.get("join_private"),
             public=engine.public_table if engine.kind is EngineKind.DUCKDB else None,
             what="a synthetic proxy",
         )

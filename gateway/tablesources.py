@@ -1,7 +1,7 @@
 """The rows a synthetic proxy or a labeling-function statistics request reads when they are not the dataset's own
 table: a chosen private table of a dataset of several tables (`table`), optionally joined with one public table of
-the dataset on its unique key (`join`, `join_on`) and, for labeling functions only, with a further private table on
-the privacy unit (`join_private`).
+the dataset on its unique key (`join`, `join_on`) and with a further private table on the privacy unit
+(`join_private`).
 
 The request's choice is turned into a FROM clause built as a sqlglot tree (`<dataset>.<table> AS a [JOIN
 <dataset>.<other> AS b ON a.<unit> = b.<unit>] [JOIN <public> AS c ON <x>.<join_on> = c.<unique key>]`) and
@@ -13,8 +13,8 @@ exactly the joined table a query of the same FROM reads, priced the same way:
   most (an INNER join drops the rows whose value has no key), so still k_t rows per unit: the sensitivity is
   unchanged. A join on a column of declared multiplicity m > 1 is refused here (it would repeat each row up to m
   times, and the proxy would be priced at k_t·m for rows that are copies);
-- joined with another private table on the unit (labeling functions): at most k_a·k_b rows per unit, the product
-  of the bounds (or the policy's `max_joined_rows_per_unit`, with the joined rows truncated to it), as a query.
+- joined with another private table on the unit: at most k_a·k_b rows per unit, the product of the bounds (or the
+  policy's `max_joined_rows_per_unit`, with the joined rows truncated to it), as a query.
 
 Everything here depends on public facts only: the policy and the public table's rows (for its columns' domains).
 Every refusal is an `InvalidRequest` (400) or the planner's `QueryRejected` (400), raised before any charge.

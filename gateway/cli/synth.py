@@ -72,6 +72,10 @@ def run(
     join_on: Annotated[
         str | None, typer.Option(help="the column of the table matched with the public table's unique key")
     ] = None,
+    join_private: Annotated[
+        str | None,
+        typer.Option(help="a further private table joined on the privacy unit (measured at the product of the bounds)"),
+    ] = None,
     url: Url = "http://127.0.0.1:8000",
     token: Token = None,
 ) -> None:
@@ -90,6 +94,7 @@ def run(
             table=table,
             join=join,
             join_on=join_on,
+            join_private=join_private,
         )
         spent = "cached, nothing spent" if job["cached"] else f"spent ε={job['epsilon_spent']:.4g}"
         console.print(f"job [bold]{job['job_id']}[/] ({job['method']}, {spent})")

@@ -75,6 +75,13 @@ class SynthRequest(BaseModel):
     join_on: str | None = Field(
         default=None, max_length=64, description="the column of `table` matched with the public table's unique key"
     )
+    join_private: str | None = Field(
+        default=None,
+        max_length=64,
+        description="a further private table (or the dataset's own, by its name) joined with `table` on the "
+        "privacy unit: one proxy row per joined row, measured at the product of the two tables' bounds (or the "
+        "policy's max_joined_rows_per_unit, truncated to it)",
+    )
 
 
 class SynthJob(BaseModel):
@@ -134,6 +141,7 @@ def submit(body: SynthRequest, ctx: Ctx, jobs: Jobs) -> dict[str, Any]:
         table=body.table,
         join=body.join,
         join_on=body.join_on,
+        join_private=body.join_private,
     )
 
 

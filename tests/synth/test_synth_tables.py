@@ -341,3 +341,42 @@ def test_gold_labels_apply_to_the_dataset_own_table_only() -> None:
     plan = plan_lf_stats(with_classes(private, hospital), lfs=lfs, epsilon=1.0, alpha=0.05, source=private.tree)
     assert not plan.has_gold and plan.classes == ["routine", "urgent"]
     assert [m.name for m in plan.measurements] == ["rows", "lf"]  # no gold measurement, no ε spent on it
+
+
+def test_a_proxy_of_patients_joined_with_their_visits_is_measured_at_the_product(
+    hospital: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """patients (k=1) ⋈ visits (k=8) on the unit: one proxy row per joined row, every release at sensitivity 1·8,
+    and the patient's columns beside the visit's (the one cross-table relation a proxy can carry)."""
+    seen: list[int] = []
+    release = synth_measure.release_integers
+
+    def spy(values: Any, sensitivity: int, epsilon: float) -> Any:
+        if len(values):
+            seen.append(int(sensitivity))
+        return release(values, sensitivity, epsilon)
+
+    monkeypatch.setattr(synth_measure, "release_integers", spy)
+    h = hospital.headers("analyst")
+    body = {
+        "dataset": "hospital",
+        "epsilon": 3.0,
+        "rows": 200,
+        "seed": 5,
+        "method": "dpcopula_direct",
+        "table": "hospital",
+        "join_private": "visits",
+    }
+    with hospital.app() as c:
+        before = _spent(c, h)
+        r = c.post("/v1/synth", json=body, headers=h)
+        assert r.status_code == 200, r.text
+        job = r.json()
+        assert job["tables"]["rows_per_unit"] == 8 and job["tables"]["join_private"] == "visits"
+        assert job["epsilon_spent"] == pytest.approx(3.0) and job["delta_spent"] > 0  # diagnosis: key selection
+        assert _spent(c, h)[0] == pytest.approx(before[0] + 3.0)
+        assert wait(c, h, job["job_id"])["status"] == "done"
+        frame = proxy_frame(c, h, job["job_id"])
+    assert {"age", "sex", "region", "income", "urgent", "length_of_stay"} <= set(frame.columns)
+    assert "patient_id" not in frame.columns and len(frame) == 200
+    assert seen and set(seen) == {8}
