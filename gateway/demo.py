@@ -365,7 +365,10 @@ public_tables:
       code:    {type: category}
       chapter: {type: category}
 roles:
-  analyst: [query]
+  analyst: [query, synth]           # proxies of a private table (FROM hospital.visits, joined with the chapters)
+  lf_author: [labeling]             # LF statistics over hospital.visits and its joins (no gold labels)
+synthesis: {mode: dp}
+labels: {classes: [routine, urgent]}
 """
 
 LAB_TESTS = {"glucose": (95.0, 20.0), "creatinine": (1.0, 0.3), "hemoglobin": (14.0, 1.5), "crp": (8.0, 10.0)}

@@ -28,10 +28,8 @@ from tests.synth.helpers import proxy_frame, wait
 
 synth_measure = importlib.import_module("synth.measure")  # the module (the package exports its function)
 
-GRANTS = "roles:\n  analyst: [query]\n"
-POLICY_YAML = HOSPITAL_POLICY_YAML.replace(
-    GRANTS, "labels: {classes: [routine, urgent]}\nroles:\n  analyst: [query, synth, labeling]\n"
-)
+GRANTS = "  analyst: [query, synth]"  # the demo's analyst; here it writes LFs too
+POLICY_YAML = HOSPITAL_POLICY_YAML.replace(GRANTS, "  analyst: [query, synth, labeling]")
 VISITS_WITH_CHAPTERS = {"table": "visits", "join": "diagnosis_chapters", "join_on": "diagnosis"}
 
 
