@@ -563,6 +563,15 @@ class Policy(_Strict):
                     f"private table {name!r}: its unit column {table.unit_column!r} is {mine.type.value}, the "
                     f"dataset's {self.privacy_unit!r} is {unit.type.value}"
                 )
+            # A unit value is converted (clamped to bounds, outside a domain missing, cut to max_length) before it
+            # is bounded and joined: converted differently in two tables, one unit's rows would land in two joined
+            # units (its own and the one its clamped value names), and the joins' pricing at one unit would not hold.
+            if unit is not None and unit.model_copy(update={"usage": mine.usage}) != mine:
+                raise ValueError(
+                    f"private table {name!r}: its unit column {table.unit_column!r} must convert as the dataset's "
+                    f"{self.privacy_unit!r} does: declare the same bounds, domain, precision and max_length (only "
+                    "its usage may differ)"
+                )
             for column, target in table.foreign_keys.items():
                 other, other_column = target.split(".")
                 columns = self.columns if other == self.dataset else None
