@@ -15,7 +15,12 @@ reproduced here:
    with one lab each, differing in one patient with 12 labs: an 8-way self-join took 2.56 s with the patient and
    0.046 s without (7-way: 0.205 s against 0.012 s), and a SUM over an 18-way join was priced at a sensitivity of
    8·10^23. A join whose product of bounds exceeds 10,000 rows per unit (the policies' own limit) is now refused
-   before the charge.
+   before the charge;
+4. (a wrong answer, not a leak) the unit column of a LEFT-joined table was read as the first table's, present on
+   the rows it did not match: `COUNT(v.patient_id)` over `hospital p LEFT JOIN hospital.visits v` counted every
+   joined row (826 of 826 on 300 patients, where SQL counts the 813 matched) and `COUNT(DISTINCT v.patient_id)`
+   every patient (300, where 13 have no visit). It is now refused before the charge (`privacy_unit_column`) with a
+   hint (the first table's unit, a column of the LEFT-joined table, or an INNER JOIN).
 """
 
 from __future__ import annotations
@@ -184,3 +189,37 @@ def test_the_refusal_is_a_400_before_the_charge_and_audited(hospital_ws: Workspa
         if rec["event"] == "query" and rec["request"]["sql"] and sql.startswith(rec["request"]["sql"])
     ]
     assert [(q["decision"], q["reason"]) for q in denied] == [("denied", "join")]
+
+
+LEFT = "FROM hospital p LEFT JOIN hospital.visits v ON p.patient_id = v.patient_id"
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        f"SELECT COUNT(v.patient_id) {LEFT}",
+        f"SELECT COUNT(DISTINCT v.patient_id) {LEFT}",
+        f"SELECT p.sex, COUNT(DISTINCT v.patient_id) {LEFT} GROUP BY p.sex",
+        f"SELECT COUNT(DISTINCT l.patient_id) {LEFT} LEFT JOIN hospital.labs l ON v.patient_id = l.patient_id",
+        f"SELECT n, COUNT(*) FROM (SELECT v.patient_id, COUNT(*) AS n {LEFT} GROUP BY v.patient_id) t GROUP BY n",
+    ],
+)
+def test_the_unit_of_a_left_joined_table_is_refused(sql: str) -> None:
+    with pytest.raises(QueryRejected) as info:
+        planner.plan_query(sql, lambda _: POLICY)
+    err = info.value
+    assert err.reason == "privacy_unit_column", err.message
+    assert err.details["highlight"].endswith(".patient_id") and "INNER JOIN" in err.details["hint"]
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        f"SELECT COUNT(DISTINCT p.patient_id), COUNT(v.visit_id) {LEFT}",
+        "SELECT COUNT(DISTINCT patient_id) FROM hospital p LEFT JOIN hospital.visits v USING (patient_id)",
+        "SELECT COUNT(DISTINCT v.patient_id) FROM hospital p JOIN hospital.visits v ON p.patient_id = v.patient_id",
+        f"SELECT COUNT(*) {LEFT} JOIN hospital.labs l ON v.patient_id = l.patient_id",  # in ON: the table's own
+    ],
+)
+def test_the_first_tables_unit_and_inner_joined_units_are_answered(sql: str) -> None:
+    assert planner.plan_query(sql, lambda _: POLICY).policy.max_rows_per_unit in (8, 96)

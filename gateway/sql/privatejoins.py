@@ -629,6 +629,19 @@ def _rewrite_columns(select: exp.Select, sides: list[Side], sql: str) -> None:
         side = sides[matches[0]]
         if name not in side.columns:
             raise reject(f"{side.table or 'the dataset'} has no column {name!r}", "unknown_column", col, sql)
+        if name == side.unit and side.kind == "LEFT" and col.find_ancestor(exp.Join) is None:
+            # The joined table holds one unit column, the first table's: a LEFT-joined table's unit would be read
+            # as that one, present on the rows it did not match too, and COUNT(v.<unit>) would count them. (In the
+            # ON of a later join it is the table's own column, missing where it should be.)
+            raise reject(
+                f"the unit column of the LEFT-joined table {col.table or name!r} is missing on its unmatched rows, "
+                "which the joined table does not tell apart",
+                "privacy_unit_column",
+                col,
+                sql,
+                hint="count the first table's unit, a column of the LEFT-joined table, or write an INNER JOIN to "
+                "count only the units it matches",
+            )
         derived = unit_name if name == side.unit else side.derived[name]
         start, end = span(col, sql)
         identifier = exp.to_identifier(derived)
