@@ -223,3 +223,84 @@ def test_the_unit_of_a_left_joined_table_is_refused(sql: str) -> None:
 )
 def test_the_first_tables_unit_and_inner_joined_units_are_answered(sql: str) -> None:
     assert planner.plan_query(sql, lambda _: POLICY).policy.max_rows_per_unit in (8, 96)
+
+
+# --- every accepted join, on neighbouring datasets: no measurement moves by more than its priced sensitivity -------
+
+NEIGHBOUR_QUERIES = [
+    "SELECT COUNT(*) FROM hospital.visits a JOIN hospital.visits b ON a.patient_id = b.patient_id",
+    "SELECT COUNT(*) FROM hospital.labs a JOIN hospital.labs b ON a.patient_id = b.patient_id",
+    "SELECT COUNT(*) FROM hospital.visits v LEFT JOIN hospital.labs l ON v.patient_id = l.patient_id",
+    "SELECT COUNT(*) FROM hospital h LEFT JOIN hospital.visits v ON h.patient_id = v.patient_id LEFT JOIN "
+    "hospital.labs l ON v.patient_id = l.patient_id",
+    "SELECT COUNT(*) FROM hospital.labs l LEFT JOIN hospital h ON l.patient_id = h.patient_id LEFT JOIN "
+    "hospital.visits v ON h.patient_id = v.patient_id",
+    "SELECT l.test, COUNT(*), SUM(l.value) FROM hospital.visits v JOIN hospital.labs l USING (patient_id) "
+    "GROUP BY l.test",
+    "SELECT c.chapter, COUNT(*), SUM(v.length_of_stay) FROM hospital.labs l JOIN hospital.visits v ON l.patient_id = "
+    "v.patient_id JOIN diagnosis_chapters c ON v.diagnosis = c.code GROUP BY c.chapter",
+    "SELECT COUNT(*) FROM hospital.visits a JOIN hospital.labs l ON a.patient_id = l.patient_id JOIN hospital.visits b "
+    "ON l.patient_id = b.patient_id",
+    "SELECT h.sex, COUNT(DISTINCT v.patient_id), COUNT(*) FROM hospital h JOIN hospital.visits v USING (patient_id) "
+    "GROUP BY h.sex",
+    "SELECT n, COUNT(*) FROM (SELECT v.patient_id, COUNT(*) AS n FROM hospital.visits v JOIN hospital.labs l ON "
+    "v.patient_id = l.patient_id GROUP BY v.patient_id) t GROUP BY n",
+    "SELECT COUNT(*), SUM(n) FROM (SELECT v.patient_id, COUNT(*) AS n FROM hospital.visits v LEFT JOIN hospital.labs l "
+    "ON v.patient_id = l.patient_id GROUP BY v.patient_id) t",
+]
+
+
+@pytest.fixture(scope="module")
+def neighbours(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The hospital of 400 patients with and without the patient with the most labs (all their rows, every table),
+    bounded with one key, under the policy as it is and truncating joins to 20 rows per unit."""
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from gateway.demo import diagnosis_chapters, generate_hospital
+
+    root = tmp_path_factory.mktemp("neighbours")
+    tables = generate_hospital(400, seed=3)
+    counts = pc.value_counts(tables["labs"]["patient_id"]).to_pylist()
+    target = max(counts, key=lambda c: c["counts"])["values"]
+    files = {"patients": "patients.parquet", "visits": "hospital_visits.parquet", "labs": "hospital_labs.parquet"}
+    engines: dict[tuple[bool, int | None], DuckDBEngine] = {}
+    for cap in (None, 20):
+        policy = POLICY.model_copy(update={"max_joined_rows_per_unit": cap})
+        for present in (True, False):
+            d = root / f"{cap}-{present}"
+            d.mkdir()
+            for name, file in files.items():
+                table = tables[name]
+                pq.write_table(table if present else table.filter(pc.not_equal(table["patient_id"], target)), d / file)
+            pacsv.write_csv(diagnosis_chapters(), d / "diagnosis_chapters.csv")
+            engine = DuckDBEngine(d / "p.duckdb", root / "key", read_only=False)
+            engine.register(policy, d / "patients.parquet")
+            engines[(present, cap)] = engine
+    yield engines
+    for engine in engines.values():
+        engine.close()
+
+
+@pytest.mark.parametrize("cap", [None, 20], ids=["product", "truncated-20"])
+@pytest.mark.parametrize("sql", NEIGHBOUR_QUERIES, ids=[q[:60] for q in NEIGHBOUR_QUERIES])
+def test_no_joined_measurement_moves_beyond_its_sensitivity(neighbours: Any, sql: str, cap: int | None) -> None:
+    from gateway.sql.compile import plain_measurements, statements
+    from gateway.sql.price import price
+
+    values = []
+    for present in (True, False):
+        engine = neighbours[(present, cap)]
+        plan = planner.plan_query(sql, lambda _, e=engine: e.policy("hospital")[0], engine.public_table)
+        width = len(plan.keys)
+        values.append({tuple(r[:width]): r[width + 1 :] for r in engine.rows(statements(plan)[0])})
+    d_in = price(plan, epsilon=1.0, accuracy=None, alpha=0.05, delta=None).d_in
+    for i, m in enumerate(plain_measurements(plan)):
+        moved = sum(
+            abs((values[0].get(k) or [0] * (i + 1))[i] - (values[1].get(k) or [0] * (i + 1))[i])
+            for k in set(values[0]) | set(values[1])
+        )
+        assert moved <= d_in[m], (m.label, moved, d_in[m])
+        if m.kind.value == "count_star" and "DISTINCT" not in sql and "SUM(n)" not in sql and plan.per_unit is None:
+            assert moved > 0  # the patient is in the join: the check is not vacuous
