@@ -291,8 +291,13 @@ def test_no_joined_measurement_moves_beyond_its_sensitivity(neighbours: Any, sql
 
     values = []
     for present in (True, False):
-        engine = neighbours[(present, cap)]
-        plan = planner.plan_query(sql, lambda _, e=engine: e.policy("hospital")[0], engine.public_table)
+        engine: DuckDBEngine = neighbours[(present, cap)]
+        policy: Policy = engine.policy("hospital")[0]
+
+        def resolve(_: str, policy: Policy = policy) -> Policy:
+            return policy
+
+        plan = planner.plan_query(sql, resolve, engine.public_table)
         width = len(plan.keys)
         values.append({tuple(r[:width]): r[width + 1 :] for r in engine.rows(statements(plan)[0])})
     d_in = price(plan, epsilon=1.0, accuracy=None, alpha=0.05, delta=None).d_in
