@@ -23,7 +23,9 @@ an OR, a non-equality or a column of a hidden usage; CROSS, FULL and RIGHT joins
 other methods; joins with tables that are neither private nor public tables of the dataset (or of another dataset);
 more than one public table; two sides with the same name; a join whose product of bounds exceeds 10,000 rows per
 unit (`MAX_ROWS_PER_UNIT`: the engine builds every joined row of a unit, truncated or not, so a caller joining a
-table again and again would make the work, and the time an answer takes, grow with the units' row counts).
+table again and again would make the work, and the time an answer takes, grow with the units' row counts); the unit
+column of a LEFT-joined table outside the ON (the joined table keeps the first table's unit only, present on the
+rows the LEFT-joined table did not match, so `COUNT(v.<unit>)` would count them).
 """
 
 from __future__ import annotations
