@@ -34,6 +34,10 @@ PRECISION_RANGE = (1e-150, 1e150)
 # Public cap on the characters kept per value (a labeling function's cost per row grows with the length).
 DEFAULT_MAX_LENGTH = {"text": 2_000, "category": 200}
 MAX_LENGTH_LIMIT = 1_000_000
+# The most rows per unit a table may hold: a policy's `max_rows_per_unit` and `max_joined_rows_per_unit`, and the
+# product of the bounds of a query's joined private tables (the rows the engine builds per unit before anything
+# else, whose work a caller could otherwise grow without limit by joining a table again).
+MAX_ROWS_PER_UNIT = 10_000
 
 
 def bounded_table(dataset: str) -> str:
@@ -456,7 +460,7 @@ class PrivateTable(_Strict):
     source: str
     unit_column: str
     columns: dict[str, Column]
-    max_rows_per_unit: int = Field(ge=1, le=10_000)
+    max_rows_per_unit: int = Field(ge=1, le=MAX_ROWS_PER_UNIT)
     foreign_keys: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -490,7 +494,7 @@ class Policy(_Strict):
     dataset: str = Field(pattern=r"^[a-z_][a-z0-9_]{0,62}$")
     source: str | None = None
     privacy_unit: str
-    max_rows_per_unit: int = Field(ge=1, le=10_000)
+    max_rows_per_unit: int = Field(ge=1, le=MAX_ROWS_PER_UNIT)
     budget: Budgets
     columns: dict[str, Column]
     roles: dict[Literal["analyst", "lf_author", "auditor", "admin"], list[Grant]] = Field(default_factory=dict)
@@ -512,7 +516,7 @@ class Policy(_Strict):
     private_tables: dict[str, PrivateTable] = Field(default_factory=dict)
     # A join of private tables whose product of bounds exceeds this keeps at most this many joined rows per unit
     # (chosen by a hash of their values) and is priced at it; None: every join is priced at the product.
-    max_joined_rows_per_unit: int | None = Field(default=None, ge=1, le=10_000)
+    max_joined_rows_per_unit: int | None = Field(default=None, ge=1, le=MAX_ROWS_PER_UNIT)
     # DP data monitoring of each version (a report per registration and append); none: versions are not monitored.
     monitoring: Monitoring | None = None
     # A time-partitioned privacy unit (`Period`): bounding, budgets and charges are per (unit, period).
@@ -607,6 +611,15 @@ class Policy(_Strict):
                 raise ValueError(
                     f"private table {name!r}: its unit column {table.unit_column!r} is {mine.type.value}, the "
                     f"dataset's {self.privacy_unit!r} is {unit.type.value}"
+                )
+            # A unit value is converted (clamped to bounds, outside a domain missing, cut to max_length) before it
+            # is bounded and joined: converted differently in two tables, one unit's rows would land in two joined
+            # units (its own and the one its clamped value names), and the joins' pricing at one unit would not hold.
+            if unit is not None and unit.model_copy(update={"usage": mine.usage}) != mine:
+                raise ValueError(
+                    f"private table {name!r}: its unit column {table.unit_column!r} must convert as the dataset's "
+                    f"{self.privacy_unit!r} does: declare the same bounds, domain, precision and max_length (only "
+                    "its usage may differ)"
                 )
             for column, target in table.foreign_keys.items():
                 other, other_column = target.split(".")

@@ -222,11 +222,16 @@ class DuckDBEngine:
                     raise CatalogError(
                         f"registering {policy.dataset!r} failed: private table {private!r}: {failure}"
                     ) from None
+            # Every private source of the dataset: its own, and each private table's.
+            private_files = {src.resolve(): "the dataset's own private source"} | {
+                recipe.public_source(spec.source, base).resolve(): f"the source of its private table {table!r},"
+                for table, spec in policy.private_tables.items()
+            }
             for name, public in policy.public_tables.items():
                 path = recipe.public_source(public.source, base)
-                if path.exists() and path.resolve() == src.resolve():
+                if path.exists() and path.resolve() in private_files:
                     raise CatalogError(
-                        f"public table {name!r}: its source is the dataset's own private source {src.name!r}; a "
+                        f"public table {name!r}: its source is {private_files[path.resolve()]} {path.name!r}; a "
                         "public table's rows are served to every granted role, so its source must be a public file"
                     )
                 self._public(writer, policy.dataset, name, public, path)

@@ -21,7 +21,11 @@ rows only), and is priced at K: less noise, but the dropped rows bias counts and
 Refused before any charge, with the span and the allowed form: a join whose ON lacks the units' equality, or holds
 an OR, a non-equality or a column of a hidden usage; CROSS, FULL and RIGHT joins of private tables; NATURAL and
 other methods; joins with tables that are neither private nor public tables of the dataset (or of another dataset);
-more than one public table; two sides with the same name.
+more than one public table; two sides with the same name; a join whose product of bounds exceeds 10,000 rows per
+unit (`MAX_ROWS_PER_UNIT`: the engine builds every joined row of a unit, truncated or not, so a caller joining a
+table again and again would make the work, and the time an answer takes, grow with the units' row counts); the unit
+column of a LEFT-joined table outside the ON (the joined table keeps the first table's unit only, present on the
+rows the LEFT-joined table did not match, so `COUNT(v.<unit>)` would count them).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from gateway.sql import joins as public_joins
 from gateway.sql.parse import _SYSTEM_SCHEMAS, join_span, refuse_alias_columns
 from policies.errors import DatasetNotFound, QueryRejected
 from policies.expressions import check_column, reject, span
-from policies.schema import MAX_ENUMERABLE_DOMAIN, Column, Policy, Usage, public_table_name
+from policies.schema import MAX_ENUMERABLE_DOMAIN, MAX_ROWS_PER_UNIT, Column, Policy, Usage, public_table_name
 
 if TYPE_CHECKING:
     from gateway.sql.joins import PublicReader
@@ -323,6 +327,16 @@ def prepare(
             )
         sides.append(side)
         conditions.append(_conditions(join, select, sql, policy, sides, i, allowed))
+        joined = PrivateJoin(policy, tuple(sides), tuple(conditions)).product
+        if joined > MAX_ROWS_PER_UNIT:  # the engine builds every joined row of a unit before anything else runs
+            raise _refuse(
+                f"this join gives a unit up to {joined:,} joined rows (the product of the tables' bounds); at most "
+                f"{MAX_ROWS_PER_UNIT:,} are allowed",
+                select,
+                join,
+                sql,
+                hint="join fewer tables (each table once, when you can)",
+            )
     domains: dict[str, list[Any]] = {}
     for side in sides:
         if side.public and public is not None:
@@ -617,6 +631,19 @@ def _rewrite_columns(select: exp.Select, sides: list[Side], sql: str) -> None:
         side = sides[matches[0]]
         if name not in side.columns:
             raise reject(f"{side.table or 'the dataset'} has no column {name!r}", "unknown_column", col, sql)
+        if name == side.unit and side.kind == "LEFT" and col.find_ancestor(exp.Join) is None:
+            # The joined table holds one unit column, the first table's: a LEFT-joined table's unit would be read
+            # as that one, present on the rows it did not match too, and COUNT(v.<unit>) would count them. (In the
+            # ON of a later join it is the table's own column, missing where it should be.)
+            raise reject(
+                f"the unit column of the LEFT-joined table {col.table or name!r} is missing on its unmatched rows, "
+                "which the joined table does not tell apart",
+                "privacy_unit_column",
+                col,
+                sql,
+                hint="count the first table's unit, a column of the LEFT-joined table, or write an INNER JOIN to "
+                "count only the units it matches",
+            )
         derived = unit_name if name == side.unit else side.derived[name]
         start, end = span(col, sql)
         identifier = exp.to_identifier(derived)
