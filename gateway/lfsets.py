@@ -18,8 +18,9 @@ else in the workspace; written atomically (temporary file, fsync, rename, fsync 
 a set holds an exclusive lock on the set's lock file (`fcntl.flock`, which the kernel releases if the process dies),
 so two processes (replicas catching up at once) never compute a (set, version) twice: the second finds the version
 in the history. A version's entry is written as `pending` before the charge, under a request id derived from the set
-and the version; a pending entry found later (its process died) is looked up in the ledger under that id: charged,
-it stays charged once (`interrupted`, no statistics); not charged, it is computed.
+and the version; a pending entry found later (its process died, or the ledger or the log failed, before or after
+the charge) is looked up in the ledger under that id: charged, it stays charged once (`interrupted`, no
+statistics); not charged, it is computed.
 """
 
 from __future__ import annotations
@@ -312,8 +313,8 @@ def _advance(bastion: Bastion, record: dict[str, Any], store: LFSetStore) -> lis
             entry = _compute(bastion, record, v.version, ctx)
         except GatewayError as exc:
             if exc.status >= 500:
-                record["history"].pop()  # the ledger or the log out of reach: try again later
-                store.write(record)
+                # The ledger or the log out of reach, before or after the charge: the entry stays pending, and the
+                # next catch-up looks the charge up under its request id (charged: interrupted; not: computed).
                 raise
             entry = {"version": v.version, "status": "refused", "reason": exc.code, "time": utc_now()}
             if isinstance(exc, BudgetExhausted):
