@@ -9,9 +9,14 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
 import pytest
+from sqlglot import exp
 
 from audit.record import Event
+from gateway.engines.duckdb import bounded_table
 from gateway.lfsets import _author_context, catch_up, store_of
 from gateway.monitoring import PRINCIPAL, ReportStore, monitor_version
 from gateway.service import Bastion
@@ -146,3 +151,83 @@ def test_two_appends_of_one_batch_racing_charge_its_report_once(tmp_path: Path) 
     assert all(r is not None and r["status"] == "ok" for r in reports)
     assert reports[0] is not None and reports[1] is not None
     assert reports[0]["report_id"] == reports[1]["report_id"]  # one release, shown to both
+
+
+WORST = """\
+dataset: feed
+privacy_unit: pid
+max_rows_per_unit: 2
+budget:
+  per_principal: {epsilon: 5.0}
+  total: {epsilon: 50.0}
+columns:
+  pid: {type: int, usage: hidden}
+  region: {type: category, domain: [north, south]}
+  income: {type: decimal, bounds: [0, 100]}
+  day: {type: date, bounds: [2020-01-01, 2020-12-31]}
+  flag: {type: bool}
+roles:
+  analyst: [query]
+monitoring: {epsilon: 1.0, cap: {epsilon: 5.0}, alert_rate: 0.05, bins: 2}
+"""
+HEADER = "pid,region,income,day,flag\n"
+CROWD = [
+    f"{i},{('north', 'south')[i % 2]},{i % 100},2020-0{1 + i % 9}-1{i % 9},{('true', 'false')[i % 3 == 0]}\n"
+    for i in range(300)
+]
+# Unit 7777: k rows in the registration, then rows of every bad kind in the batch (all beyond k: none kept).
+# Unit 8888: only in the batch, 9 rows in three spellings of its id, outside / above / below / unreadable values.
+U_REG = ["7777,north,10,2020-01-01,true\n"] * 2
+U_BATCH = ["7777,west,1e9,1999-01-01,maybe\n", "7777,,x,,\n", "07777,south,nan,2031-02-02,1\n"] * 2
+V_BATCH = [" 8888,west,1e9,2031-01-01,maybe\n", "8888,,-5,garbage,\n", "8888.0,north,inf,2020-06-01,0\n"] * 3
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_neighbouring_feeds_change_each_report_by_at_most_k_times_the_columns(tmp_path: Path, suffix: str) -> None:
+    """Held: two feeds that differ in two units' rows (one at k from the registration whose batch rows are all
+    dropped, one new in the batch with more than k rows in several id spellings and every kind of bad value). The
+    exact counts (before noise) of each version differ by at most k × columns in L1 per differing unit, and every
+    kept row (as the version's bounded table holds it) is counted once in each monitored column."""
+    exact: dict[str, list[list[int]]] = {}
+    for name, extra in (("with", True), ("without", False)):
+        root = tmp_path / name
+        root.mkdir()
+        (root / "feed.yaml").write_text(WORST)
+        files = []
+        for i, lines in enumerate([CROWD + (U_REG if extra else []), CROWD + (U_BATCH + V_BATCH if extra else [])]):
+            text = root / f"b{i}.csv"
+            text.write_text(HEADER + "".join(lines))
+            if suffix == "parquet":
+                table = pa_csv.read_csv(text, convert_options=pa_csv.ConvertOptions(column_types=TEXT))
+                pq.write_table(table, root / f"b{i}.parquet")
+            files.append(root / f"b{i}.{suffix}")
+        ws = build_workspace(root, [(root / "feed.yaml", files[0])], {"analyst": "alice"})
+        bastion = Bastion(ws.settings, read_only=True)
+        try:
+            bastion.engine.append("feed", files[1])
+            versions = bastion.engine.versions("feed")
+            engine: Any = bastion.engine
+            exact[name] = [engine.profile("feed", f, v.version, 2) for f, v in zip(files, versions, strict=True)]
+            kept = [kept_rows(bastion, v) for v in versions]
+        finally:
+            bastion.close()
+        columns = 4
+        assert [sum(e) for e in exact[name]] == [columns * kept[0], columns * (kept[1] - kept[0])]
+    k, columns = 2, 4
+    registration, batch_ = (
+        sum(abs(a - b) for a, b in zip(x, y, strict=True)) for x, y in zip(exact["with"], exact["without"], strict=True)
+    )
+    assert registration == k * columns  # unit 7777's two rows
+    assert batch_ == k * columns  # unit 8888's two kept rows; 7777's batch rows are all dropped
+
+
+TEXT = {c: pa.string() for c in ("pid", "region", "income", "day", "flag")}
+
+
+def kept_rows(bastion: Bastion, version: Any) -> int:
+    """The rows of `version`'s bounded table (all versions up to it)."""
+    engine: Any = bastion.engine
+    table = engine._table("feed", version, bounded_table("feed"))
+    query = exp.select(exp.Count(this=exp.Star())).from_(table).sql(dialect="duckdb")
+    ((count,),) = engine.connect().execute(query).fetchall()
+    return int(count)
