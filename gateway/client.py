@@ -204,9 +204,15 @@ class Client:
         method: str | None = None,
         delta: float | None = None,
         version: str | None = None,
+        table: str | None = None,
+        join: str | None = None,
+        join_on: str | None = None,
+        join_private: str | None = None,
     ) -> dict[str, Any]:
         """Start a proxy job (the ε is charged now; an identical earlier request is returned at no cost); `version`
-        pins the dataset version it reads (default: the latest at submission)."""
+        pins the dataset version it reads (default: the latest at submission). `table` makes it a proxy of a private
+        table of a dataset of several tables, `join_private` joins another private table to it on the unit,
+        `join`/`join_on` a public table on its unique key."""
         body = {
             "dataset": dataset,
             "epsilon": epsilon,
@@ -215,6 +221,10 @@ class Client:
             "method": method,
             "delta": delta,
             "version": version,
+            "table": table,
+            "join": join,
+            "join_on": join_on,
+            "join_private": join_private,
         }
         return self._json("POST", "/v1/synth", json={k: v for k, v in body.items() if v is not None})
 
@@ -242,12 +252,28 @@ class Client:
         delta: float | None = None,
         poll: float = 0.5,
         timeout: float = 3600.0,
+        table: str | None = None,
+        join: str | None = None,
+        join_on: str | None = None,
+        join_private: str | None = None,
     ) -> pd.DataFrame:
-        """A synthetic proxy of `dataset` as a DataFrame (waits for the job); job metadata in `.attrs`."""
+        """A synthetic proxy of `dataset` (or of its private `table`, with the public table `join` joined on
+        `join_on`) as a DataFrame (waits for the job); job metadata in `.attrs`."""
         import io
         import time
 
-        job = self.synth_submit(dataset, epsilon=epsilon, rows=rows, seed=seed, method=method, delta=delta)
+        job = self.synth_submit(
+            dataset,
+            epsilon=epsilon,
+            rows=rows,
+            seed=seed,
+            method=method,
+            delta=delta,
+            table=table,
+            join=join,
+            join_on=join_on,
+            join_private=join_private,
+        )
         deadline = time.monotonic() + timeout
         while job["status"] not in ("done", "failed", "withheld"):
             if time.monotonic() > deadline:
@@ -276,8 +302,13 @@ class Client:
         alpha: float | None = None,
         label_model: bool = False,
         dry_run: bool = False,
+        table: str | None = None,
+        join: str | None = None,
+        join_on: str | None = None,
+        join_private: str | None = None,
     ) -> dict[str, Any]:
-        """The JSON answer of POST /v1/lf/stats."""
+        """The JSON answer of POST /v1/lf/stats; `table`, `join`, `join_on`, `join_private` run the LFs over a
+        private table of a dataset of several tables and its joins (README "Labeling functions")."""
         body = {
             "dataset": dataset,
             "lfs": lfs or [],
@@ -286,6 +317,10 @@ class Client:
             "alpha": alpha,
             "label_model": label_model,
             "dry_run": dry_run,
+            "table": table,
+            "join": join,
+            "join_on": join_on,
+            "join_private": join_private,
         }
         return self._json("POST", "/v1/lf/stats", json={k: v for k, v in body.items() if v is not None})
 

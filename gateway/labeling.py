@@ -12,13 +12,16 @@ import math
 from typing import Any
 
 from audit.record import Event
+from gateway.engines.kind import EngineKind
 from gateway.service import Bastion, Context
 from gateway.sql.release import refuse_backtracking
 from gateway.stores.cache import cache_key
+from gateway.tablesources import TableSource, resolve_source, with_classes
 from labeling_functions.analysis import compute_lf_stats, compute_lf_stats_default, plan_lf_stats, precheck
 from labeling_functions.registry import REGISTRY, Registry
 from labeling_functions.sandbox import Progress, SandboxLimits
-from policies.schema import Grant
+from policies.errors import InvalidRequest
+from policies.schema import Grant, Policy
 
 EVENT = Event.LF_STATS
 
@@ -42,27 +45,39 @@ def lf_stats(
             request[name] = str(request[name])
     policy, version = bastion.authorize(ctx, request["dataset"], Grant.LABELING, request)
     with bastion.denials_audited(ctx, EVENT, policy.dataset, request):
+        source = _source(bastion, policy, request)
         plan = plan_lf_stats(
-            policy,
+            with_classes(source, policy) if source is not None else policy,
             lfs=request.get("lfs", []),
             python_lfs=request.get("python_lfs", []),
             epsilon=request["epsilon"],
             alpha=alpha,
             label_model=bool(request.get("label_model", False)),
             registry=registry,
+            source=source.tree if source is not None else None,
         )
         refuse_backtracking(bastion.engine, [lf.tree for lf in plan.declarative])
         precheck(plan, bastion.engine)
     version, reader = bastion.reading(ctx, policy.dataset, request.get("version"), EVENT, request)
-    key = cache_key(EVENT, ctx.principal.name, policy.dataset, version, policy.fingerprint(), plan.normalized())
+    chosen = source.request() if source is not None else None
+    key = cache_key(
+        EVENT,
+        ctx.principal.name,
+        policy.dataset,
+        version,
+        policy.fingerprint(),
+        plan.normalized(),
+        *([chosen] if chosen is not None else []),
+    )
     outputs = bastion.settings.outputs_dir
+    tables = {"tables": source.public()} if source is not None else {}
 
     def compute() -> dict[str, Any]:
         stats = compute_lf_stats(plan, reader, limits=limits, outputs_dir=outputs, progress=progress)
-        return {**stats, "version": version}
+        return {**stats, **tables, "version": version}
 
     def fallback() -> dict[str, Any]:
-        return {**compute_lf_stats_default(plan, outputs_dir=outputs), "version": version}
+        return {**compute_lf_stats_default(plan, outputs_dir=outputs), **tables, "version": version}
 
     return bastion.run_private(
         ctx,
@@ -73,10 +88,40 @@ def lf_stats(
         key=key,
         compute=compute,
         fallback=fallback,
-        dry_run={**plan.dry_run(), "version": version} if bool(request.get("dry_run", False)) else None,
+        dry_run={**plan.dry_run(), **tables, "version": version} if bool(request.get("dry_run", False)) else None,
         kind=EVENT,
         version=version,
     )
+
+
+def _source(bastion: Bastion, policy: Policy, request: dict[str, Any]) -> TableSource | None:
+    """The rows the LFs run over when the request names a private table or a join (`gateway.tablesources`), or
+    None for the dataset's own table; registered Python LFs and the label model are refused over them (a Python LF
+    is reviewed for the dataset's own columns; the label model's private output is keyed by the rows of one
+    table)."""
+    source = resolve_source(
+        policy,
+        table=request.get("table"),
+        join=request.get("join"),
+        join_on=request.get("join_on"),
+        join_private=request.get("join_private"),
+        public=bastion.engine.public_table if bastion.engine.kind is EngineKind.DUCKDB else None,
+        what="labeling functions",
+    )
+    if source is None:
+        return None
+    if request.get("python_lfs"):
+        raise InvalidRequest(
+            "registered Python LFs run over the dataset's own table only: over a private table or a join, give "
+            "declarative LFs (lfs)",
+            reason="python_lfs_over_tables",
+        )
+    if request.get("label_model"):
+        raise InvalidRequest(
+            "the label model runs over the dataset's own table only (its private output labels that table's rows)",
+            reason="label_model_over_tables",
+        )
+    return source
 
 
 def registry_listing(bastion: Bastion, ctx: Context, registry: Registry = REGISTRY) -> list[dict[str, Any]]:

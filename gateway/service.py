@@ -19,7 +19,7 @@ import logging
 import math
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,7 +37,7 @@ from gateway.sql.price import Pricing, dry_run_accuracy, price
 from gateway.sql.release import Release, bind_check, execute
 from gateway.stores.base import AuditStore, open_audit_log, open_cache, open_ledger, open_token_store
 from gateway.stores.cache import cache_key
-from gateway.stores.ledger import LedgerBehind, LedgerCharge
+from gateway.stores.ledger import LedgerBehind, LedgerCharge, base_dataset, budget_keys
 from gateway.stores.tokens import ANONYMOUS_NAME, Principal, TokenRefused, TokenStore
 from policies.accountant import (
     DELTA_UNIT,
@@ -281,7 +281,7 @@ class Bastion:
         try:
             yield
         except GatewayError as exc:
-            reason = getattr(exc, "reason", exc.code)
+            reason = getattr(exc, "reason", None) or exc.details.get("reason") or exc.code  # a detail names it too
             self.audit(ctx, event, dataset=dataset, request=request, decision="denied", reason=reason)
             raise
 
@@ -458,7 +458,13 @@ class Bastion:
                 ),
             ]
         )
-        have = self.ledger.totals()
+        have: dict[tuple[str, str], tuple[int, int, int]] = {}
+        for (principal, key), units in self.ledger.totals().items():
+            # A charge on a dataset with periods is one row per period, each of the whole cost, and the log holds
+            # one record of it: the sum over the dataset's periods is at least what the log shows.
+            folded = (principal, base_dataset(key))
+            held = have.get(folded, (0, 0, 0))
+            have[folded] = (held[0] + units[0], held[1] + units[1], held[2] + units[2])
         behind = [
             (key, have.get(key, (0, 0, 0)), want)
             for key, want in sorted(expected.items())
@@ -683,8 +689,26 @@ class Bastion:
 
     def budget_status(self, principal: str, policy: Policy) -> dict[str, Any]:
         """A principal's spend on a dataset against its cap. Under zCDP the cap is on ρ (converted from the declared
-        (ε, δ)) and on the δ that conversion leaves; `spent.epsilon` is then the ε that the ρ spent is worth."""
-        spent = self.ledger.spent(principal, policy.dataset)
+        (ε, δ)) and on the δ that conversion leaves; `spent.epsilon` is then the ε that the ρ spent is worth.
+
+        On a dataset with periods each period has its own budget: `periods` holds each one's status, and the
+        dataset's own figures are those of the period with the most spent."""
+        if policy.period is None:
+            return self._budget_of(policy, self.ledger.spent(principal, policy.dataset))
+        each = {
+            label: self._budget_of(policy, self.ledger.spent(principal, budget_keys(policy.dataset, [label])[0]))
+            for label, _, _ in policy.periods()
+        }
+        worst = max(each.values(), key=lambda status: status["spent"]["epsilon"])
+        return {
+            **worst,
+            "periods": {
+                label: {k: v for k, v in status.items() if k not in {"dataset", "accounting"}}
+                for label, status in each.items()
+            },
+        }
+
+    def _budget_of(self, policy: Policy, spent: PrivacyLoss) -> dict[str, Any]:
         cap = policy.budget.per_principal
         status: dict[str, Any] = {"dataset": policy.dataset, "accounting": policy.accounting.value}
         if policy.accounting is Accounting.ZCDP:
@@ -733,8 +757,13 @@ class Bastion:
         dry_run: dict[str, Any] | None = None,
         kind: str = "query",
         version: str | None = None,
+        periods: Sequence[str] | None = None,
     ) -> dict[str, Any]:
         """Charge, audit, compute and release one answer; the one path by which private rows reach anybody.
+
+        On a dataset with periods (`Policy.period`) the cost is charged to each of `periods`, and by default (None)
+        to every period of the dataset: a path that does not say which periods it reads is charged all of them.
+        Every record of the access, and the answer, name the periods charged.
 
         `compute` returns the JSON-ready answer. `dry_run`, if given, is returned instead (nothing spent).
         A cached answer for `key` is returned at no cost. Identical requests (same `key`) in flight at once are
@@ -750,6 +779,12 @@ class Bastion:
         base: dict[str, Any] = {"dataset": policy.dataset, "request": request}
         if version is not None:
             base["version"] = version  # every record of the access names the version it read
+        if policy.period is not None:
+            known = [label for label, _, _ in policy.periods()]
+            chosen = known if periods is None else sorted(set(periods))
+            if any(p not in known for p in chosen):
+                raise AssertionError("a charge names a period the policy does not declare")
+            base["periods"] = chosen  # every record of the access names the periods charged
         if key is None or dry_run is not None:
             return self._answer(ctx, policy, event, base, cost, key, compute, fallback, dry_run, kind, None)
         while True:
@@ -801,6 +836,7 @@ class Bastion:
                 request_id=ctx.request_id,
                 kind=kind,
                 accounting=policy.accounting,
+                periods=base.get("periods", ()),
             )
         except GatewayError as exc:
             self.audit(
@@ -821,7 +857,7 @@ class Bastion:
             {**base, "decision": "allowed", "reason": "ok", "phase": "admitted", "cost": cost.as_dict(), **budget},
         )
         # Charge → admitted record (durable, after any orphan records this charge claimed) → marked audited.
-        self._append([admitted], orphans=charge.claimed, audited=[charge.id])
+        self._append([admitted], orphans=charge.claimed, audited=list(charge.all_ids))
         reason, failure = "ok", {}
         try:
             answer = compute()
@@ -858,6 +894,7 @@ class Bastion:
             "epsilon_spent": cost.epsilon,
             "delta_spent": cost.delta,
             **({"rho_spent": cost.rho} if cost.rho else {}),
+            **({"periods": base["periods"]} if "periods" in base else {}),
             "query_id": ctx.request_id,
             "budget": self.budget_status(ctx.principal.name, policy),
         }
@@ -1048,6 +1085,10 @@ class Bastion:
                     plan, policy, epsilon=epsilon, accuracy=accuracy, alpha=alpha, delta=delta, pricing=pricing
                 ),
             }
+            if plan.periods is not None:
+                # Each period read is charged the whole cost, against its own budget.
+                dry["periods"] = list(plan.periods)
+                dry["cost_per_period"] = {label: pricing.cost.as_dict() for label in plan.periods}
 
         def answer(release: Release) -> dict[str, Any]:
             return {
@@ -1077,6 +1118,7 @@ class Bastion:
             fallback=fallback,
             dry_run=dry,
             version=version,
+            periods=plan.periods,
         )
 
     def _check_length(self, sql: str) -> None:

@@ -127,6 +127,15 @@ def _restrict(directory: Path) -> None:
             os.chmod(path, 0o700 if path.is_dir() else 0o600)
 
 
+def _of(job: dict[str, Any]) -> str:
+    """What a job's proxy is of: the dataset, or its private table (and the joined public table)."""
+    source = job.get("tables")
+    if not source:
+        return str(job["dataset"])
+    joined = f" ⋈ {source['join']}" if source.get("join") else ""
+    return f"{job['dataset']}.{source['table']}{joined}"
+
+
 def _file_digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -157,6 +166,7 @@ PUBLIC_FIELDS = (
     "approved_at",
     "allocation",
     "notes",
+    "tables",
 )
 
 
@@ -260,11 +270,24 @@ class SynthJobs:
         method: str | None = None,
         delta: float | None = None,
         version: str | None = None,
+        table: str | None = None,
+        join: str | None = None,
+        join_on: str | None = None,
+        join_private: str | None = None,
     ) -> dict[str, Any]:
+        """Admit a proxy job. `table` (a private table of a dataset of several tables), `join_private` (another
+        private table joined with it on the unit), `join` and `join_on` (a public table of the dataset joined on its
+        unique key, matched with the column `join_on`) choose the rows the proxy is of (`gateway.tablesources`);
+        by default the dataset's own table."""
         from synth import DEFAULT_METHOD, METHODS, NON_DP_METHODS
         from synth.measure import check_calibration
 
         method = method or DEFAULT_METHOD
+        chosen = {
+            k: v
+            for k, v in (("table", table), ("join", join), ("join_on", join_on), ("join_private", join_private))
+            if v is not None
+        }
         request = {
             "dataset": dataset,
             "epsilon": epsilon,
@@ -274,6 +297,7 @@ class SynthJobs:
             "delta": delta,
             "non_dp": method in NON_DP_METHODS,
             **({"version": version} if version is not None else {}),
+            **chosen,
         }
         policy, _ = self.bastion.authorize(ctx, dataset, Grant.SYNTH, request)
         version, _ = self.bastion.reading(ctx, dataset, version, Event.SYNTH, request)
@@ -285,6 +309,14 @@ class SynthJobs:
                 raise InvalidRequest(f"rows must be between 1 and {MAX_ROWS:,}")
             if seed is not None and not 0 <= seed < 2**31:
                 raise InvalidRequest("seed must be in [0, 2^31)")
+            source = self._source(policy, chosen)
+            if source is not None and non_dp:
+                raise InvalidRequest(
+                    "a proxy of a private table of a dataset of several tables, or of a join, is differentially "
+                    f"private only: use method {DEFAULT_METHOD!r}",
+                    reason="non_dp_table",
+                )
+            modelled = source.policy if source is not None else policy
             if non_dp:
                 if policy.synthesis.mode != "non_dp_allowed":
                     raise NonDpNotAllowed(
@@ -303,14 +335,25 @@ class SynthJobs:
                 if delta is None:  # as a query's: the δ cap's share that this ε is of the ε cap
                     cap = policy.budget.per_principal
                     delta = default_delta(cap.delta, epsilon, cap.epsilon)
-                alloc = check_calibration(policy, epsilon, delta)
+                alloc = check_calibration(modelled, epsilon, delta)
                 allocation = alloc.to_json()
                 cost = PrivacyLoss(epsilon, alloc.delta_spent)
         except GatewayError as exc:
             self.bastion.audit(ctx, Event.SYNTH, dataset=dataset, request=request, decision="denied", reason=exc.code)
             raise
+        described = source.public() if source is not None else None
         key = cache_key(
-            Event.SYNTH, ctx.principal.name, dataset, version, policy.fingerprint(), method, epsilon, delta, rows, seed
+            Event.SYNTH,
+            ctx.principal.name,
+            dataset,
+            version,
+            policy.fingerprint(),
+            method,
+            epsilon,
+            delta,
+            rows,
+            seed,
+            *([source.request()] if source is not None else []),
         )
         with self.store.admission(ctx.principal.name):  # counting unfinished jobs and creating one are one step
             limit = self.bastion.settings.synth_jobs_per_principal
@@ -326,7 +369,7 @@ class SynthJobs:
 
             def compute() -> dict[str, Any]:
                 job_id = uuid.uuid4().hex
-                job = {
+                job: dict[str, Any] = {
                     "job_id": job_id,
                     "dataset": dataset,
                     "method": method,
@@ -348,6 +391,7 @@ class SynthJobs:
                     "approved_at": None,
                     "allocation": allocation,
                     "notes": [],
+                    "tables": described,
                     "delta_requested": delta,
                     "principal": ctx.principal.as_actor(),
                     "source": ctx.source,
@@ -391,6 +435,22 @@ class SynthJobs:
                 "delta_spent": answer["delta_spent"],
                 "budget": answer["budget"],
             }
+
+    def _source(self, policy: Any, chosen: dict[str, Any]) -> Any:
+        """The rows a proxy reads (`gateway.tablesources`), or None for the dataset's own table."""
+        from gateway.engines.kind import EngineKind
+        from gateway.tablesources import resolve_source
+
+        engine = self.bastion.engine
+        return resolve_source(
+            policy,
+            table=chosen.get("table"),
+            join=chosen.get("join"),
+            join_on=chosen.get("join_on"),
+            join_private=chosen.get("join_private"),
+            public=engine.public_table if engine.kind is EngineKind.DUCKDB else None,
+            what="a synthetic proxy",
+        )
 
     def _unfinished(self, principal: str) -> int:
         return sum(1 for job_id in self.store.unfinished(principal) if job_id not in self._failed)
@@ -536,16 +596,25 @@ class SynthJobs:
                 f"version {job['dataset_version']} of the dataset, which the request was admitted at, was replaced "
                 "by a new registration"
             ) from None
-        table = bounded_table(job["dataset"])
+        table: str | Any = bounded_table(job["dataset"])
         ctx = self._context(job)
+        modelled = policy
+        if job.get("tables"):
+            # The rows of a private table (joined with a public one): rebuilt from the record's choice, and held
+            # to the allocation that was charged.
+            source = self._source(policy, job["tables"])
+            assert source is not None
+            table, modelled = source.tree, source.policy
         if not job["non_dp"]:
             model_path = job_dir / "model.json"
             if model_path.exists():
                 model = DPCopulaModel.from_json(json.loads(model_path.read_text()))
             else:
-                allocation = allocate(policy, job["epsilon"], job["delta_requested"])
+                allocation = allocate(modelled, job["epsilon"], job["delta_requested"])
+                if job.get("tables") and allocation.to_json() != job["allocation"]:
+                    raise Conflict("the tables the proxy reads changed since the request was admitted")
                 try:
-                    model = measure(reader, table, policy, allocation, lambda f, s: progress(f, s, hi=0.3))
+                    model = measure(reader, table, modelled, allocation, lambda f, s: progress(f, s, hi=0.3))
                 except Exception as exc:  # noqa: BLE001 - the failure must not show: measure a default input
                     # Whether reading the rows failed could depend on them; the same mechanisms run on an empty
                     # table instead (read by no engine: it has no groups), and the job goes on as usual (the audit
@@ -566,7 +635,7 @@ class SynthJobs:
                         phase="measured",
                         non_dp=False,
                     )
-                    model = measure(EmptyReader(), table, policy, allocation, lambda f, s: progress(f, s, hi=0.3))
+                    model = measure(EmptyReader(), table, modelled, allocation, lambda f, s: progress(f, s, hi=0.3))
                 self._holds(job["job_id"])
                 stored = _keep_first(model_path, model.to_json())
                 if stored is not None:  # another runner stored its model first: that one is the release
@@ -634,9 +703,10 @@ class SynthJobs:
                 "seed",
                 "dataset_version",
                 "policy_fingerprint",
+                "tables",
             )
         }
-        report["pages"] = render_pages(report, job_dir / "pages", f"Proxy {job['job_id'][:8]} of {job['dataset']}")
+        report["pages"] = render_pages(report, job_dir / "pages", f"Proxy {job['job_id'][:8]} of {_of(job)}")
         _write_json(job_dir / "report.json", report)
         _restrict(job_dir)
         self._holds(job["job_id"])

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sqlglot import exp
 
 from labeling_functions.combos import LFInput, lf_input
 from labeling_functions.label_model import write_labels
@@ -62,6 +63,7 @@ class LFStatsPlan:
     alpha: float
     label_model: bool
     measurements: tuple[Measurement, ...]
+    source: exp.Expr | None = None  # the rows read (`gateway.tablesources`); None: the policy's bounded table
 
     @property
     def classes(self) -> list[str]:
@@ -144,6 +146,7 @@ def plan_lf_stats(
     alpha: float,
     label_model: bool = False,
     registry: Registry = REGISTRY,
+    source: exp.Expr | None = None,
 ) -> LFStatsPlan:
     """Validate the request against the policy and the registry, and split ε; raises before anything is spent."""
     classes = classes_of(policy)
@@ -185,12 +188,13 @@ def plan_lf_stats(
         alpha=float(alpha),
         label_model=label_model,
         measurements=tuple(measurements),
+        source=source,
     )
 
 
 def precheck(plan: LFStatsPlan, reader: Reader) -> None:
     """Schema-only checks of the generated SQL (no row is read); run before charging."""
-    check_binds(reader, plan.policy, list(plan.declarative))
+    check_binds(reader, plan.policy, list(plan.declarative), plan.source)
 
 
 class LFRunFailed(GatewayError):
@@ -268,7 +272,7 @@ def run_lfs(
             stack.enter_context(reader.frame(LFInput.frame_name(), i.votes(v))).name
             for i, v in zip(inputs, applied, strict=True)
         ]
-        query = VoteQuery(plan.policy, plan.declarative, tuple(i.key for i in inputs), tuple(frames))
+        query = VoteQuery(plan.policy, plan.declarative, tuple(i.key for i in inputs), tuple(frames), plan.source)
         if not plan.label_model:
             votes, gold, counts = vote_patterns(reader, query)
             return PrivateRun(_statistics(plan, votes, gold, counts))

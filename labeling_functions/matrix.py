@@ -40,6 +40,12 @@ def _table(policy: Policy) -> exp.Table:
     return exp.table_(policy.bounded_table, quoted=True)
 
 
+def _source(policy: Policy, source: exp.Expr | None) -> exp.Expr:
+    """What the LFs read: `source` (a private table of a dataset of several tables, or a join:
+    `gateway.tablesources`) or the policy's bounded table."""
+    return source.copy() if source is not None else _table(policy)
+
+
 def vote_alias(j: int) -> str:
     return f"__v{j}"
 
@@ -72,6 +78,7 @@ class VoteQuery:
     lfs: tuple[CompiledLF, ...]
     keys: tuple[exp.Expr, ...] = ()
     frames: tuple[str, ...] = ()
+    source: exp.Expr | None = None  # the rows read: the policy's bounded table by default, else this FROM source
 
     @property
     def width(self) -> int:
@@ -82,7 +89,7 @@ class VoteQuery:
         out: list[exp.Expr] = [exp.alias_(lf.vote, vote_alias(j), quoted=True) for j, lf in enumerate(self.lfs)]
         out.append(exp.alias_(gold_expr(self.policy), GOLD, quoted=True))
         out += [exp.alias_(key, key_alias(j), quoted=True) for j, key in enumerate(self.keys)]
-        return exp.select(*extra, *out).from_(_table(self.policy))
+        return exp.select(*extra, *out).from_(_source(self.policy, self.source))
 
     def _joined(self, extra: list[str]) -> exp.Select:
         """`_rows` with every Python LF's vote joined on its key: the columns `extra`, __v0.., __g."""
@@ -129,13 +136,13 @@ class VoteQuery:
         return self._joined([ROW_ID, *(inputs or [])])
 
 
-def check_binds(reader: Reader, policy: Policy, lfs: list[CompiledLF]) -> None:
+def check_binds(reader: Reader, policy: Policy, lfs: list[CompiledLF], source: exp.Expr | None = None) -> None:
     """Bind every LF's vote expression against the table's schema without reading a row, so type errors are
     reported, with the LF's name, before anything is charged. The binder's message is passed on: like the LF and
     its columns, it depends on the schema and the condition only."""
     for lf in lfs:
         try:
-            reader.check(exp.select(lf.vote).from_(_table(policy)))
+            reader.check(exp.select(lf.vote).from_(_source(policy, source)))
         except EngineError as exc:
             types = ", ".join(f"{c} ({policy.columns[c].type.value})" for c in lf.columns if c in policy.columns)
             raise QueryRejected(

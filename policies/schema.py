@@ -283,6 +283,47 @@ class Monitoring(_Strict):
         return self
 
 
+PERIOD_EVERY = ("day", "week", "month", "quarter", "year")
+# Most periods a policy may declare (each is a budget of its own, enumerated from the column's bounds).
+MAX_PERIODS = 10_000
+
+
+def period_start(day: dt.date, every: str) -> dt.date:
+    """First day of the period of `every` that holds `day` (weeks start on Monday)."""
+    if every == "day":
+        return day
+    if every == "week":
+        return day - dt.timedelta(days=day.weekday())
+    if every == "month":
+        return day.replace(day=1)
+    if every == "quarter":
+        return dt.date(day.year, 3 * ((day.month - 1) // 3) + 1, 1)
+    if every == "year":
+        return dt.date(day.year, 1, 1)
+    raise ValueError(f"unknown period {every!r}")
+
+
+def next_period_start(start: dt.date, every: str) -> dt.date:
+    """First day of the period after the one starting on `start`."""
+    if every == "day":
+        return start + dt.timedelta(days=1)
+    if every == "week":
+        return start + dt.timedelta(days=7)
+    months = {"month": 1, "quarter": 3, "year": 12}[every]
+    m = start.month - 1 + months
+    return dt.date(start.year + m // 12, m % 12 + 1, 1)
+
+
+class Period(_Strict):
+    """A time-partitioned privacy unit: the protected unit is (privacy unit, period of `column`), as in block
+    composition. `column` must be a date column with declared bounds (its values are clamped to them, so every row
+    falls in one of the enumerated periods); `every` is day, week, month, quarter or year. Each period has its own
+    budget (the policy's per-principal and total caps apply to each period separately)."""
+
+    column: str
+    every: Literal["day", "week", "month", "quarter", "year"]
+
+
 class Synthesis(_Strict):
     mode: Literal["dp", "non_dp_allowed"] = "dp"
 
@@ -474,6 +515,8 @@ class Policy(_Strict):
     max_joined_rows_per_unit: int | None = Field(default=None, ge=1, le=10_000)
     # DP data monitoring of each version (a report per registration and append); none: versions are not monitored.
     monitoring: Monitoring | None = None
+    # A time-partitioned privacy unit (`Period`): bounding, budgets and charges are per (unit, period).
+    period: Period | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Policy:
@@ -485,6 +528,8 @@ class Policy(_Strict):
                 "monitoring.cap cannot exceed budget.per_principal: monitoring is one principal of the dataset "
                 "(bastion:monitoring), and its spend counts against the total budget like any principal's"
             )
+        if self.period is not None:
+            self._check_period(self.period)
         if self.consent is not None and self.privacy_unit == "row":
             raise ValueError("consent needs a privacy unit column (consent is given per unit); privacy_unit is 'row'")
         for name in self.public_tables:
@@ -591,6 +636,65 @@ class Policy(_Strict):
             accounting=self.accounting,
         )
 
+    def _check_period(self, period: Period) -> None:
+        col = self.columns.get(period.column)
+        if col is None:
+            raise ValueError(f"period.column {period.column!r} is not a column of the policy")
+        if col.type is not ColumnType.DATE or col.bounds is None:
+            raise ValueError(
+                f"period.column {period.column!r} must be a date column with declared bounds (the periods are "
+                "public: they are enumerated from the bounds)"
+            )
+        if col.usage is not Usage.QUERY:
+            raise ValueError(f"period.column {period.column!r} must be usage: query (queries filter on it)")
+        if self.privacy_unit == "row":
+            raise ValueError("a period needs a privacy unit column (privacy_unit: row has one row per unit)")
+        if period.column == self.privacy_unit:
+            raise ValueError("period.column cannot be the privacy unit")
+        if self.consent is not None:
+            raise ValueError("consent (access requests) is not supported with a period: remove one of them")
+        if self.private_tables:
+            raise ValueError(
+                "private_tables are not supported with a period (their rows have no period of their own): remove one "
+                "of them"
+            )
+        count, start = 0, period_start(col.bounds[0], period.every)
+        while start <= col.bounds[1]:
+            count += 1
+            if count > MAX_PERIODS:
+                raise ValueError(f"the period column's bounds span more than {MAX_PERIODS} periods of {period.every}")
+            start = next_period_start(start, period.every)
+
+    # --- periods ---------------------------------------------------------------------------------------
+
+    def periods(self) -> list[tuple[str, dt.date, dt.date]]:
+        """The public periods, oldest first: (label, first day, first day of the next period). The first and last
+        periods are those holding the column's bounds (values are clamped to the bounds)."""
+        if self.period is None:
+            return []
+        col = self.columns[self.period.column]
+        assert col.bounds is not None
+        out = []
+        start = period_start(col.bounds[0], self.period.every)
+        while start <= col.bounds[1]:
+            end = next_period_start(start, self.period.every)
+            out.append((self.period_label(start), start, end))
+            start = end
+        return out
+
+    def period_label(self, start: dt.date) -> str:
+        """A period's public name: 2024 (year), 2024-Q2 (quarter), 2024-03 (month), 2024-03-04 (week: its Monday;
+        day)."""
+        assert self.period is not None
+        every = self.period.every
+        if every == "year":
+            return f"{start.year:04d}"
+        if every == "quarter":
+            return f"{start.year:04d}-Q{(start.month - 1) // 3 + 1}"
+        if every == "month":
+            return f"{start.year:04d}-{start.month:02d}"
+        return start.isoformat()
+
     # --- helpers used by planners ---------------------------------------------------------------------
 
     @property
@@ -633,6 +737,8 @@ class Policy(_Strict):
             del content["max_joined_rows_per_unit"]  # likewise
         if self.monitoring is None:
             del content["monitoring"]  # likewise
+        if self.period is None:
+            del content["period"]  # likewise
         payload = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -664,6 +770,16 @@ class Policy(_Strict):
             # The scopes an access request may name (the consent source and its columns are the admin's).
             **({"consent": {"scopes": list(self.consent.scopes)}} if self.consent is not None else {}),
             **({"monitoring": self.monitoring.model_dump(mode="json")} if self.monitoring is not None else {}),
+            **(
+                {
+                    "period": {
+                        **self.period.model_dump(mode="json"),
+                        "periods": [label for label, _, _ in self.periods()],
+                    }
+                }
+                if self.period is not None
+                else {}
+            ),
         }
 
 

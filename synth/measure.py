@@ -186,7 +186,7 @@ def _count() -> exp.Expr:
     return exp.Count(this=exp.Star())
 
 
-def key_counts(reader: Reader, table: exp.Table, col: ColumnBins) -> dict[str, int]:
+def key_counts(reader: Reader, table: exp.Expr, col: ColumnBins) -> dict[str, int]:
     """Exact row counts of each present value of a column without a public domain (input to key selection)."""
     key = exp.Cast(this=column(col.name), to=exp.DataType.build("VARCHAR"))
     query = (
@@ -198,7 +198,7 @@ def key_counts(reader: Reader, table: exp.Table, col: ColumnBins) -> dict[str, i
     return {str(k): int(n) for k, n in reader.rows(query)}
 
 
-def marginal_counts(reader: Reader, table: exp.Table, col: ColumnBins) -> list[int]:
+def marginal_counts(reader: Reader, table: exp.Expr, col: ColumnBins) -> list[int]:
     """Exact row counts of every bin of a column with a public bin layout (the NULL bin last)."""
     b = exp.alias_(col.bin_expr(), "__b", quoted=True)
     query = exp.select(b, _count()).from_(table.copy()).group_by(col.bin_expr())
@@ -208,7 +208,7 @@ def marginal_counts(reader: Reader, table: exp.Table, col: ColumnBins) -> list[i
     return counts
 
 
-def _marginal(reader: Reader, table: exp.Table, col: ColumnBins, k: int, a: Allocation, candidates: int) -> Marginal:
+def _marginal(reader: Reader, table: exp.Expr, col: ColumnBins, k: int, a: Allocation, candidates: int) -> Marginal:
     if col.kind == BinKind.KEYS:
         sel = select_keys(
             key_counts(reader, table, col), k, a.epsilon_marginal, a.delta_key_selection, candidates=candidates
@@ -231,7 +231,7 @@ def _group_expr(col: ColumnBins, groups: np.ndarray) -> exp.Expr:
 
 
 def pair_counts(
-    reader: Reader, table: exp.Table, a: ColumnBins, b: ColumnBins, ga: np.ndarray, gb: np.ndarray
+    reader: Reader, table: exp.Expr, a: ColumnBins, b: ColumnBins, ga: np.ndarray, gb: np.ndarray
 ) -> np.ndarray:
     """Exact row counts of the two-way table of two columns' coarse groups (rows with a NULL group left out)."""
     inner = exp.select(
@@ -256,7 +256,7 @@ def pair_counts(
     return flat
 
 
-def _pair(reader: Reader, table: exp.Table, ma: Marginal, mb: Marginal, k: int, eps: float) -> PairTable:
+def _pair(reader: Reader, table: exp.Expr, ma: Marginal, mb: Marginal, k: int, eps: float) -> PairTable:
     ga, gb = coarse_groups(ma.value_mass), coarse_groups(mb.value_mass)
     exact = pair_counts(reader, table, ma.column, mb.column, ga, gb)
     rel = release_integers([int(v) for v in exact.ravel()], count_sensitivity(k), eps)
@@ -278,13 +278,15 @@ def _pair(reader: Reader, table: exp.Table, ma: Marginal, mb: Marginal, k: int, 
 
 def measure(
     reader: Reader,
-    table: str,
+    table: str | exp.Expr,
     policy: Policy,
     allocation: Allocation,
     progress: Progress = _no_progress,
 ) -> DPCopulaModel:
-    """Run every DP measurement of `allocation` on the pre-bounded `table` and return the DP model."""
-    source = exp.table_(table, quoted=True)
+    """Run every DP measurement of `allocation` on the pre-bounded `table` and return the DP model. `table` is the
+    bounded table's name, or a FROM source over bounded tables (a private table of a dataset of several tables,
+    joined with a public table: `gateway.tablesources`) whose rows per unit are `policy.max_rows_per_unit`."""
+    source = exp.table_(table, quoted=True) if isinstance(table, str) else table
     k = policy.max_rows_per_unit
     columns = allocation.schema.columns
     measured: list[Marginal | None] = []

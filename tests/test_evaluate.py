@@ -452,6 +452,6 @@ def test_after_an_append_stale_predictions_are_refused_before_the_charge_and_att
         assert answer.status_code == 200, answer.text
         assert answer.json()["dataset_version"] == appended.version
     records = _records(ws)
-    # the refusal is recorded (under the error's code: the record does not carry the error's reason)
-    assert [r["reason"] for r in records if r["decision"] == "denied"] == ["invalid_request"]
+    # the refusal is recorded under the error's reason
+    assert [r["reason"] for r in records if r["decision"] == "denied"] == ["stale_predictions"]
     assert {r["version"] for r in records if r.get("phase") in {"admitted", "released"}} == {appended.version}

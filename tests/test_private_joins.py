@@ -193,7 +193,15 @@ def test_a_policy_without_private_tables_keeps_its_fingerprint() -> None:
 
     plain = POLICY.model_copy(update={"private_tables": {}})
     content = plain.model_dump(mode="json")
-    for unset in ("accounting", "row_key", "consent", "private_tables", "max_joined_rows_per_unit", "monitoring"):
+    for unset in (
+        "accounting",
+        "row_key",
+        "consent",
+        "private_tables",
+        "max_joined_rows_per_unit",
+        "monitoring",
+        "period",
+    ):
         del content[unset]
     expected = hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
     assert plain.fingerprint() == expected != POLICY.fingerprint()

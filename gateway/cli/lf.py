@@ -83,6 +83,19 @@ def stats(
     python: Annotated[list[str] | None, typer.Option("--python", help="registered Python LF (repeatable)")] = None,
     label_model: Annotated[bool, typer.Option("--label-model", help="fit Snorkel's LabelModel privately")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="show cost and half-widths without spending")] = False,
+    table: Annotated[
+        str | None, typer.Option(help="a private table of the dataset (its private_tables) instead of its own table")
+    ] = None,
+    join: Annotated[
+        str | None, typer.Option(help="a public table of the dataset joined on its unique key (with --join-on)")
+    ] = None,
+    join_on: Annotated[
+        str | None, typer.Option(help="the column of the table matched with the public table's unique key")
+    ] = None,
+    join_private: Annotated[
+        str | None,
+        typer.Option(help="a further private table joined on the privacy unit (priced at the product of the bounds)"),
+    ] = None,
     as_json: AsJson = False,
     url: Url = "http://127.0.0.1:8000",
     token: Token = None,
@@ -106,6 +119,10 @@ def stats(
             alpha=alpha,
             label_model=label_model,
             dry_run=dry_run,
+            table=table,
+            join=join,
+            join_on=join_on,
+            join_private=join_private,
         )
     if as_json:
         print_json(raw)

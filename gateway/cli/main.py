@@ -40,7 +40,9 @@ from gateway.cli.terminal import (
 from gateway.engines.kind import EngineKind
 
 if TYPE_CHECKING:
+    from gateway.service import Bastion
     from gateway.settings import Settings
+    from policies.schema import Policy
 
 # Only what `--help` needs is imported above (typer, rich, this package's option types): each command imports
 # the rest (settings, the service, pandas, httpx ...) when it runs. tests/test_cli_imports.py guards this.
@@ -140,6 +142,27 @@ def _checked_app(settings: Any) -> Any:
 # --- admin commands ---------------------------------------------------------------------------------------
 
 
+def _register_audited(
+    bastion: Bastion, policy: Policy, policy_file: Path, source: Path, base: Path | None = None
+) -> str:
+    """Register `source` under `policy` (read from `policy_file`), keep a copy of the policy in the workspace, and
+    record the registration in the audit log; return the new version."""
+    from audit.record import Event
+
+    version = bastion.engine.register(policy, source, base=base)
+    bastion.settings.policies_dir.mkdir(parents=True, exist_ok=True)
+    (bastion.settings.policies_dir / f"{policy.dataset}.yaml").write_text(policy_file.read_text())
+    bastion.audit(
+        None,
+        Event.DATASET_REGISTERED,
+        dataset=policy.dataset,
+        decision="allowed",
+        reason="ok",
+        request={"source": str(source), "version": version, "policy": policy.fingerprint()},
+    )
+    return version
+
+
 @app.command()
 def register(
     policy: Annotated[Path, typer.Argument(help="policy YAML file")],
@@ -150,7 +173,6 @@ def register(
 ) -> None:
     """Register a dataset: load its source into the private engine and build the pre-bounded table (and its
     consent to debug access, if the policy declares where it lives)."""
-    from audit.record import Event
     from gateway.access import prepare_consent, store_consent
     from gateway.cli.monitoring import show_report
     from gateway.monitoring import monitor_version
@@ -168,17 +190,7 @@ def register(
         consent = prepare_consent(pol, base=policy.parent)  # a bad consent source is refused before any change
         bastion = _admin(workspace, store=store)
         try:
-            version = bastion.engine.register(pol, src, base=policy.parent)
-            bastion.settings.policies_dir.mkdir(parents=True, exist_ok=True)
-            (bastion.settings.policies_dir / f"{pol.dataset}.yaml").write_text(policy.read_text())
-            bastion.audit(
-                None,
-                Event.DATASET_REGISTERED,
-                dataset=pol.dataset,
-                decision="allowed",
-                reason="ok",
-                request={"source": str(src), "version": version, "policy": pol.fingerprint()},
-            )
+            version = _register_audited(bastion, pol, policy, src, base=policy.parent)
             store_consent(bastion, consent)
             report = monitor_version(bastion, pol.dataset, version, src)
         finally:
@@ -548,7 +560,6 @@ def demo(
     """Create (or reuse) the demo workspace here: generated hospital visits, its policy, tokens, an example model's
     predictions, a few patients' consent to debug access and a small hospital of patients, visits and labs joined
     on the patient (DuckDB); then serve."""
-    from audit.record import Event
     from gateway.access import load_consent
     from gateway.demo import write_access_demo, write_demo, write_examples, write_hospital, write_next_batch
     from gateway.monitoring import monitor_version
@@ -573,17 +584,7 @@ def demo(
         bastion = _admin(settings.workspace, store=store)
         try:
             policy = load_policy(policy_path)
-            version = bastion.engine.register(policy, data)
-            settings.policies_dir.mkdir(parents=True, exist_ok=True)
-            (settings.policies_dir / "visits.yaml").write_text(policy_path.read_text())
-            bastion.audit(
-                None,
-                Event.DATASET_REGISTERED,
-                dataset="visits",
-                decision="allowed",
-                reason="ok",
-                request={"source": str(data), "version": version},
-            )
+            version = _register_audited(bastion, policy, policy_path, data)
             load_consent(bastion, policy, base=policy_path.parent)
             if duckdb:  # the registration's monitoring report (the baseline of the next batch's), and that batch
                 monitor_version(bastion, "visits", version, data)
@@ -594,16 +595,7 @@ def demo(
                 hospital_data, hospital_path = write_hospital(
                     settings.private_dir / "source" / "hospital", n_patients=max(rows // 25, 200)
                 )
-                hospital_version = bastion.engine.register(load_policy(hospital_path), hospital_data)
-                (settings.policies_dir / "hospital.yaml").write_text(hospital_path.read_text())
-                bastion.audit(
-                    None,
-                    Event.DATASET_REGISTERED,
-                    dataset="hospital",
-                    decision="allowed",
-                    reason="ok",
-                    request={"source": str(hospital_data), "version": hospital_version},
-                )
+                _register_audited(bastion, load_policy(hospital_path), hospital_path, hospital_data)
             _demo_tokens(bastion, tokens_file)
         finally:
             bastion.close()

@@ -63,14 +63,39 @@ def run(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="write the proxy here (.parquet or .csv)")] = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="follow the job until it ends")] = True,
     poll: Annotated[float, typer.Option(help="seconds between status polls")] = 0.5,
+    table: Annotated[
+        str | None, typer.Option(help="a private table of the dataset (its private_tables) instead of its own table")
+    ] = None,
+    join: Annotated[
+        str | None, typer.Option(help="a public table of the dataset joined on its unique key (with --join-on)")
+    ] = None,
+    join_on: Annotated[
+        str | None, typer.Option(help="the column of the table matched with the public table's unique key")
+    ] = None,
+    join_private: Annotated[
+        str | None,
+        typer.Option(help="a further private table joined on the privacy unit (measured at the product of the bounds)"),
+    ] = None,
     url: Url = "http://127.0.0.1:8000",
     token: Token = None,
 ) -> None:
-    """Request a synthetic proxy of DATASET, follow its progress and download it."""
+    """Request a synthetic proxy of DATASET (or of its private --table, with a public table joined by --join and
+    --join-on: one proxy row per bounded row of that table), follow its progress and download it."""
     if epsilon is None and method != "sdv_gaussian_copula":
         fail("say what to spend: --epsilon E (the privacy loss of the proxy, e.g. --epsilon 1)", 2)
     with gateway_client(url, token) as c:
-        job = c.synth_submit(dataset, epsilon=epsilon, rows=rows, seed=seed, method=method, delta=delta)
+        job = c.synth_submit(
+            dataset,
+            epsilon=epsilon,
+            rows=rows,
+            seed=seed,
+            method=method,
+            delta=delta,
+            table=table,
+            join=join,
+            join_on=join_on,
+            join_private=join_private,
+        )
         spent = "cached, nothing spent" if job["cached"] else f"spent ε={job['epsilon_spent']:.4g}"
         console.print(f"job [bold]{job['job_id']}[/] ({job['method']}, {spent})")
         if not wait:

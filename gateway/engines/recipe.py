@@ -37,6 +37,7 @@ DIGEST = "__digest"  # the column the digest is computed into, never kept
 TAKE = "__take"  # the row's rank within its unit
 PRIOR = "__prior"  # an appended row's unit's rows kept by earlier versions
 PRIOR_UNIT = "__prior_unit"
+PRIOR_PERIOD = "__prior_period"  # with periods: the first day of that unit's period
 
 
 def _col(name: str) -> exp.Column:
@@ -216,20 +217,35 @@ def ranked_query(
     unit = policy.unit_column
     if unit is None:
         return exp.select(*select).from_(values)
+    # With periods the unit of bounding is (unit, period): k rows per unit in each period. A row without a period
+    # belongs to no period's budget and is never kept.
+    period = period_of(policy, None)
+    parts: list[exp.Expr] = [_col(unit)] + ([period] if period is not None else [])
     rank = exp.Window(
         this=exp.RowNumber(),
-        partition_by=[_col(unit)],
+        partition_by=[p.copy() for p in parts],
         order=exp.Order(expressions=[exp.Ordered(this=_col(DIGEST))]),
     )
     bound: exp.Expr = exp.Literal.number(int(policy.max_rows_per_unit))
     inner = exp.select(exp.Star(), exp.alias_(rank, TAKE, quoted=True)).from_(values)
     if kept is not None:
+        keys = [exp.alias_(_col(unit), PRIOR_UNIT, quoted=True)]
+        if period is not None:
+            keys.append(exp.alias_(period.copy(), PRIOR_PERIOD, quoted=True))
         earlier = (
-            exp.select(exp.alias_(_col(unit), PRIOR_UNIT, quoted=True), exp.alias_(exp.Count(this=exp.Star()), PRIOR))
+            exp.select(*keys, exp.alias_(exp.Count(this=exp.Star()), PRIOR))
             .from_(kept)
-            .group_by(_col(unit))
+            .group_by(*[p.copy() for p in parts])
         )
         prior = exp.Coalesce(this=exp.column(PRIOR, "p", quoted=True), expressions=[exp.Literal.number(0)])
+        on: exp.Expr = exp.NullSafeEQ(
+            this=exp.column(unit, "v", quoted=True), expression=exp.column(PRIOR_UNIT, "p", quoted=True)
+        )
+        if period is not None:
+            on = exp.and_(
+                on,
+                exp.NullSafeEQ(this=period_of(policy, "v"), expression=exp.column(PRIOR_PERIOD, "p", quoted=True)),
+            )
         inner = (
             exp.select(
                 exp.Column(this=exp.Star(), table=exp.to_identifier("v")),
@@ -237,20 +253,23 @@ def ranked_query(
                 exp.alias_(prior, PRIOR, quoted=True),
             )
             .from_(exp.alias_(values, "v"))
-            .join(
-                exp.alias_(exp.Subquery(this=earlier), "p"),
-                on=exp.NullSafeEQ(
-                    this=exp.column(unit, "v", quoted=True), expression=exp.column(PRIOR_UNIT, "p", quoted=True)
-                ),
-                join_type="left",
-            )
+            .join(exp.alias_(exp.Subquery(this=earlier), "p"), on=on, join_type="left")
         )
         bound = exp.Sub(this=bound, expression=_col(PRIOR))
-    return (
-        exp.select(*select)
-        .from_(exp.alias_(exp.Subquery(this=inner), "ranked"))
-        .where(exp.LTE(this=_col(TAKE), expression=bound))
-    )
+    condition: exp.Expr = exp.LTE(this=_col(TAKE), expression=bound)
+    if policy.period is not None:
+        condition = exp.and_(condition, exp.Not(this=exp.Is(this=_col(policy.period.column), expression=exp.Null())))
+    return exp.select(*select).from_(exp.alias_(exp.Subquery(this=inner), "ranked")).where(condition)
+
+
+def period_of(policy: Policy, table: str | None) -> exp.Expr | None:
+    """The first day of a row's period (`Policy.period`), as an expression over the period column (of `table`)."""
+    if policy.period is None:
+        return None
+    column = exp.column(policy.period.column, table, quoted=True) if table else _col(policy.period.column)
+    if policy.period.every == "day":
+        return column
+    return exp.DateTrunc(unit=exp.var(policy.period.every.upper()), this=column)
 
 
 def digests(key: bytes, batch: pa.RecordBatch, columns: list[str]) -> pa.Array:

@@ -250,6 +250,11 @@ class SparkEngine:
                 f"{policy.dataset!r} declares private tables ({', '.join(sorted(policy.private_tables))}): datasets of "
                 "several private tables and their joins run on DuckDB only for now; register it on the DuckDB engine"
             )
+        if policy.period is not None:
+            raise CatalogError(
+                f"{policy.dataset!r} declares a period (a time-partitioned privacy unit): periods run on DuckDB only; "
+                "register it on the DuckDB engine, or remove `period` from its policy"
+            )
         if policy.public_tables:
             raise CatalogError(
                 f"{policy.dataset!r} declares public tables: public tables and joins with them run on DuckDB only "

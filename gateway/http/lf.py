@@ -68,6 +68,31 @@ class LFStatsRequest(BaseModel):
         max_length=64,
         description="the dataset version to run on (GET /v1/datasets/{dataset}/versions); default: the latest",
     )
+    table: str | None = Field(
+        default=None,
+        max_length=64,
+        description="a private table of a dataset of several tables (its `private_tables`; the dataset's own table "
+        "by its name): the LFs run over that table's bounded rows, priced at its max_rows_per_unit. Default: the "
+        "dataset's own table",
+    )
+    join: str | None = Field(
+        default=None,
+        max_length=64,
+        description="a public table of the dataset joined on its unique key (with join_on): adds its columns, "
+        "sensitivity unchanged; a table without a unique key is refused",
+    )
+    join_on: str | None = Field(
+        default=None,
+        max_length=64,
+        description="the column of `table` (or of join_private) matched with the public table's unique key",
+    )
+    join_private: str | None = Field(
+        default=None,
+        max_length=64,
+        description="a further private table (or the dataset's own, by its name) joined with `table` on the "
+        "privacy unit: each unit then has at most the product of the two tables' bounds of joined rows, and every "
+        "sensitivity is priced at that product (or at the policy's max_joined_rows_per_unit, truncated to it)",
+    )
 
 
 # The server's log (uvicorn's, which `bastion serve` shows at INFO): long Python LF runs report how far they are.

@@ -58,6 +58,11 @@ class Budget(BaseModel):
     spent: dict[str, float]
     limit: dict[str, float]
     remaining: dict[str, float]
+    periods: dict[str, dict[str, dict[str, float]]] | None = Field(
+        default=None,
+        description="a dataset with periods only: per period its own spent, limit and remaining (each period has "
+        "its own budget); spent, limit and remaining above are then those of the period with the most spent",
+    )
 
 
 class QueryResponse(BaseModel):
@@ -82,6 +87,14 @@ class QueryResponse(BaseModel):
         default=None,
         description="dry run only: the cost under each accounting, pure {epsilon, delta} and zcdp {rho, delta, "
         "epsilon_equivalent, delta_equivalent} (the (ε, δ) the ρ is worth at half the policy's δ)",
+    )
+    periods: list[str] | None = Field(
+        default=None,
+        description="a dataset with periods only: the periods this query may read, each charged its whole cost "
+        "(only their rows are read)",
+    )
+    cost_per_period: dict[str, dict[str, float]] | None = Field(
+        default=None, description="dry run on a dataset with periods only: the cost each period's budget is charged"
     )
     cached: bool
     dry_run: bool

@@ -59,6 +59,29 @@ class SynthRequest(BaseModel):
         description="the dataset version to synthesise from (GET /v1/datasets/{dataset}/versions); default: the "
         "latest at submission. The job reads that version whenever it runs",
     )
+    table: str | None = Field(
+        default=None,
+        max_length=64,
+        description="a private table of a dataset of several tables (its `private_tables`; the dataset's own table "
+        "by its name): a proxy of that table, each proxy row standing for one of its bounded rows (joined with "
+        "`join`), measured at its max_rows_per_unit. Default: the dataset's own table",
+    )
+    join: str | None = Field(
+        default=None,
+        max_length=64,
+        description="a public table of the dataset joined on its unique key (with join_on): adds its columns, "
+        "sensitivity unchanged; a table without a unique key is refused",
+    )
+    join_on: str | None = Field(
+        default=None, max_length=64, description="the column of `table` matched with the public table's unique key"
+    )
+    join_private: str | None = Field(
+        default=None,
+        max_length=64,
+        description="a further private table (or the dataset's own, by its name) joined with `table` on the "
+        "privacy unit: one proxy row per joined row, measured at the product of the two tables' bounds (or the "
+        "policy's max_joined_rows_per_unit, truncated to it)",
+    )
 
 
 class SynthJob(BaseModel):
@@ -76,6 +99,11 @@ class SynthJob(BaseModel):
     seed: int
     dataset_version: str
     policy_fingerprint: str
+    tables: dict[str, Any] | None = Field(
+        default=None,
+        description="the private table (and joined public table) the proxy is of, its FROM, its rows per unit (the "
+        "sensitivity's k) and columns; null for the dataset's own table",
+    )
 
 
 router = APIRouter(prefix="/v1/synth", tags=["synthetic proxies"], responses=ERRORS)
@@ -110,6 +138,10 @@ def submit(body: SynthRequest, ctx: Ctx, jobs: Jobs) -> dict[str, Any]:
         method=body.method,
         delta=body.delta,
         version=body.version,
+        table=body.table,
+        join=body.join,
+        join_on=body.join_on,
+        join_private=body.join_private,
     )
 
 

@@ -27,6 +27,7 @@ from typing import Any
 from sqlglot import exp
 
 from gateway.engines.base import bounded
+from gateway.sql.periods import filtered
 from gateway.sql.plan import Kind, Measurement, Plan, RowValue
 from policies import mechanisms as mech
 from policies.schema import ColumnType
@@ -101,7 +102,12 @@ def read_table(plan: Plan) -> exp.Expr:
     table joined with a public table."""
     if plan.per_unit is not None:
         return plan.per_unit.table()
-    return plan.join.table_tree() if plan.join is not None else bounded(plan.dataset)
+    if plan.join is not None:
+        return plan.join.table_tree()
+    if plan.periods is not None:
+        # Only the rows of the periods charged are read, whatever the WHERE clause says (gateway.sql.periods).
+        return filtered(bounded(plan.dataset), plan.policy, plan.periods)
+    return bounded(plan.dataset)
 
 
 def values_source(plan: Plan) -> exp.Expr:

@@ -19,6 +19,7 @@ from sqlglot import exp
 from gateway.engines.public import PublicError, public_rows
 from gateway.sql.groups import PublicGroups, listed_domains, listed_filter, read_public_groups, refuse_listed_total
 from gateway.sql.parse import dataset_name, drop_qualifiers, parse_select, top_span
+from gateway.sql.periods import periods_read
 from policies import sensitivity as sens
 from policies.errors import QueryRejected
 from policies.expressions import (
@@ -296,6 +297,9 @@ class Plan:
     # A query joining the dataset with a public table (gateway.sql.joins): `policy` is then the joined table's (k·m
     # rows per unit), and the statements read the joined table in place of the bounded table.
     join: PublicJoin | PrivateJoin | None = field(default=None, repr=False, compare=False)
+    # A dataset with periods (`Policy.period`): the periods the query may read and is charged for, sorted; the
+    # statements read only their rows (gateway.sql.periods). None: a dataset without periods.
+    periods: tuple[str, ...] | None = field(default=None, compare=False)
 
     @property
     def dataset_policy(self) -> Policy:
@@ -1127,6 +1131,14 @@ def public_key_domain(expr: exp.Expr, policy: Policy, tree: exp.Expr, typed: Typ
     return sorted(found, key=lambda v: (str(type(v)), v))
 
 
+def _all_periods(plan: Plan) -> Plan:
+    """A join or a per-unit query on a dataset with periods reads and is charged every period (no analysis)."""
+    policy = plan.dataset_policy
+    if policy.period is not None:
+        plan.periods = tuple(label for label, _, _ in policy.periods())
+    return plan
+
+
 def plan_query(sql: str, resolve: Callable[[str], Policy], public: PublicReader | None = None) -> Plan:
     """Parse, validate and plan one analyst query. `resolve` maps a dataset name to its policy (or raises);
     `public` reads a dataset's public table (None: an engine without public tables, where joins are refused)."""
@@ -1136,15 +1148,20 @@ def plan_query(sql: str, resolve: Callable[[str], Policy], public: PublicReader 
         select = parse_select(sql)
         listed = read_public_groups(select, sql)  # a join listing public groups becomes one SELECT and its lists
         if listed is None and privatejoins.applies(select):  # reads a further private table, <dataset>.<table>
-            return privatejoins.plan(select, sql, resolve, public)
+            return _all_periods(privatejoins.plan(select, sql, resolve, public))
         if listed is None and joins.applies(select):  # a join with a public table of the dataset
-            return joins.plan(select, sql, resolve, public)
+            return _all_periods(joins.plan(select, sql, resolve, public))
         if perunit.source(select) is not None:  # a list of public groups may itself be the FROM's subquery
-            return perunit.plan(select, sql, resolve, public)
+            return _all_periods(perunit.plan(select, sql, resolve, public))
         name = dataset_name(select, sql)
         policy = resolve(name)
         drop_qualifiers(select, name)
-        return _Planner(select, sql, policy, listed).plan()
+        where = select.args.get("where")
+        read = periods_read(policy, where.this.copy() if where is not None else None) if policy.period else None
+        plan = _Planner(select, sql, policy, listed).plan()
+        if read is not None:
+            plan.periods = tuple(read)
+        return plan
     except RecursionError:
         raise QueryRejected(
             "the query is too deeply nested", reason="too_complex", hint="write a flatter expression"

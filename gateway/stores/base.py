@@ -8,7 +8,7 @@ shared directory)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -43,6 +43,7 @@ class LedgerStore(Protocol):
         request_id: str,
         kind: str = "query",
         accounting: Accounting = Accounting.PURE,
+        periods: Sequence[str] = (),
     ) -> Charge: ...
 
     def mark_audited(self, ids: Iterable[int | None]) -> None: ...

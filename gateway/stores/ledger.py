@@ -28,7 +28,7 @@ import re
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +119,13 @@ class Charge:
     dataset_after: PrivacyLoss
     id: int | None = None
     claimed: tuple[LedgerCharge, ...] = ()
+    # A charge on a dataset with periods: the rows it recorded (one per period, `id` is the first) and the periods.
+    ids: tuple[int, ...] = ()
+    periods: tuple[str, ...] = ()
+
+    @property
+    def all_ids(self) -> tuple[int | None, ...]:
+        return self.ids or (self.id,)
 
 
 @dataclass(frozen=True)
@@ -146,6 +153,29 @@ class LedgerCharge:
         return LedgerCharge(
             int(i), float(ts), str(principal), str(dataset), int(e), int(d), str(rid), str(kind), int(r or 0)
         )
+
+
+def period_charge(
+    charged: PrivacyLoss,
+    units: tuple[int, int, int],
+    worst: tuple[tuple[int, int, int], tuple[int, int, int]],
+    ids: Sequence[int],
+    claimed: tuple[LedgerCharge, ...],
+    periods: Sequence[str],
+) -> Charge:
+    """The `Charge` of a charge on one or more budget keys (`worst`: the spend of the key with the most spent)."""
+    (pe, pd, pr), (te, td, tr) = worst
+    ce, cd, cr = units
+    return Charge(
+        cost=charged,
+        principal_before=PrivacyLoss.from_units(pe, pd, pr),
+        principal_after=PrivacyLoss.from_units(pe + ce, pd + cd, pr + cr),
+        dataset_after=PrivacyLoss.from_units(te + ce, td + cd, tr + cr),
+        id=ids[0] if ids else None,
+        claimed=claimed,
+        ids=tuple(ids) if periods else (),
+        periods=tuple(sorted(set(periods))),
+    )
 
 
 def admit(
@@ -227,6 +257,22 @@ def recharge_in(
             )
             added.append(insert(top_up, dataset in zcdp or want_r > got_r))
     return added
+
+
+PERIOD_SEPARATOR = "@"
+
+
+def budget_keys(dataset: str, periods: Sequence[str]) -> list[str]:
+    """The ledger's keys of a charge: the dataset, or for a dataset with periods `dataset@period` for each period
+    charged, sorted (every store takes them, and their locks, in this order). A dataset's name has no `@`."""
+    if not periods:
+        return [dataset]
+    return sorted({f"{dataset}{PERIOD_SEPARATOR}{p}" for p in periods})
+
+
+def base_dataset(key: str) -> str:
+    """The dataset a ledger key belongs to."""
+    return key.split(PERIOD_SEPARATOR, 1)[0]
 
 
 class Ledger:
@@ -391,11 +437,16 @@ class Ledger:
         request_id: str,
         kind: str = "query",
         accounting: Accounting = Accounting.PURE,
+        periods: Sequence[str] = (),
     ) -> Charge:
         """Record `cost` (pending its audit record) if both caps allow it; raise BudgetExhausted (nothing
         recorded) if not. Unrecorded charges of earlier requests are claimed in the same transaction.
 
-        Under zCDP (`accounting`) the caps are on ρ and δ (see `caps`), and the cost's pure ε counts as ε²/2."""
+        Under zCDP (`accounting`) the caps are on ρ and δ (see `caps`), and the cost's pure ε counts as ε²/2.
+
+        `periods` (a dataset with periods): the cost is charged to each of these periods' budgets, each under both
+        caps, in one transaction: all of them or none. The budgets before and after are those of the period with
+        the most spent."""
         ce, cd = cost.units(round_up=True)
         charged = PrivacyLoss(cost.epsilon, cost.delta, self.charged_rho(cost, accounting))
         cr = charged.rho_units(round_up=True)
@@ -403,49 +454,58 @@ class Ledger:
         te_cap, td_cap, tr_cap = self.caps(total, accounting)
         other = Accounting.PURE if accounting is Accounting.ZCDP else Accounting.ZCDP
         owner = self.owner()
-        charge_id: int | None = None
+        keys = budget_keys(dataset, periods)
+        ids: list[int] = []
+        worst: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None
         try:
             with self._connections.get() as con:
                 con.execute("BEGIN IMMEDIATE")
                 try:
-                    pe, pd, pr = self._sum(con, "principal = ? AND dataset = ?", (principal, dataset))
-                    te, td, tr = self._sum(con, "dataset = ?", (dataset,))
-                    if con.execute(
-                        "SELECT 1 FROM charges WHERE dataset = ? AND accounting = ? LIMIT 1", (dataset, other.value)
-                    ).fetchone():
-                        raise BudgetExhausted(
-                            f"the spend on dataset {dataset!r} was accounted as {other.value}, and its policy now says "
-                            f"{accounting.value}: spend under one accounting cannot go on under the other "
-                            "(register the data as a new dataset to start a new budget)",
-                            scope="dataset",
+                    # Every period is checked before any is recorded: one refusal charges none (the transaction).
+                    for key in keys:
+                        spent = self._sum(con, "principal = ? AND dataset = ?", (principal, key))
+                        total_spent = self._sum(con, "dataset = ?", (key,))
+                        if con.execute(
+                            "SELECT 1 FROM charges WHERE dataset = ? AND accounting = ? LIMIT 1", (key, other.value)
+                        ).fetchone():
+                            raise BudgetExhausted(
+                                f"the spend on dataset {dataset!r} was accounted as {other.value}, and its policy now "
+                                f"says {accounting.value}: spend under one accounting cannot go on under the other "
+                                "(register the data as a new dataset to start a new budget)",
+                                scope="dataset",
+                            )
+                        admit(
+                            key if periods else dataset,
+                            cost,
+                            (ce, cd, cr),
+                            spent,
+                            total_spent,
+                            (pe_cap, pd_cap, pr_cap),
+                            (te_cap, td_cap, tr_cap),
                         )
-                    admit(
-                        dataset,
-                        cost,
-                        (ce, cd, cr),
-                        (pe, pd, pr),
-                        (te, td, tr),
-                        (pe_cap, pd_cap, pr_cap),
-                        (te_cap, td_cap, tr_cap),
-                    )
+                        if worst is None or spent > worst[0]:
+                            worst = (spent, total_spent)
                     if ce or cd or cr:
-                        charge_id = con.execute(
-                            "INSERT INTO charges (ts, principal, dataset, eps_units, delta_units, request_id, kind,"
-                            " audited, owner, rho_units, accounting) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            (
-                                time.time(),
-                                principal,
-                                dataset,
-                                ce,
-                                cd,
-                                request_id,
-                                kind,
-                                PENDING,
-                                owner,
-                                cr,
-                                accounting.value,
-                            ),
-                        ).lastrowid
+                        for key in keys:
+                            row_id = con.execute(
+                                "INSERT INTO charges (ts, principal, dataset, eps_units, delta_units, request_id, kind,"
+                                " audited, owner, rho_units, accounting) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                (
+                                    time.time(),
+                                    principal,
+                                    key,
+                                    ce,
+                                    cd,
+                                    request_id,
+                                    kind,
+                                    PENDING,
+                                    owner,
+                                    cr,
+                                    accounting.value,
+                                ),
+                            ).lastrowid
+                            assert row_id is not None
+                            ids.append(row_id)
                     claimed = self._claim(con, owner, "audited = ?", (UNRECORDED,))
                     con.execute("COMMIT")
                 except BaseException:
@@ -453,14 +513,8 @@ class Ledger:
                     raise
         except sqlite3.Error as exc:
             raise LedgerUnavailable(f"the budget ledger cannot be written: {exc}") from exc
-        return Charge(
-            cost=charged,
-            principal_before=PrivacyLoss.from_units(pe, pd, pr),
-            principal_after=PrivacyLoss.from_units(pe + ce, pd + cd, pr + cr),
-            dataset_after=PrivacyLoss.from_units(te + ce, td + cd, tr + cr),
-            id=charge_id,
-            claimed=claimed,
-        )
+        assert worst is not None
+        return period_charge(charged, (ce, cd, cr), worst, ids, claimed, periods)
 
     @staticmethod
     def _claim(con: sqlite3.Connection, owner: str, where: str, args: tuple[object, ...]) -> tuple[LedgerCharge, ...]:

@@ -27,7 +27,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -42,6 +42,8 @@ from gateway.stores.ledger import (
     Ledger,
     LedgerCharge,
     admit,
+    budget_keys,
+    period_charge,
     recharge_in,
 )
 from policies.accountant import Accounting, PrivacyLoss
@@ -169,6 +171,10 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 _ROW = "id, ts, principal, dataset, eps_units, delta_units, request_id, kind, rho_units"
+_ALL_BY_REQUEST = (
+    "SELECT id, principal, dataset, eps_units, delta_units, rho_units FROM ledger_charges "
+    "WHERE request_id = %s AND ts >= %s AND kind <> 'reconcile' ORDER BY id"
+)
 _BY_REQUEST = (
     "SELECT id, principal, dataset, eps_units, delta_units, rho_units FROM ledger_charges "
     "WHERE request_id = %s AND ts >= %s AND kind <> 'reconcile' ORDER BY id LIMIT 1"
@@ -423,6 +429,7 @@ class PgLedger:
         request_id: str,
         kind: str = "query",
         accounting: Accounting = Accounting.PURE,
+        periods: Sequence[str] = (),
     ) -> Charge:
         """As `Ledger.charge`: the dataset's advisory lock makes the check and the record one step across hosts."""
         ce, cd = cost.units(round_up=True)
@@ -445,6 +452,7 @@ class PgLedger:
                     request_id,
                     kind,
                     accounting,
+                    periods,
                 )
             except LedgerUnavailable as exc:
                 # Only a connection lost during the work is tried again; a server that cannot be reached at all
@@ -468,59 +476,73 @@ class PgLedger:
         request_id: str,
         kind: str,
         accounting: Accounting,
+        periods: Sequence[str] = (),
     ) -> Charge:
         ce, cd, cr = units
         other = Accounting.PURE if accounting is Accounting.ZCDP else Accounting.ZCDP
         owner = self.owner()
-        charge_id: int | None = None
+        keys = budget_keys(dataset, periods)
+        ids: list[int] = []
+        worst: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None
         with self._con("written") as con, con.transaction():
-            con.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_DATASET_LOCK, dataset))
-            pe, pd, pr = self._sum(con, "principal = %s AND dataset = %s", (principal, dataset))
-            te, td, tr = self._sum(con, "dataset = %s", (dataset,))
-            found = None
-            if retry_since is not None:
-                found = con.execute(_BY_REQUEST, (request_id, retry_since)).fetchone()
-            again = replayed(
-                found,
-                request_id,
-                principal,
-                dataset,
-                units,
-                charged,
-                (pe, pd, pr),
-                (te, td, tr),
-            )
-            if again is not None:
-                return again
-            if con.execute(
-                "SELECT 1 FROM ledger_charges WHERE dataset = %s AND accounting = %s LIMIT 1", (dataset, other.value)
-            ).fetchone():
-                raise BudgetExhausted(
-                    f"the spend on dataset {dataset!r} was accounted as {other.value}, and its policy now says "
-                    f"{accounting.value}: spend under one accounting cannot go on under the other "
-                    "(register the data as a new dataset to start a new budget)",
-                    scope="dataset",
+            # One lock per budget key, always in sorted order: two multi-period charges cannot deadlock.
+            for key in keys:
+                con.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_DATASET_LOCK, key))
+            if retry_since is not None and periods:
+                rows = con.execute(_ALL_BY_REQUEST, (request_id, retry_since)).fetchall()
+                if rows:
+                    got = sorted((str(r[1]), str(r[2]), (int(r[3]), int(r[4]), int(r[5] or 0))) for r in rows)
+                    if got != [(principal, key, units) for key in keys]:
+                        raise InvalidRequest(
+                            f"request id {request_id!r} was charged for another request; nothing was charged"
+                        )
+                    spent = max(self._sum(con, "principal = %s AND dataset = %s", (principal, k)) for k in keys)
+                    total_spent = max(self._sum(con, "dataset = %s", (k,)) for k in keys)
+                    before = (spent[0] - ce, spent[1] - cd, spent[2] - cr)
+                    return period_charge(
+                        charged,
+                        units,
+                        (before, (total_spent[0] - ce, total_spent[1] - cd, total_spent[2] - cr)),
+                        [int(r[0]) for r in rows],
+                        (),
+                        periods,
+                    )
+            for key in keys:
+                pe, pd, pr = self._sum(con, "principal = %s AND dataset = %s", (principal, key))
+                te, td, tr = self._sum(con, "dataset = %s", (key,))
+                if retry_since is not None and not periods:
+                    found = con.execute(_BY_REQUEST, (request_id, retry_since)).fetchone()
+                    again = replayed(found, request_id, principal, dataset, units, charged, (pe, pd, pr), (te, td, tr))
+                    if again is not None:
+                        return again
+                if con.execute(
+                    "SELECT 1 FROM ledger_charges WHERE dataset = %s AND accounting = %s LIMIT 1", (key, other.value)
+                ).fetchone():
+                    raise BudgetExhausted(
+                        f"the spend on dataset {dataset!r} was accounted as {other.value}, and its policy now says "
+                        f"{accounting.value}: spend under one accounting cannot go on under the other "
+                        "(register the data as a new dataset to start a new budget)",
+                        scope="dataset",
+                    )
+                admit(
+                    key if periods else dataset, cost, units, (pe, pd, pr), (te, td, tr), principal_caps, dataset_caps
                 )
-            admit(dataset, cost, (ce, cd, cr), (pe, pd, pr), (te, td, tr), principal_caps, dataset_caps)
+                if worst is None or (pe, pd, pr) > worst[0]:
+                    worst = ((pe, pd, pr), (te, td, tr))
             if ce or cd or cr:
-                row = con.execute(
-                    "INSERT INTO ledger_charges (ts, principal, dataset, eps_units, delta_units, request_id, kind, "
-                    "audited, owner, rho_units, accounting) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                    "RETURNING id",
-                    (time.time(), principal, dataset, ce, cd, request_id, kind, PENDING, owner, cr, accounting.value),
-                ).fetchone()
-                assert row is not None
-                charge_id = int(row[0])
-                con.execute(_ADD_SPENT, (principal, dataset, ce, cd, cr))
+                for key in keys:
+                    row = con.execute(
+                        "INSERT INTO ledger_charges (ts, principal, dataset, eps_units, delta_units, request_id, kind, "
+                        "audited, owner, rho_units, accounting) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                        "RETURNING id",
+                        (time.time(), principal, key, ce, cd, request_id, kind, PENDING, owner, cr, accounting.value),
+                    ).fetchone()
+                    assert row is not None
+                    ids.append(int(row[0]))
+                    con.execute(_ADD_SPENT, (principal, key, ce, cd, cr))
             claimed = self._claim(con, owner, "audited = %s", (UNRECORDED,))
-        return Charge(
-            cost=charged,
-            principal_before=PrivacyLoss.from_units(pe, pd, pr),
-            principal_after=PrivacyLoss.from_units(pe + ce, pd + cd, pr + cr),
-            dataset_after=PrivacyLoss.from_units(te + ce, td + cd, tr + cr),
-            id=charge_id,
-            claimed=claimed,
-        )
+        assert worst is not None
+        return period_charge(charged, units, worst, ids, claimed, periods)
 
     @staticmethod
     def _claim(
