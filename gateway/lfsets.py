@@ -42,6 +42,7 @@ from typing import Any
 from audit.record import Event, utc_now
 from gateway.labeling import lf_stats
 from gateway.service import Bastion, Context
+from gateway.stores.ledger import base_dataset
 from gateway.stores.tokens import Principal
 from policies.errors import BudgetExhausted, GatewayError, InvalidRequest, NotFound
 
@@ -277,10 +278,13 @@ def _advance(bastion: Bastion, record: dict[str, Any], store: LFSetStore) -> lis
     # A pending entry whose process died: charged once already (interrupted), or not charged (computed below).
     for e in list(record["history"]):
         if e["status"] == "pending":
+            # Every ledger key of the dataset: with periods a charge is one row per period (`dataset@period`).
             charged = [
                 c
-                for c in bastion.ledger.history(record["dataset"])
-                if c["request_id"] == e["request_id"] and c["principal"] == record["author"]["name"]
+                for c in bastion.ledger.history()
+                if c["request_id"] == e["request_id"]
+                and c["principal"] == record["author"]["name"]
+                and base_dataset(str(c["dataset"])) == record["dataset"]
             ]
             if charged:
                 e.update(status="interrupted", epsilon_spent=float(str(charged[0]["epsilon"])), time=utc_now())

@@ -292,8 +292,12 @@ def request_id(dataset: str, version: str) -> str:
 
 def _charge_of(bastion: Bastion, dataset: str, rid: str) -> float | None:
     """The ε the ledger charged the monitor under `rid`, or None (LedgerUnavailable if it cannot be read)."""
-    for c in bastion.ledger.history(dataset):
-        if c["request_id"] == rid and c["principal"] == PRINCIPAL:
+    from gateway.stores.ledger import base_dataset
+
+    # Every ledger key of the dataset: on a dataset with periods a charge is one row per period (`dataset@period`),
+    # each of the whole cost.
+    for c in bastion.ledger.history():
+        if c["request_id"] == rid and c["principal"] == PRINCIPAL and base_dataset(str(c["dataset"])) == dataset:
             return float(str(c["epsilon"]))
     return None
 

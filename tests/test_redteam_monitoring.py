@@ -231,3 +231,82 @@ def kept_rows(bastion: Bastion, version: Any) -> int:
     query = exp.select(exp.Count(this=exp.Star())).from_(table).sql(dialect="duckdb")
     ((count,),) = engine.connect().execute(query).fetchall()
     return int(count)
+
+
+def test_on_a_dataset_with_periods_a_charged_report_is_still_found_and_not_charged_again(tmp_path: Path) -> None:
+    """With periods the ledger keeps a charge under `dataset@period` keys. The version's charge must still be found
+    (the log failed after it): the rerun keeps it `interrupted`, charged once in every period."""
+    policy = MONITORED.replace("  income:", "  day: {type: date, bounds: [2020-01-01, 2020-03-31]}\n  income:")
+    policy += "period: {column: day, every: month}\n"
+    (tmp_path / "feed.yaml").write_text(policy)
+    head = "pid,region,income,day\n"
+    (tmp_path / "b0.csv").write_text(head + "".join(f"{i},north,{i % 100},2020-0{1 + i % 3}-15\n" for i in range(90)))
+    (tmp_path / "b1.csv").write_text(head + "".join(f"{i},south,{i % 90},2020-0{1 + i % 3}-16\n" for i in range(90)))
+    ws = build_workspace(tmp_path, [(tmp_path / "feed.yaml", tmp_path / "b0.csv")], {"analyst": "alice"})
+    bastion = Bastion(ws.settings, read_only=True)
+    real = bastion.audit
+
+    def audit(ctx: Any, event: str, **fields: Any) -> dict[str, Any]:
+        if event == Event.MONITORING_REPORT and fields.get("phase") == "released":
+            raise AuditUnavailable("the audit log cannot be written")
+        return real(ctx, event, **fields)
+
+    try:
+        version, _ = bastion.engine.append("feed", tmp_path / "b1.csv")
+        bastion.audit = audit  # type: ignore[method-assign]
+        first = monitor_version(bastion, "feed", version.version, tmp_path / "b1.csv")
+        bastion.audit = real  # type: ignore[method-assign]
+        again = monitor_version(bastion, "feed", version.version, tmp_path / "b1.csv")
+        charged = [c for c in bastion.ledger.history() if c["principal"] == PRINCIPAL]
+    finally:
+        bastion.close()
+    assert first is not None and first["status"] == "skipped" and first["reason"] == "interrupted"
+    assert again == first
+    assert sorted(str(c["dataset"]) for c in charged) == ["feed@2020-01", "feed@2020-02", "feed@2020-03"]
+
+
+def test_on_a_dataset_with_periods_an_lf_set_version_charged_before_a_failure_is_not_charged_again(
+    tmp_path: Path,
+) -> None:
+    """The LF-set twin: the author's charge of a version is found under the `dataset@period` keys."""
+    policy = (
+        "dataset: feed\nprivacy_unit: uid\nmax_rows_per_unit: 1\n"
+        "budget: {per_principal: {epsilon: 1000}, total: {epsilon: 10000}}\n"
+        "columns:\n  uid: {type: int, usage: hidden}\n  note: {type: text, usage: labeling}\n"
+        "  day: {type: date, bounds: [2020-01-01, 2020-02-29]}\n"
+        "roles: {lf_author: [labeling]}\nlabels: {classes: [x, y]}\nperiod: {column: day, every: month}\n"
+    )
+    (tmp_path / "feed.yaml").write_text(policy)
+    rows = "".join(f"{i},{('aaa', 'bbb')[i % 2]},2020-0{1 + i % 2}-10\n" for i in range(200))
+    (tmp_path / "b0.csv").write_text("uid,note,day\n" + rows)
+    (tmp_path / "b1.csv").write_text("uid,note,day\n" + rows.replace("-10\n", "-11\n"))
+    ws = build_workspace(tmp_path, [(tmp_path / "feed.yaml", tmp_path / "b0.csv")], {"lf_author": "lena"})
+    with ws.app() as client:
+        s = client.post("/v1/lf/sets", json=BODY, headers=ws.headers("lf_author")).json()
+    assert "id" in s, s
+    v2 = append(ws, tmp_path / "b1.csv")
+    bastion = Bastion(ws.settings, read_only=True)
+    real = bastion.audit
+
+    def audit(ctx: Any, event: str, **fields: Any) -> dict[str, Any]:
+        if event == Event.LF_STATS and fields.get("phase") == "released":
+            raise AuditUnavailable("the audit log cannot be written")
+        return real(ctx, event, **fields)
+
+    try:
+        record = store_of(bastion).read(s["id"])
+        assert record is not None
+        ctx = _author_context(bastion, record, v2)
+        assert ctx is not None
+        bastion.audit = audit  # type: ignore[method-assign]
+        with pytest.raises(AuditUnavailable):
+            catch_up(bastion)
+        bastion.audit = real  # type: ignore[method-assign]
+        catch_up(bastion)
+        charges = [c for c in bastion.ledger.history() if c["request_id"] == ctx.request_id]
+        history = (store_of(bastion).read(s["id"]) or {})["history"]
+    finally:
+        bastion.close()
+    assert sorted(str(c["dataset"]) for c in charges) == ["feed@2020-01", "feed@2020-02"]  # once per period
+    assert [e["status"] for e in history] == ["computed", "interrupted"]
+    assert history[-1]["epsilon_spent"] == EPSILON
