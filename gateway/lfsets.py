@@ -18,8 +18,9 @@ else in the workspace; written atomically (temporary file, fsync, rename, fsync 
 a set holds an exclusive lock on the set's lock file (`fcntl.flock`, which the kernel releases if the process dies),
 so two processes (replicas catching up at once) never compute a (set, version) twice: the second finds the version
 in the history. A version's entry is written as `pending` before the charge, under a request id derived from the set
-and the version; a pending entry found later (its process died) is looked up in the ledger under that id: charged,
-it stays charged once (`interrupted`, no statistics); not charged, it is computed.
+and the version; a pending entry found later (its process died, or the ledger or the log failed, before or after
+the charge) is looked up in the ledger under that id: charged, it stays charged once (`interrupted`, no
+statistics); not charged, it is computed.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from typing import Any
 from audit.record import Event, utc_now
 from gateway.labeling import lf_stats
 from gateway.service import Bastion, Context
+from gateway.stores.ledger import base_dataset
 from gateway.stores.tokens import Principal
 from policies.errors import BudgetExhausted, GatewayError, InvalidRequest, NotFound
 
@@ -276,10 +278,13 @@ def _advance(bastion: Bastion, record: dict[str, Any], store: LFSetStore) -> lis
     # A pending entry whose process died: charged once already (interrupted), or not charged (computed below).
     for e in list(record["history"]):
         if e["status"] == "pending":
+            # Every ledger key of the dataset: with periods a charge is one row per period (`dataset@period`).
             charged = [
                 c
-                for c in bastion.ledger.history(record["dataset"])
-                if c["request_id"] == e["request_id"] and c["principal"] == record["author"]["name"]
+                for c in bastion.ledger.history()
+                if c["request_id"] == e["request_id"]
+                and c["principal"] == record["author"]["name"]
+                and base_dataset(str(c["dataset"])) == record["dataset"]
             ]
             if charged:
                 e.update(status="interrupted", epsilon_spent=float(str(charged[0]["epsilon"])), time=utc_now())
@@ -312,8 +317,8 @@ def _advance(bastion: Bastion, record: dict[str, Any], store: LFSetStore) -> lis
             entry = _compute(bastion, record, v.version, ctx)
         except GatewayError as exc:
             if exc.status >= 500:
-                record["history"].pop()  # the ledger or the log out of reach: try again later
-                store.write(record)
+                # The ledger or the log out of reach, before or after the charge: the entry stays pending, and the
+                # next catch-up looks the charge up under its request id (charged: interrupted; not: computed).
                 raise
             entry = {"version": v.version, "status": "refused", "reason": exc.code, "time": utc_now()}
             if isinstance(exc, BudgetExhausted):

@@ -18,10 +18,12 @@ report raises any alert with probability at most about `alert_rate` (the noisy d
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
 PRINCIPAL = "bastion:monitoring"  # reserved: no token can take a name with a colon
 ROLE = "monitoring"
 ALPHA = 0.05  # the intervals shown with every share (95%)
+_NAMESPACE = uuid.UUID("0b6f4c2e-7d3a-4e51-9a8c-5f2e1d0c3b4a")  # of the request id a version's report is charged under
 
 
 class ReportNotFound(NotFound):
@@ -68,6 +71,19 @@ class ReportStore:
         except FileNotFoundError:
             return None
         return data
+
+    @contextlib.contextmanager
+    def locked(self, dataset: str, version: str) -> Iterator[None]:
+        """Exclusive, across processes and threads (`flock` on a lock file of its own, released by the kernel if
+        the process dies): one report of a version is made at a time."""
+        folder = self.root / dataset
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(folder / f".{version}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def put(self, report: dict[str, Any]) -> None:
         path = self.path(report["dataset"], report["version"])
@@ -269,10 +285,33 @@ def baseline_of(store: ReportStore, versions: list[str], version: str, dataset: 
     return None
 
 
+def request_id(dataset: str, version: str) -> str:
+    """The request id a version's report is charged under: one per version, so a charge is found again."""
+    return uuid.uuid5(_NAMESPACE, f"{dataset}/{version}").hex
+
+
+def _charge_of(bastion: Bastion, dataset: str, rid: str) -> float | None:
+    """The ε the ledger charged the monitor under `rid`, or None (LedgerUnavailable if it cannot be read)."""
+    from gateway.stores.ledger import base_dataset
+
+    # Every ledger key of the dataset: on a dataset with periods a charge is one row per period (`dataset@period`),
+    # each of the whole cost.
+    for c in bastion.ledger.history():
+        if c["request_id"] == rid and c["principal"] == PRINCIPAL and base_dataset(str(c["dataset"])) == dataset:
+            return float(str(c["epsilon"]))
+    return None
+
+
 def monitor_version(bastion: Bastion, dataset: str, version: str, source: Path) -> dict[str, Any] | None:
     """Make (charge, compute, release, audit, store) the report of a new version of `dataset` whose batch is
     `source`; None if the policy declares no monitoring. A refused charge (the monitoring cap or the dataset's
-    total budget spent) gives a `skipped` report: the version stands, unmonitored."""
+    total budget spent) gives a `skipped` report: the version stands, unmonitored.
+
+    A version is charged at most once: its report is made under a lock of its own and charged under a request id
+    made from the version, and a version that already has a report gets that report back. If the ledger holds the
+    version's charge but no report was stored (the process died, or the log failed after the charge, and nothing
+    was released), the report is `skipped` with reason `interrupted` and the ε charged. If the ledger or the log
+    fails before any charge, nothing is stored and the error is raised (rerunning the append makes the report)."""
     from gateway.service import Context
     from gateway.stores.tokens import Principal
 
@@ -281,47 +320,63 @@ def monitor_version(bastion: Bastion, dataset: str, version: str, source: Path) 
         return None
     mon = policy.monitoring
     store = ReportStore.of(bastion.settings)
-    report_id = uuid.uuid4().hex
-    versions = [v.version for v in bastion.engine.versions(dataset)]
-    baseline = baseline_of(store, versions, version, dataset)
-    charged = policy.model_copy(update={"budget": Budgets(per_principal=mon.cap, total=policy.budget.total)})
-    ctx = Context(principal=Principal(name=PRINCIPAL, role=ROLE, token_id=""), source="local")
     engine: Any = bastion.engine
+    with store.locked(dataset, version):
+        found = store.get(dataset, version)
+        if found is not None:
+            return found  # made already (by an append racing this one, say): not charged again
+        report_id = uuid.uuid4().hex
+        if not hasattr(engine, "profile"):  # monitoring reads batches on DuckDB only (as appends): refused uncharged
+            return _skipped(store, report_id, dataset, version, "unsupported_engine")
+        rid = request_id(dataset, version)
+        spent = _charge_of(bastion, dataset, rid)
+        if spent is not None:
+            return _skipped(store, report_id, dataset, version, "interrupted", epsilon=spent)
+        versions = [v.version for v in engine.versions(dataset)]
+        baseline = baseline_of(store, versions, version, dataset)
+        charged = policy.model_copy(update={"budget": Budgets(per_principal=mon.cap, total=policy.budget.total)})
+        ctx = Context(principal=Principal(name=PRINCIPAL, role=ROLE, token_id=""), source="local", request_id=rid)
 
-    def compute(exact: list[int] | None = None) -> dict[str, Any]:
-        if exact is None:
-            exact = engine.profile(dataset, source, version, mon.bins)
-        noisy, scale = release(policy, exact)
-        return build_report(policy, version, noisy, scale=scale, baseline=baseline, report_id=report_id)
+        def compute(exact: list[int] | None = None) -> dict[str, Any]:
+            if exact is None:
+                exact = engine.profile(dataset, source, version, mon.bins)
+            noisy, scale = release(policy, exact)
+            return build_report(policy, version, noisy, scale=scale, baseline=baseline, report_id=report_id)
 
-    def fallback() -> dict[str, Any]:
-        size = sum(len(m.cells) for m in monitored(policy, mon.bins))
-        return compute([0] * size)
+        def fallback() -> dict[str, Any]:
+            size = sum(len(m.cells) for m in monitored(policy, mon.bins))
+            return compute([0] * size)
 
-    if not hasattr(engine, "profile"):  # monitoring reads batches on DuckDB only (as appends): refused uncharged
-        return _skipped(store, report_id, dataset, version, "unsupported_engine")
-    try:
-        report = bastion.run_private(
-            ctx,
-            policy=charged,
-            event=Event.MONITORING_REPORT,
-            request={"report_id": report_id, "version": version},
-            cost=PrivacyLoss(mon.epsilon),
-            key=None,
-            compute=compute,
-            fallback=fallback,
-            kind="monitoring",
-            version=version,
-        )
-    except GatewayError as exc:
-        return _skipped(store, report_id, dataset, version, exc.code)
-    kept = {k: report[k] for k in (*build_keys(), "tests", "alerts") if k in report}
-    store.put(kept)
-    return kept
+        try:
+            report = bastion.run_private(
+                ctx,
+                policy=charged,
+                event=Event.MONITORING_REPORT,
+                request={"report_id": report_id, "version": version},
+                cost=PrivacyLoss(mon.epsilon),
+                key=None,
+                compute=compute,
+                fallback=fallback,
+                kind="monitoring",
+                version=version,
+            )
+        except GatewayError as exc:
+            if exc.status < 500:
+                return _skipped(store, report_id, dataset, version, exc.code)  # refused before the charge
+            spent = _charge_of(bastion, dataset, rid)
+            if spent is None:
+                raise  # nothing charged, nothing stored: a rerun makes the report
+            return _skipped(store, report_id, dataset, version, "interrupted", epsilon=spent)
+        kept = {k: report[k] for k in (*build_keys(), "tests", "alerts") if k in report}
+        store.put(kept)
+        return kept
 
 
-def _skipped(store: ReportStore, report_id: str, dataset: str, version: str, reason: str) -> dict[str, Any]:
-    """The report of a version that was not monitored (nothing charged, nothing read), stored so readers see why."""
+def _skipped(
+    store: ReportStore, report_id: str, dataset: str, version: str, reason: str, *, epsilon: float = 0.0
+) -> dict[str, Any]:
+    """The report of a version that was not monitored (nothing released; nothing charged, or for an `interrupted`
+    one the ε that was charged), stored so readers see why."""
     skipped = {
         "report_id": report_id,
         "dataset": dataset,
@@ -329,7 +384,7 @@ def _skipped(store: ReportStore, report_id: str, dataset: str, version: str, rea
         "status": "skipped",
         "reason": reason,
         "time": now(),
-        "epsilon": 0.0,
+        "epsilon": epsilon,
         "alerts": [],
     }
     with contextlib.suppress(OSError):

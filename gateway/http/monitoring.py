@@ -52,7 +52,10 @@ class MonitoringReport(BaseModel):
     report_id: str
     dataset: str
     version: str
-    status: str = Field(description="ok, or skipped (with reason: the monitoring budget was spent)")
+    status: str = Field(
+        description="ok, or skipped (with reason: the monitoring budget was spent, an engine without monitoring, or "
+        "interrupted: charged, nothing released)"
+    )
     reason: str | None = None
     time: str
     baseline: str | None = Field(default=None, description="the version whose report the alerts compare with")
