@@ -265,7 +265,9 @@ def test_false_alert_rate_over_many_releases_of_an_unchanged_feed_and_the_power_
     changed = _alerts(ws, [v2, v3], alpha, runs)
     detected = sum(1 for found in changed if found == [("a", "coverage")])
     assert detected >= 0.95 * runs
-    assert all(set(found) <= {("a", "coverage")} for found in changed)
+    # Other alerts on the changed feed are false ones too: bounded like those of the unchanged feed.
+    others = sum(1 for found in changed if set(found) - {("a", "coverage")})
+    assert others <= runs * rate + 3 * (runs * rate * (1 - rate)) ** 0.5, others
     # Without the correction (each interval at 0.3 on its own), the same unchanged feed alerts far more often:
     # the test can tell the corrected rate from an uncorrected one.
     naive = sum(1 for found in _alerts(ws, [v1, v2], 0.3, runs) if found)
