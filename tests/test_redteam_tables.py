@@ -1,0 +1,183 @@
+"""Red-team pass of synthetic proxies and LF statistics over the private tables of a dataset of several tables and
+their joins (the hospital demo): hostile `table`/`join`/`join_on`/`join_private` values are refused before any
+charge with the denial audited; the cache and job-idempotency keys tell every source apart (no cheaper earlier
+answer is returned for a costlier source); LF conditions reach only the joined table's priced columns; proxies
+never carry a unit column of any side; every source is priced at its joined rows per unit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+
+from audit.log import AuditLog
+from gateway.demo import HOSPITAL_POLICY_YAML, diagnosis_chapters, write_hospital
+from gateway.tablesources import resolve_source, with_classes
+from labeling_functions.analysis import plan_lf_stats
+from policies.errors import QueryRejected
+from policies.schema import parse_policy
+from tests.conftest import ROLES, Workspace, build_workspace
+from tests.synth.helpers import proxy_frame, wait
+
+GRANTS = "  analyst: [query, synth]"
+POLICY_YAML = HOSPITAL_POLICY_YAML.replace(GRANTS, "  analyst: [query, synth, labeling]")
+CHAPTERS = {"join": "diagnosis_chapters", "join_on": "diagnosis"}
+
+
+def _public(dataset: str, table: str) -> Any:
+    return diagnosis_chapters()
+
+
+@pytest.fixture(scope="module")
+def hospital(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+    assert GRANTS in HOSPITAL_POLICY_YAML
+    data, policy = write_hospital(tmp_path_factory.mktemp("rt-hospital-src"), n_patients=600)
+    policy.write_text(POLICY_YAML)
+    return build_workspace(tmp_path_factory.mktemp("rt-hospital-ws"), [(policy, data)], ROLES)
+
+
+def _spent(c: Any, h: dict[str, str]) -> tuple[float, float]:
+    budget = next(b for b in c.get("/v1/budget", headers=h).json() if b["dataset"] == "hospital")
+    return float(budget["spent"]["epsilon"]), float(budget["spent"]["delta"])
+
+
+HOSTILE = [
+    ({"table": "hospital.visits"}, "unknown_table"),  # a dotted name
+    ({"table": '"visits"'}, "unknown_table"),  # a quoted name
+    ({"table": "visits; DROP TABLE x"}, "unknown_table"),
+    ({"table": "demo"}, "unknown_table"),  # another dataset's name
+    ({"table": "diagnosis_chapters"}, "unknown_table"),  # the public table as the private side
+    ({"table": "visits", "join_private": "Visits"}, "join"),  # a self-join by case
+    ({"table": "hospital", "join_private": "HOSPITAL"}, "join"),  # the dataset's own table with itself
+    ({"join_private": "hospital"}, "join"),  # no table: the own table, joined with itself
+    ({"table": "visits", "join_private": "diagnosis_chapters"}, "unknown_table"),  # a public table as private
+    ({"table": "visits", "join": "labs", "join_on": "visit_id"}, "unknown_table"),  # a private table as public
+    ({"table": "visits", "join": "main.diagnosis_chapters", "join_on": "diagnosis"}, "unknown_table"),
+    ({"table": "visits", "join": "diagnosis_chapters", "join_on": "patient_id"}, "privacy_unit_column"),  # the unit
+    ({"table": "visits", "join": "diagnosis_chapters", "join_on": "a.diagnosis"}, "unknown_column"),
+    ({"table": "visits", "join": "diagnosis_chapters", "join_on": "code"}, "unknown_column"),  # the public key
+    ({"table": "visits", "join": "diagnosis_chapters", "join_on": "age"}, "unknown_column"),  # another table's
+    ({"table": "visits", "join": "diagnosis_chapters", "join_on": "visit_id"}, "type_error"),
+    (
+        {"table": "visits", "join_private": "labs", "join": "diagnosis_chapters", "join_on": "patient_id"},
+        "privacy_unit_column",
+    ),
+]
+
+
+@pytest.mark.parametrize(("choice", "reason"), HOSTILE)
+def test_hostile_sources_are_refused_before_the_charge(
+    hospital: Workspace, choice: dict[str, Any], reason: str
+) -> None:
+    h = hospital.headers("analyst")
+    synth = {"dataset": "hospital", "epsilon": 1.0, "rows": 11, **choice}
+    lf = {"dataset": "hospital", "epsilon": 1.0, "lfs": [{"name": "a", "label": "urgent", "when": "1 = 1"}], **choice}
+    with hospital.app() as c:
+        before = _spent(c, h)
+        for path, body in (("/v1/synth", synth), ("/v1/lf/stats", lf)):
+            r = c.post(path, json=body, headers=h)
+            assert r.status_code == 400, (path, r.text)
+            assert r.json()["error"].get("reason") == reason, (path, r.text)
+        assert _spent(c, h) == before
+    records = list(AuditLog(hospital.settings.audit_dir).records())
+    for event in ("synth", "lf_stats"):
+        denied = [
+            r
+            for r in records
+            if r.get("event") == event
+            and r.get("decision") == "denied"
+            and all(r.get("request", {}).get(k) == v for k, v in choice.items())
+        ]
+        assert denied, event
+
+
+def test_each_source_is_charged_and_cached_apart(hospital: Workspace) -> None:
+    """The same LFs and the same proxy request over different sources are separate releases, each charged; only an
+    identical repeat (by any spelling of the same names) is answered from the cache, free."""
+    h = hospital.headers("analyst")
+    sources: list[dict[str, Any]] = [
+        {},
+        {"table": "visits"},
+        {"table": "visits", **CHAPTERS},
+        {"table": "visits", "join_private": "labs"},
+        {"table": "labs", "join_private": "visits"},
+    ]
+    lfs = [{"name": "recent", "label": "urgent", "when": "visit_id > 3"}]
+    with hospital.app() as c:
+        seen_lf: list[Any] = []
+        seen_jobs: list[str] = []
+        for source in sources:
+            for path, body in (
+                ("/v1/lf/stats", {"dataset": "hospital", "epsilon": 0.25, "lfs": lfs, **source}),
+                ("/v1/synth", {"dataset": "hospital", "epsilon": 0.25, "rows": 20, "seed": 3, **source}),
+            ):
+                if path == "/v1/lf/stats" and not source:
+                    continue  # visit_id is no column of the patients
+                before = _spent(c, h)
+                r = c.post(path, json=body, headers=h)
+                assert r.status_code == 200, (path, source, r.text)
+                answer = r.json()
+                assert not answer["cached"], (path, source)
+                assert _spent(c, h)[0] == pytest.approx(before[0] + 0.25), (path, source)
+                if path == "/v1/synth":
+                    seen_jobs.append(answer["job_id"])
+                    # One unfinished job per principal: let it finish before the repeat and the next source.
+                    assert wait(c, h, answer["job_id"])["status"] == "done"
+                else:
+                    seen_lf.append(answer["tables"])
+                # The same request with its names in another case: the same release, free.
+                shouted = {k: v.upper() if k in ("table", "join", "join_private") else v for k, v in body.items()}
+                r = c.post(path, json=shouted, headers=h)
+                assert r.status_code == 200, r.text
+                assert r.json()["cached"] and _spent(c, h)[0] == pytest.approx(before[0] + 0.25), (path, source)
+        assert len(set(seen_jobs)) == len(seen_jobs)
+        per_unit = [t["rows_per_unit"] for t in seen_lf]
+        assert per_unit == [8, 8, 96, 96]
+        for job_id in seen_jobs:
+            done = wait(c, h, job_id)
+            assert done["status"] == "done", done
+            frame = proxy_frame(c, h, job_id)
+            # No side's unit, under any derived name, is in a proxy.
+            assert not [col for col in frame.columns if "patient_id" in col], frame.columns
+
+
+LF_CONDITIONS = [
+    ("age > 50", "unknown_column"),  # a column of the patients, never joined: never priced
+    ("triage_label = 'urgent'", "unknown_column"),
+    ("a.patient_id > 5", "unknown_column"),
+    ("labs__patient_id > 5", "unknown_column"),
+    ("PATIENT_ID > 1", "unit_column"),
+    ("visit_id IN (SELECT visit_id FROM hospital.visits)", "subquery"),
+    ("EXISTS (SELECT 1 FROM hospital.labs)", "subquery"),
+]
+
+
+@pytest.mark.parametrize(("when", "kind"), LF_CONDITIONS)
+def test_lf_conditions_reach_only_the_priced_columns(when: str, kind: str) -> None:
+    """Over visits ⋈ labs ⋈ chapters an LF may read the joined table's columns only: not the patients' (no side of
+    the join), not a unit column of either side, not another table through a subquery."""
+    policy = parse_policy(yaml.safe_load(POLICY_YAML))
+    source = resolve_source(
+        policy, public=_public, what="labeling functions", table="visits", join_private="labs", **CHAPTERS
+    )
+    assert source is not None and source.rows_per_unit == 96
+    with pytest.raises(QueryRejected) as refused:
+        plan_lf_stats(
+            with_classes(source, policy),
+            lfs=[{"name": "x", "label": "urgent", "when": when}],
+            epsilon=1.0,
+            alpha=0.05,
+            source=source.tree,
+        )
+    text = str(refused.value).lower()
+    assert {"unknown_column": "unknown", "unit_column": "privacy-unit", "subquery": "subquer"}[kind] in text
+    # The columns of the other private side are priced (at the product) and usable.
+    plan = plan_lf_stats(
+        with_classes(source, policy),
+        lfs=[{"name": "x", "label": "urgent", "when": "test = 'crp'"}],
+        epsilon=1.0,
+        alpha=0.05,
+        source=source.tree,
+    )
+    assert plan.cost.epsilon == pytest.approx(1.0)
