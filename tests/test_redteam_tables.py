@@ -6,17 +6,21 @@ never carry a unit column of any side; every source is priced at its joined rows
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from audit.log import AuditLog
 from gateway.demo import HOSPITAL_POLICY_YAML, diagnosis_chapters, write_hospital
+from gateway.engines.duckdb import DuckDBEngine
 from gateway.tablesources import resolve_source, with_classes
-from labeling_functions.analysis import plan_lf_stats
+from labeling_functions.analysis import plan_lf_stats, run_lfs
 from policies.errors import QueryRejected
-from policies.schema import parse_policy
+from policies.schema import Policy, parse_policy
 from tests.conftest import ROLES, Workspace, build_workspace
 from tests.synth.helpers import proxy_frame, wait
 
@@ -181,3 +185,71 @@ def test_lf_conditions_reach_only_the_priced_columns(when: str, kind: str) -> No
         source=source.tree,
     )
     assert plan.cost.epsilon == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def neighbours(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DuckDBEngine, DuckDBEngine, Policy]]:
+    """The hospital, and its neighbour without the patient with the most visits × labs (all their rows in every
+    table), registered on two engines."""
+    root = tmp_path_factory.mktemp("rt-neighbours")
+    write_hospital(root / "full", n_patients=600)
+    visits = pq.read_table(root / "full" / "hospital_visits.parquet")["patient_id"].to_pylist()
+    labs = pq.read_table(root / "full" / "hospital_labs.parquet")["patient_id"].to_pylist()
+    heavy = max(set(visits), key=lambda unit: min(visits.count(unit), 8) * min(labs.count(unit), 12))
+    assert visits.count(heavy) > 1 and labs.count(heavy) > 12  # more joined rows than the truncation below
+    policy = parse_policy(yaml.safe_load(POLICY_YAML))
+    engines = []
+    for name, drop in (("full", None), ("without", heavy)):
+        directory = root / name
+        if drop is not None:
+            write_hospital(directory, n_patients=600)
+            for table in ("patients.parquet", "hospital_visits.parquet", "hospital_labs.parquet"):
+                rows = pq.read_table(directory / table)
+                pq.write_table(rows.filter(pc.not_equal(rows["patient_id"], drop)), directory / table)
+        (directory / "hospital.yaml").write_text(POLICY_YAML)
+        engine = DuckDBEngine(root / f"{name}.duckdb", root / "key", read_only=False)
+        engine.register(policy, directory / "patients.parquet")
+        engines.append(engine)
+    try:
+        yield engines[0], engines[1], policy
+    finally:
+        for engine in engines:
+            engine.close()
+
+
+@pytest.mark.parametrize("truncate", [None, 20])
+@pytest.mark.parametrize(
+    "choice",
+    [
+        {"table": "labs", "join_private": "visits", **CHAPTERS},
+        {"table": "visits", "join_private": "labs"},
+        {"table": "visits", "join_private": "hospital", **CHAPTERS},
+        {"table": "hospital", "join_private": "labs"},
+    ],
+)
+def test_lf_counts_over_private_joins_move_by_at_most_the_priced_k(
+    neighbours: tuple[DuckDBEngine, DuckDBEngine, Policy], choice: dict[str, Any], truncate: int | None
+) -> None:
+    """Removing the unit with the most joined rows moves every exact LF count over a private join by at most the
+    rows per unit the release is priced at (the product of the bounds, or the policy's truncation)."""
+    full, without, policy = neighbours
+    policy = policy.model_copy(update={"max_joined_rows_per_unit": truncate})
+    source = resolve_source(policy, public=full.public_table, what="labeling functions", **choice)
+    assert source is not None
+    k = source.rows_per_unit
+    lfs = [
+        {"name": "any", "label": "urgent", "when": "age >= 0" if choice["table"] == "hospital" else "visit_id >= 0"},
+        {"name": "crp", "label": "urgent", "when": "test = 'crp'" if "labs" in choice.values() else "1 = 1"},
+        {"name": "none", "label": "routine", "when": "1 = 1"},
+    ]
+    plan = plan_lf_stats(with_classes(source, policy), lfs=lfs, epsilon=1.0, alpha=0.05, source=source.tree)
+    assert {m.k for m in plan.measurements} == {k}
+    a, b = run_lfs(plan, full).exact, run_lfs(plan, without).exact
+    assert 0 < a.rows - b.rows <= k
+    product = {"hospital": 1, "visits": 8, "labs": 12}
+    bound = product[choice["table"]] * product[choice["join_private"]]
+    assert k == (bound if truncate is None else min(bound, truncate))
+    if truncate is not None and bound > truncate:
+        assert a.rows - b.rows == truncate  # the unit has more joined rows than are kept
+    for name in ("coverage", "overlaps", "conflicts", "pair_overlaps", "pair_conflicts"):
+        assert abs(getattr(a, name) - getattr(b, name)).max() <= k, name
