@@ -253,3 +253,40 @@ def test_lf_counts_over_private_joins_move_by_at_most_the_priced_k(
         assert a.rows - b.rows == truncate  # the unit has more joined rows than are kept
     for name in ("coverage", "overlaps", "conflicts", "pair_overlaps", "pair_conflicts"):
         assert abs(getattr(a, name) - getattr(b, name)).max() <= k, name
+
+
+def test_an_lf_failing_over_a_private_join_answers_as_one_that_does_not(
+    hospital: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cast of the private diagnosis codes to a number, which would fail on some values only, is evaluated as
+    TRY_CAST (no failure that depends on the rows); and when the LFs' run over a private join does fail, after the
+    charge, the answer has the same status and shape as a working run's (the default input's release)."""
+    import gateway.labeling
+
+    h = hospital.headers("analyst")
+    joined = {"dataset": "hospital", "epsilon": 0.5, "table": "labs", "join_private": "visits", **CHAPTERS}
+    real = gateway.labeling.compute_lf_stats
+
+    def failing(plan: Any, reader: Any, **kwargs: Any) -> Any:
+        if plan.source is not None and any(lf.name == "boom" for lf in plan.declarative):
+            raise RuntimeError("the rows could not be read")
+        return real(plan, reader, **kwargs)
+
+    monkeypatch.setattr(gateway.labeling, "compute_lf_stats", failing)
+    with hospital.app() as c:
+        shapes = []
+        for name, when in (("cast", "CAST(diagnosis AS INTEGER) > 0"), ("boom", "length_of_stay > 0")):
+            before = _spent(c, h)
+            body = {**joined, "lfs": [{"name": name, "label": "urgent", "when": when}]}
+            r = c.post("/v1/lf/stats", json=body, headers=h)
+            assert r.status_code == 200, r.text
+            assert _spent(c, h)[0] == pytest.approx(before[0] + 0.5)
+            answer = r.json()
+            shapes.append((sorted(answer), sorted(answer["lfs"][0]), answer["tables"]["rows_per_unit"]))
+        assert shapes[0] == shapes[1]
+    records = [
+        r
+        for r in AuditLog(hospital.settings.audit_dir).records()
+        if r.get("event") == "lf_stats" and r.get("reason") == "fallback"
+    ]
+    assert [r["request"]["lfs"][0]["name"] for r in records] == ["boom"]  # the cast did not fail
