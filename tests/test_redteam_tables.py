@@ -290,3 +290,49 @@ def test_an_lf_failing_over_a_private_join_answers_as_one_that_does_not(
         if r.get("event") == "lf_stats" and r.get("reason") == "fallback"
     ]
     assert [r["request"]["lfs"][0]["name"] for r in records] == ["boom"]  # the cast did not fail
+
+
+@pytest.mark.parametrize("usage", ["hidden", "labeling"])
+def test_gold_labels_are_measured_over_the_own_table_only_and_at_the_joined_k(usage: str) -> None:
+    """With a gold column on the dataset's own table (the patients): LFs over visits, or over visits ⋈ patients, run
+    without gold (the labels are the patients' and these rows are visits); over patients ⋈ visits the gold is
+    measured at the joined rows per unit (8), never at the patients' 1. A hidden gold column is readable by no LF
+    over a join; one of usage `labeling` is readable in LF conditions, as over the patients, priced at the join's
+    k."""
+    gold_policy = POLICY_YAML.replace(
+        "  income:     {type: decimal, bounds: [0, 500000], precision: 0.01}\n",
+        "  income:     {type: decimal, bounds: [0, 500000], precision: 0.01}\n"
+        f"  outcome:    {{type: category, domain: [routine, urgent], usage: {usage}}}\n",
+    ).replace("labels: {classes: [routine, urgent]}", "labels: {classes: [routine, urgent], gold_column: outcome}")
+    policy = parse_policy(yaml.safe_load(gold_policy))
+    assert policy.labels is not None and policy.labels.gold_column == "outcome"
+    lfs = [{"name": "long", "label": "urgent", "when": "length_of_stay > 2"}]
+    for choice, gold, k in (
+        ({"table": "visits"}, False, 8),
+        ({"table": "visits", "join_private": "hospital"}, False, 8),
+        ({"table": "visits", "join_private": "hospital", **CHAPTERS}, False, 8),
+        ({"table": "hospital", "join_private": "visits"}, True, 8),
+        ({"table": "hospital", "join_private": "labs"}, True, 12),
+    ):
+        source = resolve_source(policy, public=_public, what="labeling functions", **choice)
+        assert source is not None
+        when = lfs if choice["table"] != "hospital" or choice.get("join_private") == "visits" else None
+        given = when or [{"name": "crp", "label": "urgent", "when": "test = 'crp'"}]
+        plan = plan_lf_stats(with_classes(source, policy), lfs=given, epsilon=1.0, alpha=0.05, source=source.tree)
+        assert plan.has_gold is gold, choice
+        assert {m.k for m in plan.measurements} == {k}, choice
+        if not gold:
+            # An LF of these rows reads the patients' gold only where its usage allows, and at the join's k.
+            def reading(name: str, source: Any = source) -> Any:
+                lf = {"name": "g", "label": "urgent", "when": f"{name} = 'urgent'"}
+                return plan_lf_stats(
+                    with_classes(source, policy), lfs=[lf], epsilon=1.0, alpha=0.05, source=source.tree
+                )
+
+            with pytest.raises(QueryRejected):
+                reading("hospital__outcome")
+            if usage == "hidden" or "join_private" not in choice:
+                with pytest.raises(QueryRejected):
+                    reading("outcome")
+            else:
+                assert {m.k for m in reading("outcome").measurements} == {k}
