@@ -6,6 +6,7 @@ never carry a unit column of any side; every source is priced at its joined rows
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +24,8 @@ from policies.errors import QueryRejected
 from policies.schema import Policy, parse_policy
 from tests.conftest import ROLES, Workspace, build_workspace
 from tests.synth.helpers import proxy_frame, wait
+
+synth_measure = importlib.import_module("synth.measure")  # the module (the package exports its function)
 
 GRANTS = "  analyst: [query, synth]"
 POLICY_YAML = HOSPITAL_POLICY_YAML.replace(GRANTS, "  analyst: [query, synth, labeling]")
@@ -336,3 +339,48 @@ def test_gold_labels_are_measured_over_the_own_table_only_and_at_the_joined_k(us
                     reading("outcome")
             else:
                 assert {m.k for m in reading("outcome").measurements} == {k}
+
+
+def test_a_resumed_proxy_job_reads_the_source_it_was_charged_for(
+    hospital: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy of patients ⋈ visits admitted by a gateway that stopped before running it: the restarted gateway runs
+    it over the recorded join, every measurement at the joined k (8), not at the patients' own 1."""
+    from gateway.synth_jobs import SynthJobs
+
+    seen: list[int] = []
+    release = synth_measure.release_integers
+
+    def spy(values: Any, sensitivity: int, epsilon: float) -> Any:
+        if len(values):
+            seen.append(int(sensitivity))
+        return release(values, sensitivity, epsilon)
+
+    h = hospital.headers("analyst")
+    body = {
+        "dataset": "hospital",
+        "epsilon": 1.5,
+        "rows": 30,
+        "seed": 11,
+        "table": "hospital",
+        "join_private": "visits",
+    }
+    with monkeypatch.context() as patched:
+        patched.setattr(SynthJobs, "_maybe_start", lambda self, job: None)  # admitted, never started
+        with hospital.app() as c:
+            before = _spent(c, h)
+            r = c.post("/v1/synth", json=body, headers=h)
+            assert r.status_code == 200, r.text
+            job_id = r.json()["job_id"]
+            assert r.json()["tables"]["rows_per_unit"] == 8
+            assert c.get(f"/v1/synth/{job_id}", headers=h).json()["status"] == "queued"
+            assert _spent(c, h)[0] == pytest.approx(before[0] + 1.5)
+    monkeypatch.setattr(synth_measure, "release_integers", spy)
+    with hospital.app() as c:  # the restart resumes it
+        done = wait(c, h, job_id)
+        assert done["status"] == "done", done
+        assert done["tables"]["join_private"] == "visits"
+        assert _spent(c, h)[0] == pytest.approx(before[0] + 1.5)  # no second charge
+        columns = set(proxy_frame(c, h, job_id).columns)
+    assert seen and set(seen) == {8}
+    assert {"age", "length_of_stay"} <= columns and not [col for col in columns if "patient_id" in col]
