@@ -155,3 +155,26 @@ def test_the_orphan_records_of_a_charge_on_several_periods_are_each_counted_in_t
     logged = list(report.charges(records))
     assert sorted(key for c in logged for key in c.keys) == [f"visits@{m}" for m in MONTHS]
     assert Bastion._expected(logged) == {("alice", f"visits@{m}"): (25 * 10**10, 0, 0) for m in MONTHS}
+
+
+def test_bastion_audit_spend_shows_each_period_against_the_caps(ws: Any) -> None:
+    from typer.testing import CliRunner
+
+    from gateway.cli.main import app
+
+    bastion = Bastion(ws.settings)
+    try:
+        _spend_june(bastion, ws, 2)
+        _ask(bastion, ws, "SELECT COUNT(*) FROM visits")
+    finally:
+        bastion.close()
+    runner = CliRunner()
+    shown = runner.invoke(app, ["audit", "spend", "--workspace", str(ws.settings.workspace), "--format", "json"])
+    assert shown.exit_code == 0, shown.output
+    visits = json.loads(shown.output)["datasets"]["visits"]
+    assert visits["epsilon"] == pytest.approx(0.75) and visits["remaining_epsilon"] == pytest.approx(1.25)
+    assert {m: p["epsilon"] for m, p in visits["periods"].items()} == pytest.approx(
+        {m: 0.75 if m == "2024-06" else 0.25 for m in MONTHS}
+    )
+    table = runner.invoke(app, ["audit", "spend", "--workspace", str(ws.settings.workspace)], env={"COLUMNS": "200"})
+    assert table.exit_code == 0 and "2024-06" in table.output and "0.75" in table.output
