@@ -271,6 +271,10 @@ class DatasetSpend:
     remaining_rho: float | None = None
     principals: dict[str, dict[str, float]] = field(default_factory=dict)
     principals_over_cap: list[str] = field(default_factory=list)
+    # A dataset with periods: each period is a budget of its own (the caps apply to each), and its spend is here
+    # per period (the same fields as the dataset's, each principal's spend under `principals`); the dataset's own
+    # figures are then those of the period with the most spent, and it is over its cap if any period is.
+    periods: dict[str, dict[str, Any]] | None = None
 
 
 @dataclass
@@ -320,6 +324,19 @@ class LoggedCharge:
     epsilon: float
     delta: float
     rho: float = 0.0  # a charge in ρ (zCDP accounting)
+    # A charge on a dataset with periods: the periods it was charged to, each its whole cost (None: no periods).
+    periods: tuple[str, ...] | None = None
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The budgets (the ledger's keys) it was charged to: the dataset, or `dataset@period` for each period (an
+        empty list of periods is a charge under the dataset's own key)."""
+        if not self.periods:
+            return (self.dataset,)
+        return tuple(sorted({f"{self.dataset}{PERIOD_SEPARATOR}{p}" for p in self.periods}))
+
+
+PERIOD_SEPARATOR = "@"  # as the ledger's keys: a dataset's name has no `@`
 
 
 def charges(
@@ -329,7 +346,8 @@ def charges(
     until: dt.datetime | str | None = None,
 ) -> Iterator[LoggedCharge]:
     """The charges the records show, once per ``request_id`` (a request's "admitted" and "released" records, or
-    an "orphan_charge" record standing in for its "admitted" one, carry the same charge)."""
+    an "orphan_charge" record standing in for its "admitted" one, carry the same charge). A charge on a dataset with
+    periods names them (``periods``); its orphan records are one per period, each once."""
     lo = format_time(since) if since is not None else None
     hi = format_time(until) if until is not None else None
     seen: set[str] = set()
@@ -344,11 +362,15 @@ def charges(
         rho = _number(cost.get("rho", 0.0))
         if eps is None or delta is None:
             continue
+        listed = record.get("periods")
+        periods = tuple(str(p) for p in listed) if isinstance(listed, list) else None
         request_id = record.get("request_id")
         if request_id is not None:
-            if str(request_id) in seen:
+            # The same request's records name the same periods; an orphan record per period is a charge each.
+            once = json.dumps([str(request_id), str(record.get("dataset")), periods])
+            if once in seen:
                 continue
-            seen.add(str(request_id))
+            seen.add(once)
         yield LoggedCharge(
             int(record.get("seq", -1)),
             time,
@@ -359,6 +381,7 @@ def charges(
             eps,
             delta,
             rho or 0.0,
+            periods,
         )
 
 
@@ -388,15 +411,23 @@ def privacy_spend(
     remains and who went over. A dataset under zCDP accounting has caps with ``"accounting": "zcdp"`` and ``"rho"``
     (the ρ cap; ``"delta"`` is then the δ key selection may spend, and the same keys under ``per_principal``): its
     over-cap verdicts are in ρ and δ, as the ledger's.
+
+    A charge on a dataset with periods (its records name ``periods``) is charged its whole cost in each period,
+    and each period is a budget under the dataset's caps: the totals are then per period (`DatasetSpend.periods`),
+    as the ledger keeps them. The series stays one per (principal, dataset): each request's cost, once.
     """
     records = charge_records(source) if isinstance(source, str | Path) else source
     series: dict[tuple[str, str], list[SpendPoint]] = defaultdict(list)
-    costs: dict[str, dict[str, list[tuple[float, float, float]]]] = defaultdict(lambda: defaultdict(list))
+    # dataset → budget (a period's label, or None: the dataset's own) → principal → costs
+    costs: dict[str, dict[str | None, dict[str, list[tuple[float, float, float]]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
     count = 0
     for c in charges(records, since=since, until=until):
         if c.epsilon == 0 and c.delta == 0 and c.rho == 0:  # a cached answer or a dry run: nothing was spent
             continue
-        costs[c.dataset][c.principal].append((c.epsilon, c.delta, c.rho))
+        for label in c.periods or (None,):  # each period a charge names was charged its whole cost
+            costs[c.dataset][label][c.principal].append((c.epsilon, c.delta, c.rho))
         points = series[(c.principal, c.dataset)]
         cum_eps = (points[-1].cumulative_epsilon if points else 0.0) + c.epsilon
         cum_delta = (points[-1].cumulative_delta if points else 0.0) + c.delta
@@ -406,39 +437,64 @@ def privacy_spend(
         )
         count += 1
     datasets: dict[str, DatasetSpend] = {}
-    for name, by_principal in costs.items():
-        spend = datasets[name] = DatasetSpend(name)
-        for principal, mine in by_principal.items():
-            spend.principals[principal] = {
-                "epsilon": math.fsum(e for e, _, _ in mine),
-                "delta": math.fsum(d for _, d, _ in mine),
-                "rho": math.fsum(r for _, _, r in mine),
-            }
-        spend.epsilon = math.fsum(e for mine in by_principal.values() for e, _, _ in mine)
-        spend.delta = math.fsum(d for mine in by_principal.values() for _, d, _ in mine)
-        spend.rho = math.fsum(r for mine in by_principal.values() for _, _, r in mine)
-    for name, cap in (caps or {}).items():
-        spend = datasets.setdefault(name, DatasetSpend(name))
-        spend.cap_epsilon, spend.cap_delta = _number(cap.get("epsilon")), _number(cap.get("delta"))
-        if spend.cap_epsilon is not None:
-            spend.remaining_epsilon = spend.cap_epsilon - spend.epsilon
-        if spend.cap_delta is not None:
-            spend.remaining_delta = spend.cap_delta - spend.delta
-        zcdp = cap.get("accounting") == "zcdp"
-        if zcdp:
-            spend.accounting = "zcdp"
-            spend.cap_rho = _number(cap.get("rho"))
-            if spend.cap_rho is not None:
-                spend.remaining_rho = spend.cap_rho - spend.rho
-        loss = "rho" if zcdp else "epsilon"
-        spend.over_cap = _over(getattr(spend, loss), _number(cap.get(loss))) or _over(spend.delta, spend.cap_delta)
-        per = cap.get("per_principal")
-        if isinstance(per, Mapping):
-            pl, pd = _number(per.get(loss)), _number(per.get("delta"))
-            spend.principals_over_cap = sorted(
-                p for p, used in spend.principals.items() if _over(used[loss], pl) or _over(used["delta"], pd)
-            )
+    for name in sorted(set(costs) | set(caps or {})):
+        cap = (caps or {}).get(name, {})
+        budgets = costs.get(name, {})
+        labels = sorted(label for label in budgets if label is not None)
+        if not labels:
+            datasets[name] = _budget_spend(name, budgets.get(None, {}), cap)
+            continue
+        # A charge under the dataset's own key (a WHERE that reads no period) is a budget of its own too.
+        each = {label: _budget_spend(name, budgets[label], cap) for label in labels}
+        every = [*each.values(), *([_budget_spend(name, budgets[None], cap)] if None in budgets else [])]
+        loss = "rho" if cap.get("accounting") == "zcdp" else "epsilon"
+        worst = max(every, key=lambda b: (getattr(b, loss), b.delta))
+        spend = datasets[name] = DatasetSpend(**{**asdict(worst), "principals": dict(worst.principals)})
+        spend.over_cap = any(b.over_cap for b in every)
+        spend.principals_over_cap = sorted({p for b in every for p in b.principals_over_cap})
+        spend.periods = {
+            label: {k: v for k, v in asdict(b).items() if k not in {"dataset", "accounting", "periods"}}
+            for label, b in each.items()
+        }
     return SpendReport(dict(series), datasets, count)
+
+
+def _budget_spend(
+    name: str, by_principal: Mapping[str, list[tuple[float, float, float]]], cap: Mapping[str, Any]
+) -> DatasetSpend:
+    """The spend on one budget (a dataset, or one period of it) against its caps."""
+    spend = DatasetSpend(name)
+    for principal, mine in by_principal.items():
+        spend.principals[principal] = {
+            "epsilon": math.fsum(e for e, _, _ in mine),
+            "delta": math.fsum(d for _, d, _ in mine),
+            "rho": math.fsum(r for _, _, r in mine),
+        }
+    spend.epsilon = math.fsum(e for mine in by_principal.values() for e, _, _ in mine)
+    spend.delta = math.fsum(d for mine in by_principal.values() for _, d, _ in mine)
+    spend.rho = math.fsum(r for mine in by_principal.values() for _, _, r in mine)
+    if not cap:
+        return spend
+    spend.cap_epsilon, spend.cap_delta = _number(cap.get("epsilon")), _number(cap.get("delta"))
+    if spend.cap_epsilon is not None:
+        spend.remaining_epsilon = spend.cap_epsilon - spend.epsilon
+    if spend.cap_delta is not None:
+        spend.remaining_delta = spend.cap_delta - spend.delta
+    zcdp = cap.get("accounting") == "zcdp"
+    if zcdp:
+        spend.accounting = "zcdp"
+        spend.cap_rho = _number(cap.get("rho"))
+        if spend.cap_rho is not None:
+            spend.remaining_rho = spend.cap_rho - spend.rho
+    loss = "rho" if zcdp else "epsilon"
+    spend.over_cap = _over(getattr(spend, loss), _number(cap.get(loss))) or _over(spend.delta, spend.cap_delta)
+    per = cap.get("per_principal")
+    if isinstance(per, Mapping):
+        pl, pd = _number(per.get(loss)), _number(per.get("delta"))
+        spend.principals_over_cap = sorted(
+            p for p, used in spend.principals.items() if _over(used[loss], pl) or _over(used["delta"], pd)
+        )
+    return spend
 
 
 ACCESS_EVENTS = (

@@ -313,13 +313,16 @@ class Bastion:
     @staticmethod
     def _orphan_event(charge: LedgerCharge) -> dict[str, Any]:
         """The record standing in for the "admitted" record a charge never got (the charge was made; nothing
-        was released under it)."""
+        was released under it). A row of a charge on a dataset with periods (key `dataset@period`) is recorded as
+        a charge on that dataset in that period, as its "admitted" record would have named it."""
+        dataset = base_dataset(charge.dataset)
         return {
             "event": ORPHAN_CHARGE,
             "actor": {"principal": charge.principal, "role": None, "token_id": None},
             "source": "ledger",
             "request_id": charge.request_id,
-            "dataset": charge.dataset,
+            "dataset": dataset,
+            **({"periods": [charge.dataset[len(dataset) + 1 :]]} if dataset != charge.dataset else {}),
             "decision": "allowed",
             "reason": ORPHAN_CHARGE,
             "phase": "charged",
@@ -403,11 +406,11 @@ class Bastion:
 
     # --- the ledger against the log -----------------------------------------------------------------------
 
-    def _logged_charges(self) -> dict[str, report.LoggedCharge]:
-        """Every charge the audit log shows, by request id (one pass over the log)."""
+    def _logged_charges(self) -> dict[tuple[str, tuple[str, ...]], report.LoggedCharge]:
+        """Every charge the audit log shows, by request id and the budgets (ledger keys) it charged (one pass)."""
         try:
             return {
-                c.request_id or f"seq-{c.seq}": c
+                (c.request_id or f"seq-{c.seq}", c.keys): c
                 for c in report.charges(report.charge_records(self.audit_log.snapshot()))
             }
         except (OSError, ValueError, AuditWriteError) as exc:
@@ -417,11 +420,14 @@ class Bastion:
 
     @staticmethod
     def _expected(logged: Iterable[report.LoggedCharge]) -> Expected:
+        """The spend the log shows per (principal, ledger key): a charge on a dataset with periods counts its whole
+        cost in each period it names, as the ledger records it."""
         expected: Expected = {}
         for c in logged:
             units = _logged_units(c)
-            have = expected.get((c.principal, c.dataset), (0, 0, 0))
-            expected[(c.principal, c.dataset)] = (have[0] + units[0], have[1] + units[1], have[2] + units[2])
+            for key in c.keys:
+                have = expected.get((c.principal, key), (0, 0, 0))
+                expected[(c.principal, key)] = (have[0] + units[0], have[1] + units[1], have[2] + units[2])
         return expected
 
     def check_consistency(self) -> None:
@@ -432,10 +438,11 @@ class Bastion:
         put the ledger ahead. Raises AuditUnavailable if orphan charges cannot be recorded.
         """
         logged = self._logged_charges()
+        ids = {request_id for request_id, _ in logged}
         claimed = self.ledger.claim_stale()
-        orphans = [c for c in claimed if c.request_id not in logged]
+        orphans = [c for c in claimed if c.request_id not in ids]
         if orphans:
-            self._append([], orphans=orphans, audited=[c.id for c in claimed if c.request_id in logged])
+            self._append([], orphans=orphans, audited=[c.id for c in claimed if c.request_id in ids])
             log.warning("recorded %d orphan charge(s) in the audit log", len(orphans))
         else:
             self._mark_audited(c.id for c in claimed)
@@ -449,7 +456,7 @@ class Bastion:
                         c.request_id,
                         ORPHAN_CHARGE,
                         c.principal,
-                        c.dataset,
+                        c.dataset,  # the row's own key (`dataset@period` for a period's row)
                         c.cost.epsilon,
                         c.cost.delta,
                         c.cost.rho,
@@ -458,13 +465,9 @@ class Bastion:
                 ),
             ]
         )
-        have: dict[tuple[str, str], tuple[int, int, int]] = {}
-        for (principal, key), units in self.ledger.totals().items():
-            # A charge on a dataset with periods is one row per period, each of the whole cost, and the log holds
-            # one record of it: the sum over the dataset's periods is at least what the log shows.
-            folded = (principal, base_dataset(key))
-            held = have.get(folded, (0, 0, 0))
-            have[folded] = (held[0] + units[0], held[1] + units[1], held[2] + units[2])
+        # Compared key by key: a charge on a dataset with periods is one row per period, each of the whole cost,
+        # and the log names its periods, so each period's budget is checked on its own.
+        have = self.ledger.totals()
         behind = [
             (key, have.get(key, (0, 0, 0)), want)
             for key, want in sorted(expected.items())
@@ -497,14 +500,15 @@ class Bastion:
                 None,
                 _epoch(c.time),
                 c.principal,
-                c.dataset,
+                key,  # a charge on a dataset with periods is re-charged to each period it named
                 max(math.ceil(c.epsilon * EPS_UNIT), 0),
                 max(math.ceil(c.delta * DELTA_UNIT), 0),
-                key,
+                request_id,
                 "reconciled",
                 max(math.ceil(c.rho * RHO_UNIT), 0),
             )
-            for key, c in logged.items()
+            for (request_id, _), c in logged.items()
+            for key in c.keys
         ]
         added = self.ledger.recharge(charges, self._expected(logged.values()))
         summary: dict[tuple[str, str], list[LedgerCharge]] = {}

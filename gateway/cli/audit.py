@@ -418,6 +418,23 @@ def spend(
             ", ".join(d.principals_over_cap),
         )
     console.print(totals)
+    if any(d.periods for d in result.datasets.values()):
+        # A dataset with periods: each period is a budget under the dataset's caps (the row above is the most spent).
+        periods = DataTable(
+            "dataset", "period", "ε spent", "ρ spent", "δ spent", "over cap", "principals over their cap"
+        )
+        for name, d in sorted(result.datasets.items()):
+            for label, p in (d.periods or {}).items():
+                periods.add_row(
+                    name,
+                    label,
+                    f"{p['epsilon']:.6g}",
+                    f"{p['rho']:.6g}" if d.accounting == "zcdp" or p["rho"] else "–",
+                    f"{p['delta']:.3g}",
+                    "YES" if p["over_cap"] else "no",
+                    ", ".join(p["principals_over_cap"]),
+                )
+        console.print(periods)
     per = DataTable("principal", "dataset", "charges", "ε", "ρ", "δ", "first", "last")
     for (principal, name), points in sorted(result.series.items()):
         per.add_row(

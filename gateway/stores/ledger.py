@@ -223,23 +223,25 @@ def recharge_in(
     charges: Iterable[LedgerCharge],
     expected: Mapping[tuple[str, str], tuple[int, int, int]],
     *,
-    held: set[str],
+    held: set[tuple[str, str]],
     zcdp: set[str],
     insert: Callable[[LedgerCharge, bool], LedgerCharge],
     sums: Callable[[], Mapping[tuple[str, str], tuple[int, int, int]]],
 ) -> list[LedgerCharge]:
     """The body of `recharge` inside a store's transaction (every store's: one reconciliation rule).
 
-    `held` is the request ids the ledger holds, `zcdp` the datasets it charges under zCDP, `insert(charge, zcdp)`
-    records one charge and `sums()` reads the spent units per (principal, dataset) as `totals` does."""
+    `held` is the (request id, key) pairs the ledger holds (a charge on a dataset with periods is a row per period,
+    under the key `dataset@period`, all of one request id), `zcdp` the keys it charges under zCDP,
+    `insert(charge, zcdp)` records one charge and `sums()` reads the spent units per (principal, key) as `totals`
+    does."""
     added: list[LedgerCharge] = []
     charges = list(charges)
     zcdp = zcdp | {c.dataset for c in charges if c.rho_units}
     for c in charges:
-        if c.request_id in held or not (c.eps_units or c.delta_units or c.rho_units):
+        if (c.request_id, c.dataset) in held or not (c.eps_units or c.delta_units or c.rho_units):
             continue
         added.append(insert(c, c.dataset in zcdp))
-        held.add(c.request_id)
+        held.add((c.request_id, c.dataset))
     have = sums()
     for (principal, dataset), (want_e, want_d, want_r) in sorted(expected.items()):
         got_e, got_d, got_r = have.get((principal, dataset), (0, 0, 0))
@@ -618,7 +620,10 @@ class Ledger:
                     added = recharge_in(
                         charges,
                         expected,
-                        held={str(r[0]) for r in con.execute("SELECT DISTINCT request_id FROM charges")},
+                        held={
+                            (str(r[0]), str(r[1]))
+                            for r in con.execute("SELECT DISTINCT request_id, dataset FROM charges")
+                        },
                         zcdp={
                             str(r[0])
                             for r in con.execute(
@@ -677,15 +682,16 @@ class Ledger:
             raise LedgerUnavailable(f"the budget ledger cannot be read: {exc}") from exc
 
     def history(self, dataset: str | None = None) -> list[dict[str, object]]:
-        """Every charge in order (for the auditor's privacy-spend report)."""
+        """Every charge in order (for the auditor's privacy-spend report); of `dataset`, with the rows of each of
+        its periods (keys `dataset@period`)."""
         q = (
             "SELECT ts, principal, dataset, eps_units, delta_units, request_id, kind, audited, rho_units, accounting "
             "FROM charges"
         )
-        args: tuple[str, ...] = ()
+        args: tuple[str | int, ...] = ()
         if dataset is not None:
-            q += " WHERE dataset = ?"
-            args = (dataset,)
+            q += " WHERE dataset = ? OR substr(dataset, 1, ?) = ?"
+            args = (dataset, len(dataset) + 1, dataset + PERIOD_SEPARATOR)
         try:
             with closing(self._connect()) as con:
                 rows = con.execute(q + " ORDER BY id", args).fetchall()

@@ -37,6 +37,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from gateway.stores.ledger import (
     AUDITED,
     PENDING,
+    PERIOD_SEPARATOR,
     UNRECORDED,
     Charge,
     Ledger,
@@ -622,7 +623,10 @@ class PgLedger:
             return recharge_in(
                 charges,
                 expected,
-                held={str(r[0]) for r in con.execute("SELECT DISTINCT request_id FROM ledger_charges")},
+                held={
+                    (str(r[0]), str(r[1]))
+                    for r in con.execute("SELECT DISTINCT request_id, dataset FROM ledger_charges")
+                },
                 zcdp={
                     str(r[0])
                     for r in con.execute(
@@ -675,8 +679,10 @@ class PgLedger:
             if dataset is None:
                 rows = con.execute(f"SELECT {columns} FROM ledger_charges ORDER BY id").fetchall()
             else:
+                # Of the dataset, with the rows of each of its periods (keys `dataset@period`).
                 rows = con.execute(
-                    f"SELECT {columns} FROM ledger_charges WHERE dataset = %s ORDER BY id", (dataset,)
+                    f"SELECT {columns} FROM ledger_charges WHERE dataset = %s OR left(dataset, %s) = %s ORDER BY id",
+                    (dataset, len(dataset) + 1, dataset + PERIOD_SEPARATOR),
                 ).fetchall()
         return [
             {
